@@ -1,0 +1,485 @@
+//! `config.json` of the Llama family, read in both the Hub's style (top-level `rope_theta`,
+//! `rope_scaling`, `torch_dtype`) and transformers ≥ 5's (`rope_parameters`, `dtype`).
+//!
+//! Anything that would change the model's math and that hearth does not implement is refused
+//! here, by name, rather than silently computing a different model.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::{CheckpointError, Result};
+
+/// The architectures hearth implements. They differ only in defaults and biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    Llama,
+    Qwen2,
+    Mistral,
+}
+
+impl ModelType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Mistral => "mistral",
+        }
+    }
+}
+
+/// How rotary frequencies are rescaled for long context.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's band-wise rescaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Storage dtype of the weights on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl WeightDtype {
+    /// The name transformers writes into `dtype` / `torch_dtype`.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "float32" | "float" | "fp32" => Some(Self::F32),
+            "float16" | "half" | "fp16" => Some(Self::F16),
+            "bfloat16" | "bf16" => Some(Self::BF16),
+            _ => None,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+}
+
+/// A validated model configuration. `raw` keeps the original JSON so that saving a loaded
+/// checkpoint writes back every key, including ones hearth does not read.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: ModelType,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k and v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Per layer: the sliding attention window, if that layer uses one.
+    pub sliding_windows: Vec<Option<usize>>,
+    pub dtype: WeightDtype,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+    pub raw: Map<String, Value>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json` (a file, or a directory holding one).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let path = if path.is_dir() {
+            path.join(crate::names::CONFIG)
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        Self::from_json_str(&text, &path)
+    }
+
+    /// Parses a config from its JSON text; `path` is only used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|source| CheckpointError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let Value::Object(raw) = value else {
+            return Err(field_err(path, "<root>", "expected a JSON object"));
+        };
+        Parser { path, raw: &raw }.parse()
+    }
+
+    /// Number of query heads sharing one key/value head.
+    pub fn group_size(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// Writes `config.json` into `dir`: the original keys with `dtype` set to `dtype`, and
+    /// `torch_dtype` too when the original used the Hub's style.
+    pub fn to_json(&self, dtype: WeightDtype) -> String {
+        let mut raw = self.raw.clone();
+        raw.insert("dtype".into(), Value::from(dtype.hf_name()));
+        if raw.contains_key("torch_dtype") {
+            raw.insert("torch_dtype".into(), Value::from(dtype.hf_name()));
+            raw.remove("dtype");
+        }
+        let mut text = serde_json::to_string_pretty(&Value::Object(raw)).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+}
+
+fn field_err(path: &Path, field: &str, reason: impl Into<String>) -> CheckpointError {
+    CheckpointError::Config {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+struct Parser<'a> {
+    path: &'a Path,
+    raw: &'a Map<String, Value>,
+}
+
+impl Parser<'_> {
+    fn err(&self, field: &str, reason: impl Into<String>) -> CheckpointError {
+        field_err(self.path, field, reason)
+    }
+
+    fn unsupported(&self, key: &str, value: &Value, hint: &str) -> CheckpointError {
+        CheckpointError::UnsupportedConfig {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            value: value.to_string(),
+            hint: if hint.is_empty() {
+                String::new()
+            } else {
+                format!(" ({hint})")
+            },
+        }
+    }
+
+    /// A value that is absent or JSON `null` counts as not given.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.raw.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, got {v}"))),
+        }
+    }
+
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        let n = self
+            .usize_opt(key)?
+            .ok_or_else(|| self.err(key, "missing"))?;
+        if n == 0 {
+            return Err(self.err(key, "must be positive"));
+        }
+        Ok(n)
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a number, got {v}"))),
+        }
+    }
+
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected true or false, got {v}"))),
+        }
+    }
+
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        let bad = || self.err(key, "expected a token id or a list of token ids");
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
+                .collect(),
+            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
+        }
+    }
+
+    fn parse(&self) -> Result<ModelConfig> {
+        let model_type = match self.get("model_type").and_then(Value::as_str) {
+            Some("llama") => ModelType::Llama,
+            Some("qwen2") => ModelType::Qwen2,
+            Some("mistral") => ModelType::Mistral,
+            Some(other) => {
+                return Err(CheckpointError::UnsupportedModelType {
+                    path: self.path.to_path_buf(),
+                    model_type: other.to_string(),
+                });
+            }
+            None => return Err(self.err("model_type", "missing")),
+        };
+        self.refuse_unsupported()?;
+
+        let hidden_size = self.usize_req("hidden_size")?;
+        let num_attention_heads = self.usize_req("num_attention_heads")?;
+        let num_key_value_heads = self
+            .usize_opt("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(self.err(
+                "num_key_value_heads",
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+                ),
+            ));
+        }
+        let head_dim = match self.usize_opt("head_dim")? {
+            Some(d) if d > 0 => d,
+            Some(_) => return Err(self.err("head_dim", "must be positive")),
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => {
+                return Err(self.err(
+                    "head_dim",
+                    "missing, and hidden_size is not divisible by num_attention_heads",
+                ));
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(self.err("head_dim", format!("{head_dim} is odd; RoPE needs pairs")));
+        }
+        let num_hidden_layers = self.usize_req("num_hidden_layers")?;
+        let (rope_theta, rope_scaling) = self.rope()?;
+        let attention_bias = self.bool_opt("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match model_type {
+            // Qwen2 hard-codes biases on q, k and v and none on o.
+            ModelType::Qwen2 => (true, false),
+            ModelType::Mistral => (false, false),
+            ModelType::Llama => (attention_bias, attention_bias),
+        };
+        let mlp_bias = match model_type {
+            ModelType::Llama => self.bool_opt("mlp_bias")?.unwrap_or(false),
+            _ => false,
+        };
+        let dtype_key = if self.get("dtype").is_some() {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        let dtype = match self.get(dtype_key) {
+            None => WeightDtype::F32,
+            Some(v) => v
+                .as_str()
+                .and_then(WeightDtype::from_hf_name)
+                .ok_or_else(|| self.err(dtype_key, format!("unsupported dtype {v}")))?,
+        };
+        let vocab_size = self.usize_req("vocab_size")?;
+        let check_id = |key: &str, id: u32| -> Result<u32> {
+            if (id as usize) < vocab_size {
+                Ok(id)
+            } else {
+                Err(self.err(
+                    key,
+                    format!("token id {id} is outside vocab_size {vocab_size}"),
+                ))
+            }
+        };
+        let bos_token_id = self
+            .token_ids("bos_token_id")?
+            .first()
+            .map(|&id| check_id("bos_token_id", id))
+            .transpose()?;
+        let pad_token_id = self
+            .token_ids("pad_token_id")?
+            .first()
+            .map(|&id| check_id("pad_token_id", id))
+            .transpose()?;
+        let eos_token_ids = self
+            .token_ids("eos_token_id")?
+            .into_iter()
+            .map(|id| check_id("eos_token_id", id))
+            .collect::<Result<_>>()?;
+
+        Ok(ModelConfig {
+            model_type,
+            vocab_size,
+            hidden_size,
+            intermediate_size: self.usize_req("intermediate_size")?,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: self.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: self.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            sliding_windows: self.sliding_windows(model_type, num_hidden_layers)?,
+            dtype,
+            bos_token_id,
+            eos_token_ids,
+            pad_token_id,
+            raw: self.raw.clone(),
+        })
+    }
+
+    /// Keys whose presence means a computation hearth does not do.
+    fn refuse_unsupported(&self) -> Result<()> {
+        if let Some(v) = self.get("hidden_act")
+            && v.as_str() != Some("silu")
+        {
+            return Err(self.unsupported("hidden_act", v, "only silu is implemented"));
+        }
+        if let Some(v) = self.get("quantization_config") {
+            return Err(self.unsupported(
+                "quantization_config",
+                v,
+                "load unquantized f32/f16/bf16 weights",
+            ));
+        }
+        if let Some(v) = self.get("partial_rotary_factor")
+            && v.as_f64() != Some(1.0)
+        {
+            return Err(self.unsupported("partial_rotary_factor", v, "only full rotary"));
+        }
+        for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if let Some(v) = self.get(key) {
+                return Err(self.unsupported(key, v, ""));
+            }
+        }
+        Ok(())
+    }
+
+    /// `(rope_theta, scaling)` from either config style.
+    fn rope(&self) -> Result<(f64, RopeScaling)> {
+        // transformers >= 5 nests everything under `rope_parameters`; the Hub's style keeps
+        // `rope_theta` at top level and scaling in `rope_scaling`.
+        let (key, params) = match (self.get("rope_parameters"), self.get("rope_scaling")) {
+            (Some(p), _) => ("rope_parameters", Some(p)),
+            (None, s) => ("rope_scaling", s),
+        };
+        let params = match params {
+            None => None,
+            Some(Value::Object(m)) => Some(m),
+            Some(v) => return Err(self.err(key, format!("expected an object, got {v}"))),
+        };
+        let theta = params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(self.f64_opt("rope_theta")?)
+            .unwrap_or(10_000.0);
+        if theta <= 0.0 {
+            return Err(self.err("rope_theta", "must be positive"));
+        }
+        let Some(p) = params else {
+            return Ok((theta, RopeScaling::Default));
+        };
+        let kind = p
+            .get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |name: &str| -> Result<f64> {
+            p.get(name)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| self.err(&format!("{key}.{name}"), "missing or not a number"))
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear {
+                factor: num("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            },
+            other => {
+                return Err(self.unsupported(
+                    &format!("{key}.rope_type"),
+                    &Value::from(other),
+                    "supported: default, linear, llama3",
+                ));
+            }
+        };
+        Ok((theta, scaling))
+    }
+
+    /// Which layers attend within a sliding window, following transformers' rules per
+    /// architecture (and `layer_types` when the config lists them).
+    fn sliding_windows(&self, model_type: ModelType, layers: usize) -> Result<Vec<Option<usize>>> {
+        let window = self.usize_opt("sliding_window")?;
+        if let Some(types) = self.get("layer_types") {
+            let types = types
+                .as_array()
+                .filter(|t| t.len() == layers)
+                .ok_or_else(|| {
+                    self.err(
+                        "layer_types",
+                        format!("expected a list of {layers} layer types"),
+                    )
+                })?;
+            return types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(None),
+                    Some("sliding_attention") => window
+                        .map(Some)
+                        .ok_or_else(|| self.err("sliding_window", "missing for sliding layers")),
+                    _ => Err(self.unsupported("layer_types", t, "")),
+                })
+                .collect();
+        }
+        Ok(match model_type {
+            ModelType::Llama => vec![None; layers],
+            ModelType::Mistral => vec![window; layers],
+            ModelType::Qwen2 => {
+                let used = self.bool_opt("use_sliding_window")?.unwrap_or(false);
+                let from = self.usize_opt("max_window_layers")?.unwrap_or(layers);
+                (0..layers)
+                    .map(|i| window.filter(|_| used && i >= from))
+                    .collect()
+            }
+        })
+    }
+}

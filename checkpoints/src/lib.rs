@@ -1,0 +1,30 @@
+//! Hugging Face checkpoints for hearth: `config.json`, single or sharded safetensors, read
+//! through memory maps and written back in the layout transformers expects.
+//!
+//! This crate knows nothing about burn: it hands out raw little-endian tensor bytes plus dtype
+//! and shape, so the model can convert one tensor at a time and never hold the weights twice.
+
+mod config;
+mod error;
+mod read;
+mod write;
+
+pub use config::{ModelConfig, ModelType, RopeScaling, WeightDtype};
+pub use error::CheckpointError;
+pub use read::{TensorRef, WeightFiles};
+pub use write::{OwnedTensor, SaveOptions, save_weights, write_text};
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, CheckpointError>;
+
+/// File names of the Hugging Face layout.
+pub mod names {
+    /// Model configuration.
+    pub const CONFIG: &str = "config.json";
+    /// Unsharded weights.
+    pub const SINGLE: &str = "model.safetensors";
+    /// Index of a sharded set.
+    pub const INDEX: &str = "model.safetensors.index.json";
+    /// Tokenizer, when the checkpoint ships one.
+    pub const TOKENIZER: &str = "tokenizer.json";
+}

@@ -1,0 +1,11 @@
+//! hearth's trainer: the Llama-family model on burn, and (as they land) the objectives and
+//! the one training loop they share.
+
+pub mod device;
+mod error;
+pub mod model;
+
+pub use error::TrainerError;
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, TrainerError>;

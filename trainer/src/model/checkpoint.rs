@@ -1,0 +1,163 @@
+//! Moving the model in and out of Hugging Face checkpoint directories.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use checkpoints::{ModelConfig, OwnedTensor, SaveOptions, WeightDtype, WeightFiles};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::linear::Linear;
+use super::llama::Llama;
+use super::specs::{Init, tensor_specs};
+use crate::Result;
+
+/// Loads `config.json` and the weights of `dir` onto `device`. Each tensor is read from the
+/// memory map, widened to f32 and moved into the model, one at a time.
+pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
+    let config = ModelConfig::from_path(dir)?;
+    let files = WeightFiles::open_dir(dir)?;
+    let mut tensors = HashMap::new();
+    for spec in tensor_specs(&config) {
+        let values = files.take(&spec.name, &spec.shape)?.to_f32()?;
+        tensors.insert(spec.name, TensorData::new(values, spec.shape));
+    }
+    let tied = config.tie_word_embeddings;
+    files.ensure_all_taken(|name| {
+        // Buffers older exports saved, and a duplicate head that a tied model ignores.
+        name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
+    })?;
+    let model = Llama::from_tensors(&config, tensors, device)?;
+    Ok((config, model))
+}
+
+/// Writes `config.json` and the weights of `model` into `dir`, in `dtype`.
+pub fn save_model(
+    dir: &Path,
+    config: &ModelConfig,
+    model: &Llama,
+    dtype: WeightDtype,
+    options: SaveOptions,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| checkpoints::CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    checkpoints::save_weights(dir, &export_weights(model, dtype), options)?;
+    checkpoints::write_text(
+        &dir.join(checkpoints::names::CONFIG),
+        &config.to_json(dtype),
+    )?;
+    Ok(())
+}
+
+/// Every weight of `model` under its Hugging Face name, narrowed to `dtype`.
+pub fn export_weights(model: &Llama, dtype: WeightDtype) -> BTreeMap<String, OwnedTensor> {
+    let mut out = BTreeMap::new();
+    put(
+        &mut out,
+        "model.embed_tokens.weight",
+        model.embed_tokens.val(),
+        dtype,
+    );
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let a = &layer.self_attn;
+        let m = &layer.mlp;
+        put(
+            &mut out,
+            &format!("{p}.input_layernorm.weight"),
+            layer.input_layernorm.weight.val(),
+            dtype,
+        );
+        put(
+            &mut out,
+            &format!("{p}.post_attention_layernorm.weight"),
+            layer.post_attention_layernorm.weight.val(),
+            dtype,
+        );
+        for (name, proj) in [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+            ("o_proj", &a.o_proj),
+        ] {
+            put_linear(&mut out, &format!("{p}.self_attn.{name}"), proj, dtype);
+        }
+        for (name, proj) in [
+            ("gate_proj", &m.gate_proj),
+            ("up_proj", &m.up_proj),
+            ("down_proj", &m.down_proj),
+        ] {
+            put_linear(&mut out, &format!("{p}.mlp.{name}"), proj, dtype);
+        }
+    }
+    put(
+        &mut out,
+        "model.norm.weight",
+        model.norm.weight.val(),
+        dtype,
+    );
+    if let Some(head) = &model.lm_head {
+        put_linear(&mut out, "lm_head", head, dtype);
+    }
+    out
+}
+
+fn put_linear(
+    out: &mut BTreeMap<String, OwnedTensor>,
+    prefix: &str,
+    proj: &Linear,
+    dtype: WeightDtype,
+) {
+    put(out, &format!("{prefix}.weight"), proj.weight.val(), dtype);
+    if let Some(bias) = &proj.bias {
+        put(out, &format!("{prefix}.bias"), bias.val(), dtype);
+    }
+}
+
+fn put<const D: usize>(
+    out: &mut BTreeMap<String, OwnedTensor>,
+    name: &str,
+    tensor: Tensor<D>,
+    dtype: WeightDtype,
+) {
+    let shape = tensor.dims().to_vec();
+    let values: Vec<f32> = tensor
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap_or_default();
+    out.insert(
+        name.to_string(),
+        OwnedTensor::from_f32(&values, shape, dtype),
+    );
+}
+
+/// Random weights for `config`, deterministic in `seed`: normal(0, `std`) for matrices and
+/// biases, ones for norms, as transformers initialises a fresh model.
+pub fn init_random_weights(
+    config: &ModelConfig,
+    std: f32,
+    seed: u64,
+) -> BTreeMap<String, OwnedTensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    tensor_specs(config)
+        .into_iter()
+        .map(|spec| {
+            let n: usize = spec.shape.iter().product();
+            let values: Vec<f32> = match spec.init {
+                Init::Ones => vec![1.0; n],
+                Init::Normal => (0..n).map(|_| std * standard_normal(&mut rng)).collect(),
+            };
+            let tensor = OwnedTensor::from_f32(&values, spec.shape, config.dtype);
+            (spec.name, tensor)
+        })
+        .collect()
+}
+
+/// Box–Muller: one standard normal sample from two uniforms.
+fn standard_normal(rng: &mut StdRng) -> f32 {
+    let u1: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}

@@ -1,0 +1,236 @@
+use std::collections::HashMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use checkpoints::ModelConfig;
+
+use super::attention::Attention;
+use super::linear::Linear;
+use super::mask::attention_mask;
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::rope::{cos_sin, inverse_frequencies};
+use crate::{Result, TrainerError};
+
+/// One pre-norm decoder block.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+    pub sliding_window: Option<usize>,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<3>,
+        sin: &Tensor<3>,
+        masked: Tensor<4, Bool>,
+    ) -> Tensor<3> {
+        let attn = self.self_attn.forward(
+            self.input_layernorm.forward(x.clone()),
+            cos.clone(),
+            sin.clone(),
+            masked,
+        );
+        let x = x + attn;
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
+        x + mlp
+    }
+}
+
+/// The decoder. It stops at the final norm's hidden states: whoever needs token scores
+/// applies [`Llama::head_weight`] through `kernels`, so no caller holds `[tokens × vocab]`
+/// logits it does not need.
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embed_tokens: Param<Tensor<2>>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    #[module(skip)]
+    inv_freq: Vec<f32>,
+}
+
+impl Llama {
+    /// Builds the model from converted tensors keyed by their Hugging Face names; every
+    /// name in [`super::tensor_specs`] must be present.
+    pub(crate) fn from_tensors(
+        config: &ModelConfig,
+        mut tensors: HashMap<String, TensorData>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut take = |name: &str| -> Result<TensorData> {
+            tensors
+                .remove(name)
+                .ok_or_else(|| TrainerError::Input(format!("tensor `{name}` was not loaded")))
+        };
+        let embed_tokens = Param::from_tensor(Tensor::from_data(
+            take("model.embed_tokens.weight")?,
+            device,
+        ));
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(&mut take, &format!("{p}.input_layernorm"), config, device)?,
+                self_attn: Attention {
+                    q_proj: proj(
+                        &mut take,
+                        &format!("{p}.self_attn.q_proj"),
+                        config.qkv_bias,
+                        device,
+                    )?,
+                    k_proj: proj(
+                        &mut take,
+                        &format!("{p}.self_attn.k_proj"),
+                        config.qkv_bias,
+                        device,
+                    )?,
+                    v_proj: proj(
+                        &mut take,
+                        &format!("{p}.self_attn.v_proj"),
+                        config.qkv_bias,
+                        device,
+                    )?,
+                    o_proj: proj(
+                        &mut take,
+                        &format!("{p}.self_attn.o_proj"),
+                        config.o_bias,
+                        device,
+                    )?,
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim: config.head_dim,
+                },
+                post_attention_layernorm: norm(
+                    &mut take,
+                    &format!("{p}.post_attention_layernorm"),
+                    config,
+                    device,
+                )?,
+                mlp: Mlp {
+                    gate_proj: proj(
+                        &mut take,
+                        &format!("{p}.mlp.gate_proj"),
+                        config.mlp_bias,
+                        device,
+                    )?,
+                    up_proj: proj(
+                        &mut take,
+                        &format!("{p}.mlp.up_proj"),
+                        config.mlp_bias,
+                        device,
+                    )?,
+                    down_proj: proj(
+                        &mut take,
+                        &format!("{p}.mlp.down_proj"),
+                        config.mlp_bias,
+                        device,
+                    )?,
+                },
+                sliding_window: config.sliding_windows.get(i).copied().flatten(),
+            });
+        }
+        let norm = norm(&mut take, "model.norm", config, device)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(proj(&mut take, "lm_head", false, device)?)
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq: inverse_frequencies(config),
+        })
+    }
+
+    /// Final hidden states. `ids`, `padding`: `[B, T]` (right-padded, padding 0 where a
+    /// position is padding). Returns `[B, T, hidden]`.
+    pub fn hidden(&self, ids: Tensor<2, Int>, padding: Tensor<2, Int>) -> Tensor<3> {
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &device)
+            .reshape([1, t])
+            .expand([b, t]);
+        let (cos, sin) = cos_sin(&self.inv_freq, positions);
+        let full = attention_mask(padding.clone(), None);
+        let mut windowed: Vec<(usize, Tensor<4, Bool>)> = Vec::new();
+        let mut x = embedding(self.embed_tokens.val(), ids);
+        for layer in &self.layers {
+            let masked = match layer.sliding_window {
+                Some(w) if w < t => {
+                    if let Some((_, m)) = windowed.iter().find(|(ww, _)| *ww == w) {
+                        m.clone()
+                    } else {
+                        let m = attention_mask(padding.clone(), Some(w));
+                        windowed.push((w, m.clone()));
+                        m
+                    }
+                }
+                _ => full.clone(),
+            };
+            x = layer.forward(x, &cos, &sin, masked);
+        }
+        self.norm.forward(x)
+    }
+
+    /// The output projection, `[vocab, hidden]`: `lm_head`, or the embeddings when tied.
+    pub fn head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val(),
+            None => self.embed_tokens.val(),
+        }
+    }
+
+    /// Full logits `[B, T, vocab]` for the given hidden states. Only for inspection and
+    /// parity checks; training reads log-probs through the fused path instead.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        linear(hidden, self.head_weight().transpose(), None)
+    }
+}
+
+fn proj(
+    take: &mut impl FnMut(&str) -> Result<TensorData>,
+    prefix: &str,
+    bias: bool,
+    device: &Device,
+) -> Result<Linear> {
+    let weight = Param::from_tensor(Tensor::from_data(
+        take(&format!("{prefix}.weight"))?,
+        device,
+    ));
+    let bias = if bias {
+        Some(Param::from_tensor(Tensor::from_data(
+            take(&format!("{prefix}.bias"))?,
+            device,
+        )))
+    } else {
+        None
+    };
+    Ok(Linear { weight, bias })
+}
+
+fn norm(
+    take: &mut impl FnMut(&str) -> Result<TensorData>,
+    prefix: &str,
+    config: &ModelConfig,
+    device: &Device,
+) -> Result<RmsNorm> {
+    Ok(RmsNorm {
+        weight: Param::from_tensor(Tensor::from_data(
+            take(&format!("{prefix}.weight"))?,
+            device,
+        )),
+        eps: config.rms_norm_eps,
+    })
+}

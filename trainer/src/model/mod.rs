@@ -1,0 +1,18 @@
+//! The Llama-family decoder (Llama 2/3/3.x, Qwen2, Mistral), configured from a Hugging Face
+//! `config.json` and loaded from its safetensors by their HF names.
+
+mod attention;
+mod checkpoint;
+mod linear;
+mod llama;
+mod mask;
+mod mlp;
+mod norm;
+mod rope;
+mod specs;
+
+pub use checkpoint::{export_weights, init_random_weights, load_model, save_model};
+pub use llama::Llama;
+pub use mask::attention_mask;
+pub use rope::inverse_frequencies;
+pub use specs::{TensorSpec, tensor_specs};

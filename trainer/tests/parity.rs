@@ -1,0 +1,86 @@
+//! Logits against the reference fixtures made by transformers (../shared/fixtures/parity).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use checkpoints::WeightFiles;
+use trainer::model::load_model;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/parity")
+}
+
+struct Cases {
+    ids: Vec<i64>,
+    mask: Vec<i64>,
+    logits: Vec<f32>,
+    b: usize,
+    t: usize,
+    v: usize,
+}
+
+fn read_cases(path: &Path) -> Cases {
+    let f = WeightFiles::open_file(path).expect("cases");
+    let ids = f.get("input_ids").unwrap();
+    let [b, t] = [ids.shape[0], ids.shape[1]];
+    let logits = f.get("logits").unwrap();
+    Cases {
+        ids: ids.to_i64().unwrap(),
+        mask: f.get("attention_mask").unwrap().to_i64().unwrap(),
+        v: logits.shape[2],
+        logits: logits.to_f32().unwrap(),
+        b,
+        t,
+    }
+}
+
+fn check(name: &str) {
+    let dir = fixtures().join(name);
+    assert!(dir.is_dir(), "fixture {} is missing", dir.display());
+    let cases = read_cases(&dir.join("cases.safetensors"));
+    let device = Device::flex();
+    let (_, model) = load_model(&dir, &device).unwrap();
+    let (b, t, v) = (cases.b, cases.t, cases.v);
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(cases.ids.clone(), [b, t]), &device);
+    let mask = Tensor::<2, Int>::from_data(TensorData::new(cases.mask.clone(), [b, t]), &device);
+    let logits = model.logits(model.hidden(ids, mask));
+    assert_eq!(logits.dims(), [b, t, v]);
+    let ours = logits.into_data().try_into_vec_as::<f32>().unwrap();
+    let mut worst = 0f32;
+    let mut compared = 0;
+    for (pos, &m) in cases.mask.iter().enumerate() {
+        if m == 0 {
+            continue;
+        }
+        for k in 0..v {
+            let i = pos * v + k;
+            let d = (ours[i] - cases.logits[i]).abs();
+            assert!(
+                d.is_finite(),
+                "{name}: non-finite logit at position {pos}, token {k}"
+            );
+            worst = worst.max(d);
+            compared += 1;
+        }
+    }
+    assert!(
+        cases.mask.contains(&0),
+        "{name}: the fixture should include padding"
+    );
+    assert!(compared > 0);
+    eprintln!("{name}: max abs diff {worst:e} over {compared} logits");
+    assert!(
+        worst <= 1e-4,
+        "{name}: max |Δ| = {worst} over {compared} logits"
+    );
+}
+
+#[test]
+fn f32_checkpoint_matches_transformers() {
+    check("tiny-llama-f32");
+}
+
+#[test]
+fn bf16_checkpoint_matches_transformers() {
+    check("tiny-llama-bf16");
+}
