@@ -1,1 +1,243 @@
-fn main() {}
+//! `hearth`: the command line. It parses, dispatches and reports; the work lives in the
+//! library crates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use checkpoints::{ModelType, SaveOptions, WeightDtype};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "hearth", version, about = "Fine-tune and align Llama-family models for counseling work.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a checkpoint on stored token ids and write its logits, to compare with another
+    /// implementation.
+    Logits(LogitsArgs),
+    /// Make a new random model in Hugging Face layout, with a BPE tokenizer trained on
+    /// hearth's bundled text.
+    InitModel(InitModelArgs),
+    /// Re-save a checkpoint with another dtype or sharding.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    /// Hugging Face checkpoint directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Safetensors file holding `input_ids` and optionally `attention_mask` (integer, [B, T]).
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write `logits` (f32, [B, T, V]).
+    #[arg(long)]
+    out: PathBuf,
+    /// cpu, cuda[:N] or wgpu (GPU backends need the matching build feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Arch {
+    Llama,
+    Qwen2,
+    Mistral,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for WeightDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => WeightDtype::F32,
+            Dtype::F16 => WeightDtype::F16,
+            Dtype::Bf16 => WeightDtype::BF16,
+        }
+    }
+}
+
+#[derive(Args)]
+struct InitModelArgs {
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "llama")]
+    model_type: Arch,
+    /// Upper bound on the tokenizer's vocabulary (the model uses the trained size).
+    #[arg(long, default_value_t = 512)]
+    vocab_size: usize,
+    #[arg(long, default_value_t = 64)]
+    hidden_size: usize,
+    #[arg(long, default_value_t = 176)]
+    intermediate_size: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    /// Share the output head with the token embeddings.
+    #[arg(long)]
+    tie_embeddings: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: Dtype,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
+    #[arg(long, value_parser = parse_size, default_value = "5GB")]
+    max_shard_size: u64,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Source checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory (must differ from the source).
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage dtype of the output (default: the source's).
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
+    /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
+    #[arg(long, value_parser = parse_size, default_value = "5GB")]
+    max_shard_size: u64,
+}
+
+/// Sizes as transformers writes them: decimal units, `5GB` = 5·10⁹ bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let split = upper
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(upper.len());
+    let (digits, unit) = upper.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 5GB or 200MB"))?;
+    let scale = match unit {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use B, KB, MB or GB)")),
+    };
+    if n == 0 {
+        return Err("the shard size must be positive".into());
+    }
+    Ok(n * scale)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Logits(a) => {
+            let device = trainer::device::parse(&a.device)?;
+            let shape = trainer::logits::write_logits(&a.model, &a.input, &a.out, &device)?;
+            eprintln!(
+                "wrote logits [{}, {}, {}] to {}",
+                shape.batch,
+                shape.tokens,
+                shape.vocab,
+                a.out.display()
+            );
+        }
+        Command::InitModel(a) => {
+            let spec = trainer::model::NewModel {
+                model_type: match a.model_type {
+                    Arch::Llama => ModelType::Llama,
+                    Arch::Qwen2 => ModelType::Qwen2,
+                    Arch::Mistral => ModelType::Mistral,
+                },
+                vocab_size: a.vocab_size,
+                hidden_size: a.hidden_size,
+                intermediate_size: a.intermediate_size,
+                num_hidden_layers: a.layers,
+                num_attention_heads: a.heads,
+                num_key_value_heads: a.kv_heads,
+                tie_word_embeddings: a.tie_embeddings,
+                dtype: a.dtype.into(),
+                seed: a.seed,
+                ..Default::default()
+            };
+            if a.out.join("config.json").exists() {
+                bail!("{}: already holds a model; choose an empty directory", a.out.display());
+            }
+            let save = SaveOptions { max_shard_bytes: a.max_shard_size };
+            let config = trainer::model::init_model(&a.out, &spec, save)?;
+            eprintln!(
+                "made a {} model ({} layers, hidden {}, vocab {}) in {}",
+                config.model_type.as_str(),
+                config.num_hidden_layers,
+                config.hidden_size,
+                config.vocab_size,
+                a.out.display()
+            );
+        }
+        Command::Convert(a) => {
+            let save = SaveOptions { max_shard_bytes: a.max_shard_size };
+            trainer::model::convert(&a.model, &a.out, a.dtype.map(Into::into), save)
+                .with_context(|| format!("converting {}", a.model.display()))?;
+            eprintln!("wrote {}", a.out.display());
+        }
+    }
+    Ok(())
+}
+
+/// The error chain on one line. Library errors already embed their cause in their message,
+/// so a cause whose text is already shown is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in hearth, never the way bad input is reported: say so in one line.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error in hearth (please report): {info}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // clap's message runs until its usage block; keep it to one line.
+            let text = e.render().to_string();
+            let head: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{} (see hearth --help)", head.join(" "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

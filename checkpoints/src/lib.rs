@@ -12,7 +12,7 @@ mod write;
 pub use config::{ModelConfig, ModelType, RopeScaling, WeightDtype};
 pub use error::CheckpointError;
 pub use read::{TensorRef, WeightFiles};
-pub use write::{OwnedTensor, SaveOptions, save_weights, write_text};
+pub use write::{OwnedTensor, SaveOptions, save_weights, write_safetensors, write_text};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, CheckpointError>;

@@ -96,7 +96,7 @@ pub fn save_weights(
     options: SaveOptions,
 ) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let metadata = pt_metadata();
 
     // Greedy packing in name order, as transformers does in module order.
     let mut groups: Vec<Vec<(&String, &OwnedTensor)>> = vec![Vec::new()];
@@ -145,6 +145,17 @@ pub fn save_weights(
     }
     remove_stale_shards(dir, &written)?;
     Ok(written)
+}
+
+/// Writes one safetensors file (e.g. logits for a parity check) atomically, with
+/// `{"format":"pt"}` metadata.
+pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, OwnedTensor>) -> Result<()> {
+    let group: Vec<_> = tensors.iter().collect();
+    write_file(path, &group, &pt_metadata())
+}
+
+fn pt_metadata() -> HashMap<String, String> {
+    [("format".to_string(), "pt".to_string())].into()
 }
 
 fn write_file(

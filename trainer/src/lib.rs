@@ -3,6 +3,7 @@
 
 pub mod device;
 mod error;
+pub mod logits;
 pub mod model;
 
 pub use error::TrainerError;

@@ -161,3 +161,38 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
     let u2: f32 = rng.random();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
+
+/// Files besides weights and config that travel with a checkpoint.
+const COMPANION_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Re-saves the checkpoint in `src` into `dst`, in `dtype` (default: the source's) and the
+/// sharding `options` ask for, with its tokenizer and template files.
+pub fn convert(src: &Path, dst: &Path, dtype: Option<WeightDtype>, options: SaveOptions) -> Result<()> {
+    let same = match (src.canonicalize(), dst.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Err(crate::TrainerError::Input(format!(
+            "{}: the output directory must differ from the input",
+            dst.display()
+        )));
+    }
+    let (config, model) = load_model(src, &Device::flex())?;
+    save_model(dst, &config, &model, dtype.unwrap_or(config.dtype), options)?;
+    for name in COMPANION_FILES {
+        let from = src.join(name);
+        if from.is_file() {
+            let text = std::fs::read_to_string(&from)
+                .map_err(|e| checkpoints::CheckpointError::Io { path: from.clone(), source: e })?;
+            checkpoints::write_text(&dst.join(name), &text)?;
+        }
+    }
+    Ok(())
+}

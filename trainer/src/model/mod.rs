@@ -3,6 +3,7 @@
 
 mod attention;
 mod checkpoint;
+mod init;
 mod linear;
 mod llama;
 mod mask;
@@ -11,7 +12,8 @@ mod norm;
 mod rope;
 mod specs;
 
-pub use checkpoint::{export_weights, init_random_weights, load_model, save_model};
+pub use checkpoint::{convert, export_weights, init_random_weights, load_model, save_model};
+pub use init::{NewModel, init_model};
 pub use llama::Llama;
 pub use mask::attention_mask;
 pub use rope::inverse_frequencies;

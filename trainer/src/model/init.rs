@@ -1,0 +1,99 @@
+//! Making a new random model in Hugging Face layout: config, weights and a BPE tokenizer
+//! trained in-process on hearth's bundled text. Tests, CI and demos use these, since nothing
+//! can be downloaded.
+
+use std::path::Path;
+
+use checkpoints::{ModelConfig, ModelType, SaveOptions, WeightDtype};
+use data::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
+
+use super::checkpoint::init_random_weights;
+use crate::{Result, TrainerError};
+
+/// The shape of a model to make. `Default` is the tiny model CI trains.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    pub model_type: ModelType,
+    /// Upper bound for the trained tokenizer; the model's vocab is the tokenizer's size.
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub tie_word_embeddings: bool,
+    pub dtype: WeightDtype,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub init_std: f32,
+    pub seed: u64,
+}
+
+impl Default for NewModel {
+    fn default() -> Self {
+        Self {
+            model_type: ModelType::Llama,
+            vocab_size: 512,
+            hidden_size: 64,
+            intermediate_size: 176,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            tie_word_embeddings: false,
+            dtype: WeightDtype::F32,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 512,
+            init_std: 0.02,
+            seed: 0,
+        }
+    }
+}
+
+/// Writes `config.json`, the weights and `tokenizer.json` of a new model into `dir`.
+pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<ModelConfig> {
+    if spec.num_attention_heads == 0 || spec.hidden_size % spec.num_attention_heads != 0 {
+        return Err(TrainerError::Input(format!(
+            "hidden size {} must be a multiple of the head count {}",
+            spec.hidden_size, spec.num_attention_heads
+        )));
+    }
+    let tokenizer = train_bpe(&[BUNDLED_CORPUS], spec.vocab_size, &LLAMA3_SPECIAL_TOKENS)?;
+    let id = |t: &str| tokenizer.token_to_id(t).unwrap_or(0);
+    let config_json = serde_json::json!({
+        "architectures": [match spec.model_type {
+            ModelType::Llama => "LlamaForCausalLM",
+            ModelType::Qwen2 => "Qwen2ForCausalLM",
+            ModelType::Mistral => "MistralForCausalLM",
+        }],
+        "model_type": spec.model_type.as_str(),
+        "vocab_size": tokenizer.get_vocab_size(true),
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_key_value_heads,
+        "head_dim": spec.hidden_size / spec.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": spec.rope_theta,
+        "rope_scaling": null,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bos_token_id": id("<|begin_of_text|>"),
+        "eos_token_id": id("<|eot_id|>"),
+        "pad_token_id": id("<|finetune_right_pad_id|>"),
+        "initializer_range": spec.init_std,
+        "torch_dtype": spec.dtype.hf_name(),
+    });
+    let config = ModelConfig::from_json_str(&config_json.to_string(), &dir.join("config.json"))?;
+    let weights = init_random_weights(&config, spec.init_std, spec.seed);
+    checkpoints::save_weights(dir, &weights, save)?;
+    checkpoints::write_text(&dir.join(checkpoints::names::CONFIG), &config.to_json(spec.dtype))?;
+    let tokenizer_json = tokenizer
+        .to_string(true)
+        .map_err(|e| TrainerError::Input(format!("serialising the tokenizer: {e}")))?;
+    checkpoints::write_text(&dir.join(checkpoints::names::TOKENIZER), &tokenizer_json)?;
+    Ok(config)
+}
