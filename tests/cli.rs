@@ -1,0 +1,314 @@
+//! End-to-end tests of the `hearth` binary: logits against the transformers fixtures,
+//! save → load identity for models hearth makes, and one-line errors for bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use checkpoints::{OwnedTensor, WeightFiles};
+
+fn hearth(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run hearth")
+}
+
+fn ok(args: &[&str]) {
+    let out = hearth(args);
+    assert!(
+        out.status.success(),
+        "hearth {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The command fails with exit code 1 and a single `error:` line containing every needle.
+fn fails(args: &[&str], needles: &[&str]) {
+    let out = hearth(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "hearth {args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("internal error"), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
+    }
+}
+
+fn fixture(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/parity").join(name);
+    assert!(dir.is_dir(), "fixture {} is missing", dir.display());
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let files = WeightFiles::open_file(path).unwrap();
+    let t = files.get(name).unwrap();
+    (t.shape.to_vec(), t.to_f32().unwrap())
+}
+
+fn write_cases(path: &Path, ids: &[i64], mask: &[i64], shape: [usize; 2]) {
+    let tensors = BTreeMap::from([
+        ("input_ids".to_string(), OwnedTensor::from_i64(ids, shape.to_vec())),
+        ("attention_mask".to_string(), OwnedTensor::from_i64(mask, shape.to_vec())),
+    ]);
+    checkpoints::write_safetensors(path, &tensors).unwrap();
+}
+
+fn logits(model: &Path, cases: &Path, out: &Path) -> Vec<f32> {
+    ok(&["logits", "--model", s(model), "--input", s(cases), "--out", s(out)]);
+    read_f32(out, "logits").1
+}
+
+#[test]
+fn logits_command_matches_transformers_on_both_fixtures() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["tiny-llama-f32", "tiny-llama-bf16"] {
+        let dir = fixture(name);
+        let cases = dir.join("cases.safetensors");
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        let ours = logits(&dir, &cases, &out);
+        let (shape, reference) = read_f32(&cases, "logits");
+        let mask = WeightFiles::open_file(&cases).unwrap().get("attention_mask").unwrap().to_i64().unwrap();
+        let v = shape[2];
+        let mut worst = 0f32;
+        for (pos, _) in mask.iter().enumerate().filter(|(_, m)| **m == 1) {
+            for k in 0..v {
+                worst = worst.max((ours[pos * v + k] - reference[pos * v + k]).abs());
+            }
+        }
+        assert!(worst <= 1e-4, "{name}: max |Δ| {worst}");
+    }
+}
+
+/// A batch of two rows, the second right-padded.
+fn sample_cases(path: &Path, vocab: i64) {
+    let t = 12;
+    let ids: Vec<i64> = (0..2 * t).map(|i| (i * 37 + 5) % vocab).collect();
+    let mut mask = vec![1i64; 2 * t as usize];
+    for m in &mut mask[(t as usize + 7)..] {
+        *m = 0;
+    }
+    write_cases(path, &ids, &mask, [2, t as usize]);
+}
+
+#[test]
+fn made_models_survive_save_and_load_with_identical_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = tmp.path().join("cases.safetensors");
+    sample_cases(&cases, 300);
+    let variants: [&[&str]; 4] = [
+        &[],
+        &["--model-type", "qwen2", "--tie-embeddings"],
+        &["--model-type", "mistral", "--kv-heads", "1"],
+        &["--dtype", "bf16", "--heads", "2", "--kv-heads", "2"],
+    ];
+    for (i, extra) in variants.iter().enumerate() {
+        let base = tmp.path().join(format!("m{i}"));
+        let mut args = vec!["init-model", "--out", s(&base), "--seed", "7"];
+        args.extend_from_slice(extra);
+        ok(&args);
+        assert!(base.join("tokenizer.json").is_file());
+        let original = logits(&base, &cases, &tmp.path().join(format!("a{i}.safetensors")));
+
+        // Sharded: small shards, an index, `{"format": "pt"}` in every file.
+        let sharded = tmp.path().join(format!("sharded{i}"));
+        ok(&["convert", "--model", s(&base), "--out", s(&sharded), "--max-shard-size", "60KB"]);
+        let index: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(shards.len() >= 2, "{extra:?}: expected several shards, got {shards:?}");
+        assert!(!sharded.join("model.safetensors").exists());
+        for shard in &shards {
+            let bytes = std::fs::read(sharded.join(shard)).unwrap();
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+        }
+        let again = logits(&sharded, &cases, &tmp.path().join(format!("b{i}.safetensors")));
+        assert_eq!(original, again, "{extra:?}: sharded reload changed the logits");
+
+        // And back to one file.
+        let single = tmp.path().join(format!("single{i}"));
+        ok(&["convert", "--model", s(&sharded), "--out", s(&single)]);
+        assert!(single.join("model.safetensors").is_file());
+        assert!(single.join("tokenizer.json").is_file());
+        let third = logits(&single, &cases, &tmp.path().join(format!("c{i}.safetensors")));
+        assert_eq!(original, third, "{extra:?}: single-file reload changed the logits");
+    }
+}
+
+#[test]
+fn bf16_fixture_round_trips_bit_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-llama-bf16");
+    let cases = dir.join("cases.safetensors");
+    let out = tmp.path().join("copy");
+    ok(&["convert", "--model", s(&dir), "--out", s(&out)]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    assert_eq!(
+        std::fs::metadata(out.join("model.safetensors")).unwrap().len() < 300_000,
+        true,
+        "weights should stay bf16 on disk"
+    );
+    let a = logits(&dir, &cases, &tmp.path().join("a.safetensors"));
+    let b = logits(&out, &cases, &tmp.path().join("b.safetensors"));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn init_model_is_deterministic_in_its_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = ["a", "b", "c"].iter().map(|n| tmp.path().join(n)).collect();
+    ok(&["init-model", "--out", s(&paths[0]), "--seed", "1"]);
+    ok(&["init-model", "--out", s(&paths[1]), "--seed", "1"]);
+    ok(&["init-model", "--out", s(&paths[2]), "--seed", "2"]);
+    let read = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
+    assert_eq!(read(&paths[0]), read(&paths[1]));
+    assert_ne!(read(&paths[0]), read(&paths[2]));
+    fails(&["init-model", "--out", s(&paths[0])], &["already holds a model"]);
+}
+
+/// A copy of the f32 fixture whose config.json has `edit` applied.
+fn edited_fixture(tmp: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = tmp.join(name);
+    copy_dir(&fixture("tiny-llama-f32"), &dir);
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn bad_checkpoints_fail_with_one_line_naming_the_culprit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = fixture("tiny-llama-f32").join("cases.safetensors");
+    let out = tmp.path().join("out.safetensors");
+    let run = |model: &Path, needles: &[&str]| {
+        fails(&["logits", "--model", s(model), "--input", s(&cases), "--out", s(&out)], needles)
+    };
+
+    // Missing directory.
+    run(&tmp.path().join("no-such-model"), &["no-such-model"]);
+
+    // Truncated safetensors.
+    let truncated = tmp.path().join("truncated");
+    copy_dir(&fixture("tiny-llama-f32"), &truncated);
+    let weights = truncated.join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(len / 2).unwrap();
+    run(&truncated, &["model.safetensors", "truncated"]);
+    // Truncated inside the header, too.
+    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(40).unwrap();
+    run(&truncated, &["model.safetensors", "truncated"]);
+
+    // Shape mismatch: the config promises a wider MLP than the weights hold.
+    let wide = edited_fixture(tmp.path(), "wide", |c| c["intermediate_size"] = 180.into());
+    run(&wide, &["model.layers.0.mlp.gate_proj.weight", "[176, 64]", "[180, 64]", "model.safetensors"]);
+
+    // Missing and unexpected tensors: the layer count disagrees with the weights.
+    let deep = edited_fixture(tmp.path(), "deep", |c| c["num_hidden_layers"] = 3.into());
+    run(&deep, &["missing tensor", "model.layers.2.", "model.safetensors"]);
+    let shallow = edited_fixture(tmp.path(), "shallow", |c| c["num_hidden_layers"] = 1.into());
+    run(&shallow, &["unexpected tensor", "model.layers.1.", "model.safetensors"]);
+
+    // Unknown model_type, and a config key that changes the math.
+    let gemma = edited_fixture(tmp.path(), "gemma", |c| c["model_type"] = "gemma".into());
+    run(&gemma, &["config.json", "model_type `gemma`"]);
+    let yarn = edited_fixture(tmp.path(), "yarn", |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+    });
+    run(&yarn, &["config.json", "rope_parameters.rope_type", "yarn"]);
+    let gelu = edited_fixture(tmp.path(), "gelu", |c| c["hidden_act"] = "gelu".into());
+    run(&gelu, &["config.json", "hidden_act"]);
+
+    // Malformed config.json.
+    let broken = tmp.path().join("broken");
+    copy_dir(&fixture("tiny-llama-f32"), &broken);
+    std::fs::write(broken.join("config.json"), "{\"model_type\": \"llama\",").unwrap();
+    run(&broken, &["config.json", "invalid JSON"]);
+
+    // An index naming a shard that is not there.
+    let sharded = tmp.path().join("sharded");
+    ok(&["convert", "--model", s(&fixture("tiny-llama-f32")), "--out", s(&sharded), "--max-shard-size", "100KB"]);
+    std::fs::remove_file(sharded.join("model-00002-of-00006.safetensors")).unwrap();
+    run(&sharded, &["model.safetensors.index.json", "model-00002-of-00006.safetensors"]);
+
+    // No weights at all.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::copy(fixture("tiny-llama-f32").join("config.json"), empty.join("config.json")).unwrap();
+    run(&empty, &["no weights found"]);
+}
+
+#[test]
+fn bad_logits_inputs_fail_with_one_line_naming_the_culprit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-llama-f32");
+    let out = tmp.path().join("out.safetensors");
+    let run = |input: &Path, needles: &[&str]| {
+        fails(&["logits", "--model", s(&model), "--input", s(input), "--out", s(&out)], needles)
+    };
+    run(&tmp.path().join("absent.safetensors"), &["absent.safetensors"]);
+
+    let no_ids = tmp.path().join("no_ids.safetensors");
+    let only_mask = BTreeMap::from([("attention_mask".to_string(), OwnedTensor::from_i64(&[1, 1], vec![1, 2]))]);
+    checkpoints::write_safetensors(&no_ids, &only_mask).unwrap();
+    run(&no_ids, &["no_ids.safetensors", "input_ids"]);
+
+    let float_ids = tmp.path().join("float_ids.safetensors");
+    let floats = BTreeMap::from([(
+        "input_ids".to_string(),
+        OwnedTensor::from_f32(&[1.0, 2.0], vec![1, 2], checkpoints::WeightDtype::F32),
+    )]);
+    checkpoints::write_safetensors(&float_ids, &floats).unwrap();
+    run(&float_ids, &["float_ids.safetensors", "input_ids", "I64 or I32"]);
+
+    let out_of_vocab = tmp.path().join("oov.safetensors");
+    write_cases(&out_of_vocab, &[1, 2, 384], &[1, 1, 1], [1, 3]);
+    run(&out_of_vocab, &["oov.safetensors", "row 0, column 2", "384"]);
+
+    let bad_mask = tmp.path().join("mask.safetensors");
+    write_cases(&bad_mask, &[1, 2, 3], &[1, 2, 1], [1, 3]);
+    run(&bad_mask, &["mask.safetensors", "attention_mask", "0 or 1"]);
+
+    let garbage = tmp.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
+    run(&garbage, &["garbage.safetensors", "not a valid safetensors file"]);
+
+    assert!(!out.exists(), "no output may be written on bad input");
+}
+
+#[test]
+fn usage_errors_are_one_line() {
+    let out = hearth(&["logits", "--model", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--input"), "{stderr}");
+}
