@@ -7,9 +7,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use checkpoints::{ModelType, SaveOptions, WeightDtype};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use trainer::logits::LogitsInput;
 
 #[derive(Parser)]
-#[command(name = "hearth", version, about = "Fine-tune and align Llama-family models for counseling work.")]
+#[command(
+    name = "hearth",
+    version,
+    about = "Fine-tune and align Llama-family models for counseling work."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,9 +38,13 @@ struct LogitsArgs {
     #[arg(long)]
     model: PathBuf,
     /// Safetensors file holding `input_ids` and optionally `attention_mask` (integer, [B, T]).
+    #[arg(long, required_unless_present = "text", conflicts_with = "text")]
+    input: Option<PathBuf>,
+    /// Text to tokenise with the checkpoint's tokenizer.json instead; repeat for a batch.
     #[arg(long)]
-    input: PathBuf,
-    /// Where to write `logits` (f32, [B, T, V]).
+    text: Vec<String>,
+    /// Where to write `logits` (f32, [B, T, V]) with the `input_ids` and `attention_mask`
+    /// they were computed from.
     #[arg(long)]
     out: PathBuf,
     /// cpu, cuda[:N] or wgpu (GPU backends need the matching build feature).
@@ -130,7 +139,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use B, KB, MB or GB)")),
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use B, KB, MB or GB)"
+            ));
+        }
     };
     if n == 0 {
         return Err("the shard size must be positive".into());
@@ -142,7 +155,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Logits(a) => {
             let device = trainer::device::parse(&a.device)?;
-            let shape = trainer::logits::write_logits(&a.model, &a.input, &a.out, &device)?;
+            let input = match &a.input {
+                Some(path) => LogitsInput::File(path),
+                None => LogitsInput::Texts(&a.text),
+            };
+            let shape = trainer::logits::write_logits(&a.model, input, &a.out, &device)?;
             eprintln!(
                 "wrote logits [{}, {}, {}] to {}",
                 shape.batch,
@@ -170,9 +187,14 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             if a.out.join("config.json").exists() {
-                bail!("{}: already holds a model; choose an empty directory", a.out.display());
+                bail!(
+                    "{}: already holds a model; choose an empty directory",
+                    a.out.display()
+                );
             }
-            let save = SaveOptions { max_shard_bytes: a.max_shard_size };
+            let save = SaveOptions {
+                max_shard_bytes: a.max_shard_size,
+            };
             let config = trainer::model::init_model(&a.out, &spec, save)?;
             eprintln!(
                 "made a {} model ({} layers, hidden {}, vocab {}) in {}",
@@ -184,7 +206,9 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Convert(a) => {
-            let save = SaveOptions { max_shard_bytes: a.max_shard_size };
+            let save = SaveOptions {
+                max_shard_bytes: a.max_shard_size,
+            };
             trainer::model::convert(&a.model, &a.out, a.dtype.map(Into::into), save)
                 .with_context(|| format!("converting {}", a.model.display()))?;
             eprintln!("wrote {}", a.out.display());

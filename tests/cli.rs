@@ -32,14 +32,19 @@ fn fails(args: &[&str], needles: &[&str]) {
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("internal error"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal error"),
+        "{stderr}"
+    );
     for needle in needles {
         assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
     }
 }
 
 fn fixture(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/parity").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/parity")
+        .join(name);
     assert!(dir.is_dir(), "fixture {} is missing", dir.display());
     dir
 }
@@ -64,14 +69,28 @@ fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 
 fn write_cases(path: &Path, ids: &[i64], mask: &[i64], shape: [usize; 2]) {
     let tensors = BTreeMap::from([
-        ("input_ids".to_string(), OwnedTensor::from_i64(ids, shape.to_vec())),
-        ("attention_mask".to_string(), OwnedTensor::from_i64(mask, shape.to_vec())),
+        (
+            "input_ids".to_string(),
+            OwnedTensor::from_i64(ids, shape.to_vec()),
+        ),
+        (
+            "attention_mask".to_string(),
+            OwnedTensor::from_i64(mask, shape.to_vec()),
+        ),
     ]);
     checkpoints::write_safetensors(path, &tensors).unwrap();
 }
 
 fn logits(model: &Path, cases: &Path, out: &Path) -> Vec<f32> {
-    ok(&["logits", "--model", s(model), "--input", s(cases), "--out", s(out)]);
+    ok(&[
+        "logits",
+        "--model",
+        s(model),
+        "--input",
+        s(cases),
+        "--out",
+        s(out),
+    ]);
     read_f32(out, "logits").1
 }
 
@@ -84,7 +103,12 @@ fn logits_command_matches_transformers_on_both_fixtures() {
         let out = tmp.path().join(format!("{name}.safetensors"));
         let ours = logits(&dir, &cases, &out);
         let (shape, reference) = read_f32(&cases, "logits");
-        let mask = WeightFiles::open_file(&cases).unwrap().get("attention_mask").unwrap().to_i64().unwrap();
+        let mask = WeightFiles::open_file(&cases)
+            .unwrap()
+            .get("attention_mask")
+            .unwrap()
+            .to_i64()
+            .unwrap();
         let v = shape[2];
         let mut worst = 0f32;
         for (pos, _) in mask.iter().enumerate().filter(|(_, m)| **m == 1) {
@@ -128,7 +152,15 @@ fn made_models_survive_save_and_load_with_identical_logits() {
 
         // Sharded: small shards, an index, `{"format": "pt"}` in every file.
         let sharded = tmp.path().join(format!("sharded{i}"));
-        ok(&["convert", "--model", s(&base), "--out", s(&sharded), "--max-shard-size", "60KB"]);
+        ok(&[
+            "convert",
+            "--model",
+            s(&base),
+            "--out",
+            s(&sharded),
+            "--max-shard-size",
+            "60KB",
+        ]);
         let index: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
         )
@@ -139,23 +171,40 @@ fn made_models_survive_save_and_load_with_identical_logits() {
             .values()
             .map(|v| v.as_str().unwrap())
             .collect();
-        assert!(shards.len() >= 2, "{extra:?}: expected several shards, got {shards:?}");
+        assert!(
+            shards.len() >= 2,
+            "{extra:?}: expected several shards, got {shards:?}"
+        );
         assert!(!sharded.join("model.safetensors").exists());
         for shard in &shards {
             let bytes = std::fs::read(sharded.join(shard)).unwrap();
             let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
             assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
         }
-        let again = logits(&sharded, &cases, &tmp.path().join(format!("b{i}.safetensors")));
-        assert_eq!(original, again, "{extra:?}: sharded reload changed the logits");
+        let again = logits(
+            &sharded,
+            &cases,
+            &tmp.path().join(format!("b{i}.safetensors")),
+        );
+        assert_eq!(
+            original, again,
+            "{extra:?}: sharded reload changed the logits"
+        );
 
         // And back to one file.
         let single = tmp.path().join(format!("single{i}"));
         ok(&["convert", "--model", s(&sharded), "--out", s(&single)]);
         assert!(single.join("model.safetensors").is_file());
         assert!(single.join("tokenizer.json").is_file());
-        let third = logits(&single, &cases, &tmp.path().join(format!("c{i}.safetensors")));
-        assert_eq!(original, third, "{extra:?}: single-file reload changed the logits");
+        let third = logits(
+            &single,
+            &cases,
+            &tmp.path().join(format!("c{i}.safetensors")),
+        );
+        assert_eq!(
+            original, third,
+            "{extra:?}: single-file reload changed the logits"
+        );
     }
 }
 
@@ -169,10 +218,15 @@ fn bf16_fixture_round_trips_bit_exactly() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
-    assert_eq!(
-        std::fs::metadata(out.join("model.safetensors")).unwrap().len() < 300_000,
-        true,
-        "weights should stay bf16 on disk"
+    let size = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let original = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(
+        size <= original + 1024,
+        "weights should stay bf16 on disk: {size} vs {original}"
     );
     let a = logits(&dir, &cases, &tmp.path().join("a.safetensors"));
     let b = logits(&out, &cases, &tmp.path().join("b.safetensors"));
@@ -189,7 +243,10 @@ fn init_model_is_deterministic_in_its_seed() {
     let read = |p: &Path| std::fs::read(p.join("model.safetensors")).unwrap();
     assert_eq!(read(&paths[0]), read(&paths[1]));
     assert_ne!(read(&paths[0]), read(&paths[2]));
-    fails(&["init-model", "--out", s(&paths[0])], &["already holds a model"]);
+    fails(
+        &["init-model", "--out", s(&paths[0])],
+        &["already holds a model"],
+    );
 }
 
 /// A copy of the f32 fixture whose config.json has `edit` applied.
@@ -210,7 +267,18 @@ fn bad_checkpoints_fail_with_one_line_naming_the_culprit() {
     let cases = fixture("tiny-llama-f32").join("cases.safetensors");
     let out = tmp.path().join("out.safetensors");
     let run = |model: &Path, needles: &[&str]| {
-        fails(&["logits", "--model", s(model), "--input", s(&cases), "--out", s(&out)], needles)
+        fails(
+            &[
+                "logits",
+                "--model",
+                s(model),
+                "--input",
+                s(&cases),
+                "--out",
+                s(&out),
+            ],
+            needles,
+        )
     };
 
     // Missing directory.
@@ -221,28 +289,58 @@ fn bad_checkpoints_fail_with_one_line_naming_the_culprit() {
     copy_dir(&fixture("tiny-llama-f32"), &truncated);
     let weights = truncated.join("model.safetensors");
     let len = std::fs::metadata(&weights).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     run(&truncated, &["model.safetensors", "truncated"]);
     // Truncated inside the header, too.
-    std::fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(40).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(40)
+        .unwrap();
     run(&truncated, &["model.safetensors", "truncated"]);
 
     // Shape mismatch: the config promises a wider MLP than the weights hold.
     let wide = edited_fixture(tmp.path(), "wide", |c| c["intermediate_size"] = 180.into());
-    run(&wide, &["model.layers.0.mlp.gate_proj.weight", "[176, 64]", "[180, 64]", "model.safetensors"]);
+    run(
+        &wide,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[176, 64]",
+            "[180, 64]",
+            "model.safetensors",
+        ],
+    );
 
     // Missing and unexpected tensors: the layer count disagrees with the weights.
     let deep = edited_fixture(tmp.path(), "deep", |c| c["num_hidden_layers"] = 3.into());
-    run(&deep, &["missing tensor", "model.layers.2.", "model.safetensors"]);
+    run(
+        &deep,
+        &["missing tensor", "model.layers.2.", "model.safetensors"],
+    );
     let shallow = edited_fixture(tmp.path(), "shallow", |c| c["num_hidden_layers"] = 1.into());
-    run(&shallow, &["unexpected tensor", "model.layers.1.", "model.safetensors"]);
+    run(
+        &shallow,
+        &["unexpected tensor", "model.layers.1.", "model.safetensors"],
+    );
 
     // Unknown model_type, and a config key that changes the math.
     let gemma = edited_fixture(tmp.path(), "gemma", |c| c["model_type"] = "gemma".into());
     run(&gemma, &["config.json", "model_type `gemma`"]);
-    let yarn = edited_fixture(tmp.path(), "yarn", |c| {
-        c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
-    });
+    let yarn =
+        edited_fixture(
+            tmp.path(),
+            "yarn",
+            |c| {
+                c["rope_parameters"] =
+                    serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+            },
+        );
     run(&yarn, &["config.json", "rope_parameters.rope_type", "yarn"]);
     let gelu = edited_fixture(tmp.path(), "gelu", |c| c["hidden_act"] = "gelu".into());
     run(&gelu, &["config.json", "hidden_act"]);
@@ -255,14 +353,32 @@ fn bad_checkpoints_fail_with_one_line_naming_the_culprit() {
 
     // An index naming a shard that is not there.
     let sharded = tmp.path().join("sharded");
-    ok(&["convert", "--model", s(&fixture("tiny-llama-f32")), "--out", s(&sharded), "--max-shard-size", "100KB"]);
+    ok(&[
+        "convert",
+        "--model",
+        s(&fixture("tiny-llama-f32")),
+        "--out",
+        s(&sharded),
+        "--max-shard-size",
+        "100KB",
+    ]);
     std::fs::remove_file(sharded.join("model-00002-of-00006.safetensors")).unwrap();
-    run(&sharded, &["model.safetensors.index.json", "model-00002-of-00006.safetensors"]);
+    run(
+        &sharded,
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00006.safetensors",
+        ],
+    );
 
     // No weights at all.
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    std::fs::copy(fixture("tiny-llama-f32").join("config.json"), empty.join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("tiny-llama-f32").join("config.json"),
+        empty.join("config.json"),
+    )
+    .unwrap();
     run(&empty, &["no weights found"]);
 }
 
@@ -272,12 +388,29 @@ fn bad_logits_inputs_fail_with_one_line_naming_the_culprit() {
     let model = fixture("tiny-llama-f32");
     let out = tmp.path().join("out.safetensors");
     let run = |input: &Path, needles: &[&str]| {
-        fails(&["logits", "--model", s(&model), "--input", s(input), "--out", s(&out)], needles)
+        fails(
+            &[
+                "logits",
+                "--model",
+                s(&model),
+                "--input",
+                s(input),
+                "--out",
+                s(&out),
+            ],
+            needles,
+        )
     };
-    run(&tmp.path().join("absent.safetensors"), &["absent.safetensors"]);
+    run(
+        &tmp.path().join("absent.safetensors"),
+        &["absent.safetensors"],
+    );
 
     let no_ids = tmp.path().join("no_ids.safetensors");
-    let only_mask = BTreeMap::from([("attention_mask".to_string(), OwnedTensor::from_i64(&[1, 1], vec![1, 2]))]);
+    let only_mask = BTreeMap::from([(
+        "attention_mask".to_string(),
+        OwnedTensor::from_i64(&[1, 1], vec![1, 2]),
+    )]);
     checkpoints::write_safetensors(&no_ids, &only_mask).unwrap();
     run(&no_ids, &["no_ids.safetensors", "input_ids"]);
 
@@ -287,11 +420,17 @@ fn bad_logits_inputs_fail_with_one_line_naming_the_culprit() {
         OwnedTensor::from_f32(&[1.0, 2.0], vec![1, 2], checkpoints::WeightDtype::F32),
     )]);
     checkpoints::write_safetensors(&float_ids, &floats).unwrap();
-    run(&float_ids, &["float_ids.safetensors", "input_ids", "I64 or I32"]);
+    run(
+        &float_ids,
+        &["float_ids.safetensors", "input_ids", "I64 or I32"],
+    );
 
     let out_of_vocab = tmp.path().join("oov.safetensors");
     write_cases(&out_of_vocab, &[1, 2, 384], &[1, 1, 1], [1, 3]);
-    run(&out_of_vocab, &["oov.safetensors", "row 0, column 2", "384"]);
+    run(
+        &out_of_vocab,
+        &["oov.safetensors", "row 0, column 2", "384"],
+    );
 
     let bad_mask = tmp.path().join("mask.safetensors");
     write_cases(&bad_mask, &[1, 2, 3], &[1, 2, 1], [1, 3]);
@@ -299,7 +438,10 @@ fn bad_logits_inputs_fail_with_one_line_naming_the_culprit() {
 
     let garbage = tmp.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a safetensors file at all").unwrap();
-    run(&garbage, &["garbage.safetensors", "not a valid safetensors file"]);
+    run(
+        &garbage,
+        &["garbage.safetensors", "not a valid safetensors file"],
+    );
 
     assert!(!out.exists(), "no output may be written on bad input");
 }
@@ -311,4 +453,57 @@ fn usage_errors_are_one_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--input"), "{stderr}");
+}
+
+#[test]
+fn text_input_pads_without_changing_any_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model), "--seed", "3"]);
+    let short = "Client: I feel tired.";
+    let long = "Counselor: Thank you for telling me. What has been weighing on you lately?";
+    let both = tmp.path().join("both.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&model),
+        "--text",
+        long,
+        "--text",
+        short,
+        "--out",
+        s(&both),
+    ]);
+    let alone = tmp.path().join("alone.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&model),
+        "--text",
+        short,
+        "--out",
+        s(&alone),
+    ]);
+
+    let (shape, batch_logits) = read_f32(&both, "logits");
+    let (alone_shape, alone_logits) = read_f32(&alone, "logits");
+    let (t, v, n) = (shape[1], shape[2], alone_shape[1]);
+    assert!(n < t, "the short text must be padded in the batch");
+    let files = WeightFiles::open_file(&both).unwrap();
+    let mask = files.get("attention_mask").unwrap().to_i64().unwrap();
+    assert_eq!(mask[t..].iter().sum::<i64>() as usize, n);
+    let row = &batch_logits[t * v..t * v + n * v];
+    let worst = row
+        .iter()
+        .zip(&alone_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-5,
+        "padding changed the short row's logits by {worst}"
+    );
+
+    // The written ids reproduce the logits when fed back as --input.
+    let again = tmp.path().join("again.safetensors");
+    assert_eq!(logits(&model, &both, &again), batch_logits);
 }

@@ -483,3 +483,168 @@ impl Parser<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: serde_json::Value) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(&json.to_string(), Path::new("dir/config.json"))
+    }
+
+    fn base(model_type: &str) -> serde_json::Value {
+        serde_json::json!({
+            "model_type": model_type, "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 8,
+            "num_key_value_heads": 2
+        })
+    }
+
+    #[test]
+    fn both_config_styles_read_the_same_rope_and_dtype() {
+        let mut hub = base("llama");
+        hub["rope_theta"] = 500000.0.into();
+        hub["torch_dtype"] = "bfloat16".into();
+        hub["rope_scaling"] = serde_json::json!({
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        });
+        let mut v5 = base("llama");
+        v5["dtype"] = "bfloat16".into();
+        v5["rope_parameters"] = serde_json::json!({
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192
+        });
+        let (a, b) = (parse(hub).unwrap(), parse(v5).unwrap());
+        for c in [&a, &b] {
+            assert_eq!(c.rope_theta, 500000.0);
+            assert_eq!(c.dtype, WeightDtype::BF16);
+            assert_eq!(
+                c.rope_scaling,
+                RopeScaling::Llama3 {
+                    factor: 32.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192
+                }
+            );
+        }
+        // Old-style `type` key, linear scaling.
+        let mut old = base("llama");
+        old["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
+        assert_eq!(
+            parse(old).unwrap().rope_scaling,
+            RopeScaling::Linear { factor: 2.0 }
+        );
+    }
+
+    #[test]
+    fn defaults_and_derived_values() {
+        let c = parse(base("llama")).unwrap();
+        assert_eq!(c.head_dim, 8);
+        assert_eq!(c.group_size(), 4);
+        assert_eq!(c.rope_theta, 10_000.0);
+        assert_eq!(c.rope_scaling, RopeScaling::Default);
+        assert_eq!(c.dtype, WeightDtype::F32);
+        assert!(!c.tie_word_embeddings && !c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!(c.sliding_windows, vec![None; 4]);
+        let mut explicit = base("llama");
+        explicit["head_dim"] = 32.into();
+        explicit["eos_token_id"] = serde_json::json!([3, 4]);
+        explicit["attention_bias"] = true.into();
+        explicit["mlp_bias"] = true.into();
+        let c = parse(explicit).unwrap();
+        assert_eq!(c.head_dim, 32);
+        assert_eq!(c.eos_token_ids, vec![3, 4]);
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+    }
+
+    #[test]
+    fn architectures_set_their_biases_and_windows() {
+        let qwen = parse(base("qwen2")).unwrap();
+        assert!(qwen.qkv_bias && !qwen.o_bias && !qwen.mlp_bias);
+        assert_eq!(qwen.sliding_windows, vec![None; 4]);
+
+        let mut qwen_sliding = base("qwen2");
+        qwen_sliding["use_sliding_window"] = true.into();
+        qwen_sliding["sliding_window"] = 16.into();
+        qwen_sliding["max_window_layers"] = 2.into();
+        let c = parse(qwen_sliding).unwrap();
+        assert_eq!(c.sliding_windows, vec![None, None, Some(16), Some(16)]);
+
+        let mut mistral = base("mistral");
+        mistral["sliding_window"] = 4096.into();
+        mistral["attention_bias"] = true.into();
+        let c = parse(mistral).unwrap();
+        assert_eq!(c.sliding_windows, vec![Some(4096); 4]);
+        assert!(!c.qkv_bias, "Mistral has no attention biases");
+
+        let mut typed = base("qwen2");
+        typed["sliding_window"] = 8.into();
+        typed["layer_types"] = serde_json::json!([
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention"
+        ]);
+        assert_eq!(
+            parse(typed).unwrap().sliding_windows,
+            vec![None, Some(8), None, Some(8)]
+        );
+    }
+
+    fn message(json: serde_json::Value) -> String {
+        parse(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn math_changing_keys_are_refused_by_name() {
+        let mut c = base("gemma");
+        assert!(message(c.clone()).contains("model_type `gemma`"));
+        c = base("llama");
+        c["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0});
+        let m = message(c);
+        assert!(
+            m.contains("rope_scaling.rope_type") && m.contains("dynamic"),
+            "{m}"
+        );
+        c = base("llama");
+        c["hidden_act"] = "gelu".into();
+        assert!(message(c).contains("`hidden_act`"));
+        c = base("llama");
+        c["quantization_config"] = serde_json::json!({"quant_method": "bitsandbytes"});
+        assert!(message(c).contains("quantization_config"));
+        c = base("llama");
+        c["num_key_value_heads"] = 3.into();
+        assert!(message(c).contains("num_key_value_heads"));
+        c = base("llama");
+        c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+        assert!(message(c).contains("rope_scaling.low_freq_factor"));
+        c = base("llama");
+        c["eos_token_id"] = 100.into();
+        assert!(message(c).contains("outside vocab_size"));
+        c = base("llama");
+        c.as_object_mut().unwrap().remove("hidden_size");
+        let m = message(c);
+        assert!(
+            m.contains("dir/config.json") && m.contains("`hidden_size`: missing"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn saving_keeps_unknown_keys_and_the_original_style() {
+        let mut hub = base("llama");
+        hub["torch_dtype"] = "float32".into();
+        hub["custom_key"] = "kept".into();
+        let text = parse(hub).unwrap().to_json(WeightDtype::BF16);
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["torch_dtype"], "bfloat16");
+        assert_eq!(back["custom_key"], "kept");
+        assert!(back.get("dtype").is_none());
+        let v5 = parse(base("llama")).unwrap().to_json(WeightDtype::F16);
+        let back: serde_json::Value = serde_json::from_str(&v5).unwrap();
+        assert_eq!(back["dtype"], "float16");
+    }
+}

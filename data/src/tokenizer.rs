@@ -75,8 +75,8 @@ pub fn train_bpe(
     .with_pre_tokenizer(Some(byte_level.into()))
     .with_post_processor(Some(byte_level.trim_offsets(false).into()))
     .with_decoder(Some(byte_level.into()))
-        .build()
-        .map_err(|e| DataError::Training(e.to_string()))?;
+    .build()
+    .map_err(|e| DataError::Training(e.to_string()))?;
     let lines = texts.iter().flat_map(|t| t.lines());
     tokenizer
         .train(&mut trainer, lines)
@@ -122,11 +122,16 @@ mod tests {
     #[test]
     fn bad_tokenizer_files_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let err = load(&dir.path().join("missing.json")).unwrap_err().to_string();
+        let err = load(&dir.path().join("missing.json"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.json"), "{err}");
         let bad = dir.path().join("tokenizer.json");
         std::fs::write(&bad, "{\"model\": 3}").unwrap();
         let err = load(&bad).unwrap_err().to_string();
-        assert!(err.contains("tokenizer.json") && err.contains("not a valid tokenizer"), "{err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a valid tokenizer"),
+            "{err}"
+        );
     }
 }

@@ -55,3 +55,152 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Boo
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     silu(gate) * up
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn tensor<const D: usize>(v: &[f32], shape: [usize; D]) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(v.to_vec(), shape), &Device::flex())
+    }
+
+    fn host(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().try_into_vec_as::<f32>().unwrap()
+    }
+
+    /// Attention written out loop by loop, with K/V head `h / group` for query head `h`.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        masked: &dyn Fn(usize, usize, usize) -> bool,
+        b: usize,
+        h: usize,
+        hkv: usize,
+        t: usize,
+        d: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; b * h * t * d];
+        let g = h / hkv;
+        for bi in 0..b {
+            for hi in 0..h {
+                let kh = hi / g;
+                for i in 0..t {
+                    let qrow = &q[((bi * h + hi) * t + i) * d..][..d];
+                    let scores: Vec<f32> = (0..t)
+                        .map(|j| {
+                            if masked(bi, i, j) {
+                                f32::NEG_INFINITY
+                            } else {
+                                let krow = &k[((bi * hkv + kh) * t + j) * d..][..d];
+                                qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f32>()
+                                    / (d as f32).sqrt()
+                            }
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let z: f32 = exps.iter().sum();
+                    for j in 0..t {
+                        let vrow = &v[((bi * hkv + kh) * t + j) * d..][..d];
+                        for c in 0..d {
+                            out[((bi * h + hi) * t + i) * d + c] += exps[j] / z * vrow[c];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn mask_tensor(
+        b: usize,
+        t: usize,
+        masked: &dyn Fn(usize, usize, usize) -> bool,
+    ) -> Tensor<4, Bool> {
+        let flags: Vec<bool> = (0..b * t * t)
+            .map(|n| masked(n / (t * t), (n / t) % t, n % t))
+            .collect();
+        Tensor::from_data(TensorData::new(flags, [b, 1, t, t]), &Device::flex())
+    }
+
+    #[test]
+    fn grouped_attention_matches_loop_attention_with_padding() {
+        let (b, h, hkv, t, d) = (2, 6, 2, 7, 8);
+        let q = values(b * h * t * d, 1);
+        let k = values(b * hkv * t * d, 2);
+        let v = values(b * hkv * t * d, 3);
+        // Row 1 has three padding tokens at the end.
+        let masked = |bi: usize, i: usize, j: usize| j > i || (bi == 1 && j >= 4);
+        let ours = host(attention(
+            tensor(&q, [b, h, t, d]),
+            tensor(&k, [b, hkv, t, d]),
+            tensor(&v, [b, hkv, t, d]),
+            mask_tensor(b, t, &masked),
+        ));
+        let want = naive(&q, &k, &v, &masked, b, h, hkv, t, d);
+        let worst = ours
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "max |Δ| {worst}");
+    }
+
+    #[test]
+    fn rms_norm_matches_formula() {
+        let x = values(2 * 3 * 5, 4);
+        let w = values(5, 5);
+        let ours = rms_norm(tensor(&x, [2, 3, 5]), tensor(&w, [5]), 1e-5)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        for (row, chunk) in x.chunks(5).enumerate() {
+            let ms: f32 = chunk.iter().map(|v| v * v).sum::<f32>() / 5.0;
+            for c in 0..5 {
+                let want = chunk[c] / (ms + 1e-5).sqrt() * w[c];
+                assert!((ours[row * 5 + c] - want).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn rotary_rotates_pairs_half_a_head_apart() {
+        // One head of dim 4 at a single position: pairs (x0, x2) and (x1, x3).
+        let x = [1.0, 2.0, 3.0, 4.0];
+        let (a0, a1) = (0.3f32, 1.1f32);
+        let cos = [a0.cos(), a1.cos(), a0.cos(), a1.cos()];
+        let sin = [a0.sin(), a1.sin(), a0.sin(), a1.sin()];
+        let out = host(rotary(
+            tensor(&x, [1, 1, 1, 4]),
+            tensor(&cos, [1, 1, 4]),
+            tensor(&sin, [1, 1, 4]),
+        ));
+        let want = [
+            1.0 * a0.cos() - 3.0 * a0.sin(),
+            2.0 * a1.cos() - 4.0 * a1.sin(),
+            3.0 * a0.cos() + 1.0 * a0.sin(),
+            4.0 * a1.cos() + 2.0 * a1.sin(),
+        ];
+        for (o, w) in out.iter().zip(want) {
+            assert!((o - w).abs() < 1e-6, "{out:?} vs {want:?}");
+        }
+    }
+}

@@ -173,7 +173,12 @@ const COMPANION_FILES: [&str; 5] = [
 
 /// Re-saves the checkpoint in `src` into `dst`, in `dtype` (default: the source's) and the
 /// sharding `options` ask for, with its tokenizer and template files.
-pub fn convert(src: &Path, dst: &Path, dtype: Option<WeightDtype>, options: SaveOptions) -> Result<()> {
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    dtype: Option<WeightDtype>,
+    options: SaveOptions,
+) -> Result<()> {
     let same = match (src.canonicalize(), dst.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -189,8 +194,11 @@ pub fn convert(src: &Path, dst: &Path, dtype: Option<WeightDtype>, options: Save
     for name in COMPANION_FILES {
         let from = src.join(name);
         if from.is_file() {
-            let text = std::fs::read_to_string(&from)
-                .map_err(|e| checkpoints::CheckpointError::Io { path: from.clone(), source: e })?;
+            let text =
+                std::fs::read_to_string(&from).map_err(|e| checkpoints::CheckpointError::Io {
+                    path: from.clone(),
+                    source: e,
+                })?;
             checkpoints::write_text(&dst.join(name), &text)?;
         }
     }

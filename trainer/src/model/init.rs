@@ -51,7 +51,7 @@ impl Default for NewModel {
 
 /// Writes `config.json`, the weights and `tokenizer.json` of a new model into `dir`.
 pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<ModelConfig> {
-    if spec.num_attention_heads == 0 || spec.hidden_size % spec.num_attention_heads != 0 {
+    if spec.num_attention_heads == 0 || !spec.hidden_size.is_multiple_of(spec.num_attention_heads) {
         return Err(TrainerError::Input(format!(
             "hidden size {} must be a multiple of the head count {}",
             spec.hidden_size, spec.num_attention_heads
@@ -90,7 +90,10 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
     let config = ModelConfig::from_json_str(&config_json.to_string(), &dir.join("config.json"))?;
     let weights = init_random_weights(&config, spec.init_std, spec.seed);
     checkpoints::save_weights(dir, &weights, save)?;
-    checkpoints::write_text(&dir.join(checkpoints::names::CONFIG), &config.to_json(spec.dtype))?;
+    checkpoints::write_text(
+        &dir.join(checkpoints::names::CONFIG),
+        &config.to_json(spec.dtype),
+    )?;
     let tokenizer_json = tokenizer
         .to_string(true)
         .map_err(|e| TrainerError::Input(format!("serialising the tokenizer: {e}")))?;

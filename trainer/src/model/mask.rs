@@ -24,3 +24,39 @@ pub fn attention_mask(padding: Tensor<2, Int>, window: Option<usize>) -> Tensor<
         .expand([b, 1, t, t])
         .bool_or(pad_key)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    fn flags(padding: Vec<i64>, b: usize, t: usize, window: Option<usize>) -> Vec<bool> {
+        let pad = Tensor::<2, Int>::from_data(TensorData::new(padding, [b, t]), &Device::flex());
+        attention_mask(pad, window)
+            .into_data()
+            .try_to_vec::<bool>()
+            .unwrap()
+    }
+
+    #[test]
+    fn causal_padding_and_window_rules() {
+        let (b, t) = (2, 5);
+        let padding = vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
+        let plain = flags(padding.clone(), b, t, None);
+        let windowed = flags(padding, b, t, Some(2));
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    let n = (bi * t + i) * t + j;
+                    let pad = bi == 1 && j >= 3;
+                    assert_eq!(plain[n], j > i || pad, "b{bi} q{i} k{j}");
+                    assert_eq!(
+                        windowed[n],
+                        j > i || pad || i - j.min(i) >= 2,
+                        "b{bi} q{i} k{j}"
+                    );
+                }
+            }
+        }
+    }
+}
