@@ -103,6 +103,9 @@ struct InitModelArgs {
     dtype: Dtype,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Standard deviation of the random weights (transformers' `initializer_range`).
+    #[arg(long, default_value_t = 0.02)]
+    init_std: f32,
     /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
     #[arg(long, value_parser = parse_size, default_value = "5GB")]
     max_shard_size: u64,
@@ -184,6 +187,7 @@ fn run(cli: Cli) -> Result<()> {
                 tie_word_embeddings: a.tie_embeddings,
                 dtype: a.dtype.into(),
                 seed: a.seed,
+                init_std: a.init_std,
                 ..Default::default()
             };
             if a.out.join("config.json").exists() {
