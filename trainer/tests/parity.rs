@@ -75,12 +75,18 @@ fn check(name: &str) {
     );
 }
 
+/// Every checkpoint under the fixtures' `parity/` folder, whatever its name.
 #[test]
-fn f32_checkpoint_matches_transformers() {
-    check("tiny-llama-f32");
-}
-
-#[test]
-fn bf16_checkpoint_matches_transformers() {
-    check("tiny-llama-bf16");
+fn every_parity_fixture_matches_transformers() {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures())
+        .expect("../shared/fixtures/parity must exist")
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    // Both on-disk dtypes and both config styles are among them.
+    assert!(names.contains(&"tiny-llama-f32".to_string()), "{names:?}");
+    assert!(names.contains(&"tiny-llama-bf16".to_string()), "{names:?}");
+    for name in &names {
+        check(name);
+    }
 }
