@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-/// Errors of the data crate, each naming the file it concerns.
+/// Errors of the data crate, each naming the file (and line or row) it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
@@ -9,8 +9,18 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: line {line}: invalid JSON: {reason}")]
+    Json {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     #[error("{path}: not a valid tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("training a tokenizer failed: {0}")]
     Training(String),
+    #[error("{origin}: {reason}")]
+    Template { origin: String, reason: String },
+    #[error("{0}")]
+    Conversation(String),
 }

@@ -56,7 +56,9 @@ fn wgpu(name: &str, _index: Option<usize>) -> Result<Device> {
 fn missing_feature(name: &str, feature: &str) -> TrainerError {
     TrainerError::Device(
         name.into(),
-        format!("this hearth was built without the `{feature}` feature (cargo build --features {feature})"),
+        format!(
+            "this hearth was built without the `{feature}` feature (cargo build --features {feature})"
+        ),
     )
 }
 
@@ -67,10 +69,18 @@ mod tests {
         assert!(super::parse("cpu").is_ok());
         assert!(super::parse("flex").is_ok());
         let err = super::parse("tpu").unwrap_err().to_string();
-        assert!(err.contains("`tpu`") && err.contains("expected cpu"), "{err}");
+        assert!(
+            err.contains("`tpu`") && err.contains("expected cpu"),
+            "{err}"
+        );
         let err = super::parse("cuda:x").unwrap_err().to_string();
         assert!(err.contains("index"), "{err}");
         #[cfg(not(feature = "cuda"))]
-        assert!(super::parse("cuda:1").unwrap_err().to_string().contains("--features cuda"));
+        assert!(
+            super::parse("cuda:1")
+                .unwrap_err()
+                .to_string()
+                .contains("--features cuda")
+        );
     }
 }

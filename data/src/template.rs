@@ -1,0 +1,402 @@
+//! Hugging Face chat templates, rendered as transformers renders them: Jinja with
+//! `trim_blocks`, `lstrip_blocks`, loop controls, Python string methods (pycompat),
+//! `tojson`, `raise_exception` and `strftime_now`.
+
+use std::path::{Path, PathBuf};
+
+use minijinja::value::{Kwargs, Value};
+use minijinja::{Environment, Error, ErrorKind};
+use serde_json::Value as Json;
+
+use crate::{DataError, Message};
+
+/// Built-in Llama 3 template, for tokenizers that ship none.
+const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+
+/// Built-in ChatML template (Qwen and many others), for tokenizers that ship none.
+const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// The tokens templates refer to by name; each may be absent.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub unk_token: Option<String>,
+}
+
+impl SpecialTokens {
+    /// Reads them from a parsed `tokenizer_config.json`, where each is a string or an
+    /// AddedToken object `{"content": ..., ...}`.
+    pub fn from_tokenizer_config(config: &Json) -> Self {
+        let get = |key: &str| match config.get(key) {
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(Json::Object(o)) => o.get("content").and_then(Json::as_str).map(str::to_string),
+            _ => None,
+        };
+        Self {
+            bos_token: get("bos_token"),
+            eos_token: get("eos_token"),
+            pad_token: get("pad_token"),
+            unk_token: get("unk_token"),
+        }
+    }
+}
+
+/// A compiled chat template plus the special tokens it renders with.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    tokens: SpecialTokens,
+    origin: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `origin` names where it came from in error messages.
+    pub fn new(
+        source: &str,
+        tokens: SpecialTokens,
+        origin: impl Into<String>,
+    ) -> Result<Self, DataError> {
+        let origin = origin.into();
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| template_error(&origin, &e))?;
+        Ok(Self {
+            env,
+            tokens,
+            origin,
+        })
+    }
+
+    /// One of the built-in templates: `llama3` or `chatml`.
+    pub fn builtin(name: &str, tokens: SpecialTokens) -> Result<Self, DataError> {
+        let source = match name {
+            "llama3" => LLAMA3,
+            "chatml" => CHATML,
+            other => {
+                return Err(DataError::Template {
+                    origin: "recipe".into(),
+                    reason: format!("unknown built-in template `{other}` (llama3, chatml)"),
+                });
+            }
+        };
+        Self::new(source, tokens, format!("built-in {name} template"))
+    }
+
+    /// The template a checkpoint or tokenizer directory ships: `chat_template.jinja` if
+    /// present (it overrides the config, as in transformers), else `chat_template` in
+    /// `tokenizer_config.json` — a string, or a list of `{name, template}` from which `name`
+    /// (default `"default"`) is taken. `Ok(None)` when the directory has none.
+    pub fn from_dir(dir: &Path, name: Option<&str>) -> Result<Option<Self>, DataError> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Json = if config_path.is_file() {
+            let text = read(&config_path)?;
+            serde_json::from_str(&text).map_err(|e| DataError::Json {
+                path: config_path.clone(),
+                line: e.line(),
+                reason: e.to_string(),
+            })?
+        } else {
+            Json::Null
+        };
+        let tokens = SpecialTokens::from_tokenizer_config(&config);
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let source = read(&jinja)?;
+            return Self::new(&source, tokens, jinja.display().to_string()).map(Some);
+        }
+        let origin = format!("{} (chat_template)", config_path.display());
+        match config.get("chat_template") {
+            None | Some(Json::Null) => Ok(None),
+            Some(Json::String(source)) => Self::new(source, tokens, origin).map(Some),
+            Some(Json::Array(items)) => {
+                let wanted = name.unwrap_or("default");
+                let found = items
+                    .iter()
+                    .find(|item| item.get("name").and_then(Json::as_str) == Some(wanted));
+                let source = found
+                    .and_then(|item| item.get("template"))
+                    .and_then(Json::as_str)
+                    .ok_or_else(|| DataError::Template {
+                        origin: origin.clone(),
+                        reason: format!("no template named `{wanted}`"),
+                    })?;
+                Self::new(source, tokens, format!("{origin}[{wanted}]")).map(Some)
+            }
+            Some(_) => Err(DataError::Template {
+                origin,
+                reason: "expected a string or a list of {name, template}".into(),
+            }),
+        }
+    }
+
+    /// Where this template came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.tokens
+    }
+
+    /// Renders `messages`, optionally followed by the prompt for the assistant's next turn.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError> {
+        let t = &self.tokens;
+        let ctx = minijinja::context! {
+            messages => Value::from_serialize(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => t.bos_token.clone().unwrap_or_default(),
+            eos_token => t.eos_token.clone().unwrap_or_default(),
+            pad_token => t.pad_token.clone(),
+            unk_token => t.unk_token.clone(),
+            tools => Value::from(()),
+        };
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| template_error(&self.origin, &e))?;
+        template
+            .render(ctx)
+            .map_err(|e| template_error(&self.origin, &e))
+    }
+}
+
+fn read(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: PathBuf::from(path),
+        source,
+    })
+}
+
+fn template_error(origin: &str, e: &Error) -> DataError {
+    let mut reason = e.to_string();
+    if let Some(line) = e.line() {
+        reason = format!("line {line}: {reason}");
+    }
+    DataError::Template {
+        origin: origin.to_string(),
+        reason: reason.replace('\n', " "),
+    }
+}
+
+/// `raise_exception(msg)`: templates use it to reject conversations they cannot render.
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("template raised: {message}"),
+    ))
+}
+
+/// `strftime_now(format)`: today's date in a C strftime format (Llama 3.1's system header).
+fn strftime_now(format: String) -> String {
+    chrono::Local::now().format(&format).to_string()
+}
+
+/// `tojson` with Python's `json.dumps` output (`", "` and `": "` separators, non-ASCII
+/// kept, optional `indent`), since templates are written against transformers' filter and
+/// tool schemas end up in the prompt verbatim.
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    write_py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_py_json(v: &Json, indent: Option<usize>, depth: usize, out: &mut String) {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Json::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                write_py_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Json::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&Json::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_py_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(c: &str) -> Message {
+        Message::new("user", c)
+    }
+
+    fn render(source: &str, messages: &[Message]) -> Result<String, DataError> {
+        ChatTemplate::new(source, SpecialTokens::default(), "test")?.render(messages, false)
+    }
+
+    #[test]
+    fn blocks_are_trimmed_and_loops_can_break() {
+        let source = "{% for m in messages %}\n    {% if loop.index > 2 %}{% break %}{% endif %}\n[{{ m.content }}]\n{% endfor %}";
+        let out = render(source, &[user("a"), user("b"), user("c")]).unwrap();
+        assert_eq!(out, "[a]\n[b]\n");
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let source = "{{ messages[0].content.strip().upper() }}|{{ messages[0]['content'].startswith(' hi') }}|{{ messages[0].content.split(',') | length }}";
+        assert_eq!(
+            render(source, &[user(" hi, there ")]).unwrap(),
+            "HI, THERE|True|2"
+        );
+    }
+
+    #[test]
+    fn raise_exception_becomes_an_error_naming_the_template() {
+        let source =
+            "{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}";
+        let err = render(source, &[user("x")]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("test:") && err.contains("system first"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn strftime_now_formats_today() {
+        let out = render("{{ strftime_now('%Y') }}", &[user("x")]).unwrap();
+        assert_eq!(out, chrono::Local::now().format("%Y").to_string());
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let tpl = ChatTemplate::new(
+            "{{ messages | tojson }}\n{{ messages[0] | tojson(indent=2) }}",
+            SpecialTokens::default(),
+            "t",
+        )
+        .unwrap();
+        let out = tpl.render(&[user("héllo <b>\"q\"")], false).unwrap();
+        assert_eq!(
+            out,
+            "[{\"role\": \"user\", \"content\": \"héllo <b>\\\"q\\\"\"}]\n{\n  \"role\": \"user\",\n  \"content\": \"héllo <b>\\\"q\\\"\"\n}"
+        );
+    }
+
+    #[test]
+    fn special_tokens_may_be_added_token_objects() {
+        let config: Json = serde_json::json!({
+            "bos_token": {"content": "<s>", "lstrip": false, "__type": "AddedToken"},
+            "eos_token": "</s>"
+        });
+        let tokens = SpecialTokens::from_tokenizer_config(&config);
+        let tpl = ChatTemplate::new(
+            "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}",
+            tokens,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(tpl.render(&[user("x")], false).unwrap(), "<s>x</s>");
+    }
+
+    #[test]
+    fn templates_come_from_the_jinja_file_or_a_named_list() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ChatTemplate::from_dir(dir.path(), None).unwrap().is_none());
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "default", "template": "D{{ messages[0].content }}"},
+                                  {"name": "tool_use", "template": "T{{ messages[0].content }}"}]}"#,
+        )
+        .unwrap();
+        let pick = |name| {
+            ChatTemplate::from_dir(dir.path(), name)
+                .unwrap()
+                .unwrap()
+                .render(&[user("x")], false)
+                .unwrap()
+        };
+        assert_eq!(pick(None), "Dx");
+        assert_eq!(pick(Some("tool_use")), "Tx");
+        let err = ChatTemplate::from_dir(dir.path(), Some("rag"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("`rag`"),
+            "{err}"
+        );
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "J{{ messages[0].content }}",
+        )
+        .unwrap();
+        assert_eq!(pick(None), "Jx");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_origin_and_line() {
+        let err = ChatTemplate::new(
+            "ok\n{% for m in messages %}",
+            SpecialTokens::default(),
+            "my.jinja",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("my.jinja: line"), "{err}");
+    }
+
+    #[test]
+    fn builtin_chatml_renders_with_generation_prompt() {
+        let tpl = ChatTemplate::builtin("chatml", SpecialTokens::default()).unwrap();
+        let out = tpl
+            .render(&[Message::new("system", "s"), user("u")], true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert!(ChatTemplate::builtin("alpaca", SpecialTokens::default()).is_err());
+    }
+}
