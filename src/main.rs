@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use checkpoints::{ModelType, SaveOptions, WeightDtype};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use data::render::TemplateChoice;
 use trainer::logits::LogitsInput;
 
 #[derive(Parser)]
@@ -30,6 +31,36 @@ enum Command {
     InitModel(InitModelArgs),
     /// Re-save a checkpoint with another dtype or sharding.
     Convert(ConvertArgs),
+    /// Work with data files.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenise `{"messages": [...]}` lines with a tokenizer's chat template and write
+    /// `{"input_ids": [...], "assistant_mask": [...]}` lines.
+    Render(RenderArgs),
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// Directory with tokenizer.json and its chat template (tokenizer_config.json or
+    /// chat_template.jinja), e.g. a model checkpoint.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// JSON Lines (or JSON, Parquet, Arrow) file of conversations in the `messages` format.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the JSON Lines output.
+    #[arg(long)]
+    out: PathBuf,
+    /// Use a built-in template (llama3, chatml) instead of the tokenizer's own.
+    #[arg(long)]
+    template: Option<String>,
+    /// Which of several named templates the tokenizer ships (default: "default").
+    #[arg(long, conflicts_with = "template")]
+    template_name: Option<String>,
 }
 
 #[derive(Args)]
@@ -216,6 +247,14 @@ fn run(cli: Cli) -> Result<()> {
             trainer::model::convert(&a.model, &a.out, a.dtype.map(Into::into), save)
                 .with_context(|| format!("converting {}", a.model.display()))?;
             eprintln!("wrote {}", a.out.display());
+        }
+        Command::Data(DataCommand::Render(a)) => {
+            let choice = match &a.template {
+                Some(name) => TemplateChoice::Builtin(name),
+                None => TemplateChoice::Shipped(a.template_name.as_deref()),
+            };
+            let n = data::render::render_jsonl(&a.tokenizer, choice, &a.input, &a.out)?;
+            eprintln!("rendered {n} conversations to {}", a.out.display());
         }
     }
     Ok(())

@@ -507,3 +507,93 @@ fn text_input_pads_without_changing_any_row() {
     let again = tmp.path().join("again.safetensors");
     assert_eq!(logits(&model, &both, &again), batch_logits);
 }
+
+#[test]
+fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/chat-template/llama3");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let input = tmp.path().join("in.jsonl");
+    let lines: String = cases
+        .iter()
+        .map(|c| format!("{}\n", serde_json::json!({"messages": c["messages"]})))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let out = tmp.path().join("out.jsonl");
+    ok(&[
+        "data",
+        "render",
+        "--tokenizer",
+        s(&dir),
+        "--input",
+        s(&input),
+        "--out",
+        s(&out),
+    ]);
+    let rendered: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rendered.len(), cases.len());
+    for (got, want) in rendered.iter().zip(&cases) {
+        assert_eq!(got["input_ids"], want["input_ids"]);
+        assert_eq!(got["assistant_mask"], want["assistant_mask"]);
+    }
+
+    // A bad line fails the whole render, names the line, and leaves no output behind.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"no reply\"}}]}}\n",
+            serde_json::json!({"messages": cases[0]["messages"]})
+        ),
+    )
+    .unwrap();
+    let out2 = tmp.path().join("out2.jsonl");
+    fails(
+        &[
+            "data",
+            "render",
+            "--tokenizer",
+            s(&dir),
+            "--input",
+            s(&bad),
+            "--out",
+            s(&out2),
+        ],
+        &["bad.jsonl", "line 2", "no assistant tokens"],
+    );
+    assert!(!out2.exists() && !tmp.path().join("out2.jsonl.tmp").exists());
+
+    // A tokenizer directory with no template says how to pick a built-in one.
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model)]);
+    fails(
+        &[
+            "data",
+            "render",
+            "--tokenizer",
+            s(&model),
+            "--input",
+            s(&input),
+            "--out",
+            s(&out2),
+        ],
+        &["no chat template", "--template llama3"],
+    );
+    ok(&[
+        "data",
+        "render",
+        "--tokenizer",
+        s(&model),
+        "--template",
+        "llama3",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out2),
+    ]);
+}

@@ -23,4 +23,13 @@ pub enum DataError {
     Template { origin: String, reason: String },
     #[error("{0}")]
     Conversation(String),
+    #[error("{path}: {location}{}: {reason}", column.as_ref().map(|c| format!(", column `{c}`")).unwrap_or_default())]
+    Row {
+        path: PathBuf,
+        location: crate::read::Location,
+        column: Option<String>,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
 }

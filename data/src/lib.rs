@@ -2,12 +2,19 @@
 //! formats, packing and batching as they land.
 
 pub mod chat;
+mod columnar;
+pub mod dataset;
 mod error;
+pub mod format;
 mod message;
+pub mod read;
+pub mod render;
 pub mod template;
 pub mod tokenizer;
 
 pub use chat::{Rendered, render_with_mask};
+pub use dataset::{LoadOptions, Loaded, load_examples};
 pub use error::DataError;
+pub use format::{Example, Format};
 pub use message::Message;
 pub use template::{ChatTemplate, SpecialTokens};

@@ -1,0 +1,158 @@
+//! Parquet and Arrow IPC files, read record batch by record batch (never whole) and turned
+//! into rows of JSON values, so every format rule downstream is shared with JSON input.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type,
+    UInt32Type, UInt64Type,
+};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{ArrowError, DataType};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde_json::{Map, Number, Value};
+
+use crate::DataError;
+use crate::read::{BadRow, Location, Row};
+
+const BATCH_ROWS: usize = 1024;
+
+fn unreadable(path: &Path, reason: impl std::fmt::Display) -> DataError {
+    DataError::Unsupported {
+        path: PathBuf::from(path),
+        reason: format!("cannot read: {reason}"),
+    }
+}
+
+fn open(path: &Path) -> Result<File, DataError> {
+    File::open(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Rows of a Parquet file (any of its compressions: snappy, zstd, none).
+pub fn parquet_rows(
+    path: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
+        .map_err(|e| unreadable(path, e))?
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| unreadable(path, e))?;
+    batches_to_rows(path, reader, on_row, on_bad)
+}
+
+/// Rows of an Arrow IPC file, in the file format or the stream format (`datasets` caches).
+pub fn arrow_rows(
+    path: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    match arrow_ipc::reader::FileReader::try_new(open(path)?, None) {
+        Ok(reader) => batches_to_rows(path, reader, on_row, on_bad),
+        Err(_) => {
+            let reader =
+                arrow_ipc::reader::StreamReader::try_new(BufReader::new(open(path)?), None)
+                    .map_err(|e| unreadable(path, e))?;
+            batches_to_rows(path, reader, on_row, on_bad)
+        }
+    }
+}
+
+fn batches_to_rows(
+    path: &Path,
+    batches: impl Iterator<Item = Result<RecordBatch, ArrowError>>,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let mut index = 0;
+    for batch in batches {
+        let batch = batch.map_err(|e| unreadable(path, e))?;
+        let schema = batch.schema();
+        for i in 0..batch.num_rows() {
+            let location = Location::Row(index);
+            index += 1;
+            let mut fields = Map::new();
+            let mut failed = None;
+            for (field, column) in schema.fields().iter().zip(batch.columns()) {
+                match value_at(column.as_ref(), i) {
+                    Ok(v) => {
+                        fields.insert(field.name().clone(), v);
+                    }
+                    Err(reason) => {
+                        failed = Some(BadRow {
+                            location,
+                            column: Some(field.name().clone()),
+                            reason,
+                        });
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(bad) => on_bad(bad)?,
+                None => on_row(Row { location, fields })?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn float(v: f64) -> Value {
+    Number::from_f64(v).map_or(Value::Null, Value::Number)
+}
+
+/// The JSON value of `array[i]`.
+fn value_at(array: &dyn Array, i: usize) -> Result<Value, String> {
+    if array.is_null(i) {
+        return Ok(Value::Null);
+    }
+    Ok(match array.data_type() {
+        DataType::Utf8 => Value::from(array.as_string::<i32>().value(i)),
+        DataType::LargeUtf8 => Value::from(array.as_string::<i64>().value(i)),
+        DataType::Utf8View => Value::from(array.as_string_view().value(i)),
+        DataType::Boolean => Value::from(array.as_boolean().value(i)),
+        DataType::Int8 => Value::from(array.as_primitive::<Int8Type>().value(i)),
+        DataType::Int16 => Value::from(array.as_primitive::<Int16Type>().value(i)),
+        DataType::Int32 => Value::from(array.as_primitive::<Int32Type>().value(i)),
+        DataType::Int64 => Value::from(array.as_primitive::<Int64Type>().value(i)),
+        DataType::UInt8 => Value::from(array.as_primitive::<UInt8Type>().value(i)),
+        DataType::UInt16 => Value::from(array.as_primitive::<UInt16Type>().value(i)),
+        DataType::UInt32 => Value::from(array.as_primitive::<UInt32Type>().value(i)),
+        DataType::UInt64 => Value::from(array.as_primitive::<UInt64Type>().value(i)),
+        DataType::Float32 => float(array.as_primitive::<Float32Type>().value(i) as f64),
+        DataType::Float64 => float(array.as_primitive::<Float64Type>().value(i)),
+        DataType::List(_) => list(array.as_list::<i32>().value(i).as_ref())?,
+        DataType::LargeList(_) => list(array.as_list::<i64>().value(i).as_ref())?,
+        DataType::FixedSizeList(_, _) => list(array.as_fixed_size_list().value(i).as_ref())?,
+        DataType::Struct(fields) => {
+            let s = array.as_struct();
+            let mut map = Map::new();
+            for (field, column) in fields.iter().zip(s.columns()) {
+                map.insert(field.name().clone(), value_at(column.as_ref(), i)?);
+            }
+            Value::Object(map)
+        }
+        DataType::Dictionary(_, _) => {
+            let dict = array
+                .as_any_dictionary_opt()
+                .ok_or_else(|| "unreadable dictionary column".to_string())?;
+            let key = dict.normalized_keys()[i];
+            value_at(dict.values().as_ref(), key)?
+        }
+        other => return Err(format!("column type {other} is not supported")),
+    })
+}
+
+fn list(values: &dyn Array) -> Result<Value, String> {
+    (0..values.len())
+        .map(|j| value_at(values, j))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Array)
+}

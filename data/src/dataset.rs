@@ -1,0 +1,93 @@
+//! Loading a data file into examples: read rows, rename columns, detect or apply the
+//! format, normalise. Bad rows stop the load with an error naming file, row and column,
+//! unless `skip_bad_rows` asks for them to be counted and reported instead.
+
+use std::path::Path;
+
+use crate::DataError;
+use crate::format::{Example, FieldError, Format, parse_row, rename_columns};
+use crate::read::{BadRow, for_each_row};
+
+/// How to read one data file.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// The format; detected from the first row's columns when `None`.
+    pub format: Option<Format>,
+    /// Column renames applied to every row first, e.g. `question` → `prompt`.
+    pub columns: Vec<(String, String)>,
+    /// Count bad rows and go on, instead of failing on the first.
+    pub skip_bad_rows: bool,
+}
+
+/// What a load produced.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub format: Format,
+    pub examples: Vec<Example>,
+    /// Rows skipped under `skip_bad_rows`, in file order.
+    pub skipped: Vec<BadRow>,
+}
+
+pub fn load_examples(path: &Path, options: &LoadOptions) -> Result<Loaded, DataError> {
+    let mut format = options.format;
+    let mut examples = Vec::new();
+    let mut skipped = Vec::new();
+    let skip = options.skip_bad_rows;
+    let mut on_bad = |bad: BadRow| -> Result<(), DataError> {
+        if skip {
+            skipped.push(bad);
+            Ok(())
+        } else {
+            Err(bad.into_error(path))
+        }
+    };
+    let mut bad_rows: Vec<BadRow> = Vec::new();
+    {
+        let mut on_row = |mut row: crate::read::Row| -> Result<(), DataError> {
+            rename_columns(&mut row.fields, &options.columns);
+            let f = match format {
+                Some(f) => f,
+                None => {
+                    let f = Format::detect(&row.fields).map_err(|reason| DataError::Row {
+                        path: path.to_path_buf(),
+                        location: row.location,
+                        column: None,
+                        reason,
+                    })?;
+                    format = Some(f);
+                    f
+                }
+            };
+            match parse_row(f, row.fields) {
+                Ok(example) => examples.push(example),
+                Err(FieldError { column, reason }) => {
+                    let bad = BadRow {
+                        location: row.location,
+                        column,
+                        reason,
+                    };
+                    if skip {
+                        bad_rows.push(bad);
+                    } else {
+                        return Err(bad.into_error(path));
+                    }
+                }
+            }
+            Ok(())
+        };
+        for_each_row(path, &mut on_row, &mut on_bad)?;
+    }
+    skipped.extend(bad_rows);
+    skipped.sort_by_key(|b| match b.location {
+        crate::read::Location::Line(n) | crate::read::Location::Row(n) => n,
+    });
+    let format = format.ok_or_else(|| DataError::Unsupported {
+        path: path.to_path_buf(),
+        reason: "no rows to read".into(),
+    })?;
+    Ok(Loaded {
+        format,
+        examples,
+        skipped,
+    })
+}

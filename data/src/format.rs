@@ -1,0 +1,465 @@
+//! Every dataset shape hearth reads, normalised into [`Example`]. All format-specific rules
+//! (ShareGPT's roles, Cactus's dialogue lines, PsychoCounsel's `question`) live here; nothing
+//! after `Example` knows where the data came from.
+
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+use crate::Message;
+
+/// The shapes rows come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `messages`: [{role, content}].
+    Messages,
+    /// `conversations`: [{from, value}].
+    ShareGpt,
+    /// `instruction`, `input`, `output`, optional `system` and `history`.
+    Alpaca,
+    /// `prompt` and `completion`, each a string or a message list.
+    PromptCompletion,
+    /// `prompt`, `chosen`, `rejected`; or implicit: `chosen` and `rejected` are whole
+    /// conversations whose shared prefix is the prompt.
+    Preference,
+    /// `prompt` alone (for GRPO); other columns are kept for reward functions.
+    PromptOnly,
+    /// PsychoCounsel-Preference: `question`, `chosen`, `rejected`, `*_rating`.
+    PsychoCounsel,
+    /// Cactus: a `dialogue` string of `Counselor:` / `Client:` lines.
+    Cactus,
+    /// CPsyCoun: Alpaca with `history` [[question, answer], ...].
+    CpsyCoun,
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "messages" | "conversational" => Self::Messages,
+            "sharegpt" => Self::ShareGpt,
+            "alpaca" => Self::Alpaca,
+            "prompt_completion" => Self::PromptCompletion,
+            "preference" => Self::Preference,
+            "prompt_only" => Self::PromptOnly,
+            "psychocounsel" => Self::PsychoCounsel,
+            "cactus" => Self::Cactus,
+            "cpsycoun" => Self::CpsyCoun,
+            other => {
+                return Err(format!(
+                    "unknown format `{other}` (messages, sharegpt, alpaca, prompt_completion, \
+                     preference, prompt_only, psychocounsel, cactus, cpsycoun)"
+                ));
+            }
+        })
+    }
+}
+
+impl Format {
+    /// Guesses the format from a row's columns.
+    pub fn detect(fields: &Map<String, Value>) -> Result<Self, String> {
+        let has = |k: &str| fields.contains_key(k);
+        Ok(if has("messages") {
+            Self::Messages
+        } else if has("conversations") {
+            Self::ShareGpt
+        } else if has("chosen") || has("rejected") {
+            // Either half signals preference data; the missing one is then reported.
+            if has("question") && !has("prompt") {
+                Self::PsychoCounsel
+            } else {
+                Self::Preference
+            }
+        } else if has("dialogue") {
+            Self::Cactus
+        } else if has("instruction") && has("output") {
+            if has("history") {
+                Self::CpsyCoun
+            } else {
+                Self::Alpaca
+            }
+        } else if has("prompt") && has("completion") {
+            Self::PromptCompletion
+        } else if has("prompt") {
+            Self::PromptOnly
+        } else {
+            let mut cols: Vec<&str> = fields.keys().map(String::as_str).collect();
+            cols.sort_unstable();
+            return Err(format!(
+                "cannot tell the format from the columns {cols:?}; set `format` (and `columns` to rename)"
+            ));
+        })
+    }
+}
+
+/// The one internal shape of a training example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// A dialogue; assistant turns at index ≥ `train_from` are learned from.
+    Conversation {
+        messages: Vec<Message>,
+        train_from: usize,
+        extra: Map<String, Value>,
+    },
+    /// A preference pair: the shared prompt and the two continuations.
+    Pair {
+        prompt: Vec<Message>,
+        chosen: Vec<Message>,
+        rejected: Vec<Message>,
+        extra: Map<String, Value>,
+    },
+    /// A prompt to complete (GRPO), with the columns reward functions may read.
+    Prompt {
+        prompt: Vec<Message>,
+        extra: Map<String, Value>,
+    },
+}
+
+/// A problem with one row: the column at fault (if one is) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub column: Option<String>,
+    pub reason: String,
+}
+
+fn err(column: &str, reason: impl Into<String>) -> FieldError {
+    FieldError {
+        column: Some(column.to_string()),
+        reason: reason.into(),
+    }
+}
+
+type Parsed<T> = Result<T, FieldError>;
+
+/// Roles a chat template may receive.
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// Renames columns (`from` → `to`) before anything reads them.
+pub fn rename_columns(fields: &mut Map<String, Value>, mapping: &[(String, String)]) {
+    for (from, to) in mapping {
+        if let Some(v) = fields.remove(from) {
+            fields.insert(to.clone(), v);
+        }
+    }
+}
+
+/// Normalises one row of `format` into an example.
+pub fn parse_row(format: Format, mut row: Map<String, Value>) -> Parsed<Example> {
+    let example = match format {
+        Format::Messages => {
+            let messages = messages(
+                take(&mut row, "messages")?,
+                "messages",
+                "role",
+                "content",
+                role_as_is,
+            )?;
+            conversation(messages, 0, row)
+        }
+        Format::ShareGpt => {
+            let messages = messages(
+                take(&mut row, "conversations")?,
+                "conversations",
+                "from",
+                "value",
+                sharegpt_role,
+            )?;
+            conversation(messages, 0, row)
+        }
+        Format::Alpaca => alpaca(row, false)?,
+        Format::CpsyCoun => alpaca(row, true)?,
+        Format::PromptCompletion => {
+            let prompt = side(take(&mut row, "prompt")?, "prompt", "user")?;
+            let completion = side(take(&mut row, "completion")?, "completion", "assistant")?;
+            let train_from = prompt.len();
+            let mut all = prompt;
+            all.extend(completion);
+            conversation(all, train_from, row)
+        }
+        Format::Preference | Format::PsychoCounsel => pair(format, row)?,
+        Format::PromptOnly => {
+            let prompt = side(take(&mut row, "prompt")?, "prompt", "user")?;
+            Example::Prompt { prompt, extra: row }
+        }
+        Format::Cactus => {
+            let text = string(take(&mut row, "dialogue")?, "dialogue")?;
+            let messages = cactus_dialogue(&text).map_err(|r| err("dialogue", r))?;
+            conversation(messages, 0, row)
+        }
+    };
+    Ok(example)
+}
+
+fn conversation(messages: Vec<Message>, train_from: usize, extra: Map<String, Value>) -> Example {
+    Example::Conversation {
+        messages,
+        train_from,
+        extra,
+    }
+}
+
+fn take(row: &mut Map<String, Value>, column: &str) -> Parsed<Value> {
+    match row.remove(column) {
+        None | Some(Value::Null) => Err(err(column, "missing")),
+        Some(v) => Ok(v),
+    }
+}
+
+fn string(v: Value, column: &str) -> Parsed<String> {
+    match v {
+        Value::String(s) => Ok(s),
+        other => Err(err(column, format!("expected a string, got {other}"))),
+    }
+}
+
+/// Message content: a string, or a list of `{"type": "text", "text": ...}` parts.
+fn content(v: &Value, column: &str) -> Parsed<String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| {
+                p.get("text").and_then(Value::as_str).ok_or_else(|| {
+                    err(
+                        column,
+                        "content parts must be {\"type\": \"text\", \"text\": ...}",
+                    )
+                })
+            })
+            .collect::<Parsed<Vec<_>>>()
+            .map(|t| t.concat()),
+        other => Err(err(
+            column,
+            format!("message content must be a string, got {other}"),
+        )),
+    }
+}
+
+fn role_as_is(role: &str) -> Option<&'static str> {
+    ROLES.iter().copied().find(|r| *r == role)
+}
+
+fn sharegpt_role(role: &str) -> Option<&'static str> {
+    match role {
+        "human" | "user" => Some("user"),
+        "gpt" | "assistant" | "chatgpt" | "bing" | "bard" => Some("assistant"),
+        "system" => Some("system"),
+        "tool" | "observation" => Some("tool"),
+        _ => None,
+    }
+}
+
+fn messages(
+    v: Value,
+    column: &str,
+    role_key: &str,
+    content_key: &str,
+    role_of: fn(&str) -> Option<&'static str>,
+) -> Parsed<Vec<Message>> {
+    let Value::Array(items) = v else {
+        return Err(err(column, "expected a list of messages"));
+    };
+    if items.is_empty() {
+        return Err(err(column, "the conversation is empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let role = item
+                .get(role_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| err(column, format!("message {}: missing `{role_key}`", i + 1)))?;
+            let mapped = role_of(role)
+                .ok_or_else(|| err(column, format!("message {}: unknown role `{role}`", i + 1)))?;
+            let text = item
+                .get(content_key)
+                .ok_or_else(|| {
+                    err(
+                        column,
+                        format!("message {}: missing `{content_key}`", i + 1),
+                    )
+                })
+                .and_then(|c| content(c, column))?;
+            Ok(Message::new(mapped, text))
+        })
+        .collect()
+}
+
+/// One side of a prompt/completion or preference row: a string becomes one message of
+/// `role`; a list is taken as messages.
+fn side(v: Value, column: &str, role: &str) -> Parsed<Vec<Message>> {
+    match v {
+        Value::String(s) => Ok(vec![Message::new(role, s)]),
+        list @ Value::Array(_) => messages(list, column, "role", "content", role_as_is),
+        other => Err(err(
+            column,
+            format!("expected a string or a list of messages, got {other}"),
+        )),
+    }
+}
+
+fn alpaca(mut row: Map<String, Value>, require_history: bool) -> Parsed<Example> {
+    let instruction = string(take(&mut row, "instruction")?, "instruction")?;
+    let input = match row.remove("input") {
+        None | Some(Value::Null) => String::new(),
+        Some(v) => string(v, "input")?,
+    };
+    let output = string(take(&mut row, "output")?, "output")?;
+    let mut messages = Vec::new();
+    if let Some(system) = row.remove("system").filter(|v| !v.is_null()) {
+        let system = string(system, "system")?;
+        if !system.is_empty() {
+            messages.push(Message::new("system", system));
+        }
+    }
+    let history = match row.remove("history") {
+        None | Some(Value::Null) if require_history => return Err(err("history", "missing")),
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(turns)) => turns,
+        Some(other) => {
+            return Err(err(
+                "history",
+                format!("expected [[question, answer], ...], got {other}"),
+            ));
+        }
+    };
+    for (i, turn) in history.iter().enumerate() {
+        let pair = turn
+            .as_array()
+            .filter(|p| p.len() == 2)
+            .and_then(|p| Some((p[0].as_str()?, p[1].as_str()?)))
+            .ok_or_else(|| {
+                err(
+                    "history",
+                    format!("turn {} must be [question, answer]", i + 1),
+                )
+            })?;
+        messages.push(Message::new("user", pair.0));
+        messages.push(Message::new("assistant", pair.1));
+    }
+    // LLaMA-Factory's convention, which these datasets were published for.
+    let query = if input.is_empty() {
+        instruction
+    } else {
+        format!("{instruction}\n{input}")
+    };
+    messages.push(Message::new("user", query));
+    messages.push(Message::new("assistant", output));
+    Ok(conversation(messages, 0, row))
+}
+
+fn pair(format: Format, mut row: Map<String, Value>) -> Parsed<Example> {
+    let prompt_column = if format == Format::PsychoCounsel {
+        "question"
+    } else {
+        "prompt"
+    };
+    let explicit = row.get(prompt_column).is_some_and(|v| !v.is_null());
+    let (prompt, chosen, rejected) = if explicit {
+        let prompt = side(take(&mut row, prompt_column)?, prompt_column, "user")?;
+        let chosen = side(take(&mut row, "chosen")?, "chosen", "assistant")?;
+        let rejected = side(take(&mut row, "rejected")?, "rejected", "assistant")?;
+        (prompt, chosen, rejected)
+    } else if format == Format::PsychoCounsel {
+        return Err(err("question", "missing"));
+    } else {
+        let chosen = side(take(&mut row, "chosen")?, "chosen", "assistant")?;
+        let rejected = side(take(&mut row, "rejected")?, "rejected", "assistant")?;
+        let shared = chosen
+            .iter()
+            .zip(&rejected)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if shared == 0 {
+            return Err(err(
+                "chosen",
+                "no `prompt` column, and chosen and rejected share no leading messages to use as the prompt",
+            ));
+        }
+        if shared == chosen.len() || shared == rejected.len() {
+            return Err(err(
+                "rejected",
+                "after the shared prompt, chosen or rejected has no reply of its own",
+            ));
+        }
+        (
+            chosen[..shared].to_vec(),
+            chosen[shared..].to_vec(),
+            rejected[shared..].to_vec(),
+        )
+    };
+    for (name, side) in [("chosen", &chosen), ("rejected", &rejected)] {
+        if side.is_empty() {
+            return Err(err(name, "empty"));
+        }
+    }
+    Ok(Example::Pair {
+        prompt,
+        chosen,
+        rejected,
+        extra: row,
+    })
+}
+
+/// Splits a Cactus dialogue into turns. `Counselor:` lines are the assistant's, `Client:`
+/// lines the user's; a stage direction such as `Client (sighs):` stays in the text as
+/// `(sighs)`. Lines without a speaker continue the previous turn, and consecutive lines of
+/// one speaker are one turn.
+pub fn cactus_dialogue(text: &str) -> Result<Vec<Message>, String> {
+    let mut turns: Vec<Message> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        match speaker(line) {
+            Some((role, direction, said)) => {
+                let said = match direction {
+                    Some(d) => format!("{d} {said}").trim().to_string(),
+                    None => said.to_string(),
+                };
+                match turns.last_mut() {
+                    Some(last) if last.role == role => {
+                        last.content.push('\n');
+                        last.content.push_str(&said);
+                    }
+                    _ => turns.push(Message::new(role, said)),
+                }
+            }
+            None => match turns.last_mut() {
+                Some(last) => {
+                    last.content.push('\n');
+                    last.content.push_str(line);
+                }
+                None => {
+                    return Err(format!(
+                        "line {} does not start with `Counselor:` or `Client:`",
+                        n + 1
+                    ));
+                }
+            },
+        }
+    }
+    if turns.is_empty() {
+        return Err("the dialogue is empty".into());
+    }
+    Ok(turns)
+}
+
+/// `("assistant" | "user", stage direction, text)` if `line` starts with a speaker tag.
+fn speaker(line: &str) -> Option<(&'static str, Option<&str>, &str)> {
+    let (tag, said) = line.split_once(':')?;
+    let tag = tag.trim();
+    let (name, direction) = match tag.find('(') {
+        Some(i) if tag.ends_with(')') => (tag[..i].trim(), Some(tag[i..].trim())),
+        Some(_) => return None,
+        None => (tag, None),
+    };
+    let role = match name.to_ascii_lowercase().as_str() {
+        "counselor" | "counsellor" | "therapist" => "assistant",
+        "client" | "patient" => "user",
+        _ => return None,
+    };
+    Some((role, direction, said.trim()))
+}

@@ -1,0 +1,238 @@
+//! Streaming row readers. Every row arrives as a JSON object with its location, so that
+//! format rules and errors are the same whatever the file type.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use crate::DataError;
+
+/// Where a row sits in its file: a 1-based line for JSON Lines, a 0-based index for arrays
+/// and columnar files (as `datasets` numbers rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    Line(usize),
+    Row(usize),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Line(n) => write!(f, "line {n}"),
+            Self::Row(n) => write!(f, "row {n}"),
+        }
+    }
+}
+
+/// One record: its location and its columns.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub location: Location,
+    pub fields: Map<String, Value>,
+}
+
+/// A row that could not be read, for `skip_bad_rows` to count instead of failing.
+#[derive(Debug, Clone)]
+pub struct BadRow {
+    pub location: Location,
+    pub column: Option<String>,
+    pub reason: String,
+}
+
+impl BadRow {
+    pub fn into_error(self, path: &Path) -> DataError {
+        DataError::Row {
+            path: path.to_path_buf(),
+            location: self.location,
+            column: self.column,
+            reason: self.reason,
+        }
+    }
+}
+
+/// The file types hearth reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    JsonLines,
+    JsonArray,
+    Parquet,
+    Arrow,
+}
+
+impl FileKind {
+    /// From the extension; `.json` is a JSON array if its first non-blank byte is `[`,
+    /// else JSON Lines (as the `datasets` library treats it).
+    pub fn detect(path: &Path) -> Result<Self, DataError> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match ext.as_str() {
+            "jsonl" | "ndjson" => Ok(Self::JsonLines),
+            "parquet" => Ok(Self::Parquet),
+            "arrow" | "feather" | "ipc" => Ok(Self::Arrow),
+            "json" => {
+                let mut reader = BufReader::new(open(path)?);
+                let mut byte = [0u8; 1];
+                loop {
+                    let n = reader.read(&mut byte).map_err(|e| io(path, e))?;
+                    if n == 0 || !byte[0].is_ascii_whitespace() {
+                        break;
+                    }
+                }
+                Ok(if byte[0] == b'[' {
+                    Self::JsonArray
+                } else {
+                    Self::JsonLines
+                })
+            }
+            _ => Err(DataError::Unsupported {
+                path: path.to_path_buf(),
+                reason: "unknown file type (expected .jsonl, .json, .parquet or .arrow)".into(),
+            }),
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<File, DataError> {
+    File::open(path).map_err(|e| io(path, e))
+}
+
+fn io(path: &Path, source: std::io::Error) -> DataError {
+    DataError::Io {
+        path: PathBuf::from(path),
+        source,
+    }
+}
+
+/// Calls `on_row` for every row of `path`, streaming, in file order. A row that cannot be
+/// parsed goes to `on_bad`, which decides whether reading continues (`Ok`) or stops.
+pub fn for_each_row(
+    path: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    match FileKind::detect(path)? {
+        FileKind::JsonLines => json_lines(path, on_row, on_bad),
+        FileKind::JsonArray => json_array(path, on_row, on_bad),
+        FileKind::Parquet => crate::columnar::parquet_rows(path, on_row, on_bad),
+        FileKind::Arrow => crate::columnar::arrow_rows(path, on_row, on_bad),
+    }
+}
+
+fn json_lines(
+    path: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let mut reader = BufReader::new(open(path)?);
+    let mut buf = Vec::new();
+    let mut line = 0;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| io(path, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        line += 1;
+        let location = Location::Line(line);
+        let bad = |reason: String| BadRow {
+            location,
+            column: None,
+            reason,
+        };
+        let text = match std::str::from_utf8(&buf) {
+            Ok(t) => t.trim(),
+            Err(e) => {
+                on_bad(bad(format!("not valid UTF-8 (byte {})", e.valid_up_to())))?;
+                continue;
+            }
+        };
+        if text.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(fields)) => on_row(Row { location, fields })?,
+            Ok(other) => on_bad(bad(format!("expected a JSON object, got {}", kind(&other))))?,
+            Err(e) => on_bad(bad(format!("invalid JSON: {e}")))?,
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A JSON array, read element by element so a large file is never held whole.
+fn json_array(
+    path: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    struct Elements<'a> {
+        on_row: &'a mut dyn FnMut(Row) -> Result<(), DataError>,
+        on_bad: &'a mut dyn FnMut(BadRow) -> Result<(), DataError>,
+        stop: Option<DataError>,
+    }
+    impl<'de> Visitor<'de> for &mut Elements<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON array of objects")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut index = 0;
+            while let Some(value) = seq.next_element::<Value>()? {
+                let location = Location::Row(index);
+                index += 1;
+                let result = match value {
+                    Value::Object(fields) => (self.on_row)(Row { location, fields }),
+                    other => (self.on_bad)(BadRow {
+                        location,
+                        column: None,
+                        reason: format!("expected a JSON object, got {}", kind(&other)),
+                    }),
+                };
+                if let Err(e) = result {
+                    self.stop = Some(e);
+                    return Err(serde::de::Error::custom("stopped"));
+                }
+            }
+            Ok(())
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for &mut Elements<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    let mut elements = Elements {
+        on_row,
+        on_bad,
+        stop: None,
+    };
+    let mut de = serde_json::Deserializer::from_reader(BufReader::new(open(path)?));
+    let result = (&mut elements).deserialize(&mut de).and_then(|()| de.end());
+    if let Some(e) = elements.stop {
+        return Err(e);
+    }
+    result.map_err(|e| DataError::Json {
+        path: path.to_path_buf(),
+        line: e.line(),
+        reason: e.to_string(),
+    })
+}

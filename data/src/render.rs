@@ -1,0 +1,96 @@
+//! `hearth data render`: conversations in, token ids and assistant masks out, one JSON line
+//! each — the tokenisation a training run would use, in a form other tools can diff.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::format::{Example, FieldError, Format, parse_row};
+use crate::read::{BadRow, for_each_row};
+use crate::{ChatTemplate, DataError, SpecialTokens, render_with_mask, tokenizer};
+
+/// Which template to render with.
+#[derive(Debug, Clone, Copy)]
+pub enum TemplateChoice<'a> {
+    /// The one the tokenizer directory ships (`chat_template.jinja` or
+    /// `tokenizer_config.json`), by name when it ships several.
+    Shipped(Option<&'a str>),
+    /// A built-in template (`llama3`, `chatml`), for tokenizers that ship none.
+    Builtin(&'a str),
+}
+
+/// Loads the template `choice` names from `dir`.
+pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTemplate, DataError> {
+    match choice {
+        TemplateChoice::Shipped(name) => ChatTemplate::from_dir(dir, name)?.ok_or_else(|| DataError::Template {
+            origin: dir.display().to_string(),
+            reason: "no chat template (no chat_template.jinja, and no chat_template in tokenizer_config.json); \
+                     choose a built-in one with --template llama3|chatml"
+                .into(),
+        }),
+        TemplateChoice::Builtin(name) => {
+            let config_path = dir.join("tokenizer_config.json");
+            let tokens = match std::fs::read_to_string(&config_path) {
+                Ok(text) => SpecialTokens::from_tokenizer_config(&serde_json::from_str(&text).unwrap_or_default()),
+                Err(_) => SpecialTokens::default(),
+            };
+            ChatTemplate::builtin(name, tokens)
+        }
+    }
+}
+
+/// Renders every `{"messages": [...]}` line of `input` into `out`. Returns the number of
+/// conversations written. `out` appears only once complete.
+pub fn render_jsonl(
+    dir: &Path,
+    choice: TemplateChoice<'_>,
+    input: &Path,
+    out: &Path,
+) -> Result<usize, DataError> {
+    let template = template_for(dir, choice)?;
+    let tok = tokenizer::load(dir)?;
+    let tmp = PathBuf::from(format!("{}.tmp", out.display()));
+    let io = |path: &Path, source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let mut count = 0;
+    let result = for_each_row(
+        input,
+        &mut |row| {
+            let location = row.location;
+            let row_error = |column: Option<String>, reason: String| DataError::Row {
+                path: input.to_path_buf(),
+                location,
+                column,
+                reason,
+            };
+            let example = parse_row(Format::Messages, row.fields)
+                .map_err(|FieldError { column, reason }| row_error(column, reason))?;
+            let Example::Conversation { messages, .. } = example else {
+                return Err(row_error(None, "expected a conversation".into()));
+            };
+            let rendered = render_with_mask(&template, &tok, &messages)
+                .map_err(|e| row_error(Some("messages".into()), e.to_string()))?;
+            let line = serde_json::json!({
+                "input_ids": rendered.input_ids,
+                "assistant_mask": rendered.assistant_mask,
+            });
+            writeln!(writer, "{line}").map_err(|e| io(&tmp, e))?;
+            count += 1;
+            Ok(())
+        },
+        &mut |bad: BadRow| Err(bad.into_error(input)),
+    );
+    let finished = result.and_then(|()| {
+        let file = writer.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, out).map_err(|e| io(out, e))
+    });
+    if let Err(e) = finished {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(count)
+}

@@ -1,0 +1,579 @@
+//! Every reader and format on small files written in the real data sets' schemas.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{LargeListBuilder, ListBuilder, StringBuilder, StructBuilder};
+use arrow_array::{Array, ArrayRef, Int64Array, LargeStringArray, RecordBatch};
+use arrow_schema::{DataType, Field, Fields, Schema};
+use data::{Example, Format, LoadOptions, Message, load_examples};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde_json::{Value, json};
+
+fn jsonl(dir: &Path, name: &str, rows: &[Value]) -> PathBuf {
+    let path = dir.join(name);
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn load(path: &Path) -> data::Loaded {
+    load_examples(path, &LoadOptions::default()).unwrap()
+}
+
+fn err(path: &Path, options: &LoadOptions) -> String {
+    load_examples(path, options).unwrap_err().to_string()
+}
+
+fn m(role: &str, content: &str) -> Message {
+    Message::new(role, content)
+}
+
+fn conversation(e: &Example) -> (&[Message], usize) {
+    match e {
+        Example::Conversation {
+            messages,
+            train_from,
+            ..
+        } => (messages, *train_from),
+        other => panic!("expected a conversation, got {other:?}"),
+    }
+}
+
+#[test]
+fn messages_and_sharegpt() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = jsonl(
+        dir.path(),
+        "m.jsonl",
+        &[json!({"messages": [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": [{"type": "text", "text": "I feel "}, {"type": "text", "text": "low."}]},
+        {"role": "assistant", "content": "Tell me more."}]})],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::Messages);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[
+            m("system", "Be kind."),
+            m("user", "I feel low."),
+            m("assistant", "Tell me more.")
+        ]
+    );
+
+    let p = jsonl(
+        dir.path(),
+        "s.jsonl",
+        &[json!({"conversations": [
+        {"from": "system", "value": "S"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::ShareGpt);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[m("system", "S"), m("user", "hi"), m("assistant", "hello")]
+    );
+}
+
+#[test]
+fn alpaca_psych8k_and_cpsycoun() {
+    let dir = tempfile::tempdir().unwrap();
+    // Psych8k: plain Alpaca.
+    let p = jsonl(
+        dir.path(),
+        "psych8k.jsonl",
+        &[
+            json!({"instruction": "If you are a counsellor, please answer.", "input": "I can't sleep.", "output": "That sounds hard."}),
+            json!({"instruction": "Say hello.", "input": "", "output": "Hello.", "system": "Be brief."}),
+        ],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::Alpaca);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[
+            m(
+                "user",
+                "If you are a counsellor, please answer.\nI can't sleep."
+            ),
+            m("assistant", "That sounds hard.")
+        ]
+    );
+    assert_eq!(
+        conversation(&loaded.examples[1]).0,
+        &[
+            m("system", "Be brief."),
+            m("user", "Say hello."),
+            m("assistant", "Hello.")
+        ]
+    );
+    // CPsyCoun: Alpaca with history.
+    let p = jsonl(
+        dir.path(),
+        "cpsycoun.jsonl",
+        &[json!({
+        "instruction": "现在你扮演一位专业的心理咨询师", "input": "我最近很焦虑", "output": "能多说说吗？",
+        "history": [["你好", "你好，今天想聊什么？"]]})],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::CpsyCoun);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[
+            m("user", "你好"),
+            m("assistant", "你好，今天想聊什么？"),
+            m("user", "现在你扮演一位专业的心理咨询师\n我最近很焦虑"),
+            m("assistant", "能多说说吗？")
+        ]
+    );
+}
+
+#[test]
+fn prompt_completion_masks_only_the_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = jsonl(
+        dir.path(),
+        "pc.jsonl",
+        &[
+            json!({"prompt": "I feel stuck.", "completion": "What feels stuck?"}),
+            json!({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+               "completion": [{"role": "assistant", "content": "d"}]}),
+        ],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::PromptCompletion);
+    assert_eq!(
+        conversation(&loaded.examples[0]),
+        (
+            &[
+                m("user", "I feel stuck."),
+                m("assistant", "What feels stuck?")
+            ][..],
+            1
+        )
+    );
+    let (messages, train_from) = conversation(&loaded.examples[1]);
+    assert_eq!((messages.len(), train_from), (4, 3));
+}
+
+#[test]
+fn preference_explicit_implicit_and_psychocounsel() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = jsonl(
+        dir.path(),
+        "explicit.jsonl",
+        &[
+            json!({"prompt": "I failed my exam.", "chosen": "That must hurt.", "rejected": "Study harder.", "margin": 2.0}),
+        ],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::Preference);
+    let Example::Pair {
+        prompt,
+        chosen,
+        rejected,
+        extra,
+    } = &loaded.examples[0]
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            prompt[0].content.as_str(),
+            chosen[0].role.as_str(),
+            rejected[0].content.as_str()
+        ),
+        ("I failed my exam.", "assistant", "Study harder.")
+    );
+    assert_eq!(extra["margin"], 2.0);
+
+    let p = jsonl(
+        dir.path(),
+        "implicit.jsonl",
+        &[json!({
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]})],
+    );
+    let Example::Pair {
+        prompt,
+        chosen,
+        rejected,
+        ..
+    } = &load(&p).examples[0]
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (prompt.as_slice(), chosen.as_slice(), rejected.as_slice()),
+        (
+            &[m("user", "q")][..],
+            &[m("assistant", "good")][..],
+            &[m("assistant", "bad")][..]
+        )
+    );
+
+    let p = jsonl(
+        dir.path(),
+        "psychocounsel.jsonl",
+        &[json!({
+        "ID": 1, "prefID": 7, "question": "I keep worrying.", "chosen": "Worry can be exhausting.", "rejected": "Just stop.",
+        "chosen_model": "a", "rejected_model": "b", "chosen_empathy_rating": 5, "rejected_empathy_rating": 1})],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::PsychoCounsel);
+    let Example::Pair { prompt, extra, .. } = &loaded.examples[0] else {
+        panic!()
+    };
+    assert_eq!(prompt, &[m("user", "I keep worrying.")]);
+    assert_eq!(extra["chosen_empathy_rating"], 5);
+
+    // The same file read as plain preference data through a column rename.
+    let options = LoadOptions {
+        columns: vec![("question".into(), "prompt".into())],
+        ..Default::default()
+    };
+    assert_eq!(
+        load_examples(&p, &options).unwrap().format,
+        Format::Preference
+    );
+}
+
+#[test]
+fn prompt_only_keeps_extra_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = jsonl(
+        dir.path(),
+        "grpo.jsonl",
+        &[json!({"prompt": "I can't cope anymore.", "risk": "high"})],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::PromptOnly);
+    let Example::Prompt { prompt, extra } = &loaded.examples[0] else {
+        panic!()
+    };
+    assert_eq!(prompt, &[m("user", "I can't cope anymore.")]);
+    assert_eq!(extra["risk"], "high");
+}
+
+#[test]
+fn cactus_dialogues_from_a_json_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cactus.json");
+    let rows = json!([{
+        "thought": "I always fail.", "patterns": ["overgeneralization"], "intake_form": "Name: A",
+        "cbt_technique": "Reframing", "cbt_plan": "1. Identify thoughts", "attitude": "positive",
+        "dialogue": "Counselor: Hi, what brings you here?\nClient (sighs): Everything goes wrong.\nIt always does.\nClient: Every time.\nCounselor: That sounds heavy."
+    }]);
+    std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+    let loaded = load(&path);
+    assert_eq!(loaded.format, Format::Cactus);
+    let Example::Conversation {
+        messages, extra, ..
+    } = &loaded.examples[0]
+    else {
+        panic!()
+    };
+    assert_eq!(
+        messages,
+        &[
+            m("assistant", "Hi, what brings you here?"),
+            m(
+                "user",
+                "(sighs) Everything goes wrong.\nIt always does.\nEvery time."
+            ),
+            m("assistant", "That sounds heavy.")
+        ]
+    );
+    assert_eq!(extra["cbt_plan"], "1. Identify thoughts");
+}
+
+fn message_list_field() -> Field {
+    let item = Fields::from(vec![
+        Field::new("role", DataType::Utf8, true),
+        Field::new("content", DataType::Utf8, true),
+    ]);
+    Field::new(
+        "messages",
+        DataType::List(Arc::new(Field::new("item", DataType::Struct(item), true))),
+        true,
+    )
+}
+
+fn messages_batch() -> RecordBatch {
+    let item = Fields::from(vec![
+        Field::new("role", DataType::Utf8, true),
+        Field::new("content", DataType::Utf8, true),
+    ]);
+    let mut list = ListBuilder::new(StructBuilder::from_fields(item, 2));
+    for (role, content) in [("user", "I feel tired."), ("assistant", "Since when?")] {
+        let s = list.values();
+        s.field_builder::<StringBuilder>(0)
+            .unwrap()
+            .append_value(role);
+        s.field_builder::<StringBuilder>(1)
+            .unwrap()
+            .append_value(content);
+        s.append(true);
+    }
+    list.append(true);
+    let schema = Schema::new(vec![
+        message_list_field(),
+        Field::new("id", DataType::Int64, true),
+    ]);
+    RecordBatch::try_new(
+        Arc::new(schema),
+        vec![
+            Arc::new(list.finish()) as ArrayRef,
+            Arc::new(Int64Array::from(vec![7])),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn parquet_with_message_structs_under_snappy_and_zstd() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, compression) in [
+        ("snappy", Compression::SNAPPY),
+        ("zstd", Compression::ZSTD(ZstdLevel::default())),
+    ] {
+        let path = dir.path().join(format!("{name}.parquet"));
+        let batch = messages_batch();
+        let props = WriterProperties::builder()
+            .set_compression(compression)
+            .build();
+        let mut w = ArrowWriter::try_new(
+            std::fs::File::create(&path).unwrap(),
+            batch.schema(),
+            Some(props),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let loaded = load(&path);
+        assert_eq!(loaded.format, Format::Messages, "{name}");
+        let Example::Conversation {
+            messages, extra, ..
+        } = &loaded.examples[0]
+        else {
+            panic!()
+        };
+        assert_eq!(
+            messages,
+            &[m("user", "I feel tired."), m("assistant", "Since when?")]
+        );
+        assert_eq!(extra["id"], 7);
+    }
+}
+
+#[test]
+fn parquet_large_strings_and_large_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("large.parquet");
+    let mut history = LargeListBuilder::new(LargeListBuilder::new(StringBuilder::new()));
+    history.values().values().append_value("hi");
+    history.values().values().append_value("hello");
+    history.values().append(true);
+    history.append(true);
+    let large = |v: &str| Arc::new(LargeStringArray::from(vec![v])) as ArrayRef;
+    let schema = Schema::new(vec![
+        Field::new("instruction", DataType::LargeUtf8, true),
+        Field::new("input", DataType::LargeUtf8, true),
+        Field::new("output", DataType::LargeUtf8, true),
+        Field::new("history", history.finish().data_type().clone(), true),
+    ]);
+    let mut history = LargeListBuilder::new(LargeListBuilder::new(StringBuilder::new()));
+    history.values().values().append_value("hi");
+    history.values().values().append_value("hello");
+    history.values().append(true);
+    history.append(true);
+    let batch = RecordBatch::try_new(
+        Arc::new(schema),
+        vec![
+            large("i"),
+            large(""),
+            large("o"),
+            Arc::new(history.finish()),
+        ],
+    )
+    .unwrap();
+    let mut w =
+        ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let loaded = load(&path);
+    assert_eq!(loaded.format, Format::CpsyCoun);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[
+            m("user", "hi"),
+            m("assistant", "hello"),
+            m("user", "i"),
+            m("assistant", "o")
+        ]
+    );
+}
+
+#[test]
+fn arrow_ipc_file_and_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let batch = messages_batch();
+    let file_path = dir.path().join("data.arrow");
+    let mut w = arrow_ipc::writer::FileWriter::try_new(
+        std::fs::File::create(&file_path).unwrap(),
+        &batch.schema(),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+    let stream_path = dir.path().join("cache.arrow");
+    let mut w = arrow_ipc::writer::StreamWriter::try_new(
+        std::fs::File::create(&stream_path).unwrap(),
+        &batch.schema(),
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+    for path in [file_path, stream_path] {
+        let loaded = load(&path);
+        assert_eq!(
+            conversation(&loaded.examples[0]).0,
+            &[m("user", "I feel tired."), m("assistant", "Since when?")]
+        );
+    }
+}
+
+#[test]
+fn bad_rows_name_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]});
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "invalid.jsonl",
+            format!("{good}\n{{\"messages\": [\n").into_bytes(),
+            &["invalid.jsonl", "line 2", "invalid JSON"],
+        ),
+        (
+            "missing.jsonl",
+            format!("{}\n", json!({"prompt": "p", "chosen": "c"})).into_bytes(),
+            &["missing.jsonl", "line 1"],
+        ),
+        (
+            "role.jsonl",
+            format!(
+                "{good}\n{}\n",
+                json!({"messages": [{"role": "narrator", "content": "x"}]})
+            )
+            .into_bytes(),
+            &[
+                "role.jsonl",
+                "line 2",
+                "column `messages`",
+                "unknown role `narrator`",
+            ],
+        ),
+        (
+            "empty.jsonl",
+            format!("{}\n", json!({"messages": []})).into_bytes(),
+            &["empty.jsonl", "line 1", "column `messages`", "empty"],
+        ),
+        (
+            "utf8.jsonl",
+            [
+                format!("{good}\n").into_bytes(),
+                b"{\"messages\": \"\xff\xfe\"}\n".to_vec(),
+            ]
+            .concat(),
+            &["utf8.jsonl", "line 2", "UTF-8"],
+        ),
+        (
+            "cactus.jsonl",
+            format!("{}\n", json!({"dialogue": "Narrator: once"})).into_bytes(),
+            &["cactus.jsonl", "column `dialogue`", "Counselor:"],
+        ),
+    ];
+    for (name, bytes, needles) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let message = err(&path, &LoadOptions::default());
+        for needle in needles {
+            assert!(
+                message.contains(needle),
+                "`{needle}` missing from: {message}"
+            );
+        }
+    }
+    // A missing column under an explicit format names the column.
+    let path = jsonl(
+        dir.path(),
+        "pref.jsonl",
+        &[json!({"prompt": "p", "chosen": "c"})],
+    );
+    let options = LoadOptions {
+        format: Some(Format::Preference),
+        ..Default::default()
+    };
+    let message = err(&path, &options);
+    assert!(
+        message.contains("line 1")
+            && message.contains("column `rejected`")
+            && message.contains("missing"),
+        "{message}"
+    );
+}
+
+#[test]
+fn skip_bad_rows_counts_and_keeps_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]});
+    let bytes = [
+        format!(
+            "{good}\nnot json\n{}\n",
+            json!({"messages": [{"role": "x", "content": "y"}]})
+        )
+        .into_bytes(),
+        b"\xff\n".to_vec(),
+        format!("{good}\n").into_bytes(),
+    ]
+    .concat();
+    let path = dir.path().join("mixed.jsonl");
+    std::fs::write(&path, bytes).unwrap();
+    let loaded = load_examples(
+        &path,
+        &LoadOptions {
+            skip_bad_rows: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(loaded.examples.len(), 2);
+    let lines: Vec<String> = loaded
+        .skipped
+        .iter()
+        .map(|b| b.location.to_string())
+        .collect();
+    assert_eq!(lines, vec!["line 2", "line 3", "line 4"]);
+    assert_eq!(loaded.skipped[1].column.as_deref(), Some("messages"));
+}
+
+#[test]
+fn unknown_file_types_and_undetectable_columns_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.csv");
+    std::fs::write(&path, "a,b\n").unwrap();
+    assert!(err(&path, &LoadOptions::default()).contains("unknown file type"));
+    let path = jsonl(dir.path(), "odd.jsonl", &[json!({"text": "x"})]);
+    let message = err(&path, &LoadOptions::default());
+    assert!(
+        message.contains("odd.jsonl")
+            && message.contains("line 1")
+            && message.contains("[\"text\"]"),
+        "{message}"
+    );
+    let path = dir.path().join("corrupt.parquet");
+    std::fs::write(&path, b"PAR1 but not really").unwrap();
+    assert!(err(&path, &LoadOptions::default()).contains("corrupt.parquet"));
+}
