@@ -23,6 +23,17 @@ pub fn render_with_mask(
     tokenizer: &Tokenizer,
     messages: &[Message],
 ) -> Result<Rendered, DataError> {
+    render_with_mask_from(template, tokenizer, messages, 0)
+}
+
+/// As [`render_with_mask`], learning only from assistant turns at index ≥ `train_from`
+/// (prompt/completion data: the prompt's own assistant turns are context).
+pub fn render_with_mask_from(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    train_from: usize,
+) -> Result<Rendered, DataError> {
     if messages.is_empty() {
         return Err(DataError::Conversation("the conversation is empty".into()));
     }
@@ -30,7 +41,7 @@ pub fn render_with_mask(
     let input_ids = encode(tokenizer, &text)?;
     let mut assistant_mask = vec![0u8; input_ids.len()];
     for (i, message) in messages.iter().enumerate() {
-        if !message.is_assistant() {
+        if !message.is_assistant() || i < train_from {
             continue;
         }
         let prompt = encode(tokenizer, &template.render(&messages[..i], true)?)?;

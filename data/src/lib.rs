@@ -1,6 +1,7 @@
 //! hearth's data pipeline: tokenizers, chat templates and assistant masks today; readers,
 //! formats, packing and batching as they land.
 
+pub mod batch;
 pub mod chat;
 mod columnar;
 pub mod dataset;
@@ -10,9 +11,10 @@ mod message;
 pub mod read;
 pub mod render;
 pub mod template;
+pub mod tokenize;
 pub mod tokenizer;
 
-pub use chat::{Rendered, render_with_mask};
+pub use chat::{Rendered, render_with_mask, render_with_mask_from};
 pub use dataset::{LoadOptions, Loaded, load_examples};
 pub use error::DataError;
 pub use format::{Example, Format};

@@ -154,16 +154,29 @@ impl Llama {
         })
     }
 
-    /// Final hidden states. `ids`, `padding`: `[B, T]` (right-padded, padding 0 where a
-    /// position is padding). Returns `[B, T, hidden]`.
+    /// Final hidden states of a right-padded batch. `ids`, `padding`: `[B, T]`, padding 0
+    /// where a position is padding. Returns `[B, T, hidden]`.
     pub fn hidden(&self, ids: Tensor<2, Int>, padding: Tensor<2, Int>) -> Tensor<3> {
         let [b, t] = ids.dims();
-        let device = ids.device();
-        let positions = Tensor::<1, Int>::arange(0..t as i64, &device)
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &ids.device())
             .reshape([1, t])
             .expand([b, t]);
+        self.hidden_packed(ids, positions, padding)
+    }
+
+    /// Final hidden states of rows that may hold several examples each (packing).
+    /// `positions`: `[B, T]`, restarting at 0 in each example; `segments`: `[B, T]`, the
+    /// example each token belongs to (from 1; 0 for padding). No token attends to another
+    /// example's tokens. Returns `[B, T, hidden]`.
+    pub fn hidden_packed(
+        &self,
+        ids: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Tensor<2, Int>,
+    ) -> Tensor<3> {
+        let [_, t] = ids.dims();
         let (cos, sin) = cos_sin(&self.inv_freq, positions);
-        let full = attention_mask(padding.clone(), None);
+        let full = attention_mask(segments.clone(), None);
         let mut windowed: Vec<(usize, Tensor<4, Bool>)> = Vec::new();
         let mut x = embedding(self.embed_tokens.val(), ids);
         for layer in &self.layers {
@@ -172,7 +185,7 @@ impl Llama {
                     if let Some((_, m)) = windowed.iter().find(|(ww, _)| *ww == w) {
                         m.clone()
                     } else {
-                        let m = attention_mask(padding.clone(), Some(w));
+                        let m = attention_mask(segments.clone(), Some(w));
                         windowed.push((w, m.clone()));
                         m
                     }

@@ -1,13 +1,15 @@
 use burn::tensor::{Bool, Int, Tensor};
 
-/// Which keys each query must not see: later tokens (causal), padding keys, and keys
-/// further back than a sliding `window` (`i - j >= window`, as transformers counts it).
+/// Which keys each query must not see: later tokens (causal), keys of another example
+/// packed into the same row, padding, and keys further back than a sliding `window`
+/// (`i - j >= window`, as transformers counts it).
 ///
-/// `padding`: `[B, T]`, 1 for real tokens and 0 for padding. Returns `[B, 1, T, T]`,
-/// true where masked.
-pub fn attention_mask(padding: Tensor<2, Int>, window: Option<usize>) -> Tensor<4, Bool> {
-    let [b, t] = padding.dims();
-    let device = padding.device();
+/// `segments`: `[B, T]`, the example each token belongs to (numbered from 1), 0 for
+/// padding; a plain right-padded batch passes its 0/1 attention mask. Returns
+/// `[B, 1, T, T]`, true where masked.
+pub fn attention_mask(segments: Tensor<2, Int>, window: Option<usize>) -> Tensor<4, Bool> {
+    let [b, t] = segments.dims();
+    let device = segments.device();
     let query = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([t, 1]);
     let key = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
     let distance = query.expand([t, t]) - key.expand([t, t]);
@@ -15,14 +17,15 @@ pub fn attention_mask(padding: Tensor<2, Int>, window: Option<usize>) -> Tensor<
     if let Some(w) = window {
         masked = masked.bool_or(distance.greater_equal_elem(w as i64));
     }
-    let pad_key = padding
-        .equal_elem(0)
-        .reshape([b, 1, 1, t])
-        .expand([b, 1, t, t]);
+    let seg_query = segments.clone().reshape([b, 1, t, 1]).expand([b, 1, t, t]);
+    let seg_key = segments.reshape([b, 1, 1, t]).expand([b, 1, t, t]);
+    let pad_key = seg_key.clone().equal_elem(0);
+    let other_example = seg_query.not_equal(seg_key);
     masked
         .reshape([1, 1, t, t])
         .expand([b, 1, t, t])
         .bool_or(pad_key)
+        .bool_or(other_example)
 }
 
 #[cfg(test)]
@@ -30,8 +33,8 @@ mod tests {
     use super::*;
     use burn::tensor::{Device, TensorData};
 
-    fn flags(padding: Vec<i64>, b: usize, t: usize, window: Option<usize>) -> Vec<bool> {
-        let pad = Tensor::<2, Int>::from_data(TensorData::new(padding, [b, t]), &Device::flex());
+    fn flags(segments: Vec<i64>, b: usize, t: usize, window: Option<usize>) -> Vec<bool> {
+        let pad = Tensor::<2, Int>::from_data(TensorData::new(segments, [b, t]), &Device::flex());
         attention_mask(pad, window)
             .into_data()
             .try_to_vec::<bool>()
@@ -48,7 +51,8 @@ mod tests {
             for i in 0..t {
                 for j in 0..t {
                     let n = (bi * t + i) * t + j;
-                    let pad = bi == 1 && j >= 3;
+                    // Padding queries see nothing; real queries never see padding keys.
+                    let pad = bi == 1 && (j >= 3 || i >= 3);
                     assert_eq!(plain[n], j > i || pad, "b{bi} q{i} k{j}");
                     assert_eq!(
                         windowed[n],
@@ -56,6 +60,30 @@ mod tests {
                         "b{bi} q{i} k{j}"
                     );
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod packed_tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn packed_examples_never_see_each_other() {
+        // One row: example 1 (3 tokens), example 2 (2 tokens), one padding token.
+        let segments = vec![1, 1, 1, 2, 2, 0];
+        let seg =
+            Tensor::<2, Int>::from_data(TensorData::new(segments.clone(), [1, 6]), &Device::flex());
+        let flags = attention_mask(seg, None)
+            .into_data()
+            .try_to_vec::<bool>()
+            .unwrap();
+        for i in 0..6 {
+            for j in 0..6 {
+                let visible = j <= i && segments[j] != 0 && segments[i] == segments[j];
+                assert_eq!(!flags[i * 6 + j], visible, "q{i} k{j}");
             }
         }
     }
