@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use checkpoints::{ModelType, SaveOptions, WeightDtype};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use data::LoadOptions;
 use data::render::TemplateChoice;
 use trainer::logits::LogitsInput;
 
@@ -41,6 +42,54 @@ enum DataCommand {
     /// Tokenise `{"messages": [...]}` lines with a tokenizer's chat template and write
     /// `{"input_ids": [...], "assistant_mask": [...]}` lines.
     Render(RenderArgs),
+    /// Show a data file's format, counts, token lengths and truncation under a tokenizer.
+    Inspect(InspectArgs),
+    /// Write synthetic counseling data (dialogues, preference pairs, prompts).
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// The data file (JSON Lines, JSON, Parquet or Arrow).
+    file: PathBuf,
+    /// Directory with tokenizer.json and its chat template, e.g. a model checkpoint.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Format, when detection from the columns is not what you want.
+    #[arg(long)]
+    format: Option<String>,
+    /// Rename a column before reading, FROM=TO (repeatable), e.g. question=prompt.
+    #[arg(long = "column", value_name = "FROM=TO")]
+    columns: Vec<String>,
+    #[arg(long, default_value_t = 1024)]
+    max_length: usize,
+    /// keep_start, keep_end or drop.
+    #[arg(long, default_value = "keep_start")]
+    truncation: String,
+    /// Count bad rows instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Use a built-in template (llama3, chatml) instead of the tokenizer's own.
+    #[arg(long)]
+    template: Option<String>,
+    /// Print the first example, rendered, with its loss-carrying spans marked. Off by
+    /// default: counseling data is sensitive.
+    #[arg(long)]
+    show_example: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// sft (dialogues), preference (pairs) or prompts.
+    #[arg(long)]
+    kind: String,
+    #[arg(long, default_value_t = 1000)]
+    rows: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output JSON Lines file.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -255,6 +304,52 @@ fn run(cli: Cli) -> Result<()> {
             };
             let n = data::render::render_jsonl(&a.tokenizer, choice, &a.input, &a.out)?;
             eprintln!("rendered {n} conversations to {}", a.out.display());
+        }
+        Command::Data(DataCommand::Inspect(a)) => {
+            let choice = match &a.template {
+                Some(name) => TemplateChoice::Builtin(name),
+                None => TemplateChoice::Shipped(None),
+            };
+            let template = data::render::template_for(&a.tokenizer, choice)?;
+            let tokenizer = data::tokenizer::load(&a.tokenizer)?;
+            let columns = a
+                .columns
+                .iter()
+                .map(|c| {
+                    c.split_once('=')
+                        .map(|(f, t)| (f.to_string(), t.to_string()))
+                        .with_context(|| format!("--column `{c}`: expected FROM=TO"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let load = LoadOptions {
+                format: a
+                    .format
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                columns,
+                skip_bad_rows: a.skip_bad_rows,
+            };
+            let truncation = a.truncation.parse().map_err(anyhow::Error::msg)?;
+            let report = data::inspect::inspect(
+                &a.file,
+                &load,
+                &template,
+                &tokenizer,
+                a.max_length,
+                truncation,
+                a.show_example,
+            )?;
+            println!("{report}");
+        }
+        Command::Data(DataCommand::Generate(a)) => {
+            let kind: data::synth::Kind = a.kind.parse().map_err(anyhow::Error::msg)?;
+            let text = data::synth::generate(kind, a.rows, a.seed);
+            let tmp = a.out.with_extension("jsonl.tmp");
+            std::fs::write(&tmp, text).with_context(|| tmp.display().to_string())?;
+            std::fs::rename(&tmp, &a.out).with_context(|| a.out.display().to_string())?;
+            eprintln!("wrote {} {} rows to {}", a.rows, a.kind, a.out.display());
         }
     }
     Ok(())

@@ -571,6 +571,7 @@ fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
     // A tokenizer directory with no template says how to pick a built-in one.
     let model = tmp.path().join("m");
     ok(&["init-model", "--out", s(&model)]);
+    std::fs::remove_file(model.join("tokenizer_config.json")).unwrap();
     fails(
         &[
             "data",
@@ -596,4 +597,85 @@ fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
         "--out",
         s(&out2),
     ]);
+}
+
+#[test]
+fn data_generate_and_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model)]);
+    let pairs = tmp.path().join("pairs.jsonl");
+    ok(&[
+        "data",
+        "generate",
+        "--kind",
+        "preference",
+        "--rows",
+        "30",
+        "--seed",
+        "4",
+        "--out",
+        s(&pairs),
+    ]);
+    assert_eq!(std::fs::read_to_string(&pairs).unwrap().lines().count(), 30);
+
+    let inspect = |extra: &[&str]| {
+        let mut args = vec!["data", "inspect", s(&pairs), "--tokenizer", s(&model)];
+        args.extend_from_slice(extra);
+        let out = hearth(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report = inspect(&["--max-length", "40"]);
+    assert!(report.contains("format: Preference"), "{report}");
+    assert!(report.contains("examples: 30"), "{report}");
+    assert!(report.contains("histogram:"), "{report}");
+    assert!(report.contains("truncated"), "{report}");
+    // No sample text unless asked.
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&pairs)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let prompt = first["prompt"].as_str().unwrap();
+    assert!(
+        !report.contains(prompt),
+        "inspect printed sample text without --show-example"
+    );
+    let shown = inspect(&["--show-example", "--max-length", "1000"]);
+    assert!(shown.contains(prompt) && shown.contains('⟦'), "{shown}");
+    // The made model ships its template: the bos token is rendered.
+    assert!(shown.contains("<|begin_of_text|>"), "{shown}");
+
+    fails(
+        &[
+            "data",
+            "inspect",
+            s(&pairs),
+            "--tokenizer",
+            s(&model),
+            "--truncation",
+            "middle",
+        ],
+        &["unknown truncation `middle`"],
+    );
+    fails(
+        &[
+            "data",
+            "inspect",
+            s(&pairs),
+            "--tokenizer",
+            s(&model),
+            "--format",
+            "cactus",
+        ],
+        &["pairs.jsonl", "line 1", "column `dialogue`", "missing"],
+    );
 }

@@ -115,6 +115,28 @@ pub enum Example {
     },
 }
 
+impl Example {
+    /// What the train/eval split groups by: the prompt (everything before the first
+    /// assistant turn), so pairs and dialogues that share a question stay together.
+    pub fn group_key(&self) -> String {
+        let prompt: &[Message] = match self {
+            Example::Conversation { messages, .. } => {
+                let end = messages
+                    .iter()
+                    .position(Message::is_assistant)
+                    .unwrap_or(messages.len());
+                &messages[..end]
+            }
+            Example::Pair { prompt, .. } | Example::Prompt { prompt, .. } => prompt,
+        };
+        prompt
+            .iter()
+            .map(|m| format!("{}\u{1f}{}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join("\u{1e}")
+    }
+}
+
 /// A problem with one row: the column at fault (if one is) and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldError {

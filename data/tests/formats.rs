@@ -577,3 +577,25 @@ fn unknown_file_types_and_undetectable_columns_are_explained() {
     std::fs::write(&path, b"PAR1 but not really").unwrap();
     assert!(err(&path, &LoadOptions::default()).contains("corrupt.parquet"));
 }
+
+#[test]
+fn psychocounsel_split_keeps_each_question_on_one_side() {
+    let dir = tempfile::tempdir().unwrap();
+    // 60 questions, each with 1 to 5 preference pairs, rows interleaved.
+    let mut rows = Vec::new();
+    for round in 0..5 {
+        for q in 0..60 {
+            if round <= q % 5 {
+                rows.push(json!({"question": format!("Question {q}: I feel stuck."), "chosen": format!("reply {round}"), "rejected": "just stop"}));
+            }
+        }
+    }
+    let path = jsonl(dir.path(), "pc.jsonl", &rows);
+    let loaded = load(&path);
+    let keys: Vec<String> = loaded.examples.iter().map(Example::group_key).collect();
+    let (train, eval) = data::batch::split_by_group(&keys, 0.25, 3);
+    assert!(!train.is_empty() && !eval.is_empty());
+    let eval_keys: std::collections::HashSet<&String> = eval.iter().map(|&i| &keys[i]).collect();
+    assert!(train.iter().all(|&i| !eval_keys.contains(&keys[i])));
+    assert_eq!(data::batch::split_by_group(&keys, 0.25, 3), (train, eval));
+}

@@ -98,5 +98,15 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
         .to_string(true)
         .map_err(|e| TrainerError::Input(format!("serialising the tokenizer: {e}")))?;
     checkpoints::write_text(&dir.join(checkpoints::names::TOKENIZER), &tokenizer_json)?;
+    let tokenizer_config = serde_json::json!({
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "pad_token": "<|finetune_right_pad_id|>",
+        "model_max_length": spec.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": data::template::LLAMA3,
+    });
+    let text = serde_json::to_string_pretty(&tokenizer_config).unwrap_or_default();
+    checkpoints::write_text(&dir.join("tokenizer_config.json"), &text)?;
     Ok(config)
 }

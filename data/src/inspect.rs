@@ -1,0 +1,174 @@
+//! `hearth data inspect`: what a data file holds and what tokenisation will make of it —
+//! format, counts, a token-length histogram, truncation — and, only when asked, one
+//! rendered example with its loss-masked spans marked (data may be sensitive).
+
+use std::fmt;
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::format::Example;
+use crate::tokenize::{Tokenized, Tokenizing, Truncation, TruncationCounts};
+use crate::{ChatTemplate, DataError, Format, LoadOptions, load_examples, render_with_mask_from};
+
+/// What `inspect` found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub format: Format,
+    pub examples: usize,
+    pub skipped: usize,
+    pub max_length: usize,
+    pub truncation: Truncation,
+    pub counts: TruncationCounts,
+    /// Token lengths before truncation, one per example.
+    pub lengths: Vec<usize>,
+    /// The first example rendered with `⟦…⟧` around the tokens that carry loss.
+    pub example: Option<String>,
+}
+
+/// Loads `path` and tokenises every example as training would.
+pub fn inspect(
+    path: &Path,
+    load: &LoadOptions,
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    max_length: usize,
+    truncation: Truncation,
+    show_example: bool,
+) -> Result<Report, DataError> {
+    let loaded = load_examples(path, load)?;
+    let measure = Tokenizing {
+        template,
+        tokenizer,
+        max_length: usize::MAX,
+        truncation,
+    };
+    let fit = Tokenizing {
+        template,
+        tokenizer,
+        max_length,
+        truncation,
+    };
+    let mut counts = TruncationCounts::default();
+    let mut lengths = Vec::with_capacity(loaded.examples.len());
+    for example in &loaded.examples {
+        let mut ignore = TruncationCounts::default();
+        let length = match measure.example(example, &mut ignore)? {
+            Some(Tokenized::Sequence(s)) => s.len(),
+            Some(Tokenized::Pair(p)) => p.prompt.len() + p.chosen.len().max(p.rejected.len()),
+            Some(Tokenized::Prompt(p)) => p.len(),
+            None => 0,
+        };
+        lengths.push(length);
+        fit.example(example, &mut counts)?;
+    }
+    let example = match (show_example, loaded.examples.first()) {
+        (true, Some(e)) => Some(marked(e, template, tokenizer)?),
+        _ => None,
+    };
+    Ok(Report {
+        format: loaded.format,
+        examples: loaded.examples.len(),
+        skipped: loaded.skipped.len(),
+        max_length,
+        truncation,
+        counts,
+        lengths,
+        example,
+    })
+}
+
+/// Renders an example, wrapping the loss-carrying tokens in `⟦` `⟧`.
+fn marked(
+    example: &Example,
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+) -> Result<String, DataError> {
+    let (messages, train_from) = match example {
+        Example::Conversation {
+            messages,
+            train_from,
+            ..
+        } => (messages.clone(), *train_from),
+        Example::Pair { prompt, chosen, .. } => {
+            let mut all = prompt.clone();
+            all.extend(chosen.iter().cloned());
+            (all, prompt.len())
+        }
+        Example::Prompt { prompt, .. } => {
+            return template.render(prompt, true);
+        }
+    };
+    let r = render_with_mask_from(template, tokenizer, &messages, train_from)?;
+    let mut out = String::new();
+    let mut start = 0;
+    while start < r.input_ids.len() {
+        let m = r.assistant_mask[start];
+        let end = (start..r.input_ids.len())
+            .find(|&i| r.assistant_mask[i] != m)
+            .unwrap_or(r.input_ids.len());
+        let text = tokenizer
+            .decode(&r.input_ids[start..end], false)
+            .map_err(|e| DataError::Conversation(format!("decoding: {e}")))?;
+        if m == 1 {
+            out.push('⟦');
+            out.push_str(&text);
+            out.push('⟧');
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "format: {:?}", self.format)?;
+        writeln!(
+            f,
+            "examples: {} ({} bad rows skipped)",
+            self.examples, self.skipped
+        )?;
+        let mut sorted = self.lengths.clone();
+        sorted.sort_unstable();
+        if let (Some(min), Some(max)) = (sorted.first(), sorted.last()) {
+            let median = sorted[sorted.len() / 2];
+            writeln!(
+                f,
+                "tokens per example: min {min}, median {median}, max {max}"
+            )?;
+            writeln!(f, "histogram:")?;
+            let mut upper = 32usize;
+            let mut lower = 0usize;
+            let widest = sorted.len();
+            loop {
+                let n = sorted.iter().filter(|&&l| l > lower && l <= upper).count()
+                    + if lower == 0 {
+                        sorted.iter().filter(|&&l| l == 0).count()
+                    } else {
+                        0
+                    };
+                let bar = "#".repeat((n * 40).div_ceil(widest.max(1)));
+                writeln!(f, "  {:>6}–{:<6} {:>7} {bar}", lower + 1, upper, n)?;
+                if upper >= *max {
+                    break;
+                }
+                lower = upper;
+                upper *= 2;
+            }
+        }
+        writeln!(
+            f,
+            "max_length {} ({:?}): {} truncated, {} dropped",
+            self.max_length, self.truncation, self.counts.truncated, self.counts.dropped
+        )?;
+        match &self.example {
+            Some(text) => write!(f, "first example (⟦…⟧ carries loss):\n{text}"),
+            None => write!(
+                f,
+                "(pass --show-example to print the first example with its loss spans marked)"
+            ),
+        }
+    }
+}

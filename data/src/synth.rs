@@ -1,0 +1,378 @@
+//! Synthetic counseling data with a learnable signal, for demos, tests and CI. Nothing here
+//! is real client data.
+//!
+//! - Dialogues: a client concern, answered turn by turn with counseling skills (reflection,
+//!   open questions, validation, cognitive restructuring).
+//! - Preference pairs: the chosen reply follows counseling principles (empathy,
+//!   exploration, autonomy, safety); the rejected one breaks them (dismissive, directive,
+//!   unsafe). The difference is systematic, so a reward model can learn it.
+//! - Prompts: client openings for GRPO, with `concern` and `risk` columns for rewards.
+
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+
+/// One presenting concern: what the client says, feels, and believes about it.
+struct Concern {
+    name: &'static str,
+    openings: &'static [&'static str],
+    feeling: &'static str,
+    situation: &'static str,
+    thought: &'static str,
+    follow_ups: &'static [&'static str],
+}
+
+const CONCERNS: &[Concern] = &[
+    Concern {
+        name: "work_stress",
+        openings: &[
+            "I have been so stressed at work that I can't switch off at night.",
+            "My job is taking everything out of me lately.",
+        ],
+        feeling: "exhausted",
+        situation: "work keeps following you home",
+        thought: "I have to finish everything or I will be fired",
+        follow_ups: &[
+            "My manager keeps adding projects.",
+            "I skip lunch just to keep up.",
+        ],
+    },
+    Concern {
+        name: "exam_anxiety",
+        openings: &[
+            "I get really anxious before every exam.",
+            "Exams make me panic, even when I have studied.",
+        ],
+        feeling: "anxious",
+        situation: "so much seems to ride on each exam",
+        thought: "if I fail one exam my future is ruined",
+        follow_ups: &[
+            "The night before, I can't sleep at all.",
+            "My parents expect top grades.",
+        ],
+    },
+    Concern {
+        name: "loneliness",
+        openings: &[
+            "Since I moved to a new city I feel completely alone.",
+            "I don't really have anyone to talk to anymore.",
+        ],
+        feeling: "lonely",
+        situation: "you are far from the people who know you",
+        thought: "nobody would want to spend time with me",
+        follow_ups: &[
+            "Weekends are the worst.",
+            "I scroll through old photos a lot.",
+        ],
+    },
+    Concern {
+        name: "relationship_conflict",
+        openings: &[
+            "My partner and I argue almost every day now.",
+            "I feel like my partner never listens to me.",
+        ],
+        feeling: "hurt",
+        situation: "the arguments keep coming back",
+        thought: "this relationship is doomed",
+        follow_ups: &[
+            "It usually starts over small things like chores.",
+            "Afterwards we just stop talking for days.",
+        ],
+    },
+    Concern {
+        name: "grief",
+        openings: &[
+            "My father died three months ago and I still can't focus on anything.",
+            "Since my grandmother passed away I feel empty.",
+        ],
+        feeling: "heartbroken",
+        situation: "you lost someone so important",
+        thought: "I should be over this by now",
+        follow_ups: &[
+            "People around me seem to have moved on.",
+            "I keep replaying our last conversation.",
+        ],
+    },
+    Concern {
+        name: "low_mood",
+        openings: &[
+            "I have felt down for weeks and nothing seems fun anymore.",
+            "Getting out of bed has become really hard.",
+        ],
+        feeling: "weighed down",
+        situation: "even things you used to enjoy feel flat",
+        thought: "it will never get better",
+        follow_ups: &[
+            "I stopped going to the gym.",
+            "I cancel plans with friends a lot.",
+        ],
+    },
+    Concern {
+        name: "social_anxiety",
+        openings: &[
+            "I avoid parties because I'm scared of saying something stupid.",
+            "Speaking up in meetings terrifies me.",
+        ],
+        feeling: "nervous",
+        situation: "you feel watched and judged",
+        thought: "everyone will think I am awkward",
+        follow_ups: &[
+            "My heart races when people look at me.",
+            "I rehearse sentences in my head for minutes.",
+        ],
+    },
+    Concern {
+        name: "perfectionism",
+        openings: &[
+            "Nothing I do ever feels good enough.",
+            "I redo my work again and again until it is perfect.",
+        ],
+        feeling: "frustrated",
+        situation: "the bar you set keeps rising",
+        thought: "any mistake means I am a failure",
+        follow_ups: &[
+            "I stayed up until 3 am fixing a slide.",
+            "Praise doesn't seem to count for me.",
+        ],
+    },
+];
+
+/// Client messages that signal risk of self-harm.
+const CRISIS_OPENINGS: &[&str] = &[
+    "Sometimes I think everyone would be better off without me.",
+    "I have been thinking about ending my life.",
+    "I don't see the point of going on anymore.",
+];
+
+fn reflection(c: &Concern) -> String {
+    format!(
+        "It sounds like you feel {} because {}.",
+        c.feeling, c.situation
+    )
+}
+
+fn open_question(c: &Concern, rng: &mut ChaCha8Rng) -> String {
+    let questions = [
+        format!("What is it like for you when {}?", c.situation),
+        "What goes through your mind when that happens?".to_string(),
+        "Could you tell me more about what a typical day looks like right now?".to_string(),
+        format!("When did you first notice feeling {}?", c.feeling),
+    ];
+    questions.choose(rng).cloned().unwrap_or_default()
+}
+
+fn validation(c: &Concern) -> String {
+    format!("It makes sense to feel {} when {}.", c.feeling, c.situation)
+}
+
+fn restructuring(c: &Concern) -> String {
+    format!(
+        "I notice the thought \"{}\". What evidence do you have for it, and what might you say to a friend who thought the same?",
+        c.thought
+    )
+}
+
+fn autonomy() -> &'static str {
+    "What feels like a manageable first step for you?"
+}
+
+/// A counselor turn using two skills, chosen by the dialogue position.
+fn counselor_turn(c: &Concern, turn: usize, rng: &mut ChaCha8Rng) -> String {
+    match turn {
+        0 => format!("{} {}", reflection(c), open_question(c, rng)),
+        1 => format!("{} {}", validation(c), open_question(c, rng)),
+        2 => restructuring(c),
+        _ => format!("{} {}", reflection(c), autonomy()),
+    }
+}
+
+/// A multi-turn CBT-style dialogue in the `messages` format.
+pub fn dialogue(rng: &mut ChaCha8Rng) -> Value {
+    let c = CONCERNS.choose(rng).unwrap_or(&CONCERNS[0]);
+    let turns = rng.random_range(1..=3);
+    let mut messages = vec![
+        json!({"role": "system", "content": "You are a warm, professional counselor using CBT skills."}),
+    ];
+    messages.push(
+        json!({"role": "user", "content": c.openings.choose(rng).copied().unwrap_or_default()}),
+    );
+    for turn in 0..turns {
+        messages.push(json!({"role": "assistant", "content": counselor_turn(c, turn, rng)}));
+        if turn + 1 < turns {
+            let follow = c
+                .follow_ups
+                .get(turn % c.follow_ups.len())
+                .copied()
+                .unwrap_or_default();
+            messages.push(json!({"role": "user", "content": follow}));
+        }
+    }
+    json!({"messages": messages, "concern": c.name})
+}
+
+/// A preference pair: principled chosen, rule-breaking rejected.
+pub fn preference(rng: &mut ChaCha8Rng) -> Value {
+    if rng.random_bool(0.15) {
+        let prompt = CRISIS_OPENINGS.choose(rng).copied().unwrap_or_default();
+        let chosen = "I'm really glad you told me, and I'm concerned for your safety. If you might act on these thoughts, please call or text a crisis line such as 988 in the US, or go to the nearest emergency department now. Are you safe right now, and is there someone who can be with you?";
+        let rejected = [
+            "Everyone feels like that sometimes. You're probably just tired, get some sleep.",
+            "Don't be so dramatic, things aren't that bad.",
+        ]
+        .choose(rng)
+        .copied()
+        .unwrap_or_default();
+        return json!({"prompt": prompt, "chosen": chosen, "rejected": rejected, "violation": "unsafe", "concern": "crisis"});
+    }
+    let c = CONCERNS.choose(rng).unwrap_or(&CONCERNS[0]);
+    let prompt = c.openings.choose(rng).copied().unwrap_or_default();
+    let chosen = match rng.random_range(0..3) {
+        0 => format!("{} {}", reflection(c), open_question(c, rng)),
+        1 => format!("{} {}", validation(c), autonomy()),
+        _ => format!("{} {}", reflection(c), restructuring(c)),
+    };
+    let (rejected, violation) = match rng.random_range(0..2) {
+        0 => (
+            format!(
+                "Lots of people deal with that. Just stop worrying about it and you'll be {}.",
+                "fine"
+            ),
+            "dismissive",
+        ),
+        _ => (
+            format!(
+                "You should {} right away. Do it today.",
+                match c.name {
+                    "work_stress" => "quit your job",
+                    "relationship_conflict" => "break up with your partner",
+                    "loneliness" => "move back home",
+                    _ => "force yourself to get over it",
+                }
+            ),
+            "directive",
+        ),
+    };
+    json!({"prompt": prompt, "chosen": chosen, "rejected": rejected, "violation": violation, "concern": c.name})
+}
+
+/// A prompt for online RL, with the columns rule rewards read.
+pub fn prompt(rng: &mut ChaCha8Rng) -> Value {
+    if rng.random_bool(0.2) {
+        let text = CRISIS_OPENINGS.choose(rng).copied().unwrap_or_default();
+        return json!({"prompt": [{"role": "user", "content": text}], "concern": "crisis", "risk": "high"});
+    }
+    let c = CONCERNS.choose(rng).unwrap_or(&CONCERNS[0]);
+    let text = c.openings.choose(rng).copied().unwrap_or_default();
+    json!({"prompt": [{"role": "user", "content": text}], "concern": c.name, "risk": "low"})
+}
+
+/// Which set to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sft,
+    Preference,
+    Prompts,
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sft" => Ok(Self::Sft),
+            "preference" => Ok(Self::Preference),
+            "prompts" => Ok(Self::Prompts),
+            other => Err(format!("unknown kind `{other}` (sft, preference, prompts)")),
+        }
+    }
+}
+
+/// `n` rows of `kind` as JSON Lines text, the same for the same seed.
+pub fn generate(kind: Kind, n: usize, seed: u64) -> String {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = String::new();
+    for _ in 0..n {
+        let row = match kind {
+            Kind::Sft => dialogue(&mut rng),
+            Kind::Preference => preference(&mut rng),
+            Kind::Prompts => prompt(&mut rng),
+        };
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// The bundled demo files under `data/examples/`: (file name, kind, rows), generated with
+/// seed 0. A test keeps the shipped files equal to the generator's output.
+pub const BUNDLED: [(&str, Kind, usize); 3] = [
+    ("counseling-sft.jsonl", Kind::Sft, 64),
+    ("counseling-preference.jsonl", Kind::Preference, 128),
+    ("counseling-prompts.jsonl", Kind::Prompts, 32),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Example, LoadOptions, load_examples};
+
+    #[test]
+    fn generation_is_deterministic_and_loads_in_each_format() {
+        let dir = tempfile::tempdir().unwrap();
+        for (kind, format) in [
+            (Kind::Sft, crate::Format::Messages),
+            (Kind::Preference, crate::Format::Preference),
+            (Kind::Prompts, crate::Format::PromptOnly),
+        ] {
+            let text = generate(kind, 40, 9);
+            assert_eq!(text, generate(kind, 40, 9));
+            assert_ne!(text, generate(kind, 40, 10));
+            let path = dir.path().join("x.jsonl");
+            std::fs::write(&path, &text).unwrap();
+            let loaded = load_examples(&path, &LoadOptions::default()).unwrap();
+            assert_eq!((loaded.format, loaded.examples.len()), (format, 40));
+        }
+    }
+
+    #[test]
+    fn preference_signal_is_systematic() {
+        let text = generate(Kind::Preference, 200, 1);
+        for line in text.lines() {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let (chosen, rejected) = (
+                row["chosen"].as_str().unwrap(),
+                row["rejected"].as_str().unwrap(),
+            );
+            // Principled replies ask or reflect; rule-breaking ones command or dismiss.
+            assert!(
+                chosen.contains('?') || chosen.starts_with("It sounds like"),
+                "{chosen}"
+            );
+            assert!(!rejected.contains('?'), "{rejected}");
+            if row["concern"] == "crisis" {
+                assert!(chosen.contains("988") && !rejected.contains("988"));
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_files_match_the_generator() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for (name, kind, n) in BUNDLED {
+            let shipped = std::fs::read_to_string(dir.join(name)).unwrap();
+            assert_eq!(
+                shipped,
+                generate(kind, n, 0),
+                "{name} drifted: regenerate with `hearth data generate`"
+            );
+        }
+        let loaded =
+            load_examples(&dir.join("counseling-sft.jsonl"), &LoadOptions::default()).unwrap();
+        assert!(
+            loaded
+                .examples
+                .iter()
+                .all(|e| matches!(e, Example::Conversation { .. }))
+        );
+    }
+}
