@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use checkpoints::{ModelType, SaveOptions, WeightDtype};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use data::LoadOptions;
 use data::render::TemplateChoice;
 use trainer::logits::LogitsInput;
 
@@ -50,11 +49,13 @@ enum DataCommand {
 
 #[derive(Args)]
 struct InspectArgs {
-    /// The data file (JSON Lines, JSON, Parquet or Arrow).
+    /// A data file (JSON Lines, JSON, Parquet or Arrow), or a recipe (.toml) whose
+    /// `[model]` and `[data]` sections say which data and tokenizer to use.
     file: PathBuf,
-    /// Directory with tokenizer.json and its chat template, e.g. a model checkpoint.
+    /// Directory with tokenizer.json and its chat template, e.g. a model checkpoint
+    /// (default for a recipe: its `[model] path`).
     #[arg(long)]
-    tokenizer: PathBuf,
+    tokenizer: Option<PathBuf>,
     /// Format, when detection from the columns is not what you want.
     #[arg(long)]
     format: Option<String>,
@@ -305,44 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             let n = data::render::render_jsonl(&a.tokenizer, choice, &a.input, &a.out)?;
             eprintln!("rendered {n} conversations to {}", a.out.display());
         }
-        Command::Data(DataCommand::Inspect(a)) => {
-            let choice = match &a.template {
-                Some(name) => TemplateChoice::Builtin(name),
-                None => TemplateChoice::Shipped(None),
-            };
-            let template = data::render::template_for(&a.tokenizer, choice)?;
-            let tokenizer = data::tokenizer::load(&a.tokenizer)?;
-            let columns = a
-                .columns
-                .iter()
-                .map(|c| {
-                    c.split_once('=')
-                        .map(|(f, t)| (f.to_string(), t.to_string()))
-                        .with_context(|| format!("--column `{c}`: expected FROM=TO"))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let load = LoadOptions {
-                format: a
-                    .format
-                    .as_deref()
-                    .map(str::parse)
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?,
-                columns,
-                skip_bad_rows: a.skip_bad_rows,
-            };
-            let truncation = a.truncation.parse().map_err(anyhow::Error::msg)?;
-            let report = data::inspect::inspect(
-                &a.file,
-                &load,
-                &template,
-                &tokenizer,
-                a.max_length,
-                truncation,
-                a.show_example,
-            )?;
-            println!("{report}");
-        }
+        Command::Data(DataCommand::Inspect(a)) => inspect(a)?,
         Command::Data(DataCommand::Generate(a)) => {
             let kind: data::synth::Kind = a.kind.parse().map_err(anyhow::Error::msg)?;
             let text = data::synth::generate(kind, a.rows, a.seed);
@@ -352,6 +316,87 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} {} rows to {}", a.rows, a.kind, a.out.display());
         }
     }
+    Ok(())
+}
+
+/// The parts of a recipe `data inspect` reads: `[model] path` and `[data]`. Other sections
+/// belong to training and are left to it.
+#[derive(serde::Deserialize)]
+struct InspectRecipe {
+    model: Option<ModelSection>,
+    data: data::config::DataConfig,
+}
+
+#[derive(serde::Deserialize)]
+struct ModelSection {
+    path: PathBuf,
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let is_recipe = a.file.extension().is_some_and(|e| e == "toml");
+    let (config, tokenizer_dir) = if is_recipe {
+        let text =
+            std::fs::read_to_string(&a.file).with_context(|| a.file.display().to_string())?;
+        let recipe: InspectRecipe = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
+            anyhow::anyhow!("{}: line {line}: {}", a.file.display(), e.message())
+        })?;
+        let dir = match (a.tokenizer, recipe.model) {
+            (Some(dir), _) => dir,
+            (None, Some(model)) => model.path,
+            (None, None) => bail!(
+                "{}: no [model] path; pass --tokenizer DIR",
+                a.file.display()
+            ),
+        };
+        (recipe.data, dir)
+    } else {
+        let dir = a
+            .tokenizer
+            .context("--tokenizer DIR is needed when inspecting a data file")?;
+        let config = data::config::DataConfig {
+            train: a.file.clone(),
+            eval: None,
+            format: a.format,
+            columns: a
+                .columns
+                .iter()
+                .map(|c| {
+                    c.split_once('=')
+                        .map(|(f, t)| (f.to_string(), t.to_string()))
+                        .with_context(|| format!("--column `{c}`: expected FROM=TO"))
+                })
+                .collect::<Result<_>>()?,
+            skip_bad_rows: a.skip_bad_rows,
+            max_length: a.max_length,
+            truncation: a.truncation,
+            template: a.template,
+            eval_fraction: 0.0,
+            seed: 0,
+            packing: false,
+        };
+        (config, dir)
+    };
+    let choice = match &config.template {
+        Some(name) => TemplateChoice::Builtin(name),
+        None => TemplateChoice::Shipped(None),
+    };
+    let template = data::render::template_for(&tokenizer_dir, choice)?;
+    let tokenizer = data::tokenizer::load(&tokenizer_dir)?;
+    let load = config.load_options().map_err(anyhow::Error::msg)?;
+    let truncation = config.truncation().map_err(anyhow::Error::msg)?;
+    let report = data::inspect::inspect(
+        &config.train,
+        &load,
+        &template,
+        &tokenizer,
+        config.max_length,
+        truncation,
+        a.show_example,
+    )?;
+    println!("{report}");
     Ok(())
 }
 

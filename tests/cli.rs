@@ -679,3 +679,51 @@ fn data_generate_and_inspect() {
         &["pairs.jsonl", "line 1", "column `dialogue`", "missing"],
     );
 }
+
+#[test]
+fn data_inspect_reads_a_recipe_and_rejects_unknown_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model)]);
+    let cactus = tmp.path().join("cactus.json");
+    let rows = serde_json::json!([
+        {"dialogue": "Counselor: Hi.\nClient (sighs): Hard week.\nCounselor: What made it hard?", "cbt_plan": "p"},
+        {"dialogue": "Counselor: Welcome.\nClient: Thanks.\nCounselor: How are you?", "cbt_plan": "q"}
+    ]);
+    std::fs::write(&cactus, rows.to_string()).unwrap();
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n\n[data]\ntrain = {:?}\nformat = \"cactus\"\n",
+            s(&model),
+            s(&cactus)
+        ),
+    )
+    .unwrap();
+    let out = hearth(&["data", "inspect", s(&recipe)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("format: Cactus") && stdout.contains("examples: 2"),
+        "{stdout}"
+    );
+
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n\n[data]\ntrain = {:?}\nmax_lenght = 5\n",
+            s(&model),
+            s(&cactus)
+        ),
+    )
+    .unwrap();
+    fails(
+        &["data", "inspect", s(&recipe)],
+        &["r.toml", "line 6", "max_lenght", "max_length"],
+    );
+}

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod chat;
 mod columnar;
+pub mod config;
 pub mod dataset;
 mod error;
 pub mod format;
