@@ -2,7 +2,7 @@
 //! `Hkv` key/value heads, `D` head dim.
 
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor};
 
 /// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
 ///
@@ -49,6 +49,41 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Boo
     let scores = scores.cast(DType::F32).mask_fill(masked, -1.0e30);
     let probs = softmax(scores, 4).cast(dtype).reshape([b, hkv, g * t, s]);
     probs.matmul(v).reshape([b, h, t, d])
+}
+
+/// Per-token log-probabilities of `targets` under the head `hidden·headᵀ`, and whether the
+/// target is the head's top token, computed `chunk` rows at a time so the forward never
+/// holds more than `[chunk, vocab]` logits.
+///
+/// `hidden`: `[N, H]`; `head`: `[V, H]`; `targets`: `[N]`. Returns `([N], [N] 0/1)`.
+pub fn token_logprobs(
+    hidden: Tensor<2>,
+    head: Tensor<2>,
+    targets: Tensor<1, Int>,
+    chunk: usize,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    let [n, _] = hidden.dims();
+    let chunk = chunk.max(1);
+    let head_t = head.transpose();
+    let mut logprobs = Vec::new();
+    let mut hits = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = hidden
+            .clone()
+            .narrow(0, start, len)
+            .matmul(head_t.clone())
+            .cast(DType::F32);
+        let target = targets.clone().narrow(0, start, len).reshape([len, 1]);
+        let max = logits.clone().max_dim(1).detach();
+        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+        let picked = logits.clone().gather(1, target.clone());
+        logprobs.push((picked - lse).reshape([len]));
+        hits.push(logits.argmax(1).equal(target).int().reshape([len]));
+        start += len;
+    }
+    (Tensor::cat(logprobs, 0), Tensor::cat(hits, 0))
 }
 
 /// The gated MLP activation: `silu(gate) · up`.
@@ -162,6 +197,42 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(worst < 1e-5, "max |Δ| {worst}");
+    }
+
+    #[test]
+    fn chunked_logprobs_match_log_softmax_for_any_chunk() {
+        let (n, h, v) = (7, 5, 11);
+        let hidden = values(n * h, 8);
+        let head = values(v * h, 9);
+        let targets: Vec<i64> = (0..n as i64).map(|i| (i * 4 + 1) % v as i64).collect();
+        // Reference: full logits on the host.
+        let mut want = Vec::new();
+        let mut want_hits = Vec::new();
+        for i in 0..n {
+            let logits: Vec<f32> = (0..v)
+                .map(|k| (0..h).map(|c| hidden[i * h + c] * head[k * h + c]).sum())
+                .collect();
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+            let t = targets[i] as usize;
+            want.push(logits[t] - lse);
+            let top = (0..v).fold(0, |best, k| if logits[k] > logits[best] { k } else { best });
+            want_hits.push((top == t) as i64);
+        }
+        for chunk in [1, 3, 7, 100] {
+            let ids =
+                Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &Device::flex());
+            let (lp, hits) =
+                token_logprobs(tensor(&hidden, [n, h]), tensor(&head, [v, h]), ids, chunk);
+            let lp = lp.into_data().try_into_vec_as::<f32>().unwrap();
+            for (a, b) in lp.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "chunk {chunk}: {a} vs {b}");
+            }
+            assert_eq!(
+                hits.into_data().try_into_vec_as::<i64>().unwrap(),
+                want_hits
+            );
+        }
     }
 
     #[test]

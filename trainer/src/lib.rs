@@ -1,10 +1,12 @@
 //! hearth's trainer: the Llama-family model on burn, and (as they land) the objectives and
 //! the one training loop they share.
 
+pub mod batch;
 pub mod device;
 mod error;
 pub mod logits;
 pub mod model;
+pub mod objectives;
 
 pub use error::TrainerError;
 

@@ -230,7 +230,11 @@ fn proj(
     } else {
         None
     };
-    Ok(Linear { weight, bias })
+    Ok(Linear {
+        weight,
+        bias,
+        lora: None,
+    })
 }
 
 fn norm(

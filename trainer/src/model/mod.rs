@@ -6,6 +6,7 @@ mod checkpoint;
 mod init;
 mod linear;
 mod llama;
+pub mod lora;
 mod mask;
 mod mlp;
 mod norm;
