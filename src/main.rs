@@ -34,6 +34,32 @@ enum Command {
     /// Work with data files.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Train from a TOML recipe (LoRA SFT so far).
+    Train(TrainArgs),
+    /// Fold a LoRA adapter into its base and write a merged Hugging Face checkpoint.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    #[arg(long)]
+    base: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The recipe.
+    recipe: PathBuf,
+    /// Run directory (default: runs/<recipe name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a recipe key, e.g. --set train.max_steps=10 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +144,9 @@ struct LogitsArgs {
     /// Hugging Face checkpoint directory (config.json + safetensors).
     #[arg(long)]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Safetensors file holding `input_ids` and optionally `attention_mask` (integer, [B, T]).
     #[arg(long, required_unless_present = "text", conflicts_with = "text")]
     input: Option<PathBuf>,
@@ -243,7 +272,13 @@ fn run(cli: Cli) -> Result<()> {
                 Some(path) => LogitsInput::File(path),
                 None => LogitsInput::Texts(&a.text),
             };
-            let shape = trainer::logits::write_logits(&a.model, input, &a.out, &device)?;
+            let shape = trainer::logits::write_logits(
+                &a.model,
+                a.adapter.as_deref(),
+                input,
+                &a.out,
+                &device,
+            )?;
             eprintln!(
                 "wrote logits [{}, {}, {}] to {}",
                 shape.batch,
@@ -307,6 +342,32 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("rendered {n} conversations to {}", a.out.display());
         }
         Command::Data(DataCommand::Inspect(a)) => inspect(a)?,
+        Command::Merge(a) => {
+            trainer::model::lora::merge_to_dir(&a.base, &a.adapter, &a.out)?;
+            eprintln!("wrote merged model to {}", a.out.display());
+        }
+        Command::Train(a) => {
+            let recipe = trainer::recipe::load(&a.recipe, &a.set)?;
+            let out = a.out.unwrap_or_else(|| {
+                let name = a
+                    .recipe
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned());
+                PathBuf::from("runs").join(name.unwrap_or_else(|| "run".into()))
+            });
+            let outcome = trainer::train::train(&recipe, &out, true)?;
+            eprintln!(
+                "trained {} steps: loss {:.4} -> {:.4}{}; adapter in {}",
+                outcome.steps,
+                outcome.first_loss,
+                outcome.last_loss,
+                outcome
+                    .eval_loss
+                    .map(|l| format!(", eval_loss {l:.4}"))
+                    .unwrap_or_default(),
+                out.join("final").display()
+            );
+        }
         Command::Data(DataCommand::Generate(a)) => {
             let kind: data::synth::Kind = a.kind.parse().map_err(anyhow::Error::msg)?;
             let text = data::synth::generate(kind, a.rows, a.seed);

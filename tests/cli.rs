@@ -727,3 +727,179 @@ fn data_inspect_reads_a_recipe_and_rejects_unknown_keys() {
         &["r.toml", "line 6", "max_lenght", "max_length"],
     );
 }
+
+#[test]
+fn train_tiny_sft_recipe_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("run");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
+    let set_base = format!("model.path={:?}", s(&base));
+    let set_data = format!("data.train={:?}", s(&data));
+    ok(&[
+        "train",
+        s(&recipe),
+        "--out",
+        s(&run),
+        "--set",
+        &set_base,
+        "--set",
+        &set_data,
+    ]);
+
+    // metrics.jsonl with TRL's names; the assistant-token loss falls clearly.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    for key in [
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "mean_token_accuracy",
+        "num_tokens",
+        "epoch",
+        "step",
+    ] {
+        assert!(
+            train[0].get(key).is_some(),
+            "metrics lack `{key}`: {}",
+            train[0]
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.get("eval_loss").is_some()),
+        "no eval_loss logged"
+    );
+    let losses: Vec<f64> = train.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
+    let first = losses[0];
+    let last_five = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    // Measured: ln(512) ≈ 6.26 at step 1 (a random model) to about 5.45 by step 48.
+    assert!((first - (512f64).ln()).abs() < 0.05, "first loss {first}");
+    assert!(
+        last_five < first - 0.6,
+        "loss did not fall clearly: {first} -> {last_five}"
+    );
+    assert_eq!(train.len(), 48, "6 epochs of 8 batches");
+
+    // Run directory layout: resolved recipe, curve, the last two checkpoints, final adapter.
+    assert!(
+        std::fs::read_to_string(run.join("recipe.toml"))
+            .unwrap()
+            .contains("learning_rate = 0.01")
+    );
+    assert!(
+        std::fs::read_to_string(run.join("loss.svg"))
+            .unwrap()
+            .contains("<polyline")
+    );
+    let mut checkpoints: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    checkpoints.sort();
+    assert_eq!(checkpoints, vec!["checkpoint-30", "checkpoint-40"]);
+    assert!(!run.join(".tmp-final").exists());
+    let adapter = run.join("final");
+    assert!(
+        adapter.join("adapter_model.safetensors").is_file()
+            && adapter.join("adapter_config.json").is_file()
+    );
+
+    // base + adapter and the merged checkpoint give the same logits; both differ from base.
+    let text = "Client: I keep worrying about work.";
+    let with_adapter = tmp.path().join("a.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--text",
+        text,
+        "--out",
+        s(&with_adapter),
+    ]);
+    let merged = tmp.path().join("merged");
+    ok(&[
+        "merge",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(merged.join("tokenizer.json").is_file());
+    let from_merged = tmp.path().join("m.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&merged),
+        "--text",
+        text,
+        "--out",
+        s(&from_merged),
+    ]);
+    let plain = tmp.path().join("p.safetensors");
+    ok(&[
+        "logits",
+        "--model",
+        s(&base),
+        "--text",
+        text,
+        "--out",
+        s(&plain),
+    ]);
+    let (a, m, p) = (
+        read_f32(&with_adapter, "logits").1,
+        read_f32(&from_merged, "logits").1,
+        read_f32(&plain, "logits").1,
+    );
+    let max_diff = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        max_diff(&a, &m) < 1e-4,
+        "merged differs from base + adapter by {}",
+        max_diff(&a, &m)
+    );
+    assert!(max_diff(&a, &p) > 1e-2, "training changed nothing");
+
+    // A second run into the same directory is refused; unknown keys name the nearest one.
+    fails(
+        &[
+            "train",
+            s(&recipe),
+            "--out",
+            s(&run),
+            "--set",
+            &set_base,
+            "--set",
+            &set_data,
+        ],
+        &["already holds a run"],
+    );
+    fails(
+        &[
+            "train",
+            s(&recipe),
+            "--out",
+            s(&tmp.path().join("r2")),
+            "--set",
+            "train.lerning_rate=1",
+        ],
+        &[
+            "tiny-sft.toml",
+            "`lerning_rate`",
+            "did you mean `learning_rate`",
+        ],
+    );
+}

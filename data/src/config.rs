@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::tokenize::Truncation;
 use crate::{Format, LoadOptions};
 
 /// `[data]` in a recipe. Unknown keys are errors, so a typo is never silently ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training data: JSON Lines, JSON, Parquet or Arrow. Paths are used as given.

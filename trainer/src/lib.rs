@@ -7,6 +7,9 @@ mod error;
 pub mod logits;
 pub mod model;
 pub mod objectives;
+pub mod recipe;
+pub mod run_dir;
+pub mod train;
 
 pub use error::TrainerError;
 

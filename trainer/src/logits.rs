@@ -112,6 +112,7 @@ pub enum LogitsInput<'a> {
 /// to another implementation.
 pub fn write_logits(
     model_dir: &Path,
+    adapter: Option<&Path>,
     input: LogitsInput<'_>,
     out: &Path,
     device: &Device,
@@ -132,6 +133,10 @@ pub fn write_logits(
         }
     };
     let (config, model) = load_model(model_dir, device)?;
+    let model = match adapter {
+        Some(dir) => crate::model::lora::load_adapter(dir, model, device)?.0,
+        None => model,
+    };
     let TokenBatch {
         ids,
         mask,

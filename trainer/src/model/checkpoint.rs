@@ -191,6 +191,11 @@ pub fn convert(
     }
     let (config, model) = load_model(src, &Device::flex())?;
     save_model(dst, &config, &model, dtype.unwrap_or(config.dtype), options)?;
+    copy_companions(src, dst)
+}
+
+/// Copies the tokenizer, template and generation-config files that travel with weights.
+pub fn copy_companions(src: &Path, dst: &Path) -> Result<()> {
     for name in COMPANION_FILES {
         let from = src.join(name);
         if from.is_file() {

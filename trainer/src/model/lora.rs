@@ -346,3 +346,14 @@ pub fn merge_lora(mut model: Llama) -> Llama {
     });
     model
 }
+
+/// `hearth merge`: base checkpoint + PEFT adapter → a merged checkpoint in the base's dtype,
+/// with the base's tokenizer and template files.
+pub fn merge_to_dir(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let device = Device::flex();
+    let (config, model) = super::load_model(base, &device)?;
+    let (model, _) = load_adapter(adapter, model, &device)?;
+    let merged = merge_lora(model);
+    super::save_model(out, &config, &merged, config.dtype, Default::default())?;
+    super::copy_companions(base, out)
+}

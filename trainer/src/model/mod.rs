@@ -13,7 +13,9 @@ mod norm;
 mod rope;
 mod specs;
 
-pub use checkpoint::{convert, export_weights, init_random_weights, load_model, save_model};
+pub use checkpoint::{
+    convert, copy_companions, export_weights, init_random_weights, load_model, save_model,
+};
 pub use init::{NewModel, init_model};
 pub use llama::Llama;
 pub use mask::attention_mask;

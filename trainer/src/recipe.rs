@@ -1,0 +1,316 @@
+//! Recipes: TOML deserialised into typed sections with unknown keys refused (naming the
+//! nearest valid key), `--set a.b=value` applied to the TOML before deserialising, and the
+//! resolved recipe written back into the run directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainerError};
+
+/// A whole recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: data::config::DataConfig,
+    pub lora: Option<LoraSection>,
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+/// `[model]`: the base checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face checkpoint directory.
+    pub path: PathBuf,
+    /// Make a tiny random model at `path` first if none is there (CPU smoke runs).
+    #[serde(default)]
+    pub create_if_missing: bool,
+}
+
+/// `[lora]`: adapters on the named projections. Without this section the recipe asks for
+/// full fine-tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub rslora: bool,
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// Start from an existing PEFT adapter instead of a fresh one.
+    pub init_from: Option<PathBuf>,
+}
+
+fn default_r() -> usize {
+    16
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+fn default_targets() -> Vec<String> {
+    [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `[train]`, with TRL's names where TRL has one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub method: String,
+    pub learning_rate: f64,
+    /// constant, linear or cosine.
+    pub lr_scheduler_type: String,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// Stop after this many optimizer steps; 0 means run `num_train_epochs`.
+    pub max_steps: usize,
+    pub num_train_epochs: usize,
+    /// Global gradient-norm clip; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub logging_steps: usize,
+    /// Evaluate every N steps; 0 means only at the end.
+    pub eval_steps: usize,
+    /// Checkpoint every N steps; 0 means only the final adapter.
+    pub save_steps: usize,
+    pub save_total_limit: usize,
+    pub seed: u64,
+    /// cpu, cuda[:N] or wgpu[:N].
+    pub device: String,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            method: "sft".into(),
+            learning_rate: 2e-4,
+            lr_scheduler_type: "linear".into(),
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            max_steps: 0,
+            num_train_epochs: 1,
+            max_grad_norm: 1.0,
+            logging_steps: 1,
+            eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: 2,
+            seed: 42,
+            device: "cpu".into(),
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+/// Reads `path`, applies `overrides` (`section.key=value`), and checks every key.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
+    parse(&text, &path.display().to_string(), overrides)
+}
+
+/// As [`load`], from text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
+        TrainerError::Input(format!("{origin}: line {line}: {}", e.message()))
+    })?;
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table))
+        .map_err(|e| TrainerError::Input(format!("{origin}: {}", with_suggestion(e.message()))))?;
+    recipe.validate(origin)?;
+    Ok(recipe)
+}
+
+impl Recipe {
+    fn validate(&self, origin: &str) -> Result<()> {
+        let t = &self.train;
+        let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
+        if t.method != "sft" {
+            return bad(format!(
+                "train.method `{}`: only `sft` is implemented so far",
+                t.method
+            ));
+        }
+        if self.lora.is_none() {
+            return bad(
+                "no [lora] section: full fine-tuning is not implemented yet; add [lora]".into(),
+            );
+        }
+        if !["constant", "linear", "cosine"].contains(&t.lr_scheduler_type.as_str()) {
+            return bad(format!(
+                "train.lr_scheduler_type `{}` (constant, linear, cosine)",
+                t.lr_scheduler_type
+            ));
+        }
+        if t.per_device_train_batch_size == 0 || t.gradient_accumulation_steps == 0 {
+            return bad("train.per_device_train_batch_size and gradient_accumulation_steps must be positive".into());
+        }
+        if t.max_steps == 0 && t.num_train_epochs == 0 {
+            return bad("set train.max_steps or train.num_train_epochs".into());
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            return bad(format!(
+                "train.learning_rate {} must be positive",
+                t.learning_rate
+            ));
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return bad(format!(
+                "train.warmup_ratio {} must be in [0, 1)",
+                t.warmup_ratio
+            ));
+        }
+        self.data
+            .truncation()
+            .map_err(|e| TrainerError::Input(format!("{origin}: data.truncation: {e}")))?;
+        self.data
+            .load_options()
+            .map_err(|e| TrainerError::Input(format!("{origin}: data.format: {e}")))?;
+        Ok(())
+    }
+
+    /// The resolved recipe as TOML, for the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// `a.b.c=value`: the value is read as TOML (numbers, booleans, arrays, quoted strings),
+/// falling back to a bare string.
+fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
+    let (key, raw) = text.split_once('=').ok_or_else(|| {
+        TrainerError::Input(format!("--set `{text}`: expected section.key=value"))
+    })?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, sections) = parts
+        .split_last()
+        .ok_or_else(|| TrainerError::Input(format!("--set `{text}`: empty key")))?;
+    let mut current = table;
+    for section in sections {
+        current = current
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| {
+                TrainerError::Input(format!("--set `{text}`: `{section}` is not a section"))
+            })?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" plus the closest valid key.
+fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let nearest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .min_by_key(|candidate| strsim::levenshtein(unknown, candidate));
+    match nearest {
+        Some(n) => format!("unknown key `{unknown}`; did you mean `{n}`?"),
+        None => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[lora]\n";
+
+    #[test]
+    fn defaults_overrides_and_round_trip() {
+        let r = parse(
+            MINIMAL,
+            "r.toml",
+            &[
+                "train.learning_rate=1e-3".into(),
+                "lora.targets=[\"q_proj\"]".into(),
+                "train.device=cpu".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.train.learning_rate, 1e-3);
+        assert_eq!(r.lora.as_ref().unwrap().targets, vec!["q_proj"]);
+        assert_eq!(r.lora.as_ref().unwrap().r, 16);
+        assert_eq!(r.train.device, "cpu");
+        let again = parse(&r.to_toml(), "resolved", &[]).unwrap();
+        assert_eq!(again.to_toml(), r.to_toml());
+    }
+
+    #[test]
+    fn unknown_keys_name_the_nearest_valid_one() {
+        let err = parse(
+            &format!("{MINIMAL}[train]\nlearning_rat = 1.0\n"),
+            "r.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("r.toml")
+                && err.contains("`learning_rat`")
+                && err.contains("did you mean `learning_rate`"),
+            "{err}"
+        );
+        let err = parse(MINIMAL, "r.toml", &["train.warmup_ratoi=0.1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `warmup_ratio`"), "{err}");
+        let err = parse(MINIMAL, "r.toml", &["train.max_grad_norm".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("section.key=value"), "{err}");
+        let err = parse(
+            &format!("{MINIMAL}[train]\nmethod = \"dpo\"\n"),
+            "r.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only `sft`"), "{err}");
+    }
+}

@@ -1,0 +1,164 @@
+//! The run directory owns its layout: `recipe.toml`, `metrics.jsonl`, `loss.svg`,
+//! `checkpoint-STEP/` (kept to the last K) and `final/`. Checkpoints are written into a
+//! hidden temporary directory, synced, and renamed into place, so a crash never leaves a
+//! half-written directory under a checkpoint's name.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::{Result, TrainerError};
+
+pub struct RunDir {
+    root: PathBuf,
+}
+
+fn io(path: &Path, e: std::io::Error) -> TrainerError {
+    TrainerError::Input(format!("{}: {e}", path.display()))
+}
+
+impl RunDir {
+    /// Creates `root` for a new run; a directory that already holds a run is refused, so
+    /// nothing written by an earlier run is overwritten.
+    pub fn create(root: &Path) -> Result<Self> {
+        if root.join("metrics.jsonl").exists() || root.join("final").exists() {
+            return Err(TrainerError::Input(format!(
+                "{}: already holds a run; choose another --out",
+                root.display()
+            )));
+        }
+        std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn write_recipe(&self, text: &str) -> Result<()> {
+        checkpoints::write_text(&self.root.join("recipe.toml"), text)?;
+        Ok(())
+    }
+
+    /// Appends one JSON line to `metrics.jsonl` and flushes it.
+    pub fn log(&self, line: &serde_json::Value) -> Result<()> {
+        let path = self.root.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        writeln!(f, "{line}").map_err(|e| io(&path, e))?;
+        f.flush().map_err(|e| io(&path, e))
+    }
+
+    /// Writes `checkpoint-STEP/` through `write`, then removes all but the newest `keep`.
+    pub fn checkpoint(
+        &self,
+        step: usize,
+        keep: usize,
+        write: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let path = self.atomic_dir(&format!("checkpoint-{step}"), write)?;
+        if keep > 0 {
+            let mut steps: Vec<usize> = std::fs::read_dir(&self.root)
+                .map_err(|e| io(&self.root, e))?
+                .filter_map(|e| {
+                    e.ok()?
+                        .file_name()
+                        .to_str()?
+                        .strip_prefix("checkpoint-")?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            steps.sort_unstable();
+            for old in steps.iter().take(steps.len().saturating_sub(keep)) {
+                let dir = self.root.join(format!("checkpoint-{old}"));
+                std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            }
+        }
+        Ok(path)
+    }
+
+    /// Writes `final/` through `write`.
+    pub fn finish(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        self.atomic_dir("final", write)
+    }
+
+    fn atomic_dir(&self, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        let tmp = self.root.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+        write(&tmp)?;
+        for entry in std::fs::read_dir(&tmp).map_err(|e| io(&tmp, e))?.flatten() {
+            let f = std::fs::File::open(entry.path()).map_err(|e| io(&entry.path(), e))?;
+            f.sync_all().map_err(|e| io(&entry.path(), e))?;
+        }
+        let dest = self.root.join(name);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+        if let Ok(dir) = std::fs::File::open(&self.root) {
+            let _ = dir.sync_all();
+        }
+        Ok(dest)
+    }
+
+    /// `loss.svg`: training loss per step, and eval loss where measured.
+    pub fn plot(&self, train: &[(usize, f64)], eval: &[(usize, f64)]) -> Result<()> {
+        checkpoints::write_text(&self.root.join("loss.svg"), &loss_svg(train, eval))?;
+        Ok(())
+    }
+}
+
+/// A small self-contained SVG line chart.
+fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
+    let (w, h, pad) = (640.0, 360.0, 48.0);
+    let all = train.iter().chain(eval).filter(|p| p.1.is_finite());
+    let (mut x_max, mut y_min, mut y_max) = (1usize, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in all {
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    if y_max - y_min < 1e-9 {
+        y_max = y_min + 1.0;
+    }
+    let px = |x: usize| pad + (x as f64 / x_max as f64) * (w - 2.0 * pad);
+    let py = |y: f64| h - pad - (y - y_min) / (y_max - y_min) * (h - 2.0 * pad);
+    let line = |points: &[(usize, f64)], color: &str| {
+        let pts: Vec<String> = points
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            pts.join(" ")
+        )
+    };
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\n\
+         <text x=\"{pad}\" y=\"{t}\">loss (blue: train, orange: eval)</text>\n\
+         <text x=\"4\" y=\"{ytop}\">{y_max:.3}</text><text x=\"4\" y=\"{b}\">{y_min:.3}</text>\n\
+         <text x=\"{r}\" y=\"{xl}\" text-anchor=\"end\">step {x_max}</text>\n{}\n{}\n</svg>\n",
+        line(train, "#1f77b4"),
+        line(eval, "#ff7f0e"),
+        b = h - pad,
+        r = w - pad,
+        t = pad - 16.0,
+        ytop = pad + 4.0,
+        xl = h - pad + 20.0,
+    )
+}
