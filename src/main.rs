@@ -60,6 +60,9 @@ struct TrainArgs {
     /// Override a recipe key, e.g. --set train.max_steps=10 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
+    /// Continue the run in this directory from its newest complete checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -348,14 +351,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(a) => {
             let recipe = trainer::recipe::load(&a.recipe, &a.set)?;
-            let out = a.out.unwrap_or_else(|| {
+            let resume = a.resume.is_some();
+            let out = a.resume.or(a.out).unwrap_or_else(|| {
                 let name = a
                     .recipe
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned());
                 PathBuf::from("runs").join(name.unwrap_or_else(|| "run".into()))
             });
-            let outcome = trainer::train::train(&recipe, &out, true)?;
+            let outcome = trainer::train::train(&recipe, &out, resume, true)?;
             eprintln!(
                 "trained {} steps: loss {:.4} -> {:.4}{}; adapter in {}",
                 outcome.steps,

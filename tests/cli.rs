@@ -903,3 +903,88 @@ fn train_tiny_sft_recipe_end_to_end() {
         ],
     );
 }
+
+/// Training lines of metrics.jsonl (eval and summary lines aside), as text.
+fn loss_lines(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn sigkilled_runs_resume_to_identical_weights_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
+    let base = tmp.path().join("base");
+    let sets: Vec<String> = vec![
+        format!("model.path={:?}", s(&base)),
+        format!("data.train={:?}", s(&data)),
+        "train.max_steps=24".into(),
+        "train.save_steps=4".into(),
+        "train.save_total_limit=3".into(),
+        // Dropout draws from the device RNG: resume must reproduce them too.
+        "lora.dropout=0.1".into(),
+    ];
+    let with_sets = |mut args: Vec<String>| {
+        for s in &sets {
+            args.push("--set".into());
+            args.push(s.clone());
+        }
+        args
+    };
+    let run_a = tmp.path().join("a");
+    let args: Vec<String> = with_sets(vec![
+        "train".into(),
+        s(&recipe).into(),
+        "--out".into(),
+        s(&run_a).into(),
+    ]);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let run_b = tmp.path().join("b");
+    let start: Vec<String> = with_sets(vec![
+        "train".into(),
+        s(&recipe).into(),
+        "--out".into(),
+        s(&run_b).into(),
+    ]);
+    let resume: Vec<String> = with_sets(vec![
+        "train".into(),
+        s(&recipe).into(),
+        "--resume".into(),
+        s(&run_b).into(),
+    ]);
+    let mut kills = 0;
+    for (args, wait_for) in [(&start, "checkpoint-8"), (&resume, "checkpoint-16")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !run_b.join(wait_for).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+        assert!(!run_b.join("final").exists() || kills == 0);
+    }
+    assert!(kills >= 1, "the run finished before it could be killed");
+    let args: Vec<&str> = resume.iter().map(String::as_str).collect();
+    ok(&args);
+
+    let read = |run: &Path| std::fs::read(run.join("final/adapter_model.safetensors")).unwrap();
+    assert!(
+        read(&run_a) == read(&run_b),
+        "resumed weights differ from the uninterrupted run"
+    );
+    assert_eq!(loss_lines(&run_a), loss_lines(&run_b));
+    assert_eq!(loss_lines(&run_b).len(), 24);
+}

@@ -32,6 +32,58 @@ impl RunDir {
         })
     }
 
+    /// Opens an existing run to resume it.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.join("recipe.toml").is_file() {
+            return Err(TrainerError::Input(format!(
+                "{}: not a run directory (no recipe.toml)",
+                root.display()
+            )));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The newest complete checkpoint: `(step, dir)`. Directories that lack a file a
+    /// checkpoint always has are passed over.
+    pub fn latest_checkpoint(&self, required: &[&str]) -> Option<(usize, PathBuf)> {
+        let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.root)
+            .ok()?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let step = e
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("checkpoint-")?
+                    .parse()
+                    .ok()?;
+                Some((step, e.path()))
+            })
+            .filter(|(_, dir)| required.iter().all(|f| dir.join(f).is_file()))
+            .collect();
+        found.sort_by_key(|(s, _)| *s);
+        found.pop()
+    }
+
+    /// Drops metric lines logged after `step` (by a run killed past its last checkpoint).
+    pub fn truncate_metrics(&self, step: usize) -> Result<()> {
+        let path = self.root.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        checkpoints::write_text(&path, &kept)?;
+        Ok(())
+    }
+
     pub fn path(&self) -> &Path {
         &self.root
     }

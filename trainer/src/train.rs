@@ -12,6 +12,7 @@ use data::batch::{Batch, length_grouped_batches, shuffled, split_by_group};
 use data::render::{TemplateChoice, template_for};
 use data::tokenize::{Sequence, Tokenized, Tokenizing, TruncationCounts};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::batch::LmBatch;
@@ -233,11 +234,63 @@ fn evaluate(model: &Llama, batches: &[Batch], device: &Device) -> Option<SftMetr
     })
 }
 
-/// Runs the recipe, writing everything into `out`.
-pub fn train(recipe: &Recipe, out: &Path, progress: bool) -> Result<Outcome> {
+/// Where a run stands, saved with every checkpoint so a resumed run continues exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    global_step: usize,
+    /// The data position: the epoch, and the next group of micro-batches in it.
+    epoch: usize,
+    next_group: usize,
+    seen_tokens: usize,
+    first_loss: f64,
+    history: Vec<(usize, f64)>,
+    eval_history: Vec<(usize, f64)>,
+}
+
+const STATE_FILE: &str = "trainer_state.json";
+const OPTIMIZER_FILE: &str = "optimizer.bin";
+
+/// The device RNG is reseeded before every step from the seed and the step alone, so
+/// dropout draws do not depend on what ran before — a resumed run draws the same.
+fn step_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Runs the recipe, writing everything into `out`; with `resume`, continues the run in
+/// `out` from its newest complete checkpoint.
+pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Result<Outcome> {
     let t = &recipe.train;
-    let run = RunDir::create(out)?;
-    run.write_recipe(&recipe.to_toml())?;
+    let run = if resume {
+        let run = RunDir::open(out)?;
+        let saved = std::fs::read_to_string(out.join("recipe.toml")).unwrap_or_default();
+        if saved != recipe.to_toml() {
+            return Err(TrainerError::Input(format!(
+                "{}: this recipe (with its --set overrides) differs from the one the run started with; resume needs the same",
+                out.join("recipe.toml").display()
+            )));
+        }
+        run
+    } else {
+        let run = RunDir::create(out)?;
+        run.write_recipe(&recipe.to_toml())?;
+        run
+    };
+    let resume_from = if resume {
+        let found = run.latest_checkpoint(&[
+            STATE_FILE,
+            OPTIMIZER_FILE,
+            "adapter_model.safetensors",
+            "adapter_config.json",
+        ]);
+        Some(found.ok_or_else(|| {
+            TrainerError::Input(format!(
+                "{}: no complete checkpoint to resume from",
+                out.display()
+            ))
+        })?)
+    } else {
+        None
+    };
     let base = &recipe.model.path;
     if !base.join("config.json").exists() && recipe.model.create_if_missing {
         init_model(
@@ -266,9 +319,10 @@ pub fn train(recipe: &Recipe, out: &Path, progress: bool) -> Result<Outcome> {
         target_modules: lora.targets.clone(),
         use_rslora: lora.rslora,
     };
-    let (mut model, settings) = match &lora.init_from {
-        Some(dir) => load_adapter(dir, model, &device)?,
-        None => (attach_lora(model, &settings, &device)?, settings),
+    let (mut model, settings) = match (&resume_from, &lora.init_from) {
+        (Some((_, dir)), _) => (load_adapter(dir, model, &device)?.0, settings),
+        (None, Some(dir)) => load_adapter(dir, model, &device)?,
+        (None, None) => (attach_lora(model, &settings, &device)?, settings),
     };
 
     let sets = prepare_data(recipe)?;
@@ -303,6 +357,26 @@ pub fn train(recipe: &Recipe, out: &Path, progress: bool) -> Result<Outcome> {
         .with_epsilon(t.adam_epsilon as f32)
         .with_weight_decay(t.weight_decay as f32)
         .init();
+    let mut state = TrainerState {
+        global_step: 0,
+        epoch: 0,
+        next_group: 0,
+        seen_tokens: 0,
+        first_loss: f64::NAN,
+        history: Vec::new(),
+        eval_history: Vec::new(),
+    };
+    if let Some((step, dir)) = &resume_from {
+        let text = std::fs::read_to_string(dir.join(STATE_FILE))
+            .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.join(STATE_FILE).display())))?;
+        state = serde_json::from_str(&text)
+            .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.join(STATE_FILE).display())))?;
+        let record = burn::optim::OptimizerRecord::load(dir.join(OPTIMIZER_FILE)).map_err(|e| {
+            TrainerError::Input(format!("{}: {e:?}", dir.join(OPTIMIZER_FILE).display()))
+        })?;
+        optim = optim.load_record(record);
+        run.truncate_metrics(*step)?;
+    }
 
     let bar = if progress {
         ProgressBar::new(total as u64)
@@ -314,25 +388,46 @@ pub fn train(recipe: &Recipe, out: &Path, progress: bool) -> Result<Outcome> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let base_name = base.display().to_string();
-    let save = |dir: &Path, model: &Llama, step: usize| -> Result<()> {
+    let save_state = |dir: &Path,
+                      model: &Llama,
+                      optim: &burn::optim::ModuleOptimizer,
+                      state: &TrainerState|
+     -> Result<()> {
         save_adapter(dir, model, &settings, &base_name)?;
-        checkpoints::write_text(
-            &dir.join("trainer_state.json"),
-            &json!({"global_step": step}).to_string(),
-        )?;
+        optim
+            .to_record()
+            .save(dir.join(OPTIMIZER_FILE))
+            .map_err(|e| {
+                TrainerError::Input(format!("{}: {e:?}", dir.join(OPTIMIZER_FILE).display()))
+            })?;
+        let text = serde_json::to_string(state).unwrap_or_default();
+        checkpoints::write_text(&dir.join(STATE_FILE), &text)?;
         Ok(())
     };
 
-    let (mut history, mut eval_history) = (Vec::new(), Vec::new());
-    let (mut step, mut epoch, mut seen_tokens) = (0usize, 0usize, 0usize);
-    let mut first_loss = f64::NAN;
+    let TrainerState {
+        global_step: mut step,
+        mut epoch,
+        next_group: mut skip_groups,
+        mut seen_tokens,
+        mut first_loss,
+        mut history,
+        mut eval_history,
+    } = state;
     let mut epoch_f;
     let mut last_eval = None;
     let started = Instant::now();
+    bar.set_position(step as u64);
     'epochs: loop {
         let batches = epoch_batches(recipe, &sets.train, epoch, pad)?;
+        let groups: Vec<&[Batch]> = batches.chunks(t.gradient_accumulation_steps).collect();
         let step_at_epoch_start = step;
-        for group in batches.chunks(t.gradient_accumulation_steps) {
+        let resumed_mid_epoch = skip_groups > 0;
+        for (g, group) in groups.iter().enumerate() {
+            if g < skip_groups {
+                continue;
+            }
+            device.seed(step_seed(t.seed, step));
             let lms: Vec<LmBatch> = group.iter().map(|b| LmBatch::new(b, &device)).collect();
             let loss_tokens: usize = lms.iter().map(|l| l.num_loss_tokens).sum();
             if loss_tokens == 0 {
@@ -376,14 +471,32 @@ pub fn train(recipe: &Recipe, out: &Path, progress: bool) -> Result<Outcome> {
                 eval_history.push((step, m.loss));
             }
             if t.save_steps > 0 && step % t.save_steps == 0 && step < total {
-                run.checkpoint(step, t.save_total_limit, |dir| save(dir, &model, step))?;
+                // The position after this group; the end of an epoch is the next one's start.
+                let (e, n) = if g + 1 == groups.len() {
+                    (epoch + 1, 0)
+                } else {
+                    (epoch, g + 1)
+                };
+                let snapshot = TrainerState {
+                    global_step: step,
+                    epoch: e,
+                    next_group: n,
+                    seen_tokens,
+                    first_loss,
+                    history: history.clone(),
+                    eval_history: eval_history.clone(),
+                };
+                run.checkpoint(step, t.save_total_limit, |dir| {
+                    save_state(dir, &model, &optim, &snapshot)
+                })?;
                 run.plot(&history, &eval_history)?;
             }
             if step >= total {
                 break 'epochs;
             }
         }
-        if step == step_at_epoch_start {
+        skip_groups = 0;
+        if step == step_at_epoch_start && !resumed_mid_epoch {
             return Err(TrainerError::Input(format!(
                 "{}: no batch has a token to learn from",
                 recipe.data.train.display()
@@ -397,7 +510,16 @@ pub fn train(recipe: &Recipe, out: &Path, progress: bool) -> Result<Outcome> {
         eval_history.push((step, m.loss));
         last_eval = Some(m.loss);
     }
-    run.finish(|dir| save(dir, &model, step))?;
+    let done = TrainerState {
+        global_step: step,
+        epoch,
+        next_group: 0,
+        seen_tokens,
+        first_loss,
+        history: history.clone(),
+        eval_history: eval_history.clone(),
+    };
+    run.finish(|dir| save_state(dir, &model, &optim, &done))?;
     run.plot(&history, &eval_history)?;
     run.log(&json!({"truncated": sets.counts.truncated, "dropped": sets.counts.dropped, "train_runtime": started.elapsed().as_secs_f64(), "step": step}))?;
     Ok(Outcome {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use checkpoints::{OwnedTensor, WeightDtype, WeightFiles};
@@ -50,6 +50,19 @@ impl Lora {
     pub fn merged_delta(&self) -> Tensor<2> {
         self.b.val().matmul(self.a.val()).mul_scalar(self.scale)
     }
+}
+
+/// A trainable factor whose parameter id depends only on its module path, so optimizer
+/// state saved by one process finds its parameter again in the next (exact resume).
+fn factor(module: &str, name: &str, value: Tensor<2>) -> Param<Tensor<2>> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("hearth.lora.{module}.{name}").bytes() {
+        hash ^= b as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut param = Param::from_tensor(value);
+    param.id = ParamId::from(hash);
+    param
 }
 
 /// What PEFT's `adapter_config.json` says about a LoRA adapter (the keys hearth uses).
@@ -169,7 +182,7 @@ pub fn attach_lora(model: Llama, settings: &LoraSettings, device: &Device) -> Re
     }
     let mut model = model.no_grad();
     let scale = settings.scale();
-    for_each_projection(&mut model, |_, name, proj| {
+    for_each_projection(&mut model, |module, name, proj| {
         if settings.target_modules.iter().any(|t| t == name) {
             let [out, inp] = proj.out_in();
             let bound = 1.0 / (inp as f64).sqrt();
@@ -180,8 +193,8 @@ pub fn attach_lora(model: Llama, settings: &LoraSettings, device: &Device) -> Re
             );
             let b = Tensor::<2>::zeros([out, settings.r], device);
             proj.lora = Some(Lora {
-                a: Param::from_tensor(a),
-                b: Param::from_tensor(b),
+                a: factor(module, "A", a),
+                b: factor(module, "B", b),
                 scale,
                 dropout: DropoutConfig::new(settings.lora_dropout).init(),
             });
@@ -318,14 +331,16 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
             .take(&peft_key(module, "B"), &[out, settings.r])?
             .to_f32()?;
         proj.lora = Some(Lora {
-            a: Param::from_tensor(Tensor::from_data(
-                TensorData::new(a, [settings.r, inp]),
-                device,
-            )),
-            b: Param::from_tensor(Tensor::from_data(
-                TensorData::new(b, [out, settings.r]),
-                device,
-            )),
+            a: factor(
+                module,
+                "A",
+                Tensor::from_data(TensorData::new(a, [settings.r, inp]), device),
+            ),
+            b: factor(
+                module,
+                "B",
+                Tensor::from_data(TensorData::new(b, [out, settings.r]), device),
+            ),
             scale,
             dropout: DropoutConfig::new(settings.lora_dropout).init(),
         });
