@@ -282,6 +282,33 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_recipe_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let r = load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+                assert!(r.lora.is_some());
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "expected the tiny, cactus and psylite recipes");
+        let psylite = load(&dir.join("psylite-sft.toml"), &[]).unwrap();
+        let l = psylite.lora.unwrap();
+        assert_eq!((l.r, l.alpha, l.dropout), (64, 16.0, 0.1));
+        assert!(psylite.data.packing && psylite.data.max_length == 4096);
+        assert_eq!(
+            load(&dir.join("cactus-sft.toml"), &[])
+                .unwrap()
+                .data
+                .format
+                .as_deref(),
+            Some("cactus")
+        );
+    }
+
+    #[test]
     fn unknown_keys_name_the_nearest_valid_one() {
         let err = parse(
             &format!("{MINIMAL}[train]\nlearning_rat = 1.0\n"),
