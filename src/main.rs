@@ -38,6 +38,41 @@ enum Command {
     Train(TrainArgs),
     /// Fold a LoRA adapter into its base and write a merged Hugging Face checkpoint.
     Merge(MergeArgs),
+    /// Generate a reply with a model (and adapter), through its chat template.
+    Generate(GenerateTextArgs),
+}
+
+#[derive(Args)]
+struct GenerateTextArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// One user message to answer.
+    #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+    prompt: Option<String>,
+    /// Converse: each line on standard input is a user message.
+    #[arg(long)]
+    chat: bool,
+    /// Optional system message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Use a built-in template (llama3, chatml) instead of the model's own.
+    #[arg(long)]
+    template: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -345,6 +380,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("rendered {n} conversations to {}", a.out.display());
         }
         Command::Data(DataCommand::Inspect(a)) => inspect(a)?,
+        Command::Generate(a) => generate(a)?,
         Command::Merge(a) => {
             trainer::model::lora::merge_to_dir(&a.base, &a.adapter, &a.out)?;
             eprintln!("wrote merged model to {}", a.out.display());
@@ -462,6 +498,58 @@ fn inspect(a: InspectArgs) -> Result<()> {
         a.show_example,
     )?;
     println!("{report}");
+    Ok(())
+}
+
+fn generate(a: GenerateTextArgs) -> Result<()> {
+    use std::io::BufRead;
+    let device = trainer::device::parse(&a.device)?;
+    let (config, model) = trainer::model::load_model(&a.model, &device)?;
+    let model = match &a.adapter {
+        Some(dir) => trainer::model::lora::load_adapter(dir, model, &device)?.0,
+        None => model,
+    };
+    let choice = match &a.template {
+        Some(name) => TemplateChoice::Builtin(name),
+        None => TemplateChoice::Shipped(None),
+    };
+    let template = data::render::template_for(&a.model, choice)?;
+    let tokenizer = data::tokenizer::load(&a.model)?;
+    let stop = trainer::generate::stop_tokens(&a.model, &config, &tokenizer);
+    let sampling = trainer::generate::Sampling {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut messages: Vec<data::Message> = a
+        .system
+        .iter()
+        .map(|s| data::Message::new("system", s.clone()))
+        .collect();
+    let reply = |messages: &mut Vec<data::Message>, text: String| -> Result<String> {
+        messages.push(data::Message::new("user", text));
+        let prompt = data::chat::encode(&tokenizer, &template.render(messages, true)?)?;
+        let ids = trainer::generate::generate(&model, &prompt, &stop, &sampling, &device)?;
+        let answer = tokenizer
+            .decode(&ids, true)
+            .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+        messages.push(data::Message::new("assistant", answer.clone()));
+        Ok(answer)
+    };
+    match a.prompt {
+        Some(text) => println!("{}", reply(&mut messages, text)?),
+        None => {
+            for line in std::io::stdin().lock().lines() {
+                let line = line.context("reading standard input")?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                println!("{}", reply(&mut messages, line)?);
+            }
+        }
+    }
     Ok(())
 }
 

@@ -988,3 +988,71 @@ fn sigkilled_runs_resume_to_identical_weights_and_metrics() {
     assert_eq!(loss_lines(&run_a), loss_lines(&run_b));
     assert_eq!(loss_lines(&run_b).len(), 24);
 }
+
+#[test]
+fn generate_answers_a_prompt_and_a_chat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model), "--init-std", "0.3"]);
+    let out = hearth(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "I feel tired.",
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = String::from_utf8(out.stdout).unwrap();
+    let again = hearth(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "I feel tired.",
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert_eq!(
+        String::from_utf8(again.stdout).unwrap(),
+        first,
+        "greedy decoding is deterministic"
+    );
+
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args([
+            "generate",
+            "--model",
+            s(&model),
+            "--chat",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "1",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello.\n\nHow are you?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().lines().count(),
+        2,
+        "one reply per message"
+    );
+}

@@ -5,7 +5,7 @@ use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use checkpoints::ModelConfig;
 
-use super::attention::Attention;
+use super::attention::{Attention, LayerCache};
 use super::linear::Linear;
 use super::mask::attention_mask;
 use super::mlp::Mlp;
@@ -24,6 +24,28 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<3>,
+        sin: &Tensor<3>,
+        masked: Tensor<4, Bool>,
+        cache: Option<LayerCache>,
+    ) -> (Tensor<3>, LayerCache) {
+        let (attn, cache) = self.self_attn.forward_cached(
+            self.input_layernorm.forward(x.clone()),
+            cos.clone(),
+            sin.clone(),
+            masked,
+            cache,
+        );
+        let x = x + attn;
+        let mlp = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
+        (x + mlp, cache)
+    }
+
     fn forward(
         &self,
         x: Tensor<3>,
@@ -195,6 +217,42 @@ impl Llama {
             x = layer.forward(x, &cos, &sin, masked);
         }
         self.norm.forward(x)
+    }
+
+    /// Final hidden states of `ids` (`[1, n]`) continuing a sequence whose first `start`
+    /// tokens are in `cache` (one entry per layer, empty at the start). Returns the hidden
+    /// states `[1, n, hidden]` and the extended cache.
+    pub fn hidden_cached(
+        &self,
+        ids: Tensor<2, Int>,
+        start: usize,
+        cache: Vec<LayerCache>,
+    ) -> (Tensor<3>, Vec<LayerCache>) {
+        let [b, n] = ids.dims();
+        let device = ids.device();
+        let total = start + n;
+        let positions = Tensor::<1, Int>::arange(start as i64..total as i64, &device)
+            .reshape([1, n])
+            .expand([b, n]);
+        let (cos, sin) = cos_sin(&self.inv_freq, positions);
+        let query = Tensor::<1, Int>::arange(start as i64..total as i64, &device).reshape([n, 1]);
+        let key = Tensor::<1, Int>::arange(0..total as i64, &device).reshape([1, total]);
+        let distance = query.expand([n, total]) - key.expand([n, total]);
+        let causal = distance.clone().lower_elem(0);
+        let mut x = embedding(self.embed_tokens.val(), ids);
+        let mut caches = cache.into_iter();
+        let mut out = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let mut masked = causal.clone();
+            if let Some(w) = layer.sliding_window {
+                masked = masked.bool_or(distance.clone().greater_equal_elem(w as i64));
+            }
+            let masked = masked.reshape([1, 1, n, total]).expand([b, 1, n, total]);
+            let (y, c) = layer.forward_cached(x, &cos, &sin, masked, caches.next());
+            x = y;
+            out.push(c);
+        }
+        (self.norm.forward(x), out)
     }
 
     /// The output projection, `[vocab, hidden]`: `lm_head`, or the embeddings when tied.

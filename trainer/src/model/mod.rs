@@ -13,6 +13,7 @@ mod norm;
 mod rope;
 mod specs;
 
+pub use attention::LayerCache;
 pub use checkpoint::{
     convert, copy_companions, export_weights, init_random_weights, load_model, save_model,
 };

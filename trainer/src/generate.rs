@@ -1,0 +1,203 @@
+//! Text generation with a KV cache: the prompt is run once, then one token per step, each
+//! step attending to the cached keys and values. Sampling happens on the host over the last
+//! position's logits: greedy, or temperature with top-k and top-p, seeded.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::{LayerCache, Llama};
+use crate::{Result, TrainerError};
+
+/// How to pick tokens.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens; 0 turns it off.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p; 1 turns it off.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Picks the next token from `logits`.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+                if l > best.1 { (i, l) } else { best }
+            })
+            .0 as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        order.truncate(s.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / s.temperature).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut keep = order.len();
+    if s.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        for (n, w) in weights.iter().enumerate() {
+            cumulative += w / total;
+            if cumulative >= s.top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+    }
+    let kept_total: f64 = weights[..keep].iter().sum();
+    let mut draw = rng.random::<f64>() * kept_total;
+    for (n, w) in weights[..keep].iter().enumerate() {
+        draw -= w;
+        if draw <= 0.0 {
+            return order[n] as u32;
+        }
+    }
+    order[keep - 1] as u32
+}
+
+fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<f32> {
+    let [_, n, h] = hidden.dims();
+    let last = hidden.narrow(1, n - 1, 1).reshape([1, h]);
+    let logits = burn::tensor::module::linear(last, model.head_weight().transpose(), None);
+    logits
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap_or_default()
+}
+
+/// Continues `prompt` until a stop token or `max_new_tokens`. Returns the new tokens,
+/// without the stop token.
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    stop: &[u32],
+    s: &Sampling,
+    device: &Device,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(TrainerError::Input("the prompt is empty".into()));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let ids = |v: &[u32]| {
+        let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
+        let n = v.len();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [1, n]), device)
+    };
+    let (hidden, mut cache): (Tensor<3>, Vec<LayerCache>) =
+        model.hidden_cached(ids(prompt), 0, Vec::new());
+    let mut logits = last_logits(model, hidden);
+    let mut out = Vec::new();
+    for position in prompt.len()..prompt.len() + s.max_new_tokens {
+        let next = sample(&logits, s, &mut rng);
+        if stop.contains(&next) {
+            break;
+        }
+        out.push(next);
+        let (hidden, c) = model.hidden_cached(ids(&[next]), position, cache);
+        cache = c;
+        logits = last_logits(model, hidden);
+    }
+    Ok(out)
+}
+
+/// The ids generation stops on: the config's `eos_token_id`s, the tokenizer config's
+/// `eos_token`, and `generation_config.json`'s `eos_token_id`.
+pub fn stop_tokens(
+    dir: &Path,
+    config: &checkpoints::ModelConfig,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Vec<u32> {
+    let mut stop = config.eos_token_ids.clone();
+    let read = |name: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+    };
+    if let Some(tc) = read("tokenizer_config.json") {
+        let eos = data::SpecialTokens::from_tokenizer_config(&tc).eos_token;
+        stop.extend(eos.and_then(|t| tokenizer.token_to_id(&t)));
+    }
+    if let Some(gc) = read("generation_config.json") {
+        match gc.get("eos_token_id") {
+            Some(serde_json::Value::Array(ids)) => {
+                stop.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+            }
+            Some(v) => stop.extend(v.as_u64().map(|v| v as u32)),
+            None => {}
+        }
+    }
+    stop.sort_unstable();
+    stop.dedup();
+    stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_rules() {
+        let logits = [0.1f32, 2.0, 1.5, -1.0];
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(sample(&logits, &Sampling::default(), &mut rng), 1);
+        let top1 = Sampling {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        assert!((0..50).all(|_| sample(&logits, &top1, &mut rng) == 1));
+        let tight_p = Sampling {
+            temperature: 1.0,
+            top_p: 0.01,
+            ..Default::default()
+        };
+        assert!((0..50).all(|_| sample(&logits, &tight_p, &mut rng) == 1));
+        let two = Sampling {
+            temperature: 1.0,
+            top_k: 2,
+            ..Default::default()
+        };
+        let draws: Vec<u32> = (0..400).map(|_| sample(&logits, &two, &mut rng)).collect();
+        assert!(draws.iter().all(|&t| t == 1 || t == 2));
+        let ones = draws.iter().filter(|&&t| t == 1).count() as f64 / 400.0;
+        // p(1) = e^2 / (e^2 + e^1.5) ≈ 0.62.
+        assert!((ones - 0.62).abs() < 0.08, "{ones}");
+        let seeded = |seed| {
+            let mut r = ChaCha8Rng::seed_from_u64(seed);
+            let s = Sampling {
+                temperature: 1.0,
+                ..Default::default()
+            };
+            (0..20)
+                .map(|_| sample(&logits, &s, &mut r))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seeded(3), seeded(3));
+    }
+}
