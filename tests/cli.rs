@@ -1056,3 +1056,34 @@ fn generate_answers_a_prompt_and_a_chat() {
         "one reply per message"
     );
 }
+
+#[test]
+fn gradient_checkpointing_changes_memory_not_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
+    let base = format!("model.path={:?}", s(&tmp.path().join("base")));
+    let train = format!("data.train={:?}", s(&data));
+    let mut lines = Vec::new();
+    for (name, flag) in [("plain", "false"), ("checkpointed", "true")] {
+        let run = tmp.path().join(name);
+        let gc = format!("train.gradient_checkpointing={flag}");
+        ok(&[
+            "train",
+            s(&recipe),
+            "--out",
+            s(&run),
+            "--set",
+            &base,
+            "--set",
+            &train,
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            &gc,
+        ]);
+        lines.push(loss_lines(&run));
+    }
+    assert_eq!(lines[0].len(), 3);
+    assert_eq!(lines[0], lines[1]);
+}

@@ -105,6 +105,8 @@ struct Sets {
     train: Vec<Sequence>,
     eval: Vec<Sequence>,
     counts: TruncationCounts,
+    /// Bad rows skipped under `skip_bad_rows`, across the train and eval files.
+    skipped_rows: usize,
 }
 
 fn prepare_data(recipe: &Recipe) -> Result<Sets> {
@@ -140,12 +142,15 @@ fn prepare_data(recipe: &Recipe) -> Result<Sets> {
         }
         Ok(out)
     };
-    let train_examples = data::load_examples(&d.train, &options)?.examples;
+    let loaded = data::load_examples(&d.train, &options)?;
+    let mut skipped_rows = loaded.skipped.len();
+    let train_examples = loaded.examples;
     let (train, eval) = match &d.eval {
-        Some(path) => (
-            tokenize(&train_examples)?,
-            tokenize(&data::load_examples(path, &options)?.examples)?,
-        ),
+        Some(path) => {
+            let eval_loaded = data::load_examples(path, &options)?;
+            skipped_rows += eval_loaded.skipped.len();
+            (tokenize(&train_examples)?, tokenize(&eval_loaded.examples)?)
+        }
         None => {
             let keys: Vec<String> = train_examples
                 .iter()
@@ -170,6 +175,7 @@ fn prepare_data(recipe: &Recipe) -> Result<Sets> {
         train,
         eval,
         counts,
+        skipped_rows,
     })
 }
 
@@ -521,7 +527,14 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     };
     run.finish(|dir| save_state(dir, &model, &optim, &done))?;
     run.plot(&history, &eval_history)?;
-    run.log(&json!({"truncated": sets.counts.truncated, "dropped": sets.counts.dropped, "train_runtime": started.elapsed().as_secs_f64(), "step": step}))?;
+    run.log(&json!({
+        "truncated": sets.counts.truncated, "dropped": sets.counts.dropped,
+        "skipped_rows": sets.skipped_rows,
+        "train_runtime": started.elapsed().as_secs_f64(), "step": step,
+    }))?;
+    if sets.skipped_rows > 0 {
+        eprintln!("skipped {} bad rows (skip_bad_rows)", sets.skipped_rows);
+    }
     Ok(Outcome {
         steps: step,
         first_loss,
