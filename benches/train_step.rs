@@ -15,7 +15,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use data::batch::Batch;
 use data::tokenize::Sequence;
 use trainer::batch::LmBatch;
-use trainer::model::lora::{LoraSettings, attach_lora};
+use trainer::model::lora::{LAYER_PROJECTIONS, LoraSettings, attach_lora};
 use trainer::model::{init_random_weights, load_model};
 use trainer::objectives::sft::sft_loss;
 
@@ -55,17 +55,7 @@ fn bench(c: &mut Criterion) {
         r: 16,
         lora_alpha: 32.0,
         lora_dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: LAYER_PROJECTIONS.map(String::from).to_vec(),
         use_rslora: false,
     };
     let mut model = Some(attach_lora(model, &settings, &device).unwrap());

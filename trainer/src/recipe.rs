@@ -56,17 +56,9 @@ fn default_alpha() -> f64 {
     32.0
 }
 fn default_targets() -> Vec<String> {
-    [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ]
-    .map(String::from)
-    .to_vec()
+    crate::model::lora::LAYER_PROJECTIONS
+        .map(String::from)
+        .to_vec()
 }
 
 /// `[train]`, with TRL's names where TRL has one.

@@ -10,7 +10,9 @@ use data::batch::Batch;
 use data::tokenize::{Tokenized, Tokenizing, Truncation, TruncationCounts};
 use data::{ChatTemplate, LoadOptions, load_examples};
 use trainer::batch::LmBatch;
-use trainer::model::lora::{LoraSettings, attach_lora, load_adapter, merge_lora, save_adapter};
+use trainer::model::lora::{
+    LoraSettings, TARGETS, attach_lora, load_adapter, merge_lora, save_adapter,
+};
 use trainer::model::{Llama, NewModel, init_model, load_model, save_model};
 use trainer::objectives::sft::sft_loss;
 
@@ -107,18 +109,7 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         r: 8,
         lora_alpha: 16.0,
         lora_dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-            "lm_head",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: TARGETS.map(String::from).to_vec(),
         use_rslora: false,
     };
     let mut model = attach_lora(model, &settings, &device).unwrap();

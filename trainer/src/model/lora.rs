@@ -15,8 +15,9 @@ use super::linear::Linear;
 use super::llama::Llama;
 use crate::{Result, TrainerError};
 
-/// The projections an adapter can sit on, by PEFT's module names.
-pub const TARGETS: [&str; 8] = [
+/// The seven projections of every decoder layer, by PEFT's module names: the usual LoRA
+/// targets.
+pub const LAYER_PROJECTIONS: [&str; 7] = [
     "q_proj",
     "k_proj",
     "v_proj",
@@ -24,6 +25,17 @@ pub const TARGETS: [&str; 8] = [
     "gate_proj",
     "up_proj",
     "down_proj",
+];
+
+/// Every projection an adapter can sit on: the layers' seven and the output head.
+pub const TARGETS: [&str; 8] = [
+    LAYER_PROJECTIONS[0],
+    LAYER_PROJECTIONS[1],
+    LAYER_PROJECTIONS[2],
+    LAYER_PROJECTIONS[3],
+    LAYER_PROJECTIONS[4],
+    LAYER_PROJECTIONS[5],
+    LAYER_PROJECTIONS[6],
     "lm_head",
 ];
 
