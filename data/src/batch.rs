@@ -51,6 +51,27 @@ impl Batch {
         self.rows += 1;
     }
 
+    /// The batch made of the given rows, in that order.
+    pub fn select_rows(&self, rows: &[usize]) -> Self {
+        let w = self.width;
+        let pick = |v: &[u32]| -> Vec<u32> {
+            rows.iter()
+                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                .collect()
+        };
+        Self {
+            rows: rows.len(),
+            width: w,
+            ids: pick(&self.ids),
+            loss_mask: rows
+                .iter()
+                .flat_map(|&r| self.loss_mask[r * w..(r + 1) * w].iter().copied())
+                .collect(),
+            positions: pick(&self.positions),
+            segments: pick(&self.segments),
+        }
+    }
+
     /// One right-padded row per sequence, as wide as the longest.
     pub fn padded(seqs: &[&Sequence], pad_id: u32) -> Self {
         let width = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -175,6 +196,12 @@ mod tests {
         assert_eq!(batch.positions[6..], [0, 1, 2, 3, 4, 5]);
         assert_eq!(batch.ids[6..], [20, 21, 22, 23, 0, 0]);
         assert_eq!(batch.segments[6..], [1, 1, 1, 1, 0, 0]);
+        let second = batch.select_rows(&[1]);
+        assert_eq!(
+            (second.rows, second.ids.clone()),
+            (1, batch.ids[6..].to_vec())
+        );
+        assert_eq!(second.segments, batch.segments[6..]);
         let long = seq(7, 0);
         let err = Batch::packed(&[&long], 6, 0).unwrap_err().to_string();
         assert!(err.contains("7 tokens") && err.contains("width 6"), "{err}");

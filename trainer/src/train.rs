@@ -187,31 +187,8 @@ fn epoch_batches(recipe: &Recipe, seqs: &[Sequence], epoch: usize, pad: u32) -> 
         let order = shuffled(seqs.len(), seed);
         let refs: Vec<&Sequence> = order.iter().map(|&i| &seqs[i]).collect();
         let packed = Batch::packed(&refs, recipe.data.max_length, pad)?;
-        let w = packed.width;
-        return Ok((0..packed.rows)
-            .collect::<Vec<_>>()
-            .chunks(bs)
-            .map(|rows| Batch {
-                rows: rows.len(),
-                width: w,
-                ids: rows
-                    .iter()
-                    .flat_map(|&r| packed.ids[r * w..(r + 1) * w].to_vec())
-                    .collect(),
-                loss_mask: rows
-                    .iter()
-                    .flat_map(|&r| packed.loss_mask[r * w..(r + 1) * w].to_vec())
-                    .collect(),
-                positions: rows
-                    .iter()
-                    .flat_map(|&r| packed.positions[r * w..(r + 1) * w].to_vec())
-                    .collect(),
-                segments: rows
-                    .iter()
-                    .flat_map(|&r| packed.segments[r * w..(r + 1) * w].to_vec())
-                    .collect(),
-            })
-            .collect());
+        let rows: Vec<usize> = (0..packed.rows).collect();
+        return Ok(rows.chunks(bs).map(|r| packed.select_rows(r)).collect());
     }
     let lengths: Vec<usize> = seqs.iter().map(Sequence::len).collect();
     Ok(length_grouped_batches(&lengths, bs, seed)
