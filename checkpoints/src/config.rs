@@ -107,6 +107,9 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// `Some(num_labels)` for a `*ForSequenceClassification` checkpoint: a `score` head of
+    /// that many rows and no `lm_head`.
+    pub score_labels: Option<usize>,
     pub raw: Map<String, Value>,
 }
 
@@ -137,6 +140,30 @@ impl ModelConfig {
     /// Number of query heads sharing one key/value head.
     pub fn group_size(&self) -> usize {
         self.num_attention_heads / self.num_key_value_heads
+    }
+
+    /// This config as a one-label `*ForSequenceClassification` reward model, the way
+    /// transformers' `AutoModelForSequenceClassification` expects it: `num_labels` 1 and a
+    /// `pad_token_id` so the score can be read at the last non-pad token.
+    pub fn as_reward_model(&self, pad_token_id: u32) -> Self {
+        let mut out = self.clone();
+        let arch = match self.model_type {
+            ModelType::Llama => "LlamaForSequenceClassification",
+            ModelType::Qwen2 => "Qwen2ForSequenceClassification",
+            ModelType::Mistral => "MistralForSequenceClassification",
+        };
+        out.raw
+            .insert("architectures".into(), Value::from(vec![Value::from(arch)]));
+        out.raw.insert("num_labels".into(), Value::from(1));
+        out.raw
+            .insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+        out.raw
+            .insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+        out.raw
+            .insert("pad_token_id".into(), Value::from(pad_token_id));
+        out.pad_token_id = Some(pad_token_id);
+        out.score_labels = Some(1);
+        out
     }
 
     /// Writes `config.json` into `dir`: the original keys with `dtype` set to `dtype`, and
@@ -358,8 +385,31 @@ impl Parser<'_> {
             bos_token_id,
             eos_token_ids,
             pad_token_id,
+            score_labels: self.score_labels()?,
             raw: self.raw.clone(),
         })
+    }
+
+    /// The label count of a sequence-classification checkpoint, as transformers reads it:
+    /// `num_labels`, else the size of `id2label`, else its default of 2.
+    fn score_labels(&self) -> Result<Option<usize>> {
+        let classifier = self
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .is_some_and(|a| a.ends_with("ForSequenceClassification"));
+        if !classifier {
+            return Ok(None);
+        }
+        if let Some(n) = self.usize_opt("num_labels")? {
+            return Ok(Some(n));
+        }
+        Ok(Some(
+            self.get("id2label")
+                .and_then(Value::as_object)
+                .map_or(2, |m| m.len()),
+        ))
     }
 
     /// Keys whose presence means a computation hearth does not do.

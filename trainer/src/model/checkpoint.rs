@@ -27,7 +27,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
         // Buffers older exports saved, and a duplicate head that a tied model ignores.
         name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
     })?;
-    let model = Llama::from_tensors(&config, tensors, device)?;
+    let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device)?);
     Ok((config, model))
 }
 
@@ -100,6 +100,9 @@ pub fn export_weights(model: &Llama, dtype: WeightDtype) -> BTreeMap<String, Own
     );
     if let Some(head) = &model.lm_head {
         put_linear(&mut out, "lm_head", head, dtype);
+    }
+    if let Some(score) = &model.score {
+        put_linear(&mut out, "score", score, dtype);
     }
     out
 }

@@ -7,6 +7,7 @@ use checkpoints::ModelConfig;
 
 use super::attention::{Attention, LayerCache};
 use super::linear::Linear;
+use super::lora::Lora;
 use super::mask::attention_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
@@ -73,10 +74,15 @@ impl DecoderLayer {
 #[derive(Module, Debug)]
 pub struct Llama {
     pub embed_tokens: Param<Tensor<2>>,
+    /// An adapter on the embeddings (PEFT's `lora_embedding_A` / `_B`).
+    pub embed_lora: Option<Lora>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<Linear>,
+    /// The `[labels, hidden]` head of a sequence-classification (reward) model, read at the
+    /// last real token; such a model has no `lm_head` of its own.
+    pub score: Option<Linear>,
     #[module(skip)]
     inv_freq: Vec<f32>,
 }
@@ -162,16 +168,18 @@ impl Llama {
             });
         }
         let norm = norm(&mut take, "model.norm", config, device)?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(proj(&mut take, "lm_head", false, device)?)
+        let (lm_head, score) = match config.score_labels {
+            Some(_) => (None, Some(proj(&mut take, "score", false, device)?)),
+            None if config.tie_word_embeddings => (None, None),
+            None => (Some(proj(&mut take, "lm_head", false, device)?), None),
         };
         Ok(Self {
             embed_tokens,
+            embed_lora: None,
             layers,
             norm,
             lm_head,
+            score,
             inv_freq: inverse_frequencies(config),
         })
     }
@@ -200,7 +208,7 @@ impl Llama {
         let (cos, sin) = cos_sin(&self.inv_freq, positions);
         let full = attention_mask(segments.clone(), None);
         let mut windowed: Vec<(usize, Tensor<4, Bool>)> = Vec::new();
-        let mut x = embedding(self.embed_tokens.val(), ids);
+        let mut x = self.embed(ids);
         for layer in &self.layers {
             let masked = match layer.sliding_window {
                 Some(w) if w < t => {
@@ -239,7 +247,7 @@ impl Llama {
         let key = Tensor::<1, Int>::arange(0..total as i64, &device).reshape([1, total]);
         let distance = query.expand([n, total]) - key.expand([n, total]);
         let causal = distance.clone().lower_elem(0);
-        let mut x = embedding(self.embed_tokens.val(), ids);
+        let mut x = self.embed(ids);
         let mut caches = cache.into_iter();
         let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -253,6 +261,15 @@ impl Llama {
             out.push(c);
         }
         (self.norm.forward(x), out)
+    }
+
+    /// Token embeddings `[B, T, hidden]`, with the embedding adapter's delta when one is on.
+    fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let base = embedding(self.embed_tokens.val(), ids.clone());
+        match &self.embed_lora {
+            Some(lora) => base + lora.embedding_delta(ids),
+            None => base,
+        }
     }
 
     /// The output projection, `[vocab, hidden]`: `lm_head`, or the embeddings when tied.

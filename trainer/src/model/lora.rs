@@ -5,12 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{Module, Param, ParamId};
+use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use checkpoints::{OwnedTensor, WeightDtype, WeightFiles};
 use serde::{Deserialize, Serialize};
 
+use super::ids::with_path_ids;
 use super::linear::Linear;
 use super::llama::Llama;
 use crate::{Result, TrainerError};
@@ -27,8 +28,9 @@ pub const LAYER_PROJECTIONS: [&str; 7] = [
     "down_proj",
 ];
 
-/// Every projection an adapter can sit on: the layers' seven and the output head.
-pub const TARGETS: [&str; 8] = [
+/// Every module an adapter can sit on: the layers' seven projections, the output head and
+/// the embeddings.
+pub const TARGETS: [&str; 9] = [
     LAYER_PROJECTIONS[0],
     LAYER_PROJECTIONS[1],
     LAYER_PROJECTIONS[2],
@@ -37,7 +39,11 @@ pub const TARGETS: [&str; 8] = [
     LAYER_PROJECTIONS[5],
     LAYER_PROJECTIONS[6],
     "lm_head",
+    EMBEDDINGS,
 ];
+
+/// The embeddings' PEFT module name.
+pub const EMBEDDINGS: &str = "embed_tokens";
 
 /// One adapter on one projection.
 #[derive(Module, Debug)]
@@ -58,23 +64,17 @@ impl Lora {
         burn::tensor::module::linear(down, self.b.val().transpose(), None).mul_scalar(self.scale)
     }
 
+    /// The embedding adapter's delta for `ids` `[B, T]`: rows of `Aᵀ` (`A` is `[r, vocab]`)
+    /// through `Bᵀ` (`B` is `[hidden, r]`), scaled; PEFT applies no dropout here.
+    pub fn embedding_delta(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let down = burn::tensor::module::embedding(self.a.val().transpose(), ids);
+        burn::tensor::module::linear(down, self.b.val().transpose(), None).mul_scalar(self.scale)
+    }
+
     /// `s · B·A`, `[out, in]`: what merging adds to the base weight.
     pub fn merged_delta(&self) -> Tensor<2> {
         self.b.val().matmul(self.a.val()).mul_scalar(self.scale)
     }
-}
-
-/// A trainable factor whose parameter id depends only on its module path, so optimizer
-/// state saved by one process finds its parameter again in the next (exact resume).
-fn factor(module: &str, name: &str, value: Tensor<2>) -> Param<Tensor<2>> {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("hearth.lora.{module}.{name}").bytes() {
-        hash ^= b as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let mut param = Param::from_tensor(value);
-    param.id = ParamId::from(hash);
-    param
 }
 
 /// What PEFT's `adapter_config.json` says about a LoRA adapter (the keys hearth uses).
@@ -194,7 +194,7 @@ pub fn attach_lora(model: Llama, settings: &LoraSettings, device: &Device) -> Re
     }
     let mut model = model.no_grad();
     let scale = settings.scale();
-    for_each_projection(&mut model, |module, name, proj| {
+    for_each_projection(&mut model, |_, name, proj| {
         if settings.target_modules.iter().any(|t| t == name) {
             let [out, inp] = proj.out_in();
             let bound = 1.0 / (inp as f64).sqrt();
@@ -205,15 +205,38 @@ pub fn attach_lora(model: Llama, settings: &LoraSettings, device: &Device) -> Re
             );
             let b = Tensor::<2>::zeros([out, settings.r], device);
             proj.lora = Some(Lora {
-                a: factor(module, "A", a),
-                b: factor(module, "B", b),
+                a: Param::from_tensor(a),
+                b: Param::from_tensor(b),
                 scale,
                 dropout: DropoutConfig::new(settings.lora_dropout).init(),
             });
         }
         Ok(())
     })?;
-    Ok(model)
+    if settings.target_modules.iter().any(|t| t == EMBEDDINGS) {
+        // PEFT's embedding adapter starts the other way round: A zero, B standard normal.
+        let [vocab, hidden] = model.embed_tokens.dims();
+        model.embed_lora = Some(Lora {
+            a: Param::from_tensor(Tensor::zeros([settings.r, vocab], device)),
+            b: Param::from_tensor(Tensor::random(
+                [hidden, settings.r],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
+            scale,
+            dropout: DropoutConfig::new(0.0).init(),
+        });
+    }
+    Ok(unfreeze_score(with_path_ids(model)))
+}
+
+/// A reward model's score head is trained in full beside the adapters (PEFT's
+/// `modules_to_save`).
+fn unfreeze_score(mut model: Llama) -> Llama {
+    if let Some(score) = model.score.take() {
+        model.score = Some(score.set_require_grad(true));
+    }
+    model
 }
 
 /// PEFT's key for a factor of the adapter on `module` (e.g. `model.layers.0.self_attn.q_proj`).
@@ -221,20 +244,35 @@ fn peft_key(module: &str, factor: &str) -> String {
     format!("base_model.model.{module}.lora_{factor}.weight")
 }
 
+/// PEFT keeps embedding factors as bare parameters: no `.weight` suffix.
+fn peft_embedding_key(factor: &str) -> String {
+    format!("base_model.model.model.{EMBEDDINGS}.lora_embedding_{factor}")
+}
+
+/// Where PEFT saves a `modules_to_save` copy of the score head.
+const PEFT_SCORE_KEY: &str = "base_model.model.score.weight";
+
+fn owned(t: Tensor<2>) -> OwnedTensor {
+    let shape = t.dims().to_vec();
+    let values = t.into_data().try_into_vec_as::<f32>().unwrap_or_default();
+    OwnedTensor::from_f32(&values, shape, WeightDtype::F32)
+}
+
 /// The adapter tensors under PEFT's names: `lora_A` `[r, in]`, `lora_B` `[out, r]`.
 pub fn export_adapter(model: &Llama) -> BTreeMap<String, OwnedTensor> {
     let mut out = BTreeMap::new();
     for (module, proj) in projections(model) {
         if let Some(lora) = &proj.lora {
-            for (factor, t) in [("A", lora.a.val()), ("B", lora.b.val())] {
-                let shape = t.dims().to_vec();
-                let values = t.into_data().try_into_vec_as::<f32>().unwrap_or_default();
-                out.insert(
-                    peft_key(&module, factor),
-                    OwnedTensor::from_f32(&values, shape, WeightDtype::F32),
-                );
-            }
+            out.insert(peft_key(&module, "A"), owned(lora.a.val()));
+            out.insert(peft_key(&module, "B"), owned(lora.b.val()));
         }
+    }
+    if let Some(lora) = &model.embed_lora {
+        out.insert(peft_embedding_key("A"), owned(lora.a.val()));
+        out.insert(peft_embedding_key("B"), owned(lora.b.val()));
+    }
+    if let Some(score) = &model.score {
+        out.insert(PEFT_SCORE_KEY.to_string(), owned(score.weight.val()));
     }
     out
 }
@@ -254,9 +292,13 @@ pub fn save_adapter(
         &dir.join("adapter_model.safetensors"),
         &export_adapter(model),
     )?;
+    let (task, modules_to_save) = match model.score {
+        Some(_) => ("SEQ_CLS", serde_json::json!(["score"])),
+        None => ("CAUSAL_LM", serde_json::Value::Null),
+    };
     let config = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task,
         "base_model_name_or_path": base_model,
         "r": settings.r,
         "lora_alpha": settings.lora_alpha,
@@ -268,7 +310,7 @@ pub fn save_adapter(
         "fan_in_fan_out": false,
         "init_lora_weights": true,
         "inference_mode": true,
-        "modules_to_save": null,
+        "modules_to_save": modules_to_save,
         "layers_to_transform": null,
         "layers_pattern": null,
         "rank_pattern": {},
@@ -343,23 +385,62 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
             .take(&peft_key(module, "B"), &[out, settings.r])?
             .to_f32()?;
         proj.lora = Some(Lora {
-            a: factor(
-                module,
-                "A",
-                Tensor::from_data(TensorData::new(a, [settings.r, inp]), device),
-            ),
-            b: factor(
-                module,
-                "B",
-                Tensor::from_data(TensorData::new(b, [out, settings.r]), device),
-            ),
+            a: Param::from_tensor(Tensor::from_data(
+                TensorData::new(a, [settings.r, inp]),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [out, settings.r]),
+                device,
+            )),
             scale,
             dropout: DropoutConfig::new(settings.lora_dropout).init(),
         });
         Ok(())
     })?;
+    if settings.target_modules.iter().any(|t| t == EMBEDDINGS) {
+        let [vocab, hidden] = model.embed_tokens.dims();
+        let a = files
+            .take(&peft_embedding_key("A"), &[settings.r, vocab])?
+            .to_f32()?;
+        let b = files
+            .take(&peft_embedding_key("B"), &[hidden, settings.r])?
+            .to_f32()?;
+        model.embed_lora = Some(Lora {
+            a: Param::from_tensor(Tensor::from_data(
+                TensorData::new(a, [settings.r, vocab]),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [hidden, settings.r]),
+                device,
+            )),
+            scale,
+            dropout: DropoutConfig::new(0.0).init(),
+        });
+    }
+    if files.contains(PEFT_SCORE_KEY) {
+        // A SEQ_CLS adapter carries its own head; a causal base gains it here.
+        let hidden = model.embed_tokens.dims()[1];
+        let labels = files
+            .get(PEFT_SCORE_KEY)?
+            .shape
+            .first()
+            .copied()
+            .unwrap_or(1);
+        let w = files.take(PEFT_SCORE_KEY, &[labels, hidden])?.to_f32()?;
+        model.score = Some(Linear {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(w, [labels, hidden]),
+                device,
+            )),
+            bias: None,
+            lora: None,
+        });
+        model.lm_head = None;
+    }
     files.ensure_all_taken(|_| false)?;
-    Ok((model, settings))
+    Ok((unfreeze_score(with_path_ids(model)), settings))
 }
 
 /// Folds every adapter into its base weight (`W + s·B·A`) and removes the adapters.
@@ -371,6 +452,10 @@ pub fn merge_lora(mut model: Llama) -> Llama {
         }
         Ok(())
     });
+    if let Some(lora) = model.embed_lora.take() {
+        let merged = model.embed_tokens.val() + lora.merged_delta().transpose();
+        model.embed_tokens = Param::from_tensor(merged);
+    }
     model
 }
 

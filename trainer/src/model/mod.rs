@@ -3,6 +3,7 @@
 
 mod attention;
 mod checkpoint;
+mod ids;
 mod init;
 mod linear;
 mod llama;
@@ -17,6 +18,7 @@ pub use attention::LayerCache;
 pub use checkpoint::{
     convert, copy_companions, export_weights, init_random_weights, load_model, save_model,
 };
+pub use ids::with_path_ids;
 pub use init::{NewModel, init_model};
 pub use llama::Llama;
 pub use mask::attention_mask;

@@ -66,8 +66,10 @@ pub fn tensor_specs(c: &ModelConfig) -> Vec<TensorSpec> {
         }
     }
     add("model.norm.weight".into(), vec![hd], Init::Ones);
-    if !c.tie_word_embeddings {
-        add("lm_head.weight".into(), vec![v, hd], Init::Normal);
+    match c.score_labels {
+        Some(labels) => add("score.weight".into(), vec![labels, hd], Init::Normal),
+        None if !c.tie_word_embeddings => add("lm_head.weight".into(), vec![v, hd], Init::Normal),
+        None => {}
     }
     out
 }

@@ -1,4 +1,138 @@
 //! Training objectives. Each turns a batch into a loss and its metrics; the loop owns
-//! everything else.
+//! everything else. The preference losses take sequence log-probs (or scores) as tensors,
+//! so each reads like its formula and is tested on fixed values.
 
+pub mod dpo;
+pub mod orpo;
+pub mod reward;
 pub mod sft;
+
+use burn::tensor::Tensor;
+
+/// How a metric combines across micro-batches and evaluation batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// Weighted by each batch's share (tokens or pairs).
+    Mean,
+    Min,
+    Max,
+}
+
+/// Named metrics of one batch, under TRL's names.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics(pub Vec<(&'static str, f64, Combine)>);
+
+impl Metrics {
+    pub fn mean(&mut self, name: &'static str, value: f64) {
+        self.0.push((name, value, Combine::Mean));
+    }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.0.iter().find(|m| m.0 == name).map(|m| m.1)
+    }
+
+    /// Folds `other`, weighted `share`, into `self` (empty `self` takes `other`'s names).
+    pub fn accumulate(&mut self, other: &Metrics, share: f64) {
+        if self.0.is_empty() {
+            self.0 = other
+                .0
+                .iter()
+                .map(|&(n, v, c)| (n, if c == Combine::Mean { v * share } else { v }, c))
+                .collect();
+            return;
+        }
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            mine.1 = match mine.2 {
+                Combine::Mean => mine.1 + theirs.1 * share,
+                Combine::Min => mine.1.min(theirs.1),
+                Combine::Max => mine.1.max(theirs.1),
+            };
+        }
+    }
+}
+
+/// `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`: finite for every finite `x`, where the
+/// textbook `−log(1 + e^{−x})` overflows for large negative `x`.
+pub fn log_sigmoid(x: Tensor<1>) -> Tensor<1> {
+    x.clone().clamp_max(0.0) - x.abs().neg().exp().log1p()
+}
+
+/// `log(1 − e^{x})` for log-probabilities `x ≤ 0`. Near 0 the difference `1 − e^{x}`
+/// cancels, so there it uses the series `t − t²/2 + t³/6 − t⁴/24` (`t = −x`); `x` is kept
+/// at most `−1e-7` so a probability of one gives a large finite value, never `−∞`.
+pub fn log1m_exp(x: Tensor<1>) -> Tensor<1> {
+    let t = x.neg().clamp_min(1e-7);
+    let small = t.clone().clamp_max(1e-2);
+    let series = small.clone()
+        * (small.clone().mul_scalar(-0.5).add_scalar(1.0)
+            + small.clone().powi_scalar(2).div_scalar(6.0)
+            - small.powi_scalar(3).div_scalar(24.0));
+    let direct = t.clone().neg().exp().neg().add_scalar(1.0);
+    let near = t.lower_elem(1e-2);
+    direct.mask_where(near, series).log()
+}
+
+/// Host copies of a small tensor's values (metrics only; never on the gradient path).
+pub(crate) fn values(t: Tensor<1>) -> Vec<f64> {
+    t.into_data().try_into_vec_as::<f64>().unwrap_or_default()
+}
+
+pub(crate) fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    pub fn t(v: &[f64]) -> Tensor<1> {
+        let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        let n = v.len();
+        Tensor::from_data(TensorData::new(v, [n]), &Device::flex())
+    }
+
+    pub fn close(a: f64, b: f64, tol: f64) {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{a} is not within {tol} of {b}"
+        );
+    }
+
+    /// `log σ(x)` in f64, the plain way where it is exact enough.
+    pub fn ls(x: f64) -> f64 {
+        if x >= 0.0 {
+            -(-x).exp().ln_1p()
+        } else {
+            x - x.exp().ln_1p()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+
+    #[test]
+    fn log_sigmoid_is_finite_at_the_extremes() {
+        let got = values(log_sigmoid(t(&[-1e4, -30.0, -1.0, 0.0, 2.0, 1e4])));
+        for (g, x) in got.iter().zip([-1e4, -30.0, -1.0, 0.0, 2.0, 1e4]) {
+            assert!(g.is_finite());
+            close(*g, ls(x), 1e-6);
+        }
+    }
+
+    #[test]
+    fn log1m_exp_matches_f64_and_stays_finite() {
+        for x in [-1e4, -20.0, -0.7, -0.01, -1e-3, -1e-5] {
+            let got = values(log1m_exp(t(&[x])))[0];
+            close(got, (-(x.exp_m1())).ln(), 1e-5);
+        }
+        let at_zero = values(log1m_exp(t(&[0.0])))[0];
+        assert!(at_zero.is_finite() && at_zero < -15.0);
+    }
+}

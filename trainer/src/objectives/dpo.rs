@@ -1,0 +1,228 @@
+//! Direct Preference Optimization against a reference policy. With
+//! `Δ = β[(log πθ(y_c) − log πref(y_c)) − (log πθ(y_r) − log πref(y_r))]`:
+//! - `sigmoid`: `−(1−ε)·log σ(Δ) − ε·log σ(−Δ)` (ε = label smoothing);
+//! - `ipo`: `(h − 1/(2β))²`, `h` the same difference of log-ratios on length-averaged log-probs;
+//! - `hinge`: `relu(1 − Δ)`;
+//! - `robust`: `[−(1−ε)·log σ(Δ) + ε·log σ(−Δ)] / (1 − 2ε)`.
+
+use std::str::FromStr;
+
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::{Metrics, log_sigmoid, mean, values};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLossType {
+    Sigmoid,
+    Ipo,
+    Hinge,
+    Robust,
+}
+
+impl FromStr for DpoLossType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sigmoid" => Ok(Self::Sigmoid),
+            "ipo" => Ok(Self::Ipo),
+            "hinge" => Ok(Self::Hinge),
+            "robust" => Ok(Self::Robust),
+            other => Err(format!(
+                "unknown DPO loss_type `{other}` (sigmoid, ipo, hinge, robust)"
+            )),
+        }
+    }
+}
+
+/// Summed completion log-probs of chosen and rejected (`[N]` each) and the completion
+/// lengths, for the policy or the reference.
+#[derive(Debug, Clone)]
+pub struct PairLogps {
+    pub chosen: Tensor<1>,
+    pub rejected: Tensor<1>,
+    pub chosen_len: Tensor<1>,
+    pub rejected_len: Tensor<1>,
+}
+
+impl PairLogps {
+    /// The same pairs with every value detached (a reference never takes gradients).
+    pub fn detach(&self) -> Self {
+        Self {
+            chosen: self.chosen.clone().detach(),
+            rejected: self.rejected.clone().detach(),
+            chosen_len: self.chosen_len.clone(),
+            rejected_len: self.rejected_len.clone(),
+        }
+    }
+}
+
+/// `DPO loss`: the mean over pairs of the chosen loss type, and TRL's metrics.
+pub fn dpo_loss(
+    loss_type: DpoLossType,
+    beta: f64,
+    label_smoothing: f64,
+    policy: &PairLogps,
+    reference: &PairLogps,
+) -> (Tensor<1>, Metrics) {
+    let eps = label_smoothing;
+    let (pc, pr, rc, rr) = if loss_type == DpoLossType::Ipo {
+        (
+            policy.chosen.clone() / policy.chosen_len.clone(),
+            policy.rejected.clone() / policy.rejected_len.clone(),
+            reference.chosen.clone() / reference.chosen_len.clone(),
+            reference.rejected.clone() / reference.rejected_len.clone(),
+        )
+    } else {
+        (
+            policy.chosen.clone(),
+            policy.rejected.clone(),
+            reference.chosen.clone(),
+            reference.rejected.clone(),
+        )
+    };
+    let chosen_ratio = pc.clone() - rc.detach();
+    let rejected_ratio = pr.clone() - rr.detach();
+    let h = chosen_ratio.clone() - rejected_ratio.clone();
+    let delta = h.clone().mul_scalar(beta);
+    let losses = match loss_type {
+        DpoLossType::Sigmoid => {
+            log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps))
+                - log_sigmoid(delta.neg()).mul_scalar(eps)
+        }
+        DpoLossType::Ipo => h.sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2),
+        DpoLossType::Hinge => delta.neg().add_scalar(1.0).clamp_min(0.0),
+        DpoLossType::Robust => (log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps))
+            + log_sigmoid(delta.neg()).mul_scalar(eps))
+        .div_scalar(1.0 - 2.0 * eps),
+    };
+    let loss = losses.mean();
+
+    let chosen_rewards: Vec<f64> = values(chosen_ratio.detach().mul_scalar(beta));
+    let rejected_rewards: Vec<f64> = values(rejected_ratio.detach().mul_scalar(beta));
+    let mut m = Metrics::default();
+    m.mean("rewards/chosen", mean(&chosen_rewards));
+    m.mean("rewards/rejected", mean(&rejected_rewards));
+    let wins: Vec<f64> = chosen_rewards
+        .iter()
+        .zip(&rejected_rewards)
+        .map(|(c, r)| f64::from(u8::from(c > r)))
+        .collect();
+    m.mean("rewards/accuracies", mean(&wins));
+    let margins: Vec<f64> = chosen_rewards
+        .iter()
+        .zip(&rejected_rewards)
+        .map(|(c, r)| c - r)
+        .collect();
+    m.mean("rewards/margins", mean(&margins));
+    m.mean("logps/chosen", mean(&values(pc.detach())));
+    m.mean("logps/rejected", mean(&values(pr.detach())));
+    (loss, m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{close, ls, t};
+    use super::*;
+
+    fn logps(c: &[f64], r: &[f64], cl: &[f64], rl: &[f64]) -> PairLogps {
+        PairLogps {
+            chosen: t(c),
+            rejected: t(r),
+            chosen_len: t(cl),
+            rejected_len: t(rl),
+        }
+    }
+
+    /// Two pairs; policy − reference log-ratios are (+1, −1) and (−0.5, +0.25).
+    fn case() -> (PairLogps, PairLogps) {
+        (
+            logps(&[-10.0, -20.5], &[-12.0, -8.75], &[4.0, 5.0], &[2.0, 3.0]),
+            logps(&[-11.0, -20.0], &[-11.0, -9.0], &[4.0, 5.0], &[2.0, 3.0]),
+        )
+    }
+
+    fn scalar(x: Tensor<1>) -> f64 {
+        values(x)[0]
+    }
+
+    #[test]
+    fn sigmoid_with_label_smoothing_matches_the_formula() {
+        let (p, r) = case();
+        let (beta, eps) = (0.1, 0.2);
+        let (loss, m) = dpo_loss(DpoLossType::Sigmoid, beta, eps, &p, &r);
+        // Δ = β(h): h1 = 1 − (−1) = 2, h2 = −0.5 − 0.25 = −0.75.
+        let d = [beta * 2.0, beta * -0.75];
+        let want = d
+            .iter()
+            .map(|&d| -(1.0 - eps) * ls(d) - eps * ls(-d))
+            .sum::<f64>()
+            / 2.0;
+        close(scalar(loss), want, 1e-6);
+        close(
+            m.get("rewards/chosen").unwrap(),
+            (0.1 * 1.0 + 0.1 * -0.5) / 2.0,
+            1e-6,
+        );
+        close(
+            m.get("rewards/rejected").unwrap(),
+            (0.1 * -1.0 + 0.1 * 0.25) / 2.0,
+            1e-6,
+        );
+        close(m.get("rewards/accuracies").unwrap(), 0.5, 0.0);
+        close(m.get("rewards/margins").unwrap(), (0.2 - 0.075) / 2.0, 1e-6);
+        close(m.get("logps/chosen").unwrap(), -15.25, 1e-6);
+        close(m.get("logps/rejected").unwrap(), -10.375, 1e-6);
+    }
+
+    #[test]
+    fn ipo_uses_length_averaged_log_ratios() {
+        let (p, r) = case();
+        let beta = 0.5;
+        let (loss, _) = dpo_loss(DpoLossType::Ipo, beta, 0.0, &p, &r);
+        let h1 = 1.0 / 4.0 - (-1.0) / 2.0;
+        let h2 = -0.5 / 5.0 - 0.25 / 3.0;
+        let want = ((h1 - 1.0) * (h1 - 1.0) + (h2 - 1.0) * (h2 - 1.0)) / 2.0;
+        close(scalar(loss), want, 1e-6);
+    }
+
+    #[test]
+    fn hinge_and_robust_match_the_formulas() {
+        let (p, r) = case();
+        let beta = 2.0;
+        let (loss, _) = dpo_loss(DpoLossType::Hinge, beta, 0.0, &p, &r);
+        let want = ((1.0f64 - 4.0).max(0.0) + (1.0f64 + 1.5).max(0.0)) / 2.0;
+        close(scalar(loss), want, 1e-6);
+        let eps = 0.1;
+        let (loss, _) = dpo_loss(DpoLossType::Robust, beta, eps, &p, &r);
+        let want = [4.0, -1.5]
+            .iter()
+            .map(|&d: &f64| (-(1.0 - eps) * ls(d) + eps * ls(-d)) / (1.0 - 2.0 * eps))
+            .sum::<f64>()
+            / 2.0;
+        close(scalar(loss), want, 1e-6);
+    }
+
+    #[test]
+    fn extreme_log_probs_stay_finite() {
+        let p = logps(&[-1e-3, -5e4], &[-5e4, -1e-3], &[1.0, 900.0], &[900.0, 1.0]);
+        let r = logps(&[-3e4, -1.0], &[-1.0, -3e4], &[1.0, 900.0], &[900.0, 1.0]);
+        for kind in [
+            DpoLossType::Sigmoid,
+            DpoLossType::Ipo,
+            DpoLossType::Hinge,
+            DpoLossType::Robust,
+        ] {
+            let (loss, m) = dpo_loss(kind, 0.1, 0.1, &p, &r);
+            let v = scalar(loss);
+            assert!(v.is_finite(), "{kind:?}: {v}");
+            assert!(m.0.iter().all(|x| x.1.is_finite()), "{kind:?}: {m:?}");
+        }
+        // Δ = 0.1·(3e4 + 5e4 ...) is huge: the sigmoid loss is ≈ 0 on the first pair and
+        // ≈ |Δ| on the second, not inf.
+        let (loss, _) = dpo_loss(DpoLossType::Sigmoid, 0.1, 0.0, &p, &r);
+        let d = 0.1 * ((-1e-3 + 3e4) - (-5e4 + 1.0));
+        close(scalar(loss), (ls(d) + ls(-d)) / -2.0, 1e-5);
+    }
+}
