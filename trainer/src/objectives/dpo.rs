@@ -167,7 +167,7 @@ mod tests {
         );
         close(
             m.get("rewards/rejected").unwrap(),
-            (0.1 * -1.0 + 0.1 * 0.25) / 2.0,
+            (-0.1 + 0.1 * 0.25) / 2.0,
             1e-6,
         );
         close(m.get("rewards/accuracies").unwrap(), 0.5, 0.0);
