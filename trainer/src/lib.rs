@@ -6,9 +6,11 @@ pub mod device;
 mod error;
 pub mod generate;
 pub mod logits;
+pub mod method;
 pub mod model;
 pub mod objectives;
 pub mod recipe;
+pub mod ref_cache;
 pub mod run_dir;
 pub mod train;
 

@@ -17,6 +17,70 @@ pub struct Recipe {
     pub lora: Option<LoraSection>,
     #[serde(default)]
     pub train: TrainSection,
+    /// Settings of `method = "dpo"`.
+    pub dpo: Option<DpoSection>,
+    /// Settings of `method = "orpo"`.
+    pub orpo: Option<OrpoSection>,
+    /// Settings of `method = "reward"`.
+    pub reward: Option<RewardSection>,
+}
+
+/// `[dpo]`, with TRL's names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSection {
+    pub beta: f64,
+    /// sigmoid, ipo, hinge or robust.
+    pub loss_type: String,
+    pub label_smoothing: f64,
+    /// Compute the reference log-probs once before training and cache them on disk, keyed
+    /// by a hash of the tokenised data and the model files.
+    pub precompute_ref_log_probs: bool,
+    /// Where that cache lives (default: `$XDG_CACHE_HOME/hearth/ref-logps`, else
+    /// `~/.cache/hearth/ref-logps`).
+    pub ref_cache_dir: Option<PathBuf>,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss_type: "sigmoid".into(),
+            label_smoothing: 0.0,
+            precompute_ref_log_probs: false,
+            ref_cache_dir: None,
+        }
+    }
+}
+
+/// `[orpo]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrpoSection {
+    /// λ, the weight of the odds-ratio term (TRL's `beta`).
+    pub lambda: f64,
+    /// Restrict the NLL term to completion tokens; by default it covers the whole chosen
+    /// sequence, prompt included, as TRL and the ORPO paper's code do.
+    pub nll_completion_only: bool,
+}
+
+impl Default for OrpoSection {
+    fn default() -> Self {
+        Self {
+            lambda: 0.1,
+            nll_completion_only: false,
+        }
+    }
+}
+
+/// `[reward]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSection {
+    /// c in `c·mean((r_c + r_r)²)`; 0 turns centering off.
+    pub center_rewards_coefficient: f64,
+    /// A numeric column subtracted inside the Bradley–Terry term: `σ(r_c − r_r − margin)`.
+    pub margin_column: Option<String>,
 }
 
 /// `[model]`: the base checkpoint.
@@ -150,16 +214,44 @@ impl Recipe {
     fn validate(&self, origin: &str) -> Result<()> {
         let t = &self.train;
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
-        if t.method != "sft" {
+        const METHODS: [&str; 4] = ["sft", "dpo", "orpo", "reward"];
+        if !METHODS.contains(&t.method.as_str()) {
             return bad(format!(
-                "train.method `{}`: only `sft` is implemented so far",
-                t.method
+                "train.method `{}` (one of {})",
+                t.method,
+                METHODS.join(", ")
             ));
         }
-        if self.lora.is_none() {
-            return bad(
-                "no [lora] section: full fine-tuning is not implemented yet; add [lora]".into(),
-            );
+        for (section, present) in [
+            ("dpo", self.dpo.is_some()),
+            ("orpo", self.orpo.is_some()),
+            ("reward", self.reward.is_some()),
+        ] {
+            if present && t.method != section {
+                return bad(format!(
+                    "a [{section}] section, but train.method is `{}`",
+                    t.method
+                ));
+            }
+        }
+        if let Some(d) = &self.dpo {
+            if let Err(e) = d.loss_type.parse::<crate::objectives::dpo::DpoLossType>() {
+                return bad(format!("dpo.loss_type: {e}"));
+            }
+            if !(d.beta > 0.0 && d.beta.is_finite()) {
+                return bad(format!("dpo.beta {} must be positive", d.beta));
+            }
+            if !(0.0..0.5).contains(&d.label_smoothing) {
+                return bad(format!(
+                    "dpo.label_smoothing {} must be in [0, 0.5)",
+                    d.label_smoothing
+                ));
+            }
+        }
+        if let Some(o) = &self.orpo
+            && !(o.lambda >= 0.0 && o.lambda.is_finite())
+        {
+            return bad(format!("orpo.lambda {} must be non-negative", o.lambda));
         }
         if !["constant", "linear", "cosine"].contains(&t.lr_scheduler_type.as_str()) {
             return bad(format!(
@@ -280,8 +372,7 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                let r = load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
-                assert!(r.lora.is_some());
+                load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
                 n += 1;
             }
         }
@@ -324,12 +415,27 @@ mod tests {
             .to_string();
         assert!(err.contains("section.key=value"), "{err}");
         let err = parse(
-            &format!("{MINIMAL}[train]\nmethod = \"dpo\"\n"),
+            &format!("{MINIMAL}[train]\nmethod = \"ppo\"\n"),
             "r.toml",
             &[],
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("only `sft`"), "{err}");
+        assert!(err.contains("`ppo`") && err.contains("reward"), "{err}");
+        let err = parse(&format!("{MINIMAL}[dpo]\nbeta = 0.1\n"), "r.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[dpo]") && err.contains("`sft`"), "{err}");
+        let err = parse(
+            &format!("{MINIMAL}[train]\nmethod = \"dpo\"\n[dpo]\nloss_type = \"kto\"\n"),
+            "r.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("dpo.loss_type") && err.contains("`kto`"),
+            "{err}"
+        );
     }
 }

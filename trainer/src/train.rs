@@ -5,21 +5,29 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::module::ParamGroup;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
-use data::batch::{Batch, length_grouped_batches, shuffled, split_by_group};
+use checkpoints::{ModelConfig, WeightDtype};
+use data::batch::split_by_group;
 use data::render::{TemplateChoice, template_for};
-use data::tokenize::{Sequence, Tokenized, Tokenizing, TruncationCounts};
+use data::tokenize::{Tokenizing, TruncationCounts};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::batch::LmBatch;
-use crate::model::lora::{LoraSettings, attach_lora, load_adapter, save_adapter};
-use crate::model::{Llama, NewModel, init_model, load_model};
-use crate::objectives::sft::{SftMetrics, sft_loss};
+use crate::method::{
+    Examples, Method, Micro, Reference, epoch_micro_batches, eval_micro_batches, micro_loss,
+    tokenize,
+};
+use crate::model::lora::{LoraSettings, attach_lora, load_adapter, merge_lora, save_adapter};
+use crate::model::{
+    Llama, NewModel, copy_companions, init_model, load_model, save_model, with_score_head,
+};
+use crate::objectives::Metrics;
 use crate::recipe::Recipe;
+use crate::ref_cache::{RefCacheKey, default_cache_dir, precompute};
 use crate::run_dir::RunDir;
 use crate::{Result, TrainerError};
 
@@ -30,6 +38,8 @@ pub struct Outcome {
     pub first_loss: f64,
     pub last_loss: f64,
     pub eval_loss: Option<f64>,
+    /// The final evaluation's metrics (TRL names, without the `eval_` prefix).
+    pub eval_metrics: Metrics,
 }
 
 /// The multiplier on the peak learning rate at optimizer step `step` (0-based), as
@@ -102,14 +112,14 @@ pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f6
 
 /// Tokenised training and evaluation sets.
 struct Sets {
-    train: Vec<Sequence>,
-    eval: Vec<Sequence>,
+    train: Examples,
+    eval: Examples,
     counts: TruncationCounts,
     /// Bad rows skipped under `skip_bad_rows`, across the train and eval files.
     skipped_rows: usize,
 }
 
-fn prepare_data(recipe: &Recipe) -> Result<Sets> {
+fn prepare_data(recipe: &Recipe, method: &Method) -> Result<Sets> {
     let d = &recipe.data;
     let dir = &recipe.model.path;
     let choice = match &d.template {
@@ -126,43 +136,35 @@ fn prepare_data(recipe: &Recipe) -> Result<Sets> {
         max_length: d.max_length,
         truncation,
     };
+    let margin = recipe
+        .reward
+        .as_ref()
+        .and_then(|r| r.margin_column.as_deref());
     let mut counts = TruncationCounts::default();
-    let mut tokenize = |examples: &[data::Example]| -> Result<Vec<Sequence>> {
-        let mut out = Vec::new();
-        for e in examples {
-            match t.example(e, &mut counts)? {
-                Some(Tokenized::Sequence(s)) => out.push(s),
-                Some(_) => {
-                    return Err(TrainerError::Input(
-                        "SFT needs conversations or prompt/completion data".into(),
-                    ));
-                }
-                None => {}
-            }
-        }
-        Ok(out)
-    };
     let loaded = data::load_examples(&d.train, &options)?;
     let mut skipped_rows = loaded.skipped.len();
-    let train_examples = loaded.examples;
+    let all = loaded.examples;
     let (train, eval) = match &d.eval {
         Some(path) => {
             let eval_loaded = data::load_examples(path, &options)?;
             skipped_rows += eval_loaded.skipped.len();
-            (tokenize(&train_examples)?, tokenize(&eval_loaded.examples)?)
+            (
+                tokenize(method, &t, &all, margin, &mut counts)
+                    .map_err(|e| in_file(&d.train, e))?,
+                tokenize(method, &t, &eval_loaded.examples, margin, &mut counts)
+                    .map_err(|e| in_file(path, e))?,
+            )
         }
         None => {
-            let keys: Vec<String> = train_examples
-                .iter()
-                .map(data::Example::group_key)
-                .collect();
+            let keys: Vec<String> = all.iter().map(data::Example::group_key).collect();
             let (ti, ei) = split_by_group(&keys, d.eval_fraction, d.seed);
-            let pick = |idx: &[usize]| {
-                idx.iter()
-                    .map(|&i| train_examples[i].clone())
-                    .collect::<Vec<_>>()
-            };
-            (tokenize(&pick(&ti))?, tokenize(&pick(&ei))?)
+            let pick = |idx: &[usize]| idx.iter().map(|&i| all[i].clone()).collect::<Vec<_>>();
+            (
+                tokenize(method, &t, &pick(&ti), margin, &mut counts)
+                    .map_err(|e| in_file(&d.train, e))?,
+                tokenize(method, &t, &pick(&ei), margin, &mut counts)
+                    .map_err(|e| in_file(&d.train, e))?,
+            )
         }
     };
     if train.is_empty() {
@@ -179,42 +181,194 @@ fn prepare_data(recipe: &Recipe) -> Result<Sets> {
     })
 }
 
-/// The epoch's batches, in order: length-grouped padded batches, or packed rows.
-fn epoch_batches(recipe: &Recipe, seqs: &[Sequence], epoch: usize, pad: u32) -> Result<Vec<Batch>> {
-    let bs = recipe.train.per_device_train_batch_size;
-    let seed = recipe.train.seed.wrapping_add(epoch as u64);
-    if recipe.data.packing {
-        let order = shuffled(seqs.len(), seed);
-        let refs: Vec<&Sequence> = order.iter().map(|&i| &seqs[i]).collect();
-        let packed = Batch::packed(&refs, recipe.data.max_length, pad)?;
-        let rows: Vec<usize> = (0..packed.rows).collect();
-        return Ok(rows.chunks(bs).map(|r| packed.select_rows(r)).collect());
+fn in_file(path: &Path, e: TrainerError) -> TrainerError {
+    match e {
+        TrainerError::Input(msg) => TrainerError::Input(format!("{}: {msg}", path.display())),
+        other => other,
     }
-    let lengths: Vec<usize> = seqs.iter().map(Sequence::len).collect();
-    Ok(length_grouped_batches(&lengths, bs, seed)
-        .into_iter()
-        .map(|idx| Batch::padded(&idx.iter().map(|&i| &seqs[i]).collect::<Vec<_>>(), pad))
-        .collect())
 }
 
-/// Token-weighted loss and accuracy over `batches`, without gradients.
-fn evaluate(model: &Llama, batches: &[Batch], device: &Device) -> Option<SftMetrics> {
-    let (mut loss, mut acc, mut tokens) = (0.0, 0.0, 0usize);
+/// Weighted metrics and loss over `batches`, without gradients.
+fn evaluate(
+    method: &Method,
+    model: &Llama,
+    batches: &[Micro],
+    examples: &Examples,
+    reference: Option<&Reference>,
+    pad: u32,
+    device: &Device,
+) -> Result<Option<(f64, Metrics, usize)>> {
+    let mut outs = Vec::new();
     for b in batches {
-        let lm = LmBatch::new(b, device);
-        if lm.num_loss_tokens == 0 {
-            continue;
+        if let Some(o) = micro_loss(method, model, b, examples, reference, pad, device)? {
+            outs.push((scalar(o.loss), o.weight, o.metrics, o.tokens));
         }
-        let (_, m) = sft_loss(model, &lm);
-        loss += m.loss * lm.num_loss_tokens as f64;
-        acc += m.mean_token_accuracy * lm.num_loss_tokens as f64;
-        tokens += lm.num_loss_tokens;
     }
-    (tokens > 0).then(|| SftMetrics {
-        loss: loss / tokens as f64,
-        mean_token_accuracy: acc / tokens as f64,
-        num_tokens: tokens,
+    let total: f64 = outs.iter().map(|o| o.1).sum();
+    if total <= 0.0 {
+        return Ok(None);
+    }
+    let (mut loss, mut metrics, mut tokens) = (0.0, Metrics::default(), 0);
+    for (l, w, m, t) in &outs {
+        loss += l * w / total;
+        metrics.accumulate(m, w / total);
+        tokens += t;
+    }
+    Ok(Some((loss, metrics, tokens)))
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data()
+        .try_into_vec_as::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(f64::NAN)
+}
+
+/// How the weights train, and so what a checkpoint holds.
+#[derive(Debug, Clone)]
+enum Tuning {
+    /// Adapters on a frozen base: checkpoints are PEFT adapters.
+    Lora(LoraSettings),
+    /// Every weight: checkpoints are full HF checkpoints in f32 (exact resume).
+    Full,
+}
+
+/// The model a run trains, with what saving and the DPO reference need.
+struct Setup {
+    /// The config checkpoints are written with (a reward model's is a classifier's).
+    config: ModelConfig,
+    model: Llama,
+    reference: Option<Reference>,
+    tuning: Tuning,
+}
+
+/// Builds the trained model: base (+ score head for reward) with fresh adapters, the
+/// recipe's `init_from` adapter, or the checkpoint being resumed; and the DPO reference,
+/// which is the initial policy — the base with adapters off, a frozen copy of the initial
+/// adapter, or the initial full weights.
+fn setup(
+    recipe: &Recipe,
+    method: &Method,
+    device: &Device,
+    resume_from: Option<&Path>,
+    pad: u32,
+) -> Result<Setup> {
+    let (config, mut base) = load_model(&recipe.model.path, device)?;
+    let reward = matches!(method, Method::Reward { .. });
+    if reward {
+        if config.score_labels.is_some_and(|n| n != 1) {
+            return Err(TrainerError::Input(format!(
+                "{}: a reward model needs one label; this classifier has {}",
+                recipe.model.path.display(),
+                config.score_labels.unwrap_or(0)
+            )));
+        }
+        base = with_score_head(base, device);
+    }
+    let config = if reward {
+        config.as_reward_model(config.pad_token_id.unwrap_or(pad))
+    } else {
+        config
+    };
+    let inner = device.clone().inner();
+    let (model, reference, tuning) = match &recipe.lora {
+        Some(lora) => {
+            let settings = LoraSettings {
+                r: lora.r,
+                lora_alpha: lora.alpha,
+                lora_dropout: lora.dropout,
+                target_modules: lora.targets.clone(),
+                use_rslora: lora.rslora,
+            };
+            let initial = match &lora.init_from {
+                Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
+                None => None,
+            };
+            let reference = match (method, &initial) {
+                (Method::Dpo { .. }, Some((m, _))) => Some(m.valid()),
+                (Method::Dpo { .. }, None) => Some(base.valid()),
+                _ => None,
+            };
+            let (model, settings) = match (resume_from, initial) {
+                (Some(dir), _) => (load_adapter(dir, base, device)?.0, settings),
+                (None, Some(loaded)) => loaded,
+                (None, None) => (attach_lora(base, &settings, device)?, settings),
+            };
+            (model, reference, Tuning::Lora(settings))
+        }
+        None => {
+            let reference =
+                matches!(method, Method::Dpo { .. }).then(|| base.clone().no_grad().valid());
+            let model = match resume_from {
+                Some(dir) => load_model(dir, device)?.1,
+                None => base,
+            };
+            (model, reference, Tuning::Full)
+        }
+    };
+    Ok(Setup {
+        config,
+        model,
+        reference: reference.map(|model| Reference {
+            model,
+            device: inner,
+        }),
+        tuning,
     })
+}
+
+/// AdamW with the recipe's settings; norms and biases (every rank-1 parameter) in a group
+/// without weight decay, as transformers' Trainer does.
+fn optimizer(t: &crate::recipe::TrainSection, model: &Llama) -> ModuleOptimizer {
+    struct RankOne(Vec<ParamId>);
+    impl ModuleVisitor for RankOne {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if D == 1 {
+                self.0.push(param.id);
+            }
+        }
+    }
+    let config = |decay: f64| {
+        AdamWConfig::new()
+            .with_beta_1(t.adam_beta1 as f32)
+            .with_beta_2(t.adam_beta2 as f32)
+            .with_epsilon(t.adam_epsilon as f32)
+            .with_weight_decay(decay as f32)
+    };
+    let mut rank_one = RankOne(Vec::new());
+    model.visit(&mut rank_one);
+    let optim = config(t.weight_decay).init();
+    if t.weight_decay > 0.0 && !rank_one.0.is_empty() {
+        optim.with_group(ParamGroup::from_ids(rank_one.0), config(0.0).build(), None)
+    } else {
+        optim
+    }
+}
+
+/// Writes the trained weights into `dir`: the adapter (LoRA) or a full checkpoint. The
+/// final save of a full run uses the base's dtype; a LoRA reward model is also merged into a
+/// `*ForSequenceClassification` checkpoint, with its adapter under `adapter/`.
+fn save_weights(dir: &Path, s: &Setup, model: &Llama, base_name: &str, last: bool) -> Result<()> {
+    let base = Path::new(base_name);
+    match &s.tuning {
+        Tuning::Lora(settings) if last && model.score.is_some() => {
+            save_adapter(&dir.join("adapter"), model, settings, base_name)?;
+            let merged = merge_lora(model.valid());
+            save_model(dir, &s.config, &merged, s.config.dtype, Default::default())?;
+            copy_companions(base, dir)
+        }
+        Tuning::Lora(settings) => save_adapter(dir, model, settings, base_name),
+        Tuning::Full => {
+            let dtype = if last {
+                s.config.dtype
+            } else {
+                WeightDtype::F32
+            };
+            save_model(dir, &s.config, model, dtype, Default::default())?;
+            copy_companions(base, dir)
+        }
+    }
 }
 
 /// Where a run stands, saved with every checkpoint so a resumed run continues exactly.
@@ -243,6 +397,7 @@ fn step_seed(seed: u64, step: usize) -> u64 {
 /// `out` from its newest complete checkpoint.
 pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Result<Outcome> {
     let t = &recipe.train;
+    let method = Method::from_recipe(recipe)?;
     let run = if resume {
         let run = RunDir::open(out)?;
         let saved = std::fs::read_to_string(out.join("recipe.toml")).unwrap_or_default();
@@ -259,12 +414,14 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         run
     };
     let resume_from = if resume {
-        let found = run.latest_checkpoint(&[
-            STATE_FILE,
-            OPTIMIZER_FILE,
-            "adapter_model.safetensors",
-            "adapter_config.json",
-        ]);
+        let weights: &[&str] = if recipe.lora.is_some() {
+            &["adapter_model.safetensors", "adapter_config.json"]
+        } else {
+            &["config.json"]
+        };
+        let mut required = vec![STATE_FILE, OPTIMIZER_FILE];
+        required.extend_from_slice(weights);
+        let found = run.latest_checkpoint(&required);
         Some(found.ok_or_else(|| {
             TrainerError::Input(format!(
                 "{}: no complete checkpoint to resume from",
@@ -290,36 +447,39 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         device = device.gradient_checkpointing();
     }
     device.seed(t.seed);
-    let (config, model) = load_model(base, &device)?;
-    let lora = recipe
-        .lora
-        .as_ref()
-        .ok_or_else(|| TrainerError::Input("a [lora] section is required".into()))?;
-    let settings = LoraSettings {
-        r: lora.r,
-        lora_alpha: lora.alpha,
-        lora_dropout: lora.dropout,
-        target_modules: lora.targets.clone(),
-        use_rslora: lora.rslora,
-    };
-    let (mut model, settings) = match (&resume_from, &lora.init_from) {
-        (Some((_, dir)), _) => (load_adapter(dir, model, &device)?.0, settings),
-        (None, Some(dir)) => load_adapter(dir, model, &device)?,
-        (None, None) => (attach_lora(model, &settings, &device)?, settings),
-    };
-
-    let sets = prepare_data(recipe)?;
-    let pad = config
+    let base_config = ModelConfig::from_path(base)?;
+    let pad = base_config
         .pad_token_id
-        .or(config.eos_token_ids.first().copied())
+        .or(base_config.eos_token_ids.first().copied())
         .unwrap_or(0);
+    let setup = setup(
+        recipe,
+        &method,
+        &device,
+        resume_from.as_ref().map(|(_, d)| d.as_path()),
+        pad,
+    )?;
+    let mut model = setup.model.clone();
+    let reference = setup.reference.as_ref();
+
+    let mut sets = prepare_data(recipe, &method)?;
+    if let (Some(r), Some(d)) = (reference, &recipe.dpo)
+        && d.precompute_ref_log_probs
+    {
+        let dir = d.ref_cache_dir.clone().unwrap_or_else(default_cache_dir);
+        let key = RefCacheKey::new(
+            base,
+            recipe.lora.as_ref().and_then(|l| l.init_from.as_deref()),
+        )?;
+        for set in [&mut sets.train, &mut sets.eval] {
+            if let Examples::Pairs(pairs) = set {
+                precompute(r, pairs, pad, t.per_device_train_batch_size, &key, &dir)?;
+            }
+        }
+    }
     let inner = device.clone().inner();
-    let eval_batches: Vec<Batch> = sets
-        .eval
-        .chunks(t.per_device_train_batch_size)
-        .map(|c| Batch::padded(&c.iter().collect::<Vec<_>>(), pad))
-        .collect();
-    let batches_per_epoch = epoch_batches(recipe, &sets.train, 0, pad)?.len();
+    let eval_batches = eval_micro_batches(&sets.eval, t.per_device_train_batch_size, pad);
+    let batches_per_epoch = epoch_micro_batches(recipe, &sets.train, 0, pad)?.len();
     let steps_per_epoch = batches_per_epoch
         .div_ceil(t.gradient_accumulation_steps)
         .max(1);
@@ -334,12 +494,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         (t.warmup_ratio * total as f64).ceil() as usize
     };
 
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(t.adam_beta1 as f32)
-        .with_beta_2(t.adam_beta2 as f32)
-        .with_epsilon(t.adam_epsilon as f32)
-        .with_weight_decay(t.weight_decay as f32)
-        .init();
+    let mut optim = optimizer(t, &model);
     let mut state = TrainerState {
         global_step: 0,
         epoch: 0,
@@ -373,10 +528,11 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let base_name = base.display().to_string();
     let save_state = |dir: &Path,
                       model: &Llama,
-                      optim: &burn::optim::ModuleOptimizer,
-                      state: &TrainerState|
+                      optim: &ModuleOptimizer,
+                      state: &TrainerState,
+                      last: bool|
      -> Result<()> {
-        save_adapter(dir, model, &settings, &base_name)?;
+        save_weights(dir, &setup, model, &base_name, last)?;
         optim
             .to_record()
             .save(dir.join(OPTIMIZER_FILE))
@@ -386,6 +542,22 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         let text = serde_json::to_string(state).unwrap_or_default();
         checkpoints::write_text(&dir.join(STATE_FILE), &text)?;
         Ok(())
+    };
+    let run_eval = |model: &Llama, step: usize, epoch: f64| -> Result<Option<(f64, Metrics)>> {
+        let valid = model.valid();
+        let got = evaluate(
+            &method,
+            &valid,
+            &eval_batches,
+            &sets.eval,
+            reference,
+            pad,
+            &inner,
+        )?;
+        if let Some((loss, m, tokens)) = &got {
+            log_eval(&run, &method, *loss, m, *tokens, step, epoch)?;
+        }
+        Ok(got.map(|(l, m, _)| (l, m)))
     };
 
     let TrainerState {
@@ -398,12 +570,11 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         mut eval_history,
     } = state;
     let mut epoch_f;
-    let mut last_eval = None;
     let started = Instant::now();
     bar.set_position(step as u64);
     'epochs: loop {
-        let batches = epoch_batches(recipe, &sets.train, epoch, pad)?;
-        let groups: Vec<&[Batch]> = batches.chunks(t.gradient_accumulation_steps).collect();
+        let batches = epoch_micro_batches(recipe, &sets.train, epoch, pad)?;
+        let groups: Vec<&[Micro]> = batches.chunks(t.gradient_accumulation_steps).collect();
         let step_at_epoch_start = step;
         let resumed_mid_epoch = skip_groups > 0;
         for (g, group) in groups.iter().enumerate() {
@@ -411,20 +582,27 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                 continue;
             }
             device.seed(step_seed(t.seed, step));
-            let lms: Vec<LmBatch> = group.iter().map(|b| LmBatch::new(b, &device)).collect();
-            let loss_tokens: usize = lms.iter().map(|l| l.num_loss_tokens).sum();
-            if loss_tokens == 0 {
+            let mut outs = Vec::new();
+            for micro in group.iter() {
+                if let Some(o) =
+                    micro_loss(&method, &model, micro, &sets.train, reference, pad, &device)?
+                {
+                    outs.push(o);
+                }
+            }
+            let total_weight: f64 = outs.iter().map(|o| o.weight).sum();
+            if total_weight <= 0.0 {
                 continue;
             }
             let mut accumulator = GradientsAccumulator::new();
-            let (mut loss_sum, mut acc_sum) = (0.0, 0.0);
-            for lm in lms.iter().filter(|l| l.num_loss_tokens > 0) {
-                let (loss, m) = sft_loss(&model, lm);
-                let share = lm.num_loss_tokens as f64 / loss_tokens as f64;
-                loss_sum += m.loss * share;
-                acc_sum += m.mean_token_accuracy * share;
-                seen_tokens += lm.num_tokens;
-                let grads = GradientsParams::from_grads(loss.mul_scalar(share).backward(), &model);
+            let (mut loss_sum, mut metrics) = (0.0, Metrics::default());
+            for o in outs {
+                let share = o.weight / total_weight;
+                loss_sum += scalar(o.loss.clone()) * share;
+                metrics.accumulate(&o.metrics, share);
+                seen_tokens += o.tokens;
+                let grads =
+                    GradientsParams::from_grads(o.loss.mul_scalar(share).backward(), &model);
                 accumulator.accumulate(&model, grads);
             }
             let mut grads = accumulator.grads();
@@ -439,19 +617,21 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             epoch_f =
                 epoch as f64 + (step - epoch * steps_per_epoch) as f64 / steps_per_epoch as f64;
             if step % t.logging_steps.max(1) == 0 || step == total {
-                run.log(&json!({
+                let mut line = json!({
                     "loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm,
-                    "mean_token_accuracy": acc_sum, "num_tokens": seen_tokens,
-                    "epoch": epoch_f, "step": step,
-                }))?;
+                    "num_tokens": seen_tokens, "epoch": epoch_f, "step": step,
+                });
+                for (name, value, _) in &metrics.0 {
+                    line[*name] = json!(value);
+                }
+                run.log(&line)?;
             }
             let tps = seen_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
             bar.set_position(step as u64);
             bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
             let eval_now = t.eval_steps > 0 && step % t.eval_steps == 0 && step < total;
-            if eval_now && let Some(m) = evaluate(&model.valid(), &eval_batches, &inner) {
-                log_eval(&run, &m, step, epoch_f)?;
-                eval_history.push((step, m.loss));
+            if eval_now && let Some((loss, _)) = run_eval(&model, step, epoch_f)? {
+                eval_history.push((step, loss));
             }
             if t.save_steps > 0 && step % t.save_steps == 0 && step < total {
                 // The position after this group; the end of an epoch is the next one's start.
@@ -470,7 +650,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                     eval_history: eval_history.clone(),
                 };
                 run.checkpoint(step, t.save_total_limit, |dir| {
-                    save_state(dir, &model, &optim, &snapshot)
+                    save_state(dir, &model, &optim, &snapshot, false)
                 })?;
                 run.plot(&history, &eval_history)?;
             }
@@ -481,17 +661,16 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         skip_groups = 0;
         if step == step_at_epoch_start && !resumed_mid_epoch {
             return Err(TrainerError::Input(format!(
-                "{}: no batch has a token to learn from",
+                "{}: no batch has anything to learn from",
                 recipe.data.train.display()
             )));
         }
         epoch += 1;
     }
     bar.finish_and_clear();
-    if let Some(m) = evaluate(&model.valid(), &eval_batches, &inner) {
-        log_eval(&run, &m, step, epoch_f)?;
-        eval_history.push((step, m.loss));
-        last_eval = Some(m.loss);
+    let last_eval = run_eval(&model, step, epoch_f)?;
+    if let Some((loss, _)) = &last_eval {
+        eval_history.push((step, *loss));
     }
     let done = TrainerState {
         global_step: step,
@@ -502,7 +681,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         history: history.clone(),
         eval_history: eval_history.clone(),
     };
-    run.finish(|dir| save_state(dir, &model, &optim, &done))?;
+    run.finish(|dir| save_state(dir, &model, &optim, &done, true))?;
     run.plot(&history, &eval_history)?;
     run.log(&json!({
         "truncated": sets.counts.truncated, "dropped": sets.counts.dropped,
@@ -516,16 +695,29 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         steps: step,
         first_loss,
         last_loss: history.last().map_or(f64::NAN, |h| h.1),
-        eval_loss: last_eval,
+        eval_loss: last_eval.as_ref().map(|e| e.0),
+        eval_metrics: last_eval.map(|e| e.1).unwrap_or_default(),
     })
 }
 
-fn log_eval(run: &RunDir, m: &SftMetrics, step: usize, epoch: f64) -> Result<()> {
-    run.log(&json!({
-        "eval_loss": m.loss, "eval_perplexity": m.loss.exp(),
-        "eval_mean_token_accuracy": m.mean_token_accuracy, "eval_num_tokens": m.num_tokens,
-        "epoch": epoch, "step": step,
-    }))
+fn log_eval(
+    run: &RunDir,
+    method: &Method,
+    loss: f64,
+    metrics: &Metrics,
+    tokens: usize,
+    step: usize,
+    epoch: f64,
+) -> Result<()> {
+    let mut line = json!({ "eval_loss": loss, "epoch": epoch, "step": step });
+    if matches!(method, Method::Sft) {
+        line["eval_perplexity"] = json!(loss.exp());
+        line["eval_num_tokens"] = json!(tokens);
+    }
+    for (name, value, _) in &metrics.0 {
+        line[format!("eval_{name}")] = json!(value);
+    }
+    run.log(&line)
 }
 
 #[cfg(test)]

@@ -152,6 +152,12 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         "the frozen base moved"
     );
 
+    let embed_a = host(model.embed_lora.as_ref().unwrap().a.val());
+    assert!(
+        embed_a.iter().any(|&x| x != 0.0),
+        "the embedding adapter (A starts at zero) did not train"
+    );
+
     // 3. PEFT layout: key names, shapes, config keys.
     let adapter_dir = tmp.path().join("adapter");
     save_adapter(&adapter_dir, &model, &settings, "base").unwrap();
@@ -169,7 +175,23 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         .get("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight")
         .unwrap();
     assert_eq!(k.shape, &[32, 8], "k_proj is [Hkv·D, r] under GQA");
-    assert_eq!(files.names().count(), 2 * 7 * 2 + 2);
+    // Seven projections in two layers, the head, and the embeddings (PEFT's bare
+    // `lora_embedding_A` [r, vocab] / `lora_embedding_B` [hidden, r]).
+    assert_eq!(files.names().count(), 2 * 7 * 2 + 2 + 2);
+    assert_eq!(
+        files
+            .get("base_model.model.model.embed_tokens.lora_embedding_A")
+            .unwrap()
+            .shape,
+        &[8, 512]
+    );
+    assert_eq!(
+        files
+            .get("base_model.model.model.embed_tokens.lora_embedding_B")
+            .unwrap()
+            .shape,
+        &[64, 8]
+    );
     assert_eq!(
         files
             .get("base_model.model.lm_head.lora_B.weight")

@@ -12,6 +12,7 @@ mod mask;
 mod mlp;
 mod norm;
 mod rope;
+mod score;
 mod specs;
 
 pub use attention::LayerCache;
@@ -23,4 +24,5 @@ pub use init::{NewModel, init_model};
 pub use llama::Llama;
 pub use mask::attention_mask;
 pub use rope::inverse_frequencies;
+pub use score::with_score_head;
 pub use specs::{TensorSpec, tensor_specs};

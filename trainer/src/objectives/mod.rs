@@ -5,6 +5,7 @@
 pub mod dpo;
 pub mod orpo;
 pub mod reward;
+pub mod sequences;
 pub mod sft;
 
 use burn::tensor::Tensor;

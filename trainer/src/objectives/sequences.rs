@@ -1,0 +1,59 @@
+//! What the preference objectives read from the model for a [`PairBatch`]: per-sequence
+//! log-probs, summed over completion tokens (and over every token, for ORPO's NLL), and
+//! reward scores at the last real token — all from one forward over chosen and rejected.
+
+use burn::tensor::{IndexingUpdateOp, Tensor};
+
+use super::sft::LOGPROB_CHUNK;
+use crate::batch::PairBatch;
+use crate::model::Llama;
+
+/// `[2N]` sums of log-probs per sequence: chosen rows first, then rejected.
+pub struct SequenceLogps {
+    pub completion: Tensor<1>,
+    pub all: Tensor<1>,
+}
+
+pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
+    let hidden = model.hidden_packed(
+        batch.ids.clone(),
+        batch.positions.clone(),
+        batch.segments.clone(),
+    );
+    let [b, t, h] = hidden.dims();
+    let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
+    let (logprobs, _) = kernels::token_logprobs(
+        rows,
+        model.head_weight(),
+        batch.targets.clone(),
+        LOGPROB_CHUNK,
+    );
+    let zeros = Tensor::<1>::zeros([b], &logprobs.device());
+    let completion = zeros.clone().select_assign(
+        0,
+        batch.row_seq.clone(),
+        logprobs.clone() * batch.completion.clone(),
+        IndexingUpdateOp::Add,
+    );
+    let all = zeros.select_assign(0, batch.row_seq.clone(), logprobs, IndexingUpdateOp::Add);
+    SequenceLogps { completion, all }
+}
+
+/// `[2N]` scalar scores from the model's `score` head, read at each sequence's last real
+/// token. `None` when the model has no score head.
+pub fn reward_scores(model: &Llama, batch: &PairBatch) -> Option<Tensor<1>> {
+    let score = model.score.as_ref()?;
+    let hidden = model.hidden_packed(
+        batch.ids.clone(),
+        batch.positions.clone(),
+        batch.segments.clone(),
+    );
+    let [b, t, h] = hidden.dims();
+    let last = hidden.reshape([b * t, h]).select(0, batch.last.clone());
+    Some(score.forward(last).reshape([b]))
+}
+
+/// The chosen half and the rejected half of a `[2N]` tensor.
+pub fn halves(x: Tensor<1>, pairs: usize) -> (Tensor<1>, Tensor<1>) {
+    (x.clone().narrow(0, 0, pairs), x.narrow(0, pairs, pairs))
+}

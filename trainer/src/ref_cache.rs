@@ -1,0 +1,154 @@
+//! DPO reference log-probs computed once and cached on disk. The key hashes everything
+//! that decides the values — the model's files (config and weights, and the initial
+//! adapter's) and the tokenised pairs — so a changed model or data set never reads stale
+//! values, and reruns of the same recipe skip the reference forward entirely.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::method::{PairItem, Reference};
+use crate::{Result, TrainerError};
+
+/// FNV-1a over 64-bit words: stable across runs and platforms, fast enough for weights.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn word(&mut self, w: u64) {
+        self.0 ^= w;
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+        }
+        for &x in chunks.remainder() {
+            self.word(x as u64);
+        }
+        self.word(b.len() as u64);
+    }
+
+    fn file(&mut self, path: &Path) -> Result<()> {
+        let io = |e| TrainerError::Input(format!("{}: {e}", path.display()));
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            self.bytes(&buf[..n]);
+        }
+        Ok(())
+    }
+}
+
+/// The model half of a cache key.
+#[derive(Debug, Clone, Copy)]
+pub struct RefCacheKey {
+    model: u64,
+}
+
+impl RefCacheKey {
+    /// Hashes `config.json`, every safetensors file and index in `base`, and the initial
+    /// adapter's files when there is one.
+    pub fn new(base: &Path, adapter: Option<&Path>) -> Result<Self> {
+        let mut h = Fnv::new();
+        for dir in std::iter::once(base).chain(adapter) {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    name.ends_with(".safetensors")
+                        || name.ends_with(".safetensors.index.json")
+                        || name == "config.json"
+                        || name == "adapter_config.json"
+                })
+                .collect();
+            files.sort();
+            for f in files {
+                h.bytes(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+                h.file(&f)?;
+            }
+        }
+        Ok(Self { model: h.0 })
+    }
+}
+
+/// `$XDG_CACHE_HOME/hearth/ref-logps`, else `~/.cache/hearth/ref-logps`, else a directory
+/// in the working directory.
+pub fn default_cache_dir() -> PathBuf {
+    let root = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".hearth-cache"));
+    root.join("hearth").join("ref-logps")
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    /// `[chosen, rejected]` summed completion log-probs, one per pair in order.
+    logps: Vec<(f64, f64)>,
+}
+
+/// Fills every pair's `reference` from the cache in `dir`, computing and storing the
+/// values first when the cache lacks them. Returns whether the cache was hit.
+pub fn precompute(
+    reference: &Reference,
+    pairs: &mut [PairItem],
+    pad: u32,
+    batch_size: usize,
+    key: &RefCacheKey,
+    dir: &Path,
+) -> Result<bool> {
+    if pairs.is_empty() {
+        return Ok(true);
+    }
+    let mut h = Fnv::new();
+    h.word(pad as u64);
+    for p in pairs.iter() {
+        for part in [&p.tokens.prompt, &p.tokens.chosen, &p.tokens.rejected] {
+            h.word(part.len() as u64);
+            for &id in part.iter() {
+                h.word(id as u64);
+            }
+        }
+    }
+    let path = dir.join(format!("{:016x}-{:016x}.json", key.model, h.0));
+    let cached = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<CacheFile>(&text).ok())
+        .filter(|c| c.logps.len() == pairs.len());
+    let hit = cached.is_some();
+    let logps = match cached {
+        Some(c) => c.logps,
+        None => {
+            let mut logps = Vec::with_capacity(pairs.len());
+            for chunk in pairs.chunks(batch_size.max(1)) {
+                let tokens: Vec<_> = chunk.iter().map(|p| &p.tokens).collect();
+                logps.extend(reference.logps(&tokens, pad));
+            }
+            std::fs::create_dir_all(dir)
+                .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))?;
+            let text = serde_json::to_string(&CacheFile {
+                logps: logps.clone(),
+            })
+            .unwrap_or_default();
+            checkpoints::write_text(&path, &text)?;
+            logps
+        }
+    };
+    for (p, lp) in pairs.iter_mut().zip(logps) {
+        p.reference = Some(lp);
+    }
+    Ok(hit)
+}
