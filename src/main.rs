@@ -397,7 +397,7 @@ fn run(cli: Cli) -> Result<()> {
             });
             let outcome = trainer::train::train(&recipe, &out, resume, true)?;
             eprintln!(
-                "trained {} steps: loss {:.4} -> {:.4}{}; adapter in {}",
+                "trained {} steps: loss {:.4} -> {:.4}{}; final weights in {}",
                 outcome.steps,
                 outcome.first_loss,
                 outcome.last_loss,

@@ -227,7 +227,7 @@ fn scalar(t: Tensor<1>) -> f64 {
 
 /// How the weights train, and so what a checkpoint holds.
 #[derive(Debug, Clone)]
-enum Tuning {
+pub enum Tuning {
     /// Adapters on a frozen base: checkpoints are PEFT adapters.
     Lora(LoraSettings),
     /// Every weight: checkpoints are full HF checkpoints in f32 (exact resume).
@@ -235,19 +235,19 @@ enum Tuning {
 }
 
 /// The model a run trains, with what saving and the DPO reference need.
-struct Setup {
+pub struct Setup {
     /// The config checkpoints are written with (a reward model's is a classifier's).
-    config: ModelConfig,
-    model: Llama,
-    reference: Option<Reference>,
-    tuning: Tuning,
+    pub config: ModelConfig,
+    pub model: Llama,
+    pub reference: Option<Reference>,
+    pub tuning: Tuning,
 }
 
 /// Builds the trained model: base (+ score head for reward) with fresh adapters, the
 /// recipe's `init_from` adapter, or the checkpoint being resumed; and the DPO reference,
 /// which is the initial policy — the base with adapters off, a frozen copy of the initial
 /// adapter, or the initial full weights.
-fn setup(
+pub fn setup(
     recipe: &Recipe,
     method: &Method,
     device: &Device,
@@ -320,7 +320,7 @@ fn setup(
 
 /// AdamW with the recipe's settings; norms and biases (every rank-1 parameter) in a group
 /// without weight decay, as transformers' Trainer does.
-fn optimizer(t: &crate::recipe::TrainSection, model: &Llama) -> ModuleOptimizer {
+pub(crate) fn optimizer(t: &crate::recipe::TrainSection, model: &Llama) -> ModuleOptimizer {
     struct RankOne(Vec<ParamId>);
     impl ModuleVisitor for RankOne {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
