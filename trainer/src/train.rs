@@ -742,3 +742,51 @@ mod tests {
         assert_eq!(lr_factor("constant", 0, 0, 10), 1.0);
     }
 }
+
+#[cfg(test)]
+mod optimizer_tests {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Device, Tensor};
+
+    use crate::model::{NewModel, init_model, load_model};
+    use crate::recipe::TrainSection;
+
+    /// With zero gradients AdamW's only update is decoupled decay, `θ ← θ(1 − lr·wd)`: the
+    /// matrices shrink, the norms (rank-1) must not move.
+    #[test]
+    fn weight_decay_skips_norms_and_biases() {
+        struct ZeroGrads(GradientsParams);
+        impl ModuleVisitor for ZeroGrads {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                self.0
+                    .register::<D>(param.id, param.val().zeros_like().inner());
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        init_model(tmp.path(), &NewModel::default(), Default::default()).unwrap();
+        let device = Device::flex().autodiff();
+        let (_, model) = load_model(tmp.path(), &device).unwrap();
+        let t = TrainSection {
+            weight_decay: 0.5,
+            ..Default::default()
+        };
+        let mut optim = super::optimizer(&t, &model);
+        let mut zero = ZeroGrads(GradientsParams::new());
+        model.visit(&mut zero);
+        let host = |t: Tensor<1>| t.into_data().try_into_vec_as::<f32>().unwrap();
+        let norm_before = host(model.norm.weight.val());
+        let q_before = model.layers[0].self_attn.q_proj.weight.val();
+        let model = optim.step(0.1, model, zero.0);
+        assert_eq!(host(model.norm.weight.val()), norm_before);
+        let q_after = model.layers[0].self_attn.q_proj.weight.val();
+        let want = q_before.mul_scalar(1.0 - 0.1 * 0.5);
+        let worst = (q_after - want)
+            .abs()
+            .max()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()[0];
+        assert!(worst < 1e-7, "decayed matrices off by {worst}");
+    }
+}
