@@ -34,12 +34,60 @@ enum Command {
     /// Work with data files.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Train from a TOML recipe (LoRA SFT so far).
+    /// Train from a TOML recipe: SFT, DPO, ORPO or a reward model, with LoRA or in full.
     Train(TrainArgs),
     /// Fold a LoRA adapter into its base and write a merged Hugging Face checkpoint.
     Merge(MergeArgs),
     /// Generate a reply with a model (and adapter), through its chat template.
     Generate(GenerateTextArgs),
+    /// Use a reward model.
+    #[command(subcommand)]
+    Reward(RewardCommand),
+    /// Evaluate a trained model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum RewardCommand {
+    /// Score conversations: reads `{"messages": [...]}` lines, writes `{"score": x}` lines.
+    Score(RewardScoreArgs),
+}
+
+#[derive(Args)]
+struct RewardScoreArgs {
+    /// A reward model (a *ForSequenceClassification checkpoint), or its base with --adapter.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT SEQ_CLS adapter carrying the score head.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Pairwise accuracy on held-out preference pairs, from a reward model or from an
+    /// adapter's implicit DPO reward over its base; broken down by PsychoCounsel's rating
+    /// dimensions when those columns are present. Prints one JSON object.
+    Preference(EvalPreferenceArgs),
+}
+
+#[derive(Args)]
+struct EvalPreferenceArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Preference pairs (JSONL, JSON, Parquet or Arrow).
+    #[arg(long)]
+    data: PathBuf,
+    /// Longest pair kept, in tokens (prompt start cut first).
+    #[arg(long, default_value_t = 2048)]
+    max_length: usize,
 }
 
 #[derive(Args)]
@@ -384,6 +432,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => {
             trainer::model::lora::merge_to_dir(&a.base, &a.adapter, &a.out)?;
             eprintln!("wrote merged model to {}", a.out.display());
+        }
+        Command::Reward(RewardCommand::Score(a)) => {
+            let n =
+                trainer::evaluate::score_file(&a.model, a.adapter.as_deref(), &a.input, &a.out)?;
+            eprintln!("scored {n} conversations into {}", a.out.display());
+        }
+        Command::Eval(EvalCommand::Preference(a)) => {
+            let report = trainer::evaluate::preference_accuracy(
+                &a.model,
+                a.adapter.as_deref(),
+                &a.data,
+                a.max_length,
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
         }
         Command::Train(a) => {
             let recipe = trainer::recipe::load(&a.recipe, &a.set)?;

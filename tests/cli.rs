@@ -1129,3 +1129,139 @@ fn training_on_packed_rows_runs_and_learns_from_every_row() {
         tokens(&lines[0])
     );
 }
+
+#[test]
+fn reward_model_scores_conversations_and_reports_preference_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("reward");
+    let pairs = root.join("data/examples/counseling-preference.jsonl");
+    let set_base = format!("model.path={:?}", s(&base));
+    let set_data = format!("data.train={:?}", s(&pairs));
+    ok(&[
+        "train",
+        s(&root.join("recipes/tiny-reward.toml")),
+        "--out",
+        s(&run),
+        "--set",
+        &set_base,
+        "--set",
+        &set_data,
+    ]);
+    let fin = run.join("final");
+
+    // Scores from the merged classifier and from base + SEQ_CLS adapter agree.
+    let conversations = tmp.path().join("conv.jsonl");
+    let dialogues =
+        std::fs::read_to_string(root.join("data/examples/counseling-sft.jsonl")).unwrap();
+    std::fs::write(
+        &conversations,
+        dialogues.lines().take(5).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    let scores = |args: &[&str], out: &Path| -> Vec<f64> {
+        let mut all = vec![
+            "reward",
+            "score",
+            "--input",
+            s(&conversations),
+            "--out",
+            s(out),
+        ];
+        all.extend_from_slice(args);
+        ok(&all);
+        std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["score"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let merged = scores(&["--model", s(&fin)], &tmp.path().join("a.jsonl"));
+    let adapter = fin.join("adapter");
+    let unmerged = scores(
+        &["--model", s(&base), "--adapter", s(&adapter)],
+        &tmp.path().join("b.jsonl"),
+    );
+    assert_eq!(merged.len(), 5);
+    for (m, u) in merged.iter().zip(&unmerged) {
+        assert!((m - u).abs() < 1e-3, "merged {m} vs adapter {u}");
+    }
+    fails(
+        &[
+            "reward",
+            "score",
+            "--model",
+            s(&base),
+            "--input",
+            s(&conversations),
+            "--out",
+            s(&tmp.path().join("c.jsonl")),
+        ],
+        &["no score head"],
+    );
+
+    // PsychoCounsel-shaped pairs with rating columns: empathy agrees with the preference,
+    // safety (on the first 10 pairs) rates the rejected answer higher, elsewhere ties.
+    let psycho = tmp.path().join("psychocounsel.jsonl");
+    let mut lines = Vec::new();
+    for (i, line) in std::fs::read_to_string(&pairs).unwrap().lines().enumerate() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let safety = if i < 10 { (1, 5) } else { (3, 3) };
+        lines.push(
+            serde_json::json!({
+                "question": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+                "chosen_empathy_rating": 5, "rejected_empathy_rating": 1,
+                "chosen_safety_rating": safety.0, "rejected_safety_rating": safety.1,
+            })
+            .to_string(),
+        );
+    }
+    std::fs::write(&psycho, lines.join("\n")).unwrap();
+    let out = hearth(&[
+        "eval",
+        "preference",
+        "--model",
+        s(&fin),
+        "--data",
+        s(&psycho),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let acc = report["accuracy"].as_f64().unwrap();
+    assert_eq!(report["source"], "reward_model");
+    assert_eq!(report["pairs"], 128);
+    assert!(acc >= 0.9, "{report}");
+    assert_eq!(report["by_dimension"]["empathy"]["pairs"], 128);
+    assert_eq!(
+        report["by_dimension"]["empathy"]["accuracy"].as_f64(),
+        Some(acc)
+    );
+    assert_eq!(report["by_dimension"]["safety"]["pairs"], 10);
+    assert!(
+        report["by_dimension"]["safety"]["accuracy"]
+            .as_f64()
+            .unwrap()
+            <= 0.2,
+        "{report}"
+    );
+    fails(
+        &[
+            "eval",
+            "preference",
+            "--model",
+            s(&base),
+            "--data",
+            s(&psycho),
+        ],
+        &["not a reward model", "--adapter"],
+    );
+}

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod device;
 mod error;
+pub mod evaluate;
 pub mod generate;
 pub mod logits;
 pub mod method;
