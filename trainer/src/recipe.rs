@@ -376,7 +376,29 @@ mod tests {
                 n += 1;
             }
         }
-        assert!(n >= 3, "expected the tiny, cactus and psylite recipes");
+        assert!(n >= 9, "expected the SFT, DPO, ORPO and reward recipes");
+        let orpo = load(&dir.join("psylite-orpo.toml"), &[]).unwrap();
+        let o = orpo.orpo.unwrap();
+        assert_eq!(orpo.train.method, "orpo");
+        assert_eq!(
+            (
+                o.lambda,
+                orpo.train.learning_rate,
+                orpo.train.gradient_accumulation_steps,
+                orpo.data.max_length,
+                orpo.train.max_grad_norm
+            ),
+            (0.2, 5e-6, 64, 2048, 1.0)
+        );
+        for (name, method) in [
+            ("psychocounsel-reward.toml", "reward"),
+            ("psychocounsel-dpo.toml", "dpo"),
+            ("tiny-dpo.toml", "dpo"),
+            ("tiny-orpo.toml", "orpo"),
+            ("tiny-reward.toml", "reward"),
+        ] {
+            assert_eq!(load(&dir.join(name), &[]).unwrap().train.method, method);
+        }
         let psylite = load(&dir.join("psylite-sft.toml"), &[]).unwrap();
         let l = psylite.lora.unwrap();
         assert_eq!((l.r, l.alpha, l.dropout), (64, 16.0, 0.1));
