@@ -251,3 +251,100 @@ fn reward_model_learns_and_saves_as_a_sequence_classifier() {
         &[1, hidden]
     );
 }
+
+#[test]
+fn orpo_nll_covers_the_whole_chosen_sequence_unless_restricted() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let nll = |extra: &[&str], out: &str| {
+        let mut sets = vec!["train.max_steps=1"];
+        sets.extend_from_slice(extra);
+        let out = tmp.path().join(out);
+        run(&recipe("tiny-orpo.toml", &base, &sets), &out);
+        metrics(&out)[0]["nll_loss"].as_f64().unwrap()
+    };
+    let whole = nll(&[], "whole");
+    let completion = nll(&["orpo.nll_completion_only=true"], "completion");
+    // A random model's per-token NLL is near log(vocab) everywhere, so the two differ a
+    // little (measured 6.24592 vs 6.24523); the counts below pin what each one averages.
+    assert!(
+        (whole - completion).abs() > 1e-5,
+        "the option changed nothing: {whole} vs {completion}"
+    );
+    let r = recipe("tiny-orpo.toml", &base, &[]);
+    let pairs = pairs(&r, &Method::from_recipe(&r).unwrap());
+    let refs: Vec<_> = pairs.iter().collect();
+    let batch = PairBatch::new(&refs, &[], 0, &Device::flex());
+    let host = |t: burn::tensor::Tensor<1>| t.into_data().try_into_vec_as::<f64>().unwrap();
+    let (predicted, completion) = (host(batch.predicted_len), host(batch.completion_len));
+    for (i, p) in pairs.iter().enumerate() {
+        // Every token after the first is predicted; only the chosen ones are completion.
+        assert_eq!(predicted[i] as usize, p.prompt.len() + p.chosen.len() - 1);
+        assert_eq!(completion[i] as usize, p.chosen.len());
+        let j = pairs.len() + i;
+        assert_eq!(predicted[j] as usize, p.prompt.len() + p.rejected.len() - 1);
+        assert_eq!(completion[j] as usize, p.rejected.len());
+    }
+}
+
+#[test]
+fn full_reward_model_trains_with_a_margin_column() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    // The bundled pairs with a `margin` column.
+    let data = tmp.path().join("pairs.jsonl");
+    let text =
+        std::fs::read_to_string(root().join("data/examples/counseling-preference.jsonl")).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row["margin"] = serde_json::json!(0.5);
+            row.to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let source = std::fs::read_to_string(root().join("recipes/tiny-reward.toml")).unwrap();
+    let full = source[..source.find("[lora]").unwrap()].to_string()
+        + &source[source.find("[train]").unwrap()..]
+        + "\n[reward]\nmargin_column = \"margin\"\ncenter_rewards_coefficient = 0.01\n";
+    let path = tmp.path().join("full-reward.toml");
+    std::fs::write(&path, full).unwrap();
+    let r = load(
+        &path,
+        &[
+            format!("model.path=\"{}\"", base.display()),
+            format!("data.train=\"{}\"", data.display()),
+            "train.learning_rate=1e-3".into(),
+        ],
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let outcome = run(&r, &out);
+    assert!(outcome.last_loss < outcome.first_loss);
+    let acc = outcome.eval_metrics.get("accuracy").unwrap();
+    assert!(acc >= 0.9, "held-out accuracy {acc}");
+    // A full run's final/ is the whole classifier, no adapter.
+    let (_, model) = load_model(&out.join("final"), &Device::flex()).unwrap();
+    assert!(model.score.is_some() && model.lm_head.is_none());
+    assert!(!out.join("final/adapter").exists());
+
+    // A margin column that is not a number is an error naming the example and column.
+    std::fs::write(
+        &data,
+        text.lines()
+            .next()
+            .unwrap()
+            .replace('}', ",\"margin\":\"big\"}"),
+    )
+    .unwrap();
+    let err = train(&r, &tmp.path().join("bad"), false, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("example 1") && err.contains("`margin`"),
+        "{err}"
+    );
+}
