@@ -116,13 +116,7 @@ impl PairBatch {
                 }
             }
         }
-        let last: Vec<i64> = (0..b)
-            .map(|r| {
-                let row = &batch.ids[r * w..(r + 1) * w];
-                let t = row.iter().rposition(|&id| id != pad).unwrap_or(0);
-                (r * w + t) as i64
-            })
-            .collect();
+        let last = last_real_tokens(&batch, pad);
         let ints = |v: &[u32]| -> Tensor<2, Int> {
             let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
             Tensor::from_data(TensorData::new(v, [b, w]), device)
@@ -153,4 +147,16 @@ impl PairBatch {
             num_tokens: batch.segments.iter().filter(|&&s| s != 0).count(),
         }
     }
+}
+
+/// Per row, the flat index of the last token whose id is not `pad` — where transformers'
+/// sequence classifiers read their score.
+pub fn last_real_tokens(batch: &data::batch::Batch, pad: u32) -> Vec<i64> {
+    let w = batch.width;
+    (0..batch.rows)
+        .map(|r| {
+            let row = &batch.ids[r * w..(r + 1) * w];
+            (r * w + row.iter().rposition(|&id| id != pad).unwrap_or(0)) as i64
+        })
+        .collect()
 }

@@ -11,7 +11,7 @@ use data::render::{TemplateChoice, template_for};
 use data::tokenize::{PairTokens, Tokenized, Tokenizing, Truncation, TruncationCounts};
 use serde::Serialize;
 
-use crate::batch::{LmBatch, PairBatch};
+use crate::batch::{LmBatch, PairBatch, last_real_tokens};
 use crate::model::lora::load_adapter;
 use crate::model::{Llama, load_model};
 use crate::objectives::sequences::{halves, reward_scores, sequence_logps};
@@ -56,13 +56,7 @@ pub fn score_sequences(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<Vec
             })
             .collect();
         let batch = data::batch::Batch::padded(&owned.iter().collect::<Vec<_>>(), pad);
-        let w = batch.width;
-        let last: Vec<i64> = (0..batch.rows)
-            .map(|r| {
-                let row = &batch.ids[r * w..(r + 1) * w];
-                (r * w + row.iter().rposition(|&id| id != pad).unwrap_or(0)) as i64
-            })
-            .collect();
+        let last = last_real_tokens(&batch, pad);
         let lm = LmBatch::new(&batch, &device);
         let hidden = model.hidden_packed(lm.ids, lm.positions, lm.segments);
         let [b, t, h] = hidden.dims();

@@ -218,10 +218,9 @@ fn evaluate(
 }
 
 fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data()
-        .try_into_vec_as::<f64>()
-        .ok()
-        .and_then(|v| v.first().copied())
+    crate::objectives::values(t)
+        .first()
+        .copied()
         .unwrap_or(f64::NAN)
 }
 

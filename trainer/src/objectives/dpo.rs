@@ -10,7 +10,7 @@ use std::str::FromStr;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{Metrics, log_sigmoid, mean, values};
+use super::{Metrics, log_sigmoid, preference_metrics, values};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,25 +99,9 @@ pub fn dpo_loss(
     };
     let loss = losses.mean();
 
-    let chosen_rewards: Vec<f64> = values(chosen_ratio.detach().mul_scalar(beta));
-    let rejected_rewards: Vec<f64> = values(rejected_ratio.detach().mul_scalar(beta));
-    let mut m = Metrics::default();
-    m.mean("rewards/chosen", mean(&chosen_rewards));
-    m.mean("rewards/rejected", mean(&rejected_rewards));
-    let wins: Vec<f64> = chosen_rewards
-        .iter()
-        .zip(&rejected_rewards)
-        .map(|(c, r)| f64::from(u8::from(c > r)))
-        .collect();
-    m.mean("rewards/accuracies", mean(&wins));
-    let margins: Vec<f64> = chosen_rewards
-        .iter()
-        .zip(&rejected_rewards)
-        .map(|(c, r)| c - r)
-        .collect();
-    m.mean("rewards/margins", mean(&margins));
-    m.mean("logps/chosen", mean(&values(pc.detach())));
-    m.mean("logps/rejected", mean(&values(pr.detach())));
+    let chosen_rewards = values(chosen_ratio.detach().mul_scalar(beta));
+    let rejected_rewards = values(rejected_ratio.detach().mul_scalar(beta));
+    let m = preference_metrics(&chosen_rewards, &rejected_rewards, pc, pr);
     (loss, m)
 }
 

@@ -52,6 +52,27 @@ impl Metrics {
     }
 }
 
+/// TRL's preference metrics from per-pair implicit rewards and the log-probs behind them:
+/// `rewards/{chosen,rejected,accuracies,margins}` and `logps/{chosen,rejected}`.
+pub fn preference_metrics(
+    chosen_rewards: &[f64],
+    rejected_rewards: &[f64],
+    logps_chosen: Tensor<1>,
+    logps_rejected: Tensor<1>,
+) -> Metrics {
+    let pairs = || chosen_rewards.iter().zip(rejected_rewards);
+    let wins: Vec<f64> = pairs().map(|(c, r)| f64::from(u8::from(c > r))).collect();
+    let margins: Vec<f64> = pairs().map(|(c, r)| c - r).collect();
+    let mut m = Metrics::default();
+    m.mean("rewards/chosen", mean(chosen_rewards));
+    m.mean("rewards/rejected", mean(rejected_rewards));
+    m.mean("rewards/accuracies", mean(&wins));
+    m.mean("rewards/margins", mean(&margins));
+    m.mean("logps/chosen", mean(&values(logps_chosen.detach())));
+    m.mean("logps/rejected", mean(&values(logps_rejected.detach())));
+    m
+}
+
 /// `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`: finite for every finite `x`, where the
 /// textbook `−log(1 + e^{−x})` overflows for large negative `x`.
 pub fn log_sigmoid(x: Tensor<1>) -> Tensor<1> {

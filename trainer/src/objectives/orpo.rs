@@ -5,7 +5,7 @@
 
 use burn::tensor::Tensor;
 
-use super::{Metrics, log_sigmoid, log1m_exp, mean, values};
+use super::{Metrics, log_sigmoid, log1m_exp, mean, preference_metrics, values};
 
 /// `nll`: the chosen sequences' token-mean cross-entropy (a scalar); `avg_chosen`,
 /// `avg_rejected`: `[N]` length-averaged log-probs.
@@ -22,26 +22,10 @@ pub fn orpo_loss(
 
     let chosen_rewards = values(avg_chosen.clone().detach().mul_scalar(lambda));
     let rejected_rewards = values(avg_rejected.clone().detach().mul_scalar(lambda));
-    let mut m = Metrics::default();
+    let mut m = preference_metrics(&chosen_rewards, &rejected_rewards, avg_chosen, avg_rejected);
     m.mean("nll_loss", values(nll.detach())[0]);
     m.mean("log_odds_ratio", mean(&values(ratio.detach())));
     m.mean("log_odds_chosen", mean(&values(log_odds.detach())));
-    m.mean("rewards/chosen", mean(&chosen_rewards));
-    m.mean("rewards/rejected", mean(&rejected_rewards));
-    let wins: Vec<f64> = chosen_rewards
-        .iter()
-        .zip(&rejected_rewards)
-        .map(|(c, r)| f64::from(u8::from(c > r)))
-        .collect();
-    m.mean("rewards/accuracies", mean(&wins));
-    let margins: Vec<f64> = chosen_rewards
-        .iter()
-        .zip(&rejected_rewards)
-        .map(|(c, r)| c - r)
-        .collect();
-    m.mean("rewards/margins", mean(&margins));
-    m.mean("logps/chosen", mean(&values(avg_chosen.detach())));
-    m.mean("logps/rejected", mean(&values(avg_rejected.detach())));
     (loss, m)
 }
 
