@@ -1,14 +1,15 @@
-//! Text generation with a KV cache: the prompt is run once, then one token per step, each
-//! step attending to the cached keys and values. Sampling happens on the host over the last
+//! Text generation with a KV cache: the prompts are run once, then one token per row per
+//! step, each step attending to the cached keys and values. Sampling happens on the host over the last
 //! position's logits: greedy, or temperature with top-k and top-p, seeded.
 
 use std::path::Path;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
-use crate::model::{LayerCache, Llama};
+use crate::model::Llama;
 use crate::{Result, TrainerError};
 
 /// How to pick tokens.
@@ -83,9 +84,29 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
     order[keep - 1] as u32
 }
 
+/// One sampled continuation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The new tokens, without the stop token.
+    pub tokens: Vec<u32>,
+    /// The stop token that ended it; `None` when `max_new_tokens` cut it off.
+    pub stop: Option<u32>,
+}
+
+impl Completion {
+    /// The tokens a policy is trained on: the new tokens and the stop token, so ending is
+    /// learned too.
+    pub fn trained_tokens(&self) -> Vec<u32> {
+        let mut t = self.tokens.clone();
+        t.extend(self.stop);
+        t
+    }
+}
+
+/// `[B, vocab]` logits of the last position of each row, on the host, row-major.
 fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<f32> {
-    let [_, n, h] = hidden.dims();
-    let last = hidden.narrow(1, n - 1, 1).reshape([1, h]);
+    let [b, n, h] = hidden.dims();
+    let last = hidden.narrow(1, n - 1, 1).reshape([b, h]);
     let logits = burn::tensor::module::linear(last, model.head_weight().transpose(), None);
     logits
         .into_data()
@@ -93,8 +114,89 @@ fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// Continues `prompt` until a stop token or `max_new_tokens`. Returns the new tokens,
-/// without the stop token.
+/// Continues every prompt at once: the prompts are left-padded into one batch, run once,
+/// then each step feeds one token per row through the KV cache. Rows that stopped keep a
+/// slot in the batch (their outputs are ignored) until every row is done. Tokens are drawn
+/// row by row from `rng`, so a seed fixes the whole batch.
+pub fn generate_batch(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    s: &Sampling,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<Vec<Completion>> {
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(TrainerError::Input(format!("prompt {} is empty", i + 1)));
+    }
+    let b = prompts.len();
+    let mut out: Vec<Completion> = vec![
+        Completion {
+            tokens: Vec::new(),
+            stop: None,
+        };
+        b
+    ];
+    if b == 0 || s.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (mut ids, mut positions, mut padding) = (Vec::new(), Vec::new(), Vec::new());
+    for p in prompts {
+        let lead = width - p.len();
+        for j in 0..width {
+            ids.push(if j < lead { 0 } else { p[j - lead] as i64 });
+            positions.push(j.saturating_sub(lead) as i64);
+            padding.push(j < lead);
+        }
+    }
+    let ints =
+        |v: Vec<i64>, n: usize| Tensor::<2, Int>::from_data(TensorData::new(v, [b, n]), device);
+    let bools =
+        |v: Vec<bool>, n: usize| Tensor::<2, Bool>::from_data(TensorData::new(v, [b, n]), device);
+    let (hidden, mut cache) = model.hidden_cached(
+        ints(ids, width),
+        ints(positions, width),
+        bools(padding, width),
+        None,
+    );
+    let mut logits = last_logits(model, hidden);
+    let vocab = logits.len() / b;
+    let mut done = vec![false; b];
+    for step in 0..s.max_new_tokens {
+        let mut next = vec![0i64; b];
+        for r in 0..b {
+            if done[r] {
+                continue;
+            }
+            let token = sample(&logits[r * vocab..(r + 1) * vocab], s, rng);
+            if stop.contains(&token) {
+                out[r].stop = Some(token);
+                done[r] = true;
+            } else {
+                out[r].tokens.push(token);
+                next[r] = token as i64;
+                done[r] = out[r].tokens.len() == s.max_new_tokens;
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let positions: Vec<i64> = prompts.iter().map(|p| (p.len() + step) as i64).collect();
+        let (hidden, c) = model.hidden_cached(
+            ints(next, 1),
+            ints(positions, 1),
+            bools(vec![false; b], 1),
+            Some(cache),
+        );
+        cache = c;
+        logits = last_logits(model, hidden);
+    }
+    Ok(out)
+}
+
+/// Continues `prompt` until a stop token or `max_new_tokens`, seeded by `s.seed`. Returns
+/// the new tokens, without the stop token.
 pub fn generate(
     model: &Llama,
     prompt: &[u32],
@@ -106,26 +208,8 @@ pub fn generate(
         return Err(TrainerError::Input("the prompt is empty".into()));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-    let ids = |v: &[u32]| {
-        let v: Vec<i64> = v.iter().map(|&x| x as i64).collect();
-        let n = v.len();
-        Tensor::<2, Int>::from_data(TensorData::new(v, [1, n]), device)
-    };
-    let (hidden, mut cache): (Tensor<3>, Vec<LayerCache>) =
-        model.hidden_cached(ids(prompt), 0, Vec::new());
-    let mut logits = last_logits(model, hidden);
-    let mut out = Vec::new();
-    for position in prompt.len()..prompt.len() + s.max_new_tokens {
-        let next = sample(&logits, s, &mut rng);
-        if stop.contains(&next) {
-            break;
-        }
-        out.push(next);
-        let (hidden, c) = model.hidden_cached(ids(&[next]), position, cache);
-        cache = c;
-        logits = last_logits(model, hidden);
-    }
-    Ok(out)
+    let mut out = generate_batch(model, &[prompt.to_vec()], stop, s, &mut rng, device)?;
+    Ok(out.pop().map(|c| c.tokens).unwrap_or_default())
 }
 
 /// The ids generation stops on: the config's `eos_token_id`s, the tokenizer config's

@@ -14,6 +14,14 @@ use super::norm::RmsNorm;
 use super::rope::{cos_sin, inverse_frequencies};
 use crate::{Result, TrainerError};
 
+/// What generation carries between steps: each layer's keys and values, and which key
+/// slots are padding (`[B, S]`, true for padding).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    pub key_padding: Tensor<2, Bool>,
+}
+
 /// One pre-norm decoder block.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
@@ -227,40 +235,58 @@ impl Llama {
         self.norm.forward(x)
     }
 
-    /// Final hidden states of `ids` (`[1, n]`) continuing a sequence whose first `start`
-    /// tokens are in `cache` (one entry per layer, empty at the start). Returns the hidden
-    /// states `[1, n, hidden]` and the extended cache.
+    /// Final hidden states of `ids` (`[B, n]`) continuing the sequences held in `cache`
+    /// (`None` at the start). `positions`: `[B, n]` rotary positions of the new tokens;
+    /// `padding`: `[B, n]`, true for slots that are padding (a left-padded prompt), which no
+    /// later query may see. Queries see earlier slots only, so left padding keeps every
+    /// row's real tokens contiguous and its distances (for sliding windows) true.
+    /// Returns the hidden states `[B, n, hidden]` and the extended cache.
     pub fn hidden_cached(
         &self,
         ids: Tensor<2, Int>,
-        start: usize,
-        cache: Vec<LayerCache>,
-    ) -> (Tensor<3>, Vec<LayerCache>) {
+        positions: Tensor<2, Int>,
+        padding: Tensor<2, Bool>,
+        cache: Option<KvCache>,
+    ) -> (Tensor<3>, KvCache) {
         let [b, n] = ids.dims();
         let device = ids.device();
+        let (layers, key_padding) = match cache {
+            Some(c) => (c.layers, Tensor::cat(vec![c.key_padding, padding], 1)),
+            None => (Vec::new(), padding),
+        };
+        let start = key_padding.dims()[1] - n;
         let total = start + n;
-        let positions = Tensor::<1, Int>::arange(start as i64..total as i64, &device)
-            .reshape([1, n])
-            .expand([b, n]);
         let (cos, sin) = cos_sin(&self.inv_freq, positions);
         let query = Tensor::<1, Int>::arange(start as i64..total as i64, &device).reshape([n, 1]);
         let key = Tensor::<1, Int>::arange(0..total as i64, &device).reshape([1, total]);
         let distance = query.expand([n, total]) - key.expand([n, total]);
-        let causal = distance.clone().lower_elem(0);
+        let pad_keys = key_padding
+            .clone()
+            .reshape([b, 1, 1, total])
+            .expand([b, 1, n, total]);
         let mut x = self.embed(ids);
-        let mut caches = cache.into_iter();
+        let mut caches = layers.into_iter();
         let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let mut masked = causal.clone();
+            let mut masked = distance.clone().lower_elem(0);
             if let Some(w) = layer.sliding_window {
                 masked = masked.bool_or(distance.clone().greater_equal_elem(w as i64));
             }
-            let masked = masked.reshape([1, 1, n, total]).expand([b, 1, n, total]);
+            let masked = masked
+                .reshape([1, 1, n, total])
+                .expand([b, 1, n, total])
+                .bool_or(pad_keys.clone());
             let (y, c) = layer.forward_cached(x, &cos, &sin, masked, caches.next());
             x = y;
             out.push(c);
         }
-        (self.norm.forward(x), out)
+        (
+            self.norm.forward(x),
+            KvCache {
+                layers: out,
+                key_padding,
+            },
+        )
     }
 
     /// Token embeddings `[B, T, hidden]`, with the embedding adapter's delta when one is on.

@@ -21,7 +21,7 @@ pub use checkpoint::{
 };
 pub use ids::with_path_ids;
 pub use init::{NewModel, init_model};
-pub use llama::Llama;
+pub use llama::{KvCache, Llama};
 pub use mask::attention_mask;
 pub use rope::inverse_frequencies;
 pub use score::with_score_head;
