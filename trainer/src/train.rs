@@ -621,7 +621,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                     "num_tokens": seen_tokens, "epoch": epoch_f, "step": step,
                 });
                 for (name, value, _) in &metrics.0 {
-                    line[*name] = json!(value);
+                    line[name.as_ref()] = json!(value);
                 }
                 run.log(&line)?;
             }

@@ -3,10 +3,13 @@
 //! so each reads like its formula and is tested on fixed values.
 
 pub mod dpo;
+pub mod grpo;
 pub mod orpo;
 pub mod reward;
 pub mod sequences;
 pub mod sft;
+
+use std::borrow::Cow;
 
 use burn::tensor::Tensor;
 
@@ -21,11 +24,15 @@ pub enum Combine {
 
 /// Named metrics of one batch, under TRL's names.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Metrics(pub Vec<(&'static str, f64, Combine)>);
+pub struct Metrics(pub Vec<(Cow<'static, str>, f64, Combine)>);
 
 impl Metrics {
-    pub fn mean(&mut self, name: &'static str, value: f64) {
-        self.0.push((name, value, Combine::Mean));
+    pub fn mean(&mut self, name: impl Into<Cow<'static, str>>, value: f64) {
+        self.0.push((name.into(), value, Combine::Mean));
+    }
+
+    pub fn push(&mut self, name: impl Into<Cow<'static, str>>, value: f64, combine: Combine) {
+        self.0.push((name.into(), value, combine));
     }
 
     pub fn get(&self, name: &str) -> Option<f64> {
@@ -38,7 +45,10 @@ impl Metrics {
             self.0 = other
                 .0
                 .iter()
-                .map(|&(n, v, c)| (n, if c == Combine::Mean { v * share } else { v }, c))
+                .map(|(n, v, c)| {
+                    let v = if *c == Combine::Mean { v * share } else { *v };
+                    (n.clone(), v, *c)
+                })
                 .collect();
             return;
         }

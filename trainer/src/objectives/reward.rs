@@ -26,16 +26,16 @@ pub fn reward_loss(
     m.mean("accuracy", mean(&wins));
     m.mean("margin", mean(&diff));
     m.mean("mean_reward", mean(&all));
-    m.0.push((
+    m.push(
         "min_reward",
         all.iter().copied().fold(f64::INFINITY, f64::min),
         Combine::Min,
-    ));
-    m.0.push((
+    );
+    m.push(
         "max_reward",
         all.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         Combine::Max,
-    ));
+    );
     (loss, m)
 }
 
