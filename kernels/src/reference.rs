@@ -86,6 +86,35 @@ pub fn token_logprobs(
     (Tensor::cat(logprobs, 0), Tensor::cat(hits, 0))
 }
 
+/// Entropy `−Σ p log p` of the head's distribution at each row, `chunk` rows at a time so
+/// no more than `[chunk, vocab]` logits are held. A metric (GRPO's `entropy`): no gradient.
+///
+/// `hidden`: `[N, H]`; `head`: `[V, H]`. Returns `[N]`.
+pub fn token_entropy(hidden: Tensor<2>, head: Tensor<2>, chunk: usize) -> Tensor<1> {
+    let [n, _] = hidden.dims();
+    let chunk = chunk.max(1);
+    let head_t = head.detach().transpose();
+    let hidden = hidden.detach();
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = hidden
+            .clone()
+            .narrow(0, start, len)
+            .matmul(head_t.clone())
+            .cast(DType::F32);
+        let logp = burn::tensor::activation::log_softmax(logits, 1);
+        let entropy = (logp.clone().exp() * logp).sum_dim(1).neg();
+        out.push(entropy.reshape([len]));
+        start += len;
+    }
+    if out.is_empty() {
+        return Tensor::zeros([0], &hidden.device());
+    }
+    Tensor::cat(out, 0)
+}
+
 /// The gated MLP activation: `silu(gate) · up`.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     silu(gate) * up
@@ -272,6 +301,42 @@ mod tests {
         ];
         for (o, w) in out.iter().zip(want) {
             assert!((o - w).abs() < 1e-6, "{out:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn entropy_matches_the_definition_in_every_chunking() {
+        let (n, hd, v) = (5, 4, 7);
+        let h = values(n * hd, 11);
+        let w = values(v * hd, 12);
+        let want: Vec<f64> = (0..n)
+            .map(|i| {
+                let logits: Vec<f64> = (0..v)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|c| (h[i * hd + c] * w[j * hd + c]) as f64)
+                            .sum()
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+                logits
+                    .iter()
+                    .map(|l| {
+                        let lp = l - max - z.ln();
+                        -lp.exp() * lp
+                    })
+                    .sum()
+            })
+            .collect();
+        for chunk in [1, 2, 5, 9] {
+            let got = token_entropy(tensor(&h, [n, hd]), tensor(&w, [v, hd]), chunk)
+                .into_data()
+                .try_into_vec_as::<f64>()
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "chunk {chunk}: {g} vs {w}");
+            }
         }
     }
 }

@@ -21,12 +21,11 @@ use crate::{Result, TrainerError};
 /// Sequences scored or compared at once.
 const BATCH: usize = 8;
 
-/// The model in `dir` with the adapter in `adapter` (if any), on the CPU.
-fn load(dir: &Path, adapter: Option<&Path>) -> Result<(Llama, u32)> {
-    let device = Device::flex();
-    let (config, model) = load_model(dir, &device)?;
+/// The model in `dir` with the adapter in `adapter` (if any), and its pad id.
+pub(crate) fn load_on(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<(Llama, u32)> {
+    let (config, model) = load_model(dir, device)?;
     let model = match adapter {
-        Some(a) => load_adapter(a, model, &device)?.0,
+        Some(a) => load_adapter(a, model, device)?.0,
         None => model,
     };
     let pad = config
@@ -37,7 +36,12 @@ fn load(dir: &Path, adapter: Option<&Path>) -> Result<(Llama, u32)> {
 }
 
 /// Scores at each sequence's last non-pad token, `batch` sequences at a time.
-pub fn score_sequences(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<Vec<f64>> {
+pub fn score_sequences(
+    model: &Llama,
+    seqs: &[Vec<u32>],
+    pad: u32,
+    device: &Device,
+) -> Result<Vec<f64>> {
     let score = model.score.as_ref().ok_or_else(|| {
         TrainerError::Input(
             "the model has no score head: pass a reward model (a *ForSequenceClassification \
@@ -45,7 +49,6 @@ pub fn score_sequences(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<Vec
                 .into(),
         )
     })?;
-    let device = Device::flex();
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(BATCH) {
         let owned: Vec<data::tokenize::Sequence> = chunk
@@ -57,10 +60,10 @@ pub fn score_sequences(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<Vec
             .collect();
         let batch = data::batch::Batch::padded(&owned.iter().collect::<Vec<_>>(), pad);
         let last = last_real_tokens(&batch, pad);
-        let lm = LmBatch::new(&batch, &device);
+        let lm = LmBatch::new(&batch, device);
         let hidden = model.hidden_packed(lm.ids, lm.positions, lm.segments);
         let [b, t, h] = hidden.dims();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(last, [b]), &device);
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(last, [b]), device);
         let picked = hidden.reshape([b * t, h]).select(0, idx);
         out.extend(values(score.forward(picked).reshape([b])));
     }
@@ -75,7 +78,7 @@ pub fn score_file(
     input: &Path,
     out: &Path,
 ) -> Result<usize> {
-    let (model, pad) = load(model_dir, adapter)?;
+    let (model, pad) = load_on(model_dir, adapter, &Device::flex())?;
     let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
     let tokenizer = data::tokenizer::load(model_dir)?;
     let loaded = data::load_examples(input, &Default::default())?;
@@ -91,7 +94,7 @@ pub fn score_file(
         let text = template.render(messages, false)?;
         seqs.push(data::chat::encode(&tokenizer, &text)?);
     }
-    let scores = score_sequences(&model, &seqs, pad)?;
+    let scores = score_sequences(&model, &seqs, pad, &Device::flex())?;
     let mut text = String::new();
     for s in &scores {
         text.push_str(&serde_json::json!({ "score": s }).to_string());
@@ -161,7 +164,7 @@ pub fn preference_accuracy(
     data_path: &Path,
     max_length: usize,
 ) -> Result<PreferenceReport> {
-    let (model, pad) = load(model_dir, adapter)?;
+    let (model, pad) = load_on(model_dir, adapter, &Device::flex())?;
     let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
     let tokenizer = data::tokenizer::load(model_dir)?;
     let t = Tokenizing {
@@ -196,7 +199,10 @@ pub fn preference_accuracy(
     let (source, reference) = if model.score.is_some() {
         ("reward_model", None)
     } else if adapter.is_some() {
-        ("implicit_dpo", Some(load(model_dir, None)?.0))
+        (
+            "implicit_dpo",
+            Some(load_on(model_dir, None, &Device::flex())?.0),
+        )
     } else {
         return Err(TrainerError::Input(format!(
             "{}: not a reward model; for the implicit DPO reward pass the policy's --adapter \

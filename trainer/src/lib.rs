@@ -12,6 +12,7 @@ pub mod model;
 pub mod objectives;
 pub mod recipe;
 pub mod ref_cache;
+pub mod rewards;
 pub mod run_dir;
 pub mod train;
 

@@ -1,0 +1,240 @@
+//! Rewards for online training (GRPO): each scores completions of prompts, and the set
+//! combines them with weights. A reward may decline to score a sample (`None`: it does not
+//! apply), as TRL's reward functions return `None`; the weighted total skips those.
+//!
+//! Kinds: the counseling rules in [`rules`], a hearth reward model ([`model`]), and an
+//! external command speaking JSON lines ([`command`]).
+
+pub mod command;
+pub mod model;
+pub mod rules;
+
+use burn::tensor::Device;
+use data::Message;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::objectives::Metrics;
+use crate::{Result, TrainerError};
+
+/// One completion to score, with the prompt it answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'a> {
+    pub prompt: &'a [Message],
+    pub completion: &'a str,
+    /// The data set's other columns for this prompt.
+    pub extra: &'a Map<String, Value>,
+}
+
+impl Sample<'_> {
+    /// The last user (client) message of the prompt.
+    pub fn client_message(&self) -> &str {
+        self.prompt
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or("", |m| m.content.as_str())
+    }
+}
+
+/// A reward function.
+pub trait Reward {
+    /// The name in metrics: `rewards/NAME/mean`.
+    fn name(&self) -> &str;
+    /// One score per sample, `None` where the reward does not apply.
+    fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>>;
+}
+
+/// `[[grpo.rewards]]`: one reward and its weight. Which keys apply depends on `kind`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSpec {
+    /// length, format, reflection, crisis_safety, reward_model or command.
+    pub kind: String,
+    /// The metric name; defaults to the kind.
+    pub name: Option<String>,
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// `length`: the window, in words.
+    pub min_words: Option<usize>,
+    pub max_words: Option<usize>,
+    /// `reward_model`: a `*ForSequenceClassification` checkpoint, or a base with `adapter`.
+    pub model: Option<std::path::PathBuf>,
+    pub adapter: Option<std::path::PathBuf>,
+    /// `command`: the program and its arguments, run without a shell.
+    pub command: Option<Vec<String>>,
+    /// `command`: seconds to wait for each batch's answers.
+    pub timeout_s: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A reward with its weight.
+pub struct Weighted {
+    pub reward: Box<dyn Reward>,
+    pub weight: f64,
+}
+
+/// What building rewards may need from the run.
+pub struct RewardContext<'a> {
+    /// The policy's tokenizer, for the role tokens the format rule looks for.
+    pub tokenizer: &'a tokenizers::Tokenizer,
+    /// Where reward models run.
+    pub device: &'a Device,
+}
+
+/// The weighted rewards of a run.
+pub struct Rewards(pub Vec<Weighted>);
+
+impl Rewards {
+    pub fn from_specs(specs: &[RewardSpec], cx: &RewardContext<'_>) -> Result<Self> {
+        if specs.is_empty() {
+            return Err(TrainerError::Input(
+                "grpo.rewards: GRPO needs at least one [[grpo.rewards]] entry".into(),
+            ));
+        }
+        let mut out = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let bad = |msg: String| {
+                TrainerError::Input(format!("grpo.rewards[{i}] ({}): {msg}", spec.kind))
+            };
+            let name = spec.name.clone().unwrap_or_else(|| spec.kind.clone());
+            let reward: Box<dyn Reward> = match spec.kind.as_str() {
+                "length" => {
+                    let (lo, hi) = (spec.min_words.unwrap_or(0), spec.max_words.unwrap_or(0));
+                    if hi == 0 || lo > hi {
+                        return Err(bad(format!(
+                            "needs 0 ≤ min_words ≤ max_words with max_words > 0 (got {lo}..{hi})"
+                        )));
+                    }
+                    Box::new(rules::LengthWindow::new(name, lo, hi))
+                }
+                "format" => Box::new(rules::Format::new(name, cx.tokenizer)),
+                "reflection" => Box::new(rules::Reflection::new(name)),
+                "crisis_safety" => Box::new(rules::CrisisSafety::new(name)),
+                "reward_model" => {
+                    let dir = spec
+                        .model
+                        .as_deref()
+                        .ok_or_else(|| bad("needs `model`, a reward model directory".into()))?;
+                    Box::new(
+                        model::RewardModel::load(name, dir, spec.adapter.as_deref(), cx.device)
+                            .map_err(|e| bad(e.to_string()))?,
+                    )
+                }
+                "command" => {
+                    let argv = spec
+                        .command
+                        .clone()
+                        .filter(|c| !c.is_empty())
+                        .ok_or_else(|| {
+                            bad("needs `command`, e.g. [\"python3\", \"score.py\"]".into())
+                        })?;
+                    Box::new(
+                        command::CommandReward::spawn(name, argv, spec.timeout_s.unwrap_or(120.0))
+                            .map_err(|e| bad(e.to_string()))?,
+                    )
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown kind `{other}`; one of length, format, reflection, crisis_safety, reward_model, command"
+                    )));
+                }
+            };
+            if !spec.weight.is_finite() {
+                return Err(bad("weight must be a finite number".into()));
+            }
+            out.push(Weighted {
+                reward,
+                weight: spec.weight,
+            });
+        }
+        Ok(Self(out))
+    }
+
+    /// The weighted total per sample, skipping rewards that do not apply (0 when none
+    /// does), and each reward's `rewards/NAME/mean` and `rewards/NAME/std` over the samples
+    /// it applies to.
+    pub fn score(&mut self, samples: &[Sample<'_>]) -> Result<(Vec<f64>, Metrics)> {
+        let mut total = vec![0.0; samples.len()];
+        let mut m = Metrics::default();
+        for w in &mut self.0 {
+            let scores = w.reward.score(samples)?;
+            if scores.len() != samples.len() {
+                return Err(TrainerError::Input(format!(
+                    "reward `{}` gave {} scores for {} completions",
+                    w.reward.name(),
+                    scores.len(),
+                    samples.len()
+                )));
+            }
+            let applied: Vec<f64> = scores.iter().flatten().copied().collect();
+            if let Some(bad) = applied.iter().find(|x| !x.is_finite()) {
+                return Err(TrainerError::Input(format!(
+                    "reward `{}` gave a non-finite score ({bad})",
+                    w.reward.name()
+                )));
+            }
+            for (t, s) in total.iter_mut().zip(&scores) {
+                *t += s.map_or(0.0, |s| w.weight * s);
+            }
+            let name = w.reward.name().to_string();
+            let n = applied.len();
+            let mean = if n == 0 {
+                f64::NAN
+            } else {
+                applied.iter().sum::<f64>() / n as f64
+            };
+            let std = if n < 2 {
+                0.0
+            } else {
+                (applied.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+            };
+            m.mean(format!("rewards/{name}/mean"), mean);
+            m.mean(format!("rewards/{name}/std"), std);
+        }
+        Ok((total, m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixed(&'static str, Vec<Option<f64>>);
+    impl Reward for Fixed {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn score(&mut self, _: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
+            Ok(self.1.clone())
+        }
+    }
+
+    #[test]
+    fn weighted_total_skips_rewards_that_do_not_apply() {
+        let mut set = Rewards(vec![
+            Weighted {
+                reward: Box::new(Fixed("a", vec![Some(1.0), Some(0.0), Some(0.5)])),
+                weight: 2.0,
+            },
+            Weighted {
+                reward: Box::new(Fixed("b", vec![None, Some(-1.0), Some(1.0)])),
+                weight: 0.5,
+            },
+        ]);
+        let extra = Map::new();
+        let s = Sample {
+            prompt: &[],
+            completion: "",
+            extra: &extra,
+        };
+        let (total, m) = set.score(&[s, s, s]).unwrap();
+        assert_eq!(total, vec![2.0, -0.5, 1.5]);
+        assert_eq!(m.get("rewards/a/mean"), Some(0.5));
+        assert_eq!(m.get("rewards/b/mean"), Some(0.0));
+        assert!((m.get("rewards/b/std").unwrap() - 2f64.sqrt()).abs() < 1e-12);
+    }
+}
