@@ -7,4 +7,4 @@
 
 pub mod reference;
 
-pub use reference::{attention, rms_norm, rotary, swiglu, token_entropy, token_logprobs};
+pub use reference::{Head, attention, rms_norm, rotary, swiglu, token_entropy, token_logprobs};

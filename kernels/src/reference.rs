@@ -51,6 +51,39 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Boo
     probs.matmul(v).reshape([b, h, t, d])
 }
 
+/// The output head: `logits = hidden·Wᵀ + down·upᵀ`. The optional low-rank term is a
+/// LoRA adapter on the head (`down = s·dropout(hidden)·Aᵀ` per row, `up = B`), applied
+/// chunk by chunk without ever forming `W + s·B·A`.
+pub struct Head {
+    /// `[V, H]`.
+    pub weight: Tensor<2>,
+    /// `([N, r], [V, r])`, rows matching the hidden rows.
+    pub low_rank: Option<(Tensor<2>, Tensor<2>)>,
+}
+
+impl Head {
+    pub fn new(weight: Tensor<2>) -> Self {
+        Self {
+            weight,
+            low_rank: None,
+        }
+    }
+
+    /// f32 logits `[len, V]` of hidden rows `start..start + len`.
+    pub fn logits(&self, hidden: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
+        let rows = hidden.clone().narrow(0, start, len);
+        let mut logits = rows.matmul(self.weight.clone().transpose());
+        if let Some((down, up)) = &self.low_rank {
+            logits = logits
+                + down
+                    .clone()
+                    .narrow(0, start, len)
+                    .matmul(up.clone().transpose());
+        }
+        logits.cast(DType::F32)
+    }
+}
+
 /// Per-token log-probabilities of `targets` under the head `hidden·headᵀ`, and whether the
 /// target is the head's top token, computed `chunk` rows at a time so the forward never
 /// holds more than `[chunk, vocab]` logits.
@@ -58,23 +91,18 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Boo
 /// `hidden`: `[N, H]`; `head`: `[V, H]`; `targets`: `[N]`. Returns `([N], [N] 0/1)`.
 pub fn token_logprobs(
     hidden: Tensor<2>,
-    head: Tensor<2>,
+    head: &Head,
     targets: Tensor<1, Int>,
     chunk: usize,
 ) -> (Tensor<1>, Tensor<1, Int>) {
     let [n, _] = hidden.dims();
     let chunk = chunk.max(1);
-    let head_t = head.transpose();
     let mut logprobs = Vec::new();
     let mut hits = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = hidden
-            .clone()
-            .narrow(0, start, len)
-            .matmul(head_t.clone())
-            .cast(DType::F32);
+        let logits = head.logits(&hidden, start, len);
         let target = targets.clone().narrow(0, start, len).reshape([len, 1]);
         let max = logits.clone().max_dim(1).detach();
         let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
@@ -90,20 +118,14 @@ pub fn token_logprobs(
 /// no more than `[chunk, vocab]` logits are held. A metric (GRPO's `entropy`): no gradient.
 ///
 /// `hidden`: `[N, H]`; `head`: `[V, H]`. Returns `[N]`.
-pub fn token_entropy(hidden: Tensor<2>, head: Tensor<2>, chunk: usize) -> Tensor<1> {
+pub fn token_entropy(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> {
     let [n, _] = hidden.dims();
     let chunk = chunk.max(1);
-    let head_t = head.detach().transpose();
-    let hidden = hidden.detach();
     let mut out = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = hidden
-            .clone()
-            .narrow(0, start, len)
-            .matmul(head_t.clone())
-            .cast(DType::F32);
+        let logits = head.logits(&hidden, start, len).detach();
         let logp = burn::tensor::activation::log_softmax(logits, 1);
         let entropy = (logp.clone().exp() * logp).sum_dim(1).neg();
         out.push(entropy.reshape([len]));
@@ -251,8 +273,12 @@ mod tests {
         for chunk in [1, 3, 7, 100] {
             let ids =
                 Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &Device::flex());
-            let (lp, hits) =
-                token_logprobs(tensor(&hidden, [n, h]), tensor(&head, [v, h]), ids, chunk);
+            let (lp, hits) = token_logprobs(
+                tensor(&hidden, [n, h]),
+                &Head::new(tensor(&head, [v, h])),
+                ids,
+                chunk,
+            );
             let lp = lp.into_data().try_into_vec_as::<f32>().unwrap();
             for (a, b) in lp.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "chunk {chunk}: {a} vs {b}");
@@ -330,10 +356,38 @@ mod tests {
             })
             .collect();
         for chunk in [1, 2, 5, 9] {
-            let got = token_entropy(tensor(&h, [n, hd]), tensor(&w, [v, hd]), chunk)
+            let got = token_entropy(tensor(&h, [n, hd]), &Head::new(tensor(&w, [v, hd])), chunk)
                 .into_data()
                 .try_into_vec_as::<f64>()
                 .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-5, "chunk {chunk}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// A low-rank term on the head gives the logits of the merged head `W + down·up`
+    /// (checked through log-probs, every chunking).
+    #[test]
+    fn low_rank_head_equals_the_merged_head() {
+        let (n, h, v, r) = (5, 4, 9, 2);
+        let hidden = tensor(&values(n * h, 21), [n, h]);
+        let w = tensor(&values(v * h, 22), [v, h]);
+        let a = tensor(&values(r * h, 23), [r, h]);
+        let b = tensor(&values(v * r, 24), [v, r]);
+        let merged = Head::new(w.clone() + b.clone().matmul(a.clone()).mul_scalar(0.5));
+        let split = Head {
+            weight: w,
+            low_rank: Some((hidden.clone().matmul(a.transpose()).mul_scalar(0.5), b)),
+        };
+        let targets = Tensor::<1, Int>::from_data(
+            TensorData::new(vec![0i64, 3, 8, 1, 5], [n]),
+            &Device::flex(),
+        );
+        let host = |t: Tensor<1>| t.into_data().try_into_vec_as::<f32>().unwrap();
+        let want = host(token_logprobs(hidden.clone(), &merged, targets.clone(), 5).0);
+        for chunk in [1, 2, 5] {
+            let got = host(token_logprobs(hidden.clone(), &split, targets.clone(), chunk).0);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "chunk {chunk}: {g} vs {w}");
             }

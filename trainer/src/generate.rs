@@ -13,7 +13,7 @@ use crate::model::Llama;
 use crate::{Result, TrainerError};
 
 /// How to pick tokens.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
     pub max_new_tokens: usize,
     /// 0 means greedy.
@@ -107,7 +107,7 @@ impl Completion {
 fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<f32> {
     let [b, n, h] = hidden.dims();
     let last = hidden.narrow(1, n - 1, 1).reshape([b, h]);
-    let logits = burn::tensor::module::linear(last, model.head_weight().transpose(), None);
+    let logits = model.head(&last).logits(&last, 0, b);
     logits
         .into_data()
         .try_into_vec_as::<f32>()

@@ -6,6 +6,7 @@ pub mod device;
 mod error;
 pub mod evaluate;
 pub mod generate;
+pub mod grpo;
 pub mod logits;
 pub mod method;
 pub mod model;

@@ -7,6 +7,7 @@ use data::batch::{Batch, length_grouped_batches, shuffled};
 use data::tokenize::{PairTokens, Sequence, Tokenized, Tokenizing, TruncationCounts};
 
 use crate::batch::{LmBatch, PairBatch};
+use crate::grpo::{GrpoSettings, PromptItem};
 use crate::model::Llama;
 use crate::objectives::dpo::{DpoLossType, PairLogps, dpo_loss};
 use crate::objectives::orpo::orpo_loss;
@@ -33,6 +34,7 @@ pub enum Method {
     Reward {
         center_coefficient: f64,
     },
+    Grpo(GrpoSettings),
 }
 
 impl Method {
@@ -60,6 +62,9 @@ impl Method {
                     .as_ref()
                     .map_or(0.0, |r| r.center_rewards_coefficient),
             },
+            "grpo" => Method::Grpo(GrpoSettings::from_section(
+                &recipe.grpo.clone().unwrap_or_default(),
+            )?),
             other => {
                 return Err(TrainerError::Input(format!(
                     "train.method `{other}` is not a method"
@@ -68,9 +73,38 @@ impl Method {
         })
     }
 
-    /// Whether the method learns from preference pairs (else from sequences).
+    /// Whether the method learns from preference pairs.
     pub fn uses_pairs(&self) -> bool {
-        !matches!(self, Method::Sft)
+        matches!(
+            self,
+            Method::Dpo { .. } | Method::Orpo { .. } | Method::Reward { .. }
+        )
+    }
+
+    /// Whether the method needs the reference policy (DPO; GRPO with a KL term).
+    pub fn needs_reference(&self) -> bool {
+        match self {
+            Method::Dpo { .. } => true,
+            Method::Grpo(g) => g.surrogate.beta > 0.0,
+            _ => false,
+        }
+    }
+
+    /// Micro-batches per optimizer step: GRPO's one micro-batch of prompts becomes all of
+    /// the step's completions.
+    pub fn micros_per_step(&self, gradient_accumulation_steps: usize) -> usize {
+        match self {
+            Method::Grpo(_) => 1,
+            _ => gradient_accumulation_steps,
+        }
+    }
+
+    /// Optimizer steps taken on each group of micro-batches.
+    pub fn iterations(&self) -> usize {
+        match self {
+            Method::Grpo(g) => g.num_iterations,
+            _ => 1,
+        }
     }
 }
 
@@ -89,6 +123,7 @@ pub struct PairItem {
 pub enum Examples {
     Sequences(Vec<Sequence>),
     Pairs(Vec<PairItem>),
+    Prompts(Vec<PromptItem>),
 }
 
 impl Examples {
@@ -96,6 +131,7 @@ impl Examples {
         match self {
             Examples::Sequences(s) => s.len(),
             Examples::Pairs(p) => p.len(),
+            Examples::Prompts(p) => p.len(),
         }
     }
 
@@ -113,6 +149,9 @@ pub fn tokenize(
     margin_column: Option<&str>,
     counts: &mut TruncationCounts,
 ) -> Result<Examples> {
+    if let Method::Grpo(_) = method {
+        return tokenize_prompts(t, examples, counts);
+    }
     let mut seqs = Vec::new();
     let mut pairs = Vec::new();
     for (i, e) in examples.iter().enumerate() {
@@ -157,12 +196,47 @@ pub fn tokenize(
     })
 }
 
+/// GRPO's prompts: prompt-only rows, or the prompts of preference pairs.
+fn tokenize_prompts(
+    t: &Tokenizing,
+    examples: &[Example],
+    counts: &mut TruncationCounts,
+) -> Result<Examples> {
+    let mut out = Vec::new();
+    for (i, e) in examples.iter().enumerate() {
+        let (prompt, extra) = match e {
+            Example::Prompt { prompt, extra } | Example::Pair { prompt, extra, .. } => {
+                (prompt, extra)
+            }
+            Example::Conversation { .. } => {
+                return Err(TrainerError::Input(format!(
+                    "example {}: method `grpo` needs prompts (a `prompt` column, without completions)",
+                    i + 1
+                )));
+            }
+        };
+        let as_prompt = Example::Prompt {
+            prompt: prompt.clone(),
+            extra: extra.clone(),
+        };
+        if let Some(Tokenized::Prompt(ids)) = t.example(&as_prompt, counts)? {
+            out.push(PromptItem {
+                ids,
+                messages: prompt.clone(),
+                extra: extra.clone(),
+            });
+        }
+    }
+    Ok(Examples::Prompts(out))
+}
+
 fn method_name(m: &Method) -> &'static str {
     match m {
         Method::Sft => "sft",
         Method::Dpo { .. } => "dpo",
         Method::Orpo { .. } => "orpo",
         Method::Reward { .. } => "reward",
+        Method::Grpo(_) => "grpo",
     }
 }
 
@@ -171,6 +245,8 @@ fn method_name(m: &Method) -> &'static str {
 pub enum Micro {
     Lm(Batch),
     Pairs(Vec<usize>),
+    /// GRPO: the prompts of one step.
+    Prompts(Vec<usize>),
 }
 
 /// The training micro-batches of one epoch, in order: seeded and length-grouped, or packed
@@ -213,6 +289,14 @@ pub fn epoch_micro_batches(
                 .map(Micro::Pairs)
                 .collect())
         }
+        Examples::Prompts(prompts) => {
+            let g = recipe.grpo.as_ref().map_or(1, |g| g.num_generations).max(1);
+            let per_step = (bs * recipe.train.gradient_accumulation_steps / g).max(1);
+            Ok(shuffled(prompts.len(), seed)
+                .chunks(per_step)
+                .map(|c| Micro::Prompts(c.to_vec()))
+                .collect())
+        }
     }
 }
 
@@ -235,6 +319,8 @@ pub fn eval_micro_batches(examples: &Examples, batch_size: usize, pad: u32) -> V
             .into_iter()
             .map(Micro::Pairs)
             .collect(),
+        // GRPO is judged by its rewards during training, not by an eval loss.
+        Examples::Prompts(_) => Vec::new(),
     }
 }
 
@@ -293,10 +379,11 @@ pub fn micro_loss(
             }));
         }
         (Micro::Pairs(idx), Examples::Pairs(pairs)) => (idx, pairs),
-        (Micro::Pairs(_), Examples::Sequences(_)) => {
-            return Err(TrainerError::Input(
-                "internal: pair batch over sequences".into(),
-            ));
+        _ => {
+            return Err(TrainerError::Input(format!(
+                "internal: method `{}` got a micro-batch of another kind",
+                method_name(method)
+            )));
         }
     };
     if idx.is_empty() {
@@ -308,7 +395,12 @@ pub fn micro_loss(
     let batch = PairBatch::new(&tokens, &margins, pad, device);
     let n = batch.pairs;
     let (loss, metrics) = match method {
-        Method::Sft => unreachable!("SFT batches are rows"),
+        Method::Sft | Method::Grpo(_) => {
+            return Err(TrainerError::Input(format!(
+                "internal: method `{}` has no pair loss",
+                method_name(method)
+            )));
+        }
         Method::Dpo {
             loss_type,
             beta,

@@ -23,6 +23,65 @@ pub struct Recipe {
     pub orpo: Option<OrpoSection>,
     /// Settings of `method = "reward"`.
     pub reward: Option<RewardSection>,
+    /// Settings of `method = "grpo"`.
+    pub grpo: Option<GrpoSection>,
+}
+
+/// `[grpo]`, with TRL's names. A step generates `per_device_train_batch_size ×
+/// gradient_accumulation_steps` completions: that many ÷ `num_generations` prompts, each
+/// sampled `num_generations` times; micro-batches hold `per_device_train_batch_size`
+/// completions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpoSection {
+    /// G, completions per prompt.
+    pub num_generations: usize,
+    /// New tokens per completion at most.
+    pub max_completion_length: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 turns top-k off.
+    pub top_k: usize,
+    /// The KL weight; 0 skips the KL term and the reference model.
+    pub beta: f64,
+    /// ε_low of the clip.
+    pub epsilon: f64,
+    /// ε_high of the clip (DAPO's clip-higher); defaults to `epsilon`.
+    pub epsilon_high: Option<f64>,
+    /// grpo, bnpo, dr_grpo or dapo.
+    pub loss_type: String,
+    /// group, batch or none.
+    pub scale_rewards: String,
+    /// Optimizer steps per generation batch (μ); old log-probs are stored when > 1.
+    pub num_iterations: usize,
+    /// Leave completions cut off by `max_completion_length` out of the loss.
+    pub mask_truncated_completions: bool,
+    /// Write prompts, completions and rewards to `completions.jsonl` in the run directory.
+    /// Off by default: counseling data is sensitive.
+    pub log_completions: bool,
+    /// The rewards, weighted: `[[grpo.rewards]]` tables.
+    pub rewards: Vec<crate::rewards::RewardSpec>,
+}
+
+impl Default for GrpoSection {
+    fn default() -> Self {
+        Self {
+            num_generations: 8,
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            loss_type: "dapo".into(),
+            scale_rewards: "group".into(),
+            num_iterations: 1,
+            mask_truncated_completions: false,
+            log_completions: false,
+            rewards: Vec::new(),
+        }
+    }
 }
 
 /// `[dpo]`, with TRL's names.
@@ -214,7 +273,7 @@ impl Recipe {
     fn validate(&self, origin: &str) -> Result<()> {
         let t = &self.train;
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
-        const METHODS: [&str; 4] = ["sft", "dpo", "orpo", "reward"];
+        const METHODS: [&str; 5] = ["sft", "dpo", "orpo", "reward", "grpo"];
         if !METHODS.contains(&t.method.as_str()) {
             return bad(format!(
                 "train.method `{}` (one of {})",
@@ -226,6 +285,7 @@ impl Recipe {
             ("dpo", self.dpo.is_some()),
             ("orpo", self.orpo.is_some()),
             ("reward", self.reward.is_some()),
+            ("grpo", self.grpo.is_some()),
         ] {
             if present && t.method != section {
                 return bad(format!(
@@ -252,6 +312,57 @@ impl Recipe {
             && !(o.lambda >= 0.0 && o.lambda.is_finite())
         {
             return bad(format!("orpo.lambda {} must be non-negative", o.lambda));
+        }
+        if t.method == "grpo" {
+            let g = self.grpo.clone().unwrap_or_default();
+            if let Err(e) = g.loss_type.parse::<crate::objectives::grpo::GrpoLossType>() {
+                return bad(e);
+            }
+            if let Err(e) = g
+                .scale_rewards
+                .parse::<crate::objectives::grpo::ScaleRewards>()
+            {
+                return bad(e);
+            }
+            if g.num_generations < 2 {
+                return bad(format!(
+                    "grpo.num_generations {} must be at least 2: advantages compare completions of one prompt",
+                    g.num_generations
+                ));
+            }
+            let per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps;
+            if per_step % g.num_generations != 0 {
+                return bad(format!(
+                    "grpo.num_generations {} must divide per_device_train_batch_size × gradient_accumulation_steps = {per_step}",
+                    g.num_generations
+                ));
+            }
+            if g.max_completion_length == 0 || g.num_iterations == 0 {
+                return bad(
+                    "grpo.max_completion_length and grpo.num_iterations must be positive".into(),
+                );
+            }
+            let eps_high = g.epsilon_high.unwrap_or(g.epsilon);
+            if !(g.epsilon >= 0.0 && g.epsilon < 1.0 && eps_high >= 0.0 && eps_high.is_finite()) {
+                return bad(format!(
+                    "grpo.epsilon {} must be in [0, 1) and epsilon_high {eps_high} non-negative",
+                    g.epsilon
+                ));
+            }
+            if !(g.beta >= 0.0 && g.beta.is_finite()) {
+                return bad(format!("grpo.beta {} must be non-negative", g.beta));
+            }
+            if !(g.temperature >= 0.0 && g.temperature.is_finite())
+                || !(g.top_p > 0.0 && g.top_p <= 1.0)
+            {
+                return bad(format!(
+                    "grpo.temperature {} must be ≥ 0 and top_p {} in (0, 1]",
+                    g.temperature, g.top_p
+                ));
+            }
+            if g.rewards.is_empty() {
+                return bad("grpo needs at least one [[grpo.rewards]] table".into());
+            }
         }
         if !["constant", "linear", "cosine"].contains(&t.lr_scheduler_type.as_str()) {
             return bad(format!(
@@ -306,15 +417,32 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
     let (last, sections) = parts
         .split_last()
         .ok_or_else(|| TrainerError::Input(format!("--set `{text}`: empty key")))?;
+    let not_section = |section: &str| {
+        TrainerError::Input(format!("--set `{text}`: `{section}` is not a section"))
+    };
     let mut current = table;
-    for section in sections {
-        current = current
+    let mut parts = sections.iter().peekable();
+    while let Some(section) = parts.next() {
+        let entry = current
             .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-            .as_table_mut()
-            .ok_or_else(|| {
-                TrainerError::Input(format!("--set `{text}`: `{section}` is not a section"))
-            })?;
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        // `grpo.rewards.0.weight`: a number after an array of tables picks one of them.
+        current = match entry {
+            toml::Value::Array(items) => {
+                let index = parts.next().ok_or_else(|| not_section(section))?;
+                let n = items.len();
+                let i: usize = index.parse().map_err(|_| not_section(section))?;
+                items
+                    .get_mut(i)
+                    .and_then(toml::Value::as_table_mut)
+                    .ok_or_else(|| {
+                        TrainerError::Input(format!(
+                            "--set `{text}`: `{section}` has {n} entries, numbered from 0"
+                        ))
+                    })?
+            }
+            other => other.as_table_mut().ok_or_else(|| not_section(section))?,
+        };
     }
     current.insert(last.to_string(), value);
     Ok(())

@@ -95,7 +95,12 @@ impl RunDir {
 
     /// Appends one JSON line to `metrics.jsonl` and flushes it.
     pub fn log(&self, line: &serde_json::Value) -> Result<()> {
-        let path = self.root.join("metrics.jsonl");
+        self.append("metrics.jsonl", line)
+    }
+
+    /// Appends one JSON line to the run directory's file `name` and flushes it.
+    pub fn append(&self, name: &str, line: &serde_json::Value) -> Result<()> {
+        let path = self.root.join(name);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

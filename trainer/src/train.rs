@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::grpo::{Grpo, PromptItem, Rollouts};
 use crate::method::{
     Examples, Method, Micro, Reference, epoch_micro_batches, eval_micro_batches, micro_loss,
     tokenize,
@@ -28,6 +29,7 @@ use crate::model::{
 use crate::objectives::Metrics;
 use crate::recipe::Recipe;
 use crate::ref_cache::{RefCacheKey, default_cache_dir, precompute};
+use crate::rewards::{RewardContext, Rewards};
 use crate::run_dir::RunDir;
 use crate::{Result, TrainerError};
 
@@ -284,10 +286,10 @@ pub fn setup(
                 Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
                 None => None,
             };
-            let reference = match (method, &initial) {
-                (Method::Dpo { .. }, Some((m, _))) => Some(m.valid()),
-                (Method::Dpo { .. }, None) => Some(base.valid()),
-                _ => None,
+            let reference = match (method.needs_reference(), &initial) {
+                (true, Some((m, _))) => Some(m.valid()),
+                (true, None) => Some(base.valid()),
+                (false, _) => None,
             };
             let (model, settings) = match (resume_from, initial) {
                 (Some(dir), _) => (load_adapter(dir, base, device)?.0, settings),
@@ -297,8 +299,9 @@ pub fn setup(
             (model, reference, Tuning::Lora(settings))
         }
         None => {
-            let reference =
-                matches!(method, Method::Dpo { .. }).then(|| base.clone().no_grad().valid());
+            let reference = method
+                .needs_reference()
+                .then(|| base.clone().no_grad().valid());
             let model = match resume_from {
                 Some(dir) => load_model(dir, device)?.1,
                 None => base,
@@ -385,6 +388,12 @@ struct TrainerState {
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.bin";
+/// GRPO samples still to be reused by the steps after a checkpoint.
+const ROLLOUTS_FILE: &str = "rollouts.json";
+/// GRPO's sampled completions, written only with `grpo.log_completions`.
+const COMPLETIONS_FILE: &str = "completions.jsonl";
+/// Keeps the sampler's stream apart from the dropout stream of the same step.
+const SAMPLER_SEED: u64 = 0x5EED_0F5A_3B1E_D00D;
 
 /// The device RNG is reseeded before every step from the seed and the step alone, so
 /// dropout draws do not depend on what ran before — a resumed run draws the same.
@@ -477,11 +486,38 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         }
     }
     let inner = device.clone().inner();
+    let mut grpo = match &method {
+        Method::Grpo(settings) => {
+            let tokenizer = data::tokenizer::load(base)?;
+            let stop = crate::generate::stop_tokens(base, &base_config, &tokenizer);
+            let specs = recipe
+                .grpo
+                .as_ref()
+                .map(|g| g.rewards.clone())
+                .unwrap_or_default();
+            let cx = RewardContext {
+                tokenizer: &tokenizer,
+                device: &inner,
+            };
+            let rewards = Rewards::from_specs(&specs, &cx)?;
+            Some(Grpo {
+                settings: settings.clone(),
+                rewards,
+                tokenizer,
+                stop,
+            })
+        }
+        _ => None,
+    };
+    let prompts: &[PromptItem] = match &sets.train {
+        Examples::Prompts(p) => p,
+        _ => &[],
+    };
+    let per_step = method.micros_per_step(t.gradient_accumulation_steps);
+    let iterations = method.iterations();
     let eval_batches = eval_micro_batches(&sets.eval, t.per_device_train_batch_size, pad);
     let batches_per_epoch = epoch_micro_batches(recipe, &sets.train, 0, pad)?.len();
-    let steps_per_epoch = batches_per_epoch
-        .div_ceil(t.gradient_accumulation_steps)
-        .max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(per_step).max(1) * iterations;
     let total = if t.max_steps > 0 {
         t.max_steps
     } else {
@@ -494,6 +530,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     };
 
     let mut optim = optimizer(t, &model);
+    // GRPO's samples, kept across the `num_iterations` steps that reuse them.
+    let mut rollouts: Option<Rollouts> = None;
     let mut state = TrainerState {
         global_step: 0,
         epoch: 0,
@@ -513,6 +551,15 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         })?;
         optim = optim.load_record(record);
         run.truncate_metrics(*step)?;
+        let saved = dir.join(ROLLOUTS_FILE);
+        if saved.exists() {
+            let text = std::fs::read_to_string(&saved)
+                .map_err(|e| TrainerError::Input(format!("{}: {e}", saved.display())))?;
+            rollouts = Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| TrainerError::Input(format!("{}: {e}", saved.display())))?,
+            );
+        }
     }
 
     let bar = if progress {
@@ -529,9 +576,14 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                       model: &Llama,
                       optim: &ModuleOptimizer,
                       state: &TrainerState,
+                      rollouts: Option<&Rollouts>,
                       last: bool|
      -> Result<()> {
         save_weights(dir, &setup, model, &base_name, last)?;
+        if let Some(r) = rollouts {
+            let text = serde_json::to_string(r).unwrap_or_default();
+            checkpoints::write_text(&dir.join(ROLLOUTS_FILE), &text)?;
+        }
         optim
             .to_record()
             .save(dir.join(OPTIMIZER_FILE))
@@ -573,22 +625,70 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     bar.set_position(step as u64);
     'epochs: loop {
         let batches = epoch_micro_batches(recipe, &sets.train, epoch, pad)?;
-        let groups: Vec<&[Micro]> = batches.chunks(t.gradient_accumulation_steps).collect();
+        // Each group of micro-batches, once per iteration over it.
+        let groups: Vec<(&[Micro], usize)> = batches
+            .chunks(per_step)
+            .flat_map(|g| (0..iterations).map(move |i| (g, i)))
+            .collect();
         let step_at_epoch_start = step;
         let resumed_mid_epoch = skip_groups > 0;
-        for (g, group) in groups.iter().enumerate() {
+        for (g, &(group, iteration)) in groups.iter().enumerate() {
             if g < skip_groups {
                 continue;
             }
             device.seed(step_seed(t.seed, step));
             let mut outs = Vec::new();
-            for micro in group.iter() {
-                if let Some(o) =
-                    micro_loss(&method, &model, micro, &sets.train, reference, pad, &device)?
-                {
-                    outs.push(o);
+            let mut step_metrics = Metrics::default();
+            match (&mut grpo, group) {
+                (Some(grpo), [Micro::Prompts(idx)]) => {
+                    if iteration == 0 || rollouts.is_none() {
+                        let r = grpo.rollout(
+                            &model.valid(),
+                            reference,
+                            prompts,
+                            idx,
+                            step_seed(t.seed, step) ^ SAMPLER_SEED,
+                            t.per_device_train_batch_size,
+                            pad,
+                            &inner,
+                        )?;
+                        if grpo.settings.log_completions {
+                            for line in grpo.completion_lines(step + 1, &r, prompts) {
+                                run.append(COMPLETIONS_FILE, &line)?;
+                            }
+                        }
+                        rollouts = Some(r);
+                    }
+                    let r = rollouts.as_ref().ok_or_else(|| {
+                        TrainerError::Input("internal: GRPO step without samples".into())
+                    })?;
+                    step_metrics = r.metrics();
+                    outs = grpo.micro_losses(
+                        &model,
+                        r,
+                        prompts,
+                        t.per_device_train_batch_size,
+                        pad,
+                        &device,
+                    )?;
+                }
+                _ => {
+                    for micro in group.iter() {
+                        if let Some(o) = micro_loss(
+                            &method,
+                            &model,
+                            micro,
+                            &sets.train,
+                            reference,
+                            pad,
+                            &device,
+                        )? {
+                            outs.push(o);
+                        }
+                    }
                 }
             }
+            let reuse_next = iteration + 1 < iterations;
             let total_weight: f64 = outs.iter().map(|o| o.weight).sum();
             if total_weight <= 0.0 {
                 continue;
@@ -603,6 +703,9 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                 let grads =
                     GradientsParams::from_grads(o.loss.mul_scalar(share).backward(), &model);
                 accumulator.accumulate(&model, grads);
+            }
+            for (name, value, combine) in step_metrics.0 {
+                metrics.push(name, value, combine);
             }
             let mut grads = accumulator.grads();
             let grad_norm = clip_global_norm(&model, &mut grads, t.max_grad_norm);
@@ -648,8 +751,9 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                     history: history.clone(),
                     eval_history: eval_history.clone(),
                 };
+                let pending = if reuse_next { rollouts.as_ref() } else { None };
                 run.checkpoint(step, t.save_total_limit, |dir| {
-                    save_state(dir, &model, &optim, &snapshot, false)
+                    save_state(dir, &model, &optim, &snapshot, pending, false)
                 })?;
                 run.plot(&history, &eval_history)?;
             }
@@ -680,7 +784,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         history: history.clone(),
         eval_history: eval_history.clone(),
     };
-    run.finish(|dir| save_state(dir, &model, &optim, &done, true))?;
+    run.finish(|dir| save_state(dir, &model, &optim, &done, None, true))?;
     run.plot(&history, &eval_history)?;
     run.log(&json!({
         "truncated": sets.counts.truncated, "dropped": sets.counts.dropped,

@@ -158,6 +158,23 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         "the embedding adapter (A starts at zero) did not train"
     );
 
+    // The head's adapter is on the log-prob path too (B starts at zero).
+    let head_b = host(
+        model
+            .lm_head
+            .as_ref()
+            .unwrap()
+            .lora
+            .as_ref()
+            .unwrap()
+            .b
+            .val(),
+    );
+    assert!(
+        head_b.iter().any(|&x| x != 0.0),
+        "the lm_head adapter did not train"
+    );
+
     // 3. PEFT layout: key names, shapes, config keys.
     let adapter_dir = tmp.path().join("adapter");
     save_adapter(&adapter_dir, &model, &settings, "base").unwrap();

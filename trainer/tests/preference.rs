@@ -117,7 +117,7 @@ fn pairs(r: &Recipe, method: &Method) -> Vec<data::tokenize::PairTokens> {
     let mut counts = Default::default();
     match tokenize(method, &t, &loaded.examples[..6], None, &mut counts).unwrap() {
         Examples::Pairs(p) => p.into_iter().map(|p| p.tokens).collect(),
-        Examples::Sequences(_) => panic!("pairs expected"),
+        _ => panic!("pairs expected"),
     }
 }
 

@@ -77,7 +77,7 @@ impl DecoderLayer {
 }
 
 /// The decoder. It stops at the final norm's hidden states: whoever needs token scores
-/// applies [`Llama::head_weight`] through `kernels`, so no caller holds `[tokens × vocab]`
+/// applies [`Llama::head`] through `kernels`, so no caller holds `[tokens × vocab]`
 /// logits it does not need.
 #[derive(Module, Debug)]
 pub struct Llama {
@@ -298,18 +298,31 @@ impl Llama {
         }
     }
 
-    /// The output projection, `[vocab, hidden]`: `lm_head`, or the embeddings when tied.
-    pub fn head_weight(&self) -> Tensor<2> {
+    /// The output head for hidden rows `[N, hidden]`: `lm_head` (or the embeddings when
+    /// tied), plus its adapter's low-rank term for those rows when `lm_head` has one.
+    pub fn head(&self, rows: &Tensor<2>) -> kernels::Head {
         match &self.lm_head {
-            Some(head) => head.weight.val(),
-            None => self.embed_tokens.val(),
+            Some(head) => kernels::Head {
+                weight: head.weight.val(),
+                low_rank: head.lora.as_ref().map(|l| {
+                    let down = linear(l.dropout.forward(rows.clone()), l.a.val().transpose(), None)
+                        .mul_scalar(l.scale);
+                    (down, l.b.val())
+                }),
+            },
+            None => kernels::Head::new(self.embed_tokens.val()),
         }
     }
 
     /// Full logits `[B, T, vocab]` for the given hidden states. Only for inspection and
     /// parity checks; training reads log-probs through the fused path instead.
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        linear(hidden, self.head_weight().transpose(), None)
+        let [b, t, h] = hidden.dims();
+        let rows = hidden.reshape([b * t, h]);
+        let head = self.head(&rows);
+        let logits = head.logits(&rows, 0, b * t);
+        let v = logits.dims()[1];
+        logits.reshape([b, t, v])
     }
 }
 

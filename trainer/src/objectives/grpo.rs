@@ -336,4 +336,29 @@ mod tests {
         close(step(GrpoLossType::Dapo), 21.0 / 6.0, 1e-6);
         close(token_mean(t(&l2), &lay2.mask), 4.0, 1e-6);
     }
+
+    /// With samples used once (old = θ detached) the ratio is 1 and the loss's gradient is
+    /// the policy gradient: ∂ℓ_t/∂logp_t = −A inside the clip range.
+    #[test]
+    fn on_policy_gradient_is_minus_the_advantage() {
+        let device = Device::flex().autodiff();
+        let logp = Tensor::<1>::from_data(TensorData::new(vec![-1.0f32, -2.0, -0.5], [3]), &device)
+            .require_grad();
+        let terms = TokenTerms {
+            logp: logp.clone(),
+            old: logp.clone().detach(),
+            reference: None,
+            advantage: Tensor::from_data(TensorData::new(vec![0.5f32, -1.5, 2.0], [3]), &device),
+        };
+        let s = Surrogate {
+            epsilon_low: 0.2,
+            epsilon_high: 0.2,
+            beta: 0.0,
+        };
+        let (loss, _, _, _) = per_token_loss(&terms, s);
+        let grads = loss.sum().backward();
+        let g = logp.grad(&grads).unwrap();
+        let g = g.into_data().try_into_vec_as::<f64>().unwrap();
+        assert_eq!(g, vec![-0.5, 1.5, -2.0]);
+    }
 }

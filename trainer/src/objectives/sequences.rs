@@ -23,8 +23,8 @@ pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
     let [b, t, h] = hidden.dims();
     let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
     let (logprobs, _) = kernels::token_logprobs(
-        rows,
-        model.head_weight(),
+        rows.clone(),
+        &model.head(&rows),
         batch.targets.clone(),
         LOGPROB_CHUNK,
     );

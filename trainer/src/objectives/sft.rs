@@ -30,8 +30,8 @@ pub fn sft_loss(model: &Llama, batch: &LmBatch) -> (Tensor<1>, SftMetrics) {
         .reshape([b * t, h])
         .select(0, batch.loss_rows.clone());
     let (logprobs, hits) = kernels::token_logprobs(
-        rows,
-        model.head_weight(),
+        rows.clone(),
+        &model.head(&rows),
         batch.targets.clone(),
         LOGPROB_CHUNK,
     );
