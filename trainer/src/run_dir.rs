@@ -66,9 +66,18 @@ impl RunDir {
         found.pop()
     }
 
-    /// Drops metric lines logged after `step` (by a run killed past its last checkpoint).
+    /// Drops lines logged after `step` (by a run killed past its last checkpoint) from
+    /// `metrics.jsonl` and, where there is one, GRPO's `completions.jsonl`.
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
-        let path = self.root.join("metrics.jsonl");
+        self.truncate_log("metrics.jsonl", step)?;
+        if self.root.join("completions.jsonl").exists() {
+            self.truncate_log("completions.jsonl", step)?;
+        }
+        Ok(())
+    }
+
+    fn truncate_log(&self, name: &str, step: usize) -> Result<()> {
+        let path = self.root.join(name);
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let kept: String = text
             .lines()
