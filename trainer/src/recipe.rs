@@ -426,18 +426,22 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
         let entry = current
             .entry(section.to_string())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        // `grpo.rewards.0.weight`: a number after an array of tables picks one of them.
+        // `grpo.rewards.0.weight`: a number after an array of tables picks one of them;
+        // the next free number appends a table.
         current = match entry {
             toml::Value::Array(items) => {
                 let index = parts.next().ok_or_else(|| not_section(section))?;
                 let n = items.len();
                 let i: usize = index.parse().map_err(|_| not_section(section))?;
+                if i == n {
+                    items.push(toml::Value::Table(toml::Table::new()));
+                }
                 items
                     .get_mut(i)
                     .and_then(toml::Value::as_table_mut)
                     .ok_or_else(|| {
                         TrainerError::Input(format!(
-                            "--set `{text}`: `{section}` has {n} entries, numbered from 0"
+                            "--set `{text}`: `{section}` has {n} entries, numbered from 0 (use {n} to add one)"
                         ))
                     })?
             }
@@ -499,7 +503,9 @@ mod tests {
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Pipelines (`[[stage]]` lists of recipes) are checked by their own tests.
+            if path.extension().is_some_and(|e| e == "toml") && !text.contains("[[stage]]") {
                 load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
                 n += 1;
             }
@@ -527,6 +533,29 @@ mod tests {
         ] {
             assert_eq!(load(&dir.join(name), &[]).unwrap().train.method, method);
         }
+        let psyche = load(&dir.join("psyche-grpo.toml"), &[]).unwrap();
+        let g = psyche.grpo.unwrap();
+        assert_eq!(psyche.train.method, "grpo");
+        assert_eq!(g.num_generations, 8);
+        assert_eq!(
+            psyche.train.per_device_train_batch_size * psyche.train.gradient_accumulation_steps
+                / g.num_generations,
+            8,
+            "prompts per step"
+        );
+        let kinds: Vec<&str> = g.rewards.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "reward_model",
+                "crisis_safety",
+                "format",
+                "reflection",
+                "length"
+            ]
+        );
+        let tiny = load(&dir.join("tiny-grpo.toml"), &[]).unwrap();
+        assert_eq!(tiny.train.device, "cpu");
         let psylite = load(&dir.join("psylite-sft.toml"), &[]).unwrap();
         let l = psylite.lora.unwrap();
         assert_eq!((l.r, l.alpha, l.dropout), (64, 16.0, 0.1));
@@ -539,6 +568,45 @@ mod tests {
                 .as_deref(),
             Some("cactus")
         );
+    }
+
+    /// `--set` reaches into arrays of tables by number, and the next number appends one.
+    #[test]
+    fn overrides_index_and_extend_arrays_of_tables() {
+        let grpo = format!(
+            "{MINIMAL}[train]\nmethod = \"grpo\"\nper_device_train_batch_size = 8\n\
+             [grpo]\nnum_generations = 4\n[[grpo.rewards]]\nkind = \"format\"\n"
+        );
+        let r = parse(
+            &grpo,
+            "r.toml",
+            &[
+                "grpo.rewards.0.weight=2.5".into(),
+                "grpo.rewards.1.kind=reward_model".into(),
+                "grpo.rewards.1.model=runs/rm/final".into(),
+            ],
+        )
+        .unwrap();
+        let rewards = r.grpo.unwrap().rewards;
+        assert_eq!(rewards.len(), 2);
+        assert_eq!(rewards[0].weight, 2.5);
+        assert_eq!(rewards[1].kind, "reward_model");
+        assert_eq!(
+            rewards[1].model.as_deref(),
+            Some(Path::new("runs/rm/final"))
+        );
+        let err = parse(&grpo, "r.toml", &["grpo.rewards.5.weight=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("has 1 entries") && err.contains("use 1"),
+            "{err}"
+        );
+        // G must divide the completions of a step.
+        let err = parse(&grpo, "r.toml", &["grpo.num_generations=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must divide"), "{err}");
     }
 
     #[test]
