@@ -34,8 +34,11 @@ enum Command {
     /// Work with data files.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Train from a TOML recipe: SFT, DPO, ORPO or a reward model, with LoRA or in full.
+    /// Train from a TOML recipe: SFT, DPO, ORPO, a reward model or GRPO, with LoRA or in
+    /// full.
     Train(TrainArgs),
+    /// Run a pipeline of recipes (e.g. SFT → reward model → DPO → GRPO) and report.
+    Pipeline(PipelineArgs),
     /// Fold a LoRA adapter into its base and write a merged Hugging Face checkpoint.
     Merge(MergeArgs),
     /// Generate a reply with a model (and adapter), through its chat template.
@@ -146,6 +149,18 @@ struct TrainArgs {
     /// Continue the run in this directory from its newest complete checkpoint.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
     resume: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PipelineArgs {
+    /// The pipeline: `[[stage]]`s of recipes.
+    pipeline: PathBuf,
+    /// Directory for the stages' runs and report.md (default: runs/<pipeline name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a key in every stage's recipe (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -446,6 +461,18 @@ fn run(cli: Cli) -> Result<()> {
                 a.max_length,
             )?;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Pipeline(a) => {
+            let out = a.out.unwrap_or_else(|| {
+                let name = a
+                    .pipeline
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned());
+                PathBuf::from("runs").join(name.unwrap_or_else(|| "pipeline".into()))
+            });
+            let report = trainer::pipeline::run(&a.pipeline, &out, &a.set, true)?;
+            println!("{}", report.text);
+            eprintln!("report written to {}", out.join("report.md").display());
         }
         Command::Train(a) => {
             let recipe = trainer::recipe::load(&a.recipe, &a.set)?;

@@ -1265,3 +1265,76 @@ fn reward_model_scores_conversations_and_reports_preference_accuracy() {
         &["not a reward model", "--adapter"],
     );
 }
+
+#[test]
+fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = tmp.path().join("p");
+    let run = hearth(&[
+        "pipeline",
+        s(&root.join("recipes/tiny-pipeline.toml")),
+        "--out",
+        s(&out),
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(stdout.contains(&report));
+    for (stage, method) in [
+        ("sft", "sft"),
+        ("reward", "reward"),
+        ("dpo", "dpo"),
+        ("grpo", "grpo"),
+    ] {
+        assert!(out.join(stage).join("final").is_dir(), "{stage}: no final/");
+        assert!(
+            report.contains(&format!("## {stage} ({method}, ")),
+            "{report}"
+        );
+    }
+    // Each stage started from the one before: DPO from the SFT adapter, GRPO from DPO's,
+    // scored by the reward model the pipeline trained.
+    let resolved =
+        |stage: &str| std::fs::read_to_string(out.join(stage).join("recipe.toml")).unwrap();
+    assert!(resolved("dpo").contains(&format!("{}", out.join("sft/final").display())));
+    assert!(resolved("grpo").contains(&format!("{}", out.join("dpo/final").display())));
+    assert!(resolved("grpo").contains(&format!("{}", out.join("reward/final").display())));
+    let rewards: Vec<f64> = std::fs::read_to_string(out.join("grpo/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            assert!(v.get("loss").is_none() || v["rewards/reward_model/mean"].is_number());
+            v.get("reward")?.as_f64()
+        })
+        .collect();
+    assert_eq!(rewards.len(), 20);
+    let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len() as f64;
+    // Measured: the total reward goes from about −1.7 (first 3 steps) to 4.7 (last 3).
+    assert!(
+        mean(&rewards[17..]) > mean(&rewards[..3]) + 1.0,
+        "GRPO reward did not rise: {rewards:?}"
+    );
+    assert!(report.contains("## Samples"));
+    assert_eq!(report.matches("- client: ").count(), 3, "{report}");
+
+    // A stage naming a stage that has not run is a one-line error.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "[[stage]]\nname = \"dpo\"\nrecipe = {:?}\nset = [\"lora.init_from=\\\"{{sft}}/final\\\"\"]\n",
+            s(&root.join("recipes/tiny-dpo.toml"))
+        ),
+    )
+    .unwrap();
+    fails(
+        &["pipeline", s(&bad), "--out", s(&tmp.path().join("q"))],
+        &["`{sft}`", "earlier stage"],
+    );
+}

@@ -11,6 +11,7 @@ pub mod logits;
 pub mod method;
 pub mod model;
 pub mod objectives;
+pub mod pipeline;
 pub mod recipe;
 pub mod ref_cache;
 pub mod rewards;

@@ -1,0 +1,357 @@
+//! Pipelines: several recipes run in order, each stage able to start from what an earlier
+//! one wrote — SFT, then a reward model, then DPO from the SFT adapter, then GRPO from the
+//! DPO adapter scored by that reward model — ending with a short report.
+//!
+//! A pipeline file lists `[[stage]]`s, each a recipe (relative to the pipeline file) with
+//! `--set`-style overrides in which `{out}` is the pipeline's directory and `{NAME}` the run
+//! directory of the earlier stage called NAME.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use data::render::{TemplateChoice, template_for};
+use rand::SeedableRng;
+use serde::Deserialize;
+
+use crate::generate::{Sampling, generate_batch, stop_tokens};
+use crate::model::load_model;
+use crate::model::lora::load_adapter;
+use crate::recipe::Recipe;
+use crate::train::{Outcome, train};
+use crate::{Result, TrainerError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// Overrides for every stage, before each stage's own.
+    #[serde(default)]
+    pub set: Vec<String>,
+    pub stage: Vec<Stage>,
+    #[serde(default)]
+    pub report: ReportSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// The stage's run directory under the pipeline's: `{out}/{name}`.
+    pub name: String,
+    pub recipe: PathBuf,
+    #[serde(default)]
+    pub set: Vec<String>,
+}
+
+/// `[report]`: sample generations before and after. Off unless `samples` > 0, because a
+/// report is printed and prompts may be sensitive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSection {
+    /// A prompt file (prompt-only rows, or any format with a prompt).
+    pub prompts: Option<PathBuf>,
+    pub samples: usize,
+    pub max_new_tokens: usize,
+}
+
+impl Default for ReportSection {
+    fn default() -> Self {
+        Self {
+            prompts: None,
+            samples: 0,
+            max_new_tokens: 32,
+        }
+    }
+}
+
+/// One stage's result.
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    pub name: String,
+    pub method: String,
+    pub outcome: Outcome,
+    /// The headline figures: name, and value (or first → last for a trend).
+    pub figures: Vec<(String, String)>,
+}
+
+/// What a pipeline ran, and the report text.
+#[derive(Debug, Clone)]
+pub struct PipelineReport {
+    pub stages: Vec<StageReport>,
+    pub text: String,
+}
+
+/// Reads a pipeline file.
+pub fn load(path: &Path) -> Result<Pipeline> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
+    let p: Pipeline = toml::from_str(&text)
+        .map_err(|e| TrainerError::Input(format!("{}: {}", path.display(), e.message())))?;
+    if p.stage.is_empty() {
+        return Err(TrainerError::Input(format!(
+            "{}: no [[stage]] to run",
+            path.display()
+        )));
+    }
+    let mut seen = Vec::new();
+    for s in &p.stage {
+        if s.name.is_empty() || s.name.contains(['/', '\\', '{', '}']) || seen.contains(&s.name) {
+            return Err(TrainerError::Input(format!(
+                "{}: stage name `{}` must be unique, non-empty, without / \\ {{ }}",
+                path.display(),
+                s.name
+            )));
+        }
+        seen.push(s.name.clone());
+    }
+    Ok(p)
+}
+
+/// `{out}` and `{NAME}` of earlier stages, replaced in an override; an unknown `{…}` is an
+/// error naming it.
+fn substitute(text: &str, vars: &BTreeMap<String, PathBuf>) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| TrainerError::Input(format!("override `{text}`: unclosed `{{`")))?;
+        let name = &after[..close];
+        let value = vars.get(name).ok_or_else(|| {
+            TrainerError::Input(format!(
+                "override `{text}`: `{{{name}}}` is neither {{out}} nor an earlier stage"
+            ))
+        })?;
+        out.push_str(&value.display().to_string());
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Headline metrics of a finished run, by method.
+fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Vec<(String, String)> {
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let series = |key: &str| -> Vec<f64> {
+        lines
+            .iter()
+            .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
+            .collect()
+    };
+    let trend = |key: &str, n: usize| -> Option<String> {
+        let v = series(key);
+        if v.is_empty() {
+            return None;
+        }
+        let n = n.min(v.len());
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        Some(format!(
+            "{:.3} → {:.3}",
+            mean(&v[..n]),
+            mean(&v[v.len() - n..])
+        ))
+    };
+    let mut out = vec![(
+        "loss".to_string(),
+        format!("{:.4} → {:.4}", outcome.first_loss, outcome.last_loss),
+    )];
+    let eval_keys: &[&str] = match recipe.train.method.as_str() {
+        "sft" => &["mean_token_accuracy"],
+        "dpo" => &["rewards/accuracies", "rewards/margins"],
+        "orpo" => &["rewards/accuracies"],
+        "reward" => &["accuracy", "margin"],
+        _ => &[],
+    };
+    if let Some(l) = outcome.eval_loss {
+        out.push(("eval_loss".into(), format!("{l:.4}")));
+    }
+    for k in eval_keys {
+        if let Some(v) = outcome.eval_metrics.get(k) {
+            out.push((format!("eval_{k}"), format!("{v:.3}")));
+        }
+    }
+    if recipe.train.method == "grpo" {
+        for key in series_keys(&lines, "rewards/", "/mean")
+            .iter()
+            .map(String::as_str)
+            .chain(["reward", "completions/mean_length"])
+        {
+            if let Some(t) = trend(key, 3) {
+                out.push((format!("{key} (first 3 → last 3 steps)"), t));
+            }
+        }
+    }
+    out
+}
+
+fn series_keys(lines: &[serde_json::Value], prefix: &str, suffix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.as_object())
+        .flat_map(|o| o.keys())
+        .filter(|k| k.starts_with(prefix) && k.ends_with(suffix))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Greedy replies of the base model and of `adapter` on it, for the report.
+fn samples(
+    base: &Path,
+    adapter: &Path,
+    r: &ReportSection,
+) -> Result<Vec<(String, String, String)>> {
+    let Some(path) = &r.prompts else {
+        return Ok(Vec::new());
+    };
+    let device = Device::flex();
+    let (config, model) = load_model(base, &device)?;
+    let tuned = load_adapter(adapter, model.clone(), &device)?.0;
+    let tokenizer = data::tokenizer::load(base)?;
+    let template = template_for(base, TemplateChoice::Shipped(None))?;
+    let stop = stop_tokens(base, &config, &tokenizer);
+    let loaded = data::load_examples(path, &Default::default())?;
+    let mut prompts = Vec::new();
+    let mut shown = Vec::new();
+    for e in &loaded.examples {
+        let messages = match e {
+            data::Example::Prompt { prompt, .. } | data::Example::Pair { prompt, .. } => prompt,
+            data::Example::Conversation { .. } => continue,
+        };
+        let last = messages.iter().rev().find(|m| m.role == "user");
+        let text = last.map_or_else(String::new, |m| m.content.clone());
+        if shown.contains(&text) {
+            continue;
+        }
+        prompts.push(data::chat::encode(
+            &tokenizer,
+            &template.render(messages, true)?,
+        )?);
+        shown.push(text);
+        if prompts.len() == r.samples {
+            break;
+        }
+    }
+    let greedy = Sampling {
+        max_new_tokens: r.max_new_tokens,
+        ..Default::default()
+    };
+    let reply = |m: &crate::model::Llama| -> Result<Vec<String>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        Ok(
+            generate_batch(m, &prompts, &stop, &greedy, &mut rng, &device)?
+                .iter()
+                .map(|c| tokenizer.decode(&c.tokens, true).unwrap_or_default())
+                .collect(),
+        )
+    };
+    let before = reply(&model)?;
+    let after = reply(&tuned)?;
+    Ok(shown
+        .into_iter()
+        .zip(before)
+        .zip(after)
+        .map(|((p, b), a)| (p, b, a))
+        .collect())
+}
+
+/// Runs every stage into `out/{name}` and writes `out/report.md`. `sets` (from the command
+/// line) apply to every stage, after the pipeline's own and before the stage's.
+pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<PipelineReport> {
+    let p = load(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut vars: BTreeMap<String, PathBuf> = BTreeMap::new();
+    vars.insert("out".into(), out.to_path_buf());
+    let mut stages = Vec::new();
+    let mut last: Option<(Recipe, PathBuf)> = None;
+    for (i, s) in p.stage.iter().enumerate() {
+        let mut overrides = Vec::new();
+        for o in p.set.iter().chain(sets).chain(&s.set) {
+            overrides.push(substitute(o, &vars)?);
+        }
+        let recipe_path = dir.join(&s.recipe);
+        let recipe = crate::recipe::load(&recipe_path, &overrides).map_err(|e| {
+            TrainerError::Input(format!(
+                "{}: stage {} (`{}`): {e}",
+                path.display(),
+                i + 1,
+                s.name
+            ))
+        })?;
+        let run_dir = out.join(&s.name);
+        if progress {
+            eprintln!(
+                "stage {}/{}: {} ({})",
+                i + 1,
+                p.stage.len(),
+                s.name,
+                recipe.train.method
+            );
+        }
+        let outcome = train(&recipe, &run_dir, false, progress)?;
+        stages.push(StageReport {
+            name: s.name.clone(),
+            method: recipe.train.method.clone(),
+            figures: figures(&recipe, &run_dir, &outcome),
+            outcome,
+        });
+        vars.insert(s.name.clone(), run_dir.clone());
+        last = Some((recipe, run_dir));
+    }
+    let mut text = String::from("# hearth pipeline report\n\n");
+    for s in &stages {
+        text.push_str(&format!(
+            "## {} ({}, {} steps)\n",
+            s.name, s.method, s.outcome.steps
+        ));
+        for (k, v) in &s.figures {
+            text.push_str(&format!("- {k}: {v}\n"));
+        }
+        text.push('\n');
+    }
+    if let Some((recipe, run_dir)) = &last
+        && p.report.samples > 0
+        && recipe.lora.is_some()
+    {
+        let shown = samples(&recipe.model.path, &run_dir.join("final"), &p.report)?;
+        if !shown.is_empty() {
+            text.push_str("## Samples (greedy): base model → after the pipeline\n\n");
+            for (prompt, before, after) in shown {
+                text.push_str(&format!(
+                    "- client: {prompt}\n  - before: {}\n  - after: {}\n",
+                    before.trim(),
+                    after.trim()
+                ));
+            }
+        }
+    }
+    checkpoints::write_text(&out.join("report.md"), &text)?;
+    Ok(PipelineReport { stages, text })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_name_earlier_stages() {
+        let mut vars = BTreeMap::new();
+        vars.insert("out".to_string(), PathBuf::from("/runs/p"));
+        vars.insert("sft".to_string(), PathBuf::from("/runs/p/sft"));
+        assert_eq!(
+            substitute("lora.init_from=\"{sft}/final\"", &vars).unwrap(),
+            "lora.init_from=\"/runs/p/sft/final\""
+        );
+        assert_eq!(substitute("x={out}", &vars).unwrap(), "x=/runs/p");
+        let e = substitute("x={dpo}/final", &vars).unwrap_err().to_string();
+        assert!(e.contains("`{dpo}`"), "{e}");
+        assert!(substitute("x={out", &vars).is_err());
+    }
+}
