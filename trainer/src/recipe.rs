@@ -331,7 +331,7 @@ impl Recipe {
                 ));
             }
             let per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps;
-            if per_step % g.num_generations != 0 {
+            if !per_step.is_multiple_of(g.num_generations) {
                 return bad(format!(
                     "grpo.num_generations {} must divide per_device_train_batch_size × gradient_accumulation_steps = {per_step}",
                     g.num_generations
@@ -352,9 +352,11 @@ impl Recipe {
             if !(g.beta >= 0.0 && g.beta.is_finite()) {
                 return bad(format!("grpo.beta {} must be non-negative", g.beta));
             }
-            if !(g.temperature >= 0.0 && g.temperature.is_finite())
-                || !(g.top_p > 0.0 && g.top_p <= 1.0)
-            {
+            let sampling_ok = g.temperature >= 0.0
+                && g.temperature.is_finite()
+                && g.top_p > 0.0
+                && g.top_p <= 1.0;
+            if !sampling_ok {
                 return bad(format!(
                     "grpo.temperature {} must be ≥ 0 and top_p {} in (0, 1]",
                     g.temperature, g.top_p

@@ -281,7 +281,7 @@ mod tests {
         let (loss, kl, low, high) = per_token_loss(&terms, s);
         let (loss, kl) = (values(loss), values(kl.unwrap()));
         for i in 0..4 {
-            let rho = (logp[i] - old[i] as f64).exp();
+            let rho = (logp[i] - old[i]).exp();
             let clipped = rho.clamp(0.8, 1.28);
             let surrogate = -(rho * adv[i]).min(clipped * adv[i]);
             let d = reference[i] - logp[i];
