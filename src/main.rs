@@ -685,6 +685,13 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // A signal stops training cleanly, with the shell's 128 + signal exit code.
+            if let Some(trainer::TrainerError::Interrupted { signal, .. }) =
+                e.downcast_ref::<trainer::TrainerError>()
+            {
+                eprintln!("{e}");
+                return ExitCode::from((128 + signal) as u8);
+            }
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }

@@ -1338,3 +1338,150 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
         &["`{sft}`", "earlier stage"],
     );
 }
+
+fn tiny_sft_args(verb: &str, run: &Path, base: &Path, extra: &[&str]) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        s(&root.join("recipes/tiny-sft.toml")).into(),
+        verb.into(),
+        s(run).into(),
+    ];
+    let data = root.join("data/examples/counseling-sft.jsonl");
+    for set in [
+        format!("model.path={:?}", s(base)),
+        format!("data.train={:?}", s(&data)),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|e| e.to_string()))
+    {
+        args.push("--set".into());
+        args.push(set);
+    }
+    args
+}
+
+#[test]
+fn sigterm_and_sigint_checkpoint_then_exit_with_the_shell_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let extra = [
+        "train.max_steps=40",
+        "train.save_steps=0",
+        "lora.dropout=0.1",
+    ];
+    let a = tmp.path().join("a");
+    let args = tiny_sft_args("--out", &a, &base, &extra);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let final_bytes =
+        |run: &Path| std::fs::read(run.join("final/adapter_model.safetensors")).unwrap();
+
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        let b = tmp.path().join(format!("b-{signal}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(tiny_sft_args("--out", &b, &base, &extra))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::time::Instant::now() < deadline
+            && std::fs::read_to_string(b.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 2
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{signal}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.contains(&format!("stopped by SIG{signal} after step"))
+                && last.contains("checkpoint-"),
+            "{stderr}"
+        );
+        assert!(!b.join("final").exists());
+        let step: usize = last
+            .split("after step ")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(step < 40 && b.join(format!("checkpoint-{step}")).is_dir());
+        // Resuming from the signal's checkpoint ends where the uninterrupted run did.
+        let resume = tiny_sft_args("--resume", &b, &base, &extra);
+        ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            final_bytes(&a) == final_bytes(&b),
+            "SIG{signal}: resumed weights differ"
+        );
+        assert_eq!(loss_lines(&a), loss_lines(&b));
+    }
+}
+
+#[test]
+fn diverging_runs_skip_bad_steps_then_stop_naming_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // A learning rate of 1e30 wrecks the weights in one update; every later loss is NaN.
+    let args = tiny_sft_args(
+        "--out",
+        &run,
+        &tmp.path().join("base"),
+        &[
+            "train.learning_rate=1e30",
+            "train.warmup_ratio=0",
+            "train.max_steps=20",
+            "train.save_steps=1",
+            "train.save_total_limit=10",
+            "train.max_bad_steps=3",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let last_saved = {
+        let out = hearth(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("NaN or infinite for 3 consecutive steps"),
+            "{stderr}"
+        );
+        stderr
+    };
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let skipped: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["skipped_step"] == true)
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(skipped.len(), 3, "{lines:?}");
+    let stop = skipped[2];
+    assert!(
+        last_saved.contains(&format!("step {stop}:"))
+            && last_saved.contains(&format!("checkpoint-{}", stop - 1)),
+        "{last_saved}"
+    );
+    // No NaN reached a checkpoint: every saved adapter holds finite values only.
+    for entry in std::fs::read_dir(&run).unwrap().flatten() {
+        let path = entry.path().join("adapter_model.safetensors");
+        if path.is_file() {
+            let files = WeightFiles::open_file(&path).unwrap();
+            for name in files.names().map(str::to_string).collect::<Vec<_>>() {
+                let (_, v) = read_f32(&path, &name);
+                assert!(
+                    v.iter().all(|x| x.is_finite()),
+                    "{}: {name}",
+                    path.display()
+                );
+            }
+        }
+    }
+    assert!(!run.join("final").exists());
+}

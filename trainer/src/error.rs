@@ -9,4 +9,18 @@ pub enum TrainerError {
     Device(String, String),
     #[error("{0}")]
     Input(String),
+    /// Training stopped on a signal after writing a checkpoint; exit with 128 + `signal`.
+    #[error(
+        "stopped by {} after step {step}; checkpoint written to {}; continue with --resume",
+        crate::signals::name(*signal),
+        checkpoint.display()
+    )]
+    Interrupted {
+        signal: i32,
+        step: usize,
+        checkpoint: std::path::PathBuf,
+    },
+    /// Too many consecutive steps with a non-finite loss or gradient.
+    #[error("{0}")]
+    Diverged(String),
 }

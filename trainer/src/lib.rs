@@ -16,6 +16,7 @@ pub mod recipe;
 pub mod ref_cache;
 pub mod rewards;
 pub mod run_dir;
+pub mod signals;
 pub mod train;
 
 pub use error::TrainerError;

@@ -215,6 +215,9 @@ pub struct TrainSection {
     /// cpu, cuda[:N] or wgpu[:N].
     pub device: String,
     pub gradient_checkpointing: bool,
+    /// Consecutive steps with a NaN or infinite loss or gradient (each skipped) after which
+    /// the run stops.
+    pub max_bad_steps: usize,
 }
 
 impl Default for TrainSection {
@@ -241,6 +244,7 @@ impl Default for TrainSection {
             seed: 42,
             device: "cpu".into(),
             gradient_checkpointing: false,
+            max_bad_steps: 5,
         }
     }
 }

@@ -112,6 +112,25 @@ pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f6
     norm
 }
 
+/// Whether every parameter is finite (one reduction per tensor, read back once).
+fn all_finite(model: &Llama) -> bool {
+    struct Check(Option<Tensor<1>>);
+    impl ModuleVisitor for Check {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            // Any NaN or ±∞ makes the sum of |x| non-finite (overflow to ∞ only for values
+            // near f32's limit, which are as good as diverged).
+            let s = param.val().detach().abs().sum();
+            self.0 = Some(match self.0.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+    let mut c = Check(None);
+    model.visit(&mut c);
+    c.0.is_none_or(|t| scalar(t).is_finite())
+}
+
 /// Tokenised training and evaluation sets.
 struct Sets {
     train: Examples,
@@ -384,6 +403,9 @@ struct TrainerState {
     first_loss: f64,
     history: Vec<(usize, f64)>,
     eval_history: Vec<(usize, f64)>,
+    /// Steps whose update was skipped for a non-finite loss or gradient.
+    #[serde(default)]
+    skipped_steps: usize,
 }
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -421,14 +443,15 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         run.write_recipe(&recipe.to_toml())?;
         run
     };
+    let weights: &[&str] = if recipe.lora.is_some() {
+        &["adapter_model.safetensors", "adapter_config.json"]
+    } else {
+        &["config.json"]
+    };
+    let mut required = vec![STATE_FILE, OPTIMIZER_FILE];
+    required.extend_from_slice(weights);
+    crate::signals::install();
     let resume_from = if resume {
-        let weights: &[&str] = if recipe.lora.is_some() {
-            &["adapter_model.safetensors", "adapter_config.json"]
-        } else {
-            &["config.json"]
-        };
-        let mut required = vec![STATE_FILE, OPTIMIZER_FILE];
-        required.extend_from_slice(weights);
         let found = run.latest_checkpoint(&required);
         Some(found.ok_or_else(|| {
             TrainerError::Input(format!(
@@ -540,6 +563,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         first_loss: f64::NAN,
         history: Vec::new(),
         eval_history: Vec::new(),
+        skipped_steps: 0,
     };
     if let Some((step, dir)) = &resume_from {
         let text = std::fs::read_to_string(dir.join(STATE_FILE))
@@ -579,6 +603,12 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                       rollouts: Option<&Rollouts>,
                       last: bool|
      -> Result<()> {
+        if !all_finite(model) {
+            return Err(TrainerError::Diverged(format!(
+                "{}: refusing to write weights holding NaN or infinite values",
+                dir.display()
+            )));
+        }
         save_weights(dir, &setup, model, &base_name, last)?;
         if let Some(r) = rollouts {
             let text = serde_json::to_string(r).unwrap_or_default();
@@ -619,7 +649,9 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         mut first_loss,
         mut history,
         mut eval_history,
+        mut skipped_steps,
     } = state;
+    let mut bad_streak = 0usize;
     let mut epoch_f;
     let started = Instant::now();
     bar.set_position(step as u64);
@@ -710,15 +742,44 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             let mut grads = accumulator.grads();
             let grad_norm = clip_global_norm(&model, &mut grads, t.max_grad_norm);
             let lr = t.learning_rate * lr_factor(&t.lr_scheduler_type, step, warmup, total);
-            model = optim.step(lr, model, grads);
-            step += 1;
-            if step == 1 {
-                first_loss = loss_sum;
+            // A non-finite loss or gradient skips the update, so bad values never reach the
+            // weights; too many in a row stop the run.
+            let finite = loss_sum.is_finite() && grad_norm.is_finite();
+            if finite {
+                model = optim.step(lr, model, grads);
+                bad_streak = 0;
+            } else {
+                bad_streak += 1;
+                skipped_steps += 1;
             }
-            history.push((step, loss_sum));
+            step += 1;
             epoch_f =
                 epoch as f64 + (step - epoch * steps_per_epoch) as f64 / steps_per_epoch as f64;
-            if step % t.logging_steps.max(1) == 0 || step == total {
+            if !finite {
+                let what = if loss_sum.is_finite() {
+                    "gradient norm"
+                } else {
+                    "loss"
+                };
+                run.log(&json!({
+                    "step": step, "epoch": epoch_f, "skipped_step": true,
+                    "skipped_steps": skipped_steps,
+                }))?;
+                if bad_streak >= t.max_bad_steps.max(1) {
+                    let last = run
+                        .latest_checkpoint(&required)
+                        .map_or("none".to_string(), |(_, d)| d.display().to_string());
+                    return Err(TrainerError::Diverged(format!(
+                        "step {step}: the {what} was NaN or infinite for {bad_streak} consecutive steps, so training stopped (those updates were skipped); last good checkpoint: {last}"
+                    )));
+                }
+            } else if step == 1 || first_loss.is_nan() {
+                first_loss = loss_sum;
+            }
+            if finite {
+                history.push((step, loss_sum));
+            }
+            if finite && (step % t.logging_steps.max(1) == 0 || step == total) {
                 let mut line = json!({
                     "loss": loss_sum, "learning_rate": lr, "grad_norm": grad_norm,
                     "num_tokens": seen_tokens, "epoch": epoch_f, "step": step,
@@ -735,7 +796,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             if eval_now && let Some((loss, _)) = run_eval(&model, step, epoch_f)? {
                 eval_history.push((step, loss));
             }
-            if t.save_steps > 0 && step % t.save_steps == 0 && step < total {
+            let signal = crate::signals::take().filter(|_| step < total);
+            if (t.save_steps > 0 && step % t.save_steps == 0 && step < total) || signal.is_some() {
                 // The position after this group; the end of an epoch is the next one's start.
                 let (e, n) = if g + 1 == groups.len() {
                     (epoch + 1, 0)
@@ -750,12 +812,21 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                     first_loss,
                     history: history.clone(),
                     eval_history: eval_history.clone(),
+                    skipped_steps,
                 };
                 let pending = if reuse_next { rollouts.as_ref() } else { None };
-                run.checkpoint(step, t.save_total_limit, |dir| {
+                let dir = run.checkpoint(step, t.save_total_limit, |dir| {
                     save_state(dir, &model, &optim, &snapshot, pending, false)
                 })?;
                 run.plot(&history, &eval_history)?;
+                if let Some(signal) = signal {
+                    bar.finish_and_clear();
+                    return Err(TrainerError::Interrupted {
+                        signal,
+                        step,
+                        checkpoint: dir,
+                    });
+                }
             }
             if step >= total {
                 break 'epochs;
@@ -783,12 +854,13 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         first_loss,
         history: history.clone(),
         eval_history: eval_history.clone(),
+        skipped_steps,
     };
     run.finish(|dir| save_state(dir, &model, &optim, &done, None, true))?;
     run.plot(&history, &eval_history)?;
     run.log(&json!({
         "truncated": sets.counts.truncated, "dropped": sets.counts.dropped,
-        "skipped_rows": sets.skipped_rows,
+        "skipped_rows": sets.skipped_rows, "skipped_steps": skipped_steps,
         "train_runtime": started.elapsed().as_secs_f64(), "step": step,
     }))?;
     if sets.skipped_rows > 0 {
