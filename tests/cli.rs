@@ -1485,3 +1485,59 @@ fn diverging_runs_skip_bad_steps_then_stop_naming_the_last_checkpoint() {
     }
     assert!(!run.join("final").exists());
 }
+
+#[test]
+fn damaged_checkpoints_are_refused_naming_the_next_good_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("run");
+    let extra = [
+        "train.max_steps=8",
+        "train.save_steps=2",
+        "train.save_total_limit=3",
+    ];
+    let args = tiny_sft_args("--out", &run, &base, &extra);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoint-6/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    for file in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.bin",
+        "trainer_state.json",
+    ] {
+        assert!(
+            manifest["files"][file]["sha256"].is_string(),
+            "{file} not in the manifest"
+        );
+    }
+    let resume = tiny_sft_args("--resume", &run, &base, &extra);
+    let resume: Vec<&str> = resume.iter().map(String::as_str).collect();
+    let weights = run.join("checkpoint-6/adapter_model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+
+    // One flipped byte, then a truncated file: both refused, pointing at checkpoint-4.
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    std::fs::write(&weights, &flipped).unwrap();
+    fails(
+        &resume,
+        &[
+            "checkpoint-6",
+            "adapter_model.safetensors",
+            "SHA-256",
+            "checkpoint-4",
+        ],
+    );
+    std::fs::write(&weights, &good[..good.len() - 100]).unwrap();
+    fails(&resume, &["checkpoint-6", "truncated", "checkpoint-4"]);
+
+    // Moved aside as the message says, the run resumes from checkpoint-4 and finishes.
+    std::fs::rename(run.join("checkpoint-6"), tmp.path().join("damaged")).unwrap();
+    ok(&resume);
+    assert!(run.join("final/manifest.json").is_file());
+}

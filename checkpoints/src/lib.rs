@@ -6,11 +6,13 @@
 
 mod config;
 mod error;
+pub mod manifest;
 mod read;
 mod write;
 
 pub use config::{ModelConfig, ModelType, RopeScaling, WeightDtype};
 pub use error::CheckpointError;
+pub use manifest::{MANIFEST, verify_manifest, write_manifest};
 pub use read::{TensorRef, WeightFiles};
 pub use write::{OwnedTensor, SaveOptions, save_weights, write_safetensors, write_text};
 

@@ -48,8 +48,49 @@ impl RunDir {
     /// The newest complete checkpoint: `(step, dir)`. Directories that lack a file a
     /// checkpoint always has are passed over.
     pub fn latest_checkpoint(&self, required: &[&str]) -> Option<(usize, PathBuf)> {
-        let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&self.root)
-            .ok()?
+        self.checkpoints(required).pop()
+    }
+
+    /// The checkpoint to resume from: the newest, verified against its manifest. A newest
+    /// one that fails verification is refused (never silently skipped), naming what is wrong
+    /// and the next older checkpoint that verifies.
+    pub fn resumable_checkpoint(&self, required: &[&str]) -> Result<(usize, PathBuf)> {
+        let mut all = self.checkpoints(required);
+        let (step, dir) = all.pop().ok_or_else(|| {
+            TrainerError::Input(format!(
+                "{}: no complete checkpoint to resume from",
+                self.root.display()
+            ))
+        })?;
+        match checkpoints::verify_manifest(&dir) {
+            Ok(()) => Ok((step, dir)),
+            Err(what) => {
+                let older = all
+                    .iter()
+                    .rev()
+                    .find(|(_, d)| checkpoints::verify_manifest(d).is_ok());
+                let advice = match older {
+                    Some((_, d)) => format!(
+                        "the next older good checkpoint is {}; move {} aside to resume from it",
+                        d.display(),
+                        dir.display()
+                    ),
+                    None => "no older checkpoint verifies either".to_string(),
+                };
+                Err(TrainerError::Input(format!(
+                    "{}: damaged checkpoint: {what}; {advice}",
+                    dir.display()
+                )))
+            }
+        }
+    }
+
+    /// Complete checkpoints (every file in `required` present), oldest first.
+    fn checkpoints(&self, required: &[&str]) -> Vec<(usize, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(usize, PathBuf)> = entries
             .filter_map(|e| {
                 let e = e.ok()?;
                 let step = e
@@ -63,7 +104,7 @@ impl RunDir {
             .filter(|(_, dir)| required.iter().all(|f| dir.join(f).is_file()))
             .collect();
         found.sort_by_key(|(s, _)| *s);
-        found.pop()
+        found
     }
 
     /// Drops lines logged after `step` (by a run killed past its last checkpoint) from
@@ -160,9 +201,18 @@ impl RunDir {
         }
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
         write(&tmp)?;
-        for entry in std::fs::read_dir(&tmp).map_err(|e| io(&tmp, e))?.flatten() {
-            let f = std::fs::File::open(entry.path()).map_err(|e| io(&entry.path(), e))?;
-            f.sync_all().map_err(|e| io(&entry.path(), e))?;
+        // The manifest comes last, so a directory with one is complete; every file it lists
+        // is synced before the rename makes the directory visible under its name.
+        let manifest = checkpoints::write_manifest(&tmp)?;
+        for name in manifest
+            .files
+            .keys()
+            .map(String::as_str)
+            .chain([checkpoints::MANIFEST])
+        {
+            let path = tmp.join(name);
+            let f = std::fs::File::open(&path).map_err(|e| io(&path, e))?;
+            f.sync_all().map_err(|e| io(&path, e))?;
         }
         let dest = self.root.join(name);
         if dest.exists() {

@@ -452,13 +452,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     required.extend_from_slice(weights);
     crate::signals::install();
     let resume_from = if resume {
-        let found = run.latest_checkpoint(&required);
-        Some(found.ok_or_else(|| {
-            TrainerError::Input(format!(
-                "{}: no complete checkpoint to resume from",
-                out.display()
-            ))
-        })?)
+        Some(run.resumable_checkpoint(&required)?)
     } else {
         None
     };
