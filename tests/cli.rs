@@ -1541,3 +1541,95 @@ fn damaged_checkpoints_are_refused_naming_the_next_good_one() {
     ok(&resume);
     assert!(run.join("final/manifest.json").is_file());
 }
+
+/// Every case of `tests/bad-inputs/cases.toml` fails with exit 1 and one `error:` line
+/// naming its culprit, with no panic and no backtrace.
+#[test]
+fn bad_input_corpus_fails_cleanly() {
+    #[derive(serde::Deserialize)]
+    struct Cases {
+        case: Vec<Case>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Case {
+        name: String,
+        #[serde(default)]
+        overlay: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
+        args: Vec<String>,
+        expect: Vec<String>,
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let corpus = root.join("tests/bad-inputs");
+    let cases: Cases =
+        toml::from_str(&std::fs::read_to_string(corpus.join("cases.toml")).unwrap()).unwrap();
+    assert!(cases.case.len() >= 30, "the corpus needs at least 30 cases");
+    let tmp = tempfile::tempdir().unwrap();
+    let template_model = tmp.path().join("template-model");
+    ok(&["init-model", "--out", s(&template_model)]);
+    let mut failures = Vec::new();
+    for (i, case) in cases.case.iter().enumerate() {
+        let dir = tmp.path().join(format!("case-{i}"));
+        let model = dir.join("model");
+        copy_dir(&template_model, &model);
+        for gone in &case.remove {
+            std::fs::remove_file(model.join(gone)).unwrap();
+        }
+        for (target, source) in &case.overlay {
+            std::fs::copy(corpus.join(source), model.join(target)).unwrap();
+        }
+        let fill = |text: &str| {
+            text.replace("{corpus}", s(&corpus))
+                .replace("{model}", s(&model))
+                .replace("{tmp}", s(&dir))
+                .replace("{root}", s(root))
+        };
+        let args: Vec<String> = case
+            .args
+            .iter()
+            .map(|a| {
+                let a = fill(a);
+                // Recipes from the corpus run as copies with their placeholders filled.
+                if a.ends_with(".toml") && a.starts_with(s(&corpus)) {
+                    let text = std::fs::read_to_string(&a).unwrap();
+                    let copy = dir.join(Path::new(&a).file_name().unwrap());
+                    std::fs::write(&copy, fill(&text)).unwrap();
+                    s(&copy).to_string()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(&args)
+            .current_dir(root)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let problem = if out.status.code() != Some(1) {
+            Some(format!("exit {:?}", out.status.code()))
+        } else if lines.len() != 1 || !lines[0].starts_with("error: ") {
+            Some("not one `error:` line".into())
+        } else if stderr.contains("panicked") || stderr.contains("internal error") {
+            Some("panicked".into())
+        } else {
+            case.expect
+                .iter()
+                .find(|n| !stderr.contains(n.as_str()))
+                .map(|n| format!("`{n}` not named"))
+        };
+        if let Some(p) = problem {
+            failures.push(format!("{} ({p}): {}", case.name, stderr.trim()));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n{}",
+        failures.len(),
+        cases.case.len(),
+        failures.join("\n")
+    );
+}

@@ -35,8 +35,10 @@ pub enum CheckpointError {
     },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
-    #[error("{dir}: no weights found (expected model.safetensors or model.safetensors.index.json)")]
-    NoWeights { dir: PathBuf },
+    #[error(
+        "{dir}: no weights found (expected model.safetensors or model.safetensors.index.json){hint}"
+    )]
+    NoWeights { dir: PathBuf, hint: String },
     #[error("{index}: names shard `{shard}`, which does not exist")]
     MissingShard { index: PathBuf, shard: String },
     #[error("{index}: maps tensor `{tensor}` to `{shard}`, but that shard does not hold it")]

@@ -149,8 +149,23 @@ impl WeightFiles {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
             ))
         } else {
+            // Pickled PyTorch weights can run code when loaded: hearth never reads them.
+            let pickled = [
+                "pytorch_model.bin",
+                "pytorch_model.bin.index.json",
+                "model.pt",
+            ]
+            .iter()
+            .any(|f| dir.join(f).exists());
             Err(CheckpointError::NoWeights {
                 dir: dir.to_path_buf(),
+                hint: if pickled {
+                    "; pickled PyTorch weights (.bin/.pt) are never loaded, convert them to \
+                     safetensors first"
+                        .into()
+                } else {
+                    String::new()
+                },
             })
         }
     }

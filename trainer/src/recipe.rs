@@ -267,8 +267,10 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     for o in overrides {
         apply_override(&mut table, o)?;
     }
-    let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table))
-        .map_err(|e| TrainerError::Input(format!("{origin}: {}", with_suggestion(e.message()))))?;
+    let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+        let at = key_of_error(&table).map_or(String::new(), |k| format!("`{k}`: "));
+        TrainerError::Input(format!("{origin}: {at}{}", with_suggestion(e.message())))
+    })?;
     recipe.validate(origin)?;
     Ok(recipe)
 }
@@ -456,6 +458,27 @@ fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
     }
     current.insert(last.to_string(), value);
     Ok(())
+}
+
+/// The dotted key a deserialisation error is about. Errors from a `toml::Value` carry no
+/// position, so the (overridden) table is written out and parsed again as text, whose error
+/// has a span: the key is on that line, under the nearest `[section]` above it.
+fn key_of_error(table: &toml::Table) -> Option<String> {
+    let text = toml::to_string(table).ok()?;
+    let span = toml::from_str::<Recipe>(&text).err()?.span()?;
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+        .map(|s| s.trim_matches(['[', ']']).to_string());
+    let key = key.trim();
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" plus the closest valid key.
