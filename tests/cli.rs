@@ -1633,3 +1633,90 @@ fn bad_input_corpus_fails_cleanly() {
         failures.join("\n")
     );
 }
+
+/// Unmounts a tmpfs when dropped, even when the test fails.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` where mounting is not permitted (not root, or no mount namespace rights).
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).ok()?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(at)])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let mnt = tmp.path().join("small-disk");
+    // A checkpoint of the tiny SFT run is about 580 KB: one fits in 1000 KB, two do not.
+    let Some(_disk) = Tmpfs::mount(&mnt, "1000k") else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk path is untested"
+        );
+        return;
+    };
+    let run = mnt.join("run");
+    let extra = [
+        "train.max_steps=8",
+        "train.save_steps=2",
+        "train.save_total_limit=2",
+    ];
+    let args = tiny_sft_args("--out", &run, &base, &extra);
+    let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("writing checkpoint-4 failed")
+            && stderr.contains("No space left on device")
+            && stderr.contains("the last complete checkpoint is")
+            && stderr.contains("checkpoint-2"),
+        "{stderr}"
+    );
+    // The previous checkpoint is intact (its manifest verifies) and nothing half-written
+    // looks like a checkpoint.
+    let names: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("checkpoint-"))
+            .count()
+            == 1,
+        "{names:?}"
+    );
+    checkpoints::verify_manifest(&run.join("checkpoint-2")).unwrap();
+    // Moved to a disk with room, the run resumes from it and finishes.
+    let roomy = tmp.path().join("roomy");
+    copy_tree(&run, &roomy);
+    let resume = tiny_sft_args("--resume", &roomy, &base, &extra);
+    ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(roomy.join("final/adapter_model.safetensors").is_file());
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}

@@ -809,9 +809,19 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                     skipped_steps,
                 };
                 let pending = if reuse_next { rollouts.as_ref() } else { None };
-                let dir = run.checkpoint(step, t.save_total_limit, |dir| {
-                    save_state(dir, &model, &optim, &snapshot, pending, false)
-                })?;
+                let dir = run
+                    .checkpoint(step, t.save_total_limit, |dir| {
+                        save_state(dir, &model, &optim, &snapshot, pending, false)
+                    })
+                    .map_err(|e| {
+                        // Disk full, read-only output…: stop, and say what is still usable.
+                        let last = run
+                            .latest_checkpoint(&required)
+                            .map_or("none".to_string(), |(_, d)| d.display().to_string());
+                        TrainerError::Input(format!(
+                            "writing checkpoint-{step} failed, training stopped: {e}; the last complete checkpoint is {last}"
+                        ))
+                    })?;
                 run.plot(&history, &eval_history)?;
                 if let Some(signal) = signal {
                     bar.finish_and_clear();
