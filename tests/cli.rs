@@ -1720,3 +1720,98 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Every method resumes exactly: each run is SIGKILLed at pseudo-random moments (seeded),
+/// resumed after each kill, and must end with the same final files (compared through their
+/// manifest's SHA-256s) and the same loss lines as an uninterrupted run.
+#[test]
+fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    // A kill lands 5–35 % of an uninterrupted run's duration after each (re)start.
+    let mut next_delay = |whole: std::time::Duration| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        whole.mul_f64(0.05 + 0.3 * (state % 1000) as f64 / 1000.0)
+    };
+    for (recipe, data) in [
+        ("tiny-sft.toml", "counseling-sft.jsonl"),
+        ("tiny-dpo.toml", "counseling-preference.jsonl"),
+        ("tiny-orpo.toml", "counseling-preference.jsonl"),
+        ("tiny-reward.toml", "counseling-preference.jsonl"),
+        ("tiny-grpo.toml", "counseling-prompts.jsonl"),
+    ] {
+        let args = |verb: &str, run: &Path| -> Vec<String> {
+            let mut a: Vec<String> = vec![
+                "train".into(),
+                s(&root.join("recipes").join(recipe)).into(),
+                verb.into(),
+                s(run).into(),
+            ];
+            for set in [
+                format!("model.path={:?}", s(&base)),
+                format!("data.train={:?}", s(&root.join("data/examples").join(data))),
+                "train.max_steps=12".into(),
+                "train.save_steps=2".into(),
+                "train.save_total_limit=2".into(),
+            ] {
+                a.push("--set".into());
+                a.push(set);
+            }
+            a
+        };
+        let a = tmp.path().join(format!("{recipe}-a"));
+        let started = std::time::Instant::now();
+        ok(&args("--out", &a)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>());
+        let whole = started.elapsed();
+
+        let b = tmp.path().join(format!("{recipe}-b"));
+        let mut kills = 0;
+        for _ in 0..40 {
+            if b.join("final").exists() {
+                break;
+            }
+            let has_checkpoint = std::fs::read_dir(&b).is_ok_and(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+            });
+            if !has_checkpoint {
+                // Killed before its first checkpoint: nothing to resume, start over.
+                let _ = std::fs::remove_dir_all(&b);
+            }
+            let verb = if has_checkpoint { "--resume" } else { "--out" };
+            let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+                .args(args(verb, &b))
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(next_delay(whole));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                kills += 1;
+            }
+            child.wait().unwrap();
+        }
+        assert!(b.join("final").exists(), "{recipe}: never finished");
+        assert!(kills >= 2, "{recipe}: only {kills} kills landed");
+        let files = |run: &Path| -> serde_json::Value {
+            let m: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(run.join("final/manifest.json")).unwrap(),
+            )
+            .unwrap();
+            m["files"].clone()
+        };
+        assert_eq!(
+            files(&a),
+            files(&b),
+            "{recipe}: final files differ after {kills} kills"
+        );
+        assert_eq!(loss_lines(&a), loss_lines(&b), "{recipe}: metrics differ");
+    }
+}

@@ -392,6 +392,28 @@ fn save_weights(dir: &Path, s: &Setup, model: &Llama, base_name: &str, last: boo
     }
 }
 
+/// Writes the optimizer state with its tensors sorted by name. burn lists them in hash-map
+/// order, so the same state would otherwise be different bytes from run to run, and
+/// identical runs could not be checked by their checkpoints' checksums.
+fn save_optimizer(optim: &ModuleOptimizer, path: &Path) -> Result<()> {
+    let bad = |e: &dyn std::fmt::Debug| TrainerError::Input(format!("{}: {e:?}", path.display()));
+    let bytes = optim.to_record().into_bytes().map_err(|e| bad(&e))?;
+    let reader = burn_pack::Reader::from_bytes(bytes).map_err(|e| bad(&e))?;
+    let scalars = reader.scalars().clone();
+    let metadata = reader.metadata().clone();
+    let mut tensors = reader.into_tensors().map_err(|e| bad(&e))?;
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut writer = burn_pack::Writer::new(tensors);
+    for (k, v) in &scalars {
+        writer = writer.with_scalar(k, *v);
+    }
+    for (k, v) in &metadata {
+        writer = writer.with_metadata(k, v);
+    }
+    let bytes = writer.into_bytes().map_err(|e| bad(&e))?;
+    std::fs::write(path, &bytes[..]).map_err(|e| bad(&e))
+}
+
 /// Where a run stands, saved with every checkpoint so a resumed run continues exactly.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TrainerState {
@@ -608,12 +630,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             let text = serde_json::to_string(r).unwrap_or_default();
             checkpoints::write_text(&dir.join(ROLLOUTS_FILE), &text)?;
         }
-        optim
-            .to_record()
-            .save(dir.join(OPTIMIZER_FILE))
-            .map_err(|e| {
-                TrainerError::Input(format!("{}: {e:?}", dir.join(OPTIMIZER_FILE).display()))
-            })?;
+        save_optimizer(optim, &dir.join(OPTIMIZER_FILE))?;
         let text = serde_json::to_string(state).unwrap_or_default();
         checkpoints::write_text(&dir.join(STATE_FILE), &text)?;
         Ok(())
