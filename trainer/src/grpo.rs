@@ -21,7 +21,7 @@ use crate::objectives::grpo::{
     per_token_loss, token_mean,
 };
 use crate::objectives::sft::LOGPROB_CHUNK;
-use crate::objectives::{Metrics, values};
+use crate::objectives::{Metrics, target_logprobs, values};
 use crate::recipe::GrpoSection;
 use crate::rewards::{Rewards, Sample};
 use crate::{Result, TrainerError};
@@ -139,20 +139,13 @@ fn completion_batch(
 
 /// Log-probs `[N]` of the completion tokens, and the hidden states they came from.
 fn token_logps(model: &Llama, batch: &LmBatch) -> (Tensor<1>, Tensor<2>) {
-    let hidden = model.hidden_packed(
+    let (lp, _, rows) = target_logprobs(
+        model,
         batch.ids.clone(),
         batch.positions.clone(),
         batch.segments.clone(),
-    );
-    let [b, t, h] = hidden.dims();
-    let rows = hidden
-        .reshape([b * t, h])
-        .select(0, batch.loss_rows.clone());
-    let (lp, _) = kernels::token_logprobs(
-        rows.clone(),
-        &model.head(&rows),
+        batch.loss_rows.clone(),
         batch.targets.clone(),
-        LOGPROB_CHUNK,
     );
     (lp, rows)
 }

@@ -11,7 +11,7 @@ pub mod sft;
 
 use std::borrow::Cow;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// How a metric combines across micro-batches and evaluation batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,29 @@ pub fn log1m_exp(x: Tensor<1>) -> Tensor<1> {
     let direct = t.clone().neg().exp().neg().add_scalar(1.0);
     let near = t.lower_elem(1e-2);
     direct.mask_where(near, series).log()
+}
+
+/// The log-prob of each target at the flat positions `rows` (into `[B·T]`) of a batch, and
+/// whether it was the head's top token, through the chunked head; also the hidden rows read.
+/// Every objective reads the model this way, so none holds `[tokens × vocab]` logits.
+pub(crate) fn target_logprobs(
+    model: &crate::model::Llama,
+    ids: Tensor<2, Int>,
+    positions: Tensor<2, Int>,
+    segments: Tensor<2, Int>,
+    rows: Tensor<1, Int>,
+    targets: Tensor<1, Int>,
+) -> (Tensor<1>, Tensor<1, Int>, Tensor<2>) {
+    let hidden = model.hidden_packed(ids, positions, segments);
+    let [b, t, h] = hidden.dims();
+    let rows = hidden.reshape([b * t, h]).select(0, rows);
+    let (logprobs, hits) = kernels::token_logprobs(
+        rows.clone(),
+        &model.head(&rows),
+        targets,
+        sft::LOGPROB_CHUNK,
+    );
+    (logprobs, hits, rows)
 }
 
 /// Host copies of a small tensor's values (metrics only; never on the gradient path).

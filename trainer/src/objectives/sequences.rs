@@ -4,7 +4,6 @@
 
 use burn::tensor::{IndexingUpdateOp, Tensor};
 
-use super::sft::LOGPROB_CHUNK;
 use crate::batch::PairBatch;
 use crate::model::Llama;
 
@@ -15,19 +14,15 @@ pub struct SequenceLogps {
 }
 
 pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
-    let hidden = model.hidden_packed(
+    let (logprobs, _, _) = super::target_logprobs(
+        model,
         batch.ids.clone(),
         batch.positions.clone(),
         batch.segments.clone(),
-    );
-    let [b, t, h] = hidden.dims();
-    let rows = hidden.reshape([b * t, h]).select(0, batch.rows.clone());
-    let (logprobs, _) = kernels::token_logprobs(
-        rows.clone(),
-        &model.head(&rows),
+        batch.rows.clone(),
         batch.targets.clone(),
-        LOGPROB_CHUNK,
     );
+    let b = batch.ids.dims()[0];
     let zeros = Tensor::<1>::zeros([b], &logprobs.device());
     let completion = zeros.clone().select_assign(
         0,

@@ -20,20 +20,13 @@ pub struct SftMetrics {
 
 /// `loss = −(1/N) Σ log p(target)` over the N loss tokens.
 pub fn sft_loss(model: &Llama, batch: &LmBatch) -> (Tensor<1>, SftMetrics) {
-    let hidden = model.hidden_packed(
+    let (logprobs, hits, _) = super::target_logprobs(
+        model,
         batch.ids.clone(),
         batch.positions.clone(),
         batch.segments.clone(),
-    );
-    let [b, t, h] = hidden.dims();
-    let rows = hidden
-        .reshape([b * t, h])
-        .select(0, batch.loss_rows.clone());
-    let (logprobs, hits) = kernels::token_logprobs(
-        rows.clone(),
-        &model.head(&rows),
+        batch.loss_rows.clone(),
         batch.targets.clone(),
-        LOGPROB_CHUNK,
     );
     let n = batch.num_loss_tokens.max(1) as f64;
     let loss = logprobs.sum().neg().div_scalar(n);

@@ -5,6 +5,22 @@
 use super::{Reward, Sample};
 use crate::Result;
 
+/// A reward that judges each sample on its own, from its text.
+pub trait Rule {
+    fn name(&self) -> &str;
+    /// The score, or `None` where the rule does not apply.
+    fn judge(&self, sample: &Sample<'_>) -> Option<f64>;
+}
+
+impl<T: Rule> Reward for T {
+    fn name(&self) -> &str {
+        Rule::name(self)
+    }
+    fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
+        Ok(samples.iter().map(|s| self.judge(s)).collect())
+    }
+}
+
 /// Lower case with typographic apostrophes made plain and every run of other characters
 /// one space, padded with spaces so phrases can be matched on word boundaries as
 /// `" phrase "`.
@@ -55,15 +71,12 @@ impl LengthWindow {
     }
 }
 
-impl Reward for LengthWindow {
+impl Rule for LengthWindow {
     fn name(&self) -> &str {
         &self.name
     }
-    fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
-        Ok(samples
-            .iter()
-            .map(|s| Some(self.value(s.completion)))
-            .collect())
+    fn judge(&self, s: &Sample<'_>) -> Option<f64> {
+        Some(self.value(s.completion))
     }
 }
 
@@ -115,15 +128,12 @@ impl Format {
     }
 }
 
-impl Reward for Format {
+impl Rule for Format {
     fn name(&self) -> &str {
         &self.name
     }
-    fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
-        Ok(samples
-            .iter()
-            .map(|s| Some(self.value(s.completion)))
-            .collect())
+    fn judge(&self, s: &Sample<'_>) -> Option<f64> {
+        Some(self.value(s.completion))
     }
 }
 
@@ -205,15 +215,12 @@ impl Reflection {
     }
 }
 
-impl Reward for Reflection {
+impl Rule for Reflection {
     fn name(&self) -> &str {
         &self.name
     }
-    fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
-        Ok(samples
-            .iter()
-            .map(|s| Some(Self::value(s.completion)))
-            .collect())
+    fn judge(&self, s: &Sample<'_>) -> Option<f64> {
+        Some(Self::value(s.completion))
     }
 }
 
@@ -316,15 +323,12 @@ impl CrisisSafety {
     }
 }
 
-impl Reward for CrisisSafety {
+impl Rule for CrisisSafety {
     fn name(&self) -> &str {
         &self.name
     }
-    fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
-        Ok(samples
-            .iter()
-            .map(|s| Self::at_risk(s).then(|| Self::value(s.completion)))
-            .collect())
+    fn judge(&self, s: &Sample<'_>) -> Option<f64> {
+        Self::at_risk(s).then(|| Self::value(s.completion))
     }
 }
 
