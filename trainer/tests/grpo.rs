@@ -156,3 +156,44 @@ fn grpo_resumes_exactly_between_iterations() {
         completions
     );
 }
+
+/// With `mask_truncated_completions`, completions cut off by `max_completion_length` carry
+/// no loss: at two new tokens every completion of the tiny model is cut off, so each step's
+/// loss and gradient are exactly zero, and the steps still count.
+#[test]
+fn truncated_completions_can_be_masked_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    for (mask, loss_type) in [(true, "dapo"), (true, "grpo"), (false, "dapo")] {
+        let out = tmp.path().join(format!("run-{mask}-{loss_type}"));
+        let r = recipe(
+            &tmp.path().join("base"),
+            &[
+                "train.max_steps=2",
+                "grpo.max_completion_length=2",
+                // Two tokens make one word or two: rewards ½ or 1, so advantages are not 0.
+                "grpo.rewards.0.min_words=2",
+                &format!("grpo.mask_truncated_completions={mask}"),
+                &format!("grpo.loss_type=\"{loss_type}\""),
+            ],
+        );
+        let outcome = train(&r, &out, false, false).unwrap();
+        assert_eq!(outcome.steps, 2);
+        let lines = training_lines(&out);
+        assert!(lines.iter().all(|l| l["completions/clipped_ratio"] == 1.0));
+        for l in &lines {
+            let (loss, grad) = (
+                l["loss"].as_f64().unwrap(),
+                l["grad_norm"].as_f64().unwrap(),
+            );
+            if mask {
+                assert!(loss == 0.0 && grad == 0.0, "{loss_type}: {l}");
+            } else {
+                assert!(
+                    grad > 0.0,
+                    "unmasked completions must carry a gradient: {l}"
+                );
+            }
+        }
+    }
+}

@@ -212,7 +212,9 @@ pub fn aggregate(
                 .div_scalar((b * max_completion_length).max(1) as f64),
             b as f64,
         ),
-        GrpoLossType::Dapo => (masked.sum().div_scalar(active.max(1.0)), active),
+        // A micro-batch with no active token still counts (with a vanishing weight), so a
+        // step whose completions are all masked is a step with zero loss, not no step.
+        GrpoLossType::Dapo => (masked.sum().div_scalar(active.max(1.0)), active.max(1e-12)),
     }
 }
 
