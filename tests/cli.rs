@@ -1773,30 +1773,61 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
 
         let b = tmp.path().join(format!("{recipe}-b"));
         let mut kills = 0;
-        for _ in 0..40 {
-            if b.join("final").exists() {
-                break;
-            }
-            let has_checkpoint = std::fs::read_dir(&b).is_ok_and(|d| {
-                d.flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
-            });
-            if !has_checkpoint {
+        // The newest checkpoint's step: a kill that lands before the next checkpoint makes
+        // no progress, so the next delay grows until one does (slow or busy machines).
+        let newest = |run: &Path| -> Option<usize> {
+            std::fs::read_dir(run)
+                .ok()?
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("checkpoint-")?
+                        .parse()
+                        .ok()
+                })
+                .max()
+        };
+        let mut stretch = 1.0;
+        while kills < 6 && !b.join("final").exists() {
+            let before = newest(&b);
+            if before.is_none() {
                 // Killed before its first checkpoint: nothing to resume, start over.
                 let _ = std::fs::remove_dir_all(&b);
             }
-            let verb = if has_checkpoint { "--resume" } else { "--out" };
+            let verb = if before.is_some() {
+                "--resume"
+            } else {
+                "--out"
+            };
             let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
                 .args(args(verb, &b))
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
-            std::thread::sleep(next_delay(whole));
+            std::thread::sleep(next_delay(whole).mul_f64(stretch));
             if child.try_wait().unwrap().is_none() {
                 child.kill().unwrap();
                 kills += 1;
             }
             child.wait().unwrap();
+            stretch = if newest(&b) > before {
+                1.0
+            } else {
+                stretch * 1.6
+            };
+        }
+        if !b.join("final").exists() {
+            // Enough kills: the last resume runs to the end.
+            let verb = if newest(&b).is_some() {
+                "--resume"
+            } else {
+                "--out"
+            };
+            ok(&args(verb, &b)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>());
         }
         assert!(b.join("final").exists(), "{recipe}: never finished");
         assert!(kills >= 2, "{recipe}: only {kills} kills landed");
