@@ -802,7 +802,13 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             }
             let tps = seen_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
             bar.set_position(step as u64);
-            bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
+            // GRPO's loss says little; its mean reward is what a user watches.
+            let reward = metrics
+                .get("reward")
+                .map_or(String::new(), |r| format!(" reward {r:.3}"));
+            bar.set_message(format!(
+                "loss {loss_sum:.4}{reward} lr {lr:.2e} {tps:.0} tok/s"
+            ));
             let eval_now = t.eval_steps > 0 && step % t.eval_steps == 0 && step < total;
             if eval_now && let Some((loss, _)) = run_eval(&model, step, epoch_f)? {
                 eval_history.push((step, loss));
