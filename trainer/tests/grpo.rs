@@ -197,3 +197,50 @@ fn truncated_completions_can_be_masked_out() {
         }
     }
 }
+
+/// An external command scores completions inside a run: its rewards reach the metrics under
+/// the name given, weighted into `reward`.
+#[test]
+fn an_external_command_reward_drives_a_run() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    // Rewards a completion by whether the JSON line holds any letter `e` in it: 1 or 0.
+    let script = tmp.path().join("score.sh");
+    std::fs::write(
+        &script,
+        "while IFS= read -r line; do case \"$line\" in *'\"completion\":\"'*e*) echo '{\"reward\": 1}' ;; *) echo 0 ;; esac; done\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let r = recipe(
+        &tmp.path().join("base"),
+        &[
+            "train.max_steps=2",
+            "grpo.rewards.0.weight=0",
+            "grpo.rewards.1.kind=\"command\"",
+            "grpo.rewards.1.name=\"has_e\"",
+            &format!(
+                "grpo.rewards.1.command=[\"sh\", {:?}]",
+                script.display().to_string()
+            ),
+            "grpo.rewards.1.weight=2.0",
+        ],
+    );
+    train(&r, &out, false, false).unwrap();
+    let lines = training_lines(&out);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["rewards/has_e/mean"].as_f64() > Some(0.0)),
+        "the command never rewarded anything: {lines:?}"
+    );
+    for l in lines {
+        let has_e = l["rewards/has_e/mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&has_e), "{l}");
+        // The length rule has weight 0, so the total is the command's, doubled.
+        assert!(
+            (l["reward"].as_f64().unwrap() - 2.0 * has_e).abs() < 1e-9,
+            "{l}"
+        );
+    }
+}
