@@ -1323,6 +1323,28 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
     assert!(report.contains("## Samples"));
     assert_eq!(report.matches("- client: ").count(), 3, "{report}");
 
+    // Run again into the same directory: finished stages are reused as they are; a stage
+    // whose final/ is gone (stopped before any checkpoint) runs again, to the same result.
+    std::fs::remove_dir_all(out.join("grpo/final")).unwrap();
+    let again = hearth(&[
+        "pipeline",
+        s(&root.join("recipes/tiny-pipeline.toml")),
+        "--out",
+        s(&out),
+    ]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("reusing the finished run").count(),
+        3,
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("report.md")).unwrap(),
+        report,
+        "the rerun's report differs"
+    );
+
     // A stage naming a stage that has not run is a one-line error.
     let bad = tmp.path().join("bad.toml");
     std::fs::write(

@@ -262,6 +262,69 @@ fn samples(
         .collect())
 }
 
+/// Runs one stage, picking up what an earlier run of the pipeline left: a finished stage
+/// (its `final/` verifies and it ran this very recipe) is reused, an interrupted one resumes
+/// from its newest checkpoint, anything else starts afresh.
+fn run_stage(recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
+    let saved = std::fs::read_to_string(dir.join("recipe.toml")).ok();
+    let same_recipe = saved.as_deref() == Some(recipe.to_toml().as_str());
+    if same_recipe && checkpoints::verify_manifest(&dir.join("final")).is_ok() {
+        if progress {
+            eprintln!("  reusing the finished run in {}", dir.display());
+        }
+        return outcome_of(dir);
+    }
+    let has_checkpoint = std::fs::read_dir(dir).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+    });
+    if same_recipe && !dir.join("final").exists() {
+        if has_checkpoint {
+            if progress {
+                eprintln!("  resuming {}", dir.display());
+            }
+            return train(recipe, dir, true, progress);
+        }
+        // Stopped before its first checkpoint: nothing in it can be used; start it again.
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))?;
+    }
+    train(recipe, dir, false, progress)
+}
+
+/// A finished run's outcome, read back from its `metrics.jsonl`.
+fn outcome_of(dir: &Path) -> Result<Outcome> {
+    let path = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let losses: Vec<(usize, f64)> = lines
+        .iter()
+        .filter_map(|l| Some((l.get("step")?.as_u64()? as usize, l.get("loss")?.as_f64()?)))
+        .collect();
+    let eval = lines.iter().rev().find(|l| l.get("eval_loss").is_some());
+    let mut eval_metrics = crate::objectives::Metrics::default();
+    if let Some(obj) = eval.and_then(|l| l.as_object()) {
+        for (k, v) in obj {
+            if let (Some(name), Some(v)) = (k.strip_prefix("eval_"), v.as_f64())
+                && name != "loss"
+            {
+                eval_metrics.mean(name.to_string(), v);
+            }
+        }
+    }
+    Ok(Outcome {
+        steps: losses.last().map_or(0, |l| l.0),
+        first_loss: losses.first().map_or(f64::NAN, |l| l.1),
+        last_loss: losses.last().map_or(f64::NAN, |l| l.1),
+        eval_loss: eval.and_then(|l| l.get("eval_loss")?.as_f64()),
+        eval_metrics,
+    })
+}
+
 /// Runs every stage into `out/{name}` and writes `out/report.md`. `sets` (from the command
 /// line) apply to every stage, after the pipeline's own and before the stage's.
 pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<PipelineReport> {
@@ -295,7 +358,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
                 recipe.train.method
             );
         }
-        let outcome = train(&recipe, &run_dir, false, progress)?;
+        let outcome = run_stage(&recipe, &run_dir, progress)?;
         stages.push(StageReport {
             name: s.name.clone(),
             method: recipe.train.method.clone(),
