@@ -3,7 +3,7 @@
 //! micro-batch losses over those completions. The loop still owns accumulation, clipping,
 //! the schedule and checkpoints.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use data::Message;
 use data::batch::Batch;
 use data::tokenize::Sequence;
@@ -21,7 +21,7 @@ use crate::objectives::grpo::{
     per_token_loss, token_mean,
 };
 use crate::objectives::sft::LOGPROB_CHUNK;
-use crate::objectives::{Metrics, target_logprobs, values};
+use crate::objectives::{Metrics, TargetLogprobs, lm_logprobs, values};
 use crate::recipe::GrpoSection;
 use crate::rewards::{Rewards, Sample};
 use crate::{Result, TrainerError};
@@ -137,19 +137,6 @@ fn completion_batch(
     )
 }
 
-/// Log-probs `[N]` of the completion tokens, and the hidden states they came from.
-fn token_logps(model: &Llama, batch: &LmBatch) -> (Tensor<1>, Tensor<2>) {
-    let (lp, _, rows) = target_logprobs(
-        model,
-        batch.ids.clone(),
-        batch.positions.clone(),
-        batch.segments.clone(),
-        batch.loss_rows.clone(),
-        batch.targets.clone(),
-    );
-    (lp, rows)
-}
-
 /// Per-completion host copies of flat per-token values.
 fn split(flat: &[f64], lens: &[usize]) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(lens.len());
@@ -173,7 +160,7 @@ fn logps_of(
     let mut out = Vec::with_capacity(completions.len());
     for (p, c) in prompts.chunks(chunk).zip(completions.chunks(chunk)) {
         let (batch, lens) = completion_batch(p, c, pad, device);
-        let (lp, _) = token_logps(model, &batch);
+        let lp = lm_logprobs(model, &batch).logprobs;
         out.extend(split(&values(lp), &lens));
     }
     out
@@ -320,31 +307,23 @@ impl Grpo {
                 }
                 Tensor::from_data(TensorData::new(v, [total]), device)
             };
-            let (logp, rows) = token_logps(model, &batch);
+            let TargetLogprobs {
+                logprobs: logp,
+                rows,
+                head,
+                ..
+            } = lm_logprobs(model, &batch);
             let old = match &r.old_logps {
                 Some(o) => flat(&|k, t| o[chunk[k]][t]),
                 None => logp.clone().detach(),
             };
             let reference = r.ref_logps.as_ref().map(|o| flat(&|k, t| o[chunk[k]][t]));
             let advantage = flat(&|k, _| r.advantages[chunk[k]] as f32);
-            let mask = flat(&|k, _| {
-                let truncated = r.completions[chunk[k]].stop.is_none();
-                if s.mask_truncated_completions && truncated {
-                    0.0
-                } else {
-                    1.0
-                }
-            });
-            let seq: Vec<i64> = lens
+            let counted: Vec<bool> = chunk
                 .iter()
-                .enumerate()
-                .flat_map(|(k, &n)| std::iter::repeat_n(k as i64, n))
+                .map(|&i| !(s.mask_truncated_completions && r.completions[i].stop.is_none()))
                 .collect();
-            let layout = TokenLayout {
-                seq: Tensor::<1, Int>::from_data(TensorData::new(seq, [total]), device),
-                mask,
-                completions: chunk.len(),
-            };
+            let layout = TokenLayout::new(&lens, &counted, device);
             let terms = TokenTerms {
                 logp,
                 old,
@@ -356,14 +335,14 @@ impl Grpo {
                 aggregate(per_token, &layout, s.loss_type, s.sampling.max_new_tokens);
             let mut metrics = Metrics::default();
             if let Some(kl) = kl {
-                metrics.mean("kl", token_mean(kl, &layout.mask));
+                metrics.mean("kl", token_mean(kl, &layout));
             }
             let region = low.clone() + high.clone();
-            metrics.mean("clip_ratio/low_mean", token_mean(low, &layout.mask));
-            metrics.mean("clip_ratio/high_mean", token_mean(high, &layout.mask));
-            metrics.mean("clip_ratio/region_mean", token_mean(region, &layout.mask));
-            let entropy = kernels::token_entropy(rows.clone(), &model.head(&rows), LOGPROB_CHUNK);
-            metrics.mean("entropy", token_mean(entropy, &layout.mask));
+            metrics.mean("clip_ratio/low_mean", token_mean(low, &layout));
+            metrics.mean("clip_ratio/high_mean", token_mean(high, &layout));
+            metrics.mean("clip_ratio/region_mean", token_mean(region, &layout));
+            let entropy = kernels::token_entropy(rows, &head, LOGPROB_CHUNK);
+            metrics.mean("entropy", token_mean(entropy, &layout));
             outs.push(MicroOutput {
                 loss,
                 weight,

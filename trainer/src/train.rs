@@ -225,17 +225,30 @@ fn evaluate(
             outs.push((scalar(o.loss), o.weight, o.metrics, o.tokens));
         }
     }
-    let total: f64 = outs.iter().map(|o| o.1).sum();
-    if total <= 0.0 {
+    if outs.is_empty() {
         return Ok(None);
     }
     let (mut loss, mut metrics, mut tokens) = (0.0, Metrics::default(), 0);
-    for (l, w, m, t) in &outs {
-        loss += l * w / total;
-        metrics.accumulate(m, w / total);
+    let weights: Vec<f64> = outs.iter().map(|o| o.1).collect();
+    for ((l, _, m, t), share) in outs.iter().zip(shares(&weights)) {
+        loss += l * share;
+        metrics.accumulate(m, share);
         tokens += t;
     }
     Ok(Some((loss, metrics, tokens)))
+}
+
+/// Each micro-batch's share of a step (or an evaluation): its weight over the total, so
+/// the step's loss is `Σ wᵢ·lossᵢ / Σ wᵢ`. When every weight is zero (e.g. GRPO `dapo`
+/// with every completion masked) the micro-batches share equally, and the step still
+/// counts, with zero loss.
+fn shares(weights: &[f64]) -> Vec<f64> {
+    let total: f64 = weights.iter().sum();
+    if total > 0.0 {
+        weights.iter().map(|w| w / total).collect()
+    } else {
+        vec![1.0 / weights.len().max(1) as f64; weights.len()]
+    }
 }
 
 fn scalar(t: Tensor<1>) -> f64 {
@@ -732,14 +745,13 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                 }
             }
             let reuse_next = iteration + 1 < iterations;
-            let total_weight: f64 = outs.iter().map(|o| o.weight).sum();
-            if total_weight <= 0.0 {
+            if outs.is_empty() {
                 continue;
             }
+            let weights: Vec<f64> = outs.iter().map(|o| o.weight).collect();
             let mut accumulator = GradientsAccumulator::new();
             let (mut loss_sum, mut metrics) = (0.0, Metrics::default());
-            for o in outs {
-                let share = o.weight / total_weight;
+            for (o, share) in outs.into_iter().zip(shares(&weights)) {
                 loss_sum += scalar(o.loss.clone()) * share;
                 metrics.accumulate(&o.metrics, share);
                 seen_tokens += o.tokens;

@@ -9,7 +9,7 @@
 
 use std::str::FromStr;
 
-use burn::tensor::{IndexingUpdateOp, Int, Tensor};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::{Metrics, values};
 
@@ -167,13 +167,41 @@ pub fn per_token_loss(
     (loss, kl, low, high)
 }
 
-/// Which completion each token belongs to, and which tokens count.
+/// Which completion each token belongs to, and which tokens count. Built on the host, where
+/// the counts are known, so aggregating needs no read-back from the device.
 pub struct TokenLayout {
     /// `[N]`: the completion (`0..completions`) of each token.
     pub seq: Tensor<1, Int>,
     /// `[N]`: 1 for tokens in the loss, 0 for masked ones (truncated completions).
     pub mask: Tensor<1>,
+    /// `[completions]`: tokens in the loss per completion.
+    pub counts: Tensor<1>,
+    /// Tokens in the loss, in all.
+    pub active: f64,
     pub completions: usize,
+}
+
+impl TokenLayout {
+    /// `lens`: each completion's tokens, in order; `counted`: whether it is in the loss.
+    pub fn new(lens: &[usize], counted: &[bool], device: &Device) -> Self {
+        let n: usize = lens.iter().sum();
+        let (mut seq, mut mask) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut counts = Vec::with_capacity(lens.len());
+        for (k, (&len, &c)) in lens.iter().zip(counted).enumerate() {
+            seq.extend(std::iter::repeat_n(k as i64, len));
+            mask.extend(std::iter::repeat_n(f32::from(u8::from(c)), len));
+            counts.push(if c { len as f32 } else { 0.0 });
+        }
+        let active = counts.iter().map(|&c| c as f64).sum();
+        let b = lens.len();
+        Self {
+            seq: Tensor::from_data(TensorData::new(seq, [n]), device),
+            mask: Tensor::from_data(TensorData::new(mask, [n]), device),
+            counts: Tensor::from_data(TensorData::new(counts, [b]), device),
+            active,
+            completions: b,
+        }
+    }
 }
 
 /// The micro-batch loss and its weight in the step, whose loss is `Σ wᵢ·lossᵢ / Σ wᵢ` over
@@ -188,22 +216,20 @@ pub fn aggregate(
     max_completion_length: usize,
 ) -> (Tensor<1>, f64) {
     let masked = per_token * layout.mask.clone();
-    let active = values(layout.mask.clone().sum())[0];
+    let active = layout.active;
     let b = layout.completions;
     match kind {
         GrpoLossType::Grpo => {
-            let zeros = Tensor::<1>::zeros([b], &masked.device());
-            let sums =
-                zeros
-                    .clone()
-                    .select_assign(0, layout.seq.clone(), masked, IndexingUpdateOp::Add);
-            let counts = zeros.select_assign(
+            let sums = Tensor::<1>::zeros([b], &masked.device()).select_assign(
                 0,
                 layout.seq.clone(),
-                layout.mask.clone(),
+                masked,
                 IndexingUpdateOp::Add,
             );
-            ((sums / counts.clamp_min(1.0)).mean(), b as f64)
+            (
+                (sums / layout.counts.clone().clamp_min(1.0)).mean(),
+                b as f64,
+            )
         }
         GrpoLossType::Bnpo => (masked.sum().div_scalar(active.max(1.0)), 1.0),
         GrpoLossType::DrGrpo => (
@@ -212,30 +238,22 @@ pub fn aggregate(
                 .div_scalar((b * max_completion_length).max(1) as f64),
             b as f64,
         ),
-        // A micro-batch with no active token still counts (with a vanishing weight), so a
-        // step whose completions are all masked is a step with zero loss, not no step.
-        GrpoLossType::Dapo => (masked.sum().div_scalar(active.max(1.0)), active.max(1e-12)),
+        GrpoLossType::Dapo => (masked.sum().div_scalar(active.max(1.0)), active),
     }
 }
 
 /// The masked token mean of `x`, for metrics.
-pub fn token_mean(x: Tensor<1>, mask: &Tensor<1>) -> f64 {
-    let active = values(mask.clone().sum())[0];
-    if active <= 0.0 {
+pub fn token_mean(x: Tensor<1>, layout: &TokenLayout) -> f64 {
+    if layout.active <= 0.0 {
         return 0.0;
     }
-    values((x.detach() * mask.clone()).sum())[0] / active
+    values((x.detach() * layout.mask.clone()).sum())[0] / layout.active
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{close, t};
     use super::*;
-    use burn::tensor::{Device, TensorData};
-
-    fn ints(v: &[i64]) -> Tensor<1, Int> {
-        Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Device::flex())
-    }
 
     #[test]
     fn advantages_by_group_batch_and_none() {
@@ -312,16 +330,19 @@ mod tests {
         // truncated (masked) completion of 2 tokens.
         let l1 = [1.0, 3.0, 5.0];
         let l2 = [2.0, 2.0, 8.0, 100.0, 100.0];
-        let lay1 = TokenLayout {
-            seq: ints(&[0, 0, 1]),
-            mask: t(&[1.0, 1.0, 1.0]),
-            completions: 2,
-        };
-        let lay2 = TokenLayout {
-            seq: ints(&[0, 0, 0, 1, 1]),
-            mask: t(&[1.0, 1.0, 1.0, 0.0, 0.0]),
-            completions: 2,
-        };
+        let device = Device::flex();
+        let lay1 = TokenLayout::new(&[2, 1], &[true, true], &device);
+        let lay2 = TokenLayout::new(&[3, 2], &[true, false], &device);
+        assert_eq!(
+            lay2.seq
+                .clone()
+                .into_data()
+                .try_into_vec_as::<i64>()
+                .unwrap(),
+            vec![0, 0, 0, 1, 1]
+        );
+        assert_eq!(values(lay2.mask.clone()), vec![1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(lay2.active, 3.0);
         let max_len = 4;
         let step = |kind| {
             let (a, wa) = aggregate(t(&l1), &lay1, kind, max_len);
@@ -336,7 +357,7 @@ mod tests {
         close(step(GrpoLossType::DrGrpo), 21.0 / (4.0 * 4.0), 1e-6);
         // dapo: all active tokens of the step: 21 / 6.
         close(step(GrpoLossType::Dapo), 21.0 / 6.0, 1e-6);
-        close(token_mean(t(&l2), &lay2.mask), 4.0, 1e-6);
+        close(token_mean(t(&l2), &lay2), 4.0, 1e-6);
     }
 
     /// With samples used once (old = θ detached) the ratio is 1 and the loss's gradient is

@@ -104,9 +104,21 @@ pub fn log1m_exp(x: Tensor<1>) -> Tensor<1> {
     direct.mask_where(near, series).log()
 }
 
-/// The log-prob of each target at the flat positions `rows` (into `[B·T]`) of a batch, and
-/// whether it was the head's top token, through the chunked head; also the hidden rows read.
-/// Every objective reads the model this way, so none holds `[tokens × vocab]` logits.
+/// What an objective reads from the model at the loss positions of a batch.
+pub(crate) struct TargetLogprobs {
+    /// `[N]` log-prob of each target.
+    pub logprobs: Tensor<1>,
+    /// `[N]` 1 where the target was the head's top token.
+    pub hits: Tensor<1, Int>,
+    /// `[N, hidden]` the final hidden states read, and the head applied to them (for
+    /// further per-token quantities such as entropy without rebuilding the head).
+    pub rows: Tensor<2>,
+    pub head: kernels::Head,
+}
+
+/// The log-prob of each target at the flat positions `rows` (into `[B·T]`) of a batch,
+/// through the chunked head. Every objective reads the model this way, so none holds
+/// `[tokens × vocab]` logits.
 pub(crate) fn target_logprobs(
     model: &crate::model::Llama,
     ids: Tensor<2, Int>,
@@ -114,17 +126,34 @@ pub(crate) fn target_logprobs(
     segments: Tensor<2, Int>,
     rows: Tensor<1, Int>,
     targets: Tensor<1, Int>,
-) -> (Tensor<1>, Tensor<1, Int>, Tensor<2>) {
+) -> TargetLogprobs {
     let hidden = model.hidden_packed(ids, positions, segments);
     let [b, t, h] = hidden.dims();
     let rows = hidden.reshape([b * t, h]).select(0, rows);
-    let (logprobs, hits) = kernels::token_logprobs(
-        rows.clone(),
-        &model.head(&rows),
-        targets,
-        sft::LOGPROB_CHUNK,
-    );
-    (logprobs, hits, rows)
+    let head = model.head(&rows);
+    let (logprobs, hits) =
+        kernels::token_logprobs(rows.clone(), &head, targets, sft::LOGPROB_CHUNK);
+    TargetLogprobs {
+        logprobs,
+        hits,
+        rows,
+        head,
+    }
+}
+
+/// [`target_logprobs`] at an [`LmBatch`](crate::batch::LmBatch)'s loss positions.
+pub(crate) fn lm_logprobs(
+    model: &crate::model::Llama,
+    batch: &crate::batch::LmBatch,
+) -> TargetLogprobs {
+    target_logprobs(
+        model,
+        batch.ids.clone(),
+        batch.positions.clone(),
+        batch.segments.clone(),
+        batch.loss_rows.clone(),
+        batch.targets.clone(),
+    )
 }
 
 /// Host copies of a small tensor's values (metrics only; never on the gradient path).

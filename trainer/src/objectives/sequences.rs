@@ -14,14 +14,15 @@ pub struct SequenceLogps {
 }
 
 pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
-    let (logprobs, _, _) = super::target_logprobs(
+    let logprobs = super::target_logprobs(
         model,
         batch.ids.clone(),
         batch.positions.clone(),
         batch.segments.clone(),
         batch.rows.clone(),
         batch.targets.clone(),
-    );
+    )
+    .logprobs;
     let b = batch.ids.dims()[0];
     let zeros = Tensor::<1>::zeros([b], &logprobs.device());
     let completion = zeros.clone().select_assign(

@@ -20,14 +20,7 @@ pub struct SftMetrics {
 
 /// `loss = −(1/N) Σ log p(target)` over the N loss tokens.
 pub fn sft_loss(model: &Llama, batch: &LmBatch) -> (Tensor<1>, SftMetrics) {
-    let (logprobs, hits, _) = super::target_logprobs(
-        model,
-        batch.ids.clone(),
-        batch.positions.clone(),
-        batch.segments.clone(),
-        batch.loss_rows.clone(),
-        batch.targets.clone(),
-    );
+    let super::TargetLogprobs { logprobs, hits, .. } = super::lm_logprobs(model, batch);
     let n = batch.num_loss_tokens.max(1) as f64;
     let loss = logprobs.sum().neg().div_scalar(n);
     let loss_value = loss.clone().into_scalar_f64();
