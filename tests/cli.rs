@@ -55,9 +55,12 @@ fn s(p: &Path) -> &str {
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     }
 }
 
@@ -917,47 +920,21 @@ fn loss_lines(run: &Path) -> Vec<String> {
 #[test]
 fn sigkilled_runs_resume_to_identical_weights_and_metrics() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
     let base = tmp.path().join("base");
-    let sets: Vec<String> = vec![
-        format!("model.path={:?}", s(&base)),
-        format!("data.train={:?}", s(&data)),
-        "train.max_steps=24".into(),
-        "train.save_steps=4".into(),
-        "train.save_total_limit=3".into(),
+    let extra = [
+        "train.max_steps=24",
+        "train.save_steps=4",
+        "train.save_total_limit=3",
         // Dropout draws from the device RNG: resume must reproduce them too.
-        "lora.dropout=0.1".into(),
+        "lora.dropout=0.1",
     ];
-    let with_sets = |mut args: Vec<String>| {
-        for s in &sets {
-            args.push("--set".into());
-            args.push(s.clone());
-        }
-        args
-    };
     let run_a = tmp.path().join("a");
-    let args: Vec<String> = with_sets(vec![
-        "train".into(),
-        s(&recipe).into(),
-        "--out".into(),
-        s(&run_a).into(),
-    ]);
+    let args = tiny_sft_args("--out", &run_a, &base, &extra);
     ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
 
     let run_b = tmp.path().join("b");
-    let start: Vec<String> = with_sets(vec![
-        "train".into(),
-        s(&recipe).into(),
-        "--out".into(),
-        s(&run_b).into(),
-    ]);
-    let resume: Vec<String> = with_sets(vec![
-        "train".into(),
-        s(&recipe).into(),
-        "--resume".into(),
-        s(&run_b).into(),
-    ]);
+    let start = tiny_sft_args("--out", &run_b, &base, &extra);
+    let resume = tiny_sft_args("--resume", &run_b, &base, &extra);
     let mut kills = 0;
     for (args, wait_for) in [(&start, "checkpoint-8"), (&resume, "checkpoint-16")] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
@@ -1060,28 +1037,13 @@ fn generate_answers_a_prompt_and_a_chat() {
 #[test]
 fn gradient_checkpointing_changes_memory_not_results() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
-    let base = format!("model.path={:?}", s(&tmp.path().join("base")));
-    let train = format!("data.train={:?}", s(&data));
+    let base = tmp.path().join("base");
     let mut lines = Vec::new();
     for (name, flag) in [("plain", "false"), ("checkpointed", "true")] {
         let run = tmp.path().join(name);
         let gc = format!("train.gradient_checkpointing={flag}");
-        ok(&[
-            "train",
-            s(&recipe),
-            "--out",
-            s(&run),
-            "--set",
-            &base,
-            "--set",
-            &train,
-            "--set",
-            "train.max_steps=3",
-            "--set",
-            &gc,
-        ]);
+        let args = tiny_sft_args("--out", &run, &base, &["train.max_steps=3", &gc]);
+        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
         lines.push(loss_lines(&run));
     }
     assert_eq!(lines[0].len(), 3);
@@ -1091,25 +1053,14 @@ fn gradient_checkpointing_changes_memory_not_results() {
 #[test]
 fn training_on_packed_rows_runs_and_learns_from_every_row() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
     let run = tmp.path().join("run");
-    let base = format!("model.path={:?}", s(&tmp.path().join("base")));
-    let train = format!("data.train={:?}", s(&data));
-    ok(&[
-        "train",
-        s(&recipe),
+    let args = tiny_sft_args(
         "--out",
-        s(&run),
-        "--set",
-        &base,
-        "--set",
-        &train,
-        "--set",
-        "data.packing=true",
-        "--set",
-        "train.max_steps=4",
-    ]);
+        &run,
+        &tmp.path().join("base"),
+        &["data.packing=true", "train.max_steps=4"],
+    );
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let lines = loss_lines(&run);
     assert_eq!(lines.len(), 4);
     for line in &lines {
@@ -1726,21 +1677,10 @@ fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
     checkpoints::verify_manifest(&run.join("checkpoint-2")).unwrap();
     // Moved to a disk with room, the run resumes from it and finishes.
     let roomy = tmp.path().join("roomy");
-    copy_tree(&run, &roomy);
+    copy_dir(&run, &roomy);
     let resume = tiny_sft_args("--resume", &roomy, &base, &extra);
     ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(roomy.join("final/adapter_model.safetensors").is_file());
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 /// Every method resumes exactly: each run is SIGKILLed at pseudo-random moments (seeded),

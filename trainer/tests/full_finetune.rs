@@ -8,17 +8,8 @@ use trainer::model::load_model;
 use trainer::recipe::load;
 use trainer::train::train;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
+mod common;
+use common::copy_dir;
 
 #[test]
 fn full_sft_trains_every_weight_and_resumes_exactly() {

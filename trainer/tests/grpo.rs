@@ -3,31 +3,17 @@
 //! run resumed between the iterations over one batch of samples ends exactly where an
 //! uninterrupted run does.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use trainer::recipe::{Recipe, load};
+use trainer::recipe::Recipe;
 use trainer::train::train;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{copy_dir, serial, shipped_recipe};
 
 fn recipe(base: &Path, extra: &[&str]) -> Recipe {
-    let mut sets = vec![
-        format!("model.path=\"{}\"", base.display()),
-        format!(
-            "data.train=\"{}\"",
-            root()
-                .join("data/examples/counseling-prompts.jsonl")
-                .display()
-        ),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    load(&root().join("recipes/tiny-grpo.toml"), &sets).unwrap()
+    shipped_recipe("tiny-grpo.toml", "counseling-prompts.jsonl", base, extra)
 }
-
-/// burn's device generator is process-wide: runs must not interleave across threads.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn training_lines(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -38,20 +24,9 @@ fn training_lines(out: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn tiny_grpo_raises_the_reward() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe(&tmp.path().join("base"), &[]);
     let out = tmp.path().join("run");
@@ -99,7 +74,7 @@ fn tiny_grpo_raises_the_reward() {
 
 #[test]
 fn grpo_resumes_exactly_between_iterations() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     // Two optimizer steps per batch of samples, a KL term against the reference, and a
     // checkpoint after step 3 — between the two iterations over the second batch.
@@ -162,7 +137,7 @@ fn grpo_resumes_exactly_between_iterations() {
 /// loss and gradient are exactly zero, and the steps still count.
 #[test]
 fn truncated_completions_can_be_masked_out() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     for (mask, loss_type) in [(true, "dapo"), (true, "grpo"), (false, "dapo")] {
         let out = tmp.path().join(format!("run-{mask}-{loss_type}"));
@@ -202,7 +177,7 @@ fn truncated_completions_can_be_masked_out() {
 /// the name given, weighted into `reward`.
 #[test]
 fn an_external_command_reward_drives_a_run() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     // Rewards a completion by whether the JSON line holds any letter `e` in it: 1 or 0.
     let script = tmp.path().join("score.sh");

@@ -2,7 +2,7 @@
 //! they learn, the reference is exactly the initial policy, reference log-probs cache, and
 //! the reward model saves in the layouts transformers and PEFT read.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::Device;
@@ -13,32 +13,12 @@ use trainer::objectives::sequences::sequence_logps;
 use trainer::recipe::{Recipe, load};
 use trainer::train::{Outcome, setup, train};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod common;
+use common::{root, serial, shipped_recipe};
 
-/// A shipped tiny recipe, pointed at this test's base model and data, with `extra`
-/// overrides.
+/// A shipped tiny preference recipe on the bundled pairs.
 fn recipe(name: &str, base: &Path, extra: &[&str]) -> Recipe {
-    let mut sets = vec![
-        format!("model.path=\"{}\"", base.display()),
-        format!(
-            "data.train=\"{}\"",
-            root()
-                .join("data/examples/counseling-preference.jsonl")
-                .display()
-        ),
-    ];
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    load(&root().join("recipes").join(name), &sets).unwrap()
-}
-
-/// burn's device generator is one per process: runs that seed and draw from it (adapter
-/// initialisation) must not interleave across test threads.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    shipped_recipe(name, "counseling-preference.jsonl", base, extra)
 }
 
 fn run(r: &Recipe, out: &Path) -> Outcome {
