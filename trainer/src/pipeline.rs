@@ -18,6 +18,7 @@ use crate::generate::{Sampling, generate_batch, stop_tokens};
 use crate::model::load_model;
 use crate::model::lora::load_adapter;
 use crate::recipe::Recipe;
+use crate::run_dir::read_metrics;
 use crate::train::{Outcome, train};
 use crate::{Result, TrainerError};
 
@@ -131,12 +132,8 @@ fn substitute(text: &str, vars: &BTreeMap<String, PathBuf>) -> Result<String> {
 }
 
 /// Headline metrics of a finished run, by method.
-fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Vec<(String, String)> {
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Result<Vec<(String, String)>> {
+    let lines = read_metrics(run)?;
     let series = |key: &str| -> Vec<f64> {
         lines
             .iter()
@@ -186,7 +183,7 @@ fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Vec<(String, Strin
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn series_keys(lines: &[serde_json::Value], prefix: &str, suffix: &str) -> Vec<String> {
@@ -294,13 +291,7 @@ fn run_stage(recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
 
 /// A finished run's outcome, read back from its `metrics.jsonl`.
 fn outcome_of(dir: &Path) -> Result<Outcome> {
-    let path = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines = read_metrics(dir)?;
     let losses: Vec<(usize, f64)> = lines
         .iter()
         .filter_map(|l| Some((l.get("step")?.as_u64()? as usize, l.get("loss")?.as_f64()?)))
@@ -362,7 +353,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         stages.push(StageReport {
             name: s.name.clone(),
             method: recipe.train.method.clone(),
-            figures: figures(&recipe, &run_dir, &outcome),
+            figures: figures(&recipe, &run_dir, &outcome)?,
             outcome,
         });
         vars.insert(s.name.clone(), run_dir.clone());

@@ -16,6 +16,16 @@ fn io(path: &Path, e: std::io::Error) -> TrainerError {
     TrainerError::Input(format!("{}: {e}", path.display()))
 }
 
+/// The lines of a run's `metrics.jsonl`; a line cut short by a crash is skipped.
+pub fn read_metrics(root: &Path) -> Result<Vec<serde_json::Value>> {
+    let path = root.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
 impl RunDir {
     /// Creates `root` for a new run; a directory that already holds a run is refused, so
     /// nothing written by an earlier run is overwritten.
