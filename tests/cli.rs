@@ -1623,6 +1623,34 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// Mounts, or says why the test is skipped. Skipping is allowed only on a developer's
+    /// machine without root: under CI, or as root, a failed mount fails the test, so the
+    /// fault paths cannot go untested silently.
+    fn mount_or_skip(at: &Path, size: &str) -> Option<Self> {
+        if let Some(m) = Self::mount(at, size) {
+            return Some(m);
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            std::env::var_os("CI").is_none() && !root,
+            "cannot mount a tmpfs at {} (CI or root): the fault test must run",
+            at.display()
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); the fault path is untested");
+        None
+    }
+
+    fn remount_read_only(&self) {
+        let status = Command::new("mount")
+            .args(["-o", "remount,ro", s(&self.0)])
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount read-only failed");
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
@@ -1635,10 +1663,7 @@ fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
     let base = tmp.path().join("base");
     let mnt = tmp.path().join("small-disk");
     // A checkpoint of the tiny SFT run is about 580 KB: one fits in 1000 KB, two do not.
-    let Some(_disk) = Tmpfs::mount(&mnt, "1000k") else {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs here (needs root); the full-disk path is untested"
-        );
+    let Some(_disk) = Tmpfs::mount_or_skip(&mnt, "1000k") else {
         return;
     };
     let run = mnt.join("run");
@@ -1681,6 +1706,97 @@ fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
     let resume = tiny_sft_args("--resume", &roomy, &base, &extra);
     ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(roomy.join("final/adapter_model.safetensors").is_file());
+}
+
+/// Output on a read-only filesystem: a new run refuses to start, and a run whose disk turned
+/// read-only since its last checkpoint stops on resume; each with one error line naming the
+/// path, and the checkpoint already written stays intact.
+#[test]
+fn read_only_output_fails_with_one_line_and_keeps_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let mnt = tmp.path().join("disk");
+    let Some(disk) = Tmpfs::mount_or_skip(&mnt, "64m") else {
+        return;
+    };
+    let run = mnt.join("run");
+    let extra = ["train.max_steps=4", "train.save_steps=2"];
+    ok(&tiny_sft_args("--out", &run, &base, &extra)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    // Back to a run stopped after checkpoint-2, then the disk goes read-only.
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    disk.remount_read_only();
+    let one_line = |args: Vec<String>, path: &Path| {
+        let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("Read-only file system") && stderr.contains(s(path)),
+            "{stderr}"
+        );
+    };
+    one_line(tiny_sft_args("--resume", &run, &base, &extra), &run);
+    checkpoints::verify_manifest(&run.join("checkpoint-2")).unwrap();
+    let fresh = mnt.join("fresh");
+    one_line(tiny_sft_args("--out", &fresh, &base, &extra), &fresh);
+    assert!(!fresh.exists());
+}
+
+/// hearth never touches the network. Two checks: the binary imports neither `socket` nor
+/// `connect` nor a name resolver (so no code path in it can open a connection; a send call
+/// some dependency links is harmless without a socket to send on), and training runs to the
+/// end inside a network namespace that has no interface, not even loopback.
+#[test]
+fn training_makes_no_network_access() {
+    let bin = env!("CARGO_BIN_EXE_hearth");
+    let nm = Command::new("nm")
+        .args(["-D", "--undefined-only", bin])
+        .output()
+        .expect("nm (binutils) must be installed");
+    assert!(nm.status.success());
+    let imports = String::from_utf8_lossy(&nm.stdout);
+    let net: Vec<&str> = imports
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .map(|sym| sym.split('@').next().unwrap_or(sym))
+        .filter(|sym| ["socket", "connect", "getaddrinfo", "gethostbyname"].contains(sym))
+        .collect();
+    assert!(net.is_empty(), "hearth imports network calls: {net:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let args = tiny_sft_args(
+        "--out",
+        &run,
+        &tmp.path().join("base"),
+        &["train.max_steps=2"],
+    );
+    let isolated = Command::new("unshare")
+        .arg("--net")
+        .arg(bin)
+        .args(&args)
+        .output()
+        .expect("unshare (util-linux)");
+    if !isolated.status.success() && String::from_utf8_lossy(&isolated.stderr).contains("unshare") {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            std::env::var_os("CI").is_none() && !root,
+            "unshare --net failed: {}",
+            String::from_utf8_lossy(&isolated.stderr)
+        );
+        eprintln!("SKIPPED: no network namespace without root; the import check still ran");
+        return;
+    }
+    assert!(
+        isolated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&isolated.stderr)
+    );
+    assert!(run.join("final/adapter_model.safetensors").is_file());
 }
 
 /// Every method resumes exactly: each run is SIGKILLed at pseudo-random moments (seeded),
@@ -1734,7 +1850,7 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
         let whole = started.elapsed();
 
         let b = tmp.path().join(format!("{recipe}-b"));
-        let mut kills = 0;
+        let (mut kills, mut resumes) = (0, 0);
         // The newest checkpoint's step: a kill that lands before the next checkpoint makes
         // no progress, so the next delay grows until one does (slow or busy machines).
         let newest = |run: &Path| -> Option<usize> {
@@ -1758,6 +1874,7 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
                 let _ = std::fs::remove_dir_all(&b);
             }
             let verb = if before.is_some() {
+                resumes += 1;
                 "--resume"
             } else {
                 "--out"
@@ -1782,6 +1899,7 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
         if !b.join("final").exists() {
             // Enough kills: the last resume runs to the end.
             let verb = if newest(&b).is_some() {
+                resumes += 1;
                 "--resume"
             } else {
                 "--out"
@@ -1793,6 +1911,12 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
         }
         assert!(b.join("final").exists(), "{recipe}: never finished");
         assert!(kills >= 2, "{recipe}: only {kills} kills landed");
+        // At least one run continued from a checkpoint a killed run left, so the comparison
+        // below is about resuming, not about starting over.
+        assert!(
+            resumes >= 1,
+            "{recipe}: no kill left a checkpoint to resume from"
+        );
         let files = |run: &Path| -> serde_json::Value {
             let m: serde_json::Value = serde_json::from_str(
                 &std::fs::read_to_string(run.join("final/manifest.json")).unwrap(),

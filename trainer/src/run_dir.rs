@@ -224,6 +224,10 @@ impl RunDir {
             let f = std::fs::File::open(&path).map_err(|e| io(&path, e))?;
             f.sync_all().map_err(|e| io(&path, e))?;
         }
+        // The directory's own entries (the file names) are durable before it is renamed.
+        std::fs::File::open(&tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&tmp, e))?;
         let dest = self.root.join(name);
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;

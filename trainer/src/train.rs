@@ -112,6 +112,19 @@ pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f6
     norm
 }
 
+/// What makes a step's update unsafe, if anything: a NaN or infinite loss, or a finite loss
+/// whose gradient holds a NaN or ∞ somewhere (one such element makes the global norm
+/// non-finite, so the norm is the whole check).
+fn non_finite(loss: f64, grad_norm: f64) -> Option<&'static str> {
+    if !loss.is_finite() {
+        Some("loss")
+    } else if !grad_norm.is_finite() {
+        Some("gradient norm")
+    } else {
+        None
+    }
+}
+
 /// Whether every parameter is finite (one reduction per tensor, read back once).
 fn all_finite(model: &Llama) -> bool {
     struct Check(Option<Tensor<1>>);
@@ -502,6 +515,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             Default::default(),
         )?;
     }
+    kernels::set_kernels(kernels::Kernels::parse(&t.kernels).unwrap_or_default());
     let mut device = crate::device::parse(&t.device)?.autodiff();
     if t.gradient_checkpointing {
         device = device.gradient_checkpointing();
@@ -767,7 +781,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             let lr = t.learning_rate * lr_factor(&t.lr_scheduler_type, step, warmup, total);
             // A non-finite loss or gradient skips the update, so bad values never reach the
             // weights; too many in a row stop the run.
-            let finite = loss_sum.is_finite() && grad_norm.is_finite();
+            let bad = non_finite(loss_sum, grad_norm);
+            let finite = bad.is_none();
             if finite {
                 model = optim.step(lr, model, grads);
                 bad_streak = 0;
@@ -778,12 +793,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             step += 1;
             epoch_f =
                 epoch as f64 + (step - epoch * steps_per_epoch) as f64 / steps_per_epoch as f64;
-            if !finite {
-                let what = if loss_sum.is_finite() {
-                    "gradient norm"
-                } else {
-                    "loss"
-                };
+            if let Some(what) = bad {
                 run.log(&json!({
                     "step": step, "epoch": epoch_f, "skipped_step": true,
                     "skipped_steps": skipped_steps,
@@ -1002,5 +1012,46 @@ mod optimizer_tests {
             .try_into_vec_as::<f32>()
             .unwrap()[0];
         assert!(worst < 1e-7, "decayed matrices off by {worst}");
+    }
+
+    /// A single NaN in one gradient, with a finite loss, makes the global norm NaN, and the
+    /// step is judged unsafe because of the gradient; clipping does not hide it.
+    #[test]
+    fn one_nan_gradient_element_marks_the_step_bad() {
+        struct Grads(GradientsParams, bool);
+        impl ModuleVisitor for Grads {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let mut g = param.val().ones_like().inner();
+                if !self.1 {
+                    // The first tensor gets a NaN in its first element only.
+                    let nan = g
+                        .clone()
+                        .flatten::<1>(0, D - 1)
+                        .narrow(0, 0, 1)
+                        .mul_scalar(f64::NAN);
+                    let mut flat = g.clone().flatten::<1>(0, D - 1);
+                    flat = flat.slice_assign([0..1], nan);
+                    g = flat.reshape(g.dims());
+                    self.1 = true;
+                }
+                self.0.register::<D>(param.id, g);
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        init_model(tmp.path(), &NewModel::default(), Default::default()).unwrap();
+        let device = Device::flex().autodiff();
+        let (_, model) = load_model(tmp.path(), &device).unwrap();
+        let mut grads = Grads(GradientsParams::new(), false);
+        model.visit(&mut grads);
+        let norm = super::clip_global_norm(&model, &mut grads.0, 1.0);
+        assert!(norm.is_nan(), "norm {norm}");
+        assert_eq!(super::non_finite(0.7, norm), Some("gradient norm"));
+        assert_eq!(super::non_finite(f64::INFINITY, norm), Some("loss"));
+        assert_eq!(super::non_finite(0.7, 3.0), None);
+        // Without the NaN the same gradients pass.
+        let mut clean = Grads(GradientsParams::new(), true);
+        model.visit(&mut clean);
+        let norm = super::clip_global_norm(&model, &mut clean.0, 1.0);
+        assert_eq!(super::non_finite(0.7, norm), None);
     }
 }

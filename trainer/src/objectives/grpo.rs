@@ -326,12 +326,14 @@ mod tests {
     /// type's definition over the whole step.
     #[test]
     fn loss_aggregations_match_trl_definitions() {
-        // Micro 1: completions of 2 and 1 tokens; micro 2: one of 3 tokens plus one
-        // truncated (masked) completion of 2 tokens.
-        let l1 = [1.0, 3.0, 5.0];
-        let l2 = [2.0, 2.0, 8.0, 100.0, 100.0];
+        // Micro 1: three completions of 2, 1 and 1 tokens; micro 2: one of 3 tokens plus
+        // one truncated (masked) completion of 2 tokens. The micro-batches differ in
+        // completions (3 vs 2) and active tokens (4 vs 3), so every weighting of them gives
+        // a different number: each expected value below is one definition only.
+        let l1 = [1.0, 3.0, 5.0, 9.0];
+        let l2 = [2.0, 2.0, 11.0, 100.0, 100.0];
         let device = Device::flex();
-        let lay1 = TokenLayout::new(&[2, 1], &[true, true], &device);
+        let lay1 = TokenLayout::new(&[2, 1, 1], &[true, true, true], &device);
         let lay2 = TokenLayout::new(&[3, 2], &[true, false], &device);
         assert_eq!(
             lay2.seq
@@ -342,22 +344,24 @@ mod tests {
             vec![0, 0, 0, 1, 1]
         );
         assert_eq!(values(lay2.mask.clone()), vec![1.0, 1.0, 1.0, 0.0, 0.0]);
-        assert_eq!(lay2.active, 3.0);
+        assert_eq!((lay1.active, lay2.active), (4.0, 3.0));
         let max_len = 4;
         let step = |kind| {
             let (a, wa) = aggregate(t(&l1), &lay1, kind, max_len);
             let (b, wb) = aggregate(t(&l2), &lay2, kind, max_len);
             (values(a)[0] * wa + values(b)[0] * wb) / (wa + wb)
         };
-        // grpo: completion means 2, 5, 4, 0 (masked) → mean 11/4.
-        close(step(GrpoLossType::Grpo), 11.0 / 4.0, 1e-6);
-        // bnpo: micro means 9/3 and 12/3, averaged.
-        close(step(GrpoLossType::Bnpo), (3.0 + 4.0) / 2.0, 1e-6);
-        // dr_grpo: token sums over B × max_len with B = 4 completions.
-        close(step(GrpoLossType::DrGrpo), 21.0 / (4.0 * 4.0), 1e-6);
-        // dapo: all active tokens of the step: 21 / 6.
-        close(step(GrpoLossType::Dapo), 21.0 / 6.0, 1e-6);
-        close(token_mean(t(&l2), &lay2), 4.0, 1e-6);
+        // grpo: completion means 2, 5, 9, 5 and 0 (masked) → 21/5 (equal micro weights
+        // would give (16/3 + 5/2)/2 ≈ 3.92).
+        close(step(GrpoLossType::Grpo), 21.0 / 5.0, 1e-6);
+        // bnpo: micro means 18/4 and 15/3, averaged (token weights would give 33/7).
+        close(step(GrpoLossType::Bnpo), (4.5 + 5.0) / 2.0, 1e-6);
+        // dr_grpo: token sums over B × max_len with B = 5 completions (equal micro weights
+        // would give (18/12 + 15/8)/2 = 1.6875).
+        close(step(GrpoLossType::DrGrpo), 33.0 / (5.0 * 4.0), 1e-6);
+        // dapo: all active tokens of the step: 33 / 7.
+        close(step(GrpoLossType::Dapo), 33.0 / 7.0, 1e-6);
+        close(token_mean(t(&l2), &lay2), 5.0, 1e-6);
     }
 
     /// With samples used once (old = θ detached) the ratio is 1 and the loss's gradient is
