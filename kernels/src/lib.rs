@@ -1,10 +1,45 @@
 //! The ops of a Llama-family forward pass, each behind one function so a fused kernel can
 //! replace its reference twin without the model changing.
 //!
-//! Today every op runs its [`reference`] path: plain burn tensor ops that work on every
-//! backend and under autodiff. The reference is the specification the fused CubeCL kernels
-//! are tested against, so it stays as obvious as the math.
+//! - [`reference`]: plain burn tensor ops that work on every backend and under autodiff.
+//!   The reference is the specification the fused kernels are tested against, so it stays
+//!   as obvious as the math.
+//! - [`fused`]: the same ops through a burn backend extension (`extension`): CubeCL
+//!   kernels, forward and backward, on the Cube backends (`cube`), the primitive-op twin
+//!   on flex, and one autodiff node per op with a hand-written backward (`autodiff`).
+//!
+//! The functions at the crate root choose between the two with [`Kernels`] (the recipe's
+//! `kernels` switch). Ops without a fused version yet (attention, RoPE, the head's
+//! log-probs) always run their reference.
 
+mod autodiff;
+#[cfg(feature = "gpu")]
+mod cube;
+mod extension;
+pub mod fused;
+mod mode;
 pub mod reference;
 
-pub use reference::{Head, attention, rms_norm, rotary, swiglu, token_entropy, token_logprobs};
+use burn::tensor::Tensor;
+
+pub use extension::FusedOps;
+pub use mode::{Kernels, fused_on, kernels, set_kernels};
+pub use reference::{Head, attention, rotary, token_entropy, token_logprobs};
+
+/// RMSNorm: `x`: `[..., N]`, `weight`: `[N]`.
+pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
+    if fused_on(&x.device()) {
+        fused::rms_norm(x, weight, eps)
+    } else {
+        reference::rms_norm(x, weight, eps)
+    }
+}
+
+/// The gated MLP activation `silu(gate)·up`.
+pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    if fused_on(&gate.device()) {
+        fused::swiglu(gate, up)
+    } else {
+        reference::swiglu(gate, up)
+    }
+}

@@ -215,6 +215,10 @@ pub struct TrainSection {
     /// cpu, cuda[:N] or wgpu[:N].
     pub device: String,
     pub gradient_checkpointing: bool,
+    /// Which implementation of the fused ops runs: `fused` (CubeCL kernels on GPU backends,
+    /// hand-written backward passes everywhere), `reference` (plain tensor ops), or `auto`:
+    /// fused on GPU backends, reference on the CPU.
+    pub kernels: String,
     /// Consecutive steps with a NaN or infinite loss or gradient (each skipped) after which
     /// the run stops.
     pub max_bad_steps: usize,
@@ -244,6 +248,7 @@ impl Default for TrainSection {
             seed: 42,
             device: "cpu".into(),
             gradient_checkpointing: false,
+            kernels: "auto".into(),
             max_bad_steps: 5,
         }
     }
@@ -371,6 +376,13 @@ impl Recipe {
             if g.rewards.is_empty() {
                 return bad("grpo needs at least one [[grpo.rewards]] table".into());
             }
+        }
+        if kernels::Kernels::parse(&t.kernels).is_none() {
+            return bad(format!(
+                "train.kernels `{}` ({})",
+                t.kernels,
+                kernels::Kernels::NAMES.join(", ")
+            ));
         }
         if !["constant", "linear", "cosine"].contains(&t.lr_scheduler_type.as_str()) {
             return bad(format!(

@@ -1,0 +1,136 @@
+//! Hand-written backward passes: each fused op is one node in burn's autodiff graph whose
+//! backward calls the inner backend's `*_backward` method (a CubeCL kernel on Cube
+//! backends, the primitive-op twin elsewhere). The forward keeps only its inputs.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{AutodiffBackend, TensorMetadata};
+
+use crate::extension::FusedOps;
+
+impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RmsNorm;
+
+        impl<B: FusedOps> Backward<B, 2> for RmsNorm {
+            type State = (NodeId, NodeId, f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (x, weight, eps) = ops.state;
+                let x: FloatTensor<B> = checkpointer.retrieve_node_output(x);
+                let weight: FloatTensor<B> = checkpointer.retrieve_node_output(weight);
+                let [x_node, w_node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let w_shape = weight.shape();
+                let (dx, dw_rows) = B::rms_norm_backward(x, weight, grad, eps);
+                if let Some(node) = w_node {
+                    let dw = B::float_reshape(B::float_sum_dim(dw_rows, 0), w_shape);
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = x_node {
+                    grads.register::<B>(node.id, dx);
+                }
+            }
+        }
+
+        match RmsNorm
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), eps);
+                let out = B::rms_norm(x.into_primitive(), weight.into_primitive(), eps);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(
+                x.into_primitive(),
+                weight.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
+    /// Backward halves are not differentiated again: their outputs are constants.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) = B::rms_norm_backward(
+            x.into_primitive(),
+            weight.into_primitive(),
+            grad.into_primitive(),
+            eps,
+        );
+        (Self::from_inner(dx), Self::from_inner(dw))
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Swiglu;
+
+        impl<B: FusedOps> Backward<B, 2> for Swiglu {
+            type State = (NodeId, NodeId);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (gate, up) = ops.state;
+                let gate: FloatTensor<B> = checkpointer.retrieve_node_output(gate);
+                let up: FloatTensor<B> = checkpointer.retrieve_node_output(up);
+                let [gate_node, up_node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
+                if let Some(node) = gate_node {
+                    grads.register::<B>(node.id, d_gate);
+                }
+                if let Some(node) = up_node {
+                    grads.register::<B>(node.id, d_up);
+                }
+            }
+        }
+
+        match Swiglu
+            .prepare::<C>([gate.node(), up.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&gate), prep.checkpoint(&up));
+                let out = B::swiglu(gate.into_primitive(), up.into_primitive());
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::swiglu(gate.into_primitive(), up.into_primitive()))
+            }
+        }
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (d_gate, d_up) = B::swiglu_backward(
+            gate.into_primitive(),
+            up.into_primitive(),
+            grad.into_primitive(),
+        );
+        (Self::from_inner(d_gate), Self::from_inner(d_up))
+    }
+}

@@ -1,0 +1,63 @@
+//! CubeCL kernels for the Cube backends (CUDA, wgpu, …): one `#[cube]` source compiles
+//! for every runtime. Each kernel reads and writes through strides, so any layout the
+//! backend hands over works; rows are spread over a 2-D grid of cubes, since one grid
+//! axis holds at most 65 535 of them.
+//!
+//! Only portable features are used (shared memory and cube barriers, no plane ops or
+//! cmma), so the same kernels run on Mesa's lavapipe in CI.
+
+mod rms_norm;
+mod swiglu;
+
+use burn::backend::TensorMetadata;
+use burn::backend::tensor::FloatTensor;
+use burn_cubecl::CubeBackend;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::CubeCount;
+
+use crate::extension::FusedOps;
+
+impl FusedOps for CubeBackend {
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        rms_norm::forward(x, weight, eps)
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        rms_norm::backward(x, weight, grad, eps)
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        swiglu::forward(gate, up)
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        swiglu::backward(gate, up, grad)
+    }
+}
+
+/// A grid of at least `cubes` cubes, as `(x, y)` with `x ≤ 65 535`.
+fn grid(cubes: usize) -> CubeCount {
+    let x = cubes.clamp(1, 65_535);
+    let y = cubes.div_ceil(x).max(1);
+    CubeCount::Static(x as u32, y as u32, 1)
+}
+
+/// `[rows, cols]` of a row-major 2-D tensor.
+fn rows_cols(t: &CubeTensor) -> (usize, usize) {
+    let [rows, cols] = t.shape().dims::<2>();
+    (rows, cols)
+}
+
+/// Threads per row-reduction cube: a power of two, at most 256, no more than the row needs.
+fn row_threads(cols: usize) -> u32 {
+    (cols.next_power_of_two()).clamp(32, 256) as u32
+}

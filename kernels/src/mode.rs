@@ -1,0 +1,68 @@
+//! Which implementation of the fused ops runs: the recipe's `kernels` switch.
+//!
+//! The choice is process-wide because it is a property of the run, like the device, and
+//! the model's layers should not each carry it.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use burn::tensor::Device;
+
+/// `kernels = "fused" | "reference"` in a recipe; `auto` (the default) picks fused on the
+/// Cube backends (CUDA, wgpu) and the reference elsewhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    #[default]
+    Auto,
+    Fused,
+    Reference,
+}
+
+impl Kernels {
+    pub const NAMES: [&'static str; 3] = ["auto", "fused", "reference"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "fused" => Some(Self::Fused),
+            "reference" => Some(Self::Reference),
+            _ => None,
+        }
+    }
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the implementation for the rest of the process.
+pub fn set_kernels(kernels: Kernels) {
+    MODE.store(kernels as u8, Ordering::Relaxed);
+}
+
+pub fn kernels() -> Kernels {
+    match MODE.load(Ordering::Relaxed) {
+        1 => Kernels::Fused,
+        2 => Kernels::Reference,
+        _ => Kernels::Auto,
+    }
+}
+
+/// Whether the fused path serves a tensor on `device` under the current setting.
+pub fn fused_on(device: &Device) -> bool {
+    match kernels() {
+        Kernels::Fused => true,
+        Kernels::Reference => false,
+        Kernels::Auto => on_cube(device),
+    }
+}
+
+#[cfg(feature = "gpu")]
+fn on_cube(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch().clone().inner(),
+        burn::backend::DispatchDevice::Cube(_)
+    )
+}
+
+#[cfg(not(feature = "gpu"))]
+fn on_cube(_device: &Device) -> bool {
+    false
+}

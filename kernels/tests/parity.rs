@@ -1,0 +1,218 @@
+//! Fused ops against their reference twins: outputs and every input gradient, on odd shapes.
+//!
+//! On flex the fused path is the backend extension's primitive-op twin plus the
+//! hand-written autodiff backward, so these tests check the backward formulas. With the
+//! `wgpu` feature the same comparisons run the CubeCL kernels on the default wgpu adapter:
+//! in CI that is Mesa's lavapipe, a Vulkan implementation on the CPU, which has shared
+//! memory and barriers, all these kernels use.
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use kernels::{fused, reference};
+
+/// Tolerances per dtype, in one place: absolute for f32, relative for half types.
+fn tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (1e-4, 0.0),
+        _ => (0.0, 1e-2),
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor<const D: usize>(
+    v: &[f32],
+    shape: [usize; D],
+    device: &Device,
+    dtype: DType,
+) -> Tensor<D> {
+    Tensor::<D>::from_data(TensorData::new(v.to_vec(), shape), device).cast(dtype)
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("f32 data")
+}
+
+/// Compares element by element; on failure reports how many differ, the first few with
+/// their indices, and any NaN or infinity on either side.
+fn assert_close(what: &str, got: &[f32], want: &[f32], dtype: DType) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let (abs, rel) = tolerance(dtype);
+    let bad: Vec<(usize, f32, f32)> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (g, w))| {
+            !(g.is_finite() && w.is_finite()) || (*g - *w).abs() > abs + rel * w.abs().max(1e-3)
+        })
+        .map(|(i, (g, w))| (i, *g, *w))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} differ beyond abs {abs} rel {rel}; first: {:?}",
+        bad.len(),
+        got.len(),
+        &bad[..bad.len().min(5)]
+    );
+}
+
+/// `Σ y·r` for a fixed `r`, so the output gradient is `r` (no symmetry to hide errors).
+fn probe<const D: usize>(y: Tensor<D>, seed: u64) -> Tensor<1> {
+    let r = Tensor::<D>::from_data(
+        TensorData::new(values(y.shape().num_elements(), seed), y.shape()),
+        &y.device(),
+    )
+    .cast(y.dtype());
+    (y * r).cast(DType::F32).sum()
+}
+
+/// RMSNorm on `[2, 47, 123]`: output, `dx` and `dw`.
+fn rms_norm_parity(device: &Device, dtype: DType) {
+    let (b, t, c) = (2, 47, 123);
+    let xv = values(b * t * c, 1);
+    // Scales away from 1, some negative, so `dw` and `w`'s part in `dx` both matter.
+    let wv: Vec<f32> = values(c, 2).iter().map(|v| 1.5 * v).collect();
+    let run = |fused_path: bool| {
+        let x = tensor(&xv, [b, t, c], device, dtype).require_grad();
+        let w = tensor(&wv, [c], device, dtype).require_grad();
+        let y = if fused_path {
+            fused::rms_norm(x.clone(), w.clone(), 1e-5)
+        } else {
+            reference::rms_norm(x.clone(), w.clone(), 1e-5)
+        };
+        let grads = probe(y.clone(), 3).backward();
+        (
+            host(y),
+            host(x.grad(&grads).expect("dx")),
+            host(w.grad(&grads).expect("dw")),
+        )
+    };
+    let (y, dx, dw) = run(true);
+    let (y_ref, dx_ref, dw_ref) = run(false);
+    assert_close("rms_norm y", &y, &y_ref, dtype);
+    assert_close("rms_norm dx", &dx, &dx_ref, dtype);
+    // `dw` sums 94 rows: scale the tolerance with it.
+    let scale = (b * t) as f32;
+    let dw: Vec<f32> = dw.iter().map(|v| v / scale).collect();
+    let dw_ref: Vec<f32> = dw_ref.iter().map(|v| v / scale).collect();
+    assert_close("rms_norm dw", &dw, &dw_ref, dtype);
+}
+
+/// SwiGLU on `[3, 41, 77]`: output and both input gradients.
+fn swiglu_parity(device: &Device, dtype: DType) {
+    let shape = [3, 41, 77];
+    let n = shape.iter().product();
+    // Gates over [-4, 4) reach both tails of the sigmoid.
+    let gv: Vec<f32> = values(n, 4).iter().map(|v| 4.0 * v).collect();
+    let uv = values(n, 5);
+    let run = |fused_path: bool| {
+        let g = tensor(&gv, shape, device, dtype).require_grad();
+        let u = tensor(&uv, shape, device, dtype).require_grad();
+        let y = if fused_path {
+            fused::swiglu(g.clone(), u.clone())
+        } else {
+            reference::swiglu(g.clone(), u.clone())
+        };
+        let grads = probe(y.clone(), 6).backward();
+        (
+            host(y),
+            host(g.grad(&grads).expect("d_gate")),
+            host(u.grad(&grads).expect("d_up")),
+        )
+    };
+    let (y, dg, du) = run(true);
+    let (y_ref, dg_ref, du_ref) = run(false);
+    assert_close("swiglu y", &y, &y_ref, dtype);
+    assert_close("swiglu d_gate", &dg, &dg_ref, dtype);
+    assert_close("swiglu d_up", &du, &du_ref, dtype);
+}
+
+#[test]
+fn rms_norm_matches_reference_on_flex() {
+    rms_norm_parity(&Device::flex().autodiff(), DType::F32);
+}
+
+#[test]
+fn swiglu_matches_reference_on_flex() {
+    swiglu_parity(&Device::flex().autodiff(), DType::F32);
+}
+
+/// Without autodiff the fused ops run their forward alone (the inference path).
+#[test]
+fn fused_forward_without_autodiff_matches_reference() {
+    let device = Device::flex();
+    let x = tensor(&values(5 * 64, 7), [5, 64], &device, DType::F32);
+    let w = tensor(&values(64, 8), [64], &device, DType::F32);
+    assert_close(
+        "rms_norm",
+        &host(fused::rms_norm(x.clone(), w.clone(), 1e-6)),
+        &host(reference::rms_norm(x.clone(), w, 1e-6)),
+        DType::F32,
+    );
+    assert_close(
+        "swiglu",
+        &host(fused::swiglu(x.clone(), x.clone().neg())),
+        &host(reference::swiglu(x.clone(), x.neg())),
+        DType::F32,
+    );
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::*;
+    use burn::tensor::DeviceKind;
+
+    fn device() -> Device {
+        Device::wgpu(DeviceKind::DefaultDevice)
+    }
+
+    #[test]
+    fn rms_norm_kernel_matches_reference_on_wgpu() {
+        rms_norm_parity(&device().autodiff(), DType::F32);
+    }
+
+    #[test]
+    fn swiglu_kernel_matches_reference_on_wgpu() {
+        swiglu_parity(&device().autodiff(), DType::F32);
+    }
+
+    /// The kernels on wgpu agree with flex's reference too, so a fault shared by both wgpu
+    /// paths (e.g. in a backend primitive) cannot pass unseen.
+    #[test]
+    fn wgpu_kernels_match_flex_reference() {
+        let (rows, cols) = (70_000, 3);
+        let xv = values(rows * cols, 9);
+        let wv = values(cols, 10);
+        let on = |device: &Device, fused_path: bool| {
+            let x = tensor(&xv, [rows, cols], device, DType::F32);
+            let w = tensor(&wv, [cols], device, DType::F32);
+            if fused_path {
+                host(fused::rms_norm(x, w, 1e-5))
+            } else {
+                host(reference::rms_norm(x, w, 1e-5))
+            }
+        };
+        // More rows than one grid axis holds (65 535): the 2-D grid covers them all.
+        assert_close(
+            "rms_norm rows beyond one grid axis",
+            &on(&device(), true),
+            &on(&Device::flex(), false),
+            DType::F32,
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! The recipe's `kernels` switch reaches the model: full fine-tuning (so RMSNorm's weight
+//! gradient is used too) with `fused` and with `reference` follows the same loss curve and
+//! ends at the same weights, within f32 summation-order tolerance.
+//!
+//! Its own test binary, because the switch is process-wide.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use trainer::model::load_model;
+use trainer::recipe::load;
+use trainer::train::train;
+
+mod common;
+use common::root;
+
+fn losses(run: &Path) -> Vec<f64> {
+    trainer::run_dir::read_metrics(run)
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["loss"].as_f64())
+        .collect()
+}
+
+#[test]
+fn fused_and_reference_kernels_train_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let text = std::fs::read_to_string(root().join("recipes/tiny-sft.toml")).unwrap();
+    let full =
+        text[..text.find("[lora]").unwrap()].to_string() + &text[text.find("[train]").unwrap()..];
+    let recipe_path = tmp.path().join("full.toml");
+    std::fs::write(&recipe_path, full).unwrap();
+    let run = |kernels: &str| {
+        let sets = vec![
+            format!("model.path=\"{}\"", base.display()),
+            format!(
+                "data.train=\"{}\"",
+                root().join("data/examples/counseling-sft.jsonl").display()
+            ),
+            "train.max_steps=4".into(),
+            "train.learning_rate=1e-3".into(),
+            format!("train.kernels=\"{kernels}\""),
+        ];
+        let recipe = load(&recipe_path, &sets).unwrap();
+        let dir = tmp.path().join(kernels);
+        train(&recipe, &dir, false, false).unwrap();
+        assert_eq!(
+            kernels::kernels(),
+            kernels::Kernels::parse(kernels).unwrap()
+        );
+        dir
+    };
+    let fused = run("fused");
+    let reference = run("reference");
+    let (a, b) = (losses(&fused), losses(&reference));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4 * y.abs(), "losses {a:?} vs {b:?}");
+    }
+    // The steps moved the weights (so equal weights mean equal updates), and alike.
+    let weights = |dir: &Path| {
+        let (_, m) = load_model(&dir.join("final"), &Device::flex()).unwrap();
+        m.layers[0]
+            .post_attention_layernorm
+            .weight
+            .val()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let (_, initial) = load_model(&base, &Device::flex()).unwrap();
+    let start = initial.layers[0]
+        .post_attention_layernorm
+        .weight
+        .val()
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    let (wa, wb) = (weights(&fused), weights(&reference));
+    assert_ne!(wa, start);
+    let worst = wa
+        .iter()
+        .zip(&wb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "norm weights differ by {worst}");
+}
