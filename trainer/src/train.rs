@@ -971,7 +971,7 @@ mod tests {
 mod optimizer_tests {
     use burn::module::{Module, ModuleVisitor, Param};
     use burn::optim::GradientsParams;
-    use burn::tensor::{Device, Tensor};
+    use burn::tensor::{Device, Tensor, TensorData};
 
     use crate::model::{NewModel, init_model, load_model};
     use crate::recipe::TrainSection;
@@ -1024,14 +1024,9 @@ mod optimizer_tests {
                 let mut g = param.val().ones_like().inner();
                 if !self.1 {
                     // The first tensor gets a NaN in its first element only.
-                    let nan = g
-                        .clone()
-                        .flatten::<1>(0, D - 1)
-                        .narrow(0, 0, 1)
-                        .mul_scalar(f64::NAN);
-                    let mut flat = g.clone().flatten::<1>(0, D - 1);
-                    flat = flat.slice_assign([0..1], nan);
-                    g = flat.reshape(g.dims());
+                    let mut v = vec![1f32; g.shape().num_elements()];
+                    v[0] = f32::NAN;
+                    g = Tensor::<D>::from_data(TensorData::new(v, g.dims()), &g.device());
                     self.1 = true;
                 }
                 self.0.register::<D>(param.id, g);
