@@ -7,7 +7,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{AutodiffBackend, TensorMetadata};
 
 use crate::extension::FusedOps;
@@ -119,6 +119,123 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish(B::swiglu(gate.into_primitive(), up.into_primitive()))
             }
         }
+    }
+
+    fn linear_logprob(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct LinearLogprob;
+
+        impl<B: FusedOps> Backward<B, 2> for LinearLogprob {
+            /// Inputs, targets, the forward's log-sum-exp and the chunk size: the logits are
+            /// rebuilt chunk by chunk, never kept.
+            type State = (NodeId, NodeId, IntTensor<B>, FloatTensor<B>, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (hidden, weight, targets, lse, chunk) = ops.state;
+                let hidden: FloatTensor<B> = checkpointer.retrieve_node_output(hidden);
+                let weight: FloatTensor<B> = checkpointer.retrieve_node_output(weight);
+                let [h_node, w_node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let dh = match w_node {
+                    Some(node) => {
+                        let (dh, dw) = B::linear_logprob_backward_weight(
+                            hidden, weight, targets, lse, grad, chunk,
+                        );
+                        grads.register::<B>(node.id, dw);
+                        dh
+                    }
+                    None if h_node.is_some() => {
+                        B::linear_logprob_backward(hidden, weight, targets, lse, grad, chunk)
+                    }
+                    None => return,
+                };
+                if let Some(node) = h_node {
+                    grads.register::<B>(node.id, dh);
+                }
+            }
+        }
+
+        match LinearLogprob
+            .prepare::<C>([hidden.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (h_state, w_state) = (prep.checkpoint(&hidden), prep.checkpoint(&weight));
+                let (lp, lse, hit) = B::linear_logprob(
+                    hidden.into_primitive(),
+                    weight.into_primitive(),
+                    targets.clone(),
+                    chunk,
+                );
+                let state = (h_state, w_state, targets, lse.clone(), chunk);
+                (
+                    prep.finish(state, lp),
+                    Self::from_inner(lse),
+                    Self::from_inner(hit),
+                )
+            }
+            OpsKind::UnTracked(prep) => {
+                let (lp, lse, hit) = B::linear_logprob(
+                    hidden.into_primitive(),
+                    weight.into_primitive(),
+                    targets,
+                    chunk,
+                );
+                (
+                    prep.finish(lp),
+                    Self::from_inner(lse),
+                    Self::from_inner(hit),
+                )
+            }
+        }
+    }
+
+    fn linear_logprob_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::linear_logprob_backward(
+            hidden.into_primitive(),
+            weight.into_primitive(),
+            targets,
+            lse.into_primitive(),
+            grad.into_primitive(),
+            chunk,
+        ))
+    }
+
+    fn linear_logprob_backward_weight(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dh, dw) = B::linear_logprob_backward_weight(
+            hidden.into_primitive(),
+            weight.into_primitive(),
+            targets,
+            lse.into_primitive(),
+            grad.into_primitive(),
+            chunk,
+        );
+        (Self::from_inner(dh), Self::from_inner(dw))
     }
 
     fn swiglu_backward(

@@ -11,9 +11,11 @@
 //! Shapes: every op works on rows, `[N, C]`; the tensor-level wrappers in `fused` flatten
 //! leading dimensions first.
 
-use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Flex, TensorMetadata, backend_extension};
-use burn::tensor::FloatDType;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{
+    Backend, Flex, Slice, TensorMetadata, backend_extension, get_or_init_device_settings,
+};
+use burn::tensor::{FloatDType, IndexingUpdateOp};
 
 #[backend_extension(
     Autodiff,
@@ -84,9 +86,162 @@ pub trait FusedOps: Backend {
         let d_up = Self::float_mul(grad, silu);
         (d_gate, d_up)
     }
+
+    /// The log-probability of each row's target under the head `hidden·weightᵀ`, computed
+    /// `chunk` rows at a time so no more than `[chunk, V]` logits exist at once. Returns
+    /// `(log p(target) [N], log-sum-exp [N], 1.0 where the target is the top token [N])`,
+    /// all f32. `hidden`: `[N, H]`, `weight`: `[V, H]`, `targets`: `[N]`.
+    #[fusion(default)]
+    fn linear_logprob(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let n = hidden.shape().dims::<2>()[0];
+        let chunk = chunk.max(1);
+        let device = hidden.device();
+        let wt = Self::float_transpose(weight);
+        let bool_dtype = get_or_init_device_settings::<Self>(&device).bool_dtype;
+        let (mut lps, mut lses, mut hits) = (Vec::new(), Vec::new(), Vec::new());
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let rows = Self::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
+            let t = target_column::<Self>(&targets, start, len);
+            let logits = f32_of::<Self>(Self::float_matmul(rows, wt.clone()));
+            let lse = log_sum_exp::<Self>(logits.clone());
+            let picked = Self::float_gather(1, logits.clone(), t.clone());
+            lps.push(Self::float_reshape(
+                Self::float_sub(picked, lse.clone()),
+                [len].into(),
+            ));
+            lses.push(Self::float_reshape(lse, [len].into()));
+            let top = Self::float_argmax(logits, 1, t.dtype().into());
+            let hit = Self::bool_into_float(Self::int_equal(top, t, bool_dtype), FloatDType::F32);
+            hits.push(Self::float_reshape(hit, [len].into()));
+        }
+        let join = |parts: Vec<FloatTensor<Self>>| {
+            if parts.is_empty() {
+                Self::float_zeros([0].into(), &device, FloatDType::F32)
+            } else {
+                Self::float_cat(parts, 0)
+            }
+        };
+        (join(lps), join(lses), join(hits))
+    }
+
+    /// `d hidden` of [`FusedOps::linear_logprob`]'s log-probs for their gradient `grad`
+    /// `[N]`, recomputing each chunk's logits from `lse`: `dh = (g·(onehot − p))·W`.
+    #[fusion(default)]
+    fn linear_logprob_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, false).0
+    }
+
+    /// As [`FusedOps::linear_logprob_backward`], with the head's gradient too:
+    /// `dW = Σ_chunks (g·(onehot − p))ᵀ·h`. Returns `(dh, dW)`.
+    #[fusion(default)]
+    fn linear_logprob_backward_weight(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dh, dw) = logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, true);
+        (dh, dw.expect("asked for the weight gradient"))
+    }
 }
 
 impl FusedOps for Flex {}
+
+/// Rows `start..start + len` of `targets`, as a `[len, 1]` column for gathering.
+fn target_column<B: Backend>(targets: &IntTensor<B>, start: usize, len: usize) -> IntTensor<B> {
+    let t = B::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
+    B::int_reshape(t, [len, 1].into())
+}
+
+/// `log Σ exp(logits)` per row, `[len, 1]`, shifted by the row maximum for stability.
+fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
+    let max = B::float_max_dim(logits.clone(), 1);
+    let shifted = B::float_exp(B::float_sub(logits, max.clone()));
+    B::float_add(B::float_log(B::float_sum_dim(shifted, 1)), max)
+}
+
+/// The chunked backward of the head's log-probs. For each chunk the logits are rebuilt,
+/// `p = exp(logits − lse)`, and `∂ log p(t)/∂ logits = onehot(t) − p`, scaled by the
+/// output gradient; `dh` and (when asked) `dW` follow by two matmuls. Only one chunk's
+/// `[len, V]` tensors are alive at a time.
+fn logprob_grads<B: Backend>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    chunk: usize,
+    weight_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let [n, h] = hidden.shape().dims::<2>();
+    let chunk = chunk.max(1);
+    let h_dtype: FloatDType = hidden.dtype().into();
+    let w_dtype: FloatDType = weight.dtype().into();
+    let device = hidden.device();
+    let wt = B::float_transpose(weight.clone());
+    let w32 = f32_of::<B>(weight);
+    let mut dh = Vec::new();
+    let mut dw: Option<FloatTensor<B>> = None;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let range = || [Slice::from(start..start + len)];
+        let rows = B::float_slice(hidden.clone(), &range());
+        let t = target_column::<B>(&targets, start, len);
+        let logits = f32_of::<B>(B::float_matmul(rows.clone(), wt.clone()));
+        let lse_c = B::float_reshape(B::float_slice(lse.clone(), &range()), [len, 1].into());
+        let g = B::float_reshape(
+            f32_of::<B>(B::float_slice(grad.clone(), &range())),
+            [len, 1].into(),
+        );
+        let p = B::float_exp(B::float_sub(logits, lse_c));
+        let d_logits = B::float_scatter(
+            1,
+            B::float_neg(B::float_mul(p, g.clone())),
+            t,
+            g,
+            IndexingUpdateOp::Add,
+        );
+        dh.push(B::float_cast(
+            B::float_matmul(d_logits.clone(), w32.clone()),
+            h_dtype,
+        ));
+        if weight_grad {
+            let part = B::float_matmul(B::float_transpose(d_logits), f32_of::<B>(rows));
+            dw = Some(match dw {
+                Some(acc) => B::float_add(acc, part),
+                None => part,
+            });
+        }
+    }
+    let dh = if dh.is_empty() {
+        B::float_zeros([0, h].into(), &device, h_dtype)
+    } else {
+        B::float_cat(dh, 0)
+    };
+    let dw = weight_grad.then(|| {
+        let dw = dw.unwrap_or_else(|| {
+            let [v, _] = w32.shape().dims::<2>();
+            B::float_zeros([v, h].into(), &device, FloatDType::F32)
+        });
+        B::float_cast(dw, w_dtype)
+    });
+    (dh, dw)
+}
 
 /// `1/√(mean(x²) + eps)` per row, `[N, 1]` in f32, and `x`'s own float dtype.
 fn inv_rms<B: Backend>(x: FloatTensor<B>, eps: f32) -> (FloatTensor<B>, FloatDType) {

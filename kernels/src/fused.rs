@@ -4,9 +4,10 @@
 //! node with a hand-written backward under autodiff) and restores the shape.
 
 use burn::backend::Dispatch;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use crate::extension::FusedOps;
+use crate::reference::Head;
 
 /// Fused [`crate::reference::rms_norm`]. `x`: `[..., N]`, `weight`: `[N]`.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
@@ -24,4 +25,36 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     let up: Tensor<2> = up.reshape([-1, cols]);
     let out = Dispatch::swiglu(gate.into_dispatch(), up.into_dispatch());
     Tensor::<2>::from_dispatch(out).reshape(dims)
+}
+
+/// Fused [`crate::reference::token_logprobs`]: the log-prob of each row's target and
+/// whether it is the head's top token, with a backward that rebuilds each chunk's logits
+/// instead of keeping them, so training holds `[chunk, V]` logits at most, never
+/// `[N, V]`. A low-rank term on the head joins the product as extra columns:
+/// `h·Wᵀ + down·upᵀ = [h, down]·[W, up]ᵀ`.
+///
+/// `hidden`: `[N, H]`; `targets`: `[N]`. Returns `([N], [N] 0/1)`.
+pub fn token_logprobs(
+    hidden: Tensor<2>,
+    head: &Head,
+    targets: Tensor<1, Int>,
+    chunk: usize,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    let (x, w) = match &head.low_rank {
+        None => (hidden, head.weight.clone()),
+        Some((down, up)) => (
+            Tensor::cat(vec![hidden, down.clone()], 1),
+            Tensor::cat(vec![head.weight.clone(), up.clone()], 1),
+        ),
+    };
+    let (lp, _lse, hit) = Dispatch::linear_logprob(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        targets.into_dispatch(),
+        chunk,
+    );
+    (
+        Tensor::<1>::from_dispatch(lp),
+        Tensor::<1>::from_dispatch(hit).int(),
+    )
 }

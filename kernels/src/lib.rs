@@ -9,8 +9,10 @@
 //!   on flex, and one autodiff node per op with a hand-written backward (`autodiff`).
 //!
 //! The functions at the crate root choose between the two with [`Kernels`] (the recipe's
-//! `kernels` switch). Ops without a fused version yet (attention, RoPE, the head's
-//! log-probs) always run their reference.
+//! `kernels` switch). Ops without a fused version yet (attention, RoPE, entropy) always run
+//! their reference. The head's log-probs are fused as a chunked autodiff op on every
+//! backend (no CubeCL kernel of their own yet: on GPU they run burn's matmul and
+//! elementwise kernels chunk by chunk).
 
 mod autodiff;
 #[cfg(feature = "gpu")]
@@ -20,11 +22,11 @@ pub mod fused;
 mod mode;
 pub mod reference;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 pub use extension::FusedOps;
 pub use mode::{Kernels, fused_on, kernels, set_kernels};
-pub use reference::{Head, attention, rotary, token_entropy, token_logprobs};
+pub use reference::{Head, attention, rotary, token_entropy};
 
 /// RMSNorm: `x`: `[..., N]`, `weight`: `[N]`.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
@@ -41,5 +43,20 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
         fused::swiglu(gate, up)
     } else {
         reference::swiglu(gate, up)
+    }
+}
+
+/// Per-token log-probabilities of `targets` under `head`, `chunk` rows at a time, and
+/// whether each target is the head's top token. `hidden`: `[N, H]`; `targets`: `[N]`.
+pub fn token_logprobs(
+    hidden: Tensor<2>,
+    head: &Head,
+    targets: Tensor<1, Int>,
+    chunk: usize,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    if fused_on(&hidden.device()) {
+        fused::token_logprobs(hidden, head, targets, chunk)
+    } else {
+        reference::token_logprobs(hidden, head, targets, chunk)
     }
 }

@@ -6,8 +6,8 @@
 //! in CI that is Mesa's lavapipe, a Vulkan implementation on the CPU, which has shared
 //! memory and barriers, all these kernels use.
 
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use kernels::{fused, reference};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use kernels::{Head, fused, reference};
 
 /// Tolerances per dtype, in one place: absolute for f32, relative for half types.
 fn tolerance(dtype: DType) -> (f32, f32) {
@@ -142,6 +142,88 @@ fn swiglu_parity(device: &Device, dtype: DType) {
     assert_close("swiglu d_up", &du, &du_ref, dtype);
 }
 
+/// The head's log-probs on `[47, 24]` rows and a vocabulary of 123, plain and with a
+/// low-rank term, in several chunkings: log-probs, hits, and the gradients of the hidden
+/// rows, the head and the low-rank factors.
+fn logprob_parity(device: &Device, dtype: DType) {
+    let (n, h, v, r) = (47, 24, 123, 4);
+    let hv: Vec<f32> = values(n * h, 11).iter().map(|x| 3.0 * x).collect();
+    let wv = values(v * h, 12);
+    let dv = values(n * r, 13);
+    let uv = values(v * r, 14);
+    let tv: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 5) % v as i64).collect();
+    for low_rank in [false, true] {
+        for chunk in [1, 8, 47, 100] {
+            let run = |fused_path: bool| {
+                let hidden = tensor(&hv, [n, h], device, dtype).require_grad();
+                let weight = tensor(&wv, [v, h], device, dtype).require_grad();
+                let down = tensor(&dv, [n, r], device, dtype).require_grad();
+                let up = tensor(&uv, [v, r], device, dtype).require_grad();
+                let head = Head {
+                    weight: weight.clone(),
+                    low_rank: low_rank.then(|| (down.clone(), up.clone())),
+                };
+                let targets = Tensor::<1, Int>::from_data(TensorData::new(tv.clone(), [n]), device);
+                let (lp, hits) = if fused_path {
+                    fused::token_logprobs(hidden.clone(), &head, targets, chunk)
+                } else {
+                    reference::token_logprobs(hidden.clone(), &head, targets, chunk)
+                };
+                let grads = probe(lp.clone(), 15).backward();
+                let mut out = vec![
+                    host(lp),
+                    host(hits.float()),
+                    host(hidden.grad(&grads).expect("dh")),
+                    host(weight.grad(&grads).expect("dw")),
+                ];
+                if low_rank {
+                    out.push(host(down.grad(&grads).expect("d_down")));
+                    out.push(host(up.grad(&grads).expect("d_up")));
+                }
+                out
+            };
+            let (got, want) = (run(true), run(false));
+            for (i, name) in ["log-probs", "hits", "dh", "dw", "d_down", "d_up"]
+                .iter()
+                .enumerate()
+                .take(got.len())
+            {
+                let what = format!("token_logprobs {name} (low rank {low_rank}, chunk {chunk})");
+                assert_close(&what, &got[i], &want[i], dtype);
+            }
+        }
+    }
+}
+
+#[test]
+fn token_logprobs_match_reference_on_flex() {
+    logprob_parity(&Device::flex().autodiff(), DType::F32);
+}
+
+/// A frozen head (no gradient wanted for it, as under LoRA) still passes the gradient to
+/// the hidden rows.
+#[test]
+fn token_logprobs_with_a_frozen_head_train_the_hidden_rows() {
+    let device = Device::flex().autodiff();
+    let (n, h, v) = (9, 8, 30);
+    let hidden = tensor(&values(n * h, 16), [n, h], &device, DType::F32).require_grad();
+    let head = Head::new(tensor(&values(v * h, 17), [v, h], &device, DType::F32));
+    let targets = Tensor::<1, Int>::from_data(
+        TensorData::new((0..n as i64).collect::<Vec<_>>(), [n]),
+        &device,
+    );
+    let grad = |fused_path: bool| {
+        let (lp, _) = if fused_path {
+            fused::token_logprobs(hidden.clone(), &head, targets.clone(), 4)
+        } else {
+            reference::token_logprobs(hidden.clone(), &head, targets.clone(), 4)
+        };
+        let grads = lp.sum().backward();
+        host(hidden.grad(&grads).expect("dh"))
+    };
+    assert_close("dh, frozen head", &grad(true), &grad(false), DType::F32);
+}
+
 #[test]
 fn rms_norm_matches_reference_on_flex() {
     rms_norm_parity(&Device::flex().autodiff(), DType::F32);
@@ -189,6 +271,11 @@ mod wgpu {
     #[test]
     fn swiglu_kernel_matches_reference_on_wgpu() {
         swiglu_parity(&device().autodiff(), DType::F32);
+    }
+
+    #[test]
+    fn token_logprobs_match_reference_on_wgpu() {
+        logprob_parity(&device().autodiff(), DType::F32);
     }
 
     /// The kernels on wgpu agree with flex's reference too, so a fault shared by both wgpu
