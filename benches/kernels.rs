@@ -1,0 +1,174 @@
+//! Every fused op against its reference, side by side, forward and forward + backward, on
+//! the "small" config's shapes (2048 tokens = 8 × 256, hidden 256, intermediate 688,
+//! vocab 8192), then the peak memory of the head log-probs (op 2) at Llama 3's vocabulary
+//! of 128 256.
+//!
+//! `cargo bench --bench kernels` runs on the CPU (flex); `HEARTH_BENCH_DEVICE=wgpu` (or
+//! `cuda`) with the matching `--features` runs the CubeCL kernels. Criterion prints each
+//! pair's times; their ratio is the claim, never one absolute figure. The memory figures
+//! are host allocations (a counting allocator), so they are measured on flex.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use criterion::{Criterion, criterion_group, criterion_main};
+use kernels::{Head, fused, reference};
+
+struct Counting;
+
+static NOW: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = NOW.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        NOW.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const TOKENS: usize = 2048;
+const HIDDEN: usize = 256;
+const INTERMEDIATE: usize = 688;
+const VOCAB: usize = 8192;
+const CHUNK: usize = 1024;
+
+fn device() -> Device {
+    let name = std::env::var("HEARTH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    trainer::device::parse(&name).unwrap_or_else(|e| panic!("HEARTH_BENCH_DEVICE: {e}"))
+}
+
+fn filled<const D: usize>(shape: [usize; D], k: usize, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * k) % 101) as f32 / 101.0 - 0.5)
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+fn targets(n: usize, vocab: usize, device: &Device) -> Tensor<1, Int> {
+    let t: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % vocab as i64).collect();
+    Tensor::from_data(TensorData::new(t, [n]), device)
+}
+
+/// Waits for the device: a tensor's data is only there once every op before it ran.
+fn settle<const D: usize>(t: Tensor<D>) {
+    black_box(t.sum().into_scalar::<f32>());
+}
+
+fn bench_ops(c: &mut Criterion) {
+    let plain = device();
+    let ad = plain.clone().autodiff();
+    for (path, is_fused) in [("fused", true), ("reference", false)] {
+        let rms = |x: Tensor<2>, w: Tensor<1>| {
+            if is_fused {
+                fused::rms_norm(x, w, 1e-5)
+            } else {
+                reference::rms_norm(x, w, 1e-5)
+            }
+        };
+        let swiglu = |g: Tensor<2>, u: Tensor<2>| {
+            if is_fused {
+                fused::swiglu(g, u)
+            } else {
+                reference::swiglu(g, u)
+            }
+        };
+        let logprobs = |h: Tensor<2>, head: &Head, t: Tensor<1, Int>| {
+            if is_fused {
+                fused::token_logprobs(h, head, t, CHUNK).0
+            } else {
+                reference::token_logprobs(h, head, t, CHUNK).0
+            }
+        };
+
+        let x = filled([TOKENS, HIDDEN], 3, &plain);
+        let w = filled([HIDDEN], 5, &plain);
+        c.bench_function(&format!("rms_norm/{path}/forward"), |b| {
+            b.iter(|| settle(rms(x.clone(), w.clone())))
+        });
+        c.bench_function(&format!("rms_norm/{path}/forward+backward"), |b| {
+            b.iter(|| {
+                let x = filled([TOKENS, HIDDEN], 3, &ad).require_grad();
+                let w = filled([HIDDEN], 5, &ad).require_grad();
+                let grads = rms(x.clone(), w).sum().backward();
+                settle(x.grad(&grads).expect("dx"));
+            })
+        });
+
+        let g = filled([TOKENS, INTERMEDIATE], 7, &plain);
+        let u = filled([TOKENS, INTERMEDIATE], 11, &plain);
+        c.bench_function(&format!("swiglu/{path}/forward"), |b| {
+            b.iter(|| settle(swiglu(g.clone(), u.clone())))
+        });
+        c.bench_function(&format!("swiglu/{path}/forward+backward"), |b| {
+            b.iter(|| {
+                let g = filled([TOKENS, INTERMEDIATE], 7, &ad).require_grad();
+                let u = filled([TOKENS, INTERMEDIATE], 11, &ad).require_grad();
+                let grads = swiglu(g.clone(), u).sum().backward();
+                settle(g.grad(&grads).expect("d_gate"));
+            })
+        });
+
+        let h = filled([TOKENS, HIDDEN], 13, &plain);
+        let head = Head::new(filled([VOCAB, HIDDEN], 17, &plain));
+        let t = targets(TOKENS, VOCAB, &plain);
+        c.bench_function(&format!("token_logprobs/{path}/forward"), |b| {
+            b.iter(|| settle(logprobs(h.clone(), &head, t.clone())))
+        });
+        let head_ad = Head::new(filled([VOCAB, HIDDEN], 17, &ad));
+        let t_ad = targets(TOKENS, VOCAB, &ad);
+        c.bench_function(&format!("token_logprobs/{path}/forward+backward"), |b| {
+            b.iter(|| {
+                let h = filled([TOKENS, HIDDEN], 13, &ad).require_grad();
+                let grads = logprobs(h.clone(), &head_ad, t_ad.clone()).sum().backward();
+                settle(h.grad(&grads).expect("dh"));
+            })
+        });
+    }
+}
+
+/// Peak host bytes above the inputs of one forward + backward of the head log-probs at
+/// vocab 128 256 (1024 tokens, hidden 256, chunk 1024, head frozen as under LoRA).
+fn logprob_peak_at_llama3_vocab(_c: &mut Criterion) {
+    const V: usize = 128_256;
+    const N: usize = 1024;
+    let device = Device::flex().autodiff();
+    let head = Head::new(filled([V, HIDDEN], 17, &device));
+    let t = targets(N, V, &device);
+    let mut peaks = Vec::new();
+    for is_fused in [true, false] {
+        let h = filled([N, HIDDEN], 13, &device).require_grad();
+        let start = NOW.load(Ordering::Relaxed);
+        PEAK.store(start, Ordering::Relaxed);
+        let lp = if is_fused {
+            fused::token_logprobs(h.clone(), &head, t.clone(), CHUNK).0
+        } else {
+            reference::token_logprobs(h.clone(), &head, t.clone(), CHUNK).0
+        };
+        let grads = lp.sum().backward();
+        settle(h.grad(&grads).expect("dh"));
+        peaks.push((PEAK.load(Ordering::Relaxed) - start) as f64 / (1 << 20) as f64);
+    }
+    let logits = (N * V * 4) as f64 / (1 << 20) as f64;
+    println!(
+        "token_logprobs peak at vocab {V} ({N} tokens, chunk {CHUNK}): fused {:.0} MiB, \
+         reference {:.0} MiB ([N, V] f32 logits alone: {logits:.0} MiB)",
+        peaks[0], peaks[1]
+    );
+}
+
+criterion_group!(benches, bench_ops, logprob_peak_at_llama3_vocab);
+criterion_main!(benches);
