@@ -7,7 +7,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{AutodiffBackend, TensorMetadata};
 
 use crate::extension::FusedOps;
@@ -236,6 +236,111 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             chunk,
         );
         (Self::from_inner(dh), Self::from_inner(dw))
+    }
+
+    fn grouped_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct Attention;
+
+        /// Inputs, the mask, the output and its softmax statistics: O(T) beyond the inputs.
+        type State<B> = (
+            [NodeId; 3],
+            BoolTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            usize,
+        );
+
+        impl<B: FusedOps> Backward<B, 3> for Attention {
+            type State = State<B>;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let ([q, k, v], masked, out, stats, block) = ops.state;
+                let q: FloatTensor<B> = checkpointer.retrieve_node_output(q);
+                let k: FloatTensor<B> = checkpointer.retrieve_node_output(k);
+                let v: FloatTensor<B> = checkpointer.retrieve_node_output(v);
+                let grad = grads.consume::<B>(&ops.node);
+                let (dq, dk, dv) =
+                    B::grouped_attention_backward(q, k, v, masked, out, stats, grad, block);
+                for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        match Attention
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = [
+                    prep.checkpoint(&q),
+                    prep.checkpoint(&k),
+                    prep.checkpoint(&v),
+                ];
+                let (out, lse) = B::grouped_attention(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
+                    masked.clone(),
+                    block,
+                );
+                let state = (ids, masked, out.clone(), lse.clone(), block);
+                (prep.finish(state, out), Self::from_inner(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, lse) = B::grouped_attention(
+                    q.into_primitive(),
+                    k.into_primitive(),
+                    v.into_primitive(),
+                    masked,
+                    block,
+                );
+                (prep.finish(out), Self::from_inner(lse))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::grouped_attention_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            masked,
+            out.into_primitive(),
+            lse.into_primitive(),
+            grad.into_primitive(),
+            block,
+        );
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+        )
     }
 
     fn swiglu_backward(

@@ -11,7 +11,7 @@
 //! Shapes: every op works on rows, `[N, C]`; the tensor-level wrappers in `fused` flatten
 //! leading dimensions first.
 
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{
     Backend, Flex, Slice, TensorMetadata, backend_extension, get_or_init_device_settings,
 };
@@ -158,9 +158,247 @@ pub trait FusedOps: Backend {
         let (dh, dw) = logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, true);
         (dh, dw.expect("asked for the weight gradient"))
     }
+
+    /// Scaled dot-product attention with grouped K/V heads, `block` queries at a time:
+    /// each block's scores `[.., block, S]` exist only while it is computed, and each
+    /// query's softmax statistics (row maximum `m` and normaliser `l = Σ exp(s − m)`) are
+    /// kept for the backward, so memory is O(block·S), not O(T·S). They are kept apart, not
+    /// as `m + log l`, because a row with every key masked has `m = −10³⁰`, where f32 cannot
+    /// hold the sum. `q`: `[B, H, T, D]`; `k`, `v`: `[B, Hkv, S, D]`; `masked`:
+    /// `[B, 1, T, S]`, true where a query must not see a key. Returns
+    /// `(out [B, H, T, D], [m, l] [B, H, T, 2])`, the statistics in f32.
+    #[fusion(default)]
+    fn grouped_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let g = Grouped::<Self>::new(&q, &k, block);
+        let dtype: FloatDType = q.dtype().into();
+        let (mut outs, mut stats) = (Vec::new(), Vec::new());
+        for (t0, len) in g.blocks() {
+            let qb = g.queries(&q, t0, len);
+            let scores = g.scores(qb, &k, &masked, t0, len);
+            let max = Self::float_max_dim(scores.clone(), 4);
+            let e = Self::float_exp(Self::float_sub(scores, max.clone()));
+            let sum = Self::float_sum_dim(e.clone(), 4);
+            let p = Self::float_div(e, sum.clone());
+            let p = Self::float_reshape(Self::float_cast(p, dtype), g.stacked(len, g.s));
+            let out = Self::float_matmul(p, v.clone());
+            outs.push(Self::float_reshape(out, g.split(len, g.d)));
+            stats.push(Self::float_cat(vec![max, sum], 4));
+        }
+        let out = Self::float_reshape(Self::float_cat(outs, 3), [g.b, g.h, g.t, g.d].into());
+        let stats = Self::float_reshape(Self::float_cat(stats, 3), [g.b, g.h, g.t, 2].into());
+        (out, stats)
+    }
+
+    /// The gradients of [`FusedOps::grouped_attention`] for the output gradient `grad`, block by
+    /// block as the forward: with `P = exp(S − m)/l` rebuilt from the saved statistics and
+    /// `Δ = rowsum(dO ⊙ O)`: `dV = Σ Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − Δ)`, `dQ = c·dS·K`,
+    /// `dK = c·Σ dSᵀ·Q`, with `c = 1/√D`. Returns `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(default)]
+    fn grouped_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let g = Grouped::<Self>::new(&q, &k, block);
+        let dtype: FloatDType = q.dtype().into();
+        let scale = 1.0 / (g.d as f64).sqrt();
+        let stats = Self::float_reshape(stats, [g.b, g.hkv, g.g, g.t, 2].into());
+        let k32 = f32_of::<Self>(k.clone());
+        let v32 = f32_of::<Self>(v.clone());
+        let mut dqs = Vec::new();
+        let (mut dk, mut dv): (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) = (None, None);
+        let add = |acc: Option<FloatTensor<Self>>, x: FloatTensor<Self>| match acc {
+            Some(a) => Self::float_add(a, x),
+            None => x,
+        };
+        for (t0, len) in g.blocks() {
+            let qb = g.queries(&q, t0, len);
+            let scores = g.scores(qb.clone(), &k, &masked, t0, len);
+            let st = g.rows_of(&stats, t0, len);
+            let last = |i: usize| {
+                let [b, hkv, gg, l, _] = st.shape().dims::<5>();
+                Self::float_slice(
+                    st.clone(),
+                    &[
+                        Slice::from(0..b),
+                        Slice::from(0..hkv),
+                        Slice::from(0..gg),
+                        Slice::from(0..l),
+                        Slice::from(i..i + 1),
+                    ],
+                )
+            };
+            let p = Self::float_div(Self::float_exp(Self::float_sub(scores, last(0))), last(1));
+            let p = Self::float_reshape(p, g.stacked(len, g.s));
+            let d_out = f32_of::<Self>(g.rows_of(
+                &Self::float_reshape(grad.clone(), [g.b, g.hkv, g.g, g.t, g.d].into()),
+                t0,
+                len,
+            ));
+            let o = f32_of::<Self>(g.rows_of(
+                &Self::float_reshape(out.clone(), [g.b, g.hkv, g.g, g.t, g.d].into()),
+                t0,
+                len,
+            ));
+            let delta = Self::float_sum_dim(Self::float_mul(d_out.clone(), o), 4);
+            let d_out = Self::float_reshape(d_out, g.stacked(len, g.d));
+            let delta = Self::float_reshape(delta, g.stacked(len, 1));
+            dv = Some(add(
+                dv,
+                Self::float_matmul(Self::float_swap_dims(p.clone(), 2, 3), d_out.clone()),
+            ));
+            let dp = Self::float_matmul(d_out, Self::float_swap_dims(v32.clone(), 2, 3));
+            // Masked scores are constants: no gradient reaches them (nor q and k through
+            // them), even in a row where every key is masked and P is uniform.
+            let ds = Self::float_mul(p, Self::float_sub(dp, delta));
+            let ds = Self::float_mask_fill(
+                Self::float_reshape(ds, g.split(len, g.s)),
+                g.mask(&masked, t0, len),
+                0.0f32.into(),
+            );
+            let ds = Self::float_reshape(ds, g.stacked(len, g.s));
+            let dq =
+                Self::float_mul_scalar(Self::float_matmul(ds.clone(), k32.clone()), scale.into());
+            dqs.push(Self::float_reshape(dq, g.split(len, g.d)));
+            let q32 = f32_of::<Self>(Self::float_reshape(qb, g.stacked(len, g.d)));
+            dk = Some(add(
+                dk,
+                Self::float_mul_scalar(
+                    Self::float_matmul(Self::float_swap_dims(ds, 2, 3), q32),
+                    scale.into(),
+                ),
+            ));
+        }
+        let dq = Self::float_reshape(Self::float_cat(dqs, 3), [g.b, g.h, g.t, g.d].into());
+        let kv_shape = k.shape();
+        let zeros = || Self::float_zeros(kv_shape.clone(), &k.device(), FloatDType::F32);
+        (
+            Self::float_cast(dq, dtype),
+            Self::float_cast(dk.unwrap_or_else(zeros), dtype),
+            Self::float_cast(dv.unwrap_or_else(zeros), dtype),
+        )
+    }
 }
 
 impl FusedOps for Flex {}
+
+/// Shapes of grouped attention: query head `h` reads K/V head `h / g`, so the `g` query
+/// heads of one group are stacked along the token axis and share one matmul with their
+/// K/V head, which is never repeated.
+struct Grouped<B: Backend> {
+    b: usize,
+    h: usize,
+    hkv: usize,
+    g: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+    block: usize,
+    _backend: core::marker::PhantomData<B>,
+}
+
+impl<B: Backend> Grouped<B> {
+    fn new(q: &FloatTensor<B>, k: &FloatTensor<B>, block: usize) -> Self {
+        let [b, h, t, d] = q.shape().dims::<4>();
+        let [_, hkv, s, _] = k.shape().dims::<4>();
+        Self {
+            b,
+            h,
+            hkv,
+            g: h / hkv.max(1),
+            t,
+            s,
+            d,
+            block: block.max(1),
+            _backend: core::marker::PhantomData,
+        }
+    }
+
+    /// `(first query, block length)` over the tokens.
+    fn blocks(&self) -> Vec<(usize, usize)> {
+        (0..self.t)
+            .step_by(self.block)
+            .map(|t0| (t0, self.block.min(self.t - t0)))
+            .collect()
+    }
+
+    /// `[B, Hkv, G·len, last]`: a block's rows stacked per K/V head.
+    fn stacked(&self, len: usize, last: usize) -> burn::backend::Shape {
+        [self.b, self.hkv, self.g * len, last].into()
+    }
+
+    /// `[B, Hkv, G, len, last]`: a block's rows per query head.
+    fn split(&self, len: usize, last: usize) -> burn::backend::Shape {
+        [self.b, self.hkv, self.g, len, last].into()
+    }
+
+    /// Rows `t0..t0 + len` of a `[B, Hkv, G, T, X]` tensor.
+    fn rows_of(&self, x: &FloatTensor<B>, t0: usize, len: usize) -> FloatTensor<B> {
+        let x_last = x.shape().dims::<5>()[4];
+        B::float_slice(
+            x.clone(),
+            &[
+                Slice::from(0..self.b),
+                Slice::from(0..self.hkv),
+                Slice::from(0..self.g),
+                Slice::from(t0..t0 + len),
+                Slice::from(0..x_last),
+            ],
+        )
+    }
+
+    /// The block's queries, `[B, Hkv, G, len, D]`.
+    fn queries(&self, q: &FloatTensor<B>, t0: usize, len: usize) -> FloatTensor<B> {
+        let q = B::float_reshape(q.clone(), [self.b, self.hkv, self.g, self.t, self.d].into());
+        self.rows_of(&q, t0, len)
+    }
+
+    /// Masked f32 scores of a block, `[B, Hkv, G, len, S]`. A finite fill keeps rows with
+    /// no visible key (all padding) free of NaN, as the reference does.
+    fn scores(
+        &self,
+        qb: FloatTensor<B>,
+        k: &FloatTensor<B>,
+        masked: &BoolTensor<B>,
+        t0: usize,
+        len: usize,
+    ) -> FloatTensor<B> {
+        let qb = B::float_mul_scalar(
+            B::float_reshape(qb, self.stacked(len, self.d)),
+            (1.0 / (self.d as f64).sqrt()).into(),
+        );
+        let scores = B::float_matmul(qb, B::float_swap_dims(k.clone(), 2, 3));
+        let scores = f32_of::<B>(B::float_reshape(scores, self.split(len, self.s)));
+        B::float_mask_fill(scores, self.mask(masked, t0, len), (-1.0e30f32).into())
+    }
+
+    /// The block's mask, `[B, Hkv, G, len, S]`.
+    fn mask(&self, masked: &BoolTensor<B>, t0: usize, len: usize) -> BoolTensor<B> {
+        let mask = B::bool_slice(
+            masked.clone(),
+            &[
+                Slice::from(0..self.b),
+                Slice::from(0..1),
+                Slice::from(t0..t0 + len),
+                Slice::from(0..self.s),
+            ],
+        );
+        let mask = B::bool_reshape(mask, [self.b, 1, 1, len, self.s].into());
+        B::bool_expand(mask, self.split(len, self.s))
+    }
+}
 
 /// Rows `start..start + len` of `targets`, as a `[len, 1]` column for gathering.
 fn target_column<B: Backend>(targets: &IntTensor<B>, start: usize, len: usize) -> IntTensor<B> {

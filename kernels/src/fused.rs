@@ -4,7 +4,7 @@
 //! node with a hand-written backward under autodiff) and restores the shape.
 
 use burn::backend::Dispatch;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 use crate::extension::FusedOps;
 use crate::reference::Head;
@@ -57,4 +57,35 @@ pub fn token_logprobs(
         Tensor::<1>::from_dispatch(lp),
         Tensor::<1>::from_dispatch(hit).int(),
     )
+}
+
+/// Queries per attention block: a block's `[G·block, S]` scores are the most attention
+/// ever holds at once.
+pub const ATTENTION_BLOCK: usize = 64;
+
+/// Fused [`crate::reference::attention`]: the same grouped, masked attention, computed a
+/// block of queries at a time with a backward that rebuilds each block's probabilities
+/// from the saved log-sum-exp, so neither pass keeps `[T, S]` scores.
+///
+/// `q`: `[B, H, T, D]`; `k`, `v`: `[B, Hkv, S, D]`; `masked`: `[B, 1, T, S]`.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Bool>) -> Tensor<4> {
+    attention_blocked(q, k, v, masked, ATTENTION_BLOCK)
+}
+
+/// [`attention`] with `block` queries per block.
+pub fn attention_blocked(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    masked: Tensor<4, Bool>,
+    block: usize,
+) -> Tensor<4> {
+    let (out, _lse) = Dispatch::grouped_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        masked.into_dispatch(),
+        block,
+    );
+    Tensor::<4>::from_dispatch(out)
 }

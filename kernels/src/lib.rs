@@ -9,10 +9,11 @@
 //!   on flex, and one autodiff node per op with a hand-written backward (`autodiff`).
 //!
 //! The functions at the crate root choose between the two with [`Kernels`] (the recipe's
-//! `kernels` switch). Ops without a fused version yet (attention, RoPE, entropy) always run
-//! their reference. The head's log-probs are fused as a chunked autodiff op on every
-//! backend (no CubeCL kernel of their own yet: on GPU they run burn's matmul and
-//! elementwise kernels chunk by chunk).
+//! `kernels` switch). RoPE and entropy have no fused version yet and always run their
+//! reference. Attention and the head's log-probs are fused as blocked autodiff ops on
+//! every backend, whose backward rebuilds one block at a time from a saved log-sum-exp;
+//! they have no CubeCL kernel of their own yet (on GPU they run burn's matmul and
+//! elementwise kernels block by block).
 
 mod autodiff;
 #[cfg(feature = "gpu")]
@@ -22,11 +23,11 @@ pub mod fused;
 mod mode;
 pub mod reference;
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 pub use extension::FusedOps;
 pub use mode::{Kernels, fused_on, kernels, set_kernels};
-pub use reference::{Head, attention, rotary, token_entropy};
+pub use reference::{Head, rotary, token_entropy};
 
 /// RMSNorm: `x`: `[..., N]`, `weight`: `[N]`.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
@@ -58,5 +59,15 @@ pub fn token_logprobs(
         fused::token_logprobs(hidden, head, targets, chunk)
     } else {
         reference::token_logprobs(hidden, head, targets, chunk)
+    }
+}
+
+/// Scaled dot-product attention with grouped K/V heads. `q`: `[B, H, T, D]`; `k`, `v`:
+/// `[B, Hkv, S, D]`; `masked`: `[B, 1, T, S]`, true where a query must not see a key.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Bool>) -> Tensor<4> {
+    if fused_on(&q.device()) {
+        fused::attention(q, k, v, masked)
+    } else {
+        reference::attention(q, k, v, masked)
     }
 }

@@ -1,6 +1,7 @@
 //! The fused head log-probs never hold `[N, V]` logits: their peak memory over forward and
 //! backward grows with the vocabulary by about one chunk's `[chunk, V]` tensors (plus the
-//! head-sized gradient), where the reference keeps every chunk's logits for backward.
+//! head-sized gradient), where the reference keeps every chunk's logits for backward. The
+//! fused attention likewise never holds `[T, S]` scores, only one block's.
 //!
 //! Measured on flex with a counting allocator (flex allocates through the global
 //! allocator); one test in its own binary, so nothing else allocates meanwhile.
@@ -8,7 +9,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use kernels::{Head, fused, reference};
 
 struct Counting;
@@ -77,8 +78,66 @@ fn peak(v: usize, fused_path: bool) -> usize {
     })
 }
 
+/// Both measurements in one test: tests in one binary run on parallel threads, and the
+/// allocator counts for the whole process.
 #[test]
-fn fused_logprob_memory_grows_by_one_chunk_with_the_vocabulary() {
+fn fused_ops_hold_one_chunk_or_block_at_a_time() {
+    logprob_memory_grows_by_one_chunk_with_the_vocabulary();
+    attention_memory_holds_one_block_of_scores();
+}
+
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 32;
+const BLOCK: usize = 64;
+
+/// Peak bytes of one attention forward + backward over `t` causal tokens.
+fn attention_peak(t: usize, fused_path: bool) -> usize {
+    let device = Device::flex().autodiff();
+    let filled = |shape: [usize; 4], k: usize| {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| ((i * k) % 89) as f32 / 89.0 - 0.5).collect();
+        Tensor::<4>::from_data(TensorData::new(v, shape), &device).require_grad()
+    };
+    let q = filled([1, HEADS, t, HEAD_DIM], 3);
+    let k = filled([1, KV_HEADS, t, HEAD_DIM], 5);
+    let v = filled([1, KV_HEADS, t, HEAD_DIM], 7);
+    let causal: Vec<bool> = (0..t * t).map(|n| n % t > n / t).collect();
+    let mask = Tensor::<4, Bool>::from_data(TensorData::new(causal, [1, 1, t, t]), &device);
+    peak_of(|| {
+        let out = if fused_path {
+            fused::attention_blocked(q.clone(), k.clone(), v.clone(), mask, BLOCK)
+        } else {
+            reference::attention(q.clone(), k.clone(), v.clone(), mask)
+        };
+        let grads = out.sum().backward();
+        assert_eq!(q.grad(&grads).expect("dq").dims(), [1, HEADS, t, HEAD_DIM]);
+    })
+}
+
+fn attention_memory_holds_one_block_of_scores() {
+    let t = 1024;
+    attention_peak(128, true);
+    let fused_peak = attention_peak(t, true);
+    let reference_peak = attention_peak(t, false);
+    let scores = HEADS * t * t * 4;
+    let block_scores = HEADS * BLOCK * t * 4;
+    eprintln!(
+        "attention peak above inputs at T={t}: fused {fused_peak} B, reference \
+         {reference_peak} B; [H, T, T] f32 scores: {scores} B; one block's: {block_scores} B"
+    );
+    // A few block-sized tensors (scores, probabilities, their gradient) and O(T) rows.
+    assert!(
+        fused_peak <= 8 * block_scores,
+        "fused attention peaked at {fused_peak} B, over 8 blocks of scores ({block_scores} B)"
+    );
+    assert!(
+        reference_peak >= scores,
+        "reference peak {reference_peak} B below [H, T, T] scores ({scores} B): the probe is blind"
+    );
+}
+
+fn logprob_memory_grows_by_one_chunk_with_the_vocabulary() {
     let (small, large) = (2048, 16384);
     // Warm up thread pools and caches so they do not count in the first measurement.
     peak(small, true);

@@ -6,7 +6,7 @@
 //! in CI that is Mesa's lavapipe, a Vulkan implementation on the CPU, which has shared
 //! memory and barriers, all these kernels use.
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use kernels::{Head, fused, reference};
 
 /// Tolerances per dtype, in one place: absolute for f32, relative for half types.
@@ -195,6 +195,60 @@ fn logprob_parity(device: &Device, dtype: DType) {
     }
 }
 
+/// Grouped attention (6 query heads on 2 K/V heads), causal, with right padding in the
+/// second row (whose padded queries see no key at all), in blocks smaller than, equal to
+/// and larger than the sequence: output and the gradients of q, k and v.
+fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: usize) {
+    let (b, h, hkv) = (2, 6, 2);
+    let qv = values(b * h * t * d, 21);
+    let kv = values(b * hkv * s_len * d, 22);
+    let vv = values(b * hkv * s_len * d, 23);
+    // Queries are the last `t` of `s_len` positions (as with a KV cache when t < s_len).
+    let offset = s_len - t;
+    let masked: Vec<bool> = (0..b * t * s_len)
+        .map(|n| {
+            let (bi, i, j) = (n / (t * s_len), (n / s_len) % t, n % s_len);
+            j > i + offset || (bi == 1 && (j >= s_len - 3 || i + offset >= s_len - 3))
+        })
+        .collect();
+    for block in [5, t, 64] {
+        let run = |fused_path: bool| {
+            let q = tensor(&qv, [b, h, t, d], device, dtype).require_grad();
+            let k = tensor(&kv, [b, hkv, s_len, d], device, dtype).require_grad();
+            let v = tensor(&vv, [b, hkv, s_len, d], device, dtype).require_grad();
+            let mask = Tensor::<4, Bool>::from_data(
+                TensorData::new(masked.clone(), [b, 1, t, s_len]),
+                device,
+            );
+            let out = if fused_path {
+                fused::attention_blocked(q.clone(), k.clone(), v.clone(), mask, block)
+            } else {
+                reference::attention(q.clone(), k.clone(), v.clone(), mask)
+            };
+            let grads = probe(out.clone(), 24).backward();
+            [
+                host(out),
+                host(q.grad(&grads).expect("dq")),
+                host(k.grad(&grads).expect("dk")),
+                host(v.grad(&grads).expect("dv")),
+            ]
+        };
+        let (got, want) = (run(true), run(false));
+        for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+            let what = format!("attention {name} (D {d}, T {t}, S {s_len}, block {block})");
+            assert_close(&what, &got[i], &want[i], dtype);
+        }
+    }
+}
+
+#[test]
+fn attention_matches_reference_on_flex() {
+    let device = Device::flex().autodiff();
+    attention_parity(&device, DType::F32, 64, 23, 23);
+    attention_parity(&device, DType::F32, 128, 13, 13);
+    attention_parity(&device, DType::F32, 64, 4, 17);
+}
+
 #[test]
 fn token_logprobs_match_reference_on_flex() {
     logprob_parity(&Device::flex().autodiff(), DType::F32);
@@ -271,6 +325,13 @@ mod wgpu {
     #[test]
     fn swiglu_kernel_matches_reference_on_wgpu() {
         swiglu_parity(&device().autodiff(), DType::F32);
+    }
+
+    #[test]
+    fn attention_matches_reference_on_wgpu() {
+        let device = device().autodiff();
+        attention_parity(&device, DType::F32, 64, 23, 23);
+        attention_parity(&device, DType::F32, 128, 13, 13);
     }
 
     #[test]
