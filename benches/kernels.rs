@@ -12,7 +12,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use kernels::{Head, fused, reference};
 
@@ -44,6 +44,12 @@ const HIDDEN: usize = 256;
 const INTERMEDIATE: usize = 688;
 const VOCAB: usize = 8192;
 const CHUNK: usize = 1024;
+/// The small config's attention: 8 sequences of 256, 8 query heads on 4 K/V heads of 32.
+const BATCH: usize = 8;
+const SEQ: usize = 256;
+const HEADS: usize = 8;
+const KV_HEADS: usize = 4;
+const HEAD_DIM: usize = 32;
 
 fn device() -> Device {
     let name = std::env::var("HEARTH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
@@ -119,6 +125,66 @@ fn bench_ops(c: &mut Criterion) {
                 let u = filled([TOKENS, INTERMEDIATE], 11, &ad).require_grad();
                 let grads = swiglu(g.clone(), u).sum().backward();
                 settle(g.grad(&grads).expect("d_gate"));
+            })
+        });
+
+        let rope = |x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>| {
+            if is_fused {
+                fused::rotary(x, cos, sin)
+            } else {
+                reference::rotary(x, cos, sin)
+            }
+        };
+        let cos = filled([BATCH, SEQ, HEAD_DIM], 19, &plain);
+        let sin = filled([BATCH, SEQ, HEAD_DIM], 23, &plain);
+        let q = filled([BATCH, HEADS, SEQ, HEAD_DIM], 29, &plain);
+        c.bench_function(&format!("rotary/{path}/forward"), |b| {
+            b.iter(|| settle(rope(q.clone(), cos.clone(), sin.clone())))
+        });
+        let (cos_ad, sin_ad) = (
+            filled([BATCH, SEQ, HEAD_DIM], 19, &ad),
+            filled([BATCH, SEQ, HEAD_DIM], 23, &ad),
+        );
+        c.bench_function(&format!("rotary/{path}/forward+backward"), |b| {
+            b.iter(|| {
+                let q = filled([BATCH, HEADS, SEQ, HEAD_DIM], 29, &ad).require_grad();
+                let grads = rope(q.clone(), cos_ad.clone(), sin_ad.clone())
+                    .sum()
+                    .backward();
+                settle(q.grad(&grads).expect("dq"));
+            })
+        });
+
+        let attend = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, m: Tensor<4, Bool>| {
+            if is_fused {
+                fused::attention(q, k, v, m)
+            } else {
+                reference::attention(q, k, v, m)
+            }
+        };
+        let causal = |device: &Device| {
+            let m: Vec<bool> = (0..BATCH * SEQ * SEQ)
+                .map(|n| n % SEQ > (n / SEQ) % SEQ)
+                .collect();
+            Tensor::<4, Bool>::from_data(TensorData::new(m, [BATCH, 1, SEQ, SEQ]), device)
+        };
+        let (k, v, mask) = (
+            filled([BATCH, KV_HEADS, SEQ, HEAD_DIM], 31, &plain),
+            filled([BATCH, KV_HEADS, SEQ, HEAD_DIM], 37, &plain),
+            causal(&plain),
+        );
+        c.bench_function(&format!("attention/{path}/forward"), |b| {
+            b.iter(|| settle(attend(q.clone(), k.clone(), v.clone(), mask.clone())))
+        });
+        let mask_ad = causal(&ad);
+        c.bench_function(&format!("attention/{path}/forward+backward"), |b| {
+            b.iter(|| {
+                let q = filled([BATCH, HEADS, SEQ, HEAD_DIM], 29, &ad).require_grad();
+                let k = filled([BATCH, KV_HEADS, SEQ, HEAD_DIM], 31, &ad).require_grad();
+                let v = filled([BATCH, KV_HEADS, SEQ, HEAD_DIM], 37, &ad).require_grad();
+                let out = attend(q.clone(), k.clone(), v.clone(), mask_ad.clone());
+                let grads = out.sum().backward();
+                settle(q.grad(&grads).expect("dq"));
             })
         });
 

@@ -87,6 +87,43 @@ pub trait FusedOps: Backend {
         (d_gate, d_up)
     }
 
+    /// Rotary position embedding in the "rotate half" layout of Hugging Face checkpoints:
+    /// `x·cos + rotate_half(x)·sin`, with `rotate_half([x₁, x₂]) = [−x₂, x₁]`. Any RoPE
+    /// scaling (linear, llama3) is already in the tables. `x`: `[B, H, T, D]`; `cos`, `sin`:
+    /// `[B, T, D]`.
+    #[fusion(dtype = x, shape = x)]
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [b, _, t, d] = x.shape().dims::<4>();
+        let table = |c: FloatTensor<Self>| Self::float_reshape(c, [b, 1, t, d].into());
+        let rotated = rotate_half::<Self>(x.clone(), false);
+        Self::float_add(
+            Self::float_mul(x, table(cos)),
+            Self::float_mul(rotated, table(sin)),
+        )
+    }
+
+    /// The gradient of [`FusedOps::rotary`] for `x` (the tables are constants): the
+    /// rotation's transpose, `g·cos + rotate_halfᵀ(g·sin)` with
+    /// `rotate_halfᵀ([y₁, y₂]) = [y₂, −y₁]`.
+    #[fusion(dtype = grad, shape = grad)]
+    fn rotary_backward(
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [b, _, t, d] = grad.shape().dims::<4>();
+        let table = |c: FloatTensor<Self>| Self::float_reshape(c, [b, 1, t, d].into());
+        let gs = Self::float_mul(grad.clone(), table(sin));
+        Self::float_add(
+            Self::float_mul(grad, table(cos)),
+            rotate_half::<Self>(gs, true),
+        )
+    }
+
     /// The log-probability of each row's target under the head `hidden·weightᵀ`, computed
     /// `chunk` rows at a time so no more than `[chunk, V]` logits exist at once. Returns
     /// `(log p(target) [N], log-sum-exp [N], 1.0 where the target is the top token [N])`,
@@ -397,6 +434,28 @@ impl<B: Backend> Grouped<B> {
         );
         let mask = B::bool_reshape(mask, [self.b, 1, 1, len, self.s].into());
         B::bool_expand(mask, self.split(len, self.s))
+    }
+}
+
+/// `[x₁, x₂] → [−x₂, x₁]` over the last axis, or its transpose `[x₂, −x₁]`.
+fn rotate_half<B: Backend>(x: FloatTensor<B>, transpose: bool) -> FloatTensor<B> {
+    let [b, h, t, d] = x.shape().dims::<4>();
+    let half = |from: usize| {
+        B::float_slice(
+            x.clone(),
+            &[
+                Slice::from(0..b),
+                Slice::from(0..h),
+                Slice::from(0..t),
+                Slice::from(from..from + d / 2),
+            ],
+        )
+    };
+    let (x1, x2) = (half(0), half(d / 2));
+    if transpose {
+        B::float_cat(vec![x2, B::float_neg(x1)], 3)
+    } else {
+        B::float_cat(vec![B::float_neg(x2), x1], 3)
     }
 }
 

@@ -89,3 +89,9 @@ pub fn attention_blocked(
     );
     Tensor::<4>::from_dispatch(out)
 }
+
+/// Fused [`crate::reference::rotary`]. `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`.
+pub fn rotary(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
+    let out = Dispatch::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch());
+    Tensor::<4>::from_dispatch(out)
+}

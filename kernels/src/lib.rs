@@ -6,14 +6,15 @@
 //!   as obvious as the math.
 //! - [`fused`]: the same ops through a burn backend extension (`extension`): CubeCL
 //!   kernels, forward and backward, on the Cube backends (`cube`), the primitive-op twin
-//!   on flex, and one autodiff node per op with a hand-written backward (`autodiff`).
+//!   on flex (and on Cube for ops without a kernel), and one autodiff node per op with a
+//!   hand-written backward (`autodiff`).
 //!
 //! The functions at the crate root choose between the two with [`Kernels`] (the recipe's
-//! `kernels` switch). RoPE and entropy have no fused version yet and always run their
-//! reference. Attention and the head's log-probs are fused as blocked autodiff ops on
-//! every backend, whose backward rebuilds one block at a time from a saved log-sum-exp;
-//! they have no CubeCL kernel of their own yet (on GPU they run burn's matmul and
-//! elementwise kernels block by block).
+//! `kernels` switch). RMSNorm, SwiGLU and RoPE have CubeCL kernels, forward and backward.
+//! Attention and the head's log-probs are fused as blocked autodiff ops on every backend,
+//! whose backward rebuilds one block at a time from saved softmax statistics; they have no
+//! CubeCL kernel of their own yet (on GPU they run burn's matmul and elementwise kernels
+//! block by block). Entropy, a metric without gradient, always runs its reference.
 
 mod autodiff;
 #[cfg(feature = "gpu")]
@@ -27,7 +28,7 @@ use burn::tensor::{Bool, Int, Tensor};
 
 pub use extension::FusedOps;
 pub use mode::{Kernels, fused_on, kernels, set_kernels};
-pub use reference::{Head, rotary, token_entropy};
+pub use reference::{Head, token_entropy};
 
 /// RMSNorm: `x`: `[..., N]`, `weight`: `[N]`.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
@@ -69,5 +70,14 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Boo
         fused::attention(q, k, v, masked)
     } else {
         reference::attention(q, k, v, masked)
+    }
+}
+
+/// Rotary position embedding: `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`.
+pub fn rotary(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
+    if fused_on(&x.device()) {
+        fused::rotary(x, cos, sin)
+    } else {
+        reference::rotary(x, cos, sin)
     }
 }

@@ -7,6 +7,7 @@
 //! cmma), so the same kernels run on Mesa's lavapipe in CI.
 
 mod rms_norm;
+mod rotary;
 mod swiglu;
 
 use burn::backend::TensorMetadata;
@@ -29,6 +30,22 @@ impl FusedOps for CubeBackend {
         eps: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         rms_norm::backward(x, weight, grad, eps)
+    }
+
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        rotary::apply(x, cos, sin, false)
+    }
+
+    fn rotary_backward(
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        rotary::apply(grad, cos, sin, true)
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
