@@ -1,4 +1,6 @@
-//! Logits against the reference fixtures made by transformers (../shared/fixtures/parity).
+//! Logits against the reference fixtures made by transformers (../shared/fixtures/parity),
+//! with the reference ops and with the fused ones (the switch is process-wide, so this
+//! binary holds one test).
 
 use std::path::{Path, PathBuf};
 
@@ -34,11 +36,11 @@ fn read_cases(path: &Path) -> Cases {
     }
 }
 
-fn check(name: &str) {
+fn check(name: &str, mode: kernels::Kernels, device: &Device) {
     let dir = fixtures().join(name);
     assert!(dir.is_dir(), "fixture {} is missing", dir.display());
     let cases = read_cases(&dir.join("cases.safetensors"));
-    let device = Device::flex();
+    let device = device.clone();
     let (_, model) = load_model(&dir, &device).unwrap();
     let (b, t, v) = (cases.b, cases.t, cases.v);
     let ids = Tensor::<2, Int>::from_data(TensorData::new(cases.ids.clone(), [b, t]), &device);
@@ -68,10 +70,12 @@ fn check(name: &str) {
         "{name}: the fixture should include padding"
     );
     assert!(compared > 0);
-    eprintln!("{name}: max abs diff {worst:e} over {compared} logits");
+    eprintln!(
+        "{name} ({mode:?} kernels, {device:?}): max abs diff {worst:e} over {compared} logits"
+    );
     assert!(
         worst <= 1e-4,
-        "{name}: max |Δ| = {worst} over {compared} logits"
+        "{name} ({mode:?} kernels): max |Δ| = {worst} over {compared} logits"
     );
 }
 
@@ -86,7 +90,20 @@ fn every_parity_fixture_matches_transformers() {
     // Both on-disk dtypes and both config styles are among them.
     assert!(names.contains(&"tiny-llama-f32".to_string()), "{names:?}");
     assert!(names.contains(&"tiny-llama-bf16".to_string()), "{names:?}");
-    for name in &names {
-        check(name);
+    for mode in [kernels::Kernels::Reference, kernels::Kernels::Fused] {
+        kernels::set_kernels(mode);
+        for name in &names {
+            check(name, mode, &Device::flex());
+        }
+    }
+    // The GPU path: the CubeCL kernels on wgpu (lavapipe in CI), chosen by `auto`.
+    #[cfg(feature = "wgpu")]
+    {
+        kernels::set_kernels(kernels::Kernels::Auto);
+        let wgpu = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+        assert!(kernels::fused_on(&wgpu));
+        for name in &names {
+            check(name, kernels::Kernels::Auto, &wgpu);
+        }
     }
 }
