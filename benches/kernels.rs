@@ -1,7 +1,7 @@
 //! Every fused op against its reference, side by side, forward and forward + backward, on
 //! the "small" config's shapes (2048 tokens = 8 × 256, hidden 256, intermediate 688,
 //! vocab 8192), then the peak memory of the head log-probs (op 2) at Llama 3's vocabulary
-//! of 128 256.
+//! of 128 256 (run alone with `cargo bench --bench kernels -- peak`).
 //!
 //! `cargo bench --bench kernels` runs on the CPU (flex); `HEARTH_BENCH_DEVICE=wgpu` (or
 //! `cuda`) with the matching `--features` runs the CubeCL kernels. Criterion prints each
@@ -207,10 +207,11 @@ fn bench_ops(c: &mut Criterion) {
 }
 
 /// Peak host bytes above the inputs of one forward + backward of the head log-probs at
-/// vocab 128 256 (1024 tokens, hidden 256, chunk 1024, head frozen as under LoRA).
+/// vocab 128 256 (4096 tokens, hidden 256, chunks of 512, head frozen as under LoRA).
 fn logprob_peak_at_llama3_vocab(_c: &mut Criterion) {
     const V: usize = 128_256;
-    const N: usize = 1024;
+    const N: usize = 4096;
+    const CHUNK: usize = 512;
     let device = Device::flex().autodiff();
     let head = Head::new(filled([V, HIDDEN], 17, &device));
     let t = targets(N, V, &device);
