@@ -139,23 +139,16 @@ pub trait FusedOps: Backend {
         let chunk = chunk.max(1);
         let device = hidden.device();
         let wt = Self::float_transpose(weight);
-        let bool_dtype = get_or_init_device_settings::<Self>(&device).bool_dtype;
         let (mut lps, mut lses, mut hits) = (Vec::new(), Vec::new(), Vec::new());
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
             let rows = Self::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
-            let t = target_column::<Self>(&targets, start, len);
+            let t = Self::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
             let logits = f32_of::<Self>(Self::float_matmul(rows, wt.clone()));
-            let lse = log_sum_exp::<Self>(logits.clone());
-            let picked = Self::float_gather(1, logits.clone(), t.clone());
-            lps.push(Self::float_reshape(
-                Self::float_sub(picked, lse.clone()),
-                [len].into(),
-            ));
-            lses.push(Self::float_reshape(lse, [len].into()));
-            let top = Self::float_argmax(logits, 1, t.dtype().into());
-            let hit = Self::bool_into_float(Self::int_equal(top, t, bool_dtype), FloatDType::F32);
-            hits.push(Self::float_reshape(hit, [len].into()));
+            let (lp, lse, hit) = Self::logit_rows(logits, t);
+            lps.push(lp);
+            lses.push(lse);
+            hits.push(hit);
         }
         let join = |parts: Vec<FloatTensor<Self>>| {
             if parts.is_empty() {
@@ -165,6 +158,58 @@ pub trait FusedOps: Backend {
             }
         };
         (join(lps), join(lses), join(hits))
+    }
+
+    /// Per row of f32 `logits` `[len, V]` with `targets` `[len]`: the target's log-prob,
+    /// the log-sum-exp, and 1.0 where the target is the top token (the first maximum, as
+    /// `argmax`), each `[len]` f32.
+    #[fusion(meta = |logits, _targets| {
+        let row = burn::backend::fusion::custom::TensorSpec::new(
+            [logits.shape[0]].into(),
+            logits.dtype,
+        );
+        (row.clone(), row.clone(), row)
+    })]
+    fn logit_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let len = logits.shape().dims::<2>()[0];
+        let device = logits.device();
+        let bool_dtype = get_or_init_device_settings::<Self>(&device).bool_dtype;
+        let t = Self::int_reshape(targets, [len, 1].into());
+        let lse = log_sum_exp::<Self>(logits.clone());
+        let picked = Self::float_gather(1, logits.clone(), t.clone());
+        let lp = Self::float_reshape(Self::float_sub(picked, lse.clone()), [len].into());
+        let top = Self::float_argmax(logits, 1, t.dtype().into());
+        let hit = Self::bool_into_float(Self::int_equal(top, t, bool_dtype), FloatDType::F32);
+        (
+            lp,
+            Self::float_reshape(lse, [len].into()),
+            Self::float_reshape(hit, [len].into()),
+        )
+    }
+
+    /// `∂ Σ g·log p(t) / ∂ logits = g·(onehot(t) − exp(logits − lse))` for f32 `logits`
+    /// `[len, V]`, with `targets`, `lse` and `grad` `[len]`.
+    #[fusion(dtype = logits, shape = logits)]
+    fn logit_grads(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let len = logits.shape().dims::<2>()[0];
+        let column = |x: FloatTensor<Self>| Self::float_reshape(x, [len, 1].into());
+        let g = column(grad);
+        let p = Self::float_exp(Self::float_sub(logits, column(lse)));
+        Self::float_scatter(
+            1,
+            Self::float_neg(Self::float_mul(p, g.clone())),
+            Self::int_reshape(targets, [len, 1].into()),
+            g,
+            IndexingUpdateOp::Add,
+        )
     }
 
     /// `d hidden` of [`FusedOps::linear_logprob`]'s log-probs for their gradient `grad`
@@ -459,12 +504,6 @@ fn rotate_half<B: Backend>(x: FloatTensor<B>, transpose: bool) -> FloatTensor<B>
     }
 }
 
-/// Rows `start..start + len` of `targets`, as a `[len, 1]` column for gathering.
-fn target_column<B: Backend>(targets: &IntTensor<B>, start: usize, len: usize) -> IntTensor<B> {
-    let t = B::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
-    B::int_reshape(t, [len, 1].into())
-}
-
 /// `log Σ exp(logits)` per row, `[len, 1]`, shifted by the row maximum for stability.
 fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
     let max = B::float_max_dim(logits.clone(), 1);
@@ -476,7 +515,7 @@ fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
 /// `p = exp(logits − lse)`, and `∂ log p(t)/∂ logits = onehot(t) − p`, scaled by the
 /// output gradient; `dh` and (when asked) `dW` follow by two matmuls. Only one chunk's
 /// `[len, V]` tensors are alive at a time.
-fn logprob_grads<B: Backend>(
+fn logprob_grads<B: FusedOps>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,
     targets: IntTensor<B>,
@@ -498,21 +537,11 @@ fn logprob_grads<B: Backend>(
         let len = chunk.min(n - start);
         let range = || [Slice::from(start..start + len)];
         let rows = B::float_slice(hidden.clone(), &range());
-        let t = target_column::<B>(&targets, start, len);
+        let t = B::int_slice(targets.clone(), &range());
         let logits = f32_of::<B>(B::float_matmul(rows.clone(), wt.clone()));
-        let lse_c = B::float_reshape(B::float_slice(lse.clone(), &range()), [len, 1].into());
-        let g = B::float_reshape(
-            f32_of::<B>(B::float_slice(grad.clone(), &range())),
-            [len, 1].into(),
-        );
-        let p = B::float_exp(B::float_sub(logits, lse_c));
-        let d_logits = B::float_scatter(
-            1,
-            B::float_neg(B::float_mul(p, g.clone())),
-            t,
-            g,
-            IndexingUpdateOp::Add,
-        );
+        let lse_c = B::float_slice(lse.clone(), &range());
+        let g = f32_of::<B>(B::float_slice(grad.clone(), &range()));
+        let d_logits = B::logit_grads(logits, t, lse_c, g);
         dh.push(B::float_cast(
             B::float_matmul(d_logits.clone(), w32.clone()),
             h_dtype,

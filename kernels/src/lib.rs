@@ -11,10 +11,11 @@
 //!
 //! The functions at the crate root choose between the two with [`Kernels`] (the recipe's
 //! `kernels` switch). RMSNorm, SwiGLU and RoPE have CubeCL kernels, forward and backward.
-//! Attention and the head's log-probs are fused as blocked autodiff ops on every backend,
-//! whose backward rebuilds one block at a time from saved softmax statistics; they have no
-//! CubeCL kernel of their own yet (on GPU they run burn's matmul and elementwise kernels
-//! block by block). Entropy, a metric without gradient, always runs its reference.
+//! The head's log-probs are a chunked autodiff op whose backward rebuilds one chunk's
+//! logits at a time from the saved log-sum-exp; on GPU each chunk runs burn's matmul plus
+//! two CubeCL kernels (row statistics, and the logits' gradient). Attention is a blocked
+//! autodiff op the same way, with burn's kernels per block on GPU (no flash kernel of its
+//! own yet). Entropy, a metric without gradient, always runs its reference.
 
 mod autodiff;
 #[cfg(feature = "gpu")]

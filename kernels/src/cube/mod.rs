@@ -6,12 +6,13 @@
 //! Only portable features are used (shared memory and cube barriers, no plane ops or
 //! cmma), so the same kernels run on Mesa's lavapipe in CI.
 
+mod logits;
 mod rms_norm;
 mod rotary;
 mod swiglu;
 
 use burn::backend::TensorMetadata;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::CubeCount;
@@ -46,6 +47,22 @@ impl FusedOps for CubeBackend {
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         rotary::apply(grad, cos, sin, true)
+    }
+
+    fn logit_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        logits::rows(logits, targets)
+    }
+
+    fn logit_grads(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        logits::grads(logits, targets, lse, grad)
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
