@@ -1607,6 +1607,15 @@ fn bad_input_corpus_fails_cleanly() {
     );
 }
 
+/// Whether a test that needs root (a mount, a network namespace) may skip: only on a
+/// developer's machine without root. Under CI, or as root, it must run, so a fault path
+/// never goes untested silently.
+fn may_skip_privileged() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    std::env::var_os("CI").is_none() && !root
+}
+
 /// Unmounts a tmpfs when dropped, even when the test fails.
 struct Tmpfs(PathBuf);
 
@@ -1624,17 +1633,13 @@ impl Tmpfs {
 }
 
 impl Tmpfs {
-    /// Mounts, or says why the test is skipped. Skipping is allowed only on a developer's
-    /// machine without root: under CI, or as root, a failed mount fails the test, so the
-    /// fault paths cannot go untested silently.
+    /// Mounts, or says why the test is skipped (see [`may_skip_privileged`]).
     fn mount_or_skip(at: &Path, size: &str) -> Option<Self> {
         if let Some(m) = Self::mount(at, size) {
             return Some(m);
         }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
         assert!(
-            std::env::var_os("CI").is_none() && !root,
+            may_skip_privileged(),
             "cannot mount a tmpfs at {} (CI or root): the fault test must run",
             at.display()
         );
@@ -1781,10 +1786,8 @@ fn training_makes_no_network_access() {
         .output()
         .expect("unshare (util-linux)");
     if !isolated.status.success() && String::from_utf8_lossy(&isolated.stderr).contains("unshare") {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
         assert!(
-            std::env::var_os("CI").is_none() && !root,
+            may_skip_privileged(),
             "unshare --net failed: {}",
             String::from_utf8_lossy(&isolated.stderr)
         );
