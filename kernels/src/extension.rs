@@ -297,6 +297,9 @@ pub trait FusedOps: Backend {
         let dtype: FloatDType = q.dtype().into();
         let scale = 1.0 / (g.d as f64).sqrt();
         let stats = Self::float_reshape(stats, [g.b, g.hkv, g.g, g.t, 2].into());
+        // Once, not per block: each block slices its rows from these views.
+        let grad = Self::float_reshape(grad, [g.b, g.hkv, g.g, g.t, g.d].into());
+        let out = Self::float_reshape(out, [g.b, g.hkv, g.g, g.t, g.d].into());
         let k32 = f32_of::<Self>(k.clone());
         let v32 = f32_of::<Self>(v.clone());
         let mut dqs = Vec::new();
@@ -324,16 +327,8 @@ pub trait FusedOps: Backend {
             };
             let p = Self::float_div(Self::float_exp(Self::float_sub(scores, last(0))), last(1));
             let p = Self::float_reshape(p, g.stacked(len, g.s));
-            let d_out = f32_of::<Self>(g.rows_of(
-                &Self::float_reshape(grad.clone(), [g.b, g.hkv, g.g, g.t, g.d].into()),
-                t0,
-                len,
-            ));
-            let o = f32_of::<Self>(g.rows_of(
-                &Self::float_reshape(out.clone(), [g.b, g.hkv, g.g, g.t, g.d].into()),
-                t0,
-                len,
-            ));
+            let d_out = f32_of::<Self>(g.rows_of(&grad, t0, len));
+            let o = f32_of::<Self>(g.rows_of(&out, t0, len));
             let delta = Self::float_sum_dim(Self::float_mul(d_out.clone(), o), 4);
             let d_out = Self::float_reshape(d_out, g.stacked(len, g.d));
             let delta = Self::float_reshape(delta, g.stacked(len, 1));

@@ -11,7 +11,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{grid, row_threads, rows_cols};
+use super::{cube_sum, grid, row_threads, rows_cols};
 
 #[cube(launch)]
 fn logit_rows_kernel<F: Float, I: Numeric>(
@@ -75,14 +75,7 @@ fn logit_rows_kernel<F: Float, I: Numeric>(
     }
     sums[tid] = acc;
     sync_cube();
-    let mut stride = step / 2;
-    while stride > 0 {
-        if tid < stride {
-            sums[tid] += sums[tid + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
+    cube_sum(&mut sums, tid);
 
     if tid == 0 {
         let total = max + f32::ln(sums[0]);

@@ -16,6 +16,7 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::CubeCount;
+use cubecl::prelude::*;
 
 use crate::extension::FusedOps;
 
@@ -94,4 +95,18 @@ fn rows_cols(t: &CubeTensor) -> (usize, usize) {
 /// Threads per row-reduction cube: a power of two, at most 256, no more than the row needs.
 fn row_threads(cols: usize) -> u32 {
     (cols.next_power_of_two()).clamp(32, 256) as u32
+}
+
+/// Sums `partial` into `partial[0]` with the cube's threads, halving each round; every
+/// thread must call it, after writing its own slot and a `sync_cube`.
+#[cube]
+fn cube_sum(partial: &mut Shared<[f32]>, tid: usize) {
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if tid < stride {
+            partial[tid] += partial[tid + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
 }

@@ -9,20 +9,7 @@ use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
-use super::{grid, row_threads, rows_cols};
-
-/// Halves `partial` into `partial[0]` with the cube's threads; every thread must call it.
-#[cube]
-fn cube_sum(partial: &mut Shared<[f32]>, tid: usize) {
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if tid < stride {
-            partial[tid] += partial[tid + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-}
+use super::{cube_sum, grid, row_threads, rows_cols};
 
 #[cube(launch)]
 fn rms_norm_kernel<F: Float>(
