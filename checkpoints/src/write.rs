@@ -192,9 +192,11 @@ fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
     std::fs::rename(tmp, path).map_err(|e| CheckpointError::io(path, e))
 }
 
+/// The temporary name carries the process id: ranks of a data-parallel job that write the
+/// same shared file (a reference-log-prob cache) must not write into each other's.
 fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
+    name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 

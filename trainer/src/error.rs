@@ -20,6 +20,9 @@ pub enum TrainerError {
         step: usize,
         checkpoint: std::path::PathBuf,
     },
+    /// The data-parallel process group could not be set up or failed.
+    #[error("data parallel: {0}")]
+    Dist(#[from] crate::dist::DistError),
     /// Too many consecutive steps with a non-finite loss or gradient.
     #[error("{0}")]
     Diverged(String),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::batch::LmBatch;
+use crate::dist::Group;
 use crate::generate::{Completion, Sampling, generate_batch};
 use crate::method::{MicroOutput, Reference};
 use crate::model::Llama;
@@ -76,7 +77,7 @@ pub struct PromptItem {
 /// One step's samples: G completions of each prompt, in prompt order, with everything
 /// the loss needs. Saved in checkpoints taken between the iterations of `num_iterations`,
 /// so a resumed run reuses exactly these samples.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Rollouts {
     /// The prompt (index into the training prompts) of each completion.
     pub prompt: Vec<usize>,
@@ -101,6 +102,8 @@ impl Rollouts {
         m
     }
 }
+
+const GATHER_REWARDS: &str = "gathering GRPO rewards";
 
 /// The generator and scorer of a GRPO run.
 pub struct Grpo {
@@ -170,9 +173,15 @@ impl Grpo {
     /// Samples `num_generations` completions of each prompt in `idx` with `policy` (on the
     /// plain device), scores them and computes their advantages. The sampler is seeded by
     /// `seed` alone, so a resumed run draws the same completions.
+    ///
+    /// In a data-parallel run each rank samples its own prompts (whole groups), and the
+    /// rewards of every rank are gathered before the advantages are computed, so batch-level
+    /// scaling sees the global batch; a rank without prompts (a ragged last step) still
+    /// takes part in that gather.
     #[allow(clippy::too_many_arguments)]
     pub fn rollout(
         &mut self,
+        dp: &Group,
         policy: &Llama,
         reference: Option<&Reference>,
         prompts: &[PromptItem],
@@ -183,6 +192,10 @@ impl Grpo {
         device: &Device,
     ) -> Result<Rollouts> {
         let g = self.settings.num_generations;
+        if idx.is_empty() {
+            dp.gather(&[], GATHER_REWARDS)?;
+            return Ok(Rollouts::default());
+        }
         let prompt: Vec<usize> = idx
             .iter()
             .flat_map(|&i| std::iter::repeat_n(i, g))
@@ -211,7 +224,10 @@ impl Grpo {
             })
             .collect();
         let (rewards, reward_metrics) = self.rewards.score(&samples)?;
-        let (adv, adv_metrics) = advantages(&rewards, g, self.settings.scale_rewards);
+        let everyone = dp.gather(&rewards, GATHER_REWARDS)?;
+        let first = everyone[..dp.rank()].iter().map(Vec::len).sum::<usize>();
+        let (all_adv, adv_metrics) = advantages(&everyone.concat(), g, self.settings.scale_rewards);
+        let adv = all_adv[first..first + rewards.len()].to_vec();
 
         let trained: Vec<Vec<u32>> = completions.iter().map(Completion::trained_tokens).collect();
         let prompt_ids: Vec<&[u32]> = prompt.iter().map(|&i| prompts[i].ids.as_slice()).collect();

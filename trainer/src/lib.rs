@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod device;
+pub mod dist;
 mod error;
 pub mod evaluate;
 pub mod generate;

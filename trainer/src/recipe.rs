@@ -25,6 +25,32 @@ pub struct Recipe {
     pub reward: Option<RewardSection>,
     /// Settings of `method = "grpo"`.
     pub grpo: Option<GrpoSection>,
+    /// Data parallelism, when a launcher starts several processes.
+    #[serde(default)]
+    pub dist: DistSection,
+}
+
+/// `[dist]`: how the processes a launcher started (mpirun, srun, torchrun-style) train
+/// together. Ignored by a single process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistSection {
+    /// `auto` (NCCL on CUDA devices, MPI elsewhere), `mpi` or `nccl`.
+    pub backend: String,
+    /// Seconds a collective waits for the other ranks before this rank gives up on them.
+    pub timeout_s: f64,
+    /// Megabytes of gradients per all-reduce call.
+    pub bucket_mb: f64,
+}
+
+impl Default for DistSection {
+    fn default() -> Self {
+        Self {
+            backend: "auto".into(),
+            timeout_s: 600.0,
+            bucket_mb: 25.0,
+        }
+    }
 }
 
 /// `[grpo]`, with TRL's names. A step generates `per_device_train_batch_size ×
@@ -285,6 +311,19 @@ impl Recipe {
         let t = &self.train;
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
         const METHODS: [&str; 5] = ["sft", "dpo", "orpo", "reward", "grpo"];
+        let d = &self.dist;
+        if !["auto", "mpi", "nccl"].contains(&d.backend.as_str()) {
+            return bad(format!(
+                "dist.backend `{}` (one of auto, mpi, nccl)",
+                d.backend
+            ));
+        }
+        if !(d.timeout_s > 0.0 && d.timeout_s.is_finite()) {
+            return bad(format!("dist.timeout_s {} must be positive", d.timeout_s));
+        }
+        if !(d.bucket_mb > 0.0 && d.bucket_mb.is_finite()) {
+            return bad(format!("dist.bucket_mb {} must be positive", d.bucket_mb));
+        }
         if !METHODS.contains(&t.method.as_str()) {
             return bad(format!(
                 "train.method `{}` (one of {})",

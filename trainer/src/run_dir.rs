@@ -10,6 +10,9 @@ use crate::{Result, TrainerError};
 
 pub struct RunDir {
     root: PathBuf,
+    /// Whether this process writes. In a data-parallel run only rank 0 does; the others
+    /// read checkpoints to resume and skip every write.
+    writer: bool,
 }
 
 fn io(path: &Path, e: std::io::Error) -> TrainerError {
@@ -39,6 +42,7 @@ impl RunDir {
         std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
         Ok(Self {
             root: root.to_path_buf(),
+            writer: true,
         })
     }
 
@@ -52,7 +56,16 @@ impl RunDir {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            writer: true,
         })
+    }
+
+    /// The run rank 0 writes, seen from another rank: reads work, writes do nothing.
+    pub fn follower(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            writer: false,
+        }
     }
 
     /// The newest complete checkpoint: `(step, dir)`. Directories that lack a file a
@@ -120,6 +133,9 @@ impl RunDir {
     /// Drops lines logged after `step` (by a run killed past its last checkpoint) from
     /// `metrics.jsonl` and, where there is one, GRPO's `completions.jsonl`.
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
         self.truncate_log("metrics.jsonl", step)?;
         if self.root.join("completions.jsonl").exists() {
             self.truncate_log("completions.jsonl", step)?;
@@ -149,6 +165,9 @@ impl RunDir {
     }
 
     pub fn write_recipe(&self, text: &str) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
         checkpoints::write_text(&self.root.join("recipe.toml"), text)?;
         Ok(())
     }
@@ -160,6 +179,9 @@ impl RunDir {
 
     /// Appends one JSON line to the run directory's file `name` and flushes it.
     pub fn append(&self, name: &str, line: &serde_json::Value) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
         let path = self.root.join(name);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -178,7 +200,7 @@ impl RunDir {
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
         let path = self.atomic_dir(&format!("checkpoint-{step}"), write)?;
-        if keep > 0 {
+        if keep > 0 && self.writer {
             let mut steps: Vec<usize> = std::fs::read_dir(&self.root)
                 .map_err(|e| io(&self.root, e))?
                 .filter_map(|e| {
@@ -205,6 +227,9 @@ impl RunDir {
     }
 
     fn atomic_dir(&self, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        if !self.writer {
+            return Ok(self.root.join(name));
+        }
         let tmp = self.root.join(format!(".tmp-{name}"));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
@@ -241,6 +266,9 @@ impl RunDir {
 
     /// `loss.svg`: training loss per step, and eval loss where measured.
     pub fn plot(&self, train: &[(usize, f64)], eval: &[(usize, f64)]) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
         checkpoints::write_text(&self.root.join("loss.svg"), &loss_svg(train, eval))?;
         Ok(())
     }

@@ -17,6 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::dist::Group;
+use crate::dist::outcomes::Outcome as StepOutcome;
 use crate::grpo::{Grpo, PromptItem, Rollouts};
 use crate::method::{
     Examples, Method, Micro, Reference, epoch_micro_batches, eval_micro_batches, micro_loss,
@@ -222,8 +224,12 @@ fn in_file(path: &Path, e: TrainerError) -> TrainerError {
     }
 }
 
-/// Weighted metrics and loss over `batches`, without gradients.
+/// Weighted metrics and loss over `batches`, without gradients. Each rank evaluates a
+/// contiguous share of the batches; the results combine in the batches' order, as in one
+/// process.
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
+    dp: &Group,
     method: &Method,
     model: &Llama,
     batches: &[Micro],
@@ -232,23 +238,38 @@ fn evaluate(
     pad: u32,
     device: &Device,
 ) -> Result<Option<(f64, Metrics, usize)>> {
-    let mut outs = Vec::new();
-    for b in batches {
+    let share_len = batches.len().div_ceil(dp.world_size()).max(1);
+    let mut local = Vec::new();
+    for b in shard(batches, share_len, dp.rank()) {
         if let Some(o) = micro_loss(method, model, b, examples, reference, pad, device)? {
-            outs.push((scalar(o.loss), o.weight, o.metrics, o.tokens));
+            local.push(StepOutcome {
+                loss: scalar(o.loss),
+                weight: o.weight,
+                tokens: o.tokens,
+                metrics: o.metrics,
+            });
         }
     }
+    let outs = crate::dist::outcomes::gather(dp, &local, None, &Metrics::default())?.outcomes;
     if outs.is_empty() {
         return Ok(None);
     }
     let (mut loss, mut metrics, mut tokens) = (0.0, Metrics::default(), 0);
-    let weights: Vec<f64> = outs.iter().map(|o| o.1).collect();
-    for ((l, _, m, t), share) in outs.iter().zip(shares(&weights)) {
-        loss += l * share;
-        metrics.accumulate(m, share);
-        tokens += t;
+    let weights: Vec<f64> = outs.iter().map(|o| o.weight).collect();
+    for (o, share) in outs.iter().zip(shares(&weights)) {
+        loss += o.loss * share;
+        metrics.accumulate(&o.metrics, share);
+        tokens += o.tokens;
     }
     Ok(Some((loss, metrics, tokens)))
+}
+
+/// Rank `rank`'s part of a group: its `per_rank` micro-batches, in rank order (empty for
+/// ranks past a ragged last group's end).
+fn shard<T>(group: &[T], per_rank: usize, rank: usize) -> &[T] {
+    let start = (rank * per_rank).min(group.len());
+    let end = (start + per_rank).min(group.len());
+    &group[start..end]
 }
 
 /// Each micro-batch's share of a step (or an evaluation): its weight over the total, so
@@ -444,9 +465,14 @@ fn save_optimizer(optim: &ModuleOptimizer, path: &Path) -> Result<()> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TrainerState {
     global_step: usize,
-    /// The data position: the epoch, and the next group of micro-batches in it.
+    /// The data position: the epoch, the micro-batches of it already consumed (counted
+    /// over every rank, so a run can resume with another world size), and how often the
+    /// group starting there was already used (GRPO's `num_iterations`).
     epoch: usize,
-    next_group: usize,
+    #[serde(default)]
+    next_micro: usize,
+    #[serde(default)]
+    next_iteration: usize,
     seen_tokens: usize,
     first_loss: f64,
     history: Vec<(usize, f64)>,
@@ -471,18 +497,37 @@ fn step_seed(seed: u64, step: usize) -> u64 {
     seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// Runs the recipe, writing everything into `out`; with `resume`, continues the run in
-/// `out` from its newest complete checkpoint.
-pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Result<Outcome> {
-    let t = &recipe.train;
-    let method = Method::from_recipe(recipe)?;
+/// The seed of a step's `index`-th micro-batch (counted over every rank): its dropout
+/// draws are the same whichever rank runs it, so a data-parallel run trains as one
+/// process with the whole global batch.
+fn micro_seed(seed: u64, step: usize, index: usize) -> u64 {
+    step_seed(seed, step) ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Keeps ranks' samplers apart (rank 0's stream is the single-process one).
+const RANK_SEED: u64 = 0xA076_1D64_78BD_642F;
+
+fn dist_options(recipe: &Recipe) -> crate::dist::Options {
+    let d = &recipe.dist;
+    crate::dist::Options {
+        backend: d.backend.clone(),
+        timeout: std::time::Duration::from_secs_f64(d.timeout_s),
+        bucket_bytes: (d.bucket_mb * 1e6) as usize,
+        cuda: recipe.train.device.starts_with("cuda"),
+    }
+}
+
+/// Opens (to resume) or creates the run directory, and makes the recipe's base model when
+/// it is to be created and missing. Rank 0's part of starting a run.
+fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<RunDir> {
     let run = if resume {
         let run = RunDir::open(out)?;
-        let saved = std::fs::read_to_string(out.join("recipe.toml")).unwrap_or_default();
-        if saved != recipe.to_toml() {
+        let path = out.join("recipe.toml");
+        let saved = std::fs::read_to_string(&path).unwrap_or_default();
+        if !same_run(&saved, recipe, &path.display().to_string()) {
             return Err(TrainerError::Input(format!(
-                "{}: this recipe (with its --set overrides) differs from the one the run started with; resume needs the same",
-                out.join("recipe.toml").display()
+                "{}: this recipe (with its --set overrides) differs from the one the run started with; resume needs the same (only train.gradient_accumulation_steps and [dist] may change, to keep the global batch on another number of processes)",
+                path.display()
             )));
         }
         run
@@ -491,6 +536,48 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         run.write_recipe(&recipe.to_toml())?;
         run
     };
+    let base = &recipe.model.path;
+    if !base.join("config.json").exists() && recipe.model.create_if_missing {
+        init_model(
+            base,
+            &NewModel {
+                seed: recipe.train.seed,
+                ..Default::default()
+            },
+            Default::default(),
+        )?;
+    }
+    Ok(run)
+}
+
+/// Whether `recipe` continues the run whose resolved recipe is `saved`: the same but for
+/// what a resume on another number of processes changes — the accumulation steps (which
+/// keep the global batch) and the `[dist]` settings.
+fn same_run(saved: &str, recipe: &Recipe, origin: &str) -> bool {
+    let Ok(before) = crate::recipe::parse(saved, origin, &[]) else {
+        return false;
+    };
+    let mut now = recipe.clone();
+    now.train.gradient_accumulation_steps = before.train.gradient_accumulation_steps;
+    now.dist = before.dist.clone();
+    now.to_toml() == saved
+}
+
+/// Runs the recipe, writing everything into `out`; with `resume`, continues the run in
+/// `out` from its newest complete checkpoint.
+pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Result<Outcome> {
+    let t = &recipe.train;
+    let method = Method::from_recipe(recipe)?;
+    let dp = Group::from_env(&dist_options(recipe))?;
+    let (world, rank) = (dp.world_size(), dp.rank());
+    // Rank 0 alone writes: the run directory, and the base model when it is made here.
+    let prepared = if dp.is_main() {
+        start_run(recipe, out, resume)
+    } else {
+        Ok(RunDir::follower(out))
+    };
+    dp.agree(prepared.is_ok(), "starting the run")?;
+    let run = prepared?;
     let weights: &[&str] = if recipe.lora.is_some() {
         &["adapter_model.safetensors", "adapter_config.json"]
     } else {
@@ -505,18 +592,14 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         None
     };
     let base = &recipe.model.path;
-    if !base.join("config.json").exists() && recipe.model.create_if_missing {
-        init_model(
-            base,
-            &NewModel {
-                seed: t.seed,
-                ..Default::default()
-            },
-            Default::default(),
-        )?;
-    }
     kernels::set_kernels(kernels::Kernels::parse(&t.kernels).unwrap_or_default());
-    let mut device = crate::device::parse(&t.device)?.autodiff();
+    // Under a launcher, a plain `cuda` is this process's GPU: the local rank's.
+    let device_name = if world > 1 && t.device == "cuda" {
+        format!("cuda:{}", dp.local_rank)
+    } else {
+        t.device.clone()
+    };
+    let mut device = crate::device::parse(&device_name)?.autodiff();
     if t.gradient_checkpointing {
         device = device.gradient_checkpointing();
     }
@@ -583,7 +666,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let iterations = method.iterations();
     let eval_batches = eval_micro_batches(&sets.eval, t.per_device_train_batch_size, pad);
     let batches_per_epoch = epoch_micro_batches(recipe, &sets.train, 0, pad)?.len();
-    let steps_per_epoch = batches_per_epoch.div_ceil(per_step).max(1) * iterations;
+    // A step consumes `per_step` micro-batches on each rank: the global batch.
+    let steps_per_epoch = batches_per_epoch.div_ceil(per_step * world).max(1) * iterations;
     let total = if t.max_steps > 0 {
         t.max_steps
     } else {
@@ -601,7 +685,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let mut state = TrainerState {
         global_step: 0,
         epoch: 0,
-        next_group: 0,
+        next_micro: 0,
+        next_iteration: 0,
         seen_tokens: 0,
         first_loss: f64::NAN,
         history: Vec::new(),
@@ -619,7 +704,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         optim = optim.load_record(record);
         run.truncate_metrics(*step)?;
         let saved = dir.join(ROLLOUTS_FILE);
-        if saved.exists() {
+        if saved.exists() && world == 1 {
             let text = std::fs::read_to_string(&saved)
                 .map_err(|e| TrainerError::Input(format!("{}: {e}", saved.display())))?;
             rollouts = Some(
@@ -629,7 +714,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         }
     }
 
-    let bar = if progress {
+    let bar = if progress && dp.is_main() {
         ProgressBar::new(total as u64)
     } else {
         ProgressBar::hidden()
@@ -665,6 +750,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let run_eval = |model: &Llama, step: usize, epoch: f64| -> Result<Option<(f64, Metrics)>> {
         let valid = model.valid();
         let got = evaluate(
+            &dp,
             &method,
             &valid,
             &eval_batches,
@@ -682,7 +768,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let TrainerState {
         global_step: mut step,
         mut epoch,
-        next_group: mut skip_groups,
+        next_micro: mut skip_micro,
+        next_iteration: mut skip_iteration,
         mut seen_tokens,
         mut first_loss,
         mut history,
@@ -690,34 +777,47 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         mut skipped_steps,
     } = state;
     let mut bad_streak = 0usize;
+    // A stop signal seen by any rank, acted on at the next checkpoint opportunity.
+    let mut pending_signal: Option<i32> = None;
     let mut epoch_f;
     let started = Instant::now();
     bar.set_position(step as u64);
     'epochs: loop {
         let batches = epoch_micro_batches(recipe, &sets.train, epoch, pad)?;
-        // Each group of micro-batches, once per iteration over it.
-        let groups: Vec<(&[Micro], usize)> = batches
-            .chunks(per_step)
-            .flat_map(|g| (0..iterations).map(move |i| (g, i)))
+        // Each step's group of micro-batches spans every rank, `per_step` each in rank
+        // order, and is used once per iteration. A resumed epoch starts where the
+        // checkpoint left it, whatever world size wrote it.
+        let start = skip_micro.min(batches.len());
+        let span = per_step * world;
+        let groups: Vec<(usize, &[Micro], usize)> = batches[start..]
+            .chunks(span)
+            .enumerate()
+            .flat_map(|(k, g)| (0..iterations).map(move |i| (start + k * span, g, i)))
+            .skip(skip_iteration)
             .collect();
         let step_at_epoch_start = step;
-        let resumed_mid_epoch = skip_groups > 0;
-        for (g, &(group, iteration)) in groups.iter().enumerate() {
-            if g < skip_groups {
-                continue;
-            }
+        let resumed_mid_epoch = start > 0 || skip_iteration > 0;
+        for &(offset, whole, iteration) in &groups {
+            let group = shard(whole, per_step, rank);
             device.seed(step_seed(t.seed, step));
             let mut outs = Vec::new();
             let mut step_metrics = Metrics::default();
             match (&mut grpo, group) {
-                (Some(grpo), [Micro::Prompts(idx)]) => {
+                (Some(grpo), [] | [Micro::Prompts(_)]) => {
+                    let idx: &[usize] = match group {
+                        [Micro::Prompts(idx)] => idx,
+                        _ => &[],
+                    };
                     if iteration == 0 || rollouts.is_none() {
                         let r = grpo.rollout(
+                            &dp,
                             &model.valid(),
                             reference,
                             prompts,
                             idx,
-                            step_seed(t.seed, step) ^ SAMPLER_SEED,
+                            step_seed(t.seed, step)
+                                ^ SAMPLER_SEED
+                                ^ (rank as u64).wrapping_mul(RANK_SEED),
                             t.per_device_train_batch_size,
                             pad,
                             &inner,
@@ -743,7 +843,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                     )?;
                 }
                 _ => {
-                    for micro in group.iter() {
+                    for (j, micro) in group.iter().enumerate() {
+                        device.seed(micro_seed(t.seed, step, rank * per_step + j));
                         if let Some(o) = micro_loss(
                             &method,
                             &model,
@@ -759,24 +860,42 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                 }
             }
             let reuse_next = iteration + 1 < iterations;
-            if outs.is_empty() {
+            // Every rank's outcomes in global order: the shares, the loss and the metrics
+            // come out as one process holding the whole group computes them.
+            let local: Vec<StepOutcome> = outs
+                .iter()
+                .map(|o| StepOutcome {
+                    loss: scalar(o.loss.clone()),
+                    weight: o.weight,
+                    tokens: o.tokens,
+                    metrics: o.metrics.clone(),
+                })
+                .collect();
+            let all =
+                crate::dist::outcomes::gather(&dp, &local, crate::signals::take(), &step_metrics)?;
+            pending_signal = pending_signal.or(all.signal);
+            if all.outcomes.is_empty() {
                 continue;
             }
-            let weights: Vec<f64> = outs.iter().map(|o| o.weight).collect();
-            let mut accumulator = GradientsAccumulator::new();
+            let weights: Vec<f64> = all.outcomes.iter().map(|o| o.weight).collect();
+            let shares = shares(&weights);
             let (mut loss_sum, mut metrics) = (0.0, Metrics::default());
-            for (o, share) in outs.into_iter().zip(shares(&weights)) {
-                loss_sum += scalar(o.loss.clone()) * share;
-                metrics.accumulate(&o.metrics, share);
+            for (o, share) in all.outcomes.iter().zip(&shares) {
+                loss_sum += o.loss * share;
+                metrics.accumulate(&o.metrics, *share);
                 seen_tokens += o.tokens;
+            }
+            let mut accumulator = GradientsAccumulator::new();
+            for (o, share) in outs.into_iter().zip(&shares[all.first_local..]) {
                 let grads =
-                    GradientsParams::from_grads(o.loss.mul_scalar(share).backward(), &model);
+                    GradientsParams::from_grads(o.loss.mul_scalar(*share).backward(), &model);
                 accumulator.accumulate(&model, grads);
             }
-            for (name, value, combine) in step_metrics.0 {
+            for (name, value, combine) in all.step_metrics.0 {
                 metrics.push(name, value, combine);
             }
             let mut grads = accumulator.grads();
+            crate::dist::grads::all_reduce(&dp, &model, &mut grads, &inner)?;
             let grad_norm = clip_global_norm(&model, &mut grads, t.max_grad_norm);
             let lr = t.learning_rate * lr_factor(&t.lr_scheduler_type, step, warmup, total);
             // A non-finite loss or gradient skips the update, so bad values never reach the
@@ -835,25 +954,35 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             if eval_now && let Some((loss, _)) = run_eval(&model, step, epoch_f)? {
                 eval_history.push((step, loss));
             }
-            let signal = crate::signals::take().filter(|_| step < total);
+            let signal = pending_signal.take().filter(|_| step < total);
             if (t.save_steps > 0 && step % t.save_steps == 0 && step < total) || signal.is_some() {
                 // The position after this group; the end of an epoch is the next one's start.
-                let (e, n) = if g + 1 == groups.len() {
-                    (epoch + 1, 0)
+                let (e, m, i) = if reuse_next {
+                    (epoch, offset, iteration + 1)
+                } else if offset + whole.len() >= batches.len() {
+                    (epoch + 1, 0, 0)
                 } else {
-                    (epoch, g + 1)
+                    (epoch, offset + whole.len(), 0)
                 };
                 let snapshot = TrainerState {
                     global_step: step,
                     epoch: e,
-                    next_group: n,
+                    next_micro: m,
+                    next_iteration: i,
                     seen_tokens,
                     first_loss,
                     history: history.clone(),
                     eval_history: eval_history.clone(),
                     skipped_steps,
                 };
-                let pending = if reuse_next { rollouts.as_ref() } else { None };
+                // Samples for the iterations still to come are saved only in one process:
+                // they are each rank's own, and rank 0 writes alone. A data-parallel run
+                // resumed between iterations samples again.
+                let pending = if reuse_next && world == 1 {
+                    rollouts.as_ref()
+                } else {
+                    None
+                };
                 let dir = run
                     .checkpoint(step, t.save_total_limit, |dir| {
                         save_state(dir, &model, &optim, &snapshot, pending, false)
@@ -881,7 +1010,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                 break 'epochs;
             }
         }
-        skip_groups = 0;
+        (skip_micro, skip_iteration) = (0, 0);
         if step == step_at_epoch_start && !resumed_mid_epoch {
             return Err(TrainerError::Input(format!(
                 "{}: no batch has anything to learn from",
@@ -898,7 +1027,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let done = TrainerState {
         global_step: step,
         epoch,
-        next_group: 0,
+        next_micro: 0,
+        next_iteration: 0,
         seen_tokens,
         first_loss,
         history: history.clone(),
