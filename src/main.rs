@@ -683,16 +683,21 @@ fn main() -> ExitCode {
         }
     };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            trainer::dist::finish(true, 0);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             // A signal stops training cleanly, with the shell's 128 + signal exit code.
             if let Some(trainer::TrainerError::Interrupted { signal, .. }) =
                 e.downcast_ref::<trainer::TrainerError>()
             {
                 eprintln!("{e}");
+                trainer::dist::finish(true, 0);
                 return ExitCode::from((128 + signal) as u8);
             }
             eprintln!("error: {}", one_line(&e));
+            trainer::dist::finish(false, 1);
             ExitCode::FAILURE
         }
     }

@@ -139,7 +139,7 @@ fn eval_loss(run: &Path) -> f64 {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v.get("eval_loss")?.as_f64())
-        .last()
+        .next_back()
         .expect("an eval line")
 }
 
@@ -307,7 +307,7 @@ fn rank_pid(mark: &str, rank: usize) -> Option<u32> {
             continue;
         };
         let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-        let has = |w: &str| vars.iter().any(|v| *v == w.as_bytes());
+        let has = |w: &str| vars.contains(&w.as_bytes());
         if has(&want_rank) && has(&want_mark) {
             return Some(pid);
         }
@@ -395,6 +395,98 @@ fn a_dead_rank_stops_the_others_within_the_timeout() {
         "stopped after {waited:?}: before the timeout, so not by it"
     );
     eprintln!("rank 0 stopped {waited:?} after rank 1 was killed");
+}
+
+/// A failure on one rank before training (here rank 0 refuses a directory that already
+/// holds a run) stops every rank at once, with rank 0's message.
+#[test]
+fn a_failure_on_rank_0_stops_the_job_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(run.join("final")).unwrap();
+    let args = train_args(
+        "tiny-sft.toml",
+        "--out",
+        &run,
+        &tmp.path().join("base"),
+        &sets(&["train.max_steps=1"]),
+    );
+    let started = Instant::now();
+    let out = mpirun(2, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("already holds a run"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// SIGTERM to one rank (Slurm signals all, but one is enough): every rank stops after the
+/// same step, rank 0 writes the checkpoint before any rank exits, and the run resumed on
+/// two ranks ends with the weights of a run never stopped.
+#[test]
+fn sigterm_to_one_rank_checkpoints_the_job_and_it_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let list = sets(&[
+        "train.max_steps=30",
+        "train.save_steps=0",
+        "train.eval_steps=0",
+        "train.per_device_train_batch_size=4",
+        "lora.dropout=0.1",
+    ]);
+    let whole = tmp.path().join("whole");
+    assert_ok(
+        "uninterrupted",
+        &mpirun(
+            2,
+            &train_args("tiny-sft.toml", "--out", &whole, &base, &list),
+        ),
+    );
+
+    let run = tmp.path().join("run");
+    let mark = s(tmp.path()).to_string();
+    let child = mpirun_command(
+        2,
+        &[],
+        &train_args("tiny-sft.toml", "--out", &run, &base, &list),
+    )
+    .env("HEARTH_TEST_MARK", &mark)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !run.join("metrics.jsonl").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rank1 = rank_pid(&mark, 1).expect("rank 1's process");
+    unsafe { libc::kill(rank1 as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !run.join("final").exists(),
+        "the run ended before the signal: {stderr}"
+    );
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    let checkpoint = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+        })
+        .expect("a checkpoint written on the signal");
+    checkpoints::verify_manifest(&checkpoint).unwrap();
+
+    let resume = train_args("tiny-sft.toml", "--resume", &run, &base, &list);
+    assert_ok("resume on two ranks", &mpirun(2, &resume));
+    let read = |r: &Path| std::fs::read(r.join("final/adapter_model.safetensors")).unwrap();
+    assert!(read(&whole) == read(&run), "resumed weights differ");
+    assert_eq!(losses(&whole), losses(&run));
 }
 
 /// Without MPI's variables and with a launcher's world size above one, a build that has

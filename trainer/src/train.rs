@@ -998,6 +998,9 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
                     })?;
                 run.plot(&history, &eval_history)?;
                 if let Some(signal) = signal {
+                    // No rank exits before rank 0 has written the checkpoint (a launcher
+                    // tears the job down when the first one does).
+                    dp.agree(true, "writing the checkpoint before stopping")?;
                     bar.finish_and_clear();
                     return Err(TrainerError::Interrupted {
                         signal,
@@ -1042,6 +1045,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         "skipped_rows": sets.skipped_rows, "skipped_steps": skipped_steps,
         "train_runtime": started.elapsed().as_secs_f64(), "step": step,
     }))?;
+    dp.agree(true, "writing the final weights")?;
     if sets.skipped_rows > 0 {
         eprintln!("skipped {} bad rows (skip_bad_rows)", sets.skipped_rows);
     }

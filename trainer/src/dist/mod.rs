@@ -229,6 +229,17 @@ impl Group {
     }
 }
 
+/// Ends this process's part in a data-parallel job; call it once, just before exiting.
+/// After a clean end (`clean`, including a stop on a signal, which every rank takes at the
+/// same step) MPI is finalised; after a failure the whole job is aborted with `code`, so
+/// the other ranks do not wait for this one until their timeout. Nothing to do alone.
+pub fn finish(clean: bool, code: i32) {
+    #[cfg(feature = "mpi")]
+    mpi::finish(clean, code);
+    #[cfg(not(feature = "mpi"))]
+    let _ = (clean, code);
+}
+
 #[cfg(feature = "mpi")]
 fn mpi_group(launch: &Launch) -> Result<Box<dyn Collective>, DistError> {
     if !launch.mpi {

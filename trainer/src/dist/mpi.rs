@@ -1,28 +1,56 @@
 //! The MPI engine (Open MPI or MPICH through the `mpi` crate): how hearth runs data
 //! parallel on CPU, and on GPUs where NCCL is not wanted.
 
+use std::cell::RefCell;
+
 use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::CommunicatorCollectives;
 
 use super::{Collective, DistError};
 
+thread_local! {
+    /// MPI is initialised once per process (a pipeline trains several stages) and
+    /// finalised by [`finish`], on the thread that initialised it.
+    static UNIVERSE: RefCell<Option<Universe>> = const { RefCell::new(None) };
+}
+
 pub struct Mpi {
     world: SimpleCommunicator,
-    // Finalises MPI when dropped, so it goes last.
-    _universe: mpi::environment::Universe,
 }
 
 impl Mpi {
     pub fn init() -> Result<Self, DistError> {
-        let universe = mpi::initialize().ok_or_else(|| DistError::Init {
-            backend: "MPI",
-            msg: "MPI was already initialised in this process".into(),
-        })?;
+        if !mpi::environment::is_initialized() {
+            let universe = mpi::initialize().ok_or_else(|| DistError::Init {
+                backend: "MPI",
+                msg: "MPI_Init failed".into(),
+            })?;
+            UNIVERSE.with(|u| *u.borrow_mut() = Some(universe));
+        } else if UNIVERSE.with(|u| u.borrow().is_none()) {
+            return Err(DistError::Init {
+                backend: "MPI",
+                msg: "MPI was initialised and finalised already in this process".into(),
+            });
+        }
         Ok(Self {
-            world: universe.world(),
-            _universe: universe,
+            world: SimpleCommunicator::world(),
         })
+    }
+}
+
+/// After a clean end, finalises MPI (mpirun counts a process that exits without it as
+/// failed); after a failure, aborts the whole job with `code`, so the other ranks stop now
+/// rather than wait for this one until their timeout.
+pub fn finish(clean: bool, code: i32) {
+    let Some(universe) = UNIVERSE.with(|u| u.borrow_mut().take()) else {
+        return;
+    };
+    if clean {
+        drop(universe);
+    } else {
+        universe.world().abort(code);
     }
 }
 
