@@ -471,7 +471,9 @@ fn run(cli: Cli) -> Result<()> {
                 PathBuf::from("runs").join(name.unwrap_or_else(|| "pipeline".into()))
             });
             let report = trainer::pipeline::run(&a.pipeline, &out, &a.set, true)?;
-            println!("{}", report.text);
+            if trainer::dist::is_main_process() {
+                println!("{}", report.text);
+            }
             eprintln!("report written to {}", out.join("report.md").display());
         }
         Command::Train(a) => {

@@ -294,6 +294,28 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
     assert!(run.join("final/adapter_model.safetensors").is_file());
 }
 
+/// A pipeline under mpirun runs every stage data parallel (MPI initialised once for all
+/// of them); stage directories are decided and cleared by rank 0 alone, and the report is
+/// printed once.
+#[test]
+fn a_pipeline_runs_on_two_ranks_and_reports_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pipeline");
+    let args: Vec<String> = vec![
+        "pipeline".into(),
+        s(&root().join("recipes/tiny-pipeline.toml")).into(),
+        "--out".into(),
+        s(&out).into(),
+    ];
+    let run = mpirun(2, &args);
+    assert_ok("pipeline on two ranks", &run);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(stdout.matches("# hearth pipeline report").count(), 1, "{stdout}");
+    for stage in ["sft", "reward", "dpo", "grpo"] {
+        assert!(out.join(stage).join("final").is_dir(), "{stage} has no final/");
+    }
+}
+
 /// The pid of the process of this test's job (marked by `mark` in its environment) that
 /// MPI made rank `rank`.
 fn rank_pid(mark: &str, rank: usize) -> Option<u32> {

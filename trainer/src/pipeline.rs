@@ -14,6 +14,7 @@ use data::render::{TemplateChoice, template_for};
 use rand::SeedableRng;
 use serde::Deserialize;
 
+use crate::dist::Group;
 use crate::generate::{Sampling, generate_batch, stop_tokens};
 use crate::model::load_model;
 use crate::model::lora::load_adapter;
@@ -262,7 +263,11 @@ fn samples(
 /// Runs one stage, picking up what an earlier run of the pipeline left: a finished stage
 /// (its `final/` verifies and it ran this very recipe) is reused, an interrupted one resumes
 /// from its newest checkpoint, anything else starts afresh.
-fn run_stage(recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
+///
+/// In a data-parallel run every rank reads what is there between two agreements (so
+/// none reads after rank 0 started writing), and only rank 0 removes anything.
+fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
+    dp.agree(true, "starting a pipeline stage")?;
     let saved = std::fs::read_to_string(dir.join("recipe.toml")).ok();
     let same_recipe = saved.as_deref() == Some(recipe.to_toml().as_str());
     if same_recipe && checkpoints::verify_manifest(&dir.join("final")).is_ok() {
@@ -275,7 +280,10 @@ fn run_stage(recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
         d.flatten()
             .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
     });
-    if same_recipe && !dir.join("final").exists() {
+    let has_final = dir.join("final").exists();
+    dp.agree(true, "starting a pipeline stage")?;
+    let progress = progress && dp.is_main();
+    if same_recipe && !has_final {
         if has_checkpoint {
             if progress {
                 eprintln!("  resuming {}", dir.display());
@@ -283,8 +291,14 @@ fn run_stage(recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
             return train(recipe, dir, true, progress);
         }
         // Stopped before its first checkpoint: nothing in it can be used; start it again.
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))?;
+        let removed = if dp.is_main() {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))
+        } else {
+            Ok(())
+        };
+        dp.agree(removed.is_ok(), "clearing a pipeline stage")?;
+        removed?;
     }
     train(recipe, dir, false, progress)
 }
@@ -321,6 +335,7 @@ fn outcome_of(dir: &Path) -> Result<Outcome> {
 pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<PipelineReport> {
     let p = load(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
+    let mut dp: Option<Group> = None;
     let mut vars: BTreeMap<String, PathBuf> = BTreeMap::new();
     vars.insert("out".into(), out.to_path_buf());
     let mut stages = Vec::new();
@@ -340,7 +355,13 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             ))
         })?;
         let run_dir = out.join(&s.name);
-        if progress {
+        if dp.is_none() {
+            dp = Some(Group::from_env(&crate::train::dist_options(&recipe))?);
+        }
+        let dp = dp
+            .as_ref()
+            .ok_or_else(|| TrainerError::Input("internal: no group".into()))?;
+        if progress && dp.is_main() {
             eprintln!(
                 "stage {}/{}: {} ({})",
                 i + 1,
@@ -349,7 +370,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
                 recipe.train.method
             );
         }
-        let outcome = run_stage(&recipe, &run_dir, progress)?;
+        let outcome = run_stage(dp, &recipe, &run_dir, progress)?;
         stages.push(StageReport {
             name: s.name.clone(),
             method: recipe.train.method.clone(),
@@ -386,7 +407,9 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             }
         }
     }
-    checkpoints::write_text(&out.join("report.md"), &text)?;
+    if dp.as_ref().is_none_or(Group::is_main) {
+        checkpoints::write_text(&out.join("report.md"), &text)?;
+    }
     Ok(PipelineReport { stages, text })
 }
 

@@ -507,7 +507,8 @@ fn micro_seed(seed: u64, step: usize, index: usize) -> u64 {
 /// Keeps ranks' samplers apart (rank 0's stream is the single-process one).
 const RANK_SEED: u64 = 0xA076_1D64_78BD_642F;
 
-fn dist_options(recipe: &Recipe) -> crate::dist::Options {
+/// The `[dist]` settings of `recipe`, for [`Group::from_env`].
+pub fn dist_options(recipe: &Recipe) -> crate::dist::Options {
     let d = &recipe.dist;
     crate::dist::Options {
         backend: d.backend.clone(),

@@ -229,6 +229,14 @@ impl Group {
     }
 }
 
+/// Whether this process is rank 0 of its job (or alone): the one that prints reports.
+pub fn is_main_process() -> bool {
+    launch::from_env()
+        .ok()
+        .flatten()
+        .is_none_or(|l| l.rank == 0)
+}
+
 /// Ends this process's part in a data-parallel job; call it once, just before exiting.
 /// After a clean end (`clean`, including a stop on a signal, which every rank takes at the
 /// same step) MPI is finalised; after a failure the whole job is aborted with `code`, so
