@@ -310,9 +310,16 @@ fn a_pipeline_runs_on_two_ranks_and_reports_once() {
     let run = mpirun(2, &args);
     assert_ok("pipeline on two ranks", &run);
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert_eq!(stdout.matches("# hearth pipeline report").count(), 1, "{stdout}");
+    assert_eq!(
+        stdout.matches("# hearth pipeline report").count(),
+        1,
+        "{stdout}"
+    );
     for stage in ["sft", "reward", "dpo", "grpo"] {
-        assert!(out.join(stage).join("final").is_dir(), "{stage} has no final/");
+        assert!(
+            out.join(stage).join("final").is_dir(),
+            "{stage} has no final/"
+        );
     }
 }
 
