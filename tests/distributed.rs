@@ -172,6 +172,8 @@ fn two_ranks_match_one_process(recipe: &str, dropout: &str, accum: usize) {
     let two = tmp.path().join("two");
     let mut s2 = sets(&common);
     s2.push(format!("train.gradient_accumulation_steps={accum}"));
+    // Small buckets (50 kB): many all-reduce calls of a few whole parameters each.
+    s2.push("dist.bucket_mb=0.05".into());
     let args = train_args(recipe, "--out", &two, &base, &s2);
     assert_ok("mpirun -np 2", &mpirun(2, &args));
 

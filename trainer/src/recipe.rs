@@ -241,6 +241,10 @@ pub struct TrainSection {
     /// cpu, cuda[:N] or wgpu[:N].
     pub device: String,
     pub gradient_checkpointing: bool,
+    /// Compute in bfloat16 / float16 (TRL's names): frozen weights stored and matmuls run
+    /// in the half dtype; trainable weights, norms, attention's softmax and the loss in f32.
+    pub bf16: bool,
+    pub fp16: bool,
     /// Which implementation of the fused ops runs: `fused` (CubeCL kernels on GPU backends,
     /// hand-written backward passes everywhere), `reference` (plain tensor ops), or `auto`:
     /// fused on GPU backends, reference on the CPU.
@@ -274,6 +278,8 @@ impl Default for TrainSection {
             seed: 42,
             device: "cpu".into(),
             gradient_checkpointing: false,
+            bf16: false,
+            fp16: false,
             kernels: "auto".into(),
             max_bad_steps: 5,
         }
@@ -311,6 +317,9 @@ impl Recipe {
         let t = &self.train;
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
         const METHODS: [&str; 5] = ["sft", "dpo", "orpo", "reward", "grpo"];
+        if t.bf16 && t.fp16 {
+            return bad("train.bf16 and train.fp16 are both on; choose one".into());
+        }
         let d = &self.dist;
         if !["auto", "mpi", "nccl"].contains(&d.backend.as_str()) {
             return bad(format!(

@@ -25,6 +25,7 @@ use crate::method::{
     tokenize,
 };
 use crate::model::lora::{LoraSettings, attach_lora, load_adapter, merge_lora, save_adapter};
+use crate::model::precision::{Precision, with_precision};
 use crate::model::{
     Llama, NewModel, copy_companions, init_model, load_model, save_model, with_score_head,
 };
@@ -134,7 +135,7 @@ fn all_finite(model: &Llama) -> bool {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             // Any NaN or ±∞ makes the sum of |x| non-finite (overflow to ∞ only for values
             // near f32's limit, which are as good as diverged).
-            let s = param.val().detach().abs().sum();
+            let s = crate::model::precision::f32(param.val().detach().abs().sum());
             self.0 = Some(match self.0.take() {
                 Some(t) => t + s,
                 None => s,
@@ -375,11 +376,12 @@ pub fn setup(
             (model, reference, Tuning::Full)
         }
     };
+    let precision = Precision::from_flags(recipe.train.bf16, recipe.train.fp16);
     Ok(Setup {
         config,
-        model,
+        model: with_precision(model, precision),
         reference: reference.map(|model| Reference {
-            model,
+            model: with_precision(model, precision),
             device: inner,
         }),
         tuning,

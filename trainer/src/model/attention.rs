@@ -2,6 +2,7 @@ use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
 use super::linear::Linear;
+use super::precision::{f32, to};
 
 /// Multi-head self-attention with grouped key/value heads and rotary positions.
 #[derive(Module, Debug)]
@@ -34,8 +35,10 @@ impl Attention {
         cache: Option<LayerCache>,
     ) -> (Tensor<3>, LayerCache) {
         let [b, t, _] = x.dims();
+        let dtype = x.dtype();
+        // Rotary positions and the softmax run in f32 (so does the cache).
         let heads = |proj: &Linear, n: usize| {
-            proj.forward(x.clone())
+            f32(proj.forward(x.clone()))
                 .reshape([b, t, n, self.head_dim])
                 .swap_dims(1, 2)
         };
@@ -54,7 +57,7 @@ impl Attention {
         let out = out
             .swap_dims(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
-        (self.o_proj.forward(out), LayerCache { k, v })
+        (self.o_proj.forward(to(out, dtype)), LayerCache { k, v })
     }
 
     /// `x`: `[B, T, hidden]`; `cos`, `sin`: `[B, T, head_dim]`; `masked`: `[B, 1, T, T]`.
@@ -66,8 +69,10 @@ impl Attention {
         masked: Tensor<4, Bool>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
+        let dtype = x.dtype();
+        // Rotary positions and the softmax run in f32.
         let heads = |proj: &Linear, n: usize| {
-            proj.forward(x.clone())
+            f32(proj.forward(x.clone()))
                 .reshape([b, t, n, self.head_dim])
                 .swap_dims(1, 2)
         };
@@ -80,6 +85,6 @@ impl Attention {
         let out = out
             .swap_dims(1, 2)
             .reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(out)
+        self.o_proj.forward(to(out, dtype))
     }
 }

@@ -3,6 +3,7 @@ use burn::tensor::Tensor;
 use burn::tensor::module::linear;
 
 use super::lora::Lora;
+use super::precision::{f32, to};
 
 /// A projection with the weight kept in Hugging Face's `[out, in]` layout, so loading,
 /// saving and LoRA's `[r, in]` / `[out, r]` factors need no transposed copies. An attached
@@ -16,14 +17,16 @@ pub struct Linear {
 
 impl Linear {
     /// `x`: `[..., in]` → `[..., out]`.
+    /// The matmul runs in `x`'s dtype (an f32 master weight is cast to it).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
         let base = linear(
             x.clone(),
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(Param::val),
+            to(self.weight.val(), dtype).transpose(),
+            self.bias.as_ref().map(|b| to(b.val(), dtype)),
         );
         match &self.lora {
-            Some(lora) => base + lora.delta(x),
+            Some(lora) => base + to(lora.delta(f32(x)), dtype),
             None => base,
         }
     }

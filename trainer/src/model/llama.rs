@@ -11,6 +11,7 @@ use super::lora::Lora;
 use super::mask::attention_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
+use super::precision::{f32, to};
 use super::rope::{cos_sin, inverse_frequencies};
 use crate::{Result, TrainerError};
 
@@ -93,6 +94,9 @@ pub struct Llama {
     pub score: Option<Linear>,
     #[module(skip)]
     inv_freq: Vec<f32>,
+    /// What the activations compute in (see [`super::precision`]).
+    #[module(skip)]
+    pub precision: super::precision::Precision,
 }
 
 impl Llama {
@@ -189,6 +193,7 @@ impl Llama {
             lm_head,
             score,
             inv_freq: inverse_frequencies(config),
+            precision: Default::default(),
         })
     }
 
@@ -232,7 +237,7 @@ impl Llama {
             };
             x = layer.forward(x, &cos, &sin, masked);
         }
-        self.norm.forward(x)
+        f32(self.norm.forward(x))
     }
 
     /// Final hidden states of `ids` (`[B, n]`) continuing the sequences held in `cache`
@@ -281,7 +286,7 @@ impl Llama {
             out.push(c);
         }
         (
-            self.norm.forward(x),
+            f32(self.norm.forward(x)),
             KvCache {
                 layers: out,
                 key_padding,
@@ -290,27 +295,31 @@ impl Llama {
     }
 
     /// Token embeddings `[B, T, hidden]`, with the embedding adapter's delta when one is on.
+    /// They start the activations off in the model's compute dtype.
     fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let base = embedding(self.embed_tokens.val(), ids.clone());
-        match &self.embed_lora {
+        let base = f32(embedding(self.embed_tokens.val(), ids.clone()));
+        let x = match &self.embed_lora {
             Some(lora) => base + lora.embedding_delta(ids),
             None => base,
-        }
+        };
+        to(x, self.precision.dtype())
     }
 
     /// The output head for hidden rows `[N, hidden]`: `lm_head` (or the embeddings when
     /// tied), plus its adapter's low-rank term for those rows when `lm_head` has one.
     pub fn head(&self, rows: &Tensor<2>) -> kernels::Head {
         match &self.lm_head {
+            // The log-softmax over the vocabulary runs in f32 (a half-precision head is
+            // widened here, a chunk of rows at a time inside the kernels' matmul inputs).
             Some(head) => kernels::Head {
-                weight: head.weight.val(),
+                weight: f32(head.weight.val()),
                 low_rank: head.lora.as_ref().map(|l| {
                     let down = linear(l.dropout.forward(rows.clone()), l.a.val().transpose(), None)
                         .mul_scalar(l.scale);
                     (down, l.b.val())
                 }),
             },
-            None => kernels::Head::new(self.embed_tokens.val()),
+            None => kernels::Head::new(f32(self.embed_tokens.val())),
         }
     }
 

@@ -443,17 +443,19 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
     Ok((unfreeze_score(with_path_ids(model)), settings))
 }
 
-/// Folds every adapter into its base weight (`W + s·B·A`) and removes the adapters.
+/// Folds every adapter into its base weight (`W + s·B·A`, in f32 whatever the base was
+/// stored in) and removes the adapters.
 pub fn merge_lora(mut model: Llama) -> Llama {
     let _ = for_each_projection(&mut model, |_, _, proj| {
         if let Some(lora) = proj.lora.take() {
-            let merged = proj.weight.val() + lora.merged_delta();
+            let merged = super::precision::f32(proj.weight.val()) + lora.merged_delta();
             proj.weight = Param::from_tensor(merged);
         }
         Ok(())
     });
     if let Some(lora) = model.embed_lora.take() {
-        let merged = model.embed_tokens.val() + lora.merged_delta().transpose();
+        let merged =
+            super::precision::f32(model.embed_tokens.val()) + lora.merged_delta().transpose();
         model.embed_tokens = Param::from_tensor(merged);
     }
     model

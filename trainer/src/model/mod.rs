@@ -11,6 +11,7 @@ pub mod lora;
 mod mask;
 mod mlp;
 mod norm;
+pub mod precision;
 mod rope;
 mod score;
 mod specs;

@@ -1,6 +1,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 
+use super::precision::{f32, to};
+
 /// RMSNorm with a learned scale; the math lives in `kernels`.
 #[derive(Module, Debug)]
 pub struct RmsNorm {
@@ -10,7 +12,12 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// `x`: `[..., N]` → `[..., N]`.
+    /// Computed in f32 and returned in `x`'s dtype, as transformers does.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        kernels::rms_norm(x, self.weight.val(), self.eps)
+        let dtype = x.dtype();
+        to(
+            kernels::rms_norm(f32(x), f32(self.weight.val()), self.eps),
+            dtype,
+        )
     }
 }
