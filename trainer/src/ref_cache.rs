@@ -60,8 +60,14 @@ pub struct RefCacheKey {
 impl RefCacheKey {
     /// Hashes `config.json`, every safetensors file and index in `base`, and the initial
     /// adapter's files when there is one.
-    pub fn new(base: &Path, adapter: Option<&Path>) -> Result<Self> {
+    /// `precision` is part of the key: the reference computes in it.
+    pub fn new(
+        base: &Path,
+        adapter: Option<&Path>,
+        precision: crate::model::precision::Precision,
+    ) -> Result<Self> {
         let mut h = Fnv::new();
+        h.bytes(format!("{precision:?}").as_bytes());
         for dir in std::iter::once(base).chain(adapter) {
             let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
                 .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))?

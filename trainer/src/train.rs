@@ -630,6 +630,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         let key = RefCacheKey::new(
             base,
             recipe.lora.as_ref().and_then(|l| l.init_from.as_deref()),
+            Precision::from_flags(t.bf16, t.fp16),
         )?;
         for set in [&mut sets.train, &mut sets.eval] {
             if let Examples::Pairs(pairs) = set {
