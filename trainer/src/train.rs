@@ -563,7 +563,9 @@ fn same_run(saved: &str, recipe: &Recipe, origin: &str) -> bool {
     let mut now = recipe.clone();
     now.train.gradient_accumulation_steps = before.train.gradient_accumulation_steps;
     now.dist = before.dist.clone();
-    now.to_toml() == saved
+    // Both through today's schema, so keys a run from an older hearth lacks read as their
+    // defaults rather than as a difference.
+    now.to_toml() == before.to_toml()
 }
 
 /// Runs the recipe, writing everything into `out`; with `resume`, continues the run in
@@ -1102,6 +1104,39 @@ mod tests {
         );
         assert_eq!(lr_factor("constant", 9, 2, 10), 1.0);
         assert_eq!(lr_factor("constant", 0, 0, 10), 1.0);
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::same_run;
+    use crate::recipe::parse;
+
+    const TEXT: &str =
+        "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[train]\nlearning_rate = 0.01\n";
+
+    /// A resume may change the accumulation and `[dist]` (another number of processes),
+    /// nothing else; a run directory written before a key existed still resumes.
+    #[test]
+    fn resume_allows_only_what_another_world_size_changes() {
+        let saved = parse(TEXT, "t", &[]).unwrap().to_toml();
+        let with = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            parse(TEXT, "t", &sets).unwrap()
+        };
+        assert!(same_run(&saved, &with(&[]), "t"));
+        assert!(same_run(
+            &saved,
+            &with(&["train.gradient_accumulation_steps=4", "dist.timeout_s=30"]),
+            "t"
+        ));
+        assert!(!same_run(&saved, &with(&["train.learning_rate=0.02"]), "t"));
+        assert!(!same_run(&saved, &with(&["train.bf16=true"]), "t"));
+        // An older run's recipe.toml, without the [dist] section.
+        let old: String = saved.split("\n[dist]").next().unwrap().to_string();
+        assert_ne!(old, saved);
+        assert!(same_run(&old, &with(&[]), "t"));
+        assert!(!same_run("not toml", &with(&[]), "t"));
     }
 }
 
