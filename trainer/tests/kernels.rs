@@ -12,15 +12,7 @@ use trainer::recipe::load;
 use trainer::train::train;
 
 mod common;
-use common::root;
-
-fn losses(run: &Path) -> Vec<f64> {
-    trainer::run_dir::read_metrics(run)
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["loss"].as_f64())
-        .collect()
-}
+use common::{losses, root};
 
 #[test]
 fn fused_and_reference_kernels_train_alike() {

@@ -13,7 +13,7 @@ use trainer::recipe::load;
 use trainer::train::train;
 
 mod common;
-use common::root;
+use common::{losses, root};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -108,14 +108,6 @@ fn dtypes(model: &trainer::model::Llama) -> (Vec<DType>, Vec<DType>) {
     let mut s = Seen(Vec::new(), Vec::new());
     model.visit(&mut s);
     (s.0, s.1)
-}
-
-fn losses(run: &Path) -> Vec<f64> {
-    trainer::run_dir::read_metrics(run)
-        .unwrap()
-        .iter()
-        .filter_map(|l| l["loss"].as_f64())
-        .collect()
 }
 
 #[test]

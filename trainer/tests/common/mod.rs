@@ -5,6 +5,15 @@ use std::path::{Path, PathBuf};
 
 use trainer::recipe::{Recipe, load};
 
+/// The training losses a run logged, in step order.
+pub fn losses(run: &Path) -> Vec<f64> {
+    trainer::run_dir::read_metrics(run)
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["loss"].as_f64())
+        .collect()
+}
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
