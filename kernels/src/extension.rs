@@ -249,7 +249,14 @@ pub trait FusedOps: Backend {
     /// hold the sum. `q`: `[B, H, T, D]`; `k`, `v`: `[B, Hkv, S, D]`; `masked`:
     /// `[B, 1, T, S]`, true where a query must not see a key. Returns
     /// `(out [B, H, T, D], [m, l] [B, H, T, 2])`, the statistics in f32.
-    #[fusion(default)]
+    #[fusion(meta = |q, _k, _v, _masked, _block| {
+        let [b, h, t, _] = q.shape.dims::<4>();
+        let stats = burn::backend::fusion::custom::TensorSpec::new(
+            [b, h, t, 2].into(),
+            burn::backend::DType::F32,
+        );
+        (q.clone(), stats)
+    })]
     fn grouped_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -282,7 +289,9 @@ pub trait FusedOps: Backend {
     /// `Δ = rowsum(dO ⊙ O)`: `dV = Σ Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − Δ)`, `dQ = c·dS·K`,
     /// `dK = c·Σ dSᵀ·Q`, with `c = 1/√D`. Returns `(dq, dk, dv)`.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(default)]
+    #[fusion(meta = |q, k, v, _masked, _out, _stats, _grad, _block| {
+        (q.clone(), k.clone(), v.clone())
+    })]
     fn grouped_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

@@ -63,16 +63,17 @@ pub fn token_logprobs(
 /// ever holds at once.
 pub const ATTENTION_BLOCK: usize = 64;
 
-/// Fused [`crate::reference::attention`]: the same grouped, masked attention, computed a
-/// block of queries at a time with a backward that rebuilds each block's probabilities
-/// from the saved log-sum-exp, so neither pass keeps `[T, S]` scores.
+/// Fused [`crate::reference::attention`]: the same grouped, masked attention without
+/// `[T, S]` scores in either pass. On Cube backends it is the flash kernel
+/// (`cube::attention`); elsewhere a block of queries at a time, with a backward that
+/// rebuilds each block's probabilities from the saved softmax statistics.
 ///
 /// `q`: `[B, H, T, D]`; `k`, `v`: `[B, Hkv, S, D]`; `masked`: `[B, 1, T, S]`.
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Bool>) -> Tensor<4> {
     attention_blocked(q, k, v, masked, ATTENTION_BLOCK)
 }
 
-/// [`attention`] with `block` queries per block.
+/// [`attention`] with `block` queries per block (on flex; the flash kernel tiles itself).
 pub fn attention_blocked(
     q: Tensor<4>,
     k: Tensor<4>,

@@ -13,9 +13,10 @@
 //! `kernels` switch). RMSNorm, SwiGLU and RoPE have CubeCL kernels, forward and backward.
 //! The head's log-probs are a chunked autodiff op whose backward rebuilds one chunk's
 //! logits at a time from the saved log-sum-exp; on GPU each chunk runs burn's matmul plus
-//! two CubeCL kernels (row statistics, and the logits' gradient). Attention is a blocked
-//! autodiff op the same way, with burn's kernels per block on GPU (no flash kernel of its
-//! own yet). Entropy, a metric without gradient, always runs its reference.
+//! two CubeCL kernels (row statistics, and the logits' gradient). Attention is one autodiff
+//! op too: on GPU a CubeCL flash-attention kernel (forward, and a two-launch backward),
+//! on flex a blocked twin of primitive ops; both keep only the output and each query's
+//! softmax statistics. Entropy, a metric without gradient, always runs its reference.
 
 mod autodiff;
 #[cfg(feature = "gpu")]

@@ -376,11 +376,23 @@ mod wgpu {
         rotary_parity(&device().autodiff(), DType::F32);
     }
 
+    /// The flash kernel: head dims 64 and 128; queries fewer than keys (a KV cache);
+    /// and 70 tokens, which span two cubes of queries, two of keys and several tiles of
+    /// K/V (at most 32 keys each), so the running softmax's rescaling across tiles and the
+    /// cubes' edges are exercised.
     #[test]
     fn attention_matches_reference_on_wgpu() {
         let device = device().autodiff();
         attention_parity(&device, DType::F32, 64, 23, 23);
         attention_parity(&device, DType::F32, 128, 13, 13);
+        attention_parity(&device, DType::F32, 64, 4, 17);
+        attention_parity(&device, DType::F32, 16, 70, 70);
+    }
+
+    /// f16 inputs: the kernel's sums are f32, the reference's matmuls round to f16.
+    #[test]
+    fn f16_attention_matches_reference_on_wgpu() {
+        attention_parity(&device().autodiff(), DType::F16, 64, 23, 23);
     }
 
     #[test]

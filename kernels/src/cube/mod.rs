@@ -6,13 +6,14 @@
 //! Only portable features are used (shared memory and cube barriers, no plane ops or
 //! cmma), so the same kernels run on Mesa's lavapipe in CI.
 
+mod attention;
 mod logits;
 mod rms_norm;
 mod rotary;
 mod swiglu;
 
 use burn::backend::TensorMetadata;
-use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::CubeCount;
@@ -64,6 +65,31 @@ impl FusedOps for CubeBackend {
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         logits::grads(logits, targets, lse, grad)
+    }
+
+    /// Flash attention: the kernel tiles by itself, so the reference's query `block` has
+    /// no say here.
+    fn grouped_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        _block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        attention::forward(q, k, v, masked)
+    }
+
+    fn grouped_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        _block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        attention::backward(q, k, v, masked, out, stats, grad)
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -1,0 +1,533 @@
+//! Flash attention, forward and backward, for grouped K/V heads and an arbitrary mask.
+//!
+//! Forward: one cube per (batch, query head, block of queries), one thread per query. The
+//! cube walks the keys a tile at a time: its threads load the tile of K and V (from the
+//! query head's K/V head, `h / (H / Hkv)`: nothing is repeated) into shared memory once,
+//! and every thread scores its query against the tile and folds it into a running softmax
+//! (maximum `m`, normaliser `l`, un-normalised output), rescaling once per tile. No score
+//! outlives its tile, so memory is O(S) beyond the inputs; `m` and `l` are written out for
+//! the backward.
+//!
+//! Backward, in two launches so that nothing is accumulated across cubes (no atomics):
+//! - `dq`: the forward's layout; each thread rebuilds its row's probabilities
+//!   `p = exp(s − m)/l` tile by tile and sums `dq = scale·Σ p·(dO·v − δ)·k`, where
+//!   `δ = dO·O` is its row's own dot product, written out for the second launch;
+//! - `dk`, `dv`: one cube per (batch, K/V head, block of keys), one thread per key; the
+//!   cube walks the queries of every head in the group a tile at a time, and each thread
+//!   sums `dv = Σ p·dO` and `dk = scale·Σ p·(dO·v − δ)·q`.
+//!
+//! Masked scores are `−10³⁰`, as in the reference: a row with every key masked averages
+//! V uniformly, and masked scores pass no gradient to q and k. Sums are f32 whatever the
+//! inputs' dtype. Only shared memory and cube barriers are used (no plane ops, no cmma),
+//! so the same kernels run on lavapipe in CI; the key/query tiles are sized to the
+//! device's shared memory.
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::{DType, TensorMetadata};
+use burn::tensor::BoolStore;
+use burn_cubecl::kernel::{bool_cast, untile};
+use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+
+use super::grid;
+
+/// Queries (forward, `dq`) or keys (`dk`/`dv`) per cube: one thread each.
+const ROWS: usize = 64;
+
+/// The score of a masked key; finite, so a row with nothing visible stays NaN-free.
+const MASKED: f32 = -1.0e30;
+
+#[cube(launch)]
+fn forward_kernel<F: Float, M: Numeric>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    mask: &Tensor<M>,
+    out: &mut Tensor<F>,
+    stats: &mut Tensor<f32>,
+    scale: f32,
+    #[comptime] dim: usize,
+    #[comptime] tile: usize,
+    #[define(F, M)] _dtypes: [ElemType; 2],
+) {
+    let heads = q.shape(1);
+    let t_len = q.shape(2);
+    let s_len = k.shape(2);
+    let group = heads / k.shape(1);
+    let rows = CUBE_DIM_X as usize;
+    let blocks = t_len.div_ceil(rows);
+    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if cube >= q.shape(0) * heads * blocks {
+        terminate!();
+    }
+    let b = cube / (heads * blocks);
+    let h = (cube / blocks) % heads;
+    let kvh = h / group;
+    let tid = UNIT_POS_X as usize;
+    let i = (cube % blocks) * rows + tid;
+    let live = i < t_len;
+    // Threads past the last query still load tiles and meet the barriers.
+    let row = select(live, i, 0);
+
+    let q_at = b * q.stride(0) + h * q.stride(1) + row * q.stride(2);
+    let mut qrow = Array::<f32>::new(dim);
+    let mut acc = Array::<f32>::new(dim);
+    for c in 0..dim {
+        qrow[c] = f32::cast_from(q[q_at + c * q.stride(3)]) * scale;
+        acc[c] = 0.0;
+    }
+    let k_at = b * k.stride(0) + kvh * k.stride(1);
+    let v_at = b * v.stride(0) + kvh * v.stride(1);
+    let mask_at = b * mask.stride(0) + row * mask.stride(2);
+
+    let mut ks = Shared::<[f32]>::new_slice(tile * dim);
+    let mut vs = Shared::<[f32]>::new_slice(tile * dim);
+    let mut scores = Array::<f32>::new(tile);
+    // Below every score, masked ones included; WGSL has no infinity literal.
+    let mut m = f32::new(-3.0e38);
+    let mut l = f32::new(0.0);
+    let mut j0 = 0usize;
+    while j0 < s_len {
+        let n = select(s_len - j0 < tile, s_len - j0, tile);
+        let mut idx = tid;
+        while idx < n * dim {
+            let j = j0 + idx / dim;
+            let c = idx % dim;
+            ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
+            vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
+            idx += rows;
+        }
+        sync_cube();
+        if live {
+            let mut top = m;
+            for jj in 0..tile {
+                if jj < n {
+                    let mut s = f32::new(MASKED);
+                    if u32::cast_from(mask[mask_at + (j0 + jj) * mask.stride(3)]) == 0 {
+                        s = 0.0;
+                        for c in 0..dim {
+                            s += qrow[c] * ks[jj * dim + c];
+                        }
+                    }
+                    scores[jj] = s;
+                    if s > top {
+                        top = s;
+                    }
+                }
+            }
+            let shrink = f32::exp(m - top);
+            l *= shrink;
+            for c in 0..dim {
+                acc[c] *= shrink;
+            }
+            for jj in 0..tile {
+                if jj < n {
+                    let p = f32::exp(scores[jj] - top);
+                    l += p;
+                    for c in 0..dim {
+                        acc[c] += p * vs[jj * dim + c];
+                    }
+                }
+            }
+            m = top;
+        }
+        sync_cube();
+        j0 += tile;
+    }
+
+    if live {
+        let out_at = b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
+        let oc = out.stride(3);
+        for c in 0..dim {
+            out[out_at + c * oc] = F::cast_from(acc[c] / l);
+        }
+        let st = b * stats.stride(0) + h * stats.stride(1) + i * stats.stride(2);
+        let next = stats.stride(3);
+        stats[st] = m;
+        stats[st + next] = l;
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn dq_kernel<F: Float, M: Numeric>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    mask: &Tensor<M>,
+    out: &Tensor<F>,
+    grad: &Tensor<F>,
+    stats: &Tensor<f32>,
+    dq: &mut Tensor<F>,
+    delta: &mut Tensor<f32>,
+    scale: f32,
+    #[comptime] dim: usize,
+    #[comptime] tile: usize,
+    #[define(F, M)] _dtypes: [ElemType; 2],
+) {
+    let heads = q.shape(1);
+    let t_len = q.shape(2);
+    let s_len = k.shape(2);
+    let group = heads / k.shape(1);
+    let rows = CUBE_DIM_X as usize;
+    let blocks = t_len.div_ceil(rows);
+    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if cube >= q.shape(0) * heads * blocks {
+        terminate!();
+    }
+    let b = cube / (heads * blocks);
+    let h = (cube / blocks) % heads;
+    let kvh = h / group;
+    let tid = UNIT_POS_X as usize;
+    let i = (cube % blocks) * rows + tid;
+    let live = i < t_len;
+    let row = select(live, i, 0);
+
+    let q_at = b * q.stride(0) + h * q.stride(1) + row * q.stride(2);
+    let o_at = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
+    let g_at = b * grad.stride(0) + h * grad.stride(1) + row * grad.stride(2);
+    let mut qrow = Array::<f32>::new(dim);
+    let mut drow = Array::<f32>::new(dim);
+    let mut acc = Array::<f32>::new(dim);
+    let mut d = f32::new(0.0);
+    for c in 0..dim {
+        qrow[c] = f32::cast_from(q[q_at + c * q.stride(3)]) * scale;
+        let g = f32::cast_from(grad[g_at + c * grad.stride(3)]);
+        drow[c] = g;
+        d += g * f32::cast_from(out[o_at + c * out.stride(3)]);
+        acc[c] = 0.0;
+    }
+    let st = b * stats.stride(0) + h * stats.stride(1) + row * stats.stride(2);
+    let m = stats[st];
+    let l = stats[st + stats.stride(3)];
+    if live {
+        let at = b * delta.stride(0) + h * delta.stride(1) + i * delta.stride(2);
+        delta[at] = d;
+    }
+    let k_at = b * k.stride(0) + kvh * k.stride(1);
+    let v_at = b * v.stride(0) + kvh * v.stride(1);
+    let mask_at = b * mask.stride(0) + row * mask.stride(2);
+
+    let mut ks = Shared::<[f32]>::new_slice(tile * dim);
+    let mut vs = Shared::<[f32]>::new_slice(tile * dim);
+    let mut j0 = 0usize;
+    while j0 < s_len {
+        let n = select(s_len - j0 < tile, s_len - j0, tile);
+        let mut idx = tid;
+        while idx < n * dim {
+            let j = j0 + idx / dim;
+            let c = idx % dim;
+            ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
+            vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
+            idx += rows;
+        }
+        sync_cube();
+        if live {
+            for jj in 0..tile {
+                if jj < n && u32::cast_from(mask[mask_at + (j0 + jj) * mask.stride(3)]) == 0 {
+                    let mut s = f32::new(0.0);
+                    let mut dp = f32::new(0.0);
+                    for c in 0..dim {
+                        s += qrow[c] * ks[jj * dim + c];
+                        dp += drow[c] * vs[jj * dim + c];
+                    }
+                    let ds = f32::exp(s - m) / l * (dp - d);
+                    for c in 0..dim {
+                        acc[c] += ds * ks[jj * dim + c];
+                    }
+                }
+            }
+        }
+        sync_cube();
+        j0 += tile;
+    }
+
+    if live {
+        let at = b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2);
+        let qc = dq.stride(3);
+        for c in 0..dim {
+            dq[at + c * qc] = F::cast_from(acc[c] * scale);
+        }
+    }
+}
+
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn dkdv_kernel<F: Float, M: Numeric>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    mask: &Tensor<M>,
+    grad: &Tensor<F>,
+    stats: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] dim: usize,
+    #[comptime] tile: usize,
+    #[define(F, M)] _dtypes: [ElemType; 2],
+) {
+    let heads = q.shape(1);
+    let t_len = q.shape(2);
+    let kv_heads = k.shape(1);
+    let s_len = k.shape(2);
+    let group = heads / kv_heads;
+    let rows = CUBE_DIM_X as usize;
+    let blocks = s_len.div_ceil(rows);
+    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if cube >= k.shape(0) * kv_heads * blocks {
+        terminate!();
+    }
+    let b = cube / (kv_heads * blocks);
+    let kvh = (cube / blocks) % kv_heads;
+    let tid = UNIT_POS_X as usize;
+    let j = (cube % blocks) * rows + tid;
+    let live = j < s_len;
+    let key = select(live, j, 0);
+
+    let k_at = b * k.stride(0) + kvh * k.stride(1) + key * k.stride(2);
+    let v_at = b * v.stride(0) + kvh * v.stride(1) + key * v.stride(2);
+    let mut krow = Array::<f32>::new(dim);
+    let mut vrow = Array::<f32>::new(dim);
+    let mut dk_acc = Array::<f32>::new(dim);
+    let mut dv_acc = Array::<f32>::new(dim);
+    for c in 0..dim {
+        krow[c] = f32::cast_from(k[k_at + c * k.stride(3)]) * scale;
+        vrow[c] = f32::cast_from(v[v_at + c * v.stride(3)]);
+        dk_acc[c] = 0.0;
+        dv_acc[c] = 0.0;
+    }
+    let mask_at = b * mask.stride(0) + key * mask.stride(3);
+
+    let mut qs = Shared::<[f32]>::new_slice(tile * dim);
+    let mut gs = Shared::<[f32]>::new_slice(tile * dim);
+    let mut ms = Shared::<[f32]>::new_slice(tile);
+    let mut ls = Shared::<[f32]>::new_slice(tile);
+    let mut ds = Shared::<[f32]>::new_slice(tile);
+    for hh in 0..group {
+        let h = kvh * group + hh;
+        let q_at = b * q.stride(0) + h * q.stride(1);
+        let g_at = b * grad.stride(0) + h * grad.stride(1);
+        let st_at = b * stats.stride(0) + h * stats.stride(1);
+        let d_at = b * delta.stride(0) + h * delta.stride(1);
+        let mut i0 = 0usize;
+        while i0 < t_len {
+            let n = select(t_len - i0 < tile, t_len - i0, tile);
+            let mut idx = tid;
+            while idx < n * dim {
+                let i = i0 + idx / dim;
+                let c = idx % dim;
+                qs[idx] = f32::cast_from(q[q_at + i * q.stride(2) + c * q.stride(3)]);
+                gs[idx] = f32::cast_from(grad[g_at + i * grad.stride(2) + c * grad.stride(3)]);
+                idx += rows;
+            }
+            if tid < n {
+                let st = st_at + (i0 + tid) * stats.stride(2);
+                ms[tid] = stats[st];
+                ls[tid] = stats[st + stats.stride(3)];
+                ds[tid] = delta[d_at + (i0 + tid) * delta.stride(2)];
+            }
+            sync_cube();
+            if live {
+                for ii in 0..tile {
+                    if ii < n {
+                        let visible =
+                            u32::cast_from(mask[mask_at + (i0 + ii) * mask.stride(2)]) == 0;
+                        let mut s = f32::new(MASKED);
+                        if visible {
+                            s = 0.0;
+                            for c in 0..dim {
+                                s += qs[ii * dim + c] * krow[c];
+                            }
+                        }
+                        let p = f32::exp(s - ms[ii]) / ls[ii];
+                        let mut dp = f32::new(0.0);
+                        for c in 0..dim {
+                            dv_acc[c] += p * gs[ii * dim + c];
+                            dp += gs[ii * dim + c] * vrow[c];
+                        }
+                        if visible {
+                            let dscore = p * (dp - ds[ii]);
+                            for c in 0..dim {
+                                dk_acc[c] += dscore * qs[ii * dim + c];
+                            }
+                        }
+                    }
+                }
+            }
+            sync_cube();
+            i0 += tile;
+        }
+    }
+
+    if live {
+        let dk_at = b * dk.stride(0) + kvh * dk.stride(1) + j * dk.stride(2);
+        let dv_at = b * dv.stride(0) + kvh * dv.stride(1) + j * dv.stride(2);
+        let (kc, vc) = (dk.stride(3), dv.stride(3));
+        for c in 0..dim {
+            dk[dk_at + c * kc] = F::cast_from(dk_acc[c] * scale);
+            dv[dv_at + c * vc] = F::cast_from(dv_acc[c]);
+        }
+    }
+}
+
+/// Keys (or queries) per shared-memory tile: the most, up to 32, whose tiles of two
+/// `[tile, D]` f32 blocks and three `[tile]` rows fit in the device's shared memory
+/// (at most 32 KiB of it, so two cubes can share a multiprocessor).
+fn tile_for(like: &CubeTensor, dim: usize) -> usize {
+    let budget = like
+        .client
+        .properties()
+        .hardware
+        .max_shared_memory_size
+        .min(32 * 1024);
+    let per_row = (2 * dim + 3) * core::mem::size_of::<f32>();
+    let fit = (budget / per_row).clamp(1, 32);
+    1 << fit.ilog2()
+}
+
+/// A mask the kernels can read as numbers: U8/U32 storage as it is, native bools cast.
+fn numeric_mask(mask: CubeTensor) -> CubeTensor {
+    match mask.dtype {
+        DType::Bool(BoolStore::Native) => bool_cast(mask, DType::U32),
+        _ => mask,
+    }
+}
+
+fn f32_tensor(like: &CubeTensor, shape: [usize; 4]) -> CubeTensor {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        shape.into(),
+        DType::F32,
+    )
+}
+
+/// `(out [B, H, T, D], [m, l] [B, H, T, 2] f32)`.
+pub fn forward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    mask: CubeTensor,
+) -> (CubeTensor, CubeTensor) {
+    let (q, k, v, mask) = (untile(q), untile(k), untile(v), untile(mask));
+    let [b, h, t, d] = q.shape().dims::<4>();
+    let s = k.shape().dims::<4>()[2];
+    let dtype = q.dtype;
+    let out = empty_device_dtype(q.client.clone(), q.device.clone(), q.shape(), dtype);
+    let stats = f32_tensor(&q, [b, h, t, 2]);
+    if b * h * t * d == 0 {
+        return (out, stats);
+    }
+    if s == 0 {
+        // No key at all: nothing to attend to, as the reference's empty sum.
+        let zeros = zeros_client(q.client.clone(), q.device.clone(), q.shape(), dtype);
+        return (zeros, stats);
+    }
+    let mask = numeric_mask(mask);
+    let tile = tile_for(&q, d);
+    forward_kernel::launch(
+        &q.client,
+        grid(b * h * t.div_ceil(ROWS)),
+        CubeDim::new_1d(ROWS as u32),
+        q.clone().into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        mask.clone().into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        stats.clone().into_tensor_arg(),
+        1.0 / (d as f32).sqrt(),
+        d,
+        tile,
+        [
+            dtype_to_storage_type(dtype),
+            dtype_to_storage_type(mask.dtype),
+        ],
+    );
+    (out, stats)
+}
+
+/// `(dq, dk, dv)` for the output gradient `grad`, from the forward's `out` and `stats`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    mask: CubeTensor,
+    out: CubeTensor,
+    stats: CubeTensor,
+    grad: CubeTensor,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let (q, k, v, mask) = (untile(q), untile(k), untile(v), untile(mask));
+    let (out, stats, grad) = (untile(out), untile(stats), untile(grad));
+    let [b, h, t, d] = q.shape().dims::<4>();
+    let [_, hkv, s, _] = k.shape().dims::<4>();
+    let dtype = q.dtype;
+    let zeros = |like: &CubeTensor| {
+        zeros_client(
+            like.client.clone(),
+            like.device.clone(),
+            like.shape(),
+            dtype,
+        )
+    };
+    if b * h * t * d == 0 || s == 0 {
+        return (zeros(&q), zeros(&k), zeros(&v));
+    }
+    let mask = numeric_mask(mask);
+    let tile = tile_for(&q, d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let dtypes = [
+        dtype_to_storage_type(dtype),
+        dtype_to_storage_type(mask.dtype),
+    ];
+    let dq = empty_device_dtype(q.client.clone(), q.device.clone(), q.shape(), dtype);
+    let delta = empty_device_dtype(
+        q.client.clone(),
+        q.device.clone(),
+        [b, h, t].into(),
+        DType::F32,
+    );
+    dq_kernel::launch(
+        &q.client,
+        grid(b * h * t.div_ceil(ROWS)),
+        CubeDim::new_1d(ROWS as u32),
+        q.clone().into_tensor_arg(),
+        k.clone().into_tensor_arg(),
+        v.clone().into_tensor_arg(),
+        mask.clone().into_tensor_arg(),
+        out.into_tensor_arg(),
+        grad.clone().into_tensor_arg(),
+        stats.clone().into_tensor_arg(),
+        dq.clone().into_tensor_arg(),
+        delta.clone().into_tensor_arg(),
+        scale,
+        d,
+        tile,
+        dtypes,
+    );
+    let dk = empty_device_dtype(k.client.clone(), k.device.clone(), k.shape(), dtype);
+    let dv = empty_device_dtype(v.client.clone(), v.device.clone(), v.shape(), dtype);
+    let client = q.client.clone();
+    dkdv_kernel::launch(
+        &client,
+        grid(b * hkv * s.div_ceil(ROWS)),
+        CubeDim::new_1d(ROWS as u32),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        mask.into_tensor_arg(),
+        grad.into_tensor_arg(),
+        stats.into_tensor_arg(),
+        delta.into_tensor_arg(),
+        dk.clone().into_tensor_arg(),
+        dv.clone().into_tensor_arg(),
+        scale,
+        d,
+        tile,
+        dtypes,
+    );
+    (dq, dk, dv)
+}
