@@ -121,6 +121,84 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    fn lora_up(
+        base: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LoraUp;
+
+        impl<B: FusedOps> Backward<B, 3> for LoraUp {
+            /// The factors: the base output is not needed, its gradient is the output's.
+            type State = (NodeId, NodeId, f32);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let (down, b, scale) = ops.state;
+                let [base_node, down_node, b_node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let down: FloatTensor<B> = checkpointer.retrieve_node_output(down);
+                let b: FloatTensor<B> = checkpointer.retrieve_node_output(b);
+                if down_node.is_some() || b_node.is_some() {
+                    let (d_down, d_b) = B::lora_up_backward(down, b, grad.clone(), scale);
+                    if let Some(node) = down_node {
+                        grads.register::<B>(node.id, d_down);
+                    }
+                    if let Some(node) = b_node {
+                        grads.register::<B>(node.id, d_b);
+                    }
+                }
+                if let Some(node) = base_node {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+
+        match LoraUp
+            .prepare::<C>([base.node(), down.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&down), prep.checkpoint(&b), scale);
+                let out = B::lora_up(
+                    base.into_primitive(),
+                    down.into_primitive(),
+                    b.into_primitive(),
+                    scale,
+                );
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::lora_up(
+                base.into_primitive(),
+                down.into_primitive(),
+                b.into_primitive(),
+                scale,
+            )),
+        }
+    }
+
+    fn lora_up_backward(
+        down: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (d_down, d_b) = B::lora_up_backward(
+            down.into_primitive(),
+            b.into_primitive(),
+            grad.into_primitive(),
+            scale,
+        );
+        (Self::from_inner(d_down), Self::from_inner(d_b))
+    }
+
     fn linear_logprob(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,

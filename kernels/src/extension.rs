@@ -87,6 +87,41 @@ pub trait FusedOps: Backend {
         (d_gate, d_up)
     }
 
+    /// A LoRA adapter's up-projection folded into its base projection's output:
+    /// `base + cast(s·down·Bᵀ)`, with `down = dropout(x)·Aᵀ` (`[N, r]`) and `B` (`[O, r]`)
+    /// in the adapters' dtype (f32) and `base` (`[N, O]`, `x·Wᵀ`) in the compute dtype.
+    /// The `[N, O]` low-rank product is never stored: unfused it is written, read back
+    /// and added, twice the output's traffic again.
+    #[fusion(dtype = base, shape = base)]
+    fn lora_up(
+        base: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        let dtype: FloatDType = base.dtype().into();
+        let delta = Self::float_matmul(down, Self::float_transpose(b));
+        let delta = Self::float_mul_scalar(delta, scale.into());
+        Self::float_add(base, Self::float_cast(delta, dtype))
+    }
+
+    /// The gradients of [`FusedOps::lora_up`] other than `base`'s (which is `grad`
+    /// itself): `d down = s·g·B` and `dB = s·gᵀ·down`, in the adapters' dtype. Two skinny
+    /// matmuls (inner or outer size `r`), which the backend's matmul does well.
+    #[fusion(meta = |down, b, _grad, _scale| (down.clone(), b.clone()))]
+    fn lora_up_backward(
+        down: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let dtype: FloatDType = down.dtype().into();
+        let g = Self::float_mul_scalar(Self::float_cast(grad, dtype), scale.into());
+        let d_down = Self::float_matmul(g.clone(), b);
+        let d_b = Self::float_matmul(Self::float_transpose(g), down);
+        (d_down, d_b)
+    }
+
     /// Rotary position embedding in the "rotate half" layout of Hugging Face checkpoints:
     /// `x·cos + rotate_half(x)·sin`, with `rotate_half([x₁, x₂]) = [−x₂, x₁]`. Any RoPE
     /// scaling (linear, llama3) is already in the tables. `x`: `[B, H, T, D]`; `cos`, `sin`:

@@ -27,6 +27,27 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     Tensor::<2>::from_dispatch(out).reshape(dims)
 }
 
+/// Fused [`crate::reference::lora_up`]: `base + s·down·Bᵀ` in one pass over the output.
+/// `base`: `[..., O]`; `down`: `[..., r]`; `b`: `[O, r]`.
+pub fn lora_up<const D: usize>(
+    base: Tensor<D>,
+    down: Tensor<D>,
+    b: Tensor<2>,
+    scale: f64,
+) -> Tensor<D> {
+    let dims = base.dims();
+    let rank = down.dims()[D - 1] as i32;
+    let base: Tensor<2> = base.reshape([-1, dims[D - 1] as i32]);
+    let down: Tensor<2> = down.reshape([-1, rank]);
+    let out = Dispatch::lora_up(
+        base.into_dispatch(),
+        down.into_dispatch(),
+        b.into_dispatch(),
+        scale as f32,
+    );
+    Tensor::<2>::from_dispatch(out).reshape(dims)
+}
+
 /// Fused [`crate::reference::token_logprobs`]: the log-prob of each row's target and
 /// whether it is the head's top token, with a backward that rebuilds each chunk's logits
 /// instead of keeping them, so training holds `[chunk, V]` logits at most, never

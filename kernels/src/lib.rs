@@ -50,6 +50,21 @@ pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// A LoRA adapter's up-projection added to its base projection's output,
+/// `base + s·down·Bᵀ`. `base`: `[..., O]`; `down`: `[..., r]`; `b`: `[O, r]`.
+pub fn lora_up<const D: usize>(
+    base: Tensor<D>,
+    down: Tensor<D>,
+    b: Tensor<2>,
+    scale: f64,
+) -> Tensor<D> {
+    if fused_on(&base.device()) {
+        fused::lora_up(base, down, b, scale)
+    } else {
+        reference::lora_up(base, down, b, scale)
+    }
+}
+
 /// Per-token log-probabilities of `targets` under `head`, `chunk` rows at a time, and
 /// whether each target is the head's top token. `hidden`: `[N, H]`; `targets`: `[N]`.
 pub fn token_logprobs(

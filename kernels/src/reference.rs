@@ -137,6 +137,21 @@ pub fn token_entropy(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> 
     Tensor::cat(out, 0)
 }
 
+/// A LoRA adapter's up-projection added to its base projection's output:
+/// `base + cast(s·down·Bᵀ)`, the low-rank product taken in the factors' dtype and cast to
+/// `base`'s. `base`: `[..., O]`; `down`: `[..., r]` (`dropout(x)·Aᵀ`); `b`: `[O, r]`.
+pub fn lora_up<const D: usize>(
+    base: Tensor<D>,
+    down: Tensor<D>,
+    b: Tensor<2>,
+    scale: f64,
+) -> Tensor<D> {
+    let dtype = base.dtype();
+    base + burn::tensor::module::linear(down, b.transpose(), None)
+        .mul_scalar(scale)
+        .cast(dtype)
+}
+
 /// The gated MLP activation: `silu(gate) · up`.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     silu(gate) * up

@@ -2,7 +2,10 @@
 //! gradient is used too) with `fused` and with `reference` follows the same loss curve and
 //! ends at the same weights, within f32 summation-order tolerance.
 //!
-//! Its own test binary, because the switch is process-wide.
+//! On wgpu (lavapipe in CI) LoRA SFT with the fused kernels (flash attention, the LoRA
+//! epilogue, RMSNorm, RoPE, SwiGLU, the chunked head) follows the reference ops likewise.
+//!
+//! Its own test binary, because the switch is process-wide: the tests take turns.
 
 use std::path::Path;
 
@@ -12,10 +15,11 @@ use trainer::recipe::load;
 use trainer::train::train;
 
 mod common;
-use common::{losses, root};
+use common::{losses, root, serial};
 
 #[test]
 fn fused_and_reference_kernels_train_alike() {
+    let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     let text = std::fs::read_to_string(root().join("recipes/tiny-sft.toml")).unwrap();
@@ -77,4 +81,75 @@ fn fused_and_reference_kernels_train_alike() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "norm weights differ by {worst}");
+}
+
+/// The GPU path end to end: the same LoRA SFT steps on wgpu with `kernels = "fused"` and
+/// `"reference"` log the same losses and end at the same adapters.
+#[cfg(feature = "wgpu")]
+#[test]
+fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
+    let _turn = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let run = |kernels: &str| {
+        let sets = vec![
+            format!("model.path=\"{}\"", base.display()),
+            format!(
+                "data.train=\"{}\"",
+                root().join("data/examples/counseling-sft.jsonl").display()
+            ),
+            // Few, short rows: lavapipe compiles every kernel for every shape it meets.
+            "train.max_steps=3".into(),
+            "train.per_device_train_batch_size=2".into(),
+            "data.max_length=48".into(),
+            "train.eval_steps=0".into(),
+            "train.device=\"wgpu\"".into(),
+            format!("train.kernels=\"{kernels}\""),
+        ];
+        let recipe = load(&root().join("recipes/tiny-sft.toml"), &sets).unwrap();
+        let dir = tmp.path().join(kernels);
+        train(&recipe, &dir, false, false).unwrap();
+        dir
+    };
+    let fused = run("fused");
+    let reference = run("reference");
+    let (a, b) = (losses(&fused), losses(&reference));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4 * y.abs(), "losses {a:?} vs {b:?}");
+    }
+    let adapters = |dir: &Path| {
+        let file = dir.join("final/adapter_model.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        names.sort();
+        names
+            .iter()
+            .map(|n| {
+                let view = st.tensor(n).unwrap();
+                let values: Vec<f32> = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                (n.clone(), values)
+            })
+            .collect::<Vec<_>>()
+    };
+    let (wa, wb) = (adapters(&fused), adapters(&reference));
+    assert_eq!(wa.len(), wb.len());
+    // B starts at zero: a moved B shows the steps reached the adapters.
+    assert!(
+        wa.iter()
+            .any(|(n, v)| n.contains("lora_B") && v.iter().any(|x| *x != 0.0))
+    );
+    for ((name, x), (_, y)) in wa.iter().zip(&wb) {
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{name} differs by {worst}");
+    }
 }

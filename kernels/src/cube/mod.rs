@@ -8,6 +8,7 @@
 
 mod attention;
 mod logits;
+mod lora;
 mod rms_norm;
 mod rotary;
 mod swiglu;
@@ -90,6 +91,15 @@ impl FusedOps for CubeBackend {
         _block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         attention::backward(q, k, v, masked, out, stats, grad)
+    }
+
+    fn lora_up(
+        base: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        lora::up(base, down, b, scale)
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -26,7 +26,7 @@ impl Linear {
             self.bias.as_ref().map(|b| to(b.val(), dtype)),
         );
         match &self.lora {
-            Some(lora) => base + to(lora.delta(f32(x)), dtype),
+            Some(lora) => lora.add_to(base, f32(x)),
             None => base,
         }
     }

@@ -57,11 +57,13 @@ pub struct Lora {
 }
 
 impl Lora {
-    /// `s · dropout(x)·Aᵀ·Bᵀ`, `[..., in]` → `[..., out]`.
-    pub fn delta<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+    /// `base + s · dropout(x)·Aᵀ·Bᵀ`: the adapter added to its projection's output `base`
+    /// (`[..., out]`), `x` `[..., in]`. The up-projection and the add are one op
+    /// ([`kernels::lora_up`]), so the `[..., out]` low-rank product is never stored.
+    pub fn add_to<const D: usize>(&self, base: Tensor<D>, x: Tensor<D>) -> Tensor<D> {
         let down =
             burn::tensor::module::linear(self.dropout.forward(x), self.a.val().transpose(), None);
-        burn::tensor::module::linear(down, self.b.val().transpose(), None).mul_scalar(self.scale)
+        kernels::lora_up(base, down, self.b.val(), self.scale)
     }
 
     /// The embedding adapter's delta for `ids` `[B, T]`: rows of `Aᵀ` (`A` is `[r, vocab]`)
