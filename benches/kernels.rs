@@ -44,6 +44,7 @@ const HIDDEN: usize = 256;
 const INTERMEDIATE: usize = 688;
 const VOCAB: usize = 8192;
 const CHUNK: usize = 1024;
+const RANK: usize = 16;
 /// The small config's attention: 8 sequences of 256, 8 query heads on 4 K/V heads of 32.
 const BATCH: usize = 8;
 const SEQ: usize = 256;
@@ -185,6 +186,32 @@ fn bench_ops(c: &mut Criterion) {
                 let out = attend(q.clone(), k.clone(), v.clone(), mask_ad.clone());
                 let grads = out.sum().backward();
                 settle(q.grad(&grads).expect("dq"));
+            })
+        });
+
+        // LoRA's up-projection of rank 16 into a [TOKENS, INTERMEDIATE] projection output.
+        let lora = |base: Tensor<2>, down: Tensor<2>, up: Tensor<2>| {
+            if is_fused {
+                fused::lora_up(base, down, up, 2.0)
+            } else {
+                reference::lora_up(base, down, up, 2.0)
+            }
+        };
+        let base = filled([TOKENS, INTERMEDIATE], 41, &plain);
+        let down = filled([TOKENS, RANK], 43, &plain);
+        let up = filled([INTERMEDIATE, RANK], 47, &plain);
+        c.bench_function(&format!("lora_up/{path}/forward"), |b| {
+            b.iter(|| settle(lora(base.clone(), down.clone(), up.clone())))
+        });
+        let base_ad = filled([TOKENS, INTERMEDIATE], 41, &ad);
+        c.bench_function(&format!("lora_up/{path}/forward+backward"), |b| {
+            b.iter(|| {
+                let down = filled([TOKENS, RANK], 43, &ad).require_grad();
+                let up = filled([INTERMEDIATE, RANK], 47, &ad).require_grad();
+                let grads = lora(base_ad.clone(), down.clone(), up.clone())
+                    .sum()
+                    .backward();
+                settle(up.grad(&grads).expect("d_b"));
             })
         });
 

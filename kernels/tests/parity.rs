@@ -237,10 +237,10 @@ fn logprob_parity(device: &Device, dtype: DType) {
     }
 }
 
-/// Grouped attention (6 query heads on 2 K/V heads), causal, with right padding in the
-/// second row (whose padded queries see no key at all), in blocks smaller than, equal to
-/// and larger than the sequence: output and the gradients of q, k and v.
-fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: usize) {
+/// Grouped attention (6 query heads on 2 K/V heads), causal, with `pad` tokens of right
+/// padding in the second row (whose padded queries see no key at all), in blocks smaller
+/// than, equal to and larger than the sequence: output and the gradients of q, k and v.
+fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: usize, pad: usize) {
     let (b, h, hkv) = (2, 6, 2);
     let qv = values(b * h * t * d, 21);
     let kv = values(b * hkv * s_len * d, 22);
@@ -250,7 +250,7 @@ fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: us
     let masked: Vec<bool> = (0..b * t * s_len)
         .map(|n| {
             let (bi, i, j) = (n / (t * s_len), (n / s_len) % t, n % s_len);
-            j > i + offset || (bi == 1 && (j >= s_len - 3 || i + offset >= s_len - 3))
+            j > i + offset || (bi == 1 && (j >= s_len - pad || i + offset >= s_len - pad))
         })
         .collect();
     for block in [5, t, 64] {
@@ -277,7 +277,8 @@ fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: us
         };
         let (got, want) = (run(true), run(false));
         for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-            let what = format!("attention {name} (D {d}, T {t}, S {s_len}, block {block})");
+            let what =
+                format!("attention {name} (D {d}, T {t}, S {s_len}, pad {pad}, block {block})");
             assert_close(&what, &got[i], &want[i], dtype);
         }
     }
@@ -286,9 +287,9 @@ fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: us
 #[test]
 fn attention_matches_reference_on_flex() {
     let device = Device::flex().autodiff();
-    attention_parity(&device, DType::F32, 64, 23, 23);
-    attention_parity(&device, DType::F32, 128, 13, 13);
-    attention_parity(&device, DType::F32, 64, 4, 17);
+    attention_parity(&device, DType::F32, 64, 23, 23, 3);
+    attention_parity(&device, DType::F32, 128, 13, 13, 3);
+    attention_parity(&device, DType::F32, 64, 4, 17, 3);
 }
 
 /// RoPE on `[2, 3, 11, 64]` with per-row tables (positions differ per row, as in packed
@@ -417,14 +418,17 @@ mod wgpu {
     /// The flash kernel: head dims 64 and 128; queries fewer than keys (a KV cache);
     /// and 70 tokens, which span two cubes of queries, two of keys and several tiles of
     /// K/V (at most 32 keys each), so the running softmax's rescaling across tiles and the
-    /// cubes' edges are exercised.
+    /// cubes' edges are exercised, and causal cubes skip the tiles they cannot see. With
+    /// 40 padding tokens, cubes that hold both real rows and rows that see nothing must
+    /// not skip: the latter attend to every key.
     #[test]
     fn attention_matches_reference_on_wgpu() {
         let device = device().autodiff();
-        attention_parity(&device, DType::F32, 64, 23, 23);
-        attention_parity(&device, DType::F32, 128, 13, 13);
-        attention_parity(&device, DType::F32, 64, 4, 17);
-        attention_parity(&device, DType::F32, 16, 70, 70);
+        attention_parity(&device, DType::F32, 64, 23, 23, 3);
+        attention_parity(&device, DType::F32, 128, 13, 13, 3);
+        attention_parity(&device, DType::F32, 64, 4, 17, 3);
+        attention_parity(&device, DType::F32, 16, 70, 70, 3);
+        attention_parity(&device, DType::F32, 16, 70, 70, 40);
     }
 
     #[test]
@@ -437,7 +441,7 @@ mod wgpu {
     /// f16 inputs: the kernel's sums are f32, the reference's matmuls round to f16.
     #[test]
     fn f16_attention_matches_reference_on_wgpu() {
-        attention_parity(&device().autodiff(), DType::F16, 64, 23, 23);
+        attention_parity(&device().autodiff(), DType::F16, 64, 23, 23, 3);
     }
 
     #[test]

@@ -16,6 +16,12 @@
 //!   cube walks the queries of every head in the group a tile at a time, and each thread
 //!   sums `dv = Σ p·dO` and `dk = scale·Σ p·(dO·v − δ)·q`.
 //!
+//! A tile that no thread of the cube needs is neither loaded nor scored: under a causal
+//! mask a cube of queries skips the keys after its last query and a cube of keys the
+//! queries before its first, about half of a long sequence's work. The mask decides, so
+//! padding and packed examples skip too; rows that see no key at all (they attend to
+//! every key uniformly, as in the reference) keep their cube from skipping.
+//!
 //! Masked scores are `−10³⁰`, as in the reference: a row with every key masked averages
 //! V uniformly, and masked scores pass no gradient to q and k. Sums are f32 whatever the
 //! inputs' dtype. Only shared memory and cube barriers are used (no plane ops, no cmma),
@@ -49,6 +55,7 @@ fn forward_kernel<F: Float, M: Numeric>(
     scale: f32,
     #[comptime] dim: usize,
     #[comptime] tile: usize,
+    #[comptime] threads: usize,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
     let heads = q.shape(1);
@@ -84,22 +91,45 @@ fn forward_kernel<F: Float, M: Numeric>(
     let mut ks = Shared::<[f32]>::new_slice(tile * dim);
     let mut vs = Shared::<[f32]>::new_slice(tile * dim);
     let mut scores = Array::<f32>::new(tile);
+    let mut flags = Shared::<[u32]>::new_slice(threads);
+    // A row that sees no key attends uniformly to every key, masked ones included (as the
+    // reference does), so a tile that no row of the cube sees may be skipped only when
+    // every row sees some key. Causal rows all see key 0: their cubes skip the tiles
+    // past their last query, half the work of a long sequence.
+    let mut sees = !live;
+    if live {
+        let mut j = 0usize;
+        while j < s_len {
+            if u32::cast_from(mask[mask_at + j * mask.stride(3)]) == 0 {
+                sees = true;
+                j = s_len;
+            } else {
+                j += 1;
+            }
+        }
+    }
+    let may_skip = !cube_any(&mut flags, !sees, tid, threads);
+    sync_cube();
     // Below every score, masked ones included; WGSL has no infinity literal.
     let mut m = f32::new(-3.0e38);
     let mut l = f32::new(0.0);
     let mut j0 = 0usize;
     while j0 < s_len {
         let n = select(s_len - j0 < tile, s_len - j0, tile);
-        let mut idx = tid;
-        while idx < n * dim {
-            let j = j0 + idx / dim;
-            let c = idx % dim;
-            ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
-            vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
-            idx += rows;
+        let seen = live && sees_any(mask, mask_at + j0 * mask.stride(3), mask.stride(3), n, tile);
+        let needed = cube_any(&mut flags, seen || !may_skip, tid, threads);
+        if needed {
+            let mut idx = tid;
+            while idx < n * dim {
+                let j = j0 + idx / dim;
+                let c = idx % dim;
+                ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
+                vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
+                idx += rows;
+            }
         }
         sync_cube();
-        if live {
+        if live && needed {
             let mut top = m;
             for jj in 0..tile {
                 if jj < n {
@@ -164,6 +194,7 @@ fn dq_kernel<F: Float, M: Numeric>(
     scale: f32,
     #[comptime] dim: usize,
     #[comptime] tile: usize,
+    #[comptime] threads: usize,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
     let heads = q.shape(1);
@@ -211,19 +242,25 @@ fn dq_kernel<F: Float, M: Numeric>(
 
     let mut ks = Shared::<[f32]>::new_slice(tile * dim);
     let mut vs = Shared::<[f32]>::new_slice(tile * dim);
+    let mut flags = Shared::<[u32]>::new_slice(threads);
     let mut j0 = 0usize;
     while j0 < s_len {
         let n = select(s_len - j0 < tile, s_len - j0, tile);
-        let mut idx = tid;
-        while idx < n * dim {
-            let j = j0 + idx / dim;
-            let c = idx % dim;
-            ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
-            vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
-            idx += rows;
+        // Masked keys give q no gradient: a tile no row of the cube sees adds nothing.
+        let seen = live && sees_any(mask, mask_at + j0 * mask.stride(3), mask.stride(3), n, tile);
+        let needed = cube_any(&mut flags, seen, tid, threads);
+        if needed {
+            let mut idx = tid;
+            while idx < n * dim {
+                let j = j0 + idx / dim;
+                let c = idx % dim;
+                ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
+                vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
+                idx += rows;
+            }
         }
         sync_cube();
-        if live {
+        if live && needed {
             for jj in 0..tile {
                 if jj < n && u32::cast_from(mask[mask_at + (j0 + jj) * mask.stride(3)]) == 0 {
                     let mut s = f32::new(0.0);
@@ -267,6 +304,7 @@ fn dkdv_kernel<F: Float, M: Numeric>(
     scale: f32,
     #[comptime] dim: usize,
     #[comptime] tile: usize,
+    #[comptime] threads: usize,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
     let heads = q.shape(1);
@@ -306,6 +344,7 @@ fn dkdv_kernel<F: Float, M: Numeric>(
     let mut ms = Shared::<[f32]>::new_slice(tile);
     let mut ls = Shared::<[f32]>::new_slice(tile);
     let mut ds = Shared::<[f32]>::new_slice(tile);
+    let mut flags = Shared::<[u32]>::new_slice(threads);
     for hh in 0..group {
         let h = kvh * group + hh;
         let q_at = b * q.stride(0) + h * q.stride(1);
@@ -315,22 +354,35 @@ fn dkdv_kernel<F: Float, M: Numeric>(
         let mut i0 = 0usize;
         while i0 < t_len {
             let n = select(t_len - i0 < tile, t_len - i0, tile);
-            let mut idx = tid;
-            while idx < n * dim {
-                let i = i0 + idx / dim;
-                let c = idx % dim;
-                qs[idx] = f32::cast_from(q[q_at + i * q.stride(2) + c * q.stride(3)]);
-                gs[idx] = f32::cast_from(grad[g_at + i * grad.stride(2) + c * grad.stride(3)]);
-                idx += rows;
+            // A tile of queries adds nothing to these keys when none of them sees one of
+            // the keys, unless a query sees no key at all (it spreads its `dv` over every
+            // key, as the forward spread its attention).
+            let mut touches =
+                live && sees_any(mask, mask_at + i0 * mask.stride(2), mask.stride(2), n, tile);
+            for ii in 0..tile {
+                if ii < n && stats[st_at + (i0 + ii) * stats.stride(2)] < MASKED * 0.5 {
+                    touches = true;
+                }
             }
-            if tid < n {
-                let st = st_at + (i0 + tid) * stats.stride(2);
-                ms[tid] = stats[st];
-                ls[tid] = stats[st + stats.stride(3)];
-                ds[tid] = delta[d_at + (i0 + tid) * delta.stride(2)];
+            let needed = cube_any(&mut flags, touches, tid, threads);
+            if needed {
+                let mut idx = tid;
+                while idx < n * dim {
+                    let i = i0 + idx / dim;
+                    let c = idx % dim;
+                    qs[idx] = f32::cast_from(q[q_at + i * q.stride(2) + c * q.stride(3)]);
+                    gs[idx] = f32::cast_from(grad[g_at + i * grad.stride(2) + c * grad.stride(3)]);
+                    idx += rows;
+                }
+                if tid < n {
+                    let st = st_at + (i0 + tid) * stats.stride(2);
+                    ms[tid] = stats[st];
+                    ls[tid] = stats[st + stats.stride(3)];
+                    ds[tid] = delta[d_at + (i0 + tid) * delta.stride(2)];
+                }
             }
             sync_cube();
-            if live {
+            if live && needed {
                 for ii in 0..tile {
                     if ii < n {
                         let visible =
@@ -371,6 +423,42 @@ fn dkdv_kernel<F: Float, M: Numeric>(
             dv[dv_at + c * vc] = F::cast_from(dv_acc[c]);
         }
     }
+}
+
+/// Whether any thread of the cube passes `mine`. Every thread must call it; the caller
+/// syncs the cube before calling it again. The barrier stays outside every branch, as
+/// WGSL's uniformity rules want.
+#[cube]
+fn cube_any(flags: &mut Shared<[u32]>, mine: bool, tid: usize, #[comptime] threads: usize) -> bool {
+    let mut flag = 0u32;
+    if mine {
+        flag = 1;
+    }
+    flags[tid] = flag;
+    sync_cube();
+    let mut count = 0u32;
+    for r in 0..threads {
+        count += flags[r];
+    }
+    count > 0
+}
+
+/// Whether any of the `n` mask entries at `at`, `at + step`, … is clear (visible).
+#[cube]
+fn sees_any<M: Numeric>(
+    mask: &Tensor<M>,
+    at: usize,
+    step: usize,
+    n: usize,
+    #[comptime] tile: usize,
+) -> bool {
+    let mut seen = false;
+    for x in 0..tile {
+        if x < n && u32::cast_from(mask[at + x * step]) == 0 {
+            seen = true;
+        }
+    }
+    seen
 }
 
 /// Keys (or queries) per shared-memory tile: the most, up to 32, whose tiles of two
@@ -441,6 +529,7 @@ pub fn forward(
         1.0 / (d as f32).sqrt(),
         d,
         tile,
+        ROWS,
         [
             dtype_to_storage_type(dtype),
             dtype_to_storage_type(mask.dtype),
@@ -506,6 +595,7 @@ pub fn backward(
         scale,
         d,
         tile,
+        ROWS,
         dtypes,
     );
     let dk = empty_device_dtype(k.client.clone(), k.device.clone(), k.shape(), dtype);
@@ -527,6 +617,7 @@ pub fn backward(
         scale,
         d,
         tile,
+        ROWS,
         dtypes,
     );
     (dq, dk, dv)
