@@ -299,24 +299,7 @@ pub trait FusedOps: Backend {
         masked: BoolTensor<Self>,
         block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let g = Grouped::<Self>::new(&q, &k, block);
-        let dtype: FloatDType = q.dtype().into();
-        let (mut outs, mut stats) = (Vec::new(), Vec::new());
-        for (t0, len) in g.blocks() {
-            let qb = g.queries(&q, t0, len);
-            let scores = g.scores(qb, &k, &masked, t0, len);
-            let max = Self::float_max_dim(scores.clone(), 4);
-            let e = Self::float_exp(Self::float_sub(scores, max.clone()));
-            let sum = Self::float_sum_dim(e.clone(), 4);
-            let p = Self::float_div(e, sum.clone());
-            let p = Self::float_reshape(Self::float_cast(p, dtype), g.stacked(len, g.s));
-            let out = Self::float_matmul(p, v.clone());
-            outs.push(Self::float_reshape(out, g.split(len, g.d)));
-            stats.push(Self::float_cat(vec![max, sum], 4));
-        }
-        let out = Self::float_reshape(Self::float_cat(outs, 3), [g.b, g.h, g.t, g.d].into());
-        let stats = Self::float_reshape(Self::float_cat(stats, 3), [g.b, g.h, g.t, 2].into());
-        (out, stats)
+        blocked_attention::<Self>(q, k, v, masked, block)
     }
 
     /// The gradients of [`FusedOps::grouped_attention`] for the output gradient `grad`, block by
@@ -414,6 +397,36 @@ pub trait FusedOps: Backend {
 }
 
 impl FusedOps for Flex {}
+
+/// The portable attention forward of [`FusedOps::grouped_attention`]: `block` queries at
+/// a time through the backend's matmul. The Cube backends use it too when there are too
+/// few queries to fill the flash kernel's cubes (decoding one token at a time).
+pub(crate) fn blocked_attention<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    masked: BoolTensor<B>,
+    block: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let g = Grouped::<B>::new(&q, &k, block);
+    let dtype: FloatDType = q.dtype().into();
+    let (mut outs, mut stats) = (Vec::new(), Vec::new());
+    for (t0, len) in g.blocks() {
+        let qb = g.queries(&q, t0, len);
+        let scores = g.scores(qb, &k, &masked, t0, len);
+        let max = B::float_max_dim(scores.clone(), 4);
+        let e = B::float_exp(B::float_sub(scores, max.clone()));
+        let sum = B::float_sum_dim(e.clone(), 4);
+        let p = B::float_div(e, sum.clone());
+        let p = B::float_reshape(B::float_cast(p, dtype), g.stacked(len, g.s));
+        let out = B::float_matmul(p, v.clone());
+        outs.push(B::float_reshape(out, g.split(len, g.d)));
+        stats.push(B::float_cat(vec![max, sum], 4));
+    }
+    let out = B::float_reshape(B::float_cat(outs, 3), [g.b, g.h, g.t, g.d].into());
+    let stats = B::float_reshape(B::float_cat(stats, 3), [g.b, g.h, g.t, 2].into());
+    (out, stats)
+}
 
 /// Shapes of grouped attention: query head `h` reads K/V head `h / g`, so the `g` query
 /// heads of one group are stacked along the token axis and share one matmul with their

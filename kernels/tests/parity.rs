@@ -238,9 +238,15 @@ fn logprob_parity(device: &Device, dtype: DType) {
 }
 
 /// Grouped attention (6 query heads on 2 K/V heads), causal, with `pad` tokens of right
-/// padding in the second row (whose padded queries see no key at all), in blocks smaller
-/// than, equal to and larger than the sequence: output and the gradients of q, k and v.
-fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: usize, pad: usize) {
+/// padding in the second row (whose padded queries see no key at all), for each query
+/// `block` of the blocked forward (flex, and few queries on Cube; the flash kernel tiles
+/// itself): output and the gradients of q, k and v.
+fn attention_parity(
+    device: &Device,
+    dtype: DType,
+    (d, t, s_len, pad): (usize, usize, usize, usize),
+    blocks: &[usize],
+) {
     let (b, h, hkv) = (2, 6, 2);
     let qv = values(b * h * t * d, 21);
     let kv = values(b * hkv * s_len * d, 22);
@@ -253,7 +259,7 @@ fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: us
             j > i + offset || (bi == 1 && (j >= s_len - pad || i + offset >= s_len - pad))
         })
         .collect();
-    for block in [5, t, 64] {
+    for &block in blocks {
         let run = |fused_path: bool| {
             let q = tensor(&qv, [b, h, t, d], device, dtype).require_grad();
             let k = tensor(&kv, [b, hkv, s_len, d], device, dtype).require_grad();
@@ -287,9 +293,9 @@ fn attention_parity(device: &Device, dtype: DType, d: usize, t: usize, s_len: us
 #[test]
 fn attention_matches_reference_on_flex() {
     let device = Device::flex().autodiff();
-    attention_parity(&device, DType::F32, 64, 23, 23, 3);
-    attention_parity(&device, DType::F32, 128, 13, 13, 3);
-    attention_parity(&device, DType::F32, 64, 4, 17, 3);
+    attention_parity(&device, DType::F32, (64, 23, 23, 3), &[5, 23, 64]);
+    attention_parity(&device, DType::F32, (128, 13, 13, 3), &[5, 13, 64]);
+    attention_parity(&device, DType::F32, (64, 4, 17, 3), &[5, 4, 64]);
 }
 
 /// RoPE on `[2, 3, 11, 64]` with per-row tables (positions differ per row, as in packed
@@ -415,7 +421,9 @@ mod wgpu {
         rotary_parity(&device().autodiff(), DType::F32);
     }
 
-    /// The flash kernel: head dims 64 and 128; queries fewer than keys (a KV cache);
+    /// The flash kernel: head dims 64 and 128; queries fewer than keys (a KV cache, both
+    /// below the kernel's few-queries bound, where the blocked forward takes over, and
+    /// above it);
     /// and 70 tokens, which span two cubes of queries, two of keys and several tiles of
     /// K/V (at most 32 keys each), so the running softmax's rescaling across tiles and the
     /// cubes' edges are exercised, and causal cubes skip the tiles they cannot see. With
@@ -424,11 +432,12 @@ mod wgpu {
     #[test]
     fn attention_matches_reference_on_wgpu() {
         let device = device().autodiff();
-        attention_parity(&device, DType::F32, 64, 23, 23, 3);
-        attention_parity(&device, DType::F32, 128, 13, 13, 3);
-        attention_parity(&device, DType::F32, 64, 4, 17, 3);
-        attention_parity(&device, DType::F32, 16, 70, 70, 3);
-        attention_parity(&device, DType::F32, 16, 70, 70, 40);
+        attention_parity(&device, DType::F32, (64, 23, 23, 3), &[64]);
+        attention_parity(&device, DType::F32, (128, 21, 21, 3), &[64]);
+        attention_parity(&device, DType::F32, (64, 4, 17, 3), &[2, 4]);
+        attention_parity(&device, DType::F32, (32, 20, 37, 3), &[64]);
+        attention_parity(&device, DType::F32, (16, 70, 70, 3), &[64]);
+        attention_parity(&device, DType::F32, (16, 70, 70, 40), &[64]);
     }
 
     #[test]
@@ -441,7 +450,7 @@ mod wgpu {
     /// f16 inputs: the kernel's sums are f32, the reference's matmuls round to f16.
     #[test]
     fn f16_attention_matches_reference_on_wgpu() {
-        attention_parity(&device().autodiff(), DType::F16, 64, 23, 23, 3);
+        attention_parity(&device().autodiff(), DType::F16, (64, 23, 23, 3), &[64]);
     }
 
     #[test]

@@ -41,6 +41,10 @@ use super::grid;
 /// Queries (forward, `dq`) or keys (`dk`/`dv`) per cube: one thread each.
 const ROWS: usize = 64;
 
+/// Below this many queries per head the forward leaves the kernel for the backend's
+/// matmuls: a cube would keep one thread of its 64 busy.
+pub const FEW_QUERIES: usize = 16;
+
 /// The score of a masked key; finite, so a row with nothing visible stays NaN-free.
 const MASKED: f32 = -1.0e30;
 

@@ -68,16 +68,22 @@ impl FusedOps for CubeBackend {
         logits::grads(logits, targets, lse, grad)
     }
 
-    /// Flash attention: the kernel tiles by itself, so the reference's query `block` has
-    /// no say here.
+    /// Flash attention, which tiles by itself. With fewer queries than
+    /// [`attention::FEW_QUERIES`] (decoding) its cubes would run a thread or two each
+    /// over every key, so those go through the matmul-based blocked forward instead; its
+    /// statistics have the same layout, so the backward is the kernel's either way.
     fn grouped_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         masked: BoolTensor<Self>,
-        _block: usize,
+        block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        attention::forward(q, k, v, masked)
+        if q.shape().dims::<4>()[2] < attention::FEW_QUERIES {
+            crate::extension::blocked_attention::<Self>(q, k, v, masked, block)
+        } else {
+            attention::forward(q, k, v, masked)
+        }
     }
 
     fn grouped_attention_backward(
