@@ -22,6 +22,12 @@
 //! padding and packed examples skip too; rows that see no key at all (they attend to
 //! every key uniformly, as in the reference) keep their cube from skipping.
 //!
+//! On a GPU the loops over the head dimension are unrolled (it is a compile-time
+//! constant), so each thread's rows of q, k, v and its sums are indexed by constants and
+//! can live in registers rather than local memory. A software device (lavapipe) compiles
+//! unrolled shaders for minutes, so there they stay loops above a head dim of 32: CI's
+//! head dim 16 runs the unrolled variant, 64 and 128 the looped one.
+//!
 //! Masked scores are `−10³⁰`, as in the reference: a row with every key masked averages
 //! V uniformly, and masked scores pass no gradient to q and k. Sums are f32 whatever the
 //! inputs' dtype. Only shared memory and cube barriers are used (no plane ops, no cmma),
@@ -60,6 +66,7 @@ fn forward_kernel<F: Float, M: Numeric>(
     #[comptime] dim: usize,
     #[comptime] tile: usize,
     #[comptime] threads: usize,
+    #[comptime] unroll: bool,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
     let heads = q.shape(1);
@@ -84,6 +91,7 @@ fn forward_kernel<F: Float, M: Numeric>(
     let q_at = b * q.stride(0) + h * q.stride(1) + row * q.stride(2);
     let mut qrow = Array::<f32>::new(dim);
     let mut acc = Array::<f32>::new(dim);
+    #[unroll(unroll)]
     for c in 0..dim {
         qrow[c] = f32::cast_from(q[q_at + c * q.stride(3)]) * scale;
         acc[c] = 0.0;
@@ -140,6 +148,7 @@ fn forward_kernel<F: Float, M: Numeric>(
                     let mut s = f32::new(MASKED);
                     if u32::cast_from(mask[mask_at + (j0 + jj) * mask.stride(3)]) == 0 {
                         s = 0.0;
+                        #[unroll(unroll)]
                         for c in 0..dim {
                             s += qrow[c] * ks[jj * dim + c];
                         }
@@ -152,6 +161,7 @@ fn forward_kernel<F: Float, M: Numeric>(
             }
             let shrink = f32::exp(m - top);
             l *= shrink;
+            #[unroll(unroll)]
             for c in 0..dim {
                 acc[c] *= shrink;
             }
@@ -159,6 +169,7 @@ fn forward_kernel<F: Float, M: Numeric>(
                 if jj < n {
                     let p = f32::exp(scores[jj] - top);
                     l += p;
+                    #[unroll(unroll)]
                     for c in 0..dim {
                         acc[c] += p * vs[jj * dim + c];
                     }
@@ -173,6 +184,7 @@ fn forward_kernel<F: Float, M: Numeric>(
     if live {
         let out_at = b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
         let oc = out.stride(3);
+        #[unroll(unroll)]
         for c in 0..dim {
             out[out_at + c * oc] = F::cast_from(acc[c] / l);
         }
@@ -199,6 +211,7 @@ fn dq_kernel<F: Float, M: Numeric>(
     #[comptime] dim: usize,
     #[comptime] tile: usize,
     #[comptime] threads: usize,
+    #[comptime] unroll: bool,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
     let heads = q.shape(1);
@@ -226,6 +239,7 @@ fn dq_kernel<F: Float, M: Numeric>(
     let mut drow = Array::<f32>::new(dim);
     let mut acc = Array::<f32>::new(dim);
     let mut d = f32::new(0.0);
+    #[unroll(unroll)]
     for c in 0..dim {
         qrow[c] = f32::cast_from(q[q_at + c * q.stride(3)]) * scale;
         let g = f32::cast_from(grad[g_at + c * grad.stride(3)]);
@@ -269,11 +283,13 @@ fn dq_kernel<F: Float, M: Numeric>(
                 if jj < n && u32::cast_from(mask[mask_at + (j0 + jj) * mask.stride(3)]) == 0 {
                     let mut s = f32::new(0.0);
                     let mut dp = f32::new(0.0);
+                    #[unroll(unroll)]
                     for c in 0..dim {
                         s += qrow[c] * ks[jj * dim + c];
                         dp += drow[c] * vs[jj * dim + c];
                     }
                     let ds = f32::exp(s - m) / l * (dp - d);
+                    #[unroll(unroll)]
                     for c in 0..dim {
                         acc[c] += ds * ks[jj * dim + c];
                     }
@@ -287,6 +303,7 @@ fn dq_kernel<F: Float, M: Numeric>(
     if live {
         let at = b * dq.stride(0) + h * dq.stride(1) + i * dq.stride(2);
         let qc = dq.stride(3);
+        #[unroll(unroll)]
         for c in 0..dim {
             dq[at + c * qc] = F::cast_from(acc[c] * scale);
         }
@@ -309,6 +326,7 @@ fn dkdv_kernel<F: Float, M: Numeric>(
     #[comptime] dim: usize,
     #[comptime] tile: usize,
     #[comptime] threads: usize,
+    #[comptime] unroll: bool,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
     let heads = q.shape(1);
@@ -335,6 +353,7 @@ fn dkdv_kernel<F: Float, M: Numeric>(
     let mut vrow = Array::<f32>::new(dim);
     let mut dk_acc = Array::<f32>::new(dim);
     let mut dv_acc = Array::<f32>::new(dim);
+    #[unroll(unroll)]
     for c in 0..dim {
         krow[c] = f32::cast_from(k[k_at + c * k.stride(3)]) * scale;
         vrow[c] = f32::cast_from(v[v_at + c * v.stride(3)]);
@@ -394,18 +413,21 @@ fn dkdv_kernel<F: Float, M: Numeric>(
                         let mut s = f32::new(MASKED);
                         if visible {
                             s = 0.0;
+                            #[unroll(unroll)]
                             for c in 0..dim {
                                 s += qs[ii * dim + c] * krow[c];
                             }
                         }
                         let p = f32::exp(s - ms[ii]) / ls[ii];
                         let mut dp = f32::new(0.0);
+                        #[unroll(unroll)]
                         for c in 0..dim {
                             dv_acc[c] += p * gs[ii * dim + c];
                             dp += gs[ii * dim + c] * vrow[c];
                         }
                         if visible {
                             let dscore = p * (dp - ds[ii]);
+                            #[unroll(unroll)]
                             for c in 0..dim {
                                 dk_acc[c] += dscore * qs[ii * dim + c];
                             }
@@ -422,6 +444,7 @@ fn dkdv_kernel<F: Float, M: Numeric>(
         let dk_at = b * dk.stride(0) + kvh * dk.stride(1) + j * dk.stride(2);
         let dv_at = b * dv.stride(0) + kvh * dv.stride(1) + j * dv.stride(2);
         let (kc, vc) = (dk.stride(3), dv.stride(3));
+        #[unroll(unroll)]
         for c in 0..dim {
             dk[dk_at + c * kc] = F::cast_from(dk_acc[c] * scale);
             dv[dv_at + c * vc] = F::cast_from(dv_acc[c]);
@@ -480,6 +503,12 @@ fn tile_for(like: &CubeTensor, dim: usize) -> usize {
     1 << fit.ilog2()
 }
 
+/// Whether to unroll the head-dimension loops: on every real device; on a software one
+/// (no card behind it) only for small heads, which compile quickly.
+fn unroll_for(like: &CubeTensor, dim: usize) -> bool {
+    dim <= 32 || like.client.properties().identity.physical.is_some()
+}
+
 /// A mask the kernels can read as numbers: U8/U32 storage as it is, native bools cast.
 fn numeric_mask(mask: CubeTensor) -> CubeTensor {
     match mask.dtype {
@@ -520,6 +549,7 @@ pub fn forward(
     }
     let mask = numeric_mask(mask);
     let tile = tile_for(&q, d);
+    let unroll = unroll_for(&q, d);
     forward_kernel::launch(
         &q.client,
         grid(b * h * t.div_ceil(ROWS)),
@@ -534,6 +564,7 @@ pub fn forward(
         d,
         tile,
         ROWS,
+        unroll,
         [
             dtype_to_storage_type(dtype),
             dtype_to_storage_type(mask.dtype),
@@ -571,6 +602,7 @@ pub fn backward(
     }
     let mask = numeric_mask(mask);
     let tile = tile_for(&q, d);
+    let unroll = unroll_for(&q, d);
     let scale = 1.0 / (d as f32).sqrt();
     let dtypes = [
         dtype_to_storage_type(dtype),
@@ -600,6 +632,7 @@ pub fn backward(
         d,
         tile,
         ROWS,
+        unroll,
         dtypes,
     );
     let dk = empty_device_dtype(k.client.clone(), k.device.clone(), k.shape(), dtype);
@@ -622,6 +655,7 @@ pub fn backward(
         d,
         tile,
         ROWS,
+        unroll,
         dtypes,
     );
     (dq, dk, dv)
