@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 use checkpoints::{OwnedTensor, WeightFiles};
 
+mod common;
+use common::{copy_dir, metric_lines};
+
 fn hearth(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(args)
@@ -51,17 +54,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
@@ -752,11 +744,7 @@ fn train_tiny_sft_recipe_end_to_end() {
     ]);
 
     // metrics.jsonl with TRL's names; the assistant-token loss falls clearly.
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = metric_lines(&run);
     let train: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
     for key in [
         "loss",
@@ -1424,11 +1412,7 @@ fn diverging_runs_skip_bad_steps_then_stop_naming_the_last_checkpoint() {
         );
         stderr
     };
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = metric_lines(&run);
     let skipped: Vec<u64> = lines
         .iter()
         .filter(|l| l["skipped_step"] == true)

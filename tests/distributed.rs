@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use checkpoints::WeightFiles;
 
+mod common;
+use common::{copy_dir, metric_lines};
+
 /// Summation order is all that may differ between the runs. With one micro-batch per rank
 /// both compute `g₀ + g₁` and the weights come out bit-identical (measured here: 0). With
 /// two per rank, the ranks sum `(g₀ + g₁) + (g₂ + g₃)` where one process sums
@@ -125,19 +128,15 @@ fn weight_gap(a: &Path, b: &Path) -> f32 {
 
 /// `(step, loss)` of each training line of a run's metrics.
 fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    metric_lines(run)
+        .iter()
         .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
         .collect()
 }
 
 fn eval_loss(run: &Path) -> f64 {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    metric_lines(run)
+        .iter()
         .filter_map(|v| v.get("eval_loss")?.as_f64())
         .next_back()
         .expect("an eval line")
@@ -231,17 +230,6 @@ fn two_ranks_match_one_process(recipe: &str, dropout: &str, accum: usize) {
         gap < WEIGHT_TOLERANCE,
         "{recipe} resumed: weights differ by {gap}"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 #[test]
