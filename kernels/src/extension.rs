@@ -173,11 +173,15 @@ pub trait FusedOps: Backend {
         let n = hidden.shape().dims::<2>()[0];
         let chunk = chunk.max(1);
         let device = hidden.device();
+        let w_dtype: FloatDType = weight.dtype().into();
         let wt = Self::float_transpose(weight);
         let (mut lps, mut lses, mut hits) = (Vec::new(), Vec::new(), Vec::new());
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
             let rows = Self::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
+            // In the head's dtype, a chunk of rows cast at a time: a half-precision head is
+            // never widened whole.
+            let rows = Self::float_cast(rows, w_dtype);
             let t = Self::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
             let logits = f32_of::<Self>(Self::float_matmul(rows, wt.clone()));
             let (lp, lse, hit) = Self::logit_rows(logits, t);
@@ -582,7 +586,6 @@ fn logprob_grads<B: FusedOps>(
     let w_dtype: FloatDType = weight.dtype().into();
     let device = hidden.device();
     let wt = B::float_transpose(weight.clone());
-    let w32 = f32_of::<B>(weight);
     let mut dh = Vec::new();
     let mut dw: Option<FloatTensor<B>> = None;
     for start in (0..n).step_by(chunk) {
@@ -590,14 +593,16 @@ fn logprob_grads<B: FusedOps>(
         let range = || [Slice::from(start..start + len)];
         let rows = B::float_slice(hidden.clone(), &range());
         let t = B::int_slice(targets.clone(), &range());
-        let logits = f32_of::<B>(B::float_matmul(rows.clone(), wt.clone()));
+        let logits = f32_of::<B>(B::float_matmul(
+            B::float_cast(rows.clone(), w_dtype),
+            wt.clone(),
+        ));
         let lse_c = B::float_slice(lse.clone(), &range());
         let g = f32_of::<B>(B::float_slice(grad.clone(), &range()));
         let d_logits = B::logit_grads(logits, t, lse_c, g);
-        dh.push(B::float_cast(
-            B::float_matmul(d_logits.clone(), w32.clone()),
-            h_dtype,
-        ));
+        // In the head's dtype, as the forward (autocast's rule for a half-precision head).
+        let d_rows = B::float_matmul(B::float_cast(d_logits.clone(), w_dtype), weight.clone());
+        dh.push(B::float_cast(d_rows, h_dtype));
         if weight_grad {
             let part = B::float_matmul(B::float_transpose(d_logits), f32_of::<B>(rows));
             dw = Some(match dw {
@@ -613,7 +618,7 @@ fn logprob_grads<B: FusedOps>(
     };
     let dw = weight_grad.then(|| {
         let dw = dw.unwrap_or_else(|| {
-            let [v, _] = w32.shape().dims::<2>();
+            let [v, _] = weight.shape().dims::<2>();
             B::float_zeros([v, h].into(), &device, FloatDType::F32)
         });
         B::float_cast(dw, w_dtype)

@@ -65,7 +65,10 @@ pub fn token_logprobs(
         None => (hidden, head.weight.clone()),
         Some((down, up)) => (
             Tensor::cat(vec![hidden, down.clone()], 1),
-            Tensor::cat(vec![head.weight.clone(), up.clone()], 1),
+            Tensor::cat(
+                vec![head.weight.clone(), up.clone().cast(head.weight.dtype())],
+                1,
+            ),
         ),
     };
     let (lp, _lse, hit) = Dispatch::linear_logprob(

@@ -69,18 +69,25 @@ impl Head {
         }
     }
 
-    /// f32 logits `[len, V]` of hidden rows `start..start + len`.
+    /// f32 logits `[len, V]` of hidden rows `start..start + len`. The product runs in the
+    /// head weight's dtype (the rows are cast to it, a chunk at a time), so a half-precision
+    /// head is never widened whole; the logits leave in f32.
     pub fn logits(&self, hidden: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
-        let rows = hidden.clone().narrow(0, start, len);
-        let mut logits = rows.matmul(self.weight.clone().transpose());
+        let rows = hidden
+            .clone()
+            .narrow(0, start, len)
+            .cast(self.weight.dtype());
+        let mut logits = rows
+            .matmul(self.weight.clone().transpose())
+            .cast(DType::F32);
         if let Some((down, up)) = &self.low_rank {
-            logits = logits
-                + down
-                    .clone()
-                    .narrow(0, start, len)
-                    .matmul(up.clone().transpose());
+            let low = down
+                .clone()
+                .narrow(0, start, len)
+                .matmul(up.clone().transpose());
+            logits = logits + low.cast(DType::F32);
         }
-        logits.cast(DType::F32)
+        logits
     }
 }
 

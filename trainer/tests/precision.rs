@@ -36,7 +36,12 @@ fn relative_logit_error(name: &str, precision: Precision, device: &Device) -> f3
     let model = with_precision(model, precision);
     let ids_t = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), device);
     let mask_t = Tensor::<2, Int>::from_data(TensorData::new(mask.clone(), [b, t]), device);
-    let logits = model.logits(model.hidden(ids_t, mask_t));
+    let hidden = model.hidden(ids_t, mask_t);
+    // The head is read in its stored dtype (a half-precision head is never widened whole
+    // to f32, which at vocab 128 256 would be a transient of V·H·4 bytes).
+    let head = model.head(&hidden.clone().reshape([b * t, hidden.dims()[2]]));
+    assert_eq!(head.weight.dtype(), precision.dtype(), "{name}: head dtype");
+    let logits = model.logits(hidden);
     assert_eq!(logits.dtype(), DType::F32, "logits leave the model in f32");
     let ours = logits.into_data().try_into_vec_as::<f32>().unwrap();
     let (mut worst, mut scale) = (0f32, 0f32);

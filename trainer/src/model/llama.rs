@@ -309,17 +309,17 @@ impl Llama {
     /// tied), plus its adapter's low-rank term for those rows when `lm_head` has one.
     pub fn head(&self, rows: &Tensor<2>) -> kernels::Head {
         match &self.lm_head {
-            // The log-softmax over the vocabulary runs in f32 (a half-precision head is
-            // widened here, a chunk of rows at a time inside the kernels' matmul inputs).
+            // The head's matmul runs in its stored dtype, a chunk of rows at a time; the
+            // logits and the log-softmax over the vocabulary are f32.
             Some(head) => kernels::Head {
-                weight: f32(head.weight.val()),
+                weight: head.weight.val(),
                 low_rank: head.lora.as_ref().map(|l| {
                     let down = linear(l.dropout.forward(rows.clone()), l.a.val().transpose(), None)
                         .mul_scalar(l.scale);
                     (down, l.b.val())
                 }),
             },
-            None => kernels::Head::new(f32(self.embed_tokens.val())),
+            None => kernels::Head::new(self.embed_tokens.val()),
         }
     }
 
