@@ -28,26 +28,16 @@ use data::tokenize::Sequence;
 use kernels::{Head, Kernels, fused, reference, set_kernels};
 use serde_json::json;
 use trainer::batch::LmBatch;
-use trainer::model::lora::{LAYER_PROJECTIONS, LoraSettings, attach_lora};
+use trainer::model::lora::attach_lora;
 use trainer::model::precision::{Precision, with_precision};
 use trainer::model::{init_random_weights, load_model};
 use trainer::objectives::sft::sft_loss;
 
+mod common;
+use common::{device, filled, lora_on_all_projections};
+
 const WARMUP: usize = 3;
 const RUNS: usize = 10;
-
-fn device() -> Device {
-    let name = std::env::var("HEARTH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    trainer::device::parse(&name).unwrap_or_else(|e| panic!("HEARTH_BENCH_DEVICE: {e}"))
-}
-
-fn filled<const D: usize>(shape: [usize; D], k: usize, device: &Device) -> Tensor<D> {
-    let n = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| ((i * k) % 101) as f32 / 101.0 - 0.5)
-        .collect();
-    Tensor::from_data(TensorData::new(v, shape), device)
-}
 
 /// Waits for the device: a value is only back once every op before it ran.
 fn settle<const D: usize>(t: Tensor<D>) {
@@ -178,14 +168,7 @@ fn lora_sft(fused_path: bool, small: bool) -> serde_json::Value {
     let device = device().autodiff();
     device.seed(0);
     let (_, model) = load_model(dir.path(), &device).expect("the random model");
-    let settings = LoraSettings {
-        r: 16,
-        lora_alpha: 32.0,
-        lora_dropout: 0.0,
-        target_modules: LAYER_PROJECTIONS.map(String::from).to_vec(),
-        use_rslora: false,
-    };
-    let model = attach_lora(model, &settings, &device).expect("adapters");
+    let model = attach_lora(model, &lora_on_all_projections(), &device).expect("adapters");
     let mut model = Some(with_precision(model, Precision::Bf16));
     let vocab = config.vocab_size;
     let seq = Sequence {

@@ -16,6 +16,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use kernels::{Head, fused, reference};
 
+mod common;
+use common::{device, filled};
+
 struct Counting;
 
 static NOW: AtomicUsize = AtomicUsize::new(0);
@@ -51,19 +54,6 @@ const SEQ: usize = 256;
 const HEADS: usize = 8;
 const KV_HEADS: usize = 4;
 const HEAD_DIM: usize = 32;
-
-fn device() -> Device {
-    let name = std::env::var("HEARTH_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    trainer::device::parse(&name).unwrap_or_else(|e| panic!("HEARTH_BENCH_DEVICE: {e}"))
-}
-
-fn filled<const D: usize>(shape: [usize; D], k: usize, device: &Device) -> Tensor<D> {
-    let n = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|i| ((i * k) % 101) as f32 / 101.0 - 0.5)
-        .collect();
-    Tensor::from_data(TensorData::new(v, shape), device)
-}
 
 fn targets(n: usize, vocab: usize, device: &Device) -> Tensor<1, Int> {
     let t: Vec<i64> = (0..n as i64).map(|i| (i * 7919) % vocab as i64).collect();

@@ -15,10 +15,10 @@ use data::batch::Batch;
 use data::tokenize::Sequence;
 use trainer::batch::LmBatch;
 use trainer::model::load_model;
-use trainer::model::lora::{LAYER_PROJECTIONS, LoraSettings, attach_lora};
+use trainer::model::lora::attach_lora;
 
 mod common;
-use common::{peak_rss_mib, small_model};
+use common::{lora_on_all_projections, peak_rss_mib, small_model};
 use trainer::objectives::sft::sft_loss;
 
 const BATCH: usize = 8;
@@ -30,14 +30,7 @@ fn bench(c: &mut Criterion) {
     let device = Device::flex().autodiff();
     device.seed(0);
     let (_, model) = load_model(dir.path(), &device).unwrap();
-    let settings = LoraSettings {
-        r: 16,
-        lora_alpha: 32.0,
-        lora_dropout: 0.0,
-        target_modules: LAYER_PROJECTIONS.map(String::from).to_vec(),
-        use_rslora: false,
-    };
-    let mut model = Some(attach_lora(model, &settings, &device).unwrap());
+    let mut model = Some(attach_lora(model, &lora_on_all_projections(), &device).unwrap());
     let seqs: Vec<Sequence> = (0..BATCH)
         .map(|r| Sequence {
             ids: (0..TOKENS)

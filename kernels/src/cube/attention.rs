@@ -131,14 +131,7 @@ fn forward_kernel<F: Float, M: Numeric>(
         let seen = live && sees_any(mask, mask_at + j0 * mask.stride(3), mask.stride(3), n, tile);
         let needed = cube_any(&mut flags, seen || !may_skip, tid, threads);
         if needed {
-            let mut idx = tid;
-            while idx < n * dim {
-                let j = j0 + idx / dim;
-                let c = idx % dim;
-                ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
-                vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
-                idx += rows;
-            }
+            load_tiles(k, k_at, v, v_at, &mut ks, &mut vs, j0, n, tid, dim, threads);
         }
         sync_cube();
         if live && needed {
@@ -268,14 +261,7 @@ fn dq_kernel<F: Float, M: Numeric>(
         let seen = live && sees_any(mask, mask_at + j0 * mask.stride(3), mask.stride(3), n, tile);
         let needed = cube_any(&mut flags, seen, tid, threads);
         if needed {
-            let mut idx = tid;
-            while idx < n * dim {
-                let j = j0 + idx / dim;
-                let c = idx % dim;
-                ks[idx] = f32::cast_from(k[k_at + j * k.stride(2) + c * k.stride(3)]);
-                vs[idx] = f32::cast_from(v[v_at + j * v.stride(2) + c * v.stride(3)]);
-                idx += rows;
-            }
+            load_tiles(k, k_at, v, v_at, &mut ks, &mut vs, j0, n, tid, dim, threads);
         }
         sync_cube();
         if live && needed {
@@ -389,14 +375,9 @@ fn dkdv_kernel<F: Float, M: Numeric>(
             }
             let needed = cube_any(&mut flags, touches, tid, threads);
             if needed {
-                let mut idx = tid;
-                while idx < n * dim {
-                    let i = i0 + idx / dim;
-                    let c = idx % dim;
-                    qs[idx] = f32::cast_from(q[q_at + i * q.stride(2) + c * q.stride(3)]);
-                    gs[idx] = f32::cast_from(grad[g_at + i * grad.stride(2) + c * grad.stride(3)]);
-                    idx += rows;
-                }
+                load_tiles(
+                    q, q_at, grad, g_at, &mut qs, &mut gs, i0, n, tid, dim, threads,
+                );
                 if tid < n {
                     let st = st_at + (i0 + tid) * stats.stride(2);
                     ms[tid] = stats[st];
@@ -468,6 +449,34 @@ fn cube_any(flags: &mut Shared<[u32]>, mine: bool, tid: usize, #[comptime] threa
         count += flags[r];
     }
     count > 0
+}
+
+/// Copies rows `first..first + n` of two `[.., rows, D]` tensors, from offsets `a_at`
+/// and `b_at` (their batch and head), into shared tiles as f32: the cube's threads stride
+/// over the elements together.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tiles<F: Float>(
+    a: &Tensor<F>,
+    a_at: usize,
+    b: &Tensor<F>,
+    b_at: usize,
+    a_tile: &mut Shared<[f32]>,
+    b_tile: &mut Shared<[f32]>,
+    first: usize,
+    n: usize,
+    tid: usize,
+    #[comptime] dim: usize,
+    #[comptime] threads: usize,
+) {
+    let mut idx = tid;
+    while idx < n * dim {
+        let r = first + idx / dim;
+        let c = idx % dim;
+        a_tile[idx] = f32::cast_from(a[a_at + r * a.stride(2) + c * a.stride(3)]);
+        b_tile[idx] = f32::cast_from(b[b_at + r * b.stride(2) + c * b.stride(3)]);
+        idx += threads;
+    }
 }
 
 /// Whether any of the `n` mask entries at `at`, `at + step`, … is clear (visible).
