@@ -7,7 +7,7 @@
 //!
 //! Its own test binary, because the switch is process-wide: the tests take turns.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use trainer::model::load_model;
@@ -28,24 +28,13 @@ fn fused_and_reference_kernels_train_alike() {
     let recipe_path = tmp.path().join("full.toml");
     std::fs::write(&recipe_path, full).unwrap();
     let run = |kernels: &str| {
-        let sets = vec![
-            format!("model.path=\"{}\"", base.display()),
-            format!(
-                "data.train=\"{}\"",
-                root().join("data/examples/counseling-sft.jsonl").display()
-            ),
-            "train.max_steps=4".into(),
-            "train.learning_rate=1e-3".into(),
-            format!("train.kernels=\"{kernels}\""),
-        ];
-        let recipe = load(&recipe_path, &sets).unwrap();
-        let dir = tmp.path().join(kernels);
-        train(&recipe, &dir, false, false).unwrap();
-        assert_eq!(
-            kernels::kernels(),
-            kernels::Kernels::parse(kernels).unwrap()
-        );
-        dir
+        run_sft(
+            &recipe_path,
+            &base,
+            &tmp.path().join(kernels),
+            kernels,
+            &["train.max_steps=4", "train.learning_rate=1e-3"],
+        )
     };
     let fused = run("fused");
     let reference = run("reference");
@@ -92,27 +81,29 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     let run = |kernels: &str| {
-        let sets = vec![
-            format!("model.path=\"{}\"", base.display()),
-            format!(
-                "data.train=\"{}\"",
-                root().join("data/examples/counseling-sft.jsonl").display()
-            ),
+        run_sft(
+            &root().join("recipes/tiny-sft.toml"),
+            &base,
+            &tmp.path().join(kernels),
+            kernels,
             // Few, short rows: lavapipe compiles every kernel for every shape it meets.
-            "train.max_steps=3".into(),
-            "train.per_device_train_batch_size=2".into(),
-            "data.max_length=48".into(),
-            "train.eval_steps=0".into(),
-            "train.device=\"wgpu\"".into(),
-            format!("train.kernels=\"{kernels}\""),
-        ];
-        let recipe = load(&root().join("recipes/tiny-sft.toml"), &sets).unwrap();
-        let dir = tmp.path().join(kernels);
-        train(&recipe, &dir, false, false).unwrap();
-        dir
+            &[
+                "train.max_steps=3",
+                "train.per_device_train_batch_size=2",
+                "data.max_length=48",
+                "train.eval_steps=0",
+                "train.device=\"wgpu\"",
+            ],
+        )
     };
+    let gpu = trainer::device::parse("wgpu").unwrap();
     let fused = run("fused");
+    assert!(
+        kernels::fused_on(&gpu),
+        "the fused run used the kernels on wgpu"
+    );
     let reference = run("reference");
+    assert!(!kernels::fused_on(&gpu), "the reference run did not");
     let (a, b) = (losses(&fused), losses(&reference));
     assert_eq!(a.len(), 3);
     for (x, y) in a.iter().zip(&b) {
@@ -152,4 +143,26 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
             .fold(0f32, f32::max);
         assert!(worst < 1e-4, "{name} differs by {worst}");
     }
+}
+
+/// SFT with `recipe` on the tiny base at `base` (made on first use) with the bundled
+/// dialogues, `train.kernels = kernels` and `extra` overrides, into `out`. The switch is
+/// checked to have reached the kernels, so two runs compared here really ran both paths.
+fn run_sft(recipe: &Path, base: &Path, out: &Path, kernels: &str, extra: &[&str]) -> PathBuf {
+    let mut sets = vec![
+        format!("model.path=\"{}\"", base.display()),
+        format!(
+            "data.train=\"{}\"",
+            root().join("data/examples/counseling-sft.jsonl").display()
+        ),
+        format!("train.kernels=\"{kernels}\""),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let recipe = load(recipe, &sets).unwrap();
+    train(&recipe, out, false, false).unwrap();
+    assert_eq!(
+        kernels::kernels(),
+        kernels::Kernels::parse(kernels).unwrap()
+    );
+    out.to_path_buf()
 }
