@@ -92,16 +92,28 @@ pub fn dpo_loss(
                 - log_sigmoid(delta.neg()).mul_scalar(eps)
         }
         DpoLossType::Ipo => h.sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2),
-        DpoLossType::Hinge => delta.neg().add_scalar(1.0).clamp_min(0.0),
+        // `relu`, not `clamp_min(0)`: at `Δ = 1` PyTorch's relu (which TRL uses) passes
+        // no gradient, where a clamp passes all of it.
+        DpoLossType::Hinge => burn::tensor::activation::relu(delta.neg().add_scalar(1.0)),
         DpoLossType::Robust => (log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps))
             + log_sigmoid(delta.neg()).mul_scalar(eps))
         .div_scalar(1.0 - 2.0 * eps),
     };
     let loss = losses.mean();
 
-    let chosen_rewards = values(chosen_ratio.detach().mul_scalar(beta));
-    let rejected_rewards = values(rejected_ratio.detach().mul_scalar(beta));
-    let m = preference_metrics(&chosen_rewards, &rejected_rewards, pc, pr);
+    // The metrics read the summed log-probs whatever the loss averages, as TRL's do: IPO
+    // length-averages only inside its loss.
+    let summed = |p: &Tensor<1>, r: &Tensor<1>| {
+        values((p.clone().detach() - r.clone().detach()).mul_scalar(beta))
+    };
+    let chosen_rewards = summed(&policy.chosen, &reference.chosen);
+    let rejected_rewards = summed(&policy.rejected, &reference.rejected);
+    let m = preference_metrics(
+        &chosen_rewards,
+        &rejected_rewards,
+        policy.chosen.clone(),
+        policy.rejected.clone(),
+    );
     (loss, m)
 }
 
@@ -164,11 +176,23 @@ mod tests {
     fn ipo_uses_length_averaged_log_ratios() {
         let (p, r) = case();
         let beta = 0.5;
-        let (loss, _) = dpo_loss(DpoLossType::Ipo, beta, 0.0, &p, &r);
+        let (loss, m) = dpo_loss(DpoLossType::Ipo, beta, 0.0, &p, &r);
         let h1 = 1.0 / 4.0 - (-1.0) / 2.0;
         let h2 = -0.5 / 5.0 - 0.25 / 3.0;
         let want = ((h1 - 1.0) * (h1 - 1.0) + (h2 - 1.0) * (h2 - 1.0)) / 2.0;
         close(scalar(loss), want, 1e-6);
+        // The metrics stay on the summed log-probs, as TRL logs them for IPO too.
+        close(
+            m.get("rewards/chosen").unwrap(),
+            beta * (1.0 - 0.5) / 2.0,
+            1e-6,
+        );
+        close(
+            m.get("rewards/rejected").unwrap(),
+            beta * (-1.0 + 0.25) / 2.0,
+            1e-6,
+        );
+        close(m.get("logps/chosen").unwrap(), -15.25, 1e-6);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 pub mod dpo;
 pub mod grpo;
+#[cfg(test)]
+mod kinks;
 pub mod orpo;
 pub mod reward;
 pub mod sequences;
@@ -85,13 +87,27 @@ pub fn preference_metrics(
 
 /// `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`: finite for every finite `x`, where the
 /// textbook `−log(1 + e^{−x})` overflows for large negative `x`.
+///
+/// `min(x, 0)` is written `(x − |x|)/2`, which has the same value bit for bit, because its
+/// gradient must be right at `x = 0`: there `clamp_max` passes 1 and `|x|` passes 0, so
+/// the textbook form's derivative comes out 1 instead of σ(−0) = ½. DPO meets exactly
+/// that point on its first step, when policy and reference agree and every margin is 0.
+/// The halves here give ½ − ½·sign(x) + sign(x)·σ(−|x|), which is σ(−x) everywhere, as
+/// PyTorch's `logsigmoid` backward is.
 pub fn log_sigmoid(x: Tensor<1>) -> Tensor<1> {
-    x.clone().clamp_max(0.0) - x.abs().neg().exp().log1p()
+    let abs = x.clone().abs();
+    (x - abs.clone()).mul_scalar(0.5) - abs.neg().exp().log1p()
 }
 
 /// `log(1 − e^{x})` for log-probabilities `x ≤ 0`. Near 0 the difference `1 − e^{x}`
 /// cancels, so there it uses the series `t − t²/2 + t³/6 − t⁴/24` (`t = −x`); `x` is kept
 /// at most `−1e-7` so a probability of one gives a large finite value, never `−∞`.
+///
+/// Its kinks: at the series boundary `t = 1e-2` the direct branch is taken, and both
+/// branches' derivatives agree there to 1e-9 relative, so the gradient is continuous. Above
+/// `x = −1e-7` the value is held and the gradient is 0, where PyTorch's unguarded
+/// `log1p(−exp(x))` gives `−∞` or NaN; a completion that certain carries no signal either
+/// way, and a NaN would end the run.
 pub fn log1m_exp(x: Tensor<1>) -> Tensor<1> {
     let t = x.neg().clamp_min(1e-7);
     let small = t.clone().clamp_max(1e-2);
