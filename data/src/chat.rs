@@ -37,6 +37,9 @@ pub fn render_with_mask_from(
     if messages.is_empty() {
         return Err(DataError::Conversation("the conversation is empty".into()));
     }
+    if template.has_generation_tags() {
+        return render_generation_spans(template, tokenizer, messages, train_from);
+    }
     let text = template.render(messages, false)?;
     let input_ids = encode(tokenizer, &text)?;
     let mut assistant_mask = vec![0u8; input_ids.len()];
@@ -73,6 +76,60 @@ pub fn render_with_mask_from(
     }
     Ok(Rendered {
         text,
+        input_ids,
+        assistant_mask,
+    })
+}
+
+/// The mask of a template with `{% generation %}` tags: exactly the tokens that the tagged
+/// spans touch, from the token holding a span's first byte through the one holding its last,
+/// as transformers' `return_assistant_tokens_mask` takes it. With `train_from`, spans that
+/// begin inside the render of the messages before it are context, not targets.
+fn render_generation_spans(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    train_from: usize,
+) -> Result<Rendered, DataError> {
+    let rendered = template.render_spans(messages, false)?;
+    let context = if train_from == 0 {
+        0
+    } else {
+        let before = template.render(&messages[..train_from.min(messages.len())], false)?;
+        if !rendered.text.starts_with(&before) {
+            return Err(DataError::Conversation(format!(
+                "{}: the messages before the completion do not render as a prefix of the \
+                 whole conversation, so the completion's tokens cannot be told apart",
+                template.origin()
+            )));
+        }
+        before.len()
+    };
+    let encoding = tokenizer
+        .encode(rendered.text.as_str(), false)
+        .map_err(|e| DataError::Conversation(format!("tokenising: {e}")))?;
+    let input_ids = encoding.get_ids().to_vec();
+    let offsets = encoding.get_offsets();
+    // The token whose byte range holds `at`: the first that ends past it.
+    let token_at = |at: usize| offsets.iter().position(|&(s, e)| s <= at && at < e);
+    let mut assistant_mask = vec![0u8; input_ids.len()];
+    for span in rendered.spans.iter().filter(|s| s.start >= context) {
+        let (Some(first), Some(last)) = (token_at(span.start), token_at(span.end - 1)) else {
+            continue;
+        };
+        for m in &mut assistant_mask[first..=last] {
+            *m = 1;
+        }
+    }
+    if !assistant_mask.contains(&1) {
+        return Err(DataError::Conversation(
+            "no assistant tokens to learn from: the template's {% generation %} spans are \
+             empty for this conversation"
+                .into(),
+        ));
+    }
+    Ok(Rendered {
+        text: rendered.text,
         input_ids,
         assistant_mask,
     })
@@ -136,6 +193,57 @@ mod tests {
             decoded,
             vec!["Tell me more.<|eot_id|>", "What feels hardest?<|eot_id|>"]
         );
+    }
+
+    /// Decoded runs of masked tokens.
+    fn masked_runs(tok: &Tokenizer, r: &Rendered) -> Vec<String> {
+        let mut runs = vec![Vec::new()];
+        for (id, m) in r.input_ids.iter().zip(&r.assistant_mask) {
+            if *m == 1 {
+                runs.last_mut().unwrap().push(*id);
+            } else if !runs.last().unwrap().is_empty() {
+                runs.push(Vec::new());
+            }
+        }
+        runs.retain(|r| !r.is_empty());
+        runs.iter().map(|r| tok.decode(r, false).unwrap()).collect()
+    }
+
+    #[test]
+    fn generation_tags_decide_the_mask_where_a_template_has_them() {
+        // Tags around the content only: the end-of-turn token stays unmasked, which
+        // incremental rendering would have masked.
+        let source = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
+        let tokens = SpecialTokens {
+            bos_token: Some("<|begin_of_text|>".into()),
+            ..Default::default()
+        };
+        let tpl = ChatTemplate::new(source, tokens, "tagged").unwrap();
+        let tok = tokenizer();
+        let messages = vec![
+            Message::new("user", "I feel tired."),
+            Message::new("assistant", "Tell me more."),
+            Message::new("user", "Work is hard."),
+            Message::new("assistant", "What feels hardest?"),
+        ];
+        let r = render_with_mask(&tpl, &tok, &messages).unwrap();
+        assert_eq!(r.text, tpl.render(&messages, false).unwrap());
+        assert_eq!(r.input_ids, encode(&tok, &r.text).unwrap());
+        assert_eq!(
+            masked_runs(&tok, &r),
+            vec!["Tell me more.", "What feels hardest?"]
+        );
+        // From message 2 on: the first reply is context.
+        let r = render_with_mask_from(&tpl, &tok, &messages, 2).unwrap();
+        assert_eq!(masked_runs(&tok, &r), vec!["What feels hardest?"]);
+        // An empty tagged reply leaves nothing to learn from.
+        let err = render_with_mask(
+            &tpl,
+            &tok,
+            &[Message::new("user", "hi"), Message::new("assistant", "")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no assistant tokens"), "{err}");
     }
 
     #[test]

@@ -84,22 +84,41 @@ fn marked(
     template: &ChatTemplate,
     tokenizer: &Tokenizer,
 ) -> Result<String, DataError> {
-    let (messages, train_from) = match example {
+    match example {
         Example::Conversation {
             messages,
             train_from,
             ..
-        } => (messages.clone(), *train_from),
-        Example::Pair { prompt, chosen, .. } => {
-            let mut all = prompt.clone();
-            all.extend(chosen.iter().cloned());
-            (all, prompt.len())
+        } => marked_messages(messages, *train_from, template, tokenizer),
+        // Both sides of a pair: what it teaches is their difference.
+        Example::Pair {
+            prompt,
+            chosen,
+            rejected,
+            ..
+        } => {
+            let side = |completion: &[crate::Message]| {
+                let mut all = prompt.clone();
+                all.extend(completion.iter().cloned());
+                marked_messages(&all, prompt.len(), template, tokenizer)
+            };
+            Ok(format!(
+                "chosen:\n{}\nrejected:\n{}",
+                side(chosen)?,
+                side(rejected)?
+            ))
         }
-        Example::Prompt { prompt, .. } => {
-            return template.render(prompt, true);
-        }
-    };
-    let r = render_with_mask_from(template, tokenizer, &messages, train_from)?;
+        Example::Prompt { prompt, .. } => template.render(prompt, true),
+    }
+}
+
+fn marked_messages(
+    messages: &[crate::Message],
+    train_from: usize,
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+) -> Result<String, DataError> {
+    let r = render_with_mask_from(template, tokenizer, messages, train_from)?;
     let mut out = String::new();
     let mut start = 0;
     while start < r.input_ids.len() {

@@ -43,11 +43,27 @@ impl SpecialTokens {
     }
 }
 
+/// Marks the start and end of a `{% generation %}` span in rendered text. Private-use
+/// characters, which no chat text uses; [`ChatTemplate::render_spans`] strips them.
+const GENERATION_OPEN: char = '\u{F8F0}';
+const GENERATION_CLOSE: char = '\u{F8F1}';
+/// The filter the generation tags are rewritten to.
+const GENERATION_FILTER: &str = "__hearth_generation";
+
 /// A compiled chat template plus the special tokens it renders with.
 pub struct ChatTemplate {
     env: Environment<'static>,
     tokens: SpecialTokens,
     origin: String,
+    /// Whether the template marks the assistant's output with `{% generation %}`.
+    generation: bool,
+}
+
+/// A rendered conversation with the byte ranges of its `{% generation %}` spans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedSpans {
+    pub text: String,
+    pub spans: Vec<std::ops::Range<usize>>,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -74,13 +90,23 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source.to_string())
+        env.add_filter(GENERATION_FILTER, mark_generation);
+        let (source, generation) = rewrite_generation_tags(source);
+        env.add_template_owned("chat", source)
             .map_err(|e| template_error(&origin, &e))?;
         Ok(Self {
             env,
             tokens,
             origin,
+            generation,
         })
+    }
+
+    /// Whether the template tags the assistant's output with `{% generation %}`, so the
+    /// assistant mask comes from the tags (as transformers'
+    /// `return_assistant_tokens_mask` takes it) rather than from incremental rendering.
+    pub fn has_generation_tags(&self) -> bool {
+        self.generation
     }
 
     /// One of the built-in templates: `llama3` or `chatml`.
@@ -155,7 +181,43 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`, optionally followed by the prompt for the assistant's next turn.
+    /// `{% generation %}` tags render as nothing, as in transformers.
     pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, DataError> {
+        Ok(self.render_spans(messages, add_generation_prompt)?.text)
+    }
+
+    /// [`render`](Self::render), with the byte ranges of the text inside each
+    /// `{% generation %}` … `{% endgeneration %}` span (empty spans dropped).
+    pub fn render_spans(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<RenderedSpans, DataError> {
+        let marked = self.render_marked(messages, add_generation_prompt)?;
+        let mut text = String::with_capacity(marked.len());
+        let mut spans = Vec::new();
+        let mut open = None;
+        for c in marked.chars() {
+            match c {
+                GENERATION_OPEN => open = Some(text.len()),
+                GENERATION_CLOSE => {
+                    if let Some(start) = open.take()
+                        && start < text.len()
+                    {
+                        spans.push(start..text.len());
+                    }
+                }
+                c => text.push(c),
+            }
+        }
+        Ok(RenderedSpans { text, spans })
+    }
+
+    fn render_marked(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
@@ -196,6 +258,50 @@ fn template_error(origin: &str, e: &Error) -> DataError {
         origin: origin.to_string(),
         reason: reason.replace('\n', " "),
     }
+}
+
+/// Rewrites `{% generation %}` … `{% endgeneration %}` (with any whitespace control) as a
+/// filter block that wraps its output in the span markers. A filter block is a block tag
+/// like the one it replaces, so `trim_blocks` and `lstrip_blocks` treat the text around it
+/// alike. Returns the source and whether any tag was found.
+fn rewrite_generation_tags(source: &str) -> (String, bool) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut found = false;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return (out, found);
+        };
+        let inner = &tag[2..end];
+        let (lead, body) = match inner.chars().next() {
+            Some(c @ ('-' | '+')) => (c.to_string(), &inner[1..]),
+            _ => (String::new(), inner),
+        };
+        let (body, trail) = match body.chars().last() {
+            Some(c @ ('-' | '+')) => (&body[..body.len() - 1], c.to_string()),
+            _ => (body, String::new()),
+        };
+        match body.trim() {
+            "generation" => {
+                found = true;
+                out.push_str(&format!("{{%{lead} filter {GENERATION_FILTER} {trail}%}}"));
+            }
+            "endgeneration" => {
+                out.push_str(&format!("{{%{lead} endfilter {trail}%}}"));
+            }
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    (out, found)
+}
+
+fn mark_generation(content: String) -> Value {
+    Value::from_safe_string(format!("{GENERATION_OPEN}{content}{GENERATION_CLOSE}"))
 }
 
 /// `raise_exception(msg)`: templates use it to reject conversations they cannot render.
@@ -385,6 +491,30 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("my.jinja: line"), "{err}");
+    }
+
+    #[test]
+    fn generation_tags_render_as_nothing_and_mark_their_spans() {
+        let source = "{% for m in messages %}[{{ m.role }}]\n{% if m.role == 'assistant' %}{%- generation -%}\n  {{ m.content }}!{% endgeneration %}\n{% else %}{{ m.content }}\n{% endif %}{% endfor %}";
+        let tpl = ChatTemplate::new(source, SpecialTokens::default(), "t").unwrap();
+        assert!(tpl.has_generation_tags());
+        let messages = [user("hi"), Message::new("assistant", "héllo"), user("x")];
+        let out = tpl.render_spans(&messages, false).unwrap();
+        assert_eq!(out.text, "[user]\nhi\n[assistant]\nhéllo![user]\nx\n");
+        assert_eq!(out.spans.len(), 1);
+        assert_eq!(&out.text[out.spans[0].clone()], "héllo!");
+        assert_eq!(tpl.render(&messages, false).unwrap(), out.text);
+        // The tag in a template without the tags is an ordinary tag; no spans.
+        let plain =
+            ChatTemplate::new("{{ messages[0].content }}", SpecialTokens::default(), "t").unwrap();
+        assert!(!plain.has_generation_tags());
+        assert!(
+            plain
+                .render_spans(&messages, false)
+                .unwrap()
+                .spans
+                .is_empty()
+        );
     }
 
     #[test]

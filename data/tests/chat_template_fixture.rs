@@ -15,19 +15,32 @@ struct Case {
     generation_prompt_text: String,
 }
 
-fn fixture() -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/chat-template/llama3");
+fn fixture(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/fixtures/chat-template")
+        .join(name);
     assert!(dir.is_dir(), "fixture {} is missing", dir.display());
     dir
 }
 
 #[test]
 fn llama3_cases_render_tokenise_and_mask_exactly_as_transformers() {
-    let dir = fixture();
+    check_cases("llama3", false);
+}
+
+/// The same cases through a template whose assistant output is wrapped in
+/// `{% generation %}` tags: the mask comes from the tags, as transformers takes it.
+#[test]
+fn generation_tagged_cases_render_tokenise_and_mask_exactly_as_transformers() {
+    check_cases("llama3-generation", true);
+}
+
+fn check_cases(name: &str, tagged: bool) {
+    let dir = fixture(name);
     let template = ChatTemplate::from_dir(&dir, None)
         .unwrap()
         .expect("the fixture ships a template");
+    assert_eq!(template.has_generation_tags(), tagged);
     let tok = tokenizer::load(&dir).unwrap();
     let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
