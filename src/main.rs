@@ -407,12 +407,6 @@ fn run(cli: Cli) -> Result<()> {
                 init_std: a.init_std,
                 ..Default::default()
             };
-            if a.out.join("config.json").exists() {
-                bail!(
-                    "{}: already holds a model; choose an empty directory",
-                    a.out.display()
-                );
-            }
             let save = SaveOptions {
                 max_shard_bytes: a.max_shard_size,
             };
@@ -460,7 +454,7 @@ fn run(cli: Cli) -> Result<()> {
                 &a.data,
                 a.max_length,
             )?;
-            println!("{}", serde_json::to_string(&report)?);
+            emit(&serde_json::to_string(&report)?)?;
         }
         Command::Pipeline(a) => {
             let out = a.out.unwrap_or_else(|| {
@@ -472,7 +466,7 @@ fn run(cli: Cli) -> Result<()> {
             });
             let report = trainer::pipeline::run(&a.pipeline, &out, &a.set, true)?;
             if trainer::dist::is_main_process() {
-                println!("{}", report.text);
+                emit(&report.text)?;
             }
             eprintln!("report written to {}", out.join("report.md").display());
         }
@@ -576,7 +570,14 @@ fn inspect(a: InspectArgs) -> Result<()> {
         None => TemplateChoice::Shipped(None),
     };
     let template = data::render::template_for(&tokenizer_dir, choice)?;
-    let tokenizer = data::tokenizer::load(&tokenizer_dir)?;
+    // A tokenizer that belongs to a model must fit its vocabulary, or training would fail
+    // on the first out-of-range id while this report said all was well.
+    let tokenizer = if tokenizer_dir.join("config.json").is_file() {
+        let config = checkpoints::ModelConfig::from_path(&tokenizer_dir)?;
+        trainer::model::load_tokenizer(&tokenizer_dir, config.vocab_size)?
+    } else {
+        data::tokenizer::load(&tokenizer_dir)?
+    };
     let load = config.load_options().map_err(anyhow::Error::msg)?;
     let truncation = config.truncation().map_err(anyhow::Error::msg)?;
     let report = data::inspect::inspect(
@@ -588,12 +589,20 @@ fn inspect(a: InspectArgs) -> Result<()> {
         truncation,
         a.show_example,
     )?;
-    println!("{report}");
+    emit(&report.to_string())?;
     Ok(())
 }
 
 fn generate(a: GenerateTextArgs) -> Result<()> {
     use std::io::BufRead;
+    let sampling = trainer::generate::Sampling {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    sampling.validate().context("generate")?;
     let device = trainer::device::parse(&a.device)?;
     let (config, model) = trainer::model::load_model(&a.model, &device)?;
     let model = match &a.adapter {
@@ -605,15 +614,8 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
         None => TemplateChoice::Shipped(None),
     };
     let template = data::render::template_for(&a.model, choice)?;
-    let tokenizer = data::tokenizer::load(&a.model)?;
+    let tokenizer = trainer::model::load_tokenizer(&a.model, config.vocab_size)?;
     let stop = trainer::generate::stop_tokens(&a.model, &config, &tokenizer);
-    let sampling = trainer::generate::Sampling {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
     let mut messages: Vec<data::Message> = a
         .system
         .iter()
@@ -630,18 +632,43 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
         Ok(answer)
     };
     match a.prompt {
-        Some(text) => println!("{}", reply(&mut messages, text)?),
+        Some(text) => emit(&reply(&mut messages, text)?)?,
         None => {
             for line in std::io::stdin().lock().lines() {
                 let line = line.context("reading standard input")?;
                 if line.trim().is_empty() {
                     continue;
                 }
-                println!("{}", reply(&mut messages, line)?);
+                emit(&reply(&mut messages, line)?)?;
             }
         }
     }
     Ok(())
+}
+
+/// Standard output was closed by its reader (`hearth data inspect … | head`).
+#[derive(Debug)]
+struct ClosedPipe;
+
+impl std::fmt::Display for ClosedPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed")
+    }
+}
+
+impl std::error::Error for ClosedPipe {}
+
+/// Writes one line of the command's output. A reader that closed the pipe ends the command
+/// quietly, as it ends Unix tools, instead of `println!`'s panic.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => anyhow::Error::new(ClosedPipe),
+            _ => anyhow::Error::new(e).context("writing to standard output"),
+        })
 }
 
 /// The error chain on one line. Library errors already embed their cause in their message,
@@ -688,6 +715,11 @@ fn main() -> ExitCode {
         Ok(()) => {
             trainer::dist::finish(true, 0);
             ExitCode::SUCCESS
+        }
+        Err(e) if e.downcast_ref::<ClosedPipe>().is_some() => {
+            trainer::dist::finish(true, 0);
+            // What a shell reports for a writer stopped by SIGPIPE.
+            ExitCode::from(141)
         }
         Err(e) => {
             // A signal stops training cleanly, with the shell's 128 + signal exit code.

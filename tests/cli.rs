@@ -646,6 +646,22 @@ fn data_generate_and_inspect() {
     );
     let shown = inspect(&["--show-example", "--max-length", "1000"]);
     assert!(shown.contains(prompt) && shown.contains('⟦'), "{shown}");
+    // Both sides of the pair, each with its completion marked.
+    let side = |key: &str| match &first[key] {
+        serde_json::Value::String(s) => s.clone(),
+        other => other[0]["content"].as_str().unwrap().to_string(),
+    };
+    let (chosen, rejected) = (side("chosen"), side("rejected"));
+    let at = |needle: &str| {
+        shown
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {shown}"))
+    };
+    assert!(
+        at("chosen:") < at(&chosen) && at(&chosen) < at("rejected:"),
+        "{shown}"
+    );
+    assert!(at("rejected:") < at(&rejected), "{shown}");
     // The made model ships its template: the bos token is rendered.
     assert!(shown.contains("<|begin_of_text|>"), "{shown}");
 
@@ -1022,8 +1038,11 @@ fn generate_answers_a_prompt_and_a_chat() {
     );
 }
 
+/// Recomputing activations in the backward pass must not change a single loss bit. (What
+/// it saves in memory is not measured here: on the tiny model the activations are too
+/// small a share of the process to see.)
 #[test]
-fn gradient_checkpointing_changes_memory_not_results() {
+fn gradient_checkpointing_leaves_the_losses_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     let mut lines = Vec::new();
@@ -1673,6 +1692,11 @@ fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
             && stderr.contains("checkpoint-2"),
         "{stderr}"
     );
+    // The OS's words, not Rust's Debug form of the error.
+    assert!(
+        !stderr.contains("Os {") && !stderr.contains("code: 28"),
+        "{stderr}"
+    );
     // The previous checkpoint is intact (its manifest verifies) and nothing half-written
     // looks like a checkpoint.
     let names: Vec<String> = std::fs::read_dir(&run)
@@ -1918,4 +1942,382 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
         );
         assert_eq!(loss_lines(&a), loss_lines(&b), "{recipe}: metrics differ");
     }
+}
+
+/// The command ends with `needles` in one `error:` line, and `files` are byte for byte
+/// what they were before it ran.
+fn fails_keeping(args: &[&str], needles: &[&str], files: &[&Path]) {
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    fails(args, needles);
+    for (f, b) in files.iter().zip(before) {
+        assert!(
+            std::fs::read(f).unwrap() == b,
+            "{} was changed",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn no_command_writes_over_its_inputs_or_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let other = tmp.path().join("other");
+    ok(&["init-model", "--out", s(&base)]);
+    ok(&["init-model", "--out", s(&other), "--seed", "3"]);
+    let run = tmp.path().join("run");
+    let args = tiny_sft_args("--out", &run, &base, &["train.max_steps=1"]);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let adapter = run.join("final");
+    let weights = base.join("model.safetensors");
+    let other_weights = other.join("model.safetensors");
+
+    fails_keeping(
+        &[
+            "logits",
+            "--model",
+            s(&base),
+            "--text",
+            "hi",
+            "--out",
+            s(&weights),
+        ],
+        &["model.safetensors", "refusing to write here"],
+        &[&weights],
+    );
+    fails_keeping(
+        &[
+            "logits",
+            "--model",
+            s(&base),
+            "--text",
+            "hi",
+            "--out",
+            s(&other_weights),
+        ],
+        &["a file of the checkpoint"],
+        &[&other_weights],
+    );
+    let merge = |out: &Path| {
+        vec![
+            "merge".to_string(),
+            "--base".into(),
+            s(&base).into(),
+            "--adapter".into(),
+            s(&adapter).into(),
+            "--out".into(),
+            s(out).into(),
+        ]
+    };
+    let strs = |v: &[String]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let m = strs(&merge(&base));
+    fails_keeping(
+        &m.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["overlaps the input"],
+        &[&weights],
+    );
+    let m = strs(&merge(&other));
+    fails_keeping(
+        &m.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["already holds a model"],
+        &[&other_weights],
+    );
+    let m = strs(&merge(&adapter));
+    fails(
+        &m.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["overlaps the input"],
+    );
+    let fresh = tmp.path().join("merged");
+    let m = strs(&merge(&fresh));
+    ok(&m.iter().map(String::as_str).collect::<Vec<_>>());
+    fails(
+        &["convert", "--model", s(&base), "--out", s(&other)],
+        &["already holds a model"],
+    );
+
+    let data = tmp.path().join("d.jsonl");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl"),
+        &data,
+    )
+    .unwrap();
+    let dotted = tmp.path().join("run/../d.jsonl");
+    fails_keeping(
+        &[
+            "data",
+            "render",
+            "--tokenizer",
+            s(&base),
+            "--input",
+            s(&data),
+            "--out",
+            s(&dotted),
+        ],
+        &["d.jsonl", "refusing to write here"],
+        &[&data],
+    );
+}
+
+#[test]
+fn a_tokenizer_with_ids_beyond_the_vocab_is_refused_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    let big = tmp.path().join("big");
+    ok(&["init-model", "--out", s(&small), "--vocab-size", "300"]);
+    ok(&["init-model", "--out", s(&big), "--vocab-size", "700"]);
+    std::fs::copy(big.join("tokenizer.json"), small.join("tokenizer.json")).unwrap();
+    let needles = ["small/tokenizer.json", "largest id is", "vocab_size"];
+    let args = tiny_sft_args(
+        "--out",
+        &tmp.path().join("run"),
+        &small,
+        &["train.max_steps=1"],
+    );
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &needles,
+    );
+    fails(
+        &["generate", "--model", s(&small), "--prompt", "hi"],
+        &needles,
+    );
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
+    fails(
+        &["data", "inspect", s(&data), "--tokenizer", s(&small)],
+        &needles,
+    );
+}
+
+/// `hearth data inspect … | head`: the reader goes away, and hearth ends quietly as Unix
+/// tools do (the shell's code for SIGPIPE), with nothing on stderr.
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model)]);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["data", "inspect", s(&data), "--tokenizer", s(&model)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(out.status.code(), Some(141));
+}
+
+#[test]
+fn pipelines_are_checked_whole_before_any_stage_trains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipes = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let write = |name: &str, text: String| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let stage = |name: &str, recipe: &str| {
+        format!(
+            "[[stage]]\nname = {name:?}\nrecipe = {:?}\n",
+            s(&recipes.join(recipe))
+        )
+    };
+    for bad in ["..", ".", "", "a/b"] {
+        let p = write("p.toml", stage(bad, "tiny-sft.toml"));
+        let out = tmp.path().join("out");
+        fails(
+            &["pipeline", s(&p), "--out", s(&out)],
+            &["p.toml", "stage name"],
+        );
+        assert!(!out.exists(), "stage `{bad}`");
+    }
+    // A mistake in the last stage, or in [report], stops the pipeline before the first.
+    let p = write(
+        "late.toml",
+        format!(
+            "set = [\"model.path=\\\"{}\\\"\"]\n{}{}",
+            s(&tmp.path().join("base")),
+            stage("sft", "tiny-sft.toml"),
+            stage("dpo", "no-such-recipe.toml")
+        ),
+    );
+    let out = tmp.path().join("late");
+    fails(
+        &["pipeline", s(&p), "--out", s(&out)],
+        &["stage 2", "no-such-recipe.toml"],
+    );
+    assert!(!out.join("sft").exists());
+    let p = write(
+        "report.toml",
+        format!("[report]\nsamples = 3\n{}", stage("sft", "tiny-sft.toml")),
+    );
+    let out = tmp.path().join("report");
+    fails(
+        &["pipeline", s(&p), "--out", s(&out)],
+        &["[report]", "prompts"],
+    );
+    assert!(!out.join("sft").exists());
+}
+
+/// A run killed before its first checkpoint left a recipe and some metric lines and no
+/// weights: `--resume` starts it again from step 0 and ends where an uninterrupted run
+/// would.
+#[test]
+fn a_run_killed_before_its_first_checkpoint_resumes_from_the_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let extra = ["train.max_steps=3"];
+    let whole = tmp.path().join("whole");
+    ok(&tiny_sft_args("--out", &whole, &base, &extra)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let killed = tmp.path().join("killed");
+    std::fs::create_dir(&killed).unwrap();
+    std::fs::copy(whole.join("recipe.toml"), killed.join("recipe.toml")).unwrap();
+    let first_line = loss_lines(&whole)[0].clone();
+    std::fs::write(killed.join("metrics.jsonl"), format!("{first_line}\n")).unwrap();
+    let fresh = tiny_sft_args("--out", &killed, &base, &extra);
+    fails(
+        &fresh.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["already holds a run", "--resume"],
+    );
+    ok(&tiny_sft_args("--resume", &killed, &base, &extra)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let read = |run: &Path| std::fs::read(run.join("final/adapter_model.safetensors")).unwrap();
+    assert!(
+        read(&whole) == read(&killed),
+        "the restarted run ended elsewhere"
+    );
+    assert_eq!(loss_lines(&whole), loss_lines(&killed));
+}
+
+#[test]
+fn a_row_that_cannot_be_rendered_is_named_or_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let data = tmp.path().join("rows.jsonl");
+    let good = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl"),
+    )
+    .unwrap();
+    let mut lines: Vec<&str> = good.lines().take(12).collect();
+    lines.insert(
+        3,
+        r#"{"messages": [{"role": "user", "content": "Is anyone there?"}]}"#,
+    );
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let set_data = format!("data.train={:?}", s(&data));
+    let extra = [
+        "train.max_steps=1",
+        set_data.as_str(),
+        "data.eval_fraction=0",
+    ];
+    let args = tiny_sft_args("--out", &tmp.path().join("a"), &base, &extra);
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["rows.jsonl", "line 4", "no assistant tokens"],
+    );
+    let mut skipping = extra.to_vec();
+    skipping.push("data.skip_bad_rows=true");
+    let args = tiny_sft_args("--out", &tmp.path().join("b"), &base, &skipping);
+    let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("skipped 1 bad rows"), "{stderr}");
+}
+
+/// Settings that are valid but make a run learn nothing are said once, before training.
+#[test]
+fn runs_that_would_learn_nothing_are_warned_about_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let warned = |args: Vec<String>, needle: &str| {
+        let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warning:"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(lines[0].contains(needle), "{stderr}");
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    warned(
+        tiny_sft_args(
+            "--out",
+            &tmp.path().join("alpha"),
+            &base,
+            &["train.max_steps=1", "lora.alpha=0"],
+        ),
+        "lora.alpha = 0",
+    );
+    // Preference pairs, three of them with chosen equal to rejected.
+    let pairs = tmp.path().join("pairs.jsonl");
+    let text =
+        std::fs::read_to_string(root.join("data/examples/counseling-preference.jsonl")).unwrap();
+    let rows: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if i < 3 {
+                v["rejected"] = v["chosen"].clone();
+            }
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&pairs, rows.join("\n") + "\n").unwrap();
+    let dpo = |out: &str, extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "train".into(),
+            s(&root.join("recipes/tiny-dpo.toml")).into(),
+            "--out".into(),
+            s(&tmp.path().join(out)).into(),
+        ];
+        for set in [
+            format!("model.path={:?}", s(&base)),
+            format!("data.train={:?}", s(&pairs)),
+            "train.max_steps=1".into(),
+            "data.eval_fraction=0".into(),
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|e| e.to_string()))
+        {
+            args.push("--set".into());
+            args.push(set);
+        }
+        args
+    };
+    warned(
+        dpo("dpo", &[]),
+        "3 preference pairs have a chosen completion equal",
+    );
+    let mut grpo: Vec<String> = vec![
+        "train".into(),
+        s(&root.join("recipes/tiny-grpo.toml")).into(),
+        "--out".into(),
+        s(&tmp.path().join("grpo")).into(),
+    ];
+    for set in [
+        format!("model.path={:?}", s(&base)),
+        format!(
+            "data.train={:?}",
+            s(&root.join("data/examples/counseling-prompts.jsonl"))
+        ),
+        "train.max_steps=1".into(),
+        "grpo.temperature=0".into(),
+        "train.per_device_train_batch_size=8".into(),
+        "train.gradient_accumulation_steps=1".into(),
+        "grpo.max_completion_length=4".into(),
+    ] {
+        grpo.push("--set".into());
+        grpo.push(set);
+    }
+    warned(grpo, "grpo.temperature = 0");
 }

@@ -121,8 +121,22 @@ impl ModelConfig {
         } else {
             path.to_path_buf()
         };
-        let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
-        Self::from_json_str(&text, &path)
+        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        if bytes.starts_with(b"GGUF") {
+            return Err(CheckpointError::NotACheckpoint {
+                path,
+                reason: "a GGUF file; this hearth reads Hugging Face checkpoint directories \
+                         (config.json and safetensors). Convert it with transformers \
+                         (`gguf_file=`) and pass the directory"
+                    .into(),
+            });
+        }
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        let text = std::str::from_utf8(bytes).map_err(|e| CheckpointError::NotACheckpoint {
+            path: path.clone(),
+            reason: format!("not a config.json (not UTF-8 text: {e})"),
+        })?;
+        Self::from_json_str(text, &path)
     }
 
     /// Parses a config from its JSON text; `path` is only used in error messages.
@@ -244,6 +258,18 @@ impl Parser<'_> {
                 .as_f64()
                 .map(Some)
                 .ok_or_else(|| self.err(key, format!("expected a number, got {v}"))),
+        }
+    }
+
+    /// `v` when it is a finite positive number; anything else would make the model NaN.
+    fn positive(&self, key: &str, v: f64) -> Result<f64> {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(self.err(
+                key,
+                format!("{v} would make the model's outputs NaN; it must be a positive number"),
+            ))
         }
     }
 
@@ -372,7 +398,10 @@ impl Parser<'_> {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: self.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps: self.positive(
+                "rms_norm_eps",
+                self.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+            )?,
             rope_theta,
             rope_scaling,
             max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
@@ -457,9 +486,7 @@ impl Parser<'_> {
             .and_then(Value::as_f64)
             .or(self.f64_opt("rope_theta")?)
             .unwrap_or(10_000.0);
-        if theta <= 0.0 {
-            return Err(self.err("rope_theta", "must be positive"));
-        }
+        let theta = self.positive("rope_theta", theta)?;
         let Some(p) = params else {
             return Ok((theta, RopeScaling::Default));
         };
@@ -468,22 +495,37 @@ impl Parser<'_> {
             .or_else(|| p.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        // Every scaling number divides or scales frequencies: zero, negative or non-finite
+        // values give NaN logits, so they are refused here.
         let num = |name: &str| -> Result<f64> {
-            p.get(name)
+            let field = format!("{key}.{name}");
+            let v = p
+                .get(name)
                 .and_then(Value::as_f64)
-                .ok_or_else(|| self.err(&format!("{key}.{name}"), "missing or not a number"))
+                .ok_or_else(|| self.err(&field, "missing or not a number"))?;
+            self.positive(&field, v)
         };
         let scaling = match kind {
             "default" => RopeScaling::Default,
             "linear" => RopeScaling::Linear {
                 factor: num("factor")?,
             },
-            "llama3" => RopeScaling::Llama3 {
-                factor: num("factor")?,
-                low_freq_factor: num("low_freq_factor")?,
-                high_freq_factor: num("high_freq_factor")?,
-                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-            },
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(self.err(
+                        &format!("{key}.high_freq_factor"),
+                        format!("{high} must exceed low_freq_factor {low}"),
+                    ));
+                }
+                RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?
+                        as usize,
+                }
+            }
             other => {
                 return Err(self.unsupported(
                     &format!("{key}.rope_type"),
@@ -499,6 +541,12 @@ impl Parser<'_> {
     /// architecture (and `layer_types` when the config lists them).
     fn sliding_windows(&self, model_type: ModelType, layers: usize) -> Result<Vec<Option<usize>>> {
         let window = self.usize_opt("sliding_window")?;
+        if window == Some(0) {
+            return Err(self.err(
+                "sliding_window",
+                "0 lets no token see any other, which makes the outputs NaN; it must be positive",
+            ));
+        }
         if let Some(types) = self.get("layer_types") {
             let types = types
                 .as_array()
@@ -646,6 +694,42 @@ mod tests {
 
     fn message(json: serde_json::Value) -> String {
         parse(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn values_that_make_the_model_nan_are_refused_by_name() {
+        for (key, value) in [
+            ("rms_norm_eps", serde_json::json!(-1.0)),
+            ("rms_norm_eps", serde_json::json!(0.0)),
+            ("rope_theta", serde_json::json!(-10000.0)),
+            ("sliding_window", serde_json::json!(0)),
+        ] {
+            let mut c = base("mistral");
+            c[key] = value.clone();
+            let m = message(c);
+            assert!(
+                m.contains(&format!("`{key}`")) && m.contains("NaN"),
+                "{key}={value}: {m}"
+            );
+        }
+        let mut c = base("llama");
+        c["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 0.0});
+        assert!(message(c).contains("`rope_scaling.factor`"));
+        let mut c = base("llama");
+        c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        assert!(message(c).contains("`rope_scaling.high_freq_factor`"));
+    }
+
+    #[test]
+    fn a_gguf_file_is_named_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, b"GGUF\x03\x00\x00\x00rest").unwrap();
+        let m = ModelConfig::from_path(&path).unwrap_err().to_string();
+        assert!(m.contains("model.gguf") && m.contains("a GGUF file"), "{m}");
+        assert!(!m.contains("JSON"), "{m}");
     }
 
     #[test]

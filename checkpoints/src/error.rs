@@ -33,6 +33,8 @@ pub enum CheckpointError {
         value: String,
         hint: String,
     },
+    #[error("{path}: {reason}")]
+    NotACheckpoint { path: PathBuf, reason: String },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
     #[error(

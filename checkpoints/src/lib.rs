@@ -6,6 +6,7 @@
 
 mod config;
 mod error;
+pub mod guard;
 pub mod manifest;
 mod read;
 mod write;

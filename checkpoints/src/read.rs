@@ -204,7 +204,23 @@ impl WeightFiles {
         let mut shard_of: HashMap<&String, usize> = HashMap::new();
         for shard_name in shard_names {
             let path = dir.join(shard_name);
-            if shard_name.contains(['/', '\\']) || !path.is_file() {
+            // A shard is a file beside the index: a path that leaves the directory (or
+            // is absolute) is refused for what it is, not reported as missing.
+            let outside = Path::new(shard_name).is_absolute()
+                || Path::new(shard_name)
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                || shard_name.contains(['/', '\\']);
+            if outside {
+                return Err(CheckpointError::NotACheckpoint {
+                    path: index.to_path_buf(),
+                    reason: format!(
+                        "names shard `{shard_name}`, a path outside the model directory; \
+                         shards must be files beside the index"
+                    ),
+                });
+            }
+            if !path.is_file() {
                 return Err(CheckpointError::MissingShard {
                     index: index.to_path_buf(),
                     shard: shard_name.clone(),

@@ -24,6 +24,9 @@ pub struct LoadOptions {
 pub struct Loaded {
     pub format: Format,
     pub examples: Vec<Example>,
+    /// Where each example came from in the file (same order as `examples`), so errors
+    /// found later, in tokenisation, can still name the line or row.
+    pub locations: Vec<crate::read::Location>,
     /// Rows skipped under `skip_bad_rows`, in file order.
     pub skipped: Vec<BadRow>,
 }
@@ -31,6 +34,7 @@ pub struct Loaded {
 pub fn load_examples(path: &Path, options: &LoadOptions) -> Result<Loaded, DataError> {
     let mut format = options.format;
     let mut examples = Vec::new();
+    let mut locations = Vec::new();
     let mut skipped = Vec::new();
     let skip = options.skip_bad_rows;
     let mut on_bad = |bad: BadRow| -> Result<(), DataError> {
@@ -58,8 +62,12 @@ pub fn load_examples(path: &Path, options: &LoadOptions) -> Result<Loaded, DataE
                     f
                 }
             };
+            let location = row.location;
             match parse_row(f, row.fields) {
-                Ok(example) => examples.push(example),
+                Ok(example) => {
+                    examples.push(example);
+                    locations.push(location);
+                }
                 Err(FieldError { column, reason }) => {
                     let bad = BadRow {
                         location: row.location,
@@ -88,6 +96,7 @@ pub fn load_examples(path: &Path, options: &LoadOptions) -> Result<Loaded, DataE
     Ok(Loaded {
         format,
         examples,
+        locations,
         skipped,
     })
 }

@@ -149,6 +149,8 @@ fn json_lines(
             reason,
         };
         let text = match std::str::from_utf8(&buf) {
+            // Editors on Windows start files with a byte-order mark; it is not data.
+            Ok(t) if line == 1 => t.trim_start_matches('\u{feff}').trim(),
             Ok(t) => t.trim(),
             Err(e) => {
                 on_bad(bad(format!("not valid UTF-8 (byte {})", e.valid_up_to())))?;
@@ -164,6 +166,14 @@ fn json_lines(
             Err(e) => on_bad(bad(format!("invalid JSON: {e}")))?,
         }
     }
+}
+
+/// Consumes a UTF-8 byte-order mark at the start of `reader`, if there is one.
+fn skip_bom(reader: &mut impl BufRead) -> std::io::Result<()> {
+    if reader.fill_buf()?.starts_with(b"\xEF\xBB\xBF") {
+        reader.consume(3);
+    }
+    Ok(())
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -225,7 +235,9 @@ fn json_array(
         on_bad,
         stop: None,
     };
-    let mut de = serde_json::Deserializer::from_reader(BufReader::new(open(path)?));
+    let mut reader = BufReader::new(open(path)?);
+    skip_bom(&mut reader).map_err(|e| io(path, e))?;
+    let mut de = serde_json::Deserializer::from_reader(reader);
     let result = (&mut elements).deserialize(&mut de).and_then(|()| de.end());
     if let Some(e) = elements.stop {
         return Err(e);

@@ -46,6 +46,14 @@ pub fn render_jsonl(
     input: &Path,
     out: &Path,
 ) -> Result<usize, DataError> {
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), out.canonicalize())
+        && a == b
+    {
+        return Err(DataError::Unsupported {
+            path: out.to_path_buf(),
+            reason: "refusing to write here: it is the input; choose another --out".into(),
+        });
+    }
     let template = template_for(dir, choice)?;
     let tok = tokenizer::load(dir)?;
     let tmp = PathBuf::from(format!("{}.tmp", out.display()));

@@ -37,10 +37,57 @@ pub fn load(path: &Path) -> Result<Tokenizer, DataError> {
         path: path.clone(),
         source,
     })?;
-    Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+    // Told apart first: a file that is not JSON, JSON that is not a tokenizer, and a
+    // tokenizer this library cannot read; the tokenizer's own parser says only where its
+    // schema broke ("expected `,` or `}`").
+    let json: serde_json::Value =
+        serde_json::from_slice(strip_bom(&bytes)).map_err(|e| DataError::Json {
+            path: path.clone(),
+            line: e.line(),
+            reason: e.to_string(),
+        })?;
+    if json.get("model").is_none_or(|m| !m.is_object()) {
+        return Err(DataError::Tokenizer {
+            path,
+            reason: "this JSON is not a tokenizer (no `model` object; a tokenizer.json as \
+                     the tokenizers library writes it is needed)"
+                .into(),
+        });
+    }
+    Tokenizer::from_bytes(strip_bom(&bytes)).map_err(|e| DataError::Tokenizer {
         path,
         reason: e.to_string(),
     })
+}
+
+fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// The largest id the tokenizer can produce (its vocabulary and added tokens).
+pub fn largest_id(tokenizer: &Tokenizer) -> Option<u32> {
+    tokenizer.get_vocab(true).into_values().max()
+}
+
+/// Refuses a tokenizer that can produce an id the model has no embedding for, which would
+/// otherwise fail deep inside an embedding gather.
+pub fn check_fits(
+    tokenizer: &Tokenizer,
+    tokenizer_path: &Path,
+    model: &Path,
+    vocab_size: usize,
+) -> Result<(), DataError> {
+    match largest_id(tokenizer) {
+        Some(max) if max as usize >= vocab_size => Err(DataError::Tokenizer {
+            path: tokenizer_path.to_path_buf(),
+            reason: format!(
+                "its largest id is {max}, but the model {} has vocab_size {vocab_size}; \
+                 the tokenizer and the model do not belong together",
+                model.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Trains a byte-level BPE with at most `vocab_size` entries on `texts`. The special tokens
@@ -87,6 +134,47 @@ pub fn train_bpe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_that_is_not_a_tokenizer_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, r#"{"version": "1.0", "vocab": {"a": 0}}"#).unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a tokenizer"),
+            "{err}"
+        );
+        std::fs::write(&path, "{\"model\": ").unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("line 1") && err.contains("invalid JSON"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bom_is_accepted_and_ids_must_fit_the_model() {
+        let tok = train_bpe(&[BUNDLED_CORPUS], 300, &LLAMA3_SPECIAL_TOKENS).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let mut bytes = b"\xEF\xBB\xBF".to_vec();
+        bytes.extend(tok.to_string(false).unwrap().into_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let loaded = load(&path).unwrap();
+        let max = largest_id(&loaded).unwrap();
+        assert_eq!(max as usize + 1, loaded.get_vocab_size(true));
+        check_fits(&loaded, &path, Path::new("m"), max as usize + 1).unwrap();
+        let err = check_fits(&loaded, &path, Path::new("m"), max as usize)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokenizer.json")
+                && err.contains(&format!("largest id is {max}"))
+                && err.contains("vocab_size"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn trained_bpe_round_trips_text_and_keeps_special_ids_first() {

@@ -599,3 +599,28 @@ fn psychocounsel_split_keeps_each_question_on_one_side() {
     assert!(train.iter().all(|&i| !eval_keys.contains(&keys[i])));
     assert_eq!(data::batch::split_by_group(&keys, 0.25, 3), (train, eval));
 }
+
+/// Files saved by Windows editors start with a UTF-8 byte-order mark: JSON Lines and JSON
+/// arrays read as if it were not there, and every example knows its line or row.
+#[test]
+fn a_byte_order_mark_is_not_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        json!({"prompt": "a", "completion": "b"}),
+        json!({"prompt": "c", "completion": "d"}),
+    ];
+    let p = dir.path().join("bom.jsonl");
+    let text: String = rows.iter().map(|r| format!("{r}\n\n")).collect();
+    std::fs::write(&p, format!("\u{feff}{text}")).unwrap();
+    let loaded = load(&p);
+    assert_eq!(loaded.examples.len(), 2);
+    assert_eq!(
+        loaded.locations,
+        vec![data::read::Location::Line(1), data::read::Location::Line(3)]
+    );
+    let p = dir.path().join("bom.json");
+    std::fs::write(&p, format!("\u{feff}{}", Value::Array(rows.to_vec()))).unwrap();
+    let loaded = load(&p);
+    assert_eq!(loaded.examples.len(), 2);
+    assert_eq!(loaded.locations[1], data::read::Location::Row(1));
+}

@@ -23,6 +23,7 @@ mod autodiff;
 mod cube;
 mod extension;
 pub mod fused;
+pub mod launches;
 mod mode;
 pub mod reference;
 
@@ -35,6 +36,7 @@ pub use reference::{Head, token_entropy};
 /// RMSNorm: `x`: `[..., N]`, `weight`: `[N]`.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
     if fused_on(&x.device()) {
+        launches::took_fused_path(launches::Op::RmsNorm);
         fused::rms_norm(x, weight, eps)
     } else {
         reference::rms_norm(x, weight, eps)
@@ -44,6 +46,7 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Te
 /// The gated MLP activation `silu(gate)·up`.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     if fused_on(&gate.device()) {
+        launches::took_fused_path(launches::Op::Swiglu);
         fused::swiglu(gate, up)
     } else {
         reference::swiglu(gate, up)
@@ -59,6 +62,7 @@ pub fn lora_up<const D: usize>(
     scale: f64,
 ) -> Tensor<D> {
     if fused_on(&base.device()) {
+        launches::took_fused_path(launches::Op::LoraUp);
         fused::lora_up(base, down, b, scale)
     } else {
         reference::lora_up(base, down, b, scale)
@@ -74,6 +78,7 @@ pub fn token_logprobs(
     chunk: usize,
 ) -> (Tensor<1>, Tensor<1, Int>) {
     if fused_on(&hidden.device()) {
+        launches::took_fused_path(launches::Op::TokenLogprobs);
         fused::token_logprobs(hidden, head, targets, chunk)
     } else {
         reference::token_logprobs(hidden, head, targets, chunk)
@@ -84,6 +89,7 @@ pub fn token_logprobs(
 /// `[B, Hkv, S, D]`; `masked`: `[B, 1, T, S]`, true where a query must not see a key.
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Bool>) -> Tensor<4> {
     if fused_on(&q.device()) {
+        launches::took_fused_path(launches::Op::Attention);
         fused::attention(q, k, v, masked)
     } else {
         reference::attention(q, k, v, masked)
@@ -93,6 +99,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Boo
 /// Rotary position embedding: `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`.
 pub fn rotary(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
     if fused_on(&x.device()) {
+        launches::took_fused_path(launches::Op::Rotary);
         fused::rotary(x, cos, sin)
     } else {
         reference::rotary(x, cos, sin)

@@ -28,9 +28,30 @@ pub fn parse(name: &str) -> Result<Device> {
     }
 }
 
+/// Checks for the driver and the GPU before handing burn the device: burn would otherwise
+/// find out on its first kernel, in a worker thread, and panic there.
 #[cfg(feature = "cuda")]
-fn cuda(_name: &str, index: Option<usize>) -> Result<Device> {
-    Ok(Device::cuda(index.unwrap_or(0)))
+fn cuda(name: &str, index: Option<usize>) -> Result<Device> {
+    let device_err = |why: String| TrainerError::Device(name.into(), why);
+    // SAFETY: only tries to load the driver library, to see whether it is there.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(device_err(
+            "no NVIDIA CUDA driver was found (libcuda could not be loaded); install the \
+             NVIDIA driver or use device = \"cpu\""
+                .into(),
+        ));
+    }
+    cudarc::driver::result::init()
+        .map_err(|e| device_err(format!("the CUDA driver did not start: {e}")))?;
+    let count = cudarc::driver::result::device::get_count()
+        .map_err(|e| device_err(format!("counting GPUs: {e}")))?;
+    let i = index.unwrap_or(0);
+    if i >= count.max(0) as usize {
+        return Err(device_err(format!(
+            "GPU {i} was asked for, but the driver sees {count}"
+        )));
+    }
+    Ok(Device::cuda(i))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -22,8 +22,15 @@ use crate::{Result, TrainerError};
 const BATCH: usize = 8;
 
 /// The model in `dir` with the adapter in `adapter` (if any), and its pad id.
-pub(crate) fn load_on(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<(Llama, u32)> {
+/// A model (with its adapter) on `device`, its pad id, and its tokenizer, checked to fit
+/// its vocabulary.
+pub(crate) fn load_on(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<(Llama, u32, tokenizers::Tokenizer)> {
     let (config, model) = load_model(dir, device)?;
+    let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size)?;
     let model = match adapter {
         Some(a) => load_adapter(a, model, device)?.0,
         None => model,
@@ -32,7 +39,7 @@ pub(crate) fn load_on(dir: &Path, adapter: Option<&Path>, device: &Device) -> Re
         .pad_token_id
         .or(config.eos_token_ids.first().copied())
         .unwrap_or(0);
-    Ok((model, pad))
+    Ok((model, pad, tokenizer))
 }
 
 /// Scores at each sequence's last non-pad token, `batch` sequences at a time.
@@ -78,9 +85,8 @@ pub fn score_file(
     input: &Path,
     out: &Path,
 ) -> Result<usize> {
-    let (model, pad) = load_on(model_dir, adapter, &Device::flex())?;
+    let (model, pad, tokenizer) = load_on(model_dir, adapter, &Device::flex())?;
     let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
-    let tokenizer = data::tokenizer::load(model_dir)?;
     let loaded = data::load_examples(input, &Default::default())?;
     let mut seqs = Vec::with_capacity(loaded.examples.len());
     for (i, e) in loaded.examples.iter().enumerate() {
@@ -164,9 +170,8 @@ pub fn preference_accuracy(
     data_path: &Path,
     max_length: usize,
 ) -> Result<PreferenceReport> {
-    let (model, pad) = load_on(model_dir, adapter, &Device::flex())?;
+    let (model, pad, tokenizer) = load_on(model_dir, adapter, &Device::flex())?;
     let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
-    let tokenizer = data::tokenizer::load(model_dir)?;
     let t = Tokenizing {
         template: &template,
         tokenizer: &tokenizer,

@@ -25,6 +25,26 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+impl Sampling {
+    /// Refuses settings that would sample from NaN or from nothing: a negative or
+    /// non-finite temperature, and a top-p outside (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(TrainerError::Input(format!(
+                "temperature {} must be a finite number ≥ 0 (0 is greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(TrainerError::Input(format!(
+                "top_p {} must be in (0, 1] (1 turns it off)",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Sampling {
     fn default() -> Self {
         Self {
@@ -207,6 +227,7 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(TrainerError::Input("the prompt is empty".into()));
     }
+    s.validate()?;
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let mut out = generate_batch(model, &[prompt.to_vec()], stop, s, &mut rng, device)?;
     Ok(out.pop().map(|c| c.tokens).unwrap_or_default())
@@ -244,6 +265,28 @@ pub fn stop_tokens(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_settings_that_sample_from_nothing_are_refused() {
+        let ok = Sampling::default();
+        ok.validate().unwrap();
+        for (t, p, want) in [
+            (-1.0, 1.0, "temperature -1"),
+            (f64::NAN, 1.0, "temperature NaN"),
+            (f64::INFINITY, 1.0, "temperature inf"),
+            (0.7, 0.0, "top_p 0"),
+            (0.7, 1.5, "top_p 1.5"),
+            (0.7, f64::NAN, "top_p NaN"),
+        ] {
+            let s = Sampling {
+                temperature: t,
+                top_p: p,
+                ..Sampling::default()
+            };
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{t} {p}: {err}");
+        }
+    }
 
     #[test]
     fn sampling_rules() {

@@ -117,6 +117,12 @@ pub fn write_logits(
     out: &Path,
     device: &Device,
 ) -> Result<LogitsShape> {
+    let mut inputs = vec![model_dir];
+    inputs.extend(adapter);
+    if let LogitsInput::File(path) = input {
+        inputs.push(path);
+    }
+    checkpoints::guard::check_output_file(out, &inputs)?;
     let (source, batch) = match input {
         LogitsInput::File(path) => (path.display().to_string(), TokenBatch::read(path)?),
         LogitsInput::Texts(texts) => {

@@ -1,6 +1,8 @@
 //! What differs between training methods: which examples they read, how those are batched,
 //! and the loss of one micro-batch. The loop in [`crate::train`] owns everything else.
 
+use std::path::Path;
+
 use burn::tensor::{Device, Tensor, TensorData};
 use data::Example;
 use data::batch::{Batch, length_grouped_batches, shuffled};
@@ -140,40 +142,88 @@ impl Examples {
     }
 }
 
+/// Where the examples being tokenised came from, so that an example that cannot be
+/// tokenised is named by its file and line (or row); with `skip` (the recipe's
+/// `skip_bad_rows`) it is counted and left out instead of stopping the run.
+pub struct Rows<'a> {
+    pub path: &'a Path,
+    pub locations: &'a [data::read::Location],
+    pub skip: bool,
+}
+
+impl Rows<'_> {
+    fn located(&self, i: usize, msg: impl std::fmt::Display) -> TrainerError {
+        match self.locations.get(i) {
+            Some(at) => TrainerError::Input(format!("{}: {at}: {msg}", self.path.display())),
+            None => {
+                TrainerError::Input(format!("{}: example {}: {msg}", self.path.display(), i + 1))
+            }
+        }
+    }
+
+    /// `Ok(None)` for a bad example that is skipped, the located error otherwise.
+    fn bad<T>(
+        &self,
+        i: usize,
+        msg: impl std::fmt::Display,
+        skipped: &mut usize,
+    ) -> Result<Option<T>> {
+        if self.skip {
+            *skipped += 1;
+            Ok(None)
+        } else {
+            Err(self.located(i, msg))
+        }
+    }
+}
+
+/// What tokenisation made of a file's examples, and how many it skipped as bad rows.
+pub struct TokenizedSet {
+    pub examples: Examples,
+    pub skipped: usize,
+    /// Pairs whose chosen and rejected completions are the same tokens: they teach nothing.
+    pub identical_pairs: usize,
+}
+
 /// Tokenises `examples` into what `method` learns from. Examples of the wrong shape are an
-/// error naming the method and the example's position in the file.
+/// error naming the method and the example's line; examples that cannot be rendered (no
+/// assistant turn, a template that refuses them) are bad rows.
 pub fn tokenize(
     method: &Method,
     t: &Tokenizing,
     examples: &[Example],
+    rows: &Rows,
     margin_column: Option<&str>,
     counts: &mut TruncationCounts,
-) -> Result<Examples> {
+) -> Result<TokenizedSet> {
     if let Method::Grpo(_) = method {
-        return tokenize_prompts(t, examples, counts);
+        return tokenize_prompts(t, examples, rows, counts);
     }
     let mut seqs = Vec::new();
     let mut pairs = Vec::new();
+    let mut skipped = 0;
     for (i, e) in examples.iter().enumerate() {
-        let wrong = |what: &str| {
-            TrainerError::Input(format!(
-                "example {}: method `{}` needs {what}",
-                i + 1,
-                method_name(method)
-            ))
+        let wrong =
+            |what: &str| rows.located(i, format!("method `{}` needs {what}", method_name(method)));
+        let tokenized = match t.example(e, counts) {
+            Ok(tokenized) => tokenized,
+            Err(err) => rows.bad(i, err, &mut skipped)?,
         };
-        match t.example(e, counts)? {
+        match tokenized {
             None => {}
             Some(Tokenized::Sequence(s)) if !method.uses_pairs() => seqs.push(s),
             Some(Tokenized::Pair(p)) if method.uses_pairs() => {
                 let margin = match (margin_column, e) {
                     (Some(col), Example::Pair { extra, .. }) => {
-                        extra.get(col).and_then(|v| v.as_f64()).ok_or_else(|| {
-                            TrainerError::Input(format!(
-                                "example {}: margin column `{col}` is missing or not a number",
-                                i + 1
-                            ))
-                        })?
+                        match extra.get(col).and_then(|v| v.as_f64()) {
+                            Some(m) => m,
+                            None => {
+                                let msg =
+                                    format!("margin column `{col}` is missing or not a number");
+                                rows.bad::<()>(i, msg, &mut skipped)?;
+                                continue;
+                            }
+                        }
                     }
                     _ => 0.0,
                 };
@@ -189,10 +239,19 @@ pub fn tokenize(
             Some(_) => return Err(wrong("conversations or prompt/completion data")),
         }
     }
-    Ok(if method.uses_pairs() {
+    let identical_pairs = pairs
+        .iter()
+        .filter(|p| p.tokens.chosen == p.tokens.rejected)
+        .count();
+    let examples = if method.uses_pairs() {
         Examples::Pairs(pairs)
     } else {
         Examples::Sequences(seqs)
+    };
+    Ok(TokenizedSet {
+        examples,
+        skipped,
+        identical_pairs,
     })
 }
 
@@ -200,26 +259,32 @@ pub fn tokenize(
 fn tokenize_prompts(
     t: &Tokenizing,
     examples: &[Example],
+    rows: &Rows,
     counts: &mut TruncationCounts,
-) -> Result<Examples> {
+) -> Result<TokenizedSet> {
     let mut out = Vec::new();
+    let mut skipped = 0;
     for (i, e) in examples.iter().enumerate() {
         let (prompt, extra) = match e {
             Example::Prompt { prompt, extra } | Example::Pair { prompt, extra, .. } => {
                 (prompt, extra)
             }
             Example::Conversation { .. } => {
-                return Err(TrainerError::Input(format!(
-                    "example {}: method `grpo` needs prompts (a `prompt` column, without completions)",
-                    i + 1
-                )));
+                return Err(rows.located(
+                    i,
+                    "method `grpo` needs prompts (a `prompt` column, without completions)",
+                ));
             }
         };
         let as_prompt = Example::Prompt {
             prompt: prompt.clone(),
             extra: extra.clone(),
         };
-        if let Some(Tokenized::Prompt(ids)) = t.example(&as_prompt, counts)? {
+        let tokenized = match t.example(&as_prompt, counts) {
+            Ok(tokenized) => tokenized,
+            Err(err) => rows.bad(i, err, &mut skipped)?,
+        };
+        if let Some(Tokenized::Prompt(ids)) = tokenized {
             out.push(PromptItem {
                 ids,
                 messages: prompt.clone(),
@@ -227,7 +292,11 @@ fn tokenize_prompts(
             });
         }
     }
-    Ok(Examples::Prompts(out))
+    Ok(TokenizedSet {
+        examples: Examples::Prompts(out),
+        skipped,
+        identical_pairs: 0,
+    })
 }
 
 fn method_name(m: &Method) -> &'static str {
@@ -327,7 +396,11 @@ pub fn eval_micro_batches(examples: &Examples, batch_size: usize, pad: u32) -> V
 /// The DPO reference policy: the initial policy, held without a second copy of frozen
 /// base weights (burn tensors are shared, so a clone of the base costs nothing).
 pub struct Reference {
-    /// On the plain (non-autodiff) device.
+    /// On the training (autodiff) device, with no parameter taking a gradient, so nothing
+    /// is recorded for backward. Not on the plain device: some ops run another
+    /// implementation there (a backend's native softmax, say, where autodiff composes
+    /// primitives), and the reference must give the policy's very bits while the two are
+    /// equal: TRL's first DPO step has rewards of exactly 0.
     pub model: Llama,
     pub device: Device,
 }

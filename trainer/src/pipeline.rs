@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use serde::Deserialize;
 
 use crate::dist::Group;
-use crate::generate::{Sampling, generate_batch, stop_tokens};
+use crate::generate::{Completion, Sampling, generate_batch, stop_tokens};
 use crate::model::load_model;
 use crate::model::lora::load_adapter;
 use crate::recipe::Recipe;
@@ -96,16 +96,85 @@ pub fn load(path: &Path) -> Result<Pipeline> {
     }
     let mut seen = Vec::new();
     for s in &p.stage {
-        if s.name.is_empty() || s.name.contains(['/', '\\', '{', '}']) || seen.contains(&s.name) {
+        // The name is a directory under the pipeline's: `.` and `..` would put a stage's
+        // run in the pipeline's own directory or its parent.
+        let path_like = s.name == "." || s.name == "..";
+        if s.name.is_empty()
+            || path_like
+            || s.name.contains(['/', '\\', '{', '}', '\0'])
+            || seen.contains(&s.name)
+        {
             return Err(TrainerError::Input(format!(
-                "{}: stage name `{}` must be unique, non-empty, without / \\ {{ }}",
+                "{}: stage name `{}` must be unique, non-empty, not `.` or `..`, and without \
+                 / \\ {{ }}",
                 path.display(),
                 s.name
             )));
         }
         seen.push(s.name.clone());
     }
+    p.report.validate(path)?;
     Ok(p)
+}
+
+impl ReportSection {
+    /// Samples need prompts, and the prompts must load: found before any stage trains,
+    /// not after the last one.
+    fn validate(&self, pipeline: &Path) -> Result<()> {
+        if self.samples == 0 {
+            return Ok(());
+        }
+        let Some(prompts) = &self.prompts else {
+            return Err(TrainerError::Input(format!(
+                "{}: [report] samples = {} needs `prompts`, a file of prompts to reply to",
+                pipeline.display(),
+                self.samples
+            )));
+        };
+        data::load_examples(prompts, &Default::default()).map_err(|e| {
+            TrainerError::Input(format!("{}: [report] prompts: {e}", pipeline.display()))
+        })?;
+        Ok(())
+    }
+}
+
+/// One stage, resolved: its overrides substituted and its recipe loaded and checked.
+struct PlannedStage {
+    name: String,
+    recipe: Recipe,
+    run_dir: PathBuf,
+}
+
+/// Every stage's recipe, resolved and validated up front, so that a mistake in the last
+/// stage stops the pipeline before the first one trains.
+fn plan(p: &Pipeline, path: &Path, out: &Path, sets: &[String]) -> Result<Vec<PlannedStage>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut vars: BTreeMap<String, PathBuf> = BTreeMap::new();
+    vars.insert("out".into(), out.to_path_buf());
+    let mut planned = Vec::with_capacity(p.stage.len());
+    for (i, s) in p.stage.iter().enumerate() {
+        let in_stage = |e: TrainerError| {
+            TrainerError::Input(format!(
+                "{}: stage {} (`{}`): {e}",
+                path.display(),
+                i + 1,
+                s.name
+            ))
+        };
+        let mut overrides = Vec::new();
+        for o in p.set.iter().chain(sets).chain(&s.set) {
+            overrides.push(substitute(o, &vars).map_err(in_stage)?);
+        }
+        let recipe = crate::recipe::load(&dir.join(&s.recipe), &overrides).map_err(in_stage)?;
+        let run_dir = out.join(&s.name);
+        vars.insert(s.name.clone(), run_dir.clone());
+        planned.push(PlannedStage {
+            name: s.name.clone(),
+            recipe,
+            run_dir,
+        });
+    }
+    Ok(planned)
 }
 
 /// `{out}` and `{NAME}` of earlier stages, replaced in an override; an unknown `{…}` is an
@@ -177,7 +246,11 @@ fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Result<Vec<(String
         for key in series_keys(&lines, "rewards/", "/mean")
             .iter()
             .map(String::as_str)
-            .chain(["reward", "completions/mean_length"])
+            .chain([
+                "reward",
+                "completions/mean_length",
+                "completions/clipped_ratio",
+            ])
         {
             if let Some(t) = trend(key, 3) {
                 out.push((format!("{key} (first 3 → last 3 steps)"), t));
@@ -200,19 +273,65 @@ fn series_keys(lines: &[serde_json::Value], prefix: &str, suffix: &str) -> Vec<S
     keys
 }
 
-/// Greedy replies of the base model and of `adapter` on it, for the report.
-fn samples(
-    base: &Path,
-    adapter: &Path,
-    r: &ReportSection,
-) -> Result<Vec<(String, String, String)>> {
+/// Greedy replies to the report's prompts: the base model's and each generating stage's.
+struct Replies {
+    /// The client's last message of each prompt (shown only because `[report] samples`
+    /// asks for it).
+    prompts: Vec<String>,
+    base: Vec<Completion>,
+    /// `(stage name, its replies)`, for every stage whose final adapter generates.
+    stages: Vec<(String, Vec<Completion>)>,
+    tokenizer: Option<tokenizers::Tokenizer>,
+}
+
+impl Replies {
+    fn text(&self, c: &Completion) -> String {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(&c.tokens, true).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The share of replies that `max_new_tokens` cut off before they ended.
+fn clipped_ratio(replies: &[Completion]) -> f64 {
+    if replies.is_empty() {
+        return 0.0;
+    }
+    replies.iter().filter(|c| c.stop.is_none()).count() as f64 / replies.len() as f64
+}
+
+/// distinct-2: distinct token bigrams over all bigrams of the replies (Li et al., 2016).
+/// Near 1 for varied text; a reply that loops ("you feel you feel …") drives it down.
+fn distinct_2(replies: &[Completion]) -> f64 {
+    let mut all = std::collections::HashSet::new();
+    let mut total = 0usize;
+    for c in replies {
+        for w in c.tokens.windows(2) {
+            all.insert((w[0], w[1]));
+            total += 1;
+        }
+    }
+    if total == 0 {
+        return 0.0;
+    }
+    all.len() as f64 / total as f64
+}
+
+/// Greedy replies of the base model and of each stage's final adapter (`(name, base,
+/// adapter)`), for the report.
+fn replies(base: &Path, stages: &[(String, PathBuf)], r: &ReportSection) -> Result<Replies> {
     let Some(path) = &r.prompts else {
-        return Ok(Vec::new());
+        return Ok(Replies {
+            prompts: Vec::new(),
+            base: Vec::new(),
+            stages: Vec::new(),
+            tokenizer: None,
+        });
     };
     let device = Device::flex();
     let (config, model) = load_model(base, &device)?;
-    let tuned = load_adapter(adapter, model.clone(), &device)?.0;
-    let tokenizer = data::tokenizer::load(base)?;
+    let tokenizer = crate::model::load_tokenizer(base, config.vocab_size)?;
     let template = template_for(base, TemplateChoice::Shipped(None))?;
     let stop = stop_tokens(base, &config, &tokenizer);
     let loaded = data::load_examples(path, &Default::default())?;
@@ -241,23 +360,50 @@ fn samples(
         max_new_tokens: r.max_new_tokens,
         ..Default::default()
     };
-    let reply = |m: &crate::model::Llama| -> Result<Vec<String>> {
+    let reply = |m: &crate::model::Llama| -> Result<Vec<Completion>> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        Ok(
-            generate_batch(m, &prompts, &stop, &greedy, &mut rng, &device)?
-                .iter()
-                .map(|c| tokenizer.decode(&c.tokens, true).unwrap_or_default())
-                .collect(),
-        )
+        generate_batch(m, &prompts, &stop, &greedy, &mut rng, &device)
     };
-    let before = reply(&model)?;
-    let after = reply(&tuned)?;
-    Ok(shown
-        .into_iter()
-        .zip(before)
-        .zip(after)
-        .map(|((p, b), a)| (p, b, a))
-        .collect())
+    let base_replies = reply(&model)?;
+    let mut done = Vec::with_capacity(stages.len());
+    for (name, adapter) in stages {
+        let tuned = load_adapter(adapter, model.clone(), &device)?.0;
+        done.push((name.clone(), reply(&tuned)?));
+    }
+    Ok(Replies {
+        prompts: shown,
+        base: base_replies,
+        stages: done,
+        tokenizer: Some(tokenizer),
+    })
+}
+
+/// The report's warning for a GRPO stage whose reward rose while most completions ran
+/// into `max_completion_length`: a reward gained by length, not by better replies.
+fn length_gaming(lines: &[serde_json::Value]) -> Option<String> {
+    let series = |key: &str| -> Vec<f64> {
+        lines
+            .iter()
+            .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
+            .collect()
+    };
+    let (reward, clipped) = (series("reward"), series("completions/clipped_ratio"));
+    if reward.len() < 2 || clipped.is_empty() {
+        return None;
+    }
+    let n = 3.min(reward.len() / 2).max(1);
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    let gain = mean(&reward[reward.len() - n..]) - mean(&reward[..n]);
+    let m = 3.min(clipped.len());
+    let late_clipped = mean(&clipped[clipped.len() - m..]);
+    (gain > 0.0 && late_clipped > 0.5).then(|| {
+        format!(
+            "warning: the reward rose by {gain:.3} while {:.0}% of the last steps' completions \
+             were cut at max_completion_length: the gain may come from length, not from better \
+             replies (mask truncated completions, add a KL term, or cap the length reward)",
+            late_clipped * 100.0
+        )
+    })
 }
 
 /// Runs one stage, picking up what an earlier run of the pipeline left: a finished stage
@@ -334,27 +480,18 @@ fn outcome_of(dir: &Path) -> Result<Outcome> {
 /// line) apply to every stage, after the pipeline's own and before the stage's.
 pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<PipelineReport> {
     let p = load(path)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let planned = plan(&p, path, out, sets)?;
     let mut dp: Option<Group> = None;
-    let mut vars: BTreeMap<String, PathBuf> = BTreeMap::new();
-    vars.insert("out".into(), out.to_path_buf());
     let mut stages = Vec::new();
     let mut last: Option<(Recipe, PathBuf)> = None;
-    for (i, s) in p.stage.iter().enumerate() {
-        let mut overrides = Vec::new();
-        for o in p.set.iter().chain(sets).chain(&s.set) {
-            overrides.push(substitute(o, &vars)?);
-        }
-        let recipe_path = dir.join(&s.recipe);
-        let recipe = crate::recipe::load(&recipe_path, &overrides).map_err(|e| {
-            TrainerError::Input(format!(
-                "{}: stage {} (`{}`): {e}",
-                path.display(),
-                i + 1,
-                s.name
-            ))
-        })?;
-        let run_dir = out.join(&s.name);
+    let mut done: Vec<(String, Recipe, PathBuf)> = Vec::new();
+    let count = planned.len();
+    for (i, stage) in planned.into_iter().enumerate() {
+        let PlannedStage {
+            name,
+            recipe,
+            run_dir,
+        } = stage;
         if dp.is_none() {
             dp = Some(Group::from_env(&crate::train::dist_options(&recipe))?);
         }
@@ -362,26 +499,32 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             .as_ref()
             .ok_or_else(|| TrainerError::Input("internal: no group".into()))?;
         if progress && dp.is_main() {
-            eprintln!(
-                "stage {}/{}: {} ({})",
-                i + 1,
-                p.stage.len(),
-                s.name,
-                recipe.train.method
-            );
+            eprintln!("stage {}/{count}: {name} ({})", i + 1, recipe.train.method);
         }
         let outcome = run_stage(dp, &recipe, &run_dir, progress)?;
         stages.push(StageReport {
-            name: s.name.clone(),
+            name: name.clone(),
             method: recipe.train.method.clone(),
             figures: figures(&recipe, &run_dir, &outcome)?,
             outcome,
         });
-        vars.insert(s.name.clone(), run_dir.clone());
+        done.push((name, recipe.clone(), run_dir.clone()));
         last = Some((recipe, run_dir));
     }
+    // Replies of every generating stage (LoRA, not a reward model), when the report asks.
+    let generating: Vec<(String, PathBuf)> = done
+        .iter()
+        .filter(|(_, recipe, _)| recipe.lora.is_some() && recipe.train.method != "reward")
+        .map(|(name, _, dir)| (name.clone(), dir.join("final")))
+        .collect();
+    let replies = match &last {
+        Some((recipe, _)) if p.report.samples > 0 && !generating.is_empty() => {
+            Some(replies(&recipe.model.path, &generating, &p.report)?)
+        }
+        _ => None,
+    };
     let mut text = String::from("# hearth pipeline report\n\n");
-    for s in &stages {
+    for (s, (_, recipe, dir)) in stages.iter().zip(&done) {
         text.push_str(&format!(
             "## {} ({}, {} steps)\n",
             s.name, s.method, s.outcome.steps
@@ -389,22 +532,37 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         for (k, v) in &s.figures {
             text.push_str(&format!("- {k}: {v}\n"));
         }
+        if let Some(r) = &replies
+            && let Some((_, own)) = r.stages.iter().find(|(n, _)| *n == s.name)
+        {
+            text.push_str(&format!(
+                "- replies to the report's prompts: clipped_ratio {:.2}, distinct-2 {:.2} \
+                 (base model: {:.2}, {:.2})\n",
+                clipped_ratio(own),
+                distinct_2(own),
+                clipped_ratio(&r.base),
+                distinct_2(&r.base)
+            ));
+        }
+        if recipe.train.method == "grpo"
+            && let Some(w) = length_gaming(&read_metrics(dir)?)
+        {
+            text.push_str(&format!("- {w}\n"));
+        }
         text.push('\n');
     }
-    if let Some((recipe, run_dir)) = &last
-        && p.report.samples > 0
-        && recipe.lora.is_some()
+    if let Some(r) = &replies
+        && let Some((name, after)) = r.stages.last()
     {
-        let shown = samples(&recipe.model.path, &run_dir.join("final"), &p.report)?;
-        if !shown.is_empty() {
-            text.push_str("## Samples (greedy): base model → after the pipeline\n\n");
-            for (prompt, before, after) in shown {
-                text.push_str(&format!(
-                    "- client: {prompt}\n  - before: {}\n  - after: {}\n",
-                    before.trim(),
-                    after.trim()
-                ));
-            }
+        text.push_str(&format!(
+            "## Samples (greedy): base model → after the pipeline (`{name}`)\n\n"
+        ));
+        for ((prompt, before), after) in r.prompts.iter().zip(&r.base).zip(after) {
+            text.push_str(&format!(
+                "- client: {prompt}\n  - before: {}\n  - after: {}\n",
+                r.text(before).trim(),
+                r.text(after).trim()
+            ));
         }
     }
     if dp.as_ref().is_none_or(Group::is_main) {
@@ -416,6 +574,42 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reply(tokens: &[u32], stopped: bool) -> Completion {
+        Completion {
+            tokens: tokens.to_vec(),
+            stop: stopped.then_some(0),
+        }
+    }
+
+    #[test]
+    fn reply_measures_match_their_definitions() {
+        // Bigrams (1,2) (2,3) (3,1) (1,2) and (4,4) (4,4): 4 distinct of 6.
+        let replies = [reply(&[1, 2, 3, 1, 2], true), reply(&[4, 4, 4], false)];
+        assert_eq!(distinct_2(&replies), 4.0 / 6.0);
+        assert_eq!(clipped_ratio(&replies), 0.5);
+        // A reply that loops on one bigram pair.
+        let looping = [reply(&[7, 8, 7, 8, 7, 8, 7, 8, 7], false)];
+        assert_eq!(distinct_2(&looping), 2.0 / 8.0);
+        assert_eq!(distinct_2(&[reply(&[5], true)]), 0.0);
+        assert_eq!(clipped_ratio(&[]), 0.0);
+    }
+
+    #[test]
+    fn a_reward_gained_with_clipped_completions_is_flagged() {
+        let line = |reward: f64, clipped: f64| serde_json::json!({"reward": reward, "completions/clipped_ratio": clipped});
+        let gamed: Vec<_> = (0..10)
+            .map(|i| line(i as f64 / 10.0, 0.06 + i as f64 / 10.0))
+            .collect();
+        let w = length_gaming(&gamed).expect("flagged");
+        assert!(w.contains("max_completion_length"), "{w}");
+        // The same gain with completions that end by themselves: no warning.
+        let honest: Vec<_> = (0..10).map(|i| line(i as f64 / 10.0, 0.1)).collect();
+        assert!(length_gaming(&honest).is_none());
+        // Clipped but no gain: no warning either.
+        let flat: Vec<_> = (0..10).map(|_| line(0.5, 0.9)).collect();
+        assert!(length_gaming(&flat).is_none());
+    }
 
     #[test]
     fn overrides_name_earlier_stages() {

@@ -450,6 +450,19 @@ impl Recipe {
                 t.learning_rate
             ));
         }
+        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
+            return bad(format!(
+                "train.max_grad_norm {} must be ≥ 0 (0 turns clipping off)",
+                t.max_grad_norm
+            ));
+        }
+        let f = self.data.eval_fraction;
+        if !(0.0..1.0).contains(&f) {
+            return bad(format!(
+                "data.eval_fraction {f} must be in [0, 1): it is the share of rows held out for \
+                 evaluation"
+            ));
+        }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             return bad(format!(
                 "train.warmup_ratio {} must be in [0, 1)",
@@ -657,6 +670,29 @@ mod tests {
                 .as_deref(),
             Some("cactus")
         );
+    }
+
+    #[test]
+    fn out_of_range_numbers_name_their_key() {
+        for (set, want) in [
+            (
+                "train.max_grad_norm=-1",
+                "train.max_grad_norm -1 must be ≥ 0",
+            ),
+            (
+                "data.eval_fraction=1.5",
+                "data.eval_fraction 1.5 must be in [0, 1)",
+            ),
+            ("data.eval_fraction=-0.1", "data.eval_fraction -0.1"),
+        ] {
+            let err = parse(MINIMAL, "r.toml", &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("r.toml") && err.contains(want), "{set}: {err}");
+        }
+        let r = parse(MINIMAL, "r.toml", &["train.max_grad_norm=0".into()]).unwrap();
+        assert_eq!(r.train.max_grad_norm, 0.0);
+        assert_eq!(r.data.eval_fraction, 0.05, "the documented default");
     }
 
     /// `--set` reaches into arrays of tables by number, and the next number appends one.

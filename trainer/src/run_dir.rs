@@ -35,7 +35,7 @@ impl RunDir {
     pub fn create(root: &Path) -> Result<Self> {
         if root.join("metrics.jsonl").exists() || root.join("final").exists() {
             return Err(TrainerError::Input(format!(
-                "{}: already holds a run; choose another --out",
+                "{}: already holds a run; choose another --out, or continue it with --resume",
                 root.display()
             )));
         }
@@ -106,6 +106,18 @@ impl RunDir {
                 )))
             }
         }
+    }
+
+    /// Where a resumed run continues: its newest good checkpoint, or `None` when the run
+    /// was stopped before it wrote any (nor its final weights), so it starts again from
+    /// step 0 with the lines it had logged dropped and ends where an uninterrupted run
+    /// would. A damaged newest checkpoint is still an error.
+    pub fn resume_point(&self, required: &[&str]) -> Result<Option<(usize, PathBuf)>> {
+        if self.checkpoints(&[]).is_empty() && !self.root.join("final").exists() {
+            self.truncate_metrics(0)?;
+            return Ok(None);
+        }
+        self.resumable_checkpoint(required).map(Some)
     }
 
     /// Complete checkpoints (every file in `required` present), oldest first.

@@ -21,7 +21,7 @@ use crate::dist::Group;
 use crate::dist::outcomes::Outcome as StepOutcome;
 use crate::grpo::{Grpo, PromptItem, Rollouts};
 use crate::method::{
-    Examples, Method, Micro, Reference, epoch_micro_batches, eval_micro_batches, micro_loss,
+    Examples, Method, Micro, Reference, Rows, epoch_micro_batches, eval_micro_batches, micro_loss,
     tokenize,
 };
 use crate::model::lora::{LoraSettings, attach_lora, load_adapter, merge_lora, save_adapter};
@@ -154,6 +154,8 @@ struct Sets {
     counts: TruncationCounts,
     /// Bad rows skipped under `skip_bad_rows`, across the train and eval files.
     skipped_rows: usize,
+    /// Preference pairs whose two sides are the same tokens.
+    identical_pairs: usize,
 }
 
 fn prepare_data(recipe: &Recipe, method: &Method) -> Result<Sets> {
@@ -164,7 +166,7 @@ fn prepare_data(recipe: &Recipe, method: &Method) -> Result<Sets> {
         None => TemplateChoice::Shipped(None),
     };
     let template = template_for(dir, choice)?;
-    let tokenizer = data::tokenizer::load(dir)?;
+    let tokenizer = crate::model::load_tokenizer(dir, ModelConfig::from_path(dir)?.vocab_size)?;
     let options = d.load_options().map_err(TrainerError::Input)?;
     let truncation = d.truncation().map_err(TrainerError::Input)?;
     let t = Tokenizing {
@@ -179,35 +181,71 @@ fn prepare_data(recipe: &Recipe, method: &Method) -> Result<Sets> {
         .and_then(|r| r.margin_column.as_deref());
     let mut counts = TruncationCounts::default();
     let loaded = data::load_examples(&d.train, &options)?;
-    let mut skipped_rows = loaded.skipped.len();
-    let all = loaded.examples;
-    let (train, eval) = match &d.eval {
-        Some(path) => {
-            let eval_loaded = data::load_examples(path, &options)?;
-            skipped_rows += eval_loaded.skipped.len();
+    let eval_loaded = match &d.eval {
+        Some(path) => Some((path, data::load_examples(path, &options)?)),
+        None => None,
+    };
+    let mut skipped_rows =
+        loaded.skipped.len() + eval_loaded.as_ref().map_or(0, |(_, l)| l.skipped.len());
+    let mut identical_pairs = 0;
+    let mut run = |examples: &[data::Example],
+                   rows: Rows,
+                   counts: &mut TruncationCounts|
+     -> Result<Examples> {
+        let set = tokenize(method, &t, examples, &rows, margin, counts)?;
+        skipped_rows += set.skipped;
+        identical_pairs += set.identical_pairs;
+        Ok(set.examples)
+    };
+    let skip = d.skip_bad_rows;
+    let (train, eval) = match &eval_loaded {
+        Some((path, eval_loaded)) => {
+            let train_rows = Rows {
+                path: &d.train,
+                locations: &loaded.locations,
+                skip,
+            };
+            let eval_rows = Rows {
+                path,
+                locations: &eval_loaded.locations,
+                skip,
+            };
             (
-                tokenize(method, &t, &all, margin, &mut counts)
-                    .map_err(|e| in_file(&d.train, e))?,
-                tokenize(method, &t, &eval_loaded.examples, margin, &mut counts)
-                    .map_err(|e| in_file(path, e))?,
+                run(&loaded.examples, train_rows, &mut counts)?,
+                run(&eval_loaded.examples, eval_rows, &mut counts)?,
             )
         }
         None => {
+            let all = &loaded.examples;
             let keys: Vec<String> = all.iter().map(data::Example::group_key).collect();
             let (ti, ei) = split_by_group(&keys, d.eval_fraction, d.seed);
             let pick = |idx: &[usize]| idx.iter().map(|&i| all[i].clone()).collect::<Vec<_>>();
+            let locations = |idx: &[usize]| {
+                idx.iter()
+                    .filter_map(|&i| loaded.locations.get(i).copied())
+                    .collect::<Vec<_>>()
+            };
+            let (tl, el) = (locations(&ti), locations(&ei));
+            let rows = |locations| Rows {
+                path: &d.train,
+                locations,
+                skip,
+            };
             (
-                tokenize(method, &t, &pick(&ti), margin, &mut counts)
-                    .map_err(|e| in_file(&d.train, e))?,
-                tokenize(method, &t, &pick(&ei), margin, &mut counts)
-                    .map_err(|e| in_file(&d.train, e))?,
+                run(&pick(&ti), rows(&tl), &mut counts)?,
+                run(&pick(&ei), rows(&el), &mut counts)?,
             )
         }
     };
     if train.is_empty() {
         return Err(TrainerError::Input(format!(
-            "{}: no training examples left after tokenisation",
-            d.train.display()
+            "{}: no training examples left after tokenisation{}",
+            d.train.display(),
+            if skipped_rows > 0 {
+                format!(" ({skipped_rows} bad rows skipped)")
+            } else {
+                String::new()
+            }
         )));
     }
     Ok(Sets {
@@ -215,14 +253,35 @@ fn prepare_data(recipe: &Recipe, method: &Method) -> Result<Sets> {
         eval,
         counts,
         skipped_rows,
+        identical_pairs,
     })
 }
 
-fn in_file(path: &Path, e: TrainerError) -> TrainerError {
-    match e {
-        TrainerError::Input(msg) => TrainerError::Input(format!("{}: {msg}", path.display())),
-        other => other,
+/// Settings and data that are valid but would make the run learn nothing, said once
+/// before it starts.
+fn warnings(recipe: &Recipe, sets: &Sets) -> Vec<String> {
+    let mut out = Vec::new();
+    if recipe.lora.as_ref().is_some_and(|l| l.alpha == 0.0) {
+        out.push(
+            "lora.alpha = 0 scales every adapter's output by 0: nothing will ever be updated"
+                .to_string(),
+        );
     }
+    if recipe.train.method == "grpo" && recipe.grpo.as_ref().is_some_and(|g| g.temperature == 0.0) {
+        out.push(
+            "grpo.temperature = 0 samples greedily: the completions of a prompt are identical, \
+             so every advantage is 0 and nothing is learned"
+                .to_string(),
+        );
+    }
+    if sets.identical_pairs > 0 {
+        out.push(format!(
+            "{} preference pairs have a chosen completion equal to the rejected one; they \
+             carry no preference",
+            sets.identical_pairs
+        ));
+    }
+    out
 }
 
 /// Weighted metrics and loss over `batches`, without gradients. Each rank evaluates a
@@ -339,7 +398,6 @@ pub fn setup(
     } else {
         config
     };
-    let inner = device.clone().inner();
     let (model, reference, tuning) = match &recipe.lora {
         Some(lora) => {
             let settings = LoraSettings {
@@ -354,8 +412,8 @@ pub fn setup(
                 None => None,
             };
             let reference = match (method.needs_reference(), &initial) {
-                (true, Some((m, _))) => Some(m.valid()),
-                (true, None) => Some(base.valid()),
+                (true, Some((m, _))) => Some(m.clone().no_grad()),
+                (true, None) => Some(base.clone().no_grad()),
                 (false, _) => None,
             };
             let (model, settings) = match (resume_from, initial) {
@@ -366,9 +424,7 @@ pub fn setup(
             (model, reference, Tuning::Lora(settings))
         }
         None => {
-            let reference = method
-                .needs_reference()
-                .then(|| base.clone().no_grad().valid());
+            let reference = method.needs_reference().then(|| base.clone().no_grad());
             let model = match resume_from {
                 Some(dir) => load_model(dir, device)?.1,
                 None => base,
@@ -382,7 +438,7 @@ pub fn setup(
         model: with_precision(model, precision),
         reference: reference.map(|model| Reference {
             model: with_precision(model, precision),
-            device: inner,
+            device: device.clone(),
         }),
         tuning,
     })
@@ -460,7 +516,9 @@ fn save_optimizer(optim: &ModuleOptimizer, path: &Path) -> Result<()> {
         writer = writer.with_metadata(k, v);
     }
     let bytes = writer.into_bytes().map_err(|e| bad(&e))?;
-    std::fs::write(path, &bytes[..]).map_err(|e| bad(&e))
+    // The OS's own words ("No space left on device"), not the Debug form of the error.
+    std::fs::write(path, &bytes[..])
+        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))
 }
 
 /// Where a run stands, saved with every checkpoint so a resumed run continues exactly.
@@ -592,7 +650,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     required.extend_from_slice(weights);
     crate::signals::install();
     let resume_from = if resume {
-        Some(run.resumable_checkpoint(&required)?)
+        run.resume_point(&required)?
     } else {
         None
     };
@@ -625,6 +683,11 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let reference = setup.reference.as_ref();
 
     let mut sets = prepare_data(recipe, &method)?;
+    if dp.is_main() {
+        for warning in warnings(recipe, &sets) {
+            eprintln!("warning: {warning}");
+        }
+    }
     if let (Some(r), Some(d)) = (reference, &recipe.dpo)
         && d.precompute_ref_log_probs
     {
@@ -643,7 +706,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let inner = device.clone().inner();
     let mut grpo = match &method {
         Method::Grpo(settings) => {
-            let tokenizer = data::tokenizer::load(base)?;
+            let tokenizer = crate::model::load_tokenizer(base, base_config.vocab_size)?;
             let stop = crate::generate::stop_tokens(base, &base_config, &tokenizer);
             let specs = recipe
                 .grpo

@@ -10,6 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+#[cfg(feature = "wgpu")]
+use kernels::launches::Kernel;
+use kernels::launches::{Counts, Op};
 use trainer::model::load_model;
 use trainer::recipe::load;
 use trainer::train::train;
@@ -36,8 +39,24 @@ fn fused_and_reference_kernels_train_alike() {
             &["train.max_steps=4", "train.learning_rate=1e-3"],
         )
     };
+    let start = Counts::now();
     let fused = run("fused");
+    let middle = Counts::now();
     let reference = run("reference");
+    let end = Counts::now();
+    // Every op took its fused path (flex's primitive-op twins) in the fused run, and
+    // none did in the reference run. Full fine-tuning has no LoRA.
+    for op in Op::ALL.into_iter().filter(|&op| op != Op::LoraUp) {
+        assert!(
+            middle.since(&start).fused(op) > 0,
+            "{op:?} never took the fused path"
+        );
+        assert_eq!(
+            end.since(&middle).fused(op),
+            0,
+            "{op:?} in the reference run"
+        );
+    }
     let (a, b) = (losses(&fused), losses(&reference));
     assert_eq!(a.len(), 4);
     for (x, y) in a.iter().zip(&b) {
@@ -96,14 +115,22 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
             ],
         )
     };
-    let gpu = trainer::device::parse("wgpu").unwrap();
+    let start = Counts::now();
     let fused = run("fused");
-    assert!(
-        kernels::fused_on(&gpu),
-        "the fused run used the kernels on wgpu"
-    );
+    let middle = Counts::now();
     let reference = run("reference");
-    assert!(!kernels::fused_on(&gpu), "the reference run did not");
+    let end = Counts::now();
+    // Every CubeCL kernel, forward and backward, was launched by the fused run, and none
+    // by the reference run.
+    for kernel in Kernel::ALL {
+        let n = middle.since(&start).kernel(kernel);
+        assert!(n > 0, "{kernel:?} was never launched by the fused run");
+        assert_eq!(
+            end.since(&middle).kernel(kernel),
+            0,
+            "{kernel:?} in the reference run"
+        );
+    }
     let (a, b) = (losses(&fused), losses(&reference));
     assert_eq!(a.len(), 3);
     for (x, y) in a.iter().zip(&b) {

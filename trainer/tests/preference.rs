@@ -95,7 +95,15 @@ fn pairs(r: &Recipe, method: &Method) -> Vec<data::tokenize::PairTokens> {
         truncation: r.data.truncation().unwrap(),
     };
     let mut counts = Default::default();
-    match tokenize(method, &t, &loaded.examples[..6], None, &mut counts).unwrap() {
+    let rows = trainer::method::Rows {
+        path: &r.data.train,
+        locations: &loaded.locations[..6],
+        skip: false,
+    };
+    match tokenize(method, &t, &loaded.examples[..6], &rows, None, &mut counts)
+        .unwrap()
+        .examples
+    {
         Examples::Pairs(p) => p.into_iter().map(|p| p.tokens).collect(),
         _ => panic!("pairs expected"),
     }
@@ -126,9 +134,9 @@ fn the_reference_is_exactly_the_initial_policy() {
         device.seed(5);
         let s = setup(r, &method, &device, None, pad).unwrap();
         let reference = s.reference.as_ref().unwrap().logps(&refs, pad);
-        let plain = Device::flex();
-        let batch = PairBatch::new(&refs, &[], pad, &plain);
-        let policy = sequence_logps(&s.model.valid(), &batch).completion;
+        // The policy as training computes it: on the autodiff device, bit for bit.
+        let batch = PairBatch::new(&refs, &[], pad, &device);
+        let policy = sequence_logps(&s.model, &batch).completion;
         let policy: Vec<f64> = policy.into_data().try_into_vec_as::<f64>().unwrap();
         let n = refs.len();
         for i in 0..n {
@@ -311,7 +319,7 @@ fn full_reward_model_trains_with_a_margin_column() {
     assert!(model.score.is_some() && model.lm_head.is_none());
     assert!(!out.join("final/adapter").exists());
 
-    // A margin column that is not a number is an error naming the example and column.
+    // A margin column that is not a number is an error naming the file, line and column.
     std::fs::write(
         &data,
         text.lines()
@@ -324,7 +332,7 @@ fn full_reward_model_trains_with_a_margin_column() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("example 1") && err.contains("`margin`"),
+        err.contains(&format!("{}: line 1", data.display())) && err.contains("`margin`"),
         "{err}"
     );
 }

@@ -21,9 +21,11 @@ use cubecl::CubeCount;
 use cubecl::prelude::*;
 
 use crate::extension::FusedOps;
+use crate::launches::{Kernel, launched};
 
 impl FusedOps for CubeBackend {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        launched(Kernel::RmsNorm);
         rms_norm::forward(x, weight, eps)
     }
 
@@ -33,6 +35,7 @@ impl FusedOps for CubeBackend {
         grad: FloatTensor<Self>,
         eps: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::RmsNormBackward);
         rms_norm::backward(x, weight, grad, eps)
     }
 
@@ -41,6 +44,7 @@ impl FusedOps for CubeBackend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        launched(Kernel::Rotary);
         rotary::apply(x, cos, sin, false)
     }
 
@@ -49,6 +53,7 @@ impl FusedOps for CubeBackend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        launched(Kernel::RotaryBackward);
         rotary::apply(grad, cos, sin, true)
     }
 
@@ -56,6 +61,7 @@ impl FusedOps for CubeBackend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::LogitRows);
         logits::rows(logits, targets)
     }
 
@@ -65,6 +71,7 @@ impl FusedOps for CubeBackend {
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        launched(Kernel::LogitGrads);
         logits::grads(logits, targets, lse, grad)
     }
 
@@ -82,6 +89,7 @@ impl FusedOps for CubeBackend {
         if q.shape().dims::<4>()[2] < attention::FEW_QUERIES {
             crate::extension::blocked_attention::<Self>(q, k, v, masked, block)
         } else {
+            launched(Kernel::Attention);
             attention::forward(q, k, v, masked)
         }
     }
@@ -96,6 +104,7 @@ impl FusedOps for CubeBackend {
         grad: FloatTensor<Self>,
         _block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::AttentionBackward);
         attention::backward(q, k, v, masked, out, stats, grad)
     }
 
@@ -105,10 +114,12 @@ impl FusedOps for CubeBackend {
         b: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
+        launched(Kernel::LoraUp);
         lora::up(base, down, b, scale)
     }
 
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        launched(Kernel::Swiglu);
         swiglu::forward(gate, up)
     }
 
@@ -117,6 +128,7 @@ impl FusedOps for CubeBackend {
         up: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::SwigluBackward);
         swiglu::backward(gate, up, grad)
     }
 }

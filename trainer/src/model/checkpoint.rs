@@ -31,6 +31,19 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
     Ok((config, model))
 }
 
+/// The tokenizer of the checkpoint in `dir`, refused when it can produce an id outside
+/// the model's vocabulary (an embedding gather would fail on it mid-run).
+pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer> {
+    let tokenizer = data::tokenizer::load(dir)?;
+    let file = if dir.is_dir() {
+        dir.join("tokenizer.json")
+    } else {
+        dir.to_path_buf()
+    };
+    data::tokenizer::check_fits(&tokenizer, &file, dir, vocab_size)?;
+    Ok(tokenizer)
+}
+
 /// Writes `config.json` and the weights of `model` into `dir`, in `dtype`.
 pub fn save_model(
     dir: &Path,
@@ -182,16 +195,7 @@ pub fn convert(
     dtype: Option<WeightDtype>,
     options: SaveOptions,
 ) -> Result<()> {
-    let same = match (src.canonicalize(), dst.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
-        return Err(crate::TrainerError::Input(format!(
-            "{}: the output directory must differ from the input",
-            dst.display()
-        )));
-    }
+    checkpoints::guard::check_output_dir(dst, &[src])?;
     let (config, model) = load_model(src, &Device::flex())?;
     save_model(dst, &config, &model, dtype.unwrap_or(config.dtype), options)?;
     copy_companions(src, dst)

@@ -51,6 +51,7 @@ impl Default for NewModel {
 
 /// Writes `config.json`, the weights and `tokenizer.json` of a new model into `dir`.
 pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<ModelConfig> {
+    checkpoints::guard::check_output_dir(dir, &[])?;
     if spec.num_attention_heads == 0 || !spec.hidden_size.is_multiple_of(spec.num_attention_heads) {
         return Err(TrainerError::Input(format!(
             "hidden size {} must be a multiple of the head count {}",

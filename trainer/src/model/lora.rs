@@ -466,6 +466,7 @@ pub fn merge_lora(mut model: Llama) -> Llama {
 /// `hearth merge`: base checkpoint + PEFT adapter → a merged checkpoint in the base's dtype,
 /// with the base's tokenizer and template files.
 pub fn merge_to_dir(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    checkpoints::guard::check_output_dir(out, &[base, adapter])?;
     let device = Device::flex();
     let (config, model) = super::load_model(base, &device)?;
     let (model, _) = load_adapter(adapter, model, &device)?;

@@ -18,7 +18,8 @@ mod specs;
 
 pub use attention::LayerCache;
 pub use checkpoint::{
-    convert, copy_companions, export_weights, init_random_weights, load_model, save_model,
+    convert, copy_companions, export_weights, init_random_weights, load_model, load_tokenizer,
+    save_model,
 };
 pub use ids::with_path_ids;
 pub use init::{NewModel, init_model};

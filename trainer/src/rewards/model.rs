@@ -27,7 +27,7 @@ impl RewardModel {
     /// plain (non-autodiff) version of `device`.
     pub fn load(name: String, dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
         let device = device.clone().inner();
-        let (model, pad) = load_on(dir, adapter, &device)?;
+        let (model, pad, tokenizer) = load_on(dir, adapter, &device)?;
         if model.score.is_none() {
             return Err(crate::TrainerError::Input(format!(
                 "{}: not a reward model (no score head); train one with method = \"reward\"",
@@ -39,7 +39,7 @@ impl RewardModel {
             model,
             pad,
             template: template_for(dir, TemplateChoice::Shipped(None))?,
-            tokenizer: data::tokenizer::load(dir)?,
+            tokenizer,
             device,
         })
     }

@@ -1,0 +1,148 @@
+//! Refusing outputs that would write over a command's inputs or over a checkpoint: a
+//! mistyped `--out` must never cost a user their model. Checked before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use crate::{CheckpointError, Result, names};
+
+/// Files whose presence makes a directory a checkpoint (a model or an adapter).
+const CHECKPOINT_FILES: [&str; 4] = [
+    names::CONFIG,
+    names::SINGLE,
+    names::INDEX,
+    "adapter_config.json",
+];
+
+/// Whether `dir` holds a model or adapter checkpoint.
+pub fn holds_checkpoint(dir: &Path) -> bool {
+    CHECKPOINT_FILES.iter().any(|f| dir.join(f).is_file())
+}
+
+/// `path` made absolute and free of `.`/`..` and links, as far as it exists: a path that
+/// does not exist yet resolves through its nearest existing ancestor.
+fn resolve(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            resolve(parent).join(name)
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+fn refuse(out: &Path, reason: String) -> CheckpointError {
+    CheckpointError::NotACheckpoint {
+        path: out.to_path_buf(),
+        reason: format!("refusing to write here: {reason}; choose another --out"),
+    }
+}
+
+/// For a command that writes the file `out` from `inputs` (files or checkpoint
+/// directories): refuses `out` when it is one of the inputs, lies inside an input
+/// directory, or is a file of an existing checkpoint.
+pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let at = resolve(out);
+    for input in inputs {
+        let input_at = resolve(input);
+        if at == input_at {
+            return Err(refuse(out, format!("it is the input {}", input.display())));
+        }
+        if input.is_dir() && at.starts_with(&input_at) {
+            return Err(refuse(
+                out,
+                format!("it lies inside the input {}", input.display()),
+            ));
+        }
+    }
+    if let Some(parent) = at.parent()
+        && holds_checkpoint(parent)
+        && at.is_file()
+    {
+        return Err(refuse(
+            out,
+            format!("it is a file of the checkpoint in {}", parent.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// For a command that writes a checkpoint into the directory `out` from `inputs`: refuses
+/// `out` when it is, contains or lies inside one of the inputs, or already holds a
+/// checkpoint.
+pub fn check_output_dir(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let at = resolve(out);
+    for input in inputs {
+        let input_at = resolve(input);
+        if at == input_at || at.starts_with(&input_at) || input_at.starts_with(&at) {
+            return Err(refuse(
+                out,
+                format!("it overlaps the input {}", input.display()),
+            ));
+        }
+    }
+    if holds_checkpoint(&at) {
+        return Err(refuse(out, "it already holds a model".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("model.safetensors"), "x").unwrap();
+    }
+
+    #[test]
+    fn outputs_over_inputs_or_checkpoints_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tmp.path().join("m");
+        let other = tmp.path().join("other");
+        model(&m);
+        model(&other);
+        let weights = m.join("model.safetensors");
+        let data = tmp.path().join("d.jsonl");
+        std::fs::write(&data, "").unwrap();
+
+        let refused = |r: Result<()>, want: &str| {
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("refusing to write here") && e.contains(want),
+                "{e}"
+            );
+        };
+        refused(check_output_file(&weights, &[&m]), "inside the input");
+        refused(check_output_file(&data, &[&m, &data]), "it is the input");
+        // Spelled another way, the same file.
+        let dotted = tmp.path().join("m/../d.jsonl");
+        refused(check_output_file(&dotted, &[&data]), "it is the input");
+        refused(
+            check_output_file(&other.join("config.json"), &[&m]),
+            "a file of the checkpoint",
+        );
+        check_output_file(&tmp.path().join("logits.safetensors"), &[&m]).unwrap();
+        check_output_file(&other.join("new.safetensors"), &[&m]).unwrap();
+
+        refused(check_output_dir(&m, &[&m]), "overlaps the input");
+        refused(
+            check_output_dir(&m.join("sub"), &[&m]),
+            "overlaps the input",
+        );
+        refused(check_output_dir(tmp.path(), &[&m]), "overlaps the input");
+        refused(check_output_dir(&other, &[&m]), "already holds a model");
+        check_output_dir(&tmp.path().join("new"), &[&m]).unwrap();
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        check_output_dir(&empty, &[&m]).unwrap();
+    }
+}
