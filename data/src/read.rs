@@ -78,6 +78,7 @@ impl FileKind {
             "arrow" | "feather" | "ipc" => Ok(Self::Arrow),
             "json" => {
                 let mut reader = BufReader::new(open(path)?);
+                skip_bom(&mut reader).map_err(|e| io(path, e))?;
                 let mut byte = [0u8; 1];
                 loop {
                     let n = reader.read(&mut byte).map_err(|e| io(path, e))?;
