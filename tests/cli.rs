@@ -1273,11 +1273,27 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
         .collect();
     assert_eq!(rewards.len(), 20);
     let mean = |r: &[f64]| r.iter().sum::<f64>() / r.len() as f64;
-    // Measured: the total reward goes from about −1.7 (first 3 steps) to 4.7 (last 3).
+    // Measured: the total reward goes from about 1.8 (first 3 steps) to 4.9 (last 3).
     assert!(
         mean(&rewards[17..]) > mean(&rewards[..3]) + 1.0,
         "GRPO reward did not rise: {rewards:?}"
     );
+    // ... and not by running every completion into the cap (measured: 0.09 → 0.42).
+    let clipped: Vec<f64> = metric_lines(&out.join("grpo"))
+        .iter()
+        .filter_map(|l| l["completions/clipped_ratio"].as_f64())
+        .collect();
+    assert!(mean(&clipped[17..]) <= 0.5, "length gamed: {clipped:?}");
+    assert!(!report.contains("warning:"), "{report}");
+    // Every generating stage's replies are measured (SFT, DPO, GRPO; not the reward model).
+    assert_eq!(
+        report
+            .matches("replies to the report's prompts: clipped_ratio")
+            .count(),
+        3,
+        "{report}"
+    );
+    assert!(report.contains("distinct-2"), "{report}");
     assert!(report.contains("## Samples"));
     assert_eq!(report.matches("- client: ").count(), 3, "{report}");
 

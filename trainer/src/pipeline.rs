@@ -445,6 +445,13 @@ fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<
         };
         dp.agree(removed.is_ok(), "clearing a pipeline stage")?;
         removed?;
+    } else if saved.is_some() {
+        // Another recipe's run: never written over.
+        return Err(TrainerError::Input(format!(
+            "{}: holds a run of a different recipe (the pipeline or its --set changed); move \
+             it aside or choose another --out",
+            dir.display()
+        )));
     }
     train(recipe, dir, false, progress)
 }

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use burn::module::Module;
 use burn::tensor::Device;
 use trainer::batch::PairBatch;
 use trainer::method::{Examples, Method, tokenize};

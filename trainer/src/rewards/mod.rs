@@ -49,7 +49,7 @@ pub trait Reward {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RewardSpec {
-    /// length, format, reflection, crisis_safety, reward_model or command.
+    /// length, format, reflection, repetition, crisis_safety, reward_model or command.
     pub kind: String,
     /// The metric name; defaults to the kind.
     pub name: Option<String>,
@@ -113,6 +113,7 @@ impl Rewards {
                 }
                 "format" => Box::new(rules::Format::new(name, cx.tokenizer)),
                 "reflection" => Box::new(rules::Reflection::new(name)),
+                "repetition" => Box::new(rules::Repetition::new(name)),
                 "crisis_safety" => Box::new(rules::CrisisSafety::new(name)),
                 "reward_model" => {
                     let dir = spec
@@ -139,7 +140,7 @@ impl Rewards {
                 }
                 other => {
                     return Err(bad(format!(
-                        "unknown kind `{other}`; one of length, format, reflection, crisis_safety, reward_model, command"
+                        "unknown kind `{other}`; one of length, format, reflection, repetition, crisis_safety, reward_model, command"
                     )));
                 }
             };

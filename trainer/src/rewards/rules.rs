@@ -80,6 +80,42 @@ impl Rule for LengthWindow {
     }
 }
 
+/// distinct-2 of the reply's words: distinct word bigrams over all of them, 1 when no pair
+/// of words repeats and near 0 for a reply that loops ("you feel you feel …"), which a
+/// length or reward-model reward can otherwise pay for. A reply of fewer than two words
+/// has no bigram to repeat and scores 1 (the length reward judges its shortness).
+pub struct Repetition {
+    name: String,
+}
+
+impl Repetition {
+    pub fn new(name: String) -> Self {
+        Self { name }
+    }
+
+    pub fn value(text: &str) -> f64 {
+        let words: Vec<String> = text.split_whitespace().map(str::to_lowercase).collect();
+        let pairs: Vec<(&str, &str)> = words
+            .windows(2)
+            .map(|w| (w[0].as_str(), w[1].as_str()))
+            .collect();
+        if pairs.is_empty() {
+            return 1.0;
+        }
+        let distinct: std::collections::HashSet<_> = pairs.iter().collect();
+        distinct.len() as f64 / pairs.len() as f64
+    }
+}
+
+impl Rule for Repetition {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn judge(&self, s: &Sample<'_>) -> Option<f64> {
+        Some(Self::value(s.completion))
+    }
+}
+
 /// 1 when the reply speaks only as the counselor: no special tokens of the chat template
 /// (role headers, turn markers) and no line opening with another speaker's label.
 pub struct Format {
@@ -345,6 +381,16 @@ mod tests {
         assert_eq!(l.value("a b c d e"), 1.0);
         assert_eq!(l.value(&"w ".repeat(12)), 0.5);
         assert_eq!(l.value(&"w ".repeat(30)), 0.0);
+    }
+
+    #[test]
+    fn repetition_is_the_share_of_distinct_word_bigrams() {
+        assert_eq!(Repetition::value("I hear how heavy this feels."), 1.0);
+        // you feel / feel you / you feel / feel you / you feel: 2 distinct of 5.
+        assert_eq!(Repetition::value("you feel you feel you feel"), 2.0 / 5.0);
+        assert_eq!(Repetition::value("Like like LIKE like"), 1.0 / 3.0);
+        assert_eq!(Repetition::value("hello"), 1.0);
+        assert_eq!(Repetition::value(""), 1.0);
     }
 
     #[test]
