@@ -85,6 +85,20 @@ fn missing_feature(name: &str, feature: &str) -> TrainerError {
 
 #[cfg(test)]
 mod tests {
+    /// Where the CUDA build runs on a machine without the driver (CI's link check, a
+    /// laptop), `cuda` is one line saying so, not burn's panic in a worker thread. On a
+    /// machine with the driver the GPU check exercises the other path.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_without_a_driver_says_so() {
+        // SAFETY: only tries to load the driver library.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return;
+        }
+        let err = super::parse("cuda").unwrap_err().to_string();
+        assert!(err.contains("no NVIDIA CUDA driver"), "{err}");
+    }
+
     #[test]
     fn names_parse_or_explain() {
         assert!(super::parse("cpu").is_ok());
