@@ -2025,26 +2025,19 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
             s(out).into(),
         ]
     };
-    let strs = |v: &[String]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let m = strs(&merge(&base));
-    fails_keeping(
-        &m.iter().map(String::as_str).collect::<Vec<_>>(),
-        &["overlaps the input"],
-        &[&weights],
-    );
-    let m = strs(&merge(&other));
-    fails_keeping(
-        &m.iter().map(String::as_str).collect::<Vec<_>>(),
-        &["already holds a model"],
-        &[&other_weights],
-    );
-    let m = strs(&merge(&adapter));
-    fails(
-        &m.iter().map(String::as_str).collect::<Vec<_>>(),
-        &["overlaps the input"],
-    );
-    let fresh = tmp.path().join("merged");
-    let m = strs(&merge(&fresh));
+    for (out, needle, kept) in [
+        (&base, "overlaps the input", Some(&weights)),
+        (&other, "already holds a model", Some(&other_weights)),
+        (&adapter, "overlaps the input", None),
+    ] {
+        let m = merge(out);
+        let m: Vec<&str> = m.iter().map(String::as_str).collect();
+        match kept {
+            Some(file) => fails_keeping(&m, &[needle], &[file.as_path()]),
+            None => fails(&m, &[needle]),
+        }
+    }
+    let m = merge(&tmp.path().join("merged"));
     ok(&m.iter().map(String::as_str).collect::<Vec<_>>());
     fails(
         &["convert", "--model", s(&base), "--out", s(&other)],

@@ -280,7 +280,7 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
             Some(c @ ('-' | '+')) => (c.to_string(), &inner[1..]),
             _ => (String::new(), inner),
         };
-        let (body, trail) = match body.chars().last() {
+        let (body, trail) = match body.chars().next_back() {
             Some(c @ ('-' | '+')) => (&body[..body.len() - 1], c.to_string()),
             _ => (body, String::new()),
         };
