@@ -433,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(name) => TemplateChoice::Builtin(name),
                 None => TemplateChoice::Shipped(a.template_name.as_deref()),
             };
+            checkpoints::guard::check_output_file(&a.out, &[&a.input, &a.tokenizer])?;
             let n = data::render::render_jsonl(&a.tokenizer, choice, &a.input, &a.out)?;
             eprintln!("rendered {n} conversations to {}", a.out.display());
         }
@@ -495,6 +496,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Data(DataCommand::Generate(a)) => {
             let kind: data::synth::Kind = a.kind.parse().map_err(anyhow::Error::msg)?;
+            checkpoints::guard::check_output_file(&a.out, &[])?;
             let text = data::synth::generate(kind, a.rows, a.seed);
             let tmp = a.out.with_extension("jsonl.tmp");
             std::fs::write(&tmp, text).with_context(|| tmp.display().to_string())?;

@@ -2065,6 +2065,37 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
         &["d.jsonl", "refusing to write here"],
         &[&data],
     );
+    // Scores over their input, synthetic rows over a model's config: refused before
+    // anything loads.
+    fails_keeping(
+        &[
+            "reward",
+            "score",
+            "--model",
+            s(&base),
+            "--input",
+            s(&data),
+            "--out",
+            s(&data),
+        ],
+        &["refusing to write here", "it is the input"],
+        &[&data],
+    );
+    let config = base.join("config.json");
+    fails_keeping(
+        &[
+            "data",
+            "generate",
+            "--kind",
+            "sft",
+            "--rows",
+            "2",
+            "--out",
+            s(&config),
+        ],
+        &["refusing to write here", "a file of the checkpoint"],
+        &[&config],
+    );
 }
 
 #[test]

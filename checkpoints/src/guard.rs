@@ -37,6 +37,15 @@ fn resolve(path: &Path) -> PathBuf {
     }
 }
 
+/// Whether a file of this name would be read as part of a checkpoint.
+fn checkpoint_like(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.ends_with(".safetensors")
+        || name.ends_with(".json")
+        || name.ends_with(".jinja")
+        || name.ends_with(".model")
+}
+
 fn refuse(out: &Path, reason: String) -> CheckpointError {
     CheckpointError::NotACheckpoint {
         path: out.to_path_buf(),
@@ -54,7 +63,9 @@ pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
         if at == input_at {
             return Err(refuse(out, format!("it is the input {}", input.display())));
         }
-        if input.is_dir() && at.starts_with(&input_at) {
+        // Inside an input directory, a new file of another kind is harmless; one that is
+        // there already, or that a checkpoint reader would pick up, is not.
+        if input.is_dir() && at.starts_with(&input_at) && (at.exists() || checkpoint_like(&at)) {
             return Err(refuse(
                 out,
                 format!("it lies inside the input {}", input.display()),
@@ -131,6 +142,12 @@ mod tests {
             "a file of the checkpoint",
         );
         check_output_file(&tmp.path().join("logits.safetensors"), &[&m]).unwrap();
+        // A new file beside a model's own is fine unless a reader would take it for one.
+        check_output_file(&m.join("notes.jsonl"), &[&m]).unwrap();
+        refused(
+            check_output_file(&m.join("extra.safetensors"), &[&m]),
+            "inside the input",
+        );
         check_output_file(&other.join("new.safetensors"), &[&m]).unwrap();
 
         refused(check_output_dir(&m, &[&m]), "overlaps the input");

@@ -85,6 +85,9 @@ pub fn score_file(
     input: &Path,
     out: &Path,
 ) -> Result<usize> {
+    let mut inputs = vec![model_dir, input];
+    inputs.extend(adapter);
+    checkpoints::guard::check_output_file(out, &inputs)?;
     let (model, pad, tokenizer) = load_on(model_dir, adapter, &Device::flex())?;
     let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
     let loaded = data::load_examples(input, &Default::default())?;
