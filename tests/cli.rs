@@ -1336,14 +1336,34 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
 }
 
 fn tiny_sft_args(verb: &str, run: &Path, base: &Path, extra: &[&str]) -> Vec<String> {
+    recipe_args(
+        "tiny-sft.toml",
+        "counseling-sft.jsonl",
+        verb,
+        run,
+        base,
+        extra,
+    )
+}
+
+/// `hearth train recipes/RECIPE VERB RUN` on the base at `base` and the data file
+/// `data/examples/DATA` (an absolute path is taken as it is), with `extra` overrides.
+fn recipe_args(
+    recipe: &str,
+    data: &str,
+    verb: &str,
+    run: &Path,
+    base: &Path,
+    extra: &[&str],
+) -> Vec<String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut args: Vec<String> = vec![
         "train".into(),
-        s(&root.join("recipes/tiny-sft.toml")).into(),
+        s(&root.join("recipes").join(recipe)).into(),
         verb.into(),
         s(run).into(),
     ];
-    let data = root.join("data/examples/counseling-sft.jsonl");
+    let data = root.join("data/examples").join(data);
     for set in [
         format!("model.path={:?}", s(base)),
         format!("data.train={:?}", s(&data)),
@@ -2313,51 +2333,28 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
         })
         .collect();
     std::fs::write(&pairs, rows.join("\n") + "\n").unwrap();
-    let dpo = |out: &str, extra: &[&str]| {
-        let mut args: Vec<String> = vec![
-            "train".into(),
-            s(&root.join("recipes/tiny-dpo.toml")).into(),
-            "--out".into(),
-            s(&tmp.path().join(out)).into(),
-        ];
-        for set in [
-            format!("model.path={:?}", s(&base)),
-            format!("data.train={:?}", s(&pairs)),
-            "train.max_steps=1".into(),
-            "data.eval_fraction=0".into(),
-        ]
-        .into_iter()
-        .chain(extra.iter().map(|e| e.to_string()))
-        {
-            args.push("--set".into());
-            args.push(set);
-        }
-        args
-    };
-    warned(
-        dpo("dpo", &[]),
-        "3 preference pairs have a chosen completion equal",
+    let dpo = recipe_args(
+        "tiny-dpo.toml",
+        s(&pairs),
+        "--out",
+        &tmp.path().join("dpo"),
+        &base,
+        &["train.max_steps=1", "data.eval_fraction=0"],
     );
-    let mut grpo: Vec<String> = vec![
-        "train".into(),
-        s(&root.join("recipes/tiny-grpo.toml")).into(),
-        "--out".into(),
-        s(&tmp.path().join("grpo")).into(),
-    ];
-    for set in [
-        format!("model.path={:?}", s(&base)),
-        format!(
-            "data.train={:?}",
-            s(&root.join("data/examples/counseling-prompts.jsonl"))
-        ),
-        "train.max_steps=1".into(),
-        "grpo.temperature=0".into(),
-        "train.per_device_train_batch_size=8".into(),
-        "train.gradient_accumulation_steps=1".into(),
-        "grpo.max_completion_length=4".into(),
-    ] {
-        grpo.push("--set".into());
-        grpo.push(set);
-    }
+    warned(dpo, "3 preference pairs have a chosen completion equal");
+    let grpo = recipe_args(
+        "tiny-grpo.toml",
+        "counseling-prompts.jsonl",
+        "--out",
+        &tmp.path().join("grpo"),
+        &base,
+        &[
+            "train.max_steps=1",
+            "grpo.temperature=0",
+            "train.per_device_train_batch_size=8",
+            "train.gradient_accumulation_steps=1",
+            "grpo.max_completion_length=4",
+        ],
+    );
     warned(grpo, "grpo.temperature = 0");
 }

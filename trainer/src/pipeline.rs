@@ -490,7 +490,6 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
     let planned = plan(&p, path, out, sets)?;
     let mut dp: Option<Group> = None;
     let mut stages = Vec::new();
-    let mut last: Option<(Recipe, PathBuf)> = None;
     let mut done: Vec<(String, Recipe, PathBuf)> = Vec::new();
     let count = planned.len();
     for (i, stage) in planned.into_iter().enumerate() {
@@ -515,8 +514,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             figures: figures(&recipe, &run_dir, &outcome)?,
             outcome,
         });
-        done.push((name, recipe.clone(), run_dir.clone()));
-        last = Some((recipe, run_dir));
+        done.push((name, recipe, run_dir));
     }
     // Replies of every generating stage (LoRA, not a reward model), when the report asks.
     let generating: Vec<(String, PathBuf)> = done
@@ -524,8 +522,8 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         .filter(|(_, recipe, _)| recipe.lora.is_some() && recipe.train.method != "reward")
         .map(|(name, _, dir)| (name.clone(), dir.join("final")))
         .collect();
-    let replies = match &last {
-        Some((recipe, _)) if p.report.samples > 0 && !generating.is_empty() => {
+    let replies = match done.last() {
+        Some((_, recipe, _)) if p.report.samples > 0 && !generating.is_empty() => {
             Some(replies(&recipe.model.path, &generating, &p.report)?)
         }
         _ => None,

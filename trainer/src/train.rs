@@ -158,7 +158,8 @@ struct Sets {
     identical_pairs: usize,
 }
 
-fn prepare_data(recipe: &Recipe, method: &Method) -> Result<Sets> {
+/// `vocab_size`: the base model's, which the tokenizer must fit.
+fn prepare_data(recipe: &Recipe, method: &Method, vocab_size: usize) -> Result<Sets> {
     let d = &recipe.data;
     let dir = &recipe.model.path;
     let choice = match &d.template {
@@ -166,7 +167,7 @@ fn prepare_data(recipe: &Recipe, method: &Method) -> Result<Sets> {
         None => TemplateChoice::Shipped(None),
     };
     let template = template_for(dir, choice)?;
-    let tokenizer = crate::model::load_tokenizer(dir, ModelConfig::from_path(dir)?.vocab_size)?;
+    let tokenizer = crate::model::load_tokenizer(dir, vocab_size)?;
     let options = d.load_options().map_err(TrainerError::Input)?;
     let truncation = d.truncation().map_err(TrainerError::Input)?;
     let t = Tokenizing {
@@ -682,7 +683,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let mut model = setup.model.clone();
     let reference = setup.reference.as_ref();
 
-    let mut sets = prepare_data(recipe, &method)?;
+    let mut sets = prepare_data(recipe, &method, base_config.vocab_size)?;
     if dp.is_main() {
         for warning in warnings(recipe, &sets) {
             eprintln!("warning: {warning}");

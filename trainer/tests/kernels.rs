@@ -18,7 +18,7 @@ use trainer::recipe::load;
 use trainer::train::train;
 
 mod common;
-use common::{losses, root, serial};
+use common::{adapter_tensors, losses, root, serial};
 
 #[test]
 fn fused_and_reference_kernels_train_alike() {
@@ -137,22 +137,8 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
         assert!((x - y).abs() < 1e-4 * y.abs(), "losses {a:?} vs {b:?}");
     }
     let adapters = |dir: &Path| {
-        let file = dir.join("final/adapter_model.safetensors");
-        let bytes = std::fs::read(&file).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
-        names.sort();
-        names
-            .iter()
-            .map(|n| {
-                let view = st.tensor(n).unwrap();
-                let values: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                (n.clone(), values)
-            })
+        adapter_tensors(&dir.join("final"))
+            .into_iter()
             .collect::<Vec<_>>()
     };
     let (wa, wb) = (adapters(&fused), adapters(&reference));

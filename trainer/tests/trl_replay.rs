@@ -11,7 +11,7 @@ use trainer::recipe::parse;
 use trainer::train::train;
 
 mod common;
-use common::serial;
+use common::{adapter_tensors, serial};
 
 fn fixture() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/trl-e2e");
@@ -114,24 +114,7 @@ fn reward_tolerance(key: &str, want: f64, trl: &BTreeMap<String, f64>, beta: f64
 
 /// Every tensor of two PEFT adapter files, within `tol`.
 fn adapters_match(ours: &Path, theirs: &Path, tol: f32) {
-    let read = |p: &Path| {
-        let bytes = std::fs::read(p.join("adapter_model.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        st.names()
-            .into_iter()
-            .map(|n| {
-                let view = st.tensor(n).unwrap();
-                assert_eq!(view.dtype(), safetensors::Dtype::F32, "{n}");
-                let v: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                (n.to_string(), v)
-            })
-            .collect::<BTreeMap<_, _>>()
-    };
-    let (a, b) = (read(ours), read(theirs));
+    let (a, b) = (adapter_tensors(ours), adapter_tensors(theirs));
     assert_eq!(
         a.keys().collect::<Vec<_>>(),
         b.keys().collect::<Vec<_>>(),

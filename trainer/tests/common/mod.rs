@@ -51,3 +51,17 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Every tensor of the PEFT adapter in `dir`, widened to f32, by name (sorted).
+pub fn adapter_tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let files =
+        checkpoints::WeightFiles::open_file(&dir.join("adapter_model.safetensors")).unwrap();
+    let names: Vec<String> = files.names().map(String::from).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let values = files.get(&n).unwrap().to_f32().unwrap();
+            (n, values)
+        })
+        .collect()
+}
