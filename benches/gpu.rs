@@ -9,7 +9,8 @@
 //!   4 × 2048 tokens; `attention128`: 16 heads on 4 of 128), `linear_ce` (8192 tokens of
 //!   hidden 2048 through a head of vocab 128 256: the per-token log-probs and the hidden
 //!   and head gradients), or `lora_sft` (one LoRA SFT step, r 16 on all seven projections,
-//!   on a random Llama-3.2-1B-shaped model, 2048 tokens, bf16 compute);
+//!   on a random Llama-3.2-1B-shaped model, 2048 tokens, bf16 compute), or `rollout`
+//!   (GRPO's sampling on that model: 8 completions of 256 tokens for one prompt, batched);
 //! - `PATH` is `fused` or `reference`;
 //! - `--small` shrinks every shape so the harness itself can be checked on a CPU.
 //!
@@ -26,8 +27,12 @@ use checkpoints::ModelConfig;
 use data::batch::Batch;
 use data::tokenize::Sequence;
 use kernels::{Head, Kernels, fused, reference, set_kernels};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use trainer::batch::LmBatch;
+use trainer::generate::{Sampling, generate_batch};
+use trainer::model::Llama;
 use trainer::model::lora::attach_lora;
 use trainer::model::precision::{Precision, with_precision};
 use trainer::model::{init_random_weights, load_model};
@@ -131,12 +136,9 @@ fn linear_ce(fused_path: bool, small: bool) -> serde_json::Value {
     })
 }
 
-fn lora_sft(fused_path: bool, small: bool) -> serde_json::Value {
-    set_kernels(if fused_path {
-        Kernels::Fused
-    } else {
-        Kernels::Reference
-    });
+/// A random model of Llama-3.2-1B's shape (a tiny one with `small`), written to `dir` and
+/// loaded on `device`.
+fn random_llama(small: bool, dir: &std::path::Path, device: &Device) -> (ModelConfig, Llama) {
     let config = if small {
         json!({"model_type": "llama", "vocab_size": 4096, "hidden_size": 128,
                "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -150,24 +152,31 @@ fn lora_sft(fused_path: bool, small: bool) -> serde_json::Value {
                "rope_theta": 500000.0, "tie_word_embeddings": true,
                "torch_dtype": "bfloat16"})
     };
-    let tokens = if small { 256 } else { 2048 };
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let config = ModelConfig::from_json_str(&config.to_string(), &dir.path().join("config.json"))
+    let config = ModelConfig::from_json_str(&config.to_string(), &dir.join("config.json"))
         .expect("the bench's config");
     checkpoints::save_weights(
-        dir.path(),
+        dir,
         &init_random_weights(&config, 0.02, 0),
         checkpoints::SaveOptions::default(),
     )
     .expect("random weights");
-    checkpoints::write_text(
-        &dir.path().join("config.json"),
-        &config.to_json(config.dtype),
-    )
-    .expect("config.json");
-    let device = device().autodiff();
+    checkpoints::write_text(&dir.join("config.json"), &config.to_json(config.dtype))
+        .expect("config.json");
     device.seed(0);
-    let (_, model) = load_model(dir.path(), &device).expect("the random model");
+    let (_, model) = load_model(dir, device).expect("the random model");
+    (config, model)
+}
+
+fn lora_sft(fused_path: bool, small: bool) -> serde_json::Value {
+    set_kernels(if fused_path {
+        Kernels::Fused
+    } else {
+        Kernels::Reference
+    });
+    let tokens = if small { 256 } else { 2048 };
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let device = device().autodiff();
+    let (config, model) = random_llama(small, dir.path(), &device);
     let model = attach_lora(model, &lora_on_all_projections(), &device).expect("adapters");
     let mut model = Some(with_precision(model, Precision::Bf16));
     let vocab = config.vocab_size;
@@ -196,6 +205,53 @@ fn lora_sft(fused_path: bool, small: bool) -> serde_json::Value {
     })
 }
 
+/// GRPO's rollout: G = 8 sampled completions of one prompt, batched, with the KV cache,
+/// in bf16, never stopping early (no stop token), as `num_return_sequences = 8`.
+fn rollout(fused_path: bool, small: bool) -> serde_json::Value {
+    set_kernels(if fused_path {
+        Kernels::Fused
+    } else {
+        Kernels::Reference
+    });
+    let (prompt_len, new_tokens, g) = if small { (16, 32, 8) } else { (64, 256, 8) };
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let device = device();
+    let (config, model) = random_llama(small, dir.path(), &device);
+    let model = with_precision(model, Precision::Bf16);
+    let prompt: Vec<u32> = (0..prompt_len)
+        .map(|t| ((t * 104_729) % config.vocab_size) as u32)
+        .collect();
+    let prompts = vec![prompt; g];
+    let sampling = Sampling {
+        max_new_tokens: new_tokens,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let mut generated = 0;
+    // Fewer runs than the kernels': one rollout is already hundreds of decode steps.
+    let once = |generated: &mut usize| {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let out = generate_batch(&model, &prompts, &[], &sampling, &mut rng, &device)
+            .expect("the rollout");
+        *generated = out.iter().map(|c| c.tokens.len()).sum();
+    };
+    once(&mut generated);
+    let start = Instant::now();
+    const ROLLOUTS: usize = 3;
+    for _ in 0..ROLLOUTS {
+        once(&mut generated);
+    }
+    let seconds = start.elapsed().as_secs_f64() / ROLLOUTS as f64;
+    json!({
+        "shape": format!("Llama-3.2-1B-shaped{}, {g} × {new_tokens} new tokens after {prompt_len}, sampled, bf16",
+                         if small { " (small)" } else { "" }),
+        "rollout_ms": seconds * 1e3,
+        "tokens_per_second": generated as f64 / seconds,
+    })
+}
+
 fn main() {
     // cargo bench passes `--bench`; the rest are ours.
     let args: Vec<String> = std::env::args()
@@ -210,7 +266,7 @@ fn main() {
         .collect();
     let (Some(op), Some(path)) = (words.first(), words.get(1)) else {
         eprintln!(
-            "usage: gpu OP PATH [--small]; OP: attention, attention128, linear_ce, lora_sft; PATH: fused, reference"
+            "usage: gpu OP PATH [--small]; OP: attention, attention128, linear_ce, lora_sft, rollout; PATH: fused, reference"
         );
         std::process::exit(2);
     };
@@ -227,6 +283,7 @@ fn main() {
         "attention128" => attention(fused_path, small, 128),
         "linear_ce" => linear_ce(fused_path, small),
         "lora_sft" => lora_sft(fused_path, small),
+        "rollout" => rollout(fused_path, small),
         other => {
             eprintln!("unknown OP {other}");
             std::process::exit(2);

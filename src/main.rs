@@ -49,6 +49,32 @@ enum Command {
     /// Evaluate a trained model.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Check every fused op against its reference on a device: outputs and gradients at
+    /// Llama-3.2-1B and 8B shapes, one line per case, failing if any is out of tolerance.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// cpu, cuda[:N] or wgpu (GPU backends need the matching build feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Small shapes of the same structure, to check the plumbing on a CPU in seconds.
+    #[arg(long)]
+    small: bool,
+    /// The dtypes to check; repeat for several.
+    #[arg(long = "dtype", value_enum, default_values_t = [TestDtype::F32, TestDtype::Bf16])]
+    dtypes: Vec<TestDtype>,
+    /// Also write one JSON object per case to this file, each as soon as it is done.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TestDtype {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Subcommand)]
@@ -367,6 +393,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Selftest(a) => selftest(a)?,
         Command::Logits(a) => {
             let device = trainer::device::parse(&a.device)?;
             let input = match &a.input {
@@ -662,6 +689,105 @@ impl std::error::Error for ClosedPipe {}
 
 /// Writes one line of the command's output. A reader that closed the pipe ends the command
 /// quietly, as it ends Unix tools, instead of `println!`'s panic.
+/// Runs every case in every dtype, printing each as it finishes. A case that panics (a
+/// kernel that fails to compile for a dtype, say) is recorded as failed and the rest go on.
+fn selftest(a: SelftestArgs) -> Result<()> {
+    use burn::tensor::DType;
+    use kernels::selftest::model_cases;
+    use std::io::Write;
+
+    let device = trainer::device::parse(&a.device)?.autodiff();
+    if let Some(out) = &a.out {
+        checkpoints::guard::check_output_file(out, &[])?;
+    }
+    let mut log = match &a.out {
+        Some(out) => Some(
+            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+        ),
+        None => None,
+    };
+    let (mut failed, mut total) = (Vec::new(), 0);
+    for dtype in &a.dtypes {
+        let dtype = match dtype {
+            TestDtype::F32 => DType::F32,
+            TestDtype::Bf16 => DType::BF16,
+            TestDtype::F16 => DType::F16,
+        };
+        for case in model_cases(a.small) {
+            total += 1;
+            let label = format!("{} {dtype:?}", case.label());
+            let run =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case.run(&device, dtype)));
+            let line = match run {
+                Ok(report) => {
+                    let worst = report
+                        .outputs
+                        .iter()
+                        .map(|c| c.max_rel)
+                        .fold(0.0f32, f32::max);
+                    let kernels: Vec<String> = report
+                        .kernels
+                        .iter()
+                        .map(|(k, n)| format!("{k:?}×{n}"))
+                        .collect();
+                    emit(&format!(
+                        "{} {label}: worst rel {worst:.2e}, {:.1} s, kernels [{}]",
+                        if report.pass() { "pass" } else { "FAIL" },
+                        report.seconds,
+                        kernels.join(" ")
+                    ))?;
+                    if !report.pass() {
+                        emit(&format!("{report}"))?;
+                        failed.push(label.clone());
+                    }
+                    serde_json::json!({
+                        "case": case.label(),
+                        "op": case.op(),
+                        "dtype": format!("{dtype:?}"),
+                        "pass": report.pass(),
+                        "seconds": report.seconds,
+                        "kernels": report.kernels.iter().map(|(k, n)| (format!("{k:?}"), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+                        "outputs": report.outputs.iter().map(|c| serde_json::json!({
+                            "name": c.name,
+                            "max_abs": c.max_abs,
+                            "max_rel": c.max_rel,
+                            "bad": c.bad,
+                            "of": c.len,
+                            "tol_abs": c.tolerance.abs,
+                            "tol_rel": c.tolerance.rel,
+                        })).collect::<Vec<_>>(),
+                    })
+                }
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into());
+                    emit(&format!("FAIL {label}: {why}"))?;
+                    failed.push(label.clone());
+                    serde_json::json!({"case": case.label(), "op": case.op(),
+                        "dtype": format!("{dtype:?}"), "pass": false, "panic": why})
+                }
+            };
+            if let (Some(file), Some(out)) = (log.as_mut(), &a.out) {
+                writeln!(file, "{line}")
+                    .and_then(|()| file.flush())
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "selftest: {} of {total} cases failed on {}: {}",
+            failed.len(),
+            a.device,
+            failed.join(", ")
+        );
+    }
+    emit(&format!("selftest: all {total} cases pass on {}", a.device))
+}
+
 fn emit(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();

@@ -9,6 +9,17 @@ def fmt(x, digits=2):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def ratio(row, torch_row, key):
+    """How many times PyTorch's figure this row's is, the better way up: rates divide as
+    they are, times (`_ms`) the other way round, so above 1 always means faster."""
+    if torch_row is None or row is torch_row or row.get(key) is None:
+        return None
+    a, b = row[key], torch_row[key]
+    if not a or not b:
+        return None
+    return b / a if key.endswith("_ms") else a / b
+
+
 def main():
     rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
     gpu = ""
@@ -25,6 +36,7 @@ def main():
         "attention128": ("forward TFLOP/s", "forward_tflops", "fwd+bwd TFLOP/s", "forward_backward_tflops"),
         "linear_ce": ("fwd+bwd ms", "forward_backward_ms", "torch peak alloc MiB", "peak_allocated_mib"),
         "lora_sft": ("tokens/s", "tokens_per_second", "step ms", "step_ms"),
+        "rollout": ("tokens/s", "tokens_per_second", "rollout ms", "rollout_ms"),
     }
     for op, (h1, k1, h2, k2) in heads.items():
         mine = [r for r in rows if r.get("op") == op]
@@ -33,16 +45,17 @@ def main():
             continue
         shape = next((r["shape"] for r in mine if "shape" in r), "")
         print(f"## {op}: {shape}\n")
-        print(f"| side | path | {h1} | {h2} | nvidia-smi peak MiB | command |")
-        print("|---|---|---|---|---|---|")
+        torch_row = next((r for r in mine if r.get("side") == "pytorch" and r.get(k1)), None)
+        print(f"| side | path | {h1} | × PyTorch | {h2} | nvidia-smi peak MiB | command |")
+        print("|---|---|---|---|---|---|---|")
         for r in mine:
             if "unavailable" in r:
-                print(f"| {r['side']} | {r['path']} | unavailable: {r['unavailable']} | | | `{r['command']}` |")
+                print(f"| {r['side']} | {r['path']} | unavailable: {r['unavailable']} | | | | `{r['command']}` |")
                 continue
-            print(f"| {r['side']} | {r['path']} | {fmt(r.get(k1))} | {fmt(r.get(k2))} | "
-                  f"{fmt(r.get('nvidia_smi_peak_mib'), 0)} | `{r['command']}` |")
+            print(f"| {r['side']} | {r['path']} | {fmt(r.get(k1))} | {fmt(ratio(r, torch_row, k1))} | "
+                  f"{fmt(r.get(k2))} | {fmt(r.get('nvidia_smi_peak_mib'), 0)} | `{r['command']}` |")
         for r in failed:
-            print(f"| failed | | | | | `{r['failed']}` |")
+            print(f"| failed | | | | | | `{r['failed']}` |")
         print()
 
 

@@ -26,6 +26,7 @@ pub mod fused;
 pub mod launches;
 mod mode;
 pub mod reference;
+pub mod selftest;
 
 use burn::tensor::{Bool, Int, Tensor};
 

@@ -1,4 +1,5 @@
-//! Fused ops against their reference twins: outputs and every input gradient, on odd shapes.
+//! Fused ops against their reference twins: outputs and every input gradient, on odd shapes,
+//! through the same harness `hearth selftest` runs on a GPU (`kernels::selftest`).
 //!
 //! On flex the fused path is the backend extension's primitive-op twin plus the
 //! hand-written autodiff backward, so these tests check the backward formulas. With the
@@ -6,177 +7,51 @@
 //! in CI that is Mesa's lavapipe, a Vulkan implementation on the CPU, which has shared
 //! memory and barriers, all these kernels use.
 
-use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use kernels::selftest::{Case, compare, host, tensor, values};
 use kernels::{Head, fused, reference};
 
-/// Tolerances per dtype, in one place: absolute for f32; for half types relative, to the
-/// element or to the tensor's RMS, whichever is larger, since a half-precision reference
-/// rounds each intermediate and an element that is a small difference of large terms
-/// carries the error of those terms.
-fn tolerance(dtype: DType) -> (f32, f32) {
-    match dtype {
-        DType::F32 => (1e-4, 0.0),
-        _ => (0.0, 1e-2),
-    }
+/// Runs `case` and fails with every comparison if one is off.
+fn check(case: Case, device: &Device, dtype: DType) {
+    let report = case.run(device, dtype);
+    assert!(report.pass(), "{report}");
 }
 
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn tensor<const D: usize>(
-    v: &[f32],
-    shape: [usize; D],
-    device: &Device,
-    dtype: DType,
-) -> Tensor<D> {
-    Tensor::<D>::from_data(TensorData::new(v.to_vec(), shape), device).cast(dtype)
-}
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.cast(DType::F32)
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .expect("f32 data")
-}
-
-/// Compares element by element; on failure reports how many differ, the first few with
-/// their indices, and any NaN or infinity on either side.
 fn assert_close(what: &str, got: &[f32], want: &[f32], dtype: DType) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    let (abs, rel) = tolerance(dtype);
-    let rms = (want.iter().map(|w| w * w).sum::<f32>() / want.len().max(1) as f32).sqrt();
-    let bad: Vec<(usize, f32, f32)> = got
-        .iter()
-        .zip(want)
-        .enumerate()
-        .filter(|(_, (g, w))| {
-            !(g.is_finite() && w.is_finite()) || (*g - *w).abs() > abs + rel * w.abs().max(rms)
-        })
-        .map(|(i, (g, w))| (i, *g, *w))
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} differ beyond abs {abs} rel {rel}; first: {:?}",
-        bad.len(),
-        got.len(),
-        &bad[..bad.len().min(5)]
-    );
-}
-
-/// `Σ y·r` for a fixed `r`, so the output gradient is `r` (no symmetry to hide errors).
-fn probe<const D: usize>(y: Tensor<D>, seed: u64) -> Tensor<1> {
-    let r = Tensor::<D>::from_data(
-        TensorData::new(values(y.shape().num_elements(), seed), y.shape()),
-        &y.device(),
-    )
-    .cast(y.dtype());
-    (y * r).cast(DType::F32).sum()
+    let c = compare(what, got, want, dtype);
+    assert!(c.pass(), "{c}");
 }
 
 /// RMSNorm on `[2, 47, 123]`: output, `dx` and `dw`.
 fn rms_norm_parity(device: &Device, dtype: DType) {
-    let (b, t, c) = (2, 47, 123);
-    let xv = values(b * t * c, 1);
-    // Scales away from 1, some negative, so `dw` and `w`'s part in `dx` both matter.
-    let wv: Vec<f32> = values(c, 2).iter().map(|v| 1.5 * v).collect();
-    let run = |fused_path: bool| {
-        let x = tensor(&xv, [b, t, c], device, dtype).require_grad();
-        let w = tensor(&wv, [c], device, dtype).require_grad();
-        let y = if fused_path {
-            fused::rms_norm(x.clone(), w.clone(), 1e-5)
-        } else {
-            reference::rms_norm(x.clone(), w.clone(), 1e-5)
-        };
-        let grads = probe(y.clone(), 3).backward();
-        (
-            host(y),
-            host(x.grad(&grads).expect("dx")),
-            host(w.grad(&grads).expect("dw")),
-        )
-    };
-    let (y, dx, dw) = run(true);
-    let (y_ref, dx_ref, dw_ref) = run(false);
-    assert_close("rms_norm y", &y, &y_ref, dtype);
-    assert_close("rms_norm dx", &dx, &dx_ref, dtype);
-    // `dw` sums 94 rows: scale the tolerance with it.
-    let scale = (b * t) as f32;
-    let dw: Vec<f32> = dw.iter().map(|v| v / scale).collect();
-    let dw_ref: Vec<f32> = dw_ref.iter().map(|v| v / scale).collect();
-    assert_close("rms_norm dw", &dw, &dw_ref, dtype);
+    check(
+        Case::RmsNorm {
+            shape: [2, 47, 123],
+        },
+        device,
+        dtype,
+    );
 }
 
 /// SwiGLU on `[3, 41, 77]`: output and both input gradients.
 fn swiglu_parity(device: &Device, dtype: DType) {
-    let shape = [3, 41, 77];
-    let n = shape.iter().product();
-    // Gates over [-4, 4) reach both tails of the sigmoid.
-    let gv: Vec<f32> = values(n, 4).iter().map(|v| 4.0 * v).collect();
-    let uv = values(n, 5);
-    let run = |fused_path: bool| {
-        let g = tensor(&gv, shape, device, dtype).require_grad();
-        let u = tensor(&uv, shape, device, dtype).require_grad();
-        let y = if fused_path {
-            fused::swiglu(g.clone(), u.clone())
-        } else {
-            reference::swiglu(g.clone(), u.clone())
-        };
-        let grads = probe(y.clone(), 6).backward();
-        (
-            host(y),
-            host(g.grad(&grads).expect("d_gate")),
-            host(u.grad(&grads).expect("d_up")),
-        )
-    };
-    let (y, dg, du) = run(true);
-    let (y_ref, dg_ref, du_ref) = run(false);
-    assert_close("swiglu y", &y, &y_ref, dtype);
-    assert_close("swiglu d_gate", &dg, &dg_ref, dtype);
-    assert_close("swiglu d_up", &du, &du_ref, dtype);
+    check(Case::Swiglu { shape: [3, 41, 77] }, device, dtype);
 }
 
 /// LoRA's up-projection on a base output of `[2, 5, 70]` (`dtype`) with f32 factors of
 /// rank 40: rows and columns that span several of the kernel's tiles (4 × 64) and a rank
 /// beyond one staged slice (32). Output and the gradients of the base, `down` and `B`.
 fn lora_parity(device: &Device, dtype: DType) {
-    let (b, t, o, r) = (2, 5, 70, 40);
-    let basev = values(b * t * o, 41);
-    let downv = values(b * t * r, 42);
-    let upv = values(o * r, 43);
-    let run = |fused_path: bool| {
-        let base = tensor(&basev, [b, t, o], device, dtype).require_grad();
-        let down = tensor(&downv, [b, t, r], device, DType::F32).require_grad();
-        let up = tensor(&upv, [o, r], device, DType::F32).require_grad();
-        let y = if fused_path {
-            fused::lora_up(base.clone(), down.clone(), up.clone(), 0.75)
-        } else {
-            reference::lora_up(base.clone(), down.clone(), up.clone(), 0.75)
-        };
-        let grads = probe(y.clone(), 44).backward();
-        [
-            host(y),
-            host(base.grad(&grads).expect("d_base")),
-            host(down.grad(&grads).expect("d_down")),
-            host(up.grad(&grads).expect("d_b")),
-        ]
-    };
-    let (got, want) = (run(true), run(false));
-    for (i, name) in ["y", "d_base", "d_down", "d_b"].iter().enumerate() {
-        // The factors' gradients are f32 whatever the base's dtype.
-        let dt = if i >= 2 { DType::F32 } else { dtype };
-        assert_close(&format!("lora {name}"), &got[i], &want[i], dt);
-    }
+    check(
+        Case::LoraUp {
+            b: 2,
+            t: 5,
+            o: 70,
+            r: 40,
+        },
+        device,
+        dtype,
+    );
 }
 
 #[test]
@@ -188,51 +63,10 @@ fn lora_matches_reference_on_flex() {
 /// low-rank term, in several chunkings: log-probs, hits, and the gradients of the hidden
 /// rows, the head and the low-rank factors.
 fn logprob_parity(device: &Device, dtype: DType) {
-    let (n, h, v, r) = (47, 24, 123, 4);
-    let hv: Vec<f32> = values(n * h, 11).iter().map(|x| 3.0 * x).collect();
-    let wv = values(v * h, 12);
-    let dv = values(n * r, 13);
-    let uv = values(v * r, 14);
-    let tv: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 5) % v as i64).collect();
-    for low_rank in [false, true] {
+    for r in [0, 4] {
         for chunk in [1, 8, 47, 100] {
-            let run = |fused_path: bool| {
-                let hidden = tensor(&hv, [n, h], device, dtype).require_grad();
-                let weight = tensor(&wv, [v, h], device, dtype).require_grad();
-                let down = tensor(&dv, [n, r], device, dtype).require_grad();
-                let up = tensor(&uv, [v, r], device, dtype).require_grad();
-                let head = Head {
-                    weight: weight.clone(),
-                    low_rank: low_rank.then(|| (down.clone(), up.clone())),
-                };
-                let targets = Tensor::<1, Int>::from_data(TensorData::new(tv.clone(), [n]), device);
-                let (lp, hits) = if fused_path {
-                    fused::token_logprobs(hidden.clone(), &head, targets, chunk)
-                } else {
-                    reference::token_logprobs(hidden.clone(), &head, targets, chunk)
-                };
-                let grads = probe(lp.clone(), 15).backward();
-                let mut out = vec![
-                    host(lp),
-                    host(hits.float()),
-                    host(hidden.grad(&grads).expect("dh")),
-                    host(weight.grad(&grads).expect("dw")),
-                ];
-                if low_rank {
-                    out.push(host(down.grad(&grads).expect("d_down")));
-                    out.push(host(up.grad(&grads).expect("d_up")));
-                }
-                out
-            };
-            let (got, want) = (run(true), run(false));
-            for (i, name) in ["log-probs", "hits", "dh", "dw", "d_down", "d_up"]
-                .iter()
-                .enumerate()
-                .take(got.len())
-            {
-                let what = format!("token_logprobs {name} (low rank {low_rank}, chunk {chunk})");
-                assert_close(&what, &got[i], &want[i], dtype);
-            }
+            let (n, h, v) = (47, 24, 123);
+            check(Case::TokenLogprobs { n, h, v, r, chunk }, device, dtype);
         }
     }
 }
@@ -244,49 +78,26 @@ fn logprob_parity(device: &Device, dtype: DType) {
 fn attention_parity(
     device: &Device,
     dtype: DType,
-    (d, t, s_len, pad): (usize, usize, usize, usize),
+    (d, t, s, pad): (usize, usize, usize, usize),
     blocks: &[usize],
 ) {
-    let (b, h, hkv) = (2, 6, 2);
-    let qv = values(b * h * t * d, 21);
-    let kv = values(b * hkv * s_len * d, 22);
-    let vv = values(b * hkv * s_len * d, 23);
-    // Queries are the last `t` of `s_len` positions (as with a KV cache when t < s_len).
-    let offset = s_len - t;
-    let masked: Vec<bool> = (0..b * t * s_len)
-        .map(|n| {
-            let (bi, i, j) = (n / (t * s_len), (n / s_len) % t, n % s_len);
-            j > i + offset || (bi == 1 && (j >= s_len - pad || i + offset >= s_len - pad))
-        })
-        .collect();
     for &block in blocks {
-        let run = |fused_path: bool| {
-            let q = tensor(&qv, [b, h, t, d], device, dtype).require_grad();
-            let k = tensor(&kv, [b, hkv, s_len, d], device, dtype).require_grad();
-            let v = tensor(&vv, [b, hkv, s_len, d], device, dtype).require_grad();
-            let mask = Tensor::<4, Bool>::from_data(
-                TensorData::new(masked.clone(), [b, 1, t, s_len]),
-                device,
-            );
-            let out = if fused_path {
-                fused::attention_blocked(q.clone(), k.clone(), v.clone(), mask, block)
-            } else {
-                reference::attention(q.clone(), k.clone(), v.clone(), mask)
-            };
-            let grads = probe(out.clone(), 24).backward();
-            [
-                host(out),
-                host(q.grad(&grads).expect("dq")),
-                host(k.grad(&grads).expect("dk")),
-                host(v.grad(&grads).expect("dv")),
-            ]
-        };
-        let (got, want) = (run(true), run(false));
-        for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-            let what =
-                format!("attention {name} (D {d}, T {t}, S {s_len}, pad {pad}, block {block})");
-            assert_close(&what, &got[i], &want[i], dtype);
-        }
+        let (b, h, hkv) = (2, 6, 2);
+        let block = Some(block);
+        check(
+            Case::Attention {
+                b,
+                h,
+                hkv,
+                d,
+                t,
+                s,
+                pad,
+                block,
+            },
+            device,
+            dtype,
+        );
     }
 }
 
@@ -298,39 +109,10 @@ fn attention_matches_reference_on_flex() {
     attention_parity(&device, DType::F32, (64, 4, 17, 3), &[5, 4, 64]);
 }
 
-/// RoPE on `[2, 3, 11, 64]` with per-row tables (positions differ per row, as in packed
-/// batches): output and `dx`.
+/// RoPE on `[2, 3, 11, 64]` with per-row tables: output and `dx`.
 fn rotary_parity(device: &Device, dtype: DType) {
     let (b, h, t, d) = (2, 3, 11, 64);
-    let xv = values(b * h * t * d, 31);
-    // Angles of a real table: position · θ^(−2i/d), with row 1 starting at position 5.
-    let (mut cv, mut sv) = (Vec::new(), Vec::new());
-    for bi in 0..b {
-        for ti in 0..t {
-            for c in 0..d {
-                let pos = (ti + 5 * bi) as f32;
-                let angle = pos * 10000f32.powf(-2.0 * (c % (d / 2)) as f32 / d as f32);
-                cv.push(angle.cos());
-                sv.push(angle.sin());
-            }
-        }
-    }
-    let run = |fused_path: bool| {
-        let x = tensor(&xv, [b, h, t, d], device, dtype).require_grad();
-        let cos = tensor(&cv, [b, t, d], device, dtype);
-        let sin = tensor(&sv, [b, t, d], device, dtype);
-        let y = if fused_path {
-            fused::rotary(x.clone(), cos, sin)
-        } else {
-            reference::rotary(x.clone(), cos, sin)
-        };
-        let grads = probe(y.clone(), 32).backward();
-        (host(y), host(x.grad(&grads).expect("dx")))
-    };
-    let (y, dx) = run(true);
-    let (y_ref, dx_ref) = run(false);
-    assert_close("rotary y", &y, &y_ref, dtype);
-    assert_close("rotary dx", &dx, &dx_ref, dtype);
+    check(Case::Rotary { b, h, t, d }, device, dtype);
 }
 
 #[test]
@@ -401,6 +183,7 @@ fn fused_forward_without_autodiff_matches_reference() {
 mod wgpu {
     use super::*;
     use burn::tensor::DeviceKind;
+    use kernels::launches::Kernel;
 
     fn device() -> Device {
         Device::wgpu(DeviceKind::DefaultDevice)
@@ -466,6 +249,29 @@ mod wgpu {
         rms_norm_parity(&device, DType::F16);
         swiglu_parity(&device, DType::F16);
         rotary_parity(&device, DType::F16);
+    }
+
+    /// The selftest's small set, as `hearth selftest --small` dry-runs it, passes on
+    /// lavapipe, and on a Cube device each case really launches its CubeCL kernels.
+    #[test]
+    fn the_small_selftest_passes_on_wgpu_through_the_kernels() {
+        let device = device().autodiff();
+        for case in kernels::selftest::model_cases(true) {
+            let report = case.run(&device, DType::F32);
+            assert!(report.pass(), "{report}");
+            let launched = |k: Kernel| report.kernels.iter().any(|&(kk, n)| kk == k && n > 0);
+            let want: &[Kernel] = match case.op() {
+                "rms_norm" => &[Kernel::RmsNorm, Kernel::RmsNormBackward],
+                "swiglu" => &[Kernel::Swiglu, Kernel::SwigluBackward],
+                "rotary" => &[Kernel::Rotary, Kernel::RotaryBackward],
+                "lora_up" => &[Kernel::LoraUp],
+                "token_logprobs" => &[Kernel::LogitRows, Kernel::LogitGrads],
+                _ => &[Kernel::AttentionBackward],
+            };
+            for &k in want {
+                assert!(launched(k), "{}: {k:?} never launched", case.label());
+            }
+        }
     }
 
     /// The kernels on wgpu agree with flex's reference too, so a fault shared by both wgpu
