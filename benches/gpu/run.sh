@@ -69,3 +69,10 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>/dev/null
 python3 "$here/table.py" "$results" "$out/gpu.txt" >"$out/BENCHMARKS.md"
 cat "$out/BENCHMARKS.md"
+# A measurement that crashed or ran out of time fails the run (one that is unavailable,
+# such as PyTorch's side where torch is not installed, does not).
+failed=$(grep -c '"failed"' "$results")
+if [ "$failed" -gt 0 ]; then
+    echo "$failed measurements failed (see $out/stderr.log)" >&2
+    exit 1
+fi

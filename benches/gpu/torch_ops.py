@@ -18,7 +18,12 @@ import json
 import sys
 import time
 
-import torch
+try:
+    import torch
+except ImportError as e:  # a dry run where torch is not installed: say so, do not fail
+    op = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
+    print(json.dumps({"side": "pytorch", "op": op, "path": "torch", "unavailable": str(e)}))
+    sys.exit(0)
 
 WARMUP, RUNS = 3, 10
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
