@@ -54,7 +54,15 @@ if [ "$total" -gt $((limit_mib * 1024 * 1024)) ]; then
     echo "the pack is $((total / 1024 / 1024)) MiB, over its $limit_mib MiB" >&2
     exit 1
 fi
-(cd "$dir" && sha256sum hearth.xz gpu-bench.xz >SHA256SUMS)
+# Liger-Kernel, pure Python on triton, for PyTorch's side of the bench; optional (PyPI).
+rm -f "$dir"/*.whl
+if pip download --quiet --no-deps --only-binary=:all: liger-kernel -d "$dir" 2>/dev/null; then
+    echo "carrying $(cd "$dir" && ls ./*.whl)"
+else
+    echo "liger-kernel could not be downloaded: PyTorch's side will run without Liger" >&2
+fi
+(cd "$dir" && sha256sum hearth.xz gpu-bench.xz ./*.whl >SHA256SUMS 2>/dev/null ||
+    sha256sum hearth.xz gpu-bench.xz >SHA256SUMS)
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git -C "$root" status --porcelain 2>/dev/null | grep -q . && echo ", with uncommitted changes" || true)
 cat >"$dir/README.md" <<README
@@ -67,6 +75,8 @@ network. Kernels are compiled by NVRTC on first use, so the first run of each op
 
 - \`hearth.xz\`: the \`hearth\` command line with the \`cuda\` feature.
 - \`gpu-bench.xz\`: the bench behind BENCHMARKS.md (\`benches/gpu.rs\`).
+- \`liger_kernel-*.whl\` (when it could be downloaded): Liger-Kernel for PyTorch's side of
+  the bench; \`check.sh\` puts it on PYTHONPATH.
 - \`SHA256SUMS\`: check with \`sha256sum -c SHA256SUMS\`.
 
 ## Unpack and run

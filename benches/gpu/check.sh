@@ -68,6 +68,11 @@ for b in hearth gpu-bench; do
     chmod +x "$work/$b"
 done
 hearth=$work/hearth
+# Pure-Python wheels carried in the pack (Liger-Kernel) go on PyTorch's path.
+for wheel in "$pack"/*.whl; do
+    [ -e "$wheel" ] || continue
+    python3 -m zipfile -e "$wheel" "$work/py" && export PYTHONPATH="$work/py${PYTHONPATH:+:$PYTHONPATH}"
+done
 cd "$root"
 
 # 1. Parity.

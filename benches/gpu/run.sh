@@ -65,6 +65,9 @@ for op in attention attention128 linear_ce lora_sft rollout; do
     measure "$bin" "$op" fused "${extra[@]}"
     measure "$bin" "$op" reference "${extra[@]}"
     measure python3 "$here/torch_ops.py" "$op" "${extra[@]}"
+    case $op in
+    linear_ce | lora_sft) measure python3 "$here/torch_ops.py" "${op}_liger" "${extra[@]}" ;;
+    esac
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>/dev/null
 python3 "$here/table.py" "$results" "$out/gpu.txt" >"$out/BENCHMARKS.md"

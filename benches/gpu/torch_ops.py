@@ -10,7 +10,9 @@ shape with PEFT's LoRA r 16 on the seven projections, bf16, one AdamW step on 20
 tokens), rollout (that model's `generate` with `num_return_sequences=8`, sampling 256 new
 tokens after a 64-token prompt, bf16, never stopping early). Timings use CUDA events after
 warm-up runs; peak memory is torch.cuda.max_memory_allocated (the run script also samples
-nvidia-smi for both sides). Without CUDA (a `--small` dry run on a CPU) the same runs are
+nvidia-smi for both sides). linear_ce_liger and lora_sft_liger run the same with
+Liger-Kernel (its fused linear cross-entropy; patched into transformers' Llama) when it is
+importable, and say "unavailable" otherwise. Without CUDA (a `--small` dry run on a CPU) the same runs are
 timed on the CPU, so the plumbing can be checked anywhere torch is installed.
 """
 
@@ -21,8 +23,10 @@ import time
 try:
     import torch
 except ImportError as e:  # a dry run where torch is not installed: say so, do not fail
-    op = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
-    print(json.dumps({"side": "pytorch", "op": op, "path": "torch", "unavailable": str(e)}))
+    op = next((a for a in sys.argv[1:] if not a.startswith("--")), "")
+    path = "liger" if op.endswith("_liger") else "torch"
+    print(json.dumps({"side": "pytorch", "op": op.removesuffix("_liger"), "path": path,
+                      "unavailable": str(e)}))
     sys.exit(0)
 
 WARMUP, RUNS = 3, 10
@@ -91,17 +95,26 @@ def attention(small, d):
     }
 
 
-def linear_ce(small):
+def linear_ce(small, liger=False):
     n, h, vocab = (256, 64, 4096) if small else (8192, 2048, 128256)
     dev = DEV
     targets = (torch.arange(n, device=dev) * 7919) % vocab
     weight = (filled((vocab, h), 17, dev) * 0.1).requires_grad_()
+    if liger:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError as e:
+            return {"unavailable": f"{e}"}
+        fused = LigerFusedLinearCrossEntropyLoss()
 
     def step():
         hidden = filled((n, h), 13, dev).requires_grad_()
-        logp = torch.log_softmax(hidden @ weight.t(), dim=-1)
-        lp = logp.gather(1, targets[:, None]).squeeze(1)
-        (-lp.mean()).backward()
+        if liger:
+            loss = fused(weight, hidden, targets)
+        else:
+            logp = torch.log_softmax(hidden @ weight.t(), dim=-1)
+            loss = -logp.gather(1, targets[:, None]).squeeze(1).mean()
+        loss.backward()
         hidden.grad.sum().item()
         weight.grad = None
 
@@ -131,9 +144,14 @@ def random_llama(small):
     return LlamaForCausalLM(config).to(DEV, torch.bfloat16), cfg["vocab_size"]
 
 
-def lora_sft(small):
+def lora_sft(small, liger=False):
     try:
         from peft import LoraConfig, get_peft_model
+        if liger:
+            # Liger's fused linear-CE, RMSNorm, SwiGLU and RoPE patched into transformers'
+            # Llama before the model is built.
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+            apply_liger_kernel_to_llama()
         model, vocab = random_llama(small)
     except ImportError as e:
         return {"unavailable": f"{e}"}
@@ -204,11 +222,15 @@ def main():
         "linear_ce": lambda: linear_ce(small),
         "lora_sft": lambda: lora_sft(small),
         "rollout": lambda: rollout(small),
+        "linear_ce_liger": lambda: linear_ce(small, liger=True),
+        "lora_sft_liger": lambda: lora_sft(small, liger=True),
     }
     if op not in runs:
         print(f"usage: torch_ops.py {{{','.join(runs)}}} [--small]", file=sys.stderr)
         sys.exit(2)
-    line = {"side": "pytorch", "op": op, "path": "eager" if op == "linear_ce" else "torch"}
+    # Liger's runs sit in their op's table as another PyTorch path.
+    path = "liger" if op.endswith("_liger") else "eager" if op == "linear_ce" else "torch"
+    line = {"side": "pytorch", "op": op.removesuffix("_liger"), "path": path}
     line.update(runs[op]())
     line["torch"] = torch.__version__
     line["torch_device"] = DEV
