@@ -3,20 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use checkpoints::{OwnedTensor, WeightFiles};
 
 mod common;
-use common::{copy_dir, metric_lines};
-
-fn hearth(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run hearth")
-}
+use common::{copy_dir, hearth, jsonl, metric_lines};
 
 fn ok(args: &[&str]) {
     let out = hearth(args);
@@ -526,11 +518,7 @@ fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
         "--out",
         s(&out),
     ]);
-    let rendered: Vec<serde_json::Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rendered = jsonl(&out);
     assert_eq!(rendered.len(), cases.len());
     for (got, want) in rendered.iter().zip(&cases) {
         assert_eq!(got["input_ids"], want["input_ids"]);

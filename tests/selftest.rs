@@ -1,15 +1,8 @@
 //! `hearth selftest`: the fused ops against their references through the command line, as
 //! the GPU check runs it, and its refusals.
 
-use std::process::{Command, Output};
-
-fn hearth(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run hearth")
-}
+mod common;
+use common::{hearth, jsonl};
 
 /// The small set in bf16 on flex passes, prints one line per case, and writes one JSON
 /// object per case with every output's errors within its tolerance.
@@ -36,11 +29,7 @@ fn small_selftest_passes_on_the_cpu_and_reports_every_case() {
         stdout.contains(&format!("selftest: all {} cases pass on cpu", cases.len())),
         "{stdout}"
     );
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&out);
     assert_eq!(lines.len(), cases.len());
     for (line, case) in lines.iter().zip(&cases) {
         assert_eq!(line["case"], case.label());

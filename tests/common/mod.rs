@@ -2,6 +2,28 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the `hearth` binary of this build, with no backtrace to clutter its stderr.
+pub fn hearth(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run hearth")
+}
+
+/// Every line of a JSON-lines file, parsed; a line that is not JSON fails the test.
+pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("{}: line {l:?}: {e}", path.display()))
+        })
+        .collect()
+}
 
 /// A copy of the directory tree `from` at `to` (a run directory to resume from twice, say).
 pub fn copy_dir(from: &Path, to: &Path) {
@@ -17,9 +39,5 @@ pub fn copy_dir(from: &Path, to: &Path) {
 
 /// Every line of a run's `metrics.jsonl`, parsed; a line that is not JSON fails the test.
 pub fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("metrics line {l:?}: {e}")))
-        .collect()
+    jsonl(&run.join("metrics.jsonl"))
 }
