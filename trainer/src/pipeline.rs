@@ -227,13 +227,8 @@ fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Result<Vec<(String
         "loss".to_string(),
         format!("{:.4} → {:.4}", outcome.first_loss, outcome.last_loss),
     )];
-    let eval_keys: &[&str] = match recipe.train.method.as_str() {
-        "sft" => &["mean_token_accuracy"],
-        "dpo" => &["rewards/accuracies", "rewards/margins"],
-        "orpo" => &["rewards/accuracies"],
-        "reward" => &["accuracy", "margin"],
-        _ => &[],
-    };
+    let objective = crate::objectives::registry::for_recipe(recipe)?;
+    let eval_keys = objective.summary_keys();
     if let Some(l) = outcome.eval_loss {
         out.push(("eval_loss".into(), format!("{l:.4}")));
     }
@@ -242,7 +237,7 @@ fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Result<Vec<(String
             out.push((format!("eval_{k}"), format!("{v:.3}")));
         }
     }
-    if recipe.train.method == "grpo" {
+    if objective.has_rollouts() {
         for key in series_keys(&lines, "rewards/", "/mean")
             .iter()
             .map(String::as_str)
@@ -519,7 +514,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
     // Replies of every generating stage (LoRA, not a reward model), when the report asks.
     let generating: Vec<(String, PathBuf)> = done
         .iter()
-        .filter(|(_, recipe, _)| recipe.lora.is_some() && recipe.train.method != "reward")
+        .filter(|(_, recipe, _)| recipe.lora.is_some() && !scores(recipe))
         .map(|(name, _, dir)| (name.clone(), dir.join("final")))
         .collect();
     let replies = match done.last() {
@@ -549,7 +544,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
                 distinct_2(&r.base)
             ));
         }
-        if recipe.train.method == "grpo"
+        if has_rollouts(recipe)
             && let Some(w) = length_gaming(&read_metrics(dir)?)
         {
             text.push_str(&format!("- {w}\n"));
@@ -574,6 +569,16 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         checkpoints::write_text(&out.join("report.md"), &text)?;
     }
     Ok(PipelineReport { stages, text })
+}
+
+/// Whether a stage's method learns a score head (a reward model), not replies.
+fn scores(recipe: &Recipe) -> bool {
+    crate::objectives::registry::for_recipe(recipe).is_ok_and(|o| o.needs_score_head())
+}
+
+/// Whether a stage's method logs rollout rewards and completion lengths.
+fn has_rollouts(recipe: &Recipe) -> bool {
+    crate::objectives::registry::for_recipe(recipe).is_ok_and(|o| o.has_rollouts())
 }
 
 #[cfg(test)]

@@ -6,6 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::objectives::cpo::CpoSection;
+use crate::objectives::dpo::DpoSection;
+use crate::objectives::grpo::GrpoSection;
+use crate::objectives::orpo::OrpoSection;
+use crate::objectives::reward::RewardSection;
+use crate::objectives::simpo::SimpoSection;
 use crate::{Result, TrainerError};
 
 /// A whole recipe.
@@ -25,6 +31,10 @@ pub struct Recipe {
     pub reward: Option<RewardSection>,
     /// Settings of `method = "grpo"`.
     pub grpo: Option<GrpoSection>,
+    /// Settings of `method = "simpo"`.
+    pub simpo: Option<SimpoSection>,
+    /// Settings of `method = "cpo"`.
+    pub cpo: Option<CpoSection>,
     /// Data parallelism, when a launcher starts several processes.
     #[serde(default)]
     pub dist: DistSection,
@@ -51,121 +61,6 @@ impl Default for DistSection {
             bucket_mb: 25.0,
         }
     }
-}
-
-/// `[grpo]`, with TRL's names. A step generates `per_device_train_batch_size ×
-/// gradient_accumulation_steps` completions: that many ÷ `num_generations` prompts, each
-/// sampled `num_generations` times; micro-batches hold `per_device_train_batch_size`
-/// completions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GrpoSection {
-    /// G, completions per prompt.
-    pub num_generations: usize,
-    /// New tokens per completion at most.
-    pub max_completion_length: usize,
-    pub temperature: f64,
-    pub top_p: f64,
-    /// 0 turns top-k off.
-    pub top_k: usize,
-    /// The KL weight; 0 skips the KL term and the reference model.
-    pub beta: f64,
-    /// ε_low of the clip.
-    pub epsilon: f64,
-    /// ε_high of the clip (DAPO's clip-higher); defaults to `epsilon`.
-    pub epsilon_high: Option<f64>,
-    /// grpo, bnpo, dr_grpo or dapo.
-    pub loss_type: String,
-    /// group, batch or none.
-    pub scale_rewards: String,
-    /// Optimizer steps per generation batch (μ); old log-probs are stored when > 1.
-    pub num_iterations: usize,
-    /// Leave completions cut off by `max_completion_length` out of the loss.
-    pub mask_truncated_completions: bool,
-    /// Write prompts, completions and rewards to `completions.jsonl` in the run directory.
-    /// Off by default: counseling data is sensitive.
-    pub log_completions: bool,
-    /// The rewards, weighted: `[[grpo.rewards]]` tables.
-    pub rewards: Vec<crate::rewards::RewardSpec>,
-}
-
-impl Default for GrpoSection {
-    fn default() -> Self {
-        Self {
-            num_generations: 8,
-            max_completion_length: 256,
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            beta: 0.0,
-            epsilon: 0.2,
-            epsilon_high: None,
-            loss_type: "dapo".into(),
-            scale_rewards: "group".into(),
-            num_iterations: 1,
-            mask_truncated_completions: false,
-            log_completions: false,
-            rewards: Vec::new(),
-        }
-    }
-}
-
-/// `[dpo]`, with TRL's names.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DpoSection {
-    pub beta: f64,
-    /// sigmoid, ipo, hinge or robust.
-    pub loss_type: String,
-    pub label_smoothing: f64,
-    /// Compute the reference log-probs once before training and cache them on disk, keyed
-    /// by a hash of the tokenised data and the model files.
-    pub precompute_ref_log_probs: bool,
-    /// Where that cache lives (default: `$XDG_CACHE_HOME/hearth/ref-logps`, else
-    /// `~/.cache/hearth/ref-logps`).
-    pub ref_cache_dir: Option<PathBuf>,
-}
-
-impl Default for DpoSection {
-    fn default() -> Self {
-        Self {
-            beta: 0.1,
-            loss_type: "sigmoid".into(),
-            label_smoothing: 0.0,
-            precompute_ref_log_probs: false,
-            ref_cache_dir: None,
-        }
-    }
-}
-
-/// `[orpo]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OrpoSection {
-    /// λ, the weight of the odds-ratio term (TRL's `beta`).
-    pub lambda: f64,
-    /// Restrict the NLL term to completion tokens; by default it covers the whole chosen
-    /// sequence, prompt included, as TRL and the ORPO paper's code do.
-    pub nll_completion_only: bool,
-}
-
-impl Default for OrpoSection {
-    fn default() -> Self {
-        Self {
-            lambda: 0.1,
-            nll_completion_only: false,
-        }
-    }
-}
-
-/// `[reward]`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RewardSection {
-    /// c in `c·mean((r_c + r_r)²)`; 0 turns centering off.
-    pub center_rewards_coefficient: f64,
-    /// A numeric column subtracted inside the Bradley–Terry term: `σ(r_c − r_r − margin)`.
-    pub margin_column: Option<String>,
 }
 
 /// `[model]`: the base checkpoint.
@@ -316,7 +211,6 @@ impl Recipe {
     fn validate(&self, origin: &str) -> Result<()> {
         let t = &self.train;
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
-        const METHODS: [&str; 5] = ["sft", "dpo", "orpo", "reward", "grpo"];
         if t.bf16 && t.fp16 {
             return bad("train.bf16 and train.fp16 are both on; choose one".into());
         }
@@ -333,97 +227,8 @@ impl Recipe {
         if !(d.bucket_mb > 0.0 && d.bucket_mb.is_finite()) {
             return bad(format!("dist.bucket_mb {} must be positive", d.bucket_mb));
         }
-        if !METHODS.contains(&t.method.as_str()) {
-            return bad(format!(
-                "train.method `{}` (one of {})",
-                t.method,
-                METHODS.join(", ")
-            ));
-        }
-        for (section, present) in [
-            ("dpo", self.dpo.is_some()),
-            ("orpo", self.orpo.is_some()),
-            ("reward", self.reward.is_some()),
-            ("grpo", self.grpo.is_some()),
-        ] {
-            if present && t.method != section {
-                return bad(format!(
-                    "a [{section}] section, but train.method is `{}`",
-                    t.method
-                ));
-            }
-        }
-        if let Some(d) = &self.dpo {
-            if let Err(e) = d.loss_type.parse::<crate::objectives::dpo::DpoLossType>() {
-                return bad(format!("dpo.loss_type: {e}"));
-            }
-            if !(d.beta > 0.0 && d.beta.is_finite()) {
-                return bad(format!("dpo.beta {} must be positive", d.beta));
-            }
-            if !(0.0..0.5).contains(&d.label_smoothing) {
-                return bad(format!(
-                    "dpo.label_smoothing {} must be in [0, 0.5)",
-                    d.label_smoothing
-                ));
-            }
-        }
-        if let Some(o) = &self.orpo
-            && !(o.lambda >= 0.0 && o.lambda.is_finite())
-        {
-            return bad(format!("orpo.lambda {} must be non-negative", o.lambda));
-        }
-        if t.method == "grpo" {
-            let g = self.grpo.clone().unwrap_or_default();
-            if let Err(e) = g.loss_type.parse::<crate::objectives::grpo::GrpoLossType>() {
-                return bad(e);
-            }
-            if let Err(e) = g
-                .scale_rewards
-                .parse::<crate::objectives::grpo::ScaleRewards>()
-            {
-                return bad(e);
-            }
-            if g.num_generations < 2 {
-                return bad(format!(
-                    "grpo.num_generations {} must be at least 2: advantages compare completions of one prompt",
-                    g.num_generations
-                ));
-            }
-            let per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps;
-            if !per_step.is_multiple_of(g.num_generations) {
-                return bad(format!(
-                    "grpo.num_generations {} must divide per_device_train_batch_size × gradient_accumulation_steps = {per_step}",
-                    g.num_generations
-                ));
-            }
-            if g.max_completion_length == 0 || g.num_iterations == 0 {
-                return bad(
-                    "grpo.max_completion_length and grpo.num_iterations must be positive".into(),
-                );
-            }
-            let eps_high = g.epsilon_high.unwrap_or(g.epsilon);
-            if !(g.epsilon >= 0.0 && g.epsilon < 1.0 && eps_high >= 0.0 && eps_high.is_finite()) {
-                return bad(format!(
-                    "grpo.epsilon {} must be in [0, 1) and epsilon_high {eps_high} non-negative",
-                    g.epsilon
-                ));
-            }
-            if !(g.beta >= 0.0 && g.beta.is_finite()) {
-                return bad(format!("grpo.beta {} must be non-negative", g.beta));
-            }
-            let sampling_ok = g.temperature >= 0.0
-                && g.temperature.is_finite()
-                && g.top_p > 0.0
-                && g.top_p <= 1.0;
-            if !sampling_ok {
-                return bad(format!(
-                    "grpo.temperature {} must be ≥ 0 and top_p {} in (0, 1]",
-                    g.temperature, g.top_p
-                ));
-            }
-            if g.rewards.is_empty() {
-                return bad("grpo needs at least one [[grpo.rewards]] table".into());
-            }
+        if let Err(e) = crate::objectives::registry::objective(self) {
+            return bad(e);
         }
         if kernels::Kernels::parse(&t.kernels).is_none() {
             return bad(format!(

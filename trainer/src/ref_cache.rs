@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::method::{PairItem, Reference};
+use crate::examples::PairItem;
+use crate::objectives::Reference;
 use crate::{Result, TrainerError};
 
 /// FNV-1a over 64-bit words: stable across runs and platforms, fast enough for weights.

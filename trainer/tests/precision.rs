@@ -140,9 +140,9 @@ fn bf16_lora_sft_keeps_f32_adapters_and_follows_the_f32_run() {
     let outcome = train(&recipe, &bf16_dir, false, false).unwrap();
 
     // Frozen weights in bf16, adapters in f32.
-    let method = trainer::method::Method::from_recipe(&recipe).unwrap();
+    let objective = trainer::objectives::registry::for_recipe(&recipe).unwrap();
     let device = Device::flex().autodiff();
-    let setup = trainer::train::setup(&recipe, &method, &device, None, 0).unwrap();
+    let setup = trainer::train::setup(&recipe, objective.as_ref(), &device, None, 0).unwrap();
     let (frozen, trainable) = dtypes(&setup.model);
     assert_eq!(frozen, vec![DType::BF16]);
     assert_eq!(trainable, vec![DType::F32]);

@@ -6,10 +6,13 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use trainer::batch::PairBatch;
-use trainer::method::{Examples, Method, tokenize};
+use trainer::examples::Examples;
 use trainer::model::{load_model, tensor_specs};
+use trainer::objectives::Objective;
+use trainer::objectives::registry::for_recipe;
 use trainer::objectives::sequences::sequence_logps;
 use trainer::recipe::{Recipe, load};
+use trainer::train::data::{Method, Rows, tokenize};
 use trainer::train::{Outcome, setup, train};
 
 mod common;
@@ -81,7 +84,7 @@ fn dpo_and_orpo_raise_reward_accuracy() {
 }
 
 /// The pairs of the bundled file through the base's template.
-fn pairs(r: &Recipe, method: &Method) -> Vec<data::tokenize::PairTokens> {
+fn pairs(r: &Recipe, objective: &dyn Objective) -> Vec<data::tokenize::PairTokens> {
     let loaded = data::load_examples(&r.data.train, &r.data.load_options().unwrap()).unwrap();
     let template = data::ChatTemplate::from_dir(&r.model.path, None)
         .unwrap()
@@ -94,14 +97,21 @@ fn pairs(r: &Recipe, method: &Method) -> Vec<data::tokenize::PairTokens> {
         truncation: r.data.truncation().unwrap(),
     };
     let mut counts = Default::default();
-    let rows = trainer::method::Rows {
+    let rows = Rows {
         path: &r.data.train,
         locations: &loaded.locations[..6],
         skip: false,
     };
-    match tokenize(method, &t, &loaded.examples[..6], &rows, None, &mut counts)
-        .unwrap()
-        .examples
+    match tokenize(
+        &Method::of(objective),
+        &t,
+        &loaded.examples[..6],
+        &rows,
+        None,
+        &mut counts,
+    )
+    .unwrap()
+    .examples
     {
         Examples::Pairs(p) => p.into_iter().map(|p| p.tokens).collect(),
         _ => panic!("pairs expected"),
@@ -123,15 +133,15 @@ fn the_reference_is_exactly_the_initial_policy() {
         &base,
         &[&format!("lora.init_from=\"{}\"", adapter.display())],
     );
-    let method = Method::from_recipe(&fresh).unwrap();
-    let pairs = pairs(&fresh, &method);
+    let objective = for_recipe(&fresh).unwrap();
+    let pairs = pairs(&fresh, objective.as_ref());
     let refs: Vec<_> = pairs.iter().collect();
     let pad = 0;
     let mut per_case = Vec::new();
     for r in [&fresh, &continued] {
         let device = Device::flex().autodiff();
         device.seed(5);
-        let s = setup(r, &method, &device, None, pad).unwrap();
+        let s = setup(r, objective.as_ref(), &device, None, pad).unwrap();
         let reference = s.reference.as_ref().unwrap().logps(&refs, pad);
         // The policy as training computes it: on the autodiff device, bit for bit.
         let batch = PairBatch::new(&refs, &[], pad, &device);
@@ -260,7 +270,7 @@ fn orpo_nll_covers_the_whole_chosen_sequence_unless_restricted() {
         "the option changed nothing: {whole} vs {completion}"
     );
     let r = recipe("tiny-orpo.toml", &base, &[]);
-    let pairs = pairs(&r, &Method::from_recipe(&r).unwrap());
+    let pairs = pairs(&r, for_recipe(&r).unwrap().as_ref());
     let refs: Vec<_> = pairs.iter().collect();
     let batch = PairBatch::new(&refs, &[], 0, &Device::flex());
     let host = |t: burn::tensor::Tensor<1>| t.into_data().try_into_vec_as::<f64>().unwrap();

@@ -5,12 +5,48 @@
 //! - `hinge`: `relu(1 − Δ)`;
 //! - `robust`: `[−(1−ε)·log σ(Δ) + ε·log σ(−Δ)] / (1 − 2ε)`.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::objective::{LossInput, MicroOutput, Objective, Prepare};
+pub use super::pairs::PairLogps;
+use super::pairs::Pairs;
 use super::{Metrics, log_sigmoid, preference_metrics, values};
+use crate::examples::{Examples, Micro, Shape};
+use crate::recipe::Recipe;
+use crate::ref_cache::{RefCacheKey, default_cache_dir, precompute};
+use crate::{Result, TrainerError};
+
+/// `[dpo]`, with TRL's names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSection {
+    pub beta: f64,
+    /// sigmoid, ipo, hinge or robust.
+    pub loss_type: String,
+    pub label_smoothing: f64,
+    /// Compute the reference log-probs once before training and cache them on disk, keyed
+    /// by a hash of the tokenised data and the model files.
+    pub precompute_ref_log_probs: bool,
+    /// Where that cache lives (default: `$XDG_CACHE_HOME/hearth/ref-logps`, else
+    /// `~/.cache/hearth/ref-logps`).
+    pub ref_cache_dir: Option<PathBuf>,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss_type: "sigmoid".into(),
+            label_smoothing: 0.0,
+            precompute_ref_log_probs: false,
+            ref_cache_dir: None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,7 +59,7 @@ pub enum DpoLossType {
 
 impl FromStr for DpoLossType {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "sigmoid" => Ok(Self::Sigmoid),
             "ipo" => Ok(Self::Ipo),
@@ -36,25 +72,103 @@ impl FromStr for DpoLossType {
     }
 }
 
-/// Summed completion log-probs of chosen and rejected (`[N]` each) and the completion
-/// lengths, for the policy or the reference.
-#[derive(Debug, Clone)]
-pub struct PairLogps {
-    pub chosen: Tensor<1>,
-    pub rejected: Tensor<1>,
-    pub chosen_len: Tensor<1>,
-    pub rejected_len: Tensor<1>,
+/// DPO with its parsed settings.
+pub struct Dpo {
+    loss_type: DpoLossType,
+    section: DpoSection,
 }
 
-impl PairLogps {
-    /// The same pairs with every value detached (a reference never takes gradients).
-    pub fn detach(&self) -> Self {
-        Self {
-            chosen: self.chosen.clone().detach(),
-            rejected: self.rejected.clone().detach(),
-            chosen_len: self.chosen_len.clone(),
-            rejected_len: self.rejected_len.clone(),
+/// The registry's constructor: the `[dpo]` section (or its defaults), checked.
+pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
+    let d = recipe.dpo.clone().unwrap_or_default();
+    let loss_type = d
+        .loss_type
+        .parse::<DpoLossType>()
+        .map_err(|e| format!("dpo.loss_type: {e}"))?;
+    if !(d.beta > 0.0 && d.beta.is_finite()) {
+        return Err(format!("dpo.beta {} must be positive", d.beta));
+    }
+    if !(0.0..0.5).contains(&d.label_smoothing) {
+        return Err(format!(
+            "dpo.label_smoothing {} must be in [0, 0.5)",
+            d.label_smoothing
+        ));
+    }
+    Ok(Box::new(Dpo {
+        loss_type,
+        section: d,
+    }))
+}
+
+impl Objective for Dpo {
+    fn name(&self) -> &'static str {
+        "dpo"
+    }
+
+    fn shape(&self) -> Shape {
+        Shape::Pairs
+    }
+
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
+    fn summary_keys(&self) -> &'static [&'static str] {
+        &["rewards/accuracies", "rewards/margins"]
+    }
+
+    /// With `precompute_ref_log_probs`, the reference's log-probs of every pair come from
+    /// the on-disk cache (computed into it on a miss), so no step runs the reference.
+    fn prepare(&mut self, cx: Prepare) -> Result<()> {
+        let (Some(r), true) = (cx.reference, self.section.precompute_ref_log_probs) else {
+            return Ok(());
+        };
+        let dir = self
+            .section
+            .ref_cache_dir
+            .clone()
+            .unwrap_or_else(default_cache_dir);
+        let key = RefCacheKey::new(cx.base, cx.lora_init, cx.precision)?;
+        for set in [cx.train, cx.eval] {
+            if let Examples::Pairs(pairs) = set {
+                precompute(r, pairs, cx.pad, cx.batch_size, &key, &dir)?;
+            }
         }
+        Ok(())
+    }
+
+    fn loss(&self, input: &LossInput, micro: &Micro) -> Result<Option<MicroOutput>> {
+        let Some(pairs) = Pairs::gather(input, micro, self.name())? else {
+            return Ok(None);
+        };
+        let n = pairs.batch.pairs;
+        let cached: Option<Vec<(f64, f64)>> = pairs.items.iter().map(|p| p.reference).collect();
+        let reference_logps = match cached {
+            Some(cached) => cached,
+            None => input
+                .reference
+                .ok_or_else(|| TrainerError::Input("internal: DPO without a reference".into()))?
+                .logps(&pairs.tokens, input.pad),
+        };
+        let (policy, _) = pairs.policy(input);
+        let host = |f: fn(&(f64, f64)) -> f64| {
+            let v: Vec<f32> = reference_logps.iter().map(|x| f(x) as f32).collect();
+            Tensor::<1>::from_data(TensorData::new(v, [n]), input.device)
+        };
+        let reference = PairLogps {
+            chosen: host(|x| x.0),
+            rejected: host(|x| x.1),
+            chosen_len: policy.chosen_len.clone(),
+            rejected_len: policy.rejected_len.clone(),
+        };
+        let s = &self.section;
+        Ok(Some(pairs.output(dpo_loss(
+            self.loss_type,
+            s.beta,
+            s.label_smoothing,
+            &policy,
+            &reference,
+        ))))
     }
 }
 

@@ -6,7 +6,7 @@
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::dpo::{DpoLossType, PairLogps, dpo_loss};
-use super::grpo::{Surrogate, TokenTerms, per_token_loss};
+use super::grpo::loss::{Surrogate, TokenTerms, per_token_loss};
 use super::test_util::close;
 use super::{log_sigmoid, log1m_exp, orpo::orpo_loss, reward::reward_loss, values};
 

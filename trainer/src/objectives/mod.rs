@@ -1,15 +1,25 @@
-//! Training objectives. Each turns a batch into a loss and its metrics; the loop owns
-//! everything else. The preference losses take sequence log-probs (or scores) as tensors,
-//! so each reads like its formula and is tested on fixed values.
+//! Training objectives: one file per method behind the [`Objective`] trait, which the one
+//! loop in [`crate::train`] drives; [`registry`] maps `train.method` to them. The losses
+//! take sequence log-probs (or scores) as tensors, so each reads like its formula and is
+//! tested on fixed values.
 
+pub mod cpo;
 pub mod dpo;
 pub mod grpo;
 #[cfg(test)]
 mod kinks;
+pub mod objective;
 pub mod orpo;
+pub mod pairs;
+pub mod reference;
+pub mod registry;
 pub mod reward;
 pub mod sequences;
 pub mod sft;
+pub mod simpo;
+
+pub use objective::{LossInput, MicroOutput, Objective, Prepare, StepInput, StepLosses};
+pub use reference::Reference;
 
 use std::borrow::Cow;
 

@@ -4,8 +4,75 @@
 //! `loss = NLL(chosen) − λ·mean(log σ(log_odds))`.
 
 use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
 
+use super::objective::{LossInput, MicroOutput, Objective};
+use super::pairs::Pairs;
 use super::{Metrics, log_sigmoid, log1m_exp, mean, preference_metrics, values};
+use crate::Result;
+use crate::examples::{Micro, Shape};
+use crate::recipe::Recipe;
+
+/// `[orpo]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrpoSection {
+    /// λ, the weight of the odds-ratio term (TRL's `beta`).
+    pub lambda: f64,
+    /// Restrict the NLL term to completion tokens; by default it covers the whole chosen
+    /// sequence, prompt included, as TRL and the ORPO paper's code do.
+    pub nll_completion_only: bool,
+}
+
+impl Default for OrpoSection {
+    fn default() -> Self {
+        Self {
+            lambda: 0.1,
+            nll_completion_only: false,
+        }
+    }
+}
+
+/// ORPO with its settings.
+pub struct Orpo(OrpoSection);
+
+/// The registry's constructor: the `[orpo]` section (or its defaults), checked.
+pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
+    let o = recipe.orpo.clone().unwrap_or_default();
+    if !(o.lambda >= 0.0 && o.lambda.is_finite()) {
+        return Err(format!("orpo.lambda {} must be non-negative", o.lambda));
+    }
+    Ok(Box::new(Orpo(o)))
+}
+
+impl Objective for Orpo {
+    fn name(&self) -> &'static str {
+        "orpo"
+    }
+
+    fn shape(&self) -> Shape {
+        Shape::Pairs
+    }
+
+    fn summary_keys(&self) -> &'static [&'static str] {
+        &["rewards/accuracies"]
+    }
+
+    fn loss(&self, input: &LossInput, micro: &Micro) -> Result<Option<MicroOutput>> {
+        let Some(pairs) = Pairs::gather(input, micro, self.name())? else {
+            return Ok(None);
+        };
+        let (policy, all) = pairs.policy(input);
+        let nll = pairs.chosen_nll(&policy, all, self.0.nll_completion_only);
+        let (avg_chosen, avg_rejected) = policy.length_averaged();
+        Ok(Some(pairs.output(orpo_loss(
+            self.0.lambda,
+            nll,
+            avg_chosen,
+            avg_rejected,
+        ))))
+    }
+}
 
 /// `nll`: the chosen sequences' token-mean cross-entropy (a scalar); `avg_chosen`,
 /// `avg_rejected`: `[N]` length-averaged log-probs.

@@ -2,8 +2,71 @@
 //! the second term (centering, coefficient `c`) keeping scores near zero.
 
 use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
 
+use super::objective::{LossInput, MicroOutput, Objective};
+use super::pairs::Pairs;
+use super::sequences::{halves, reward_scores};
 use super::{Combine, Metrics, log_sigmoid, mean, values};
+use crate::examples::{Micro, Shape};
+use crate::recipe::Recipe;
+use crate::{Result, TrainerError};
+
+/// `[reward]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSection {
+    /// c in `c·mean((r_c + r_r)²)`; 0 turns centering off.
+    pub center_rewards_coefficient: f64,
+    /// A numeric column subtracted inside the Bradley–Terry term: `σ(r_c − r_r − margin)`.
+    pub margin_column: Option<String>,
+}
+
+/// The reward model's objective with its settings.
+pub struct Reward(RewardSection);
+
+/// The registry's constructor: the `[reward]` section (or its defaults).
+pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
+    Ok(Box::new(Reward(recipe.reward.clone().unwrap_or_default())))
+}
+
+impl Objective for Reward {
+    fn name(&self) -> &'static str {
+        "reward"
+    }
+
+    fn shape(&self) -> Shape {
+        Shape::Pairs
+    }
+
+    fn needs_score_head(&self) -> bool {
+        true
+    }
+
+    fn margin_column(&self) -> Option<&str> {
+        self.0.margin_column.as_deref()
+    }
+
+    fn summary_keys(&self) -> &'static [&'static str] {
+        &["accuracy", "margin"]
+    }
+
+    fn loss(&self, input: &LossInput, micro: &Micro) -> Result<Option<MicroOutput>> {
+        let Some(pairs) = Pairs::gather(input, micro, self.name())? else {
+            return Ok(None);
+        };
+        let scores = reward_scores(input.model, &pairs.batch).ok_or_else(|| {
+            TrainerError::Input("internal: reward training without a score head".into())
+        })?;
+        let (c, r) = halves(scores, pairs.batch.pairs);
+        Ok(Some(pairs.output(reward_loss(
+            c,
+            r,
+            pairs.batch.margin.clone(),
+            self.0.center_rewards_coefficient,
+        ))))
+    }
+}
 
 /// `chosen`, `rejected`: `[N]` scores; `margin`: `[N]` (zeros without a margin column).
 pub fn reward_loss(

@@ -4,8 +4,64 @@
 
 use burn::tensor::Tensor;
 
+use super::Metrics;
+use super::objective::{LossInput, MicroOutput, Objective};
 use crate::batch::LmBatch;
+use crate::examples::{Micro, Shape};
 use crate::model::Llama;
+use crate::recipe::Recipe;
+use crate::{Result, TrainerError};
+
+/// SFT has no settings of its own.
+pub struct Sft;
+
+/// The registry's constructor.
+pub fn build(_recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
+    Ok(Box::new(Sft))
+}
+
+impl Objective for Sft {
+    fn name(&self) -> &'static str {
+        "sft"
+    }
+
+    fn shape(&self) -> Shape {
+        Shape::Sequences
+    }
+
+    fn summary_keys(&self) -> &'static [&'static str] {
+        &["mean_token_accuracy"]
+    }
+
+    fn eval_extras(&self, loss: f64, tokens: usize) -> Vec<(&'static str, serde_json::Value)> {
+        vec![
+            ("eval_perplexity", loss.exp().into()),
+            ("eval_num_tokens", tokens.into()),
+        ]
+    }
+
+    /// Weighted by its loss tokens, so the step's loss is one token-level mean.
+    fn loss(&self, input: &LossInput, micro: &Micro) -> Result<Option<MicroOutput>> {
+        let Micro::Lm(b) = micro else {
+            return Err(TrainerError::Input(
+                "internal: method `sft` got a micro-batch of another kind".into(),
+            ));
+        };
+        let lm = LmBatch::new(b, input.device);
+        if lm.num_loss_tokens == 0 {
+            return Ok(None);
+        }
+        let (loss, m) = sft_loss(input.model, &lm);
+        let mut metrics = Metrics::default();
+        metrics.mean("mean_token_accuracy", m.mean_token_accuracy);
+        Ok(Some(MicroOutput {
+            loss,
+            weight: lm.num_loss_tokens as f64,
+            metrics,
+            tokens: lm.num_tokens,
+        }))
+    }
+}
 
 /// Rows of the head computed at once; bounds the `[rows, vocab]` logits held in a forward.
 pub const LOGPROB_CHUNK: usize = 1024;

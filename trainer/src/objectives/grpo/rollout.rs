@@ -4,75 +4,26 @@
 //! the schedule and checkpoints.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use data::Message;
 use data::batch::Batch;
 use data::tokenize::Sequence;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
+use super::GrpoSettings;
+use super::loss::{TokenLayout, TokenTerms, advantages, aggregate, per_token_loss, token_mean};
+use crate::Result;
 use crate::batch::LmBatch;
 use crate::dist::Group;
-use crate::generate::{Completion, Sampling, generate_batch};
-use crate::method::{MicroOutput, Reference};
+use crate::examples::PromptItem;
+use crate::generate::{Completion, generate_batch};
 use crate::model::Llama;
-use crate::objectives::grpo::{
-    GrpoLossType, ScaleRewards, Surrogate, TokenLayout, TokenTerms, advantages, aggregate,
-    per_token_loss, token_mean,
-};
+use crate::objectives::objective::MicroOutput;
+use crate::objectives::reference::Reference;
 use crate::objectives::sft::LOGPROB_CHUNK;
 use crate::objectives::{Metrics, TargetLogprobs, lm_logprobs, values};
-use crate::recipe::GrpoSection;
 use crate::rewards::{Rewards, Sample};
-use crate::{Result, TrainerError};
-
-/// GRPO's settings, parsed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GrpoSettings {
-    pub num_generations: usize,
-    pub sampling: Sampling,
-    pub surrogate: Surrogate,
-    pub loss_type: GrpoLossType,
-    pub scale_rewards: ScaleRewards,
-    pub num_iterations: usize,
-    pub mask_truncated_completions: bool,
-    pub log_completions: bool,
-}
-
-impl GrpoSettings {
-    pub fn from_section(g: &GrpoSection) -> Result<Self> {
-        Ok(Self {
-            num_generations: g.num_generations,
-            sampling: Sampling {
-                max_new_tokens: g.max_completion_length,
-                temperature: g.temperature,
-                top_k: g.top_k,
-                top_p: g.top_p,
-                seed: 0,
-            },
-            surrogate: Surrogate {
-                epsilon_low: g.epsilon,
-                epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
-                beta: g.beta,
-            },
-            loss_type: g.loss_type.parse().map_err(TrainerError::Input)?,
-            scale_rewards: g.scale_rewards.parse().map_err(TrainerError::Input)?,
-            num_iterations: g.num_iterations,
-            mask_truncated_completions: g.mask_truncated_completions,
-            log_completions: g.log_completions,
-        })
-    }
-}
-
-/// A prompt to complete: its tokens (rendered with the generation prompt), its messages
-/// and its other columns, which rewards read.
-#[derive(Debug, Clone)]
-pub struct PromptItem {
-    pub ids: Vec<u32>,
-    pub messages: Vec<Message>,
-    pub extra: Map<String, Value>,
-}
 
 /// One step's samples: G completions of each prompt, in prompt order, with everything
 /// the loss needs. Saved in checkpoints taken between the iterations of `num_iterations`,
@@ -106,7 +57,7 @@ impl Rollouts {
 const GATHER_REWARDS: &str = "gathering GRPO rewards";
 
 /// The generator and scorer of a GRPO run.
-pub struct Grpo {
+pub struct Sampler {
     pub settings: GrpoSettings,
     pub rewards: Rewards,
     pub tokenizer: tokenizers::Tokenizer,
@@ -169,7 +120,7 @@ fn logps_of(
     out
 }
 
-impl Grpo {
+impl Sampler {
     /// Samples `num_generations` completions of each prompt in `idx` with `policy` (on the
     /// plain device), scores them and computes their advantages. The sampler is seeded by
     /// `seed` alone, so a resumed run draws the same completions.

@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use super::{Metrics, values};
+use super::super::{Metrics, mean, values};
 
 /// How rewards are scaled into advantages (TRL's `scale_rewards`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub enum ScaleRewards {
 
 impl FromStr for ScaleRewards {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "group" => Ok(Self::Group),
             "batch" => Ok(Self::Batch),
@@ -53,7 +53,7 @@ pub enum GrpoLossType {
 
 impl FromStr for GrpoLossType {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "grpo" => Ok(Self::Grpo),
             "bnpo" => Ok(Self::Bnpo),
@@ -99,7 +99,7 @@ pub fn advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> (Vec<f6
     }
     let groups = stds.len().max(1) as f64;
     let mut m = Metrics::default();
-    m.mean("reward", super::mean(rewards));
+    m.mean("reward", mean(rewards));
     let reported_std = match scale {
         ScaleRewards::Batch => batch_std,
         _ => stds.iter().sum::<f64>() / groups,
@@ -252,7 +252,7 @@ pub fn token_mean(x: Tensor<1>, layout: &TokenLayout) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{close, t};
+    use super::super::super::test_util::{close, t};
     use super::*;
 
     #[test]

@@ -1,0 +1,155 @@
+//! The tokenised examples a run learns from, in the three shapes objectives take, and the
+//! micro-batches they are cut into. Shared by the loop and the objectives, so neither
+//! reaches into the other.
+
+use data::Message;
+use data::batch::{Batch, length_grouped_batches, shuffled};
+use data::tokenize::{PairTokens, Sequence};
+use serde_json::{Map, Value};
+
+use crate::Result;
+
+/// The data shape an objective learns from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Conversations or prompt/completion rows, with a loss mask (SFT).
+    Sequences,
+    /// Preference pairs: prompt, chosen, rejected (DPO, ORPO, SimPO, CPO, reward models).
+    Pairs,
+    /// Prompts alone, completed during training (GRPO).
+    Prompts,
+}
+
+/// A tokenised pair with what the objectives read beside it.
+#[derive(Debug, Clone)]
+pub struct PairItem {
+    pub tokens: PairTokens,
+    /// The reward margin column's value (0 without one).
+    pub margin: f64,
+    /// Precomputed reference log-probs of chosen and rejected, when cached.
+    pub reference: Option<(f64, f64)>,
+}
+
+/// A prompt to complete: its tokens (rendered with the generation prompt), its messages
+/// and its other columns, which rewards read.
+#[derive(Debug, Clone)]
+pub struct PromptItem {
+    pub ids: Vec<u32>,
+    pub messages: Vec<Message>,
+    pub extra: Map<String, Value>,
+}
+
+/// A tokenised data set.
+#[derive(Debug, Clone)]
+pub enum Examples {
+    Sequences(Vec<Sequence>),
+    Pairs(Vec<PairItem>),
+    Prompts(Vec<PromptItem>),
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Sequences(s) => s.len(),
+            Examples::Pairs(p) => p.len(),
+            Examples::Prompts(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn shape(&self) -> Shape {
+        match self {
+            Examples::Sequences(_) => Shape::Sequences,
+            Examples::Pairs(_) => Shape::Pairs,
+            Examples::Prompts(_) => Shape::Prompts,
+        }
+    }
+}
+
+/// One micro-batch: rows for SFT, or indices of pairs or prompts.
+#[derive(Debug, Clone)]
+pub enum Micro {
+    Lm(Batch),
+    Pairs(Vec<usize>),
+    /// GRPO: the prompts of one step.
+    Prompts(Vec<usize>),
+}
+
+/// How micro-batches are cut: `batch_size` rows, rows of `max_length` when packing.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (`gradient_accumulation_steps`).
+    pub accumulation: usize,
+    pub packing: bool,
+    pub max_length: usize,
+    pub seed: u64,
+    pub pad: u32,
+}
+
+/// The training micro-batches of one epoch, in order: seeded and length-grouped, or packed
+/// rows for sequences with packing. Prompts go one per micro-batch here; GRPO groups them
+/// by step itself.
+pub fn epoch_batches(examples: &Examples, b: &Batching, epoch: usize) -> Result<Vec<Micro>> {
+    let bs = b.batch_size;
+    let seed = b.seed.wrapping_add(epoch as u64);
+    match examples {
+        Examples::Sequences(seqs) if b.packing => {
+            let order = shuffled(seqs.len(), seed);
+            let refs: Vec<&Sequence> = order.iter().map(|&i| &seqs[i]).collect();
+            let packed = Batch::packed(&refs, b.max_length, b.pad)?;
+            let rows: Vec<usize> = (0..packed.rows).collect();
+            Ok(rows
+                .chunks(bs)
+                .map(|r| Micro::Lm(packed.select_rows(r)))
+                .collect())
+        }
+        Examples::Sequences(seqs) => {
+            let lengths: Vec<usize> = seqs.iter().map(Sequence::len).collect();
+            Ok(length_grouped_batches(&lengths, bs, seed)
+                .into_iter()
+                .map(|idx| {
+                    Micro::Lm(Batch::padded(
+                        &idx.iter().map(|&i| &seqs[i]).collect::<Vec<_>>(),
+                        b.pad,
+                    ))
+                })
+                .collect())
+        }
+        Examples::Pairs(pairs) => {
+            let lengths: Vec<usize> = pairs.iter().map(pair_len).collect();
+            Ok(length_grouped_batches(&lengths, bs, seed)
+                .into_iter()
+                .map(Micro::Pairs)
+                .collect())
+        }
+        Examples::Prompts(prompts) => Ok(shuffled(prompts.len(), seed)
+            .into_iter()
+            .map(|i| Micro::Prompts(vec![i]))
+            .collect()),
+    }
+}
+
+fn pair_len(p: &PairItem) -> usize {
+    p.tokens.prompt.len() + p.tokens.chosen.len().max(p.tokens.rejected.len())
+}
+
+/// Evaluation micro-batches: the set in order, `batch_size` at a time. Prompts have none:
+/// GRPO is judged by its rewards during training, not by an eval loss.
+pub fn eval_batches(examples: &Examples, batch_size: usize, pad: u32) -> Vec<Micro> {
+    match examples {
+        Examples::Sequences(seqs) => seqs
+            .chunks(batch_size.max(1))
+            .map(|c| Micro::Lm(Batch::padded(&c.iter().collect::<Vec<_>>(), pad)))
+            .collect(),
+        Examples::Pairs(pairs) => (0..pairs.len())
+            .collect::<Vec<_>>()
+            .chunks(batch_size.max(1))
+            .map(|c| Micro::Pairs(c.to_vec()))
+            .collect(),
+        Examples::Prompts(_) => Vec::new(),
+    }
+}

@@ -1,0 +1,118 @@
+//! What every pair objective does before its formula: gather the micro-batch's pairs into
+//! one batch of chosen and rejected sequences, and read their log-probs in one forward.
+
+use burn::tensor::Tensor;
+use data::tokenize::PairTokens;
+
+use super::Metrics;
+use super::objective::{LossInput, MicroOutput};
+use super::sequences::{halves, sequence_logps};
+use crate::batch::PairBatch;
+use crate::examples::{Examples, Micro, PairItem};
+use crate::{Result, TrainerError};
+
+/// Summed completion log-probs of chosen and rejected (`[N]` each) and the completion
+/// lengths, for the policy or the reference.
+#[derive(Debug, Clone)]
+pub struct PairLogps {
+    pub chosen: Tensor<1>,
+    pub rejected: Tensor<1>,
+    pub chosen_len: Tensor<1>,
+    pub rejected_len: Tensor<1>,
+}
+
+impl PairLogps {
+    /// The same pairs with every value detached (a reference never takes gradients).
+    pub fn detach(&self) -> Self {
+        Self {
+            chosen: self.chosen.clone().detach(),
+            rejected: self.rejected.clone().detach(),
+            chosen_len: self.chosen_len.clone(),
+            rejected_len: self.rejected_len.clone(),
+        }
+    }
+
+    /// Log-probs averaged over each completion's tokens.
+    pub fn length_averaged(&self) -> (Tensor<1>, Tensor<1>) {
+        (
+            self.chosen.clone() / self.chosen_len.clone(),
+            self.rejected.clone() / self.rejected_len.clone(),
+        )
+    }
+}
+
+/// One micro-batch of pairs, batched.
+pub struct Pairs<'a> {
+    pub items: Vec<&'a PairItem>,
+    pub tokens: Vec<&'a PairTokens>,
+    pub batch: PairBatch,
+}
+
+impl<'a> Pairs<'a> {
+    /// The pairs `micro` indexes; `None` for an empty micro-batch.
+    pub fn gather(input: &LossInput<'a>, micro: &Micro, method: &str) -> Result<Option<Self>> {
+        let (Micro::Pairs(idx), Examples::Pairs(all)) = (micro, input.examples) else {
+            return Err(TrainerError::Input(format!(
+                "internal: method `{method}` got a micro-batch of another kind"
+            )));
+        };
+        if idx.is_empty() {
+            return Ok(None);
+        }
+        let items: Vec<&PairItem> = idx.iter().map(|&i| &all[i]).collect();
+        let tokens: Vec<&PairTokens> = items.iter().map(|p| &p.tokens).collect();
+        let margins: Vec<f64> = items.iter().map(|p| p.margin).collect();
+        let batch = PairBatch::new(&tokens, &margins, input.pad, input.device);
+        Ok(Some(Self {
+            items,
+            tokens,
+            batch,
+        }))
+    }
+
+    /// The policy's summed completion log-probs, and every predicted token's summed over
+    /// each sequence (`all`, for an NLL over whole sequences).
+    pub fn policy(&self, input: &LossInput) -> (PairLogps, Tensor<1>) {
+        let n = self.batch.pairs;
+        let lp = sequence_logps(input.model, &self.batch);
+        let (c, r) = halves(lp.completion, n);
+        let (cl, rl) = halves(self.batch.completion_len.clone(), n);
+        let logps = PairLogps {
+            chosen: c,
+            rejected: r,
+            chosen_len: cl,
+            rejected_len: rl,
+        };
+        (logps, lp.all)
+    }
+
+    /// The token-mean NLL of the chosen completions (`completion_only`) or of the whole
+    /// chosen sequences, prompt included.
+    pub fn chosen_nll(
+        &self,
+        policy: &PairLogps,
+        all: Tensor<1>,
+        completion_only: bool,
+    ) -> Tensor<1> {
+        let n = self.batch.pairs;
+        let (sum, count) = if completion_only {
+            (policy.chosen.clone(), policy.chosen_len.clone())
+        } else {
+            (
+                halves(all, n).0,
+                halves(self.batch.predicted_len.clone(), n).0,
+            )
+        };
+        sum.sum().neg() / count.sum()
+    }
+
+    /// The micro-batch's contribution: weighted by its pairs.
+    pub fn output(&self, (loss, metrics): (Tensor<1>, Metrics)) -> MicroOutput {
+        MicroOutput {
+            loss,
+            weight: self.batch.pairs as f64,
+            metrics,
+            tokens: self.batch.num_tokens,
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The loop itself: epochs of micro-batch groups, one optimizer step per group and
+//! iteration, with logging, evaluation and checkpoints between steps. It names no method:
+//! the objective says what a step's losses are.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::Outcome;
+use super::data::Sets;
+use super::eval::{evaluate, log_eval};
+use super::schedule::{lr_factor, total_and_warmup};
+use super::setup::Setup;
+use super::state::{self, TrainerState};
+use super::step::{
+    RANK_SEED, SAMPLER_SEED, clip_global_norm, micro_seed, non_finite, scalar, shard, shares,
+    step_seed,
+};
+use crate::dist::Group;
+use crate::dist::outcomes::Outcome as StepOutcome;
+use crate::examples::{Batching, Micro, eval_batches};
+use crate::model::Llama;
+use crate::objectives::{LossInput, Metrics, Objective, StepInput};
+use crate::recipe::Recipe;
+use crate::run_dir::RunDir;
+use crate::{Result, TrainerError};
+
+/// What the loop runs with, set up by [`super::train`].
+pub(super) struct Parts<'a> {
+    pub recipe: &'a Recipe,
+    pub objective: Box<dyn Objective>,
+    pub dp: &'a Group,
+    pub run: &'a RunDir,
+    /// The files of a complete checkpoint.
+    pub required: &'a [&'static str],
+    /// The training (autodiff) device and its plain twin.
+    pub device: Device,
+    pub inner: Device,
+    pub setup: &'a Setup,
+    pub sets: &'a Sets,
+    pub pad: u32,
+}
+
+/// What one optimizer step gave.
+struct Stepped {
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    metrics: Metrics,
+    /// Why the update was skipped, if it was.
+    bad: Option<&'static str>,
+    /// The clipped gradients to apply; `None` when the update is skipped.
+    grads: Option<GradientsParams>,
+}
+
+/// The loop with its running state.
+pub(super) struct Loop<'a> {
+    p: Parts<'a>,
+    model: Llama,
+    optim: ModuleOptimizer,
+    /// Where the run stands; its data position is where the current epoch resumes.
+    s: TrainerState,
+    batching: Batching,
+    eval_batches: Vec<Micro>,
+    per_step: usize,
+    iterations: usize,
+    steps_per_epoch: usize,
+    total: usize,
+    warmup: usize,
+    bar: ProgressBar,
+    bad_streak: usize,
+    /// A stop signal seen by any rank, acted on at the next checkpoint opportunity.
+    pending_signal: Option<i32>,
+    epoch_f: f64,
+    started: Instant,
+}
+
+impl<'a> Loop<'a> {
+    pub fn new(
+        p: Parts<'a>,
+        s: TrainerState,
+        optim: ModuleOptimizer,
+        progress: bool,
+    ) -> Result<Self> {
+        let t = &p.recipe.train;
+        let batching = Batching {
+            batch_size: t.per_device_train_batch_size,
+            accumulation: t.gradient_accumulation_steps,
+            packing: p.recipe.data.packing,
+            max_length: p.recipe.data.max_length,
+            seed: t.seed,
+            pad: p.pad,
+        };
+        let per_step = p.objective.micros_per_step(t.gradient_accumulation_steps);
+        let iterations = p.objective.iterations();
+        let eval_batches = eval_batches(&p.sets.eval, t.per_device_train_batch_size, p.pad);
+        let batches_per_epoch = p
+            .objective
+            .epoch_batches(&p.sets.train, &batching, 0)?
+            .len();
+        // A step consumes `per_step` micro-batches on each rank: the global batch.
+        let world = p.dp.world_size();
+        let steps_per_epoch = batches_per_epoch.div_ceil(per_step * world).max(1) * iterations;
+        let (total, warmup) = total_and_warmup(t, steps_per_epoch);
+        let bar = if progress && p.dp.is_main() {
+            ProgressBar::new(total as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Ok(Self {
+            model: p.setup.model.clone(),
+            p,
+            optim,
+            s,
+            batching,
+            eval_batches,
+            per_step,
+            iterations,
+            steps_per_epoch,
+            total,
+            warmup,
+            bar,
+            bad_streak: 0,
+            pending_signal: None,
+            epoch_f: 0.0,
+            started: Instant::now(),
+        })
+    }
+
+    /// Every epoch's groups of micro-batches, each spanning every rank (`per_step` each in
+    /// rank order) and used once per iteration; a resumed epoch starts where its
+    /// checkpoint left it, whatever world size wrote it.
+    pub fn run(mut self) -> Result<Outcome> {
+        self.bar.set_position(self.s.global_step as u64);
+        let span = self.per_step * self.p.dp.world_size();
+        loop {
+            let batches =
+                self.p
+                    .objective
+                    .epoch_batches(&self.p.sets.train, &self.batching, self.s.epoch)?;
+            let start = self.s.next_micro.min(batches.len());
+            let iterations = self.iterations;
+            let groups: Vec<(usize, &[Micro], usize)> = batches[start..]
+                .chunks(span)
+                .enumerate()
+                .flat_map(|(k, g)| (0..iterations).map(move |i| (start + k * span, g, i)))
+                .skip(self.s.next_iteration)
+                .collect();
+            let step_at_epoch_start = self.s.global_step;
+            let resumed_mid_epoch = start > 0 || self.s.next_iteration > 0;
+            for &(offset, whole, iteration) in &groups {
+                let Some(mut stepped) = self.step(whole, iteration)? else {
+                    continue;
+                };
+                // Here, not in `step`, so the model moves into the optimizer and burn may
+                // update its tensors in place.
+                if let Some(grads) = stepped.grads.take() {
+                    self.model = self.optim.step(stepped.lr, self.model, grads);
+                }
+                self.record(stepped)?;
+                let step = self.s.global_step;
+                if self.p.recipe.train.eval_steps > 0
+                    && step % self.p.recipe.train.eval_steps == 0
+                    && step < self.total
+                    && let Some((loss, _)) = self.eval()?
+                {
+                    self.s.eval_history.push((step, loss));
+                }
+                // The position after this group; the end of an epoch is the next one's start.
+                let reuse_next = iteration + 1 < iterations;
+                let position = if reuse_next {
+                    (self.s.epoch, offset, iteration + 1)
+                } else if offset + whole.len() >= batches.len() {
+                    (self.s.epoch + 1, 0, 0)
+                } else {
+                    (self.s.epoch, offset + whole.len(), 0)
+                };
+                self.maybe_checkpoint(position, reuse_next)?;
+                if self.s.global_step >= self.total {
+                    return self.finish();
+                }
+            }
+            (self.s.next_micro, self.s.next_iteration) = (0, 0);
+            if self.s.global_step == step_at_epoch_start && !resumed_mid_epoch {
+                return Err(TrainerError::Input(format!(
+                    "{}: no batch has anything to learn from",
+                    self.p.recipe.data.train.display()
+                )));
+            }
+            self.s.epoch += 1;
+        }
+    }
+
+    /// One optimizer step on `whole` (every rank's micro-batches): this rank's losses, every
+    /// rank's outcomes in global order (so the shares, the loss and the metrics come out as
+    /// one process holding the whole group computes them), backward, all-reduce, and clip
+    /// the gradients (the caller applies them). `None` when no rank had anything to learn
+    /// from.
+    fn step(&mut self, whole: &[Micro], iteration: usize) -> Result<Option<Stepped>> {
+        let t = &self.p.recipe.train;
+        let (dp, rank) = (self.p.dp, self.p.dp.rank());
+        let step = self.s.global_step;
+        let group = shard(whole, self.per_step, rank);
+        let device = &self.p.device;
+        device.seed(step_seed(t.seed, step));
+        let per_step = self.per_step;
+        let seed_micro = |j: usize| device.seed(micro_seed(t.seed, step, rank * per_step + j));
+        let input = StepInput {
+            dp,
+            loss: LossInput {
+                model: &self.model,
+                examples: &self.p.sets.train,
+                reference: self.p.setup.reference.as_ref(),
+                pad: self.p.pad,
+                device,
+            },
+            run: self.p.run,
+            step,
+            iteration,
+            sampler_seed: step_seed(t.seed, step)
+                ^ SAMPLER_SEED
+                ^ (rank as u64).wrapping_mul(RANK_SEED),
+            batch_size: t.per_device_train_batch_size,
+            inner: &self.p.inner,
+            seed_micro: &seed_micro,
+        };
+        let losses = self.p.objective.step(&input, group)?;
+        let local: Vec<StepOutcome> = losses
+            .outs
+            .iter()
+            .map(|o| StepOutcome {
+                loss: scalar(o.loss.clone()),
+                weight: o.weight,
+                tokens: o.tokens,
+                metrics: o.metrics.clone(),
+            })
+            .collect();
+        let all =
+            crate::dist::outcomes::gather(dp, &local, crate::signals::take(), &losses.metrics)?;
+        self.pending_signal = self.pending_signal.or(all.signal);
+        if all.outcomes.is_empty() {
+            return Ok(None);
+        }
+        let weights: Vec<f64> = all.outcomes.iter().map(|o| o.weight).collect();
+        let shares = shares(&weights);
+        let (mut loss, mut metrics) = (0.0, Metrics::default());
+        for (o, share) in all.outcomes.iter().zip(&shares) {
+            loss += o.loss * share;
+            metrics.accumulate(&o.metrics, *share);
+            self.s.seen_tokens += o.tokens;
+        }
+        let mut accumulator = GradientsAccumulator::new();
+        for (o, share) in losses.outs.into_iter().zip(&shares[all.first_local..]) {
+            let grads =
+                GradientsParams::from_grads(o.loss.mul_scalar(*share).backward(), &self.model);
+            accumulator.accumulate(&self.model, grads);
+        }
+        for (name, value, combine) in all.step_metrics.0 {
+            metrics.push(name, value, combine);
+        }
+        let mut grads = accumulator.grads();
+        crate::dist::grads::all_reduce(dp, &self.model, &mut grads, &self.p.inner)?;
+        let grad_norm = clip_global_norm(&self.model, &mut grads, t.max_grad_norm);
+        let lr = t.learning_rate * lr_factor(&t.lr_scheduler_type, step, self.warmup, self.total);
+        // A non-finite loss or gradient skips the update, so bad values never reach the
+        // weights.
+        let bad = non_finite(loss, grad_norm);
+        Ok(Some(Stepped {
+            loss,
+            grad_norm,
+            lr,
+            metrics,
+            bad,
+            grads: bad.is_none().then_some(grads),
+        }))
+    }
+
+    /// Counts the step, logs it, and stops the run after too many bad steps in a row.
+    fn record(&mut self, st: Stepped) -> Result<()> {
+        let t = &self.p.recipe.train;
+        if st.bad.is_none() {
+            self.bad_streak = 0;
+        } else {
+            self.bad_streak += 1;
+            self.s.skipped_steps += 1;
+        }
+        self.s.global_step += 1;
+        let step = self.s.global_step;
+        let epoch = self.s.epoch;
+        self.epoch_f = epoch as f64
+            + (step - epoch * self.steps_per_epoch) as f64 / self.steps_per_epoch as f64;
+        let run = self.p.run;
+        if let Some(what) = st.bad {
+            run.log(&json!({
+                "step": step, "epoch": self.epoch_f, "skipped_step": true,
+                "skipped_steps": self.s.skipped_steps,
+            }))?;
+            if self.bad_streak >= t.max_bad_steps.max(1) {
+                return Err(TrainerError::Diverged(format!(
+                    "step {step}: the {what} was NaN or infinite for {} consecutive steps, so training stopped (those updates were skipped); last good checkpoint: {}",
+                    self.bad_streak,
+                    self.last_checkpoint()
+                )));
+            }
+        } else if step == 1 || self.s.first_loss.is_nan() {
+            self.s.first_loss = st.loss;
+        }
+        let finite = st.bad.is_none();
+        if finite {
+            self.s.history.push((step, st.loss));
+        }
+        if finite && (step % t.logging_steps.max(1) == 0 || step == self.total) {
+            let mut line = json!({
+                "loss": st.loss, "learning_rate": st.lr, "grad_norm": st.grad_norm,
+                "num_tokens": self.s.seen_tokens, "epoch": self.epoch_f, "step": step,
+            });
+            for (name, value, _) in &st.metrics.0 {
+                line[name.as_ref()] = json!(value);
+            }
+            run.log(&line)?;
+        }
+        let tps = self.s.seen_tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_position(step as u64);
+        // GRPO's loss says little; its mean reward is what a user watches.
+        let reward = st
+            .metrics
+            .get("reward")
+            .map_or(String::new(), |r| format!(" reward {r:.3}"));
+        self.bar.set_message(format!(
+            "loss {:.4}{reward} lr {:.2e} {tps:.0} tok/s",
+            st.loss, st.lr
+        ));
+        Ok(())
+    }
+
+    fn last_checkpoint(&self) -> String {
+        self.p
+            .run
+            .latest_checkpoint(self.p.required)
+            .map_or("none".to_string(), |(_, d)| d.display().to_string())
+    }
+
+    /// Writes a checkpoint when one is due or a stop signal came; after a signal the run
+    /// stops there. `position` is the data position after this step.
+    fn maybe_checkpoint(
+        &mut self,
+        position: (usize, usize, usize),
+        reuse_next: bool,
+    ) -> Result<()> {
+        let t = &self.p.recipe.train;
+        let step = self.s.global_step;
+        let signal = self.pending_signal.take().filter(|_| step < self.total);
+        let due = t.save_steps > 0 && step % t.save_steps == 0 && step < self.total;
+        if !due && signal.is_none() {
+            return Ok(());
+        }
+        let (epoch, next_micro, next_iteration) = position;
+        let snapshot = TrainerState {
+            epoch,
+            next_micro,
+            next_iteration,
+            ..self.s.clone()
+        };
+        // Samples for the iterations still to come are saved only in one process: they are
+        // each rank's own, and rank 0 writes alone. A data-parallel run resumed between
+        // iterations samples again.
+        let pending = if reuse_next && self.p.dp.world_size() == 1 {
+            self.p.objective.pending_state()
+        } else {
+            None
+        };
+        let (setup, model, optim) = (self.p.setup, &self.model, &self.optim);
+        let dir = self
+            .p
+            .run
+            .checkpoint(step, t.save_total_limit, |dir| {
+                state::save(dir, setup, (model, optim), &snapshot, pending, false)
+            })
+            .map_err(|e| {
+                // Disk full, read-only output…: stop, and say what is still usable.
+                TrainerError::Input(format!(
+                    "writing checkpoint-{step} failed, training stopped: {e}; the last complete checkpoint is {}",
+                    self.last_checkpoint()
+                ))
+            })?;
+        self.p.run.plot(&self.s.history, &self.s.eval_history)?;
+        if let Some(signal) = signal {
+            // No rank exits before rank 0 has written the checkpoint (a launcher tears the
+            // job down when the first one does).
+            self.p
+                .dp
+                .agree(true, "writing the checkpoint before stopping")?;
+            self.bar.finish_and_clear();
+            return Err(TrainerError::Interrupted {
+                signal,
+                step,
+                checkpoint: dir,
+            });
+        }
+        Ok(())
+    }
+
+    /// Evaluates the current weights on the plain device and logs the result.
+    fn eval(&self) -> Result<Option<(f64, Metrics)>> {
+        let valid = self.model.valid();
+        let input = LossInput {
+            model: &valid,
+            examples: &self.p.sets.eval,
+            reference: self.p.setup.reference.as_ref(),
+            pad: self.p.pad,
+            device: &self.p.inner,
+        };
+        let got = evaluate(
+            self.p.dp,
+            self.p.objective.as_ref(),
+            &input,
+            &self.eval_batches,
+        )?;
+        if let Some((loss, m, tokens)) = &got {
+            log_eval(
+                self.p.run,
+                self.p.objective.as_ref(),
+                (*loss, m, *tokens),
+                self.s.global_step,
+                self.epoch_f,
+            )?;
+        }
+        Ok(got.map(|(l, m, _)| (l, m)))
+    }
+
+    /// The final evaluation, the final weights and the run's closing line.
+    fn finish(mut self) -> Result<Outcome> {
+        self.bar.finish_and_clear();
+        let step = self.s.global_step;
+        let last_eval = self.eval()?;
+        if let Some((loss, _)) = &last_eval {
+            self.s.eval_history.push((step, *loss));
+        }
+        let done = TrainerState {
+            next_micro: 0,
+            next_iteration: 0,
+            ..self.s.clone()
+        };
+        let (setup, model, optim) = (self.p.setup, &self.model, &self.optim);
+        let run = self.p.run;
+        run.finish(|dir| state::save(dir, setup, (model, optim), &done, None, true))?;
+        run.plot(&self.s.history, &self.s.eval_history)?;
+        let sets = self.p.sets;
+        run.log(&json!({
+            "truncated": sets.counts.truncated, "dropped": sets.counts.dropped,
+            "skipped_rows": sets.skipped_rows, "skipped_steps": self.s.skipped_steps,
+            "train_runtime": self.started.elapsed().as_secs_f64(), "step": step,
+        }))?;
+        self.p.dp.agree(true, "writing the final weights")?;
+        if sets.skipped_rows > 0 {
+            eprintln!("skipped {} bad rows (skip_bad_rows)", sets.skipped_rows);
+        }
+        Ok(Outcome {
+            steps: step,
+            first_loss: self.s.first_loss,
+            last_loss: self.s.history.last().map_or(f64::NAN, |h| h.1),
+            eval_loss: last_eval.as_ref().map(|e| e.0),
+            eval_metrics: last_eval.map(|e| e.1).unwrap_or_default(),
+        })
+    }
+}

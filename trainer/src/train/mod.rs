@@ -1,0 +1,102 @@
+//! The training loop, shared by every method: batching, gradient accumulation, global-norm
+//! clipping, the learning-rate schedule, evaluation, metrics, checkpoints. Objectives
+//! ([`crate::objectives::Objective`]) only say what a step's losses are.
+//!
+//! - [`setup`]: the run directory, the device, the model with its adapters and reference;
+//! - [`data`]: from the recipe's files to tokenised examples;
+//! - [`looping`]: the loop over epochs and steps, logging and checkpoints;
+//! - [`step`]: shares, clipping, the guards and seeds of one step;
+//! - [`state`]: what a checkpoint holds, and resume; [`schedule`]; [`eval`].
+
+pub mod data;
+mod eval;
+mod looping;
+pub mod schedule;
+pub mod setup;
+mod state;
+pub mod step;
+
+use std::path::Path;
+
+use checkpoints::ModelConfig;
+
+pub use schedule::lr_factor;
+pub use setup::{Setup, Tuning, dist_options, setup};
+pub use step::clip_global_norm;
+
+use crate::Result;
+use crate::dist::Group;
+use crate::model::precision::Precision;
+use crate::objectives::{Metrics, Prepare, registry};
+use crate::recipe::Recipe;
+
+/// What a run ended with.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval_loss: Option<f64>,
+    /// The final evaluation's metrics (TRL names, without the `eval_` prefix).
+    pub eval_metrics: Metrics,
+}
+
+/// Runs the recipe, writing everything into `out`; with `resume`, continues the run in
+/// `out` from its newest complete checkpoint.
+pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Result<Outcome> {
+    let t = &recipe.train;
+    let mut objective = registry::for_recipe(recipe)?;
+    let dp = Group::from_env(&dist_options(recipe))?;
+    let run = setup::open_run(&dp, recipe, out, resume)?;
+    let required = state::required_files(recipe.lora.is_some());
+    crate::signals::install();
+    let resume_from = if resume {
+        run.resume_point(&required)?
+    } else {
+        None
+    };
+    let device = setup::device(recipe, &dp)?;
+    let base = &recipe.model.path;
+    let base_config = ModelConfig::from_path(base)?;
+    let pad = setup::pad_token(&base_config);
+    let resume_dir = resume_from.as_ref().map(|(_, d)| d.as_path());
+    let setup = setup(recipe, objective.as_ref(), &device, resume_dir, pad)?;
+    let mut sets = data::prepare_data(recipe, objective.as_ref(), base_config.vocab_size)?;
+    if dp.is_main() {
+        for warning in data::warnings(recipe, objective.as_ref(), &sets) {
+            eprintln!("warning: {warning}");
+        }
+    }
+    let inner = device.clone().inner();
+    objective.prepare(Prepare {
+        base,
+        config: &base_config,
+        reference: setup.reference.as_ref(),
+        train: &mut sets.train,
+        eval: &mut sets.eval,
+        lora_init: recipe.lora.as_ref().and_then(|l| l.init_from.as_deref()),
+        precision: Precision::from_flags(t.bf16, t.fp16),
+        batch_size: t.per_device_train_batch_size,
+        pad,
+        device: &inner,
+    })?;
+    let mut state = state::TrainerState::fresh();
+    let mut optim = setup::optimizer(t, &setup.model);
+    if let Some((step, dir)) = &resume_from {
+        (state, optim) = state::resume(dir, optim, objective.as_mut(), dp.world_size())?;
+        run.truncate_metrics(*step)?;
+    }
+    let parts = looping::Parts {
+        recipe,
+        objective,
+        dp: &dp,
+        run: &run,
+        required: &required,
+        device,
+        inner,
+        setup: &setup,
+        sets: &sets,
+        pad,
+    };
+    looping::Loop::new(parts, state, optim, progress)?.run()
+}

@@ -1,0 +1,58 @@
+//! The learning-rate schedule and the run's length in steps.
+
+/// The multiplier on the peak learning rate at optimizer step `step` (0-based), as
+/// transformers' schedulers compute it: linear warmup from 0, then constant, linear decay
+/// to 0, or half a cosine to 0.
+pub fn lr_factor(kind: &str, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        return step as f64 / warmup.max(1) as f64;
+    }
+    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    match kind {
+        "linear" => (1.0 - progress).max(0.0),
+        "cosine" => 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
+        _ => 1.0,
+    }
+}
+
+/// Optimizer steps of the run and of its warmup: `max_steps`, or every epoch's steps;
+/// `warmup_steps`, or `warmup_ratio` of them rounded up.
+pub(super) fn total_and_warmup(
+    t: &crate::recipe::TrainSection,
+    steps_per_epoch: usize,
+) -> (usize, usize) {
+    let total = if t.max_steps > 0 {
+        t.max_steps
+    } else {
+        t.num_train_epochs * steps_per_epoch
+    };
+    let warmup = if t.warmup_steps > 0 {
+        t.warmup_steps
+    } else {
+        (t.warmup_ratio * total as f64).ceil() as usize
+    };
+    (total, warmup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lr_factor;
+
+    #[test]
+    fn schedules_follow_transformers() {
+        // Warmup 2 of 10: 0, 0.5, then the decay.
+        assert_eq!(lr_factor("linear", 0, 2, 10), 0.0);
+        assert_eq!(lr_factor("linear", 1, 2, 10), 0.5);
+        assert_eq!(lr_factor("linear", 2, 2, 10), 1.0);
+        assert_eq!(lr_factor("linear", 6, 2, 10), 0.5);
+        assert_eq!(lr_factor("linear", 10, 2, 10), 0.0);
+        assert!((lr_factor("cosine", 6, 2, 10) - 0.5).abs() < 1e-12);
+        assert!(
+            (lr_factor("cosine", 4, 2, 10) - (0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())))
+                .abs()
+                < 1e-12
+        );
+        assert_eq!(lr_factor("constant", 9, 2, 10), 1.0);
+        assert_eq!(lr_factor("constant", 0, 0, 10), 1.0);
+    }
+}

@@ -1,0 +1,275 @@
+//! Everything before the first step: the run directory, the trained model with its
+//! adapters and reference, and the optimizer.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::tensor::{Device, Tensor};
+use checkpoints::ModelConfig;
+
+use crate::model::lora::{LoraSettings, attach_lora, load_adapter};
+use crate::model::precision::{Precision, with_precision};
+use crate::model::{Llama, NewModel, init_model, load_model, with_score_head};
+use crate::objectives::{Objective, Reference};
+use crate::recipe::Recipe;
+use crate::run_dir::RunDir;
+use crate::{Result, TrainerError};
+
+/// How the weights train, and so what a checkpoint holds.
+#[derive(Debug, Clone)]
+pub enum Tuning {
+    /// Adapters on a frozen base: checkpoints are PEFT adapters.
+    Lora(LoraSettings),
+    /// Every weight: checkpoints are full HF checkpoints in f32 (exact resume).
+    Full,
+}
+
+/// The model a run trains, with what saving and the DPO reference need.
+pub struct Setup {
+    /// The config checkpoints are written with (a reward model's is a classifier's).
+    pub config: ModelConfig,
+    pub model: Llama,
+    pub reference: Option<Reference>,
+    pub tuning: Tuning,
+    /// The base checkpoint, named in adapters and copied from (tokenizer, template).
+    pub base: PathBuf,
+}
+
+/// Builds the trained model: base (+ score head for reward) with fresh adapters, the
+/// recipe's `init_from` adapter, or the checkpoint being resumed; and the DPO reference,
+/// which is the initial policy — the base with adapters off, a frozen copy of the initial
+/// adapter, or the initial full weights.
+pub fn setup(
+    recipe: &Recipe,
+    objective: &dyn Objective,
+    device: &Device,
+    resume_from: Option<&Path>,
+    pad: u32,
+) -> Result<Setup> {
+    let (config, mut base) = load_model(&recipe.model.path, device)?;
+    let reward = objective.needs_score_head();
+    if reward {
+        if config.score_labels.is_some_and(|n| n != 1) {
+            return Err(TrainerError::Input(format!(
+                "{}: a reward model needs one label; this classifier has {}",
+                recipe.model.path.display(),
+                config.score_labels.unwrap_or(0)
+            )));
+        }
+        base = with_score_head(base, device);
+    }
+    let config = if reward {
+        config.as_reward_model(config.pad_token_id.unwrap_or(pad))
+    } else {
+        config
+    };
+    let (model, reference, tuning) = match &recipe.lora {
+        Some(lora) => {
+            let settings = LoraSettings {
+                r: lora.r,
+                lora_alpha: lora.alpha,
+                lora_dropout: lora.dropout,
+                target_modules: lora.targets.clone(),
+                use_rslora: lora.rslora,
+            };
+            let initial = match &lora.init_from {
+                Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
+                None => None,
+            };
+            let reference = match (objective.needs_reference(), &initial) {
+                (true, Some((m, _))) => Some(m.clone().no_grad()),
+                (true, None) => Some(base.clone().no_grad()),
+                (false, _) => None,
+            };
+            let (model, settings) = match (resume_from, initial) {
+                (Some(dir), _) => (load_adapter(dir, base, device)?.0, settings),
+                (None, Some(loaded)) => loaded,
+                (None, None) => (attach_lora(base, &settings, device)?, settings),
+            };
+            (model, reference, Tuning::Lora(settings))
+        }
+        None => {
+            let reference = objective.needs_reference().then(|| base.clone().no_grad());
+            let model = match resume_from {
+                Some(dir) => load_model(dir, device)?.1,
+                None => base,
+            };
+            (model, reference, Tuning::Full)
+        }
+    };
+    let precision = Precision::from_flags(recipe.train.bf16, recipe.train.fp16);
+    Ok(Setup {
+        config,
+        model: with_precision(model, precision),
+        reference: reference.map(|model| Reference {
+            model: with_precision(model, precision),
+            device: device.clone(),
+        }),
+        tuning,
+        base: recipe.model.path.clone(),
+    })
+}
+
+/// AdamW with the recipe's settings; norms and biases (every rank-1 parameter) in a group
+/// without weight decay, as transformers' Trainer does.
+pub(crate) fn optimizer(t: &crate::recipe::TrainSection, model: &Llama) -> ModuleOptimizer {
+    struct RankOne(Vec<ParamId>);
+    impl ModuleVisitor for RankOne {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if D == 1 {
+                self.0.push(param.id);
+            }
+        }
+    }
+    let config = |decay: f64| {
+        AdamWConfig::new()
+            .with_beta_1(t.adam_beta1 as f32)
+            .with_beta_2(t.adam_beta2 as f32)
+            .with_epsilon(t.adam_epsilon as f32)
+            .with_weight_decay(decay as f32)
+    };
+    let mut rank_one = RankOne(Vec::new());
+    model.visit(&mut rank_one);
+    let optim = config(t.weight_decay).init();
+    if t.weight_decay > 0.0 && !rank_one.0.is_empty() {
+        optim.with_group(ParamGroup::from_ids(rank_one.0), config(0.0).build(), None)
+    } else {
+        optim
+    }
+}
+
+/// The `[dist]` settings of `recipe`, for [`Group::from_env`].
+pub fn dist_options(recipe: &Recipe) -> crate::dist::Options {
+    let d = &recipe.dist;
+    crate::dist::Options {
+        backend: d.backend.clone(),
+        timeout: std::time::Duration::from_secs_f64(d.timeout_s),
+        bucket_bytes: (d.bucket_mb * 1e6) as usize,
+        cuda: recipe.train.device.starts_with("cuda"),
+    }
+}
+
+/// Opens (to resume) or creates the run directory, and makes the recipe's base model when
+/// it is to be created and missing. Rank 0's part of starting a run.
+pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<RunDir> {
+    let run = if resume {
+        let run = RunDir::open(out)?;
+        let path = out.join("recipe.toml");
+        let saved = std::fs::read_to_string(&path).unwrap_or_default();
+        if !same_run(&saved, recipe, &path.display().to_string()) {
+            return Err(TrainerError::Input(format!(
+                "{}: this recipe (with its --set overrides) differs from the one the run started with; resume needs the same (only train.gradient_accumulation_steps and [dist] may change, to keep the global batch on another number of processes)",
+                path.display()
+            )));
+        }
+        run
+    } else {
+        let run = RunDir::create(out)?;
+        run.write_recipe(&recipe.to_toml())?;
+        run
+    };
+    let base = &recipe.model.path;
+    if !base.join("config.json").exists() && recipe.model.create_if_missing {
+        init_model(
+            base,
+            &NewModel {
+                seed: recipe.train.seed,
+                ..Default::default()
+            },
+            Default::default(),
+        )?;
+    }
+    Ok(run)
+}
+
+/// Whether `recipe` continues the run whose resolved recipe is `saved`: the same but for
+/// what a resume on another number of processes changes — the accumulation steps (which
+/// keep the global batch) and the `[dist]` settings.
+pub(super) fn same_run(saved: &str, recipe: &Recipe, origin: &str) -> bool {
+    let Ok(before) = crate::recipe::parse(saved, origin, &[]) else {
+        return false;
+    };
+    let mut now = recipe.clone();
+    now.train.gradient_accumulation_steps = before.train.gradient_accumulation_steps;
+    now.dist = before.dist.clone();
+    // Both through today's schema, so keys a run from an older hearth lacks read as their
+    // defaults rather than as a difference.
+    now.to_toml() == before.to_toml()
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::same_run;
+    use crate::recipe::parse;
+
+    const TEXT: &str =
+        "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[train]\nlearning_rate = 0.01\n";
+
+    /// A resume may change the accumulation and `[dist]` (another number of processes),
+    /// nothing else; a run directory written before a key existed still resumes.
+    #[test]
+    fn resume_allows_only_what_another_world_size_changes() {
+        let saved = parse(TEXT, "t", &[]).unwrap().to_toml();
+        let with = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            parse(TEXT, "t", &sets).unwrap()
+        };
+        assert!(same_run(&saved, &with(&[]), "t"));
+        assert!(same_run(
+            &saved,
+            &with(&["train.gradient_accumulation_steps=4", "dist.timeout_s=30"]),
+            "t"
+        ));
+        assert!(!same_run(&saved, &with(&["train.learning_rate=0.02"]), "t"));
+        assert!(!same_run(&saved, &with(&["train.bf16=true"]), "t"));
+        // An older run's recipe.toml, without the [dist] section.
+        let old: String = saved.split("\n[dist]").next().unwrap().to_string();
+        assert_ne!(old, saved);
+        assert!(same_run(&old, &with(&[]), "t"));
+        assert!(!same_run("not toml", &with(&[]), "t"));
+    }
+}
+
+/// The run directory: rank 0 opens or creates it (and the base model, when it is to be
+/// made); the other ranks only follow, and all agree before going on.
+pub(super) fn open_run(
+    dp: &crate::dist::Group,
+    recipe: &Recipe,
+    out: &Path,
+    resume: bool,
+) -> Result<RunDir> {
+    let prepared = if dp.is_main() {
+        start_run(recipe, out, resume)
+    } else {
+        Ok(RunDir::follower(out))
+    };
+    dp.agree(prepared.is_ok(), "starting the run")?;
+    prepared
+}
+
+/// The training (autodiff) device, seeded, with the recipe's kernels. Under a launcher, a
+/// plain `cuda` is this process's GPU: the local rank's.
+pub(super) fn device(recipe: &Recipe, dp: &crate::dist::Group) -> Result<Device> {
+    let t = &recipe.train;
+    kernels::set_kernels(kernels::Kernels::parse(&t.kernels).unwrap_or_default());
+    let name = if dp.world_size() > 1 && t.device == "cuda" {
+        format!("cuda:{}", dp.local_rank)
+    } else {
+        t.device.clone()
+    };
+    let mut device = crate::device::parse(&name)?.autodiff();
+    if t.gradient_checkpointing {
+        device = device.gradient_checkpointing();
+    }
+    device.seed(t.seed);
+    Ok(device)
+}
+
+/// The padding token: the config's, else its first end-of-sequence token.
+pub(super) fn pad_token(config: &ModelConfig) -> u32 {
+    config
+        .pad_token_id
+        .or(config.eos_token_ids.first().copied())
+        .unwrap_or(0)
+}

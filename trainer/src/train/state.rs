@@ -1,0 +1,174 @@
+//! What a checkpoint holds besides the model's own files: the trainer state, the
+//! optimizer state (in a stable byte order), and GRPO's samples between iterations; and
+//! the resume that reads them back.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use checkpoints::WeightDtype;
+use serde::{Deserialize, Serialize};
+
+use super::setup::{Setup, Tuning};
+use super::step::all_finite;
+use crate::model::lora::{merge_lora, save_adapter};
+use crate::model::{Llama, copy_companions, save_model};
+use crate::objectives::Objective;
+use crate::{Result, TrainerError};
+
+/// Where a run stands, saved with every checkpoint so a resumed run continues exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct TrainerState {
+    pub global_step: usize,
+    /// The data position: the epoch, the micro-batches of it already consumed (counted
+    /// over every rank, so a run can resume with another world size), and how often the
+    /// group starting there was already used (GRPO's `num_iterations`).
+    pub epoch: usize,
+    #[serde(default)]
+    pub next_micro: usize,
+    #[serde(default)]
+    pub next_iteration: usize,
+    pub seen_tokens: usize,
+    pub first_loss: f64,
+    pub history: Vec<(usize, f64)>,
+    pub eval_history: Vec<(usize, f64)>,
+    /// Steps whose update was skipped for a non-finite loss or gradient.
+    #[serde(default)]
+    pub skipped_steps: usize,
+}
+
+impl TrainerState {
+    /// A run at its start.
+    pub fn fresh() -> Self {
+        Self {
+            global_step: 0,
+            epoch: 0,
+            next_micro: 0,
+            next_iteration: 0,
+            seen_tokens: 0,
+            first_loss: f64::NAN,
+            history: Vec::new(),
+            eval_history: Vec::new(),
+            skipped_steps: 0,
+        }
+    }
+}
+
+/// The files every complete checkpoint of a run has.
+pub(super) fn required_files(lora: bool) -> Vec<&'static str> {
+    let mut required = vec![STATE_FILE, OPTIMIZER_FILE];
+    if lora {
+        required.extend_from_slice(&["adapter_model.safetensors", "adapter_config.json"]);
+    } else {
+        required.push("config.json");
+    }
+    required
+}
+
+/// Reads a checkpoint's trainer state and optimizer record into `optim`, and hands the
+/// objective what it saved (only in a single process: the samples are each rank's own).
+pub(super) fn resume(
+    dir: &Path,
+    optim: ModuleOptimizer,
+    objective: &mut dyn Objective,
+    world: usize,
+) -> Result<(TrainerState, ModuleOptimizer)> {
+    let io =
+        |p: &Path, e: &dyn std::fmt::Display| TrainerError::Input(format!("{}: {e}", p.display()));
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, &e))?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| io(&path, &e))?;
+    let path = dir.join(OPTIMIZER_FILE);
+    let record = burn::optim::OptimizerRecord::load(&path)
+        .map_err(|e| TrainerError::Input(format!("{}: {e:?}", path.display())))?;
+    let optim = optim.load_record(record);
+    let saved = dir.join(ROLLOUTS_FILE);
+    if saved.exists() && world == 1 {
+        let text = std::fs::read_to_string(&saved).map_err(|e| io(&saved, &e))?;
+        objective.restore_state(&text)?;
+    }
+    Ok((state, optim))
+}
+
+/// Writes a checkpoint's contents into `dir`: weights, the objective's pending state,
+/// optimizer and trainer state. Weights holding NaN or ∞ are never written.
+pub(super) fn save(
+    dir: &Path,
+    setup: &Setup,
+    (model, optim): (&Llama, &ModuleOptimizer),
+    state: &TrainerState,
+    pending: Option<String>,
+    last: bool,
+) -> Result<()> {
+    if !all_finite(model) {
+        return Err(TrainerError::Diverged(format!(
+            "{}: refusing to write weights holding NaN or infinite values",
+            dir.display()
+        )));
+    }
+    save_weights(dir, setup, model, last)?;
+    if let Some(text) = pending {
+        checkpoints::write_text(&dir.join(ROLLOUTS_FILE), &text)?;
+    }
+    save_optimizer(optim, &dir.join(OPTIMIZER_FILE))?;
+    let text = serde_json::to_string(state).unwrap_or_default();
+    checkpoints::write_text(&dir.join(STATE_FILE), &text)?;
+    Ok(())
+}
+
+pub(super) const STATE_FILE: &str = "trainer_state.json";
+
+pub(super) const OPTIMIZER_FILE: &str = "optimizer.bin";
+
+/// GRPO samples still to be reused by the steps after a checkpoint.
+pub(super) const ROLLOUTS_FILE: &str = "rollouts.json";
+
+/// Writes the trained weights into `dir`: the adapter (LoRA) or a full checkpoint. The
+/// final save of a full run uses the base's dtype; a LoRA reward model is also merged into a
+/// `*ForSequenceClassification` checkpoint, with its adapter under `adapter/`.
+pub(super) fn save_weights(dir: &Path, s: &Setup, model: &Llama, last: bool) -> Result<()> {
+    let base_name = s.base.display().to_string();
+    let base = s.base.as_path();
+    match &s.tuning {
+        Tuning::Lora(settings) if last && model.score.is_some() => {
+            save_adapter(&dir.join("adapter"), model, settings, &base_name)?;
+            let merged = merge_lora(model.valid());
+            save_model(dir, &s.config, &merged, s.config.dtype, Default::default())?;
+            copy_companions(base, dir)
+        }
+        Tuning::Lora(settings) => save_adapter(dir, model, settings, &base_name),
+        Tuning::Full => {
+            let dtype = if last {
+                s.config.dtype
+            } else {
+                WeightDtype::F32
+            };
+            save_model(dir, &s.config, model, dtype, Default::default())?;
+            copy_companions(base, dir)
+        }
+    }
+}
+
+/// Writes the optimizer state with its tensors sorted by name. burn lists them in hash-map
+/// order, so the same state would otherwise be different bytes from run to run, and
+/// identical runs could not be checked by their checkpoints' checksums.
+pub(super) fn save_optimizer(optim: &ModuleOptimizer, path: &Path) -> Result<()> {
+    let bad = |e: &dyn std::fmt::Debug| TrainerError::Input(format!("{}: {e:?}", path.display()));
+    let bytes = optim.to_record().into_bytes().map_err(|e| bad(&e))?;
+    let reader = burn_pack::Reader::from_bytes(bytes).map_err(|e| bad(&e))?;
+    let scalars = reader.scalars().clone();
+    let metadata = reader.metadata().clone();
+    let mut tensors = reader.into_tensors().map_err(|e| bad(&e))?;
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut writer = burn_pack::Writer::new(tensors);
+    for (k, v) in &scalars {
+        writer = writer.with_scalar(k, *v);
+    }
+    for (k, v) in &metadata {
+        writer = writer.with_metadata(k, v);
+    }
+    let bytes = writer.into_bytes().map_err(|e| bad(&e))?;
+    // The OS's own words ("No space left on device"), not the Debug form of the error.
+    std::fs::write(path, &bytes[..])
+        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))
+}
