@@ -5,13 +5,13 @@
 //! else to save, how the gradients follow) is a [`Backprop`] impl; the bookkeeping of
 //! checkpoints, graph parents and gradient registration is written once, here.
 
+use burn::backend::Backend;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::Backend;
 
 /// A fused op's backward with `N` float inputs, the part of its node that is its own.
 pub(crate) trait Backprop<B: Backend, const N: usize>:
