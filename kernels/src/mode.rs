@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::Device;
 
+use crate::launches::{self, Op};
+
 /// `kernels = "fused" | "reference"` in a recipe; `auto` (the default) picks fused on the
 /// Cube backends (CUDA, wgpu) and the reference elsewhere.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,6 +54,16 @@ pub fn fused_on(device: &Device) -> bool {
         Kernels::Reference => false,
         Kernels::Auto => on_cube(device),
     }
+}
+
+/// Whether `op` takes its fused path for a tensor on `device`, counted when it does: the
+/// setting alone proves nothing about what ran.
+pub(crate) fn takes_fused(op: Op, device: &Device) -> bool {
+    let fused = fused_on(device);
+    if fused {
+        launches::took_fused_path(op);
+    }
+    fused
 }
 
 #[cfg(feature = "gpu")]

@@ -1,174 +1,20 @@
-//! Plain-tensor reference implementations. Shapes: `B` batch, `T` tokens, `H` query heads,
-//! `Hkv` key/value heads, `D` head dim.
+//! The plain-tensor references, gathered: each is written beside its fused op in
+//! `ops/<op>.rs`, and is the specification the op's kernels are tested against, so it
+//! stays as obvious as the math. Shapes: `B` batch, `T` tokens, `H` query heads, `Hkv`
+//! key/value heads, `D` head dim.
 
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, DType, Int, Tensor};
-
-/// RMSNorm as transformers computes it: normalise in f32, cast back, then scale.
-///
-/// `x`: `[..., N]`, `weight`: `[N]`.
-pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
-    let dtype = x.dtype();
-    let x32 = x.cast(DType::F32);
-    let inv_rms = (x32.clone().square().mean_dim(D - 1) + eps).sqrt().recip();
-    (x32 * inv_rms).cast(dtype) * weight.unsqueeze()
-}
-
-/// Rotary position embedding in the "rotate half" layout of Hugging Face checkpoints.
-///
-/// `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`, already laid out as `cat(freqs, freqs)`.
-pub fn rotary(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
-    let [_, _, _, d] = x.dims();
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.unsqueeze_dim(1) + rotated * sin.unsqueeze_dim(1)
-}
-
-/// Scaled dot-product attention with grouped key/value heads.
-///
-/// `q`: `[B, H, T, D]`; `k`, `v`: `[B, Hkv, S, D]` with `H` a multiple of `Hkv`;
-/// `masked`: `[B, 1, T, S]`, true where a query must not see a key.
-/// Returns `[B, H, T, D]`.
-///
-/// Query head `h` reads key/value head `h / (H / Hkv)`, as transformers' `repeat_kv` does.
-/// The queries of one group are stacked along the token axis instead of repeating K and V,
-/// so no copy of K or V is ever made.
-pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, masked: Tensor<4, Bool>) -> Tensor<4> {
-    let [b, h, t, d] = q.dims();
-    let [_, hkv, s, _] = k.dims();
-    let g = h / hkv;
-    let dtype = q.dtype();
-    let q = q
-        .mul_scalar(1.0 / (d as f64).sqrt())
-        .reshape([b, hkv, g * t, d]);
-    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, hkv, g, t, s]);
-    let masked = masked.unsqueeze_dim::<5>(1).expand([b, hkv, g, t, s]);
-    // A finite fill keeps rows with no visible key (all padding) free of NaN.
-    let scores = scores.cast(DType::F32).mask_fill(masked, -1.0e30);
-    let probs = softmax(scores, 4).cast(dtype).reshape([b, hkv, g * t, s]);
-    probs.matmul(v).reshape([b, h, t, d])
-}
-
-/// The output head: `logits = hidden·Wᵀ + down·upᵀ`. The optional low-rank term is a
-/// LoRA adapter on the head (`down = s·dropout(hidden)·Aᵀ` per row, `up = B`), applied
-/// chunk by chunk without ever forming `W + s·B·A`.
-pub struct Head {
-    /// `[V, H]`.
-    pub weight: Tensor<2>,
-    /// `([N, r], [V, r])`, rows matching the hidden rows.
-    pub low_rank: Option<(Tensor<2>, Tensor<2>)>,
-}
-
-impl Head {
-    pub fn new(weight: Tensor<2>) -> Self {
-        Self {
-            weight,
-            low_rank: None,
-        }
-    }
-
-    /// f32 logits `[len, V]` of hidden rows `start..start + len`. The product runs in the
-    /// head weight's dtype (the rows are cast to it, a chunk at a time), so a half-precision
-    /// head is never widened whole; the logits leave in f32.
-    pub fn logits(&self, hidden: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
-        let rows = hidden
-            .clone()
-            .narrow(0, start, len)
-            .cast(self.weight.dtype());
-        let mut logits = rows
-            .matmul(self.weight.clone().transpose())
-            .cast(DType::F32);
-        if let Some((down, up)) = &self.low_rank {
-            let low = down
-                .clone()
-                .narrow(0, start, len)
-                .matmul(up.clone().transpose());
-            logits = logits + low.cast(DType::F32);
-        }
-        logits
-    }
-}
-
-/// Per-token log-probabilities of `targets` under the head `hidden·headᵀ`, and whether the
-/// target is the head's top token, computed `chunk` rows at a time so the forward never
-/// holds more than `[chunk, vocab]` logits.
-///
-/// `hidden`: `[N, H]`; `head`: `[V, H]`; `targets`: `[N]`. Returns `([N], [N] 0/1)`.
-pub fn token_logprobs(
-    hidden: Tensor<2>,
-    head: &Head,
-    targets: Tensor<1, Int>,
-    chunk: usize,
-) -> (Tensor<1>, Tensor<1, Int>) {
-    let [n, _] = hidden.dims();
-    let chunk = chunk.max(1);
-    let mut logprobs = Vec::new();
-    let mut hits = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let logits = head.logits(&hidden, start, len);
-        let target = targets.clone().narrow(0, start, len).reshape([len, 1]);
-        let max = logits.clone().max_dim(1).detach();
-        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let picked = logits.clone().gather(1, target.clone());
-        logprobs.push((picked - lse).reshape([len]));
-        hits.push(logits.argmax(1).equal(target).int().reshape([len]));
-        start += len;
-    }
-    (Tensor::cat(logprobs, 0), Tensor::cat(hits, 0))
-}
-
-/// Entropy `−Σ p log p` of the head's distribution at each row, `chunk` rows at a time so
-/// no more than `[chunk, vocab]` logits are held. A metric (GRPO's `entropy`): no gradient.
-///
-/// `hidden`: `[N, H]`; `head`: `[V, H]`. Returns `[N]`.
-pub fn token_entropy(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> {
-    let [n, _] = hidden.dims();
-    let chunk = chunk.max(1);
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        let logits = head.logits(&hidden, start, len).detach();
-        let logp = burn::tensor::activation::log_softmax(logits, 1);
-        let entropy = (logp.clone().exp() * logp).sum_dim(1).neg();
-        out.push(entropy.reshape([len]));
-        start += len;
-    }
-    if out.is_empty() {
-        return Tensor::zeros([0], &hidden.device());
-    }
-    Tensor::cat(out, 0)
-}
-
-/// A LoRA adapter's up-projection added to its base projection's output:
-/// `base + cast(s·down·Bᵀ)`, the low-rank product taken in the factors' dtype and cast to
-/// `base`'s. `base`: `[..., O]`; `down`: `[..., r]` (`dropout(x)·Aᵀ`); `b`: `[O, r]`.
-pub fn lora_up<const D: usize>(
-    base: Tensor<D>,
-    down: Tensor<D>,
-    b: Tensor<2>,
-    scale: f64,
-) -> Tensor<D> {
-    let dtype = base.dtype();
-    base + burn::tensor::module::linear(down, b.transpose(), None)
-        .mul_scalar(scale)
-        .cast(dtype)
-}
-
-/// The gated MLP activation: `silu(gate) · up`.
-pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
-    silu(gate) * up
-}
+pub use crate::ops::attention::reference as attention;
+pub use crate::ops::logprobs::{Head, reference as token_logprobs, token_entropy};
+pub use crate::ops::lora::reference as lora_up;
+pub use crate::ops::rms_norm::reference as rms_norm;
+pub use crate::ops::rotary::reference as rotary;
+pub use crate::ops::swiglu::reference as swiglu;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::selftest::values;
-    use burn::tensor::{Device, TensorData};
+    use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
     fn tensor<const D: usize>(v: &[f32], shape: [usize; D]) -> Tensor<D> {
         Tensor::from_data(TensorData::new(v.to_vec(), shape), &Device::flex())

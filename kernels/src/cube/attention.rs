@@ -35,12 +35,17 @@
 //! device's shared memory.
 
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::{BoolTensor, FloatTensor};
 use burn::backend::{DType, TensorMetadata};
 use burn::tensor::BoolStore;
+use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::{bool_cast, untile};
 use burn_cubecl::ops::numeric::{empty_device_dtype, zeros_client};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use crate::launches::{Kernel, launched};
+use crate::ops::attention::{AttentionOps, blocked_attention};
 
 use super::grid;
 
@@ -49,7 +54,7 @@ const ROWS: usize = 64;
 
 /// Below this many queries per head the forward leaves the kernel for the backend's
 /// matmuls: a cube would keep one thread of its 64 busy.
-pub const FEW_QUERIES: usize = 16;
+const FEW_QUERIES: usize = 16;
 
 /// The score of a masked key; finite, so a row with nothing visible stays NaN-free.
 const MASKED: f32 = -1.0e30;
@@ -69,24 +74,15 @@ fn forward_kernel<F: Float, M: Numeric>(
     #[comptime] unroll: bool,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
-    let heads = q.shape(1);
-    let t_len = q.shape(2);
     let s_len = k.shape(2);
-    let group = heads / k.shape(1);
-    let rows = CUBE_DIM_X as usize;
-    let blocks = t_len.div_ceil(rows);
-    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if cube >= q.shape(0) * heads * blocks {
-        terminate!();
-    }
-    let b = cube / (heads * blocks);
-    let h = (cube / blocks) % heads;
-    let kvh = h / group;
-    let tid = UNIT_POS_X as usize;
-    let i = (cube % blocks) * rows + tid;
-    let live = i < t_len;
-    // Threads past the last query still load tiles and meet the barriers.
-    let row = select(live, i, 0);
+    let cube = cube_rows(q.shape(0), q.shape(1), q.shape(2));
+    let b = cube.b;
+    let h = cube.head;
+    let kvh = h / (q.shape(1) / k.shape(1));
+    let tid = cube.tid;
+    let i = cube.index;
+    let live = cube.live;
+    let row = cube.row;
 
     let q_at = b * q.stride(0) + h * q.stride(1) + row * q.stride(2);
     let mut qrow = Array::<f32>::new(dim);
@@ -207,23 +203,15 @@ fn dq_kernel<F: Float, M: Numeric>(
     #[comptime] unroll: bool,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
-    let heads = q.shape(1);
-    let t_len = q.shape(2);
     let s_len = k.shape(2);
-    let group = heads / k.shape(1);
-    let rows = CUBE_DIM_X as usize;
-    let blocks = t_len.div_ceil(rows);
-    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if cube >= q.shape(0) * heads * blocks {
-        terminate!();
-    }
-    let b = cube / (heads * blocks);
-    let h = (cube / blocks) % heads;
-    let kvh = h / group;
-    let tid = UNIT_POS_X as usize;
-    let i = (cube % blocks) * rows + tid;
-    let live = i < t_len;
-    let row = select(live, i, 0);
+    let cube = cube_rows(q.shape(0), q.shape(1), q.shape(2));
+    let b = cube.b;
+    let h = cube.head;
+    let kvh = h / (q.shape(1) / k.shape(1));
+    let tid = cube.tid;
+    let i = cube.index;
+    let live = cube.live;
+    let row = cube.row;
 
     let q_at = b * q.stride(0) + h * q.stride(1) + row * q.stride(2);
     let o_at = b * out.stride(0) + h * out.stride(1) + row * out.stride(2);
@@ -315,23 +303,15 @@ fn dkdv_kernel<F: Float, M: Numeric>(
     #[comptime] unroll: bool,
     #[define(F, M)] _dtypes: [ElemType; 2],
 ) {
-    let heads = q.shape(1);
     let t_len = q.shape(2);
-    let kv_heads = k.shape(1);
-    let s_len = k.shape(2);
-    let group = heads / kv_heads;
-    let rows = CUBE_DIM_X as usize;
-    let blocks = s_len.div_ceil(rows);
-    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    if cube >= k.shape(0) * kv_heads * blocks {
-        terminate!();
-    }
-    let b = cube / (kv_heads * blocks);
-    let kvh = (cube / blocks) % kv_heads;
-    let tid = UNIT_POS_X as usize;
-    let j = (cube % blocks) * rows + tid;
-    let live = j < s_len;
-    let key = select(live, j, 0);
+    let group = q.shape(1) / k.shape(1);
+    let cube = cube_rows(k.shape(0), k.shape(1), k.shape(2));
+    let b = cube.b;
+    let kvh = cube.head;
+    let tid = cube.tid;
+    let j = cube.index;
+    let live = cube.live;
+    let key = cube.row;
 
     let k_at = b * k.stride(0) + kvh * k.stride(1) + key * k.stride(2);
     let v_at = b * v.stride(0) + kvh * v.stride(1) + key * v.stride(2);
@@ -430,6 +410,45 @@ fn dkdv_kernel<F: Float, M: Numeric>(
             dk[dk_at + c * kc] = F::cast_from(dk_acc[c] * scale);
             dv[dv_at + c * vc] = F::cast_from(dv_acc[c]);
         }
+    }
+}
+
+/// The rows one thread of a flash cube owns: the forward and `dq` give each thread a
+/// query of one (batch, query head), `dk`/`dv` a key of one (batch, K/V head), and all
+/// three number their cubes alike, `blocks` of `CUBE_DIM_X` rows per head.
+#[derive(CubeType)]
+struct CubeRows {
+    b: usize,
+    head: usize,
+    tid: usize,
+    /// This thread's row; past the last row for the threads of a partial block.
+    index: usize,
+    live: bool,
+    /// `index`, or row 0 for a thread past the last: those still load tiles and meet the
+    /// barriers, so they read a real row and write nothing.
+    row: usize,
+}
+
+/// The cube's place in a `[batch, heads, len]` grid of rows; cubes past its end (the grid
+/// is rounded up to whole rows of cubes) stop here.
+#[cube]
+fn cube_rows(batch: usize, heads: usize, len: usize) -> CubeRows {
+    let rows = CUBE_DIM_X as usize;
+    let blocks = len.div_ceil(rows);
+    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if cube >= batch * heads * blocks {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let index = (cube % blocks) * rows + tid;
+    let live = index < len;
+    CubeRows {
+        b: cube / (heads * blocks),
+        head: (cube / blocks) % heads,
+        tid,
+        index,
+        live,
+        row: select(live, index, 0),
     }
 }
 
@@ -535,8 +554,43 @@ fn f32_tensor(like: &CubeTensor, shape: [usize; 4]) -> CubeTensor {
     )
 }
 
+impl AttentionOps for CubeBackend {
+    /// Flash attention, which tiles by itself. With fewer queries than [`FEW_QUERIES`]
+    /// (decoding) its cubes would run a thread or two each over every key, so those go
+    /// through the matmul-based blocked forward instead; its statistics have the same
+    /// layout, so the backward is the kernel's either way.
+    fn grouped_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if q.shape().dims::<4>()[2] < FEW_QUERIES {
+            blocked_attention::<Self>(q, k, v, masked, block)
+        } else {
+            launched(Kernel::Attention);
+            forward(q, k, v, masked)
+        }
+    }
+
+    fn grouped_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        masked: BoolTensor<Self>,
+        out: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        _block: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::AttentionBackward);
+        backward(q, k, v, masked, out, stats, grad)
+    }
+}
+
 /// `(out [B, H, T, D], [m, l] [B, H, T, 2] f32)`.
-pub fn forward(
+fn forward(
     q: CubeTensor,
     k: CubeTensor,
     v: CubeTensor,
@@ -584,7 +638,7 @@ pub fn forward(
 
 /// `(dq, dk, dv)` for the output gradient `grad`, from the forward's `out` and `stats`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
+fn backward(
     q: CubeTensor,
     k: CubeTensor,
     v: CubeTensor,

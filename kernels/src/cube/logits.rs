@@ -6,10 +6,15 @@
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use crate::launches::{Kernel, launched};
+use crate::ops::logprobs::LogprobOps;
 
 use super::{cube_sum, grid, row_threads, rows_cols};
 
@@ -122,7 +127,29 @@ fn logit_grads_kernel<F: Float, I: Numeric>(
     output[at] = F::cast_from(g * (onehot - p));
 }
 
-pub fn rows(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor, CubeTensor) {
+/// The chunk loops stay the trait's bodies, around the backend's matmul; each chunk's
+/// logits go through these two kernels.
+impl LogprobOps for CubeBackend {
+    fn logit_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::LogitRows);
+        rows(logits, targets)
+    }
+
+    fn logit_grads(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        launched(Kernel::LogitGrads);
+        grads(logits, targets, lse, grad)
+    }
+}
+
+fn rows(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor, CubeTensor) {
     let logits = into_contiguous(logits);
     let targets = into_contiguous(targets);
     let (rows, cols) = rows_cols(&logits);
@@ -158,12 +185,7 @@ pub fn rows(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor,
     (logprob, lse, hit)
 }
 
-pub fn grads(
-    logits: CubeTensor,
-    targets: CubeTensor,
-    lse: CubeTensor,
-    grad: CubeTensor,
-) -> CubeTensor {
+fn grads(logits: CubeTensor, targets: CubeTensor, lse: CubeTensor, grad: CubeTensor) -> CubeTensor {
     let logits = into_contiguous(logits);
     let targets = into_contiguous(targets);
     let lse = into_contiguous(lse);

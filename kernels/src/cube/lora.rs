@@ -9,10 +9,15 @@
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use crate::launches::{Kernel, launched};
+use crate::ops::lora::LoraOps;
 
 use super::{grid, rows_cols};
 
@@ -98,7 +103,20 @@ fn lora_up_kernel<F: Float, G: Float>(
     }
 }
 
-pub fn up(base: CubeTensor, down: CubeTensor, b: CubeTensor, scale: f32) -> CubeTensor {
+/// The backward stays the trait's twin: two skinny matmuls the backend does well.
+impl LoraOps for CubeBackend {
+    fn lora_up(
+        base: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f32,
+    ) -> FloatTensor<Self> {
+        launched(Kernel::LoraUp);
+        up(base, down, b, scale)
+    }
+}
+
+fn up(base: CubeTensor, down: CubeTensor, b: CubeTensor, scale: f32) -> CubeTensor {
     let base = into_contiguous(base);
     let down = into_contiguous(down);
     let b = into_contiguous(b);

@@ -4,10 +4,15 @@
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use crate::launches::{Kernel, launched};
+use crate::ops::rms_norm::RmsNormOps;
 
 use super::{cube_sum, grid, row_threads, rows_cols};
 
@@ -112,7 +117,24 @@ fn rms_norm_backward_kernel<F: Float>(
     }
 }
 
-pub fn forward(x: CubeTensor, weight: CubeTensor, eps: f32) -> CubeTensor {
+impl RmsNormOps for CubeBackend {
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        launched(Kernel::RmsNorm);
+        forward(x, weight, eps)
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::RmsNormBackward);
+        backward(x, weight, grad, eps)
+    }
+}
+
+fn forward(x: CubeTensor, weight: CubeTensor, eps: f32) -> CubeTensor {
     let x = into_contiguous(x);
     let weight = into_contiguous(weight);
     let (rows, cols) = rows_cols(&x);
@@ -136,7 +158,7 @@ pub fn forward(x: CubeTensor, weight: CubeTensor, eps: f32) -> CubeTensor {
     output
 }
 
-pub fn backward(
+fn backward(
     x: CubeTensor,
     weight: CubeTensor,
     grad: CubeTensor,

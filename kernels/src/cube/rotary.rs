@@ -4,10 +4,15 @@
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use crate::launches::{Kernel, launched};
+use crate::ops::rotary::RotaryOps;
 
 use super::grid;
 
@@ -64,7 +69,27 @@ fn rotary_kernel<F: Float>(
     output[at] = F::cast_from(value);
 }
 
-pub fn apply(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, backward: bool) -> CubeTensor {
+impl RotaryOps for CubeBackend {
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        launched(Kernel::Rotary);
+        apply(x, cos, sin, false)
+    }
+
+    fn rotary_backward(
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        launched(Kernel::RotaryBackward);
+        apply(grad, cos, sin, true)
+    }
+}
+
+fn apply(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, backward: bool) -> CubeTensor {
     let x = into_contiguous(x);
     let cos = into_contiguous(cos);
     let sin = into_contiguous(sin);

@@ -3,10 +3,15 @@
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+
+use crate::launches::{Kernel, launched};
+use crate::ops::swiglu::SwigluOps;
 
 use super::{grid, rows_cols};
 
@@ -58,7 +63,23 @@ fn swiglu_backward_kernel<F: Float>(
     d_up[at_up] = F::cast_from(dy * g * s);
 }
 
-pub fn forward(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
+impl SwigluOps for CubeBackend {
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        launched(Kernel::Swiglu);
+        forward(gate, up)
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        launched(Kernel::SwigluBackward);
+        backward(gate, up, grad)
+    }
+}
+
+fn forward(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
     let gate = into_contiguous(gate);
     let up = into_contiguous(up);
     let (rows, cols) = rows_cols(&gate);
@@ -84,7 +105,7 @@ pub fn forward(gate: CubeTensor, up: CubeTensor) -> CubeTensor {
     output
 }
 
-pub fn backward(gate: CubeTensor, up: CubeTensor, grad: CubeTensor) -> (CubeTensor, CubeTensor) {
+fn backward(gate: CubeTensor, up: CubeTensor, grad: CubeTensor) -> (CubeTensor, CubeTensor) {
     let gate = into_contiguous(gate);
     let up = into_contiguous(up);
     let grad = into_contiguous(grad);

@@ -1,0 +1,429 @@
+//! The head's per-token log-probabilities (linear + cross-entropy), chunked so no more
+//! than `[chunk, V]` logits exist at once, and the head's entropy (a metric, reference
+//! only). The kernels are `cube/logits.rs`.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{
+    AutodiffBackend, Backend, Dispatch, Flex, Slice, TensorMetadata, backend_extension,
+    get_or_init_device_settings,
+};
+use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor};
+
+use super::f32_of;
+use super::node::{Backprop, all_kept, on_inner, record};
+use crate::launches::Op;
+use crate::mode::takes_fused;
+
+/// Per-token log-probabilities of `targets` under `head`, `chunk` rows at a time, and
+/// whether each target is the head's top token. `hidden`: `[N, H]`; `targets`: `[N]`.
+pub fn token_logprobs(
+    hidden: Tensor<2>,
+    head: &Head,
+    targets: Tensor<1, Int>,
+    chunk: usize,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    if takes_fused(Op::TokenLogprobs, &hidden.device()) {
+        fused(hidden, head, targets, chunk)
+    } else {
+        reference(hidden, head, targets, chunk)
+    }
+}
+
+/// The output head: `logits = hidden·Wᵀ + down·upᵀ`. The optional low-rank term is a
+/// LoRA adapter on the head (`down = s·dropout(hidden)·Aᵀ` per row, `up = B`), applied
+/// chunk by chunk without ever forming `W + s·B·A`.
+pub struct Head {
+    /// `[V, H]`.
+    pub weight: Tensor<2>,
+    /// `([N, r], [V, r])`, rows matching the hidden rows.
+    pub low_rank: Option<(Tensor<2>, Tensor<2>)>,
+}
+
+impl Head {
+    pub fn new(weight: Tensor<2>) -> Self {
+        Self {
+            weight,
+            low_rank: None,
+        }
+    }
+
+    /// f32 logits `[len, V]` of hidden rows `start..start + len`. The product runs in the
+    /// head weight's dtype (the rows are cast to it, a chunk at a time), so a half-precision
+    /// head is never widened whole; the logits leave in f32.
+    pub fn logits(&self, hidden: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
+        let rows = hidden
+            .clone()
+            .narrow(0, start, len)
+            .cast(self.weight.dtype());
+        let mut logits = rows
+            .matmul(self.weight.clone().transpose())
+            .cast(DType::F32);
+        if let Some((down, up)) = &self.low_rank {
+            let low = down
+                .clone()
+                .narrow(0, start, len)
+                .matmul(up.clone().transpose());
+            logits = logits + low.cast(DType::F32);
+        }
+        logits
+    }
+}
+
+/// Per-token log-probabilities of `targets` under the head `hidden·headᵀ`, and whether the
+/// target is the head's top token, computed `chunk` rows at a time so the forward never
+/// holds more than `[chunk, vocab]` logits.
+///
+/// `hidden`: `[N, H]`; `head`: `[V, H]`; `targets`: `[N]`. Returns `([N], [N] 0/1)`.
+pub fn reference(
+    hidden: Tensor<2>,
+    head: &Head,
+    targets: Tensor<1, Int>,
+    chunk: usize,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    let [n, _] = hidden.dims();
+    let chunk = chunk.max(1);
+    let mut logprobs = Vec::new();
+    let mut hits = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = head.logits(&hidden, start, len);
+        let target = targets.clone().narrow(0, start, len).reshape([len, 1]);
+        let max = logits.clone().max_dim(1).detach();
+        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+        let picked = logits.clone().gather(1, target.clone());
+        logprobs.push((picked - lse).reshape([len]));
+        hits.push(logits.argmax(1).equal(target).int().reshape([len]));
+        start += len;
+    }
+    (Tensor::cat(logprobs, 0), Tensor::cat(hits, 0))
+}
+
+/// Entropy `−Σ p log p` of the head's distribution at each row, `chunk` rows at a time so
+/// no more than `[chunk, vocab]` logits are held. A metric (GRPO's `entropy`): no gradient.
+///
+/// `hidden`: `[N, H]`; `head`: `[V, H]`. Returns `[N]`.
+pub fn token_entropy(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> {
+    let [n, _] = hidden.dims();
+    let chunk = chunk.max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = head.logits(&hidden, start, len).detach();
+        let logp = burn::tensor::activation::log_softmax(logits, 1);
+        let entropy = (logp.clone().exp() * logp).sum_dim(1).neg();
+        out.push(entropy.reshape([len]));
+        start += len;
+    }
+    if out.is_empty() {
+        return Tensor::zeros([0], &hidden.device());
+    }
+    Tensor::cat(out, 0)
+}
+
+/// Fused [`reference`]: the log-prob of each row's target and whether it is the head's
+/// top token, with a backward that rebuilds each chunk's logits instead of keeping them,
+/// so training holds `[chunk, V]` logits at most, never `[N, V]`. A low-rank term on the
+/// head joins the product as extra columns: `h·Wᵀ + down·upᵀ = [h, down]·[W, up]ᵀ`.
+///
+/// `hidden`: `[N, H]`; `targets`: `[N]`. Returns `([N], [N] 0/1)`.
+pub fn fused(
+    hidden: Tensor<2>,
+    head: &Head,
+    targets: Tensor<1, Int>,
+    chunk: usize,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    let (x, w) = match &head.low_rank {
+        None => (hidden, head.weight.clone()),
+        Some((down, up)) => (
+            Tensor::cat(vec![hidden, down.clone()], 1),
+            Tensor::cat(
+                vec![head.weight.clone(), up.clone().cast(head.weight.dtype())],
+                1,
+            ),
+        ),
+    };
+    let (lp, _lse, hit) = Dispatch::linear_logprob(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        targets.into_dispatch(),
+        chunk,
+    );
+    (
+        Tensor::<1>::from_dispatch(lp),
+        Tensor::<1>::from_dispatch(hit).int(),
+    )
+}
+
+/// The backend extension; the default bodies are the twin flex runs. On the Cube
+/// backends the per-chunk halves (`logit_rows`, `logit_grads`) are kernels and the chunk
+/// loops stay these bodies, around the backend's matmul.
+#[backend_extension(
+    Autodiff,
+    Flex,
+    Cube: cfg(feature = "gpu"),
+    Fusion: cfg(feature = "gpu")
+)]
+pub trait LogprobOps: Backend {
+    /// The log-probability of each row's target under the head `hidden·weightᵀ`, computed
+    /// `chunk` rows at a time so no more than `[chunk, V]` logits exist at once. Returns
+    /// `(log p(target) [N], log-sum-exp [N], 1.0 where the target is the top token [N])`,
+    /// all f32. `hidden`: `[N, H]`, `weight`: `[V, H]`, `targets`: `[N]`.
+    #[fusion(default)]
+    fn linear_logprob(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let n = hidden.shape().dims::<2>()[0];
+        let chunk = chunk.max(1);
+        let device = hidden.device();
+        let w_dtype: FloatDType = weight.dtype().into();
+        let wt = Self::float_transpose(weight);
+        let (mut lps, mut lses, mut hits) = (Vec::new(), Vec::new(), Vec::new());
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let rows = Self::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
+            // In the head's dtype, a chunk of rows cast at a time: a half-precision head is
+            // never widened whole.
+            let rows = Self::float_cast(rows, w_dtype);
+            let t = Self::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
+            let logits = f32_of::<Self>(Self::float_matmul(rows, wt.clone()));
+            let (lp, lse, hit) = Self::logit_rows(logits, t);
+            lps.push(lp);
+            lses.push(lse);
+            hits.push(hit);
+        }
+        let join = |parts: Vec<FloatTensor<Self>>| {
+            if parts.is_empty() {
+                Self::float_zeros([0].into(), &device, FloatDType::F32)
+            } else {
+                Self::float_cat(parts, 0)
+            }
+        };
+        (join(lps), join(lses), join(hits))
+    }
+
+    /// Per row of f32 `logits` `[len, V]` with `targets` `[len]`: the target's log-prob,
+    /// the log-sum-exp, and 1.0 where the target is the top token (the first maximum, as
+    /// `argmax`), each `[len]` f32.
+    #[fusion(meta = |logits, _targets| {
+        let row = burn::backend::fusion::custom::TensorSpec::new(
+            [logits.shape[0]].into(),
+            logits.dtype,
+        );
+        (row.clone(), row.clone(), row)
+    })]
+    fn logit_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let len = logits.shape().dims::<2>()[0];
+        let device = logits.device();
+        let bool_dtype = get_or_init_device_settings::<Self>(&device).bool_dtype;
+        let t = Self::int_reshape(targets, [len, 1].into());
+        let lse = log_sum_exp::<Self>(logits.clone());
+        let picked = Self::float_gather(1, logits.clone(), t.clone());
+        let lp = Self::float_reshape(Self::float_sub(picked, lse.clone()), [len].into());
+        let top = Self::float_argmax(logits, 1, t.dtype().into());
+        let hit = Self::bool_into_float(Self::int_equal(top, t, bool_dtype), FloatDType::F32);
+        (
+            lp,
+            Self::float_reshape(lse, [len].into()),
+            Self::float_reshape(hit, [len].into()),
+        )
+    }
+
+    /// `∂ Σ g·log p(t) / ∂ logits = g·(onehot(t) − exp(logits − lse))` for f32 `logits`
+    /// `[len, V]`, with `targets`, `lse` and `grad` `[len]`.
+    #[fusion(dtype = logits, shape = logits)]
+    fn logit_grads(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let len = logits.shape().dims::<2>()[0];
+        let column = |x: FloatTensor<Self>| Self::float_reshape(x, [len, 1].into());
+        let g = column(grad);
+        let p = Self::float_exp(Self::float_sub(logits, column(lse)));
+        Self::float_scatter(
+            1,
+            Self::float_neg(Self::float_mul(p, g.clone())),
+            Self::int_reshape(targets, [len, 1].into()),
+            g,
+            IndexingUpdateOp::Add,
+        )
+    }
+
+    /// `d hidden` of [`LogprobOps::linear_logprob`]'s log-probs for their gradient `grad`
+    /// `[N]`, recomputing each chunk's logits from `lse`: `dh = (g·(onehot − p))·W`.
+    #[fusion(default)]
+    fn linear_logprob_backward(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> FloatTensor<Self> {
+        logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, false).0
+    }
+
+    /// As [`LogprobOps::linear_logprob_backward`], with the head's gradient too:
+    /// `dW = Σ_chunks (g·(onehot − p))ᵀ·h`. Returns `(dh, dW)`.
+    #[fusion(default)]
+    fn linear_logprob_backward_weight(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dh, dw) = logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, true);
+        (dh, dw.expect("asked for the weight gradient"))
+    }
+}
+
+impl LogprobOps for Flex {}
+
+impl<B: LogprobOps, C: CheckpointStrategy> LogprobOps for Autodiff<B, C> {
+    fn linear_logprob(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (lp, (lse, hit)) = record::<B, C, _, _, _, _>(
+            Node,
+            [hidden, weight],
+            targets,
+            |[hidden, weight], targets| {
+                let (lp, lse, hit) = B::linear_logprob(hidden, weight, targets, chunk);
+                (lp, (lse, hit))
+            },
+            |targets, _, (lse, _)| (targets, lse.clone(), chunk),
+        );
+        (lp, Self::from_inner(lse), Self::from_inner(hit))
+    }
+
+    on_inner! {
+        fn linear_logprob_backward(
+            hidden: Float,
+            weight: Float,
+            targets: Int,
+            lse: Float,
+            grad: Float,
+            chunk: usize,
+        ) -> Float;
+        fn linear_logprob_backward_weight(
+            hidden: Float,
+            weight: Float,
+            targets: Int,
+            lse: Float,
+            grad: Float,
+            chunk: usize,
+        ) -> (Float, Float);
+    }
+}
+
+/// Keeps the inputs, the targets, the forward's log-sum-exp and the chunk size: the logits
+/// are rebuilt chunk by chunk, never kept. The head's gradient is computed only when the
+/// head is tracked.
+#[derive(Debug)]
+struct Node;
+
+impl<B: LogprobOps> Backprop<B, 2> for Node {
+    const KEEPS: [bool; 2] = [true, true];
+    type Saved = (IntTensor<B>, FloatTensor<B>, usize);
+
+    fn backward(
+        inputs: [Option<FloatTensor<B>>; 2],
+        (targets, lse, chunk): Self::Saved,
+        grad: FloatTensor<B>,
+        [want_hidden, want_weight]: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let [hidden, weight] = all_kept(inputs);
+        if want_weight {
+            let (dh, dw) =
+                B::linear_logprob_backward_weight(hidden, weight, targets, lse, grad, chunk);
+            [want_hidden.then_some(dh), Some(dw)]
+        } else if want_hidden {
+            let dh = B::linear_logprob_backward(hidden, weight, targets, lse, grad, chunk);
+            [Some(dh), None]
+        } else {
+            [None, None]
+        }
+    }
+}
+
+/// `log Σ exp(logits)` per row, `[len, 1]`, shifted by the row maximum for stability.
+fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
+    let max = B::float_max_dim(logits.clone(), 1);
+    let shifted = B::float_exp(B::float_sub(logits, max.clone()));
+    B::float_add(B::float_log(B::float_sum_dim(shifted, 1)), max)
+}
+
+/// The chunked backward of the head's log-probs. For each chunk the logits are rebuilt,
+/// `p = exp(logits − lse)`, and `∂ log p(t)/∂ logits = onehot(t) − p`, scaled by the
+/// output gradient; `dh` and (when asked) `dW` follow by two matmuls. Only one chunk's
+/// `[len, V]` tensors are alive at a time.
+fn logprob_grads<B: LogprobOps>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    chunk: usize,
+    weight_grad: bool,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
+    let [n, h] = hidden.shape().dims::<2>();
+    let chunk = chunk.max(1);
+    let h_dtype: FloatDType = hidden.dtype().into();
+    let w_dtype: FloatDType = weight.dtype().into();
+    let device = hidden.device();
+    let wt = B::float_transpose(weight.clone());
+    let mut dh = Vec::new();
+    let mut dw: Option<FloatTensor<B>> = None;
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let range = || [Slice::from(start..start + len)];
+        let rows = B::float_slice(hidden.clone(), &range());
+        let t = B::int_slice(targets.clone(), &range());
+        let logits = f32_of::<B>(B::float_matmul(
+            B::float_cast(rows.clone(), w_dtype),
+            wt.clone(),
+        ));
+        let lse_c = B::float_slice(lse.clone(), &range());
+        let g = f32_of::<B>(B::float_slice(grad.clone(), &range()));
+        let d_logits = B::logit_grads(logits, t, lse_c, g);
+        // In the head's dtype, as the forward (autocast's rule for a half-precision head).
+        let d_rows = B::float_matmul(B::float_cast(d_logits.clone(), w_dtype), weight.clone());
+        dh.push(B::float_cast(d_rows, h_dtype));
+        if weight_grad {
+            let part = B::float_matmul(B::float_transpose(d_logits), f32_of::<B>(rows));
+            dw = Some(match dw {
+                Some(acc) => B::float_add(acc, part),
+                None => part,
+            });
+        }
+    }
+    let dh = if dh.is_empty() {
+        B::float_zeros([0, h].into(), &device, h_dtype)
+    } else {
+        B::float_cat(dh, 0)
+    };
+    let dw = weight_grad.then(|| {
+        let dw = dw.unwrap_or_else(|| {
+            let [v, _] = weight.shape().dims::<2>();
+            B::float_zeros([v, h].into(), &device, FloatDType::F32)
+        });
+        B::float_cast(dw, w_dtype)
+    });
+    (dh, dw)
+}

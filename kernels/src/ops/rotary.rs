@@ -1,0 +1,149 @@
+//! Rotary position embedding in the "rotate half" layout. The kernel is `cube/rotary.rs`.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, Flex, Slice, TensorMetadata, backend_extension};
+use burn::tensor::Tensor;
+
+use super::node::{Backprop, on_inner, record};
+use crate::launches::Op;
+use crate::mode::takes_fused;
+
+/// Rotary position embedding: `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`.
+pub fn rotary(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
+    if takes_fused(Op::Rotary, &x.device()) {
+        fused(x, cos, sin)
+    } else {
+        reference(x, cos, sin)
+    }
+}
+
+/// Rotary position embedding in the "rotate half" layout of Hugging Face checkpoints.
+///
+/// `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`, already laid out as `cat(freqs, freqs)`.
+pub fn reference(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
+    let [_, _, _, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.unsqueeze_dim(1) + rotated * sin.unsqueeze_dim(1)
+}
+
+/// Fused [`reference`]. `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`.
+pub fn fused(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
+    let out = Dispatch::rotary(x.into_dispatch(), cos.into_dispatch(), sin.into_dispatch());
+    Tensor::<4>::from_dispatch(out)
+}
+
+/// The backend extension; the default bodies are the twin flex runs.
+#[backend_extension(
+    Autodiff,
+    Flex,
+    Cube: cfg(feature = "gpu"),
+    Fusion: cfg(feature = "gpu")
+)]
+pub trait RotaryOps: Backend {
+    /// Rotary position embedding in the "rotate half" layout of Hugging Face checkpoints:
+    /// `x·cos + rotate_half(x)·sin`, with `rotate_half([x₁, x₂]) = [−x₂, x₁]`. Any RoPE
+    /// scaling (linear, llama3) is already in the tables. `x`: `[B, H, T, D]`; `cos`, `sin`:
+    /// `[B, T, D]`.
+    #[fusion(dtype = x, shape = x)]
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [b, _, t, d] = x.shape().dims::<4>();
+        let table = |c: FloatTensor<Self>| Self::float_reshape(c, [b, 1, t, d].into());
+        let rotated = rotate_half::<Self>(x.clone(), false);
+        Self::float_add(
+            Self::float_mul(x, table(cos)),
+            Self::float_mul(rotated, table(sin)),
+        )
+    }
+
+    /// The gradient of [`RotaryOps::rotary`] for `x` (the tables are constants): the
+    /// rotation's transpose, `g·cos + rotate_halfᵀ(g·sin)` with
+    /// `rotate_halfᵀ([y₁, y₂]) = [y₂, −y₁]`.
+    #[fusion(dtype = grad, shape = grad)]
+    fn rotary_backward(
+        grad: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let [b, _, t, d] = grad.shape().dims::<4>();
+        let table = |c: FloatTensor<Self>| Self::float_reshape(c, [b, 1, t, d].into());
+        let gs = Self::float_mul(grad.clone(), table(sin));
+        Self::float_add(
+            Self::float_mul(grad, table(cos)),
+            rotate_half::<Self>(gs, true),
+        )
+    }
+}
+
+impl RotaryOps for Flex {}
+
+impl<B: RotaryOps, C: CheckpointStrategy> RotaryOps for Autodiff<B, C> {
+    /// The tables are positions' functions, not parameters: no gradient flows to them.
+    fn rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let tables = (cos.into_primitive(), sin.into_primitive());
+        record::<B, C, _, _, _, _>(
+            Node,
+            [x],
+            tables,
+            |[x], (cos, sin)| (B::rotary(x, cos, sin), ()),
+            |tables, _, _| tables,
+        )
+        .0
+    }
+
+    on_inner! {
+        fn rotary_backward(grad: Float, cos: Float, sin: Float) -> Float;
+    }
+}
+
+/// Keeps the tables, not `x`: the rotation is linear.
+#[derive(Debug)]
+struct Node;
+
+impl<B: RotaryOps> Backprop<B, 1> for Node {
+    const KEEPS: [bool; 1] = [false];
+    type Saved = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(
+        _inputs: [Option<FloatTensor<B>>; 1],
+        (cos, sin): Self::Saved,
+        grad: FloatTensor<B>,
+        [want_x]: [bool; 1],
+    ) -> [Option<FloatTensor<B>>; 1] {
+        [want_x.then(|| B::rotary_backward(grad, cos, sin))]
+    }
+}
+
+/// `[x₁, x₂] → [−x₂, x₁]` over the last axis, or its transpose `[x₂, −x₁]`.
+fn rotate_half<B: Backend>(x: FloatTensor<B>, transpose: bool) -> FloatTensor<B> {
+    let [b, h, t, d] = x.shape().dims::<4>();
+    let half = |from: usize| {
+        B::float_slice(
+            x.clone(),
+            &[
+                Slice::from(0..b),
+                Slice::from(0..h),
+                Slice::from(0..t),
+                Slice::from(from..from + d / 2),
+            ],
+        )
+    };
+    let (x1, x2) = (half(0), half(d / 2));
+    if transpose {
+        B::float_cat(vec![x2, B::float_neg(x1)], 3)
+    } else {
+        B::float_cat(vec![B::float_neg(x2), x1], 3)
+    }
+}
