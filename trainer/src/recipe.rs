@@ -437,6 +437,8 @@ mod tests {
             ("tiny-dpo.toml", "dpo"),
             ("tiny-orpo.toml", "orpo"),
             ("tiny-reward.toml", "reward"),
+            ("tiny-simpo.toml", "simpo"),
+            ("tiny-cpo.toml", "cpo"),
         ] {
             assert_eq!(load(&dir.join(name), &[]).unwrap().train.method, method);
         }
@@ -569,7 +571,35 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("`ppo`") && err.contains("reward"), "{err}");
+        assert!(
+            err.contains("`ppo`") && err.contains("reward") && err.contains("simpo, cpo"),
+            "{err}"
+        );
+        let err = parse(
+            &format!("{MINIMAL}[train]\nmethod = \"simpo\"\n[cpo]\ncpo_alpha = 0.5\n"),
+            "r.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[cpo]") && err.contains("`simpo`"), "{err}");
+        for (section, set, key) in [
+            ("simpo", "beta = 0.0", "simpo.beta"),
+            ("simpo", "label_smoothing = 0.5", "simpo.label_smoothing"),
+            ("cpo", "cpo_alpha = -1.0", "cpo.cpo_alpha"),
+        ] {
+            let text = format!("{MINIMAL}[train]\nmethod = \"{section}\"\n[{section}]\n{set}\n");
+            let err = parse(&text, "r.toml", &[]).unwrap_err().to_string();
+            assert!(err.starts_with("r.toml: ") && err.contains(key), "{err}");
+        }
+        let err = parse(
+            &format!("{MINIMAL}[train]\nmethod = \"simpo\"\n[simpo]\ngama = 1.0\n"),
+            "r.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("did you mean `gamma`"), "{err}");
         let err = parse(&format!("{MINIMAL}[dpo]\nbeta = 0.1\n"), "r.toml", &[])
             .unwrap_err()
             .to_string();
