@@ -2,6 +2,7 @@
 //! the one training loop they share.
 
 pub mod batch;
+pub mod choices;
 pub mod device;
 pub mod dist;
 mod error;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::choices::{DistBackend, KernelsChoice, LrScheduler};
 use crate::objectives::cpo::CpoSection;
 use crate::objectives::dpo::DpoSection;
 use crate::objectives::grpo::GrpoSection;
@@ -46,7 +47,7 @@ pub struct Recipe {
 #[serde(deny_unknown_fields, default)]
 pub struct DistSection {
     /// `auto` (NCCL on CUDA devices, MPI elsewhere), `mpi` or `nccl`.
-    pub backend: String,
+    pub backend: DistBackend,
     /// Seconds a collective waits for the other ranks before this rank gives up on them.
     pub timeout_s: f64,
     /// Megabytes of gradients per all-reduce call.
@@ -56,7 +57,7 @@ pub struct DistSection {
 impl Default for DistSection {
     fn default() -> Self {
         Self {
-            backend: "auto".into(),
+            backend: DistBackend::Auto,
             timeout_s: 600.0,
             bucket_mb: 25.0,
         }
@@ -112,7 +113,7 @@ pub struct TrainSection {
     pub method: String,
     pub learning_rate: f64,
     /// constant, linear or cosine.
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: LrScheduler,
     pub warmup_ratio: f64,
     pub warmup_steps: usize,
     pub adam_beta1: f64,
@@ -143,7 +144,7 @@ pub struct TrainSection {
     /// Which implementation of the fused ops runs: `fused` (CubeCL kernels on GPU backends,
     /// hand-written backward passes everywhere), `reference` (plain tensor ops), or `auto`:
     /// fused on GPU backends, reference on the CPU.
-    pub kernels: String,
+    pub kernels: KernelsChoice,
     /// Consecutive steps with a NaN or infinite loss or gradient (each skipped) after which
     /// the run stops.
     pub max_bad_steps: usize,
@@ -154,7 +155,7 @@ impl Default for TrainSection {
         Self {
             method: "sft".into(),
             learning_rate: 2e-4,
-            lr_scheduler_type: "linear".into(),
+            lr_scheduler_type: LrScheduler::Linear,
             warmup_ratio: 0.0,
             warmup_steps: 0,
             adam_beta1: 0.9,
@@ -175,7 +176,7 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             bf16: false,
             fp16: false,
-            kernels: "auto".into(),
+            kernels: KernelsChoice::Auto,
             max_bad_steps: 5,
         }
     }
@@ -200,8 +201,12 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
         apply_override(&mut table, o)?;
     }
     let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
-        let at = key_of_error(&table).map_or(String::new(), |k| format!("`{k}`: "));
-        TrainerError::Input(format!("{origin}: {at}{}", with_suggestion(e.message())))
+        let message = with_suggestion(e.message());
+        // A named choice's message already starts with its key.
+        let at = key_of_error(&table)
+            .filter(|k| !message.starts_with(k.as_str()))
+            .map_or(String::new(), |k| format!("`{k}`: "));
+        TrainerError::Input(format!("{origin}: {at}{message}"))
     })?;
     recipe.validate(origin)?;
     Ok(recipe)
@@ -215,12 +220,6 @@ impl Recipe {
             return bad("train.bf16 and train.fp16 are both on; choose one".into());
         }
         let d = &self.dist;
-        if !["auto", "mpi", "nccl"].contains(&d.backend.as_str()) {
-            return bad(format!(
-                "dist.backend `{}` (one of auto, mpi, nccl)",
-                d.backend
-            ));
-        }
         if !(d.timeout_s > 0.0 && d.timeout_s.is_finite()) {
             return bad(format!("dist.timeout_s {} must be positive", d.timeout_s));
         }
@@ -229,19 +228,6 @@ impl Recipe {
         }
         if let Err(e) = crate::objectives::registry::objective(self) {
             return bad(e);
-        }
-        if kernels::Kernels::parse(&t.kernels).is_none() {
-            return bad(format!(
-                "train.kernels `{}` ({})",
-                t.kernels,
-                kernels::Kernels::NAMES.join(", ")
-            ));
-        }
-        if !["constant", "linear", "cosine"].contains(&t.lr_scheduler_type.as_str()) {
-            return bad(format!(
-                "train.lr_scheduler_type `{}` (constant, linear, cosine)",
-                t.lr_scheduler_type
-            ));
         }
         if t.per_device_train_batch_size == 0 || t.gradient_accumulation_steps == 0 {
             return bad("train.per_device_train_batch_size and gradient_accumulation_steps must be positive".into());

@@ -269,7 +269,7 @@ impl<'a> Loop<'a> {
         let mut grads = accumulator.grads();
         crate::dist::grads::all_reduce(dp, &self.model, &mut grads, &self.p.inner)?;
         let grad_norm = clip_global_norm(&self.model, &mut grads, t.max_grad_norm);
-        let lr = t.learning_rate * lr_factor(&t.lr_scheduler_type, step, self.warmup, self.total);
+        let lr = t.learning_rate * lr_factor(t.lr_scheduler_type, step, self.warmup, self.total);
         // A non-finite loss or gradient skips the update, so bad values never reach the
         // weights.
         let bad = non_finite(loss, grad_norm);

@@ -1,17 +1,19 @@
 //! The learning-rate schedule and the run's length in steps.
 
+use crate::choices::LrScheduler;
+
 /// The multiplier on the peak learning rate at optimizer step `step` (0-based), as
 /// transformers' schedulers compute it: linear warmup from 0, then constant, linear decay
 /// to 0, or half a cosine to 0.
-pub fn lr_factor(kind: &str, step: usize, warmup: usize, total: usize) -> f64 {
+pub fn lr_factor(kind: LrScheduler, step: usize, warmup: usize, total: usize) -> f64 {
     if step < warmup {
         return step as f64 / warmup.max(1) as f64;
     }
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     match kind {
-        "linear" => (1.0 - progress).max(0.0),
-        "cosine" => 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
-        _ => 1.0,
+        LrScheduler::Linear => (1.0 - progress).max(0.0),
+        LrScheduler::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
+        LrScheduler::Constant => 1.0,
     }
 }
 
@@ -37,22 +39,24 @@ pub(super) fn total_and_warmup(
 #[cfg(test)]
 mod tests {
     use super::lr_factor;
+    use crate::choices::LrScheduler;
 
     #[test]
     fn schedules_follow_transformers() {
         // Warmup 2 of 10: 0, 0.5, then the decay.
-        assert_eq!(lr_factor("linear", 0, 2, 10), 0.0);
-        assert_eq!(lr_factor("linear", 1, 2, 10), 0.5);
-        assert_eq!(lr_factor("linear", 2, 2, 10), 1.0);
-        assert_eq!(lr_factor("linear", 6, 2, 10), 0.5);
-        assert_eq!(lr_factor("linear", 10, 2, 10), 0.0);
-        assert!((lr_factor("cosine", 6, 2, 10) - 0.5).abs() < 1e-12);
+        assert_eq!(lr_factor(LrScheduler::Linear, 0, 2, 10), 0.0);
+        assert_eq!(lr_factor(LrScheduler::Linear, 1, 2, 10), 0.5);
+        assert_eq!(lr_factor(LrScheduler::Linear, 2, 2, 10), 1.0);
+        assert_eq!(lr_factor(LrScheduler::Linear, 6, 2, 10), 0.5);
+        assert_eq!(lr_factor(LrScheduler::Linear, 10, 2, 10), 0.0);
+        assert!((lr_factor(LrScheduler::Cosine, 6, 2, 10) - 0.5).abs() < 1e-12);
         assert!(
-            (lr_factor("cosine", 4, 2, 10) - (0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())))
-                .abs()
+            (lr_factor(LrScheduler::Cosine, 4, 2, 10)
+                - (0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos())))
+            .abs()
                 < 1e-12
         );
-        assert_eq!(lr_factor("constant", 9, 2, 10), 1.0);
-        assert_eq!(lr_factor("constant", 0, 0, 10), 1.0);
+        assert_eq!(lr_factor(LrScheduler::Constant, 9, 2, 10), 1.0);
+        assert_eq!(lr_factor(LrScheduler::Constant, 0, 0, 10), 1.0);
     }
 }

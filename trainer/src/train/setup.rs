@@ -143,7 +143,7 @@ pub(crate) fn optimizer(t: &crate::recipe::TrainSection, model: &Llama) -> Modul
 pub fn dist_options(recipe: &Recipe) -> crate::dist::Options {
     let d = &recipe.dist;
     crate::dist::Options {
-        backend: d.backend.clone(),
+        backend: d.backend.to_string(),
         timeout: std::time::Duration::from_secs_f64(d.timeout_s),
         bucket_bytes: (d.bucket_mb * 1e6) as usize,
         cuda: recipe.train.device.starts_with("cuda"),
@@ -252,7 +252,7 @@ pub(super) fn open_run(
 /// plain `cuda` is this process's GPU: the local rank's.
 pub(super) fn device(recipe: &Recipe, dp: &crate::dist::Group) -> Result<Device> {
     let t = &recipe.train;
-    kernels::set_kernels(kernels::Kernels::parse(&t.kernels).unwrap_or_default());
+    kernels::set_kernels(t.kernels.into());
     let name = if dp.world_size() > 1 && t.device == "cuda" {
         format!("cuda:{}", dp.local_rank)
     } else {
