@@ -124,7 +124,7 @@ mod tests {
             .sum::<f64>()
             / 2.0;
         close(values(loss)[0], want, 1e-6);
-        close(m.get("rewards/chosen").unwrap(), 2.0 * -1.0, 1e-6);
+        close(m.get("rewards/chosen").unwrap(), -2.0, 1e-6);
         close(m.get("rewards/rejected").unwrap(), 2.0 * -1.125, 1e-6);
         close(m.get("rewards/margins").unwrap(), (1.0 - 0.5) / 2.0, 1e-6);
         close(m.get("rewards/accuracies").unwrap(), 0.5, 0.0);

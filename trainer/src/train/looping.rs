@@ -168,7 +168,7 @@ impl<'a> Loop<'a> {
                 self.record(stepped)?;
                 let step = self.s.global_step;
                 if self.p.recipe.train.eval_steps > 0
-                    && step % self.p.recipe.train.eval_steps == 0
+                    && step.is_multiple_of(self.p.recipe.train.eval_steps)
                     && step < self.total
                     && let Some((loss, _)) = self.eval()?
                 {
@@ -317,7 +317,7 @@ impl<'a> Loop<'a> {
         if finite {
             self.s.history.push((step, st.loss));
         }
-        if finite && (step % t.logging_steps.max(1) == 0 || step == self.total) {
+        if finite && (step.is_multiple_of(t.logging_steps.max(1)) || step == self.total) {
             let mut line = json!({
                 "loss": st.loss, "learning_rate": st.lr, "grad_norm": st.grad_norm,
                 "num_tokens": self.s.seen_tokens, "epoch": self.epoch_f, "step": step,
@@ -358,7 +358,7 @@ impl<'a> Loop<'a> {
         let t = &self.p.recipe.train;
         let step = self.s.global_step;
         let signal = self.pending_signal.take().filter(|_| step < self.total);
-        let due = t.save_steps > 0 && step % t.save_steps == 0 && step < self.total;
+        let due = t.save_steps > 0 && step.is_multiple_of(t.save_steps) && step < self.total;
         if !due && signal.is_none() {
             return Ok(());
         }

@@ -198,39 +198,6 @@ pub(super) fn same_run(saved: &str, recipe: &Recipe, origin: &str) -> bool {
     now.to_toml() == before.to_toml()
 }
 
-#[cfg(test)]
-mod resume_tests {
-    use super::same_run;
-    use crate::recipe::parse;
-
-    const TEXT: &str =
-        "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[train]\nlearning_rate = 0.01\n";
-
-    /// A resume may change the accumulation and `[dist]` (another number of processes),
-    /// nothing else; a run directory written before a key existed still resumes.
-    #[test]
-    fn resume_allows_only_what_another_world_size_changes() {
-        let saved = parse(TEXT, "t", &[]).unwrap().to_toml();
-        let with = |sets: &[&str]| {
-            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-            parse(TEXT, "t", &sets).unwrap()
-        };
-        assert!(same_run(&saved, &with(&[]), "t"));
-        assert!(same_run(
-            &saved,
-            &with(&["train.gradient_accumulation_steps=4", "dist.timeout_s=30"]),
-            "t"
-        ));
-        assert!(!same_run(&saved, &with(&["train.learning_rate=0.02"]), "t"));
-        assert!(!same_run(&saved, &with(&["train.bf16=true"]), "t"));
-        // An older run's recipe.toml, without the [dist] section.
-        let old: String = saved.split("\n[dist]").next().unwrap().to_string();
-        assert_ne!(old, saved);
-        assert!(same_run(&old, &with(&[]), "t"));
-        assert!(!same_run("not toml", &with(&[]), "t"));
-    }
-}
-
 /// The run directory: rank 0 opens or creates it (and the base model, when it is to be
 /// made); the other ranks only follow, and all agree before going on.
 pub(super) fn open_run(
@@ -272,4 +239,37 @@ pub(super) fn pad_token(config: &ModelConfig) -> u32 {
         .pad_token_id
         .or(config.eos_token_ids.first().copied())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::same_run;
+    use crate::recipe::parse;
+
+    const TEXT: &str =
+        "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[train]\nlearning_rate = 0.01\n";
+
+    /// A resume may change the accumulation and `[dist]` (another number of processes),
+    /// nothing else; a run directory written before a key existed still resumes.
+    #[test]
+    fn resume_allows_only_what_another_world_size_changes() {
+        let saved = parse(TEXT, "t", &[]).unwrap().to_toml();
+        let with = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            parse(TEXT, "t", &sets).unwrap()
+        };
+        assert!(same_run(&saved, &with(&[]), "t"));
+        assert!(same_run(
+            &saved,
+            &with(&["train.gradient_accumulation_steps=4", "dist.timeout_s=30"]),
+            "t"
+        ));
+        assert!(!same_run(&saved, &with(&["train.learning_rate=0.02"]), "t"));
+        assert!(!same_run(&saved, &with(&["train.bf16=true"]), "t"));
+        // An older run's recipe.toml, without the [dist] section.
+        let old: String = saved.split("\n[dist]").next().unwrap().to_string();
+        assert_ne!(old, saved);
+        assert!(same_run(&old, &with(&[]), "t"));
+        assert!(!same_run("not toml", &with(&[]), "t"));
+    }
 }
