@@ -59,14 +59,6 @@ impl Examples {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    pub fn shape(&self) -> Shape {
-        match self {
-            Examples::Sequences(_) => Shape::Sequences,
-            Examples::Pairs(_) => Shape::Pairs,
-            Examples::Prompts(_) => Shape::Prompts,
-        }
-    }
 }
 
 /// One micro-batch: rows for SFT, or indices of pairs or prompts.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
-use super::{Metrics, log_sigmoid, preference_metrics, values};
+use super::{Metrics, scaled_preference_metrics, smoothed_sigmoid_loss, values};
 use crate::Result;
 use crate::examples::{Micro, Shape};
 use crate::recipe::Recipe;
@@ -69,12 +69,8 @@ pub fn cpo_loss(
 ) -> (Tensor<1>, Metrics) {
     let eps = label_smoothing;
     let delta = (chosen.clone() - rejected.clone()).mul_scalar(beta);
-    let losses = log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps))
-        - log_sigmoid(delta.neg()).mul_scalar(eps);
-    let loss = losses.mean() + nll.clone().mul_scalar(alpha);
-    let chosen_rewards = values(chosen.clone().detach().mul_scalar(beta));
-    let rejected_rewards = values(rejected.clone().detach().mul_scalar(beta));
-    let mut m = preference_metrics(&chosen_rewards, &rejected_rewards, chosen, rejected);
+    let loss = smoothed_sigmoid_loss(delta, eps).mean() + nll.clone().mul_scalar(alpha);
+    let mut m = scaled_preference_metrics(beta, chosen, rejected);
     m.mean("nll_loss", values(nll.detach())[0]);
     (loss, m)
 }

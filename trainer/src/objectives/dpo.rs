@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::objective::{LossInput, MicroOutput, Objective, Prepare};
 pub use super::pairs::PairLogps;
 use super::pairs::Pairs;
-use super::{Metrics, log_sigmoid, preference_metrics, values};
+use super::{Metrics, log_sigmoid, preference_metrics, smoothed_sigmoid_loss, values};
 use crate::examples::{Examples, Micro, Shape};
 use crate::recipe::Recipe;
 use crate::ref_cache::{RefCacheKey, default_cache_dir, precompute};
@@ -201,10 +201,7 @@ pub fn dpo_loss(
     let h = chosen_ratio.clone() - rejected_ratio.clone();
     let delta = h.clone().mul_scalar(beta);
     let losses = match loss_type {
-        DpoLossType::Sigmoid => {
-            log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps))
-                - log_sigmoid(delta.neg()).mul_scalar(eps)
-        }
+        DpoLossType::Sigmoid => smoothed_sigmoid_loss(delta, eps),
         DpoLossType::Ipo => h.sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2),
         // `relu`, not `clamp_min(0)`: at `Δ = 1` PyTorch's relu (which TRL uses) passes
         // no gradient, where a clamp passes all of it.

@@ -95,6 +95,20 @@ pub fn preference_metrics(
     m
 }
 
+/// [`preference_metrics`] for rewards that are the policy's log-probs times `scale`
+/// (reference-free methods: ORPO, SimPO, CPO).
+pub fn scaled_preference_metrics(scale: f64, chosen: Tensor<1>, rejected: Tensor<1>) -> Metrics {
+    let chosen_rewards = values(chosen.clone().detach().mul_scalar(scale));
+    let rejected_rewards = values(rejected.clone().detach().mul_scalar(scale));
+    preference_metrics(&chosen_rewards, &rejected_rewards, chosen, rejected)
+}
+
+/// The label-smoothed sigmoid loss of a preference margin `Δ`, per pair:
+/// `−(1−ε)·log σ(Δ) − ε·log σ(−Δ)` (DPO's `sigmoid`, SimPO, CPO).
+pub fn smoothed_sigmoid_loss(delta: Tensor<1>, eps: f64) -> Tensor<1> {
+    log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps)) - log_sigmoid(delta.neg()).mul_scalar(eps)
+}
+
 /// `log σ(x) = min(x, 0) − log(1 + e^{−|x|})`: finite for every finite `x`, where the
 /// textbook `−log(1 + e^{−x})` overflows for large negative `x`.
 ///

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
-use super::{Metrics, log_sigmoid, log1m_exp, mean, preference_metrics, values};
+use super::{Metrics, log_sigmoid, log1m_exp, mean, scaled_preference_metrics, values};
 use crate::Result;
 use crate::examples::{Micro, Shape};
 use crate::recipe::Recipe;
@@ -87,9 +87,7 @@ pub fn orpo_loss(
     let ratio = log_sigmoid(log_odds.clone());
     let loss = nll.clone() - ratio.clone().mean().mul_scalar(lambda);
 
-    let chosen_rewards = values(avg_chosen.clone().detach().mul_scalar(lambda));
-    let rejected_rewards = values(avg_rejected.clone().detach().mul_scalar(lambda));
-    let mut m = preference_metrics(&chosen_rewards, &rejected_rewards, avg_chosen, avg_rejected);
+    let mut m = scaled_preference_metrics(lambda, avg_chosen, avg_rejected);
     m.mean("nll_loss", values(nll.detach())[0]);
     m.mean("log_odds_ratio", mean(&values(ratio.detach())));
     m.mean("log_odds_chosen", mean(&values(log_odds.detach())));

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
-use super::{Metrics, log_sigmoid, preference_metrics, values};
+use super::{Metrics, scaled_preference_metrics, smoothed_sigmoid_loss};
 use crate::Result;
 use crate::examples::{Micro, Shape};
 use crate::recipe::Recipe;
@@ -68,12 +68,11 @@ pub fn simpo_loss(
     let delta = (avg_chosen.clone() - avg_rejected.clone())
         .mul_scalar(beta)
         .sub_scalar(gamma);
-    let losses = log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps))
-        - log_sigmoid(delta.neg()).mul_scalar(eps);
-    let chosen_rewards = values(avg_chosen.clone().detach().mul_scalar(beta));
-    let rejected_rewards = values(avg_rejected.clone().detach().mul_scalar(beta));
-    let m = preference_metrics(&chosen_rewards, &rejected_rewards, avg_chosen, avg_rejected);
-    (losses.mean(), m)
+    let loss = smoothed_sigmoid_loss(delta, eps).mean();
+    (
+        loss,
+        scaled_preference_metrics(beta, avg_chosen, avg_rejected),
+    )
 }
 
 impl Objective for Simpo {
@@ -109,6 +108,7 @@ impl Objective for Simpo {
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{close, ls, t};
+    use super::super::values;
     use super::*;
 
     #[test]

@@ -75,7 +75,8 @@ pub(super) struct Loop<'a> {
     bad_streak: usize,
     /// A stop signal seen by any rank, acted on at the next checkpoint opportunity.
     pending_signal: Option<i32>,
-    epoch_f: f64,
+    /// Epoch 0's micro-batches, cut once to size the run and reused when it starts there.
+    first_epoch: Option<Vec<Micro>>,
     started: Instant,
 }
 
@@ -98,10 +99,8 @@ impl<'a> Loop<'a> {
         let per_step = p.objective.micros_per_step(t.gradient_accumulation_steps);
         let iterations = p.objective.iterations();
         let eval_batches = eval_batches(&p.sets.eval, t.per_device_train_batch_size, p.pad);
-        let batches_per_epoch = p
-            .objective
-            .epoch_batches(&p.sets.train, &batching, 0)?
-            .len();
+        let first_epoch = p.objective.epoch_batches(&p.sets.train, &batching, 0)?;
+        let batches_per_epoch = first_epoch.len();
         // A step consumes `per_step` micro-batches on each rank: the global batch.
         let world = p.dp.world_size();
         let steps_per_epoch = batches_per_epoch.div_ceil(per_step * world).max(1) * iterations;
@@ -130,7 +129,7 @@ impl<'a> Loop<'a> {
             bar,
             bad_streak: 0,
             pending_signal: None,
-            epoch_f: 0.0,
+            first_epoch: Some(first_epoch),
             started: Instant::now(),
         })
     }
@@ -142,10 +141,14 @@ impl<'a> Loop<'a> {
         self.bar.set_position(self.s.global_step as u64);
         let span = self.per_step * self.p.dp.world_size();
         loop {
-            let batches =
-                self.p
-                    .objective
-                    .epoch_batches(&self.p.sets.train, &self.batching, self.s.epoch)?;
+            let batches = match self.first_epoch.take() {
+                Some(b) if self.s.epoch == 0 => b,
+                _ => self.p.objective.epoch_batches(
+                    &self.p.sets.train,
+                    &self.batching,
+                    self.s.epoch,
+                )?,
+            };
             let start = self.s.next_micro.min(batches.len());
             let iterations = self.iterations;
             let groups: Vec<(usize, &[Micro], usize)> = batches[start..]
@@ -294,13 +297,10 @@ impl<'a> Loop<'a> {
         }
         self.s.global_step += 1;
         let step = self.s.global_step;
-        let epoch = self.s.epoch;
-        self.epoch_f = epoch as f64
-            + (step - epoch * self.steps_per_epoch) as f64 / self.steps_per_epoch as f64;
         let run = self.p.run;
         if let Some(what) = st.bad {
             run.log(&json!({
-                "step": step, "epoch": self.epoch_f, "skipped_step": true,
+                "step": step, "epoch": self.epoch_f(), "skipped_step": true,
                 "skipped_steps": self.s.skipped_steps,
             }))?;
             if self.bad_streak >= t.max_bad_steps.max(1) {
@@ -320,7 +320,7 @@ impl<'a> Loop<'a> {
         if finite && (step.is_multiple_of(t.logging_steps.max(1)) || step == self.total) {
             let mut line = json!({
                 "loss": st.loss, "learning_rate": st.lr, "grad_norm": st.grad_norm,
-                "num_tokens": self.s.seen_tokens, "epoch": self.epoch_f, "step": step,
+                "num_tokens": self.s.seen_tokens, "epoch": self.epoch_f(), "step": step,
             });
             for (name, value, _) in &st.metrics.0 {
                 line[name.as_ref()] = json!(value);
@@ -339,6 +339,12 @@ impl<'a> Loop<'a> {
             st.loss, st.lr
         ));
         Ok(())
+    }
+
+    /// The fractional epoch of the current step, as TRL logs it.
+    fn epoch_f(&self) -> f64 {
+        let (step, epoch, per) = (self.s.global_step, self.s.epoch, self.steps_per_epoch);
+        epoch as f64 + (step - epoch * per) as f64 / per as f64
     }
 
     fn last_checkpoint(&self) -> String {
@@ -430,7 +436,7 @@ impl<'a> Loop<'a> {
                 self.p.objective.as_ref(),
                 (*loss, m, *tokens),
                 self.s.global_step,
-                self.epoch_f,
+                self.epoch_f(),
             )?;
         }
         Ok(got.map(|(l, m, _)| (l, m)))
