@@ -33,7 +33,7 @@ use serde_json::json;
 use trainer::batch::LmBatch;
 use trainer::generate::{Sampling, generate_batch};
 use trainer::model::Llama;
-use trainer::model::lora::attach_lora;
+use trainer::model::adapter::attach_lora;
 use trainer::model::precision::{Precision, with_precision};
 use trainer::model::{init_random_weights, load_model};
 use trainer::objectives::sft::sft_loss;

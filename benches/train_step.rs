@@ -14,8 +14,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use data::batch::Batch;
 use data::tokenize::Sequence;
 use trainer::batch::LmBatch;
+use trainer::model::adapter::attach_lora;
 use trainer::model::load_model;
-use trainer::model::lora::attach_lora;
 
 mod common;
 use common::{lora_on_all_projections, peak_rss_mib, small_model};

@@ -10,7 +10,7 @@ use checkpoints::{OwnedTensor, WeightFiles};
 mod common;
 use common::{copy_dir, hearth, jsonl, metric_lines};
 
-fn ok(args: &[&str]) {
+fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) {
     let out = hearth(args);
     assert!(
         out.status.success(),
@@ -20,7 +20,7 @@ fn ok(args: &[&str]) {
 }
 
 /// The command fails with exit code 1 and a single `error:` line containing every needle.
-fn fails(args: &[&str], needles: &[&str]) {
+fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], needles: &[&str]) {
     let out = hearth(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "hearth {args:?}: {stderr}");
@@ -733,19 +733,8 @@ fn train_tiny_sft_recipe_end_to_end() {
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
     let base = tmp.path().join("base");
     let run = tmp.path().join("run");
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
-    let set_base = format!("model.path={:?}", s(&base));
-    let set_data = format!("data.train={:?}", s(&data));
-    ok(&[
-        "train",
-        s(&recipe),
-        "--out",
-        s(&run),
-        "--set",
-        &set_base,
-        "--set",
-        &set_data,
-    ]);
+    let sft = TinyRun::sft(&base);
+    ok(&sft.out(&run));
 
     // metrics.jsonl with TRL's names; the assistant-token loss falls clearly.
     let lines = metric_lines(&run);
@@ -869,19 +858,7 @@ fn train_tiny_sft_recipe_end_to_end() {
     assert!(max_diff(&a, &p) > 1e-2, "training changed nothing");
 
     // A second run into the same directory is refused; unknown keys name the nearest one.
-    fails(
-        &[
-            "train",
-            s(&recipe),
-            "--out",
-            s(&run),
-            "--set",
-            &set_base,
-            "--set",
-            &set_data,
-        ],
-        &["already holds a run"],
-    );
+    fails(&sft.out(&run), &["already holds a run"]);
     fails(
         &[
             "train",
@@ -921,12 +898,12 @@ fn sigkilled_runs_resume_to_identical_weights_and_metrics() {
         "lora.dropout=0.1",
     ];
     let run_a = tmp.path().join("a");
-    let args = tiny_sft_args("--out", &run_a, &base, &extra);
-    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = TinyRun::sft(&base).sets(&extra).out(&run_a);
+    ok(&args);
 
     let run_b = tmp.path().join("b");
-    let start = tiny_sft_args("--out", &run_b, &base, &extra);
-    let resume = tiny_sft_args("--resume", &run_b, &base, &extra);
+    let start = TinyRun::sft(&base).sets(&extra).out(&run_b);
+    let resume = TinyRun::sft(&base).sets(&extra).resume(&run_b);
     let mut kills = 0;
     for (args, wait_for) in [(&start, "checkpoint-8"), (&resume, "checkpoint-16")] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
@@ -1037,8 +1014,10 @@ fn gradient_checkpointing_leaves_the_losses_bit_identical() {
     for (name, flag) in [("plain", "false"), ("checkpointed", "true")] {
         let run = tmp.path().join(name);
         let gc = format!("train.gradient_checkpointing={flag}");
-        let args = tiny_sft_args("--out", &run, &base, &["train.max_steps=3", &gc]);
-        ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let args = TinyRun::sft(&base)
+            .sets(&["train.max_steps=3", &gc])
+            .out(&run);
+        ok(&args);
         lines.push(loss_lines(&run));
     }
     assert_eq!(lines[0].len(), 3);
@@ -1049,13 +1028,10 @@ fn gradient_checkpointing_leaves_the_losses_bit_identical() {
 fn training_on_packed_rows_runs_and_learns_from_every_row() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let args = tiny_sft_args(
-        "--out",
-        &run,
-        &tmp.path().join("base"),
-        &["data.packing=true", "train.max_steps=4"],
-    );
-    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = TinyRun::sft(&tmp.path().join("base"))
+        .sets(&["data.packing=true", "train.max_steps=4"])
+        .out(&run);
+    ok(&args);
     let lines = loss_lines(&run);
     assert_eq!(lines.len(), 4);
     for line in &lines {
@@ -1083,18 +1059,7 @@ fn reward_model_scores_conversations_and_reports_preference_accuracy() {
     let base = tmp.path().join("base");
     let run = tmp.path().join("reward");
     let pairs = root.join("data/examples/counseling-preference.jsonl");
-    let set_base = format!("model.path={:?}", s(&base));
-    let set_data = format!("data.train={:?}", s(&pairs));
-    ok(&[
-        "train",
-        s(&root.join("recipes/tiny-reward.toml")),
-        "--out",
-        s(&run),
-        "--set",
-        &set_base,
-        "--set",
-        &set_data,
-    ]);
+    ok(&TinyRun::of("tiny-reward.toml", s(&pairs), &base).out(&run));
     let fin = run.join("final");
 
     // Scores from the merged classifier and from base + SEQ_CLS adapter agree.
@@ -1323,46 +1288,61 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
     );
 }
 
-fn tiny_sft_args(verb: &str, run: &Path, base: &Path, extra: &[&str]) -> Vec<String> {
-    recipe_args(
-        "tiny-sft.toml",
-        "counseling-sft.jsonl",
-        verb,
-        run,
-        base,
-        extra,
-    )
+/// A tiny run of a shipped recipe on bundled data, the base at `base` and `--set`
+/// overrides on top: how the training tests here start their runs.
+struct TinyRun {
+    recipe: PathBuf,
+    sets: Vec<String>,
 }
 
-/// `hearth train recipes/RECIPE VERB RUN` on the base at `base` and the data file
-/// `data/examples/DATA` (an absolute path is taken as it is), with `extra` overrides.
-fn recipe_args(
-    recipe: &str,
-    data: &str,
-    verb: &str,
-    run: &Path,
-    base: &Path,
-    extra: &[&str],
-) -> Vec<String> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut args: Vec<String> = vec![
-        "train".into(),
-        s(&root.join("recipes").join(recipe)).into(),
-        verb.into(),
-        s(run).into(),
-    ];
-    let data = root.join("data/examples").join(data);
-    for set in [
-        format!("model.path={:?}", s(base)),
-        format!("data.train={:?}", s(&data)),
-    ]
-    .into_iter()
-    .chain(extra.iter().map(|e| e.to_string()))
-    {
-        args.push("--set".into());
-        args.push(set);
+impl TinyRun {
+    /// `recipes/tiny-sft.toml` on `data/examples/counseling-sft.jsonl`.
+    fn sft(base: &Path) -> Self {
+        Self::of("tiny-sft.toml", "counseling-sft.jsonl", base)
     }
-    args
+
+    /// `recipes/RECIPE` on `data/examples/DATA` (an absolute path is taken as it is).
+    fn of(recipe: &str, data: &str, base: &Path) -> Self {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let data = root.join("data/examples").join(data);
+        Self {
+            recipe: root.join("recipes").join(recipe),
+            sets: vec![
+                format!("model.path={:?}", s(base)),
+                format!("data.train={:?}", s(&data)),
+            ],
+        }
+    }
+
+    /// More `--set` overrides.
+    fn sets(mut self, extra: &[&str]) -> Self {
+        self.sets.extend(extra.iter().map(|e| e.to_string()));
+        self
+    }
+
+    /// `hearth train RECIPE --out RUN --set …`.
+    fn out(&self, run: &Path) -> Vec<String> {
+        self.args("--out", run)
+    }
+
+    /// `hearth train RECIPE --resume RUN --set …`.
+    fn resume(&self, run: &Path) -> Vec<String> {
+        self.args("--resume", run)
+    }
+
+    fn args(&self, verb: &str, run: &Path) -> Vec<String> {
+        let mut args = vec![
+            "train".into(),
+            s(&self.recipe).into(),
+            verb.into(),
+            s(run).into(),
+        ];
+        for set in &self.sets {
+            args.push("--set".into());
+            args.push(set.clone());
+        }
+        args
+    }
 }
 
 #[test]
@@ -1375,15 +1355,15 @@ fn sigterm_and_sigint_checkpoint_then_exit_with_the_shell_codes() {
         "lora.dropout=0.1",
     ];
     let a = tmp.path().join("a");
-    let args = tiny_sft_args("--out", &a, &base, &extra);
-    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = TinyRun::sft(&base).sets(&extra).out(&a);
+    ok(&args);
     let final_bytes =
         |run: &Path| std::fs::read(run.join("final/adapter_model.safetensors")).unwrap();
 
     for (signal, code) in [("TERM", 143), ("INT", 130)] {
         let b = tmp.path().join(format!("b-{signal}"));
         let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(tiny_sft_args("--out", &b, &base, &extra))
+            .args(TinyRun::sft(&base).sets(&extra).out(&b))
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -1416,8 +1396,8 @@ fn sigterm_and_sigint_checkpoint_then_exit_with_the_shell_codes() {
             .unwrap();
         assert!(step < 40 && b.join(format!("checkpoint-{step}")).is_dir());
         // Resuming from the signal's checkpoint ends where the uninterrupted run did.
-        let resume = tiny_sft_args("--resume", &b, &base, &extra);
-        ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+        let resume = TinyRun::sft(&base).sets(&extra).resume(&b);
+        ok(&resume);
         assert!(
             final_bytes(&a) == final_bytes(&b),
             "SIG{signal}: resumed weights differ"
@@ -1431,19 +1411,16 @@ fn diverging_runs_skip_bad_steps_then_stop_naming_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     // A learning rate of 1e30 wrecks the weights in one update; every later loss is NaN.
-    let args = tiny_sft_args(
-        "--out",
-        &run,
-        &tmp.path().join("base"),
-        &[
+    let args = TinyRun::sft(&tmp.path().join("base"))
+        .sets(&[
             "train.learning_rate=1e30",
             "train.warmup_ratio=0",
             "train.max_steps=20",
             "train.save_steps=1",
             "train.save_total_limit=10",
             "train.max_bad_steps=3",
-        ],
-    );
+        ])
+        .out(&run);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let last_saved = {
         let out = hearth(&args);
@@ -1496,8 +1473,8 @@ fn damaged_checkpoints_are_refused_naming_the_next_good_one() {
         "train.save_steps=2",
         "train.save_total_limit=3",
     ];
-    let args = tiny_sft_args("--out", &run, &base, &extra);
-    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = TinyRun::sft(&base).sets(&extra).out(&run);
+    ok(&args);
     std::fs::remove_dir_all(run.join("final")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(run.join("checkpoint-6/manifest.json")).unwrap(),
@@ -1514,7 +1491,7 @@ fn damaged_checkpoints_are_refused_naming_the_next_good_one() {
             "{file} not in the manifest"
         );
     }
-    let resume = tiny_sft_args("--resume", &run, &base, &extra);
+    let resume = TinyRun::sft(&base).sets(&extra).resume(&run);
     let resume: Vec<&str> = resume.iter().map(String::as_str).collect();
     let weights = run.join("checkpoint-6/adapter_model.safetensors");
     let good = std::fs::read(&weights).unwrap();
@@ -1704,8 +1681,8 @@ fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
         "train.save_steps=2",
         "train.save_total_limit=2",
     ];
-    let args = tiny_sft_args("--out", &run, &base, &extra);
-    let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = TinyRun::sft(&base).sets(&extra).out(&run);
+    let out = hearth(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -1740,8 +1717,8 @@ fn a_full_disk_stops_training_and_keeps_the_previous_checkpoint() {
     // Moved to a disk with room, the run resumes from it and finishes.
     let roomy = tmp.path().join("roomy");
     copy_dir(&run, &roomy);
-    let resume = tiny_sft_args("--resume", &roomy, &base, &extra);
-    ok(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let resume = TinyRun::sft(&base).sets(&extra).resume(&roomy);
+    ok(&resume);
     assert!(roomy.join("final/adapter_model.safetensors").is_file());
 }
 
@@ -1758,7 +1735,9 @@ fn read_only_output_fails_with_one_line_and_keeps_the_checkpoint() {
     };
     let run = mnt.join("run");
     let extra = ["train.max_steps=4", "train.save_steps=2"];
-    ok(&tiny_sft_args("--out", &run, &base, &extra)
+    ok(&TinyRun::sft(&base)
+        .sets(&extra)
+        .out(&run)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -1766,7 +1745,7 @@ fn read_only_output_fails_with_one_line_and_keeps_the_checkpoint() {
     std::fs::remove_dir_all(run.join("final")).unwrap();
     disk.remount_read_only();
     let one_line = |args: Vec<String>, path: &Path| {
-        let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let out = hearth(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -1775,10 +1754,10 @@ fn read_only_output_fails_with_one_line_and_keeps_the_checkpoint() {
             "{stderr}"
         );
     };
-    one_line(tiny_sft_args("--resume", &run, &base, &extra), &run);
+    one_line(TinyRun::sft(&base).sets(&extra).resume(&run), &run);
     checkpoints::verify_manifest(&run.join("checkpoint-2")).unwrap();
     let fresh = mnt.join("fresh");
-    one_line(tiny_sft_args("--out", &fresh, &base, &extra), &fresh);
+    one_line(TinyRun::sft(&base).sets(&extra).out(&fresh), &fresh);
     assert!(!fresh.exists());
 }
 
@@ -1805,12 +1784,9 @@ fn training_makes_no_network_access() {
 
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
-    let args = tiny_sft_args(
-        "--out",
-        &run,
-        &tmp.path().join("base"),
-        &["train.max_steps=2"],
-    );
+    let args = TinyRun::sft(&tmp.path().join("base"))
+        .sets(&["train.max_steps=2"])
+        .out(&run);
     let isolated = Command::new("unshare")
         .arg("--net")
         .arg(bin)
@@ -1839,7 +1815,6 @@ fn training_makes_no_network_access() {
 /// manifest's SHA-256s) and the same loss lines as an uninterrupted run.
 #[test]
 fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     let mut state = 0x2545_F491_4F6C_DD1Du64;
@@ -1857,31 +1832,15 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
         ("tiny-reward.toml", "counseling-preference.jsonl"),
         ("tiny-grpo.toml", "counseling-prompts.jsonl"),
     ] {
-        let args = |verb: &str, run: &Path| -> Vec<String> {
-            let mut a: Vec<String> = vec![
-                "train".into(),
-                s(&root.join("recipes").join(recipe)).into(),
-                verb.into(),
-                s(run).into(),
-            ];
-            for set in [
-                format!("model.path={:?}", s(&base)),
-                format!("data.train={:?}", s(&root.join("data/examples").join(data))),
-                "train.max_steps=12".into(),
-                "train.save_steps=2".into(),
-                "train.save_total_limit=2".into(),
-            ] {
-                a.push("--set".into());
-                a.push(set);
-            }
-            a
-        };
+        let run = TinyRun::of(recipe, data, &base).sets(&[
+            "train.max_steps=12",
+            "train.save_steps=2",
+            "train.save_total_limit=2",
+        ]);
+        let args = |verb: &str, dir: &Path| run.args(verb, dir);
         let a = tmp.path().join(format!("{recipe}-a"));
         let started = std::time::Instant::now();
-        ok(&args("--out", &a)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>());
+        ok(&args("--out", &a));
         let whole = started.elapsed();
 
         let b = tmp.path().join(format!("{recipe}-b"));
@@ -1939,10 +1898,7 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
             } else {
                 "--out"
             };
-            ok(&args(verb, &b)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>());
+            ok(&args(verb, &b));
         }
         assert!(b.join("final").exists(), "{recipe}: never finished");
         assert!(kills >= 2, "{recipe}: only {kills} kills landed");
@@ -1970,7 +1926,11 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
 
 /// The command ends with `needles` in one `error:` line, and `files` are byte for byte
 /// what they were before it ran.
-fn fails_keeping(args: &[&str], needles: &[&str], files: &[&Path]) {
+fn fails_keeping<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    needles: &[&str],
+    files: &[&Path],
+) {
     let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
     fails(args, needles);
     for (f, b) in files.iter().zip(before) {
@@ -1990,8 +1950,8 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
     ok(&["init-model", "--out", s(&base)]);
     ok(&["init-model", "--out", s(&other), "--seed", "3"]);
     let run = tmp.path().join("run");
-    let args = tiny_sft_args("--out", &run, &base, &["train.max_steps=1"]);
-    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = TinyRun::sft(&base).sets(&["train.max_steps=1"]).out(&run);
+    ok(&args);
     let adapter = run.join("final");
     let weights = base.join("model.safetensors");
     let other_weights = other.join("model.safetensors");
@@ -2046,7 +2006,7 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
         }
     }
     let m = merge(&tmp.path().join("merged"));
-    ok(&m.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&m);
     fails(
         &["convert", "--model", s(&base), "--out", s(&other)],
         &["already holds a model"],
@@ -2115,16 +2075,10 @@ fn a_tokenizer_with_ids_beyond_the_vocab_is_refused_at_load() {
     ok(&["init-model", "--out", s(&big), "--vocab-size", "700"]);
     std::fs::copy(big.join("tokenizer.json"), small.join("tokenizer.json")).unwrap();
     let needles = ["small/tokenizer.json", "largest id is", "vocab_size"];
-    let args = tiny_sft_args(
-        "--out",
-        &tmp.path().join("run"),
-        &small,
-        &["train.max_steps=1"],
-    );
-    fails(
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &needles,
-    );
+    let args = TinyRun::sft(&small)
+        .sets(&["train.max_steps=1"])
+        .out(&tmp.path().join("run"));
+    fails(&args, &needles);
     fails(
         &["generate", "--model", s(&small), "--prompt", "hi"],
         &needles,
@@ -2218,7 +2172,9 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_the_start() {
     let base = tmp.path().join("base");
     let extra = ["train.max_steps=3"];
     let whole = tmp.path().join("whole");
-    ok(&tiny_sft_args("--out", &whole, &base, &extra)
+    ok(&TinyRun::sft(&base)
+        .sets(&extra)
+        .out(&whole)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -2227,12 +2183,11 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_the_start() {
     std::fs::copy(whole.join("recipe.toml"), killed.join("recipe.toml")).unwrap();
     let first_line = loss_lines(&whole)[0].clone();
     std::fs::write(killed.join("metrics.jsonl"), format!("{first_line}\n")).unwrap();
-    let fresh = tiny_sft_args("--out", &killed, &base, &extra);
-    fails(
-        &fresh.iter().map(String::as_str).collect::<Vec<_>>(),
-        &["already holds a run", "--resume"],
-    );
-    ok(&tiny_sft_args("--resume", &killed, &base, &extra)
+    let fresh = TinyRun::sft(&base).sets(&extra).out(&killed);
+    fails(&fresh, &["already holds a run", "--resume"]);
+    ok(&TinyRun::sft(&base)
+        .sets(&extra)
+        .resume(&killed)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
@@ -2259,21 +2214,16 @@ fn a_row_that_cannot_be_rendered_is_named_or_skipped() {
         r#"{"messages": [{"role": "user", "content": "Is anyone there?"}]}"#,
     );
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
-    let set_data = format!("data.train={:?}", s(&data));
-    let extra = [
-        "train.max_steps=1",
-        set_data.as_str(),
-        "data.eval_fraction=0",
-    ];
-    let args = tiny_sft_args("--out", &tmp.path().join("a"), &base, &extra);
-    fails(
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &["rows.jsonl", "line 4", "no assistant tokens"],
-    );
+    let extra = ["train.max_steps=1", "data.eval_fraction=0"];
+    let rows = TinyRun::of("tiny-sft.toml", s(&data), &base);
+    let args = rows.sets(&extra).out(&tmp.path().join("a"));
+    fails(&args, &["rows.jsonl", "line 4", "no assistant tokens"]);
     let mut skipping = extra.to_vec();
     skipping.push("data.skip_bad_rows=true");
-    let args = tiny_sft_args("--out", &tmp.path().join("b"), &base, &skipping);
-    let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = TinyRun::of("tiny-sft.toml", s(&data), &base)
+        .sets(&skipping)
+        .out(&tmp.path().join("b"));
+    let out = hearth(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("skipped 1 bad rows"), "{stderr}");
@@ -2285,7 +2235,7 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     let warned = |args: Vec<String>, needle: &str| {
-        let out = hearth(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let out = hearth(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
         let lines: Vec<&str> = stderr
@@ -2297,12 +2247,9 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     warned(
-        tiny_sft_args(
-            "--out",
-            &tmp.path().join("alpha"),
-            &base,
-            &["train.max_steps=1", "lora.alpha=0"],
-        ),
+        TinyRun::sft(&base)
+            .sets(&["train.max_steps=1", "lora.alpha=0"])
+            .out(&tmp.path().join("alpha")),
         "lora.alpha = 0",
     );
     // Preference pairs, three of them with chosen equal to rejected.
@@ -2321,28 +2268,18 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
         })
         .collect();
     std::fs::write(&pairs, rows.join("\n") + "\n").unwrap();
-    let dpo = recipe_args(
-        "tiny-dpo.toml",
-        s(&pairs),
-        "--out",
-        &tmp.path().join("dpo"),
-        &base,
-        &["train.max_steps=1", "data.eval_fraction=0"],
-    );
+    let dpo = TinyRun::of("tiny-dpo.toml", s(&pairs), &base)
+        .sets(&["train.max_steps=1", "data.eval_fraction=0"])
+        .out(&tmp.path().join("dpo"));
     warned(dpo, "3 preference pairs have a chosen completion equal");
-    let grpo = recipe_args(
-        "tiny-grpo.toml",
-        "counseling-prompts.jsonl",
-        "--out",
-        &tmp.path().join("grpo"),
-        &base,
-        &[
+    let grpo = TinyRun::of("tiny-grpo.toml", "counseling-prompts.jsonl", &base)
+        .sets(&[
             "train.max_steps=1",
             "grpo.temperature=0",
             "train.per_device_train_batch_size=8",
             "train.gradient_accumulation_steps=1",
             "grpo.max_completion_length=4",
-        ],
-    );
+        ])
+        .out(&tmp.path().join("grpo"));
     warned(grpo, "grpo.temperature = 0");
 }

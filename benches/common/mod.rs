@@ -4,8 +4,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 use checkpoints::{ModelConfig, SaveOptions};
+use trainer::model::adapter::{LAYER_PROJECTIONS, LoraSettings};
 use trainer::model::init_random_weights;
-use trainer::model::lora::{LAYER_PROJECTIONS, LoraSettings};
 
 /// The "small" config of the SFT issue, random weights, written to `dir`.
 pub fn small_model(dir: &std::path::Path) {

@@ -35,6 +35,12 @@ pub enum CheckpointError {
     },
     #[error("{path}: {reason}")]
     NotACheckpoint { path: PathBuf, reason: String },
+    /// A run directory, or one of its files, that cannot be used as asked.
+    #[error("{path}: {reason}")]
+    Run { path: PathBuf, reason: String },
+    /// A setting no file of this kind can have; the reason names where it came from.
+    #[error("{reason}")]
+    Invalid { reason: String },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
     #[error(

@@ -10,7 +10,7 @@ const CHECKPOINT_FILES: [&str; 4] = [
     names::CONFIG,
     names::SINGLE,
     names::INDEX,
-    "adapter_config.json",
+    crate::peft::CONFIG_FILE,
 ];
 
 /// Whether `dir` holds a model or adapter checkpoint.

@@ -8,7 +8,10 @@ mod config;
 mod error;
 pub mod guard;
 pub mod manifest;
+pub mod peft;
 mod read;
+pub mod run_dir;
+pub mod run_state;
 mod write;
 
 pub use config::{ModelConfig, ModelType, RopeScaling, WeightDtype};

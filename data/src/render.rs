@@ -18,6 +18,18 @@ pub enum TemplateChoice<'a> {
     Builtin(&'a str),
 }
 
+impl<'a> TemplateChoice<'a> {
+    /// The built-in template `builtin` when one is named, else the shipped one (`shipped`
+    /// by name, when the tokenizer ships several): what `--template` and a recipe's
+    /// `data.template` mean everywhere.
+    pub fn new(builtin: Option<&'a str>, shipped: Option<&'a str>) -> Self {
+        match builtin {
+            Some(name) => Self::Builtin(name),
+            None => Self::Shipped(shipped),
+        }
+    }
+}
+
 /// Loads the template `choice` names from `dir`.
 pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTemplate, DataError> {
     match choice {

@@ -287,6 +287,22 @@ impl std::str::FromStr for Kind {
     }
 }
 
+/// Writes [`generate`]'s rows to `out`, which appears only once complete.
+pub fn write(
+    kind: Kind,
+    n: usize,
+    seed: u64,
+    out: &std::path::Path,
+) -> Result<(), crate::DataError> {
+    let io = |path: &std::path::Path, source| crate::DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = std::path::PathBuf::from(format!("{}.tmp", out.display()));
+    std::fs::write(&tmp, generate(kind, n, seed)).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, out).map_err(|e| io(out, e))
+}
+
 /// `n` rows of `kind` as JSON Lines text, the same for the same seed.
 pub fn generate(kind: Kind, n: usize, seed: u64) -> String {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

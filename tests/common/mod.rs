@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs the `hearth` binary of this build, with no backtrace to clutter its stderr.
-pub fn hearth(args: &[&str]) -> Output {
+pub fn hearth<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(args)
         .env_remove("RUST_BACKTRACE")

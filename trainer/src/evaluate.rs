@@ -12,8 +12,7 @@ use data::tokenize::{PairTokens, Tokenized, Tokenizing, Truncation, TruncationCo
 use serde::Serialize;
 
 use crate::batch::{LmBatch, PairBatch, last_real_tokens};
-use crate::model::lora::load_adapter;
-use crate::model::{Llama, load_model};
+use crate::model::Llama;
 use crate::objectives::sequences::{halves, reward_scores, sequence_logps};
 use crate::objectives::values;
 use crate::{Result, TrainerError};
@@ -29,12 +28,8 @@ pub(crate) fn load_on(
     adapter: Option<&Path>,
     device: &Device,
 ) -> Result<(Llama, u32, tokenizers::Tokenizer)> {
-    let (config, model) = load_model(dir, device)?;
+    let (config, model) = crate::model::load_tuned(dir, adapter, device)?;
     let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size)?;
-    let model = match adapter {
-        Some(a) => load_adapter(a, model, device)?.0,
-        None => model,
-    };
     let pad = config
         .pad_token_id
         .or(config.eos_token_ids.first().copied())

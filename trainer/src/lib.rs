@@ -2,6 +2,7 @@
 //! the one training loop they share.
 
 pub mod batch;
+pub mod chat;
 pub mod choices;
 pub mod device;
 pub mod dist;
@@ -9,6 +10,7 @@ mod error;
 pub mod evaluate;
 pub mod examples;
 pub mod generate;
+pub mod inspect;
 pub mod logits;
 pub mod model;
 pub mod objectives;
@@ -16,10 +18,11 @@ pub mod pipeline;
 pub mod recipe;
 pub mod ref_cache;
 pub mod rewards;
-pub mod run_dir;
+pub mod selftest;
 pub mod signals;
 pub mod train;
 
+pub use checkpoints::run_dir;
 pub use error::TrainerError;
 
 /// Result alias for this crate.

@@ -7,7 +7,6 @@ use std::path::Path;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use checkpoints::{ModelConfig, OwnedTensor, TensorRef, WeightDtype, WeightFiles};
 
-use crate::model::load_model;
 use crate::{Result, TrainerError};
 
 /// What a logits run produced.
@@ -133,16 +132,15 @@ pub fn write_logits(
                 .unwrap_or(0);
             let batch = TokenBatch::tokenize(model_dir, texts, pad)?;
             (
-                model_dir.join("tokenizer.json").display().to_string(),
+                model_dir
+                    .join(checkpoints::names::TOKENIZER)
+                    .display()
+                    .to_string(),
                 batch,
             )
         }
     };
-    let (config, model) = load_model(model_dir, device)?;
-    let model = match adapter {
-        Some(dir) => crate::model::lora::load_adapter(dir, model, device)?.0,
-        None => model,
-    };
+    let (config, model) = crate::model::load_tuned(model_dir, adapter, device)?;
     let TokenBatch {
         ids,
         mask,

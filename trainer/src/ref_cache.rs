@@ -77,8 +77,8 @@ impl RefCacheKey {
                     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
                     name.ends_with(".safetensors")
                         || name.ends_with(".safetensors.index.json")
-                        || name == "config.json"
-                        || name == "adapter_config.json"
+                        || name == checkpoints::names::CONFIG
+                        || name == checkpoints::peft::CONFIG_FILE
                 })
                 .collect();
             files.sort();

@@ -10,7 +10,7 @@ use data::batch::Batch;
 use data::tokenize::{Tokenized, Tokenizing, Truncation, TruncationCounts};
 use data::{ChatTemplate, LoadOptions, load_examples};
 use trainer::batch::LmBatch;
-use trainer::model::lora::{
+use trainer::model::adapter::{
     LoraSettings, TARGETS, attach_lora, load_adapter, merge_lora, save_adapter,
 };
 use trainer::model::{Llama, NewModel, init_model, load_model, save_model};

@@ -8,7 +8,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use checkpoints::WeightFiles;
 use trainer::model::load_model;
-use trainer::model::precision::{Precision, with_precision};
+use trainer::model::precision::Precision;
+use trainer::model::with_precision;
 use trainer::recipe::load;
 use trainer::train::train;
 

@@ -36,7 +36,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
 pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer> {
     let tokenizer = data::tokenizer::load(dir)?;
     let file = if dir.is_dir() {
-        dir.join("tokenizer.json")
+        dir.join(checkpoints::names::TOKENIZER)
     } else {
         dir.to_path_buf()
     };
@@ -180,7 +180,7 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
 
 /// Files besides weights and config that travel with a checkpoint.
 const COMPANION_FILES: [&str; 5] = [
-    "tokenizer.json",
+    checkpoints::names::TOKENIZER,
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",

@@ -88,7 +88,10 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
         "initializer_range": spec.init_std,
         "torch_dtype": spec.dtype.hf_name(),
     });
-    let config = ModelConfig::from_json_str(&config_json.to_string(), &dir.join("config.json"))?;
+    let config = ModelConfig::from_json_str(
+        &config_json.to_string(),
+        &dir.join(checkpoints::names::CONFIG),
+    )?;
     let weights = init_random_weights(&config, spec.init_std, spec.seed);
     checkpoints::save_weights(dir, &weights, save)?;
     checkpoints::write_text(

@@ -1,8 +1,8 @@
 use std::collections::HashMap;
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::module::{embedding, linear};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use checkpoints::ModelConfig;
 
 use super::attention::{Attention, LayerCache};
@@ -11,7 +11,7 @@ use super::lora::Lora;
 use super::mask::attention_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
-use super::precision::{f32, to};
+use super::precision::{Precision, f32, to};
 use super::rope::{cos_sin, inverse_frequencies};
 use crate::{Result, TrainerError};
 
@@ -96,7 +96,7 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     /// What the activations compute in (see [`super::precision`]).
     #[module(skip)]
-    pub precision: super::precision::Precision,
+    pub precision: Precision,
 }
 
 impl Llama {
@@ -373,4 +373,26 @@ fn norm(
         )),
         eps: config.rms_norm_eps,
     })
+}
+
+/// Stores every frozen weight of `model` in `precision`'s dtype and marks the model to
+/// compute in it; trainable weights stay f32 masters.
+pub fn with_precision(model: Llama, precision: Precision) -> Llama {
+    struct Halve(DType);
+    impl ModuleMapper for Halve {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if param.is_require_grad() {
+                return param;
+            }
+            let dtype = self.0;
+            param.map(|t| to(t, dtype))
+        }
+    }
+    let mut model = if precision == Precision::F32 {
+        model
+    } else {
+        model.map(&mut Halve(precision.dtype()))
+    };
+    model.precision = precision;
+    model
 }

@@ -1,13 +1,14 @@
 //! The Llama-family decoder (Llama 2/3/3.x, Qwen2, Mistral), configured from a Hugging Face
 //! `config.json` and loaded from its safetensors by their HF names.
 
+pub mod adapter;
 mod attention;
 mod checkpoint;
 mod ids;
 mod init;
 mod linear;
 mod llama;
-pub mod lora;
+mod lora;
 mod mask;
 mod mlp;
 mod norm;
@@ -16,6 +17,7 @@ mod rope;
 mod score;
 mod specs;
 
+pub use adapter::load_tuned;
 pub use attention::LayerCache;
 pub use checkpoint::{
     convert, copy_companions, export_weights, init_random_weights, load_model, load_tokenizer,
@@ -23,7 +25,7 @@ pub use checkpoint::{
 };
 pub use ids::with_path_ids;
 pub use init::{NewModel, init_model};
-pub use llama::{KvCache, Llama};
+pub use llama::{KvCache, Llama, with_precision};
 pub use mask::attention_mask;
 pub use rope::inverse_frequencies;
 pub use score::with_score_head;

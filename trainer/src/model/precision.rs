@@ -4,10 +4,7 @@
 //! weights (adapters, or every weight in full fine-tuning) as f32 masters cast at use,
 //! RMSNorm, rotary positions, attention's softmax, and the head's log-softmax.
 
-use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType, Tensor};
-
-use super::Llama;
 
 /// The dtype activations flow in between the f32 islands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,26 +42,4 @@ pub fn to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
 /// `t` in f32.
 pub fn f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     to(t, DType::F32)
-}
-
-/// Stores every frozen weight of `model` in `precision`'s dtype and marks the model to
-/// compute in it; trainable weights stay f32 masters.
-pub fn with_precision(model: Llama, precision: Precision) -> Llama {
-    struct Halve(DType);
-    impl ModuleMapper for Halve {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if param.is_require_grad() {
-                return param;
-            }
-            let dtype = self.0;
-            param.map(|t| to(t, dtype))
-        }
-    }
-    let mut model = if precision == Precision::F32 {
-        model
-    } else {
-        model.map(&mut Halve(precision.dtype()))
-    };
-    model.precision = precision;
-    model
 }

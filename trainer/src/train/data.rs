@@ -47,11 +47,7 @@ pub(super) fn prepare_data(
 ) -> Result<Sets> {
     let d = &recipe.data;
     let dir = &recipe.model.path;
-    let choice = match &d.template {
-        Some(name) => TemplateChoice::Builtin(name),
-        None => TemplateChoice::Shipped(None),
-    };
-    let template = template_for(dir, choice)?;
+    let template = template_for(dir, TemplateChoice::new(d.template.as_deref(), None))?;
     let tokenizer = crate::model::load_tokenizer(dir, vocab_size)?;
     let options = d.load_options().map_err(TrainerError::Input)?;
     let truncation = d.truncation().map_err(TrainerError::Input)?;

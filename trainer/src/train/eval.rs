@@ -61,5 +61,5 @@ pub(super) fn log_eval(
     for (name, value, _) in &metrics.0 {
         line[format!("eval_{name}")] = json!(value);
     }
-    run.log(&line)
+    Ok(run.log(&line)?)
 }

@@ -8,8 +8,9 @@ use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use checkpoints::ModelConfig;
 
-use crate::model::lora::{LoraSettings, attach_lora, load_adapter};
-use crate::model::precision::{Precision, with_precision};
+use crate::model::adapter::{LoraSettings, attach_lora, load_adapter};
+use crate::model::precision::Precision;
+use crate::model::with_precision;
 use crate::model::{Llama, NewModel, init_model, load_model, with_score_head};
 use crate::objectives::{Objective, Reference};
 use crate::recipe::Recipe;
@@ -155,7 +156,7 @@ pub fn dist_options(recipe: &Recipe) -> crate::dist::Options {
 pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<RunDir> {
     let run = if resume {
         let run = RunDir::open(out)?;
-        let path = out.join("recipe.toml");
+        let path = out.join(crate::run_dir::RECIPE_FILE);
         let saved = std::fs::read_to_string(&path).unwrap_or_default();
         if !same_run(&saved, recipe, &path.display().to_string()) {
             return Err(TrainerError::Input(format!(
@@ -170,7 +171,7 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
         run
     };
     let base = &recipe.model.path;
-    if !base.join("config.json").exists() && recipe.model.create_if_missing {
+    if !base.join(checkpoints::names::CONFIG).exists() && recipe.model.create_if_missing {
         init_model(
             base,
             &NewModel {

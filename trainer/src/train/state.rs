@@ -7,63 +7,17 @@ use std::path::Path;
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use checkpoints::WeightDtype;
-use serde::{Deserialize, Serialize};
+use checkpoints::run_dir::{OPTIMIZER_FILE, ROLLOUTS_FILE};
 
 use super::setup::{Setup, Tuning};
 use super::step::all_finite;
-use crate::model::lora::{merge_lora, save_adapter};
+use crate::model::adapter::{merge_lora, save_adapter};
 use crate::model::{Llama, copy_companions, save_model};
 use crate::objectives::Objective;
 use crate::{Result, TrainerError};
 
-/// Where a run stands, saved with every checkpoint so a resumed run continues exactly.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct TrainerState {
-    pub global_step: usize,
-    /// The data position: the epoch, the micro-batches of it already consumed (counted
-    /// over every rank, so a run can resume with another world size), and how often the
-    /// group starting there was already used (GRPO's `num_iterations`).
-    pub epoch: usize,
-    #[serde(default)]
-    pub next_micro: usize,
-    #[serde(default)]
-    pub next_iteration: usize,
-    pub seen_tokens: usize,
-    pub first_loss: f64,
-    pub history: Vec<(usize, f64)>,
-    pub eval_history: Vec<(usize, f64)>,
-    /// Steps whose update was skipped for a non-finite loss or gradient.
-    #[serde(default)]
-    pub skipped_steps: usize,
-}
-
-impl TrainerState {
-    /// A run at its start.
-    pub fn fresh() -> Self {
-        Self {
-            global_step: 0,
-            epoch: 0,
-            next_micro: 0,
-            next_iteration: 0,
-            seen_tokens: 0,
-            first_loss: f64::NAN,
-            history: Vec::new(),
-            eval_history: Vec::new(),
-            skipped_steps: 0,
-        }
-    }
-}
-
-/// The files every complete checkpoint of a run has.
-pub(super) fn required_files(lora: bool) -> Vec<&'static str> {
-    let mut required = vec![STATE_FILE, OPTIMIZER_FILE];
-    if lora {
-        required.extend_from_slice(&["adapter_model.safetensors", "adapter_config.json"]);
-    } else {
-        required.push("config.json");
-    }
-    required
-}
+pub(super) use checkpoints::run_dir::required_files;
+pub(super) use checkpoints::run_state::TrainerState;
 
 /// Reads a checkpoint's trainer state and optimizer record into `optim`, and hands the
 /// objective what it saved (only in a single process: the samples are each rank's own).
@@ -75,9 +29,7 @@ pub(super) fn resume(
 ) -> Result<(TrainerState, ModuleOptimizer)> {
     let io =
         |p: &Path, e: &dyn std::fmt::Display| TrainerError::Input(format!("{}: {e}", p.display()));
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, &e))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| io(&path, &e))?;
+    let state = TrainerState::read(dir)?;
     let path = dir.join(OPTIMIZER_FILE);
     let record = burn::optim::OptimizerRecord::load(&path)
         .map_err(|e| TrainerError::Input(format!("{}: {e:?}", path.display())))?;
@@ -111,17 +63,8 @@ pub(super) fn save(
         checkpoints::write_text(&dir.join(ROLLOUTS_FILE), &text)?;
     }
     save_optimizer(optim, &dir.join(OPTIMIZER_FILE))?;
-    let text = serde_json::to_string(state).unwrap_or_default();
-    checkpoints::write_text(&dir.join(STATE_FILE), &text)?;
-    Ok(())
+    Ok(state.write(dir)?)
 }
-
-pub(super) const STATE_FILE: &str = "trainer_state.json";
-
-pub(super) const OPTIMIZER_FILE: &str = "optimizer.bin";
-
-/// GRPO samples still to be reused by the steps after a checkpoint.
-pub(super) const ROLLOUTS_FILE: &str = "rollouts.json";
 
 /// Writes the trained weights into `dir`: the adapter (LoRA) or a full checkpoint. The
 /// final save of a full run uses the base's dtype; a LoRA reward model is also merged into a

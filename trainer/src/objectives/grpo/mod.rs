@@ -21,7 +21,7 @@ use crate::rewards::{RewardContext, RewardSpec, Rewards};
 use crate::{Result, TrainerError};
 
 /// GRPO's sampled completions, written only with `grpo.log_completions`.
-pub const COMPLETIONS_FILE: &str = "completions.jsonl";
+pub use checkpoints::run_dir::COMPLETIONS_FILE;
 
 /// `[grpo]`, with TRL's names. A step generates `per_device_train_batch_size ×
 /// gradient_accumulation_steps` completions: that many ÷ `num_generations` prompts, each

@@ -6,8 +6,40 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::{Result, TrainerError};
+use crate::{CheckpointError, Result, peft};
 
+/// The run's recipe, as resolved (overrides applied).
+pub const RECIPE_FILE: &str = "recipe.toml";
+/// One JSON line per logged step.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// GRPO's sampled completions, one JSON line each.
+pub const COMPLETIONS_FILE: &str = "completions.jsonl";
+/// The loss chart.
+pub const LOSS_CHART: &str = "loss.svg";
+/// The trained weights, once the run is done.
+pub const FINAL_DIR: &str = "final";
+/// `checkpoint-STEP/`.
+pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
+/// Where a run stands ([`crate::run_state::TrainerState`]).
+pub const STATE_FILE: &str = "trainer_state.json";
+/// The optimizer's state.
+pub const OPTIMIZER_FILE: &str = "optimizer.bin";
+/// GRPO samples still to be reused by the steps after a checkpoint.
+pub const ROLLOUTS_FILE: &str = "rollouts.json";
+
+/// The files every complete checkpoint of a run has: its state and optimizer, and the
+/// adapter (`lora`) or the model's configuration.
+pub fn required_files(lora: bool) -> Vec<&'static str> {
+    let mut required = vec![STATE_FILE, OPTIMIZER_FILE];
+    if lora {
+        required.extend_from_slice(&[peft::WEIGHTS_FILE, peft::CONFIG_FILE]);
+    } else {
+        required.push(crate::names::CONFIG);
+    }
+    required
+}
+
+/// A training run's directory.
 pub struct RunDir {
     root: PathBuf,
     /// Whether this process writes. In a data-parallel run only rank 0 does; the others
@@ -15,13 +47,30 @@ pub struct RunDir {
     writer: bool,
 }
 
-fn io(path: &Path, e: std::io::Error) -> TrainerError {
-    TrainerError::Input(format!("{}: {e}", path.display()))
+fn io(path: &Path, e: std::io::Error) -> CheckpointError {
+    CheckpointError::io(path, e)
+}
+
+fn refuse(path: &Path, reason: String) -> CheckpointError {
+    CheckpointError::Run {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Where a run goes when no `--out` is given: `runs/<the recipe's file stem>`, or
+/// `runs/<fallback>` for a name without one.
+pub fn default_root(recipe: &Path, fallback: &str) -> PathBuf {
+    let name = recipe.file_stem().map_or_else(
+        || fallback.to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    );
+    PathBuf::from("runs").join(name)
 }
 
 /// The lines of a run's `metrics.jsonl`; a line cut short by a crash is skipped.
 pub fn read_metrics(root: &Path) -> Result<Vec<serde_json::Value>> {
-    let path = root.join("metrics.jsonl");
+    let path = root.join(METRICS_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
     Ok(text
         .lines()
@@ -33,11 +82,11 @@ impl RunDir {
     /// Creates `root` for a new run; a directory that already holds a run is refused, so
     /// nothing written by an earlier run is overwritten.
     pub fn create(root: &Path) -> Result<Self> {
-        if root.join("metrics.jsonl").exists() || root.join("final").exists() {
-            return Err(TrainerError::Input(format!(
-                "{}: already holds a run; choose another --out, or continue it with --resume",
-                root.display()
-            )));
+        if root.join(METRICS_FILE).exists() || root.join(FINAL_DIR).exists() {
+            return Err(refuse(
+                root,
+                "already holds a run; choose another --out, or continue it with --resume".into(),
+            ));
         }
         std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
         Ok(Self {
@@ -48,11 +97,11 @@ impl RunDir {
 
     /// Opens an existing run to resume it.
     pub fn open(root: &Path) -> Result<Self> {
-        if !root.join("recipe.toml").is_file() {
-            return Err(TrainerError::Input(format!(
-                "{}: not a run directory (no recipe.toml)",
-                root.display()
-            )));
+        if !root.join(RECIPE_FILE).is_file() {
+            return Err(refuse(
+                root,
+                format!("not a run directory (no {RECIPE_FILE})"),
+            ));
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -79,19 +128,16 @@ impl RunDir {
     /// and the next older checkpoint that verifies.
     pub fn resumable_checkpoint(&self, required: &[&str]) -> Result<(usize, PathBuf)> {
         let mut all = self.checkpoints(required);
-        let (step, dir) = all.pop().ok_or_else(|| {
-            TrainerError::Input(format!(
-                "{}: no complete checkpoint to resume from",
-                self.root.display()
-            ))
-        })?;
-        match checkpoints::verify_manifest(&dir) {
+        let (step, dir) = all
+            .pop()
+            .ok_or_else(|| refuse(&self.root, "no complete checkpoint to resume from".into()))?;
+        match crate::verify_manifest(&dir) {
             Ok(()) => Ok((step, dir)),
             Err(what) => {
                 let older = all
                     .iter()
                     .rev()
-                    .find(|(_, d)| checkpoints::verify_manifest(d).is_ok());
+                    .find(|(_, d)| crate::verify_manifest(d).is_ok());
                 let advice = match older {
                     Some((_, d)) => format!(
                         "the next older good checkpoint is {}; move {} aside to resume from it",
@@ -100,10 +146,10 @@ impl RunDir {
                     ),
                     None => "no older checkpoint verifies either".to_string(),
                 };
-                Err(TrainerError::Input(format!(
-                    "{}: damaged checkpoint: {what}; {advice}",
-                    dir.display()
-                )))
+                Err(refuse(
+                    &dir,
+                    format!("damaged checkpoint: {what}; {advice}"),
+                ))
             }
         }
     }
@@ -113,11 +159,26 @@ impl RunDir {
     /// step 0 with the lines it had logged dropped and ends where an uninterrupted run
     /// would. A damaged newest checkpoint is still an error.
     pub fn resume_point(&self, required: &[&str]) -> Result<Option<(usize, PathBuf)>> {
-        if self.checkpoints(&[]).is_empty() && !self.root.join("final").exists() {
+        if self.checkpoints(&[]).is_empty() && !self.root.join(FINAL_DIR).exists() {
             self.truncate_metrics(0)?;
             return Ok(None);
         }
         self.resumable_checkpoint(required).map(Some)
+    }
+
+    /// Whether the run wrote any checkpoint directory, complete or not.
+    pub fn has_checkpoint(&self) -> bool {
+        !self.checkpoints(&[]).is_empty()
+    }
+
+    /// The run's `final/` directory (which may not exist yet).
+    pub fn final_dir(&self) -> PathBuf {
+        self.root.join(FINAL_DIR)
+    }
+
+    /// The recipe the run was started with, if it wrote one.
+    pub fn saved_recipe(&self) -> Option<String> {
+        std::fs::read_to_string(self.root.join(RECIPE_FILE)).ok()
     }
 
     /// Complete checkpoints (every file in `required` present), oldest first.
@@ -131,7 +192,7 @@ impl RunDir {
                 let step = e
                     .file_name()
                     .to_str()?
-                    .strip_prefix("checkpoint-")?
+                    .strip_prefix(CHECKPOINT_PREFIX)?
                     .parse()
                     .ok()?;
                 Some((step, e.path()))
@@ -148,9 +209,9 @@ impl RunDir {
         if !self.writer {
             return Ok(());
         }
-        self.truncate_log("metrics.jsonl", step)?;
-        if self.root.join("completions.jsonl").exists() {
-            self.truncate_log("completions.jsonl", step)?;
+        self.truncate_log(METRICS_FILE, step)?;
+        if self.root.join(COMPLETIONS_FILE).exists() {
+            self.truncate_log(COMPLETIONS_FILE, step)?;
         }
         Ok(())
     }
@@ -168,7 +229,7 @@ impl RunDir {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        checkpoints::write_text(&path, &kept)?;
+        crate::write_text(&path, &kept)?;
         Ok(())
     }
 
@@ -180,13 +241,13 @@ impl RunDir {
         if !self.writer {
             return Ok(());
         }
-        checkpoints::write_text(&self.root.join("recipe.toml"), text)?;
+        crate::write_text(&self.root.join(RECIPE_FILE), text)?;
         Ok(())
     }
 
     /// Appends one JSON line to `metrics.jsonl` and flushes it.
     pub fn log(&self, line: &serde_json::Value) -> Result<()> {
-        self.append("metrics.jsonl", line)
+        self.append(METRICS_FILE, line)
     }
 
     /// Appends one JSON line to the run directory's file `name` and flushes it.
@@ -205,13 +266,13 @@ impl RunDir {
     }
 
     /// Writes `checkpoint-STEP/` through `write`, then removes all but the newest `keep`.
-    pub fn checkpoint(
+    pub fn checkpoint<E: From<CheckpointError>>(
         &self,
         step: usize,
         keep: usize,
-        write: impl FnOnce(&Path) -> Result<()>,
-    ) -> Result<PathBuf> {
-        let path = self.atomic_dir(&format!("checkpoint-{step}"), write)?;
+        write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+    ) -> std::result::Result<PathBuf, E> {
+        let path = self.atomic_dir(&format!("{CHECKPOINT_PREFIX}{step}"), write)?;
         if keep > 0 && self.writer {
             let mut steps: Vec<usize> = std::fs::read_dir(&self.root)
                 .map_err(|e| io(&self.root, e))?
@@ -219,14 +280,14 @@ impl RunDir {
                     e.ok()?
                         .file_name()
                         .to_str()?
-                        .strip_prefix("checkpoint-")?
+                        .strip_prefix(CHECKPOINT_PREFIX)?
                         .parse()
                         .ok()
                 })
                 .collect();
             steps.sort_unstable();
             for old in steps.iter().take(steps.len().saturating_sub(keep)) {
-                let dir = self.root.join(format!("checkpoint-{old}"));
+                let dir = self.root.join(format!("{CHECKPOINT_PREFIX}{old}"));
                 std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
             }
         }
@@ -234,11 +295,18 @@ impl RunDir {
     }
 
     /// Writes `final/` through `write`.
-    pub fn finish(&self, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-        self.atomic_dir("final", write)
+    pub fn finish<E: From<CheckpointError>>(
+        &self,
+        write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+    ) -> std::result::Result<PathBuf, E> {
+        self.atomic_dir(FINAL_DIR, write)
     }
 
-    fn atomic_dir(&self, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    fn atomic_dir<E: From<CheckpointError>>(
+        &self,
+        name: &str,
+        write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+    ) -> std::result::Result<PathBuf, E> {
         if !self.writer {
             return Ok(self.root.join(name));
         }
@@ -250,12 +318,12 @@ impl RunDir {
         write(&tmp)?;
         // The manifest comes last, so a directory with one is complete; every file it lists
         // is synced before the rename makes the directory visible under its name.
-        let manifest = checkpoints::write_manifest(&tmp)?;
+        let manifest = crate::write_manifest(&tmp)?;
         for name in manifest
             .files
             .keys()
             .map(String::as_str)
-            .chain([checkpoints::MANIFEST])
+            .chain([crate::MANIFEST])
         {
             let path = tmp.join(name);
             let f = std::fs::File::open(&path).map_err(|e| io(&path, e))?;
@@ -281,7 +349,7 @@ impl RunDir {
         if !self.writer {
             return Ok(());
         }
-        checkpoints::write_text(&self.root.join("loss.svg"), &loss_svg(train, eval))?;
+        crate::write_text(&self.root.join(LOSS_CHART), &loss_svg(train, eval))?;
         Ok(())
     }
 }

@@ -9,19 +9,16 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
-use data::render::{TemplateChoice, template_for};
-use rand::SeedableRng;
 use serde::Deserialize;
 
 use crate::dist::Group;
-use crate::generate::{Completion, Sampling, generate_batch, stop_tokens};
-use crate::model::load_model;
-use crate::model::lora::load_adapter;
 use crate::recipe::Recipe;
-use crate::run_dir::read_metrics;
+use crate::run_dir::{FINAL_DIR, RunDir, read_metrics};
 use crate::train::{Outcome, train};
 use crate::{Result, TrainerError};
+
+mod report;
+use report::{clipped_ratio, distinct_2, figures, length_gaming, replies};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +40,9 @@ pub struct Stage {
     #[serde(default)]
     pub set: Vec<String>,
 }
+
+/// The pipeline's report, in its output directory.
+pub const REPORT_FILE: &str = "report.md";
 
 /// `[report]`: sample generations before and after. Off unless `samples` > 0, because a
 /// report is printed and prompts may be sensitive.
@@ -201,206 +201,6 @@ fn substitute(text: &str, vars: &BTreeMap<String, PathBuf>) -> Result<String> {
     Ok(out)
 }
 
-/// Headline metrics of a finished run, by method.
-fn figures(recipe: &Recipe, run: &Path, outcome: &Outcome) -> Result<Vec<(String, String)>> {
-    let lines = read_metrics(run)?;
-    let series = |key: &str| -> Vec<f64> {
-        lines
-            .iter()
-            .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
-            .collect()
-    };
-    let trend = |key: &str, n: usize| -> Option<String> {
-        let v = series(key);
-        if v.is_empty() {
-            return None;
-        }
-        let n = n.min(v.len());
-        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-        Some(format!(
-            "{:.3} → {:.3}",
-            mean(&v[..n]),
-            mean(&v[v.len() - n..])
-        ))
-    };
-    let mut out = vec![(
-        "loss".to_string(),
-        format!("{:.4} → {:.4}", outcome.first_loss, outcome.last_loss),
-    )];
-    let objective = crate::objectives::registry::for_recipe(recipe)?;
-    let eval_keys = objective.summary_keys();
-    if let Some(l) = outcome.eval_loss {
-        out.push(("eval_loss".into(), format!("{l:.4}")));
-    }
-    for k in eval_keys {
-        if let Some(v) = outcome.eval_metrics.get(k) {
-            out.push((format!("eval_{k}"), format!("{v:.3}")));
-        }
-    }
-    if objective.has_rollouts() {
-        for key in series_keys(&lines, "rewards/", "/mean")
-            .iter()
-            .map(String::as_str)
-            .chain([
-                "reward",
-                "completions/mean_length",
-                "completions/clipped_ratio",
-            ])
-        {
-            if let Some(t) = trend(key, 3) {
-                out.push((format!("{key} (first 3 → last 3 steps)"), t));
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn series_keys(lines: &[serde_json::Value], prefix: &str, suffix: &str) -> Vec<String> {
-    let mut keys: Vec<String> = lines
-        .iter()
-        .filter_map(|l| l.as_object())
-        .flat_map(|o| o.keys())
-        .filter(|k| k.starts_with(prefix) && k.ends_with(suffix))
-        .cloned()
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys
-}
-
-/// Greedy replies to the report's prompts: the base model's and each generating stage's.
-struct Replies {
-    /// The client's last message of each prompt (shown only because `[report] samples`
-    /// asks for it).
-    prompts: Vec<String>,
-    base: Vec<Completion>,
-    /// `(stage name, its replies)`, for every stage whose final adapter generates.
-    stages: Vec<(String, Vec<Completion>)>,
-    tokenizer: Option<tokenizers::Tokenizer>,
-}
-
-impl Replies {
-    fn text(&self, c: &Completion) -> String {
-        self.tokenizer
-            .as_ref()
-            .and_then(|t| t.decode(&c.tokens, true).ok())
-            .unwrap_or_default()
-    }
-}
-
-/// The share of replies that `max_new_tokens` cut off before they ended.
-fn clipped_ratio(replies: &[Completion]) -> f64 {
-    if replies.is_empty() {
-        return 0.0;
-    }
-    replies.iter().filter(|c| c.stop.is_none()).count() as f64 / replies.len() as f64
-}
-
-/// distinct-2: distinct token bigrams over all bigrams of the replies (Li et al., 2016).
-/// Near 1 for varied text; a reply that loops ("you feel you feel …") drives it down.
-fn distinct_2(replies: &[Completion]) -> f64 {
-    let mut all = std::collections::HashSet::new();
-    let mut total = 0usize;
-    for c in replies {
-        for w in c.tokens.windows(2) {
-            all.insert((w[0], w[1]));
-            total += 1;
-        }
-    }
-    if total == 0 {
-        return 0.0;
-    }
-    all.len() as f64 / total as f64
-}
-
-/// Greedy replies of the base model and of each stage's final adapter (`(name, base,
-/// adapter)`), for the report.
-fn replies(base: &Path, stages: &[(String, PathBuf)], r: &ReportSection) -> Result<Replies> {
-    let Some(path) = &r.prompts else {
-        return Ok(Replies {
-            prompts: Vec::new(),
-            base: Vec::new(),
-            stages: Vec::new(),
-            tokenizer: None,
-        });
-    };
-    let device = Device::flex();
-    let (config, model) = load_model(base, &device)?;
-    let tokenizer = crate::model::load_tokenizer(base, config.vocab_size)?;
-    let template = template_for(base, TemplateChoice::Shipped(None))?;
-    let stop = stop_tokens(base, &config, &tokenizer);
-    let loaded = data::load_examples(path, &Default::default())?;
-    let mut prompts = Vec::new();
-    let mut shown = Vec::new();
-    for e in &loaded.examples {
-        let messages = match e {
-            data::Example::Prompt { prompt, .. } | data::Example::Pair { prompt, .. } => prompt,
-            data::Example::Conversation { .. } => continue,
-        };
-        let last = messages.iter().rev().find(|m| m.role == "user");
-        let text = last.map_or_else(String::new, |m| m.content.clone());
-        if shown.contains(&text) {
-            continue;
-        }
-        prompts.push(data::chat::encode(
-            &tokenizer,
-            &template.render(messages, true)?,
-        )?);
-        shown.push(text);
-        if prompts.len() == r.samples {
-            break;
-        }
-    }
-    let greedy = Sampling {
-        max_new_tokens: r.max_new_tokens,
-        ..Default::default()
-    };
-    let reply = |m: &crate::model::Llama| -> Result<Vec<Completion>> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        generate_batch(m, &prompts, &stop, &greedy, &mut rng, &device)
-    };
-    let base_replies = reply(&model)?;
-    let mut done = Vec::with_capacity(stages.len());
-    for (name, adapter) in stages {
-        let tuned = load_adapter(adapter, model.clone(), &device)?.0;
-        done.push((name.clone(), reply(&tuned)?));
-    }
-    Ok(Replies {
-        prompts: shown,
-        base: base_replies,
-        stages: done,
-        tokenizer: Some(tokenizer),
-    })
-}
-
-/// The report's warning for a GRPO stage whose reward rose while most completions ran
-/// into `max_completion_length`: a reward gained by length, not by better replies.
-fn length_gaming(lines: &[serde_json::Value]) -> Option<String> {
-    let series = |key: &str| -> Vec<f64> {
-        lines
-            .iter()
-            .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
-            .collect()
-    };
-    let (reward, clipped) = (series("reward"), series("completions/clipped_ratio"));
-    if reward.len() < 2 || clipped.is_empty() {
-        return None;
-    }
-    let n = 3.min(reward.len() / 2).max(1);
-    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
-    let gain = mean(&reward[reward.len() - n..]) - mean(&reward[..n]);
-    let m = 3.min(clipped.len());
-    let late_clipped = mean(&clipped[clipped.len() - m..]);
-    (gain > 0.0 && late_clipped > 0.5).then(|| {
-        format!(
-            "warning: the reward rose by {gain:.3} while {:.0}% of the last steps' completions \
-             were cut at max_completion_length: the gain may come from length, not from better \
-             replies (mask truncated completions, add a KL term, or cap the length reward)",
-            late_clipped * 100.0
-        )
-    })
-}
-
 /// Runs one stage, picking up what an earlier run of the pipeline left: a finished stage
 /// (its `final/` verifies and it ran this very recipe) is reused, an interrupted one resumes
 /// from its newest checkpoint, anything else starts afresh.
@@ -409,19 +209,17 @@ fn length_gaming(lines: &[serde_json::Value]) -> Option<String> {
 /// none reads after rank 0 started writing), and only rank 0 removes anything.
 fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
     dp.agree(true, "starting a pipeline stage")?;
-    let saved = std::fs::read_to_string(dir.join("recipe.toml")).ok();
+    let run = RunDir::follower(dir);
+    let saved = run.saved_recipe();
     let same_recipe = saved.as_deref() == Some(recipe.to_toml().as_str());
-    if same_recipe && checkpoints::verify_manifest(&dir.join("final")).is_ok() {
+    if same_recipe && checkpoints::verify_manifest(&run.final_dir()).is_ok() {
         if progress {
             eprintln!("  reusing the finished run in {}", dir.display());
         }
         return outcome_of(dir);
     }
-    let has_checkpoint = std::fs::read_dir(dir).is_ok_and(|d| {
-        d.flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
-    });
-    let has_final = dir.join("final").exists();
+    let has_checkpoint = run.has_checkpoint();
+    let has_final = run.final_dir().exists();
     dp.agree(true, "starting a pipeline stage")?;
     let progress = progress && dp.is_main();
     if same_recipe && !has_final {
@@ -515,7 +313,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
     let generating: Vec<(String, PathBuf)> = done
         .iter()
         .filter(|(_, recipe, _)| recipe.lora.is_some() && !scores(recipe))
-        .map(|(name, _, dir)| (name.clone(), dir.join("final")))
+        .map(|(name, _, dir)| (name.clone(), dir.join(FINAL_DIR)))
         .collect();
     let replies = match done.last() {
         Some((_, recipe, _)) if p.report.samples > 0 && !generating.is_empty() => {
@@ -566,7 +364,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         }
     }
     if dp.as_ref().is_none_or(Group::is_main) {
-        checkpoints::write_text(&out.join("report.md"), &text)?;
+        checkpoints::write_text(&out.join(REPORT_FILE), &text)?;
     }
     Ok(PipelineReport { stages, text })
 }
@@ -584,42 +382,6 @@ fn has_rollouts(recipe: &Recipe) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reply(tokens: &[u32], stopped: bool) -> Completion {
-        Completion {
-            tokens: tokens.to_vec(),
-            stop: stopped.then_some(0),
-        }
-    }
-
-    #[test]
-    fn reply_measures_match_their_definitions() {
-        // Bigrams (1,2) (2,3) (3,1) (1,2) and (4,4) (4,4): 4 distinct of 6.
-        let replies = [reply(&[1, 2, 3, 1, 2], true), reply(&[4, 4, 4], false)];
-        assert_eq!(distinct_2(&replies), 4.0 / 6.0);
-        assert_eq!(clipped_ratio(&replies), 0.5);
-        // A reply that loops on one bigram pair.
-        let looping = [reply(&[7, 8, 7, 8, 7, 8, 7, 8, 7], false)];
-        assert_eq!(distinct_2(&looping), 2.0 / 8.0);
-        assert_eq!(distinct_2(&[reply(&[5], true)]), 0.0);
-        assert_eq!(clipped_ratio(&[]), 0.0);
-    }
-
-    #[test]
-    fn a_reward_gained_with_clipped_completions_is_flagged() {
-        let line = |reward: f64, clipped: f64| serde_json::json!({"reward": reward, "completions/clipped_ratio": clipped});
-        let gamed: Vec<_> = (0..10)
-            .map(|i| line(i as f64 / 10.0, 0.06 + i as f64 / 10.0))
-            .collect();
-        let w = length_gaming(&gamed).expect("flagged");
-        assert!(w.contains("max_completion_length"), "{w}");
-        // The same gain with completions that end by themselves: no warning.
-        let honest: Vec<_> = (0..10).map(|i| line(i as f64 / 10.0, 0.1)).collect();
-        assert!(length_gaming(&honest).is_none());
-        // Clipped but no gain: no warning either.
-        let flat: Vec<_> = (0..10).map(|_| line(0.5, 0.9)).collect();
-        assert!(length_gaming(&flat).is_none());
-    }
 
     #[test]
     fn overrides_name_earlier_stages() {

@@ -1,0 +1,404 @@
+//! The command line's arguments, as clap parses them.
+
+use std::path::PathBuf;
+
+use checkpoints::WeightDtype;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "hearth",
+    version,
+    about = "Fine-tune and align Llama-family models for counseling work."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a checkpoint on stored token ids and write its logits, to compare with another
+    /// implementation.
+    Logits(LogitsArgs),
+    /// Make a new random model in Hugging Face layout, with a BPE tokenizer trained on
+    /// hearth's bundled text.
+    InitModel(InitModelArgs),
+    /// Re-save a checkpoint with another dtype or sharding.
+    Convert(ConvertArgs),
+    /// Work with data files.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train from a TOML recipe: SFT, DPO, ORPO, a reward model or GRPO, with LoRA or in
+    /// full.
+    Train(TrainArgs),
+    /// Run a pipeline of recipes (e.g. SFT → reward model → DPO → GRPO) and report.
+    Pipeline(PipelineArgs),
+    /// Fold a LoRA adapter into its base and write a merged Hugging Face checkpoint.
+    Merge(MergeArgs),
+    /// Generate a reply with a model (and adapter), through its chat template.
+    Generate(GenerateTextArgs),
+    /// Use a reward model.
+    #[command(subcommand)]
+    Reward(RewardCommand),
+    /// Evaluate a trained model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Check every fused op against its reference on a device: outputs and gradients at
+    /// Llama-3.2-1B and 8B shapes, one line per case, failing if any is out of tolerance.
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+pub struct SelftestArgs {
+    /// cpu, cuda[:N] or wgpu (GPU backends need the matching build feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Small shapes of the same structure, to check the plumbing on a CPU in seconds.
+    #[arg(long)]
+    pub small: bool,
+    /// The dtypes to check; repeat for several.
+    #[arg(long = "dtype", value_enum, default_values_t = [TestDtype::F32, TestDtype::Bf16])]
+    pub dtypes: Vec<TestDtype>,
+    /// Also write one JSON object per case to this file, each as soon as it is done.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TestDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl TestDtype {
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Self::F32 => burn::tensor::DType::F32,
+            Self::Bf16 => burn::tensor::DType::BF16,
+            Self::F16 => burn::tensor::DType::F16,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum RewardCommand {
+    /// Score conversations: reads `{"messages": [...]}` lines, writes `{"score": x}` lines.
+    Score(RewardScoreArgs),
+}
+
+#[derive(Args)]
+pub struct RewardScoreArgs {
+    /// A reward model (a *ForSequenceClassification checkpoint), or its base with --adapter.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT SEQ_CLS adapter carrying the score head.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub input: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum EvalCommand {
+    /// Pairwise accuracy on held-out preference pairs, from a reward model or from an
+    /// adapter's implicit DPO reward over its base; broken down by PsychoCounsel's rating
+    /// dimensions when those columns are present. Prints one JSON object.
+    Preference(EvalPreferenceArgs),
+}
+
+#[derive(Args)]
+pub struct EvalPreferenceArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Preference pairs (JSONL, JSON, Parquet or Arrow).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Longest pair kept, in tokens (prompt start cut first).
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+}
+
+#[derive(Args)]
+pub struct GenerateTextArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// One user message to answer.
+    #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+    pub prompt: Option<String>,
+    /// Converse: each line on standard input is a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// Optional system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Use a built-in template (llama3, chatml) instead of the model's own.
+    #[arg(long)]
+    pub template: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    #[arg(long)]
+    pub base: PathBuf,
+    #[arg(long)]
+    pub adapter: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The recipe.
+    pub recipe: PathBuf,
+    /// Run directory (default: runs/<recipe name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override a recipe key, e.g. --set train.max_steps=10 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue the run in this directory from its newest complete checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
+    pub resume: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// The pipeline: `[[stage]]`s of recipes.
+    pub pipeline: PathBuf,
+    /// Directory for the stages' runs and report.md (default: runs/<pipeline name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Override a key in every stage's recipe (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Tokenise `{"messages": [...]}` lines with a tokenizer's chat template and write
+    /// `{"input_ids": [...], "assistant_mask": [...]}` lines.
+    Render(RenderArgs),
+    /// Show a data file's format, counts, token lengths and truncation under a tokenizer.
+    Inspect(InspectArgs),
+    /// Write synthetic counseling data (dialogues, preference pairs, prompts).
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A data file (JSON Lines, JSON, Parquet or Arrow), or a recipe (.toml) whose
+    /// `[model]` and `[data]` sections say which data and tokenizer to use.
+    pub file: PathBuf,
+    /// Directory with tokenizer.json and its chat template, e.g. a model checkpoint
+    /// (default for a recipe: its `[model] path`).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Format, when detection from the columns is not what you want.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Rename a column before reading, FROM=TO (repeatable), e.g. question=prompt.
+    #[arg(long = "column", value_name = "FROM=TO", value_parser = parse_rename)]
+    pub columns: Vec<(String, String)>,
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    /// keep_start, keep_end or drop.
+    #[arg(long, default_value = "keep_start")]
+    pub truncation: String,
+    /// Count bad rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+    /// Use a built-in template (llama3, chatml) instead of the tokenizer's own.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Print the first example, rendered, with its loss-carrying spans marked. Off by
+    /// default: counseling data is sensitive.
+    #[arg(long)]
+    pub show_example: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// sft (dialogues), preference (pairs) or prompts.
+    #[arg(long)]
+    pub kind: String,
+    #[arg(long, default_value_t = 1000)]
+    pub rows: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output JSON Lines file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RenderArgs {
+    /// Directory with tokenizer.json and its chat template (tokenizer_config.json or
+    /// chat_template.jinja), e.g. a model checkpoint.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// JSON Lines (or JSON, Parquet, Arrow) file of conversations in the `messages` format.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write the JSON Lines output.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use a built-in template (llama3, chatml) instead of the tokenizer's own.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Which of several named templates the tokenizer ships (default: "default").
+    #[arg(long, conflicts_with = "template")]
+    pub template_name: Option<String>,
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// Hugging Face checkpoint directory (config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Safetensors file holding `input_ids` and optionally `attention_mask` (integer, [B, T]).
+    #[arg(long, required_unless_present = "text", conflicts_with = "text")]
+    pub input: Option<PathBuf>,
+    /// Text to tokenise with the checkpoint's tokenizer.json instead; repeat for a batch.
+    #[arg(long)]
+    pub text: Vec<String>,
+    /// Where to write `logits` (f32, [B, T, V]) with the `input_ids` and `attention_mask`
+    /// they were computed from.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// cpu, cuda[:N] or wgpu (GPU backends need the matching build feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Mistral,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for WeightDtype {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => WeightDtype::F32,
+            Dtype::F16 => WeightDtype::F16,
+            Dtype::Bf16 => WeightDtype::BF16,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct InitModelArgs {
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "llama")]
+    pub model_type: Arch,
+    /// Upper bound on the tokenizer's vocabulary (the model uses the trained size).
+    #[arg(long, default_value_t = 512)]
+    pub vocab_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub hidden_size: usize,
+    #[arg(long, default_value_t = 176)]
+    pub intermediate_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    /// Share the output head with the token embeddings.
+    #[arg(long)]
+    pub tie_embeddings: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Standard deviation of the random weights (transformers' `initializer_range`).
+    #[arg(long, default_value_t = 0.02)]
+    pub init_std: f32,
+    /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
+    #[arg(long, value_parser = parse_size, default_value = "5GB")]
+    pub max_shard_size: u64,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory (must differ from the source).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage dtype of the output (default: the source's).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
+    /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
+    #[arg(long, value_parser = parse_size, default_value = "5GB")]
+    pub max_shard_size: u64,
+}
+
+/// Sizes as transformers writes them: decimal units, `5GB` = 5·10⁹ bytes.
+/// `--column FROM=TO`.
+pub fn parse_rename(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(f, t)| (f.to_string(), t.to_string()))
+        .ok_or_else(|| format!("`{s}`: expected FROM=TO"))
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let split = upper
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(upper.len());
+    let (digits, unit) = upper.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 5GB or 200MB"))?;
+    let scale = match unit {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => {
+            return Err(format!(
+                "`{s}`: unknown unit `{unit}` (use B, KB, MB or GB)"
+            ));
+        }
+    };
+    if n == 0 {
+        return Err("the shard size must be positive".into());
+    }
+    Ok(n * scale)
+}

@@ -1,0 +1,296 @@
+//! Adapters on a whole model: attaching fresh ones as PEFT initialises them, merging them
+//! into the base weights, and reading and writing them as PEFT adapters (the file layout is
+//! [`checkpoints::peft`]'s).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::DropoutConfig;
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use checkpoints::peft::{self, EMBEDDINGS, SCORE_KEY, TaskType, embedding_key, lora_key};
+use checkpoints::{OwnedTensor, WeightDtype, WeightFiles};
+
+pub use checkpoints::peft::{LAYER_PROJECTIONS, LoraSettings, TARGETS};
+
+use super::ids::with_path_ids;
+use super::linear::Linear;
+use super::llama::Llama;
+use super::lora::Lora;
+use crate::{Result, TrainerError};
+
+/// Visits every projection of the model with its PEFT module path and short name.
+fn for_each_projection(
+    model: &mut Llama,
+    mut f: impl FnMut(&str, &str, &mut Linear) -> Result<()>,
+) -> Result<()> {
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        let a = &mut layer.self_attn;
+        for (name, proj) in [
+            ("q_proj", &mut a.q_proj),
+            ("k_proj", &mut a.k_proj),
+            ("v_proj", &mut a.v_proj),
+            ("o_proj", &mut a.o_proj),
+        ] {
+            f(&format!("model.layers.{i}.self_attn.{name}"), name, proj)?;
+        }
+        let m = &mut layer.mlp;
+        for (name, proj) in [
+            ("gate_proj", &mut m.gate_proj),
+            ("up_proj", &mut m.up_proj),
+            ("down_proj", &mut m.down_proj),
+        ] {
+            f(&format!("model.layers.{i}.mlp.{name}"), name, proj)?;
+        }
+    }
+    if let Some(head) = &mut model.lm_head {
+        f("lm_head", "lm_head", head)?;
+    }
+    Ok(())
+}
+
+fn projections(model: &Llama) -> Vec<(String, &Linear)> {
+    let mut out = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        let a = &layer.self_attn;
+        for (name, proj) in [
+            ("q_proj", &a.q_proj),
+            ("k_proj", &a.k_proj),
+            ("v_proj", &a.v_proj),
+            ("o_proj", &a.o_proj),
+        ] {
+            out.push((format!("model.layers.{i}.self_attn.{name}"), proj));
+        }
+        let m = &layer.mlp;
+        for (name, proj) in [
+            ("gate_proj", &m.gate_proj),
+            ("up_proj", &m.up_proj),
+            ("down_proj", &m.down_proj),
+        ] {
+            out.push((format!("model.layers.{i}.mlp.{name}"), proj));
+        }
+    }
+    if let Some(head) = &model.lm_head {
+        out.push(("lm_head".to_string(), head));
+    }
+    out
+}
+
+/// Freezes every base weight and attaches fresh adapters as PEFT initialises them: `A`
+/// Kaiming-uniform (bound `1/√in`), `B` zero, so the adapted model starts equal to the base.
+/// Random draws come from the device's seeded generator.
+pub fn attach_lora(model: Llama, settings: &LoraSettings, device: &Device) -> Result<Llama> {
+    settings.validate("lora").map_err(TrainerError::Input)?;
+    if settings.target_modules.iter().any(|t| t == "lm_head") && model.lm_head.is_none() {
+        return Err(TrainerError::Input(
+            "lora: `lm_head` is tied to the embeddings in this model and cannot take its own adapter".into(),
+        ));
+    }
+    let mut model = model.no_grad();
+    let scale = settings.scale();
+    for_each_projection(&mut model, |_, name, proj| {
+        if settings.target_modules.iter().any(|t| t == name) {
+            let [out, inp] = proj.out_in();
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a = Tensor::<2>::random(
+                [settings.r, inp],
+                Distribution::Uniform(-bound, bound),
+                device,
+            );
+            let b = Tensor::<2>::zeros([out, settings.r], device);
+            proj.lora = Some(Lora {
+                a: Param::from_tensor(a),
+                b: Param::from_tensor(b),
+                scale,
+                dropout: DropoutConfig::new(settings.lora_dropout).init(),
+            });
+        }
+        Ok(())
+    })?;
+    if settings.target_modules.iter().any(|t| t == EMBEDDINGS) {
+        // PEFT's embedding adapter starts the other way round: A zero, B standard normal.
+        let [vocab, hidden] = model.embed_tokens.dims();
+        model.embed_lora = Some(Lora {
+            a: Param::from_tensor(Tensor::zeros([settings.r, vocab], device)),
+            b: Param::from_tensor(Tensor::random(
+                [hidden, settings.r],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )),
+            scale,
+            dropout: DropoutConfig::new(0.0).init(),
+        });
+    }
+    Ok(unfreeze_score(with_path_ids(model)))
+}
+
+/// A reward model's score head is trained in full beside the adapters (PEFT's
+/// `modules_to_save`).
+fn unfreeze_score(mut model: Llama) -> Llama {
+    if let Some(score) = model.score.take() {
+        model.score = Some(score.set_require_grad(true));
+    }
+    model
+}
+
+fn owned(t: Tensor<2>) -> OwnedTensor {
+    let shape = t.dims().to_vec();
+    let values = t.into_data().try_into_vec_as::<f32>().unwrap_or_default();
+    OwnedTensor::from_f32(&values, shape, WeightDtype::F32)
+}
+
+/// The adapter tensors under PEFT's names: `lora_A` `[r, in]`, `lora_B` `[out, r]`.
+pub fn export_adapter(model: &Llama) -> BTreeMap<String, OwnedTensor> {
+    let mut out = BTreeMap::new();
+    for (module, proj) in projections(model) {
+        if let Some(lora) = &proj.lora {
+            out.insert(lora_key(&module, "A"), owned(lora.a.val()));
+            out.insert(lora_key(&module, "B"), owned(lora.b.val()));
+        }
+    }
+    if let Some(lora) = &model.embed_lora {
+        out.insert(embedding_key("A"), owned(lora.a.val()));
+        out.insert(embedding_key("B"), owned(lora.b.val()));
+    }
+    if let Some(score) = &model.score {
+        out.insert(SCORE_KEY.to_string(), owned(score.weight.val()));
+    }
+    out
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`, as PEFT does.
+pub fn save_adapter(
+    dir: &Path,
+    model: &Llama,
+    settings: &LoraSettings,
+    base_model: &str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| checkpoints::CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    checkpoints::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &export_adapter(model))?;
+    let task = match model.score {
+        Some(_) => TaskType::SeqCls,
+        None => TaskType::CausalLm,
+    };
+    Ok(peft::write_config(dir, settings, task, base_model)?)
+}
+
+/// Reads a PEFT LoRA adapter directory and attaches it to `model` (base frozen, adapter
+/// trainable). Every adapter tensor must match a target projection, with the right shape.
+pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama, LoraSettings)> {
+    let settings = peft::read_config(dir)?;
+    let weights_path = dir.join(peft::WEIGHTS_FILE);
+    let files = WeightFiles::open_file(&weights_path)?;
+    let mut model = model.no_grad();
+    let scale = settings.scale();
+    for_each_projection(&mut model, |module, name, proj| {
+        if !settings.target_modules.iter().any(|t| t == name) {
+            return Ok(());
+        }
+        let [out, inp] = proj.out_in();
+        let a = files
+            .take(&lora_key(module, "A"), &[settings.r, inp])?
+            .to_f32()?;
+        let b = files
+            .take(&lora_key(module, "B"), &[out, settings.r])?
+            .to_f32()?;
+        proj.lora = Some(Lora {
+            a: Param::from_tensor(Tensor::from_data(
+                TensorData::new(a, [settings.r, inp]),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [out, settings.r]),
+                device,
+            )),
+            scale,
+            dropout: DropoutConfig::new(settings.lora_dropout).init(),
+        });
+        Ok(())
+    })?;
+    if settings.target_modules.iter().any(|t| t == EMBEDDINGS) {
+        let [vocab, hidden] = model.embed_tokens.dims();
+        let a = files
+            .take(&embedding_key("A"), &[settings.r, vocab])?
+            .to_f32()?;
+        let b = files
+            .take(&embedding_key("B"), &[hidden, settings.r])?
+            .to_f32()?;
+        model.embed_lora = Some(Lora {
+            a: Param::from_tensor(Tensor::from_data(
+                TensorData::new(a, [settings.r, vocab]),
+                device,
+            )),
+            b: Param::from_tensor(Tensor::from_data(
+                TensorData::new(b, [hidden, settings.r]),
+                device,
+            )),
+            scale,
+            dropout: DropoutConfig::new(0.0).init(),
+        });
+    }
+    if files.contains(SCORE_KEY) {
+        // A SEQ_CLS adapter carries its own head; a causal base gains it here.
+        let hidden = model.embed_tokens.dims()[1];
+        let labels = files.get(SCORE_KEY)?.shape.first().copied().unwrap_or(1);
+        let w = files.take(SCORE_KEY, &[labels, hidden])?.to_f32()?;
+        model.score = Some(Linear {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(w, [labels, hidden]),
+                device,
+            )),
+            bias: None,
+            lora: None,
+        });
+        model.lm_head = None;
+    }
+    files.ensure_all_taken(|_| false)?;
+    Ok((unfreeze_score(with_path_ids(model)), settings))
+}
+
+/// The model in `dir` on `device`, with the PEFT adapter in `adapter` on it when one is
+/// given: how every command that runs a tuned model loads it.
+pub fn load_tuned(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &Device,
+) -> Result<(checkpoints::ModelConfig, Llama)> {
+    let (config, model) = super::load_model(dir, device)?;
+    let model = match adapter {
+        Some(a) => load_adapter(a, model, device)?.0,
+        None => model,
+    };
+    Ok((config, model))
+}
+
+/// Folds every adapter into its base weight (`W + s·B·A`, in f32 whatever the base was
+/// stored in) and removes the adapters.
+pub fn merge_lora(mut model: Llama) -> Llama {
+    let _ = for_each_projection(&mut model, |_, _, proj| {
+        if let Some(lora) = proj.lora.take() {
+            let merged = super::precision::f32(proj.weight.val()) + lora.merged_delta();
+            proj.weight = Param::from_tensor(merged);
+        }
+        Ok(())
+    });
+    if let Some(lora) = model.embed_lora.take() {
+        let merged =
+            super::precision::f32(model.embed_tokens.val()) + lora.merged_delta().transpose();
+        model.embed_tokens = Param::from_tensor(merged);
+    }
+    model
+}
+
+/// `hearth merge`: base checkpoint + PEFT adapter → a merged checkpoint in the base's dtype,
+/// with the base's tokenizer and template files.
+pub fn merge_to_dir(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    checkpoints::guard::check_output_dir(out, &[base, adapter])?;
+    let device = Device::flex();
+    let (config, model) = super::load_model(base, &device)?;
+    let (model, _) = load_adapter(adapter, model, &device)?;
+    let merged = merge_lora(model);
+    super::save_model(out, &config, &merged, config.dtype, Default::default())?;
+    super::copy_companions(base, out)
+}

@@ -1,0 +1,94 @@
+//! `--set` overrides applied to a recipe's TOML, and the key and nearest valid name an
+//! error is about.
+
+use super::Recipe;
+use crate::{Result, TrainerError};
+
+/// `a.b.c=value`: the value is read as TOML (numbers, booleans, arrays, quoted strings),
+/// falling back to a bare string.
+pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
+    let (key, raw) = text.split_once('=').ok_or_else(|| {
+        TrainerError::Input(format!("--set `{text}`: expected section.key=value"))
+    })?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (last, sections) = parts
+        .split_last()
+        .ok_or_else(|| TrainerError::Input(format!("--set `{text}`: empty key")))?;
+    let not_section = |section: &str| {
+        TrainerError::Input(format!("--set `{text}`: `{section}` is not a section"))
+    };
+    let mut current = table;
+    let mut parts = sections.iter().peekable();
+    while let Some(section) = parts.next() {
+        let entry = current
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        // `grpo.rewards.0.weight`: a number after an array of tables picks one of them;
+        // the next free number appends a table.
+        current = match entry {
+            toml::Value::Array(items) => {
+                let index = parts.next().ok_or_else(|| not_section(section))?;
+                let n = items.len();
+                let i: usize = index.parse().map_err(|_| not_section(section))?;
+                if i == n {
+                    items.push(toml::Value::Table(toml::Table::new()));
+                }
+                items
+                    .get_mut(i)
+                    .and_then(toml::Value::as_table_mut)
+                    .ok_or_else(|| {
+                        TrainerError::Input(format!(
+                            "--set `{text}`: `{section}` has {n} entries, numbered from 0 (use {n} to add one)"
+                        ))
+                    })?
+            }
+            other => other.as_table_mut().ok_or_else(|| not_section(section))?,
+        };
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// The dotted key a deserialisation error is about. Errors from a `toml::Value` carry no
+/// position, so the (overridden) table is written out and parsed again as text, whose error
+/// has a span: the key is on that line, under the nearest `[section]` above it.
+pub(super) fn key_of_error(table: &toml::Table) -> Option<String> {
+    let text = toml::to_string(table).ok()?;
+    let span = toml::from_str::<Recipe>(&text).err()?.span()?;
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let section = text[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+        .map(|s| s.trim_matches(['[', ']']).to_string());
+    let key = key.trim();
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" plus the closest valid key.
+pub(super) fn with_suggestion(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message.to_string();
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let nearest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .min_by_key(|candidate| strsim::levenshtein(unknown, candidate));
+    match nearest {
+        Some(n) => format!("unknown key `{unknown}`; did you mean `{n}`?"),
+        None => message.to_string(),
+    }
+}
