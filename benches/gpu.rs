@@ -34,7 +34,8 @@ use trainer::batch::LmBatch;
 use trainer::generate::{Sampling, generate_batch};
 use trainer::model::Llama;
 use trainer::model::adapter::attach_lora;
-use trainer::model::precision::{Precision, with_precision};
+use trainer::model::precision::Precision;
+use trainer::model::with_precision;
 use trainer::model::{init_random_weights, load_model};
 use trainer::objectives::sft::sft_loss;
 
