@@ -131,11 +131,21 @@ pub struct GenerateTextArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// One user message to answer.
-    #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+    #[arg(long, required_unless_present_any = ["chat", "input"], conflicts_with_all = ["chat", "input"])]
     pub prompt: Option<String>,
     /// Converse: each line on standard input is a user message.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "input")]
     pub chat: bool,
+    /// A data file of prompts (JSONL/JSON/Parquet/Arrow, any prompt, pair or conversation
+    /// shape) to answer in batches; needs --out.
+    #[arg(long, requires = "out")]
+    pub input: Option<PathBuf>,
+    /// Where --input's replies go: one JSON line per row, in order.
+    #[arg(long, requires = "input")]
+    pub out: Option<PathBuf>,
+    /// Prompts decoded together with --input.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
     /// Optional system message.
     #[arg(long)]
     pub system: Option<String>,
@@ -325,7 +335,8 @@ pub struct InitModelArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "llama")]
     pub model_type: Arch,
-    /// Upper bound on the tokenizer's vocabulary (the model uses the trained size).
+    /// The vocabulary's exact size (the tokenizer is padded with reserved special tokens
+    /// past what the bundled text trains).
     #[arg(long, default_value_t = 512)]
     pub vocab_size: usize,
     #[arg(long, default_value_t = 64)]

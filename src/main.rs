@@ -191,6 +191,18 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
         },
         device: &device,
     })?;
+    if let (Some(input), Some(out)) = (&a.input, &a.out) {
+        let done = chat.answer_file(input, out, a.batch_size)?;
+        eprintln!(
+            "answered {} prompts with {} tokens in {:.2} s ({:.1} tokens/s) into {}",
+            done.prompts,
+            done.tokens,
+            done.seconds,
+            done.tokens as f64 / done.seconds.max(1e-9),
+            out.display()
+        );
+        return Ok(());
+    }
     match a.prompt {
         Some(text) => emit(&chat.reply(text)?),
         None => chat.converse(std::io::stdin().lock(), emit),

@@ -236,6 +236,33 @@ fn init_model_is_deterministic_in_its_seed() {
     );
 }
 
+#[test]
+fn init_model_vocab_size_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model), "--vocab-size", "8192"]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 8192);
+    let tokenizer = data::tokenizer::load(&model).unwrap();
+    assert_eq!(tokenizer.get_vocab_size(true), 8192);
+    let weights = WeightFiles::open_dir(&model).unwrap();
+    let shape = |name: &str| weights.get(name).unwrap().shape.to_vec();
+    assert_eq!(shape("model.embed_tokens.weight"), vec![8192, 64]);
+    assert_eq!(shape("lm_head.weight"), vec![8192, 64]);
+    fails(
+        &[
+            "init-model",
+            "--out",
+            s(&tmp.path().join("small")),
+            "--vocab-size",
+            "100",
+        ],
+        &["vocabulary size 100"],
+    );
+    assert!(!tmp.path().join("small").exists());
+}
+
 /// A copy of the f32 fixture whose config.json has `edit` applied.
 fn edited_fixture(tmp: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let dir = tmp.join(name);
@@ -728,6 +755,59 @@ fn data_inspect_reads_a_recipe_and_rejects_unknown_keys() {
 }
 
 #[test]
+fn without_a_terminal_progress_is_plain_lines_and_every_step_logs_its_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("run");
+    let args = TinyRun::sft(&base)
+        .sets(&["train.max_steps=3", "train.progress_seconds=0"])
+        .out(&run);
+    let out = hearth(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // stderr is a pipe here, so the bar is silent and each step prints its line.
+    let progress: Vec<&str> = stderr.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(progress.len(), 3, "{stderr}");
+    for (k, line) in progress.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("step {}/3 loss ", k + 1)),
+            "{line}"
+        );
+        assert!(
+            line.contains(" tok/s ") && line.ends_with(" s/step"),
+            "{line}"
+        );
+    }
+    // Each step line: its wall time, and its own tokens over it.
+    let train: Vec<serde_json::Value> = metric_lines(&run)
+        .into_iter()
+        .filter(|l| l.get("loss").is_some())
+        .collect();
+    assert_eq!(train.len(), 3);
+    let mut before = 0.0;
+    for l in &train {
+        let time = l["step_time"].as_f64().expect("step_time logged");
+        let tps = l["train_tokens_per_second"]
+            .as_f64()
+            .expect("tokens/s logged");
+        let tokens = l["num_tokens"].as_f64().unwrap() - before;
+        before = l["num_tokens"].as_f64().unwrap();
+        assert!(time > 0.0 && tokens > 0.0, "{l}");
+        assert!((tps * time - tokens).abs() < 1e-6 * tokens, "{l}");
+    }
+
+    // With the default interval a short run prints no line: errors stay one line.
+    let quiet = tmp.path().join("quiet");
+    let out = hearth(&TinyRun::sft(&base).sets(&["train.max_steps=2"]).out(&quiet));
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("step 1/"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn train_tiny_sft_recipe_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
@@ -876,13 +956,20 @@ fn train_tiny_sft_recipe_end_to_end() {
     );
 }
 
-/// Training lines of metrics.jsonl (eval and summary lines aside), as text.
+/// Training lines of metrics.jsonl (eval and summary lines aside), as text, without their
+/// wall-clock timings.
 fn loss_lines(run: &Path) -> Vec<String> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter(|l| l.contains("\"loss\""))
-        .map(str::to_string)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for key in trainer::train::TIMING_KEYS {
+                v.as_object_mut().unwrap().remove(key);
+            }
+            v.to_string()
+        })
         .collect()
 }
 
@@ -933,6 +1020,104 @@ fn sigkilled_runs_resume_to_identical_weights_and_metrics() {
     );
     assert_eq!(loss_lines(&run_a), loss_lines(&run_b));
     assert_eq!(loss_lines(&run_b).len(), 24);
+}
+
+#[test]
+fn generate_answers_a_prompt_file_in_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model), "--init-std", "0.3"]);
+    let prompts = tmp.path().join("prompts.jsonl");
+    let asks = [
+        "I feel tired.",
+        "Work has been hard lately and I cannot sleep.",
+        "Hello.",
+        "My sister and I argue every day.",
+        "What can I do about worry?",
+    ];
+    let rows: String = asks
+        .iter()
+        .map(|a| format!("{}\n", serde_json::json!({ "prompt": a })))
+        .collect();
+    std::fs::write(&prompts, rows).unwrap();
+    let answer = |batch: &str, out: &Path| {
+        let got = hearth(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--input",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--batch-size",
+            batch,
+            "--max-new-tokens",
+            "6",
+        ]);
+        let stderr = String::from_utf8_lossy(&got.stderr).into_owned();
+        assert!(got.status.success(), "{stderr}");
+        assert!(got.stdout.is_empty(), "replies go to --out only");
+        (jsonl(out), stderr)
+    };
+    let (lines, stderr) = answer("2", &tmp.path().join("b2.jsonl"));
+    assert!(
+        stderr.contains("answered 5 prompts") && stderr.contains("tokens/s"),
+        "{stderr}"
+    );
+    assert_eq!(lines.len(), 5);
+    let mut total = 0;
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["index"], i);
+        let n = l["tokens"].as_u64().unwrap();
+        assert!(
+            n <= 6 && l["reply"].is_string() && l["stopped"].is_boolean(),
+            "{l}"
+        );
+        total += n;
+    }
+    assert!(stderr.contains(&format!("with {total} tokens")), "{stderr}");
+    // The same batches again give the same bytes.
+    let (again, _) = answer("2", &tmp.path().join("b2-again.jsonl"));
+    assert_eq!(again, lines);
+    // One prompt per batch decodes exactly as `--prompt` does.
+    let (single, _) = answer("1", &tmp.path().join("b1.jsonl"));
+    let one = hearth(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        asks[1],
+        "--max-new-tokens",
+        "6",
+    ]);
+    assert_eq!(
+        String::from_utf8(one.stdout)
+            .unwrap()
+            .trim_end_matches('\n'),
+        single[1]["reply"].as_str().unwrap()
+    );
+
+    // A row with nothing to answer names its line; nothing is written.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n{\"messages\": [{\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("never.jsonl");
+    fails(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--input",
+            s(&bad),
+            "--out",
+            s(&out),
+        ],
+        &["bad.jsonl", "line 2", "nothing to answer"],
+    );
+    assert!(!out.exists());
 }
 
 #[test]

@@ -131,6 +131,25 @@ pub fn train_bpe(
     Ok(Tokenizer::from(tokenizer))
 }
 
+/// Grows `tokenizer` to exactly `size` ids with Llama 3's unused
+/// `<|reserved_special_token_K|>` tokens, the way Llama 3 fills its vocabulary past the
+/// trained merges, so a benchmark can make any embedding shape. A tokenizer already larger
+/// than `size` is an error: ids would point past the embedding.
+pub fn pad_vocab(tokenizer: &mut Tokenizer, size: usize) -> Result<(), DataError> {
+    let have = tokenizer.get_vocab_size(true);
+    if have > size {
+        return Err(DataError::Training(format!(
+            "vocabulary size {size} is below the {have} tokens the byte-level tokenizer \
+             needs (256 bytes, the special tokens and the merges)"
+        )));
+    }
+    let pads: Vec<AddedToken> = (0..size - have)
+        .map(|k| AddedToken::from(format!("<|reserved_special_token_{k}|>"), true))
+        .collect();
+    tokenizer.add_special_tokens(&pads);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +207,40 @@ mod tests {
         // Merges must have been learned: fewer tokens than bytes.
         assert!(enc.get_ids().len() < text.len());
         assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+    }
+
+    #[test]
+    fn padding_gives_exactly_the_size_asked_and_encodes_as_before() {
+        let plain = train_bpe(&[BUNDLED_CORPUS], 8192, &LLAMA3_SPECIAL_TOKENS).unwrap();
+        let trained = plain.get_vocab_size(true);
+        assert!(trained < 8192, "the bundled corpus gives fewer merges");
+        let mut padded = plain.clone();
+        pad_vocab(&mut padded, 8192).unwrap();
+        assert_eq!(padded.get_vocab_size(true), 8192);
+        assert_eq!(largest_id(&padded), Some(8191));
+        assert_eq!(
+            padded.token_to_id("<|reserved_special_token_0|>"),
+            Some(trained as u32)
+        );
+        let text = "Counselor: How are you feeling today?";
+        assert_eq!(
+            padded.encode(text, false).unwrap().get_ids(),
+            plain.encode(text, false).unwrap().get_ids()
+        );
+        // Saved and loaded, it is still 8192.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            padded.to_string(false).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(load(dir.path()).unwrap().get_vocab_size(true), 8192);
+        // Asking for exactly the trained size adds nothing; below it is refused.
+        let mut same = plain.clone();
+        pad_vocab(&mut same, trained).unwrap();
+        assert_eq!(same.get_vocab_size(true), trained);
+        let err = pad_vocab(&mut plain.clone(), 100).unwrap_err().to_string();
+        assert!(err.contains("vocabulary size 100"), "{err}");
     }
 
     #[test]

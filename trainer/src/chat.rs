@@ -1,14 +1,20 @@
 //! `hearth generate`: a conversation with a model (and its adapter), one user message at a
-//! time, each answered through the model's chat template with the whole conversation so far.
+//! time, each answered through the model's chat template with the whole conversation so far;
+//! or a file of prompts answered in batches.
 
 use std::io::BufRead;
 use std::path::Path;
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
 
 use burn::tensor::Device;
 use data::render::{TemplateChoice, template_for};
-use data::{ChatTemplate, Message};
+use data::{ChatTemplate, Example, Message};
 
-use crate::generate::{Sampling, generate, stop_tokens};
+use crate::generate::{Sampling, generate, generate_batch, stop_tokens};
 use crate::model::{Llama, load_tuned};
 use crate::{Result, TrainerError};
 
@@ -32,6 +38,8 @@ pub struct Chat {
     sampling: Sampling,
     device: Device,
     messages: Vec<Message>,
+    /// The model's and adapter's directories, which no output may overwrite.
+    inputs: Vec<std::path::PathBuf>,
 }
 
 impl Chat {
@@ -53,6 +61,11 @@ impl Chat {
             stop,
             sampling: o.sampling,
             device: o.device.clone(),
+            inputs: [Some(o.model), o.adapter]
+                .into_iter()
+                .flatten()
+                .map(Path::to_path_buf)
+                .collect(),
             messages: o
                 .system
                 .map(|s| Message::new("system", s.to_string()))
@@ -82,6 +95,71 @@ impl Chat {
         Ok(answer)
     }
 
+    /// Answers every prompt of the data file `input` (any shape hearth reads: prompts,
+    /// the prompts of preference pairs, or conversations, answered afresh at their last
+    /// assistant turn), `batch_size` prompts per decoding batch, and writes one
+    /// `{"index", "reply", "tokens", "stopped"}` line per row, in order, to `out`, whole or
+    /// not at all. The conversation so far (its system message) opens every prompt.
+    pub fn answer_file(&self, input: &Path, out: &Path, batch_size: usize) -> Result<Answered> {
+        if batch_size == 0 {
+            return Err(TrainerError::Input(
+                "generate: --batch-size must be at least 1".into(),
+            ));
+        }
+        let mut inputs: Vec<&Path> = self.inputs.iter().map(|p| p.as_path()).collect();
+        inputs.push(input);
+        checkpoints::guard::check_output_file(out, &inputs)?;
+        let loaded = data::load_examples(input, &Default::default())?;
+        let mut prompts = Vec::with_capacity(loaded.examples.len());
+        for (e, at) in loaded.examples.iter().zip(&loaded.locations) {
+            let mut messages = self.messages.clone();
+            messages.extend(prompt_of(e).iter().cloned());
+            if messages.last().is_none_or(|m| m.role == "assistant") {
+                return Err(TrainerError::Input(format!(
+                    "{}: {at}: nothing to answer (no user message before the reply)",
+                    input.display()
+                )));
+            }
+            let rendered = self.template.render(&messages, true)?;
+            prompts.push(data::chat::encode(&self.tokenizer, &rendered)?);
+        }
+        let started = Instant::now();
+        let mut rng = ChaCha8Rng::seed_from_u64(self.sampling.seed);
+        let (mut text, mut tokens) = (String::new(), 0);
+        for (k, batch) in prompts.chunks(batch_size).enumerate() {
+            let done = generate_batch(
+                &self.model,
+                batch,
+                &self.stop,
+                &self.sampling,
+                &mut rng,
+                &self.device,
+            )?;
+            for (j, c) in done.iter().enumerate() {
+                let reply = self
+                    .tokenizer
+                    .decode(&c.tokens, true)
+                    .map_err(|e| TrainerError::Input(format!("decoding: {e}")))?;
+                tokens += c.tokens.len();
+                let line = ReplyLine {
+                    index: k * batch_size + j,
+                    reply,
+                    tokens: c.tokens.len(),
+                    stopped: c.stop.is_some(),
+                };
+                text.push_str(&serde_json::to_string(&line).unwrap_or_default());
+                text.push('\n');
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        checkpoints::write_text(out, &text)?;
+        Ok(Answered {
+            prompts: prompts.len(),
+            tokens,
+            seconds,
+        })
+    }
+
     /// Converses over `input`: each non-blank line is a user message, and each answer goes
     /// to `emit` as soon as it is made.
     pub fn converse<E: From<TrainerError>>(
@@ -99,5 +177,43 @@ impl Chat {
             emit(&answer)?;
         }
         Ok(())
+    }
+}
+
+/// One line of `hearth generate --out`.
+#[derive(Serialize)]
+struct ReplyLine {
+    /// The row's place in the input, from 0.
+    index: usize,
+    reply: String,
+    /// New tokens, the stop token not counted.
+    tokens: usize,
+    /// Whether a stop token ended it (else `max_new_tokens` did).
+    stopped: bool,
+}
+
+/// What [`Chat::answer_file`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered {
+    pub prompts: usize,
+    /// New tokens over every reply.
+    pub tokens: usize,
+    /// Wall time of the decoding, tokenisation and loading aside.
+    pub seconds: f64,
+}
+
+/// The messages a row asks to be answered: a prompt, a pair's prompt, or a conversation up
+/// to its last assistant turn.
+fn prompt_of(e: &Example) -> &[Message] {
+    match e {
+        Example::Prompt { prompt, .. } | Example::Pair { prompt, .. } => prompt,
+        Example::Conversation { messages, .. } => {
+            let end = messages
+                .iter()
+                .rposition(|m| m.role == "assistant")
+                .filter(|&i| i + 1 == messages.len())
+                .unwrap_or(messages.len());
+            &messages[..end]
+        }
     }
 }

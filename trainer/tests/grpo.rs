@@ -115,7 +115,9 @@ fn grpo_resumes_exactly_between_iterations() {
         "the resumed GRPO run ended with different weights"
     );
     let strip = |mut l: serde_json::Value| {
-        l.as_object_mut().unwrap().remove("train_runtime");
+        for key in trainer::train::TIMING_KEYS {
+            l.as_object_mut().unwrap().remove(key);
+        }
         l
     };
     let all = |run: &Path| -> Vec<serde_json::Value> {

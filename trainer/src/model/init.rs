@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use checkpoints::{ModelConfig, ModelType, SaveOptions, WeightDtype};
-use data::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
+use data::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, pad_vocab, train_bpe};
 
 use super::checkpoint::init_random_weights;
 use crate::{Result, TrainerError};
@@ -14,7 +14,8 @@ use crate::{Result, TrainerError};
 #[derive(Debug, Clone)]
 pub struct NewModel {
     pub model_type: ModelType,
-    /// Upper bound for the trained tokenizer; the model's vocab is the tokenizer's size.
+    /// The vocabulary's exact size: the tokenizer is trained up to it and padded with
+    /// Llama 3's reserved special tokens past what the bundled text yields.
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -58,7 +59,8 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
             spec.hidden_size, spec.num_attention_heads
         )));
     }
-    let tokenizer = train_bpe(&[BUNDLED_CORPUS], spec.vocab_size, &LLAMA3_SPECIAL_TOKENS)?;
+    let mut tokenizer = train_bpe(&[BUNDLED_CORPUS], spec.vocab_size, &LLAMA3_SPECIAL_TOKENS)?;
+    pad_vocab(&mut tokenizer, spec.vocab_size)?;
     let id = |t: &str| tokenizer.token_to_id(t).unwrap_or(0);
     let config_json = serde_json::json!({
         "architectures": [match spec.model_type {

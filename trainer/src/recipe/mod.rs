@@ -131,6 +131,9 @@ pub struct TrainSection {
     /// Global gradient-norm clip; 0 turns clipping off.
     pub max_grad_norm: f64,
     pub logging_steps: usize,
+    /// When stderr is not a terminal (a log file, a CI job), where the progress bar stays
+    /// silent: print a progress line at most once per this many seconds (0: every step).
+    pub progress_seconds: f64,
     /// Evaluate every N steps; 0 means only at the end.
     pub eval_steps: usize,
     /// Checkpoint every N steps; 0 means only the final adapter.
@@ -171,6 +174,7 @@ impl Default for TrainSection {
             num_train_epochs: 1,
             max_grad_norm: 1.0,
             logging_steps: 1,
+            progress_seconds: 10.0,
             eval_steps: 0,
             save_steps: 0,
             save_total_limit: 2,
@@ -248,6 +252,12 @@ impl Recipe {
             return bad(format!(
                 "train.max_grad_norm {} must be ≥ 0 (0 turns clipping off)",
                 t.max_grad_norm
+            ));
+        }
+        if !(t.progress_seconds >= 0.0 && t.progress_seconds.is_finite()) {
+            return bad(format!(
+                "train.progress_seconds {} must be ≥ 0 (0 prints a line every step)",
+                t.progress_seconds
             ));
         }
         let f = self.data.eval_fraction;
@@ -391,6 +401,10 @@ mod tests {
                 "data.eval_fraction 1.5 must be in [0, 1)",
             ),
             ("data.eval_fraction=-0.1", "data.eval_fraction -0.1"),
+            (
+                "train.progress_seconds=-2",
+                "train.progress_seconds -2 must be ≥ 0",
+            ),
         ] {
             let err = parse(MINIMAL, "r.toml", &[set.into()])
                 .unwrap_err()

@@ -2,7 +2,8 @@
 //! iteration, with logging, evaluation and checkpoints between steps. It names no method:
 //! the objective says what a step's losses are.
 
-use std::time::Instant;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
@@ -55,6 +56,10 @@ struct Stepped {
     bad: Option<&'static str>,
     /// The clipped gradients to apply; `None` when the update is skipped.
     grads: Option<GradientsParams>,
+    /// Every rank's tokens of this step.
+    tokens: usize,
+    /// Wall time of the step, from its first forward to the applied update.
+    seconds: f64,
 }
 
 /// The loop with its running state.
@@ -72,6 +77,10 @@ pub(super) struct Loop<'a> {
     total: usize,
     warmup: usize,
     bar: ProgressBar,
+    /// When stderr is no terminal the bar is silent: a plain line is printed instead, once
+    /// an interval has passed since the start or the last line. Holds the interval and
+    /// when that was.
+    lines: Option<(Duration, Instant)>,
     bad_streak: usize,
     /// A stop signal seen by any rank, acted on at the next checkpoint opportunity.
     pending_signal: Option<i32>,
@@ -110,6 +119,12 @@ impl<'a> Loop<'a> {
         } else {
             ProgressBar::hidden()
         };
+        let lines = (progress && p.dp.is_main() && !std::io::stderr().is_terminal()).then(|| {
+            (
+                Duration::from_secs_f64(t.progress_seconds.max(0.0)),
+                Instant::now(),
+            )
+        });
         bar.set_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -127,6 +142,7 @@ impl<'a> Loop<'a> {
             total,
             warmup,
             bar,
+            lines,
             bad_streak: 0,
             pending_signal: None,
             first_epoch: Some(first_epoch),
@@ -160,6 +176,7 @@ impl<'a> Loop<'a> {
             let step_at_epoch_start = self.s.global_step;
             let resumed_mid_epoch = start > 0 || self.s.next_iteration > 0;
             for &(offset, whole, iteration) in &groups {
+                let began = Instant::now();
                 let Some(mut stepped) = self.step(whole, iteration)? else {
                     continue;
                 };
@@ -168,6 +185,7 @@ impl<'a> Loop<'a> {
                 if let Some(grads) = stepped.grads.take() {
                     self.model = self.optim.step(stepped.lr, self.model, grads);
                 }
+                stepped.seconds = began.elapsed().as_secs_f64();
                 self.record(stepped)?;
                 let step = self.s.global_step;
                 if self.p.recipe.train.eval_steps > 0
@@ -254,12 +272,13 @@ impl<'a> Loop<'a> {
         }
         let weights: Vec<f64> = all.outcomes.iter().map(|o| o.weight).collect();
         let shares = shares(&weights);
-        let (mut loss, mut metrics) = (0.0, Metrics::default());
+        let (mut loss, mut metrics, mut tokens) = (0.0, Metrics::default(), 0);
         for (o, share) in all.outcomes.iter().zip(&shares) {
             loss += o.loss * share;
             metrics.accumulate(&o.metrics, *share);
-            self.s.seen_tokens += o.tokens;
+            tokens += o.tokens;
         }
+        self.s.seen_tokens += tokens;
         let mut accumulator = GradientsAccumulator::new();
         for (o, share) in losses.outs.into_iter().zip(&shares[all.first_local..]) {
             let grads =
@@ -283,6 +302,8 @@ impl<'a> Loop<'a> {
             metrics,
             bad,
             grads: bad.is_none().then_some(grads),
+            tokens,
+            seconds: 0.0,
         }))
     }
 
@@ -317,10 +338,12 @@ impl<'a> Loop<'a> {
         if finite {
             self.s.history.push((step, st.loss));
         }
+        let step_tps = st.tokens as f64 / st.seconds.max(1e-9);
         if finite && (step.is_multiple_of(t.logging_steps.max(1)) || step == self.total) {
             let mut line = json!({
                 "loss": st.loss, "learning_rate": st.lr, "grad_norm": st.grad_norm,
                 "num_tokens": self.s.seen_tokens, "epoch": self.epoch_f(), "step": step,
+                "step_time": st.seconds, "train_tokens_per_second": step_tps,
             });
             for (name, value, _) in &st.metrics.0 {
                 line[name.as_ref()] = json!(value);
@@ -334,10 +357,17 @@ impl<'a> Loop<'a> {
             .metrics
             .get("reward")
             .map_or(String::new(), |r| format!(" reward {r:.3}"));
-        self.bar.set_message(format!(
-            "loss {:.4}{reward} lr {:.2e} {tps:.0} tok/s",
-            st.loss, st.lr
-        ));
+        let message = format!(
+            "loss {:.4}{reward} lr {:.2e} {tps:.0} tok/s {:.2} s/step",
+            st.loss, st.lr, st.seconds
+        );
+        if let Some((every, last)) = &mut self.lines
+            && last.elapsed() >= *every
+        {
+            eprintln!("step {step}/{} {message}", self.total);
+            *last = Instant::now();
+        }
+        self.bar.set_message(message);
         Ok(())
     }
 

@@ -30,6 +30,10 @@ use crate::model::precision::Precision;
 use crate::objectives::{Metrics, Prepare, registry};
 use crate::recipe::Recipe;
 
+/// The `metrics.jsonl` keys that hold wall-clock times: everything else a run logs is
+/// reproduced exactly by a rerun or a resume.
+pub const TIMING_KEYS: [&str; 3] = ["train_runtime", "step_time", "train_tokens_per_second"];
+
 /// What a run ended with.
 #[derive(Debug, Clone)]
 pub struct Outcome {
