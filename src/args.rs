@@ -146,6 +146,10 @@ pub struct GenerateTextArgs {
     /// Prompts decoded together with --input.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Replies per prompt with --input (sampled: set --temperature): each prompt runs once
+    /// and its replies decode together from its cache, as GRPO's rollouts do.
+    #[arg(long, default_value_t = 1, requires = "input")]
+    pub samples: usize,
     /// Optional system message.
     #[arg(long)]
     pub system: Option<String>,

@@ -192,9 +192,13 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
         device: &device,
     })?;
     if let (Some(input), Some(out)) = (&a.input, &a.out) {
-        let done = chat.answer_file(input, out, a.batch_size)?;
+        let done = chat.answer_file(input, out, a.batch_size, a.samples)?;
+        let each = match a.samples {
+            1 => String::new(),
+            n => format!(" {n} times each"),
+        };
         eprintln!(
-            "answered {} prompts with {} tokens in {:.2} s ({:.1} tokens/s) into {}",
+            "answered {} prompts{each} with {} tokens in {:.2} s ({:.1} tokens/s) into {}",
             done.prompts,
             done.tokens,
             done.seconds,

@@ -1118,6 +1118,53 @@ fn generate_answers_a_prompt_file_in_batches() {
         &["bad.jsonl", "line 2", "nothing to answer"],
     );
     assert!(!out.exists());
+
+    // Several sampled replies per row: each row's lines in order, numbered; a seed repeats
+    // them, and the replies to one row are not all the same.
+    let sampled = |out: &Path| {
+        let got = hearth(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--input",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--batch-size",
+            "2",
+            "--samples",
+            "3",
+            "--temperature",
+            "1.0",
+            "--seed",
+            "4",
+            "--max-new-tokens",
+            "8",
+        ]);
+        let stderr = String::from_utf8_lossy(&got.stderr).into_owned();
+        assert!(got.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("answered 5 prompts 3 times each"),
+            "{stderr}"
+        );
+        jsonl(out)
+    };
+    let lines = sampled(&tmp.path().join("s3.jsonl"));
+    assert_eq!(lines.len(), 15);
+    for (n, l) in lines.iter().enumerate() {
+        assert_eq!(
+            (l["index"].as_u64(), l["sample"].as_u64()),
+            (Some(n as u64 / 3), Some(n as u64 % 3))
+        );
+    }
+    assert_eq!(sampled(&tmp.path().join("s3-again.jsonl")), lines);
+    let replies: std::collections::HashSet<_> =
+        lines.iter().map(|l| l["reply"].to_string()).collect();
+    assert!(
+        replies.len() > 5,
+        "sampling gave {} distinct replies of 15",
+        replies.len()
+    );
 }
 
 #[test]

@@ -80,42 +80,48 @@ hearth_train() {
     rmdir "$run"
     "$hearth" train "$root/recipes/tiny-sft.toml" --out "$run" \
         --set model.path="\"$model\"" --set model.create_if_missing=false \
+        --set data.train="\"$root/data/examples/counseling-sft.jsonl\"" \
         --set data.packing=true --set data.max_length=256 --set data.eval_fraction=0 \
         --set 'lora.targets=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]' \
         --set train.per_device_train_batch_size="$batch" --set train.max_steps="$steps" \
         --set train.eval_steps=0 --set train.save_steps=0 --set train.learning_rate=1e-4 \
         ${HEARTH_TRAIN_SETS:-} >/dev/null
-    python3 - "$run/metrics.jsonl" <<'PY'
+    # tokens_per_second counts every position of the batch (batch × 256), as PyTorch's side
+    # does, so the ratio is the ratio of step times; real_tokens_per_second counts only the
+    # tokens that packing filled (the rest is padding).
+    python3 - "$run/metrics.jsonl" "$batch" <<'PY'
 import json, statistics, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]
 steps = [l for l in lines if "step_time" in l][2:]
 t = statistics.median(l["step_time"] for l in steps)
 tok = statistics.median(l["train_tokens_per_second"] * l["step_time"] for l in steps)
-print(json.dumps({"what": "train", "median_step_s": t, "tokens_per_second": tok / t,
-                  "tokens_per_step": tok, "steps": len(steps)}))
+print(json.dumps({"what": "train", "median_step_s": t,
+                  "tokens_per_second": int(sys.argv[2]) * 256 / t,
+                  "real_tokens_per_second": tok / t, "real_tokens_per_step": tok,
+                  "steps": len(steps)}))
 PY
     rm -rf "$run"
 }
-# GNU time measures a process: the two functions above run in their own bash.
-export hearth root out
-export -f hearth_train hearth_generate prompts
-
 # hearth's generation figures: its own count of new tokens and seconds.
 hearth_generate() {
-    local model=$1 rows=$2 batch=$3 new=$4 temperature=$5 file reply
+    local model=$1 rows=$2 batch=$3 new=$4 temperature=$5 samples=${6:-1} file reply
     file=$(mktemp "$out/prompts.XXXX.jsonl")
     reply=$(mktemp -u "$out/replies.XXXX.jsonl")
     prompts "$rows" "$file"
     "$hearth" generate --model "$model" --input "$file" --out "$reply" --batch-size "$batch" \
-        --max-new-tokens "$new" --temperature "$temperature" 2>&1 >/dev/null |
+        --samples "$samples" --max-new-tokens "$new" --temperature "$temperature" 2>&1 >/dev/null |
         python3 -c '
 import json, re, sys
 text = sys.stdin.read()
-m = re.search(r"answered (\d+) prompts with (\d+) tokens in ([0-9.]+) s", text)
+m = re.search(r"answered (\d+) prompts(?: \d+ times each)? with (\d+) tokens in ([0-9.]+) s", text)
 print(json.dumps({"what": "generate", "prompts": int(m[1]), "new_tokens": int(m[2]),
                   "seconds": float(m[3]), "tokens_per_second": int(m[2]) / float(m[3])}))'
     rm -f "$file" "$reply"
 }
+
+# GNU time measures a process: the two functions above run in their own bash.
+export hearth root out
+export -f hearth_train hearth_generate prompts
 
 run_work() {
     local what=$1 round=$2 side=$3
@@ -133,9 +139,9 @@ run_work() {
     gen8:hearth) measure hearth "$what" "$round" bash -c '"$@"' _ hearth_generate "$smol" 16 8 128 0 ;;
     gen8:torch) measure torch "$what" "$round" "$py" "$here/torch_ref.py" generate \
         --model "$smol" --batch 8 --new-tokens 128 --prompt-tokens 30 --threads "$threads" --repeats 2 ;;
-    # GRPO's rollouts: 8 sampled completions of one prompt. hearth's side decodes the
-    # prompt 8 times in one batch (`generate --input` with the prompt repeated).
-    rollout8:hearth) measure hearth "$what" "$round" bash -c '"$@"' _ hearth_generate "$smol" 8 8 128 1.0 ;;
+    # GRPO's rollouts: 8 sampled completions of one prompt, run once and decoded in one
+    # batch from its shared KV cache (`generate --samples 8`, GRPO's own path).
+    rollout8:hearth) measure hearth "$what" "$round" bash -c '"$@"' _ hearth_generate "$smol" 1 1 128 1.0 8 ;;
     rollout8:torch) measure torch "$what" "$round" "$py" "$here/torch_ref.py" rollout \
         --model "$smol" --prompts 1 --group 8 --new-tokens 128 --prompt-tokens 30 --threads "$threads" --repeats 2 ;;
     esac

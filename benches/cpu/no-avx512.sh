@@ -17,7 +17,8 @@ grep -q avx512f /proc/cpuinfo && echo "host has AVX-512; emulating a Haswell wit
 emulated init-model --out "$tmp/m" --hidden-size 64 --layers 1
 emulated train "$root/recipes/tiny-sft.toml" --out "$tmp/run" \
     --set model.path="\"$tmp/m\"" --set train.max_steps=2 --set train.eval_steps=0 \
-    --set train.save_steps=0 --set data.eval_fraction=0
+    --set train.save_steps=0 --set data.eval_fraction=0 \
+    --set data.train="\"$root/data/examples/counseling-sft.jsonl\""
 emulated generate --model "$tmp/m" --prompt "I feel tired." --max-new-tokens 4 >/dev/null
 test -s "$tmp/run/final/adapter_model.safetensors"
 echo "ok: made, trained and generated on an emulated CPU without AVX-512"

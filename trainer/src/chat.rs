@@ -14,7 +14,7 @@ use burn::tensor::Device;
 use data::render::{TemplateChoice, template_for};
 use data::{ChatTemplate, Example, Message};
 
-use crate::generate::{Sampling, generate, generate_batch, stop_tokens};
+use crate::generate::{Sampling, generate, generate_groups, stop_tokens};
 use crate::model::{Llama, load_tuned};
 use crate::{Result, TrainerError};
 
@@ -100,10 +100,21 @@ impl Chat {
     /// assistant turn), `batch_size` prompts per decoding batch, and writes one
     /// `{"index", "reply", "tokens", "stopped"}` line per row, in order, to `out`, whole or
     /// not at all. The conversation so far (its system message) opens every prompt.
-    pub fn answer_file(&self, input: &Path, out: &Path, batch_size: usize) -> Result<Answered> {
+    pub fn answer_file(
+        &self,
+        input: &Path,
+        out: &Path,
+        batch_size: usize,
+        samples: usize,
+    ) -> Result<Answered> {
         if batch_size == 0 {
             return Err(TrainerError::Input(
                 "generate: --batch-size must be at least 1".into(),
+            ));
+        }
+        if samples == 0 {
+            return Err(TrainerError::Input(
+                "generate: --samples must be at least 1".into(),
             ));
         }
         let mut inputs: Vec<&Path> = self.inputs.iter().map(|p| p.as_path()).collect();
@@ -127,9 +138,10 @@ impl Chat {
         let mut rng = ChaCha8Rng::seed_from_u64(self.sampling.seed);
         let (mut text, mut tokens) = (String::new(), 0);
         for (k, batch) in prompts.chunks(batch_size).enumerate() {
-            let done = generate_batch(
+            let done = generate_groups(
                 &self.model,
                 batch,
+                samples,
                 &self.stop,
                 &self.sampling,
                 &mut rng,
@@ -142,7 +154,8 @@ impl Chat {
                     .map_err(|e| TrainerError::Input(format!("decoding: {e}")))?;
                 tokens += c.tokens.len();
                 let line = ReplyLine {
-                    index: k * batch_size + j,
+                    index: k * batch_size + j / samples,
+                    sample: (samples > 1).then_some(j % samples),
                     reply,
                     tokens: c.tokens.len(),
                     stopped: c.stop.is_some(),
@@ -185,6 +198,9 @@ impl Chat {
 struct ReplyLine {
     /// The row's place in the input, from 0.
     index: usize,
+    /// Which of the row's replies, from 0; only with `--samples` above 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sample: Option<usize>,
     reply: String,
     /// New tokens, the stop token not counted.
     tokens: usize,

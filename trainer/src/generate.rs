@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Llama;
+use crate::model::{KvCache, LayerCache, Llama};
 use crate::{Result, TrainerError};
 
 /// How to pick tokens.
@@ -71,19 +71,27 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
     if s.temperature <= 0.0 {
         return argmax();
     }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weight = |l: f32| ((l as f64 - max) / s.temperature).exp();
+    if s.top_k == 0 && s.top_p >= 1.0 {
+        // Nothing to cut: draw straight from the softmax, in vocabulary order. Sorting the
+        // whole vocabulary for every token of every row was most of a sampled decode
+        // step's host time.
+        let weights: Vec<f64> = logits.iter().map(|&l| weight(l)).collect();
+        return draw(&weights, rng).map_or_else(argmax, |n| n as u32);
+    }
+    // Most likely first; equal logits by id, so the order never depends on the sort.
+    let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if s.top_k > 0 {
+    if s.top_k > 0 && s.top_k < order.len() {
+        order.select_nth_unstable_by(s.top_k - 1, before);
         order.truncate(s.top_k);
     }
-    let max = logits[order[0]] as f64;
-    let weights: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i] as f64 - max) / s.temperature).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
+    order.sort_unstable_by(before);
+    let weights: Vec<f64> = order.iter().map(|&i| weight(logits[i])).collect();
     let mut keep = order.len();
     if s.top_p < 1.0 {
+        let total: f64 = weights.iter().sum();
         let mut cumulative = 0.0;
         for (n, w) in weights.iter().enumerate() {
             cumulative += w / total;
@@ -93,15 +101,22 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
             }
         }
     }
-    let kept_total: f64 = weights[..keep].iter().sum();
-    let mut draw = rng.random::<f64>() * kept_total;
-    for (n, w) in weights[..keep].iter().enumerate() {
-        draw -= w;
-        if draw <= 0.0 {
-            return order[n] as u32;
+    let n = draw(&weights[..keep], rng).unwrap_or(0);
+    order[n] as u32
+}
+
+/// An index drawn with probability proportional to `weights`; the last one when rounding
+/// leaves the draw past the end, `None` when there are none.
+fn draw(weights: &[f64], rng: &mut ChaCha8Rng) -> Option<usize> {
+    let total: f64 = weights.iter().sum();
+    let mut left = rng.random::<f64>() * total;
+    for (n, w) in weights.iter().enumerate() {
+        left -= w;
+        if left <= 0.0 {
+            return Some(n);
         }
     }
-    order[keep - 1] as u32
+    weights.len().checked_sub(1)
 }
 
 /// One sampled continuation.
@@ -146,20 +161,55 @@ pub fn generate_batch(
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Result<Vec<Completion>> {
+    generate_groups(model, prompts, 1, stop, s, rng, device)
+}
+
+/// [`generate_batch`] for `group` completions of each prompt (GRPO's G): row `r` of the
+/// result continues prompt `r / group`. Each distinct prompt is run once and its KV cache
+/// and last logits are shared by its `group` rows, which then decode in one batch.
+pub fn generate_groups(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    group: usize,
+    stop: &[u32],
+    s: &Sampling,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<Vec<Completion>> {
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(TrainerError::Input(format!("prompt {} is empty", i + 1)));
     }
-    let b = prompts.len();
+    let rows = prompts.len() * group;
     let mut out: Vec<Completion> = vec![
         Completion {
             tokens: Vec::new(),
             stop: None,
         };
-        b
+        rows
     ];
-    if b == 0 || s.max_new_tokens == 0 {
+    if rows == 0 || s.max_new_tokens == 0 {
         return Ok(out);
     }
+    let (logits, cache) = prefill(model, prompts, group, device);
+    let lengths: Vec<usize> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.len(), group))
+        .collect();
+    decode(
+        model, logits, cache, &lengths, &mut out, stop, s, rng, device,
+    );
+    Ok(out)
+}
+
+/// Runs the left-padded prompts once; returns the last position's logits and the KV
+/// cache, each prompt's rows repeated `group` times.
+fn prefill(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    group: usize,
+    device: &Device,
+) -> (Vec<f32>, KvCache) {
+    let b = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let (mut ids, mut positions, mut padding) = (Vec::new(), Vec::new(), Vec::new());
     for p in prompts {
@@ -170,18 +220,62 @@ pub fn generate_batch(
             padding.push(j < lead);
         }
     }
-    let ints =
-        |v: Vec<i64>, n: usize| Tensor::<2, Int>::from_data(TensorData::new(v, [b, n]), device);
-    let bools =
-        |v: Vec<bool>, n: usize| Tensor::<2, Bool>::from_data(TensorData::new(v, [b, n]), device);
-    let (hidden, mut cache) = model.hidden_cached(
-        ints(ids, width),
-        ints(positions, width),
-        bools(padding, width),
-        None,
-    );
-    let mut logits = last_logits(model, hidden);
+    let ints = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, width]), device);
+    let pads = |v: Vec<bool>, rows: usize| {
+        Tensor::<2, Bool>::from_data(TensorData::new(v, [rows, width]), device)
+    };
+    let grouped: Vec<bool> = padding
+        .chunks_exact(width.max(1))
+        .flat_map(|row| std::iter::repeat_n(row, group).flatten().copied())
+        .collect();
+    let (hidden, cache) = model.hidden_cached(ints(ids), ints(positions), pads(padding, b), None);
+    let logits = last_logits(model, hidden);
+    if group == 1 {
+        return (logits, cache);
+    }
     let vocab = logits.len() / b;
+    let logits = logits
+        .chunks_exact(vocab)
+        .flat_map(|row| std::iter::repeat_n(row, group).flatten().copied())
+        .collect();
+    let rows: Vec<i64> = (0..b as i64)
+        .flat_map(|i| std::iter::repeat_n(i, group))
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [b * group]), device);
+    let cache = KvCache {
+        layers: cache
+            .layers
+            .into_iter()
+            .map(|l| LayerCache {
+                k: l.k.select(0, index.clone()),
+                v: l.v.select(0, index.clone()),
+            })
+            .collect(),
+        // From the host: flex's `select` on a bool tensor returns bytes that `cat` then
+        // refuses to join with bools.
+        key_padding: pads(grouped, b * group),
+    };
+    (logits, cache)
+}
+
+/// Samples from `logits` (`[B, vocab]`, the prompts' last positions) and then one token per
+/// row per step through `cache`, into `out`, until every row has stopped. `lengths`: each
+/// row's prompt length (its next token's position).
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    model: &Llama,
+    mut logits: Vec<f32>,
+    mut cache: KvCache,
+    lengths: &[usize],
+    out: &mut [Completion],
+    stop: &[u32],
+    s: &Sampling,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) {
+    let b = out.len();
+    let vocab = logits.len() / b;
+    let ints = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, 1]), device);
     let mut done = vec![false; b];
     for step in 0..s.max_new_tokens {
         let mut next = vec![0i64; b];
@@ -202,17 +296,12 @@ pub fn generate_batch(
         if done.iter().all(|&d| d) {
             break;
         }
-        let positions: Vec<i64> = prompts.iter().map(|p| (p.len() + step) as i64).collect();
-        let (hidden, c) = model.hidden_cached(
-            ints(next, 1),
-            ints(positions, 1),
-            bools(vec![false; b], 1),
-            Some(cache),
-        );
+        let positions: Vec<i64> = lengths.iter().map(|&n| (n + step) as i64).collect();
+        let padding = Tensor::<2, Bool>::from_data(TensorData::new(vec![false; b], [b, 1]), device);
+        let (hidden, c) = model.hidden_cached(ints(next), ints(positions), padding, Some(cache));
         cache = c;
         logits = last_logits(model, hidden);
     }
-    Ok(out)
 }
 
 /// Continues `prompt` until a stop token or `max_new_tokens`, seeded by `s.seed`. Returns
@@ -326,5 +415,19 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(seeded(3), seeded(3));
+        // No filter: frequencies follow the softmax, p = e^l / Σ e^l.
+        let plain = Sampling {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let total: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let draws: Vec<u32> = (0..4000)
+            .map(|_| sample(&logits, &plain, &mut rng))
+            .collect();
+        for (i, &l) in logits.iter().enumerate() {
+            let seen = draws.iter().filter(|&&t| t == i as u32).count() as f64 / 4000.0;
+            let want = (l as f64).exp() / total;
+            assert!((seen - want).abs() < 0.03, "token {i}: {seen} vs {want}");
+        }
     }
 }

@@ -162,3 +162,52 @@ fn batched_greedy_generation_matches_full_recompute() {
     let distinct: std::collections::HashSet<_> = a.iter().map(|c| c.tokens.clone()).collect();
     assert!(distinct.len() > 1, "six samples were identical");
 }
+
+/// GRPO's groups: each prompt runs once and its rows share its KV cache. Greedy, every row of
+/// a group is what a full recompute picks at every step; sampled, a seed repeats the whole
+/// draw and the rows of one prompt differ.
+#[test]
+fn grouped_generation_shares_each_prompts_cache() {
+    use rand::SeedableRng;
+    use trainer::generate::generate_groups;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = NewModel {
+        init_std: 0.3,
+        seed: 9,
+        ..Default::default()
+    };
+    init_model(dir.path(), &spec, Default::default()).unwrap();
+    let device = Device::flex();
+    let (_, model) = load_model(dir.path(), &device).unwrap();
+    // Different lengths, so the shared cache carries left padding.
+    let prompts = vec![vec![5u32, 17, 42, 8, 99, 3], vec![11u32, 2]];
+    let greedy = Sampling {
+        max_new_tokens: 7,
+        ..Default::default()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let rows = generate_groups(&model, &prompts, 3, &[], &greedy, &mut rng, &device).unwrap();
+    assert_eq!(rows.len(), 6);
+    for (r, got) in rows.iter().enumerate() {
+        let mut seq = prompts[r / 3].clone();
+        assert_eq!(got.tokens.len(), 7);
+        for (step, &token) in got.tokens.iter().enumerate() {
+            let want = full_recompute_argmax(&model, &seq, &device);
+            assert_eq!(token, want, "row {r}: step {step} diverged");
+            seq.push(token);
+        }
+    }
+    let hot = Sampling {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        ..Default::default()
+    };
+    let draw = |seed| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        generate_groups(&model, &prompts, 4, &[], &hot, &mut rng, &device).unwrap()
+    };
+    let a = draw(3);
+    assert_eq!(a, draw(3));
+    let first: std::collections::HashSet<_> = a[..4].iter().map(|c| c.tokens.clone()).collect();
+    assert!(first.len() > 1, "four samples of one prompt were identical");
+}

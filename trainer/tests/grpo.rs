@@ -136,7 +136,9 @@ fn grpo_resumes_exactly_between_iterations() {
 
 /// With `mask_truncated_completions`, completions cut off by `max_completion_length` carry
 /// no loss: at two new tokens every completion of the tiny model is cut off, so each step's
-/// loss and gradient are exactly zero, and the steps still count.
+/// loss and gradient are exactly zero, and the steps still count. (The tiny model ends about
+/// one completion in 32 within two tokens for some seeds; seed 1 draws none that do, which
+/// the clipped_ratio check below confirms.)
 #[test]
 fn truncated_completions_can_be_masked_out() {
     let _serial = serial();
@@ -147,6 +149,7 @@ fn truncated_completions_can_be_masked_out() {
             &tmp.path().join("base"),
             &[
                 "train.max_steps=2",
+                "train.seed=1",
                 "grpo.max_completion_length=2",
                 // Two tokens make one word or two: rewards ½ or 1, so advantages are not 0.
                 "grpo.rewards.0.min_words=2",

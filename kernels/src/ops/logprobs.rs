@@ -57,9 +57,7 @@ impl Head {
             .clone()
             .narrow(0, start, len)
             .cast(self.weight.dtype());
-        let mut logits = rows
-            .matmul(self.weight.clone().transpose())
-            .cast(DType::F32);
+        let mut logits = crate::project(rows, self.weight.clone()).cast(DType::F32);
         if let Some((down, up)) = &self.low_rank {
             let low = down
                 .clone()

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod logprobs;
 pub mod lora;
 pub(crate) mod node;
+pub mod projection;
 pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
@@ -22,6 +23,7 @@ use burn::tensor::FloatDType;
 use attention::AttentionOps;
 use logprobs::LogprobOps;
 use lora::LoraOps;
+use projection::ProjectionOps;
 use rms_norm::RmsNormOps;
 use rotary::RotaryOps;
 use swiglu::SwigluOps;
@@ -29,12 +31,12 @@ use swiglu::SwigluOps;
 /// A backend with every fused op: flex, the Cube backends, Fusion over them and Autodiff
 /// over any of those.
 pub trait FusedOps:
-    RmsNormOps + SwigluOps + LoraOps + RotaryOps + LogprobOps + AttentionOps
+    RmsNormOps + SwigluOps + LoraOps + RotaryOps + LogprobOps + AttentionOps + ProjectionOps
 {
 }
 
 impl<B> FusedOps for B where
-    B: RmsNormOps + SwigluOps + LoraOps + RotaryOps + LogprobOps + AttentionOps
+    B: RmsNormOps + SwigluOps + LoraOps + RotaryOps + LogprobOps + AttentionOps + ProjectionOps
 {
 }
 

@@ -20,11 +20,21 @@ impl Linear {
     /// The matmul runs in `x`'s dtype (an f32 master weight is cast to it).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
-        let base = linear(
-            x.clone(),
-            to(self.weight.val(), dtype).transpose(),
-            self.bias.as_ref().map(|b| to(b.val(), dtype)),
-        );
+        // Few rows (a decoding step) spread their columns over the cores; more rows are
+        // the plain matmul.
+        let base = if x.dims()[..D - 1].iter().product::<usize>() <= kernels::FEW_ROWS {
+            let y = kernels::project(x.clone(), to(self.weight.val(), dtype));
+            match &self.bias {
+                Some(b) => y + to(b.val(), dtype).unsqueeze(),
+                None => y,
+            }
+        } else {
+            linear(
+                x.clone(),
+                to(self.weight.val(), dtype).transpose(),
+                self.bias.as_ref().map(|b| to(b.val(), dtype)),
+            )
+        };
         match &self.lora {
             Some(lora) => lora.add_to(base, f32(x)),
             None => base,

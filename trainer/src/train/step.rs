@@ -8,6 +8,16 @@ use burn::tensor::Tensor;
 
 use crate::model::Llama;
 
+/// The sum of every value, over the last axis first, so no single reduction spans more than
+/// one row or the row totals (each far below the size at which flex splits a sum across
+/// threads).
+fn rows_then_total<const D: usize>(t: Tensor<D>) -> Tensor<1> {
+    if D < 2 {
+        return t.sum();
+    }
+    t.sum_dim(D - 1).sum()
+}
+
 /// Scales all gradients so their global L2 norm is at most `max_norm`; returns the norm
 /// before clipping. burn's own clipping works per tensor, which is not what LLM recipes mean.
 pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f64) -> f64 {
@@ -18,7 +28,10 @@ pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f6
     impl ModuleVisitor for SumSquares<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
-                let s = g.square().sum();
+                // Rows first: flex sums a whole tensor of 4M values or more on every
+                // core, in an order that depends on the scheduling, and the norm must
+                // come out bit for bit the same on every run.
+                let s = rows_then_total(g.square());
                 self.total = Some(match self.total.take() {
                     Some(t) => t + s,
                     None => s,

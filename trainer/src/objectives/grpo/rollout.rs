@@ -17,7 +17,7 @@ use crate::Result;
 use crate::batch::LmBatch;
 use crate::dist::Group;
 use crate::examples::PromptItem;
-use crate::generate::{Completion, generate_batch};
+use crate::generate::{Completion, generate_groups};
 use crate::model::Llama;
 use crate::objectives::objective::MicroOutput;
 use crate::objectives::reference::Reference;
@@ -151,11 +151,13 @@ impl Sampler {
             .iter()
             .flat_map(|&i| std::iter::repeat_n(i, g))
             .collect();
-        let inputs: Vec<Vec<u32>> = prompt.iter().map(|&i| prompts[i].ids.clone()).collect();
+        // Each prompt is run once; its G completions share its KV cache.
+        let inputs: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let completions = generate_batch(
+        let completions = generate_groups(
             policy,
             &inputs,
+            g,
             &self.stop,
             &self.settings.sampling,
             &mut rng,

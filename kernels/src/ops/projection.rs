@@ -1,0 +1,249 @@
+//! A projection `x·Wᵀ` of a few rows, with `W` in Hugging Face's `[out, in]` layout: the
+//! matmul of every decoding step (one row per sequence being generated).
+//!
+//! No fused kernel: on flex this spreads a single row's output columns over the cores.
+//! flex hands each matmul to `gemm` whole, and `gemm` runs a matrix-vector product (one
+//! row) on one thread, so batch-1 decoding used one core however many there were. Every
+//! other backend, and flex for more than one row, runs its own matmul. (A batch-8 step's
+//! q/k/v/o products fall under flex's threading threshold too, but splitting those changes
+//! gemm's kernel choice and so a row's bits; they stay whole.)
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::tensor::{DType, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::node::{Backprop, all_kept, record};
+
+/// Up to this many rows a projection goes through [`ProjectionOps::project`]; above it
+/// the model keeps burn's plain `linear`, bit for bit what it ran before (training's batch
+/// × sequence rows, prefills, and batched decoding, whose matmuls flex already threads or
+/// whose split would change gemm's kernel choice).
+pub const FEW_ROWS: usize = 1;
+
+/// Below this many weights (`out × in`) one core is faster than handing out the work.
+const SPLIT_MIN_WEIGHTS: usize = 1 << 16;
+
+/// `x·Wᵀ`: `x` `[..., in]`, `w` `[out, in]` → `[..., out]`, through
+/// [`ProjectionOps::project`] when `x` has at most [`FEW_ROWS`] rows, through the
+/// backend's matmul otherwise.
+pub fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    if rows > FEW_ROWS {
+        return burn::tensor::module::linear(x, w.transpose(), None);
+    }
+    let [out, _] = w.dims();
+    let flat: Tensor<2> = x.reshape([rows as i32, dims[D - 1] as i32]);
+    let y = Tensor::<2>::from_dispatch(Dispatch::project(flat.into_dispatch(), w.into_dispatch()));
+    let mut shape = dims;
+    shape[D - 1] = out;
+    y.reshape(shape)
+}
+
+/// `x·Wᵀ` on primitives, the backend's own matmul: what every backend but flex runs.
+fn matmul_transposed<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_matmul(x, B::float_transpose(w))
+}
+
+/// The backend extension; the default body is the backend's matmul.
+#[backend_extension(
+    Autodiff,
+    Flex,
+    Cube: cfg(feature = "gpu"),
+    Fusion: cfg(feature = "gpu")
+)]
+pub trait ProjectionOps: Backend {
+    /// `x·Wᵀ` for `x` `[M, K]` (few rows) and `w` `[N, K]`: `[M, N]`.
+    #[fusion(default)]
+    fn project(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        matmul_transposed::<Self>(x, w)
+    }
+}
+
+impl ProjectionOps for Flex {
+    fn project(x: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let threads = rayon::current_num_threads();
+        let [m, k] = x.shape().dims::<2>();
+        let [n, _] = w.shape().dims::<2>();
+        let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+        if !f32s || threads < 2 || n < 2 * threads || n * k < SPLIT_MIN_WEIGHTS {
+            return matmul_transposed::<Flex>(x, w);
+        }
+        // One row only: gemm's matrix-vector kernel takes one dot product per column, so
+        // the split gives the bits of the whole. Several rows take gemm's block kernels,
+        // whose choice depends on the shape, and a row's values would then depend on the
+        // slice width and on how many rows ride along.
+        if m > 1 {
+            return matmul_transposed::<Flex>(x, w);
+        }
+        split_columns(&x, &w, m, n, k, threads)
+    }
+}
+
+/// `x·Wᵀ` with the `N` output columns cut into one slice per thread, each slice one
+/// single-threaded `gemm` call (the matrix-vector kernel flex's matmul would have run, on
+/// fewer columns): every column is the same dot product, so the bits are those of the
+/// whole product, whatever the thread count.
+fn split_columns(
+    x: &FlexTensor,
+    w: &FlexTensor,
+    m: usize,
+    n: usize,
+    k: usize,
+    threads: usize,
+) -> FlexTensor {
+    let (x_rs, x_cs) = strides_2d(x);
+    let (w_rs, w_cs) = strides_2d(w);
+    let x_data: &[f32] = x.storage();
+    let w_data: &[f32] = w.storage();
+    let x_start = x.layout().start_offset();
+    let w_start = w.layout().start_offset();
+    // Column-major `[M, N]` (row-major `[N, M]`): a run of columns is one contiguous slice,
+    // so each thread owns its part of the buffer outright.
+    let mut by_column = vec![0f32; m * n];
+    let width = n.div_ceil(threads);
+    by_column
+        .par_chunks_mut(width * m)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let first = chunk * width;
+            let cols = dst.len() / m;
+            // SAFETY: `dst` holds `m × cols` values at column stride `m`, row stride 1;
+            // `x`'s `m × k` values and rows `first..first + cols` of `w` lie inside their
+            // storage at the strides read off their layouts.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    cols,
+                    k,
+                    dst.as_mut_ptr(),
+                    m as isize,
+                    1,
+                    false,
+                    x_data.as_ptr().add(x_start),
+                    x_cs,
+                    x_rs,
+                    w_data.as_ptr().add(w_start).offset(first as isize * w_rs),
+                    w_rs,
+                    w_cs,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    let row_major = if m == 1 {
+        by_column
+    } else {
+        let mut out = vec![0f32; m * n];
+        for (col, values) in by_column.chunks_exact(m).enumerate() {
+            for (row, v) in values.iter().enumerate() {
+                out[row * n + col] = *v;
+            }
+        }
+        out
+    };
+    FlexTensor::from_data(burn::tensor::TensorData::new(row_major, Shape::new([m, n])))
+}
+
+/// (row stride, column stride) of a 2-D flex tensor, in elements.
+fn strides_2d(t: &FlexTensor) -> (isize, isize) {
+    let strides = t.layout().strides();
+    (strides[0], strides[1])
+}
+
+impl<B: ProjectionOps, C: CheckpointStrategy> ProjectionOps for Autodiff<B, C> {
+    fn project(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        record::<B, C, _, _, _, _>(
+            Node,
+            [x, w],
+            (),
+            |[x, w], ()| (B::project(x, w), ()),
+            |(), _, _| (),
+        )
+        .0
+    }
+}
+
+/// Keeps both inputs: `dx = g·W`, `dW = gᵀ·x`.
+#[derive(Debug)]
+struct Node;
+
+impl<B: ProjectionOps> Backprop<B, 2> for Node {
+    const KEEPS: [bool; 2] = [true, true];
+    type Saved = ();
+
+    fn backward(
+        inputs: [Option<FloatTensor<B>>; 2],
+        (): (),
+        grad: FloatTensor<B>,
+        [want_x, want_w]: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let [x, w] = all_kept(inputs);
+        let dx = want_x.then(|| B::float_matmul(grad.clone(), w));
+        let dw = want_w.then(|| B::float_matmul(B::float_transpose(grad), x));
+        [dx, dw]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Tensor, TensorData, Tolerance};
+
+    use super::project;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    }
+
+    fn tensor(shape: [usize; 2], seed: usize, device: &Device) -> Tensor<2> {
+        let data = TensorData::new(values(shape[0] * shape[1], seed), shape);
+        Tensor::from_data(data, device)
+    }
+
+    /// Splitting one row's columns over threads gives the matmul's bits exactly, with a
+    /// thread count that does not divide the columns (and several rows, which stay whole,
+    /// too); both gradients match.
+    #[test]
+    fn split_projection_gives_the_matmuls_bits() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let device = Device::flex().autodiff();
+            for (m, n, k) in [
+                (1, 1000, 300),
+                (1, 49_153, 64),
+                (3, 517, 256),
+                (16, 1536, 64),
+            ] {
+                let x = tensor([m, k], 1, &device).require_grad();
+                let w = tensor([n, k], 2, &device).require_grad();
+                let weights = tensor([m, n], 3, &device);
+                let want = x.clone().matmul(w.clone().transpose());
+                let got = project(x.clone(), w.clone());
+                assert_eq!(got.to_data(), want.to_data(), "{m}×{n}×{k}");
+                let tol = Tolerance::absolute(1e-4);
+                let want_grads = (want * weights.clone()).sum().backward();
+                let got_grads = (got * weights).sum().backward();
+                for (name, p) in [("x", &x), ("w", &w)] {
+                    let g = p.grad(&got_grads).unwrap().into_data();
+                    let e = p.grad(&want_grads).unwrap().into_data();
+                    g.assert_approx_eq::<f32>(&e, tol);
+                    assert_eq!(g.shape(), e.shape(), "{name}");
+                }
+            }
+        });
+    }
+}
