@@ -224,10 +224,13 @@ fn prefill(
     let pads = |v: Vec<bool>, rows: usize| {
         Tensor::<2, Bool>::from_data(TensorData::new(v, [rows, width]), device)
     };
-    let grouped: Vec<bool> = padding
-        .chunks_exact(width.max(1))
-        .flat_map(|row| std::iter::repeat_n(row, group).flatten().copied())
-        .collect();
+    let grouped: Vec<bool> = match group {
+        1 => Vec::new(),
+        _ => padding
+            .chunks_exact(width.max(1))
+            .flat_map(|row| std::iter::repeat_n(row, group).flatten().copied())
+            .collect(),
+    };
     let (hidden, cache) = model.hidden_cached(ints(ids), ints(positions), pads(padding, b), None);
     let logits = last_logits(model, hidden);
     if group == 1 {

@@ -70,58 +70,44 @@ impl ProjectionOps for Flex {
         let [m, k] = x.shape().dims::<2>();
         let [n, _] = w.shape().dims::<2>();
         let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
-        if !f32s || threads < 2 || n < 2 * threads || n * k < SPLIT_MIN_WEIGHTS {
-            return matmul_transposed::<Flex>(x, w);
-        }
         // One row only: gemm's matrix-vector kernel takes one dot product per column, so
         // the split gives the bits of the whole. Several rows take gemm's block kernels,
         // whose choice depends on the shape, and a row's values would then depend on the
         // slice width and on how many rows ride along.
-        if m > 1 {
+        if m != 1 || !f32s || threads < 2 || n < 2 * threads || n * k < SPLIT_MIN_WEIGHTS {
             return matmul_transposed::<Flex>(x, w);
         }
-        split_columns(&x, &w, m, n, k, threads)
+        split_columns(&x, &w, n, k, threads)
     }
 }
 
-/// `x·Wᵀ` with the `N` output columns cut into one slice per thread, each slice one
-/// single-threaded `gemm` call (the matrix-vector kernel flex's matmul would have run, on
-/// fewer columns): every column is the same dot product, so the bits are those of the
-/// whole product, whatever the thread count.
-fn split_columns(
-    x: &FlexTensor,
-    w: &FlexTensor,
-    m: usize,
-    n: usize,
-    k: usize,
-    threads: usize,
-) -> FlexTensor {
+/// `x·Wᵀ` for one row `x` `[1, K]`, with the `N` output columns cut into one slice per
+/// thread, each slice one single-threaded `gemm` call (the matrix-vector kernel flex's
+/// matmul would have run, on fewer columns): every column is the same dot product, so the
+/// bits are those of the whole product, whatever the thread count.
+fn split_columns(x: &FlexTensor, w: &FlexTensor, n: usize, k: usize, threads: usize) -> FlexTensor {
     let (x_rs, x_cs) = strides_2d(x);
     let (w_rs, w_cs) = strides_2d(w);
     let x_data: &[f32] = x.storage();
     let w_data: &[f32] = w.storage();
     let x_start = x.layout().start_offset();
     let w_start = w.layout().start_offset();
-    // Column-major `[M, N]` (row-major `[N, M]`): a run of columns is one contiguous slice,
-    // so each thread owns its part of the buffer outright.
-    let mut by_column = vec![0f32; m * n];
+    let mut out = vec![0f32; n];
     let width = n.div_ceil(threads);
-    by_column
-        .par_chunks_mut(width * m)
+    out.par_chunks_mut(width)
         .enumerate()
         .for_each(|(chunk, dst)| {
             let first = chunk * width;
-            let cols = dst.len() / m;
-            // SAFETY: `dst` holds `m × cols` values at column stride `m`, row stride 1;
-            // `x`'s `m × k` values and rows `first..first + cols` of `w` lie inside their
-            // storage at the strides read off their layouts.
+            // SAFETY: `dst` holds the `dst.len()` outputs of columns `first..`; `x`'s `k`
+            // values and those rows of `w` lie inside their storage at the strides read
+            // off their layouts.
             unsafe {
                 gemm::gemm(
-                    m,
-                    cols,
+                    1,
+                    dst.len(),
                     k,
                     dst.as_mut_ptr(),
-                    m as isize,
+                    1,
                     1,
                     false,
                     x_data.as_ptr().add(x_start),
@@ -139,18 +125,7 @@ fn split_columns(
                 );
             }
         });
-    let row_major = if m == 1 {
-        by_column
-    } else {
-        let mut out = vec![0f32; m * n];
-        for (col, values) in by_column.chunks_exact(m).enumerate() {
-            for (row, v) in values.iter().enumerate() {
-                out[row * n + col] = *v;
-            }
-        }
-        out
-    };
-    FlexTensor::from_data(burn::tensor::TensorData::new(row_major, Shape::new([m, n])))
+    FlexTensor::from_data(burn::tensor::TensorData::new(out, Shape::new([1, n])))
 }
 
 /// (row stride, column stride) of a 2-D flex tensor, in elements.
