@@ -41,6 +41,18 @@ grep -q "this offline CUDA build carries no LLVM" "$hearth" || {
     echo "$hearth: the LLVM stubs are missing (was DOCS_RS set?)" >&2
     exit 1
 }
+# On a machine without a driver (this one, usually), `--device cuda` must end in one line
+# naming the missing driver, not a panic.
+if ! [ -e /dev/nvidia0 ]; then
+    out=$("$hearth" selftest --small --device cuda 2>&1 >/dev/null) && status=0 || status=$?
+    if [ "$status" -ne 1 ] || [ "$(printf '%s\n' "$out" | wc -l)" -ne 1 ] ||
+        ! printf '%s' "$out" | grep -q "no NVIDIA CUDA driver"; then
+        echo "$hearth: --device cuda without a driver did not end in one line (exit $status):" >&2
+        printf '%s\n' "$out" >&2
+        exit 1
+    fi
+    echo "driverless check: $out"
+fi
 total=0
 for pair in "hearth:$hearth" "gpu-bench:$bench"; do
     name=${pair%%:*} bin=${pair#*:}
