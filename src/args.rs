@@ -370,7 +370,8 @@ pub struct InitModelArgs {
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Source checkpoint directory.
+    /// Source checkpoint: a Hugging Face directory, or a GGUF model (dequantized to the
+    /// file's float type, or f32 when it is quantized).
     #[arg(long)]
     pub model: PathBuf,
     /// Output directory (must differ from the source).

@@ -114,23 +114,19 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads and validates `config.json` (a file, or a directory holding one).
+    /// Reads and validates `config.json` (a file, or a directory holding one), or the
+    /// configuration in a GGUF file's metadata (a `.gguf` file, or a directory holding one).
     pub fn from_path(path: &Path) -> Result<Self> {
+        if let Some(gguf) = crate::gguf::locate(path)? {
+            let model = crate::gguf::GgufModel::open(&gguf)?;
+            return Self::from_json_str(&model.config_json()?, &gguf);
+        }
         let path = if path.is_dir() {
             path.join(crate::names::CONFIG)
         } else {
             path.to_path_buf()
         };
         let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
-        if bytes.starts_with(b"GGUF") {
-            return Err(CheckpointError::NotACheckpoint {
-                path,
-                reason: "a GGUF file; this hearth reads Hugging Face checkpoint directories \
-                         (config.json and safetensors). Convert it with transformers \
-                         (`gguf_file=`) and pass the directory"
-                    .into(),
-            });
-        }
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
         let text = std::str::from_utf8(bytes).map_err(|e| CheckpointError::NotACheckpoint {
             path: path.clone(),
@@ -723,13 +719,13 @@ mod tests {
     }
 
     #[test]
-    fn a_gguf_file_is_named_for_what_it_is() {
+    fn a_truncated_gguf_file_is_read_as_gguf_and_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.gguf");
         std::fs::write(&path, b"GGUF\x03\x00\x00\x00rest").unwrap();
         let m = ModelConfig::from_path(&path).unwrap_err().to_string();
-        assert!(m.contains("model.gguf") && m.contains("a GGUF file"), "{m}");
-        assert!(!m.contains("JSON"), "{m}");
+        assert!(m.contains("model.gguf") && m.contains("truncated"), "{m}");
+        assert!(!m.contains("JSON") && !m.contains('\n'), "{m}");
     }
 
     #[test]

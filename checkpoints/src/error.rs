@@ -41,6 +41,9 @@ pub enum CheckpointError {
     /// A setting no file of this kind can have; the reason names where it came from.
     #[error("{reason}")]
     Invalid { reason: String },
+    /// A GGUF file that cannot be read as asked; the reason names the key or tensor.
+    #[error("{path}: {reason}")]
+    Gguf { path: PathBuf, reason: String },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
     #[error(

@@ -16,6 +16,7 @@ const CHECKPOINT_FILES: [&str; 4] = [
 /// Whether `dir` holds a model or adapter checkpoint.
 pub fn holds_checkpoint(dir: &Path) -> bool {
     CHECKPOINT_FILES.iter().any(|f| dir.join(f).is_file())
+        || (dir.is_dir() && matches!(crate::gguf::locate(dir), Ok(Some(_)) | Err(_)))
 }
 
 /// `path` made absolute and free of `.`/`..` and links, as far as it exists: a path that

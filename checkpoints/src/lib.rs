@@ -1,11 +1,13 @@
 //! Hugging Face checkpoints for hearth: `config.json`, single or sharded safetensors, read
-//! through memory maps and written back in the layout transformers expects.
+//! through memory maps and written back in the layout transformers expects; and GGUF files,
+//! read as if they were one ([`gguf`]).
 //!
 //! This crate knows nothing about burn: it hands out raw little-endian tensor bytes plus dtype
 //! and shape, so the model can convert one tensor at a time and never hold the weights twice.
 
 mod config;
 mod error;
+pub mod gguf;
 pub mod guard;
 pub mod manifest;
 pub mod peft;

@@ -32,4 +32,7 @@ pub enum DataError {
     },
     #[error("{path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    /// A GGUF model's tokenizer or template that cannot be read.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoints::CheckpointError),
 }

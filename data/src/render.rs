@@ -40,9 +40,8 @@ pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTempla
                 .into(),
         }),
         TemplateChoice::Builtin(name) => {
-            let config_path = dir.join("tokenizer_config.json");
-            let tokens = match std::fs::read_to_string(&config_path) {
-                Ok(text) => SpecialTokens::from_tokenizer_config(&serde_json::from_str(&text).unwrap_or_default()),
+            let tokens = match crate::template::tokenizer_config(dir) {
+                Ok((config, _)) => SpecialTokens::from_tokenizer_config(&config),
                 Err(_) => SpecialTokens::default(),
             };
             ChatTemplate::builtin(name, tokens)

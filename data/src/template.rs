@@ -128,18 +128,10 @@ impl ChatTemplate {
     /// present (it overrides the config, as in transformers), else `chat_template` in
     /// `tokenizer_config.json` — a string, or a list of `{name, template}` from which `name`
     /// (default `"default"`) is taken. `Ok(None)` when the directory has none.
+    /// A GGUF model (a `.gguf` file, or a directory holding one) ships its template as
+    /// `tokenizer.chat_template`.
     pub fn from_dir(dir: &Path, name: Option<&str>) -> Result<Option<Self>, DataError> {
-        let config_path = dir.join("tokenizer_config.json");
-        let config: Json = if config_path.is_file() {
-            let text = read(&config_path)?;
-            serde_json::from_str(&text).map_err(|e| DataError::Json {
-                path: config_path.clone(),
-                line: e.line(),
-                reason: e.to_string(),
-            })?
-        } else {
-            Json::Null
-        };
+        let (config, config_path) = tokenizer_config(dir)?;
         let tokens = SpecialTokens::from_tokenizer_config(&config);
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
@@ -240,6 +232,28 @@ impl ChatTemplate {
             .render(ctx)
             .map_err(|e| template_error(&self.origin, &e))
     }
+}
+
+/// The parsed `tokenizer_config.json` of `dir` (`Null` when it has none), or a GGUF model's
+/// equivalent, with the path to name in errors.
+pub fn tokenizer_config(dir: &Path) -> Result<(Json, PathBuf), DataError> {
+    if let Some(gguf) = checkpoints::gguf::locate(dir)? {
+        let text = checkpoints::gguf::GgufModel::open(&gguf)?.tokenizer_config_json()?;
+        let json = serde_json::from_str(&text).unwrap_or_default();
+        return Ok((json, gguf));
+    }
+    let config_path = dir.join("tokenizer_config.json");
+    let config: Json = if config_path.is_file() {
+        let text = read(&config_path)?;
+        serde_json::from_str(&text).map_err(|e| DataError::Json {
+            path: config_path.clone(),
+            line: e.line(),
+            reason: e.to_string(),
+        })?
+    } else {
+        Json::Null
+    };
+    Ok((config, config_path))
 }
 
 fn read(path: &Path) -> Result<String, DataError> {

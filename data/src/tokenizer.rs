@@ -26,8 +26,16 @@ pub const LLAMA3_SPECIAL_TOKENS: [&str; 6] = [
     "<|finetune_right_pad_id|>",
 ];
 
-/// Loads `tokenizer.json` (a file, or a checkpoint directory holding one).
+/// Loads `tokenizer.json` (a file, or a checkpoint directory holding one), or the tokenizer
+/// of a GGUF model (a `.gguf` file, or a directory holding one).
 pub fn load(path: &Path) -> Result<Tokenizer, DataError> {
+    if let Some(gguf) = checkpoints::gguf::locate(path)? {
+        let json = checkpoints::gguf::GgufModel::open(&gguf)?.tokenizer_json()?;
+        return Tokenizer::from_bytes(json.as_bytes()).map_err(|e| DataError::Tokenizer {
+            path: gguf,
+            reason: e.to_string(),
+        });
+    }
     let path = if path.is_dir() {
         path.join("tokenizer.json")
     } else {

@@ -14,7 +14,13 @@ use crate::Result;
 
 /// Loads `config.json` and the weights of `dir` onto `device`. Each tensor is read from the
 /// memory map, widened to f32 and moved into the model, one at a time.
+///
+/// `dir` may also be a GGUF model (a `.gguf` file, or a directory holding one): its tensors
+/// are dequantized to f32 one at a time, under transformers' names and row order.
 pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
+    if let Some(gguf) = checkpoints::gguf::locate(dir)? {
+        return load_gguf(&gguf, device);
+    }
     let config = ModelConfig::from_path(dir)?;
     let files = WeightFiles::open_dir(dir)?;
     let mut tensors = HashMap::new();
@@ -31,14 +37,27 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
     Ok((config, model))
 }
 
+fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
+    let file = checkpoints::gguf::GgufModel::open(path)?;
+    let config = ModelConfig::from_json_str(&file.config_json()?, path)?;
+    let mut tensors = HashMap::new();
+    for spec in tensor_specs(&config) {
+        let values = file.tensor_f32(&spec.name, &spec.shape)?;
+        tensors.insert(spec.name, TensorData::new(values, spec.shape));
+    }
+    file.ensure_all_taken()?;
+    let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device)?);
+    Ok((config, model))
+}
+
 /// The tokenizer of the checkpoint in `dir`, refused when it can produce an id outside
 /// the model's vocabulary (an embedding gather would fail on it mid-run).
 pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer> {
     let tokenizer = data::tokenizer::load(dir)?;
-    let file = if dir.is_dir() {
-        dir.join(checkpoints::names::TOKENIZER)
-    } else {
-        dir.to_path_buf()
+    let file = match checkpoints::gguf::locate(dir)? {
+        Some(gguf) => gguf,
+        None if dir.is_dir() => dir.join(checkpoints::names::TOKENIZER),
+        None => dir.to_path_buf(),
     };
     data::tokenizer::check_fits(&tokenizer, &file, dir, vocab_size)?;
     Ok(tokenizer)
@@ -201,8 +220,22 @@ pub fn convert(
     copy_companions(src, dst)
 }
 
-/// Copies the tokenizer, template and generation-config files that travel with weights.
+/// Copies the tokenizer, template and generation-config files that travel with weights;
+/// from a GGUF model, writes its tokenizer and template as `tokenizer.json` and
+/// `tokenizer_config.json`.
 pub fn copy_companions(src: &Path, dst: &Path) -> Result<()> {
+    if let Some(gguf) = checkpoints::gguf::locate(src)? {
+        let model = checkpoints::gguf::GgufModel::open(&gguf)?;
+        checkpoints::write_text(
+            &dst.join(checkpoints::names::TOKENIZER),
+            &model.tokenizer_json()?,
+        )?;
+        checkpoints::write_text(
+            &dst.join("tokenizer_config.json"),
+            &model.tokenizer_config_json()?,
+        )?;
+        return Ok(());
+    }
     for name in COMPANION_FILES {
         let from = src.join(name);
         if from.is_file() {

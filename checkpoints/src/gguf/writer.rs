@@ -1,0 +1,126 @@
+//! Writing a GGUF (version 3) file: metadata in the order given, tensor descriptors, and
+//! the data section, each tensor aligned. The file appears only once complete (a temporary
+//! file beside it, synced, then renamed), so a failed export leaves nothing half-written.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::container::{DEFAULT_ALIGNMENT, MAGIC, MetaValue};
+use super::quant::GgmlType;
+use crate::{CheckpointError, Result};
+
+/// A tensor to write: ggml dims (innermost first) and its encoded bytes.
+pub struct TensorOut {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    pub bytes: Vec<u8>,
+}
+
+/// A GGUF file under construction.
+#[derive(Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, MetaValue)>,
+    tensors: Vec<TensorOut>,
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn meta(&mut self, key: &str, value: MetaValue) -> &mut Self {
+        self.metadata.push((key.to_string(), value));
+        self
+    }
+
+    pub fn tensor(&mut self, tensor: TensorOut) -> &mut Self {
+        self.tensors.push(tensor);
+        self
+    }
+
+    /// The whole file's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            put_str(&mut out, key);
+            out.extend_from_slice(&value.type_id().to_le_bytes());
+            put_value(&mut out, value);
+        }
+        let align = DEFAULT_ALIGNMENT as usize;
+        let mut offset = 0usize;
+        let mut offsets = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            put_str(&mut out, &t.name);
+            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&t.ty.id().to_le_bytes());
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + t.bytes.len()).div_ceil(align) * align;
+        }
+        let data_start = out.len().div_ceil(align) * align;
+        out.resize(data_start, 0);
+        for (t, at) in self.tensors.iter().zip(offsets) {
+            out.resize(data_start + at, 0);
+            out.extend_from_slice(&t.bytes);
+        }
+        out
+    }
+
+    /// Writes the file to `path`, atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let io = |e| CheckpointError::io(path, e);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model.gguf".into());
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        let result = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&self.to_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(io)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, value: &MetaValue) {
+    match value {
+        MetaValue::U8(v) => out.push(*v),
+        MetaValue::I8(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::U16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::I16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::Bool(v) => out.push(u8::from(*v)),
+        MetaValue::Str(s) => put_str(out, s),
+        MetaValue::Array(items) => {
+            let item_ty = items.first().map_or(4, MetaValue::type_id);
+            out.extend_from_slice(&item_ty.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(out, item);
+            }
+        }
+        MetaValue::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        MetaValue::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+    }
+}
