@@ -36,6 +36,9 @@ pub enum Command {
     Pipeline(PipelineArgs),
     /// Fold a LoRA adapter into its base and write a merged Hugging Face checkpoint.
     Merge(MergeArgs),
+    /// Write a model (with an adapter merged in) in another format.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Generate a reply with a model (and adapter), through its chat template.
     Generate(GenerateTextArgs),
     /// Use a reward model.
@@ -366,6 +369,38 @@ pub struct InitModelArgs {
     /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
     #[arg(long, value_parser = parse_size, default_value = "5GB")]
     pub max_shard_size: u64,
+}
+
+#[derive(Subcommand)]
+pub enum ExportCommand {
+    /// One GGUF file for llama.cpp and Ollama: the merged model, its tokenizer and chat
+    /// template.
+    Gguf(ExportGgufArgs),
+}
+
+#[derive(Args)]
+pub struct ExportGgufArgs {
+    /// The base model: a Hugging Face directory or a GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter to merge in.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The GGUF file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// f32, f16, bf16, q8_0, q4_0, or q4_k_m (llama.cpp's mix of Q4_K and Q6_K).
+    #[arg(long = "type", default_value = "f16", value_parser = parse_export_type)]
+    pub ty: checkpoints::gguf::ExportType,
+}
+
+fn parse_export_type(s: &str) -> Result<checkpoints::gguf::ExportType, String> {
+    checkpoints::gguf::ExportType::parse(s).ok_or_else(|| {
+        format!(
+            "`{s}`: expected one of {}",
+            checkpoints::gguf::ExportType::NAMES.join(", ")
+        )
+    })
 }
 
 #[derive(Args)]

@@ -61,6 +61,10 @@ fn run(cli: Cli) -> Result<()> {
             trainer::model::adapter::merge_to_dir(&a.base, &a.adapter, &a.out)?;
             eprintln!("wrote merged model to {}", a.out.display());
         }
+        Command::Export(ExportCommand::Gguf(a)) => {
+            trainer::model::export_to_gguf(&a.model, a.adapter.as_deref(), &a.out, a.ty)?;
+            eprintln!("wrote {}", a.out.display());
+        }
         Command::Reward(RewardCommand::Score(a)) => {
             let n =
                 trainer::evaluate::score_file(&a.model, a.adapter.as_deref(), &a.input, &a.out)?;

@@ -120,7 +120,7 @@ pub(crate) fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
 
 /// Q4_K: each 32-value sub-block is fitted as `scale · q − min` with `q` in 0..15 over its
 /// range (its minimum clamped to ≤ 0, as llama.cpp does), then the eight scales and mins are
-/// put on the super-block's 6-bit grids `d · ls` and `dmin · lm`, and the codes recomputed
+/// put on the super-block's 6-bit grids `d · ls` and `dmin · lm` (rounded up), and the codes recomputed
 /// with the scales as stored.
 fn q4_k(x: &[f32], out: &mut Vec<u8>) {
     let mut scales = [0.0f32; 8];
@@ -139,8 +139,9 @@ fn q4_k(x: &[f32], out: &mut Vec<u8>) {
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
     for s in 0..8 {
-        ls[s] = (scales[s] * inverse(df)).round().clamp(0.0, 63.0) as u8;
-        lm[s] = (mins[s] * inverse(dminf)).round().clamp(0.0, 63.0) as u8;
+        // Rounded up, so a sub-block's codes cover its range without clamping.
+        ls[s] = (scales[s] * inverse(df)).ceil().clamp(0.0, 63.0) as u8;
+        lm[s] = (mins[s] * inverse(dminf)).ceil().clamp(0.0, 63.0) as u8;
     }
     let mut q = [0u8; QK_K];
     for (k, v) in x.iter().enumerate() {
@@ -171,7 +172,7 @@ fn q6_k(x: &[f32], out: &mut Vec<u8>) {
     let df = d.to_f32();
     let sc: Vec<i8> = scales
         .iter()
-        .map(|s| (s * inverse(df)).round().clamp(0.0, 127.0) as i8)
+        .map(|s| (s * inverse(df)).ceil().clamp(0.0, 127.0) as i8)
         .collect();
     let mut l = [0u8; QK_K];
     for (k, v) in x.iter().enumerate() {

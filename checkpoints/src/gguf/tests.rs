@@ -533,3 +533,66 @@ fn a_directory_with_two_gguf_files_asks_for_one() {
     let m = ModelConfig::from_path(dir.path()).unwrap_err().to_string();
     assert!(m.contains("a.gguf, b.gguf"), "{m}");
 }
+
+/// Quantize then dequantize normal-looking rows: each value within the type's step (half a
+/// code at the block's scale, plus the f16 rounding of the scale), and a zero block stays
+/// zero. Also pins ggml's reference codes for Q8_0 and Q4_0 on one hand-made block.
+#[test]
+fn quantizers_round_trip_within_their_step() {
+    use super::quantize::quantize;
+    let mut r = Lcg(7);
+    let values: Vec<f32> = (0..2048)
+        .map(|i| {
+            let u = (r.below(20001) as f32 - 10000.0) / 10000.0;
+            u * u * u * if i % 97 == 0 { 3.0 } else { 1.0 }
+        })
+        .collect();
+    // The largest error each type allows, as a share of the block's largest magnitude:
+    // half a step for round-to-nearest types; a whole step for ggml's Q4_0/Q5_0, which clamp
+    // the extreme of the other sign; a step of the block's range for the K-quants, whose
+    // minimum is rounded up onto its grid.
+    for (ty, share) in [
+        (GgmlType::F16, 0.001),
+        (GgmlType::BF16, 0.005),
+        (GgmlType::Q8_0, 0.5 / 127.0),
+        (GgmlType::Q5_0, 1.0 / 16.0),
+        (GgmlType::Q4_0, 1.0 / 8.0),
+        (GgmlType::Q6K, 1.0 / 31.0),
+        (GgmlType::Q4K, 2.0 / 15.0),
+    ] {
+        let bytes = quantize(ty, &values).unwrap();
+        assert_eq!(
+            bytes.len(),
+            values.len() / ty.block_len() * ty.block_bytes()
+        );
+        let back = dequantize(ty, &bytes).unwrap();
+        let bl = ty.block_len().max(32);
+        for (b, (xs, ys)) in values.chunks(bl).zip(back.chunks(bl)).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // With room for the scale's own f16 and grid rounding.
+            let tol = amax * share * 1.1 + 1e-6;
+            for (x, y) in xs.iter().zip(ys) {
+                assert!(
+                    (x - y).abs() <= tol,
+                    "{} block {b}: {x} -> {y} (tol {tol})",
+                    ty.name()
+                );
+            }
+        }
+        let zeros = dequantize(ty, &quantize(ty, &vec![0.0; 256]).unwrap()).unwrap();
+        assert!(zeros.iter().all(|&v| v == 0.0), "{}", ty.name());
+    }
+    // ggml's codes: Q8_0 rounds x·127/amax; Q4_0 scales by the signed extreme / −8.
+    let block: Vec<f32> = (0..32).map(|j| j as f32 - 16.0).collect();
+    let q8 = quantize(GgmlType::Q8_0, &block).unwrap();
+    assert_eq!(
+        f16::from_le_bytes([q8[0], q8[1]]),
+        f16::from_f32(16.0 / 127.0)
+    );
+    assert_eq!(q8[2] as i8, -127);
+    assert_eq!(q8[2 + 17] as i8, (127.0f32 / 16.0).round() as i8);
+    let q4 = quantize(GgmlType::Q4_0, &block).unwrap();
+    assert_eq!(f16::from_le_bytes([q4[0], q4[1]]).to_f32(), 2.0);
+    // −16 / 2 + 8.5 → 0 (low nibble of byte 0); value 16 (j = 0 + 16): 0/2 + 8.5 → 8.
+    assert_eq!(q4[2], 8 << 4);
+}

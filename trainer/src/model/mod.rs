@@ -4,6 +4,7 @@
 pub mod adapter;
 mod attention;
 mod checkpoint;
+mod gguf;
 mod ids;
 mod init;
 mod linear;
@@ -23,6 +24,7 @@ pub use checkpoint::{
     convert, copy_companions, export_weights, init_random_weights, load_model, load_tokenizer,
     save_model,
 };
+pub use gguf::export_to_gguf;
 pub use ids::with_path_ids;
 pub use init::{NewModel, init_model};
 pub use llama::{KvCache, Llama, with_precision};

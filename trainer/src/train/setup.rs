@@ -171,7 +171,9 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
         run
     };
     let base = &recipe.model.path;
-    if !base.join(checkpoints::names::CONFIG).exists() && recipe.model.create_if_missing {
+    let present = base.join(checkpoints::names::CONFIG).exists()
+        || checkpoints::gguf::locate(base)?.is_some();
+    if !present && recipe.model.create_if_missing {
         init_model(
             base,
             &NewModel {

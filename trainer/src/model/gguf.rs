@@ -1,0 +1,72 @@
+//! `hearth export gguf`: a model (and adapter, merged in) as one GGUF file for llama.cpp and
+//! Ollama, with its tokenizer and chat template.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use checkpoints::WeightDtype;
+use checkpoints::gguf::{ExportInput, ExportType, GgufModel, export_gguf, f32_tensors};
+
+use super::adapter::{load_tuned, merge_lora};
+use super::checkpoint::export_weights;
+use crate::Result;
+
+/// Writes `base` with `adapter` folded in to `out` as GGUF of type `ty`.
+pub fn export_to_gguf(
+    base: &Path,
+    adapter: Option<&Path>,
+    out: &Path,
+    ty: ExportType,
+) -> Result<()> {
+    let mut inputs = vec![base];
+    inputs.extend(adapter);
+    checkpoints::guard::check_output_file(out, &inputs)?;
+    let (tokenizer_json, tokenizer_path) = match checkpoints::gguf::locate(base)? {
+        Some(gguf) => (GgufModel::open(&gguf)?.tokenizer_json()?, gguf),
+        None => {
+            let path = base.join(checkpoints::names::TOKENIZER);
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| checkpoints::CheckpointError::Io {
+                    path: path.clone(),
+                    source: e,
+                })?;
+            (text, path)
+        }
+    };
+    let (tokenizer_config, _) = data::template::tokenizer_config(base)?;
+    let chat_template = shipped_template(base, &tokenizer_config);
+    let (config, model) = load_tuned(base, adapter, &Device::flex())?;
+    let merged = merge_lora(model);
+    let tensors = f32_tensors(export_weights(&merged, WeightDtype::F32));
+    let name = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let input = ExportInput {
+        config: &config,
+        tensors: &tensors,
+        tokenizer_json: &tokenizer_json,
+        tokenizer_path: &tokenizer_path,
+        tokenizer_config: &tokenizer_config,
+        chat_template: chat_template.as_deref(),
+        name: &name,
+    };
+    Ok(export_gguf(&input, ty, out)?)
+}
+
+/// The template `base` ships: `chat_template.jinja`, else `chat_template` in the tokenizer
+/// config (its `default` entry when it holds several).
+fn shipped_template(base: &Path, config: &serde_json::Value) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(base.join("chat_template.jinja")) {
+        return Some(text);
+    }
+    match &config["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .find(|i| i["name"].as_str() == Some("default"))
+            .and_then(|i| i["template"].as_str())
+            .map(String::from),
+        _ => None,
+    }
+}
