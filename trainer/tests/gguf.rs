@@ -12,14 +12,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::{Cases, bundled_batch, read_cases};
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use checkpoints::WeightFiles;
 use checkpoints::gguf::{ExportType, GgmlType, GgufFile};
 use data::Message;
 use data::batch::Batch;
 use data::render::{TemplateChoice, template_for};
-use data::tokenize::{Tokenized, Tokenizing, Truncation, TruncationCounts};
-use data::{ChatTemplate, LoadOptions, load_examples};
 use trainer::batch::LmBatch;
 use trainer::generate::{Sampling, generate};
 use trainer::model::{NewModel, export_to_gguf, init_model, load_model, load_tokenizer};
@@ -42,28 +42,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/gguf")
 }
 
-struct Cases {
-    ids: Vec<i64>,
-    mask: Vec<i64>,
-    logits: Vec<f32>,
-    b: usize,
-    t: usize,
-    v: usize,
-}
-
 fn cases() -> Cases {
-    let f = WeightFiles::open_file(&fixtures().join("smollm2-cases.safetensors")).unwrap();
-    let ids = f.get("input_ids").unwrap();
-    let [b, t] = [ids.shape[0], ids.shape[1]];
-    let logits = f.get("logits").unwrap();
-    Cases {
-        ids: ids.to_i64().unwrap(),
-        mask: f.get("attention_mask").unwrap().to_i64().unwrap(),
-        v: logits.shape[2],
-        logits: logits.to_f32().unwrap(),
-        b,
-        t,
-    }
+    read_cases(&fixtures().join("smollm2-cases.safetensors"))
 }
 
 /// Row `r`'s ids where its mask is 1.
@@ -229,35 +209,6 @@ fn conversion_to_hugging_face_keeps_model_tokenizer_and_template() {
         rows += 1;
     }
     assert!(rows > 5, "{rows} bundled conversations");
-}
-
-fn bundled(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/examples")
-        .join(name)
-}
-
-/// The first `n` bundled dialogues, tokenised through the model's own template.
-fn bundled_batch(model: &Path, n: usize, max_length: usize) -> Batch {
-    let loaded = load_examples(&bundled("counseling-sft.jsonl"), &LoadOptions::default()).unwrap();
-    let template = ChatTemplate::from_dir(model, None).unwrap().unwrap();
-    let tokenizer = data::tokenizer::load(model).unwrap();
-    let t = Tokenizing {
-        template: &template,
-        tokenizer: &tokenizer,
-        max_length,
-        truncation: Truncation::KeepEnd,
-    };
-    let mut counts = TruncationCounts::default();
-    let seqs: Vec<_> = loaded.examples[..n]
-        .iter()
-        .filter_map(|e| match t.example(e, &mut counts).unwrap() {
-            Some(Tokenized::Sequence(s)) => Some(s),
-            _ => None,
-        })
-        .collect();
-    let refs: Vec<_> = seqs.iter().collect();
-    Batch::padded(&refs, 0)
 }
 
 /// Perplexity of the assistant's tokens of `batch` under the model at `dir`, and its logits.

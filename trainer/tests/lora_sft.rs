@@ -1,14 +1,12 @@
 //! LoRA SFT on the bundled dialogues: the loss is the formula, training lowers it, and the
 //! adapter saves in PEFT's layout, reloads and merges to identical logits.
 
-use std::path::Path;
+mod common;
 
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
-use data::batch::Batch;
-use data::tokenize::{Tokenized, Tokenizing, Truncation, TruncationCounts};
-use data::{ChatTemplate, LoadOptions, load_examples};
+use common::bundled_batch;
 use trainer::batch::LmBatch;
 use trainer::model::adapter::{
     LoraSettings, TARGETS, attach_lora, load_adapter, merge_lora, save_adapter,
@@ -18,30 +16,6 @@ use trainer::objectives::sft::sft_loss;
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_into_vec_as::<f32>().unwrap()
-}
-
-fn bundled_batch(model_dir: &Path, n: usize) -> Batch {
-    let data_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/examples/counseling-sft.jsonl");
-    let loaded = load_examples(&data_path, &LoadOptions::default()).unwrap();
-    let template = ChatTemplate::from_dir(model_dir, None).unwrap().unwrap();
-    let tokenizer = data::tokenizer::load(model_dir).unwrap();
-    let t = Tokenizing {
-        template: &template,
-        tokenizer: &tokenizer,
-        max_length: 96,
-        truncation: Truncation::KeepEnd,
-    };
-    let mut counts = TruncationCounts::default();
-    let seqs: Vec<_> = loaded.examples[..n]
-        .iter()
-        .filter_map(|e| match t.example(e, &mut counts).unwrap() {
-            Some(Tokenized::Sequence(s)) => Some(s),
-            _ => None,
-        })
-        .collect();
-    let refs: Vec<_> = seqs.iter().collect();
-    Batch::padded(&refs, 0)
 }
 
 fn logits(model: &Llama, batch: &LmBatch) -> Vec<f32> {
@@ -65,7 +39,7 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         Default::default(),
     )
     .unwrap();
-    let batch = bundled_batch(&base_dir, 6);
+    let batch = bundled_batch(&base_dir, 6, 96);
 
     // 1. The loss is −mean log p(target) over the assistant's tokens, from full logits.
     let plain = Device::flex();

@@ -2,38 +2,16 @@
 //! with the reference ops and with the fused ones (the switch is process-wide, so this
 //! binary holds one test).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use checkpoints::WeightFiles;
+use common::read_cases;
 use trainer::model::load_model;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/parity")
-}
-
-struct Cases {
-    ids: Vec<i64>,
-    mask: Vec<i64>,
-    logits: Vec<f32>,
-    b: usize,
-    t: usize,
-    v: usize,
-}
-
-fn read_cases(path: &Path) -> Cases {
-    let f = WeightFiles::open_file(path).expect("cases");
-    let ids = f.get("input_ids").unwrap();
-    let [b, t] = [ids.shape[0], ids.shape[1]];
-    let logits = f.get("logits").unwrap();
-    Cases {
-        ids: ids.to_i64().unwrap(),
-        mask: f.get("attention_mask").unwrap().to_i64().unwrap(),
-        v: logits.shape[2],
-        logits: logits.to_f32().unwrap(),
-        b,
-        t,
-    }
 }
 
 fn check(name: &str, mode: kernels::Kernels, device: &Device) {

@@ -171,22 +171,6 @@ fn q5_0_and_q5_1_add_a_fifth_bit() {
     });
 }
 
-/// Eight 6-bit scales and mins packed into 12 bytes as llama.cpp's `quantize_row_q4_K`.
-fn pack_scales(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
-    let mut s = [0u8; 12];
-    for j in 0..8 {
-        if j < 4 {
-            s[j] = ls[j];
-            s[j + 4] = lm[j];
-        } else {
-            s[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4);
-            s[j - 4] |= (ls[j] >> 4) << 6;
-            s[j] |= (lm[j] >> 4) << 6;
-        }
-    }
-    s
-}
-
 /// Codes of a 256-value super-block with 8 sub-blocks of 32: the low nibbles of bytes
 /// `32p..32p+32` hold sub-block `2p`, the high nibbles sub-block `2p + 1`.
 fn k_nibbles(q: &[u8]) -> Vec<u8> {
@@ -217,7 +201,7 @@ fn q4_k_uses_six_bit_scales_and_mins_per_32_values() {
         let q: Vec<u8> = (0..256).map(|_| r.below(16) as u8).collect();
         let mut b = d.to_le_bytes().to_vec();
         b.extend(dmin.to_le_bytes());
-        b.extend(pack_scales(&ls, &lm));
+        b.extend(super::quantize::pack_scale_min_k4(&ls, &lm));
         b.extend(k_nibbles(&q));
         let v = (0..256)
             .map(|k| {
@@ -243,7 +227,7 @@ fn q5_k_adds_a_fifth_bit_per_sub_block() {
         }
         let mut b = d.to_le_bytes().to_vec();
         b.extend(dmin.to_le_bytes());
-        b.extend(pack_scales(&ls, &lm));
+        b.extend(super::quantize::pack_scale_min_k4(&ls, &lm));
         b.extend(qh);
         b.extend(k_nibbles(&q));
         // ggml rounds `d · sc` once, then multiplies by the code.

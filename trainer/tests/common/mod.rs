@@ -65,3 +65,54 @@ pub fn adapter_tensors(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32
         })
         .collect()
 }
+
+/// Token ids, their mask and the reference logits a fixture's `cases.safetensors` holds.
+pub struct Cases {
+    pub ids: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub logits: Vec<f32>,
+    pub b: usize,
+    pub t: usize,
+    pub v: usize,
+}
+
+pub fn read_cases(path: &Path) -> Cases {
+    let f = checkpoints::WeightFiles::open_file(path).expect("cases");
+    let ids = f.get("input_ids").unwrap();
+    let [b, t] = [ids.shape[0], ids.shape[1]];
+    let logits = f.get("logits").unwrap();
+    Cases {
+        ids: ids.to_i64().unwrap(),
+        mask: f.get("attention_mask").unwrap().to_i64().unwrap(),
+        v: logits.shape[2],
+        logits: logits.to_f32().unwrap(),
+        b,
+        t,
+    }
+}
+
+/// The first `n` bundled dialogues, tokenised through the template and tokenizer of the
+/// model at `model` (a checkpoint directory or a GGUF file), padded into one batch.
+pub fn bundled_batch(model: &Path, n: usize, max_length: usize) -> data::batch::Batch {
+    use data::tokenize::{Tokenized, Tokenizing, Truncation, TruncationCounts};
+    let path = root().join("data/examples/counseling-sft.jsonl");
+    let loaded = data::load_examples(&path, &data::LoadOptions::default()).unwrap();
+    let template = data::ChatTemplate::from_dir(model, None).unwrap().unwrap();
+    let tokenizer = data::tokenizer::load(model).unwrap();
+    let t = Tokenizing {
+        template: &template,
+        tokenizer: &tokenizer,
+        max_length,
+        truncation: Truncation::KeepEnd,
+    };
+    let mut counts = TruncationCounts::default();
+    let seqs: Vec<_> = loaded.examples[..n]
+        .iter()
+        .filter_map(|e| match t.example(e, &mut counts).unwrap() {
+            Some(Tokenized::Sequence(s)) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let refs: Vec<_> = seqs.iter().collect();
+    data::batch::Batch::padded(&refs, 0)
+}
