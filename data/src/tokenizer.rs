@@ -162,6 +162,61 @@ pub fn pad_vocab(tokenizer: &mut Tokenizer, size: usize) -> Result<(), DataError
 mod tests {
     use super::*;
 
+    /// A SentencePiece GGUF vocabulary built by hand, encoded as the legacy Llama tokenizer
+    /// does: `▁` prefixed and for spaces, merges taken best score first, a byte token for a
+    /// character the vocabulary lacks, `<unk>` when there is none, BOS added.
+    #[test]
+    fn a_sentencepiece_gguf_vocabulary_encodes_as_llama_does() {
+        use checkpoints::gguf::{GgmlType, GgufWriter, MetaValue, TensorOut};
+        let pieces = [
+            ("<unk>", 0.0, 2),
+            ("<s>", 0.0, 3),
+            ("</s>", 0.0, 3),
+            ("<0x21>", 0.0, 6),
+            ("\u{2581}", -1.0, 1),
+            ("h", -2.0, 1),
+            ("e", -3.0, 1),
+            ("l", -4.0, 1),
+            ("o", -5.0, 1),
+            ("\u{2581}h", -6.0, 1),
+            ("ll", -7.0, 1),
+            ("\u{2581}he", -8.0, 1),
+            ("llo", -9.0, 1),
+            ("\u{2581}hello", -10.0, 1),
+        ];
+        let array = |f: &dyn Fn(&(&str, f32, i32)) -> MetaValue| {
+            MetaValue::Array(pieces.iter().map(f).collect())
+        };
+        let mut w = GgufWriter::new();
+        w.meta("general.architecture", MetaValue::Str("llama".into()))
+            .meta("tokenizer.ggml.model", MetaValue::Str("llama".into()))
+            .meta(
+                "tokenizer.ggml.tokens",
+                array(&|p| MetaValue::Str(p.0.into())),
+            )
+            .meta("tokenizer.ggml.scores", array(&|p| MetaValue::F32(p.1)))
+            .meta("tokenizer.ggml.token_type", array(&|p| MetaValue::I32(p.2)))
+            .meta("tokenizer.ggml.unknown_token_id", MetaValue::U32(0))
+            .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+            .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2));
+        w.tensor(TensorOut {
+            name: "token_embd.weight".into(),
+            dims: vec![4, pieces.len() as u64],
+            ty: GgmlType::F32,
+            bytes: vec![0; 4 * 4 * pieces.len()],
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spm.gguf");
+        w.write(&path).unwrap();
+        let tok = load(&path).unwrap();
+        let ids = |text: &str| tok.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(ids("hello"), [1, 13]);
+        assert_eq!(ids("hello!"), [1, 13, 3]);
+        assert_eq!(ids("hello hello"), [1, 13, 13]);
+        assert_eq!(ids("hi"), [1, 9, 0]);
+        assert_eq!(tok.decode(&[1, 13, 3, 13], true).unwrap(), "hello! hello");
+    }
+
     #[test]
     fn json_that_is_not_a_tokenizer_says_so() {
         let dir = tempfile::tempdir().unwrap();

@@ -76,11 +76,15 @@ impl GgufModel {
     pub fn tokenizer_json(&self) -> Result<String> {
         let err = |reason: String| crate::gguf::container::gguf_err(self.path(), reason);
         let model = self.meta_str("tokenizer.ggml.model").unwrap_or("");
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer.ggml.model `{model}` is not supported (a byte-level BPE, `gpt2`, is); \
-                 pass a Hugging Face tokenizer instead"
-            )));
+        match model {
+            "gpt2" => {}
+            "llama" => return self.sentencepiece_json(),
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.model `{other}` is not supported (`gpt2`, a byte-level BPE, \
+                     and `llama`, SentencePiece BPE, are)"
+                )));
+            }
         }
         let pre = self.meta_str("tokenizer.ggml.pre").unwrap_or("default");
         let (normalizer, pre_tokenizer, ignore_merges) = match pre {
@@ -110,17 +114,7 @@ impl GgufModel {
         };
         let tokens = self.strings("tokenizer.ggml.tokens")?;
         let merges = self.strings("tokenizer.ggml.merges")?;
-        let types: Vec<i64> = match self
-            .file()
-            .get("tokenizer.ggml.token_type")
-            .and_then(MetaValue::as_array)
-        {
-            Some(items) => items
-                .iter()
-                .map(|v| v.as_f64().unwrap_or(1.0) as i64)
-                .collect(),
-            None => vec![1; tokens.len()],
-        };
+        let types = self.token_types(tokens.len());
         let mut vocab = Map::new();
         for (id, token) in tokens.iter().enumerate() {
             vocab.insert(token.to_string(), json!(id));
@@ -132,16 +126,7 @@ impl GgufModel {
                 None => Err(err(format!("merge `{m}` is not two tokens"))),
             })
             .collect::<Result<_>>()?;
-        let added: Vec<Value> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (_, ty))| **ty == TOKEN_CONTROL || **ty == TOKEN_USER_DEFINED)
-            .map(|(id, (token, ty))| {
-                json!({"id": id, "content": token, "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": *ty == TOKEN_CONTROL})
-            })
-            .collect();
+        let added = Self::added_tokens(&tokens, &types);
         let post_processor = self.post_processor(&tokens);
         let tokenizer = json!({
             "version": "1.0",
@@ -162,11 +147,126 @@ impl GgufModel {
         Ok(serde_json::to_string(&tokenizer).unwrap_or_default())
     }
 
+    /// The tokens' types (llama.cpp's: 1 normal, 3 control, 4 user-defined, 6 byte).
+    fn token_types(&self, n: usize) -> Vec<i64> {
+        match self
+            .file()
+            .get("tokenizer.ggml.token_type")
+            .and_then(MetaValue::as_array)
+        {
+            Some(items) => items
+                .iter()
+                .map(|v| v.as_f64().unwrap_or(1.0) as i64)
+                .collect(),
+            None => vec![1; n],
+        }
+    }
+
+    /// Control and user-defined tokens, as `added_tokens` entries.
+    fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
+        tokens
+            .iter()
+            .zip(types)
+            .enumerate()
+            .filter(|(_, (_, ty))| **ty == TOKEN_CONTROL || **ty == TOKEN_USER_DEFINED)
+            .map(|(id, (token, ty))| {
+                json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": *ty == TOKEN_CONTROL})
+            })
+            .collect()
+    }
+
+    /// A SentencePiece BPE vocabulary (`tokenizer.ggml.model = llama`: Llama 2, Mistral) as
+    /// transformers converts one: merges recovered from the pieces' scores (every split of a
+    /// piece into two pieces, best-scored piece first), byte fallback, and `▁` for spaces,
+    /// prepended when `add_space_prefix` (the default), as the legacy Llama tokenizer does.
+    fn sentencepiece_json(&self) -> Result<String> {
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        let types = self.token_types(tokens.len());
+        let Some(scores) = self
+            .file()
+            .get("tokenizer.ggml.scores")
+            .and_then(MetaValue::as_array)
+        else {
+            return Err(crate::gguf::container::gguf_err(
+                self.path(),
+                "a SentencePiece vocabulary without `tokenizer.ggml.scores`",
+            ));
+        };
+        let scores: Vec<f64> = scores.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect();
+        let id: std::collections::HashMap<&str, usize> =
+            tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+        // (left, right, score of the merged piece): each piece's splits ordered by their
+        // halves' ids, pieces in id order, then all by score, best first (a stable sort).
+        let mut merges: Vec<(usize, usize, f64)> = Vec::new();
+        for (piece, &score) in tokens.iter().zip(&scores) {
+            let mut local: Vec<(usize, usize, f64)> = piece
+                .char_indices()
+                .skip(1)
+                .filter_map(|(at, _)| {
+                    let (l, r) = piece.split_at(at);
+                    Some((*id.get(l)?, *id.get(r)?, score))
+                })
+                .collect();
+            local.sort_by_key(|&(l, r, _)| (l, r));
+            merges.extend(local);
+        }
+        merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|&(l, r, _)| json!([tokens[l], tokens[r]]))
+            .collect();
+        let mut vocab = Map::new();
+        for (i, token) in tokens.iter().enumerate() {
+            vocab.insert(token.to_string(), json!(i));
+        }
+        let prefix = self
+            .meta_bool("tokenizer.ggml.add_space_prefix")
+            .unwrap_or(true);
+        let mut normalizers = Vec::new();
+        if prefix {
+            normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        }
+        normalizers
+            .push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let tokenizer = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": Self::added_tokens(&tokens, &types),
+            "normalizer": {"type": "Sequence", "normalizers": normalizers},
+            "pre_tokenizer": null,
+            "post_processor": self.post_processor_with(&tokens, true),
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": self.special("unknown", &tokens),
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": merges,
+            },
+        });
+        Ok(serde_json::to_string(&tokenizer).unwrap_or_default())
+    }
+
     /// BOS and EOS around each sequence as `add_bos_token` / `add_eos_token` ask.
     fn post_processor(&self, tokens: &[&str]) -> Value {
+        self.post_processor_with(tokens, false)
+    }
+
+    /// [`post_processor`](Self::post_processor), where `bos_default` stands for an absent
+    /// `add_bos_token` (llama.cpp adds BOS by default for SentencePiece vocabularies).
+    fn post_processor_with(&self, tokens: &[&str], bos_default: bool) -> Value {
         let add_bos = self
             .meta_bool("tokenizer.ggml.add_bos_token")
-            .unwrap_or(false);
+            .unwrap_or(bos_default);
         let add_eos = self
             .meta_bool("tokenizer.ggml.add_eos_token")
             .unwrap_or(false);

@@ -21,6 +21,8 @@ pub fn export_to_gguf(
     let mut inputs = vec![base];
     inputs.extend(adapter);
     checkpoints::guard::check_output_file(out, &inputs)?;
+    // The model's own errors (no such directory, a bad config) first, before its tokenizer's.
+    checkpoints::ModelConfig::from_path(base)?;
     let (tokenizer_json, tokenizer_path) = match checkpoints::gguf::locate(base)? {
         Some(gguf) => (GgufModel::open(&gguf)?.tokenizer_json()?, gguf),
         None => {
