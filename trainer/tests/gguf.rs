@@ -130,8 +130,9 @@ fn tokenizer_and_template_match_transformers() {
         assert_eq!(ids, row(&c, r), "row {r}: {text:?}");
         assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
     }
-    // The padding transformers used is the GGUF's pad token.
-    assert_eq!(c.ids[c.ids.len() - 1], 2);
+    // hearth pads with the pad token transformers padded the fixture with.
+    let config = checkpoints::ModelConfig::from_path(&gguf).unwrap();
+    assert_eq!(config.pad_token_id.map(i64::from), c.ids.last().copied());
     // Digits split one by one, as SmolLM's own tokenizer (and llama.cpp's `smollm`) do.
     let digits = data::chat::encode(&tokenizer, "in 2024").unwrap();
     let pieces: Vec<String> = digits
@@ -308,10 +309,9 @@ fn smollm2_exports_keep_its_perplexity() {
     let batch = bundled_batch(&gguf, 4, 192);
     let (ppl, _) = perplexity(&gguf, &batch);
     assert!(ppl > 1.0 && ppl < 100.0, "SmolLM2 perplexity {ppl}");
-    // Measured (8 dialogues of up to 256 tokens): f16 +0.07 %, q8_0 −1.1 %, q4_0 −23 %,
-    // q4_k_m +5.7 %. Re-quantizing an already 4-bit model moves this small model's perplexity
-    // on the synthetic dialogues by up to a fifth, either way; a broken type lands in the
-    // hundreds or thousands.
+    // Measured (this test, 4 dialogues of up to 192 tokens): q8_0 −0.9 %, q4_0 −15 %,
+    // q4_k_m +7 %. Re-quantizing an already 4-bit model moves this small model's perplexity
+    // on the synthetic dialogues that much, either way; a broken type lands in the hundreds.
     for (ty, tol) in [("q8_0", 0.03), ("q4_0", 0.35), ("q4_k_m", 0.35)] {
         let out = tmp.path().join(format!("smollm2-{ty}.gguf"));
         export_to_gguf(&gguf, None, &out, ExportType::parse(ty).unwrap()).unwrap();

@@ -129,10 +129,6 @@ impl TensorInfo {
     pub fn shape(&self) -> Vec<usize> {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
-
-    pub fn elements(&self) -> u64 {
-        self.dims.iter().product()
-    }
 }
 
 /// An open GGUF file.

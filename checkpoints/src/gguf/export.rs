@@ -425,23 +425,3 @@ fn added_id(tok: &Value, content: &str) -> Option<u64> {
         .find(|a| a["content"].as_str() == Some(content))
         .and_then(|a| a["id"].as_u64())
 }
-
-/// The weights a model's export reads, from its f32 Hugging Face tensors.
-pub fn f32_tensors(
-    tensors: BTreeMap<String, crate::OwnedTensor>,
-) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    tensors
-        .into_iter()
-        .map(|(name, t)| {
-            let values = match t.dtype {
-                safetensors::Dtype::F32 => t
-                    .data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            (name, (t.shape, values))
-        })
-        .collect()
-}

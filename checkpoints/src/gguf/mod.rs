@@ -14,7 +14,7 @@ mod tokenizer;
 pub mod writer;
 
 pub use container::{GgufFile, MetaValue, TensorInfo};
-pub use export::{ExportInput, ExportType, export_gguf, f32_tensors};
+pub use export::{ExportInput, ExportType, export_gguf};
 pub use model::{
     ARCHITECTURES, GgufModel, gguf_name, hf_name, llama3_rope_factors, llama3_rope_factors_with,
     locate, permute_rows, unpermute_rows,

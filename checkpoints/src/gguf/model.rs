@@ -74,35 +74,36 @@ fn starts_with_magic(path: &Path) -> bool {
 
 /// The GGUF name of the tensor transformers calls `hf` (and back, with [`hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let part = LAYER_NAMES.iter().find(|(h, _)| *h == module)?.1;
-    Some(format!("blk.{layer}.{part}.{kind}"))
+    rename(hf, true)
 }
 
 /// The transformers name of the GGUF tensor `gguf`.
 pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let module = LAYER_NAMES.iter().find(|(_, g)| *g == part)?.0;
-    Some(format!("model.layers.{layer}.{module}.{kind}"))
+    rename(gguf, false)
 }
+
+/// One table, read either way: transformers' names to llama.cpp's (`to_gguf`) or back.
+fn rename(name: &str, to_gguf: bool) -> Option<String> {
+    let pick = |&(hf, gg): &(&'static str, &'static str)| if to_gguf { (hf, gg) } else { (gg, hf) };
+    if let Some((_, to)) = TOP_NAMES.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.into());
+    }
+    let (prefix, target) = pick(&("model.layers.", "blk."));
+    let (layer, rest) = name.strip_prefix(prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (_, to) = LAYER_NAMES
+        .iter()
+        .map(pick)
+        .find(|(from, _)| *from == module)?;
+    Some(format!("{target}{layer}.{to}.{kind}"))
+}
+
+const TOP_NAMES: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
 
 const LAYER_NAMES: [(&str, &str); 9] = [
     ("input_layernorm", "attn_norm"),

@@ -42,36 +42,48 @@ impl GgufWriter {
     /// The whole file's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        self.write_to(&mut out)
+            .expect("writing to memory cannot fail");
+        out
+    }
+
+    /// Streams the file into `w`: the header is built in memory, the tensors' data is
+    /// written straight from their buffers, never copied into one file-sized buffer.
+    pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        let mut head = Vec::new();
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
         for (key, value) in &self.metadata {
-            put_str(&mut out, key);
-            out.extend_from_slice(&value.type_id().to_le_bytes());
-            put_value(&mut out, value);
+            put_str(&mut head, key);
+            head.extend_from_slice(&value.type_id().to_le_bytes());
+            put_value(&mut head, value);
         }
         let align = DEFAULT_ALIGNMENT as usize;
         let mut offset = 0usize;
-        let mut offsets = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
-            put_str(&mut out, &t.name);
-            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            put_str(&mut head, &t.name);
+            head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
             for d in &t.dims {
-                out.extend_from_slice(&d.to_le_bytes());
+                head.extend_from_slice(&d.to_le_bytes());
             }
-            out.extend_from_slice(&t.ty.id().to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
-            offsets.push(offset);
+            head.extend_from_slice(&t.ty.id().to_le_bytes());
+            head.extend_from_slice(&(offset as u64).to_le_bytes());
             offset = (offset + t.bytes.len()).div_ceil(align) * align;
         }
-        let data_start = out.len().div_ceil(align) * align;
-        out.resize(data_start, 0);
-        for (t, at) in self.tensors.iter().zip(offsets) {
-            out.resize(data_start + at, 0);
-            out.extend_from_slice(&t.bytes);
+        head.resize(head.len().div_ceil(align) * align, 0);
+        w.write_all(&head)?;
+        let zeros = [0u8; DEFAULT_ALIGNMENT as usize];
+        for (i, t) in self.tensors.iter().enumerate() {
+            w.write_all(&t.bytes)?;
+            // Padding between tensors, none after the last.
+            if i + 1 < self.tensors.len() {
+                let pad = t.bytes.len().div_ceil(align) * align - t.bytes.len();
+                w.write_all(&zeros[..pad])?;
+            }
         }
-        out
+        Ok(())
     }
 
     /// Writes the file to `path`, atomically.
@@ -83,9 +95,9 @@ impl GgufWriter {
             .unwrap_or_else(|| "model.gguf".into());
         let tmp = path.with_file_name(format!(".{name}.tmp"));
         let result = (|| {
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&self.to_bytes())?;
-            file.sync_all()?;
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            self.write_to(&mut file)?;
+            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, path)
         })();
         if result.is_err() {

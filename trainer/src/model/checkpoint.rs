@@ -85,12 +85,19 @@ pub fn save_model(
 
 /// Every weight of `model` under its Hugging Face name, narrowed to `dtype`.
 pub fn export_weights(model: &Llama, dtype: WeightDtype) -> BTreeMap<String, OwnedTensor> {
+    weights_f32(model)
+        .into_iter()
+        .map(|(name, (shape, values))| (name, OwnedTensor::from_f32(&values, shape, dtype)))
+        .collect()
+}
+
+/// Every weight of `model` under its Hugging Face name: its row-major shape and f32 values.
+pub fn weights_f32(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let mut out = BTreeMap::new();
     put(
         &mut out,
         "model.embed_tokens.weight",
         model.embed_tokens.val(),
-        dtype,
     );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -100,13 +107,11 @@ pub fn export_weights(model: &Llama, dtype: WeightDtype) -> BTreeMap<String, Own
             &mut out,
             &format!("{p}.input_layernorm.weight"),
             layer.input_layernorm.weight.val(),
-            dtype,
         );
         put(
             &mut out,
             &format!("{p}.post_attention_layernorm.weight"),
             layer.post_attention_layernorm.weight.val(),
-            dtype,
         );
         for (name, proj) in [
             ("q_proj", &a.q_proj),
@@ -114,58 +119,44 @@ pub fn export_weights(model: &Llama, dtype: WeightDtype) -> BTreeMap<String, Own
             ("v_proj", &a.v_proj),
             ("o_proj", &a.o_proj),
         ] {
-            put_linear(&mut out, &format!("{p}.self_attn.{name}"), proj, dtype);
+            put_linear(&mut out, &format!("{p}.self_attn.{name}"), proj);
         }
         for (name, proj) in [
             ("gate_proj", &m.gate_proj),
             ("up_proj", &m.up_proj),
             ("down_proj", &m.down_proj),
         ] {
-            put_linear(&mut out, &format!("{p}.mlp.{name}"), proj, dtype);
+            put_linear(&mut out, &format!("{p}.mlp.{name}"), proj);
         }
     }
-    put(
-        &mut out,
-        "model.norm.weight",
-        model.norm.weight.val(),
-        dtype,
-    );
+    put(&mut out, "model.norm.weight", model.norm.weight.val());
     if let Some(head) = &model.lm_head {
-        put_linear(&mut out, "lm_head", head, dtype);
+        put_linear(&mut out, "lm_head", head);
     }
     if let Some(score) = &model.score {
-        put_linear(&mut out, "score", score, dtype);
+        put_linear(&mut out, "score", score);
     }
     out
 }
 
-fn put_linear(
-    out: &mut BTreeMap<String, OwnedTensor>,
-    prefix: &str,
-    proj: &Linear,
-    dtype: WeightDtype,
-) {
-    put(out, &format!("{prefix}.weight"), proj.weight.val(), dtype);
+fn put_linear(out: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, prefix: &str, proj: &Linear) {
+    put(out, &format!("{prefix}.weight"), proj.weight.val());
     if let Some(bias) = &proj.bias {
-        put(out, &format!("{prefix}.bias"), bias.val(), dtype);
+        put(out, &format!("{prefix}.bias"), bias.val());
     }
 }
 
 fn put<const D: usize>(
-    out: &mut BTreeMap<String, OwnedTensor>,
+    out: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     name: &str,
     tensor: Tensor<D>,
-    dtype: WeightDtype,
 ) {
     let shape = tensor.dims().to_vec();
     let values: Vec<f32> = tensor
         .into_data()
         .try_into_vec_as::<f32>()
         .unwrap_or_default();
-    out.insert(
-        name.to_string(),
-        OwnedTensor::from_f32(&values, shape, dtype),
-    );
+    out.insert(name.to_string(), (shape, values));
 }
 
 /// Random weights for `config`, deterministic in `seed`: normal(0, `std`) for matrices and

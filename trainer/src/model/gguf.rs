@@ -4,11 +4,10 @@
 use std::path::Path;
 
 use burn::tensor::Device;
-use checkpoints::WeightDtype;
-use checkpoints::gguf::{ExportInput, ExportType, GgufModel, export_gguf, f32_tensors};
+use checkpoints::gguf::{ExportInput, ExportType, GgufModel, export_gguf};
 
 use super::adapter::{load_tuned, merge_lora};
-use super::checkpoint::export_weights;
+use super::checkpoint::weights_f32;
 use crate::Result;
 
 /// Writes `base` with `adapter` folded in to `out` as GGUF of type `ty`.
@@ -39,7 +38,7 @@ pub fn export_to_gguf(
     let chat_template = shipped_template(base, &tokenizer_config);
     let (config, model) = load_tuned(base, adapter, &Device::flex())?;
     let merged = merge_lora(model);
-    let tensors = f32_tensors(export_weights(&merged, WeightDtype::F32));
+    let tensors = weights_f32(&merged);
     let name = base
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -22,7 +22,7 @@ pub use adapter::load_tuned;
 pub use attention::LayerCache;
 pub use checkpoint::{
     convert, copy_companions, export_weights, init_random_weights, load_model, load_tokenizer,
-    save_model,
+    save_model, weights_f32,
 };
 pub use gguf::export_to_gguf;
 pub use ids::with_path_ids;
