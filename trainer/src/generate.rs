@@ -139,7 +139,7 @@ impl Completion {
 }
 
 /// `[B, vocab]` logits of the last position of each row, on the host, row-major.
-fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<f32> {
+pub(crate) fn last_logits(model: &Llama, hidden: Tensor<3>) -> Vec<f32> {
     let [b, n, h] = hidden.dims();
     let last = hidden.narrow(1, n - 1, 1).reshape([b, h]);
     let logits = model.head(&last).logits(&last, 0, b);

@@ -11,6 +11,7 @@ pub mod evaluate;
 pub mod examples;
 pub mod generate;
 pub mod inspect;
+pub mod jsonl_process;
 pub mod logits;
 pub mod model;
 pub mod objectives;

@@ -162,42 +162,59 @@ impl Rewards {
         let mut total = vec![0.0; samples.len()];
         let mut m = Metrics::default();
         for w in &mut self.0 {
-            let scores = w.reward.score(samples)?;
-            if scores.len() != samples.len() {
-                return Err(TrainerError::Input(format!(
-                    "reward `{}` gave {} scores for {} completions",
-                    w.reward.name(),
-                    scores.len(),
-                    samples.len()
-                )));
-            }
-            let applied: Vec<f64> = scores.iter().flatten().copied().collect();
-            if let Some(bad) = applied.iter().find(|x| !x.is_finite()) {
-                return Err(TrainerError::Input(format!(
-                    "reward `{}` gave a non-finite score ({bad})",
-                    w.reward.name()
-                )));
-            }
-            for (t, s) in total.iter_mut().zip(&scores) {
-                *t += s.map_or(0.0, |s| w.weight * s);
-            }
-            let name = w.reward.name().to_string();
-            let n = applied.len();
-            let mean = if n == 0 {
-                f64::NAN
-            } else {
-                applied.iter().sum::<f64>() / n as f64
-            };
-            let std = if n < 2 {
-                0.0
-            } else {
-                (applied.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
-            };
-            m.mean(format!("rewards/{name}/mean"), mean);
-            m.mean(format!("rewards/{name}/std"), std);
+            let scores = w.scores(samples)?;
+            w.add_to(&mut total, &scores);
+            record(&mut m, w.reward.name(), &scores);
         }
         Ok((total, m))
     }
+}
+
+impl Weighted {
+    /// The reward's scores, checked: one per sample, each finite.
+    pub fn scores(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
+        let scores = self.reward.score(samples)?;
+        if scores.len() != samples.len() {
+            return Err(TrainerError::Input(format!(
+                "reward `{}` gave {} scores for {} completions",
+                self.reward.name(),
+                scores.len(),
+                samples.len()
+            )));
+        }
+        if let Some(bad) = scores.iter().flatten().find(|x| !x.is_finite()) {
+            return Err(TrainerError::Input(format!(
+                "reward `{}` gave a non-finite score ({bad})",
+                self.reward.name()
+            )));
+        }
+        Ok(scores)
+    }
+
+    /// Adds the weighted scores that apply to `total`.
+    pub fn add_to(&self, total: &mut [f64], scores: &[Option<f64>]) {
+        for (t, s) in total.iter_mut().zip(scores) {
+            *t += s.map_or(0.0, |s| self.weight * s);
+        }
+    }
+}
+
+/// `rewards/NAME/mean` and `rewards/NAME/std` (sample std) over the scores that apply.
+pub fn record(m: &mut Metrics, name: &str, scores: &[Option<f64>]) {
+    let applied: Vec<f64> = scores.iter().flatten().copied().collect();
+    let n = applied.len();
+    let mean = if n == 0 {
+        f64::NAN
+    } else {
+        applied.iter().sum::<f64>() / n as f64
+    };
+    let std = if n < 2 {
+        0.0
+    } else {
+        (applied.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+    };
+    m.mean(format!("rewards/{name}/mean"), mean);
+    m.mean(format!("rewards/{name}/std"), std);
 }
 
 #[cfg(test)]

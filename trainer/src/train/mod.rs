@@ -32,7 +32,12 @@ use crate::recipe::Recipe;
 
 /// The `metrics.jsonl` keys that hold wall-clock times: everything else a run logs is
 /// reproduced exactly by a rerun or a resume.
-pub const TIMING_KEYS: [&str; 3] = ["train_runtime", "step_time", "train_tokens_per_second"];
+pub const TIMING_KEYS: [&str; 4] = [
+    "train_runtime",
+    "step_time",
+    "train_tokens_per_second",
+    "session/tokens_per_second",
+];
 
 /// What a run ended with.
 #[derive(Debug, Clone)]

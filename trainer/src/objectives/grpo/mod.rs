@@ -5,13 +5,16 @@
 
 pub mod loss;
 pub mod rollout;
+pub mod session;
 
 use burn::module::Module;
 use data::batch::shuffled;
+use data::render::{TemplateChoice, template_for};
 use serde::{Deserialize, Serialize};
 
 pub use loss::{GrpoLossType, ScaleRewards, Surrogate};
 pub use rollout::Rollouts;
+pub use session::{ClientSection, SessionSettings};
 
 use super::objective::{LossInput, MicroOutput, Objective, Prepare, StepInput, StepLosses};
 use crate::examples::{Batching, Examples, Micro, Shape};
@@ -57,6 +60,18 @@ pub struct GrpoSection {
     pub log_completions: bool,
     /// The rewards, weighted: `[[grpo.rewards]]` tables.
     pub rewards: Vec<RewardSpec>,
+    /// `single` (one reply per prompt) or `session` (whole sessions against a simulated
+    /// client, `[grpo.client]`).
+    pub rollout: String,
+    /// Sessions: counselor turns per session at most.
+    pub max_turns: usize,
+    /// Sessions: a session ends before a counselor turn that could take its tokens past
+    /// this many.
+    pub max_session_tokens: usize,
+    /// Sessions: how per-turn rewards become the session's (mean, last, min, sum).
+    pub aggregate: String,
+    /// Sessions: who plays the client.
+    pub client: Option<ClientSection>,
 }
 
 impl Default for GrpoSection {
@@ -76,6 +91,11 @@ impl Default for GrpoSection {
             mask_truncated_completions: false,
             log_completions: false,
             rewards: Vec::new(),
+            rollout: "single".into(),
+            max_turns: 4,
+            max_session_tokens: 1024,
+            aggregate: "mean".into(),
+            client: None,
         }
     }
 }
@@ -91,6 +111,8 @@ pub struct GrpoSettings {
     pub num_iterations: usize,
     pub mask_truncated_completions: bool,
     pub log_completions: bool,
+    /// Session rollouts, when `rollout = "session"`.
+    pub session: Option<SessionSettings>,
 }
 
 impl GrpoSettings {
@@ -134,6 +156,28 @@ impl GrpoSettings {
         if g.rewards.is_empty() {
             return Err("grpo needs at least one [[grpo.rewards]] table".into());
         }
+        let session = match g.rollout.as_str() {
+            "single" => {
+                if g.client.is_some() {
+                    return Err(
+                        "[grpo.client] plays the client of session rollouts; set grpo.rollout = \"session\""
+                            .into(),
+                    );
+                }
+                None
+            }
+            "session" => Some(SessionSettings::new(
+                g.max_turns,
+                g.max_session_tokens,
+                &g.aggregate,
+                g.client.as_ref(),
+            )?),
+            other => {
+                return Err(format!(
+                    "grpo.rollout `{other}` is not one of single, session"
+                ));
+            }
+        };
         Ok(Self {
             num_generations: g.num_generations,
             sampling: Sampling {
@@ -153,6 +197,7 @@ impl GrpoSettings {
             num_iterations: g.num_iterations,
             mask_truncated_completions: g.mask_truncated_completions,
             log_completions: g.log_completions,
+            session,
         })
     }
 }
@@ -161,6 +206,8 @@ impl GrpoSettings {
 pub struct Grpo {
     settings: GrpoSettings,
     rewards: Vec<RewardSpec>,
+    /// `data.template`: the built-in template the data is rendered with, if any.
+    template: Option<String>,
     sampler: Option<rollout::Sampler>,
     /// The latest rollout, kept across the `num_iterations` steps that reuse it.
     rollouts: Option<Rollouts>,
@@ -174,6 +221,7 @@ pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String>
     Ok(Box::new(Grpo {
         settings: GrpoSettings::from_section(&g, per_step)?,
         rewards: g.rewards,
+        template: recipe.data.template.clone(),
         sampler: None,
         rollouts: None,
     }))
@@ -230,11 +278,26 @@ impl Objective for Grpo {
                 device: cx.device,
             },
         )?;
+        let sessions = match &self.settings.session {
+            None => None,
+            Some(s) => {
+                let choice = || TemplateChoice::new(self.template.as_deref(), None);
+                let client =
+                    session::client::Client::start(&s.client, cx.base, template_for(cx.base, choice())?, cx.device)?;
+                Some(rollout::Sessions {
+                    settings: s.clone(),
+                    client,
+                    template: template_for(cx.base, choice())?,
+                    kinds: self.rewards.iter().map(|r| r.kind.clone()).collect(),
+                })
+            }
+        };
         self.sampler = Some(rollout::Sampler {
             settings: self.settings.clone(),
             rewards,
             tokenizer,
             stop,
+            sessions,
         });
         Ok(())
     }

@@ -3,6 +3,8 @@
 //! micro-batch losses over those completions. The loop still owns accumulation, clipping,
 //! the schedule and checkpoints.
 
+use std::time::Instant;
+
 use burn::tensor::{Device, Tensor, TensorData};
 use data::batch::Batch;
 use data::tokenize::Sequence;
@@ -12,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::GrpoSettings;
+use super::session::client::Client;
+use super::session::rollout::{Counselor, play};
+use super::session::score::score_sessions;
+use super::session::{End, SessionRecord, SessionSettings};
 use super::loss::{TokenLayout, TokenTerms, advantages, aggregate, per_token_loss, token_mean};
 use crate::Result;
 use crate::batch::LmBatch;
@@ -42,9 +48,49 @@ pub struct Rollouts {
     pub ref_logps: Option<Vec<Vec<f32>>>,
     /// Reward and completion metrics of the rollout.
     pub metrics: Vec<(String, f64)>,
+    /// Session rollouts: the sessions, one per sample (`completions` is then empty).
+    #[serde(default)]
+    pub sessions: Vec<SessionRecord>,
 }
 
 impl Rollouts {
+    /// Samples: completions, or sessions.
+    pub fn len(&self) -> usize {
+        self.rewards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rewards.is_empty()
+    }
+
+    /// Sample `i` as the policy saw and wrote it, with its trained tokens marked.
+    pub fn sequence(&self, i: usize, prompts: &[PromptItem]) -> Sequence {
+        match self.sessions.get(i) {
+            Some(s) => Sequence {
+                ids: s.ids.clone(),
+                loss_mask: s.loss_mask.clone(),
+            },
+            None => {
+                let p = &prompts[self.prompt[i]].ids;
+                let c = self.completions[i].trained_tokens();
+                let mut loss_mask = vec![0u8; p.len()];
+                loss_mask.extend(std::iter::repeat_n(1u8, c.len()));
+                Sequence {
+                    ids: p.iter().chain(&c).copied().collect(),
+                    loss_mask,
+                }
+            }
+        }
+    }
+
+    /// Whether `max_completion_length` cut sample `i` (a session: any of its turns).
+    pub fn truncated(&self, i: usize) -> bool {
+        match self.sessions.get(i) {
+            Some(s) => s.truncated_turns > 0,
+            None => self.completions[i].stop.is_none(),
+        }
+    }
+
     pub fn metrics(&self) -> Metrics {
         let mut m = Metrics::default();
         for (name, v) in &self.metrics {
@@ -63,32 +109,29 @@ pub struct Sampler {
     pub tokenizer: tokenizers::Tokenizer,
     /// Tokens that end a completion.
     pub stop: Vec<u32>,
+    /// Session rollouts: the client and what scoring sessions needs.
+    pub sessions: Option<Sessions>,
 }
 
-/// The loss tokens of `completions` after their prompts, as one right-padded batch: flat
-/// `[N]` positions and targets in completion order, and each completion's token count.
-fn completion_batch(
-    prompts: &[&[u32]],
-    completions: &[Vec<u32>],
-    pad: u32,
-    device: &Device,
-) -> (LmBatch, Vec<usize>) {
-    let seqs: Vec<Sequence> = prompts
-        .iter()
-        .zip(completions)
-        .map(|(p, c)| {
-            let mut ids = p.to_vec();
-            ids.extend(c);
-            let mut loss_mask = vec![0u8; p.len()];
-            loss_mask.extend(std::iter::repeat_n(1u8, c.len()));
-            Sequence { ids, loss_mask }
-        })
-        .collect();
+/// What session rollouts add to the sampler.
+pub struct Sessions {
+    pub settings: SessionSettings,
+    pub client: Client,
+    /// The policy's chat template, to render the turns between replies.
+    pub template: data::ChatTemplate,
+    /// Each reward's kind, in the order of the sampler's rewards.
+    pub kinds: Vec<String>,
+}
+
+/// Sequences as one right-padded batch: flat `[N]` positions and targets of their trained
+/// tokens, in order, and each sequence's trained-token count.
+fn sequence_batch(seqs: &[Sequence], pad: u32, device: &Device) -> (LmBatch, Vec<usize>) {
     let batch = Batch::padded(&seqs.iter().collect::<Vec<_>>(), pad);
-    (
-        LmBatch::new(&batch, device),
-        completions.iter().map(Vec::len).collect(),
-    )
+    let lens = seqs
+        .iter()
+        .map(|s| s.loss_mask.iter().skip(1).filter(|&&m| m == 1).count())
+        .collect();
+    (LmBatch::new(&batch, device), lens)
 }
 
 /// Per-completion host copies of flat per-token values.
@@ -102,18 +145,18 @@ fn split(flat: &[f64], lens: &[usize]) -> Vec<Vec<f32>> {
     out
 }
 
-/// No-grad per-token log-probs of every completion under `model`, `chunk` at a time.
+/// No-grad per-token log-probs of the trained tokens of every sequence under `model`,
+/// `chunk` sequences at a time.
 fn logps_of(
     model: &Llama,
-    prompts: &[&[u32]],
-    completions: &[Vec<u32>],
+    seqs: &[Sequence],
     chunk: usize,
     pad: u32,
     device: &Device,
 ) -> Vec<Vec<f32>> {
-    let mut out = Vec::with_capacity(completions.len());
-    for (p, c) in prompts.chunks(chunk).zip(completions.chunks(chunk)) {
-        let (batch, lens) = completion_batch(p, c, pad, device);
+    let mut out = Vec::with_capacity(seqs.len());
+    for c in seqs.chunks(chunk.max(1)) {
+        let (batch, lens) = sequence_batch(c, pad, device);
         let lp = lm_logprobs(model, &batch).logprobs;
         out.extend(split(&values(lp), &lens));
     }
@@ -147,68 +190,108 @@ impl Sampler {
             dp.gather(&[], GATHER_REWARDS)?;
             return Ok(Rollouts::default());
         }
-        let prompt: Vec<usize> = idx
-            .iter()
-            .flat_map(|&i| std::iter::repeat_n(i, g))
-            .collect();
-        // Each prompt is run once; its G completions share its KV cache.
-        let inputs: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let completions = generate_groups(
-            policy,
-            &inputs,
-            g,
-            &self.stop,
-            &self.settings.sampling,
-            &mut rng,
-            device,
-        )?;
-        let texts: Vec<String> = completions
-            .iter()
-            .map(|c| self.tokenizer.decode(&c.tokens, false).unwrap_or_default())
-            .collect();
-        let samples: Vec<Sample<'_>> = prompt
-            .iter()
-            .zip(&texts)
-            .map(|(&i, text)| Sample {
-                prompt: &prompts[i].messages,
-                completion: text,
-                extra: &prompts[i].extra,
-            })
-            .collect();
-        let (rewards, reward_metrics) = self.rewards.score(&samples)?;
-        let everyone = dp.gather(&rewards, GATHER_REWARDS)?;
+        let mut r = match self.sessions.as_mut() {
+            Some(sessions) => {
+                let started = Instant::now();
+                let counselor = Counselor {
+                    template: &sessions.template,
+                    tokenizer: &self.tokenizer,
+                    stop: &self.stop,
+                    sampling: &self.settings.sampling,
+                };
+                let records = play(
+                    policy,
+                    &counselor,
+                    &mut sessions.client,
+                    &sessions.settings,
+                    prompts,
+                    idx,
+                    g,
+                    &mut rng,
+                    device,
+                )?;
+                let seconds = started.elapsed().as_secs_f64();
+                let extras: Vec<_> = records.iter().map(|s| &prompts[s.opening].extra).collect();
+                let (rewards, reward_metrics) = score_sessions(
+                    &mut self.rewards,
+                    &sessions.kinds,
+                    &records,
+                    &extras,
+                    sessions.settings.aggregate,
+                )?;
+                let mut metrics = named(&reward_metrics);
+                metrics.extend(session_metrics(&records, &rewards, seconds));
+                Rollouts {
+                    prompt: records.iter().map(|s| s.opening).collect(),
+                    rewards,
+                    metrics,
+                    sessions: records,
+                    ..Rollouts::default()
+                }
+            }
+            None => {
+                let prompt: Vec<usize> = idx
+                    .iter()
+                    .flat_map(|&i| std::iter::repeat_n(i, g))
+                    .collect();
+                // Each prompt is run once; its G completions share its KV cache.
+                let inputs: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
+                let completions = generate_groups(
+                    policy,
+                    &inputs,
+                    g,
+                    &self.stop,
+                    &self.settings.sampling,
+                    &mut rng,
+                    device,
+                )?;
+                let texts: Vec<String> = completions
+                    .iter()
+                    .map(|c| self.tokenizer.decode(&c.tokens, false).unwrap_or_default())
+                    .collect();
+                let samples: Vec<Sample<'_>> = prompt
+                    .iter()
+                    .zip(&texts)
+                    .map(|(&i, text)| Sample {
+                        prompt: &prompts[i].messages,
+                        completion: text,
+                        extra: &prompts[i].extra,
+                    })
+                    .collect();
+                let (rewards, reward_metrics) = self.rewards.score(&samples)?;
+                Rollouts {
+                    prompt,
+                    completions,
+                    rewards,
+                    metrics: named(&reward_metrics),
+                    ..Rollouts::default()
+                }
+            }
+        };
+        let everyone = dp.gather(&r.rewards, GATHER_REWARDS)?;
         let first = everyone[..dp.rank()].iter().map(Vec::len).sum::<usize>();
         let (all_adv, adv_metrics) = advantages(&everyone.concat(), g, self.settings.scale_rewards);
-        let adv = all_adv[first..first + rewards.len()].to_vec();
+        r.advantages = all_adv[first..first + r.rewards.len()].to_vec();
 
-        let trained: Vec<Vec<u32>> = completions.iter().map(Completion::trained_tokens).collect();
-        let prompt_ids: Vec<&[u32]> = prompt.iter().map(|&i| prompts[i].ids.as_slice()).collect();
-        let old_logps = (self.settings.num_iterations > 1)
-            .then(|| logps_of(policy, &prompt_ids, &trained, micro_batch, pad, device));
-        let ref_logps = match (reference, self.settings.surrogate.beta > 0.0) {
-            (Some(r), true) => Some(logps_of(
-                &r.model,
-                &prompt_ids,
-                &trained,
-                micro_batch,
-                pad,
-                &r.device,
-            )),
+        let seqs: Vec<Sequence> = (0..r.len()).map(|i| r.sequence(i, prompts)).collect();
+        r.old_logps = (self.settings.num_iterations > 1)
+            .then(|| logps_of(policy, &seqs, micro_batch, pad, device));
+        r.ref_logps = match (reference, self.settings.surrogate.beta > 0.0) {
+            (Some(rf), true) => Some(logps_of(&rf.model, &seqs, micro_batch, pad, &rf.device)),
             _ => None,
         };
 
-        let lengths: Vec<f64> = trained.iter().map(|t| t.len() as f64).collect();
-        let terminated: Vec<f64> = trained
+        let lengths: Vec<f64> = seqs
             .iter()
-            .zip(&completions)
-            .filter(|(_, c)| c.stop.is_some())
-            .map(|(t, _)| t.len() as f64)
+            .map(|s| s.loss_mask.iter().filter(|&&m| m == 1).count() as f64)
             .collect();
-        let mut metrics: Vec<(String, f64)> = Vec::new();
-        for (n, v, _) in adv_metrics.0.iter().chain(&reward_metrics.0) {
-            metrics.push((n.to_string(), *v));
-        }
+        let terminated: Vec<f64> = (0..r.len())
+            .filter(|&i| !r.truncated(i))
+            .map(|i| lengths[i])
+            .collect();
+        let mut metrics = named(&adv_metrics);
+        metrics.append(&mut r.metrics);
         let n = lengths.len().max(1) as f64;
         metrics.push((
             "completions/mean_length".into(),
@@ -234,15 +317,8 @@ impl Sampler {
                 terminated.iter().sum::<f64>() / terminated.len() as f64
             },
         ));
-        Ok(Rollouts {
-            prompt,
-            completions,
-            rewards,
-            advantages: adv,
-            old_logps,
-            ref_logps,
-            metrics,
-        })
+        r.metrics = metrics;
+        Ok(r)
     }
 
     /// The step's micro-batch losses over `r`, `micro_batch` completions each.
@@ -257,17 +333,10 @@ impl Sampler {
     ) -> Result<Vec<MicroOutput>> {
         let s = &self.settings;
         let mut outs = Vec::new();
-        let all: Vec<usize> = (0..r.completions.len()).collect();
+        let all: Vec<usize> = (0..r.len()).collect();
         for chunk in all.chunks(micro_batch.max(1)) {
-            let trained: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|&i| r.completions[i].trained_tokens())
-                .collect();
-            let prompt_ids: Vec<&[u32]> = chunk
-                .iter()
-                .map(|&i| prompts[r.prompt[i]].ids.as_slice())
-                .collect();
-            let (batch, lens) = completion_batch(&prompt_ids, &trained, pad, device);
+            let seqs: Vec<Sequence> = chunk.iter().map(|&i| r.sequence(i, prompts)).collect();
+            let (batch, lens) = sequence_batch(&seqs, pad, device);
             let total: usize = lens.iter().sum();
             let flat = |per_seq: &dyn Fn(usize, usize) -> f32| -> Tensor<1> {
                 let mut v = Vec::with_capacity(total);
@@ -290,7 +359,7 @@ impl Sampler {
             let advantage = flat(&|k, _| r.advantages[chunk[k]] as f32);
             let counted: Vec<bool> = chunk
                 .iter()
-                .map(|&i| !(s.mask_truncated_completions && r.completions[i].stop.is_none()))
+                .map(|&i| !(s.mask_truncated_completions && r.truncated(i)))
                 .collect();
             let layout = TokenLayout::new(&lens, &counted, device);
             let terms = TokenTerms {
@@ -300,8 +369,7 @@ impl Sampler {
                 advantage,
             };
             let (per_token, kl, low, high) = per_token_loss(&terms, s.surrogate);
-            let (loss, weight) =
-                aggregate(per_token, &layout, s.loss_type, s.sampling.max_new_tokens);
+            let (loss, weight) = aggregate(per_token, &layout, s.loss_type, self.max_tokens());
             let mut metrics = Metrics::default();
             if let Some(kl) = kl {
                 metrics.mean("kl", token_mean(kl, &layout));
@@ -322,22 +390,49 @@ impl Sampler {
         Ok(outs)
     }
 
-    /// The rollout as `completions.jsonl` lines (only written when asked for).
+    /// Trained tokens a sample may hold at most: Dr. GRPO's constant normaliser.
+    fn max_tokens(&self) -> usize {
+        let turns = self.sessions.as_ref().map_or(1, |s| s.settings.max_turns);
+        self.settings.sampling.max_new_tokens * turns
+    }
+
+    /// The rollout as `completions.jsonl` lines (only written when asked for): each
+    /// completion with its prompt, or each whole session.
     pub fn completion_lines(
         &self,
         step: usize,
         r: &Rollouts,
         prompts: &[PromptItem],
     ) -> Vec<Value> {
+        let messages = |m: &[data::Message]| {
+            m.iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect::<Vec<_>>()
+        };
+        if !r.sessions.is_empty() {
+            return r
+                .sessions
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    json!({
+                        "step": step,
+                        "session": messages(&s.messages),
+                        "turns": s.turns(),
+                        "end": s.end.name(),
+                        "reward": r.rewards[i],
+                        "advantage": r.advantages[i],
+                    })
+                })
+                .collect();
+        }
         r.completions
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 json!({
                     "step": step,
-                    "prompt": prompts[r.prompt[i]].messages.iter()
-                        .map(|m| json!({"role": m.role, "content": m.content}))
-                        .collect::<Vec<_>>(),
+                    "prompt": messages(&prompts[r.prompt[i]].messages),
                     "completion": self.tokenizer.decode(&c.tokens, false).unwrap_or_default(),
                     "reward": r.rewards[i],
                     "advantage": r.advantages[i],
@@ -346,4 +441,42 @@ impl Sampler {
             })
             .collect()
     }
+}
+
+/// Metrics as (name, value) pairs.
+fn named(m: &Metrics) -> Vec<(String, f64)> {
+    m.0.iter().map(|(n, v, _)| (n.to_string(), *v)).collect()
+}
+
+/// Session shapes: turns, tokens, reward per turn, how sessions ended, and session tokens
+/// (counselor and client) generated per second of the rollout.
+fn session_metrics(sessions: &[SessionRecord], rewards: &[f64], seconds: f64) -> Vec<(String, f64)> {
+    let n = sessions.len().max(1) as f64;
+    let mean = |f: &dyn Fn(usize, &SessionRecord) -> f64| {
+        sessions.iter().enumerate().map(|(i, s)| f(i, s)).sum::<f64>() / n
+    };
+    let generated: usize = sessions.iter().map(|s| s.trained() + s.client_tokens).sum();
+    let mut out = vec![
+        ("session/turns".to_string(), mean(&|_, s| s.turns() as f64)),
+        ("session/tokens".to_string(), mean(&|_, s| s.ids.len() as f64)),
+        (
+            "session/client_tokens".to_string(),
+            mean(&|_, s| s.client_tokens as f64),
+        ),
+        (
+            "session/reward_per_turn".to_string(),
+            mean(&|i, s| rewards[i] / s.turns().max(1) as f64),
+        ),
+        (
+            "session/tokens_per_second".to_string(),
+            generated as f64 / seconds.max(1e-9),
+        ),
+    ];
+    for end in [End::MaxTurns, End::Client, End::Length] {
+        out.push((
+            format!("session/ended_{}", end.name()),
+            mean(&|_, s| f64::from(u8::from(s.end == end))),
+        ));
+    }
+    out
 }

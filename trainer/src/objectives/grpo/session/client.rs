@@ -1,0 +1,294 @@
+//! The simulated client. A model client sees the session from the other chair: its
+//! persona as the system prompt, the client's turns as its own (assistant) turns and the
+//! counselor's as the user's; it keeps its own KV cache across turns, as the policy does.
+//! A command client is any program speaking JSON lines: for each session that waits on the
+//! client it receives `{"id", "turn", "messages": [{"role", "content"}…], …row columns}`
+//! (the counselor's view: user = client) and answers one line: the client's turn as a JSON
+//! string or `{"content": "…"}`, or `{"end": true}` to end the session.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use data::{ChatTemplate, Message};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Map, Value, json};
+
+use super::persona::persona;
+use super::streams::Streams;
+use super::turns::{after_reply, opening};
+use super::ClientSection;
+use crate::generate::{Sampling, stop_tokens};
+use crate::jsonl_process::JsonLinesProcess;
+use crate::model::Llama;
+use crate::{Result, TrainerError};
+
+/// One client turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Says(String),
+    Ends,
+}
+
+pub enum Client {
+    Model(Box<ModelClient>),
+    Command(CommandClient),
+}
+
+pub struct ModelClient {
+    pub model: Llama,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub template: ChatTemplate,
+    pub stop: Vec<u32>,
+    pub sampling: Sampling,
+    pub persona_template: Option<String>,
+    pub end_text: Option<String>,
+    pub device: Device,
+}
+
+pub struct CommandClient {
+    process: JsonLinesProcess,
+}
+
+impl Client {
+    /// Loads or starts the client. A model client without a `path` is the frozen base in
+    /// `base`, with the policy's template (`template`); one with a `path` uses that
+    /// checkpoint's own tokenizer and template.
+    pub fn start(
+        section: &ClientSection,
+        base: &Path,
+        template: ChatTemplate,
+        device: &Device,
+    ) -> Result<Self> {
+        let bad = |e: TrainerError| TrainerError::Input(format!("grpo.client: {e}"));
+        if section.kind == "command" {
+            let argv = section.command.clone().unwrap_or_default();
+            return Ok(Self::Command(CommandClient {
+                process: JsonLinesProcess::spawn("client command", argv, section.timeout_s)?,
+            }));
+        }
+        let (dir, template) = match &section.path {
+            Some(p) => {
+                let t = data::render::template_for(p, data::render::TemplateChoice::Shipped(None))
+                    .map_err(|e| bad(e.into()))?;
+                (p.as_path(), t)
+            }
+            None => (base, template),
+        };
+        let (config, model) =
+            crate::model::load_tuned(dir, section.adapter.as_deref(), device).map_err(bad)?;
+        let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size).map_err(bad)?;
+        let stop = stop_tokens(dir, &config, &tokenizer);
+        Ok(Self::Model(Box::new(ModelClient {
+            model,
+            tokenizer,
+            template,
+            stop,
+            sampling: Sampling {
+                max_new_tokens: section.max_new_tokens,
+                temperature: section.temperature,
+                top_k: section.top_k,
+                top_p: section.top_p,
+                seed: 0,
+            },
+            persona_template: section.persona_template.clone(),
+            end_text: section.end_text.clone().filter(|t| !t.is_empty()),
+            device: device.clone(),
+        })))
+    }
+
+    /// The client's side of the sessions of one rollout: `extras[r]` holds row `r`'s
+    /// columns and `names[r]` names it in errors.
+    pub fn sessions<'a>(
+        &'a mut self,
+        extras: &[&Map<String, Value>],
+        names: &[String],
+    ) -> Result<ClientSessions<'a>> {
+        Ok(match self {
+            Self::Model(m) => {
+                let personas = extras
+                    .iter()
+                    .zip(names)
+                    .map(|(e, n)| persona(m.persona_template.as_deref(), e, n))
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(TrainerError::Input)?;
+                let rows = personas.len();
+                ClientSessions::Model(Box::new(ModelSessions {
+                    client: m,
+                    streams: Streams::new(&m.model, rows, &m.device),
+                    views: personas
+                        .into_iter()
+                        .map(|p| vec![Message::new("system", p)])
+                        .collect(),
+                    seen: vec![0; rows],
+                    last: vec![None; rows],
+                }))
+            }
+            Self::Command(c) => ClientSessions::Command {
+                client: c,
+                extras: extras.iter().map(|e| (*e).clone()).collect(),
+                turns: vec![0; extras.len()],
+            },
+        })
+    }
+}
+
+/// A model client's state over one rollout's sessions.
+pub struct ModelSessions<'a> {
+    client: &'a ModelClient,
+    streams: Streams<'a>,
+    /// The client's view of each session; once it has spoken, its last reply is last.
+    views: Vec<Vec<Message>>,
+    /// Dialogue messages already in each view.
+    seen: Vec<usize>,
+    /// The last token each row sampled, not yet fed, and whether it was the stop token.
+    last: Vec<Option<(u32, bool)>>,
+}
+
+pub enum ClientSessions<'a> {
+    Model(Box<ModelSessions<'a>>),
+    Command {
+        client: &'a mut CommandClient,
+        extras: Vec<Map<String, Value>>,
+        turns: Vec<usize>,
+    },
+}
+
+/// The session as the client model sees it: the counselor's system prompt is not its own.
+fn swapped(messages: &[Message]) -> impl Iterator<Item = Message> + '_ {
+    messages.iter().filter_map(|m| match m.role.as_str() {
+        "user" => Some(Message::new("assistant", m.content.clone())),
+        "assistant" => Some(Message::new("user", m.content.clone())),
+        _ => None,
+    })
+}
+
+impl ClientSessions<'_> {
+    /// One client turn for every session `r` with `speaks[r]`, given each session's
+    /// dialogue in the counselor's view. Returns the turns, and the tokens the client
+    /// produced for each row.
+    pub fn turn(
+        &mut self,
+        dialogues: &[&[Message]],
+        speaks: &[bool],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Vec<Option<Reply>>, Vec<usize>)> {
+        match self {
+            Self::Model(m) => m.turn(dialogues, speaks, rng),
+            Self::Command {
+                client,
+                extras,
+                turns,
+            } => {
+                let rows: Vec<usize> = (0..speaks.len()).filter(|&r| speaks[r]).collect();
+                let questions: Vec<Value> = rows
+                    .iter()
+                    .map(|&r| {
+                        let mut q = json!({
+                            "id": r,
+                            "turn": turns[r],
+                            "messages": dialogues[r].iter()
+                                .map(|m| json!({"role": m.role, "content": m.content}))
+                                .collect::<Vec<_>>(),
+                        });
+                        for (k, v) in &extras[r] {
+                            if q.get(k).is_none() {
+                                q[k] = v.clone();
+                            }
+                        }
+                        q
+                    })
+                    .collect();
+                let answers = client.process.ask(&questions)?;
+                let first = client.process.answered() + 1 - answers.len();
+                let mut out = vec![None; speaks.len()];
+                for (i, (&r, a)) in rows.iter().zip(&answers).enumerate() {
+                    out[r] = Some(client.parse(first + i, a)?);
+                    turns[r] += 1;
+                }
+                Ok((out, vec![0; speaks.len()]))
+            }
+        }
+    }
+}
+
+impl CommandClient {
+    fn parse(&self, line: usize, text: &str) -> Result<Reply> {
+        let fail = |msg: String| self.process.fail_at(line, msg);
+        let v: Value = serde_json::from_str(text.trim())
+            .map_err(|e| fail(format!("not JSON ({e})")))?;
+        let says = |s: &str| {
+            let s = s.trim();
+            if s.is_empty() {
+                Reply::Ends
+            } else {
+                Reply::Says(s.to_string())
+            }
+        };
+        match &v {
+            Value::String(s) => Ok(says(s)),
+            Value::Object(o) if o.get("end") == Some(&Value::Bool(true)) => Ok(Reply::Ends),
+            Value::Object(o) => match o.get("content") {
+                Some(Value::String(s)) => Ok(says(s)),
+                _ => Err(fail(
+                    "expected the client's turn as a JSON string, {\"content\": \"…\"}, or {\"end\": true}"
+                        .into(),
+                )),
+            },
+            _ => Err(fail(
+                "expected the client's turn as a JSON string, {\"content\": \"…\"}, or {\"end\": true}"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl ModelSessions<'_> {
+    fn turn(
+        &mut self,
+        dialogues: &[&[Message]],
+        speaks: &[bool],
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Vec<Option<Reply>>, Vec<usize>)> {
+        let c = self.client;
+        let mut chunks = vec![Vec::new(); speaks.len()];
+        for r in (0..speaks.len()).filter(|&r| speaks[r]) {
+            let new: Vec<Message> = swapped(&dialogues[r][self.seen[r]..]).collect();
+            self.seen[r] = dialogues[r].len();
+            let view = &mut self.views[r];
+            chunks[r] = match self.last[r] {
+                None => {
+                    view.extend(new);
+                    opening(&c.template, &c.tokenizer, view)?
+                }
+                Some((token, stopped)) => {
+                    let before = &view[..view.len() - 1];
+                    let tail =
+                        after_reply(&c.template, &c.tokenizer, before, &new, stopped.then_some(token))?;
+                    view.extend(new);
+                    std::iter::once(token).chain(tail).collect()
+                }
+            };
+        }
+        self.streams.feed(&chunks);
+        let turns = self.streams.decode(speaks, &c.stop, &c.sampling, rng);
+        let mut replies = vec![None; speaks.len()];
+        let mut tokens = vec![0; speaks.len()];
+        for (r, turn) in turns.into_iter().enumerate() {
+            let Some(turn) = turn else { continue };
+            let trained = turn.trained_tokens();
+            tokens[r] = trained.len();
+            let text = c.tokenizer.decode(&turn.tokens, true).unwrap_or_default();
+            self.last[r] = trained.last().map(|&t| (t, turn.stop.is_some()));
+            self.views[r].push(Message::new("assistant", text.clone()));
+            let text = text.trim();
+            let ends = text.is_empty() || c.end_text.as_deref().is_some_and(|e| text.contains(e));
+            replies[r] = Some(if ends {
+                Reply::Ends
+            } else {
+                Reply::Says(text.to_string())
+            });
+            self.seen[r] += 1;
+        }
+        Ok((replies, tokens))
+    }
+}

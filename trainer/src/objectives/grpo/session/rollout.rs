@@ -1,0 +1,188 @@
+//! The sessions of one step, played in lockstep: every open session's counselor turn
+//! decodes in one batch over the policy's streams, then every open session's client turn
+//! in one batch over the client's. A session ends at `max_turns` counselor turns, when the
+//! client ends it, or before a counselor turn that could take it past
+//! `max_session_tokens`.
+
+use burn::tensor::Device;
+use data::{ChatTemplate, Message};
+use rand_chacha::ChaCha8Rng;
+
+use super::client::{Client, Reply};
+use super::streams::Streams;
+use super::turns::{after_reply, opening};
+use super::{End, SessionRecord, SessionSettings};
+use crate::examples::PromptItem;
+use crate::generate::Sampling;
+use crate::model::Llama;
+use crate::{Result, TrainerError};
+
+/// The counselor's side: the policy's tokenizer, template, stop tokens and sampling.
+pub struct Counselor<'a> {
+    pub template: &'a ChatTemplate,
+    pub tokenizer: &'a tokenizers::Tokenizer,
+    pub stop: &'a [u32],
+    pub sampling: &'a Sampling,
+}
+
+/// A session being played.
+struct Open {
+    messages: Vec<Message>,
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    /// The counselor's last sampled token (not yet fed), and whether it was a stop token.
+    last: Option<(u32, bool)>,
+    truncated: usize,
+    client_tokens: usize,
+    end: Option<End>,
+}
+
+/// Plays `group` sessions from each opening in `idx`, in that order.
+#[allow(clippy::too_many_arguments)]
+pub fn play(
+    policy: &Llama,
+    counselor: &Counselor<'_>,
+    client: &mut Client,
+    settings: &SessionSettings,
+    prompts: &[PromptItem],
+    idx: &[usize],
+    group: usize,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<Vec<SessionRecord>> {
+    let opening_of: Vec<usize> = idx
+        .iter()
+        .flat_map(|&i| std::iter::repeat_n(i, group))
+        .collect();
+    let n = opening_of.len();
+    let extras: Vec<_> = opening_of.iter().map(|&i| &prompts[i].extra).collect();
+    let names: Vec<String> = opening_of
+        .iter()
+        .map(|&i| format!("training prompt {}", i + 1))
+        .collect();
+    let mut open: Vec<Open> = opening_of
+        .iter()
+        .map(|&i| Open {
+            messages: prompts[i].messages.clone(),
+            ids: Vec::new(),
+            mask: Vec::new(),
+            last: None,
+            truncated: 0,
+            client_tokens: 0,
+            end: None,
+        })
+        .collect();
+    let first_new: Vec<usize> = open.iter().map(|o| o.messages.len()).collect();
+    let mut clients = client.sessions(&extras, &names)?;
+
+    // The client opens the sessions whose prompt does not end with a client turn.
+    let opens: Vec<bool> = open
+        .iter()
+        .map(|o| o.messages.last().is_none_or(|m| m.role != "user"))
+        .collect();
+    if opens.iter().any(|&o| o) {
+        let dialogues: Vec<&[Message]> = open.iter().map(|o| o.messages.as_slice()).collect();
+        let (replies, tokens) = clients.turn(&dialogues, &opens, rng)?;
+        for (r, reply) in replies.into_iter().enumerate() {
+            open[r].client_tokens += tokens[r];
+            match reply {
+                Some(Reply::Says(text)) => open[r].messages.push(Message::new("user", text)),
+                Some(Reply::Ends) => {
+                    return Err(TrainerError::Input(format!(
+                        "grpo.client ended the session of {} before its opening turn",
+                        names[r]
+                    )));
+                }
+                None => {}
+            }
+        }
+    }
+    let mut chunks: Vec<Vec<u32>> = Vec::with_capacity(n);
+    for (r, o) in open.iter_mut().enumerate() {
+        let ids = if opens[r] {
+            opening(counselor.template, counselor.tokenizer, &o.messages)?
+        } else {
+            prompts[opening_of[r]].ids.clone()
+        };
+        o.mask = vec![0; ids.len()];
+        o.ids.clone_from(&ids);
+        chunks.push(ids);
+    }
+
+    let mut streams = Streams::new(policy, n, device);
+    let budget = settings.max_session_tokens;
+    let max_new = counselor.sampling.max_new_tokens;
+    for turn in 0..settings.max_turns {
+        streams.feed(&chunks);
+        let speaks: Vec<bool> = open.iter().map(|o| o.end.is_none()).collect();
+        if !speaks.iter().any(|&s| s) {
+            break;
+        }
+        let replies = streams.decode(&speaks, counselor.stop, counselor.sampling, rng);
+        for (o, reply) in open.iter_mut().zip(replies) {
+            let Some(reply) = reply else { continue };
+            let trained = reply.trained_tokens();
+            o.ids.extend(&trained);
+            o.mask.extend(std::iter::repeat_n(1u8, trained.len()));
+            o.truncated += usize::from(reply.stop.is_none());
+            o.last = trained.last().map(|&t| (t, reply.stop.is_some()));
+            let text = counselor
+                .tokenizer
+                .decode(&reply.tokens, false)
+                .unwrap_or_default();
+            o.messages.push(Message::new("assistant", text));
+            if turn + 1 == settings.max_turns {
+                o.end = Some(End::MaxTurns);
+            }
+        }
+        let speaks: Vec<bool> = open.iter().map(|o| o.end.is_none()).collect();
+        if !speaks.iter().any(|&s| s) {
+            break;
+        }
+        let dialogues: Vec<&[Message]> = open.iter().map(|o| o.messages.as_slice()).collect();
+        let (replies, tokens) = clients.turn(&dialogues, &speaks, rng)?;
+        chunks = vec![Vec::new(); n];
+        for (r, reply) in replies.into_iter().enumerate() {
+            let o = &mut open[r];
+            o.client_tokens += tokens[r];
+            match reply {
+                None => {}
+                Some(Reply::Ends) => o.end = Some(End::Client),
+                Some(Reply::Says(text)) => {
+                    let said = o.messages.len() - 1;
+                    o.messages.push(Message::new("user", text));
+                    let (last, stopped) = o.last.unwrap_or((0, false));
+                    let tail = after_reply(
+                        counselor.template,
+                        counselor.tokenizer,
+                        &o.messages[..said],
+                        &o.messages[said + 1..],
+                        stopped.then_some(last),
+                    )?;
+                    if o.ids.len() + tail.len() + max_new > budget {
+                        o.end = Some(End::Length);
+                        continue;
+                    }
+                    o.ids.extend(&tail);
+                    o.mask.extend(std::iter::repeat_n(0u8, tail.len()));
+                    chunks[r] = std::iter::once(last).chain(tail).collect();
+                }
+            }
+        }
+    }
+    Ok(open
+        .into_iter()
+        .zip(opening_of)
+        .zip(first_new)
+        .map(|((o, opening), first_new)| SessionRecord {
+            opening,
+            messages: o.messages,
+            first_new,
+            ids: o.ids,
+            loss_mask: o.mask,
+            truncated_turns: o.truncated,
+            client_tokens: o.client_tokens,
+            end: o.end.unwrap_or(End::MaxTurns),
+        })
+        .collect())
+}
