@@ -256,7 +256,8 @@ pub struct InspectArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// sft (dialogues), preference (pairs) or prompts.
+    /// sft (dialogues), preference (pairs), prompts, or sessions (Cactus-shaped rows with
+    /// intake form, attitude and automatic thought, for session-level GRPO).
     #[arg(long)]
     pub kind: String,
     #[arg(long, default_value_t = 1000)]

@@ -267,12 +267,64 @@ pub fn prompt(rng: &mut ChaCha8Rng) -> Value {
     json!({"prompt": [{"role": "user", "content": text}], "concern": c.name, "risk": "low"})
 }
 
+/// Attitudes toward counseling a simulated client may take, as Cactus gives them.
+const ATTITUDES: &[&str] = &["positive", "neutral", "negative"];
+
+/// Ages, jobs and living situations for the intake forms of simulated clients.
+const INTAKE: &[(&str, &str, &str)] = &[
+    ("Sam", "a nurse on night shifts", "lives alone"),
+    (
+        "Ana",
+        "a university student",
+        "shares a flat with two friends",
+    ),
+    (
+        "Lee",
+        "a warehouse supervisor",
+        "lives with a partner and a young child",
+    ),
+    ("Ravi", "a software tester", "recently moved to a new city"),
+    ("Mia", "a retired teacher", "lives with an elderly parent"),
+];
+
+/// A Cactus-shaped row for session-level RL: the counselor's system prompt and the
+/// client's opening, plus the intake form, attitude and automatic thought a simulated
+/// client is prompted with. One row in four leaves the opening to the client.
+pub fn session(rng: &mut ChaCha8Rng) -> Value {
+    let c = CONCERNS.choose(rng).unwrap_or(&CONCERNS[0]);
+    let (name, job, home) = *INTAKE.choose(rng).unwrap_or(&INTAKE[0]);
+    let age = rng.random_range(19..70);
+    let attitude = ATTITUDES.choose(rng).copied().unwrap_or("neutral");
+    let intake = format!(
+        "Name: {name}\nAge: {age}\nOccupation: {job}\nHome: {home}\n\
+         Presenting problem: {}; feels {}.",
+        c.name.replace('_', " "),
+        c.feeling
+    );
+    let system = json!({"role": "system", "content": "You are a warm, professional counselor using CBT skills. Keep each reply short."});
+    let prompt = if rng.random_bool(0.25) {
+        json!([system])
+    } else {
+        let text = c.openings.choose(rng).copied().unwrap_or_default();
+        json!([system, {"role": "user", "content": text}])
+    };
+    json!({
+        "prompt": prompt,
+        "intake_form": intake,
+        "attitude": attitude,
+        "thought": c.thought,
+        "concern": c.name,
+        "risk": "low",
+    })
+}
+
 /// Which set to generate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Sft,
     Preference,
     Prompts,
+    Sessions,
 }
 
 impl std::str::FromStr for Kind {
@@ -282,7 +334,10 @@ impl std::str::FromStr for Kind {
             "sft" => Ok(Self::Sft),
             "preference" => Ok(Self::Preference),
             "prompts" => Ok(Self::Prompts),
-            other => Err(format!("unknown kind `{other}` (sft, preference, prompts)")),
+            "sessions" => Ok(Self::Sessions),
+            other => Err(format!(
+                "unknown kind `{other}` (sft, preference, prompts, sessions)"
+            )),
         }
     }
 }
@@ -312,6 +367,7 @@ pub fn generate(kind: Kind, n: usize, seed: u64) -> String {
             Kind::Sft => dialogue(&mut rng),
             Kind::Preference => preference(&mut rng),
             Kind::Prompts => prompt(&mut rng),
+            Kind::Sessions => session(&mut rng),
         };
         out.push_str(&row.to_string());
         out.push('\n');
@@ -321,10 +377,11 @@ pub fn generate(kind: Kind, n: usize, seed: u64) -> String {
 
 /// The bundled demo files under `data/examples/`: (file name, kind, rows), generated with
 /// seed 0. A test keeps the shipped files equal to the generator's output.
-pub const BUNDLED: [(&str, Kind, usize); 3] = [
+pub const BUNDLED: [(&str, Kind, usize); 4] = [
     ("counseling-sft.jsonl", Kind::Sft, 64),
     ("counseling-preference.jsonl", Kind::Preference, 128),
     ("counseling-prompts.jsonl", Kind::Prompts, 32),
+    ("counseling-sessions.jsonl", Kind::Sessions, 16),
 ];
 
 #[cfg(test)]
@@ -339,6 +396,7 @@ mod tests {
             (Kind::Sft, crate::Format::Messages),
             (Kind::Preference, crate::Format::Preference),
             (Kind::Prompts, crate::Format::PromptOnly),
+            (Kind::Sessions, crate::Format::PromptOnly),
         ] {
             let text = generate(kind, 40, 9);
             assert_eq!(text, generate(kind, 40, 9));

@@ -282,8 +282,12 @@ impl Objective for Grpo {
             None => None,
             Some(s) => {
                 let choice = || TemplateChoice::new(self.template.as_deref(), None);
-                let client =
-                    session::client::Client::start(&s.client, cx.base, template_for(cx.base, choice())?, cx.device)?;
+                let client = session::client::Client::start(
+                    &s.client,
+                    cx.base,
+                    template_for(cx.base, choice())?,
+                    cx.device,
+                )?;
                 Some(rollout::Sessions {
                     settings: s.clone(),
                     client,

@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::GrpoSettings;
+use super::loss::{TokenLayout, TokenTerms, advantages, aggregate, per_token_loss, token_mean};
 use super::session::client::Client;
 use super::session::rollout::{Counselor, play};
 use super::session::score::score_sessions;
 use super::session::{End, SessionRecord, SessionSettings};
-use super::loss::{TokenLayout, TokenTerms, advantages, aggregate, per_token_loss, token_mean};
 use crate::Result;
 use crate::batch::LmBatch;
 use crate::dist::Group;
@@ -450,15 +450,27 @@ fn named(m: &Metrics) -> Vec<(String, f64)> {
 
 /// Session shapes: turns, tokens, reward per turn, how sessions ended, and session tokens
 /// (counselor and client) generated per second of the rollout.
-fn session_metrics(sessions: &[SessionRecord], rewards: &[f64], seconds: f64) -> Vec<(String, f64)> {
+fn session_metrics(
+    sessions: &[SessionRecord],
+    rewards: &[f64],
+    seconds: f64,
+) -> Vec<(String, f64)> {
     let n = sessions.len().max(1) as f64;
     let mean = |f: &dyn Fn(usize, &SessionRecord) -> f64| {
-        sessions.iter().enumerate().map(|(i, s)| f(i, s)).sum::<f64>() / n
+        sessions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| f(i, s))
+            .sum::<f64>()
+            / n
     };
     let generated: usize = sessions.iter().map(|s| s.trained() + s.client_tokens).sum();
     let mut out = vec![
         ("session/turns".to_string(), mean(&|_, s| s.turns() as f64)),
-        ("session/tokens".to_string(), mean(&|_, s| s.ids.len() as f64)),
+        (
+            "session/tokens".to_string(),
+            mean(&|_, s| s.ids.len() as f64),
+        ),
         (
             "session/client_tokens".to_string(),
             mean(&|_, s| s.client_tokens as f64),

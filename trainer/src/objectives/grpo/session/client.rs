@@ -13,10 +13,10 @@ use data::{ChatTemplate, Message};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Map, Value, json};
 
+use super::ClientSection;
 use super::persona::persona;
 use super::streams::Streams;
 use super::turns::{after_reply, opening};
-use super::ClientSection;
 use crate::generate::{Sampling, stop_tokens};
 use crate::jsonl_process::JsonLinesProcess;
 use crate::model::Llama;
@@ -214,8 +214,8 @@ impl ClientSessions<'_> {
 impl CommandClient {
     fn parse(&self, line: usize, text: &str) -> Result<Reply> {
         let fail = |msg: String| self.process.fail_at(line, msg);
-        let v: Value = serde_json::from_str(text.trim())
-            .map_err(|e| fail(format!("not JSON ({e})")))?;
+        let v: Value =
+            serde_json::from_str(text.trim()).map_err(|e| fail(format!("not JSON ({e})")))?;
         let says = |s: &str| {
             let s = s.trim();
             if s.is_empty() {
@@ -262,8 +262,13 @@ impl ModelSessions<'_> {
                 }
                 Some((token, stopped)) => {
                     let before = &view[..view.len() - 1];
-                    let tail =
-                        after_reply(&c.template, &c.tokenizer, before, &new, stopped.then_some(token))?;
+                    let tail = after_reply(
+                        &c.template,
+                        &c.tokenizer,
+                        before,
+                        &new,
+                        stopped.then_some(token),
+                    )?;
                     view.extend(new);
                     std::iter::once(token).chain(tail).collect()
                 }

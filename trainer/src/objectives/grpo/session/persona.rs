@@ -72,7 +72,11 @@ fn column_text(v: &Value) -> String {
 }
 
 /// The client's system prompt for a row with columns `extra`; `row` names it in errors.
-pub fn persona(template: Option<&str>, extra: &Map<String, Value>, row: &str) -> Result<String, String> {
+pub fn persona(
+    template: Option<&str>,
+    extra: &Map<String, Value>,
+    row: &str,
+) -> Result<String, String> {
     if let Some(t) = template {
         let mut out = String::new();
         for part in parts(t)? {
@@ -113,11 +117,19 @@ mod tests {
     fn templates_fill_columns_and_name_what_is_missing() {
         let extra = row(json!({"attitude": "doubtful", "age": 34}));
         assert_eq!(
-            persona(Some("A {age}-year-old, {attitude} {{really}}."), &extra, "row 3").unwrap(),
+            persona(
+                Some("A {age}-year-old, {attitude} {{really}}."),
+                &extra,
+                "row 3"
+            )
+            .unwrap(),
             "A 34-year-old, doubtful {really}."
         );
         let e = persona(Some("{thought}"), &extra, "row 3").unwrap_err();
-        assert_eq!(e, "grpo.client.persona_template: row 3 has no `thought` column");
+        assert_eq!(
+            e,
+            "grpo.client.persona_template: row 3 has no `thought` column"
+        );
         assert!(check_template("{open").is_err());
         assert!(check_template("close}").is_err());
         assert!(check_template("{two words}").is_err());
@@ -126,7 +138,12 @@ mod tests {
 
     #[test]
     fn defaults_use_a_persona_or_cactus_columns() {
-        let p = persona(None, &row(json!({"persona": "A nurse on night shifts."})), "r").unwrap();
+        let p = persona(
+            None,
+            &row(json!({"persona": "A nurse on night shifts."})),
+            "r",
+        )
+        .unwrap();
         assert!(p.ends_with("Who you are: A nurse on night shifts."), "{p}");
         let c = persona(
             None,
@@ -135,7 +152,9 @@ mod tests {
         )
         .unwrap();
         assert!(c.starts_with(ROLE_PLAY));
-        assert!(c.contains("Your intake form:\nName: Lee\n\nYour automatic thoughts:\nI always fail."));
+        assert!(
+            c.contains("Your intake form:\nName: Lee\n\nYour automatic thoughts:\nI always fail.")
+        );
         assert!(!c.contains("attitude"));
         assert_eq!(persona(None, &Map::new(), "r").unwrap(), ROLE_PLAY);
     }

@@ -153,14 +153,15 @@ mod tests {
         s.first_new = 1;
         let extra = Map::new();
         let mut r = Rewards(vec![Weighted {
-            reward: Box::new(crate::rewards::rules::CrisisSafety::new("crisis_safety".into())),
+            reward: Box::new(crate::rewards::rules::CrisisSafety::new(
+                "crisis_safety".into(),
+            )),
             weight: 1.0,
         }]);
         let kinds = ["crisis_safety".to_string()];
         // Turn scores +1 (help), −1 (minimising), none (no risk): the session takes −1
         // even when the others are averaged.
-        let (total, _) =
-            score_sessions(&mut r, &kinds, &[s], &[&extra], Aggregate::Mean).unwrap();
+        let (total, _) = score_sessions(&mut r, &kinds, &[s], &[&extra], Aggregate::Mean).unwrap();
         assert_eq!(total, vec![-1.0]);
     }
 }

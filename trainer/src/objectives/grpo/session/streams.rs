@@ -40,9 +40,7 @@ impl<'m> Streams<'m> {
 
     /// Slots in the cache, real and padding.
     pub fn slots(&self) -> usize {
-        self.cache
-            .as_ref()
-            .map_or(0, |c| c.key_padding.dims()[1])
+        self.cache.as_ref().map_or(0, |c| c.key_padding.dims()[1])
     }
 
     /// Appends `chunks[r]` to row `r` in one forward; rows with an empty chunk keep their
@@ -59,12 +57,18 @@ impl<'m> Streams<'m> {
             for j in 0..width {
                 let real = j >= lead;
                 ids.push(if real { chunk[j - lead] as i64 } else { 0 });
-                positions.push(if real { (self.fed[r] + j - lead) as i64 } else { 0 });
+                positions.push(if real {
+                    (self.fed[r] + j - lead) as i64
+                } else {
+                    0
+                });
                 padding.push(!real);
             }
         }
-        let ints = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, width]), &self.device);
-        let padding = Tensor::<2, Bool>::from_data(TensorData::new(padding, [b, width]), &self.device);
+        let ints =
+            |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, width]), &self.device);
+        let padding =
+            Tensor::<2, Bool>::from_data(TensorData::new(padding, [b, width]), &self.device);
         let (hidden, cache) =
             self.model
                 .hidden_cached(ints(ids), ints(positions), padding, self.cache.take());

@@ -53,6 +53,13 @@ pub fn after_reply(
 }
 
 /// The whole view rendered with its generation prompt: a stream's first chunk.
-pub fn opening(template: &ChatTemplate, tokenizer: &Tokenizer, view: &[Message]) -> Result<Vec<u32>> {
-    Ok(data::chat::encode(tokenizer, &template.render(view, true)?)?)
+pub fn opening(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    view: &[Message],
+) -> Result<Vec<u32>> {
+    Ok(data::chat::encode(
+        tokenizer,
+        &template.render(view, true)?,
+    )?)
 }
