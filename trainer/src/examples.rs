@@ -18,6 +18,9 @@ pub enum Shape {
     Pairs,
     /// Prompts alone, completed during training (GRPO).
     Prompts,
+    /// Session openings (session GRPO): prompts, or conversations cut after the client's
+    /// first turn, so a data set of whole sessions (Cactus) opens sessions as it is.
+    Openings,
 }
 
 /// A tokenised pair with what the objectives read beside it.

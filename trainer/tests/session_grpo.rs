@@ -643,3 +643,59 @@ fn session_grpo_resumes_exactly() {
         sessions
     );
 }
+
+/// Whole Cactus dialogues open sessions as they are: the counselor's greeting and the
+/// client's first turn are the opening, and the persona comes from the row's columns.
+#[test]
+fn cactus_dialogues_open_sessions() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cactus.jsonl");
+    let row = |name: &str, thought: &str| {
+        serde_json::json!({
+            "intake_form": format!("Name: {name}\nAge: 30"),
+            "attitude": "neutral",
+            "thought": thought,
+            "dialogue": format!("Counselor: Hi {name}, what brings you here today?\nClient: I keep thinking {thought}.\nCounselor: That sounds hard.\nClient: It is."),
+        })
+        .to_string()
+    };
+    std::fs::write(
+        &data,
+        format!(
+            "{}\n{}\n",
+            row("Ana", "I always fail"),
+            row("Lee", "nobody likes me")
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let mut r = recipe(
+        &tmp.path().join("base"),
+        &[
+            "data.format=\"cactus\"",
+            "train.max_steps=1",
+            "grpo.max_turns=2",
+            "grpo.log_completions=true",
+        ],
+    );
+    r.data.train = data;
+    train(&r, &out, false, false).unwrap();
+    let lines = std::fs::read_to_string(out.join("completions.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 16);
+    for l in lines.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        let s = v["session"].as_array().unwrap();
+        assert!(s[0]["content"].as_str().unwrap().starts_with("Hi "), "{v}");
+        assert_eq!(s[1]["role"], "user");
+        assert!(
+            s[1]["content"]
+                .as_str()
+                .unwrap()
+                .starts_with("I keep thinking")
+        );
+        // The data's later turns are not part of the opening: the policy speaks next.
+        assert_eq!(s[2]["role"], "assistant");
+        assert_ne!(s[2]["content"], "That sounds hard.");
+    }
+}

@@ -375,6 +375,17 @@ mod tests {
         );
         let tiny = load(&dir.join("tiny-grpo.toml"), &[]).unwrap();
         assert_eq!(tiny.train.device, "cpu");
+        for name in ["tiny-session-grpo.toml", "cactus-session-grpo.toml"] {
+            let r = load(&dir.join(name), &[]).unwrap();
+            let g = r.grpo.unwrap();
+            assert_eq!(
+                (g.rollout.as_str(), g.client.unwrap().kind.as_str()),
+                ("session", "model"),
+                "{name}"
+            );
+        }
+        let cactus = load(&dir.join("cactus-session-grpo.toml"), &[]).unwrap();
+        assert_eq!(cactus.data.format.as_deref(), Some("cactus"));
         let psylite = load(&dir.join("psylite-sft.toml"), &[]).unwrap();
         let l = psylite.lora.unwrap();
         assert_eq!((l.r, l.alpha, l.dropout), (64, 16.0, 0.1));

@@ -213,7 +213,8 @@ pub fn tokenize(
     counts: &mut TruncationCounts,
 ) -> Result<TokenizedSet> {
     let pairs_wanted = match method.shape {
-        Shape::Prompts => return tokenize_prompts(t, examples, rows, counts),
+        Shape::Prompts => return tokenize_prompts(t, examples, rows, counts, false),
+        Shape::Openings => return tokenize_prompts(t, examples, rows, counts, true),
         Shape::Pairs => true,
         Shape::Sequences => false,
     };
@@ -272,19 +273,46 @@ pub fn tokenize(
     })
 }
 
-/// GRPO's prompts: prompt-only rows, or the prompts of preference pairs.
+/// A session's opening from a whole conversation: its messages through the client's first
+/// turn, with any counselor greeting before it (Cactus dialogues open with one).
+fn opening(messages: &[data::Message]) -> std::result::Result<Vec<data::Message>, String> {
+    let first = messages
+        .iter()
+        .position(|m| m.role == "user")
+        .ok_or_else(|| {
+            "the conversation has no client (user) turn to open a session".to_string()
+        })?;
+    Ok(messages[..=first].to_vec())
+}
+
+/// GRPO's prompts: prompt-only rows, or the prompts of preference pairs; with `openings`,
+/// also conversations, up to the client's first turn (see [`opening`]).
 fn tokenize_prompts(
     t: &Tokenizing,
     examples: &[Example],
     rows: &Rows,
     counts: &mut TruncationCounts,
+    openings: bool,
 ) -> Result<TokenizedSet> {
     let mut out = Vec::new();
     let mut skipped = 0;
     for (i, e) in examples.iter().enumerate() {
+        let cut;
         let (prompt, extra) = match e {
             Example::Prompt { prompt, extra } | Example::Pair { prompt, extra, .. } => {
                 (prompt, extra)
+            }
+            Example::Conversation {
+                messages, extra, ..
+            } if openings => {
+                cut = match opening(messages) {
+                    Ok(m) => m,
+                    Err(err) => {
+                        rows.bad::<()>(i, err, &mut skipped)?;
+                        continue;
+                    }
+                };
+                (&cut, extra)
             }
             Example::Conversation { .. } => {
                 return Err(rows.located(

@@ -233,7 +233,10 @@ impl Objective for Grpo {
     }
 
     fn shape(&self) -> Shape {
-        Shape::Prompts
+        match self.settings.session {
+            Some(_) => Shape::Openings,
+            None => Shape::Prompts,
+        }
     }
 
     fn needs_reference(&self) -> bool {

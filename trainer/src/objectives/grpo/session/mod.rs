@@ -237,3 +237,116 @@ impl SessionRecord {
         self.loss_mask.iter().filter(|&&m| m == 1).count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objectives::grpo::{GrpoSection, GrpoSettings};
+    use crate::rewards::RewardSpec;
+
+    fn section(f: impl FnOnce(&mut GrpoSection)) -> Result<GrpoSettings, String> {
+        let mut g = GrpoSection {
+            rollout: "session".into(),
+            rewards: vec![RewardSpec {
+                kind: "length".into(),
+                name: None,
+                weight: 1.0,
+                min_words: Some(1),
+                max_words: Some(4),
+                model: None,
+                adapter: None,
+                command: None,
+                timeout_s: None,
+            }],
+            ..Default::default()
+        };
+        f(&mut g);
+        GrpoSettings::from_section(&g, 16)
+    }
+
+    #[test]
+    fn session_settings_are_checked_and_name_their_key() {
+        let s = section(|_| {}).unwrap().session.unwrap();
+        assert_eq!(
+            (s.max_turns, s.aggregate, s.client.kind.as_str()),
+            (4, Aggregate::Mean, "model")
+        );
+        assert!(
+            section(|g| g.rollout = "single".into())
+                .unwrap()
+                .session
+                .is_none()
+        );
+        for (f, want) in [
+            (
+                Box::new(|g: &mut GrpoSection| g.rollout = "dialogue".into())
+                    as Box<dyn FnOnce(&mut GrpoSection)>,
+                "grpo.rollout `dialogue` is not one of single, session",
+            ),
+            (
+                Box::new(|g: &mut GrpoSection| {
+                    g.rollout = "single".into();
+                    g.client = Some(ClientSection::default());
+                }),
+                "set grpo.rollout = \"session\"",
+            ),
+            (
+                Box::new(|g: &mut GrpoSection| g.aggregate = "median".into()),
+                "grpo.aggregate `median` is not one of mean, last, min, sum",
+            ),
+            (
+                Box::new(|g: &mut GrpoSection| g.max_turns = 0),
+                "grpo.max_turns and grpo.max_session_tokens must be positive",
+            ),
+            (
+                Box::new(|g: &mut GrpoSection| {
+                    g.client = Some(ClientSection {
+                        kind: "command".into(),
+                        ..Default::default()
+                    })
+                }),
+                "needs `command`",
+            ),
+            (
+                Box::new(|g: &mut GrpoSection| {
+                    g.client = Some(ClientSection {
+                        kind: "human".into(),
+                        ..Default::default()
+                    })
+                }),
+                "grpo.client.kind `human` is not one of model, command",
+            ),
+            (
+                Box::new(|g: &mut GrpoSection| {
+                    g.client = Some(ClientSection {
+                        persona_template: Some("{intake form}".into()),
+                        ..Default::default()
+                    })
+                }),
+                "grpo.client.persona_template: `{intake form}` is not a column name",
+            ),
+            (
+                Box::new(|g: &mut GrpoSection| {
+                    g.client = Some(ClientSection {
+                        temperature: -1.0,
+                        ..Default::default()
+                    })
+                }),
+                "grpo.client: temperature -1",
+            ),
+        ] {
+            let e = section(f).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn aggregates_fold_turn_scores() {
+        let s = [0.5, -1.0, 2.0];
+        assert_eq!(Aggregate::Mean.fold(&s), Some(0.5));
+        assert_eq!(Aggregate::Last.fold(&s), Some(2.0));
+        assert_eq!(Aggregate::Min.fold(&s), Some(-1.0));
+        assert_eq!(Aggregate::Sum.fold(&s), Some(1.5));
+        assert_eq!(Aggregate::Mean.fold(&[]), None);
+    }
+}
