@@ -48,6 +48,7 @@ struct Tiny {
     template: data::ChatTemplate,
     stop: Vec<u32>,
     pad: u32,
+    config: checkpoints::ModelConfig,
 }
 
 fn tiny(dir: &Path) -> Tiny {
@@ -68,6 +69,7 @@ fn tiny(dir: &Path) -> Tiny {
         pad: config.pad_token_id.unwrap_or(0),
         tokenizer,
         stop,
+        config,
     }
 }
 
@@ -126,7 +128,16 @@ fn cached_turns_decode_what_recomputing_the_dialogue_decodes() {
     };
     let settings = SessionSettings::new(3, 4096, "mean", Some(&section)).unwrap();
     let client_template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
-    let mut client = Client::start(&section, &t.dir, client_template, &device).unwrap();
+    let mut client = Client::start(
+        &section,
+        &t.dir,
+        client_template,
+        &t.config,
+        false,
+        Default::default(),
+        &device,
+    )
+    .unwrap();
     let greedy = Sampling {
         max_new_tokens: 12,
         ..Default::default()
@@ -263,7 +274,16 @@ fn a_scripted_session_gives_the_hand_computed_loss_and_client_tokens_no_gradient
     };
     let settings = SessionSettings::new(5, 4096, "mean", Some(&section)).unwrap();
     let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
-    let mut client = Client::start(&section, &t.dir, template, &plain).unwrap();
+    let mut client = Client::start(
+        &section,
+        &t.dir,
+        template,
+        &t.config,
+        false,
+        Default::default(),
+        &plain,
+    )
+    .unwrap();
     let sampling = Sampling {
         max_new_tokens: 8,
         temperature: 1.0,
@@ -698,4 +718,105 @@ fn cactus_dialogues_open_sessions() {
         assert_eq!(s[2]["role"], "assistant");
         assert_ne!(s[2]["content"], "That sounds hard.");
     }
+}
+
+/// A LoRA run's client is the policy with its adapters left out: it plays exactly as the
+/// base loaded on its own, however far the adapters have moved the policy.
+#[test]
+fn a_shared_base_client_plays_as_the_loaded_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tiny(&tmp.path().join("base"));
+    let device = Device::flex();
+    let (_, base) = load_model(&t.dir, &device).unwrap();
+    let lora = LoraSettings {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: vec![
+            "q_proj".into(),
+            "v_proj".into(),
+            "down_proj".into(),
+            "lm_head".into(),
+        ],
+        use_rslora: false,
+    };
+    let mut policy = attach_lora(base.clone(), &lora, &device).unwrap();
+    for layer in &mut policy.layers {
+        let l = layer.self_attn.v_proj.lora.as_mut().unwrap();
+        l.b = burn::module::Param::from_tensor(l.b.val().ones_like().mul_scalar(0.5));
+    }
+    let prompts = openings(&t);
+    let section = ClientSection {
+        temperature: 0.0,
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let settings = SessionSettings::new(2, 4096, "mean", Some(&section)).unwrap();
+    let greedy = Sampling {
+        max_new_tokens: 6,
+        ..Default::default()
+    };
+    let counselor = Counselor {
+        template: &t.template,
+        tokenizer: &t.tokenizer,
+        stop: &t.stop,
+        sampling: &greedy,
+    };
+    let run = |shares: bool| {
+        let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
+        let mut client = Client::start(
+            &section,
+            &t.dir,
+            template,
+            &t.config,
+            shares,
+            Default::default(),
+            &device,
+        )
+        .unwrap();
+        play(
+            &policy,
+            &counselor,
+            &mut client,
+            &settings,
+            &prompts,
+            &[0, 1, 2, 3],
+            1,
+            &mut ChaCha8Rng::seed_from_u64(0),
+            &device,
+        )
+        .unwrap()
+    };
+    let (shared, loaded) = (run(true), run(false));
+    assert_eq!(shared, loaded);
+    // The adapters do change the policy: its own turns are not the base's.
+    let base_sessions = {
+        let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
+        let mut client = Client::start(
+            &section,
+            &t.dir,
+            template,
+            &t.config,
+            false,
+            Default::default(),
+            &device,
+        )
+        .unwrap();
+        play(
+            &base,
+            &counselor,
+            &mut client,
+            &settings,
+            &prompts,
+            &[0, 1, 2, 3],
+            1,
+            &mut ChaCha8Rng::seed_from_u64(0),
+            &device,
+        )
+        .unwrap()
+    };
+    assert_ne!(
+        shared, base_sessions,
+        "the adapters changed nothing: the check is blind"
+    );
 }

@@ -283,6 +283,17 @@ pub fn merge_lora(mut model: Llama) -> Llama {
     model
 }
 
+/// The model without its adapters: the frozen base a LoRA run trains on, sharing its
+/// weights (burn tensors are reference-counted, so nothing is copied).
+pub fn strip_lora(mut model: Llama) -> Llama {
+    let _ = for_each_projection(&mut model, |_, _, proj| {
+        proj.lora = None;
+        Ok(())
+    });
+    model.embed_lora = None;
+    model
+}
+
 /// `hearth merge`: base checkpoint + PEFT adapter → a merged checkpoint in the base's dtype,
 /// with the base's tokenizer and template files.
 pub fn merge_to_dir(base: &Path, adapter: &Path, out: &Path) -> Result<()> {

@@ -208,6 +208,8 @@ pub struct Grpo {
     rewards: Vec<RewardSpec>,
     /// `data.template`: the built-in template the data is rendered with, if any.
     template: Option<String>,
+    /// Whether the run trains adapters on a frozen base (which a model client can share).
+    trains_adapters: bool,
     sampler: Option<rollout::Sampler>,
     /// The latest rollout, kept across the `num_iterations` steps that reuse it.
     rollouts: Option<Rollouts>,
@@ -222,6 +224,7 @@ pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String>
         settings: GrpoSettings::from_section(&g, per_step)?,
         rewards: g.rewards,
         template: recipe.data.template.clone(),
+        trains_adapters: recipe.lora.is_some(),
         sampler: None,
         rollouts: None,
     }))
@@ -289,6 +292,9 @@ impl Objective for Grpo {
                     &s.client,
                     cx.base,
                     template_for(cx.base, choice())?,
+                    cx.config,
+                    self.trains_adapters,
+                    cx.precision,
                     cx.device,
                 )?;
                 Some(rollout::Sessions {

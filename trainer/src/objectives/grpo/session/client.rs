@@ -34,8 +34,19 @@ pub enum Client {
     Command(CommandClient),
 }
 
+/// Where a model client's weights come from.
+pub enum ClientWeights {
+    /// Its own checkpoint (or a copy of the base, when the policy trains every weight).
+    Own(Box<Llama>),
+    /// The policy's frozen base: the policy of each rollout with its adapters left out,
+    /// sharing the base weights instead of holding a second copy.
+    PolicyBase,
+}
+
 pub struct ModelClient {
-    pub model: Llama,
+    pub weights: ClientWeights,
+    /// The policy's base, for the rollout under way (with [`ClientWeights::PolicyBase`]).
+    current: Option<Llama>,
     pub tokenizer: tokenizers::Tokenizer,
     pub template: ChatTemplate,
     pub stop: Vec<u32>,
@@ -51,12 +62,16 @@ pub struct CommandClient {
 
 impl Client {
     /// Loads or starts the client. A model client without a `path` is the frozen base in
-    /// `base`, with the policy's template (`template`); one with a `path` uses that
-    /// checkpoint's own tokenizer and template.
+    /// `base` (configured by `base_config`), with the policy's template (`template`): taken from the policy itself when
+    /// it trains adapters (`shares_base`), else loaded; one with a `path` uses that
+    /// checkpoint's own tokenizer and template. Loaded weights take `precision`.
     pub fn start(
         section: &ClientSection,
         base: &Path,
         template: ChatTemplate,
+        base_config: &checkpoints::ModelConfig,
+        shares_base: bool,
+        precision: crate::model::precision::Precision,
         device: &Device,
     ) -> Result<Self> {
         let bad = |e: TrainerError| TrainerError::Input(format!("grpo.client: {e}"));
@@ -74,12 +89,20 @@ impl Client {
             }
             None => (base, template),
         };
-        let (config, model) =
-            crate::model::load_tuned(dir, section.adapter.as_deref(), device).map_err(bad)?;
+        let shared = shares_base && section.path.is_none() && section.adapter.is_none();
+        let (config, weights) = if shared {
+            (base_config.clone(), ClientWeights::PolicyBase)
+        } else {
+            let (config, model) =
+                crate::model::load_tuned(dir, section.adapter.as_deref(), device).map_err(bad)?;
+            let model = crate::model::with_precision(model, precision);
+            (config, ClientWeights::Own(Box::new(model)))
+        };
         let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size).map_err(bad)?;
         let stop = stop_tokens(dir, &config, &tokenizer);
         Ok(Self::Model(Box::new(ModelClient {
-            model,
+            weights,
+            current: None,
             tokenizer,
             template,
             stop,
@@ -96,15 +119,29 @@ impl Client {
         })))
     }
 
-    /// The client's side of the sessions of one rollout: `extras[r]` holds row `r`'s
-    /// columns and `names[r]` names it in errors.
+    /// The client's side of the sessions of one rollout by `policy`: `extras[r]` holds row
+    /// `r`'s columns and `names[r]` names it in errors.
     pub fn sessions<'a>(
         &'a mut self,
+        policy: &Llama,
         extras: &[&Map<String, Value>],
         names: &[String],
     ) -> Result<ClientSessions<'a>> {
         Ok(match self {
             Self::Model(m) => {
+                if let ClientWeights::PolicyBase = m.weights {
+                    m.current = Some(crate::model::adapter::strip_lora(policy.clone()));
+                }
+                let m: &'a ModelClient = m;
+                let model: &Llama = match (&m.weights, &m.current) {
+                    (ClientWeights::Own(model), _) => model,
+                    (_, Some(model)) => model,
+                    (ClientWeights::PolicyBase, None) => {
+                        return Err(TrainerError::Input(
+                            "internal: the client has no weights".into(),
+                        ));
+                    }
+                };
                 let personas = extras
                     .iter()
                     .zip(names)
@@ -114,7 +151,7 @@ impl Client {
                 let rows = personas.len();
                 ClientSessions::Model(Box::new(ModelSessions {
                     client: m,
-                    streams: Streams::new(&m.model, rows, &m.device),
+                    streams: Streams::new(model, rows, &m.device),
                     views: personas
                         .into_iter()
                         .map(|p| vec![Message::new("system", p)])

@@ -73,7 +73,7 @@ pub fn play(
         })
         .collect();
     let first_new: Vec<usize> = open.iter().map(|o| o.messages.len()).collect();
-    let mut clients = client.sessions(&extras, &names)?;
+    let mut clients = client.sessions(policy, &extras, &names)?;
 
     // The client opens the sessions whose prompt does not end with a client turn.
     let opens: Vec<bool> = open
