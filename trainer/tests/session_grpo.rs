@@ -197,6 +197,30 @@ fn cached_turns_decode_what_recomputing_the_dialogue_decodes() {
         }
     }
     assert!(checked >= 12, "only {checked} turns checked");
+
+    // Padding slots stretch what a sliding window measures, so a windowed model is refused
+    // once the cache outgrows its window, never silently masked wrong.
+    let mut windowed = policy.clone();
+    for layer in &mut windowed.layers {
+        layer.sliding_window = Some(48);
+    }
+    let err = play(
+        &windowed,
+        &counselor,
+        &mut client,
+        &settings,
+        &prompts,
+        &idx,
+        1,
+        &mut rng,
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("past the model's sliding window of 48"),
+        "{err}"
+    );
 }
 
 /// A client that says two scripted things and then ends the session.
@@ -818,5 +842,58 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
     assert_ne!(
         shared, base_sessions,
         "the adapters changed nothing: the check is blind"
+    );
+}
+
+/// Every loss type and reward scaling trains on sessions. Step 1's sessions are the same
+/// for all of them (drawn before any update), so their losses relate by their normalisers:
+/// Dr. GRPO divides the token sum by sessions × max_completion_length × max_turns, BNPO
+/// and DAPO by the trained tokens.
+#[test]
+fn every_loss_type_and_scaling_trains_on_sessions() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut first = std::collections::BTreeMap::new();
+    for loss_type in ["grpo", "bnpo", "dr_grpo", "dapo"] {
+        for scale in ["group", "batch", "none"] {
+            let out = tmp.path().join(format!("run-{loss_type}-{scale}"));
+            let r = recipe(
+                &tmp.path().join("base"),
+                &[
+                    "train.max_steps=2",
+                    "grpo.max_turns=2",
+                    "grpo.beta=0.04",
+                    &format!("grpo.loss_type=\"{loss_type}\""),
+                    &format!("grpo.scale_rewards=\"{scale}\""),
+                ],
+            );
+            train(&r, &out, false, false).unwrap();
+            let lines = training_lines(&out);
+            assert_eq!(lines.len(), 2);
+            for l in &lines {
+                assert!(
+                    l["loss"].as_f64().unwrap().is_finite(),
+                    "{loss_type}/{scale}: {l}"
+                );
+                assert!(l["kl"].is_number(), "{loss_type}/{scale}: {l}");
+            }
+            assert!(
+                lines.iter().any(|l| l["grad_norm"].as_f64().unwrap() > 0.0),
+                "{loss_type}/{scale}: no gradient"
+            );
+            first.insert((loss_type, scale), lines[0].clone());
+        }
+    }
+    let l = |k: &str| first[&(k, "group")]["loss"].as_f64().unwrap();
+    let trained = first[&("bnpo", "group")]["completions/mean_length"]
+        .as_f64()
+        .unwrap()
+        * 16.0;
+    assert!(l("bnpo").abs() > 1e-6, "step 1 has no loss to compare");
+    assert!((l("bnpo") - l("dapo")).abs() < 1e-6);
+    let (dr, bnpo) = (l("dr_grpo") * (16.0 * 16.0 * 2.0), l("bnpo") * trained);
+    assert!(
+        (dr - bnpo).abs() < 1e-4 * bnpo.abs().max(1.0),
+        "{dr} vs {bnpo}"
     );
 }

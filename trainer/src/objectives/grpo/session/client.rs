@@ -311,8 +311,8 @@ impl ModelSessions<'_> {
                 }
             };
         }
-        self.streams.feed(&chunks);
-        let turns = self.streams.decode(speaks, &c.stop, &c.sampling, rng);
+        self.streams.feed(&chunks)?;
+        let turns = self.streams.decode(speaks, &c.stop, &c.sampling, rng)?;
         let mut replies = vec![None; speaks.len()];
         let mut tokens = vec![0; speaks.len()];
         for (r, turn) in turns.into_iter().enumerate() {

@@ -113,12 +113,12 @@ pub fn play(
     let budget = settings.max_session_tokens;
     let max_new = counselor.sampling.max_new_tokens;
     for turn in 0..settings.max_turns {
-        streams.feed(&chunks);
+        streams.feed(&chunks)?;
         let speaks: Vec<bool> = open.iter().map(|o| o.end.is_none()).collect();
         if !speaks.iter().any(|&s| s) {
             break;
         }
-        let replies = streams.decode(&speaks, counselor.stop, counselor.sampling, rng);
+        let replies = streams.decode(&speaks, counselor.stop, counselor.sampling, rng)?;
         for (o, reply) in open.iter_mut().zip(replies) {
             let Some(reply) = reply else { continue };
             let trained = reply.trained_tokens();

@@ -3,12 +3,17 @@
 //! chunk) and then decodes the rows that speak in one batch, so no dialogue is ever
 //! recomputed. Rows with nothing to add take padding slots, which no query sees, so a
 //! row's real tokens keep their true positions whatever the others do.
+//!
+//! Padding slots do stretch the distances a sliding window measures (in slots), so a model
+//! with sliding windows is refused once the cache holds more slots than its window: up to
+//! there, no key is outside any window by either count.
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 
 use crate::generate::{Completion, Sampling, last_logits, sample};
 use crate::model::{KvCache, Llama};
+use crate::{Result, TrainerError};
 
 pub struct Streams<'m> {
     model: &'m Llama,
@@ -45,11 +50,26 @@ impl<'m> Streams<'m> {
 
     /// Appends `chunks[r]` to row `r` in one forward; rows with an empty chunk keep their
     /// logits.
-    pub fn feed(&mut self, chunks: &[Vec<u32>]) {
+    pub fn feed(&mut self, chunks: &[Vec<u32>]) -> Result<()> {
         let b = self.fed.len();
         let width = chunks.iter().map(Vec::len).max().unwrap_or(0);
         if width == 0 {
-            return;
+            return Ok(());
+        }
+        let window = self
+            .model
+            .layers
+            .iter()
+            .filter_map(|l| l.sliding_window)
+            .min();
+        if let Some(w) = window
+            && self.slots() + width > w
+        {
+            return Err(TrainerError::Input(format!(
+                "session rollouts: the batch's KV cache would hold {} slots, past the model's \
+                 sliding window of {w}; lower grpo.max_session_tokens or the sessions per step",
+                self.slots() + width
+            )));
         }
         let (mut ids, mut positions, mut padding) = (Vec::new(), Vec::new(), Vec::new());
         for (r, chunk) in chunks.iter().enumerate() {
@@ -85,6 +105,7 @@ impl<'m> Streams<'m> {
                 self.fed[r] += chunk.len();
             }
         }
+        Ok(())
     }
 
     /// Samples one turn for each row in `speaks`, from its current logits, until a stop
@@ -98,7 +119,7 @@ impl<'m> Streams<'m> {
         stop: &[u32],
         s: &Sampling,
         rng: &mut ChaCha8Rng,
-    ) -> Vec<Option<Completion>> {
+    ) -> Result<Vec<Option<Completion>>> {
         let b = self.fed.len();
         let mut out: Vec<Option<Completion>> = speaks
             .iter()
@@ -111,7 +132,7 @@ impl<'m> Streams<'m> {
             .collect();
         let mut done: Vec<bool> = speaks.iter().map(|&on| !on).collect();
         if self.vocab == 0 || s.max_new_tokens == 0 {
-            return out;
+            return Ok(out);
         }
         let v = self.vocab;
         loop {
@@ -133,9 +154,9 @@ impl<'m> Streams<'m> {
                 }
             }
             if done.iter().all(|&d| d) {
-                return out;
+                return Ok(out);
             }
-            self.feed(&next);
+            self.feed(&next)?;
         }
     }
 }
