@@ -297,6 +297,10 @@ impl Objective for Grpo {
                     cx.precision,
                     cx.device,
                 )?;
+                if let Examples::Prompts(prompts) = &*cx.train {
+                    let extras: Vec<_> = prompts.iter().map(|p| &p.extra).collect();
+                    client.check_rows(&extras)?;
+                }
                 Some(rollout::Sessions {
                     settings: s.clone(),
                     client,

@@ -78,7 +78,8 @@ impl Client {
         if section.kind == "command" {
             let argv = section.command.clone().unwrap_or_default();
             return Ok(Self::Command(CommandClient {
-                process: JsonLinesProcess::spawn("client command", argv, section.timeout_s)?,
+                process: JsonLinesProcess::spawn("client command", argv, section.timeout_s)
+                    .map_err(bad)?,
             }));
         }
         let (dir, template) = match &section.path {
@@ -117,6 +118,21 @@ impl Client {
             end_text: section.end_text.clone().filter(|t| !t.is_empty()),
             device: device.clone(),
         })))
+    }
+
+    /// Checks that every row has what the persona template asks for, before any step.
+    pub fn check_rows(&self, extras: &[&Map<String, Value>]) -> Result<()> {
+        if let Self::Model(m) = self {
+            for (i, e) in extras.iter().enumerate() {
+                persona(
+                    m.persona_template.as_deref(),
+                    e,
+                    &format!("training prompt {}", i + 1),
+                )
+                .map_err(TrainerError::Input)?;
+            }
+        }
+        Ok(())
     }
 
     /// The client's side of the sessions of one rollout by `policy`: `extras[r]` holds row
