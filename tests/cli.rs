@@ -2063,6 +2063,7 @@ fn sigkill_at_random_moments_resumes_exactly_for_every_method() {
         ("tiny-orpo.toml", "counseling-preference.jsonl"),
         ("tiny-reward.toml", "counseling-preference.jsonl"),
         ("tiny-grpo.toml", "counseling-prompts.jsonl"),
+        ("tiny-session-grpo.toml", "counseling-sessions.jsonl"),
     ] {
         let run = TinyRun::of(recipe, data, &base).sets(&[
             "train.max_steps=12",

@@ -117,29 +117,31 @@ mod tests {
         ];
         let extra = Map::new();
         let extras = [&extra, &extra];
-        let kinds = ["length".to_string(), "command".to_string()];
-        for (agg, want) in [
-            (Aggregate::Mean, [7.0 / 3.0, 3.0]),
-            (Aggregate::Last, [1.0, 3.0]),
-            (Aggregate::Min, [1.0, 3.0]),
-            (Aggregate::Sum, [7.0, 3.0]),
-        ] {
-            let mut r = Rewards(vec![
-                Weighted {
-                    reward: Box::new(Words("turns")),
-                    weight: 1.0,
-                },
-                Weighted {
-                    reward: Box::new(Words("whole")),
-                    weight: 10.0,
-                },
-            ]);
-            let (total, m) = score_sessions(&mut r, &kinds, &s, &extras, agg).unwrap();
-            // The whole-session reward scored the last counselor turn, with everything
-            // before it as the prompt: 1 word and 3 words.
-            assert_eq!(total, vec![want[0] + 10.0, want[1] + 30.0], "{agg:?}");
-            assert_eq!(m.get("rewards/whole/mean"), Some(2.0));
-            assert_eq!(m.get("rewards/turns/mean"), Some((want[0] + want[1]) / 2.0));
+        for whole_kind in ["command", "reward_model"] {
+            let kinds = ["length".to_string(), whole_kind.to_string()];
+            for (agg, want) in [
+                (Aggregate::Mean, [7.0 / 3.0, 3.0]),
+                (Aggregate::Last, [1.0, 3.0]),
+                (Aggregate::Min, [1.0, 3.0]),
+                (Aggregate::Sum, [7.0, 3.0]),
+            ] {
+                let mut r = Rewards(vec![
+                    Weighted {
+                        reward: Box::new(Words("turns")),
+                        weight: 1.0,
+                    },
+                    Weighted {
+                        reward: Box::new(Words("whole")),
+                        weight: 10.0,
+                    },
+                ]);
+                let (total, m) = score_sessions(&mut r, &kinds, &s, &extras, agg).unwrap();
+                // The whole-session reward scored the last counselor turn, with everything
+                // before it as the prompt: 1 word and 3 words.
+                assert_eq!(total, vec![want[0] + 10.0, want[1] + 30.0], "{agg:?}");
+                assert_eq!(m.get("rewards/whole/mean"), Some(2.0));
+                assert_eq!(m.get("rewards/turns/mean"), Some((want[0] + want[1]) / 2.0));
+            }
         }
     }
 
