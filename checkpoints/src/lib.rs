@@ -14,13 +14,16 @@ pub mod peft;
 mod read;
 pub mod run_dir;
 pub mod run_state;
+pub mod tensorboard;
 mod write;
 
 pub use config::{ModelConfig, ModelType, RopeScaling, WeightDtype};
 pub use error::CheckpointError;
 pub use manifest::{MANIFEST, verify_manifest, write_manifest};
 pub use read::{TensorRef, WeightFiles};
-pub use write::{OwnedTensor, SaveOptions, save_weights, write_safetensors, write_text};
+pub use write::{
+    OwnedTensor, SaveOptions, save_weights, write_bytes, write_safetensors, write_text,
+};
 
 /// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, CheckpointError>;

@@ -1,4 +1,5 @@
-//! The run directory owns its layout: `recipe.toml`, `metrics.jsonl`, `loss.svg`,
+//! The run directory owns its layout: `recipe.toml`, `metrics.jsonl` (and its TensorBoard
+//! twin under `tb/`), `loss.svg`,
 //! `checkpoint-STEP/` (kept to the last K) and `final/`. Checkpoints are written into a
 //! hidden temporary directory, synced, and renamed into place, so a crash never leaves a
 //! half-written directory under a checkpoint's name.
@@ -66,6 +67,11 @@ pub fn default_root(recipe: &Path, fallback: &str) -> PathBuf {
         |s| s.to_string_lossy().into_owned(),
     );
     PathBuf::from("runs").join(name)
+}
+
+/// Every scalar of a run's TensorBoard events: `(step, tag, value)`, in order.
+pub fn read_scalars_of(root: &Path) -> Result<Vec<(i64, String, f32)>> {
+    crate::tensorboard::read_scalars(&crate::tensorboard::events_path(root))
 }
 
 /// The lines of a run's `metrics.jsonl`; a line cut short by a crash is skipped.
@@ -204,7 +210,8 @@ impl RunDir {
     }
 
     /// Drops lines logged after `step` (by a run killed past its last checkpoint) from
-    /// `metrics.jsonl` and, where there is one, GRPO's `completions.jsonl`.
+    /// `metrics.jsonl` and, where there is one, GRPO's `completions.jsonl`; the TensorBoard
+    /// events are rewritten from what stays.
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
         if !self.writer {
             return Ok(());
@@ -213,7 +220,7 @@ impl RunDir {
         if self.root.join(COMPLETIONS_FILE).exists() {
             self.truncate_log(COMPLETIONS_FILE, step)?;
         }
-        Ok(())
+        crate::tensorboard::rewrite(&self.root, &read_metrics(&self.root)?)
     }
 
     fn truncate_log(&self, name: &str, step: usize) -> Result<()> {
@@ -245,9 +252,14 @@ impl RunDir {
         Ok(())
     }
 
-    /// Appends one JSON line to `metrics.jsonl` and flushes it.
+    /// Appends one JSON line to `metrics.jsonl` and flushes it, and its numbers to the
+    /// TensorBoard events under `tb/`.
     pub fn log(&self, line: &serde_json::Value) -> Result<()> {
-        self.append(METRICS_FILE, line)
+        self.append(METRICS_FILE, line)?;
+        if self.writer {
+            crate::tensorboard::append(&self.root, line)?;
+        }
+        Ok(())
     }
 
     /// Appends one JSON line to the run directory's file `name` and flushes it.

@@ -225,3 +225,8 @@ fn remove_stale_shards(dir: &Path, keep: &[PathBuf]) -> Result<()> {
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
+
+/// Writes a binary file atomically.
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes)
+}

@@ -128,6 +128,41 @@ fn grpo_resumes_exactly_between_iterations() {
             .collect()
     };
     assert_eq!(all(&a), all(&b), "metrics differ after resuming");
+    // TensorBoard holds every number of metrics.jsonl under its name, CRC-checked; the
+    // resumed run's events were rewritten from its metrics, so they match too.
+    let tb = |run: &Path| {
+        trainer::run_dir::read_scalars_of(run)
+            .unwrap()
+            .into_iter()
+            .filter(|(_, tag, _)| !trainer::train::TIMING_KEYS.contains(&tag.as_str()))
+            .fold(
+                std::collections::BTreeMap::new(),
+                |mut m, (step, tag, v)| {
+                    *m.entry((step, tag, v.to_bits())).or_insert(0usize) += 1;
+                    m
+                },
+            )
+    };
+    // Counted, so an event logged twice (a resume that appended instead of rewriting)
+    // shows; compared unordered, as the stripped lines above are reordered.
+    let mut want = std::collections::BTreeMap::new();
+    for l in all(&a) {
+        let step = l["step"].as_i64().unwrap();
+        for (k, v) in l.as_object().unwrap() {
+            if let (true, Some(x)) = (k != "step", v.as_f64()) {
+                *want
+                    .entry((step, k.clone(), (x as f32).to_bits()))
+                    .or_insert(0) += 1;
+            }
+        }
+    }
+    assert!(want.iter().any(|(_, k, _)| k == "reward") && want.len() > 6 * 10);
+    assert_eq!(
+        tb(&a),
+        want,
+        "the TensorBoard events differ from metrics.jsonl"
+    );
+    assert_eq!(tb(&b), want, "the resumed run's TensorBoard events differ");
     assert_eq!(
         std::fs::read_to_string(b.join("completions.jsonl")).unwrap(),
         completions
