@@ -796,14 +796,68 @@ fn without_a_terminal_progress_is_plain_lines_and_every_step_logs_its_time() {
         assert!((tps * time - tokens).abs() < 1e-6 * tokens, "{l}");
     }
 
+    // The final evaluation reports its batches, ending at all of them.
+    let eval: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("eval batches "))
+        .collect();
+    let last = eval
+        .last()
+        .unwrap_or_else(|| panic!("no eval progress: {stderr}"));
+    let (done, planned) = last
+        .trim_start_matches("eval batches ")
+        .split_once(' ')
+        .and_then(|(n, _)| n.split_once('/'))
+        .unwrap();
+    assert!(done == planned && last.ends_with("(step 3/3)"), "{last}");
+
+    // GRPO's rollout reports completions done out of planned, and sessions theirs.
+    for (recipe, data, what, planned) in [
+        (
+            "tiny-grpo.toml",
+            "counseling-prompts.jsonl",
+            "completions",
+            32,
+        ),
+        (
+            "tiny-session-grpo.toml",
+            "counseling-sessions.jsonl",
+            "sessions",
+            16,
+        ),
+    ] {
+        let run = tmp.path().join(recipe);
+        let args = TinyRun::of(recipe, data, &base)
+            .sets(&[
+                "train.max_steps=1",
+                "train.progress_seconds=0",
+                "grpo.max_completion_length=8",
+            ])
+            .out(&run);
+        let out = hearth(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let counts: Vec<usize> = stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{what} ")))
+            .map(|l| {
+                assert!(l.ends_with(&format!("/{planned} (step 1/1)")), "{l}");
+                l.split('/').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        assert!(counts.len() >= 2, "{recipe}: {stderr}");
+        assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+        assert_eq!(counts.last(), Some(&planned), "{recipe}: {stderr}");
+    }
+
     // With the default interval a short run prints no line: errors stay one line.
     let quiet = tmp.path().join("quiet");
     let out = hearth(&TinyRun::sft(&base).sets(&["train.max_steps=2"]).out(&quiet));
     assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("step 1/"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.lines().count() == 1 && stderr.starts_with("trained 2 steps"),
+        "only the closing line: {stderr}"
     );
 }
 

@@ -176,6 +176,21 @@ pub fn generate_groups(
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Result<Vec<Completion>> {
+    generate_groups_reporting(model, prompts, group, stop, s, rng, device, &|_, _| {})
+}
+
+/// [`generate_groups`], calling `progress(done, rows)` whenever rows finish.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_groups_reporting(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    group: usize,
+    stop: &[u32],
+    s: &Sampling,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<Completion>> {
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(TrainerError::Input(format!("prompt {} is empty", i + 1)));
     }
@@ -196,7 +211,7 @@ pub fn generate_groups(
         .flat_map(|p| std::iter::repeat_n(p.len(), group))
         .collect();
     decode(
-        model, logits, cache, &lengths, &mut out, stop, s, rng, device,
+        model, logits, cache, &lengths, &mut out, stop, s, rng, device, progress,
     );
     Ok(out)
 }
@@ -275,11 +290,13 @@ fn decode(
     s: &Sampling,
     rng: &mut ChaCha8Rng,
     device: &Device,
+    progress: &dyn Fn(usize, usize),
 ) {
     let b = out.len();
     let vocab = logits.len() / b;
     let ints = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [b, 1]), device);
     let mut done = vec![false; b];
+    let mut reported = 0;
     for step in 0..s.max_new_tokens {
         let mut next = vec![0i64; b];
         for r in 0..b {
@@ -296,7 +313,12 @@ fn decode(
                 done[r] = out[r].tokens.len() == s.max_new_tokens;
             }
         }
-        if done.iter().all(|&d| d) {
+        let finished = done.iter().filter(|&&d| d).count();
+        if finished > reported {
+            progress(finished, b);
+            reported = finished;
+        }
+        if finished == b {
             break;
         }
         let positions: Vec<i64> = lengths.iter().map(|&n| (n + step) as i64).collect();

@@ -808,6 +808,7 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
             1,
             &mut ChaCha8Rng::seed_from_u64(0),
             &device,
+            &|_, _| {},
         )
         .unwrap()
     };
@@ -836,6 +837,7 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
             1,
             &mut ChaCha8Rng::seed_from_u64(0),
             &device,
+            &|_, _| {},
         )
         .unwrap()
     };

@@ -71,6 +71,9 @@ pub struct StepInput<'a> {
     /// Seeds the device RNG for the `j`-th micro-batch of this rank's share, so dropout
     /// draws do not depend on which rank runs it.
     pub seed_micro: &'a dyn Fn(usize),
+    /// Progress inside the step, shown beside the bar: `(what, done, planned)`, as GRPO's
+    /// `("completions", 24, 64)`, so a long rollout never looks hung.
+    pub progress: &'a dyn Fn(&str, usize, usize),
 }
 
 /// A step's micro-batch losses on this rank, and metrics of the step as a whole.

@@ -19,10 +19,13 @@ pub(super) fn evaluate(
     objective: &dyn Objective,
     input: &LossInput,
     batches: &[Micro],
+    progress: &dyn Fn(&str, usize, usize),
 ) -> Result<Option<(f64, Metrics, usize)>> {
     let share_len = batches.len().div_ceil(dp.world_size()).max(1);
     let mut local = Vec::new();
-    for b in shard(batches, share_len, dp.rank()) {
+    let mine = shard(batches, share_len, dp.rank());
+    let planned = mine.len();
+    for (k, b) in mine.iter().enumerate() {
         if let Some(o) = objective.loss(input, b)? {
             local.push(StepOutcome {
                 loss: scalar(o.loss),
@@ -31,6 +34,7 @@ pub(super) fn evaluate(
                 metrics: o.metrics,
             });
         }
+        progress("eval batches", k + 1, planned);
     }
     let outs = crate::dist::outcomes::gather(dp, &local, None, &Metrics::default())?.outcomes;
     if outs.is_empty() {

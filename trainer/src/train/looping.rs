@@ -2,6 +2,7 @@
 //! iteration, with logging, evaluation and checkpoints between steps. It names no method:
 //! the objective says what a step's losses are.
 
+use std::cell::{Cell, RefCell};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,33 @@ pub(super) struct Parts<'a> {
     pub pad: u32,
 }
 
+/// Progress inside a step (GRPO's rollout) or an evaluation, `done` of `planned`: beside
+/// the bar's last message on a terminal, else a plain line at most every
+/// `progress_seconds`, as step lines are.
+struct Phase<'a> {
+    bar: &'a ProgressBar,
+    lines: &'a Option<(Duration, Cell<Instant>)>,
+    message: &'a RefCell<String>,
+    /// The step under way, or just taken (an evaluation).
+    at: usize,
+    total: usize,
+}
+
+impl Phase<'_> {
+    fn report(&self, what: &str, done: usize, planned: usize) {
+        let base = self.message.borrow();
+        let sep = if base.is_empty() { "" } else { " | " };
+        self.bar
+            .set_message(format!("{base}{sep}{what} {done}/{planned}"));
+        if let Some((every, last)) = self.lines
+            && last.get().elapsed() >= *every
+        {
+            eprintln!("{what} {done}/{planned} (step {}/{})", self.at, self.total);
+            last.set(Instant::now());
+        }
+    }
+}
+
 /// What one optimizer step gave.
 struct Stepped {
     loss: f64,
@@ -80,7 +108,9 @@ pub(super) struct Loop<'a> {
     /// When stderr is no terminal the bar is silent: a plain line is printed instead, once
     /// an interval has passed since the start or the last line. Holds the interval and
     /// when that was.
-    lines: Option<(Duration, Instant)>,
+    lines: Option<(Duration, Cell<Instant>)>,
+    /// The bar's message after the last step, which progress inside a step extends.
+    message: RefCell<String>,
     bad_streak: usize,
     /// A stop signal seen by any rank, acted on at the next checkpoint opportunity.
     pending_signal: Option<i32>,
@@ -122,7 +152,7 @@ impl<'a> Loop<'a> {
         let lines = (progress && p.dp.is_main() && !std::io::stderr().is_terminal()).then(|| {
             (
                 Duration::from_secs_f64(t.progress_seconds.max(0.0)),
-                Instant::now(),
+                Cell::new(Instant::now()),
             )
         });
         bar.set_style(
@@ -143,6 +173,7 @@ impl<'a> Loop<'a> {
             warmup,
             bar,
             lines,
+            message: RefCell::new(String::new()),
             bad_streak: 0,
             pending_signal: None,
             first_epoch: Some(first_epoch),
@@ -234,6 +265,13 @@ impl<'a> Loop<'a> {
         device.seed(step_seed(t.seed, step));
         let per_step = self.per_step;
         let seed_micro = |j: usize| device.seed(micro_seed(t.seed, step, rank * per_step + j));
+        let phase = Phase {
+            bar: &self.bar,
+            lines: &self.lines,
+            message: &self.message,
+            at: self.s.global_step + 1,
+            total: self.total,
+        };
         let input = StepInput {
             dp,
             loss: LossInput {
@@ -252,6 +290,7 @@ impl<'a> Loop<'a> {
             batch_size: t.per_device_train_batch_size,
             inner: &self.p.inner,
             seed_micro: &seed_micro,
+            progress: &|what, done, planned| phase.report(what, done, planned),
         };
         let losses = self.p.objective.step(&input, group)?;
         let local: Vec<StepOutcome> = losses
@@ -361,14 +400,26 @@ impl<'a> Loop<'a> {
             "loss {:.4}{reward} lr {:.2e} {tps:.0} tok/s {:.2} s/step",
             st.loss, st.lr, st.seconds
         );
-        if let Some((every, last)) = &mut self.lines
-            && last.elapsed() >= *every
+        if let Some((every, last)) = &self.lines
+            && last.get().elapsed() >= *every
         {
             eprintln!("step {step}/{} {message}", self.total);
-            *last = Instant::now();
+            last.set(Instant::now());
         }
-        self.bar.set_message(message);
+        self.bar.set_message(message.clone());
+        *self.message.borrow_mut() = message;
         Ok(())
+    }
+
+    /// Where an evaluation's progress goes: it runs after the step it follows.
+    fn phase(&self) -> Phase<'_> {
+        Phase {
+            bar: &self.bar,
+            lines: &self.lines,
+            message: &self.message,
+            at: self.s.global_step,
+            total: self.total,
+        }
     }
 
     /// The fractional epoch of the current step, as TRL logs it.
@@ -459,6 +510,7 @@ impl<'a> Loop<'a> {
             self.p.objective.as_ref(),
             &input,
             &self.eval_batches,
+            &|what, done, planned| self.phase().report(what, done, planned),
         )?;
         if let Some((loss, m, tokens)) = &got {
             log_eval(

@@ -370,6 +370,7 @@ impl Objective for Grpo {
                 input.batch_size,
                 cx.pad,
                 input.inner,
+                input.progress,
             )?;
             if self.settings.log_completions {
                 for line in sampler.completion_lines(input.step + 1, &r, prompts) {

@@ -23,7 +23,7 @@ use crate::Result;
 use crate::batch::LmBatch;
 use crate::dist::Group;
 use crate::examples::PromptItem;
-use crate::generate::{Completion, generate_groups};
+use crate::generate::{Completion, generate_groups_reporting};
 use crate::model::Llama;
 use crate::objectives::objective::MicroOutput;
 use crate::objectives::reference::Reference;
@@ -184,6 +184,7 @@ impl Sampler {
         micro_batch: usize,
         pad: u32,
         device: &Device,
+        progress: &dyn Fn(&str, usize, usize),
     ) -> Result<Rollouts> {
         let g = self.settings.num_generations;
         if idx.is_empty() {
@@ -210,6 +211,7 @@ impl Sampler {
                     g,
                     &mut rng,
                     device,
+                    &|done, all| progress("sessions", done, all),
                 )?;
                 let seconds = started.elapsed().as_secs_f64();
                 let extras: Vec<_> = records.iter().map(|s| &prompts[s.opening].extra).collect();
@@ -237,7 +239,7 @@ impl Sampler {
                     .collect();
                 // Each prompt is run once; its G completions share its KV cache.
                 let inputs: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].ids.clone()).collect();
-                let completions = generate_groups(
+                let completions = generate_groups_reporting(
                     policy,
                     &inputs,
                     g,
@@ -245,6 +247,7 @@ impl Sampler {
                     &self.settings.sampling,
                     &mut rng,
                     device,
+                    &|done, all| progress("completions", done, all),
                 )?;
                 let texts: Vec<String> = completions
                     .iter()

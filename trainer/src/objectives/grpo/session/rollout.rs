@@ -49,6 +49,7 @@ pub fn play(
     group: usize,
     rng: &mut ChaCha8Rng,
     device: &Device,
+    progress: &dyn Fn(usize, usize),
 ) -> Result<Vec<SessionRecord>> {
     let opening_of: Vec<usize> = idx
         .iter()
@@ -113,6 +114,7 @@ pub fn play(
     let budget = settings.max_session_tokens;
     let max_new = counselor.sampling.max_new_tokens;
     for turn in 0..settings.max_turns {
+        progress(open.iter().filter(|o| o.end.is_some()).count(), n);
         streams.feed(&chunks)?;
         let speaks: Vec<bool> = open.iter().map(|o| o.end.is_none()).collect();
         if !speaks.iter().any(|&s| s) {
@@ -170,6 +172,7 @@ pub fn play(
             }
         }
     }
+    progress(n, n);
     Ok(open
         .into_iter()
         .zip(opening_of)
