@@ -50,6 +50,16 @@ pub enum Command {
     /// Check every fused op against its reference on a device: outputs and gradients at
     /// Llama-3.2-1B and 8B shapes, one line per case, failing if any is out of tolerance.
     Selftest(SelftestArgs),
+    /// Write RUN_DIR/report.html: curves, metrics, speed and memory, evaluations,
+    /// checkpoints and the recipe, in one self-contained page (a pipeline's directory gets
+    /// one page over its stages). `hearth train` and `hearth pipeline` write it at the end.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// A run directory, or a pipeline's output directory.
+    pub dir: PathBuf,
 }
 
 #[derive(Args)]

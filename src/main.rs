@@ -14,6 +14,10 @@ use args::*;
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Report(a) => {
+            let page = trainer::report::write_page(&a.dir)?;
+            eprintln!("wrote {}", page.display());
+        }
         Command::Selftest(a) => {
             let device = trainer::device::parse(&a.device)?.autodiff();
             let dtypes: Vec<_> = a.dtypes.iter().map(|d| d.dtype()).collect();

@@ -1463,6 +1463,130 @@ fn reward_model_scores_conversations_and_reports_preference_accuracy() {
     );
 }
 
+/// Opens `page` in headless Chromium (Debian's `chromium`; CI installs it) and checks it
+/// as a user would see it: the page renders to a screenshot that is not blank and shows
+/// the charts' colours, and the browser's console logged nothing.
+fn check_in_browser(page: &Path, shot: &Path) {
+    let html = std::fs::read_to_string(page).unwrap();
+    // Self-contained: nothing to fetch, no script.
+    for outside in [
+        "src=", "href=", "url(", "@import", "<script", "http://", "https://",
+    ] {
+        assert!(
+            !html.contains(outside),
+            "{}: `{outside}` in the page",
+            page.display()
+        );
+    }
+    let profile = shot.with_extension("profile");
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1280,1800",
+            &format!("--user-data-dir={}", s(&profile)),
+            &format!("--screenshot={}", s(shot)),
+            &format!("file://{}", s(page)),
+        ])
+        .output()
+        .expect("headless Chromium is needed for the report page test: apt-get install chromium");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "chromium failed: {log}");
+    let console: Vec<&str> = log.lines().filter(|l| l.contains("CONSOLE")).collect();
+    assert!(
+        console.is_empty(),
+        "the page logged to the console: {console:?}"
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let stride = match info.color_type {
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        other => panic!("a screenshot in {other:?}"),
+    };
+    assert_eq!(info.bit_depth, png::BitDepth::Eight);
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(stride).collect();
+    let background = pixels[0];
+    let drawn = pixels.iter().filter(|p| p[..3] != background[..3]).count();
+    let share = drawn as f64 / pixels.len() as f64;
+    assert!(
+        share > 0.03,
+        "the screenshot is nearly blank ({share:.4} of it drawn)"
+    );
+    // The charts' first series colour (#0072b2), drawn in more than a few pixels.
+    let blue = pixels
+        .iter()
+        .filter(|p| p[0] < 40 && (90..140).contains(&p[1]) && (150..210).contains(&p[2]))
+        .count();
+    assert!(
+        blue > 200,
+        "no chart line on the screenshot ({blue} pixels)"
+    );
+}
+
+/// `hearth train` ends by writing `report.html`; `hearth report` rewrites it; it holds the
+/// run's curves, evaluations, checkpoints and recipe, and renders in a real browser.
+#[test]
+fn a_run_writes_a_self_contained_report_page_that_renders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let args = TinyRun::sft(&tmp.path().join("base"))
+        .sets(&[
+            "train.max_steps=12",
+            "train.save_steps=6",
+            "train.eval_steps=6",
+        ])
+        .out(&run);
+    let out = hearth(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = run.join("report.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    for part in [
+        "<title>hearth run run</title>",
+        "aria-label=\"Loss\"",
+        "aria-label=\"Learning rate\"",
+        "aria-label=\"Grad norm\"",
+        "aria-label=\"Tokens per second\"",
+        "aria-label=\"Peak memory (MiB)\"",
+        "<h2>Evaluations</h2>",
+        "<td>checkpoint-6</td>",
+        "<td>final</td>",
+        "method = &quot;sft&quot;",
+    ] {
+        assert!(html.contains(part), "`{part}` missing from the page");
+    }
+    // The eval table has a row per evaluation: steps 6 and 12.
+    assert_eq!(
+        html.matches("<tr><td>6</td>").count() + html.matches("<tr><td>12</td>").count(),
+        2
+    );
+    std::fs::remove_file(&page).unwrap();
+    let again = hearth(&["report", s(&run)]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&page).unwrap(), html);
+    check_in_browser(&page, &tmp.path().join("run.png"));
+    // Not a run directory: one line naming it.
+    fails(
+        &["report", s(tmp.path().join("nothing").as_path())],
+        &["nothing"],
+    );
+}
+
 #[test]
 fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1482,6 +1606,14 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
     );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(stdout.contains(&report));
+    // One page over every stage, with the pipeline's summary.
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for stage in ["sft", "reward", "dpo", "grpo"] {
+        assert!(page.contains(&format!("<h2>Stage {stage}</h2>")), "{stage}");
+    }
+    assert!(page.contains("aria-label=\"GRPO reward\"") && page.contains("<h2>Summary</h2>"));
+    assert!(page.contains("aria-label=\"Rewards (preference)\""));
+    check_in_browser(&out.join("report.html"), &tmp.path().join("pipeline.png"));
     for (stage, method) in [
         ("sft", "sft"),
         ("reward", "reward"),

@@ -18,6 +18,7 @@ pub mod objectives;
 pub mod pipeline;
 pub mod recipe;
 pub mod ref_cache;
+pub mod report;
 pub mod rewards;
 pub mod selftest;
 pub mod signals;

@@ -365,6 +365,11 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
     }
     if dp.as_ref().is_none_or(Group::is_main) {
         checkpoints::write_text(&out.join(REPORT_FILE), &text)?;
+        let stages: Vec<(String, PathBuf)> = done
+            .iter()
+            .map(|(name, _, dir)| (name.clone(), dir.clone()))
+            .collect();
+        crate::report::write_pipeline_page(out, &stages, &text)?;
     }
     Ok(PipelineReport { stages, text })
 }

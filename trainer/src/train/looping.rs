@@ -74,6 +74,21 @@ impl Phase<'_> {
     }
 }
 
+/// The process's peak resident memory so far in MiB (Linux's `VmHWM`), `None` where the
+/// kernel does not say. Host memory: a GPU's own memory is not in it.
+fn peak_memory_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 /// What one optimizer step gave.
 struct Stepped {
     loss: f64,
@@ -384,6 +399,9 @@ impl<'a> Loop<'a> {
                 "num_tokens": self.s.seen_tokens, "epoch": self.epoch_f(), "step": step,
                 "step_time": st.seconds, "train_tokens_per_second": step_tps,
             });
+            if let Some(mb) = peak_memory_mb() {
+                line["peak_memory_mb"] = json!(mb);
+            }
             for (name, value, _) in &st.metrics.0 {
                 line[name.as_ref()] = json!(value);
             }

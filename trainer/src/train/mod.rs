@@ -30,13 +30,14 @@ use crate::model::precision::Precision;
 use crate::objectives::{Metrics, Prepare, registry};
 use crate::recipe::Recipe;
 
-/// The `metrics.jsonl` keys that hold wall-clock times: everything else a run logs is
-/// reproduced exactly by a rerun or a resume.
-pub const TIMING_KEYS: [&str; 4] = [
+/// The `metrics.jsonl` keys that hold wall-clock times and the process's peak memory:
+/// everything else a run logs is reproduced exactly by a rerun or a resume.
+pub const TIMING_KEYS: [&str; 5] = [
     "train_runtime",
     "step_time",
     "train_tokens_per_second",
     "session/tokens_per_second",
+    "peak_memory_mb",
 ];
 
 /// What a run ended with.
@@ -107,5 +108,9 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         sets: &sets,
         pad,
     };
-    looping::Loop::new(parts, state, optim, progress)?.run()
+    let outcome = looping::Loop::new(parts, state, optim, progress)?.run()?;
+    if dp.is_main() {
+        crate::report::write_run_page(out)?;
+    }
+    Ok(outcome)
 }
