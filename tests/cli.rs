@@ -1485,6 +1485,7 @@ fn check_in_browser(page: &Path, shot: &Path) {
             "--no-sandbox",
             "--disable-gpu",
             "--hide-scrollbars",
+            "--disable-dev-shm-usage",
             "--no-first-run",
             "--enable-logging=stderr",
             "--v=0",
