@@ -160,6 +160,7 @@ fn cached_turns_decode_what_recomputing_the_dialogue_decodes() {
         1,
         &mut rng,
         &device,
+        &|_, _| {},
     )
     .unwrap();
     assert_eq!(sessions.len(), 6);
@@ -214,6 +215,7 @@ fn cached_turns_decode_what_recomputing_the_dialogue_decodes() {
         1,
         &mut rng,
         &device,
+        &|_, _| {},
     )
     .unwrap_err()
     .to_string();
@@ -333,6 +335,7 @@ fn a_scripted_session_gives_the_hand_computed_loss_and_client_tokens_no_gradient
         2,
         &mut rng,
         &plain,
+        &|_, _| {},
     )
     .unwrap();
     let said = |s: &SessionRecord| -> Vec<String> {
@@ -786,7 +789,7 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
         stop: &t.stop,
         sampling: &greedy,
     };
-    let run = |shares: bool| {
+    let run = |policy: &Llama, shares: bool| {
         let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
         let mut client = Client::start(
             &section,
@@ -799,7 +802,7 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
         )
         .unwrap();
         play(
-            &policy,
+            policy,
             &counselor,
             &mut client,
             &settings,
@@ -812,35 +815,10 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
         )
         .unwrap()
     };
-    let (shared, loaded) = (run(true), run(false));
+    let (shared, loaded) = (run(&policy, true), run(&policy, false));
     assert_eq!(shared, loaded);
     // The adapters do change the policy: its own turns are not the base's.
-    let base_sessions = {
-        let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
-        let mut client = Client::start(
-            &section,
-            &t.dir,
-            template,
-            &t.config,
-            false,
-            Default::default(),
-            &device,
-        )
-        .unwrap();
-        play(
-            &base,
-            &counselor,
-            &mut client,
-            &settings,
-            &prompts,
-            &[0, 1, 2, 3],
-            1,
-            &mut ChaCha8Rng::seed_from_u64(0),
-            &device,
-            &|_, _| {},
-        )
-        .unwrap()
-    };
+    let base_sessions = run(&base, false);
     assert_ne!(
         shared, base_sessions,
         "the adapters changed nothing: the check is blind"
