@@ -73,6 +73,21 @@ fn tiny(dir: &Path) -> Tiny {
     }
 }
 
+/// The client `section` describes, on the tiny base (sharing the policy's base or not).
+fn client(t: &Tiny, section: &ClientSection, shares: bool, device: &Device) -> Client {
+    let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
+    Client::start(
+        section,
+        &t.dir,
+        template,
+        &t.config,
+        shares,
+        Default::default(),
+        device,
+    )
+    .unwrap()
+}
+
 /// The bundled session openings as GRPO's prompts.
 fn openings(t: &Tiny) -> Vec<PromptItem> {
     let text = std::fs::read_to_string(root().join("data/examples").join(SESSIONS)).unwrap();
@@ -127,17 +142,7 @@ fn cached_turns_decode_what_recomputing_the_dialogue_decodes() {
         ..Default::default()
     };
     let settings = SessionSettings::new(3, 4096, "mean", Some(&section)).unwrap();
-    let client_template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
-    let mut client = Client::start(
-        &section,
-        &t.dir,
-        client_template,
-        &t.config,
-        false,
-        Default::default(),
-        &device,
-    )
-    .unwrap();
+    let mut client = client(&t, &section, false, &device);
     let greedy = Sampling {
         max_new_tokens: 12,
         ..Default::default()
@@ -299,17 +304,7 @@ fn a_scripted_session_gives_the_hand_computed_loss_and_client_tokens_no_gradient
         ..Default::default()
     };
     let settings = SessionSettings::new(5, 4096, "mean", Some(&section)).unwrap();
-    let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
-    let mut client = Client::start(
-        &section,
-        &t.dir,
-        template,
-        &t.config,
-        false,
-        Default::default(),
-        &plain,
-    )
-    .unwrap();
+    let mut client = client(&t, &section, false, &plain);
     let sampling = Sampling {
         max_new_tokens: 8,
         temperature: 1.0,
@@ -790,17 +785,7 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
         sampling: &greedy,
     };
     let run = |policy: &Llama, shares: bool| {
-        let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
-        let mut client = Client::start(
-            &section,
-            &t.dir,
-            template,
-            &t.config,
-            shares,
-            Default::default(),
-            &device,
-        )
-        .unwrap();
+        let mut client = client(&t, &section, shares, &device);
         play(
             policy,
             &counselor,

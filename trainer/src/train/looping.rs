@@ -59,7 +59,22 @@ struct Phase<'a> {
     total: usize,
 }
 
-impl Phase<'_> {
+impl<'a> Phase<'a> {
+    fn of(
+        bar: &'a ProgressBar,
+        lines: &'a Option<(Duration, Cell<Instant>)>,
+        message: &'a RefCell<String>,
+        total: usize,
+    ) -> Self {
+        Self {
+            bar,
+            lines,
+            message,
+            at: 0,
+            total,
+        }
+    }
+
     fn report(&self, what: &str, done: usize, planned: usize) {
         let base = self.message.borrow();
         let sep = if base.is_empty() { "" } else { " | " };
@@ -280,12 +295,10 @@ impl<'a> Loop<'a> {
         device.seed(step_seed(t.seed, step));
         let per_step = self.per_step;
         let seed_micro = |j: usize| device.seed(micro_seed(t.seed, step, rank * per_step + j));
+        // Fields, not `self.phase()`: the objective is borrowed mutably beside it.
         let phase = Phase {
-            bar: &self.bar,
-            lines: &self.lines,
-            message: &self.message,
             at: self.s.global_step + 1,
-            total: self.total,
+            ..Phase::of(&self.bar, &self.lines, &self.message, self.total)
         };
         let input = StepInput {
             dp,
@@ -432,11 +445,8 @@ impl<'a> Loop<'a> {
     /// Where an evaluation's progress goes: it runs after the step it follows.
     fn phase(&self) -> Phase<'_> {
         Phase {
-            bar: &self.bar,
-            lines: &self.lines,
-            message: &self.message,
             at: self.s.global_step,
-            total: self.total,
+            ..Phase::of(&self.bar, &self.lines, &self.message, self.total)
         }
     }
 
