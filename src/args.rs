@@ -121,6 +121,72 @@ pub enum EvalCommand {
     /// adapter's implicit DPO reward over its base; broken down by PsychoCounsel's rating
     /// dimensions when those columns are present. Prints one JSON object.
     Preference(EvalPreferenceArgs),
+    /// Evidence for a counseling model: win rate over another model judged by a reward
+    /// model (bootstrap 95% CI), crisis-safety probes, multiple-choice items by
+    /// log-likelihood, and the reward model's accuracy per PsychoCounsel dimension. Writes
+    /// JSON to --out (a run's `evals/` folder puts it on the run's report page) and prints
+    /// a table; no prompt or reply text unless --show-text.
+    Counseling(EvalCounselingArgs),
+}
+
+#[derive(Args)]
+pub struct EvalCounselingArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The model to compare with (its base, say): answers the same prompts.
+    #[arg(long)]
+    pub against: Option<PathBuf>,
+    #[arg(long, requires = "against")]
+    pub against_adapter: Option<PathBuf>,
+    /// A reward model (a *ForSequenceClassification checkpoint, or a base with
+    /// --reward-adapter) that judges the win rate and is measured on --pairs.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
+    #[arg(long, requires = "reward_model")]
+    pub reward_adapter: Option<PathBuf>,
+    /// Held-out prompts for the win rate (any prompt, pair or conversation shape);
+    /// default: the bundled counseling prompts.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Crisis probes (prompts with `id`, `risk` and `group` columns); default: the bundled
+    /// set of risk prompts in several phrasings and matched ordinary prompts.
+    #[arg(long)]
+    pub probes: Option<PathBuf>,
+    /// Multiple-choice items (`question`, `options`, `answer`); default: the bundled
+    /// synthetic CBT set.
+    #[arg(long)]
+    pub choices: Option<PathBuf>,
+    /// Preference pairs with `chosen_<dim>_rating`/`rejected_<dim>_rating` columns, for the
+    /// reward model's accuracy per dimension.
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// New tokens per greedy reply.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Bootstrap resamplings for the win rate's interval.
+    #[arg(long, default_value_t = 2000)]
+    pub bootstrap: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worst crisis cases listed per model.
+    #[arg(long, default_value_t = 10)]
+    pub worst: usize,
+    /// Put the worst cases' prompt and reply text in the output and the table.
+    #[arg(long)]
+    pub show_text: bool,
+    /// Longest preference pair kept, in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub max_length: usize,
+    /// `cpu`, `wgpu`, `cuda` (with an index: `cuda:1`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args)]

@@ -83,6 +83,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             emit(&serde_json::to_string(&report)?)?;
         }
+        Command::Eval(EvalCommand::Counseling(a)) => eval_counseling(a)?,
         Command::Pipeline(a) => {
             let out = a
                 .out
@@ -219,6 +220,35 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
         Some(text) => emit(&chat.reply(text)?),
         None => chat.converse(std::io::stdin().lock(), emit),
     }
+}
+
+fn eval_counseling(a: EvalCounselingArgs) -> Result<()> {
+    let device = trainer::device::parse(&a.device)?;
+    let report = trainer::counseling_eval::run(&trainer::counseling_eval::Options {
+        model: &a.model,
+        adapter: a.adapter.as_deref(),
+        against: a.against.as_deref(),
+        against_adapter: a.against_adapter.as_deref(),
+        reward_model: a.reward_model.as_deref(),
+        reward_adapter: a.reward_adapter.as_deref(),
+        prompts: a.prompts.as_deref(),
+        probes: a.probes.as_deref(),
+        choices: a.choices.as_deref(),
+        pairs: a.pairs.as_deref(),
+        out: &a.out,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        bootstrap: a.bootstrap,
+        seed: a.seed,
+        worst: a.worst,
+        show_text: a.show_text,
+        max_length: a.max_length,
+        device: &device,
+    })?;
+    let json = serde_json::to_value(&report)?;
+    emit(trainer::counseling_eval::table::text(&json).trim_end())?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
 }
 
 /// Standard output was closed by its reader (`hearth data inspect … | head`).

@@ -32,6 +32,31 @@ pub struct Loaded {
 }
 
 pub fn load_examples(path: &Path, options: &LoadOptions) -> Result<Loaded, DataError> {
+    load_rows(path, options, &mut |on_row, on_bad| {
+        for_each_row(path, on_row, on_bad)
+    })
+}
+
+/// [`load_examples`] over JSON Lines `text` shipped inside the binary; `origin` names it
+/// in errors.
+pub fn load_bundled_examples(
+    origin: &Path,
+    text: &str,
+    options: &LoadOptions,
+) -> Result<Loaded, DataError> {
+    load_rows(origin, options, &mut |on_row, on_bad| {
+        crate::read::for_each_jsonl_row(text, origin, on_row, on_bad)
+    })
+}
+
+type OnRow<'a> = &'a mut dyn FnMut(crate::read::Row) -> Result<(), DataError>;
+type OnBad<'a> = &'a mut dyn FnMut(BadRow) -> Result<(), DataError>;
+
+fn load_rows(
+    path: &Path,
+    options: &LoadOptions,
+    rows: &mut dyn FnMut(OnRow<'_>, OnBad<'_>) -> Result<(), DataError>,
+) -> Result<Loaded, DataError> {
     let mut format = options.format;
     let mut examples = Vec::new();
     let mut locations = Vec::new();
@@ -83,7 +108,7 @@ pub fn load_examples(path: &Path, options: &LoadOptions) -> Result<Loaded, DataE
             }
             Ok(())
         };
-        for_each_row(path, &mut on_row, &mut on_bad)?;
+        rows(&mut on_row, &mut on_bad)?;
     }
     skipped.extend(bad_rows);
     skipped.sort_by_key(|b| match b.location {

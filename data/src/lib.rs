@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod chat;
+pub mod choice_items;
 mod columnar;
 pub mod config;
 pub mod dataset;
@@ -18,7 +19,7 @@ pub mod tokenize;
 pub mod tokenizer;
 
 pub use chat::{Rendered, render_with_mask, render_with_mask_from};
-pub use dataset::{LoadOptions, Loaded, load_examples};
+pub use dataset::{LoadOptions, Loaded, load_bundled_examples, load_examples};
 pub use error::DataError;
 pub use format::{Example, Format};
 pub use message::Message;

@@ -131,7 +131,26 @@ fn json_lines(
     on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
     on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    let mut reader = BufReader::new(open(path)?);
+    json_lines_from(BufReader::new(open(path)?), path, on_row, on_bad)
+}
+
+/// Every row of JSON Lines `text` that ships inside the binary (bundled evaluation sets),
+/// read by the same rules as a file; `origin` names it in errors.
+pub fn for_each_jsonl_row(
+    text: &str,
+    origin: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    json_lines_from(text.as_bytes(), origin, on_row, on_bad)
+}
+
+fn json_lines_from(
+    mut reader: impl BufRead,
+    path: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
     let mut buf = Vec::new();
     let mut line = 0;
     loop {

@@ -96,6 +96,18 @@ impl PairBatch {
             .map(|p| side(p, &p.chosen))
             .chain(pairs.iter().map(|p| side(p, &p.rejected)))
             .collect();
+        let mut batch = Self::of_sequences(&seqs, pad, device);
+        let mut margin: Vec<f32> = margins.iter().map(|&m| m as f32).collect();
+        margin.resize(n, 0.0);
+        batch.margin = Tensor::from_data(TensorData::new(margin, [n]), device);
+        batch.pairs = n;
+        batch
+    }
+
+    /// Any sequences, each with its completion marked by its loss mask, as one forward —
+    /// for reading per-sequence log-probs of continuations (multiple-choice options) with
+    /// [`crate::objectives::sequences::sequence_logps`]. Its `pairs` is 0 and its margins zero.
+    pub fn of_sequences(seqs: &[data::tokenize::Sequence], pad: u32, device: &Device) -> Self {
         let batch = data::batch::Batch::padded(&seqs.iter().collect::<Vec<_>>(), pad);
         let (b, w) = (batch.rows, batch.width);
         let (mut rows, mut targets, mut row_seq, mut completion) =
@@ -129,8 +141,6 @@ impl PairBatch {
             let k = v.len();
             Tensor::<1>::from_data(TensorData::new(v, [k]), device)
         };
-        let mut margin: Vec<f32> = margins.iter().map(|&m| m as f32).collect();
-        margin.resize(n, 0.0);
         Self {
             ids: ints(&batch.ids),
             positions: ints(&batch.positions),
@@ -142,8 +152,8 @@ impl PairBatch {
             completion_len: float1(completion_len),
             predicted_len: float1(predicted_len),
             last: int1(last),
-            margin: float1(margin),
-            pairs: n,
+            margin: float1(vec![0.0; b]),
+            pairs: 0,
             num_tokens: batch.segments.iter().filter(|&&s| s != 0).count(),
         }
     }

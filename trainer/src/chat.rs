@@ -123,21 +123,59 @@ impl Chat {
         let loaded = data::load_examples(input, &Default::default())?;
         let mut prompts = Vec::with_capacity(loaded.examples.len());
         for (e, at) in loaded.examples.iter().zip(&loaded.locations) {
-            let mut messages = self.messages.clone();
-            messages.extend(prompt_of(e).iter().cloned());
+            let messages = prompt_of(e);
             if messages.last().is_none_or(|m| m.role == "assistant") {
                 return Err(TrainerError::Input(format!(
                     "{}: {at}: nothing to answer (no user message before the reply)",
                     input.display()
                 )));
             }
-            let rendered = self.template.render(&messages, true)?;
-            prompts.push(data::chat::encode(&self.tokenizer, &rendered)?);
+            prompts.push(messages.to_vec());
         }
         let started = Instant::now();
+        let replies = self.answer_all(&prompts, batch_size, samples)?;
+        let mut text = String::new();
+        let mut tokens = 0;
+        for (j, r) in replies.into_iter().enumerate() {
+            tokens += r.tokens;
+            let line = ReplyLine {
+                index: j / samples,
+                sample: (samples > 1).then_some(j % samples),
+                reply: r.text,
+                tokens: r.tokens,
+                stopped: r.stopped,
+            };
+            text.push_str(&serde_json::to_string(&line).unwrap_or_default());
+            text.push('\n');
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        checkpoints::write_text(out, &text)?;
+        Ok(Answered {
+            prompts: prompts.len(),
+            tokens,
+            seconds,
+        })
+    }
+
+    /// Answers each of `prompts` (the conversation so far, its system message, opening
+    /// each) `samples` times, `batch_size` prompts per decoding batch: replies in prompt
+    /// order, a prompt's samples together.
+    pub fn answer_all(
+        &self,
+        prompts: &[Vec<Message>],
+        batch_size: usize,
+        samples: usize,
+    ) -> Result<Vec<Reply>> {
+        let mut ids = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let mut messages = self.messages.clone();
+            messages.extend(p.iter().cloned());
+            let rendered = self.template.render(&messages, true)?;
+            ids.push(data::chat::encode(&self.tokenizer, &rendered)?);
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(self.sampling.seed);
-        let (mut text, mut tokens) = (String::new(), 0);
-        for (k, batch) in prompts.chunks(batch_size).enumerate() {
+        let mut out = Vec::with_capacity(prompts.len() * samples);
+        for batch in ids.chunks(batch_size.max(1)) {
             let done = generate_groups(
                 &self.model,
                 batch,
@@ -147,30 +185,24 @@ impl Chat {
                 &mut rng,
                 &self.device,
             )?;
-            for (j, c) in done.iter().enumerate() {
-                let reply = self
+            for c in done {
+                let text = self
                     .tokenizer
                     .decode(&c.tokens, true)
                     .map_err(|e| TrainerError::Input(format!("decoding: {e}")))?;
-                tokens += c.tokens.len();
-                let line = ReplyLine {
-                    index: k * batch_size + j / samples,
-                    sample: (samples > 1).then_some(j % samples),
-                    reply,
+                out.push(Reply {
+                    text,
                     tokens: c.tokens.len(),
                     stopped: c.stop.is_some(),
-                };
-                text.push_str(&serde_json::to_string(&line).unwrap_or_default());
-                text.push('\n');
+                });
             }
         }
-        let seconds = started.elapsed().as_secs_f64();
-        checkpoints::write_text(out, &text)?;
-        Ok(Answered {
-            prompts: prompts.len(),
-            tokens,
-            seconds,
-        })
+        Ok(out)
+    }
+
+    /// The loaded model, its tokenizer and template, and the device it runs on.
+    pub(crate) fn parts(&self) -> (&Llama, &tokenizers::Tokenizer, &ChatTemplate, &Device) {
+        (&self.model, &self.tokenizer, &self.template, &self.device)
     }
 
     /// Converses over `input`: each non-blank line is a user message, and each answer goes
@@ -208,19 +240,29 @@ struct ReplyLine {
     stopped: bool,
 }
 
+/// One generated reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub text: String,
+    /// New tokens, the stop token not counted.
+    pub tokens: usize,
+    /// Whether a stop token ended it (else `max_new_tokens` did).
+    pub stopped: bool,
+}
+
 /// What [`Chat::answer_file`] did.
 #[derive(Debug, Clone, Copy)]
 pub struct Answered {
     pub prompts: usize,
     /// New tokens over every reply.
     pub tokens: usize,
-    /// Wall time of the decoding, tokenisation and loading aside.
+    /// Wall time of tokenising and decoding, loading aside.
     pub seconds: f64,
 }
 
 /// The messages a row asks to be answered: a prompt, a pair's prompt, or a conversation up
 /// to its last assistant turn.
-fn prompt_of(e: &Example) -> &[Message] {
+pub(crate) fn prompt_of(e: &Example) -> &[Message] {
     match e {
         Example::Prompt { prompt, .. } | Example::Pair { prompt, .. } => prompt,
         Example::Conversation { messages, .. } => {

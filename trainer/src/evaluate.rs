@@ -72,6 +72,47 @@ pub fn score_sequences(
     Ok(out)
 }
 
+/// A reward model ready to score conversations: rendered by its own chat template, scored
+/// at the last token.
+pub struct RewardScorer {
+    model: Llama,
+    pad: u32,
+    tokenizer: tokenizers::Tokenizer,
+    template: data::ChatTemplate,
+}
+
+impl RewardScorer {
+    /// The reward model in `dir` (a classifier checkpoint, or a base with a SEQ_CLS
+    /// adapter); refused when it has no score head.
+    pub fn load(dir: &Path, adapter: Option<&Path>) -> Result<Self> {
+        let (model, pad, tokenizer) = load_on(dir, adapter, &Device::flex())?;
+        if model.score.is_none() {
+            return Err(TrainerError::Input(format!(
+                "{}: the model has no score head: pass a reward model (a \
+                 *ForSequenceClassification checkpoint) or a SEQ_CLS adapter",
+                dir.display()
+            )));
+        }
+        let template = template_for(dir, TemplateChoice::Shipped(None))?;
+        Ok(Self {
+            model,
+            pad,
+            tokenizer,
+            template,
+        })
+    }
+
+    /// One score per conversation, in order.
+    pub fn score(&self, conversations: &[Vec<data::Message>]) -> Result<Vec<f64>> {
+        let mut seqs = Vec::with_capacity(conversations.len());
+        for messages in conversations {
+            let text = self.template.render(messages, false)?;
+            seqs.push(data::chat::encode(&self.tokenizer, &text)?);
+        }
+        score_sequences(&self.model, &seqs, self.pad, &Device::flex())
+    }
+}
+
 /// `hearth reward score`: reads `{"messages": [...]}` lines, writes one `{"score": x}` line
 /// per input line, in order. Returns how many were scored.
 pub fn score_file(
@@ -83,10 +124,9 @@ pub fn score_file(
     let mut inputs = vec![model_dir, input];
     inputs.extend(adapter);
     checkpoints::guard::check_output_file(out, &inputs)?;
-    let (model, pad, tokenizer) = load_on(model_dir, adapter, &Device::flex())?;
-    let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
+    let scorer = RewardScorer::load(model_dir, adapter)?;
     let loaded = data::load_examples(input, &Default::default())?;
-    let mut seqs = Vec::with_capacity(loaded.examples.len());
+    let mut conversations = Vec::with_capacity(loaded.examples.len());
     for (i, e) in loaded.examples.iter().enumerate() {
         let Example::Conversation { messages, .. } = e else {
             return Err(TrainerError::Input(format!(
@@ -95,10 +135,9 @@ pub fn score_file(
                 i + 1
             )));
         };
-        let text = template.render(messages, false)?;
-        seqs.push(data::chat::encode(&tokenizer, &text)?);
+        conversations.push(messages.clone());
     }
-    let scores = score_sequences(&model, &seqs, pad, &Device::flex())?;
+    let scores = scorer.score(&conversations)?;
     let mut text = String::new();
     for s in &scores {
         text.push_str(&serde_json::json!({ "score": s }).to_string());

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod chat;
 pub mod choices;
+pub mod counseling_eval;
 pub mod device;
 pub mod dist;
 mod error;

@@ -188,6 +188,8 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
         out.push_str(&table(&head, &rows));
     }
 
+    out.push_str(&counseling_evals(run, level));
+
     // Checkpoints.
     out.push_str(&h(level, "Checkpoints"));
     let mut dirs: Vec<(usize, String, PathBuf)> = std::fs::read_dir(run)
@@ -241,6 +243,56 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
     Ok(out)
 }
 
+/// The `hearth eval counseling` results filed under `dir/evals/`, one table each.
+fn counseling_evals(dir: &Path, level: usize) -> String {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(crate::counseling_eval::EVALS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for file in files {
+        let Some(report) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .filter(|v| v.get("kind").and_then(Value::as_str) == Some("counseling"))
+        else {
+            continue;
+        };
+        let name = file
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        out.push_str(&format!(
+            "<h{level}>Counseling evaluation: {}</h{level}>\n",
+            escape(&name)
+        ));
+        let (rows, against) = crate::counseling_eval::table::rows(&report);
+        let rows: Vec<Vec<String>> = rows
+            .into_iter()
+            .map(|[l, m, a]| if against { vec![l, m, a] } else { vec![l, m] })
+            .collect();
+        let head: &[&str] = if against {
+            &["measure", "model", "against"]
+        } else {
+            &["measure", "model"]
+        };
+        out.push_str(&table(head, &rows));
+        for who in ["model", "against"] {
+            let cases = crate::counseling_eval::table::worst_cases(&report, who);
+            if !cases.is_empty() {
+                out.push_str(&format!(
+                    "<p class=\"note\">Worst crisis cases ({who}):</p>\n<pre>{}</pre>\n",
+                    escape(&cases.join("\n"))
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// Writes `run/report.html` for one run.
 pub fn write_run_page(run: &Path) -> Result<PathBuf> {
     let name = run.file_name().map_or_else(
@@ -270,6 +322,7 @@ pub fn write_pipeline_page(
         body.push_str("<h2>Summary</h2>\n");
         body.push_str(&format!("<pre>{}</pre>\n", escape(summary)));
     }
+    body.push_str(&counseling_evals(out, 2));
     for (name, dir) in stages {
         body.push_str(&format!("<h2>Stage {}</h2>\n", escape(name)));
         body.push_str(&run_section(dir, 3)?);
