@@ -126,7 +126,7 @@ pub enum EvalCommand {
     /// log-likelihood, and the reward model's accuracy per PsychoCounsel dimension. Writes
     /// JSON to --out (a run's `evals/` folder puts it on the run's report page) and prints
     /// a table; no prompt or reply text unless --show-text.
-    Counseling(EvalCounselingArgs),
+    Counseling(Box<EvalCounselingArgs>),
 }
 
 #[derive(Args)]

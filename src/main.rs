@@ -222,7 +222,7 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
     }
 }
 
-fn eval_counseling(a: EvalCounselingArgs) -> Result<()> {
+fn eval_counseling(a: Box<EvalCounselingArgs>) -> Result<()> {
     let device = trainer::device::parse(&a.device)?;
     let report = trainer::counseling_eval::run(&trainer::counseling_eval::Options {
         model: &a.model,

@@ -2703,3 +2703,283 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
         .out(&tmp.path().join("grpo"));
     warned(grpo, "grpo.temperature = 0");
 }
+
+/// `hearth eval counseling` measures what `hearth generate` + `hearth reward score` and
+/// `hearth eval preference` measure on their own, keeps probe and reply text out of its
+/// output unless asked, files its results on the run's report page, and refuses bad input
+/// in one line.
+#[test]
+fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let examples = root.join("data/examples");
+    let base = tmp.path().join("base");
+    let (rm, sft) = (tmp.path().join("rm"), tmp.path().join("sft"));
+    let pairs = examples.join("counseling-preference.jsonl");
+    ok(&TinyRun::of("tiny-reward.toml", s(&pairs), &base)
+        .sets(&["train.max_steps=12"])
+        .out(&rm));
+    ok(&TinyRun::sft(&base).sets(&["train.max_steps=12"]).out(&sft));
+    let (rm, adapter) = (rm.join("final"), sft.join("final"));
+
+    // Held-out prompts, and PsychoCounsel-shaped pairs: empathy agrees with the
+    // preference everywhere, safety disagrees on the first 4 pairs and ties elsewhere.
+    let prompts = tmp.path().join("prompts.jsonl");
+    let all = std::fs::read_to_string(examples.join("counseling-prompts.jsonl")).unwrap();
+    std::fs::write(
+        &prompts,
+        all.lines().skip(20).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    let rated = tmp.path().join("rated.jsonl");
+    let mut lines = Vec::new();
+    for (i, line) in std::fs::read_to_string(&pairs)
+        .unwrap()
+        .lines()
+        .take(16)
+        .enumerate()
+    {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let safety = if i < 4 { (1, 5) } else { (3, 3) };
+        lines.push(
+            serde_json::json!({
+                "question": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+                "chosen_empathy_rating": 5, "rejected_empathy_rating": 1,
+                "chosen_safety_rating": safety.0, "rejected_safety_rating": safety.1,
+            })
+            .to_string(),
+        );
+    }
+    std::fs::write(&rated, lines.join("\n")).unwrap();
+
+    std::fs::create_dir(sft.join("evals")).unwrap();
+    let results = sft.join("evals/counseling.json");
+    let eval = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "counseling",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&adapter),
+            "--against",
+            s(&base),
+            "--reward-model",
+            s(&rm),
+            "--prompts",
+            s(&prompts),
+            "--pairs",
+            s(&rated),
+            "--max-new-tokens",
+            "16",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        let run = hearth(&args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let json = std::fs::read_to_string(out).unwrap();
+        (
+            serde_json::from_str::<serde_json::Value>(&json).unwrap(),
+            json,
+            printed,
+        )
+    };
+    let (report, json, printed) = eval(&results, &[]);
+
+    // The win rate from replies generated and scored by the other commands.
+    let replies = |adapter: Option<&Path>, out: &Path| -> Vec<String> {
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&base),
+            "--input",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--max-new-tokens",
+            "16",
+        ];
+        if let Some(a) = adapter {
+            args.extend_from_slice(&["--adapter", s(a)]);
+        }
+        ok(&args);
+        jsonl(out)
+            .iter()
+            .map(|l| l["reply"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mine = replies(Some(&adapter), &tmp.path().join("mine.jsonl"));
+    let theirs = replies(None, &tmp.path().join("theirs.jsonl"));
+    let scores = |replies: &[String], name: &str| -> Vec<f64> {
+        let conv = tmp.path().join(format!("{name}-conv.jsonl"));
+        let text: Vec<String> = jsonl(&prompts)
+            .iter()
+            .zip(replies)
+            .map(|(p, r)| {
+                let mut m = p["prompt"].as_array().unwrap().clone();
+                m.push(serde_json::json!({"role": "assistant", "content": r}));
+                serde_json::json!({ "messages": m }).to_string()
+            })
+            .collect();
+        std::fs::write(&conv, text.join("\n")).unwrap();
+        let out = tmp.path().join(format!("{name}-scores.jsonl"));
+        ok(&[
+            "reward",
+            "score",
+            "--model",
+            s(&rm),
+            "--input",
+            s(&conv),
+            "--out",
+            s(&out),
+        ]);
+        jsonl(&out)
+            .iter()
+            .map(|l| l["score"].as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (scores(&mine, "mine"), scores(&theirs, "theirs"));
+    let w = &report["win_rate"];
+    let count = |f: fn(&f64, &f64) -> bool| a.iter().zip(&b).filter(|(x, y)| f(x, y)).count();
+    assert_eq!(w["prompts"], 12);
+    assert_eq!(w["wins"], count(|x, y| x > y), "{w}");
+    assert_eq!(w["ties"], count(|x, y| x == y), "{w}");
+    assert_eq!(w["losses"], count(|x, y| x < y), "{w}");
+    let rate = (count(|x, y| x > y) as f64 + 0.5 * count(|x, y| x == y) as f64) / 12.0;
+    assert!(
+        (w["win_rate"].as_f64().unwrap() - rate).abs() < 1e-12,
+        "{w}"
+    );
+    let mean = a.iter().sum::<f64>() / 12.0;
+    assert!(
+        (w["mean_score"].as_f64().unwrap() - mean).abs() < 1e-6,
+        "{w}"
+    );
+    let ci: Vec<f64> = w["ci95"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!(ci[0] <= rate && rate <= ci[1], "{w}");
+
+    // The reward model's accuracy per dimension, as `hearth eval preference` has it.
+    let pref = hearth(&["eval", "preference", "--model", s(&rm), "--data", s(&rated)]);
+    let pref: serde_json::Value = serde_json::from_slice(&pref.stdout).unwrap();
+    let mine_pairs = &report["reward_model_pairs"];
+    assert_eq!(mine_pairs["accuracy"], pref["accuracy"]);
+    assert_eq!(mine_pairs["by_dimension"], pref["by_dimension"]);
+    assert_eq!(mine_pairs["by_dimension"]["empathy"]["pairs"], 16);
+    assert_eq!(mine_pairs["by_dimension"]["safety"]["pairs"], 4);
+
+    // Every probe and item is counted, for both models.
+    for who in ["model", "against"] {
+        assert_eq!(report["crisis"][who]["risk"]["probes"], 24);
+        assert_eq!(report["crisis"][who]["ordinary"]["probes"], 11);
+        assert_eq!(report["multiple_choice"][who]["items"], 16);
+    }
+
+    // No probe, prompt or reply text anywhere, unless asked for.
+    let mut texts: Vec<String> = jsonl(&examples.join("crisis-probes.jsonl"))
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap().to_string())
+        .collect();
+    texts.extend(
+        mine.iter()
+            .chain(&theirs)
+            .filter(|r| r.len() >= 12)
+            .cloned(),
+    );
+    for t in &texts {
+        assert!(
+            !json.contains(t.as_str()) && !printed.contains(t.as_str()),
+            "`{t}` leaked"
+        );
+    }
+    assert!(printed.contains("win rate over against") && printed.contains("multiple-choice"));
+    let (shown, shown_json, shown_printed) = eval(
+        &tmp.path().join("shown.json"),
+        &["--show-text", "--worst", "3"],
+    );
+    let worst = shown["crisis"]["model"]["worst"].as_array().unwrap();
+    assert!(!worst.is_empty() && worst.len() <= 3);
+    for case in worst {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert!(texts.iter().any(|t| t == prompt), "{prompt}");
+        assert!(case["reply"].is_string());
+        assert!(shown_printed.contains(prompt));
+    }
+    assert!(shown_json.contains("\"reply\""));
+
+    // Filed under the run's evals/, the results are on its report page.
+    let page = std::fs::read_to_string(sft.join("report.html")).unwrap();
+    assert!(
+        page.contains("Counseling evaluation: counseling.json"),
+        "{page}"
+    );
+    assert!(page.contains("multiple-choice accuracy (16 items)"));
+    assert!(!page.contains(texts[0].as_str()));
+
+    // Bad input: one line, nothing overwritten.
+    let before = std::fs::read(&rated).unwrap();
+    fails(
+        &[
+            "eval",
+            "counseling",
+            "--model",
+            s(&base),
+            "--out",
+            s(&rated),
+            "--pairs",
+            s(&rated),
+            "--reward-model",
+            s(&rm),
+        ],
+        &["rated.jsonl"],
+    );
+    assert_eq!(std::fs::read(&rated).unwrap(), before);
+    let o = tmp.path().join("x.json");
+    fails(
+        &[
+            "eval",
+            "counseling",
+            "--model",
+            s(&base),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(&o),
+        ],
+        &["--prompts", "--against", "--reward-model"],
+    );
+    let bad = tmp.path().join("items.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"question\":\"q\",\"options\":[\"a\",\"b\"],\"answer\":\"C\"}\n",
+    )
+    .unwrap();
+    fails(
+        &[
+            "eval",
+            "counseling",
+            "--model",
+            s(&base),
+            "--choices",
+            s(&bad),
+            "--out",
+            s(&o),
+        ],
+        &["items.jsonl: line 1, column `answer`"],
+    );
+    assert!(!o.exists());
+}
