@@ -10,6 +10,7 @@ mod error;
 pub mod gguf;
 pub mod guard;
 pub mod manifest;
+pub mod nf4;
 pub mod peft;
 mod read;
 pub mod run_dir;
