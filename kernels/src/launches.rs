@@ -19,10 +19,12 @@ pub enum Kernel {
     LoraUp,
     LogitRows,
     LogitGrads,
+    QuantMatmul,
+    QuantMatmulBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::RmsNorm,
         Kernel::RmsNormBackward,
         Kernel::Rotary,
@@ -34,6 +36,8 @@ impl Kernel {
         Kernel::LoraUp,
         Kernel::LogitRows,
         Kernel::LogitGrads,
+        Kernel::QuantMatmul,
+        Kernel::QuantMatmulBackward,
     ];
 }
 

@@ -10,6 +10,7 @@
 mod attention;
 mod logits;
 mod lora;
+mod quant_matmul;
 mod rms_norm;
 mod rotary;
 mod swiglu;

@@ -12,6 +12,7 @@ pub mod logprobs;
 pub mod lora;
 pub(crate) mod node;
 pub mod projection;
+pub mod quant_matmul;
 pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
@@ -24,6 +25,7 @@ use attention::AttentionOps;
 use logprobs::LogprobOps;
 use lora::LoraOps;
 use projection::ProjectionOps;
+use quant_matmul::QuantMatmulOps;
 use rms_norm::RmsNormOps;
 use rotary::RotaryOps;
 use swiglu::SwigluOps;
@@ -31,12 +33,26 @@ use swiglu::SwigluOps;
 /// A backend with every fused op: flex, the Cube backends, Fusion over them and Autodiff
 /// over any of those.
 pub trait FusedOps:
-    RmsNormOps + SwigluOps + LoraOps + RotaryOps + LogprobOps + AttentionOps + ProjectionOps
+    RmsNormOps
+    + SwigluOps
+    + LoraOps
+    + RotaryOps
+    + LogprobOps
+    + AttentionOps
+    + ProjectionOps
+    + QuantMatmulOps
 {
 }
 
 impl<B> FusedOps for B where
-    B: RmsNormOps + SwigluOps + LoraOps + RotaryOps + LogprobOps + AttentionOps + ProjectionOps
+    B: RmsNormOps
+        + SwigluOps
+        + LoraOps
+        + RotaryOps
+        + LogprobOps
+        + AttentionOps
+        + ProjectionOps
+        + QuantMatmulOps
 {
 }
 
