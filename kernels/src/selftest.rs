@@ -175,6 +175,14 @@ pub enum Case {
         t: usize,
         d: usize,
     },
+    /// `m` rows through a frozen `[n, k]` weight quantized to `bits` (4: NF4's layout, 64
+    /// values per scale; 8: Q8_0's, 32), against the same weight dequantized whole.
+    QuantMatmul {
+        m: usize,
+        n: usize,
+        k: usize,
+        bits: u32,
+    },
 }
 
 /// What one case found.
@@ -215,6 +223,7 @@ impl Case {
             Case::TokenLogprobs { .. } => "token_logprobs",
             Case::Attention { .. } => "attention",
             Case::Rotary { .. } => "rotary",
+            Case::QuantMatmul { .. } => "quant_matmul",
         }
     }
 
@@ -240,6 +249,7 @@ impl Case {
                 format!("B {b} H {h}/{hkv} D {d} T {t} S {s} pad {pad} {block}")
             }
             Case::Rotary { b, h, t, d } => format!("[{b}, {h}, {t}, {d}]"),
+            Case::QuantMatmul { m, n, k, bits } => format!("M {m} N {n} K {k} bits {bits}"),
         };
         format!("{} {shape}", self.op())
     }
@@ -305,6 +315,14 @@ impl Case {
                 let (g, w) = (
                     rotary(device, dtype, dims, true),
                     rotary(device, dtype, dims, false),
+                );
+                add(&["y", "dx"], g, w, &[dtype; 2]);
+            }
+            Case::QuantMatmul { m, n, k, bits } => {
+                let dims = (m, n, k, bits);
+                let (g, w) = (
+                    quant_matmul(device, dtype, dims, true),
+                    quant_matmul(device, dtype, dims, false),
                 );
                 add(&["y", "dx"], g, w, &[dtype; 2]);
             }
@@ -376,6 +394,16 @@ pub fn model_cases(small: bool) -> Vec<Case> {
             v: vocab,
             r: [0, 16][i],
             chunk,
+        });
+    }
+    // QLoRA's frozen projections: the down projection (K = the MLP width, a whole number
+    // of blocks at every size), in NF4 and in Q8_0.
+    for (i, bits) in [4, 8].into_iter().enumerate() {
+        cases.push(Case::QuantMatmul {
+            m: t,
+            n: hidden[i],
+            k: mlp[i],
+            bits,
         });
     }
     // A decode step of a rollout: four new queries against the whole cache.
@@ -611,6 +639,70 @@ fn rotary(
     vec![host(y), grad(&x, &grads, "x")]
 }
 
+/// A `[n, k]` weight quantized with `bits`-bit codes: its parts on `device`, and the same
+/// weight dequantized whole (the reference's operand).
+fn quantized_weight(
+    n: usize,
+    k: usize,
+    bits: u32,
+    device: &Device,
+) -> (
+    Tensor<2, Int>,
+    Tensor<1>,
+    Tensor<1>,
+    crate::QuantLayout,
+    Vec<f32>,
+) {
+    let layout = crate::QuantLayout {
+        bits,
+        block: if bits == 4 { 64 } else { 32 },
+    };
+    let levels = 1usize << bits;
+    let codes: Vec<u8> = values(n * k, 51)
+        .iter()
+        .map(|v| (((v + 1.0) / 2.0 * levels as f32) as usize).min(levels - 1) as u8)
+        .collect();
+    // Scales of a real projection's magnitude (absmax ≈ 0.05 per block).
+    let scales: Vec<f32> = values(n * k / layout.block as usize, 52)
+        .iter()
+        .map(|v| 0.05 + 0.02 * v)
+        .collect();
+    let code: Vec<f32> = (0..levels)
+        .map(|i| 2.0 * i as f32 / (levels - 1) as f32 - 1.0)
+        .collect();
+    let packed = crate::pack_codes(&codes, bits);
+    let dense = crate::dequantize_host(&packed, &scales, &code, layout, n, k);
+    let words = k / layout.per_word();
+    (
+        Tensor::from_data(TensorData::new(packed, [n, words]), (device, DType::U32)),
+        Tensor::from_data(
+            TensorData::new(scales, [n * k / layout.block as usize]),
+            device,
+        ),
+        Tensor::from_data(TensorData::new(code, [levels]), device),
+        layout,
+        dense,
+    )
+}
+
+fn quant_matmul(
+    device: &Device,
+    dtype: DType,
+    (m, n, k, bits): (usize, usize, usize, u32),
+    fused_path: bool,
+) -> Vec<Vec<f32>> {
+    let (packed, scales, code, layout, dense) = quantized_weight(n, k, bits, device);
+    let x = tensor(&values(m * k, 53), [m, k], device, dtype).require_grad();
+    let y = if fused_path {
+        crate::quant_matmul(x.clone(), packed, scales, code, layout)
+    } else {
+        let w = tensor(&dense, [n, k], device, dtype);
+        x.clone().matmul(w.transpose())
+    };
+    let grads = probe(y.clone(), 54).backward();
+    vec![host(y), grad(&x, &grads, "x")]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,7 +779,7 @@ mod tests {
             assert!(report.pass(), "{report}");
             let want = match case.op() {
                 "rms_norm" | "swiglu" => 3,
-                "rotary" => 2,
+                "rotary" | "quant_matmul" => 2,
                 "token_logprobs" => 4 + 2 * usize::from(report.outputs.len() > 4),
                 _ => 4,
             };

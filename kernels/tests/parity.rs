@@ -54,6 +54,21 @@ fn lora_parity(device: &Device, dtype: DType) {
     );
 }
 
+/// A frozen weight quantized in NF4's layout (4 bits, 64 values per scale) and Q8_0's (8
+/// bits, 32): output columns across two of the kernel's 64-wide tiles, a slab of input
+/// columns the flex twin cuts short, and rows that leave a partial tile. Output and `dx`.
+fn quant_parity(device: &Device, dtype: DType) {
+    for (m, n, k, bits) in [(5, 70, 320, 4), (3, 130, 96, 8), (1, 9, 64, 4)] {
+        check(Case::QuantMatmul { m, n, k, bits }, device, dtype);
+    }
+}
+
+#[test]
+fn quant_matmul_matches_reference_on_flex() {
+    quant_parity(&Device::flex().autodiff(), DType::F32);
+    quant_parity(&Device::flex().autodiff(), DType::BF16);
+}
+
 #[test]
 fn lora_matches_reference_on_flex() {
     lora_parity(&Device::flex().autodiff(), DType::F32);
@@ -230,6 +245,13 @@ mod wgpu {
         lora_parity(&device, DType::F16);
     }
 
+    #[test]
+    fn quant_matmul_kernels_match_reference_on_wgpu() {
+        let device = device().autodiff();
+        quant_parity(&device, DType::F32);
+        quant_parity(&device, DType::F16);
+    }
+
     /// f16 inputs: the kernel's sums are f32, the reference's matmuls round to f16.
     #[test]
     fn f16_attention_matches_reference_on_wgpu() {
@@ -266,6 +288,7 @@ mod wgpu {
                 "rotary" => &[Kernel::Rotary, Kernel::RotaryBackward],
                 "lora_up" => &[Kernel::LoraUp],
                 "token_logprobs" => &[Kernel::LogitRows, Kernel::LogitGrads],
+                "quant_matmul" => &[Kernel::QuantMatmul, Kernel::QuantMatmulBackward],
                 _ => &[Kernel::AttentionBackward],
             };
             for &k in want {

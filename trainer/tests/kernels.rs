@@ -121,8 +121,10 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
     let reference = run("reference");
     let end = Counts::now();
     // Every CubeCL kernel, forward and backward, was launched by the fused run, and none
-    // by the reference run.
-    for kernel in Kernel::ALL {
+    // by the reference run; but the quantized matmul's, which only a quantized base
+    // (`model.quantize`) launches.
+    let quant = [Kernel::QuantMatmul, Kernel::QuantMatmulBackward];
+    for kernel in Kernel::ALL.into_iter().filter(|k| !quant.contains(k)) {
         let n = middle.since(&start).kernel(kernel);
         assert!(n > 0, "{kernel:?} was never launched by the fused run");
         assert_eq!(
