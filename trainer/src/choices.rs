@@ -78,6 +78,15 @@ choice!(
     }
 );
 
+choice!(
+    /// `model.quantize`: how the frozen projection weights are stored.
+    Quantize, "model.quantize", "one of " {
+        None => "none",
+        Nf4 => "nf4",
+        Q8_0 => "q8_0",
+    }
+);
+
 impl From<KernelsChoice> for kernels::Kernels {
     fn from(c: KernelsChoice) -> Self {
         match c {

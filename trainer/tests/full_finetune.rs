@@ -56,8 +56,7 @@ fn full_sft_trains_every_weight_and_resumes_exactly() {
         m.layers[0]
             .self_attn
             .q_proj
-            .weight
-            .val()
+            .dense_weight()
             .into_data()
             .try_into_vec_as::<f32>()
             .unwrap()

@@ -95,7 +95,7 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(diff < 1e-6, "a fresh adapter changed the logits by {diff}");
-    let base_q = host(model.layers[0].self_attn.q_proj.weight.val());
+    let base_q = host(model.layers[0].self_attn.q_proj.dense_weight());
 
     let mut optim = AdamWConfig::new()
         .with_beta_1(0.9)
@@ -121,7 +121,7 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         "loss is not falling steadily: {losses:?}"
     );
     assert_eq!(
-        host(model.layers[0].self_attn.q_proj.weight.val()),
+        host(model.layers[0].self_attn.q_proj.dense_weight()),
         base_q,
         "the frozen base moved"
     );

@@ -14,7 +14,7 @@ use checkpoints::{OwnedTensor, WeightDtype, WeightFiles};
 pub use checkpoints::peft::{LAYER_PROJECTIONS, LoraSettings, TARGETS};
 
 use super::ids::with_path_ids;
-use super::linear::Linear;
+use super::linear::{Linear, Weight};
 use super::llama::Llama;
 use super::lora::Lora;
 use crate::{Result, TrainerError};
@@ -153,7 +153,7 @@ pub fn export_adapter(model: &Llama) -> BTreeMap<String, OwnedTensor> {
         out.insert(embedding_key("B"), owned(lora.b.val()));
     }
     if let Some(score) = &model.score {
-        out.insert(SCORE_KEY.to_string(), owned(score.weight.val()));
+        out.insert(SCORE_KEY.to_string(), owned(score.dense_weight()));
     }
     out
 }
@@ -237,10 +237,10 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
         let labels = files.get(SCORE_KEY)?.shape.first().copied().unwrap_or(1);
         let w = files.take(SCORE_KEY, &[labels, hidden])?.to_f32()?;
         model.score = Some(Linear {
-            weight: Param::from_tensor(Tensor::from_data(
+            weight: Weight::Dense(Param::from_tensor(Tensor::from_data(
                 TensorData::new(w, [labels, hidden]),
                 device,
-            )),
+            ))),
             bias: None,
             lora: None,
         });
@@ -270,8 +270,8 @@ pub fn load_tuned(
 pub fn merge_lora(mut model: Llama) -> Llama {
     let _ = for_each_projection(&mut model, |_, _, proj| {
         if let Some(lora) = proj.lora.take() {
-            let merged = super::precision::f32(proj.weight.val()) + lora.merged_delta();
-            proj.weight = Param::from_tensor(merged);
+            let merged = super::precision::f32(proj.dense_weight()) + lora.merged_delta();
+            proj.weight = Weight::Dense(Param::from_tensor(merged));
         }
         Ok(())
     });

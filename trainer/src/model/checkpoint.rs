@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::linear::Linear;
 use super::llama::Llama;
+use super::quantized::Quantization;
 use super::specs::{Init, tensor_specs};
 use crate::Result;
 
@@ -18,8 +19,18 @@ use crate::Result;
 /// `dir` may also be a GGUF model (a `.gguf` file, or a directory holding one): its tensors
 /// are dequantized to f32 one at a time, under transformers' names and row order.
 pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
+    load_model_with(dir, device, &Quantization::default())
+}
+
+/// [`load_model`], quantizing the projections `quant` names on the host as each is read,
+/// so their dense form never reaches the device.
+pub fn load_model_with(
+    dir: &Path,
+    device: &Device,
+    quant: &Quantization,
+) -> Result<(ModelConfig, Llama)> {
     if let Some(gguf) = checkpoints::gguf::locate(dir)? {
-        return load_gguf(&gguf, device);
+        return load_gguf(&gguf, device, quant);
     }
     let config = ModelConfig::from_path(dir)?;
     let files = WeightFiles::open_dir(dir)?;
@@ -33,11 +44,11 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
         // Buffers older exports saved, and a duplicate head that a tied model ignores.
         name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
     })?;
-    let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device)?);
+    let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device, quant)?);
     Ok((config, model))
 }
 
-fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
+fn load_gguf(path: &Path, device: &Device, quant: &Quantization) -> Result<(ModelConfig, Llama)> {
     let file = checkpoints::gguf::GgufModel::open(path)?;
     let config = ModelConfig::from_json_str(&file.config_json()?, path)?;
     let mut tensors = HashMap::new();
@@ -46,7 +57,7 @@ fn load_gguf(path: &Path, device: &Device) -> Result<(ModelConfig, Llama)> {
         tensors.insert(spec.name, TensorData::new(values, spec.shape));
     }
     file.ensure_all_taken()?;
-    let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device)?);
+    let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device, quant)?);
     Ok((config, model))
 }
 
@@ -140,7 +151,7 @@ pub fn weights_f32(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
 }
 
 fn put_linear(out: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, prefix: &str, proj: &Linear) {
-    put(out, &format!("{prefix}.weight"), proj.weight.val());
+    put(out, &format!("{prefix}.weight"), proj.dense_weight());
     if let Some(bias) = &proj.bias {
         put(out, &format!("{prefix}.bias"), bias.val());
     }

@@ -4,36 +4,64 @@ use burn::tensor::module::linear;
 
 use super::lora::Lora;
 use super::precision::{f32, to};
+use super::quantized::QuantWeight;
+
+/// A projection's weight: dense in Hugging Face's `[out, in]` layout, or frozen and
+/// blockwise quantized (`model.quantize`).
+#[derive(Module, Debug)]
+pub enum Weight {
+    Dense(Param<Tensor<2>>),
+    Quantized(QuantWeight),
+}
 
 /// A projection with the weight kept in Hugging Face's `[out, in]` layout, so loading,
 /// saving and LoRA's `[r, in]` / `[out, r]` factors need no transposed copies. An attached
 /// LoRA adds `s · dropout(x)·Aᵀ·Bᵀ` without ever forming `W + s·B·A`.
 #[derive(Module, Debug)]
 pub struct Linear {
-    pub weight: Param<Tensor<2>>,
+    pub weight: Weight,
     pub bias: Option<Param<Tensor<1>>>,
     pub lora: Option<Lora>,
 }
 
 impl Linear {
+    /// A dense projection.
+    pub fn dense(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self {
+            weight: Weight::Dense(Param::from_tensor(weight)),
+            bias: bias.map(Param::from_tensor),
+            lora: None,
+        }
+    }
+
     /// `x`: `[..., in]` → `[..., out]`.
     /// The matmul runs in `x`'s dtype (an f32 master weight is cast to it).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
-        // Few rows (a decoding step) spread their columns over the cores; more rows are
-        // the plain matmul.
-        let base = if x.dims()[..D - 1].iter().product::<usize>() <= kernels::FEW_ROWS {
-            let y = kernels::project(x.clone(), to(self.weight.val(), dtype));
-            match &self.bias {
-                Some(b) => y + to(b.val(), dtype).unsqueeze(),
-                None => y,
+        let base = match &self.weight {
+            Weight::Quantized(q) => {
+                let y = q.forward(x.clone());
+                match &self.bias {
+                    Some(b) => y + to(b.val(), dtype).unsqueeze(),
+                    None => y,
+                }
             }
-        } else {
-            linear(
+            // Few rows (a decoding step) spread their columns over the cores; more rows
+            // are the plain matmul.
+            Weight::Dense(w)
+                if x.dims()[..D - 1].iter().product::<usize>() <= kernels::FEW_ROWS =>
+            {
+                let y = kernels::project(x.clone(), to(w.val(), dtype));
+                match &self.bias {
+                    Some(b) => y + to(b.val(), dtype).unsqueeze(),
+                    None => y,
+                }
+            }
+            Weight::Dense(w) => linear(
                 x.clone(),
-                to(self.weight.val(), dtype).transpose(),
+                to(w.val(), dtype).transpose(),
                 self.bias.as_ref().map(|b| to(b.val(), dtype)),
-            )
+            ),
         };
         match &self.lora {
             Some(lora) => lora.add_to(base, f32(x)),
@@ -41,8 +69,27 @@ impl Linear {
         }
     }
 
-    /// `[out, in]` and `[out]` sizes.
+    /// `[out, in]`.
     pub fn out_in(&self) -> [usize; 2] {
-        self.weight.shape().dims()
+        match &self.weight {
+            Weight::Dense(w) => w.shape().dims(),
+            Weight::Quantized(q) => q.out_in(),
+        }
+    }
+
+    /// The weight as a dense tensor: itself, or a quantized one dequantized (f32).
+    pub fn dense_weight(&self) -> Tensor<2> {
+        match &self.weight {
+            Weight::Dense(w) => w.val(),
+            Weight::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    /// The dense weight's parameter, `None` when the weight is quantized.
+    pub fn dense_param(&self) -> Option<&Param<Tensor<2>>> {
+        match &self.weight {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized(_) => None,
+        }
     }
 }

@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use checkpoints::ModelConfig;
@@ -12,6 +12,7 @@ use super::mask::attention_mask;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::precision::{Precision, f32, to};
+use super::quantized::{QuantWeight, Quantization};
 use super::rope::{cos_sin, inverse_frequencies};
 use crate::{Result, TrainerError};
 
@@ -106,6 +107,7 @@ impl Llama {
         config: &ModelConfig,
         mut tensors: HashMap<String, TensorData>,
         device: &Device,
+        quant: &Quantization,
     ) -> Result<Self> {
         let mut take = |name: &str| -> Result<TensorData> {
             tensors
@@ -127,24 +129,28 @@ impl Llama {
                         &format!("{p}.self_attn.q_proj"),
                         config.qkv_bias,
                         device,
+                        quant,
                     )?,
                     k_proj: proj(
                         &mut take,
                         &format!("{p}.self_attn.k_proj"),
                         config.qkv_bias,
                         device,
+                        quant,
                     )?,
                     v_proj: proj(
                         &mut take,
                         &format!("{p}.self_attn.v_proj"),
                         config.qkv_bias,
                         device,
+                        quant,
                     )?,
                     o_proj: proj(
                         &mut take,
                         &format!("{p}.self_attn.o_proj"),
                         config.o_bias,
                         device,
+                        quant,
                     )?,
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
@@ -162,18 +168,21 @@ impl Llama {
                         &format!("{p}.mlp.gate_proj"),
                         config.mlp_bias,
                         device,
+                        quant,
                     )?,
                     up_proj: proj(
                         &mut take,
                         &format!("{p}.mlp.up_proj"),
                         config.mlp_bias,
                         device,
+                        quant,
                     )?,
                     down_proj: proj(
                         &mut take,
                         &format!("{p}.mlp.down_proj"),
                         config.mlp_bias,
                         device,
+                        quant,
                     )?,
                 },
                 sliding_window: config.sliding_windows.get(i).copied().flatten(),
@@ -181,9 +190,12 @@ impl Llama {
         }
         let norm = norm(&mut take, "model.norm", config, device)?;
         let (lm_head, score) = match config.score_labels {
-            Some(_) => (None, Some(proj(&mut take, "score", false, device)?)),
+            Some(_) => (None, Some(proj(&mut take, "score", false, device, quant)?)),
             None if config.tie_word_embeddings => (None, None),
-            None => (Some(proj(&mut take, "lm_head", false, device)?), None),
+            None => (
+                Some(proj(&mut take, "lm_head", false, device, quant)?),
+                None,
+            ),
         };
         Ok(Self {
             embed_tokens,
@@ -312,7 +324,7 @@ impl Llama {
             // The head's matmul runs in its stored dtype, a chunk of rows at a time; the
             // logits and the log-softmax over the vocabulary are f32.
             Some(head) => kernels::Head {
-                weight: head.weight.val(),
+                weight: head.dense_weight(),
                 low_rank: head.lora.as_ref().map(|l| {
                     let down = linear(l.dropout.forward(rows.clone()), l.a.val().transpose(), None)
                         .mul_scalar(l.scale);
@@ -321,6 +333,32 @@ impl Llama {
             },
             None => kernels::Head::new(self.embed_tokens.val()),
         }
+    }
+
+    /// Every attention and MLP projection, layer by layer.
+    pub fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| {
+            [
+                &l.self_attn.q_proj,
+                &l.self_attn.k_proj,
+                &l.self_attn.v_proj,
+                &l.self_attn.o_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+                &l.mlp.down_proj,
+            ]
+        })
+    }
+
+    /// The float parameters of quantized weights (scales, code tables).
+    fn quantized_param_ids(&self) -> Vec<ParamId> {
+        self.projections()
+            .filter_map(|p| match &p.weight {
+                super::linear::Weight::Quantized(q) => Some([q.scales.id, q.code.id]),
+                super::linear::Weight::Dense(_) => None,
+            })
+            .flatten()
+            .collect()
     }
 
     /// Full logits `[B, T, vocab]` for the given hidden states. Only for inspection and
@@ -340,11 +378,23 @@ fn proj(
     prefix: &str,
     bias: bool,
     device: &Device,
+    quant: &Quantization,
 ) -> Result<Linear> {
-    let weight = Param::from_tensor(Tensor::from_data(
-        take(&format!("{prefix}.weight"))?,
-        device,
-    ));
+    let name = format!("{prefix}.weight");
+    let data = take(&name)?;
+    let weight = match quant.scheme_for(prefix) {
+        Some(scheme) => {
+            let shape: [usize; 2] = [data.shape()[0], data.shape()[1]];
+            let values = data
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| TrainerError::Input(format!("{name}: {e:?}")))?;
+            super::linear::Weight::Quantized(QuantWeight::quantize(
+                &name, &values, shape, scheme, device,
+            )?)
+        }
+        None => super::linear::Weight::Dense(Param::from_tensor(Tensor::from_data(data, device))),
+    };
     let bias = if bias {
         Some(Param::from_tensor(Tensor::from_data(
             take(&format!("{prefix}.bias"))?,
@@ -378,10 +428,12 @@ fn norm(
 /// Stores every frozen weight of `model` in `precision`'s dtype and marks the model to
 /// compute in it; trainable weights stay f32 masters.
 pub fn with_precision(model: Llama, precision: Precision) -> Llama {
-    struct Halve(DType);
+    /// Halves frozen float weights, but a quantized weight's scales and code table, which
+    /// stay f32 as bitsandbytes keeps them.
+    struct Halve(DType, Vec<ParamId>);
     impl ModuleMapper for Halve {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if param.is_require_grad() {
+            if param.is_require_grad() || self.1.contains(&param.id) {
                 return param;
             }
             let dtype = self.0;
@@ -391,7 +443,8 @@ pub fn with_precision(model: Llama, precision: Precision) -> Llama {
     let mut model = if precision == Precision::F32 {
         model
     } else {
-        model.map(&mut Halve(precision.dtype()))
+        let keep = model.quantized_param_ids();
+        model.map(&mut Halve(precision.dtype(), keep))
     };
     model.precision = precision;
     model

@@ -7,13 +7,14 @@ mod checkpoint;
 mod gguf;
 mod ids;
 mod init;
-mod linear;
+pub mod linear;
 mod llama;
 mod lora;
 mod mask;
 mod mlp;
 mod norm;
 pub mod precision;
+pub mod quantized;
 mod rope;
 mod score;
 mod specs;
@@ -21,8 +22,8 @@ mod specs;
 pub use adapter::load_tuned;
 pub use attention::LayerCache;
 pub use checkpoint::{
-    convert, copy_companions, export_weights, init_random_weights, load_model, load_tokenizer,
-    save_model, weights_f32,
+    convert, copy_companions, export_weights, init_random_weights, load_model, load_model_with,
+    load_tokenizer, save_model, weights_f32,
 };
 pub use gguf::export_to_gguf;
 pub use ids::with_path_ids;

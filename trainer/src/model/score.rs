@@ -5,7 +5,7 @@ use burn::module::Param;
 use burn::tensor::{Device, Distribution, Tensor};
 
 use super::ids::with_path_ids;
-use super::linear::Linear;
+use super::linear::{Linear, Weight};
 use super::llama::Llama;
 
 /// transformers' `initializer_range` default, the std of a fresh head.
@@ -17,11 +17,11 @@ pub fn with_score_head(mut model: Llama, device: &Device) -> Llama {
     if model.score.is_none() {
         let hidden = model.embed_tokens.dims()[1];
         model.score = Some(Linear {
-            weight: Param::from_tensor(Tensor::random(
+            weight: Weight::Dense(Param::from_tensor(Tensor::random(
                 [1, hidden],
                 Distribution::Normal(0.0, INIT_STD),
                 device,
-            )),
+            ))),
             bias: None,
             lora: None,
         });

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::choices::{DistBackend, KernelsChoice, LrScheduler};
+use crate::choices::{DistBackend, KernelsChoice, LrScheduler, Quantize};
 use crate::objectives::cpo::CpoSection;
 use crate::objectives::dpo::DpoSection;
 use crate::objectives::grpo::GrpoSection;
@@ -76,6 +76,18 @@ pub struct ModelSection {
     /// Make a tiny random model at `path` first if none is there (CPU smoke runs).
     #[serde(default)]
     pub create_if_missing: bool,
+    /// Store the frozen projection weights quantized (QLoRA): `nf4` (bitsandbytes' NF4,
+    /// double-quantized scales) or `q8_0` (GGUF's); `none` keeps them in the compute dtype.
+    #[serde(default = "default_quantize")]
+    pub quantize: Quantize,
+    /// Projections (`down_proj`) or weight prefixes (`model.layers.0.mlp.down_proj`) that
+    /// stay dense under `quantize`.
+    #[serde(default)]
+    pub quantize_skip: Vec<String>,
+}
+
+fn default_quantize() -> Quantize {
+    Quantize::None
 }
 
 /// `[lora]`: adapters on the named projections. Without this section the recipe asks for
@@ -225,6 +237,13 @@ impl Recipe {
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
         if t.bf16 && t.fp16 {
             return bad("train.bf16 and train.fp16 are both on; choose one".into());
+        }
+        if self.model.quantize != Quantize::None && self.lora.is_none() {
+            return bad(format!(
+                "model.quantize = \"{}\" freezes the base, which full fine-tuning trains: add \
+                 a [lora] section (QLoRA) or set model.quantize = \"none\"",
+                self.model.quantize.as_str()
+            ));
         }
         let d = &self.dist;
         if !(d.timeout_s > 0.0 && d.timeout_s.is_finite()) {

@@ -10,8 +10,9 @@ use checkpoints::ModelConfig;
 
 use crate::model::adapter::{LoraSettings, attach_lora, load_adapter};
 use crate::model::precision::Precision;
+use crate::model::quantized::Quantization;
 use crate::model::with_precision;
-use crate::model::{Llama, NewModel, init_model, load_model, with_score_head};
+use crate::model::{Llama, NewModel, init_model, load_model, load_model_with, with_score_head};
 use crate::objectives::{Objective, Reference};
 use crate::recipe::Recipe;
 use crate::run_dir::RunDir;
@@ -48,7 +49,8 @@ pub fn setup(
     resume_from: Option<&Path>,
     pad: u32,
 ) -> Result<Setup> {
-    let (config, mut base) = load_model(&recipe.model.path, device)?;
+    let quant = Quantization::new(recipe.model.quantize, &recipe.model.quantize_skip);
+    let (config, mut base) = load_model_with(&recipe.model.path, device, &quant)?;
     let reward = objective.needs_score_head();
     if reward {
         if config.score_labels.is_some_and(|n| n != 1) {

@@ -186,10 +186,10 @@ mod optimizer_tests {
         model.visit(&mut zero);
         let host = |t: Tensor<1>| t.into_data().try_into_vec_as::<f32>().unwrap();
         let norm_before = host(model.norm.weight.val());
-        let q_before = model.layers[0].self_attn.q_proj.weight.val();
+        let q_before = model.layers[0].self_attn.q_proj.dense_weight();
         let model = optim.step(0.1, model, zero.0);
         assert_eq!(host(model.norm.weight.val()), norm_before);
-        let q_after = model.layers[0].self_attn.q_proj.weight.val();
+        let q_after = model.layers[0].self_attn.q_proj.dense_weight();
         let want = q_before.mul_scalar(1.0 - 0.1 * 0.5);
         let worst = (q_after - want)
             .abs()
