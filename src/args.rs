@@ -258,6 +258,14 @@ pub struct MergeArgs {
     pub adapter: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
+    /// Merge into the base as a QLoRA run saw it: its projections quantized (`nf4`,
+    /// `q8_0`) and dequantized again, rather than the base's own weights.
+    #[arg(long, default_value = "none", value_parser = parse_quantize)]
+    pub quantize: trainer::choices::Quantize,
+}
+
+fn parse_quantize(s: &str) -> Result<trainer::choices::Quantize, String> {
+    trainer::choices::Quantize::try_from(s.to_string())
 }
 
 #[derive(Args)]

@@ -62,7 +62,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Inspect(a)) => inspect(a)?,
         Command::Generate(a) => generate(a)?,
         Command::Merge(a) => {
-            trainer::model::adapter::merge_to_dir(&a.base, &a.adapter, &a.out)?;
+            let quant = trainer::model::quantized::Quantization::new(a.quantize, &[]);
+            trainer::model::adapter::merge_to_dir(&a.base, &a.adapter, &a.out, &quant)?;
             eprintln!("wrote merged model to {}", a.out.display());
         }
         Command::Export(ExportCommand::Gguf(a)) => {

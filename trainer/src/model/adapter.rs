@@ -295,11 +295,17 @@ pub fn strip_lora(mut model: Llama) -> Llama {
 }
 
 /// `hearth merge`: base checkpoint + PEFT adapter → a merged checkpoint in the base's dtype,
-/// with the base's tokenizer and template files.
-pub fn merge_to_dir(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+/// with the base's tokenizer and template files. With `quant`, the base's projections are
+/// quantized as a QLoRA run had them and the adapter merged into their dequantized values.
+pub fn merge_to_dir(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    quant: &super::quantized::Quantization,
+) -> Result<()> {
     checkpoints::guard::check_output_dir(out, &[base, adapter])?;
     let device = Device::flex();
-    let (config, model) = super::load_model(base, &device)?;
+    let (config, model) = super::load_model_with(base, &device, quant)?;
     let (model, _) = load_adapter(adapter, model, &device)?;
     let merged = merge_lora(model);
     super::save_model(out, &config, &merged, config.dtype, Default::default())?;
