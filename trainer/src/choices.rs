@@ -84,6 +84,7 @@ choice!(
         None => "none",
         Nf4 => "nf4",
         Q8_0 => "q8_0",
+        Keep => "keep",
     }
 );
 

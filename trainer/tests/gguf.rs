@@ -400,3 +400,22 @@ fn quantized_smollm2_starts_within_five_percent_of_its_dense_loss() {
         assert!(rel < 0.05, "{scheme:?}: loss {q} vs {dense}");
     }
 }
+
+/// `keep` cannot hold SmolLM2's Q4_1 blocks (an offset per block, which the quantized
+/// matmul has no room for) and says so, naming the tensor and its type.
+#[test]
+fn keep_refuses_the_types_it_cannot_hold_naming_them() {
+    use trainer::choices::Quantize;
+    use trainer::model::load_model_with;
+    use trainer::model::quantized::Quantization;
+    let q = Quantization::new(Quantize::Keep, &[]);
+    let e = load_model_with(&real_model(), &Device::flex(), &q)
+        .map(|_| ())
+        .expect_err("Q4_1 cannot be kept")
+        .to_string();
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.weight is Q4_1"),
+        "{e}"
+    );
+    assert!(e.contains("\"nf4\""), "{e}");
+}

@@ -249,3 +249,39 @@ fn a_quantized_full_fine_tune_is_refused() {
         "{e}"
     );
 }
+
+/// `keep` holds a GGUF's Q8_0 and Q4_0 projections as they are — dequantized, exactly the
+/// file's values — and leaves F32 ones dense; a checkpoint that is not a GGUF is refused.
+#[test]
+fn keep_holds_a_gguf_models_own_blocks() {
+    use checkpoints::gguf::ExportType;
+    use trainer::model::export_to_gguf;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    base(&path);
+    let device = Device::flex();
+    let keep = quant(Quantize::Keep);
+    for (ty, bits) in [
+        (ExportType::Q8_0, Some(8)),
+        (ExportType::Q4_0, Some(4)),
+        (ExportType::F32, None),
+    ] {
+        let gguf = dir.path().join(format!("{ty:?}.gguf"));
+        export_to_gguf(&path, None, &gguf, ty).unwrap();
+        let (_, dense) = load_model(&gguf, &device).unwrap();
+        let (_, kept) = load_model_with(&gguf, &device, &keep).unwrap();
+        for (d, k) in dense.projections().zip(kept.projections()) {
+            match (&k.weight, bits) {
+                (Weight::Quantized(q), Some(b)) => assert_eq!(q.bits, b, "{ty:?}"),
+                (Weight::Dense(_), None) => {}
+                _ => panic!("{ty:?}: wrong layout kept"),
+            }
+            let (a, b) = (d.dense_weight().into_data(), k.dense_weight().into_data());
+            assert_eq!(a, b, "{ty:?}: kept weights are the file's values");
+        }
+    }
+    let e = load_model_with(&path, &device, &keep)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a GGUF"), "{e}");
+}

@@ -60,7 +60,12 @@ fn quantized_projections_take_under_a_third_of_their_bf16_bytes() {
     let (path, device) = (&path, &device);
     let load = |scheme: Quantize| {
         let q = Quantization::new(scheme, &[]);
-        move || with_precision(load_model_with(path, device, &q).unwrap().1, Precision::Bf16)
+        move || {
+            with_precision(
+                load_model_with(path, device, &q).unwrap().1,
+                Precision::Bf16,
+            )
+        }
     };
     // Warm-up: whatever the first load allocates once and keeps (thread pools, tables).
     drop(resident(load(Quantize::None)));

@@ -51,6 +51,18 @@ pub fn load_model_with(
 fn load_gguf(path: &Path, device: &Device, quant: &Quantization) -> Result<(ModelConfig, Llama)> {
     let file = checkpoints::gguf::GgufModel::open(path)?;
     let config = ModelConfig::from_json_str(&file.config_json()?, path)?;
+    // `keep` reads each projection's own type.
+    let mut quant = quant.clone();
+    if quant.scheme == Some(crate::choices::Quantize::Keep) {
+        for spec in tensor_specs(&config) {
+            let ty = checkpoints::gguf::gguf_name(&spec.name)
+                .and_then(|g| file.file().tensor(&g).map(|t| t.ty));
+            if let Some(ty) = ty {
+                quant.source_types.insert(spec.name, ty);
+            }
+        }
+    }
+    let quant = &quant;
     let mut tensors = HashMap::new();
     for spec in tensor_specs(&config) {
         let values = file.tensor_f32(&spec.name, &spec.shape)?;

@@ -382,15 +382,15 @@ fn proj(
 ) -> Result<Linear> {
     let name = format!("{prefix}.weight");
     let data = take(&name)?;
-    let weight = match quant.scheme_for(prefix) {
-        Some(scheme) => {
+    let weight = match quant.layout_for(prefix)? {
+        Some(layout) => {
             let shape: [usize; 2] = [data.shape()[0], data.shape()[1]];
             let values = data
                 .convert::<f32>()
                 .try_into_vec::<f32>()
                 .map_err(|e| TrainerError::Input(format!("{name}: {e:?}")))?;
             super::linear::Weight::Quantized(QuantWeight::quantize(
-                &name, &values, shape, scheme, device,
+                &name, &values, shape, layout, device,
             )?)
         }
         None => super::linear::Weight::Dense(Param::from_tensor(Tensor::from_data(data, device))),

@@ -11,6 +11,10 @@
 //! `lm_head`: they are small beside the projections, or read per token, and the head's
 //! log-probs run through their own fused op.
 //!
+//! `keep` takes a GGUF model's own types: its Q8_0 and Q4_0 projections are held as they
+//! are (their blocks re-read exactly), F32/F16/BF16 ones stay dense, and any other type
+//! (Q4_1, the K-quants…) is refused, naming the tensor.
+//!
 //! NF4's two-level scales are expanded to one f32 per block when the weight is loaded
 //! (what bitsandbytes' dequantization computes from them), so the stored size is
 //! 4.5 bits per value: 0.28× bf16. Q8_0 stores 9 bits per value: 0.56×.
@@ -30,6 +34,16 @@ pub struct Quantization {
     /// Projection names (`down_proj`) or weight prefixes (`model.layers.0.mlp.down_proj`)
     /// left dense.
     pub skip: Vec<String>,
+    /// For `keep`: each weight's type in the GGUF being loaded, by Hugging Face name.
+    pub source_types: std::collections::HashMap<String, GgmlType>,
+}
+
+/// How one weight is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Nf4,
+    Q8_0,
+    Q4_0,
 }
 
 /// The projections quantization applies to.
@@ -49,17 +63,50 @@ impl Quantization {
         Self {
             scheme: (scheme != Quantize::None).then_some(scheme),
             skip: skip.to_vec(),
+            source_types: Default::default(),
         }
     }
 
-    /// The scheme for the projection at `prefix` (`model.layers.3.self_attn.q_proj`), or
-    /// `None` to keep it dense.
-    pub fn scheme_for(&self, prefix: &str) -> Option<Quantize> {
-        let scheme = self.scheme?;
+    /// How to hold the projection at `prefix` (`model.layers.3.self_attn.q_proj`): `None`
+    /// keeps it dense. Under `keep`, a GGUF type hearth cannot hold is refused.
+    pub fn layout_for(&self, prefix: &str) -> Result<Option<Layout>> {
+        let Some(scheme) = self.scheme else {
+            return Ok(None);
+        };
         let module = prefix.rsplit('.').next().unwrap_or(prefix);
         let projection = PROJECTIONS.contains(&module);
         let skipped = self.skip.iter().any(|s| s == module || s == prefix);
-        (projection && !skipped).then_some(scheme)
+        if !projection || skipped {
+            return Ok(None);
+        }
+        Ok(match scheme {
+            Quantize::None => None,
+            Quantize::Nf4 => Some(Layout::Nf4),
+            Quantize::Q8_0 => Some(Layout::Q8_0),
+            Quantize::Keep => {
+                let name = format!("{prefix}.weight");
+                match self.source_types.get(&name) {
+                    Some(GgmlType::Q8_0) => Some(Layout::Q8_0),
+                    Some(GgmlType::Q4_0) => Some(Layout::Q4_0),
+                    Some(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => None,
+                    Some(other) => {
+                        return Err(TrainerError::Input(format!(
+                            "model.quantize = \"keep\": {name} is {} in the GGUF, which a \
+                             quantized base cannot hold as it is (it keeps Q8_0 and Q4_0); \
+                             use \"nf4\" or \"q8_0\"",
+                            other.name()
+                        )));
+                    }
+                    None => {
+                        return Err(TrainerError::Input(
+                            "model.quantize = \"keep\" keeps a GGUF model's own types; this \
+                             model is not a GGUF file"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+        })
     }
 }
 
@@ -84,32 +131,28 @@ impl QuantWeight {
         name: &str,
         values: &[f32],
         [out, inp]: [usize; 2],
-        scheme: Quantize,
+        layout: Layout,
         device: &Device,
     ) -> Result<Self> {
-        let (block, bits) = match scheme {
-            Quantize::Nf4 => (checkpoints::nf4::BLOCK, 4),
-            Quantize::Q8_0 => (GgmlType::Q8_0.block_len(), 8),
-            Quantize::None => {
-                return Err(TrainerError::Input(format!(
-                    "{name}: asked to quantize with model.quantize = \"none\""
-                )));
-            }
+        let (block, bits, label) = match layout {
+            Layout::Nf4 => (checkpoints::nf4::BLOCK, 4, "nf4"),
+            Layout::Q8_0 => (GgmlType::Q8_0.block_len(), 8, "q8_0"),
+            Layout::Q4_0 => (GgmlType::Q4_0.block_len(), 4, "q4_0"),
         };
         if inp % block != 0 {
             return Err(TrainerError::Input(format!(
-                "model.quantize = \"{}\": {name} rows hold {inp} values, not a whole number \
-                 of {block}-value blocks; leave it dense with model.quantize_skip",
-                scheme.as_str()
+                "model.quantize = \"{label}\": {name} rows hold {inp} values, not a whole \
+                 number of {block}-value blocks; leave it dense with model.quantize_skip"
             )));
         }
-        let (codes, scales, code): (Vec<u8>, Vec<f32>, Vec<f32>) = match scheme {
-            Quantize::Nf4 => {
+        let (codes, scales, code): (Vec<u8>, Vec<f32>, Vec<f32>) = match layout {
+            Layout::Nf4 => {
                 let q = checkpoints::nf4::quantize(values);
                 let absmax = q.absmax();
                 (q.codes, absmax, checkpoints::nf4::CODE.to_vec())
             }
-            _ => q8_0(values)?,
+            Layout::Q8_0 => q8_0(values)?,
+            Layout::Q4_0 => q4_0(values)?,
         };
         let layout = QuantLayout {
             bits,
@@ -210,6 +253,25 @@ fn q8_0(values: &[f32]) -> Result<(Vec<u8>, Vec<f32>, Vec<f32>)> {
     Ok((codes, scales, code))
 }
 
+/// Q4_0 as GGUF encodes it (f16 scale, 32 values as nibbles: the first 16 in the low
+/// halves, the next 16 in the high ones), each value `d · (q − 8)`: codes in value order
+/// and the table of `q − 8`.
+fn q4_0(values: &[f32]) -> Result<(Vec<u8>, Vec<f32>, Vec<f32>)> {
+    let bytes = checkpoints::gguf::quantize::quantize(GgmlType::Q4_0, values)
+        .ok_or_else(|| TrainerError::Input("q4_0: values are not whole blocks".into()))?;
+    let per = GgmlType::Q4_0.block_bytes();
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(bytes.len() / per);
+    for block in bytes.chunks_exact(per) {
+        scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
+        let qs = &block[2..];
+        codes.extend(qs.iter().map(|b| b & 0x0F));
+        codes.extend(qs.iter().map(|b| b >> 4));
+    }
+    let code = (0..16).map(|q| (q - 8) as f32).collect();
+    Ok((codes, scales, code))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,12 +284,12 @@ mod tests {
     fn both_schemes_dequantize_as_their_codecs_do() {
         let device = Device::flex();
         let v = values(4 * 128);
-        let nf4 = QuantWeight::quantize("w", &v, [4, 128], Quantize::Nf4, &device).unwrap();
+        let nf4 = QuantWeight::quantize("w", &v, [4, 128], Layout::Nf4, &device).unwrap();
         assert_eq!(nf4.out_in(), [4, 128]);
         let got = nf4.dequantize().into_data().try_into_vec::<f32>().unwrap();
         assert_eq!(got, checkpoints::nf4::quantize(&v).dequantize());
 
-        let q8 = QuantWeight::quantize("w", &v, [4, 128], Quantize::Q8_0, &device).unwrap();
+        let q8 = QuantWeight::quantize("w", &v, [4, 128], Layout::Q8_0, &device).unwrap();
         let got = q8.dequantize().into_data().try_into_vec::<f32>().unwrap();
         let bytes = checkpoints::gguf::quantize::quantize(GgmlType::Q8_0, &v).unwrap();
         let want = checkpoints::gguf::dequantize(GgmlType::Q8_0, &bytes).unwrap();
@@ -235,6 +297,14 @@ mod tests {
         // 4.5 and 9 bits per value, plus the code tables.
         assert_eq!(nf4.bytes(), 4 * 128 / 2 + 4 * 2 * 4 + 16 * 4);
         assert_eq!(q8.bytes(), 4 * 128 + 4 * 4 * 4 + 256 * 4);
+
+        let q4 = QuantWeight::quantize("w", &v, [4, 128], Layout::Q4_0, &device).unwrap();
+        let got = q4.dequantize().into_data().try_into_vec::<f32>().unwrap();
+        let bytes = checkpoints::gguf::quantize::quantize(GgmlType::Q4_0, &v).unwrap();
+        assert_eq!(
+            got,
+            checkpoints::gguf::dequantize(GgmlType::Q4_0, &bytes).unwrap()
+        );
     }
 
     #[test]
@@ -243,7 +313,7 @@ mod tests {
             "model.layers.0.mlp.down_proj.weight",
             &values(2 * 96),
             [2, 96],
-            Quantize::Nf4,
+            Layout::Nf4,
             &Device::flex(),
         )
         .unwrap_err()
