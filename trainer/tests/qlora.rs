@@ -285,3 +285,32 @@ fn keep_holds_a_gguf_models_own_blocks() {
         .to_string();
     assert!(e.contains("not a GGUF"), "{e}");
 }
+
+/// `export gguf --type keep` writes every tensor in the type the source GGUF holds it in:
+/// from an unchanged model, the very same bytes.
+#[test]
+fn export_keep_writes_each_tensor_in_its_source_type() {
+    use checkpoints::gguf::{ExportType, GgufFile};
+    use trainer::model::export_to_gguf;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m");
+    base(&path);
+    let source = dir.path().join("q4.gguf");
+    export_to_gguf(&path, None, &source, ExportType::Q4_0).unwrap();
+    let kept = dir.path().join("kept.gguf");
+    export_to_gguf(&source, None, &kept, ExportType::Keep).unwrap();
+    let (a, b) = (
+        GgufFile::open(&source).unwrap(),
+        GgufFile::open(&kept).unwrap(),
+    );
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for t in &a.tensors {
+        let u = b.tensor(&t.name).unwrap();
+        assert_eq!((u.ty, &u.dims), (t.ty, &t.dims), "{}", t.name);
+        assert_eq!(a.bytes(t), b.bytes(u), "{}: bytes differ", t.name);
+    }
+    let e = export_to_gguf(&path, None, &dir.path().join("x.gguf"), ExportType::Keep)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a GGUF"), "{e}");
+}

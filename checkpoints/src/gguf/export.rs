@@ -26,10 +26,12 @@ pub enum ExportType {
     Q8_0,
     Q4_0,
     Q4KM,
+    /// Each tensor in the type the source GGUF holds it in (see [`ExportInput::source_types`]).
+    Keep,
 }
 
 impl ExportType {
-    pub const NAMES: [&'static str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"];
+    pub const NAMES: [&'static str; 7] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "keep"];
 
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
@@ -39,6 +41,7 @@ impl ExportType {
             "q8_0" => Self::Q8_0,
             "q4_0" => Self::Q4_0,
             "q4_k_m" => Self::Q4KM,
+            "keep" => Self::Keep,
             _ => return None,
         })
     }
@@ -52,6 +55,8 @@ impl ExportType {
             Self::Q8_0 => 7,
             Self::Q4KM => 15,
             Self::BF16 => 32,
+            // Mixed as the source was; llama.cpp reads the types per tensor.
+            Self::Keep => 0,
         }
     }
 }
@@ -71,6 +76,8 @@ pub struct ExportInput<'a> {
     pub chat_template: Option<&'a str>,
     /// `general.name`.
     pub name: &'a str,
+    /// For [`ExportType::Keep`]: each tensor's type in the source GGUF, by GGUF name.
+    pub source_types: Option<&'a BTreeMap<String, GgmlType>>,
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> CheckpointError {
@@ -95,6 +102,7 @@ fn tensor_type(
     cols: usize,
     layers: usize,
     tied: bool,
+    source: Option<&BTreeMap<String, GgmlType>>,
 ) -> GgmlType {
     if dims == 1 {
         return GgmlType::F32;
@@ -122,6 +130,15 @@ fn tensor_type(
         ExportType::Q8_0 => or_else(GgmlType::Q8_0, GgmlType::F16),
         ExportType::Q4_0 if head => or_else(GgmlType::Q6K, GgmlType::Q8_0),
         ExportType::Q4_0 => or_else(GgmlType::Q4_0, GgmlType::F16),
+        // The source's own type where hearth writes it; a K-quant it does not write (Q2_K,
+        // Q3_K, Q5_K) becomes Q6_K, any other Q8_0, each falling back as above.
+        ExportType::Keep => match source.and_then(|s| s.get(name)) {
+            Some(&t) if super::quantize::WRITABLE.contains(&t) => or_else(t, GgmlType::Q8_0),
+            Some(GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q5K) => {
+                or_else(GgmlType::Q6K, GgmlType::Q8_0)
+            }
+            _ => or_else(GgmlType::Q8_0, GgmlType::F16),
+        },
         ExportType::Q4KM => {
             let bigger = (name.contains(".attn_v.") || name.contains(".ffn_down."))
                 && layer.is_some_and(|l| more_bits(l, layers));
@@ -227,7 +244,15 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
         } else {
             values.clone()
         };
-        let t = tensor_type(ty, &name, shape.len(), cols, c.num_hidden_layers, tied);
+        let t = tensor_type(
+            ty,
+            &name,
+            shape.len(),
+            cols,
+            c.num_hidden_layers,
+            tied,
+            input.source_types,
+        );
         let bytes = quantize(t, &values).ok_or_else(|| {
             invalid(
                 out,

@@ -26,6 +26,7 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
             .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
         GgmlType::Q8_0 => values.chunks_exact(32).for_each(|b| q8_0(b, &mut out)),
         GgmlType::Q4_0 => values.chunks_exact(32).for_each(|b| q4_0(b, &mut out)),
+        GgmlType::Q4_1 => values.chunks_exact(32).for_each(|b| q4_1(b, &mut out)),
         GgmlType::Q5_0 => values.chunks_exact(32).for_each(|b| q5_0(b, &mut out)),
         GgmlType::Q4K => values.chunks_exact(QK_K).for_each(|b| q4_k(b, &mut out)),
         GgmlType::Q6K => values.chunks_exact(QK_K).for_each(|b| q6_k(b, &mut out)),
@@ -35,12 +36,13 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Option<Vec<u8>> {
 }
 
 /// The types [`quantize`] writes.
-pub const WRITABLE: [GgmlType; 8] = [
+pub const WRITABLE: [GgmlType; 9] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
     GgmlType::Q8_0,
     GgmlType::Q4_0,
+    GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q4K,
     GgmlType::Q6K,
@@ -80,6 +82,22 @@ fn q4_0(x: &[f32], out: &mut Vec<u8>) {
     for j in 0..16 {
         let lo = ((x[j] * id + 8.5) as i8).min(15) as u8;
         let hi = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
+        out.push(lo | (hi << 4));
+    }
+}
+
+/// ggml's `quantize_row_q4_1_ref`: `d = (max − min) / 15`, `m = min`, codes
+/// `min(15, (x − min)/d + 0.5)` truncated.
+fn q4_1(x: &[f32], out: &mut Vec<u8>) {
+    let min = x.iter().copied().fold(f32::MAX, f32::min);
+    let max = x.iter().copied().fold(f32::MIN, f32::max);
+    let d = (max - min) / 15.0;
+    let id = inverse(d);
+    out.extend(f16::from_f32(d).to_le_bytes());
+    out.extend(f16::from_f32(min).to_le_bytes());
+    for j in 0..16 {
+        let lo = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
+        let hi = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
         out.push(lo | (hi << 4));
     }
 }

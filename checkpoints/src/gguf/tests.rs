@@ -541,6 +541,8 @@ fn quantizers_round_trip_within_their_step() {
         (GgmlType::Q8_0, 0.5 / 127.0),
         (GgmlType::Q5_0, 1.0 / 16.0),
         (GgmlType::Q4_0, 1.0 / 8.0),
+        // Half a step of the block's range (at most twice its largest magnitude).
+        (GgmlType::Q4_1, 1.0 / 15.0),
         (GgmlType::Q6K, 1.0 / 31.0),
         (GgmlType::Q4K, 2.0 / 15.0),
     ] {
@@ -579,4 +581,24 @@ fn quantizers_round_trip_within_their_step() {
     assert_eq!(f16::from_le_bytes([q4[0], q4[1]]).to_f32(), 2.0);
     // −16 / 2 + 8.5 → 0 (low nibble of byte 0); value 16 (j = 0 + 16): 0/2 + 8.5 → 8.
     assert_eq!(q4[2], 8 << 4);
+}
+
+/// ggml's Q4_1 on a hand-made block: `d = (max − min)/15`, `m = min`, codes rounded; and
+/// quantizing what a Q4_1 block decodes to gives the block back, byte for byte (so
+/// `--type keep` rewrites an unchanged tensor exactly).
+#[test]
+fn q4_1_follows_ggml_and_requantizes_to_the_same_bytes() {
+    use super::quantize::quantize;
+    let x: Vec<f32> = (0..32).map(|i| -1.0 + i as f32 * 0.1).collect();
+    let bytes = quantize(GgmlType::Q4_1, &x).unwrap();
+    assert_eq!(bytes.len(), 20);
+    let d = half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+    let m = half::f16::from_le_bytes([bytes[2], bytes[3]]).to_f32();
+    assert_eq!(d, half::f16::from_f32(3.1 / 15.0).to_f32());
+    assert_eq!(m, -1.0);
+    // x[3] = −0.7: (−0.7 + 1)/d + 0.5 = 1.95 → 1; x[16] = 0.6: 7.74 + 0.5 → 8.
+    assert_eq!(bytes[4 + 3] & 0xF, 1);
+    assert_eq!(bytes[4] >> 4, 8);
+    let back = dequantize(GgmlType::Q4_1, &bytes).unwrap();
+    assert_eq!(quantize(GgmlType::Q4_1, &back).unwrap(), bytes);
 }

@@ -22,7 +22,26 @@ pub fn export_to_gguf(
     checkpoints::guard::check_output_file(out, &inputs)?;
     // The model's own errors (no such directory, a bad config) first, before its tokenizer's.
     checkpoints::ModelConfig::from_path(base)?;
-    let (tokenizer_json, tokenizer_path) = match checkpoints::gguf::locate(base)? {
+    let source = checkpoints::gguf::locate(base)?;
+    let source_types = match (&source, ty) {
+        (Some(gguf), ExportType::Keep) => Some(
+            GgufModel::open(gguf)?
+                .file()
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.ty))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        ),
+        (None, ExportType::Keep) => {
+            return Err(crate::TrainerError::Input(format!(
+                "{}: --type keep writes each tensor in the type a GGUF model holds it in; \
+                 this model is not a GGUF file (pick f16, bf16, q8_0, q4_0 or q4_k_m)",
+                base.display()
+            )));
+        }
+        _ => None,
+    };
+    let (tokenizer_json, tokenizer_path) = match source {
         Some(gguf) => (GgufModel::open(&gguf)?.tokenizer_json()?, gguf),
         None => {
             let path = base.join(checkpoints::names::TOKENIZER);
@@ -51,6 +70,7 @@ pub fn export_to_gguf(
         tokenizer_config: &tokenizer_config,
         chat_template: chat_template.as_deref(),
         name: &name,
+        source_types: source_types.as_ref(),
     };
     Ok(export_gguf(&input, ty, out)?)
 }
