@@ -307,6 +307,28 @@ unsafe fn gemm_into(
     }
 }
 
+/// A `[m, rows]` product built transposed, `[rows, m]`, `chunk` rows per parallel task so
+/// each task writes whole rows: `task(first_row, dst)` fills `dst` (`[dst.len() / m, m]`).
+/// Returned as the transposed view, in `dtype`.
+fn by_row_chunks(
+    rows: usize,
+    m: usize,
+    chunk: usize,
+    dtype: DType,
+    task: impl Fn(usize, &mut [f32]) + Sync,
+) -> FlexTensor {
+    let mut t = vec![0f32; rows * m];
+    t.par_chunks_mut(chunk * m.max(1))
+        .enumerate()
+        .for_each(|(i, dst)| task(i * chunk, dst));
+    let y = FlexTensor::from_data(TensorData::new(t, [rows, m])).transpose(0, 1);
+    if dtype == DType::F32 {
+        y
+    } else {
+        Flex::float_cast(y, dtype.into())
+    }
+}
+
 impl QuantMatmulOps for Flex {
     fn quant_matmul(
         x: FlexTensor,
@@ -321,40 +343,29 @@ impl QuantMatmulOps for Flex {
         let x = f32_values(x);
         let xs = x.as_slice::<f32>().unwrap_or_default();
         let [m, k] = x.shape().dims::<2>();
-        let n = w.n;
-        // Yᵀ `[N, M]`, a tile of weight rows per task: each task writes whole rows.
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(TILE_ROWS * m.max(1))
-            .enumerate()
-            .for_each(|(t, dst)| {
-                let n0 = t * TILE_ROWS;
-                let rows = dst.len() / m.max(1);
-                let mut tile = vec![0f32; rows * k];
-                w.tile(n0..n0 + rows, 0..k, &mut tile);
-                // SAFETY: `tile` is `[rows, k]`, `xs` `[m, k]` read transposed, `dst`
-                // `[rows, m]`; all row-major and whole.
-                unsafe {
-                    gemm_into(
-                        rows,
-                        m,
-                        k,
-                        dst.as_mut_ptr(),
-                        m as isize,
-                        tile.as_ptr(),
-                        1,
-                        k as isize,
-                        xs.as_ptr(),
-                        k as isize,
-                        1,
-                    );
-                }
-            });
-        let y = FlexTensor::from_data(TensorData::new(yt, [n, m])).transpose(0, 1);
-        if dtype == DType::F32 {
-            y
-        } else {
-            Flex::float_cast(y, dtype.into())
-        }
+        // Yᵀ `[N, M]`, a tile of weight rows per task.
+        by_row_chunks(w.n, m, TILE_ROWS, dtype, |n0, dst| {
+            let rows = dst.len() / m.max(1);
+            let mut tile = vec![0f32; rows * k];
+            w.tile(n0..n0 + rows, 0..k, &mut tile);
+            // SAFETY: `tile` is `[rows, k]`, `xs` `[m, k]` read transposed, `dst`
+            // `[rows, m]`; all row-major and whole.
+            unsafe {
+                gemm_into(
+                    rows,
+                    m,
+                    k,
+                    dst.as_mut_ptr(),
+                    m as isize,
+                    tile.as_ptr(),
+                    1,
+                    k as isize,
+                    xs.as_ptr(),
+                    k as isize,
+                    1,
+                );
+            }
+        })
     }
 
     fn quant_matmul_backward(
@@ -370,41 +381,29 @@ impl QuantMatmulOps for Flex {
         let g = f32_values(grad);
         let gs = g.as_slice::<f32>().unwrap_or_default();
         let [m, n] = g.shape().dims::<2>();
-        let k = w.k;
-        // dXᵀ `[K, M]`, a slab of weight columns per task: each task writes whole rows.
-        let mut dxt = vec![0f32; k * m];
-        dxt.par_chunks_mut(SLAB_COLS * m.max(1))
-            .enumerate()
-            .for_each(|(t, dst)| {
-                let k0 = t * SLAB_COLS;
-                let cols = dst.len() / m.max(1);
-                let mut slab = vec![0f32; n * cols];
-                w.tile(0..n, k0..k0 + cols, &mut slab);
-                // dXᵀ[k0.., :] = slabᵀ `[cols, n]` · gᵀ `[n, m]`.
-                // SAFETY: `slab` is `[n, cols]` read transposed, `gs` `[m, n]` read
-                // transposed, `dst` `[cols, m]`; all row-major and whole.
-                unsafe {
-                    gemm_into(
-                        cols,
-                        m,
-                        n,
-                        dst.as_mut_ptr(),
-                        m as isize,
-                        slab.as_ptr(),
-                        cols as isize,
-                        1,
-                        gs.as_ptr(),
-                        n as isize,
-                        1,
-                    );
-                }
-            });
-        let dx = FlexTensor::from_data(TensorData::new(dxt, [k, m])).transpose(0, 1);
-        if dtype == DType::F32 {
-            dx
-        } else {
-            Flex::float_cast(dx, dtype.into())
-        }
+        // dXᵀ `[K, M]`, a slab of weight columns per task: dXᵀ[k0.., :] = slabᵀ · gᵀ.
+        by_row_chunks(w.k, m, SLAB_COLS, dtype, |k0, dst| {
+            let cols = dst.len() / m.max(1);
+            let mut slab = vec![0f32; n * cols];
+            w.tile(0..n, k0..k0 + cols, &mut slab);
+            // SAFETY: `slab` is `[n, cols]` read transposed, `gs` `[m, n]` read
+            // transposed, `dst` `[cols, m]`; all row-major and whole.
+            unsafe {
+                gemm_into(
+                    cols,
+                    m,
+                    n,
+                    dst.as_mut_ptr(),
+                    m as isize,
+                    slab.as_ptr(),
+                    cols as isize,
+                    1,
+                    gs.as_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+        })
     }
 }
 
