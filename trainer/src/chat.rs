@@ -121,17 +121,7 @@ impl Chat {
         inputs.push(input);
         checkpoints::guard::check_output_file(out, &inputs)?;
         let loaded = data::load_examples(input, &Default::default())?;
-        let mut prompts = Vec::with_capacity(loaded.examples.len());
-        for (e, at) in loaded.examples.iter().zip(&loaded.locations) {
-            let messages = prompt_of(e);
-            if messages.last().is_none_or(|m| m.role == "assistant") {
-                return Err(TrainerError::Input(format!(
-                    "{}: {at}: nothing to answer (no user message before the reply)",
-                    input.display()
-                )));
-            }
-            prompts.push(messages.to_vec());
-        }
+        let prompts = prompts_to_answer(&loaded, &input.display().to_string())?;
         let started = Instant::now();
         let replies = self.answer_all(&prompts, batch_size, samples)?;
         let mut text = String::new();
@@ -262,7 +252,23 @@ pub struct Answered {
 
 /// The messages a row asks to be answered: a prompt, a pair's prompt, or a conversation up
 /// to its last assistant turn.
-pub(crate) fn prompt_of(e: &Example) -> &[Message] {
+/// Every row's prompt to answer (see [`prompt_of`]); a row with nothing to answer is named
+/// by `origin` and its location.
+pub(crate) fn prompts_to_answer(loaded: &data::Loaded, origin: &str) -> Result<Vec<Vec<Message>>> {
+    let mut prompts = Vec::with_capacity(loaded.examples.len());
+    for (e, at) in loaded.examples.iter().zip(&loaded.locations) {
+        let messages = prompt_of(e);
+        if messages.last().is_none_or(|m| m.role == "assistant") {
+            return Err(TrainerError::Input(format!(
+                "{origin}: {at}: nothing to answer (no user message before the reply)"
+            )));
+        }
+        prompts.push(messages.to_vec());
+    }
+    Ok(prompts)
+}
+
+fn prompt_of(e: &Example) -> &[Message] {
     match e {
         Example::Prompt { prompt, .. } | Example::Pair { prompt, .. } => prompt,
         Example::Conversation { messages, .. } => {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::chat::{Chat, ChatOptions, prompt_of};
+use crate::chat::{Chat, ChatOptions, prompts_to_answer};
 use crate::evaluate::{PreferenceReport, RewardScorer, preference_accuracy};
 use crate::generate::Sampling;
 use crate::{Result, TrainerError};
@@ -150,16 +150,7 @@ fn load_prompts(path: Option<&Path>) -> Result<(String, Vec<Vec<data::Message>>)
             )?,
         ),
     };
-    let mut prompts = Vec::with_capacity(loaded.examples.len());
-    for (e, at) in loaded.examples.iter().zip(&loaded.locations) {
-        let messages = prompt_of(e);
-        if messages.last().is_none_or(|m| m.role == "assistant") {
-            return Err(TrainerError::Input(format!(
-                "{name}: {at}: nothing to answer (no user message before the reply)"
-            )));
-        }
-        prompts.push(messages.to_vec());
-    }
+    let prompts = prompts_to_answer(&loaded, &name)?;
     Ok((name, prompts))
 }
 

@@ -27,7 +27,8 @@ use kernels::QuantLayout;
 use crate::choices::Quantize;
 use crate::{Result, TrainerError};
 
-/// The projections a load quantizes: every one of [`PROJECTIONS`] but those skipped.
+/// The projections a load quantizes: every decoder projection
+/// ([`checkpoints::peft::LAYER_PROJECTIONS`]) but those skipped.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Quantization {
     pub scheme: Option<Quantize>,
@@ -46,17 +47,6 @@ pub enum Layout {
     Q4_0,
 }
 
-/// The projections quantization applies to.
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 impl Quantization {
     /// From the recipe's `model.quantize` and `model.quantize_skip`.
     pub fn new(scheme: Quantize, skip: &[String]) -> Self {
@@ -74,7 +64,7 @@ impl Quantization {
             return Ok(None);
         };
         let module = prefix.rsplit('.').next().unwrap_or(prefix);
-        let projection = PROJECTIONS.contains(&module);
+        let projection = checkpoints::peft::LAYER_PROJECTIONS.contains(&module);
         let skipped = self.skip.iter().any(|s| s == module || s == prefix);
         if !projection || skipped {
             return Ok(None);
