@@ -35,11 +35,12 @@ pub mod selftest;
 pub use mode::{Kernels, fused_on, kernels, set_kernels};
 pub use ops::FusedOps;
 pub use ops::attention::{AttentionOps, attention};
-pub use ops::logprobs::{Head, LogprobOps, token_entropy, token_logprobs};
+pub use ops::logprobs::{Head, HeadWeight, LogprobOps, token_entropy, token_logprobs};
 pub use ops::lora::{LoraOps, lora_up};
 pub use ops::projection::{FEW_ROWS, ProjectionOps, project};
 pub use ops::quant_matmul::{
-    QuantLayout, QuantMatmulOps, dequantize_host, dequantize_twin, pack_codes, quant_matmul,
+    QuantLayout, QuantMatmulOps, QuantMatrix, dequantize_host, dequantize_twin, pack_codes,
+    quant_matmul,
 };
 pub use ops::rms_norm::{RmsNormOps, rms_norm};
 pub use ops::rotary::{RotaryOps, rotary};

@@ -231,7 +231,7 @@ mod tests {
         let b = tensor(&values(v * r, 24), [v, r]);
         let merged = Head::new(w.clone() + b.clone().matmul(a.clone()).mul_scalar(0.5));
         let split = Head {
-            weight: w,
+            weight: crate::HeadWeight::Dense(w),
             low_rank: Some((hidden.clone().matmul(a.transpose()).mul_scalar(0.5), b)),
         };
         let targets = Tensor::<1, Int>::from_data(

@@ -12,7 +12,7 @@ use std::time::Instant;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::launches::{Counts, Kernel};
-use crate::{Head, fused, reference};
+use crate::{Head, HeadWeight, fused, reference};
 
 /// How far a fused output may stray from its reference, per dtype: `|got − want| ≤ abs +
 /// rel·max(|want|, rms(want))`. Half types are relative, to the element or to the tensor's
@@ -542,7 +542,7 @@ fn logprobs(
         )
     });
     let head = Head {
-        weight: weight.clone(),
+        weight: HeadWeight::Dense(weight.clone()),
         low_rank: low_rank.clone(),
     };
     let tv: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 5) % v as i64).collect();

@@ -41,7 +41,10 @@ fn relative_logit_error(name: &str, precision: Precision, device: &Device) -> f3
     // The head is read in its stored dtype (a half-precision head is never widened whole
     // to f32, which at vocab 128 256 would be a transient of V·H·4 bytes).
     let head = model.head(&hidden.clone().reshape([b * t, hidden.dims()[2]]));
-    assert_eq!(head.weight.dtype(), precision.dtype(), "{name}: head dtype");
+    let kernels::HeadWeight::Dense(weight) = &head.weight else {
+        panic!("{name}: the head is dense without model.quantize_embeddings");
+    };
+    assert_eq!(weight.dtype(), precision.dtype(), "{name}: head dtype");
     let logits = model.logits(hidden);
     assert_eq!(logits.dtype(), DType::F32, "logits leave the model in f32");
     let ours = logits.into_data().try_into_vec_as::<f32>().unwrap();

@@ -116,6 +116,53 @@ fn a_quantized_base_computes_what_its_dequantized_weights_compute() {
     ));
 }
 
+/// `model.quantize_embeddings`: the embedding table and the head (one matrix when tied)
+/// are quantized too, and the model computes what its dequantized twin computes.
+#[test]
+fn embeddings_and_head_quantize_on_request_tied_or_not() {
+    let device = Device::flex();
+    for tied in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        let spec = NewModel {
+            hidden_size: 128,
+            intermediate_size: 192,
+            init_std: 0.02,
+            seed: 5,
+            tie_word_embeddings: tied,
+            ..Default::default()
+        };
+        init_model(&path, &spec, Default::default()).unwrap();
+        let q = quant(Quantize::Nf4).with_embeddings(true);
+        let (_, model) = load_model_with(&path, &device, &q).unwrap();
+        assert!(matches!(model.embed_tokens, Weight::Quantized(_)));
+        assert_eq!(model.lm_head.is_none(), tied);
+        if let Some(head) = &model.lm_head {
+            assert!(matches!(head.weight, Weight::Quantized(_)), "lm_head");
+        }
+        let mut twin = dequantized_twin(load_model(&path, &device).unwrap().1, &model);
+        twin.embed_tokens = Weight::Dense(Param::from_tensor(model.embed_tokens.dense()));
+        if let (Some(d), Some(q)) = (twin.lm_head.as_mut(), model.lm_head.as_ref()) {
+            d.weight = Weight::Dense(Param::from_tensor(q.dense_weight()));
+        }
+        let got = logits(&model, &device);
+        let want = logits(&twin, &device);
+        TensorData::new(got.clone(), [got.len()]).assert_approx_eq::<f32>(
+            &TensorData::new(want.clone(), [got.len()]),
+            Tolerance::rel_abs(1e-4, 1e-4),
+        );
+        // The embeddings' rows are not the dense model's: the quantization is in play.
+        let exact = logits(&load_model(&path, &device).unwrap().1, &device);
+        assert!(
+            rel_rms(&got, &exact) > 1e-3,
+            "tied {tied}: embeddings quantized"
+        );
+        // The default leaves them dense.
+        let (_, plain) = load_model_with(&path, &device, &quant(Quantize::Nf4)).unwrap();
+        assert!(matches!(plain.embed_tokens, Weight::Dense(_)));
+    }
+}
+
 #[test]
 fn only_adapters_take_gradients_and_bf16_keeps_the_scales_in_f32() {
     let dir = tempfile::tempdir().unwrap();
@@ -204,19 +251,16 @@ fn the_tiny_qlora_recipe_starts_near_the_dense_loss_and_learns() {
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    let run = |recipe: &str, out: &str| {
-        let r = shipped_recipe(
-            recipe,
-            "counseling-sft.jsonl",
-            &base,
-            &["train.max_steps=12", "train.eval_steps=0"],
-        );
+    let run = |recipe: &str, out: &str, extra: &[&str]| {
+        let mut sets = vec!["train.max_steps=12", "train.eval_steps=0"];
+        sets.extend_from_slice(extra);
+        let r = shipped_recipe(recipe, "counseling-sft.jsonl", &base, &sets);
         let dir = tmp.path().join(out);
         train(&r, &dir, false, false).unwrap();
         losses(&dir)
     };
-    let dense = run("tiny-sft.toml", "dense");
-    let q = run("tiny-qlora.toml", "qlora");
+    let dense = run("tiny-sft.toml", "dense", &[]);
+    let q = run("tiny-qlora.toml", "qlora", &[]);
     let rel = (q[0] - dense[0]).abs() / dense[0];
     assert!(
         rel < 0.05,
@@ -225,6 +269,23 @@ fn the_tiny_qlora_recipe_starts_near_the_dense_loss_and_learns() {
         dense[0]
     );
     assert!(q[11] < 0.8 * q[0], "QLoRA learns: {q:?}");
+    // With the embeddings and the head quantized too, through the fused log-probs (the
+    // head's own adapter dropped, so the quantized head takes the fused path): the run
+    // tracks the one with a dense head and embeddings, step by step.
+    let targets = "lora.targets=[\"q_proj\", \"v_proj\", \"up_proj\"]";
+    let fused = "train.kernels=\"fused\"";
+    let projections = run("tiny-qlora.toml", "qlora-projections", &[fused, targets]);
+    let all = run(
+        "tiny-qlora.toml",
+        "qlora-all",
+        &["model.quantize_embeddings=true", fused, targets],
+    );
+    eprintln!("{projections:?}\n{all:?}");
+    for (step, (a, p)) in all.iter().zip(&projections).enumerate() {
+        let rel = (a - p).abs() / p;
+        assert!(rel < 0.01, "step {step}: {a} vs {p} ({rel})");
+    }
+    assert!(all[11] < 0.97 * all[0], "learns: {all:?}");
 }
 
 #[test]

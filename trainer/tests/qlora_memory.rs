@@ -58,8 +58,8 @@ fn quantized_projections_take_under_a_third_of_their_bf16_bytes() {
     init_model(&path, &spec, Default::default()).unwrap();
     let device = Device::flex();
     let (path, device) = (&path, &device);
-    let load = |scheme: Quantize| {
-        let q = Quantization::new(scheme, &[]);
+    let load = |scheme: Quantize, embeddings: bool| {
+        let q = Quantization::new(scheme, &[]).with_embeddings(embeddings);
         move || {
             with_precision(
                 load_model_with(path, device, &q).unwrap().1,
@@ -68,8 +68,8 @@ fn quantized_projections_take_under_a_third_of_their_bf16_bytes() {
         }
     };
     // Warm-up: whatever the first load allocates once and keeps (thread pools, tables).
-    drop(resident(load(Quantize::None)));
-    let (dense, dense_bytes) = resident(load(Quantize::None));
+    drop(resident(load(Quantize::None, false)));
+    let (dense, dense_bytes) = resident(load(Quantize::None, false));
     let projection_params: usize = dense
         .projections()
         .map(|p| {
@@ -80,7 +80,7 @@ fn quantized_projections_take_under_a_third_of_their_bf16_bytes() {
     let bf16_projections = 2 * projection_params;
     drop(dense);
     for (scheme, bound) in [(Quantize::Nf4, 0.3), (Quantize::Q8_0, 0.6)] {
-        let (model, bytes) = resident(load(scheme));
+        let (model, bytes) = resident(load(scheme, false));
         let held = bf16_projections - (dense_bytes - bytes);
         let ratio = held as f64 / bf16_projections as f64;
         let whole = bytes as f64 / dense_bytes as f64;
@@ -102,4 +102,9 @@ fn quantized_projections_take_under_a_third_of_their_bf16_bytes() {
             "{scheme:?}: measured {held} B, layout {layout} B"
         );
     }
+    // With the embeddings and head quantized too, the whole base (norms included).
+    let (_, bytes) = resident(load(Quantize::Nf4, true));
+    let whole = bytes as f64 / dense_bytes as f64;
+    eprintln!("Nf4 with embeddings: whole model {bytes} B of {dense_bytes} ({whole:.3}×)");
+    assert!(whole <= 0.3, "whole NF4 base: {whole:.3}× of bf16");
 }

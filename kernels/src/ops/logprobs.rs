@@ -13,6 +13,7 @@ use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 
 use super::f32_of;
 use super::node::{Backprop, all_kept, on_inner, record};
+use super::quant_matmul::QuantMatrix;
 use crate::launches::Op;
 use crate::mode::takes_fused;
 
@@ -36,28 +37,45 @@ pub fn token_logprobs(
 /// chunk by chunk without ever forming `W + s·B·A`.
 pub struct Head {
     /// `[V, H]`.
-    pub weight: Tensor<2>,
+    pub weight: HeadWeight,
     /// `([N, r], [V, r])`, rows matching the hidden rows.
     pub low_rank: Option<(Tensor<2>, Tensor<2>)>,
+}
+
+/// The head's `[V, H]` weight: dense, or frozen and blockwise quantized
+/// (`model.quantize_embeddings`). One is built per forward, so its size does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum HeadWeight {
+    Dense(Tensor<2>),
+    Quantized(QuantMatrix),
 }
 
 impl Head {
     pub fn new(weight: Tensor<2>) -> Self {
         Self {
-            weight,
+            weight: HeadWeight::Dense(weight),
             low_rank: None,
         }
     }
 
-    /// f32 logits `[len, V]` of hidden rows `start..start + len`. The product runs in the
-    /// head weight's dtype (the rows are cast to it, a chunk at a time), so a half-precision
-    /// head is never widened whole; the logits leave in f32.
+    pub fn quantized(weight: QuantMatrix) -> Self {
+        Self {
+            weight: HeadWeight::Quantized(weight),
+            low_rank: None,
+        }
+    }
+
+    /// f32 logits `[len, V]` of hidden rows `start..start + len`. A dense head's product
+    /// runs in its dtype (the rows are cast to it, a chunk at a time), so a half-precision
+    /// head is never widened whole; a quantized head's in f32. The logits leave in f32.
     pub fn logits(&self, hidden: &Tensor<2>, start: usize, len: usize) -> Tensor<2> {
-        let rows = hidden
-            .clone()
-            .narrow(0, start, len)
-            .cast(self.weight.dtype());
-        let mut logits = crate::project(rows, self.weight.clone()).cast(DType::F32);
+        let rows = hidden.clone().narrow(0, start, len);
+        let mut logits = match &self.weight {
+            HeadWeight::Dense(w) => {
+                crate::project(rows.cast(w.dtype()), w.clone()).cast(DType::F32)
+            }
+            HeadWeight::Quantized(w) => w.matmul(rows.cast(DType::F32)),
+        };
         if let Some((down, up)) = &self.low_rank {
             let low = down
                 .clone()
@@ -134,14 +152,22 @@ pub fn fused(
     targets: Tensor<1, Int>,
     chunk: usize,
 ) -> (Tensor<1>, Tensor<1, Int>) {
+    let weight = match &head.weight {
+        HeadWeight::Dense(w) => w,
+        HeadWeight::Quantized(w) => {
+            return match head.low_rank {
+                None => quantized_logprobs(hidden, w, targets, chunk),
+                // A low-rank term's own gradient needs the output gradient; the plain
+                // path carries it.
+                Some(_) => reference(hidden, head, targets, chunk),
+            };
+        }
+    };
     let (x, w) = match &head.low_rank {
-        None => (hidden, head.weight.clone()),
+        None => (hidden, weight.clone()),
         Some((down, up)) => (
             Tensor::cat(vec![hidden, down.clone()], 1),
-            Tensor::cat(
-                vec![head.weight.clone(), up.clone().cast(head.weight.dtype())],
-                1,
-            ),
+            Tensor::cat(vec![weight.clone(), up.clone().cast(weight.dtype())], 1),
         ),
     };
     let (lp, _lse, hit) = Dispatch::linear_logprob(
@@ -154,6 +180,63 @@ pub fn fused(
         Tensor::<1>::from_dispatch(lp),
         Tensor::<1>::from_dispatch(hit).int(),
     )
+}
+
+/// [`fused`] for a quantized head. `∂ log p(t)/∂ h = (onehot(t) − p)·W` for a row whatever
+/// the loss later does with its log-prob, so each chunk's is computed in the forward, from
+/// the logits it already has (as Liger does), and joined to the log-probs by a term whose
+/// value is exactly zero and whose gradient is it: `lp + (s − stop(s))`, `s = Σ h·stop(u)`.
+/// Only `[chunk, V]` logits are alive at a time, and `u` is `[N, H]`, as `hidden`.
+fn quantized_logprobs(
+    hidden: Tensor<2>,
+    weight: &QuantMatrix,
+    targets: Tensor<1, Int>,
+    chunk: usize,
+) -> (Tensor<1>, Tensor<1, Int>) {
+    let [n, _] = hidden.dims();
+    let chunk = chunk.max(1);
+    let tracked = hidden.is_tracked();
+    let rows = hidden.clone().detach();
+    let (mut lps, mut hits, mut grads) = (Vec::new(), Vec::new(), Vec::new());
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let logits = weight.matmul(rows.clone().narrow(0, start, len).cast(DType::F32));
+        let target = targets.clone().narrow(0, start, len).reshape([len, 1]);
+        let max = logits.clone().max_dim(1);
+        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+        let picked = logits.clone().gather(1, target.clone());
+        lps.push((picked - lse.clone()).reshape([len]));
+        hits.push(
+            logits
+                .clone()
+                .argmax(1)
+                .equal(target.clone())
+                .int()
+                .reshape([len]),
+        );
+        if tracked {
+            let p = (logits - lse).exp();
+            let onehot = Tensor::<2>::zeros(p.dims(), &p.device()).scatter(
+                1,
+                target,
+                Tensor::ones([len, 1], &p.device()),
+                IndexingUpdateOp::Add,
+            );
+            grads.push(weight.input_grad(onehot - p));
+        }
+    }
+    if lps.is_empty() {
+        let device = hidden.device();
+        return (Tensor::zeros([0], &device), Tensor::zeros([0], &device));
+    }
+    let lp = Tensor::cat(lps, 0);
+    let hit = Tensor::cat(hits, 0);
+    if !tracked {
+        return (lp, hit);
+    }
+    let u = Tensor::cat(grads, 0).cast(hidden.dtype());
+    let s = (hidden * u).sum_dim(1).reshape([n]).cast(DType::F32);
+    (lp + (s.clone() - s.detach()), hit)
 }
 
 /// The backend extension; the default bodies are the twin flex runs. On the Cube

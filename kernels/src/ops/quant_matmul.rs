@@ -81,6 +81,74 @@ pub fn quant_matmul<const D: usize>(
     Tensor::<2>::from_dispatch(out).reshape(shape)
 }
 
+/// A frozen blockwise-quantized `[N, K]` matrix as the tensors the ops take: what a
+/// quantized projection, output head or embedding table hands them.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    /// `[N, K·bits/32]` u32 words of code indices.
+    pub packed: Tensor<2, Int>,
+    /// `[N·K/block]`, f32.
+    pub scales: Tensor<1>,
+    /// `[2^bits]`, f32.
+    pub code: Tensor<1>,
+    pub layout: QuantLayout,
+}
+
+impl QuantMatrix {
+    /// `[N, K]`.
+    pub fn dims(&self) -> [usize; 2] {
+        let [n, words] = self.packed.dims();
+        [n, words * self.layout.per_word()]
+    }
+
+    /// `x·Wᵀ` in `x`'s dtype, with the input's gradient when `x` is tracked.
+    pub fn matmul<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        quant_matmul(
+            x,
+            self.packed.clone(),
+            self.scales.clone(),
+            self.code.clone(),
+            self.layout,
+        )
+    }
+
+    /// `g·W` for `g` `[M, N]`: the input gradient of [`QuantMatrix::matmul`], computed
+    /// outside autodiff (the result is not tracked).
+    pub fn input_grad(&self, g: Tensor<2>) -> Tensor<2> {
+        Tensor::from_dispatch(Dispatch::quant_matmul_backward(
+            g.detach().into_dispatch(),
+            self.packed.clone().into_dispatch(),
+            self.scales.clone().detach().into_dispatch(),
+            self.code.clone().detach().into_dispatch(),
+            self.layout.bits,
+            self.layout.block,
+        ))
+    }
+
+    /// Rows `ids` `[n]` of the matrix, dequantized to f32 `[n, K]`: an embedding lookup
+    /// that touches only the rows asked for. No gradient (the matrix is frozen).
+    pub fn rows(&self, ids: Tensor<1, Int>) -> Tensor<2> {
+        let [_, k] = self.dims();
+        let n = ids.dims()[0];
+        let per_row = k / self.layout.block as usize;
+        let packed = self.packed.clone().select(0, ids.clone());
+        let scales = self
+            .scales
+            .clone()
+            .detach()
+            .reshape([-1, per_row as i32])
+            .select(0, ids)
+            .reshape([n * per_row]);
+        Tensor::from_dispatch(dequantize_twin::<Dispatch>(
+            packed.into_dispatch(),
+            scales.into_dispatch(),
+            self.code.clone().detach().into_dispatch(),
+            self.layout.bits,
+            self.layout.block,
+        ))
+    }
+}
+
 /// The whole weight `[N, K]` in f32, from its quantized parts on the host: what merging an
 /// adapter into a quantized base, and the tests' reference, start from.
 pub fn dequantize_host(
@@ -576,6 +644,82 @@ mod tests {
             yb.cast(DType::F32)
                 .into_data()
                 .assert_approx_eq::<f32>(&want_b.into_data(), Tolerance::rel_abs(1e-2, 1e-2));
+        }
+    }
+
+    fn matrix(w: &Weight, layout: QuantLayout) -> QuantMatrix {
+        QuantMatrix {
+            packed: w.packed.clone(),
+            scales: w.scales.clone(),
+            code: w.code.clone(),
+            layout,
+        }
+    }
+
+    #[test]
+    fn rows_are_the_dequantized_rows_asked_for() {
+        let device = Device::flex();
+        let (n, k) = (6, 128);
+        let w = weight(n, k, NF4, &device);
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(vec![4i64, 0, 4, 5], [4]), &device);
+        let got = matrix(&w, NF4).rows(ids).into_data();
+        let want: Vec<f32> = [4, 0, 4, 5]
+            .iter()
+            .flat_map(|&r| w.dense[r * k..(r + 1) * k].to_vec())
+            .collect();
+        got.assert_eq(&TensorData::new(want, [4, k]), true);
+    }
+
+    /// A quantized head's chunked log-probs (gradient computed in the forward) against the
+    /// plain path on its dequantized twin: values, top-token hits and the hidden rows'
+    /// gradient under a loss that weights each row differently; untracked rows give the
+    /// same values.
+    #[test]
+    fn a_quantized_heads_logprobs_and_their_gradient_match_the_dequantized_head() {
+        use crate::ops::logprobs::{Head, fused, reference};
+        let device = Device::flex().autodiff();
+        for (layout, n, v, h, chunk) in [(NF4, 9, 70, 128, 4), (Q8, 5, 33, 96, 5)] {
+            let w = weight(v, h, layout, &device);
+            let dense = Head::new(Tensor::from_data(
+                TensorData::new(w.dense.clone(), [v, h]),
+                &device,
+            ));
+            let quantized = Head::quantized(matrix(&w, layout));
+            let targets = Tensor::<1, Int>::from_data(
+                TensorData::new(
+                    (0..n as i64).map(|i| (i * 13 + 2) % v as i64).collect(),
+                    [n],
+                ),
+                &device,
+            );
+            let weights: Tensor<1> = input(1, n, &device).reshape([n]);
+            let run = |head: &Head, fused_path: bool| {
+                let x = input(n, h, &device).mul_scalar(3.0).require_grad();
+                let (lp, hit) = if fused_path {
+                    fused(x.clone(), head, targets.clone(), chunk)
+                } else {
+                    reference(x.clone(), head, targets.clone(), chunk)
+                };
+                let grads = (lp.clone() * weights.clone()).sum().backward();
+                let dx = x.grad(&grads).expect("rows take a gradient");
+                (
+                    lp.inner().into_data(),
+                    hit.inner().into_data(),
+                    dx.into_data(),
+                )
+            };
+            let (want_lp, want_hit, want_dx) = run(&dense, false);
+            for fused_path in [true, false] {
+                let (lp, hit, dx) = run(&quantized, fused_path);
+                let tol = Tolerance::rel_abs(1e-4, 1e-5);
+                lp.assert_approx_eq::<f32>(&want_lp, tol);
+                hit.assert_eq(&want_hit, false);
+                dx.assert_approx_eq::<f32>(&want_dx, tol);
+            }
+            let untracked = input(n, h, &device).mul_scalar(3.0);
+            let (lp, _) = fused(untracked, &quantized, targets.clone(), chunk);
+            lp.into_data()
+                .assert_approx_eq::<f32>(&want_lp, Tolerance::rel_abs(1e-4, 1e-5));
         }
     }
 }

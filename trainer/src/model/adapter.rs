@@ -277,8 +277,8 @@ pub fn merge_lora(mut model: Llama) -> Llama {
     });
     if let Some(lora) = model.embed_lora.take() {
         let merged =
-            super::precision::f32(model.embed_tokens.val()) + lora.merged_delta().transpose();
-        model.embed_tokens = Param::from_tensor(merged);
+            super::precision::f32(model.embed_tokens.dense()) + lora.merged_delta().transpose();
+        model.embed_tokens = Weight::Dense(Param::from_tensor(merged));
     }
     model
 }

@@ -120,7 +120,7 @@ pub fn weights_f32(model: &Llama) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     put(
         &mut out,
         "model.embed_tokens.weight",
-        model.embed_tokens.val(),
+        model.embed_tokens.dense(),
     );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");

@@ -14,6 +14,24 @@ pub enum Weight {
     Quantized(QuantWeight),
 }
 
+impl Weight {
+    /// `[rows, columns]`: a projection's `[out, in]`, an embedding table's `[vocab, hidden]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Weight::Dense(w) => w.shape().dims(),
+            Weight::Quantized(q) => q.out_in(),
+        }
+    }
+
+    /// The weight as a dense tensor: itself, or a quantized one dequantized (f32).
+    pub fn dense(&self) -> Tensor<2> {
+        match self {
+            Weight::Dense(w) => w.val(),
+            Weight::Quantized(q) => q.dequantize(),
+        }
+    }
+}
+
 /// A projection with the weight kept in Hugging Face's `[out, in]` layout, so loading,
 /// saving and LoRA's `[r, in]` / `[out, r]` factors need no transposed copies. An attached
 /// LoRA adds `s · dropout(x)·Aᵀ·Bᵀ` without ever forming `W + s·B·A`.
@@ -71,18 +89,12 @@ impl Linear {
 
     /// `[out, in]`.
     pub fn out_in(&self) -> [usize; 2] {
-        match &self.weight {
-            Weight::Dense(w) => w.shape().dims(),
-            Weight::Quantized(q) => q.out_in(),
-        }
+        self.weight.dims()
     }
 
     /// The weight as a dense tensor: itself, or a quantized one dequantized (f32).
     pub fn dense_weight(&self) -> Tensor<2> {
-        match &self.weight {
-            Weight::Dense(w) => w.val(),
-            Weight::Quantized(q) => q.dequantize(),
-        }
+        self.weight.dense()
     }
 
     /// The dense weight's parameter, `None` when the weight is quantized.

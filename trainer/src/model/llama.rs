@@ -6,7 +6,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use checkpoints::ModelConfig;
 
 use super::attention::{Attention, LayerCache};
-use super::linear::Linear;
+use super::linear::{Linear, Weight};
 use super::lora::Lora;
 use super::mask::attention_mask;
 use super::mlp::Mlp;
@@ -83,7 +83,8 @@ impl DecoderLayer {
 /// logits it does not need.
 #[derive(Module, Debug)]
 pub struct Llama {
-    pub embed_tokens: Param<Tensor<2>>,
+    /// `[vocab, hidden]`; quantized under `model.quantize_embeddings`.
+    pub embed_tokens: Weight,
     /// An adapter on the embeddings (PEFT's `lora_embedding_A` / `_B`).
     pub embed_lora: Option<Lora>,
     pub layers: Vec<DecoderLayer>,
@@ -114,10 +115,7 @@ impl Llama {
                 .remove(name)
                 .ok_or_else(|| TrainerError::Input(format!("tensor `{name}` was not loaded")))
         };
-        let embed_tokens = Param::from_tensor(Tensor::from_data(
-            take("model.embed_tokens.weight")?,
-            device,
-        ));
+        let embed_tokens = weight(&mut take, "model.embed_tokens", device, quant)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -309,7 +307,15 @@ impl Llama {
     /// Token embeddings `[B, T, hidden]`, with the embedding adapter's delta when one is on.
     /// They start the activations off in the model's compute dtype.
     fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        let base = f32(embedding(self.embed_tokens.val(), ids.clone()));
+        let base = match &self.embed_tokens {
+            Weight::Dense(w) => f32(embedding(w.val(), ids.clone())),
+            Weight::Quantized(q) => {
+                let [b, t] = ids.dims();
+                let rows = q.matrix().rows(ids.clone().reshape([b * t]));
+                let hidden = rows.dims()[1];
+                rows.reshape([b, t, hidden])
+            }
+        };
         let x = match &self.embed_lora {
             Some(lora) => base + lora.embedding_delta(ids),
             None => base,
@@ -320,18 +326,25 @@ impl Llama {
     /// The output head for hidden rows `[N, hidden]`: `lm_head` (or the embeddings when
     /// tied), plus its adapter's low-rank term for those rows when `lm_head` has one.
     pub fn head(&self, rows: &Tensor<2>) -> kernels::Head {
+        let weight = |w: &Weight| match w {
+            Weight::Dense(w) => kernels::HeadWeight::Dense(w.val()),
+            Weight::Quantized(q) => kernels::HeadWeight::Quantized(q.matrix()),
+        };
         match &self.lm_head {
             // The head's matmul runs in its stored dtype, a chunk of rows at a time; the
             // logits and the log-softmax over the vocabulary are f32.
             Some(head) => kernels::Head {
-                weight: head.dense_weight(),
+                weight: weight(&head.weight),
                 low_rank: head.lora.as_ref().map(|l| {
                     let down = linear(l.dropout.forward(rows.clone()), l.a.val().transpose(), None)
                         .mul_scalar(l.scale);
                     (down, l.b.val())
                 }),
             },
-            None => kernels::Head::new(self.embed_tokens.val()),
+            None => kernels::Head {
+                weight: weight(&self.embed_tokens),
+                low_rank: None,
+            },
         }
     }
 
@@ -353,9 +366,12 @@ impl Llama {
     /// The float parameters of quantized weights (scales, code tables).
     fn quantized_param_ids(&self) -> Vec<ParamId> {
         self.projections()
-            .filter_map(|p| match &p.weight {
-                super::linear::Weight::Quantized(q) => Some([q.scales.id, q.code.id]),
-                super::linear::Weight::Dense(_) => None,
+            .map(|p| &p.weight)
+            .chain(self.lm_head.as_ref().map(|h| &h.weight))
+            .chain([&self.embed_tokens])
+            .filter_map(|w| match w {
+                Weight::Quantized(q) => Some([q.scales.id, q.code.id]),
+                Weight::Dense(_) => None,
             })
             .flatten()
             .collect()
@@ -380,21 +396,7 @@ fn proj(
     device: &Device,
     quant: &Quantization,
 ) -> Result<Linear> {
-    let name = format!("{prefix}.weight");
-    let data = take(&name)?;
-    let weight = match quant.layout_for(prefix)? {
-        Some(layout) => {
-            let shape: [usize; 2] = [data.shape()[0], data.shape()[1]];
-            let values = data
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| TrainerError::Input(format!("{name}: {e:?}")))?;
-            super::linear::Weight::Quantized(QuantWeight::quantize(
-                &name, &values, shape, layout, device,
-            )?)
-        }
-        None => super::linear::Weight::Dense(Param::from_tensor(Tensor::from_data(data, device))),
-    };
+    let weight = weight(take, prefix, device, quant)?;
     let bias = if bias {
         Some(Param::from_tensor(Tensor::from_data(
             take(&format!("{prefix}.bias"))?,
@@ -407,6 +409,30 @@ fn proj(
         weight,
         bias,
         lora: None,
+    })
+}
+
+/// The weight at `prefix`, quantized as `quant` says or dense.
+fn weight(
+    take: &mut impl FnMut(&str) -> Result<TensorData>,
+    prefix: &str,
+    device: &Device,
+    quant: &Quantization,
+) -> Result<Weight> {
+    let name = format!("{prefix}.weight");
+    let data = take(&name)?;
+    Ok(match quant.layout_for(prefix)? {
+        Some(layout) => {
+            let shape: [usize; 2] = [data.shape()[0], data.shape()[1]];
+            let values = data
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| TrainerError::Input(format!("{name}: {e:?}")))?;
+            Weight::Quantized(QuantWeight::quantize(
+                &name, &values, shape, layout, device,
+            )?)
+        }
+        None => Weight::Dense(Param::from_tensor(Tensor::from_data(data, device))),
     })
 }
 

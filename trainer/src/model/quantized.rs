@@ -6,10 +6,13 @@
 //! gradient.
 //!
 //! What is quantized: the attention and MLP projections (`q_proj` … `down_proj`), less
-//! those named in `model.quantize_skip`. Embeddings, norms, the output head and a reward
-//! model's score head stay in the compute dtype, as bitsandbytes leaves embeddings and
-//! `lm_head`: they are small beside the projections, or read per token, and the head's
-//! log-probs run through their own fused op.
+//! those named in `model.quantize_skip`. By default the embeddings and the output head stay
+//! in the compute dtype, as bitsandbytes leaves embeddings and `lm_head`: quantizing them
+//! costs accuracy on every token. `model.quantize_embeddings = true` quantizes them too
+//! (one matrix when tied), which a small model needs to bring its whole base under 0.3×
+//! bf16 (SmolLM2-135M's tied embeddings are a fifth of it): the lookup dequantizes only
+//! the rows it reads, and the head's log-probs dequantize a tile at a time like a
+//! projection. Norms and a reward model's score head always stay dense.
 //!
 //! `keep` takes a GGUF model's own types: its Q8_0 and Q4_0 projections are held as they
 //! are (their blocks re-read exactly), F32/F16/BF16 ones stay dense, and any other type
@@ -35,6 +38,9 @@ pub struct Quantization {
     /// Projection names (`down_proj`) or weight prefixes (`model.layers.0.mlp.down_proj`)
     /// left dense.
     pub skip: Vec<String>,
+    /// Also the token embeddings and the output head (one matrix when tied):
+    /// `model.quantize_embeddings`.
+    pub embeddings: bool,
     /// For `keep`: each weight's type in the GGUF being loaded, by Hugging Face name.
     pub source_types: std::collections::HashMap<String, GgmlType>,
 }
@@ -53,20 +59,28 @@ impl Quantization {
         Self {
             scheme: (scheme != Quantize::None).then_some(scheme),
             skip: skip.to_vec(),
+            embeddings: false,
             source_types: Default::default(),
         }
     }
 
-    /// How to hold the projection at `prefix` (`model.layers.3.self_attn.q_proj`): `None`
-    /// keeps it dense. Under `keep`, a GGUF type hearth cannot hold is refused.
+    /// With the embeddings and output head quantized too, or not.
+    pub fn with_embeddings(mut self, embeddings: bool) -> Self {
+        self.embeddings = embeddings;
+        self
+    }
+
+    /// How to hold the weight at `prefix` (`model.layers.3.self_attn.q_proj`,
+    /// `model.embed_tokens`, `lm_head`): `None` keeps it dense. Under `keep`, a GGUF type hearth cannot hold is refused.
     pub fn layout_for(&self, prefix: &str) -> Result<Option<Layout>> {
         let Some(scheme) = self.scheme else {
             return Ok(None);
         };
         let module = prefix.rsplit('.').next().unwrap_or(prefix);
         let projection = checkpoints::peft::LAYER_PROJECTIONS.contains(&module);
+        let vocab = prefix == "model.embed_tokens" || prefix == "lm_head";
         let skipped = self.skip.iter().any(|s| s == module || s == prefix);
-        if !projection || skipped {
+        if !(projection || vocab && self.embeddings) || skipped {
             return Ok(None);
         }
         Ok(match scheme {
@@ -190,13 +204,17 @@ impl QuantWeight {
 
     /// `x·Wᵀ` in `x`'s dtype.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        kernels::quant_matmul(
-            x,
-            self.packed.val(),
-            self.scales.val(),
-            self.code.val(),
-            self.layout(),
-        )
+        self.matrix().matmul(x)
+    }
+
+    /// The parts as the ops take them.
+    pub fn matrix(&self) -> kernels::QuantMatrix {
+        kernels::QuantMatrix {
+            packed: self.packed.val(),
+            scales: self.scales.val(),
+            code: self.code.val(),
+            layout: self.layout(),
+        }
     }
 
     /// The whole weight in f32 on its device: for merging an adapter into it and for

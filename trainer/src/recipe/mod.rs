@@ -84,6 +84,10 @@ pub struct ModelSection {
     /// stay dense under `quantize`.
     #[serde(default)]
     pub quantize_skip: Vec<String>,
+    /// Quantize the token embeddings and the output head too (one matrix when tied); by
+    /// default they stay in the compute dtype, as bitsandbytes leaves them.
+    #[serde(default)]
+    pub quantize_embeddings: bool,
 }
 
 fn default_quantize() -> Quantize {

@@ -49,7 +49,8 @@ pub fn setup(
     resume_from: Option<&Path>,
     pad: u32,
 ) -> Result<Setup> {
-    let quant = Quantization::new(recipe.model.quantize, &recipe.model.quantize_skip);
+    let quant = Quantization::new(recipe.model.quantize, &recipe.model.quantize_skip)
+        .with_embeddings(recipe.model.quantize_embeddings);
     let (config, mut base) = load_model_with(&recipe.model.path, device, &quant)?;
     let reward = objective.needs_score_head();
     if reward {
