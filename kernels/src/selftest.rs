@@ -183,6 +183,15 @@ pub enum Case {
         k: usize,
         bits: u32,
     },
+    /// [`Case::TokenLogprobs`] through a head stored quantized in `bits` (no rank term),
+    /// against the dense head of its dequantized values.
+    QuantHead {
+        n: usize,
+        h: usize,
+        v: usize,
+        chunk: usize,
+        bits: u32,
+    },
 }
 
 /// What one case found.
@@ -224,6 +233,7 @@ impl Case {
             Case::Attention { .. } => "attention",
             Case::Rotary { .. } => "rotary",
             Case::QuantMatmul { .. } => "quant_matmul",
+            Case::QuantHead { .. } => "quant_head_logprobs",
         }
     }
 
@@ -250,6 +260,13 @@ impl Case {
             }
             Case::Rotary { b, h, t, d } => format!("[{b}, {h}, {t}, {d}]"),
             Case::QuantMatmul { m, n, k, bits } => format!("M {m} N {n} K {k} bits {bits}"),
+            Case::QuantHead {
+                n,
+                h,
+                v,
+                chunk,
+                bits,
+            } => format!("N {n} H {h} V {v} chunk {chunk} bits {bits}"),
         };
         format!("{} {shape}", self.op())
     }
@@ -325,6 +342,20 @@ impl Case {
                     quant_matmul(device, dtype, dims, false),
                 );
                 add(&["y", "dx"], g, w, &[dtype; 2]);
+            }
+            Case::QuantHead {
+                n,
+                h,
+                v,
+                chunk,
+                bits,
+            } => {
+                let dims = (n, h, v, chunk, bits);
+                let (g, w) = (
+                    quant_head(device, dtype, dims, true),
+                    quant_head(device, dtype, dims, false),
+                );
+                add(&["log-probs", "hits", "dh"], g, w, &[dtype; 3]);
             }
         }
         let counts = Counts::now().since(&before);
@@ -406,6 +437,14 @@ pub fn model_cases(small: bool) -> Vec<Case> {
             bits,
         });
     }
+    // A head quantized with model.quantize_embeddings (NF4), at the 1B's hidden size.
+    cases.push(Case::QuantHead {
+        n: t,
+        h: hidden[0],
+        v: vocab,
+        chunk,
+        bits: 4,
+    });
     // A decode step of a rollout: four new queries against the whole cache.
     cases.push(Case::Attention {
         b: 2,
@@ -703,6 +742,38 @@ fn quant_matmul(
     vec![host(y), grad(&x, &grads, "x")]
 }
 
+/// The head's log-probs through a quantized head (the fused path computes the hidden
+/// gradient in the forward) or, as the reference, through the dense head of the same values.
+fn quant_head(
+    device: &Device,
+    dtype: DType,
+    (n, h, v, chunk, bits): (usize, usize, usize, usize, u32),
+    fused_path: bool,
+) -> Vec<Vec<f32>> {
+    let (packed, scales, code, layout, dense) = quantized_weight(v, h, bits, device);
+    let hidden = tensor(&values(n * h, 55), [n, h], device, dtype).require_grad();
+    let tv: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 5) % v as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(tv, [n]), device);
+    let (lp, hits) = if fused_path {
+        let head = Head::quantized(crate::QuantMatrix {
+            packed,
+            scales,
+            code,
+            layout,
+        });
+        fused::token_logprobs(hidden.clone(), &head, targets, chunk)
+    } else {
+        let head = Head::new(tensor(&dense, [v, h], device, DType::F32));
+        reference::token_logprobs(hidden.clone().cast(DType::F32), &head, targets, chunk)
+    };
+    let grads = probe(lp.clone(), 56).backward();
+    vec![
+        host(lp),
+        host(hits.float()),
+        grad(&hidden, &grads, "hidden"),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,6 +851,7 @@ mod tests {
             let want = match case.op() {
                 "rms_norm" | "swiglu" => 3,
                 "rotary" | "quant_matmul" => 2,
+                "quant_head_logprobs" => 3,
                 "token_logprobs" => 4 + 2 * usize::from(report.outputs.len() > 4),
                 _ => 4,
             };

@@ -63,10 +63,30 @@ fn quant_parity(device: &Device, dtype: DType) {
     }
 }
 
+/// A quantized head's log-probs, fused (hidden gradient computed in the forward), against
+/// the dense head of its values: two chunks and a partial one, NF4 and Q8_0.
+fn quant_head_parity(device: &Device, dtype: DType) {
+    for bits in [4, 8] {
+        check(
+            Case::QuantHead {
+                n: 37,
+                h: 128,
+                v: 300,
+                chunk: 16,
+                bits,
+            },
+            device,
+            dtype,
+        );
+    }
+}
+
 #[test]
 fn quant_matmul_matches_reference_on_flex() {
     quant_parity(&Device::flex().autodiff(), DType::F32);
     quant_parity(&Device::flex().autodiff(), DType::BF16);
+    quant_head_parity(&Device::flex().autodiff(), DType::F32);
+    quant_head_parity(&Device::flex().autodiff(), DType::BF16);
 }
 
 #[test]
@@ -250,6 +270,33 @@ mod wgpu {
         let device = device().autodiff();
         quant_parity(&device, DType::F32);
         quant_parity(&device, DType::F16);
+        quant_head_parity(&device, DType::F32);
+    }
+
+    /// The quantized embedding lookup (u32 words gathered by row, unpacked by shift and
+    /// mask) gives the host's dequantized rows.
+    #[test]
+    fn quantized_rows_match_the_host_on_wgpu() {
+        let device = device();
+        let (n, k) = (5, 128);
+        let layout = kernels::QuantLayout { bits: 4, block: 64 };
+        let codes: Vec<u8> = (0..n * k).map(|i| ((i * 7 + i / 3) % 16) as u8).collect();
+        let scales: Vec<f32> = (0..n * k / 64).map(|b| 0.02 + b as f32 * 0.01).collect();
+        let code: Vec<f32> = (0..16).map(|i| i as f32 / 7.5 - 1.0).collect();
+        let packed = kernels::pack_codes(&codes, 4);
+        let dense = kernels::dequantize_host(&packed, &scales, &code, layout, n, k);
+        let m = kernels::QuantMatrix {
+            packed: Tensor::from_data(TensorData::new(packed, [n, k / 8]), (&device, DType::U32)),
+            scales: Tensor::from_data(TensorData::new(scales, [n * k / 64]), &device),
+            code: Tensor::from_data(TensorData::new(code, [16]), &device),
+            layout,
+        };
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(vec![3i64, 0, 3], [3]), &device);
+        let want: Vec<f32> = [3, 0, 3]
+            .iter()
+            .flat_map(|&r| dense[r * k..(r + 1) * k].to_vec())
+            .collect();
+        assert_close("rows", &host(m.rows(ids)), &want, DType::F32);
     }
 
     /// f16 inputs: the kernel's sums are f32, the reference's matmuls round to f16.
