@@ -759,6 +759,7 @@ fn quant_head(
             packed,
             scales,
             code,
+            offsets: None,
             layout,
         });
         fused::token_logprobs(hidden.clone(), &head, targets, chunk)

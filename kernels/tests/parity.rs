@@ -289,6 +289,7 @@ mod wgpu {
             packed: Tensor::from_data(TensorData::new(packed, [n, k / 8]), (&device, DType::U32)),
             scales: Tensor::from_data(TensorData::new(scales, [n * k / 64]), &device),
             code: Tensor::from_data(TensorData::new(code, [16]), &device),
+            offsets: None,
             layout,
         };
         let ids = Tensor::<1, Int>::from_data(TensorData::new(vec![3i64, 0, 3], [3]), &device);

@@ -411,21 +411,49 @@ fn quantized_smollm2_starts_within_five_percent_of_its_dense_loss() {
     }
 }
 
-/// `keep` cannot hold SmolLM2's Q4_1 blocks (an offset per block, which the quantized
-/// matmul has no room for) and says so, naming the tensor and its type.
+/// `keep` on the real file: SmolLM2's Q4_1 projections (a scale and a minimum per 32
+/// values) and, with `quantize_embeddings`, its Q8_0 embedding table are held as the
+/// file's blocks: exactly its values, and the same loss as the model widened to f32.
 #[test]
-fn keep_refuses_the_types_it_cannot_hold_naming_them() {
+fn keep_holds_smollm2s_q4_1_blocks_as_the_file_has_them() {
     use trainer::choices::Quantize;
+    use trainer::model::linear::Weight;
     use trainer::model::load_model_with;
     use trainer::model::quantized::Quantization;
-    let q = Quantization::new(Quantize::Keep, &[]);
-    let e = load_model_with(&real_model(), &Device::flex(), &q)
-        .map(|_| ())
-        .expect_err("Q4_1 cannot be kept")
-        .to_string();
+    let model = real_model();
+    let device = Device::flex();
+    let (_, dense) = trainer::model::load_model(&model, &device).unwrap();
+    let q = Quantization::new(Quantize::Keep, &[]).with_embeddings(true);
+    let (_, kept) = load_model_with(&model, &device, &q).unwrap();
+    let Weight::Quantized(qw) = &kept.layers[0].self_attn.q_proj.weight else {
+        panic!("q_proj is kept quantized")
+    };
     assert!(
-        e.contains("model.layers.0.self_attn.q_proj.weight is Q4_1"),
-        "{e}"
+        qw.offsets.is_some() && qw.bits == 4 && qw.block == 32,
+        "Q4_1's layout"
     );
-    assert!(e.contains("\"nf4\""), "{e}");
+    let Weight::Quantized(embed) = &kept.embed_tokens else {
+        panic!("the embedding table is kept quantized")
+    };
+    assert!(embed.offsets.is_none() && embed.bits == 8, "Q8_0's layout");
+    for (d, k) in [
+        (
+            &dense.layers[0].self_attn.q_proj.weight,
+            &kept.layers[0].self_attn.q_proj.weight,
+        ),
+        (
+            &dense.layers[29].mlp.down_proj.weight,
+            &kept.layers[29].mlp.down_proj.weight,
+        ),
+        (&dense.embed_tokens, &kept.embed_tokens),
+    ] {
+        assert_eq!(d.dense().into_data(), k.dense().into_data());
+    }
+    let batch = common::bundled_batch(&model, 4, 256);
+    let loss = |m: &trainer::model::Llama| sft_loss(m, &LmBatch::new(&batch, &device)).1.loss;
+    let (a, b) = (loss(&dense), loss(&kept));
+    assert!(
+        (a - b).abs() < 1e-4 * a.abs(),
+        "loss {b} kept vs {a} widened"
+    );
 }

@@ -311,36 +311,89 @@ fn a_quantized_full_fine_tune_is_refused() {
     );
 }
 
-/// `keep` holds a GGUF's Q8_0 and Q4_0 projections as they are — dequantized, exactly the
-/// file's values — and leaves F32 ones dense; a checkpoint that is not a GGUF is refused.
+/// `keep` holds a GGUF's quantized projections (and, with `quantize_embeddings`, its
+/// embedding table and head) as the file's blocks — dequantized, exactly the file's values
+/// — and leaves F32 ones dense; a checkpoint that is not a GGUF is refused. The files cover
+/// Q8_0, Q4_0, Q5_0 (q4_k_m's fallback for 128-wide rows), Q4_K and Q6_K (256-wide rows).
 #[test]
 fn keep_holds_a_gguf_models_own_blocks() {
-    use checkpoints::gguf::ExportType;
+    use checkpoints::gguf::{ExportType, GgmlType, GgufFile};
     use trainer::model::export_to_gguf;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m");
     base(&path);
+    let wide = dir.path().join("wide");
+    let spec = NewModel {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 2,
+        init_std: 0.02,
+        seed: 4,
+        ..Default::default()
+    };
+    init_model(&wide, &spec, Default::default()).unwrap();
     let device = Device::flex();
-    let keep = quant(Quantize::Keep);
-    for (ty, bits) in [
-        (ExportType::Q8_0, Some(8)),
-        (ExportType::Q4_0, Some(4)),
-        (ExportType::F32, None),
-    ] {
-        let gguf = dir.path().join(format!("{ty:?}.gguf"));
-        export_to_gguf(&path, None, &gguf, ty).unwrap();
+    let keep = quant(Quantize::Keep).with_embeddings(true);
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, (base, ty)) in [
+        (&path, ExportType::Q8_0),
+        (&path, ExportType::Q4_0),
+        (&path, ExportType::Q4KM),
+        (&wide, ExportType::Q4KM),
+        (&path, ExportType::F32),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let gguf = dir.path().join(format!("{i}-{ty:?}.gguf"));
+        export_to_gguf(base, None, &gguf, ty).unwrap();
+        let file = GgufFile::open(&gguf).unwrap();
         let (_, dense) = load_model(&gguf, &device).unwrap();
         let (_, kept) = load_model_with(&gguf, &device, &keep).unwrap();
-        for (d, k) in dense.projections().zip(kept.projections()) {
-            match (&k.weight, bits) {
-                (Weight::Quantized(q), Some(b)) => assert_eq!(q.bits, b, "{ty:?}"),
-                (Weight::Dense(_), None) => {}
-                _ => panic!("{ty:?}: wrong layout kept"),
+        let weights = |m: &Llama| -> Vec<(String, Weight)> {
+            let mut out: Vec<(String, Weight)> = Vec::new();
+            for (l, layer) in m.layers.iter().enumerate() {
+                for (name, p) in [
+                    ("attn_q", &layer.self_attn.q_proj),
+                    ("attn_k", &layer.self_attn.k_proj),
+                    ("attn_v", &layer.self_attn.v_proj),
+                    ("attn_output", &layer.self_attn.o_proj),
+                    ("ffn_gate", &layer.mlp.gate_proj),
+                    ("ffn_up", &layer.mlp.up_proj),
+                    ("ffn_down", &layer.mlp.down_proj),
+                ] {
+                    out.push((format!("blk.{l}.{name}.weight"), p.weight.clone()));
+                }
             }
-            let (a, b) = (d.dense_weight().into_data(), k.dense_weight().into_data());
-            assert_eq!(a, b, "{ty:?}: kept weights are the file's values");
+            out.push(("token_embd.weight".into(), m.embed_tokens.clone()));
+            if let Some(h) = &m.lm_head {
+                out.push(("output.weight".into(), h.weight.clone()));
+            }
+            out
+        };
+        for ((name, d), (_, k)) in weights(&dense).into_iter().zip(weights(&kept)) {
+            let source = file.tensor(&name).unwrap().ty;
+            let float = matches!(source, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+            match &k {
+                Weight::Quantized(_) if !float => {
+                    seen.insert(source.name());
+                }
+                Weight::Dense(_) if float => {}
+                _ => panic!("{ty:?}: {name} ({}) held wrongly", source.name()),
+            }
+            assert_eq!(
+                d.dense().into_data(),
+                k.dense().into_data(),
+                "{ty:?}: {name} ({}): kept weights are the file's values",
+                source.name()
+            );
         }
+        // And the model computes with them.
+        let (a, b) = (logits(&dense, &device), logits(&kept, &device));
+        assert!(rel_rms(&a, &b) < 1e-5, "{ty:?}: {}", rel_rms(&a, &b));
     }
+    let want = ["Q4_0", "Q4_K", "Q5_0", "Q6_K", "Q8_0"];
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), want);
     let e = load_model_with(&path, &device, &keep)
         .unwrap_err()
         .to_string();

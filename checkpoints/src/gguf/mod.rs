@@ -19,7 +19,7 @@ pub use model::{
     ARCHITECTURES, GgufModel, gguf_name, hf_name, llama3_rope_factors, llama3_rope_factors_with,
     locate, permute_rows, unpermute_rows,
 };
-pub use quant::{GgmlType, dequantize};
+pub use quant::{Blocks, GgmlType, blocks, dequantize};
 pub use tokenizer::PRE_TOKENIZERS;
 pub use writer::{GgufWriter, TensorOut};
 

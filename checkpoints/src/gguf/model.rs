@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::container::{GgufFile, MetaValue, TensorInfo, gguf_err};
-use super::quant::{GgmlType, dequantize};
+use super::quant::{Blocks, GgmlType, blocks, dequantize};
 use crate::Result;
 
 /// The architectures read (`general.architecture`): both map onto hearth's Llama.
@@ -129,10 +129,15 @@ pub fn permute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     reorder_rows(values, heads, cols, true)
 }
 
-fn reorder_rows(values: &[f32], heads: usize, cols: usize, to_gguf: bool) -> Vec<f32> {
+fn reorder_rows<T: Copy + Default>(
+    values: &[T],
+    heads: usize,
+    cols: usize,
+    to_gguf: bool,
+) -> Vec<T> {
     let rows = values.len() / cols;
     let half = rows / heads / 2;
-    let mut out = vec![0.0; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for h in 0..heads {
         for j in 0..2 {
             for i in 0..half {
@@ -395,6 +400,44 @@ impl GgufModel {
     /// The tensor transformers calls `hf`, which must have the row-major shape `expected`,
     /// dequantized to f32 and in transformers' row order.
     pub fn tensor_f32(&self, hf: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let tensor = self.take_tensor(hf, expected)?;
+        let values = self.values(tensor)?;
+        Ok(match self.row_heads(tensor)? {
+            Some(heads) => unpermute_rows(&values, heads, expected.get(1).copied().unwrap_or(1)),
+            None => values,
+        })
+    }
+
+    /// The quantized tensor transformers calls `hf` (shape `expected`) taken apart into
+    /// codes, scales and offsets as they are in the file ([`Blocks`]), rows in transformers'
+    /// order. `None` (and the tensor left untaken) when its type is a plain float one.
+    pub fn tensor_blocks(&self, hf: &str, expected: &[usize]) -> Result<Option<Blocks>> {
+        let name = gguf_name(hf).ok_or_else(|| self.err(format!("no GGUF name for `{hf}`")))?;
+        let ty = self.file.tensor(&name).map(|t| t.ty);
+        if ty.is_none_or(|ty| blocks(ty, &[]).is_none()) {
+            return Ok(None);
+        }
+        let tensor = self.take_tensor(hf, expected)?;
+        let mut b = blocks(tensor.ty, self.file.bytes(tensor)).ok_or_else(|| {
+            self.err(format!(
+                "tensor `{}` ({}) is not a whole number of blocks",
+                tensor.name,
+                tensor.ty.name()
+            ))
+        })?;
+        let cols = expected.get(1).copied().unwrap_or(1);
+        if let Some(heads) = self.row_heads(tensor)? {
+            b.codes = reorder_rows(&b.codes, heads, cols, false);
+            b.scales = reorder_rows(&b.scales, heads, cols / b.block, false);
+            b.offsets = b
+                .offsets
+                .map(|o| reorder_rows(&o, heads, cols / b.block, false));
+        }
+        Ok(Some(b))
+    }
+
+    /// The tensor transformers calls `hf`, checked to have the shape `expected`, marked taken.
+    fn take_tensor(&self, hf: &str, expected: &[usize]) -> Result<&TensorInfo> {
         let name = gguf_name(hf).ok_or_else(|| self.err(format!("no GGUF name for `{hf}`")))?;
         let tensor = self.file.tensor(&name).ok_or_else(|| {
             self.err(format!(
@@ -407,21 +450,25 @@ impl GgufModel {
                 tensor.shape()
             )));
         }
-        self.taken.borrow_mut().insert(name.clone());
-        let values = self.values(tensor)?;
+        self.taken.borrow_mut().insert(name);
+        Ok(tensor)
+    }
+
+    /// The head count whose rows llama.cpp's converter interleaved in `tensor` (q and k of
+    /// the `llama` architecture), or `None` when its rows are in transformers' order.
+    fn row_heads(&self, tensor: &TensorInfo) -> Result<Option<usize>> {
+        let name = &tensor.name;
         let permuted =
             self.arch == "llama" && (name.contains(".attn_q.") || name.contains(".attn_k."));
         if !permuted {
-            return Ok(values);
+            return Ok(None);
         }
-        let heads = if name.contains(".attn_q.") {
-            self.required("attention.head_count")?
+        let heads = self.required("attention.head_count")?;
+        Ok(Some(if name.contains(".attn_q.") {
+            heads
         } else {
-            let heads = self.required("attention.head_count")?;
             self.count("attention.head_count_kv")?.unwrap_or(heads)
-        };
-        let cols = if expected.len() == 2 { expected[1] } else { 1 };
-        Ok(unpermute_rows(&values, heads, cols))
+        }))
     }
 
     /// Fails on the first tensor nobody took.

@@ -294,3 +294,159 @@ fn q6_k(b: &[u8], out: &mut Vec<f32>) {
         }
     }
 }
+
+/// A quantized tensor taken apart the way a blockwise matmul reads it: one code index per
+/// value, and per block of `block` consecutive values a scale and, for the types with a
+/// minimum (Q4_1, Q5_1, Q4_K, Q5_K), an offset, so that
+/// `value = table[code] · scale + offset` — the same products and sums ggml's
+/// `dequantize_row_*` computes, so the values are the file's bit for bit. K-quants'
+/// sub-block scales (`d · sc`, `dmin · m`) are expanded to one f32 per sub-block; 5- and
+/// 6-bit codes take a byte each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocks {
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub offsets: Option<Vec<f32>>,
+    /// Values per scale: 32 (Q4_0 … Q8_0, Q4_K and Q5_K sub-blocks), 16 (Q6_K sub-blocks).
+    pub block: usize,
+    /// Bits per code index as stored: 4 or 8.
+    pub bits: u32,
+    /// `2^bits` entries: the value of each code before its scale.
+    pub table: Vec<f32>,
+}
+
+impl Blocks {
+    /// Every value, in order.
+    pub fn values(&self) -> Vec<f32> {
+        self.codes
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                let b = i / self.block;
+                let v = self.table[c as usize] * self.scales[b];
+                match &self.offsets {
+                    Some(o) => v + o[b],
+                    None => v,
+                }
+            })
+            .collect()
+    }
+}
+
+/// `bytes` (whole blocks of `ty`) as [`Blocks`]. `None` for plain float types and the
+/// types hearth cannot read.
+pub fn blocks(ty: GgmlType, bytes: &[u8]) -> Option<Blocks> {
+    let bb = ty.block_bytes();
+    let (block, bits, table, has_offsets): (usize, u32, Vec<f32>, bool) = match ty {
+        GgmlType::Q8_0 => (
+            32,
+            8,
+            (0..=255u8).map(|b| f32::from(b as i8)).collect(),
+            false,
+        ),
+        GgmlType::Q4_0 => (32, 4, (0..16).map(|q| (q - 8) as f32).collect(), false),
+        GgmlType::Q4_1 | GgmlType::Q4K => (32, 4, (0..16).map(|q| q as f32).collect(), true),
+        GgmlType::Q5_0 => (32, 8, (0..256).map(|q| (q - 16) as f32).collect(), false),
+        GgmlType::Q5_1 | GgmlType::Q5K => (32, 8, (0..256).map(|q| q as f32).collect(), true),
+        GgmlType::Q6K => (16, 8, (0..256).map(|q| (q - 32) as f32).collect(), false),
+        _ => return None,
+    };
+    if !bytes.len().is_multiple_of(bb) {
+        return None;
+    }
+    let n = bytes.len() / bb * ty.block_len();
+    let mut out = Blocks {
+        codes: Vec::with_capacity(n),
+        scales: Vec::with_capacity(n / block),
+        offsets: has_offsets.then(|| Vec::with_capacity(n / block)),
+        block,
+        bits,
+        table,
+    };
+    for b in bytes.chunks_exact(bb) {
+        split_block(ty, b, &mut out);
+    }
+    Some(out)
+}
+
+/// Appends one block of `ty` to `out` (see [`blocks`] for the layouts, and each type's
+/// `dequantize` twin above for its formula).
+fn split_block(ty: GgmlType, b: &[u8], out: &mut Blocks) {
+    let mut push = |scale: f32, offset: Option<f32>| {
+        out.scales.push(scale);
+        if let (Some(o), Some(v)) = (out.offsets.as_mut(), offset) {
+            o.push(v);
+        }
+    };
+    match ty {
+        GgmlType::Q8_0 => {
+            push(half_at(b, 0), None);
+            out.codes.extend_from_slice(&b[2..34]);
+        }
+        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+            let (offset, qs) = match ty {
+                GgmlType::Q4_0 => (None, &b[2..18]),
+                _ => (Some(half_at(b, 2)), &b[4..20]),
+            };
+            push(half_at(b, 0), offset);
+            out.codes.extend(qs.iter().map(|q| q & 0xF));
+            out.codes.extend(qs.iter().map(|q| q >> 4));
+        }
+        GgmlType::Q5_0 => {
+            push(half_at(b, 0), None);
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            out.codes
+                .extend(five_bits(qh, &b[6..22]).iter().map(|&q| q as u8));
+        }
+        GgmlType::Q5_1 => {
+            push(half_at(b, 0), Some(half_at(b, 2)));
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            out.codes
+                .extend(five_bits(qh, &b[8..24]).iter().map(|&q| q as u8));
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+            let scales = &b[4..16];
+            let (qh, qs) = match ty {
+                GgmlType::Q4K => (None, &b[16..144]),
+                _ => (Some(&b[16..48]), &b[48..176]),
+            };
+            for pair in 0..4 {
+                let q = &qs[pair * 32..pair * 32 + 32];
+                for (half, shift) in [(0, 0), (1, 4)] {
+                    let (sc, m) = scale_min_k4(2 * pair + half, scales);
+                    push(d * sc as f32, Some(-(dmin * m as f32)));
+                    let bit = 1u8 << (2 * pair + half);
+                    out.codes.extend(q.iter().enumerate().map(|(l, &v)| {
+                        let high = qh.map_or(0, |h| if h[l] & bit != 0 { 16 } else { 0 });
+                        ((v >> shift) & 0xF) + high
+                    }));
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            let d = half_at(b, 208);
+            let mut codes = [0u8; QK_K];
+            for half in 0..2 {
+                let ql = &b[half * 64..half * 64 + 64];
+                let qh = &b[128 + half * 32..128 + half * 32 + 32];
+                let y = &mut codes[half * 128..half * 128 + 128];
+                for l in 0..32 {
+                    y[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                    y[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                    y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+            // Sub-block j (16 values) of half h has scale sc[8h + j]: values 16j.. of the
+            // half, as `is + 2k` indexes them above.
+            for half in 0..2 {
+                for j in 0..8 {
+                    push(d * b[192 + half * 8 + j] as i8 as f32, None);
+                }
+            }
+            out.codes.extend_from_slice(&codes);
+        }
+        _ => unreachable!("blocks() admits only the types above"),
+    }
+}

@@ -274,6 +274,50 @@ fn q6_k_uses_signed_scales_per_16_values() {
     });
 }
 
+/// Every quantized type taken apart into codes, scales and offsets gives back its
+/// dequantized values bit for bit, on random blocks (finite f16 scales, any codes).
+#[test]
+fn blocks_reassemble_to_the_dequantized_values() {
+    let mut r = Lcg(11);
+    let halves: [(GgmlType, &[usize]); 8] = [
+        (GgmlType::Q8_0, &[0]),
+        (GgmlType::Q4_0, &[0]),
+        (GgmlType::Q4_1, &[0, 2]),
+        (GgmlType::Q5_0, &[0]),
+        (GgmlType::Q5_1, &[0, 2]),
+        (GgmlType::Q4K, &[0, 2]),
+        (GgmlType::Q5K, &[0, 2]),
+        (GgmlType::Q6K, &[208]),
+    ];
+    for (ty, at) in halves {
+        let n = 3;
+        let mut bytes: Vec<u8> = (0..n * ty.block_bytes())
+            .map(|_| r.below(256) as u8)
+            .collect();
+        for b in bytes.chunks_exact_mut(ty.block_bytes()) {
+            for &i in at {
+                b[i..i + 2].copy_from_slice(&r.half().to_le_bytes());
+            }
+        }
+        let want = dequantize(ty, &bytes).unwrap();
+        let got = blocks(ty, &bytes).unwrap();
+        assert_eq!(got.codes.len(), want.len(), "{}", ty.name());
+        assert!(got.codes.iter().all(|&c| (c as usize) < got.table.len()));
+        assert_eq!(got.scales.len() * got.block, want.len(), "{}", ty.name());
+        let values = got.values();
+        for (i, (g, w)) in values.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{} value {i}: {g} vs {w}",
+                ty.name()
+            );
+        }
+    }
+    assert!(blocks(GgmlType::F16, &[0, 0]).is_none());
+    assert!(blocks(GgmlType::Q4_0, &[0; 17]).is_none());
+}
+
 #[test]
 fn an_unsupported_type_is_named_when_read() {
     let dir = tempfile::tempdir().unwrap();

@@ -91,6 +91,11 @@ pub struct QuantMatrix {
     pub scales: Tensor<1>,
     /// `[2^bits]`, f32.
     pub code: Tensor<1>,
+    /// `[N·K/block]` f32, added to each block's values (GGUF's types with a minimum):
+    /// `W[n, k] = code[index(n, k)] · scale + offset`. Being constant over a block, its
+    /// part of `x·Wᵀ` is the block sums of `x` times the offsets, a `[M, K/block]·[K/block, N]`
+    /// product beside the quantized one.
+    pub offsets: Option<Tensor<1>>,
     pub layout: QuantLayout,
 }
 
@@ -103,26 +108,67 @@ impl QuantMatrix {
 
     /// `x·Wᵀ` in `x`'s dtype, with the input's gradient when `x` is tracked.
     pub fn matmul<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        quant_matmul(
-            x,
+        let y = quant_matmul(
+            x.clone(),
             self.packed.clone(),
             self.scales.clone(),
             self.code.clone(),
             self.layout,
-        )
+        );
+        let Some(offsets) = self.offsets_by_row() else {
+            return y;
+        };
+        let dims = y.dims();
+        let [_, k] = self.dims();
+        let (nb, block) = (k / self.layout.block as usize, self.layout.block as usize);
+        let sums: Tensor<2> = x
+            .cast(DType::F32)
+            .reshape([-1, nb as i32, block as i32])
+            .sum_dim(2)
+            .reshape([-1, nb as i32]);
+        let shift = sums.matmul(offsets.transpose()).reshape(dims);
+        let dtype = y.dtype();
+        (y.cast(DType::F32) + shift).cast(dtype)
+    }
+
+    /// The offsets as `[N, K/block]`, untracked.
+    fn offsets_by_row(&self) -> Option<Tensor<2>> {
+        let [n, _] = self.dims();
+        self.offsets
+            .as_ref()
+            .map(|o| o.clone().detach().cast(DType::F32).reshape([n as i32, -1]))
+    }
+
+    /// `[M, K/block]` → `[M, K]`, each value repeated over its block.
+    fn spread(&self, per_block: Tensor<2>) -> Tensor<2> {
+        let [m, nb] = per_block.dims();
+        let block = self.layout.block as usize;
+        per_block
+            .reshape([m, nb, 1])
+            .expand([m, nb, block])
+            .reshape([m, nb * block])
     }
 
     /// `g·W` for `g` `[M, N]`: the input gradient of [`QuantMatrix::matmul`], computed
     /// outside autodiff (the result is not tracked).
     pub fn input_grad(&self, g: Tensor<2>) -> Tensor<2> {
-        Tensor::from_dispatch(Dispatch::quant_matmul_backward(
-            g.detach().into_dispatch(),
+        let g = g.detach();
+        let dx: Tensor<2> = Tensor::from_dispatch(Dispatch::quant_matmul_backward(
+            g.clone().into_dispatch(),
             self.packed.clone().into_dispatch(),
             self.scales.clone().detach().into_dispatch(),
             self.code.clone().detach().into_dispatch(),
             self.layout.bits,
             self.layout.block,
-        ))
+        ));
+        match self.offsets_by_row() {
+            Some(o) => {
+                let shift = self.spread(g.cast(DType::F32).matmul(o));
+                let dtype = dx.dtype();
+                (dx.cast(DType::F32) + shift).cast(dtype)
+            }
+            None => dx,
+        }
     }
 
     /// Rows `ids` `[n]` of the matrix, dequantized to f32 `[n, K]`: an embedding lookup
@@ -137,15 +183,19 @@ impl QuantMatrix {
             .clone()
             .detach()
             .reshape([-1, per_row as i32])
-            .select(0, ids)
+            .select(0, ids.clone())
             .reshape([n * per_row]);
-        Tensor::from_dispatch(dequantize_twin::<Dispatch>(
+        let rows: Tensor<2> = Tensor::from_dispatch(dequantize_twin::<Dispatch>(
             packed.into_dispatch(),
             scales.into_dispatch(),
             self.code.clone().detach().into_dispatch(),
             self.layout.bits,
             self.layout.block,
-        ))
+        ));
+        match self.offsets_by_row() {
+            Some(o) => rows + self.spread(o.select(0, ids)),
+            None => rows,
+        }
     }
 }
 
@@ -652,8 +702,51 @@ mod tests {
             packed: w.packed.clone(),
             scales: w.scales.clone(),
             code: w.code.clone(),
+            offsets: None,
             layout,
         }
+    }
+
+    /// Offsets (GGUF's minimums) shift each block's values: the product, the input's
+    /// gradient through autodiff and `input_grad`, and the rows all see `W + offset`.
+    #[test]
+    fn offsets_shift_every_value_of_their_block() {
+        let device = Device::flex().autodiff();
+        let (m, n, k) = (3, 10, 96);
+        let w = weight(n, k, Q8, &device);
+        let nb = n * k / 32;
+        let offsets: Vec<f32> = (0..nb).map(|b| (b as f32 - 12.0) * 0.01).collect();
+        let dense: Vec<f32> = w
+            .dense
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + offsets[i / 32])
+            .collect();
+        let mut q = matrix(&w, Q8);
+        q.offsets = Some(Tensor::from_data(TensorData::new(offsets, [nb]), &device));
+        let dense = Tensor::<2>::from_data(TensorData::new(dense, [n, k]), &device);
+        let tol = Tolerance::rel_abs(1e-5, 1e-5);
+
+        let x = input(m, k, &device).require_grad();
+        let y = q.matmul(x.clone());
+        y.clone().into_data().assert_approx_eq::<f32>(
+            &x.clone().matmul(dense.clone().transpose()).into_data(),
+            tol,
+        );
+        let r = input(m, n, &device);
+        let grads = (y * r.clone()).sum().backward();
+        let want_dx = r.clone().matmul(dense.clone());
+        x.grad(&grads)
+            .unwrap()
+            .into_data()
+            .assert_approx_eq::<f32>(&want_dx.clone().inner().into_data(), tol);
+        q.input_grad(r)
+            .into_data()
+            .assert_approx_eq::<f32>(&want_dx.into_data(), tol);
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(vec![9i64, 2], [2]), &device);
+        q.rows(ids.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&dense.select(0, ids).into_data(), tol);
     }
 
     #[test]

@@ -62,12 +62,23 @@ fn load_gguf(path: &Path, device: &Device, quant: &Quantization) -> Result<(Mode
             }
         }
     }
-    let quant = &quant;
     let mut tensors = HashMap::new();
     for spec in tensor_specs(&config) {
+        // Under `keep`, a quantized weight in scope is read as its blocks, never widened.
+        let prefix = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+        if quant.layout_for(prefix)? == Some(super::quantized::Layout::Kept)
+            && let Some(blocks) = file.tensor_blocks(&spec.name, &spec.shape)?
+        {
+            let shape = [spec.shape[0], spec.shape.get(1).copied().unwrap_or(1)];
+            quant
+                .kept
+                .insert(spec.name.clone(), (std::sync::Arc::new(blocks), shape));
+            continue;
+        }
         let values = file.tensor_f32(&spec.name, &spec.shape)?;
         tensors.insert(spec.name, TensorData::new(values, spec.shape));
     }
+    let quant = &quant;
     file.ensure_all_taken()?;
     let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device, quant)?);
     Ok((config, model))

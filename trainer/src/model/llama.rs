@@ -369,11 +369,14 @@ impl Llama {
             .map(|p| &p.weight)
             .chain(self.lm_head.as_ref().map(|h| &h.weight))
             .chain([&self.embed_tokens])
-            .filter_map(|w| match w {
-                Weight::Quantized(q) => Some([q.scales.id, q.code.id]),
-                Weight::Dense(_) => None,
+            .flat_map(|w| match w {
+                Weight::Quantized(q) => {
+                    let mut ids = vec![q.scales.id, q.code.id];
+                    ids.extend(q.offsets.as_ref().map(|o| o.id));
+                    ids
+                }
+                Weight::Dense(_) => Vec::new(),
             })
-            .flatten()
             .collect()
     }
 
@@ -420,8 +423,18 @@ fn weight(
     quant: &Quantization,
 ) -> Result<Weight> {
     let name = format!("{prefix}.weight");
+    let layout = quant.layout_for(prefix)?;
+    if layout == Some(super::quantized::Layout::Kept) {
+        let (blocks, shape) = quant
+            .kept
+            .get(&name)
+            .ok_or_else(|| TrainerError::Input(format!("{name}: its GGUF blocks were not read")))?;
+        return Ok(Weight::Quantized(QuantWeight::from_blocks(
+            &name, blocks, *shape, device,
+        )?));
+    }
     let data = take(&name)?;
-    Ok(match quant.layout_for(prefix)? {
+    Ok(match layout {
         Some(layout) => {
             let shape: [usize; 2] = [data.shape()[0], data.shape()[1]];
             let values = data

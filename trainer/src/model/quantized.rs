@@ -14,9 +14,12 @@
 //! the rows it reads, and the head's log-probs dequantize a tile at a time like a
 //! projection. Norms and a reward model's score head always stay dense.
 //!
-//! `keep` takes a GGUF model's own types: its Q8_0 and Q4_0 projections are held as they
-//! are (their blocks re-read exactly), F32/F16/BF16 ones stay dense, and any other type
-//! (Q4_1, the K-quants…) is refused, naming the tensor.
+//! `keep` takes a GGUF model's own types: every quantized projection hearth reads (Q8_0,
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) is held as the file's blocks
+//! ([`checkpoints::gguf::Blocks`]: its values exactly), F32/F16/BF16 ones stay dense. The
+//! layout is hearth's, not ggml's: 4-bit codes stay 4-bit, 5- and 6-bit ones take a byte,
+//! and K-quants' sub-block scales and minimums are expanded to f32, so Q4_1 and Q4_K hold
+//! 6 bits per value (0.375× bf16), Q5/Q6 types 9 to 10.
 //!
 //! NF4's two-level scales are expanded to one f32 per block when the weight is loaded
 //! (what bitsandbytes' dequantization computes from them), so the stored size is
@@ -24,7 +27,7 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use checkpoints::gguf::GgmlType;
+use checkpoints::gguf::{Blocks, GgmlType};
 use kernels::QuantLayout;
 
 use crate::choices::Quantize;
@@ -43,6 +46,9 @@ pub struct Quantization {
     pub embeddings: bool,
     /// For `keep`: each weight's type in the GGUF being loaded, by Hugging Face name.
     pub source_types: std::collections::HashMap<String, GgmlType>,
+    /// For `keep`: the quantized weights' blocks as the file holds them, and their
+    /// `[out, in]`, by name.
+    pub kept: std::collections::HashMap<String, (std::sync::Arc<Blocks>, [usize; 2])>,
 }
 
 /// How one weight is held.
@@ -51,6 +57,8 @@ pub enum Layout {
     Nf4,
     Q8_0,
     Q4_0,
+    /// A GGUF tensor's own blocks, as the loader read them ([`Quantization::kept`]).
+    Kept,
 }
 
 impl Quantization {
@@ -61,6 +69,7 @@ impl Quantization {
             skip: skip.to_vec(),
             embeddings: false,
             source_types: Default::default(),
+            kept: Default::default(),
         }
     }
 
@@ -71,7 +80,8 @@ impl Quantization {
     }
 
     /// How to hold the weight at `prefix` (`model.layers.3.self_attn.q_proj`,
-    /// `model.embed_tokens`, `lm_head`): `None` keeps it dense. Under `keep`, a GGUF type hearth cannot hold is refused.
+    /// `model.embed_tokens`, `lm_head`): `None` keeps it dense. Under `keep`, a quantized
+    /// GGUF tensor is [`Layout::Kept`]: the loader reads its blocks.
     pub fn layout_for(&self, prefix: &str) -> Result<Option<Layout>> {
         let Some(scheme) = self.scheme else {
             return Ok(None);
@@ -93,14 +103,9 @@ impl Quantization {
                     Some(GgmlType::Q8_0) => Some(Layout::Q8_0),
                     Some(GgmlType::Q4_0) => Some(Layout::Q4_0),
                     Some(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => None,
-                    Some(other) => {
-                        return Err(TrainerError::Input(format!(
-                            "model.quantize = \"keep\": {name} is {} in the GGUF, which a \
-                             quantized base cannot hold as it is (it keeps Q8_0 and Q4_0); \
-                             use \"nf4\" or \"q8_0\"",
-                            other.name()
-                        )));
-                    }
+                    // Every quantized type hearth reads is held as its blocks; one it
+                    // cannot read is refused when the loader reads it, naming it.
+                    Some(_) => Some(Layout::Kept),
                     None => {
                         return Err(TrainerError::Input(
                             "model.quantize = \"keep\" keeps a GGUF model's own types; this \
@@ -124,6 +129,8 @@ pub struct QuantWeight {
     pub scales: Param<Tensor<1>>,
     /// `[2^bits]`, f32.
     pub code: Param<Tensor<1>>,
+    /// `[out · in / block]` f32, added to each block (GGUF's types with a minimum).
+    pub offsets: Option<Param<Tensor<1>>>,
     pub bits: u32,
     pub block: u32,
 }
@@ -138,10 +145,16 @@ impl QuantWeight {
         layout: Layout,
         device: &Device,
     ) -> Result<Self> {
-        let (block, bits, label) = match layout {
-            Layout::Nf4 => (checkpoints::nf4::BLOCK, 4, "nf4"),
-            Layout::Q8_0 => (GgmlType::Q8_0.block_len(), 8, "q8_0"),
-            Layout::Q4_0 => (GgmlType::Q4_0.block_len(), 4, "q4_0"),
+        let (block, label, ggml_type) = match layout {
+            Layout::Nf4 => (checkpoints::nf4::BLOCK, "nf4", None),
+            Layout::Q8_0 => (GgmlType::Q8_0.block_len(), "q8_0", Some(GgmlType::Q8_0)),
+            Layout::Q4_0 => (GgmlType::Q4_0.block_len(), "q4_0", Some(GgmlType::Q4_0)),
+            Layout::Kept => {
+                return Err(TrainerError::Input(format!(
+                    "{name}: model.quantize = \"keep\" takes a GGUF tensor's blocks as \
+                     the file holds them, not values"
+                )));
+            }
         };
         if inp % block != 0 {
             return Err(TrainerError::Input(format!(
@@ -149,23 +162,58 @@ impl QuantWeight {
                  number of {block}-value blocks; leave it dense with model.quantize_skip"
             )));
         }
-        let (codes, scales, code): (Vec<u8>, Vec<f32>, Vec<f32>) = match layout {
-            Layout::Nf4 => {
+        let ggml = |ty: GgmlType| {
+            let bytes = checkpoints::gguf::quantize::quantize(ty, values);
+            bytes
+                .and_then(|b| checkpoints::gguf::blocks(ty, &b))
+                .ok_or_else(|| TrainerError::Input(format!("{name}: values are not whole blocks")))
+        };
+        let blocks = match ggml_type {
+            None => {
                 let q = checkpoints::nf4::quantize(values);
-                let absmax = q.absmax();
-                (q.codes, absmax, checkpoints::nf4::CODE.to_vec())
+                Blocks {
+                    scales: q.absmax(),
+                    codes: q.codes,
+                    offsets: None,
+                    block,
+                    bits: 4,
+                    table: checkpoints::nf4::CODE.to_vec(),
+                }
             }
-            Layout::Q8_0 => q8_0(values)?,
-            Layout::Q4_0 => q4_0(values)?,
+            Some(ty) => ggml(ty)?,
         };
+        Self::from_blocks(name, &blocks, [out, inp], device)
+    }
+
+    /// The `[out, in]` weight `name` from its blocks (a GGUF tensor's, or a quantizer's).
+    pub fn from_blocks(
+        name: &str,
+        blocks: &Blocks,
+        [out, inp]: [usize; 2],
+        device: &Device,
+    ) -> Result<Self> {
         let layout = QuantLayout {
-            bits,
-            block: block as u32,
+            bits: blocks.bits,
+            block: blocks.block as u32,
         };
-        let packed = kernels::pack_codes(&codes, bits);
+        if inp % blocks.block != 0
+            || inp % layout.per_word() != 0
+            || blocks.codes.len() != out * inp
+        {
+            return Err(TrainerError::Input(format!(
+                "{name}: [{out}, {inp}] is not a whole number of {}-value blocks per row",
+                blocks.block
+            )));
+        }
+        let packed = kernels::pack_codes(&blocks.codes, blocks.bits);
         let words = inp / layout.per_word();
-        let n_scales = scales.len();
-        let levels = code.len();
+        let floats = |v: &[f32]| {
+            Param::from_tensor(Tensor::<1>::from_data(
+                TensorData::new(v.to_vec(), [v.len()]),
+                (device, DType::F32),
+            ))
+            .set_require_grad(false)
+        };
         Ok(Self {
             packed: Param::initialized(
                 ParamId::new(),
@@ -174,18 +222,11 @@ impl QuantWeight {
                     (device, DType::U32),
                 ),
             ),
-            scales: Param::from_tensor(Tensor::from_data(
-                TensorData::new(scales, [n_scales]),
-                (device, DType::F32),
-            ))
-            .set_require_grad(false),
-            code: Param::from_tensor(Tensor::from_data(
-                TensorData::new(code, [levels]),
-                (device, DType::F32),
-            ))
-            .set_require_grad(false),
-            bits,
-            block: block as u32,
+            scales: floats(&blocks.scales),
+            code: floats(&blocks.table),
+            offsets: blocks.offsets.as_deref().map(floats),
+            bits: blocks.bits,
+            block: blocks.block as u32,
         })
     }
 
@@ -213,6 +254,7 @@ impl QuantWeight {
             packed: self.packed.val(),
             scales: self.scales.val(),
             code: self.code.val(),
+            offsets: self.offsets.as_ref().map(|o| o.val()),
             layout: self.layout(),
         }
     }
@@ -232,52 +274,29 @@ impl QuantWeight {
             .unwrap_or_default();
         let scales = host(self.scales.val().into_data());
         let code = host(self.code.val().into_data());
-        let dense = kernels::dequantize_host(&packed, &scales, &code, self.layout(), out, inp);
+        let mut dense = kernels::dequantize_host(&packed, &scales, &code, self.layout(), out, inp);
+        if let Some(o) = &self.offsets {
+            let offsets = host(o.val().into_data());
+            let block = self.block as usize;
+            for (i, v) in dense.iter_mut().enumerate() {
+                *v += offsets[i / block];
+            }
+        }
         Tensor::from_data(TensorData::new(dense, [out, inp]), &device)
     }
 
-    /// Bytes held on the device: packed codes, scales and code table.
+    /// Bytes held on the device: packed codes, scales, offsets and code table.
     pub fn bytes(&self) -> usize {
         let [out, words] = self.packed.shape().dims::<2>();
+        let offsets = self
+            .offsets
+            .as_ref()
+            .map_or(0, |o| o.shape().num_elements() * 4);
         out * words * 4
             + self.scales.shape().num_elements() * 4
             + self.code.shape().num_elements() * 4
+            + offsets
     }
-}
-
-/// Q8_0 as GGUF encodes it (f16 scale, 32 signed bytes per block): the bytes' codes as
-/// indices into the table of the 256 byte values read as i8, and the scales widened.
-fn q8_0(values: &[f32]) -> Result<(Vec<u8>, Vec<f32>, Vec<f32>)> {
-    let bytes = checkpoints::gguf::quantize::quantize(GgmlType::Q8_0, values)
-        .ok_or_else(|| TrainerError::Input("q8_0: values are not whole blocks".into()))?;
-    let per = GgmlType::Q8_0.block_bytes();
-    let mut codes = Vec::with_capacity(values.len());
-    let mut scales = Vec::with_capacity(bytes.len() / per);
-    for block in bytes.chunks_exact(per) {
-        scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-        codes.extend_from_slice(&block[2..]);
-    }
-    let code = (0..=255u8).map(|b| f32::from(b as i8)).collect();
-    Ok((codes, scales, code))
-}
-
-/// Q4_0 as GGUF encodes it (f16 scale, 32 values as nibbles: the first 16 in the low
-/// halves, the next 16 in the high ones), each value `d · (q − 8)`: codes in value order
-/// and the table of `q − 8`.
-fn q4_0(values: &[f32]) -> Result<(Vec<u8>, Vec<f32>, Vec<f32>)> {
-    let bytes = checkpoints::gguf::quantize::quantize(GgmlType::Q4_0, values)
-        .ok_or_else(|| TrainerError::Input("q4_0: values are not whole blocks".into()))?;
-    let per = GgmlType::Q4_0.block_bytes();
-    let mut codes = Vec::with_capacity(values.len());
-    let mut scales = Vec::with_capacity(bytes.len() / per);
-    for block in bytes.chunks_exact(per) {
-        scales.push(half::f16::from_le_bytes([block[0], block[1]]).to_f32());
-        let qs = &block[2..];
-        codes.extend(qs.iter().map(|b| b & 0x0F));
-        codes.extend(qs.iter().map(|b| b >> 4));
-    }
-    let code = (0..16).map(|q| (q - 8) as f32).collect();
-    Ok((codes, scales, code))
 }
 
 #[cfg(test)]
