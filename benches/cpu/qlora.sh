@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # QLoRA against LoRA on this machine's CPU, side by side in one run: the same SFT recipe on
 # the real SmolLM2-135M GGUF (tests/fetch-smollm2.sh), once with the frozen projections
-# dense (f32) and once in NF4 (and Q8_0), alternated ROUNDS times. Prints the median step
+# dense (f32) and once in NF4 (and Q8_0; `keep`: the file's own Q4_1 blocks;
+# `nf4+embeddings`: the embedding table quantized too), alternated ROUNDS times. Prints the median step
 # time of steps 2.. (the first compiles and warms caches), its ratio to the dense run, the
 # first step's loss and the process's peak RSS.
 #
 #   benches/cpu/qlora.sh OUT_DIR
 #
 # HEARTH: the binary (default: target/release/hearth, built when missing). STEPS (default
-# 5), ROUNDS (default 2), SCHEMES (default: "none nf4 q8_0").
+# 5), ROUNDS (default 2), SCHEMES (default: "none nf4 q8_0 keep nf4+embeddings").
 set -euo pipefail
 out=$1
 here=$(cd "$(dirname "$0")" && pwd)
@@ -21,15 +22,18 @@ if [ ! -x "$hearth" ]; then
 fi
 steps=${STEPS:-5}
 rounds=${ROUNDS:-2}
-schemes=${SCHEMES:-none nf4 q8_0}
+schemes=${SCHEMES:-none nf4 q8_0 keep nf4+embeddings}
 cd "$root"
 for round in $(seq "$rounds"); do
     for q in $schemes; do
         run=$out/$q-$round
         rm -rf "$run"
+        embeddings=false
+        [[ $q == *+embeddings ]] && embeddings=true
         "$hearth" train recipes/smollm2-gguf-sft.toml --out "$run" \
             --set train.max_steps="$steps" --set train.eval_steps=0 --set train.save_steps=0 \
-            --set model.quantize="\"$q\"" >/dev/null 2>&1
+            --set model.quantize="\"${q%%+*}\"" --set model.quantize_embeddings=$embeddings \
+            >/dev/null 2>&1
     done
 done
 python3 - "$out" "$rounds" $schemes <<'PY'

@@ -336,7 +336,9 @@ mod wgpu {
                 "rotary" => &[Kernel::Rotary, Kernel::RotaryBackward],
                 "lora_up" => &[Kernel::LoraUp],
                 "token_logprobs" => &[Kernel::LogitRows, Kernel::LogitGrads],
-                "quant_matmul" => &[Kernel::QuantMatmul, Kernel::QuantMatmulBackward],
+                "quant_matmul" | "quant_head_logprobs" => {
+                    &[Kernel::QuantMatmul, Kernel::QuantMatmulBackward]
+                }
                 _ => &[Kernel::AttentionBackward],
             };
             for &k in want {
