@@ -1,8 +1,9 @@
-//! Encoding f32 rows into ggml's types, for `hearth export gguf`. The legacy types (Q8_0,
-//! Q4_0, Q5_0) follow ggml's reference quantizers exactly. The K-quants (Q4_K, Q6_K) use a
-//! plain fit (each sub-block's range, then its scale rounded onto the super-block's 6- or
-//! 8-bit grid), not llama.cpp's iterative search: the blocks are valid and decode the same
-//! everywhere, with somewhat larger error than llama.cpp's own quantizer gives.
+//! Encoding f32 rows into ggml's types, for `hearth export gguf`. Each follows ggml's
+//! reference quantizer (`quantize_row_*_ref`, what `llama-quantize` runs without an
+//! importance matrix) operation for operation, in f32 without fused multiply-adds: the
+//! legacy types (Q8_0, Q4_0, Q4_1, Q5_0) and the K-quants (Q4_K with `make_qkx2_quants`'
+//! search, Q6_K with `make_qx_quants`'). A llama.cpp built to contract `a·b + c` into FMAs
+//! can differ from these in the last bit of a scale, and so in a code now and then.
 
 use half::{bf16, f16};
 
@@ -136,66 +137,239 @@ pub(crate) fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
     s
 }
 
-/// Q4_K: each 32-value sub-block is fitted as `scale · q − min` with `q` in 0..15 over its
-/// range (its minimum clamped to ≤ 0, as llama.cpp does), then the eight scales and mins are
-/// put on the super-block's 6-bit grids `d · ls` and `dmin · lm` (rounded up), and the codes recomputed
-/// with the scales as stored.
+/// ggml's `nearest_int`: round half to even through the float-add trick, as every K-quant
+/// rounds.
+fn nearest_int(v: f32) -> i32 {
+    let bits = (v + 12_582_912.0f32).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+/// ggml's `make_qkx2_quants`: the sub-block fitted as `scale · L − min`, `L` in 0..=nmax,
+/// trying `nstep + 1` scales around the range's and keeping the least weighted squared
+/// error. Returns `(scale, min)` (the min as stored: the negated offset, ≥ 0).
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += weights[i];
+        sum_x += weights[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.iter_mut().for_each(|v| *v = 0);
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let mut iscale = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0.0f32;
+    for i in 0..n {
+        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    let mut aux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..n {
+            let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            aux[i] = li as u8;
+            let (w, lf) = (weights[i], li as f32);
+            sum_l += w * lf;
+            sum_l2 += w * lf * lf;
+            sum_xl += w * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0.0f32;
+            for i in 0..n {
+                let diff = this_scale * aux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&aux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `make_qx_quants` with `rmse_type` 1 and no importance weights (each value
+/// weighted by its square): a signed scale for codes `l` in `−nmax..nmax` (stored as
+/// `l + nmax`), the best of 19 tries.
+fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        codes.fill(0);
+        return 0.0;
+    }
+    let nmaxf = nmax as f32;
+    let fit = |iscale: f32, codes: Option<&mut [u8]>| {
+        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+        let mut out = codes;
+        for (i, &v) in x.iter().enumerate() {
+            let l = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+            if let Some(c) = out.as_deref_mut() {
+                c[i] = (l + nmax) as u8;
+            }
+            let (w, lf) = (v * v, l as f32);
+            sumlx += w * v * lf;
+            suml2 += w * lf * lf;
+        }
+        (sumlx, suml2)
+    };
+    let (sumlx, suml2) = fit(-nmaxf / max, Some(codes));
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in (-9..=9).filter(|&is| is != 0) {
+        let iscale = -(nmaxf + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = fit(iscale, None);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            fit(iscale, Some(codes));
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// ggml's `quantize_row_q4_K_ref` (what `llama-quantize` runs without an importance
+/// matrix): each 32-value sub-block fitted by [`make_qkx2_quants`] with weights
+/// `rms + |x|`, the eight scales and mins put on 6-bit grids under the super-block's f16
+/// `d` and `dmin`, and the codes recomputed with the scales as stored.
 fn q4_k(x: &[f32], out: &mut Vec<u8>) {
+    let mut l = [0u8; QK_K];
     let mut scales = [0.0f32; 8];
     let mut mins = [0.0f32; 8];
-    for (s, sub) in x.chunks_exact(32).enumerate() {
-        let min = sub.iter().fold(f32::INFINITY, |a, &v| a.min(v)).min(0.0);
-        let max = sub.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        scales[s] = (max - min) / 15.0;
-        mins[s] = -min;
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for j in 0..8 {
+        let sub = &x[32 * j..32 * j + 32];
+        let sum_x2 = sub.iter().fold(0.0f32, |a, v| a + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let weights: Vec<f32> = sub.iter().map(|v| av_x + v.abs()).collect();
+        let (scale, min) = make_qkx2_quants(
+            15,
+            sub,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            -1.0,
+            0.1,
+            20,
+        );
+        scales[j] = scale;
+        mins[j] = min;
+        if scale > max_scale {
+            max_scale = scale;
+        }
+        if min > max_min {
+            max_min = min;
+        }
     }
-    let max_scale = scales.iter().fold(0.0f32, |a, &v| a.max(v));
-    let max_min = mins.iter().fold(0.0f32, |a, &v| a.max(v));
-    let d = f16::from_f32(max_scale / 63.0);
-    let dmin = f16::from_f32(max_min / 63.0);
-    let (df, dminf) = (d.to_f32(), dmin.to_f32());
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
-    for s in 0..8 {
-        // Rounded up, so a sub-block's codes cover its range without clamping.
-        ls[s] = (scales[s] * inverse(df)).ceil().clamp(0.0, 63.0) as u8;
-        lm[s] = (mins[s] * inverse(dminf)).ceil().clamp(0.0, 63.0) as u8;
+    for j in 0..8 {
+        ls[j] = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        lm[j] = (nearest_int(inv_min * mins[j]) as u8).min(63);
     }
-    let mut q = [0u8; QK_K];
-    for (k, v) in x.iter().enumerate() {
-        let s = k / 32;
-        let scale = df * ls[s] as f32;
-        let min = dminf * lm[s] as f32;
-        q[k] = ((v + min) * inverse(scale)).round().clamp(0.0, 15.0) as u8;
+    let packed = pack_scale_min_k4(&ls, &lm);
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    for j in 0..8 {
+        let (sc, m) = super::quant::scale_min_k4(j, &packed);
+        let dj = d.to_f32() * sc as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * m as f32;
+        for i in 32 * j..32 * j + 32 {
+            l[i] = nearest_int((x[i] + dm) / dj).clamp(0, 15) as u8;
+        }
     }
     out.extend(d.to_le_bytes());
     out.extend(dmin.to_le_bytes());
-    out.extend(pack_scale_min_k4(&ls, &lm));
+    out.extend(packed);
     for p in 0..4 {
-        for l in 0..32 {
-            out.push((q[64 * p + l] & 0xF) | ((q[64 * p + 32 + l] & 0xF) << 4));
+        for i in 0..32 {
+            out.push(l[64 * p + i] | (l[64 * p + 32 + i] << 4));
         }
     }
 }
 
-/// Q6_K: each 16-value sub-block gets the scale that maps its largest magnitude to 31
-/// (codes −32..31), put on the super-block's signed 8-bit grid `d · sc`.
+/// ggml's `quantize_row_q6_K_ref`: each 16-value sub-block's signed scale from
+/// [`make_qx_quants`], the sixteen put on an 8-bit grid under the super-block's f16 `d`
+/// (the largest mapped to −128), and the codes recomputed with the scales as stored.
 fn q6_k(x: &[f32], out: &mut Vec<u8>) {
     let mut scales = [0.0f32; 16];
-    for (s, sub) in x.chunks_exact(16).enumerate() {
-        scales[s] = sub.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 31.0;
+    let mut l = [0u8; QK_K];
+    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
+    for (ib, sub) in x.chunks_exact(16).enumerate() {
+        let scale = make_qx_quants(32, sub, &mut l[16 * ib..16 * ib + 16]);
+        scales[ib] = scale;
+        if scale.abs() > max_abs_scale {
+            max_abs_scale = scale.abs();
+            max_scale = scale;
+        }
     }
-    let max_scale = scales.iter().fold(0.0f32, |a, &v| a.max(v));
-    let d = f16::from_f32(max_scale / 127.0);
-    let df = d.to_f32();
+    if max_abs_scale < 1e-15 {
+        out.extend([0u8; 210]);
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    let d = f16::from_f32(1.0 / iscale);
     let sc: Vec<i8> = scales
         .iter()
-        .map(|s| (s * inverse(df)).ceil().clamp(0.0, 127.0) as i8)
+        .map(|s| nearest_int(iscale * s).min(127) as i8)
         .collect();
-    let mut l = [0u8; QK_K];
-    for (k, v) in x.iter().enumerate() {
-        let scale = df * sc[k / 16] as f32;
-        l[k] = ((v * inverse(scale)).round().clamp(-32.0, 31.0) as i32 + 32) as u8;
+    for (j, &s) in sc.iter().enumerate() {
+        let dj = d.to_f32() * s as f32;
+        if dj == 0.0 {
+            // As ggml: the codes `make_qx_quants` chose stay (a zero scale zeroes them).
+            continue;
+        }
+        for i in 16 * j..16 * j + 16 {
+            l[i] = (nearest_int(x[i] / dj).clamp(-32, 31) + 32) as u8;
+        }
     }
     let mut ql = [0u8; 128];
     let mut qh = [0u8; 64];

@@ -646,3 +646,49 @@ fn q4_1_follows_ggml_and_requantizes_to_the_same_bytes() {
     let back = dequantize(GgmlType::Q4_1, &bytes).unwrap();
     assert_eq!(quantize(GgmlType::Q4_1, &back).unwrap(), bytes);
 }
+
+/// Q4_K and Q6_K as ggml's reference quantizers write them: two hand-made super-blocks
+/// (a signed wave, then an all-positive one, which exercises the minimums) against the bytes
+/// `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref` produced for the same f32 values
+/// (transcribed from ggml-quants.c and built with `gcc -O2 -ffp-contract=off`).
+#[test]
+fn k_quants_match_ggmls_reference_quantizers_byte_for_byte() {
+    let x: Vec<f32> = (0..512)
+        .map(|i| {
+            let f = i as f32;
+            if i < 256 {
+                (f * 0.37).sin() * 0.05 + (i % 7) as f32 * 0.003
+            } else {
+                0.2 + (f * 0.91).cos() * 0.1
+            }
+        })
+        .collect();
+    let hex = |parts: &[&str]| -> Vec<u8> {
+        let h: String = parts.concat();
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let q4_k = hex(&[
+        "51086b12f7fff8fcfafdfbfeb9cbf96436598c8eafcfdedac8b674523222102235284a7d9fbdddedcbb9a78561403001",
+        "30210316385b8bbddecedddccab593723111121424476a6c9ebfdfecead89674b574523222102235285a7dafcdedfccb",
+        "b9a78561403002041639698bbdbecedddeedecdab593722102030525487a7daecfeffcfae89674533220112306295c8e",
+        "910d1003fffafaff3f0000000d0b090b9edaf6d5975b6e9deaf6d5875b6eadeaf6c5885c6eade9f6c5885c6ebde9f5c5",
+        "e7d5975b5f8fcbe7c5875c5f8fcbe7c5885c5f9edae6c5885c6f9edae6b5785da66a5e8ecbf7e5a66a5e8edbf7d5976b",
+        "5e9edaf6d5975b6e9edaf6d5875c6ead5e7fcdf8e5a66a5e8fccf8e5a76b5f8fdcf7d5976b5f9fdbf7d5975c6f9fdbf7",
+    ]);
+    let q6_k = hex(&[
+        "a055dc3571b0d3531a1249ae2160e63f362be17780e746b95e161de434a71682fb21d686fc4581b013591c144bb133c2",
+        "fd40675d039af3f049bc41080f364bb7135abf3170f64e654af07780c7177a00161ee646b82792daf07535cc2581e164",
+        "4d0d044bbf41d02c8ea58c229ad4d11aa93f0800485ecc4ab50c210569eb4490baf9e4e4908040010102060a1b2f6f7e",
+        "bafde9e4e490504040010506171b6b6f02060a1b2b6f7efaf9e9e4e4905040410101061b1b6b6faeaef9f9e4e0908040",
+        "8b8c918596849c8e8a90809995859f8f1e0102591285010881125a1375001791235b03750f26a0335cf4650e25b0345d",
+        "e4550e35c1455ee5440d44d1464fd5440c54e1564fc5330b53f15730b5230a62f158230a52f05730a522096101582195",
+        "11087102591285010881125a1375001791235b03750f26a0335cf4650e25b0345de4550e35c1455ee5440d44d1464fd5",
+        "440c10101141410404101011414104041010114140040410100141440404101001414144040010114141040410101141",
+        "41040410101141410404101011414104041082838082878584858582838086878584f604",
+    ]);
+    assert_eq!(quantize::quantize(GgmlType::Q4K, &x).unwrap(), q4_k);
+    assert_eq!(quantize::quantize(GgmlType::Q6K, &x).unwrap(), q6_k);
+}
