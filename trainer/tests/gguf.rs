@@ -310,7 +310,7 @@ fn smollm2_exports_keep_its_perplexity() {
     let (ppl, _) = perplexity(&gguf, &batch);
     assert!(ppl > 1.0 && ppl < 100.0, "SmolLM2 perplexity {ppl}");
     // Measured (this test, 4 dialogues of up to 192 tokens): q8_0 −0.9 %, q4_0 −15 %,
-    // q4_k_m +7 %. Re-quantizing an already 4-bit model moves this small model's perplexity
+    // q4_k_m +8 % (ggml's reference Q4_K/Q6_K search; +7 % with the plain fit before it). Re-quantizing an already 4-bit model moves this small model's perplexity
     // on the synthetic dialogues that much, either way; a broken type lands in the hundreds.
     for (ty, tol) in [("q8_0", 0.03), ("q4_0", 0.35), ("q4_k_m", 0.35)] {
         let out = tmp.path().join(format!("smollm2-{ty}.gguf"));
