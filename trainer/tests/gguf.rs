@@ -299,6 +299,117 @@ fn export_round_trips_a_tiny_model_in_every_type() {
     assert!(m.contains("refusing to write here"), "{m}");
 }
 
+/// A model whose tokenizer is SentencePiece BPE (Llama 2, Mistral: `▁` for spaces, byte
+/// fallback) exports as llama.cpp's `llama` vocabulary: tokens, scores that order merges as
+/// the BPE model does, byte and unknown token types, the space prefix. Read back, it encodes
+/// every text as the Hugging Face tokenizer it came from.
+#[test]
+fn a_sentencepiece_tokenizer_exports_as_llamas_vocabulary() {
+    use checkpoints::gguf::{GgufModel, GgufWriter, MetaValue, TensorOut};
+    let tmp = tempfile::tempdir().unwrap();
+    // The SentencePiece vocabulary, as a GGUF, read into a tokenizer.json.
+    let pieces = [
+        ("<unk>", 0.0, 2),
+        ("<s>", 0.0, 3),
+        ("</s>", 0.0, 3),
+        ("<0x21>", 0.0, 6),
+        ("<0x3F>", 0.0, 6),
+        ("\u{2581}", -1.0, 1),
+        ("h", -2.0, 1),
+        ("e", -3.0, 1),
+        ("l", -4.0, 1),
+        ("o", -5.0, 1),
+        ("\u{2581}h", -6.0, 1),
+        ("ll", -7.0, 1),
+        ("\u{2581}he", -8.0, 1),
+        ("llo", -9.0, 1),
+        ("lo", -9.5, 1),
+        ("\u{2581}hello", -10.0, 1),
+        ("\u{2581}hel", -11.0, 1),
+    ];
+    let array = |f: &dyn Fn(&(&str, f32, i32)) -> MetaValue| {
+        MetaValue::Array(pieces.iter().map(f).collect())
+    };
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::Str("llama".into()))
+        .meta("tokenizer.ggml.model", MetaValue::Str("llama".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            array(&|p| MetaValue::Str(p.0.into())),
+        )
+        .meta("tokenizer.ggml.scores", array(&|p| MetaValue::F32(p.1)))
+        .meta("tokenizer.ggml.token_type", array(&|p| MetaValue::I32(p.2)))
+        .meta("tokenizer.ggml.unknown_token_id", MetaValue::U32(0))
+        .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+        .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2));
+    w.tensor(TensorOut {
+        name: "token_embd.weight".into(),
+        dims: vec![4, pieces.len() as u64],
+        ty: GgmlType::F32,
+        bytes: vec![0; 4 * 4 * pieces.len()],
+    });
+    let spm = tmp.path().join("spm.gguf");
+    w.write(&spm).unwrap();
+    let json = GgufModel::open(&spm).unwrap().tokenizer_json().unwrap();
+    // A small model carrying it.
+    let base = tmp.path().join("base");
+    init_model(&base, &NewModel::default(), Default::default()).unwrap();
+    std::fs::write(base.join("tokenizer.json"), &json).unwrap();
+    // Its config names that vocabulary's BOS and EOS.
+    let config_path = base.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["bos_token_id"] = 1.into();
+    config["eos_token_id"] = 2.into();
+    config["pad_token_id"] = 2.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = tmp.path().join("spm-model.gguf");
+    export_to_gguf(&base, None, &out, ExportType::F32).unwrap();
+
+    let file = GgufFile::open(&out).unwrap();
+    let meta = |k: &str| file.get(k).unwrap_or_else(|| panic!("{k} missing"));
+    assert_eq!(meta("tokenizer.ggml.model").as_str(), Some("llama"));
+    assert_eq!(
+        meta("tokenizer.ggml.add_space_prefix"),
+        &MetaValue::Bool(true)
+    );
+    let list = |k: &str| meta(k).as_array().unwrap().to_vec();
+    let types: Vec<i64> = list("tokenizer.ggml.token_type")
+        .iter()
+        .map(|v| v.as_f64().unwrap() as i64)
+        .collect();
+    assert_eq!(
+        &types[..6],
+        &[2, 3, 3, 6, 6, 1],
+        "unk, control, control, bytes, normal"
+    );
+    let scores: Vec<f64> = list("tokenizer.ggml.scores")
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    // Merged pieces in the original's order: "▁h" before "ll" before "▁he" …
+    assert!(scores[10] > scores[11] && scores[11] > scores[12] && scores[12] > scores[13]);
+    assert!(scores[15] > scores[16], "▁hello before ▁hel");
+
+    let hf = data::tokenizer::load(&base).unwrap();
+    let back = data::tokenizer::load(&out).unwrap();
+    for text in [
+        "hello",
+        "hello!",
+        "hello hello",
+        "hi",
+        "oh, hello?",
+        "hellohello",
+        " lo",
+    ] {
+        for special in [false, true] {
+            let ids =
+                |t: &tokenizers::Tokenizer| t.encode(text, special).unwrap().get_ids().to_vec();
+            assert_eq!(ids(&back), ids(&hf), "{text:?} (special tokens {special})");
+        }
+    }
+}
+
 /// SmolLM2 (dequantized from its Q4_1 file) re-exported: the perplexity each quantized type
 /// costs on the bundled dialogues, against the model it was exported from. (The tiny test
 /// above holds f16 and bf16 to their logits.)

@@ -306,20 +306,27 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
     let tok: Value = serde_json::from_str(input.tokenizer_json)
         .map_err(|e| invalid(path, format!("not a tokenizer.json: {e}")))?;
     let model = &tok["model"];
-    if model.get("type").and_then(Value::as_str) != Some("BPE")
-        || model["byte_fallback"] == Value::Bool(true)
-    {
+    if model.get("type").and_then(Value::as_str) != Some("BPE") {
         return Err(invalid(
             path,
-            "only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM style) can be written to GGUF",
+            "only BPE tokenizers (byte-level: GPT-2, Llama 3, Qwen2, SmolLM; SentencePiece \
+             BPE with byte fallback: Llama 2, Mistral) can be written to GGUF",
         ));
     }
-    let pre = pre_name(&tok["pre_tokenizer"]).ok_or_else(|| {
-        invalid(
-            path,
-            "its pre-tokenizer is none llama.cpp knows by name (gpt-2, smollm, llama-bpe, qwen2)",
-        )
-    })?;
+    // SentencePiece BPE (`▁` for spaces, `<0xXX>` byte tokens) is llama.cpp's `llama`
+    // vocabulary; byte-level BPE its `gpt2` one, which needs a pre-tokenizer it knows.
+    let sentencepiece = model["byte_fallback"] == Value::Bool(true);
+    let pre = if sentencepiece {
+        "default"
+    } else {
+        pre_name(&tok["pre_tokenizer"]).ok_or_else(|| {
+            invalid(
+                path,
+                "its pre-tokenizer is none llama.cpp knows by name (gpt-2, smollm, llama-bpe, \
+                 qwen2)",
+            )
+        })?
+    };
     let vocab = model["vocab"]
         .as_object()
         .ok_or_else(|| invalid(path, "the BPE model has no vocab"))?;
@@ -361,7 +368,7 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
             }))
         })
         .collect();
-    let merges: Vec<MetaValue> = model["merges"]
+    let merges: Vec<String> = model["merges"]
         .as_array()
         .into_iter()
         .flatten()
@@ -374,16 +381,32 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
             )),
             _ => None,
         })
-        .map(MetaValue::Str)
         .collect();
-    w.meta("tokenizer.ggml.model", MetaValue::Str("gpt2".into()))
-        .meta("tokenizer.ggml.pre", MetaValue::Str(pre.into()))
+    if sentencepiece {
+        let unk = model["unk_token"].as_str();
+        let scores = sentencepiece_scores(&tokens, &mut types, &merges, unk);
+        w.meta("tokenizer.ggml.model", MetaValue::Str("llama".into()))
+            .meta(
+                "tokenizer.ggml.scores",
+                MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()),
+            )
+            .meta(
+                "tokenizer.ggml.add_space_prefix",
+                MetaValue::Bool(adds_space_prefix(&tok)),
+            );
+    } else {
+        w.meta("tokenizer.ggml.model", MetaValue::Str("gpt2".into()))
+            .meta(
+                "tokenizer.ggml.merges",
+                MetaValue::Array(merges.into_iter().map(MetaValue::Str).collect()),
+            );
+    }
+    w.meta("tokenizer.ggml.pre", MetaValue::Str(pre.into()))
         .meta("tokenizer.ggml.tokens", MetaValue::Array(tokens))
         .meta(
             "tokenizer.ggml.token_type",
             MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
-        )
-        .meta("tokenizer.ggml.merges", MetaValue::Array(merges));
+        );
     let c = input.config;
     // BOS is added when the post-processor puts a special token first.
     let first_special = tok["post_processor"]["single"]
@@ -423,7 +446,13 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
         ("bos", bos),
         ("eos", eos),
         ("padding", pad),
-        ("unknown", id_of("unk_token")),
+        (
+            "unknown",
+            id_of("unk_token").or_else(|| {
+                let unk = model["unk_token"].as_str()?;
+                vocab.get(unk).and_then(Value::as_u64)
+            }),
+        ),
     ] {
         if let Some(id) = id {
             w.meta(
@@ -441,6 +470,79 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
         w.meta("tokenizer.chat_template", MetaValue::Str(template.into()));
     }
     Ok(())
+}
+
+/// `tokenizer.ggml.scores` for a SentencePiece BPE vocabulary. llama.cpp merges the adjacent
+/// pair whose joined piece scores best, so each piece a merge makes scores minus that
+/// merge's rank (its first, for pieces several splits make): merging then follows the BPE
+/// model's order, and reading the file back recovers the same merges. Pieces no merge
+/// makes score below all of them; control tokens 0, as SentencePiece has them. Also marks
+/// the byte tokens (`<0xXX>`, type 6) and the unknown token (type 2) in `types`.
+fn sentencepiece_scores(
+    tokens: &[MetaValue],
+    types: &mut [i32],
+    merges: &[String],
+    unk: Option<&str>,
+) -> Vec<f32> {
+    let text = |t: &MetaValue| match t {
+        MetaValue::Str(s) => s.clone(),
+        _ => String::new(),
+    };
+    let id: std::collections::HashMap<String, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (text(t), i))
+        .collect();
+    let floor = -(merges.len() as f32) - 1.0;
+    let mut scores: Vec<f32> = (0..tokens.len()).map(|i| floor - i as f32).collect();
+    let mut made = vec![false; tokens.len()];
+    for (rank, merge) in merges.iter().enumerate() {
+        let joined: String = merge.split(' ').collect();
+        if let Some(&i) = id.get(&joined)
+            && !made[i]
+        {
+            made[i] = true;
+            scores[i] = -(rank as f32);
+        }
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        let t = text(t);
+        let byte = t.len() == 6
+            && t.starts_with("<0x")
+            && t.ends_with('>')
+            && u8::from_str_radix(&t[3..5], 16).is_ok();
+        if byte && types[i] == 1 {
+            types[i] = 6;
+        }
+        if Some(t.as_str()) == unk {
+            types[i] = 2;
+        }
+        if types[i] == 3 {
+            scores[i] = 0.0;
+        }
+    }
+    scores
+}
+
+/// Whether the tokenizer prepends `▁` to the text (SentencePiece's `add_dummy_prefix`): a
+/// `Prepend` normalizer (transformers' legacy Llama conversion) or a `Metaspace`
+/// pre-tokenizer that prepends.
+fn adds_space_prefix(tok: &Value) -> bool {
+    let is = |v: &Value, ty: &str| v.get("type").and_then(Value::as_str) == Some(ty);
+    let all = |v: &Value, key: &str| -> Vec<Value> {
+        if is(v, "Sequence") {
+            v[key].as_array().cloned().unwrap_or_default()
+        } else {
+            vec![v.clone()]
+        }
+    };
+    let prepends = all(&tok["normalizer"], "normalizers")
+        .iter()
+        .any(|n| is(n, "Prepend"));
+    let metaspace = all(&tok["pre_tokenizer"], "pretokenizers")
+        .iter()
+        .any(|p| is(p, "Metaspace") && p["prepend_scheme"].as_str() != Some("never"));
+    prepends || metaspace
 }
 
 fn added_id(tok: &Value, content: &str) -> Option<u64> {
