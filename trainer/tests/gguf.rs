@@ -327,18 +327,9 @@ fn a_sentencepiece_tokenizer_exports_as_llamas_vocabulary() {
         ("\u{2581}hello", -10.0, 1),
         ("\u{2581}hel", -11.0, 1),
     ];
-    let array = |f: &dyn Fn(&(&str, f32, i32)) -> MetaValue| {
-        MetaValue::Array(pieces.iter().map(f).collect())
-    };
     let mut w = GgufWriter::new();
     w.meta("general.architecture", MetaValue::Str("llama".into()))
-        .meta("tokenizer.ggml.model", MetaValue::Str("llama".into()))
-        .meta(
-            "tokenizer.ggml.tokens",
-            array(&|p| MetaValue::Str(p.0.into())),
-        )
-        .meta("tokenizer.ggml.scores", array(&|p| MetaValue::F32(p.1)))
-        .meta("tokenizer.ggml.token_type", array(&|p| MetaValue::I32(p.2)))
+        .sentencepiece_vocab(&pieces)
         .meta("tokenizer.ggml.unknown_token_id", MetaValue::U32(0))
         .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
         .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2));

@@ -29,6 +29,22 @@ impl GgufWriter {
         Self::default()
     }
 
+    /// llama.cpp's SentencePiece vocabulary keys (`tokenizer.ggml.model = llama`) for
+    /// `(piece, score, token type)` in id order: how a Llama 2 or Mistral GGUF carries its
+    /// tokenizer.
+    pub fn sentencepiece_vocab(&mut self, pieces: &[(&str, f32, i32)]) -> &mut Self {
+        let array = |f: &dyn Fn(&(&str, f32, i32)) -> MetaValue| {
+            MetaValue::Array(pieces.iter().map(f).collect())
+        };
+        self.meta("tokenizer.ggml.model", MetaValue::Str("llama".into()))
+            .meta(
+                "tokenizer.ggml.tokens",
+                array(&|p| MetaValue::Str(p.0.into())),
+            )
+            .meta("tokenizer.ggml.scores", array(&|p| MetaValue::F32(p.1)))
+            .meta("tokenizer.ggml.token_type", array(&|p| MetaValue::I32(p.2)))
+    }
+
     pub fn meta(&mut self, key: &str, value: MetaValue) -> &mut Self {
         self.metadata.push((key.to_string(), value));
         self
