@@ -358,14 +358,14 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
         };
     }
     // Rows of the embedding no token uses are padded as llama.cpp's converter pads them.
-    let tokens: Vec<MetaValue> = tokens
+    let tokens: Vec<String> = tokens
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
-            MetaValue::Str(t.unwrap_or_else(|| {
+            t.unwrap_or_else(|| {
                 types[i] = 5;
                 format!("[PAD{i}]")
-            }))
+            })
         })
         .collect();
     let merges: Vec<String> = model["merges"]
@@ -402,7 +402,10 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
             );
     }
     w.meta("tokenizer.ggml.pre", MetaValue::Str(pre.into()))
-        .meta("tokenizer.ggml.tokens", MetaValue::Array(tokens))
+        .meta(
+            "tokenizer.ggml.tokens",
+            MetaValue::Array(tokens.into_iter().map(MetaValue::Str).collect()),
+        )
         .meta(
             "tokenizer.ggml.token_type",
             MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()),
@@ -479,26 +482,22 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
 /// makes score below all of them; control tokens 0, as SentencePiece has them. Also marks
 /// the byte tokens (`<0xXX>`, type 6) and the unknown token (type 2) in `types`.
 fn sentencepiece_scores(
-    tokens: &[MetaValue],
+    tokens: &[String],
     types: &mut [i32],
     merges: &[String],
     unk: Option<&str>,
 ) -> Vec<f32> {
-    let text = |t: &MetaValue| match t {
-        MetaValue::Str(s) => s.clone(),
-        _ => String::new(),
-    };
-    let id: std::collections::HashMap<String, usize> = tokens
+    let id: std::collections::HashMap<&str, usize> = tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| (text(t), i))
+        .map(|(i, t)| (t.as_str(), i))
         .collect();
     let floor = -(merges.len() as f32) - 1.0;
     let mut scores: Vec<f32> = (0..tokens.len()).map(|i| floor - i as f32).collect();
     let mut made = vec![false; tokens.len()];
     for (rank, merge) in merges.iter().enumerate() {
         let joined: String = merge.split(' ').collect();
-        if let Some(&i) = id.get(&joined)
+        if let Some(&i) = id.get(joined.as_str())
             && !made[i]
         {
             made[i] = true;
@@ -506,7 +505,6 @@ fn sentencepiece_scores(
         }
     }
     for (i, t) in tokens.iter().enumerate() {
-        let t = text(t);
         let byte = t.len() == 6
             && t.starts_with("<0x")
             && t.ends_with('>')
