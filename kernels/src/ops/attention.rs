@@ -12,8 +12,10 @@ use burn::tensor::{Bool, DType, FloatDType, Tensor};
 
 use super::f32_of;
 use super::node::{Backprop, all_kept, on_inner, record};
+use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
+use burn::backend::flex::FlexTensor;
 
 /// Scaled dot-product attention with grouped K/V heads. `q`: `[B, H, T, D]`; `k`, `v`:
 /// `[B, Hkv, S, D]`; `masked`: `[B, 1, T, S]`, true where a query must not see a key.
@@ -134,83 +136,40 @@ pub trait AttentionOps: Backend {
         grad: FloatTensor<Self>,
         block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let g = Grouped::<Self>::new(&q, &k, block);
-        let dtype: FloatDType = q.dtype().into();
-        let scale = 1.0 / (g.d as f64).sqrt();
-        let stats = Self::float_reshape(stats, [g.b, g.hkv, g.g, g.t, 2].into());
-        // Once, not per block: each block slices its rows from these views.
-        let grad = Self::float_reshape(grad, [g.b, g.hkv, g.g, g.t, g.d].into());
-        let out = Self::float_reshape(out, [g.b, g.hkv, g.g, g.t, g.d].into());
-        let k32 = f32_of::<Self>(k.clone());
-        let v32 = f32_of::<Self>(v.clone());
-        let mut dqs = Vec::new();
-        let (mut dk, mut dv): (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) = (None, None);
-        let add = |acc: Option<FloatTensor<Self>>, x: FloatTensor<Self>| match acc {
-            Some(a) => Self::float_add(a, x),
-            None => x,
-        };
-        for (t0, len) in g.blocks() {
-            let qb = g.queries(&q, t0, len);
-            let scores = g.scores(qb.clone(), &k, &masked, t0, len);
-            let st = g.rows_of(&stats, t0, len);
-            let last = |i: usize| {
-                let [b, hkv, gg, l, _] = st.shape().dims::<5>();
-                Self::float_slice(
-                    st.clone(),
-                    &[
-                        Slice::from(0..b),
-                        Slice::from(0..hkv),
-                        Slice::from(0..gg),
-                        Slice::from(0..l),
-                        Slice::from(i..i + 1),
-                    ],
-                )
-            };
-            let p = Self::float_div(Self::float_exp(Self::float_sub(scores, last(0))), last(1));
-            let p = Self::float_reshape(p, g.stacked(len, g.s));
-            let d_out = f32_of::<Self>(g.rows_of(&grad, t0, len));
-            let o = f32_of::<Self>(g.rows_of(&out, t0, len));
-            let delta = Self::float_sum_dim(Self::float_mul(d_out.clone(), o), 4);
-            let d_out = Self::float_reshape(d_out, g.stacked(len, g.d));
-            let delta = Self::float_reshape(delta, g.stacked(len, 1));
-            dv = Some(add(
-                dv,
-                Self::float_matmul(Self::float_swap_dims(p.clone(), 2, 3), d_out.clone()),
-            ));
-            let dp = Self::float_matmul(d_out, Self::float_swap_dims(v32.clone(), 2, 3));
-            // Masked scores are constants: no gradient reaches them (nor q and k through
-            // them), even in a row where every key is masked and P is uniform.
-            let ds = Self::float_mul(p, Self::float_sub(dp, delta));
-            let ds = Self::float_mask_fill(
-                Self::float_reshape(ds, g.split(len, g.s)),
-                g.mask(&masked, t0, len),
-                0.0f32.into(),
-            );
-            let ds = Self::float_reshape(ds, g.stacked(len, g.s));
-            let dq =
-                Self::float_mul_scalar(Self::float_matmul(ds.clone(), k32.clone()), scale.into());
-            dqs.push(Self::float_reshape(dq, g.split(len, g.d)));
-            let q32 = f32_of::<Self>(Self::float_reshape(qb, g.stacked(len, g.d)));
-            dk = Some(add(
-                dk,
-                Self::float_mul_scalar(
-                    Self::float_matmul(Self::float_swap_dims(ds, 2, 3), q32),
-                    scale.into(),
-                ),
-            ));
-        }
-        let dq = Self::float_reshape(Self::float_cat(dqs, 3), [g.b, g.h, g.t, g.d].into());
-        let kv_shape = k.shape();
-        let zeros = || Self::float_zeros(kv_shape.clone(), &k.device(), FloatDType::F32);
-        (
-            Self::float_cast(dq, dtype),
-            Self::float_cast(dk.unwrap_or_else(zeros), dtype),
-            Self::float_cast(dv.unwrap_or_else(zeros), dtype),
-        )
+        blocked_attention_backward::<Self>(q, k, v, masked, out, stats, grad, block)
     }
 }
 
-impl AttentionOps for Flex {}
+impl AttentionOps for Flex {
+    fn grouped_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        masked: FlexTensor,
+        block: usize,
+    ) -> (FlexTensor, FlexTensor) {
+        match cpu::attention::forward(&q, &k, &v, &masked, block) {
+            Some(done) => done,
+            None => blocked_attention::<Self>(q, k, v, masked, block),
+        }
+    }
+
+    fn grouped_attention_backward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        masked: FlexTensor,
+        out: FlexTensor,
+        stats: FlexTensor,
+        grad: FlexTensor,
+        block: usize,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        match cpu::attention::backward(&q, &k, &v, &masked, &out, &stats, &grad, block) {
+            Some(done) => done,
+            None => blocked_attention_backward::<Self>(q, k, v, masked, out, stats, grad, block),
+        }
+    }
+}
 
 impl<B: AttentionOps, C: CheckpointStrategy> AttentionOps for Autodiff<B, C> {
     fn grouped_attention(
@@ -399,4 +358,91 @@ impl<B: Backend> Grouped<B> {
         let mask = B::bool_reshape(mask, [self.b, 1, 1, len, self.s].into());
         B::bool_expand(mask, self.split(len, self.s))
     }
+}
+
+/// The portable backward of [`AttentionOps::grouped_attention_backward`], block by block
+/// through the backend's ops.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn blocked_attention_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    masked: BoolTensor<B>,
+    out: FloatTensor<B>,
+    stats: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    block: usize,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let g = Grouped::<B>::new(&q, &k, block);
+    let dtype: FloatDType = q.dtype().into();
+    let scale = 1.0 / (g.d as f64).sqrt();
+    let stats = B::float_reshape(stats, [g.b, g.hkv, g.g, g.t, 2].into());
+    // Once, not per block: each block slices its rows from these views.
+    let grad = B::float_reshape(grad, [g.b, g.hkv, g.g, g.t, g.d].into());
+    let out = B::float_reshape(out, [g.b, g.hkv, g.g, g.t, g.d].into());
+    let k32 = f32_of::<B>(k.clone());
+    let v32 = f32_of::<B>(v.clone());
+    let mut dqs = Vec::new();
+    let (mut dk, mut dv): (Option<FloatTensor<B>>, Option<FloatTensor<B>>) = (None, None);
+    let add = |acc: Option<FloatTensor<B>>, x: FloatTensor<B>| match acc {
+        Some(a) => B::float_add(a, x),
+        None => x,
+    };
+    for (t0, len) in g.blocks() {
+        let qb = g.queries(&q, t0, len);
+        let scores = g.scores(qb.clone(), &k, &masked, t0, len);
+        let st = g.rows_of(&stats, t0, len);
+        let last = |i: usize| {
+            let [b, hkv, gg, l, _] = st.shape().dims::<5>();
+            B::float_slice(
+                st.clone(),
+                &[
+                    Slice::from(0..b),
+                    Slice::from(0..hkv),
+                    Slice::from(0..gg),
+                    Slice::from(0..l),
+                    Slice::from(i..i + 1),
+                ],
+            )
+        };
+        let p = B::float_div(B::float_exp(B::float_sub(scores, last(0))), last(1));
+        let p = B::float_reshape(p, g.stacked(len, g.s));
+        let d_out = f32_of::<B>(g.rows_of(&grad, t0, len));
+        let o = f32_of::<B>(g.rows_of(&out, t0, len));
+        let delta = B::float_sum_dim(B::float_mul(d_out.clone(), o), 4);
+        let d_out = B::float_reshape(d_out, g.stacked(len, g.d));
+        let delta = B::float_reshape(delta, g.stacked(len, 1));
+        dv = Some(add(
+            dv,
+            B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), d_out.clone()),
+        ));
+        let dp = B::float_matmul(d_out, B::float_swap_dims(v32.clone(), 2, 3));
+        // Masked scores are constants: no gradient reaches them (nor q and k through
+        // them), even in a row where every key is masked and P is uniform.
+        let ds = B::float_mul(p, B::float_sub(dp, delta));
+        let ds = B::float_mask_fill(
+            B::float_reshape(ds, g.split(len, g.s)),
+            g.mask(&masked, t0, len),
+            0.0f32.into(),
+        );
+        let ds = B::float_reshape(ds, g.stacked(len, g.s));
+        let dq = B::float_mul_scalar(B::float_matmul(ds.clone(), k32.clone()), scale.into());
+        dqs.push(B::float_reshape(dq, g.split(len, g.d)));
+        let q32 = f32_of::<B>(B::float_reshape(qb, g.stacked(len, g.d)));
+        dk = Some(add(
+            dk,
+            B::float_mul_scalar(
+                B::float_matmul(B::float_swap_dims(ds, 2, 3), q32),
+                scale.into(),
+            ),
+        ));
+    }
+    let dq = B::float_reshape(B::float_cat(dqs, 3), [g.b, g.h, g.t, g.d].into());
+    let kv_shape = k.shape();
+    let zeros = || B::float_zeros(kv_shape.clone(), &k.device(), FloatDType::F32);
+    (
+        B::float_cast(dq, dtype),
+        B::float_cast(dk.unwrap_or_else(zeros), dtype),
+        B::float_cast(dv.unwrap_or_else(zeros), dtype),
+    )
 }

@@ -14,8 +14,10 @@ use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 use super::f32_of;
 use super::node::{Backprop, all_kept, on_inner, record};
 use super::quant_matmul::QuantMatrix;
+use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
+use burn::backend::flex::FlexTensor;
 
 /// Per-token log-probabilities of `targets` under `head`, `chunk` rows at a time, and
 /// whether each target is the head's top token. `hidden`: `[N, H]`; `targets`: `[N]`.
@@ -303,20 +305,7 @@ pub trait LogprobOps: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let len = logits.shape().dims::<2>()[0];
-        let device = logits.device();
-        let bool_dtype = get_or_init_device_settings::<Self>(&device).bool_dtype;
-        let t = Self::int_reshape(targets, [len, 1].into());
-        let lse = log_sum_exp::<Self>(logits.clone());
-        let picked = Self::float_gather(1, logits.clone(), t.clone());
-        let lp = Self::float_reshape(Self::float_sub(picked, lse.clone()), [len].into());
-        let top = Self::float_argmax(logits, 1, t.dtype().into());
-        let hit = Self::bool_into_float(Self::int_equal(top, t, bool_dtype), FloatDType::F32);
-        (
-            lp,
-            Self::float_reshape(lse, [len].into()),
-            Self::float_reshape(hit, [len].into()),
-        )
+        logit_rows_twin::<Self>(logits, targets)
     }
 
     /// `∂ Σ g·log p(t) / ∂ logits = g·(onehot(t) − exp(logits − lse))` for f32 `logits`
@@ -328,17 +317,7 @@ pub trait LogprobOps: Backend {
         lse: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let len = logits.shape().dims::<2>()[0];
-        let column = |x: FloatTensor<Self>| Self::float_reshape(x, [len, 1].into());
-        let g = column(grad);
-        let p = Self::float_exp(Self::float_sub(logits, column(lse)));
-        Self::float_scatter(
-            1,
-            Self::float_neg(Self::float_mul(p, g.clone())),
-            Self::int_reshape(targets, [len, 1].into()),
-            g,
-            IndexingUpdateOp::Add,
-        )
+        logit_grads_twin::<Self>(logits, targets, lse, grad)
     }
 
     /// `d hidden` of [`LogprobOps::linear_logprob`]'s log-probs for their gradient `grad`
@@ -371,7 +350,26 @@ pub trait LogprobOps: Backend {
     }
 }
 
-impl LogprobOps for Flex {}
+impl LogprobOps for Flex {
+    fn logit_rows(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
+        match cpu::logits::rows(&logits, &targets) {
+            Some(done) => done,
+            None => logit_rows_twin::<Self>(logits, targets),
+        }
+    }
+
+    fn logit_grads(
+        logits: FlexTensor,
+        targets: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+    ) -> FlexTensor {
+        match cpu::logits::grads(&logits, &targets, &lse, &grad) {
+            Some(done) => done,
+            None => logit_grads_twin::<Self>(logits, targets, lse, grad),
+        }
+    }
+}
 
 impl<B: LogprobOps, C: CheckpointStrategy> LogprobOps for Autodiff<B, C> {
     fn linear_logprob(
@@ -507,4 +505,45 @@ fn logprob_grads<B: LogprobOps>(
         B::float_cast(dw, w_dtype)
     });
     (dh, dw)
+}
+
+/// The portable [`LogprobOps::logit_rows`], on the backend's ops.
+fn logit_rows_twin<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let len = logits.shape().dims::<2>()[0];
+    let device = logits.device();
+    let bool_dtype = get_or_init_device_settings::<B>(&device).bool_dtype;
+    let t = B::int_reshape(targets, [len, 1].into());
+    let lse = log_sum_exp::<B>(logits.clone());
+    let picked = B::float_gather(1, logits.clone(), t.clone());
+    let lp = B::float_reshape(B::float_sub(picked, lse.clone()), [len].into());
+    let top = B::float_argmax(logits, 1, t.dtype().into());
+    let hit = B::bool_into_float(B::int_equal(top, t, bool_dtype), FloatDType::F32);
+    (
+        lp,
+        B::float_reshape(lse, [len].into()),
+        B::float_reshape(hit, [len].into()),
+    )
+}
+
+/// The portable [`LogprobOps::logit_grads`], on the backend's ops.
+fn logit_grads_twin<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let len = logits.shape().dims::<2>()[0];
+    let column = |x: FloatTensor<B>| B::float_reshape(x, [len, 1].into());
+    let g = column(grad);
+    let p = B::float_exp(B::float_sub(logits, column(lse)));
+    B::float_scatter(
+        1,
+        B::float_neg(B::float_mul(p, g.clone())),
+        B::int_reshape(targets, [len, 1].into()),
+        g,
+        IndexingUpdateOp::Add,
+    )
 }

@@ -8,8 +8,10 @@ use burn::tensor::{DType, FloatDType, Tensor};
 
 use super::node::{Backprop, all_kept, on_inner, record};
 use super::{f32_of, row_vector};
+use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
+use burn::backend::flex::FlexTensor;
 
 /// RMSNorm: `x`: `[..., N]`, `weight`: `[N]`.
 pub fn rms_norm<const D: usize>(x: Tensor<D>, weight: Tensor<1>, eps: f64) -> Tensor<D> {
@@ -50,9 +52,7 @@ pub trait RmsNormOps: Backend {
     /// `r = 1/√(mean(x²) + eps)` taken in f32. `x`: `[N, C]`, `weight`: `[C]`.
     #[fusion(dtype = x, shape = x)]
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
-        let (inv, dtype) = inv_rms::<Self>(x.clone(), eps);
-        let normed = Self::float_cast(Self::float_mul(f32_of::<Self>(x), inv), dtype);
-        Self::float_mul(normed, row_vector::<Self>(weight))
+        rms_norm_twin::<Self>(x, weight, eps)
     }
 
     /// The gradients of [`RmsNormOps::rms_norm`] for the output gradient `grad`: `dx`
@@ -65,28 +65,26 @@ pub trait RmsNormOps: Backend {
         grad: FloatTensor<Self>,
         eps: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let cols = x.shape().dims::<2>()[1];
-        let (inv, dtype) = inv_rms::<Self>(x.clone(), eps);
-        let x32 = f32_of::<Self>(x);
-        let g32 = f32_of::<Self>(grad);
-        let w32 = row_vector::<Self>(f32_of::<Self>(weight));
-        let gw = Self::float_mul(g32.clone(), w32);
-        let dot = Self::float_sum_dim(Self::float_mul(gw.clone(), x32.clone()), 1);
-        let inv3 = Self::float_mul(Self::float_mul(inv.clone(), inv.clone()), inv.clone());
-        let coef = Self::float_mul_scalar(Self::float_mul(inv3, dot), (1.0 / cols as f64).into());
-        let dx = Self::float_sub(
-            Self::float_mul(gw, inv.clone()),
-            Self::float_mul(x32.clone(), coef),
-        );
-        let dw_rows = Self::float_mul(Self::float_mul(g32, x32), inv);
-        (
-            Self::float_cast(dx, dtype),
-            Self::float_cast(dw_rows, dtype),
-        )
+        rms_norm_backward_twin::<Self>(x, weight, grad, eps)
     }
 }
 
-impl RmsNormOps for Flex {}
+impl RmsNormOps for Flex {
+    fn rms_norm(x: FlexTensor, weight: FlexTensor, eps: f32) -> FlexTensor {
+        cpu::rows::rms_norm(&x, &weight, eps)
+            .unwrap_or_else(|| rms_norm_twin::<Self>(x, weight, eps))
+    }
+
+    fn rms_norm_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+        eps: f32,
+    ) -> (FlexTensor, FlexTensor) {
+        cpu::rows::rms_norm_backward(&x, &weight, &grad, eps)
+            .unwrap_or_else(|| rms_norm_backward_twin::<Self>(x, weight, grad, eps))
+    }
+}
 
 impl<B: RmsNormOps, C: CheckpointStrategy> RmsNormOps for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
@@ -134,4 +132,41 @@ fn inv_rms<B: Backend>(x: FloatTensor<B>, eps: f32) -> (FloatTensor<B>, FloatDTy
     let ms = B::float_mean_dim(B::float_mul(x32.clone(), x32), 1);
     let inv = B::float_recip(B::float_sqrt(B::float_add_scalar(ms, eps.into())));
     (inv, dtype)
+}
+
+/// The portable [`rms_norm`], on the backend's ops (what flex falls back to).
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_twin<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    eps: f32,
+) -> FloatTensor<B> {
+    let (inv, dtype) = inv_rms::<B>(x.clone(), eps);
+    let normed = B::float_cast(B::float_mul(f32_of::<B>(x), inv), dtype);
+    B::float_mul(normed, row_vector::<B>(weight))
+}
+
+/// The portable [`rms_norm_backward`], on the backend's ops (what flex falls back to).
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_backward_twin<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    eps: f32,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let cols = x.shape().dims::<2>()[1];
+    let (inv, dtype) = inv_rms::<B>(x.clone(), eps);
+    let x32 = f32_of::<B>(x);
+    let g32 = f32_of::<B>(grad);
+    let w32 = row_vector::<B>(f32_of::<B>(weight));
+    let gw = B::float_mul(g32.clone(), w32);
+    let dot = B::float_sum_dim(B::float_mul(gw.clone(), x32.clone()), 1);
+    let inv3 = B::float_mul(B::float_mul(inv.clone(), inv.clone()), inv.clone());
+    let coef = B::float_mul_scalar(B::float_mul(inv3, dot), (1.0 / cols as f64).into());
+    let dx = B::float_sub(
+        B::float_mul(gw, inv.clone()),
+        B::float_mul(x32.clone(), coef),
+    );
+    let dw_rows = B::float_mul(B::float_mul(g32, x32), inv);
+    (B::float_cast(dx, dtype), B::float_cast(dw_rows, dtype))
 }

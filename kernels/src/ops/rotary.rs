@@ -7,8 +7,10 @@ use burn::backend::{Backend, Dispatch, Flex, Slice, TensorMetadata, backend_exte
 use burn::tensor::Tensor;
 
 use super::node::{Backprop, on_inner, record};
+use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
+use burn::backend::flex::FlexTensor;
 
 /// Rotary position embedding: `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`.
 pub fn rotary(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
@@ -55,13 +57,7 @@ pub trait RotaryOps: Backend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let [b, _, t, d] = x.shape().dims::<4>();
-        let table = |c: FloatTensor<Self>| Self::float_reshape(c, [b, 1, t, d].into());
-        let rotated = rotate_half::<Self>(x.clone(), false);
-        Self::float_add(
-            Self::float_mul(x, table(cos)),
-            Self::float_mul(rotated, table(sin)),
-        )
+        rotary_twin::<Self>(x, cos, sin)
     }
 
     /// The gradient of [`RotaryOps::rotary`] for `x` (the tables are constants): the
@@ -73,17 +69,20 @@ pub trait RotaryOps: Backend {
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        let [b, _, t, d] = grad.shape().dims::<4>();
-        let table = |c: FloatTensor<Self>| Self::float_reshape(c, [b, 1, t, d].into());
-        let gs = Self::float_mul(grad.clone(), table(sin));
-        Self::float_add(
-            Self::float_mul(grad, table(cos)),
-            rotate_half::<Self>(gs, true),
-        )
+        rotary_backward_twin::<Self>(grad, cos, sin)
     }
 }
 
-impl RotaryOps for Flex {}
+impl RotaryOps for Flex {
+    fn rotary(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        cpu::rows::rotary(&x, &cos, &sin, false).unwrap_or_else(|| rotary_twin::<Self>(x, cos, sin))
+    }
+
+    fn rotary_backward(grad: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+        cpu::rows::rotary(&grad, &cos, &sin, true)
+            .unwrap_or_else(|| rotary_backward_twin::<Self>(grad, cos, sin))
+    }
+}
 
 impl<B: RotaryOps, C: CheckpointStrategy> RotaryOps for Autodiff<B, C> {
     /// The tables are positions' functions, not parameters: no gradient flows to them.
@@ -146,4 +145,33 @@ fn rotate_half<B: Backend>(x: FloatTensor<B>, transpose: bool) -> FloatTensor<B>
     } else {
         B::float_cat(vec![B::float_neg(x2), x1], 3)
     }
+}
+
+/// The portable [`rotary`], on the backend's ops (what flex falls back to).
+#[allow(clippy::too_many_arguments)]
+fn rotary_twin<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [b, _, t, d] = x.shape().dims::<4>();
+    let table = |c: FloatTensor<B>| B::float_reshape(c, [b, 1, t, d].into());
+    let rotated = rotate_half::<B>(x.clone(), false);
+    B::float_add(
+        B::float_mul(x, table(cos)),
+        B::float_mul(rotated, table(sin)),
+    )
+}
+
+/// The portable [`rotary_backward`], on the backend's ops (what flex falls back to).
+#[allow(clippy::too_many_arguments)]
+fn rotary_backward_twin<B: Backend>(
+    grad: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [b, _, t, d] = grad.shape().dims::<4>();
+    let table = |c: FloatTensor<B>| B::float_reshape(c, [b, 1, t, d].into());
+    let gs = B::float_mul(grad.clone(), table(sin));
+    B::float_add(B::float_mul(grad, table(cos)), rotate_half::<B>(gs, true))
 }

@@ -8,8 +8,10 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
 
 use super::node::{Backprop, all_kept, on_inner, record};
+use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
+use burn::backend::flex::FlexTensor;
 
 /// The gated MLP activation `silu(gate)·up`.
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
@@ -46,8 +48,7 @@ pub trait SwigluOps: Backend {
     /// The gated activation `silu(gate)·up`, elementwise. `gate`, `up`: `[N, C]`.
     #[fusion(dtype = gate, shape = gate)]
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
-        let s = Self::sigmoid(gate.clone());
-        Self::float_mul(Self::float_mul(gate, s), up)
+        swiglu_twin::<Self>(gate, up)
     }
 
     /// The gradients of [`SwigluOps::swiglu`]: with `s = σ(gate)`,
@@ -58,17 +59,24 @@ pub trait SwigluOps: Backend {
         up: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let s = Self::sigmoid(gate.clone());
-        let silu = Self::float_mul(gate.clone(), s.clone());
-        // 1 + gate·(1 − s) = 1 + gate − gate·s
-        let slope = Self::float_add_scalar(Self::float_sub(gate, silu.clone()), 1.0.into());
-        let d_gate = Self::float_mul(Self::float_mul(grad.clone(), up), Self::float_mul(s, slope));
-        let d_up = Self::float_mul(grad, silu);
-        (d_gate, d_up)
+        swiglu_backward_twin::<Self>(gate, up, grad)
     }
 }
 
-impl SwigluOps for Flex {}
+impl SwigluOps for Flex {
+    fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        cpu::rows::swiglu(&gate, &up).unwrap_or_else(|| swiglu_twin::<Self>(gate, up))
+    }
+
+    fn swiglu_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        cpu::rows::swiglu_backward(&gate, &up, &grad)
+            .unwrap_or_else(|| swiglu_backward_twin::<Self>(gate, up, grad))
+    }
+}
 
 impl<B: SwigluOps, C: CheckpointStrategy> SwigluOps for Autodiff<B, C> {
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -105,4 +113,27 @@ impl<B: SwigluOps> Backprop<B, 2> for Node {
         let (d_gate, d_up) = B::swiglu_backward(gate, up, grad);
         [Some(d_gate), Some(d_up)]
     }
+}
+
+/// The portable [`swiglu`], on the backend's ops (what flex falls back to).
+#[allow(clippy::too_many_arguments)]
+fn swiglu_twin<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+    let s = B::sigmoid(gate.clone());
+    B::float_mul(B::float_mul(gate, s), up)
+}
+
+/// The portable [`swiglu_backward`], on the backend's ops (what flex falls back to).
+#[allow(clippy::too_many_arguments)]
+fn swiglu_backward_twin<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let s = B::sigmoid(gate.clone());
+    let silu = B::float_mul(gate.clone(), s.clone());
+    // 1 + gate·(1 − s) = 1 + gate − gate·s
+    let slope = B::float_add_scalar(B::float_sub(gate, silu.clone()), 1.0.into());
+    let d_gate = B::float_mul(B::float_mul(grad.clone(), up), B::float_mul(s, slope));
+    let d_up = B::float_mul(grad, silu);
+    (d_gate, d_up)
 }

@@ -1,0 +1,283 @@
+//! Grouped attention on flex in f32, forward and backward, a block of queries at a time:
+//! the contract of [`AttentionOps::grouped_attention`](crate::AttentionOps) and its
+//! backward, with the scores, probabilities and their gradients of one block living in a
+//! thread's scratch rows only.
+//!
+//! The forward spreads `(batch, query head)` pairs over the threads, the backward
+//! `(batch, K/V head)` pairs, since `dK` and `dV` sum over a group's query heads. Each
+//! block only computes the key columns some row of it can see: with a causal or packed
+//! mask the others are masked for every row of the block, and their probability is
+//! exactly zero (a row with no visible key at all keeps every column, as the reference's
+//! uniform row).
+
+use burn::backend::TensorMetadata;
+use burn::backend::flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::{Mat, bool_contiguous, f32_contiguous, gemm_into, tensor};
+
+/// The masked scores' fill, as the reference's.
+const MASKED: f32 = -1.0e30;
+
+/// Shapes: `q` `[B, H, T, D]`, `k`/`v` `[B, Hkv, S, D]`, the mask `[B, 1, T, S]`.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    hkv: usize,
+    t: usize,
+    s: usize,
+    d: usize,
+    block: usize,
+}
+
+impl Dims {
+    fn new(q: &FlexTensor, k: &FlexTensor, block: usize) -> Self {
+        let [b, h, t, d] = q.shape().dims::<4>();
+        let [_, hkv, s, _] = k.shape().dims::<4>();
+        Self {
+            b,
+            h,
+            hkv,
+            t,
+            s,
+            d,
+            block: block.max(1),
+        }
+    }
+
+    fn group(&self) -> usize {
+        self.h / self.hkv.max(1)
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+}
+
+/// The key columns `lo..hi` a block of query rows can see: the union of its rows' visible
+/// keys, or every key when one of its rows sees none.
+fn visible_columns(mask: &[u8], rows: std::ops::Range<usize>, s: usize) -> (usize, usize) {
+    let (mut lo, mut hi) = (s, 0);
+    for r in rows {
+        let row = &mask[r * s..(r + 1) * s];
+        match (
+            row.iter().position(|&m| m == 0),
+            row.iter().rposition(|&m| m == 0),
+        ) {
+            (Some(first), Some(last)) => {
+                lo = lo.min(first);
+                hi = hi.max(last + 1);
+            }
+            _ => return (0, s),
+        }
+    }
+    if lo >= hi { (0, s) } else { (lo, hi) }
+}
+
+/// One block's masked, scaled scores `q·kᵀ/√D` over columns `lo..hi`, into `scores`
+/// (`len` rows of `hi − lo`).
+#[allow(clippy::too_many_arguments)]
+fn block_scores(
+    scores: &mut [f32],
+    q: &[f32],
+    q_start: usize,
+    k: &[f32],
+    k_start: usize,
+    mask: &[u8],
+    mask_start: usize,
+    (len, lo, hi): (usize, usize, usize),
+    dims: &Dims,
+) {
+    let (s, d, w) = (dims.s, dims.d, hi - lo);
+    let qb = Mat::rows(q, q_start, len, d, d);
+    let kb = Mat::rows(k, k_start + lo * d, w, d, d).t();
+    gemm_into(scores, w, false, qb, kb, dims.scale());
+    for i in 0..len {
+        let m = &mask[mask_start + i * s + lo..mask_start + i * s + hi];
+        for (x, &masked) in scores[i * w..(i + 1) * w].iter_mut().zip(m) {
+            if masked != 0 {
+                *x = MASKED;
+            }
+        }
+    }
+}
+
+/// The forward: `(out [B, H, T, D], stats [B, H, T, 2])`, or `None` when an input is not
+/// f32 or the mask not a byte per value (the caller then runs the twin).
+pub(crate) fn forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    masked: &FlexTensor,
+    block: usize,
+) -> Option<(FlexTensor, FlexTensor)> {
+    let (q, k, v) = (f32_contiguous(q)?, f32_contiguous(k)?, f32_contiguous(v)?);
+    let masked = bool_contiguous(masked)?;
+    let mask_batch = masked.shape().dims::<4>()[0];
+    let dims = Dims::new(&q, &k, block);
+    let Dims { b, h, t, s, d, .. } = dims;
+    let (q, k, v, mask): (&[f32], &[f32], &[f32], &[u8]) =
+        (q.storage(), k.storage(), v.storage(), masked.storage());
+    let mut out = vec![0f32; b * h * t * d];
+    let mut stats = vec![0f32; b * h * t * 2];
+    let g = dims.group();
+    out.par_chunks_mut((t * d).max(1))
+        .zip(stats.par_chunks_mut((t * 2).max(1)))
+        .enumerate()
+        .for_each(|(bh, (out, stats))| {
+            let (bi, hi_) = (bh / h, bh % h);
+            let kv = (bi * dims.hkv + hi_ / g) * s * d;
+            let mut scores = vec![0f32; dims.block.min(t) * s];
+            for t0 in (0..t).step_by(dims.block) {
+                let len = dims.block.min(t - t0);
+                let mb = if mask_batch == 1 { 0 } else { bi };
+                let mask_start = mb * t * s + t0 * s;
+                let (lo, hi) = visible_columns(mask, mb * t + t0..mb * t + t0 + len, s);
+                let w = hi - lo;
+                let sc = &mut scores[..len * w];
+                block_scores(
+                    sc,
+                    q,
+                    (bh * t + t0) * d,
+                    k,
+                    kv,
+                    mask,
+                    mask_start,
+                    (len, lo, hi),
+                    &dims,
+                );
+                for i in 0..len {
+                    let row = &mut sc[i * w..(i + 1) * w];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    for x in row.iter_mut() {
+                        *x /= sum;
+                    }
+                    stats[(t0 + i) * 2] = max;
+                    stats[(t0 + i) * 2 + 1] = sum;
+                }
+                let p = Mat::rows(sc, 0, len, w, w);
+                let vb = Mat::rows(v, kv + lo * d, w, d, d);
+                gemm_into(&mut out[t0 * d..(t0 + len) * d], d, false, p, vb, 1.0);
+            }
+        });
+    Some((tensor(out, [b, h, t, d]), tensor(stats, [b, h, t, 2])))
+}
+
+/// The backward for the output gradient `grad`: `(dq, dk, dv)`, or `None` as
+/// [`forward`]. With `P` rebuilt from the saved statistics and `Δ = rowsum(dO ⊙ O)`:
+/// `dV = Σ Pᵀ·dO`, `dS = P ⊙ (dO·Vᵀ − Δ)` (zero where masked), `dQ = c·dS·K`,
+/// `dK = c·Σ dSᵀ·Q`, `c = 1/√D`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    masked: &FlexTensor,
+    out: &FlexTensor,
+    stats: &FlexTensor,
+    grad: &FlexTensor,
+    block: usize,
+) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+    let (q, k, v) = (f32_contiguous(q)?, f32_contiguous(k)?, f32_contiguous(v)?);
+    let (out, stats, grad) = (
+        f32_contiguous(out)?,
+        f32_contiguous(stats)?,
+        f32_contiguous(grad)?,
+    );
+    let masked = bool_contiguous(masked)?;
+    let mask_batch = masked.shape().dims::<4>()[0];
+    let dims = Dims::new(&q, &k, block);
+    let Dims {
+        b, h, hkv, t, s, d, ..
+    } = dims;
+    let g = dims.group();
+    let scale = dims.scale();
+    let (q, k, v, mask): (&[f32], &[f32], &[f32], &[u8]) =
+        (q.storage(), k.storage(), v.storage(), masked.storage());
+    let (o, st, dout): (&[f32], &[f32], &[f32]) = (out.storage(), stats.storage(), grad.storage());
+    let mut dq = vec![0f32; b * h * t * d];
+    let mut dk = vec![0f32; b * hkv * s * d];
+    let mut dv = vec![0f32; b * hkv * s * d];
+    dq.par_chunks_mut((g * t * d).max(1))
+        .zip(dk.par_chunks_mut((s * d).max(1)))
+        .zip(dv.par_chunks_mut((s * d).max(1)))
+        .enumerate()
+        .for_each(|(bk, ((dq, dk), dv))| {
+            let bi = bk / hkv;
+            let kv = bk * s * d;
+            let rows = dims.block.min(t);
+            let mut p = vec![0f32; rows * s];
+            let mut dp = vec![0f32; rows * s];
+            for gi in 0..g {
+                let bh = bk * g + gi;
+                for t0 in (0..t).step_by(dims.block) {
+                    let len = dims.block.min(t - t0);
+                    let mb = if mask_batch == 1 { 0 } else { bi };
+                    let mask_start = mb * t * s + t0 * s;
+                    let (lo, hi) = visible_columns(mask, mb * t + t0..mb * t + t0 + len, s);
+                    let w = hi - lo;
+                    let row0 = bh * t + t0;
+                    let pb = &mut p[..len * w];
+                    block_scores(
+                        pb,
+                        q,
+                        row0 * d,
+                        k,
+                        kv,
+                        mask,
+                        mask_start,
+                        (len, lo, hi),
+                        &dims,
+                    );
+                    for i in 0..len {
+                        let (max, sum) = (st[(row0 + i) * 2], st[(row0 + i) * 2 + 1]);
+                        for x in pb[i * w..(i + 1) * w].iter_mut() {
+                            *x = (*x - max).exp() / sum;
+                        }
+                    }
+                    let d_out = Mat::rows(dout, row0 * d, len, d, d);
+                    let pm = Mat::rows(pb, 0, len, w, w);
+                    // dV[lo..hi] += Pᵀ·dO
+                    gemm_into(&mut dv[lo * d..hi * d], d, true, pm.t(), d_out, 1.0);
+                    // dP = dO·Vᵀ
+                    let dpb = &mut dp[..len * w];
+                    let vb = Mat::rows(v, kv + lo * d, w, d, d).t();
+                    gemm_into(dpb, w, false, d_out, vb, 1.0);
+                    for i in 0..len {
+                        let r = (row0 + i) * d;
+                        let delta: f32 = dout[r..r + d]
+                            .iter()
+                            .zip(&o[r..r + d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let m = &mask[mask_start + i * s + lo..mask_start + i * s + hi];
+                        let prow = &pb[i * w..(i + 1) * w];
+                        for ((x, &pv), &masked) in
+                            dpb[i * w..(i + 1) * w].iter_mut().zip(prow).zip(m)
+                        {
+                            *x = if masked != 0 { 0.0 } else { pv * (*x - delta) };
+                        }
+                    }
+                    let ds = Mat::rows(dpb, 0, len, w, w);
+                    // dQ = c·dS·K
+                    let kb = Mat::rows(k, kv + lo * d, w, d, d);
+                    let dq_rows = &mut dq[(gi * t + t0) * d..(gi * t + t0 + len) * d];
+                    gemm_into(dq_rows, d, false, ds, kb, scale);
+                    // dK[lo..hi] += c·dSᵀ·Q
+                    let qb = Mat::rows(q, row0 * d, len, d, d);
+                    gemm_into(&mut dk[lo * d..hi * d], d, true, ds.t(), qb, scale);
+                }
+            }
+        });
+    Some((
+        tensor(dq, [b, h, t, d]),
+        tensor(dk, [b, hkv, s, d]),
+        tensor(dv, [b, hkv, s, d]),
+    ))
+}

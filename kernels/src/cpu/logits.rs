@@ -1,0 +1,110 @@
+//! The per-row halves of the head's log-probs on flex in f32, a row per task over the
+//! threads: [`rows`] is the contract of `LogprobOps::logit_rows`, [`grads`] of
+//! `LogprobOps::logit_grads`. The chunk's matmuls stay flex's (already threaded).
+
+use burn::backend::TensorMetadata;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::DType;
+use rayon::prelude::*;
+
+use super::{f32_contiguous, tensor};
+
+/// Rows per task: a row of a large vocabulary is enough work on its own, but short rows
+/// are batched so the task count stays sane.
+fn rows_per_task(v: usize) -> usize {
+    (16_384 / v.max(1)).max(1)
+}
+
+/// Each row's target as an index, or `None` for an index dtype the twin must take.
+fn target_indices(targets: &FlexTensor) -> Option<Vec<usize>> {
+    let t = if targets.is_contiguous() && targets.layout().start_offset() == 0 {
+        targets.clone()
+    } else {
+        targets.to_contiguous()
+    };
+    // An out-of-range or negative target is the caller's error; the twin would panic in
+    // its gather, so this does too rather than read another row's value.
+    let index = |i: i64| usize::try_from(i).expect("log-probs: negative target index");
+    match t.dtype() {
+        DType::I64 => Some(t.storage::<i64>().iter().map(|&i| index(i)).collect()),
+        DType::I32 => Some(
+            t.storage::<i32>()
+                .iter()
+                .map(|&i| index(i.into()))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Per row of `logits` `[len, V]`: `(log p(target), log Σ exp, 1.0 where the target is
+/// the first maximum)`, each `[len]`; `None` when the twin must run.
+pub(crate) fn rows(
+    logits: &FlexTensor,
+    targets: &FlexTensor,
+) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+    let logits = f32_contiguous(logits)?;
+    let targets = target_indices(targets)?;
+    let [len, v] = logits.shape().dims::<2>();
+    let x: &[f32] = logits.storage();
+    let mut out = vec![[0f32; 3]; len];
+    let per = rows_per_task(v);
+    out.par_chunks_mut(per).enumerate().for_each(|(task, dst)| {
+        for (j, slot) in dst.iter_mut().enumerate() {
+            let r = task * per + j;
+            let row = &x[r * v..(r + 1) * v];
+            let target = targets[r];
+            assert!(
+                target < v,
+                "log-probs: target {target} outside a vocabulary of {v}"
+            );
+            // The first maximum, as argmax.
+            let (mut top, mut max) = (0, f32::NEG_INFINITY);
+            for (i, &l) in row.iter().enumerate() {
+                if i == 0 || l > max {
+                    top = i;
+                    max = l;
+                }
+            }
+            let sum: f32 = row.iter().map(|&l| (l - max).exp()).sum();
+            let lse = sum.ln() + max;
+            *slot = [
+                row[target] - lse,
+                lse,
+                if top == target { 1.0 } else { 0.0 },
+            ];
+        }
+    });
+    let column = |c: usize| tensor(out.iter().map(|r| r[c]).collect(), [len]);
+    Some((column(0), column(1), column(2)))
+}
+
+/// `g·(onehot(t) − exp(logits − lse))` per row, `[len, V]`; `None` when the twin must run.
+pub(crate) fn grads(
+    logits: &FlexTensor,
+    targets: &FlexTensor,
+    lse: &FlexTensor,
+    grad: &FlexTensor,
+) -> Option<FlexTensor> {
+    let logits = f32_contiguous(logits)?;
+    let (lse, grad) = (f32_contiguous(lse)?, f32_contiguous(grad)?);
+    let targets = target_indices(targets)?;
+    let [len, v] = logits.shape().dims::<2>();
+    let (x, lse, g): (&[f32], &[f32], &[f32]) = (logits.storage(), lse.storage(), grad.storage());
+    let mut out = vec![0f32; len * v];
+    out.par_chunks_mut(v.max(1))
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let row = &x[r * v..(r + 1) * v];
+            for (d, &l) in dst.iter_mut().zip(row) {
+                *d = -((l - lse[r]).exp() * g[r]);
+            }
+            let target = targets[r];
+            assert!(
+                target < v,
+                "log-probs: target {target} outside a vocabulary of {v}"
+            );
+            dst[target] += g[r];
+        });
+    Some(tensor(out, [len, v]))
+}
