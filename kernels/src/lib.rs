@@ -23,7 +23,7 @@
 //! on flex a blocked twin of primitive ops; both keep only the output and each query's
 //! softmax statistics. Entropy, a metric without gradient, always runs its reference.
 
-mod cpu;
+pub mod cpu;
 #[cfg(feature = "gpu")]
 mod cube;
 pub mod fused;

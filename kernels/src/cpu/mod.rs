@@ -8,7 +8,9 @@
 //! thread count or on scheduling.
 
 pub(crate) mod attention;
+pub mod blas;
 pub(crate) mod logits;
+pub(crate) mod products;
 pub(crate) mod rows;
 
 use burn::backend::flex::FlexTensor;
@@ -58,7 +60,8 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst = (accumulate ? dst : 0) + scale · lhs·rhs` on the calling thread, `dst` row-major
-/// `[lhs.rows, rhs.cols]` with rows `ld` apart.
+/// `[lhs.rows, rhs.cols]` with rows `ld` apart: OpenBLAS where it is loaded, `gemm`
+/// otherwise ([`blas`]).
 pub(crate) fn gemm_into(
     dst: &mut [f32],
     ld: usize,
@@ -75,6 +78,9 @@ pub(crate) fn gemm_into(
         "gemm_into: destination out of bounds"
     );
     if m == 0 || n == 0 {
+        return;
+    }
+    if k > 0 && blas::sgemm(dst, ld, accumulate, &lhs, &rhs, scale) {
         return;
     }
     if k == 0 {

@@ -13,6 +13,7 @@ use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 
 use super::f32_of;
 use super::node::{Backprop, all_kept, on_inner, record};
+use super::projection::Products;
 use super::quant_matmul::QuantMatrix;
 use crate::cpu;
 use crate::launches::Op;
@@ -262,33 +263,7 @@ pub trait LogprobOps: Backend {
         targets: IntTensor<Self>,
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let n = hidden.shape().dims::<2>()[0];
-        let chunk = chunk.max(1);
-        let device = hidden.device();
-        let w_dtype: FloatDType = weight.dtype().into();
-        let wt = Self::float_transpose(weight);
-        let (mut lps, mut lses, mut hits) = (Vec::new(), Vec::new(), Vec::new());
-        for start in (0..n).step_by(chunk) {
-            let len = chunk.min(n - start);
-            let rows = Self::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
-            // In the head's dtype, a chunk of rows cast at a time: a half-precision head is
-            // never widened whole.
-            let rows = Self::float_cast(rows, w_dtype);
-            let t = Self::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
-            let logits = f32_of::<Self>(Self::float_matmul(rows, wt.clone()));
-            let (lp, lse, hit) = Self::logit_rows(logits, t);
-            lps.push(lp);
-            lses.push(lse);
-            hits.push(hit);
-        }
-        let join = |parts: Vec<FloatTensor<Self>>| {
-            if parts.is_empty() {
-                Self::float_zeros([0].into(), &device, FloatDType::F32)
-            } else {
-                Self::float_cat(parts, 0)
-            }
-        };
-        (join(lps), join(lses), join(hits))
+        linear_logprob_chunks::<Self>(hidden, weight, targets, chunk, &Products::plain())
     }
 
     /// Per row of f32 `logits` `[len, V]` with `targets` `[len]`: the target's log-prob,
@@ -331,7 +306,17 @@ pub trait LogprobOps: Backend {
         grad: FloatTensor<Self>,
         chunk: usize,
     ) -> FloatTensor<Self> {
-        logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, false).0
+        logprob_grads::<Self>(
+            hidden,
+            weight,
+            targets,
+            lse,
+            grad,
+            chunk,
+            false,
+            &Products::plain(),
+        )
+        .0
     }
 
     /// As [`LogprobOps::linear_logprob_backward`], with the head's gradient too:
@@ -345,12 +330,56 @@ pub trait LogprobOps: Backend {
         grad: FloatTensor<Self>,
         chunk: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (dh, dw) = logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, true);
+        let (dh, dw) = logprob_grads::<Self>(
+            hidden,
+            weight,
+            targets,
+            lse,
+            grad,
+            chunk,
+            true,
+            &Products::plain(),
+        );
         (dh, dw.expect("asked for the weight gradient"))
     }
 }
 
 impl LogprobOps for Flex {
+    fn linear_logprob(
+        hidden: FlexTensor,
+        weight: FlexTensor,
+        targets: FlexTensor,
+        chunk: usize,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        linear_logprob_chunks::<Self>(hidden, weight, targets, chunk, &Products::flex())
+    }
+
+    fn linear_logprob_backward(
+        hidden: FlexTensor,
+        weight: FlexTensor,
+        targets: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+        chunk: usize,
+    ) -> FlexTensor {
+        let products = Products::flex();
+        logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, false, &products).0
+    }
+
+    fn linear_logprob_backward_weight(
+        hidden: FlexTensor,
+        weight: FlexTensor,
+        targets: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+        chunk: usize,
+    ) -> (FlexTensor, FlexTensor) {
+        let products = Products::flex();
+        let (dh, dw) =
+            logprob_grads::<Self>(hidden, weight, targets, lse, grad, chunk, true, &products);
+        (dh, dw.expect("asked for the weight gradient"))
+    }
+
     fn logit_rows(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
         match cpu::logits::rows(&logits, &targets) {
             Some(done) => done,
@@ -460,13 +489,13 @@ fn logprob_grads<B: LogprobOps>(
     grad: FloatTensor<B>,
     chunk: usize,
     weight_grad: bool,
+    products: &Products<B>,
 ) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let [n, h] = hidden.shape().dims::<2>();
     let chunk = chunk.max(1);
     let h_dtype: FloatDType = hidden.dtype().into();
     let w_dtype: FloatDType = weight.dtype().into();
     let device = hidden.device();
-    let wt = B::float_transpose(weight.clone());
     let mut dh = Vec::new();
     let mut dw: Option<FloatTensor<B>> = None;
     for start in (0..n).step_by(chunk) {
@@ -474,18 +503,18 @@ fn logprob_grads<B: LogprobOps>(
         let range = || [Slice::from(start..start + len)];
         let rows = B::float_slice(hidden.clone(), &range());
         let t = B::int_slice(targets.clone(), &range());
-        let logits = f32_of::<B>(B::float_matmul(
+        let logits = f32_of::<B>((products.xwt)(
             B::float_cast(rows.clone(), w_dtype),
-            wt.clone(),
+            weight.clone(),
         ));
         let lse_c = B::float_slice(lse.clone(), &range());
         let g = f32_of::<B>(B::float_slice(grad.clone(), &range()));
         let d_logits = B::logit_grads(logits, t, lse_c, g);
         // In the head's dtype, as the forward (autocast's rule for a half-precision head).
-        let d_rows = B::float_matmul(B::float_cast(d_logits.clone(), w_dtype), weight.clone());
+        let d_rows = (products.gw)(B::float_cast(d_logits.clone(), w_dtype), weight.clone());
         dh.push(B::float_cast(d_rows, h_dtype));
         if weight_grad {
-            let part = B::float_matmul(B::float_transpose(d_logits), f32_of::<B>(rows));
+            let part = (products.gtx)(d_logits, f32_of::<B>(rows));
             dw = Some(match dw {
                 Some(acc) => B::float_add(acc, part),
                 None => part,
@@ -546,4 +575,41 @@ fn logit_grads_twin<B: Backend>(
         g,
         IndexingUpdateOp::Add,
     )
+}
+
+/// The head's chunked log-probs of [`LogprobOps::linear_logprob`], each chunk's logits
+/// through `products.xwt`.
+fn linear_logprob_chunks<B: LogprobOps>(
+    hidden: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    targets: IntTensor<B>,
+    chunk: usize,
+    products: &Products<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let n = hidden.shape().dims::<2>()[0];
+    let chunk = chunk.max(1);
+    let device = hidden.device();
+    let w_dtype: FloatDType = weight.dtype().into();
+    let (mut lps, mut lses, mut hits) = (Vec::new(), Vec::new(), Vec::new());
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let rows = B::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
+        // In the head's dtype, a chunk of rows cast at a time: a half-precision head is
+        // never widened whole.
+        let rows = B::float_cast(rows, w_dtype);
+        let t = B::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
+        let logits = f32_of::<B>((products.xwt)(rows, weight.clone()));
+        let (lp, lse, hit) = B::logit_rows(logits, t);
+        lps.push(lp);
+        lses.push(lse);
+        hits.push(hit);
+    }
+    let join = |parts: Vec<FloatTensor<B>>| {
+        if parts.is_empty() {
+            B::float_zeros([0].into(), &device, FloatDType::F32)
+        } else {
+            B::float_cat(parts, 0)
+        }
+    };
+    (join(lps), join(lses), join(hits))
 }

@@ -11,12 +11,14 @@
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::node::{Backprop, all_kept, record};
+use super::node::{Backprop, all_kept, on_inner, record};
+use crate::cpu;
 
 /// Up to this many rows a projection goes through [`ProjectionOps::project`]; above it
 /// the model keeps burn's plain `linear`, bit for bit what it ran before (training's batch
@@ -28,12 +30,12 @@ pub const FEW_ROWS: usize = 1;
 const SPLIT_MIN_WEIGHTS: usize = 1 << 16;
 
 /// `x·Wᵀ`: `x` `[..., in]`, `w` `[out, in]` → `[..., out]`, through
-/// [`ProjectionOps::project`] when `x` has at most [`FEW_ROWS`] rows, through the
-/// backend's matmul otherwise.
+/// [`ProjectionOps::project`] when `x` has at most [`FEW_ROWS`] rows or OpenBLAS is
+/// loaded ([`cpu::blas`]), through burn's `linear` otherwise.
 pub fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
-    if rows > FEW_ROWS {
+    if rows > FEW_ROWS && !cpu::blas::available() {
         return burn::tensor::module::linear(x, w.transpose(), None);
     }
     let [out, _] = w.dims();
@@ -42,6 +44,39 @@ pub fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let mut shape = dims;
     shape[D - 1] = out;
     y.reshape(shape)
+}
+
+/// A projection's three products, as one backend computes them: the head's chunked
+/// log-probs take them as a value so that flex's can be [`ProjectionOps`]' own.
+pub(crate) struct Products<B: Backend> {
+    /// `x·Wᵀ`: `x` `[M, K]`, `w` `[N, K]`.
+    pub xwt: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+    /// `g·W`: `g` `[M, N]`, `w` `[N, K]`.
+    pub gw: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+    /// `gᵀ·x`: `g` `[M, N]`, `x` `[M, K]`.
+    pub gtx: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+}
+
+impl<B: Backend> Products<B> {
+    /// The backend's matmul.
+    pub fn plain() -> Self {
+        Self {
+            xwt: matmul_transposed::<B>,
+            gw: B::float_matmul,
+            gtx: |g, x| B::float_matmul(B::float_transpose(g), x),
+        }
+    }
+}
+
+impl Products<Flex> {
+    /// flex's projections: OpenBLAS where it is loaded.
+    pub fn flex() -> Self {
+        Self {
+            xwt: <Flex as ProjectionOps>::project,
+            gw: <Flex as ProjectionOps>::project_input_grad,
+            gtx: <Flex as ProjectionOps>::project_weight_grad,
+        }
+    }
 }
 
 /// `x·Wᵀ` on primitives, the backend's own matmul: what every backend but flex runs.
@@ -62,6 +97,18 @@ pub trait ProjectionOps: Backend {
     fn project(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         matmul_transposed::<Self>(x, w)
     }
+
+    /// `g·W`, the input's gradient: `g` `[M, N]`, `w` `[N, K]` → `[M, K]`.
+    #[fusion(default)]
+    fn project_input_grad(g: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(g, w)
+    }
+
+    /// `gᵀ·x`, the weight's gradient: `g` `[M, N]`, `x` `[M, K]` → `[N, K]`.
+    #[fusion(default)]
+    fn project_weight_grad(g: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(Self::float_transpose(g), x)
+    }
 }
 
 impl ProjectionOps for Flex {
@@ -74,10 +121,19 @@ impl ProjectionOps for Flex {
         // the split gives the bits of the whole. Several rows take gemm's block kernels,
         // whose choice depends on the shape, and a row's values would then depend on the
         // slice width and on how many rows ride along.
-        if m != 1 || !f32s || threads < 2 || n < 2 * threads || n * k < SPLIT_MIN_WEIGHTS {
-            return matmul_transposed::<Flex>(x, w);
+        if m == 1 && f32s && threads >= 2 && n >= 2 * threads && n * k >= SPLIT_MIN_WEIGHTS {
+            return split_columns(&x, &w, n, k, threads);
         }
-        split_columns(&x, &w, n, k, threads)
+        cpu::products::product(&x, &w, true).unwrap_or_else(|| matmul_transposed::<Flex>(x, w))
+    }
+
+    fn project_input_grad(g: FlexTensor, w: FlexTensor) -> FlexTensor {
+        cpu::products::product(&g, &w, false).unwrap_or_else(|| Flex::float_matmul(g, w))
+    }
+
+    fn project_weight_grad(g: FlexTensor, x: FlexTensor) -> FlexTensor {
+        let gt = Flex::float_transpose(g);
+        cpu::products::product(&gt, &x, false).unwrap_or_else(|| Flex::float_matmul(gt, x))
     }
 }
 
@@ -145,6 +201,11 @@ impl<B: ProjectionOps, C: CheckpointStrategy> ProjectionOps for Autodiff<B, C> {
         )
         .0
     }
+
+    on_inner! {
+        fn project_input_grad(g: Float, w: Float) -> Float;
+        fn project_weight_grad(g: Float, x: Float) -> Float;
+    }
 }
 
 /// Keeps both inputs: `dx = g·W`, `dW = gᵀ·x`.
@@ -162,8 +223,8 @@ impl<B: ProjectionOps> Backprop<B, 2> for Node {
         [want_x, want_w]: [bool; 2],
     ) -> [Option<FloatTensor<B>>; 2] {
         let [x, w] = all_kept(inputs);
-        let dx = want_x.then(|| B::float_matmul(grad.clone(), w));
-        let dw = want_w.then(|| B::float_matmul(B::float_transpose(grad), x));
+        let dx = want_x.then(|| B::project_input_grad(grad.clone(), w));
+        let dw = want_w.then(|| B::project_weight_grad(grad, x));
         [dx, dw]
     }
 }

@@ -1,6 +1,5 @@
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use burn::tensor::module::linear;
 
 use super::lora::Lora;
 use super::precision::{f32, to};
@@ -55,8 +54,21 @@ impl Linear {
     }
 
     /// `x`: `[..., in]` → `[..., out]`.
-    /// The matmul runs in `x`'s dtype (an f32 master weight is cast to it).
+    /// The matmul runs in `x`'s dtype (an f32 master weight is cast to it). Leading
+    /// dimensions are flattened first: one `[rows, in]` product threads and packs the
+    /// weight once, where a batch of `[T, in]` products packs it once per sequence, and the
+    /// adapters' gradients need no sum over the batch.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let rows: Tensor<2> = x.reshape([-1, dims[D - 1] as i32]);
+        let y = self.forward_rows(rows);
+        let mut shape = dims;
+        shape[D - 1] = y.dims()[1];
+        y.reshape(shape)
+    }
+
+    /// `x`: `[rows, in]` → `[rows, out]`.
+    fn forward_rows(&self, x: Tensor<2>) -> Tensor<2> {
         let dtype = x.dtype();
         let base = match &self.weight {
             Weight::Quantized(q) => {
@@ -66,22 +78,15 @@ impl Linear {
                     None => y,
                 }
             }
-            // Few rows (a decoding step) spread their columns over the cores; more rows
-            // are the plain matmul.
-            Weight::Dense(w)
-                if x.dims()[..D - 1].iter().product::<usize>() <= kernels::FEW_ROWS =>
-            {
+            // Through `kernels::project`: a decoding step's row spreads its columns over
+            // the cores, and with OpenBLAS loaded every product runs there.
+            Weight::Dense(w) => {
                 let y = kernels::project(x.clone(), to(w.val(), dtype));
                 match &self.bias {
                     Some(b) => y + to(b.val(), dtype).unsqueeze(),
                     None => y,
                 }
             }
-            Weight::Dense(w) => linear(
-                x.clone(),
-                to(w.val(), dtype).transpose(),
-                self.bias.as_ref().map(|b| to(b.val(), dtype)),
-            ),
         };
         match &self.lora {
             Some(lora) => lora.add_to(base, f32(x)),

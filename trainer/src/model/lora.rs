@@ -22,8 +22,7 @@ impl Lora {
     /// (`[..., out]`), `x` `[..., in]`. The up-projection and the add are one op
     /// ([`kernels::lora_up`]), so the `[..., out]` low-rank product is never stored.
     pub fn add_to<const D: usize>(&self, base: Tensor<D>, x: Tensor<D>) -> Tensor<D> {
-        let down =
-            burn::tensor::module::linear(self.dropout.forward(x), self.a.val().transpose(), None);
+        let down = kernels::project(self.dropout.forward(x), self.a.val());
         kernels::lora_up(base, down, self.b.val(), self.scale)
     }
 

@@ -1,0 +1,183 @@
+//! f32 matrix products on the CPU through OpenBLAS when the machine has it, through the
+//! `gemm` crate otherwise.
+//!
+//! Why: on the AVX-512 machine of BENCHMARKS.md, `gemm` 0.19 ran the training step's
+//! products at about 95 GF/s on 2 cores, and Debian's OpenBLAS 0.3.21 at 200–300 GF/s
+//! (PyTorch's own matmul at 200–310). The step is matmul-bound, so this is most of the gap.
+//!
+//! The library is opened at run time (`libopenblas.so.0`, Debian's `libopenblas0`), not
+//! linked: the binary still starts, and computes the same products through `gemm`, on a
+//! machine without it (the GPU kit, a bare container), and `HEARTH_BLAS=off` turns it off.
+//! OpenBLAS runs single-threaded; the threads split the output's rows between them, each
+//! part one call, so a product's bits depend only on its shape and the thread count.
+
+use std::ffi::c_int;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
+
+use super::Mat;
+
+/// `cblas_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)`.
+type Sgemm = unsafe extern "C" fn(
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    f32,
+    *mut f32,
+    c_int,
+);
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+/// The library names tried, in order: Debian's runtime package, then a plain install.
+const NAMES: [&str; 2] = ["libopenblas.so.0", "libopenblas.so"];
+
+struct OpenBlas {
+    sgemm: Sgemm,
+    /// Keeps the library mapped for the process's life.
+    _lib: libloading::Library,
+}
+
+static LIBRARY: OnceLock<Option<OpenBlas>> = OnceLock::new();
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+fn open() -> Option<OpenBlas> {
+    if std::env::var("HEARTH_BLAS").is_ok_and(|v| v == "off" || v == "0") {
+        return None;
+    }
+    NAMES.iter().find_map(|name| {
+        // SAFETY: OpenBLAS's initialisers only set up its own state; the two symbols
+        // below have the C signatures declared here in every OpenBLAS release.
+        unsafe {
+            let lib = libloading::Library::new(name).ok()?;
+            let sgemm: Sgemm = *lib.get::<Sgemm>(b"cblas_sgemm\0").ok()?;
+            let threads = *lib
+                .get::<unsafe extern "C" fn(c_int)>(b"openblas_set_num_threads\0")
+                .ok()?;
+            // One thread per call: hearth's threads split the work (see the module doc).
+            threads(1);
+            Some(OpenBlas { sgemm, _lib: lib })
+        }
+    })
+}
+
+fn library() -> Option<&'static OpenBlas> {
+    if DISABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    LIBRARY.get_or_init(open).as_ref()
+}
+
+/// Whether products run through OpenBLAS (for the run's log and the benches).
+pub fn available() -> bool {
+    library().is_some()
+}
+
+/// Turns OpenBLAS off (or back on, where it loads) for the rest of the process: the tests
+/// compare the two paths.
+pub fn set_enabled(enabled: bool) {
+    DISABLED.store(!enabled, Ordering::Relaxed);
+}
+
+/// A matrix as BLAS takes it: `(transposed, leading dimension)`, or `None` when neither
+/// of its strides is 1.
+fn blas_layout(m: &Mat<'_>) -> Option<(c_int, usize)> {
+    if m.cs == 1 && (m.rows <= 1 || m.rs >= m.cols) {
+        Some((NO_TRANS, m.rs.max(m.cols).max(1)))
+    } else if m.rs == 1 && (m.cols <= 1 || m.cs >= m.rows) {
+        Some((TRANS, m.cs.max(m.rows).max(1)))
+    } else {
+        None
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale·lhs·rhs` on the calling thread through OpenBLAS;
+/// `false` when it cannot (no library, a stride BLAS cannot express, a size past `int`).
+/// The operands' bounds are checked by the caller.
+pub(crate) fn sgemm(
+    dst: &mut [f32],
+    ld: usize,
+    accumulate: bool,
+    lhs: &Mat<'_>,
+    rhs: &Mat<'_>,
+    scale: f32,
+) -> bool {
+    let Some(lib) = library() else {
+        return false;
+    };
+    let (Some((ta, lda)), Some((tb, ldb))) = (blas_layout(lhs), blas_layout(rhs)) else {
+        return false;
+    };
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let int = |x: usize| c_int::try_from(x).ok();
+    let (Some(m), Some(n), Some(k), Some(lda), Some(ldb), Some(ldc)) =
+        (int(m), int(n), int(k), int(lda), int(ldb), int(ld.max(n)))
+    else {
+        return false;
+    };
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: the caller checked that every element of both operands and of the
+    // destination lies inside its slice; `dst` is borrowed mutably.
+    unsafe {
+        (lib.sgemm)(
+            ROW_MAJOR,
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            scale,
+            lhs.data.as_ptr().add(lhs.start),
+            lda,
+            rhs.data.as_ptr().add(rhs.start),
+            ldb,
+            beta,
+            dst.as_mut_ptr(),
+            ldc,
+        );
+    }
+    true
+}
+
+/// Rows below which a product is not split: one call is then cheaper than handing out
+/// the parts.
+const SPLIT_MIN_ROWS: usize = 64;
+
+/// `lhs·rhs` as a new row-major `[lhs.rows, rhs.cols]`, the output's rows split over the
+/// threads in `threads` fixed parts, each one single-threaded product (OpenBLAS, or
+/// `gemm` without it). The parts' bounds depend only on the shape and the thread count.
+pub(crate) fn matmul_rows(lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
+    let (m, n) = (lhs.rows, rhs.cols);
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let parts = if m < SPLIT_MIN_ROWS { 1 } else { threads };
+    let per = m.div_ceil(parts);
+    out.par_chunks_mut(per * n)
+        .enumerate()
+        .for_each(|(part, dst)| {
+            let first = part * per;
+            let rows = dst.len() / n;
+            let part_lhs = Mat {
+                start: lhs.start + first * lhs.rs,
+                rows,
+                ..lhs
+            };
+            super::gemm_into(dst, n, false, part_lhs, rhs, 1.0);
+        });
+    out
+}
