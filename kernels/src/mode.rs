@@ -9,8 +9,10 @@ use burn::tensor::Device;
 
 use crate::launches::{self, Op};
 
-/// `kernels = "fused" | "reference"` in a recipe; `auto` (the default) picks fused on the
-/// Cube backends (CUDA, wgpu) and the reference elsewhere.
+/// `kernels = "fused" | "reference"` in a recipe; `auto` (the default) is fused: on the
+/// Cube backends the CubeCL kernels, on flex the threaded ones of `cpu/`, which measured
+/// faster than the reference at half its peak memory (BENCHMARKS.md). The reference
+/// stays the specification the fused ops are tested against.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
     #[default]
@@ -47,12 +49,12 @@ pub fn kernels() -> Kernels {
     }
 }
 
-/// Whether the fused path serves a tensor on `device` under the current setting.
-pub fn fused_on(device: &Device) -> bool {
+/// Whether the fused path serves a tensor on `device` under the current setting (every
+/// backend has one now, so the device no longer decides).
+pub fn fused_on(_device: &Device) -> bool {
     match kernels() {
-        Kernels::Fused => true,
+        Kernels::Fused | Kernels::Auto => true,
         Kernels::Reference => false,
-        Kernels::Auto => on_cube(device),
     }
 }
 
@@ -64,17 +66,4 @@ pub(crate) fn takes_fused(op: Op, device: &Device) -> bool {
         launches::took_fused_path(op);
     }
     fused
-}
-
-#[cfg(feature = "gpu")]
-fn on_cube(device: &Device) -> bool {
-    matches!(
-        device.as_dispatch().clone().inner(),
-        burn::backend::DispatchDevice::Cube(_)
-    )
-}
-
-#[cfg(not(feature = "gpu"))]
-fn on_cube(_device: &Device) -> bool {
-    false
 }

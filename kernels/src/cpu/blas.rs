@@ -13,7 +13,6 @@
 
 use std::ffi::c_int;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -51,7 +50,6 @@ struct OpenBlas {
 }
 
 static LIBRARY: OnceLock<Option<OpenBlas>> = OnceLock::new();
-static DISABLED: AtomicBool = AtomicBool::new(false);
 
 fn open() -> Option<OpenBlas> {
     if std::env::var("HEARTH_BLAS").is_ok_and(|v| v == "off" || v == "0") {
@@ -74,21 +72,12 @@ fn open() -> Option<OpenBlas> {
 }
 
 fn library() -> Option<&'static OpenBlas> {
-    if DISABLED.load(Ordering::Relaxed) {
-        return None;
-    }
     LIBRARY.get_or_init(open).as_ref()
 }
 
 /// Whether products run through OpenBLAS (for the run's log and the benches).
 pub fn available() -> bool {
     library().is_some()
-}
-
-/// Turns OpenBLAS off (or back on, where it loads) for the rest of the process: the tests
-/// compare the two paths.
-pub fn set_enabled(enabled: bool) {
-    DISABLED.store(!enabled, Ordering::Relaxed);
 }
 
 /// A matrix as BLAS takes it: `(transposed, leading dimension)`, or `None` when neither
@@ -180,4 +169,85 @@ pub(crate) fn matmul_rows(lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
             super::gemm_into(dst, n, false, part_lhs, rhs, 1.0);
         });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    }
+
+    /// `a·b` in f64 from row-major `a` `[m, k]` and `b` `[k, n]`.
+    fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    /// CI installs OpenBLAS and says so (`HEARTH_EXPECT_BLAS=1`): there the products must
+    /// really run through it, or the speed the benches report is not what CI tested.
+    #[test]
+    fn openblas_is_loaded_where_it_is_expected() {
+        if std::env::var("HEARTH_EXPECT_BLAS").is_ok_and(|v| v == "1") {
+            assert!(
+                available(),
+                "HEARTH_EXPECT_BLAS=1 but libopenblas.so.0 did not load"
+            );
+        }
+    }
+
+    /// Every layout the projections use (plain, transposed left, transposed right, both),
+    /// with row counts around the split threshold and a part that is cut short: the
+    /// products match an f64 product, and a second run gives the same bits.
+    #[test]
+    fn row_split_products_match_the_math_in_every_layout() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for (m, k, n) in [(1, 7, 5), (63, 33, 17), (64, 16, 9), (200, 40, 31)] {
+                let a = values(m * k, 1);
+                let b = values(k * n, 2);
+                let want = naive(&a, &b, m, k, n);
+                // Transposed copies, so each layout reads the same matrices.
+                let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+                let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+                let layouts = [
+                    (Mat::rows(&a, 0, m, k, k), Mat::rows(&b, 0, k, n, n)),
+                    (Mat::rows(&at, 0, k, m, m).t(), Mat::rows(&b, 0, k, n, n)),
+                    (Mat::rows(&a, 0, m, k, k), Mat::rows(&bt, 0, n, k, k).t()),
+                    (
+                        Mat::rows(&at, 0, k, m, m).t(),
+                        Mat::rows(&bt, 0, n, k, k).t(),
+                    ),
+                ];
+                for (i, (l, r)) in layouts.into_iter().enumerate() {
+                    let got = matmul_rows(l, r);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-4,
+                            "{m}x{k}x{n} layout {i}: {g} vs {w}"
+                        );
+                    }
+                    assert_eq!(
+                        got,
+                        matmul_rows(l, r),
+                        "{m}x{k}x{n} layout {i}: not repeatable"
+                    );
+                }
+            }
+        });
+    }
 }

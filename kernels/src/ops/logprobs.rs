@@ -481,6 +481,7 @@ fn log_sum_exp<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
 /// `p = exp(logits − lse)`, and `∂ log p(t)/∂ logits = onehot(t) − p`, scaled by the
 /// output gradient; `dh` and (when asked) `dW` follow by two matmuls. Only one chunk's
 /// `[len, V]` tensors are alive at a time.
+#[allow(clippy::too_many_arguments)]
 fn logprob_grads<B: LogprobOps>(
     hidden: FloatTensor<B>,
     weight: FloatTensor<B>,

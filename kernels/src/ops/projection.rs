@@ -248,8 +248,8 @@ mod tests {
     }
 
     /// Splitting one row's columns over threads gives the matmul's bits exactly, with a
-    /// thread count that does not divide the columns (and several rows, which stay whole,
-    /// too); both gradients match.
+    /// thread count that does not divide the columns; several rows (OpenBLAS's products
+    /// where it is loaded) and both gradients match it to f32 rounding.
     #[test]
     fn split_projection_gives_the_matmuls_bits() {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -269,8 +269,13 @@ mod tests {
                 let weights = tensor([m, n], 3, &device);
                 let want = x.clone().matmul(w.clone().transpose());
                 let got = project(x.clone(), w.clone());
-                assert_eq!(got.to_data(), want.to_data(), "{m}×{n}×{k}");
-                let tol = Tolerance::absolute(1e-4);
+                // Sums of up to 49 153 products in another order: f32 rounding, relative.
+                let tol = Tolerance::relative(1e-4).set_absolute(1e-3);
+                if m == 1 {
+                    assert_eq!(got.to_data(), want.to_data(), "{m}×{n}×{k}");
+                } else {
+                    got.to_data().assert_approx_eq::<f32>(&want.to_data(), tol);
+                }
                 let want_grads = (want * weights.clone()).sum().backward();
                 let got_grads = (got * weights).sum().backward();
                 for (name, p) in [("x", &x), ("w", &w)] {
