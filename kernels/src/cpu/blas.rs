@@ -8,8 +8,9 @@
 //! The library is opened at run time (`libopenblas.so.0`, Debian's `libopenblas0`), not
 //! linked: the binary still starts, and computes the same products through `gemm`, on a
 //! machine without it (the GPU kit, a bare container), and `HEARTH_BLAS=off` turns it off.
-//! OpenBLAS runs single-threaded; the threads split the output's rows between them, each
-//! part one call, so a product's bits depend only on its shape and the thread count.
+//! OpenBLAS runs single-threaded; the threads split the output between them (its rows, or
+//! a few rows' columns), each part one call, so a product's bits depend only on its shape
+//! and the thread count.
 
 use std::ffi::c_int;
 use std::sync::OnceLock;
@@ -140,20 +141,69 @@ pub(crate) fn sgemm(
     true
 }
 
-/// Rows below which a product is not split: one call is then cheaper than handing out
-/// the parts.
+/// Rows from which a product splits its rows over the threads; fewer rows (a decoding
+/// step's batch) split the columns instead.
 const SPLIT_MIN_ROWS: usize = 64;
 
-/// `lhs·rhs` as a new row-major `[lhs.rows, rhs.cols]`, the output's rows split over the
-/// threads in `threads` fixed parts, each one single-threaded product (OpenBLAS, or
-/// `gemm` without it). The parts' bounds depend only on the shape and the thread count.
-pub(crate) fn matmul_rows(lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
-    let (m, n) = (lhs.rows, rhs.cols);
-    let mut out = vec![0f32; m * n];
+/// Below this many `k × columns` multiply-adds per row, a few-row product stays whole:
+/// handing out the parts would cost more than they save.
+const SPLIT_MIN_WORK: usize = 1 << 16;
+
+/// `lhs·rhs` as a new row-major `[lhs.rows, rhs.cols]`, cut into one part per thread,
+/// each a single-threaded product (OpenBLAS, or `gemm` without it): the output's rows
+/// when there are many, its columns when there are few. The parts' bounds depend only on
+/// the shape and the thread count, so the bits do too.
+pub(crate) fn matmul(lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
+    let mut out = vec![0f32; lhs.rows * rhs.cols];
+    matmul_into(&mut out, lhs, rhs, 1.0, false);
+    out
+}
+
+/// [`matmul`] into `out` (row-major `[lhs.rows, rhs.cols]`): `out = (accumulate ? out : 0)
+/// + scale·lhs·rhs`.
+pub(crate) fn matmul_into(
+    out: &mut [f32],
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    scale: f32,
+    accumulate: bool,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(out.len(), m * n, "matmul_into: output size");
     if m == 0 || n == 0 {
-        return out;
+        return;
     }
     let threads = rayon::current_num_threads().max(1);
+    if m < SPLIT_MIN_ROWS && threads > 1 && n >= 2 * threads && k * n >= SPLIT_MIN_WORK {
+        let per = n.div_ceil(threads);
+        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(per))
+            .into_par_iter()
+            .map(|part| {
+                let first = part * per;
+                let cols = per.min(n - first);
+                let part_rhs = Mat {
+                    start: rhs.start + first * rhs.cs,
+                    cols,
+                    ..rhs
+                };
+                let mut dst = vec![0f32; m * cols];
+                super::gemm_into(&mut dst, cols, false, lhs, part_rhs, scale);
+                (first, dst)
+            })
+            .collect();
+        for (first, dst) in parts {
+            let cols = dst.len() / m;
+            for (row, src) in out.chunks_mut(n).zip(dst.chunks(cols)) {
+                let row = &mut row[first..first + cols];
+                if accumulate {
+                    row.iter_mut().zip(src).for_each(|(o, s)| *o += s);
+                } else {
+                    row.copy_from_slice(src);
+                }
+            }
+        }
+        return;
+    }
     let parts = if m < SPLIT_MIN_ROWS { 1 } else { threads };
     let per = m.div_ceil(parts);
     out.par_chunks_mut(per * n)
@@ -166,9 +216,8 @@ pub(crate) fn matmul_rows(lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
                 rows,
                 ..lhs
             };
-            super::gemm_into(dst, n, false, part_lhs, rhs, 1.0);
+            super::gemm_into(dst, n, accumulate, part_lhs, rhs, scale);
         });
-    out
 }
 
 #[cfg(test)]
@@ -208,16 +257,23 @@ mod tests {
     }
 
     /// Every layout the projections use (plain, transposed left, transposed right, both),
-    /// with row counts around the split threshold and a part that is cut short: the
+    /// with row counts around the split threshold, a few-row product split by columns, and
+    /// a part that is cut short: the
     /// products match an f64 product, and a second run gives the same bits.
     #[test]
-    fn row_split_products_match_the_math_in_every_layout() {
+    fn split_products_match_the_math_in_every_layout() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
         pool.install(|| {
-            for (m, k, n) in [(1, 7, 5), (63, 33, 17), (64, 16, 9), (200, 40, 31)] {
+            for (m, k, n) in [
+                (1, 7, 5),
+                (8, 300, 517),
+                (63, 33, 17),
+                (64, 16, 9),
+                (200, 40, 31),
+            ] {
                 let a = values(m * k, 1);
                 let b = values(k * n, 2);
                 let want = naive(&a, &b, m, k, n);
@@ -234,18 +290,14 @@ mod tests {
                     ),
                 ];
                 for (i, (l, r)) in layouts.into_iter().enumerate() {
-                    let got = matmul_rows(l, r);
+                    let got = matmul(l, r);
                     for (g, w) in got.iter().zip(&want) {
                         assert!(
                             (*g as f64 - w).abs() < 1e-4,
                             "{m}x{k}x{n} layout {i}: {g} vs {w}"
                         );
                     }
-                    assert_eq!(
-                        got,
-                        matmul_rows(l, r),
-                        "{m}x{k}x{n} layout {i}: not repeatable"
-                    );
+                    assert_eq!(got, matmul(l, r), "{m}x{k}x{n} layout {i}: not repeatable");
                 }
             }
         });

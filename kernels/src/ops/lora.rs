@@ -8,8 +8,10 @@ use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{FloatDType, Tensor};
 
 use super::node::{Backprop, on_inner, record};
+use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
+use burn::backend::flex::FlexTensor;
 
 /// A LoRA adapter's up-projection added to its base projection's output,
 /// `base + s·down·Bᵀ`. `base`: `[..., O]`; `down`: `[..., r]`; `b`: `[O, r]`.
@@ -82,10 +84,7 @@ pub trait LoraOps: Backend {
         b: FloatTensor<Self>,
         scale: f32,
     ) -> FloatTensor<Self> {
-        let dtype: FloatDType = base.dtype().into();
-        let delta = Self::float_matmul(down, Self::float_transpose(b));
-        let delta = Self::float_mul_scalar(delta, scale.into());
-        Self::float_add(base, Self::float_cast(delta, dtype))
+        lora_up_twin::<Self>(base, down, b, scale)
     }
 
     /// The gradients of [`LoraOps::lora_up`] other than `base`'s (which is `grad`
@@ -98,15 +97,26 @@ pub trait LoraOps: Backend {
         grad: FloatTensor<Self>,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let dtype: FloatDType = down.dtype().into();
-        let g = Self::float_mul_scalar(Self::float_cast(grad, dtype), scale.into());
-        let d_down = Self::float_matmul(g.clone(), b);
-        let d_b = Self::float_matmul(Self::float_transpose(g), down);
-        (d_down, d_b)
+        lora_up_backward_twin::<Self>(down, b, grad, scale)
     }
 }
 
-impl LoraOps for Flex {}
+impl LoraOps for Flex {
+    fn lora_up(base: FlexTensor, down: FlexTensor, b: FlexTensor, scale: f32) -> FlexTensor {
+        cpu::products::lora_up(base, &down, &b, scale)
+            .unwrap_or_else(|base| lora_up_twin::<Self>(base, down, b, scale))
+    }
+
+    fn lora_up_backward(
+        down: FlexTensor,
+        b: FlexTensor,
+        grad: FlexTensor,
+        scale: f32,
+    ) -> (FlexTensor, FlexTensor) {
+        cpu::products::lora_up_grads(&down, &b, &grad, scale)
+            .unwrap_or_else(|| lora_up_backward_twin::<Self>(down, b, grad, scale))
+    }
+}
 
 impl<B: LoraOps, C: CheckpointStrategy> LoraOps for Autodiff<B, C> {
     fn lora_up(
@@ -153,4 +163,31 @@ impl<B: LoraOps> Backprop<B, 3> for Node {
         }
         [want_base.then_some(grad), d_down, d_b]
     }
+}
+
+/// The portable [`LoraOps::lora_up`], on the backend's ops.
+fn lora_up_twin<B: Backend>(
+    base: FloatTensor<B>,
+    down: FloatTensor<B>,
+    b: FloatTensor<B>,
+    scale: f32,
+) -> FloatTensor<B> {
+    let dtype: FloatDType = base.dtype().into();
+    let delta = B::float_matmul(down, B::float_transpose(b));
+    let delta = B::float_mul_scalar(delta, scale.into());
+    B::float_add(base, B::float_cast(delta, dtype))
+}
+
+/// The portable [`LoraOps::lora_up_backward`], on the backend's ops.
+fn lora_up_backward_twin<B: Backend>(
+    down: FloatTensor<B>,
+    b: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scale: f32,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let dtype: FloatDType = down.dtype().into();
+    let g = B::float_mul_scalar(B::float_cast(grad, dtype), scale.into());
+    let d_down = B::float_matmul(g.clone(), b);
+    let d_b = B::float_matmul(B::float_transpose(g), down);
+    (d_down, d_b)
 }
