@@ -78,8 +78,15 @@ pub struct TensorRef<'a> {
 }
 
 impl TensorRef<'_> {
-    /// The values widened to f32 (exact for f16 and bf16).
+    /// The values widened to f32 (exact for f16 and bf16). The file's pages the tensor
+    /// read are then handed back (see [`release_pages`]).
     pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let values = self.widen()?;
+        release_pages(self.bytes);
+        Ok(values)
+    }
+
+    fn widen(&self) -> Result<Vec<f32>> {
         let b = self.bytes;
         Ok(match self.dtype {
             Dtype::F32 => b
@@ -334,4 +341,31 @@ impl WeightFiles {
         }
         Ok(())
     }
+}
+
+/// Drops the process's mapping of the whole pages inside `bytes`, a slice of a read-only
+/// file map: they stay in the page cache (a later read faults them back in, unchanged), but
+/// no longer count in the process's memory. Without this a load held the file's pages and
+/// the converted tensors at once, twice the model (BENCHMARKS.md: generation's peak).
+fn release_pages(bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        // SAFETY: `sysconf` has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+        if page == 0 {
+            return;
+        }
+        let start = (bytes.as_ptr() as usize).div_ceil(page) * page;
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: `[start, end)` is whole pages inside a read-only private file mapping
+            // that outlives this call; MADV_DONTNEED there only drops page-table entries,
+            // and the next access reads the same bytes from the file again.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = bytes;
 }

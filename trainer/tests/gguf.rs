@@ -77,7 +77,10 @@ fn logits_and_greedy_tokens_match_transformers() {
         }
     }
     eprintln!("SmolLM2 Q4_1 GGUF: max |Δ logit| = {worst:e}");
-    assert!(worst <= 1e-4, "max |Δ logit| = {worst}");
+    // f32 rounding through 30 layers, the largest over every position's 49 152 logits of
+    // magnitude up to about 20 (5e-6 relative): measured 8.0e-5 with the reference ops and
+    // 1.03e-4 with flex's fused ones (OpenBLAS products; 1.2e-4 with gemm's).
+    assert!(worst <= 1.5e-4, "max |Δ logit| = {worst}");
 
     let greedy: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("smollm2-greedy.json")).unwrap(),

@@ -150,11 +150,13 @@ pub(crate) fn forward(
                 for i in 0..len {
                     let row = &mut sc[i * w..(i + 1) * w];
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
+                    // The normaliser sums in f64 (see `rows::inv_rms`).
+                    let mut sum = 0f64;
                     for x in row.iter_mut() {
                         *x = (*x - max).exp();
-                        sum += *x;
+                        sum += f64::from(*x);
                     }
+                    let sum = sum as f32;
                     for x in row.iter_mut() {
                         *x /= sum;
                     }
@@ -251,11 +253,11 @@ pub(crate) fn backward(
                     gemm_into(dpb, w, false, d_out, vb, 1.0);
                     for i in 0..len {
                         let r = (row0 + i) * d;
-                        let delta: f32 = dout[r..r + d]
+                        let delta = dout[r..r + d]
                             .iter()
                             .zip(&o[r..r + d])
-                            .map(|(a, b)| a * b)
-                            .sum();
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum::<f64>() as f32;
                         let m = &mask[mask_start + i * s + lo..mask_start + i * s + hi];
                         let prow = &pb[i * w..(i + 1) * w];
                         for ((x, &pv), &masked) in

@@ -66,8 +66,9 @@ pub(crate) fn rows(
                     max = l;
                 }
             }
-            let sum: f32 = row.iter().map(|&l| (l - max).exp()).sum();
-            let lse = sum.ln() + max;
+            // In f64, as the other row sums of `cpu/` (see `rows::inv_rms`).
+            let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
+            let lse = (sum.ln() + f64::from(max)) as f32;
             *slot = [
                 row[target] - lse,
                 lse,

@@ -32,10 +32,11 @@ fn par_rows(out: &mut [f32], cols: usize, f: impl Fn(usize, &mut [f32]) + Sync) 
         });
 }
 
-/// `1/√(mean(x²) + eps)` of one row.
+/// `1/√(mean(x²) + eps)` of one row. Sums here run in f64: a plain f32 running sum
+/// over a row drifts further from the exact value than the references' vectorised ones.
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let sq: f32 = row.iter().map(|x| x * x).sum();
-    1.0 / (sq / row.len() as f32 + eps).sqrt()
+    let sq: f64 = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    1.0 / ((sq / row.len() as f64) as f32 + eps).sqrt()
 }
 
 /// RMSNorm `(x·r)·w`: `x` `[N, C]`, `weight` `[C]`.
@@ -73,7 +74,12 @@ pub(crate) fn rms_norm_backward(
     par_rows(&mut both, 2 * c, |r, dst| {
         let (row, gr) = (&xs[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
         let inv = inv_rms(row, eps);
-        let dot: f32 = gr.iter().zip(w).zip(row).map(|((g, w), x)| g * w * x).sum();
+        let dot = gr
+            .iter()
+            .zip(w)
+            .zip(row)
+            .map(|((g, w), x)| f64::from(g * w) * f64::from(*x))
+            .sum::<f64>() as f32;
         let coef = inv * inv * inv * dot / c as f32;
         let (dx, dw) = dst.split_at_mut(c);
         for i in 0..c {
