@@ -75,31 +75,60 @@ fn visible_columns(mask: &[u8], rows: std::ops::Range<usize>, s: usize) -> (usiz
     if lo >= hi { (0, s) } else { (lo, hi) }
 }
 
-/// One block's masked, scaled scores `q·kᵀ/√D` over columns `lo..hi`, into `scores`
-/// (`len` rows of `hi − lo`).
-#[allow(clippy::too_many_arguments)]
-fn block_scores(
-    scores: &mut [f32],
-    q: &[f32],
-    q_start: usize,
-    k: &[f32],
-    k_start: usize,
-    mask: &[u8],
+/// What a block of one query head needs for its scores: the queries, keys and mask, read
+/// the same way by the forward and the backward.
+struct Scores<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    mask: &'a [u8],
+    /// 1 when the batch shares one mask row set (`[1, 1, T, S]`).
+    mask_batch: usize,
+    dims: Dims,
+}
+
+/// A block of `len` queries and the key columns `lo..hi` it computes.
+struct Block {
+    len: usize,
     mask_start: usize,
-    (len, lo, hi): (usize, usize, usize),
-    dims: &Dims,
-) {
-    let (s, d, w) = (dims.s, dims.d, hi - lo);
-    let qb = Mat::rows(q, q_start, len, d, d);
-    let kb = Mat::rows(k, k_start + lo * d, w, d, d).t();
-    gemm_into(scores, w, false, qb, kb, dims.scale());
-    for i in 0..len {
-        let m = &mask[mask_start + i * s + lo..mask_start + i * s + hi];
-        for (x, &masked) in scores[i * w..(i + 1) * w].iter_mut().zip(m) {
-            if masked != 0 {
-                *x = MASKED;
+    lo: usize,
+    hi: usize,
+}
+
+impl Block {
+    fn width(&self) -> usize {
+        self.hi - self.lo
+    }
+}
+
+impl Scores<'_> {
+    /// The block of queries `t0..` of query row `bh` (batch `bi`), reading K/V head rows
+    /// from `kv`: picks its visible columns and writes its masked, scaled scores
+    /// `q·kᵀ/√D` into `dst` (`len` rows of `hi − lo`).
+    fn block(&self, dst: &mut [f32], bi: usize, bh: usize, kv: usize, t0: usize) -> Block {
+        let Dims { t, s, d, .. } = self.dims;
+        let len = self.dims.block.min(t - t0);
+        let mb = if self.mask_batch == 1 { 0 } else { bi };
+        let (lo, hi) = visible_columns(self.mask, mb * t + t0..mb * t + t0 + len, s);
+        let block = Block {
+            len,
+            mask_start: (mb * t + t0) * s,
+            lo,
+            hi,
+        };
+        let w = block.width();
+        let dst = &mut dst[..len * w];
+        let qb = Mat::rows(self.q, (bh * t + t0) * d, len, d, d);
+        let kb = Mat::rows(self.k, kv + lo * d, w, d, d).t();
+        gemm_into(dst, w, false, qb, kb, self.dims.scale());
+        for (i, row) in dst.chunks_mut(w.max(1)).enumerate() {
+            let m = &self.mask[block.mask_start + i * s + lo..block.mask_start + i * s + hi];
+            for (x, &masked) in row.iter_mut().zip(m) {
+                if masked != 0 {
+                    *x = MASKED;
+                }
             }
         }
+        block
     }
 }
 
@@ -114,11 +143,16 @@ pub(crate) fn forward(
 ) -> Option<(FlexTensor, FlexTensor)> {
     let (q, k, v) = (f32_contiguous(q)?, f32_contiguous(k)?, f32_contiguous(v)?);
     let masked = bool_contiguous(masked)?;
-    let mask_batch = masked.shape().dims::<4>()[0];
     let dims = Dims::new(&q, &k, block);
     let Dims { b, h, t, s, d, .. } = dims;
-    let (q, k, v, mask): (&[f32], &[f32], &[f32], &[u8]) =
-        (q.storage(), k.storage(), v.storage(), masked.storage());
+    let v: &[f32] = v.storage();
+    let scores = Scores {
+        q: q.storage(),
+        k: k.storage(),
+        mask: masked.storage(),
+        mask_batch: masked.shape().dims::<4>()[0],
+        dims,
+    };
     let mut out = vec![0f32; b * h * t * d];
     let mut stats = vec![0f32; b * h * t * 2];
     let g = dims.group();
@@ -128,25 +162,11 @@ pub(crate) fn forward(
         .for_each(|(bh, (out, stats))| {
             let (bi, hi_) = (bh / h, bh % h);
             let kv = (bi * dims.hkv + hi_ / g) * s * d;
-            let mut scores = vec![0f32; dims.block.min(t) * s];
+            let mut buf = vec![0f32; dims.block.min(t) * s];
             for t0 in (0..t).step_by(dims.block) {
-                let len = dims.block.min(t - t0);
-                let mb = if mask_batch == 1 { 0 } else { bi };
-                let mask_start = mb * t * s + t0 * s;
-                let (lo, hi) = visible_columns(mask, mb * t + t0..mb * t + t0 + len, s);
-                let w = hi - lo;
-                let sc = &mut scores[..len * w];
-                block_scores(
-                    sc,
-                    q,
-                    (bh * t + t0) * d,
-                    k,
-                    kv,
-                    mask,
-                    mask_start,
-                    (len, lo, hi),
-                    &dims,
-                );
+                let blk = scores.block(&mut buf, bi, bh, kv, t0);
+                let (len, lo, w) = (blk.len, blk.lo, blk.width());
+                let sc = &mut buf[..len * w];
                 for i in 0..len {
                     let row = &mut sc[i * w..(i + 1) * w];
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -193,7 +213,6 @@ pub(crate) fn backward(
         f32_contiguous(grad)?,
     );
     let masked = bool_contiguous(masked)?;
-    let mask_batch = masked.shape().dims::<4>()[0];
     let dims = Dims::new(&q, &k, block);
     let Dims {
         b, h, hkv, t, s, d, ..
@@ -202,6 +221,13 @@ pub(crate) fn backward(
     let scale = dims.scale();
     let (q, k, v, mask): (&[f32], &[f32], &[f32], &[u8]) =
         (q.storage(), k.storage(), v.storage(), masked.storage());
+    let scores = Scores {
+        q,
+        k,
+        mask,
+        mask_batch: masked.shape().dims::<4>()[0],
+        dims,
+    };
     let (o, st, dout): (&[f32], &[f32], &[f32]) = (out.storage(), stats.storage(), grad.storage());
     let mut dq = vec![0f32; b * h * t * d];
     let mut dk = vec![0f32; b * hkv * s * d];
@@ -219,24 +245,11 @@ pub(crate) fn backward(
             for gi in 0..g {
                 let bh = bk * g + gi;
                 for t0 in (0..t).step_by(dims.block) {
-                    let len = dims.block.min(t - t0);
-                    let mb = if mask_batch == 1 { 0 } else { bi };
-                    let mask_start = mb * t * s + t0 * s;
-                    let (lo, hi) = visible_columns(mask, mb * t + t0..mb * t + t0 + len, s);
-                    let w = hi - lo;
+                    let blk = scores.block(&mut p, bi, bh, kv, t0);
+                    let (len, lo, hi, w, mask_start) =
+                        (blk.len, blk.lo, blk.hi, blk.width(), blk.mask_start);
                     let row0 = bh * t + t0;
                     let pb = &mut p[..len * w];
-                    block_scores(
-                        pb,
-                        q,
-                        row0 * d,
-                        k,
-                        kv,
-                        mask,
-                        mask_start,
-                        (len, lo, hi),
-                        &dims,
-                    );
                     for i in 0..len {
                         let (max, sum) = (st[(row0 + i) * 2], st[(row0 + i) * 2 + 1]);
                         for x in pb[i * w..(i + 1) * w].iter_mut() {

@@ -69,28 +69,30 @@ pub(crate) fn rms_norm_backward(
     );
     let [n, c] = x.shape().dims::<2>();
     let (xs, w, g): (&[f32], &[f32], &[f32]) = (x.storage(), weight.storage(), grad.storage());
-    // dx and dw's rows side by side, so one pass computes both from the row's statistics.
-    let mut both = vec![0f32; n * 2 * c];
-    par_rows(&mut both, 2 * c, |r, dst| {
-        let (row, gr) = (&xs[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
-        let inv = inv_rms(row, eps);
-        let dot = gr
-            .iter()
-            .zip(w)
-            .zip(row)
-            .map(|((g, w), x)| f64::from(g * w) * f64::from(*x))
-            .sum::<f64>() as f32;
-        let coef = inv * inv * inv * dot / c as f32;
-        let (dx, dw) = dst.split_at_mut(c);
-        for i in 0..c {
-            dx[i] = gr[i] * w[i] * inv - row[i] * coef;
-            dw[i] = gr[i] * row[i] * inv;
-        }
-    });
-    let (mut dx, mut dw) = (Vec::with_capacity(n * c), Vec::with_capacity(n * c));
-    for pair in both.chunks(2 * c.max(1)) {
-        dx.extend_from_slice(&pair[..c]);
-        dw.extend_from_slice(&pair[c..]);
+    let (mut dx, mut dw) = (vec![0f32; n * c], vec![0f32; n * c]);
+    if c > 0 {
+        let per = rows_per_task(c);
+        dx.par_chunks_mut(per * c)
+            .zip(dw.par_chunks_mut(per * c))
+            .enumerate()
+            .for_each(|(task, (dx, dw))| {
+                for (j, (dx, dw)) in dx.chunks_mut(c).zip(dw.chunks_mut(c)).enumerate() {
+                    let r = task * per + j;
+                    let (row, gr) = (&xs[r * c..(r + 1) * c], &g[r * c..(r + 1) * c]);
+                    let inv = inv_rms(row, eps);
+                    let dot = gr
+                        .iter()
+                        .zip(w)
+                        .zip(row)
+                        .map(|((g, w), x)| f64::from(g * w) * f64::from(*x))
+                        .sum::<f64>() as f32;
+                    let coef = inv * inv * inv * dot / c as f32;
+                    for i in 0..c {
+                        dx[i] = gr[i] * w[i] * inv - row[i] * coef;
+                        dw[i] = gr[i] * row[i] * inv;
+                    }
+                }
+            });
     }
     Some((tensor(dx, [n, c]), tensor(dw, [n, c])))
 }
