@@ -317,7 +317,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    match run(cli) {
+    // The whole command on a worker of the CPU's thread pool (kernels::cpu::on_workers).
+    match kernels::cpu::on_workers(|| run(cli)) {
         Ok(()) => {
             trainer::dist::finish(true, 0);
             ExitCode::SUCCESS

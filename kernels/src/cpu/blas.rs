@@ -149,6 +149,35 @@ const SPLIT_MIN_ROWS: usize = 64;
 /// handing out the parts would cost more than they save.
 const SPLIT_MIN_WORK: usize = 1 << 16;
 
+/// Up to this many rows, a few-row product is cut into narrow column parts (see
+/// [`column_parts`]); from here to [`SPLIT_MIN_ROWS`] into one part per thread.
+const NARROW_MAX_ROWS: usize = 32;
+
+/// How many column parts a few-row product (`m` rows, inner size `k`, `n` columns) is cut
+/// into: a multiple of the thread count, so that the threads get even shares.
+///
+/// Why narrow parts: a product too large for OpenBLAS's "small matrix" kernels (0.3.21's
+/// SkylakeX build takes them up to `m·n·k ≤ 10⁶` and, in this layout, `m·n ≤ 1200`)
+/// first copies the whole weight slice into a packed buffer. A decoding step reads each
+/// weight once, so that copy doubled its memory traffic: 59 % of a batch-8 decoding
+/// profile was `sgemm_incopy`. Parts of `512 / m` columns, within 16 to 128, stay inside
+/// both bounds at the projection shapes of the models we run, and the narrower parts also
+/// kept a batch-1 step's weight slices in cache better than 512 columns did.
+/// `benches/cpu/few-rows.sh` measures it (BENCHMARKS.md); the packed path won again from
+/// about 48 rows. Where the small kernels do not exist (other CPUs, other builds), a narrow
+/// part is packed like a wide one, so the copy costs the same in total.
+fn column_parts(m: usize, k: usize, n: usize, threads: usize) -> usize {
+    let width = if m <= NARROW_MAX_ROWS {
+        (512 / m)
+            .clamp(16, 128)
+            .min(1_000_000 / (m * k).max(1))
+            .max(1)
+    } else {
+        n
+    };
+    n.div_ceil(width).div_ceil(threads) * threads
+}
+
 /// `lhs·rhs` as a new row-major `[lhs.rows, rhs.cols]`, cut into one part per thread,
 /// each a single-threaded product (OpenBLAS, or `gemm` without it): the output's rows
 /// when there are many, its columns when there are few. The parts' bounds depend only on
@@ -174,26 +203,41 @@ pub(crate) fn matmul_into(
         return;
     }
     let threads = rayon::current_num_threads().max(1);
-    if m < SPLIT_MIN_ROWS && threads > 1 && n >= 2 * threads && k * n >= SPLIT_MIN_WORK {
-        let per = n.div_ceil(threads);
-        let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(per))
-            .into_par_iter()
-            .map(|part| {
-                let first = part * per;
-                let cols = per.min(n - first);
-                let part_rhs = Mat {
-                    start: rhs.start + first * rhs.cs,
+    if m < SPLIT_MIN_ROWS && k * n >= SPLIT_MIN_WORK {
+        let per = n.div_ceil(column_parts(m, k, n, threads).min(n));
+        let part_rhs = |first: usize, cols: usize| Mat {
+            start: rhs.start + first * rhs.cs,
+            cols,
+            ..rhs
+        };
+        if m == 1 {
+            // One row: the parts are consecutive slices of it.
+            out.par_chunks_mut(per).enumerate().for_each(|(part, dst)| {
+                let cols = dst.len();
+                super::gemm_into(
+                    dst,
                     cols,
-                    ..rhs
-                };
-                let mut dst = vec![0f32; m * cols];
-                super::gemm_into(&mut dst, cols, false, lhs, part_rhs, scale);
-                (first, dst)
-            })
-            .collect();
-        for (first, dst) in parts {
-            let cols = dst.len() / m;
-            for (row, src) in out.chunks_mut(n).zip(dst.chunks(cols)) {
+                    accumulate,
+                    lhs,
+                    part_rhs(part * per, cols),
+                    scale,
+                );
+            });
+            return;
+        }
+        // Several rows: each part fills its own `[m, cols]` block of `parts`, which is then
+        // laid into the output's rows.
+        let mut parts = vec![0f32; m * n];
+        parts
+            .par_chunks_mut(m * per)
+            .enumerate()
+            .for_each(|(part, dst)| {
+                let cols = dst.len() / m;
+                super::gemm_into(dst, cols, false, lhs, part_rhs(part * per, cols), scale);
+            });
+        for (part, block) in parts.chunks(m * per).enumerate() {
+            let (first, cols) = (part * per, block.len() / m);
+            for (row, src) in out.chunks_mut(n).zip(block.chunks(cols)) {
                 let row = &mut row[first..first + cols];
                 if accumulate {
                     row.iter_mut().zip(src).for_each(|(o, s)| *o += s);
@@ -257,8 +301,8 @@ mod tests {
     }
 
     /// Every layout the projections use (plain, transposed left, transposed right, both),
-    /// with row counts around the split threshold, a few-row product split by columns, and
-    /// a part that is cut short: the
+    /// with row counts around the split thresholds: one row and a few rows cut into narrow
+    /// column parts, some rows cut into one column part per thread, parts cut short. The
     /// products match an f64 product, and a second run gives the same bits.
     #[test]
     fn split_products_match_the_math_in_every_layout() {
@@ -269,9 +313,11 @@ mod tests {
         pool.install(|| {
             for (m, k, n) in [
                 (1, 7, 5),
+                (1, 300, 700),
                 (8, 300, 517),
                 (63, 33, 17),
                 (64, 16, 9),
+                (40, 200, 400),
                 (200, 40, 31),
             ] {
                 let a = values(m * k, 1);

@@ -12,6 +12,9 @@ pub mod blas;
 pub(crate) mod logits;
 pub(crate) mod products;
 pub(crate) mod rows;
+mod workers;
+
+pub use workers::on_workers;
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Shape, TensorData};
