@@ -317,8 +317,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    // The whole command on a worker of the CPU's thread pool (kernels::cpu::on_workers).
-    match kernels::cpu::on_workers(|| run(cli)) {
+    // The whole command, its MPI finish included (MPI's state belongs to the thread that
+    // started it), on a worker of the CPU's thread pool: see kernels::cpu::on_workers.
+    kernels::cpu::on_workers(|| outcome(cli))
+}
+
+/// Runs the command and turns its result into the exit code, after finishing MPI.
+fn outcome(cli: Cli) -> ExitCode {
+    match run(cli) {
         Ok(()) => {
             trainer::dist::finish(true, 0);
             ExitCode::SUCCESS

@@ -282,7 +282,11 @@ mod tests {
                     got.to_data().assert_approx_eq::<f32>(&want.to_data(), tol);
                 }
                 let again = project(x.clone(), w.clone());
-                assert_eq!(got.to_data(), again.to_data(), "{m}×{n}×{k}: not repeatable");
+                assert_eq!(
+                    got.to_data(),
+                    again.to_data(),
+                    "{m}×{n}×{k}: not repeatable"
+                );
                 let want_grads = (want * weights.clone()).sum().backward();
                 let got_grads = (got * weights).sum().backward();
                 for (name, p) in [("x", &x), ("w", &w)] {
