@@ -300,6 +300,33 @@ mod tests {
         }
     }
 
+    /// `out += s·lhs·rhs` (LoRA's up-projection folded into the base output) over one row,
+    /// a few rows and many rows, each split its own way: the sum of what was there and
+    /// the scaled product, to f32 rounding.
+    #[test]
+    fn accumulating_products_add_the_scaled_product() {
+        for (m, k, n) in [(1, 300, 700), (8, 300, 517), (40, 200, 400), (100, 40, 31)] {
+            let (a, b) = (values(m * k, 3), values(k * n, 4));
+            let base = values(m * n, 5);
+            let mut out = base.clone();
+            matmul_into(
+                &mut out,
+                Mat::rows(&a, 0, m, k, k),
+                Mat::rows(&b, 0, k, n, n),
+                0.5,
+                true,
+            );
+            let product = naive(&a, &b, m, k, n);
+            for ((o, b), p) in out.iter().zip(&base).zip(&product) {
+                let want = *b as f64 + 0.5 * p;
+                assert!(
+                    (*o as f64 - want).abs() < 1e-4,
+                    "{m}x{k}x{n}: {o} vs {want}"
+                );
+            }
+        }
+    }
+
     /// Every layout the projections use (plain, transposed left, transposed right, both),
     /// with row counts around the split thresholds: one row and a few rows cut into narrow
     /// column parts, some rows cut into one column part per thread, parts cut short. The

@@ -1,12 +1,12 @@
 //! A projection `x·Wᵀ` of a few rows, with `W` in Hugging Face's `[out, in]` layout: the
 //! matmul of every decoding step (one row per sequence being generated).
 //!
-//! No fused kernel: on flex this spreads a single row's output columns over the cores.
-//! flex hands each matmul to `gemm` whole, and `gemm` runs a matrix-vector product (one
-//! row) on one thread, so batch-1 decoding used one core however many there were. Every
-//! other backend, and flex for more than one row, runs its own matmul. (A batch-8 step's
-//! q/k/v/o products fall under flex's threading threshold too, but splitting those changes
-//! gemm's kernel choice and so a row's bits; they stay whole.)
+//! No fused kernel. On flex with OpenBLAS loaded every projection goes through
+//! [`cpu::products`], which cuts a decoding step's few rows into narrow column parts
+//! ([`cpu::blas`]). Without it, a single row's output columns are spread over the cores
+//! ([`split_columns`]): flex hands each matmul to `gemm` whole, and `gemm` runs a
+//! matrix-vector product on one thread. Several rows then stay whole, since splitting them
+//! changes gemm's kernel choice and so a row's bits. Every other backend runs its own matmul.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -237,7 +237,7 @@ impl<B: ProjectionOps> Backprop<B, 2> for Node {
 mod tests {
     use burn::tensor::{Device, Tensor, TensorData, Tolerance};
 
-    use super::project;
+    use super::{Flex, matmul_transposed, project, split_columns};
 
     /// Deterministic values in [-1, 1).
     fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -249,6 +249,22 @@ mod tests {
     fn tensor(shape: [usize; 2], seed: usize, device: &Device) -> Tensor<2> {
         let data = TensorData::new(values(shape[0] * shape[1], seed), shape);
         Tensor::from_data(data, device)
+    }
+
+    /// The fallback without OpenBLAS, called directly so that it is tested where OpenBLAS
+    /// loads too (CI): one row's columns split over a thread count that does not divide
+    /// them give exactly the bits of flex's whole matmul.
+    #[test]
+    fn one_row_column_split_gives_the_whole_matmuls_bits() {
+        let (n, k) = (1000, 300);
+        let x = crate::cpu::tensor(values(k, 1), [1, k]);
+        let w = crate::cpu::tensor(values(n * k, 2), [n, k]);
+        let want = matmul_transposed::<Flex>(x.clone(), w.clone());
+        for threads in [2, 3] {
+            let got = split_columns(&x, &w, n, k, threads);
+            let (got, want): (&[f32], &[f32]) = (got.storage(), want.storage());
+            assert_eq!(got, want, "{threads} threads");
+        }
     }
 
     /// Without OpenBLAS, splitting one row's columns over threads gives the matmul's bits
