@@ -68,16 +68,25 @@ fn describe(e: &safetensors::SafeTensorError) -> String {
 }
 
 /// A tensor inside a mapped file: raw little-endian bytes plus what they mean.
+///
+/// Only [`WeightFiles`] makes one: [`TensorRef::to_f32`] hands the bytes' pages back to the
+/// kernel, which is harmless for a read-only file map but would zero the memory under any
+/// other slice, so the bytes stay private and are read through [`TensorRef::bytes`].
 #[derive(Debug, Clone, Copy)]
 pub struct TensorRef<'a> {
     pub name: &'a str,
     pub path: &'a Path,
     pub dtype: Dtype,
     pub shape: &'a [usize],
-    pub bytes: &'a [u8],
+    bytes: &'a [u8],
 }
 
-impl TensorRef<'_> {
+impl<'a> TensorRef<'a> {
+    /// The raw little-endian bytes, as stored in the file.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
     /// The values widened to f32 (exact for f16 and bf16). The file's pages the tensor
     /// read are then handed back (see [`release_pages`]).
     pub fn to_f32(&self) -> Result<Vec<f32>> {

@@ -43,7 +43,7 @@ fn sharded_and_single_layouts_replace_each_other_cleanly() {
     assert_eq!(files.names().count(), 5);
     for (name, t) in &w {
         let got = files.take(name, &[10, 10]).unwrap();
-        assert_eq!(got.bytes, &t.data[..]);
+        assert_eq!(got.bytes(), &t.data[..]);
     }
     files.ensure_all_taken(|_| false).unwrap();
 
