@@ -155,6 +155,14 @@ pub enum Case {
         r: usize,
         chunk: usize,
     },
+    /// [`Case::TokenLogprobs`] under a frozen head, as LoRA trains: only the hidden rows'
+    /// gradient, which the fused path computes in the forward and scales in the backward.
+    FrozenHead {
+        n: usize,
+        h: usize,
+        v: usize,
+        chunk: usize,
+    },
     /// Grouped causal attention; the queries are the last `t` of `s` positions (a KV cache
     /// when `t < s`), and the second row ends in `pad` padding tokens.
     Attention {
@@ -230,6 +238,7 @@ impl Case {
             Case::Swiglu { .. } => "swiglu",
             Case::LoraUp { .. } => "lora_up",
             Case::TokenLogprobs { .. } => "token_logprobs",
+            Case::FrozenHead { .. } => "frozen_head_logprobs",
             Case::Attention { .. } => "attention",
             Case::Rotary { .. } => "rotary",
             Case::QuantMatmul { .. } => "quant_matmul",
@@ -245,6 +254,7 @@ impl Case {
             Case::TokenLogprobs { n, h, v, r, chunk } => {
                 format!("N {n} H {h} V {v} r {r} chunk {chunk}")
             }
+            Case::FrozenHead { n, h, v, chunk } => format!("N {n} H {h} V {v} chunk {chunk}"),
             Case::Attention {
                 b,
                 h,
@@ -314,11 +324,19 @@ impl Case {
             Case::TokenLogprobs { n, h, v, r, chunk } => {
                 let dims = (n, h, v, r, chunk);
                 let (g, w) = (
-                    logprobs(device, dtype, dims, true),
-                    logprobs(device, dtype, dims, false),
+                    logprobs(device, dtype, dims, true, false),
+                    logprobs(device, dtype, dims, false, false),
                 );
                 let names = ["log-probs", "hits", "dh", "dw", "d_down", "d_up"];
                 add(&names[..g.len()], g, w, &[dtype; 6]);
+            }
+            Case::FrozenHead { n, h, v, chunk } => {
+                let dims = (n, h, v, 0, chunk);
+                let (g, w) = (
+                    logprobs(device, dtype, dims, true, true),
+                    logprobs(device, dtype, dims, false, true),
+                );
+                add(&["log-probs", "hits", "dh"], g, w, &[dtype; 3]);
             }
             Case::Attention { .. } => {
                 let (g, w) = (
@@ -427,6 +445,13 @@ pub fn model_cases(small: bool) -> Vec<Case> {
             chunk,
         });
     }
+    // LoRA's head: frozen, so its log-probs take the slope path, at the 1B's hidden size.
+    cases.push(Case::FrozenHead {
+        n: t,
+        h: hidden[0],
+        v: vocab,
+        chunk,
+    });
     // QLoRA's frozen projections: the down projection (K = the MLP width, a whole number
     // of blocks at every size), in NF4 and in Q8_0.
     for (i, bits) in [4, 8].into_iter().enumerate() {
@@ -567,13 +592,19 @@ fn logprobs(
     dtype: DType,
     (n, h, v, r, chunk): (usize, usize, usize, usize, usize),
     fused_path: bool,
+    frozen: bool,
 ) -> Vec<Vec<f32>> {
     let hv: Vec<f32> = values(n * h, 11).iter().map(|x| 3.0 * x).collect();
     let hidden = tensor(&hv, [n, h], device, dtype).require_grad();
     // A head of unit-variance logits whatever its width, as a trained head has.
     let scale = (3.0 / h as f32).sqrt();
     let wv: Vec<f32> = values(v * h, 12).iter().map(|x| scale * x).collect();
-    let weight = tensor(&wv, [v, h], device, dtype).require_grad();
+    let weight = tensor(&wv, [v, h], device, dtype);
+    let weight = if frozen {
+        weight
+    } else {
+        weight.require_grad()
+    };
     let low_rank = (r > 0).then(|| {
         (
             tensor(&values(n * r, 13), [n, r], device, dtype).require_grad(),
@@ -596,8 +627,15 @@ fn logprobs(
         host(lp),
         host(hits.float()),
         grad(&hidden, &grads, "hidden"),
-        grad(&weight, &grads, "head"),
     ];
+    if frozen {
+        assert!(
+            weight.grad(&grads).is_none(),
+            "a frozen head got a gradient"
+        );
+    } else {
+        out.push(grad(&weight, &grads, "head"));
+    }
     if let Some((down, up)) = low_rank {
         out.push(grad(&down, &grads, "down"));
         out.push(grad(&up, &grads, "up"));
@@ -852,7 +890,7 @@ mod tests {
             let want = match case.op() {
                 "rms_norm" | "swiglu" => 3,
                 "rotary" | "quant_matmul" => 2,
-                "quant_head_logprobs" => 3,
+                "quant_head_logprobs" | "frozen_head_logprobs" => 3,
                 "token_logprobs" => 4 + 2 * usize::from(report.outputs.len() > 4),
                 _ => 4,
             };

@@ -94,14 +94,17 @@ fn lora_matches_reference_on_flex() {
     lora_parity(&Device::flex().autodiff(), DType::F32);
 }
 
-/// The head's log-probs on `[47, 24]` rows and a vocabulary of 123, plain and with a
-/// low-rank term, in several chunkings: log-probs, hits, and the gradients of the hidden
-/// rows, the head and the low-rank factors.
+/// The head's log-probs on `[47, 24]` rows and a vocabulary of 123, plain, with a
+/// low-rank term and under a frozen head, in several chunkings: log-probs, hits, and the
+/// gradients of the hidden rows, the head and the low-rank factors.
 fn logprob_parity(device: &Device, dtype: DType) {
     for r in [0, 4] {
         for chunk in [1, 8, 47, 100] {
             let (n, h, v) = (47, 24, 123);
             check(Case::TokenLogprobs { n, h, v, r, chunk }, device, dtype);
+            if r == 0 {
+                check(Case::FrozenHead { n, h, v, chunk }, device, dtype);
+            }
         }
     }
 }
@@ -335,7 +338,9 @@ mod wgpu {
                 "swiglu" => &[Kernel::Swiglu, Kernel::SwigluBackward],
                 "rotary" => &[Kernel::Rotary, Kernel::RotaryBackward],
                 "lora_up" => &[Kernel::LoraUp],
-                "token_logprobs" => &[Kernel::LogitRows, Kernel::LogitGrads],
+                "token_logprobs" | "frozen_head_logprobs" => {
+                    &[Kernel::LogitRows, Kernel::LogitGrads]
+                }
                 "quant_matmul" | "quant_head_logprobs" => {
                     &[Kernel::QuantMatmul, Kernel::QuantMatmulBackward]
                 }

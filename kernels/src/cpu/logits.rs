@@ -109,3 +109,72 @@ pub(crate) fn grads(
         });
     Some(tensor(out, [len, v]))
 }
+
+/// [`rows`], and each row's slope `onehot(t) − p` written over its logits: the log-prob's
+/// own gradient in the logits ([`grads`] at `g = 1`), which a frozen head turns into the
+/// hidden rows' gradient in the forward. Each `exp(l − max)` of the row sum is kept and
+/// scaled by `1/Σ`, so a row takes one exponential per logit, not two, and the chunk
+/// needs no second `[len, V]` buffer. `Err` hands the logits back when the twin must run.
+pub(crate) fn rows_and_slopes(
+    logits: FlexTensor,
+    targets: &FlexTensor,
+) -> Result<(FlexTensor, FlexTensor, FlexTensor, FlexTensor), FlexTensor> {
+    if logits.dtype() != DType::F32 {
+        return Err(logits);
+    }
+    let Some(targets) = target_indices(targets) else {
+        return Err(logits);
+    };
+    let mut logits = if logits.is_contiguous() && logits.layout().start_offset() == 0 {
+        logits
+    } else {
+        logits.to_contiguous()
+    };
+    let [len, v] = logits.shape().dims::<2>();
+    let mut out = vec![[0f32; 3]; len];
+    // Copies only where the logits are shared; the chunk's own product never is.
+    let x: &mut [f32] = logits.storage_mut();
+    let per = rows_per_task(v);
+    x.par_chunks_mut((per * v).max(1))
+        .zip(out.par_chunks_mut(per))
+        .enumerate()
+        .for_each(|(task, (block, dst))| {
+            for (j, (row, slot)) in block.chunks_mut(v.max(1)).zip(dst).enumerate() {
+                let target = targets[task * per + j];
+                assert!(
+                    target < v,
+                    "log-probs: target {target} outside a vocabulary of {v}"
+                );
+                *slot = slope_row(row, target);
+            }
+        });
+    let column = |c: usize| tensor(out.iter().map(|r| r[c]).collect(), [len]);
+    Ok((column(0), column(1), column(2), logits))
+}
+
+/// One row of [`rows_and_slopes`]: `(log p(target), log Σ exp, hit)`, the row overwritten
+/// with `onehot(target) − p`.
+fn slope_row(row: &mut [f32], target: usize) -> [f32; 3] {
+    // The first maximum, as argmax.
+    let (mut top, mut max) = (0, f32::NEG_INFINITY);
+    for (i, &l) in row.iter().enumerate() {
+        if i == 0 || l > max {
+            top = i;
+            max = l;
+        }
+    }
+    let picked = row[target];
+    // The sum in f64, as [`rows`]: the same log-sum-exp to the bit.
+    let mut sum = 0f64;
+    for l in row.iter_mut() {
+        *l = (*l - max).exp();
+        sum += f64::from(*l);
+    }
+    let lse = (sum.ln() + f64::from(max)) as f32;
+    let inv = (1.0 / sum) as f32;
+    for e in row.iter_mut() {
+        *e = -(*e * inv);
+    }
+    row[target] += 1.0;
+    [picked - lse, lse, if top == target { 1.0 } else { 0.0 }]
+}
