@@ -17,6 +17,8 @@ root=$(cd "$here/../.." && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 hearth=${HEARTH:-$root/target/release/hearth}
+# hearth_train and bench_model, shared with ab-train.sh.
+source "$here/train.sh"
 if [ ! -x "$hearth" ]; then
     (cd "$root" && cargo build --release --bin hearth)
 fi
@@ -30,14 +32,10 @@ export RAYON_NUM_THREADS=$threads OMP_NUM_THREADS=$threads
 results=$out/cpu.jsonl
 : >"$results"
 
-# The two model shapes, random weights (speed does not depend on them): the issue's
-# "small" Llama and SmolLM2-135M's exact shape (vocab 49152, tied head).
+# The two model shapes (train.sh): the issue's "small" Llama and SmolLM2-135M's.
 models=$out/models
-[ -e "$models/small/config.json" ] || "$hearth" init-model --out "$models/small" \
-    --hidden-size 256 --intermediate-size 688 --layers 4 --heads 8 --kv-heads 4 --vocab-size 8192
-[ -e "$models/smollm2/config.json" ] || "$hearth" init-model --out "$models/smollm2" \
-    --hidden-size 576 --intermediate-size 1536 --layers 30 --heads 9 --kv-heads 3 \
-    --vocab-size 49152 --tie-embeddings
+bench_model small "$models/small"
+bench_model smollm2 "$models/smollm2"
 
 # Prompts for generation: one user message each, about 30 tokens once templated.
 prompts() {
@@ -72,36 +70,6 @@ PY
     echo "$side $what round $round: $line" >&2
 }
 
-# hearth's training figures, from the run's metrics.jsonl: the median step after the
-# first two (warm-up), as PyTorch's side reports them.
-hearth_train() {
-    local model=$1 batch=$2 steps=$3 run
-    run=$(mktemp -d "$out/run.XXXX")
-    rmdir "$run"
-    "$hearth" train "$root/recipes/tiny-sft.toml" --out "$run" \
-        --set model.path="\"$model\"" --set model.create_if_missing=false \
-        --set data.train="\"$root/data/examples/counseling-sft.jsonl\"" \
-        --set data.packing=true --set data.max_length=256 --set data.eval_fraction=0 \
-        --set 'lora.targets=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]' \
-        --set train.per_device_train_batch_size="$batch" --set train.max_steps="$steps" \
-        --set train.eval_steps=0 --set train.save_steps=0 --set train.learning_rate=1e-4 \
-        ${HEARTH_TRAIN_SETS:-} >/dev/null
-    # tokens_per_second counts every position of the batch (batch × 256), as PyTorch's side
-    # does, so the ratio is the ratio of step times; real_tokens_per_second counts only the
-    # tokens that packing filled (the rest is padding).
-    python3 - "$run/metrics.jsonl" "$batch" <<'PY'
-import json, statistics, sys
-lines = [json.loads(l) for l in open(sys.argv[1])]
-steps = [l for l in lines if "step_time" in l][2:]
-t = statistics.median(l["step_time"] for l in steps)
-tok = statistics.median(l["train_tokens_per_second"] * l["step_time"] for l in steps)
-print(json.dumps({"what": "train", "median_step_s": t,
-                  "tokens_per_second": int(sys.argv[2]) * 256 / t,
-                  "real_tokens_per_second": tok / t, "real_tokens_per_step": tok,
-                  "steps": len(steps)}))
-PY
-    rm -rf "$run"
-}
 # hearth's generation figures: its own count of new tokens and seconds.
 hearth_generate() {
     local model=$1 rows=$2 batch=$3 new=$4 temperature=$5 samples=${6:-1} file reply
