@@ -19,13 +19,21 @@ use super::{Mat, bool_contiguous, f32_contiguous, gemm_into, tensor};
 /// The masked scores' fill, as the reference's.
 const MASKED: f32 = -1.0e30;
 
-/// `exp(z)` of a score shifted by its row maximum. Below −104 an f32 `exp` is exactly +0
-/// (half the smallest subnormal is e^−103.97), so a masked score is answered without
-/// libm's underflow path, which sets errno and took about 2 % of a packed training step
-/// (perf: `__math_uflowf`); every result keeps its bits.
+/// Below this an f32 `exp` is exactly +0: e^z is under half the smallest subnormal, 2^−150,
+/// so it rounds to zero in any correctly rounded `exp` (glibc's underflow bound).
+const EXP_ZERO_BELOW: f32 = -103.972_08;
+
+/// `exp(z)` of a score shifted by its row maximum, with every bit of `exp`'s answer. A
+/// masked score lies far below [`EXP_ZERO_BELOW`], where libm takes its underflow path
+/// (setting errno: about 2 % of a packed training step in perf, `__math_uflowf`). The
+/// compiler calls `exp` whether or not a branch is taken (it knows `exp` has no side
+/// effects) and sees through a plain clamp of its argument, so the clamped argument goes
+/// through `black_box`; NaN stays NaN.
 #[inline]
 fn exp_shifted(z: f32) -> f32 {
-    if z < -104.0 { 0.0 } else { z.exp() }
+    let below = z < EXP_ZERO_BELOW;
+    let e = std::hint::black_box(if below { EXP_ZERO_BELOW } else { z }).exp();
+    if below { 0.0 } else { e }
 }
 
 /// Shapes: `q` `[B, H, T, D]`, `k`/`v` `[B, Hkv, S, D]`, the mask `[B, 1, T, S]`.
@@ -318,7 +326,9 @@ mod tests {
             f32::NEG_INFINITY,
             f32::MIN,
             -104.0,
-            -103.972_08,
+            super::EXP_ZERO_BELOW,
+            f32::from_bits(super::EXP_ZERO_BELOW.to_bits() + 1),
+            f32::from_bits(super::EXP_ZERO_BELOW.to_bits() - 1),
             -103.9,
             -87.3,
             0.0,
