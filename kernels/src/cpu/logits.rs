@@ -53,19 +53,8 @@ pub(crate) fn rows(
         for (j, slot) in dst.iter_mut().enumerate() {
             let r = task * per + j;
             let row = &x[r * v..(r + 1) * v];
-            let target = targets[r];
-            assert!(
-                target < v,
-                "log-probs: target {target} outside a vocabulary of {v}"
-            );
-            // The first maximum, as argmax.
-            let (mut top, mut max) = (0, f32::NEG_INFINITY);
-            for (i, &l) in row.iter().enumerate() {
-                if i == 0 || l > max {
-                    top = i;
-                    max = l;
-                }
-            }
+            let target = target_at(&targets, r, v);
+            let (top, max) = first_max(row);
             // In f64, as the other row sums of `cpu/` (see `rows::inv_rms`).
             let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
             let lse = (sum.ln() + f64::from(max)) as f32;
@@ -100,12 +89,7 @@ pub(crate) fn grads(
             for (d, &l) in dst.iter_mut().zip(row) {
                 *d = -((l - lse[r]).exp() * g[r]);
             }
-            let target = targets[r];
-            assert!(
-                target < v,
-                "log-probs: target {target} outside a vocabulary of {v}"
-            );
-            dst[target] += g[r];
+            dst[target_at(&targets, r, v)] += g[r];
         });
     Some(tensor(out, [len, v]))
 }
@@ -140,12 +124,7 @@ pub(crate) fn rows_and_slopes(
         .enumerate()
         .for_each(|(task, (block, dst))| {
             for (j, (row, slot)) in block.chunks_mut(v.max(1)).zip(dst).enumerate() {
-                let target = targets[task * per + j];
-                assert!(
-                    target < v,
-                    "log-probs: target {target} outside a vocabulary of {v}"
-                );
-                *slot = slope_row(row, target);
+                *slot = slope_row(row, target_at(&targets, task * per + j, v));
             }
         });
     let column = |c: usize| tensor(out.iter().map(|r| r[c]).collect(), [len]);
@@ -155,14 +134,7 @@ pub(crate) fn rows_and_slopes(
 /// One row of [`rows_and_slopes`]: `(log p(target), log Σ exp, hit)`, the row overwritten
 /// with `onehot(target) − p`.
 fn slope_row(row: &mut [f32], target: usize) -> [f32; 3] {
-    // The first maximum, as argmax.
-    let (mut top, mut max) = (0, f32::NEG_INFINITY);
-    for (i, &l) in row.iter().enumerate() {
-        if i == 0 || l > max {
-            top = i;
-            max = l;
-        }
-    }
+    let (top, max) = first_max(row);
     let picked = row[target];
     // The sum in f64, as [`rows`]: the same log-sum-exp to the bit.
     let mut sum = 0f64;
@@ -177,4 +149,28 @@ fn slope_row(row: &mut [f32], target: usize) -> [f32; 3] {
     }
     row[target] += 1.0;
     [picked - lse, lse, if top == target { 1.0 } else { 0.0 }]
+}
+
+/// Row `r`'s target, checked against the vocabulary: an out-of-range target is the
+/// caller's error, and the twin would panic in its gather, so this does too rather than
+/// read another row's value.
+fn target_at(targets: &[usize], r: usize, v: usize) -> usize {
+    let target = targets[r];
+    assert!(
+        target < v,
+        "log-probs: target {target} outside a vocabulary of {v}"
+    );
+    target
+}
+
+/// The row's first maximum and its index, as `argmax` picks it.
+fn first_max(row: &[f32]) -> (usize, f32) {
+    let (mut top, mut max) = (0, f32::NEG_INFINITY);
+    for (i, &l) in row.iter().enumerate() {
+        if i == 0 || l > max {
+            top = i;
+            max = l;
+        }
+    }
+    (top, max)
 }
