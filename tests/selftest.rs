@@ -85,3 +85,77 @@ fn cuda_without_a_driver_is_one_line() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Sources `benches/gpu/cuda-env.sh` with `candidates` as its search list and a clean
+/// environment; returns its line, its status, and the CUDA_PATH and LD_LIBRARY_PATH it left.
+fn cuda_env(candidates: &[&std::path::Path]) -> (String, bool, String, String) {
+    let list: Vec<&str> = candidates.iter().map(|p| p.to_str().unwrap()).collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/gpu/cuda-env.sh");
+    let run = std::process::Command::new("bash")
+        .args([
+            "-c",
+            r#". "$0"; rc=$?; printf '%s\n%s\n%s' "$rc" "${CUDA_PATH-}" "${LD_LIBRARY_PATH-}""#,
+            script,
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HEARTH_CUDA_CANDIDATES", list.join(" "))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(run.stdout).unwrap();
+    let mut lines = stdout.lines();
+    let line = lines.next().unwrap_or_default().to_string();
+    let rc = lines.next() == Some("0");
+    let cuda_path = lines.next().unwrap_or_default().to_string();
+    let ld = lines.next().unwrap_or_default().to_string();
+    (line, rc, cuda_path, ld)
+}
+
+/// The GPU check finds a toolkit CubeCL would miss: the first candidate holding the headers
+/// becomes CUDA_PATH, and the folder holding its libnvrtc goes on the loader's path, in the
+/// toolkit's layout and in pip's CUDA 12 one (nvrtc in a sibling package). With no headers
+/// anywhere it says so in one line, fails, and exports nothing.
+#[test]
+fn the_gpu_check_finds_a_cuda_toolkit_off_cubecls_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = |rel: &str| {
+        let path = tmp.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"").unwrap();
+    };
+    // Only a library: not a toolkit NVRTC can compile with.
+    file("bare/lib64/libnvrtc.so.13");
+    file("toolkit/include/cuda_fp16.h");
+    file("toolkit/targets/x86_64-linux/lib/libnvrtc.so.13");
+    file("nvidia/cuda_runtime/include/cuda_fp16.h");
+    file("nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
+    let at = |rel: &str| tmp.path().join(rel);
+    let missing = at("missing");
+
+    let (line, ok, cuda_path, ld) = cuda_env(&[&missing, &at("bare"), &at("toolkit")]);
+    assert!(ok, "{line}");
+    assert_eq!(cuda_path, at("toolkit").to_str().unwrap());
+    assert_eq!(ld, at("toolkit/targets/x86_64-linux/lib").to_str().unwrap());
+    assert!(
+        line.starts_with("CUDA toolkit: ") && line.contains("NVRTC"),
+        "{line}"
+    );
+
+    let (line, ok, cuda_path, ld) = cuda_env(&[&at("nvidia/cuda_runtime")]);
+    assert!(ok, "{line}");
+    assert_eq!(cuda_path, at("nvidia/cuda_runtime").to_str().unwrap());
+    assert_eq!(
+        ld,
+        at("nvidia/cuda_runtime/../cuda_nvrtc/lib")
+            .to_str()
+            .unwrap()
+    );
+
+    let (line, ok, cuda_path, ld) = cuda_env(&[&missing, &at("bare")]);
+    assert!(!ok, "{line}");
+    assert!(
+        line.contains("no headers") && line.contains("bare"),
+        "{line}"
+    );
+    assert_eq!((cuda_path.as_str(), ld.as_str()), ("", ""));
+}

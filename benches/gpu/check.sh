@@ -39,8 +39,11 @@ start=$(date +%s)
     echo
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
         sed 's/^/GPU: /'
-    echo
 } >"$summary"
+# CUDA_PATH and NVRTC for CubeCL's run-time kernel compiles (cuda-env.sh says why).
+# shellcheck source=benches/gpu/cuda-env.sh
+. "$here/cuda-env.sh" >>"$summary"
+echo >>"$summary"
 status=0
 record() { # NAME RC SECONDS
     local verdict=pass

@@ -46,3 +46,11 @@ pub use ops::quant_matmul::{
 pub use ops::rms_norm::{RmsNormOps, rms_norm};
 pub use ops::rotary::{RotaryOps, rotary};
 pub use ops::swiglu::{SwigluOps, swiglu};
+
+/// The CUDA toolkit folder whose `include/` CubeCL hands NVRTC at every kernel compile
+/// (`CUDA_PATH`, else `/usr/local/cuda`, `/opt/cuda` or `/usr`), so that a device check can
+/// refuse in one line where CubeCL would panic at the first kernel in a worker thread.
+#[cfg(feature = "cuda")]
+pub fn cuda_toolkit() -> Option<std::path::PathBuf> {
+    cubecl::cuda::install::cuda_path()
+}

@@ -51,7 +51,44 @@ fn cuda(name: &str, index: Option<usize>) -> Result<Device> {
             "GPU {i} was asked for, but the driver sees {count}"
         )));
     }
+    // SAFETY: only tries to load the NVRTC library, to see whether it is there.
+    let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    if let Some(gap) = toolkit_gap(nvrtc, kernels::cuda_toolkit().as_deref()) {
+        return Err(device_err(gap));
+    }
     Ok(Device::cuda(i))
+}
+
+/// What CubeCL's run-time kernel compiles lack, if anything: every kernel goes through
+/// NVRTC, which the driver does not bring, with the toolkit's `include/` (`cuda_fp16.h`,
+/// `cuda_bf16.h`, `mma.h`). Either missing would panic at the first kernel instead.
+#[cfg(any(test, feature = "cuda"))]
+fn toolkit_gap(nvrtc_loads: bool, toolkit: Option<&std::path::Path>) -> Option<String> {
+    if !nvrtc_loads {
+        return Some(
+            "NVRTC (libnvrtc.so, from the CUDA toolkit) could not be loaded, and hearth \
+             compiles its GPU kernels with it; add the toolkit's lib64 folder to \
+             LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    let Some(toolkit) = toolkit else {
+        return Some(
+            "no CUDA toolkit was found for NVRTC's headers (looked at CUDA_PATH, \
+             /usr/local/cuda, /opt/cuda and /usr); set CUDA_PATH to the folder holding \
+             include/cuda_fp16.h"
+                .into(),
+        );
+    };
+    let header = toolkit.join("include").join("cuda_fp16.h");
+    (!header.exists()).then(|| {
+        format!(
+            "the CUDA toolkit at {} has no {}; set CUDA_PATH to the folder holding \
+             include/cuda_fp16.h",
+            toolkit.display(),
+            header.display()
+        )
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -97,6 +134,35 @@ mod tests {
         }
         let err = super::parse("cuda").unwrap_err().to_string();
         assert!(err.contains("no NVIDIA CUDA driver"), "{err}");
+    }
+
+    /// A driver alone does not compile kernels: without NVRTC, or without a toolkit whose
+    /// headers NVRTC can include, `cuda` is refused in one line saying what to set.
+    #[test]
+    fn cuda_without_nvrtc_or_its_headers_says_what_to_set() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gap = |nvrtc, dir: Option<&std::path::Path>| super::toolkit_gap(nvrtc, dir);
+        let err = gap(false, Some(tmp.path())).unwrap();
+        assert!(
+            err.contains("NVRTC") && err.contains("LD_LIBRARY_PATH"),
+            "{err}"
+        );
+        let err = gap(true, None).unwrap();
+        assert!(
+            err.contains("no CUDA toolkit") && err.contains("CUDA_PATH"),
+            "{err}"
+        );
+        let err = gap(true, Some(tmp.path())).unwrap();
+        assert!(
+            err.contains(&tmp.path().display().to_string()) && err.contains("cuda_fp16.h"),
+            "{err}"
+        );
+        std::fs::create_dir(tmp.path().join("include")).unwrap();
+        std::fs::write(tmp.path().join("include/cuda_fp16.h"), "").unwrap();
+        assert_eq!(gap(true, Some(tmp.path())), None);
+        for err in [gap(false, None), gap(true, None)].into_iter().flatten() {
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
     }
 
     #[test]
