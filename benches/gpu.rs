@@ -11,7 +11,9 @@
 //!   and head gradients), or `lora_sft` (one LoRA SFT step, r 16 on all seven projections,
 //!   on a random Llama-3.2-1B-shaped model, 2048 tokens, bf16 compute), or `rollout`
 //!   (GRPO's sampling on that model: 8 completions of 256 tokens for one prompt, batched);
-//! - `PATH` is `fused` or `reference`;
+//! - `PATH` is `fused`, `blocked` (fused, with attention a block of queries at a time
+//!   through the backend's matmuls instead of the flash kernel: `train.attention`), or
+//!   `reference`;
 //! - `--small` shrinks every shape so the harness itself can be checked on a CPU.
 //!
 //! Timings synchronise on the device by reading one value back, after warm-up runs that
@@ -26,7 +28,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use checkpoints::ModelConfig;
 use data::batch::Batch;
 use data::tokenize::Sequence;
-use kernels::{Head, Kernels, fused, reference, set_kernels};
+use kernels::{AttentionPath, Head, Kernels, fused, reference, set_attention_path, set_kernels};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -267,15 +269,21 @@ fn main() {
         .collect();
     let (Some(op), Some(path)) = (words.first(), words.get(1)) else {
         eprintln!(
-            "usage: gpu OP PATH [--small]; OP: attention, attention128, linear_ce, lora_sft, rollout; PATH: fused, reference"
+            "usage: gpu OP PATH [--small]; OP: attention, attention128, linear_ce, lora_sft, rollout; PATH: fused, blocked, reference"
         );
         std::process::exit(2);
     };
     let fused_path = match *path {
         "fused" => true,
         "reference" => false,
+        // The fused ops with attention through the backend's matmuls, a block of queries at
+        // a time (`train.attention = "blocked"`), where `fused` runs the flash kernel.
+        "blocked" => {
+            set_attention_path(AttentionPath::Blocked);
+            true
+        }
         other => {
-            eprintln!("PATH must be fused or reference, not {other}");
+            eprintln!("PATH must be fused, blocked or reference, not {other}");
             std::process::exit(2);
         }
     };

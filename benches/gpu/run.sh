@@ -61,16 +61,22 @@ PY
     echo "$* -> rc $rc" >&2
 }
 
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>/dev/null
+# The table is rewritten after every measurement, so a run stopped by its time limit
+# still leaves the rows it finished.
+table() { python3 "$here/table.py" "$results" "$out/gpu.txt" >"$out/BENCHMARKS.md"; }
 for op in attention attention128 linear_ce lora_sft rollout; do
-    measure "$bin" "$op" fused "${extra[@]}"
-    measure "$bin" "$op" reference "${extra[@]}"
-    measure python3 "$here/torch_ops.py" "$op" "${extra[@]}"
+    measure "$bin" "$op" fused "${extra[@]}" && table
+    # Attention through the matmuls (train.attention = "blocked") beside the flash kernel.
     case $op in
-    linear_ce | lora_sft) measure python3 "$here/torch_ops.py" "${op}_liger" "${extra[@]}" ;;
+    attention | attention128 | lora_sft) measure "$bin" "$op" blocked "${extra[@]}" && table ;;
+    esac
+    measure "$bin" "$op" reference "${extra[@]}" && table
+    measure python3 "$here/torch_ops.py" "$op" "${extra[@]}" && table
+    case $op in
+    linear_ce | lora_sft) measure python3 "$here/torch_ops.py" "${op}_liger" "${extra[@]}" && table ;;
     esac
 done
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>/dev/null
-python3 "$here/table.py" "$results" "$out/gpu.txt" >"$out/BENCHMARKS.md"
 cat "$out/BENCHMARKS.md"
 # A measurement that crashed or ran out of time fails the run (one that is unavailable,
 # such as PyTorch's side where torch is not installed, does not).

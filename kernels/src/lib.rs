@@ -33,7 +33,9 @@ mod ops;
 pub mod reference;
 pub mod selftest;
 
-pub use mode::{Kernels, fused_on, kernels, set_kernels};
+pub use mode::{
+    AttentionPath, Kernels, attention_path, fused_on, kernels, set_attention_path, set_kernels,
+};
 pub use ops::FusedOps;
 pub use ops::attention::{AttentionOps, attention};
 pub use ops::logprobs::{Head, HeadWeight, LogprobOps, token_entropy, token_logprobs};

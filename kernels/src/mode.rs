@@ -67,3 +67,38 @@ pub(crate) fn takes_fused(op: Op, device: &Device) -> bool {
     }
     fused
 }
+
+/// `train.attention` in a recipe: how the Cube backends (CUDA, wgpu) run fused attention.
+///
+/// - `flash`: the CubeCL flash kernel, forward and backward, O(T) memory and no `[T, S]`
+///   scores anywhere, but scalar f32 arithmetic.
+/// - `blocked`: a block of queries at a time through the backend's matmuls, the same
+///   statistics and the same O(block·S) memory bound as the flex kernel, and on CUDA the
+///   tensor cores that cubecl's matmul brings.
+/// - `auto` (the default): flash, except for fewer than 16 queries per head (decoding),
+///   where a flash cube would keep one thread of its 64 busy.
+///
+/// On flex the threaded blocked kernel of `cpu/` runs whichever is chosen. Which of the two
+/// is faster on a given GPU is what the GPU bench's `blocked` path measures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionPath {
+    #[default]
+    Auto,
+    Flash,
+    Blocked,
+}
+
+static ATTENTION: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the Cube backends' attention path for the rest of the process.
+pub fn set_attention_path(path: AttentionPath) {
+    ATTENTION.store(path as u8, Ordering::Relaxed);
+}
+
+pub fn attention_path() -> AttentionPath {
+    match ATTENTION.load(Ordering::Relaxed) {
+        1 => AttentionPath::Flash,
+        2 => AttentionPath::Blocked,
+        _ => AttentionPath::Auto,
+    }
+}

@@ -70,6 +70,15 @@ choice!(
 );
 
 choice!(
+    /// `train.attention`: how the GPU backends run fused attention ([`kernels::AttentionPath`]).
+    AttentionChoice, "train.attention", "one of " {
+        Auto => "auto",
+        Flash => "flash",
+        Blocked => "blocked",
+    }
+);
+
+choice!(
     /// `dist.backend`: the collective library of a data-parallel run.
     DistBackend, "dist.backend", "one of " {
         Auto => "auto",
@@ -98,6 +107,16 @@ impl From<KernelsChoice> for kernels::Kernels {
     }
 }
 
+impl From<AttentionChoice> for kernels::AttentionPath {
+    fn from(c: AttentionChoice) -> Self {
+        match c {
+            AttentionChoice::Auto => Self::Auto,
+            AttentionChoice::Flash => Self::Flash,
+            AttentionChoice::Blocked => Self::Blocked,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +135,14 @@ mod tests {
             DistBackend::try_from("gloo".to_string()).unwrap_err(),
             "dist.backend `gloo` (one of auto, mpi, nccl)"
         );
+        assert_eq!(
+            AttentionChoice::try_from("flash2".to_string()).unwrap_err(),
+            "train.attention `flash2` (one of auto, flash, blocked)"
+        );
+        for name in AttentionChoice::NAMES {
+            let c = AttentionChoice::try_from(name.to_string()).unwrap();
+            assert_eq!(String::from(c), *name);
+        }
         assert_eq!(
             KernelsChoice::try_from("fast".to_string()).unwrap_err(),
             "train.kernels `fast` (auto, fused, reference)"

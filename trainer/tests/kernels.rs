@@ -3,9 +3,10 @@
 //! ends at the same weights, within f32 summation-order tolerance.
 //!
 //! On wgpu (lavapipe in CI) LoRA SFT with the fused kernels (flash attention, the LoRA
-//! epilogue, RMSNorm, RoPE, SwiGLU, the chunked head) follows the reference ops likewise.
+//! epilogue, RMSNorm, RoPE, SwiGLU, the chunked head) follows the reference ops likewise,
+//! and so does `train.attention = "blocked"` (attention through the backend's matmuls).
 //!
-//! Its own test binary, because the switch is process-wide: the tests take turns.
+//! Its own test binary, because the switches are process-wide: the tests take turns.
 
 use std::path::{Path, PathBuf};
 
@@ -99,11 +100,11 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
     let _turn = serial();
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
-    let run = |kernels: &str| {
+    let run = |name: &str, kernels: &str, attention: &str| {
         run_sft(
             &root().join("recipes/tiny-sft.toml"),
             &base,
-            &tmp.path().join(kernels),
+            &tmp.path().join(name),
             kernels,
             // Few, short rows: lavapipe compiles every kernel for every shape it meets.
             &[
@@ -112,14 +113,20 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
                 "data.max_length=48",
                 "train.eval_steps=0",
                 "train.device=\"wgpu\"",
+                &format!("train.attention=\"{attention}\""),
             ],
         )
     };
     let start = Counts::now();
-    let fused = run("fused");
+    let fused = run("fused", "fused", "auto");
     let middle = Counts::now();
-    let reference = run("reference");
+    let reference = run("reference", "reference", "auto");
     let end = Counts::now();
+    // `train.attention = "blocked"`: attention a block of queries at a time through the
+    // backend's matmuls, forward and backward; the flash kernels stay idle, the rest run.
+    let blocked = run("blocked", "fused", "blocked");
+    let after = Counts::now();
+    assert_eq!(kernels::attention_path(), kernels::AttentionPath::Blocked);
     // Every CubeCL kernel, forward and backward, was launched by the fused run, and none
     // by the reference run; but the quantized matmul's, which only a quantized base
     // (`model.quantize`) launches.
@@ -132,32 +139,104 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
             0,
             "{kernel:?} in the reference run"
         );
+        let flash = [Kernel::Attention, Kernel::AttentionBackward];
+        let n = after.since(&end).kernel(kernel);
+        if flash.contains(&kernel) {
+            assert_eq!(n, 0, "{kernel:?} in the blocked-attention run");
+        } else {
+            assert!(
+                n > 0,
+                "{kernel:?} was never launched by the blocked-attention run"
+            );
+        }
     }
     let (a, b) = (losses(&fused), losses(&reference));
     assert_eq!(a.len(), 3);
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() < 1e-4 * y.abs(), "losses {a:?} vs {b:?}");
     }
+    let c = losses(&blocked);
+    for (x, y) in c.iter().zip(&a) {
+        assert!(
+            (x - y).abs() < 1e-4 * y.abs(),
+            "losses {c:?} (blocked) vs {a:?}"
+        );
+    }
+    assert_eq!(c.len(), 3);
     let adapters = |dir: &Path| {
         adapter_tensors(&dir.join("final"))
             .into_iter()
             .collect::<Vec<_>>()
     };
-    let (wa, wb) = (adapters(&fused), adapters(&reference));
+    let (wa, wb, wc) = (adapters(&fused), adapters(&reference), adapters(&blocked));
     assert_eq!(wa.len(), wb.len());
+    assert_eq!(wa.len(), wc.len());
     // B starts at zero: a moved B shows the steps reached the adapters.
     assert!(
         wa.iter()
             .any(|(n, v)| n.contains("lora_B") && v.iter().any(|x| *x != 0.0))
     );
-    for ((name, x), (_, y)) in wa.iter().zip(&wb) {
-        let worst = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-4, "{name} differs by {worst}");
+    for ((name, x), ((_, y), (_, z))) in wa.iter().zip(wb.iter().zip(&wc)) {
+        for (other, w) in [("reference", y), ("blocked", z)] {
+            let worst = x
+                .iter()
+                .zip(w)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "{name} differs from the {other} run by {worst}"
+            );
+        }
     }
+}
+
+/// Blocked attention on a Cube device, op by op: grouped heads, right padding (rows that
+/// see no key), head dims 64 and 128, fewer queries than keys, and several blocks of
+/// queries (5 per block) or one; the output and the gradients of q, k and v match the
+/// reference, and the flash kernels launch only when `flash` is chosen.
+#[cfg(feature = "wgpu")]
+#[test]
+fn blocked_attention_matches_reference_on_wgpu() {
+    use burn::tensor::DType;
+    use kernels::AttentionPath;
+    use kernels::selftest::Case;
+    let _turn = serial();
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    for path in [AttentionPath::Blocked, AttentionPath::Flash] {
+        kernels::set_attention_path(path);
+        for (d, t, s, pad) in [
+            (64, 23, 23, 3),
+            (128, 21, 21, 3),
+            (64, 4, 17, 3),
+            (16, 70, 70, 40),
+        ] {
+            for block in [5, 64] {
+                let (b, h, hkv, block) = (2, 6, 2, Some(block));
+                let case = Case::Attention {
+                    b,
+                    h,
+                    hkv,
+                    d,
+                    t,
+                    s,
+                    pad,
+                    block,
+                };
+                let report = case.run(&device, DType::F32);
+                assert!(report.pass(), "{path:?}: {report}");
+                let launched = |k: Kernel| report.kernels.iter().any(|&(kk, n)| kk == k && n > 0);
+                let flash = path == AttentionPath::Flash;
+                assert_eq!(launched(Kernel::Attention), flash, "{path:?}: {report}");
+                assert_eq!(
+                    launched(Kernel::AttentionBackward),
+                    flash,
+                    "{path:?}: {report}"
+                );
+            }
+        }
+    }
+    kernels::set_attention_path(AttentionPath::Auto);
 }
 
 /// SFT with `recipe` on the tiny base at `base` (made on first use) with the bundled

@@ -45,7 +45,8 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use crate::launches::{Kernel, launched};
-use crate::ops::attention::{AttentionOps, blocked_attention};
+use crate::mode::{AttentionPath, attention_path};
+use crate::ops::attention::{AttentionOps, blocked_attention, blocked_attention_backward};
 
 use super::grid;
 
@@ -555,10 +556,11 @@ fn f32_tensor(like: &CubeTensor, shape: [usize; 4]) -> CubeTensor {
 }
 
 impl AttentionOps for CubeBackend {
-    /// Flash attention, which tiles by itself. With fewer queries than [`FEW_QUERIES`]
-    /// (decoding) its cubes would run a thread or two each over every key, so those go
-    /// through the matmul-based blocked forward instead; its statistics have the same
-    /// layout, so the backward is the kernel's either way.
+    /// Flash attention, which tiles by itself, unless [`AttentionPath::Blocked`] asks for
+    /// the matmul-based blocked forward. Under `auto`, fewer queries than [`FEW_QUERIES`]
+    /// (decoding) take the blocked forward too: a flash cube would run a thread or two
+    /// over every key. Both keep statistics of one layout, so either backward reads
+    /// either forward's.
     fn grouped_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -566,7 +568,12 @@ impl AttentionOps for CubeBackend {
         masked: BoolTensor<Self>,
         block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if q.shape().dims::<4>()[2] < FEW_QUERIES {
+        let blocked = match attention_path() {
+            AttentionPath::Blocked => true,
+            AttentionPath::Flash => false,
+            AttentionPath::Auto => q.shape().dims::<4>()[2] < FEW_QUERIES,
+        };
+        if blocked {
             blocked_attention::<Self>(q, k, v, masked, block)
         } else {
             launched(Kernel::Attention);
@@ -582,8 +589,11 @@ impl AttentionOps for CubeBackend {
         out: FloatTensor<Self>,
         stats: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        _block: usize,
+        block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if attention_path() == AttentionPath::Blocked {
+            return blocked_attention_backward::<Self>(q, k, v, masked, out, stats, grad, block);
+        }
         launched(Kernel::AttentionBackward);
         backward(q, k, v, masked, out, stats, grad)
     }

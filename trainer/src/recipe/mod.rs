@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::choices::{DistBackend, KernelsChoice, LrScheduler, Quantize};
+use crate::choices::{AttentionChoice, DistBackend, KernelsChoice, LrScheduler, Quantize};
 use crate::objectives::cpo::CpoSection;
 use crate::objectives::dpo::DpoSection;
 use crate::objectives::grpo::GrpoSection;
@@ -167,6 +167,10 @@ pub struct TrainSection {
     /// hand-written backward passes everywhere), `reference` (plain tensor ops), or `auto`:
     /// fused on GPU backends, reference on the CPU.
     pub kernels: KernelsChoice,
+    /// How the GPU backends run fused attention: `flash` (the CubeCL flash kernel),
+    /// `blocked` (a block of queries at a time through the backend's matmuls), or `auto`:
+    /// flash, but blocked for decoding's few queries. The CPU ignores it.
+    pub attention: AttentionChoice,
     /// Consecutive steps with a NaN or infinite loss or gradient (each skipped) after which
     /// the run stops.
     pub max_bad_steps: usize,
@@ -200,6 +204,7 @@ impl Default for TrainSection {
             bf16: false,
             fp16: false,
             kernels: KernelsChoice::Auto,
+            attention: AttentionChoice::Auto,
             max_bad_steps: 5,
         }
     }

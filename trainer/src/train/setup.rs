@@ -226,6 +226,7 @@ pub(super) fn open_run(
 pub(super) fn device(recipe: &Recipe, dp: &crate::dist::Group) -> Result<Device> {
     let t = &recipe.train;
     kernels::set_kernels(t.kernels.into());
+    kernels::set_attention_path(t.attention.into());
     let name = if dp.world_size() > 1 && t.device == "cuda" {
         format!("cuda:{}", dp.local_rank)
     } else {
