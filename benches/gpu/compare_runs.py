@@ -34,7 +34,8 @@ def main():
         return 1
     finite = all(isinstance(x, (int, float)) and math.isfinite(x) for x in dev + cpu)
     diff = abs(dev[0] - cpu[0]) / max(abs(cpu[0]), 1e-12)
-    bound = None if method == "grpo" else BOUNDS[dtype]
+    # METHOD may carry a variant after a space, e.g. "sft (blocked attention)".
+    bound = None if method.split()[0] == "grpo" else BOUNDS[dtype]
     ok = finite and (bound is None or diff <= bound)
     shown = ", ".join(f"{x:.5g}" for x in dev)
     print(f"| {method} | {device} | {dtype} | {dev[0]:.6g} | {cpu[0]:.6g} | {diff:.2e} | "

@@ -22,20 +22,25 @@ report=$out/runs.md
     echo "|---|---|---|---|---|---|---|---|---|"
 } >"$report"
 rc=0
-for spec in sft:f32 sft:bf16 dpo:f32 grpo:f32; do
-    method=${spec%%:*} dtype=${spec##*:}
+# METHOD:DTYPE[:ATTENTION]; `blocked` runs train.attention = "blocked" on the device (the
+# CPU ignores it), so the matmul route through attention is checked against the CPU too.
+for spec in sft:f32 sft:bf16 sft:f32:blocked dpo:f32 grpo:f32; do
+    IFS=: read -r method dtype attention <<<"$spec"
+    attention=${attention:-auto}
+    name=$method-$dtype label=$method
+    [ "$attention" = auto ] || { name+=-$attention; label+=" ($attention attention)"; }
     common=(--set "model.path=\"$model\"" --set model.create_if_missing=false
         --set train.save_steps=0 --set train.eval_steps=0 --set data.eval_fraction=0.0)
     bf=()
     [ "$dtype" = bf16 ] && bf=(--set train.bf16=true)
-    "$hearth" train "recipes/tiny-$method.toml" --out "$work/$spec-dev" "${common[@]}" "${bf[@]}" \
-        --set "train.device=\"$device\"" --set train.max_steps=3 \
-        >"$out/run-$method-$dtype.log" 2>&1 || rc=1
-    "$hearth" train "recipes/tiny-$method.toml" --out "$work/$spec-cpu" "${common[@]}" \
+    "$hearth" train "recipes/tiny-$method.toml" --out "$work/$name-dev" "${common[@]}" "${bf[@]}" \
+        --set "train.device=\"$device\"" --set "train.attention=\"$attention\"" \
+        --set train.max_steps=3 >"$out/run-$name.log" 2>&1 || rc=1
+    "$hearth" train "recipes/tiny-$method.toml" --out "$work/$name-cpu" "${common[@]}" \
         --set 'train.device="cpu"' --set train.max_steps=1 \
-        >"$out/run-$method-$dtype-cpu.log" 2>&1 || rc=1
-    python3 "$here/compare_runs.py" "$method" "$device" "$dtype" \
-        "$work/$spec-dev/metrics.jsonl" "$work/$spec-cpu/metrics.jsonl" >>"$report" || rc=1
+        >"$out/run-$name-cpu.log" 2>&1 || rc=1
+    python3 "$here/compare_runs.py" "$label" "$device" "$dtype" \
+        "$work/$name-dev/metrics.jsonl" "$work/$name-cpu/metrics.jsonl" >>"$report" || rc=1
 done
 cat "$report"
 exit $rc

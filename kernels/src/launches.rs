@@ -19,12 +19,13 @@ pub enum Kernel {
     LoraUp,
     LogitRows,
     LogitGrads,
+    LogitRowsSlopes,
     QuantMatmul,
     QuantMatmulBackward,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::RmsNorm,
         Kernel::RmsNormBackward,
         Kernel::Rotary,
@@ -36,6 +37,7 @@ impl Kernel {
         Kernel::LoraUp,
         Kernel::LogitRows,
         Kernel::LogitGrads,
+        Kernel::LogitRowsSlopes,
         Kernel::QuantMatmul,
         Kernel::QuantMatmulBackward,
     ];

@@ -338,8 +338,13 @@ mod wgpu {
                 "swiglu" => &[Kernel::Swiglu, Kernel::SwigluBackward],
                 "rotary" => &[Kernel::Rotary, Kernel::RotaryBackward],
                 "lora_up" => &[Kernel::LoraUp],
-                "token_logprobs" | "frozen_head_logprobs" => {
-                    &[Kernel::LogitRows, Kernel::LogitGrads]
+                "token_logprobs" => &[Kernel::LogitRows, Kernel::LogitGrads],
+                // One launch per chunk, in place: the two-kernel fallback never ran.
+                "frozen_head_logprobs" => {
+                    for k in [Kernel::LogitRows, Kernel::LogitGrads] {
+                        assert!(!launched(k), "{}: {k:?} launched", case.label());
+                    }
+                    &[Kernel::LogitRowsSlopes]
                 }
                 "quant_matmul" | "quant_head_logprobs" => {
                     &[Kernel::QuantMatmul, Kernel::QuantMatmulBackward]

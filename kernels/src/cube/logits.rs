@@ -2,7 +2,8 @@
 //! per row: maximum and its first index, then the sum of exponentials, reduced in shared
 //! memory) and the logits' gradient (one thread per element). Between them a chunk's
 //! `[len, V]` logits are read twice forward and once backward, where the unfused ops make
-//! a pass per max, shift, exp, sum, gather, argmax, compare and scatter.
+//! a pass per max, shift, exp, sum, gather, argmax, compare and scatter. A frozen head's
+//! forward runs the row kernel once with its slopes, written over the logits.
 
 use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
@@ -18,14 +19,18 @@ use crate::ops::logprobs::LogprobOps;
 
 use super::{cube_sum, grid, row_threads, rows_cols};
 
+/// With `slopes`, the row's log-prob gradient at `g = 1`, `onehot(t) − exp(logits − lse)`,
+/// then overwrites the row in place: the frozen head's forward reads its chunk of logits
+/// in one launch and keeps no second `[len, V]` buffer.
 #[cube(launch)]
 fn logit_rows_kernel<F: Float, I: Numeric>(
-    logits: &Tensor<F>,
+    logits: &mut Tensor<F>,
     targets: &Tensor<I>,
     logprob: &mut Tensor<F>,
     lse: &mut Tensor<F>,
     hit: &mut Tensor<F>,
     #[comptime] threads: usize,
+    #[comptime] slopes: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let rows = logits.shape(0);
@@ -82,9 +87,10 @@ fn logit_rows_kernel<F: Float, I: Numeric>(
     sync_cube();
     cube_sum(&mut sums, tid);
 
+    // `cube_sum` ends on a barrier, so every thread sees the sum.
+    let total = max + f32::ln(sums[0]);
+    let t = u32::cast_from(targets[row * targets.stride(0)]);
     if tid == 0 {
-        let total = max + f32::ln(sums[0]);
-        let t = u32::cast_from(targets[row * targets.stride(0)]);
         let picked = f32::cast_from(logits[row * s0 + t as usize * s1]);
         let mut is_top = f32::new(0.0);
         if top == t {
@@ -98,6 +104,21 @@ fn logit_rows_kernel<F: Float, I: Numeric>(
         logprob[at_lp] = F::cast_from(picked - total);
         lse[at_lse] = F::cast_from(total);
         hit[at_hit] = F::cast_from(is_top);
+    }
+    if slopes {
+        // The target's logit is read above before any thread overwrites it.
+        sync_cube();
+        let mut c = tid;
+        while c < cols {
+            let at = row * s0 + c * s1;
+            let p = f32::exp(f32::cast_from(logits[at]) - total);
+            let mut onehot = f32::new(0.0);
+            if c as u32 == t {
+                onehot = f32::new(1.0);
+            }
+            logits[at] = F::cast_from(onehot - p);
+            c += step;
+        }
     }
 }
 
@@ -147,10 +168,46 @@ impl LogprobOps for CubeBackend {
         launched(Kernel::LogitGrads);
         grads(logits, targets, lse, grad)
     }
+
+    /// One launch over the chunk, its slopes written over its logits, when nothing else
+    /// holds them (the chunk loop's fresh matmul output); else the two kernels.
+    fn logit_rows_slopes(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let logits = into_contiguous(logits);
+        if !logits.can_mut() {
+            let (lp, lse, hit) = Self::logit_rows(logits.clone(), targets.clone());
+            let ones = burn_cubecl::ops::numeric::ones_client(
+                lse.client.clone(),
+                lse.device.clone(),
+                lse.shape(),
+                lse.dtype,
+            );
+            let d = Self::logit_grads(logits, targets, lse.clone(), ones);
+            return (lp, lse, hit, d);
+        }
+        launched(Kernel::LogitRowsSlopes);
+        let (lp, lse, hit) = launch_rows(logits.clone(), targets, true);
+        (lp, lse, hit, logits)
+    }
 }
 
 fn rows(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor, CubeTensor) {
-    let logits = into_contiguous(logits);
+    launch_rows(into_contiguous(logits), targets, false)
+}
+
+/// The row kernel over contiguous `logits`; with `slopes` it overwrites them.
+fn launch_rows(
+    logits: CubeTensor,
+    targets: CubeTensor,
+    slopes: bool,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
     let targets = into_contiguous(targets);
     let (rows, cols) = rows_cols(&logits);
     let (dtype, int_dtype) = (logits.dtype, targets.dtype);
@@ -177,6 +234,7 @@ fn rows(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor, Cub
         lse.clone().into_tensor_arg(),
         hit.clone().into_tensor_arg(),
         threads as usize,
+        slopes,
         [
             dtype_to_storage_type(dtype),
             dtype_to_storage_type(int_dtype),

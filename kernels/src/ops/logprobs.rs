@@ -300,8 +300,15 @@ pub trait LogprobOps: Backend {
 
     /// [`LogprobOps::logit_rows`], and each row's `onehot(t) − exp(logits − lse)`, `[len,
     /// V]`: the log-prob's own gradient in the logits ([`LogprobOps::logit_grads`] at
-    /// `g = 1`).
-    #[fusion(default)]
+    /// `g = 1`). Under Fusion a custom op of its own, so a backend's one-pass version (Cube
+    /// overwrites the logits it is handed) is what runs.
+    #[fusion(meta = |logits, _targets| {
+        let row = burn::backend::fusion::custom::TensorSpec::new(
+            [logits.shape[0]].into(),
+            logits.dtype,
+        );
+        (row.clone(), row.clone(), row, logits.clone())
+    })]
     fn logit_rows_slopes(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
