@@ -197,9 +197,10 @@ fn lora_sft_on_wgpu_trains_alike_with_fused_kernels() {
 }
 
 /// Blocked attention on a Cube device, op by op: grouped heads, right padding (rows that
-/// see no key), head dims 64 and 128, fewer queries than keys, and several blocks of
-/// queries (5 per block) or one; the output and the gradients of q, k and v match the
-/// reference, and the flash kernels launch only when `flash` is chosen.
+/// see no key), head dims 64 and 128, fewer queries than keys; the output and the gradients
+/// of q, k and v match the reference, and the flash kernels launch only when `flash` is
+/// chosen. (On a GPU the requested block is only a floor: these shapes are one block
+/// there; the block loop itself is flex's twin, which the bf16 selftest runs.)
 #[cfg(feature = "wgpu")]
 #[test]
 fn blocked_attention_matches_reference_on_wgpu() {
@@ -216,29 +217,28 @@ fn blocked_attention_matches_reference_on_wgpu() {
             (64, 4, 17, 3),
             (16, 70, 70, 40),
         ] {
-            for block in [5, 64] {
-                let (b, h, hkv, block) = (2, 6, 2, Some(block));
-                let case = Case::Attention {
-                    b,
-                    h,
-                    hkv,
-                    d,
-                    t,
-                    s,
-                    pad,
-                    block,
-                };
-                let report = case.run(&device, DType::F32);
-                assert!(report.pass(), "{path:?}: {report}");
-                let launched = |k: Kernel| report.kernels.iter().any(|&(kk, n)| kk == k && n > 0);
-                let flash = path == AttentionPath::Flash;
-                assert_eq!(launched(Kernel::Attention), flash, "{path:?}: {report}");
-                assert_eq!(
-                    launched(Kernel::AttentionBackward),
-                    flash,
-                    "{path:?}: {report}"
-                );
-            }
+            // The requested block (5) is a floor that the GPU raises.
+            let (b, h, hkv, block) = (2, 6, 2, Some(5));
+            let case = Case::Attention {
+                b,
+                h,
+                hkv,
+                d,
+                t,
+                s,
+                pad,
+                block,
+            };
+            let report = case.run(&device, DType::F32);
+            assert!(report.pass(), "{path:?}: {report}");
+            let launched = |k: Kernel| report.kernels.iter().any(|&(kk, n)| kk == k && n > 0);
+            let flash = path == AttentionPath::Flash;
+            assert_eq!(launched(Kernel::Attention), flash, "{path:?}: {report}");
+            assert_eq!(
+                launched(Kernel::AttentionBackward),
+                flash,
+                "{path:?}: {report}"
+            );
         }
     }
     kernels::set_attention_path(AttentionPath::Auto);

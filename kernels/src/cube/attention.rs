@@ -57,6 +57,38 @@ const ROWS: usize = 64;
 /// matmuls: a cube would keep one thread of its 64 busy.
 const FEW_QUERIES: usize = 16;
 
+/// The f32 scores `[B, H, block, S]` one block of [`AttentionPath::Blocked`] may hold: a
+/// GPU wants few, large matmuls (64 queries of 2048 keys would be hundreds of small
+/// launches per layer), while memory stays bounded by this, not by `T·S`. The backward
+/// holds about four such tensors at once.
+const BLOCKED_SCORES_BYTES: usize = 256 << 20;
+
+/// The query block of the blocked path on a GPU: at least `requested`, and as many queries
+/// as [`BLOCKED_SCORES_BYTES`] of scores allow. Blocks only bound memory: the output and
+/// `dq` of a query do not depend on them, `dk` and `dv` only by the order of their sums.
+fn gpu_block(q: &CubeTensor, k: &CubeTensor, requested: usize) -> usize {
+    let [b, h, _, _] = q.shape().dims::<4>();
+    block_within(requested, b * h * k.shape().dims::<4>()[2])
+}
+
+/// At least `requested` queries, each with `row` f32 scores, and as many as the budget holds.
+fn block_within(requested: usize, row: usize) -> usize {
+    requested.max(BLOCKED_SCORES_BYTES / (4 * row).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Llama-3.2-1B at 2048 tokens: 1024 queries a block alone (two blocks), 256 with 4
+    /// sequences; the requested block stays a floor where rows are long.
+    #[test]
+    fn blocks_fill_the_score_budget() {
+        use super::block_within;
+        assert_eq!(block_within(64, 32 * 2048), 1024);
+        assert_eq!(block_within(64, 4 * 32 * 2048), 256);
+        assert_eq!(block_within(64, 64 * 32 * 131_072), 64);
+    }
+}
+
 /// The score of a masked key; finite, so a row with nothing visible stays NaN-free.
 const MASKED: f32 = -1.0e30;
 
@@ -569,11 +601,11 @@ impl AttentionOps for CubeBackend {
         block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let blocked = match attention_path() {
-            AttentionPath::Blocked => true,
-            AttentionPath::Flash => false,
-            AttentionPath::Auto => q.shape().dims::<4>()[2] < FEW_QUERIES,
+            AttentionPath::Blocked => Some(gpu_block(&q, &k, block)),
+            AttentionPath::Flash => None,
+            AttentionPath::Auto => (q.shape().dims::<4>()[2] < FEW_QUERIES).then_some(block),
         };
-        if blocked {
+        if let Some(block) = blocked {
             blocked_attention::<Self>(q, k, v, masked, block)
         } else {
             launched(Kernel::Attention);
@@ -592,6 +624,7 @@ impl AttentionOps for CubeBackend {
         block: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         if attention_path() == AttentionPath::Blocked {
+            let block = gpu_block(&q, &k, block);
             return blocked_attention_backward::<Self>(q, k, v, masked, out, stats, grad, block);
         }
         launched(Kernel::AttentionBackward);
