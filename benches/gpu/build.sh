@@ -82,8 +82,11 @@ cat >"$dir/README.md" <<README
 
 Built by \`benches/gpu/build.sh\` from commit $commit$dirty on $(date -u +%F), for x86_64
 Linux with glibc $(ldd --version | head -n 1 | awk '{print $NF}') or newer. Both binaries need an NVIDIA driver (libcuda)
-and NVRTC (libnvrtc, from CUDA 12 or 13) at run time, and nothing else: no Rust, no
-network. Kernels are compiled by NVRTC on first use, so the first run of each op is slower.
+and a CUDA 12 or 13 toolkit's NVRTC (libnvrtc) and headers (include/cuda_fp16.h, found
+through CUDA_PATH, else /usr/local/cuda) at run time, and nothing else: no Rust, no
+network. \`check.sh\` finds a toolkit elsewhere (beside nvcc, or PyTorch's pip-installed
+one) with \`cuda-env.sh\`; \`hearth\` says in one line what is missing. Kernels are
+compiled by NVRTC on first use, so the first run of each op is slower.
 
 - \`hearth.xz\`: the \`hearth\` command line with the \`cuda\` feature.
 - \`gpu-bench.xz\`: the bench behind BENCHMARKS.md (\`benches/gpu.rs\`).
