@@ -15,7 +15,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use crate::launches::{Kernel, launched};
-use crate::ops::logprobs::LogprobOps;
+use crate::ops::logprobs::{LogprobOps, logit_rows_slopes_twin};
 
 use super::{cube_sum, grid, row_threads, rows_cols};
 
@@ -182,15 +182,7 @@ impl LogprobOps for CubeBackend {
     ) {
         let logits = into_contiguous(logits);
         if !logits.can_mut() {
-            let (lp, lse, hit) = Self::logit_rows(logits.clone(), targets.clone());
-            let ones = burn_cubecl::ops::numeric::ones_client(
-                lse.client.clone(),
-                lse.device.clone(),
-                lse.shape(),
-                lse.dtype,
-            );
-            let d = Self::logit_grads(logits, targets, lse.clone(), ones);
-            return (lp, lse, hit, d);
+            return logit_rows_slopes_twin::<Self>(logits, targets);
         }
         launched(Kernel::LogitRowsSlopes);
         let (lp, lse, hit) = launch_rows(logits.clone(), targets, true);

@@ -696,7 +696,7 @@ fn logit_rows_twin<B: Backend>(
 
 /// The portable [`LogprobOps::logit_rows_slopes`]: the rows, then their gradient at
 /// `g = 1`.
-fn logit_rows_slopes_twin<B: LogprobOps>(
+pub(crate) fn logit_rows_slopes_twin<B: LogprobOps>(
     logits: FloatTensor<B>,
     targets: IntTensor<B>,
 ) -> (
