@@ -76,12 +76,15 @@ fi
 (cd "$dir" && sha256sum hearth.xz gpu-bench.xz ./*.whl >SHA256SUMS 2>/dev/null ||
     sha256sum hearth.xz gpu-bench.xz >SHA256SUMS)
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The newest glibc symbol version either binary imports: what the GPU machine must have.
+glibc=$(objdump -T "$hearth" "$bench" | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n 1)
+glibc=${glibc#GLIBC_}
 dirty=$(git -C "$root" status --porcelain 2>/dev/null | grep -q . && echo ", with uncommitted changes" || true)
 cat >"$dir/README.md" <<README
 # hearth for CUDA, built offline
 
 Built by \`benches/gpu/build.sh\` from commit $commit$dirty on $(date -u +%F), for x86_64
-Linux with glibc $(ldd --version | head -n 1 | awk '{print $NF}') or newer. Both binaries need an NVIDIA driver (libcuda)
+Linux with glibc $glibc or newer. Both binaries need an NVIDIA driver (libcuda)
 and a CUDA 12 or 13 toolkit's NVRTC (libnvrtc) and headers (include/cuda_fp16.h, found
 through CUDA_PATH, else /usr/local/cuda) at run time, and nothing else: no Rust, no
 network. \`check.sh\` finds a toolkit elsewhere (beside nvcc, or PyTorch's pip-installed
