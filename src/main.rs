@@ -19,6 +19,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", page.display());
         }
         Command::Selftest(a) => {
+            kernels::set_attention_path(a.attention.into());
             let device = trainer::device::parse(&a.device)?.autodiff();
             let dtypes: Vec<_> = a.dtypes.iter().map(|d| d.dtype()).collect();
             trainer::selftest::run(&device, &a.device, &dtypes, a.small, a.out.as_deref(), emit)?;

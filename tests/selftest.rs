@@ -47,6 +47,34 @@ fn small_selftest_passes_on_the_cpu_and_reports_every_case() {
     }
 }
 
+/// `--attention blocked` reaches the attention cases (their labels name the route), and
+/// an unknown route is refused in one line.
+#[test]
+fn selftest_takes_the_attention_route() {
+    let run = hearth(&[
+        "selftest",
+        "--small",
+        "--dtype",
+        "f32",
+        "--attention",
+        "blocked",
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}");
+    let attention: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" attention "))
+        .collect();
+    assert!(!attention.is_empty(), "{stdout}");
+    for line in &attention {
+        assert!(line.contains(" blocked F32"), "{line}");
+    }
+    let run = hearth(&["selftest", "--small", "--attention", "fast"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
 #[test]
 fn selftest_refuses_to_write_over_a_checkpoint_and_names_bad_devices() {
     let tmp = tempfile::tempdir().unwrap();

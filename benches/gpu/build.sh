@@ -101,6 +101,7 @@ compiled by NVRTC on first use, so the first run of each op is slower.
 
     xz -dk hearth.xz gpu-bench.xz && chmod +x hearth gpu-bench
     ./hearth selftest --device cuda           # every fused op against its reference
+    ./hearth selftest --device cuda --attention blocked   # attention through the matmuls
     ./hearth train recipes/tiny-sft.toml --set 'train.device="cuda"'
 
 ## The whole GPU check

@@ -130,7 +130,7 @@ impl fmt::Display for Comparison {
 
 /// One op at one shape. Attention's `block` picks the blocked twin's query block (flex,
 /// and few queries on Cube); `None` takes the dispatching default, the flash kernel on
-/// Cube.
+/// Cube unless [`crate::AttentionPath::Blocked`] is set (the label then says `blocked`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Case {
     RmsNorm {
@@ -265,7 +265,13 @@ impl Case {
                 pad,
                 block,
             } => {
-                let block = block.map_or("flash".into(), |q| format!("block {q}"));
+                let block = block.map_or_else(
+                    || match crate::attention_path() {
+                        crate::AttentionPath::Blocked => "blocked".into(),
+                        _ => "flash".into(),
+                    },
+                    |q| format!("block {q}"),
+                );
                 format!("B {b} H {h}/{hkv} D {d} T {t} S {s} pad {pad} {block}")
             }
             Case::Rotary { b, h, t, d } => format!("[{b}, {h}, {t}, {d}]"),
