@@ -9,6 +9,7 @@
 
 pub(crate) mod attention;
 pub mod blas;
+pub(crate) mod dots;
 pub(crate) mod logits;
 pub(crate) mod products;
 pub(crate) mod rows;
@@ -63,8 +64,9 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst = (accumulate ? dst : 0) + scale · lhs·rhs` on the calling thread, `dst` row-major
-/// `[lhs.rows, rhs.cols]` with rows `ld` apart: OpenBLAS where it is loaded, `gemm`
-/// otherwise ([`blas`]).
+/// `[lhs.rows, rhs.cols]` with rows `ld` apart: OpenBLAS where it is loaded ([`blas`]);
+/// otherwise dot products for a few rows against a transposed weight ([`dots`]), `gemm`
+/// for the rest.
 pub(crate) fn gemm_into(
     dst: &mut [f32],
     ld: usize,
@@ -92,6 +94,10 @@ pub(crate) fn gemm_into(
                 dst[i * ld..i * ld + n].fill(0.0);
             }
         }
+        return;
+    }
+    if dots::suits(&lhs, &rhs) {
+        dots::dots_into(dst, ld, accumulate, &lhs, &rhs, scale);
         return;
     }
     // SAFETY: `fits` and the assert above bound every element gemm reads or writes inside

@@ -5,7 +5,7 @@ use burn::backend::TensorMetadata;
 use burn::backend::flex::FlexTensor;
 use burn::tensor::DType;
 
-use super::{Mat, blas, tensor};
+use super::{Mat, blas, dots, tensor};
 
 /// A 2-D f32 flex tensor as a [`Mat`], or `None` for another dtype, rank, or a negative
 /// stride.
@@ -29,15 +29,18 @@ fn mat(t: &FlexTensor) -> Option<Mat<'_>> {
     })
 }
 
-/// `a·bᵀ` (`b_transposed`) or `a·b`, through OpenBLAS, split over the threads; `None` when OpenBLAS is not loaded or an operand is not a plain f32 matrix
-/// (the caller then runs flex's matmul).
+/// `a·bᵀ` (`b_transposed`) or `a·b`, through OpenBLAS, split over the threads; `None` when
+/// an operand is not a plain f32 matrix (the caller then runs flex's matmul). Without
+/// OpenBLAS only a decoding step's few rows (2 to [`dots::DOT_MAX_ROWS`]) against a
+/// transposed weight are taken, as dot products; one row keeps gemm's matrix-vector kernel
+/// (`ops/projection.rs`), the rest flex's matmul.
 pub(crate) fn product(a: &FlexTensor, b: &FlexTensor, b_transposed: bool) -> Option<FlexTensor> {
-    if !blas::available() {
-        return None;
-    }
     let (a, b) = (mat(a)?, mat(b)?);
     let b = if b_transposed { b.t() } else { b };
     if a.cols != b.rows {
+        return None;
+    }
+    if !blas::available() && (a.rows < 2 || !dots::suits(&a, &b)) {
         return None;
     }
     let (m, n) = (a.rows, b.cols);

@@ -5,8 +5,10 @@
 //! [`cpu::products`], which cuts a decoding step's few rows into narrow column parts
 //! ([`cpu::blas`]). Without it, a single row's output columns are spread over the cores
 //! ([`split_columns`]): flex hands each matmul to `gemm` whole, and `gemm` runs a
-//! matrix-vector product on one thread. Several rows then stay whole, since splitting them
-//! changes gemm's kernel choice and so a row's bits. Every other backend runs its own matmul.
+//! matrix-vector product on one thread. Two to sixteen rows (batched decoding) become dot
+//! products, each weight row read once for all of them, in column parts over the cores
+//! (`cpu/dots.rs`): gemm would pack the weight for every product. Every other backend runs
+//! its own matmul.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -20,18 +22,19 @@ use rayon::prelude::*;
 use super::node::{Backprop, all_kept, on_inner, record};
 use crate::cpu;
 
-/// Up to this many rows a projection goes through [`ProjectionOps::project`]; above it
-/// the model keeps burn's plain `linear`, bit for bit what it ran before (training's batch
-/// × sequence rows, prefills, and batched decoding, whose matmuls flex already threads or
-/// whose split would change gemm's kernel choice).
-pub const FEW_ROWS: usize = 1;
+/// Without OpenBLAS, up to this many rows a projection goes through
+/// [`ProjectionOps::project`] (a decoding step's batch: one row through gemm's
+/// matrix-vector kernel, more as dot products); above it the model keeps burn's plain
+/// `linear`, bit for bit what it ran before (training's batch × sequence rows and
+/// prefills, whose matmuls flex already threads). With OpenBLAS every projection does.
+pub const FEW_ROWS: usize = cpu::dots::DOT_MAX_ROWS;
 
 /// Below this many weights (`out × in`) one core is faster than handing out the work.
 const SPLIT_MIN_WEIGHTS: usize = 1 << 16;
 
 /// `x·Wᵀ`: `x` `[..., in]`, `w` `[out, in]` → `[..., out]`, through
-/// [`ProjectionOps::project`] when `x` has at most [`FEW_ROWS`] rows or OpenBLAS is
-/// loaded ([`cpu::blas`]), through burn's `linear` otherwise.
+/// [`ProjectionOps::project`] when OpenBLAS is loaded ([`cpu::blas`]) or, without it, for
+/// at most [`FEW_ROWS`] rows (a decoding step's batch); through burn's `linear` otherwise.
 pub fn project<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
@@ -121,10 +124,9 @@ impl ProjectionOps for Flex {
         if let Some(y) = cpu::products::product(&x, &w, true) {
             return y;
         }
-        // Without it, one row only: gemm's matrix-vector kernel takes one dot product per
-        // column, so the split gives the bits of the whole. Several rows take gemm's block
-        // kernels, whose choice depends on the shape, and a row's values would then depend
-        // on the slice width and on how many rows ride along.
+        // Without it (and past the few rows `product` takes as dot products), one row only:
+        // gemm's matrix-vector kernel takes one dot product per column, so the split gives
+        // the bits of the whole.
         if m == 1 && f32s && threads >= 2 && n >= 2 * threads && n * k >= SPLIT_MIN_WEIGHTS {
             return split_columns(&x, &w, n, k, threads);
         }
