@@ -339,13 +339,9 @@ mod wgpu {
                 "rotary" => &[Kernel::Rotary, Kernel::RotaryBackward],
                 "lora_up" => &[Kernel::LoraUp],
                 "token_logprobs" => &[Kernel::LogitRows, Kernel::LogitGrads],
-                // One launch per chunk, in place: the two-kernel fallback never ran.
-                "frozen_head_logprobs" => {
-                    for k in [Kernel::LogitRows, Kernel::LogitGrads] {
-                        assert!(!launched(k), "{}: {k:?} launched", case.label());
-                    }
-                    &[Kernel::LogitRowsSlopes]
-                }
+                // That the two-kernel fallback stays idle is checked where tests take
+                // turns (trainer/tests/kernels.rs): here other tests launch it meanwhile.
+                "frozen_head_logprobs" => &[Kernel::LogitRowsSlopes],
                 "quant_matmul" | "quant_head_logprobs" => {
                     &[Kernel::QuantMatmul, Kernel::QuantMatmulBackward]
                 }

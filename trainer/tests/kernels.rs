@@ -265,3 +265,35 @@ fn run_sft(recipe: &Path, base: &Path, out: &Path, kernels: &str, extra: &[&str]
     );
     out.to_path_buf()
 }
+
+/// A frozen head on a Cube device: each chunk is one launch of the row kernel with its
+/// slopes written over the logits, and the two-kernel fallback (row statistics, then the
+/// gradient into a second buffer) never runs; the values match the reference.
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_frozen_heads_chunks_are_one_launch_on_wgpu() {
+    use burn::tensor::DType;
+    use kernels::selftest::Case;
+    let _turn = serial();
+    let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
+    for chunk in [8, 47] {
+        let report = Case::FrozenHead {
+            n: 47,
+            h: 24,
+            v: 123,
+            chunk,
+        }
+        .run(&device, DType::F32);
+        assert!(report.pass(), "{report}");
+        let launches = |k: Kernel| {
+            report
+                .kernels
+                .iter()
+                .find(|&&(kk, _)| kk == k)
+                .map_or(0, |&(_, n)| n)
+        };
+        assert!(launches(Kernel::LogitRowsSlopes) > 0, "{report}");
+        assert_eq!(launches(Kernel::LogitRows), 0, "{report}");
+        assert_eq!(launches(Kernel::LogitGrads), 0, "{report}");
+    }
+}
