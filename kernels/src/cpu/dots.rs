@@ -4,8 +4,8 @@
 //! Why: decoding multiplies a handful of rows by every weight, `x·Wᵀ` with `W` row-major,
 //! so each output is a dot product of two contiguous slices. `gemm`, the fallback where
 //! OpenBLAS is not installed, packs the weight slice before every such product: at batch 8
-//! that copy was 55–60 % of a decoding profile (BENCHMARKS.md). Reading each weight row once
-//! and keeping the few input rows in cache makes the step as cheap as streaming the weights.
+//! that copy was 55–60 % of a decoding profile (BENCHMARKS.md). Here each weight row is read
+//! once for all the rows, which stay in cache, and nothing is copied.
 //!
 //! Bits: each dot product sums 16 interleaved lanes (element `p` into lane `p mod 16`),
 //! then the lanes pairwise in a fixed tree, then the tail; plain multiplies and adds (no
