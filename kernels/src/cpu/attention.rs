@@ -350,10 +350,9 @@ mod tests {
 
     use crate::{fused, reference};
 
+    /// Deterministic values in [-1, 1), shared with the selftest.
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
-            .collect()
+        crate::selftest::values(n, seed as u64)
     }
 
     fn tensor4(shape: [usize; 4], seed: usize, device: &Device) -> Tensor<4> {

@@ -268,11 +268,9 @@ pub(crate) fn matmul_into(
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1).
+    /// Deterministic values in [-1, 1), shared with the selftest.
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
-            .collect()
+        crate::selftest::values(n, seed as u64)
     }
 
     /// `a·b` in f64 from row-major `a` `[m, k]` and `b` `[k, n]`.

@@ -208,10 +208,9 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    /// Deterministic values in [-1, 1), shared with the selftest.
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
-            .collect()
+        crate::selftest::values(n, seed as u64)
     }
 
     /// Against the product in f64, for `k` below, at and past the lanes, a padded `ld`, an

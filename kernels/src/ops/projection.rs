@@ -241,11 +241,9 @@ mod tests {
 
     use super::{Flex, matmul_transposed, project, split_columns};
 
-    /// Deterministic values in [-1, 1).
+    /// Deterministic values in [-1, 1), shared with the selftest.
     fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
-            .collect()
+        crate::selftest::values(n, seed as u64)
     }
 
     fn tensor(shape: [usize; 2], seed: usize, device: &Device) -> Tensor<2> {
