@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use checkpoints::WeightDtype;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use trainer::choices::AttentionChoice;
 
 #[derive(Parser)]
 #[command(
@@ -76,27 +77,10 @@ pub struct SelftestArgs {
     /// Also write one JSON object per case to this file, each as soon as it is done.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// How the GPU backends run attention, as `train.attention`: `blocked` checks the
-    /// matmul route at the same shapes.
-    #[arg(long, value_enum, default_value_t = AttentionArg::Auto)]
-    pub attention: AttentionArg,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AttentionArg {
-    Auto,
-    Flash,
-    Blocked,
-}
-
-impl From<AttentionArg> for kernels::AttentionPath {
-    fn from(a: AttentionArg) -> Self {
-        match a {
-            AttentionArg::Auto => Self::Auto,
-            AttentionArg::Flash => Self::Flash,
-            AttentionArg::Blocked => Self::Blocked,
-        }
-    }
+    /// How the GPU backends run attention (auto, flash or blocked), as `train.attention`:
+    /// `blocked` checks the matmul route at the same shapes.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| AttentionChoice::try_from(s.to_string()))]
+    pub attention: AttentionChoice,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
