@@ -10,8 +10,8 @@ use burn::backend::{
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, FloatDType, Tensor};
 
-use super::f32_of;
 use super::node::{Backprop, all_kept, on_inner, record};
+use super::{cast_to, f32_of};
 use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
@@ -140,6 +140,9 @@ pub trait AttentionOps: Backend {
     }
 }
 
+/// The CPU kernels work in f32: half-precision inputs are widened on the way in and the
+/// results rounded back, so a half run keeps the f32 kernels' speed and gets at least the
+/// products' precision a GPU gives it.
 impl AttentionOps for Flex {
     fn grouped_attention(
         q: FlexTensor,
@@ -148,10 +151,13 @@ impl AttentionOps for Flex {
         masked: FlexTensor,
         block: usize,
     ) -> (FlexTensor, FlexTensor) {
-        match cpu::attention::forward(&q, &k, &v, &masked, block) {
+        let dtype: FloatDType = q.dtype().into();
+        let [q, k, v] = [q, k, v].map(f32_of::<Self>);
+        let (out, stats) = match cpu::attention::forward(&q, &k, &v, &masked, block) {
             Some(done) => done,
             None => blocked_attention::<Self>(q, k, v, masked, block),
-        }
+        };
+        (cast_to::<Self>(out, dtype), stats)
     }
 
     fn grouped_attention_backward(
@@ -164,10 +170,17 @@ impl AttentionOps for Flex {
         grad: FlexTensor,
         block: usize,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        match cpu::attention::backward(&q, &k, &v, &masked, &out, &stats, &grad, block) {
-            Some(done) => done,
-            None => blocked_attention_backward::<Self>(q, k, v, masked, out, stats, grad, block),
-        }
+        let dtype: FloatDType = q.dtype().into();
+        let [q, k, v, out, grad] = [q, k, v, out, grad].map(f32_of::<Self>);
+        let (dq, dk, dv) =
+            match cpu::attention::backward(&q, &k, &v, &masked, &out, &stats, &grad, block) {
+                Some(done) => done,
+                None => {
+                    blocked_attention_backward::<Self>(q, k, v, masked, out, stats, grad, block)
+                }
+            };
+        let [dq, dk, dv] = [dq, dk, dv].map(|x| cast_to::<Self>(x, dtype));
+        (dq, dk, dv)
     }
 }
 
@@ -380,8 +393,14 @@ pub(crate) fn blocked_attention_backward<B: Backend>(
     // Once, not per block: each block slices its rows from these views.
     let grad = B::float_reshape(grad, [g.b, g.hkv, g.g, g.t, g.d].into());
     let out = B::float_reshape(out, [g.b, g.hkv, g.g, g.t, g.d].into());
-    let k32 = f32_of::<B>(k.clone());
-    let v32 = f32_of::<B>(v.clone());
+    // The four products take the inputs' dtype (tensor cores under bf16, as in the
+    // forward); what they make, and every sum across blocks, is f32.
+    let product = |a: FloatTensor<B>, b: FloatTensor<B>| {
+        f32_of::<B>(B::float_matmul(
+            cast_to::<B>(a, dtype),
+            cast_to::<B>(b, dtype),
+        ))
+    };
     let mut dqs = Vec::new();
     let (mut dk, mut dv): (Option<FloatTensor<B>>, Option<FloatTensor<B>>) = (None, None);
     let add = |acc: Option<FloatTensor<B>>, x: FloatTensor<B>| match acc {
@@ -407,16 +426,16 @@ pub(crate) fn blocked_attention_backward<B: Backend>(
         };
         let p = B::float_div(B::float_exp(B::float_sub(scores, last(0))), last(1));
         let p = B::float_reshape(p, g.stacked(len, g.s));
-        let d_out = f32_of::<B>(g.rows_of(&grad, t0, len));
+        let d_out = g.rows_of(&grad, t0, len);
         let o = f32_of::<B>(g.rows_of(&out, t0, len));
-        let delta = B::float_sum_dim(B::float_mul(d_out.clone(), o), 4);
+        let delta = B::float_sum_dim(B::float_mul(f32_of::<B>(d_out.clone()), o), 4);
         let d_out = B::float_reshape(d_out, g.stacked(len, g.d));
         let delta = B::float_reshape(delta, g.stacked(len, 1));
         dv = Some(add(
             dv,
-            B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), d_out.clone()),
+            product(B::float_swap_dims(p.clone(), 2, 3), d_out.clone()),
         ));
-        let dp = B::float_matmul(d_out, B::float_swap_dims(v32.clone(), 2, 3));
+        let dp = product(d_out, B::float_swap_dims(v.clone(), 2, 3));
         // Masked scores are constants: no gradient reaches them (nor q and k through
         // them), even in a row where every key is masked and P is uniform.
         let ds = B::float_mul(p, B::float_sub(dp, delta));
@@ -426,15 +445,12 @@ pub(crate) fn blocked_attention_backward<B: Backend>(
             0.0f32.into(),
         );
         let ds = B::float_reshape(ds, g.stacked(len, g.s));
-        let dq = B::float_mul_scalar(B::float_matmul(ds.clone(), k32.clone()), scale.into());
+        let dq = B::float_mul_scalar(product(ds.clone(), k.clone()), scale.into());
         dqs.push(B::float_reshape(dq, g.split(len, g.d)));
-        let q32 = f32_of::<B>(B::float_reshape(qb, g.stacked(len, g.d)));
+        let qb = B::float_reshape(qb, g.stacked(len, g.d));
         dk = Some(add(
             dk,
-            B::float_mul_scalar(
-                B::float_matmul(B::float_swap_dims(ds, 2, 3), q32),
-                scale.into(),
-            ),
+            B::float_mul_scalar(product(B::float_swap_dims(ds, 2, 3), qb), scale.into()),
         ));
     }
     let dq = B::float_reshape(B::float_cat(dqs, 3), [g.b, g.h, g.t, g.d].into());
@@ -445,4 +461,70 @@ pub(crate) fn blocked_attention_backward<B: Backend>(
         B::float_cast(dk.unwrap_or_else(zeros), dtype),
         B::float_cast(dv.unwrap_or_else(zeros), dtype),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Bool, DType, Device, Tensor, TensorData};
+
+    use super::{blocked_attention, blocked_attention_backward};
+    use crate::selftest::{compare, host, tensor, values};
+    use burn::backend::Dispatch;
+
+    /// The blocked twin (a GPU's `train.attention = "blocked"` route) in `dtype`, over
+    /// three blocks with GQA and a causal, padded mask: `[out, dq, dk, dv]` and their
+    /// dtypes.
+    fn twin(dtype: DType) -> (Vec<Vec<f32>>, Vec<DType>) {
+        let (b, h, hkv, t, d, block) = (2, 4, 2, 40, 16, 16);
+        let device = Device::flex();
+        let q = tensor(&values(b * h * t * d, 1), [b, h, t, d], &device, dtype);
+        let k = tensor(&values(b * hkv * t * d, 2), [b, hkv, t, d], &device, dtype);
+        let v = tensor(&values(b * hkv * t * d, 3), [b, hkv, t, d], &device, dtype);
+        let grad = tensor(&values(b * h * t * d, 4), [b, h, t, d], &device, dtype);
+        let masked: Vec<bool> = (0..b * t * t)
+            .map(|n| {
+                let (bi, i, j) = (n / (t * t), (n / t) % t, n % t);
+                j > i || (bi == 1 && j < 5)
+            })
+            .collect();
+        let mask = Tensor::<4, Bool>::from_data(TensorData::new(masked, [b, 1, t, t]), &device);
+        let (out, stats) = blocked_attention::<Dispatch>(
+            q.clone().into_dispatch(),
+            k.clone().into_dispatch(),
+            v.clone().into_dispatch(),
+            mask.clone().into_dispatch(),
+            block,
+        );
+        let (dq, dk, dv) = blocked_attention_backward::<Dispatch>(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            mask.into_dispatch(),
+            out.clone(),
+            stats,
+            grad.into_dispatch(),
+            block,
+        );
+        [out, dq, dk, dv]
+            .map(Tensor::<4>::from_dispatch)
+            .into_iter()
+            .map(|t| (host(t.clone()), t.dtype()))
+            .unzip()
+    }
+
+    /// In bf16 the twin's products take bf16 (tensor cores on a GPU) while its softmax and
+    /// cross-block sums stay f32: output and gradients come back bf16, within bf16's
+    /// tolerance of the f32 twin.
+    #[test]
+    fn the_blocked_twin_in_bf16_follows_the_f32_twin() {
+        let (want, dtypes) = twin(DType::F32);
+        assert_eq!(dtypes, vec![DType::F32; 4]);
+        let (got, dtypes) = twin(DType::BF16);
+        assert_eq!(dtypes, vec![DType::BF16; 4]);
+        for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+            let c = compare(name, &got[i], &want[i], DType::BF16);
+            assert!(c.pass(), "{c}");
+            assert!(c.max_abs > 0.0, "{name}: bf16 changed nothing");
+        }
+    }
 }

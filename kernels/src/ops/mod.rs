@@ -57,7 +57,17 @@ impl<B> FusedOps for B where
 }
 
 fn f32_of<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
-    B::float_cast(x, FloatDType::F32)
+    cast_to::<B>(x, FloatDType::F32)
+}
+
+/// `x` in `dtype`, with no op recorded when it already is (a fusing backend would
+/// otherwise keep a copy in its graph).
+fn cast_to<B: Backend>(x: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
+    if x.dtype() == dtype.into() {
+        x
+    } else {
+        B::float_cast(x, dtype)
+    }
 }
 
 /// `[C]` → `[1, C]`, to broadcast over rows.

@@ -24,8 +24,43 @@ pub struct LayerCache {
 }
 
 impl Attention {
+    /// Queries `[B, H, T, D]` and keys, values `[B, Hkv, T, D]` of `x` `[B, T, hidden]`, in
+    /// the activations' dtype, as SDPA takes them under mixed precision: attention's
+    /// products run in it (tensor cores on a GPU), its softmax and sums in f32, and the
+    /// backward keeps half the bytes. Rotary positions run in f32.
+    fn qkv(&self, x: Tensor<3>, cos: Tensor<3>, sin: Tensor<3>) -> [Tensor<4>; 3] {
+        let [b, t, _] = x.dims();
+        let dtype = x.dtype();
+        let heads = |proj: &Linear, n: usize| {
+            proj.forward(x.clone())
+                .reshape([b, t, n, self.head_dim])
+                .swap_dims(1, 2)
+        };
+        let rotated = |proj: &Linear, n: usize| {
+            to(
+                kernels::rotary(f32(heads(proj, n)), cos.clone(), sin.clone()),
+                dtype,
+            )
+        };
+        [
+            rotated(&self.q_proj, self.num_heads),
+            rotated(&self.k_proj, self.num_kv_heads),
+            to(heads(&self.v_proj, self.num_kv_heads), dtype),
+        ]
+    }
+
+    /// `[B, H, T, D]` back to `[B, T, hidden]` through the output projection.
+    fn project_out(&self, out: Tensor<4>) -> Tensor<3> {
+        let [b, _, t, _] = out.dims();
+        self.o_proj.forward(
+            out.swap_dims(1, 2)
+                .reshape([b, t, self.num_heads * self.head_dim]),
+        )
+    }
+
     /// One generation step: `x` holds the new tokens `[B, n, hidden]`; their keys and values
-    /// are appended to `cache`, and `masked` is `[B, 1, n, S_total]`.
+    /// are appended to `cache` (kept in the activations' dtype), and `masked` is
+    /// `[B, 1, n, S_total]`.
     pub fn forward_cached(
         &self,
         x: Tensor<3>,
@@ -34,30 +69,13 @@ impl Attention {
         masked: Tensor<4, Bool>,
         cache: Option<LayerCache>,
     ) -> (Tensor<3>, LayerCache) {
-        let [b, t, _] = x.dims();
-        let dtype = x.dtype();
-        // Rotary positions and the softmax run in f32 (so does the cache).
-        let heads = |proj: &Linear, n: usize| {
-            f32(proj.forward(x.clone()))
-                .reshape([b, t, n, self.head_dim])
-                .swap_dims(1, 2)
-        };
-        let q = kernels::rotary(
-            heads(&self.q_proj, self.num_heads),
-            cos.clone(),
-            sin.clone(),
-        );
-        let k = kernels::rotary(heads(&self.k_proj, self.num_kv_heads), cos, sin);
-        let v = heads(&self.v_proj, self.num_kv_heads);
+        let [q, k, v] = self.qkv(x, cos, sin);
         let (k, v) = match cache {
             Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
             None => (k, v),
         };
         let out = kernels::attention(q, k.clone(), v.clone(), masked);
-        let out = out
-            .swap_dims(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim]);
-        (self.o_proj.forward(to(out, dtype)), LayerCache { k, v })
+        (self.project_out(out), LayerCache { k, v })
     }
 
     /// `x`: `[B, T, hidden]`; `cos`, `sin`: `[B, T, head_dim]`; `masked`: `[B, 1, T, T]`.
@@ -68,23 +86,7 @@ impl Attention {
         sin: Tensor<3>,
         masked: Tensor<4, Bool>,
     ) -> Tensor<3> {
-        let [b, t, _] = x.dims();
-        let dtype = x.dtype();
-        // Rotary positions and the softmax run in f32.
-        let heads = |proj: &Linear, n: usize| {
-            f32(proj.forward(x.clone()))
-                .reshape([b, t, n, self.head_dim])
-                .swap_dims(1, 2)
-        };
-        let q = heads(&self.q_proj, self.num_heads);
-        let k = heads(&self.k_proj, self.num_kv_heads);
-        let v = heads(&self.v_proj, self.num_kv_heads);
-        let q = kernels::rotary(q, cos.clone(), sin.clone());
-        let k = kernels::rotary(k, cos, sin);
-        let out = kernels::attention(q, k, v, masked);
-        let out = out
-            .swap_dims(1, 2)
-            .reshape([b, t, self.num_heads * self.head_dim]);
-        self.o_proj.forward(to(out, dtype))
+        let [q, k, v] = self.qkv(x, cos, sin);
+        self.project_out(kernels::attention(q, k, v, masked))
     }
 }
