@@ -711,8 +711,9 @@ fn rotary(
             }
         }
     }
-    let cos = tensor(&cv, [b, t, d], device, dtype);
-    let sin = tensor(&sv, [b, t, d], device, dtype);
+    // f32 tables, as the model makes them, whatever `x`'s dtype.
+    let cos = tensor(&cv, [b, t, d], device, DType::F32);
+    let sin = tensor(&sv, [b, t, d], device, DType::F32);
     let y = if fused_path {
         fused::rotary(x.clone(), cos, sin)
     } else {

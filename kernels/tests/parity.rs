@@ -147,15 +147,17 @@ fn attention_matches_reference_on_flex() {
     attention_parity(&device, DType::F32, (64, 4, 17, 3), &[5, 4, 64]);
 }
 
-/// RoPE on `[2, 3, 11, 64]` with per-row tables: output and `dx`.
+/// RoPE on `[2, 3, 11, 64]` with per-row f32 tables: output and `dx`.
 fn rotary_parity(device: &Device, dtype: DType) {
     let (b, h, t, d) = (2, 3, 11, 64);
     check(Case::Rotary { b, h, t, d }, device, dtype);
 }
 
+/// In bf16 too: half-precision heads rotate by f32 tables (as the model passes them).
 #[test]
 fn rotary_matches_reference_on_flex() {
     rotary_parity(&Device::flex().autodiff(), DType::F32);
+    rotary_parity(&Device::flex().autodiff(), DType::BF16);
 }
 
 #[test]

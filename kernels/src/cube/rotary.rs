@@ -6,7 +6,7 @@ use burn::backend::TensorMetadata;
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::tensor::FloatTensor;
 use burn_cubecl::CubeBackend;
-use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::{cast, into_contiguous};
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
@@ -20,15 +20,16 @@ const THREADS: u32 = 256;
 
 /// `backward = false`: `out_i = x_i·cos_i ∓ x_partner·sin_i` (− in the first half);
 /// `backward = true`: `dx_i = g_i·cos_i ± g_partner·sin_partner` (+ in the first half),
-/// the transpose of the rotation.
+/// the transpose of the rotation. `x` and the output are `F` (bf16 under mixed precision),
+/// the tables `T` (f32 as the model makes them); the products are f32 either way.
 #[cube(launch)]
-fn rotary_kernel<F: Float>(
+fn rotary_kernel<F: Float, T: Float>(
     x: &Tensor<F>,
-    cos: &Tensor<F>,
-    sin: &Tensor<F>,
+    cos: &Tensor<T>,
+    sin: &Tensor<T>,
     output: &mut Tensor<F>,
     #[comptime] backward: bool,
-    #[define(F)] _dtype: ElemType,
+    #[define(F, T)] _dtypes: [ElemType; 2],
 ) {
     let (heads, tokens, dim) = (x.shape(1), x.shape(2), x.shape(3));
     let i = ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X) as usize;
@@ -90,10 +91,12 @@ impl RotaryOps for CubeBackend {
 }
 
 fn apply(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, backward: bool) -> CubeTensor {
-    let x = into_contiguous(x);
+    // The kernel indexes `x` through its strides, so the heads' swapped layout is read
+    // in place rather than copied first.
     let cos = into_contiguous(cos);
-    let sin = into_contiguous(sin);
+    let sin = into_contiguous(cast(sin, cos.dtype));
     let dtype = x.dtype;
+    let table_dtype = cos.dtype;
     let n = x.shape().num_elements();
     let output = empty_device_dtype(x.client.clone(), x.device.clone(), x.shape(), dtype);
     if n == 0 {
@@ -108,7 +111,10 @@ fn apply(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, backward: bool) -> Cub
         sin.into_tensor_arg(),
         output.clone().into_tensor_arg(),
         backward,
-        dtype_to_storage_type(dtype),
+        [
+            dtype_to_storage_type(dtype),
+            dtype_to_storage_type(table_dtype),
+        ],
     );
     output
 }

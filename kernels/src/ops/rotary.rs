@@ -4,9 +4,10 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, Slice, TensorMetadata, backend_extension};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, FloatDType, Tensor};
 
 use super::node::{Backprop, on_inner, record};
+use super::{cast_to, f32_of};
 use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
@@ -23,14 +24,19 @@ pub fn rotary(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
 
 /// Rotary position embedding in the "rotate half" layout of Hugging Face checkpoints.
 ///
-/// `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`, already laid out as `cat(freqs, freqs)`.
+/// `x`: `[B, H, T, D]` in any float dtype; `cos`, `sin`: `[B, T, D]`, already laid out as
+/// `cat(freqs, freqs)`, f32 or `x`'s dtype. Computed in f32 and returned in `x`'s dtype, so
+/// half-precision heads rotate without rounding the tables or the products.
 pub fn reference(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
     let [_, _, _, d] = x.dims();
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.unsqueeze_dim(1) + rotated * sin.unsqueeze_dim(1)
+    let table = |c: Tensor<3>| c.cast(DType::F32).unsqueeze_dim(1);
+    (x * table(cos) + rotated * table(sin)).cast(dtype)
 }
 
 /// Fused [`reference`]. `x`: `[B, H, T, D]`; `cos`, `sin`: `[B, T, D]`.
@@ -50,7 +56,7 @@ pub trait RotaryOps: Backend {
     /// Rotary position embedding in the "rotate half" layout of Hugging Face checkpoints:
     /// `x·cos + rotate_half(x)·sin`, with `rotate_half([x₁, x₂]) = [−x₂, x₁]`. Any RoPE
     /// scaling (linear, llama3) is already in the tables. `x`: `[B, H, T, D]`; `cos`, `sin`:
-    /// `[B, T, D]`.
+    /// `[B, T, D]`, f32 or `x`'s dtype. Computed in f32, returned in `x`'s dtype.
     #[fusion(dtype = x, shape = x)]
     fn rotary(
         x: FloatTensor<Self>,
@@ -73,15 +79,28 @@ pub trait RotaryOps: Backend {
     }
 }
 
+/// The CPU kernel works in f32: a half-precision `x` is widened on the way in and the
+/// result rounded back once.
 impl RotaryOps for Flex {
     fn rotary(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
-        cpu::rows::rotary(&x, &cos, &sin, false).unwrap_or_else(|| rotary_twin::<Self>(x, cos, sin))
+        widened(x, |x| {
+            cpu::rows::rotary(&x, &cos, &sin, false)
+                .unwrap_or_else(|| rotary_twin::<Self>(x, cos, sin))
+        })
     }
 
     fn rotary_backward(grad: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
-        cpu::rows::rotary(&grad, &cos, &sin, true)
-            .unwrap_or_else(|| rotary_backward_twin::<Self>(grad, cos, sin))
+        widened(grad, |grad| {
+            cpu::rows::rotary(&grad, &cos, &sin, true)
+                .unwrap_or_else(|| rotary_backward_twin::<Self>(grad, cos, sin))
+        })
     }
+}
+
+/// `f(x in f32)`, in `x`'s dtype.
+fn widened(x: FlexTensor, f: impl FnOnce(FlexTensor) -> FlexTensor) -> FlexTensor {
+    let dtype: FloatDType = x.dtype().into();
+    cast_to::<Flex>(f(f32_of::<Flex>(x)), dtype)
 }
 
 impl<B: RotaryOps, C: CheckpointStrategy> RotaryOps for Autodiff<B, C> {
@@ -147,31 +166,35 @@ fn rotate_half<B: Backend>(x: FloatTensor<B>, transpose: bool) -> FloatTensor<B>
     }
 }
 
-/// The portable [`rotary`], on the backend's ops (what flex falls back to).
-#[allow(clippy::too_many_arguments)]
+/// The portable [`rotary`], on the backend's ops in f32 (what flex falls back to).
 fn rotary_twin<B: Backend>(
     x: FloatTensor<B>,
     cos: FloatTensor<B>,
     sin: FloatTensor<B>,
 ) -> FloatTensor<B> {
     let [b, _, t, d] = x.shape().dims::<4>();
-    let table = |c: FloatTensor<B>| B::float_reshape(c, [b, 1, t, d].into());
+    let dtype: FloatDType = x.dtype().into();
+    let x = f32_of::<B>(x);
+    let table = |c: FloatTensor<B>| B::float_reshape(f32_of::<B>(c), [b, 1, t, d].into());
     let rotated = rotate_half::<B>(x.clone(), false);
-    B::float_add(
+    let y = B::float_add(
         B::float_mul(x, table(cos)),
         B::float_mul(rotated, table(sin)),
-    )
+    );
+    cast_to::<B>(y, dtype)
 }
 
-/// The portable [`rotary_backward`], on the backend's ops (what flex falls back to).
-#[allow(clippy::too_many_arguments)]
+/// The portable [`rotary_backward`], on the backend's ops in f32 (what flex falls back to).
 fn rotary_backward_twin<B: Backend>(
     grad: FloatTensor<B>,
     cos: FloatTensor<B>,
     sin: FloatTensor<B>,
 ) -> FloatTensor<B> {
     let [b, _, t, d] = grad.shape().dims::<4>();
-    let table = |c: FloatTensor<B>| B::float_reshape(c, [b, 1, t, d].into());
+    let dtype: FloatDType = grad.dtype().into();
+    let grad = f32_of::<B>(grad);
+    let table = |c: FloatTensor<B>| B::float_reshape(f32_of::<B>(c), [b, 1, t, d].into());
     let gs = B::float_mul(grad.clone(), table(sin));
-    B::float_add(B::float_mul(grad, table(cos)), rotate_half::<B>(gs, true))
+    let dx = B::float_add(B::float_mul(grad, table(cos)), rotate_half::<B>(gs, true));
+    cast_to::<B>(dx, dtype)
 }

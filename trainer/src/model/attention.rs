@@ -2,7 +2,7 @@ use burn::module::Module;
 use burn::tensor::{Bool, Tensor};
 
 use super::linear::Linear;
-use super::precision::{f32, to};
+use super::precision::to;
 
 /// Multi-head self-attention with grouped key/value heads and rotary positions.
 #[derive(Module, Debug)]
@@ -27,7 +27,7 @@ impl Attention {
     /// Queries `[B, H, T, D]` and keys, values `[B, Hkv, T, D]` of `x` `[B, T, hidden]`, in
     /// the activations' dtype, as SDPA takes them under mixed precision: attention's
     /// products run in it (tensor cores on a GPU), its softmax and sums in f32, and the
-    /// backward keeps half the bytes. Rotary positions run in f32.
+    /// backward keeps half the bytes. Rotary positions compute in f32, from f32 tables.
     fn qkv(&self, x: Tensor<3>, cos: Tensor<3>, sin: Tensor<3>) -> [Tensor<4>; 3] {
         let [b, t, _] = x.dims();
         let dtype = x.dtype();
@@ -36,12 +36,8 @@ impl Attention {
                 .reshape([b, t, n, self.head_dim])
                 .swap_dims(1, 2)
         };
-        let rotated = |proj: &Linear, n: usize| {
-            to(
-                kernels::rotary(f32(heads(proj, n)), cos.clone(), sin.clone()),
-                dtype,
-            )
-        };
+        let rotated =
+            |proj: &Linear, n: usize| kernels::rotary(heads(proj, n), cos.clone(), sin.clone());
         [
             rotated(&self.q_proj, self.num_heads),
             rotated(&self.k_proj, self.num_kv_heads),
