@@ -266,9 +266,10 @@ fn run_sft(recipe: &Path, base: &Path, out: &Path, kernels: &str, extra: &[&str]
     out.to_path_buf()
 }
 
-/// A frozen head on a Cube device: each chunk is one launch of the row kernel with its
-/// slopes written over the logits, and the two-kernel fallback (row statistics, then the
-/// gradient into a second buffer) never runs; the values match the reference.
+/// A frozen head on a Cube device, dense or quantized (QLoRA with
+/// `model.quantize_embeddings`): each chunk is one launch of the row kernel with its slopes
+/// written over the logits, and the two-kernel fallback (row statistics, then the gradient
+/// into a second buffer) never runs; the values match the reference.
 #[cfg(feature = "wgpu")]
 #[test]
 fn a_frozen_heads_chunks_are_one_launch_on_wgpu() {
@@ -276,14 +277,21 @@ fn a_frozen_heads_chunks_are_one_launch_on_wgpu() {
     use kernels::selftest::Case;
     let _turn = serial();
     let device = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice).autodiff();
-    for chunk in [8, 47] {
-        let report = Case::FrozenHead {
-            n: 47,
-            h: 24,
-            v: 123,
-            chunk,
-        }
-        .run(&device, DType::F32);
+    let (n, h, v) = (47, 64, 123);
+    let cases = [8, 47].into_iter().flat_map(|chunk| {
+        [
+            Case::FrozenHead { n, h, v, chunk },
+            Case::QuantHead {
+                n,
+                h,
+                v,
+                chunk,
+                bits: 4,
+            },
+        ]
+    });
+    for case in cases {
+        let report = case.run(&device, DType::F32);
         assert!(report.pass(), "{report}");
         let launches = |k: Kernel| {
             report

@@ -201,34 +201,33 @@ fn quantized_logprobs(
     let [n, _] = hidden.dims();
     let chunk = chunk.max(1);
     let tracked = hidden.is_tracked();
+    let autodiff = hidden.is_autodiff();
     let rows = hidden.clone().detach();
     let (mut lps, mut hits, mut grads) = (Vec::new(), Vec::new(), Vec::new());
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let logits = weight.matmul(rows.clone().narrow(0, start, len).cast(DType::F32));
-        let target = targets.clone().narrow(0, start, len).reshape([len, 1]);
-        let max = logits.clone().max_dim(1);
-        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let picked = logits.clone().gather(1, target.clone());
-        lps.push((picked - lse.clone()).reshape([len]));
-        hits.push(
-            logits
-                .clone()
-                .argmax(1)
-                .equal(target.clone())
-                .int()
-                .reshape([len]),
-        );
-        if tracked {
-            let p = (logits - lse).exp();
-            let onehot = Tensor::<2>::zeros(p.dims(), &p.device()).scatter(
-                1,
-                target,
-                Tensor::ones([len, 1], &p.device()),
-                IndexingUpdateOp::Add,
-            );
-            grads.push(weight.input_grad(onehot - p));
-        }
+        // Constants to the graph: the backend's row kernels (one pass on the CPU, one
+        // launch on a GPU) run on them directly, and the gradient joins below.
+        let logits = weight
+            .matmul(rows.clone().narrow(0, start, len).cast(DType::F32))
+            .without_autodiff()
+            .into_dispatch();
+        let target = targets
+            .clone()
+            .narrow(0, start, len)
+            .without_autodiff()
+            .into_dispatch();
+        let (lp, hit) = if tracked {
+            let (lp, _lse, hit, slope) = Dispatch::logit_rows_slopes(logits, target);
+            grads.push(weight.input_grad(Tensor::<2>::from_dispatch(slope)));
+            (lp, hit)
+        } else {
+            let (lp, _lse, hit) = Dispatch::logit_rows(logits, target);
+            (lp, hit)
+        };
+        let graph = |t: Tensor<1>| if autodiff { t.autodiff() } else { t };
+        lps.push(graph(Tensor::<1>::from_dispatch(lp)));
+        hits.push(graph(Tensor::<1>::from_dispatch(hit)).int());
     }
     if lps.is_empty() {
         let device = hidden.device();
