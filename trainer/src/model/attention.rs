@@ -31,8 +31,10 @@ impl Attention {
     fn qkv(&self, x: Tensor<3>, cos: Tensor<3>, sin: Tensor<3>) -> [Tensor<4>; 3] {
         let [b, t, _] = x.dims();
         let dtype = x.dtype();
+        // `to` is a no-op where a projection already answers in `dtype`; it keeps the
+        // three in one dtype whatever a projection's weights are stored in.
         let heads = |proj: &Linear, n: usize| {
-            proj.forward(x.clone())
+            to(proj.forward(x.clone()), dtype)
                 .reshape([b, t, n, self.head_dim])
                 .swap_dims(1, 2)
         };
@@ -41,7 +43,7 @@ impl Attention {
         [
             rotated(&self.q_proj, self.num_heads),
             rotated(&self.k_proj, self.num_kv_heads),
-            to(heads(&self.v_proj, self.num_kv_heads), dtype),
+            heads(&self.v_proj, self.num_kv_heads),
         ]
     }
 
