@@ -257,7 +257,7 @@ pub(crate) fn blocked_attention<B: Backend>(
         let e = B::float_exp(B::float_sub(scores, max.clone()));
         let sum = B::float_sum_dim(e.clone(), 4);
         let p = B::float_div(e, sum.clone());
-        let p = B::float_reshape(B::float_cast(p, dtype), g.stacked(len, g.s));
+        let p = B::float_reshape(cast_to::<B>(p, dtype), g.stacked(len, g.s));
         let out = B::float_matmul(p, v.clone());
         outs.push(B::float_reshape(out, g.split(len, g.d)));
         stats.push(B::float_cat(vec![max, sum], 4));
@@ -457,9 +457,9 @@ pub(crate) fn blocked_attention_backward<B: Backend>(
     let kv_shape = k.shape();
     let zeros = || B::float_zeros(kv_shape.clone(), &k.device(), FloatDType::F32);
     (
-        B::float_cast(dq, dtype),
-        B::float_cast(dk.unwrap_or_else(zeros), dtype),
-        B::float_cast(dv.unwrap_or_else(zeros), dtype),
+        cast_to::<B>(dq, dtype),
+        cast_to::<B>(dk.unwrap_or_else(zeros), dtype),
+        cast_to::<B>(dv.unwrap_or_else(zeros), dtype),
     )
 }
 

@@ -11,10 +11,10 @@ use burn::backend::{
 };
 use burn::tensor::{DType, FloatDType, IndexingUpdateOp, Int, Tensor};
 
-use super::f32_of;
 use super::node::{Backprop, all_kept, on_inner, record};
 use super::projection::Products;
 use super::quant_matmul::QuantMatrix;
+use super::{cast_to, f32_of};
 use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
@@ -201,7 +201,14 @@ fn quantized_logprobs(
     let [n, _] = hidden.dims();
     let chunk = chunk.max(1);
     let tracked = hidden.is_tracked();
-    let autodiff = hidden.is_autodiff();
+    // The rows' results rejoin the graph the hidden rows came from.
+    let graph = |t: Tensor<1>| {
+        if hidden.is_autodiff() {
+            t.autodiff()
+        } else {
+            t
+        }
+    };
     let rows = hidden.clone().detach();
     let (mut lps, mut hits, mut grads) = (Vec::new(), Vec::new(), Vec::new());
     for start in (0..n).step_by(chunk) {
@@ -225,7 +232,6 @@ fn quantized_logprobs(
             let (lp, _lse, hit) = Dispatch::logit_rows(logits, target);
             (lp, hit)
         };
-        let graph = |t: Tensor<1>| if autodiff { t.autodiff() } else { t };
         lps.push(graph(Tensor::<1>::from_dispatch(lp)));
         hits.push(graph(Tensor::<1>::from_dispatch(hit)).int());
     }
@@ -601,7 +607,7 @@ impl<B: LogprobOps> Backprop<B, 1> for FrozenHead {
         let dtype: FloatDType = slope.dtype().into();
         let g = B::float_reshape(f32_of::<B>(grad), [n, 1].into());
         let dh = B::float_mul(f32_of::<B>(slope), g);
-        [Some(B::float_cast(dh, dtype))]
+        [Some(cast_to::<B>(dh, dtype))]
     }
 }
 
@@ -640,15 +646,15 @@ fn logprob_grads<B: LogprobOps>(
         let rows = B::float_slice(hidden.clone(), &range());
         let t = B::int_slice(targets.clone(), &range());
         let logits = f32_of::<B>((products.xwt)(
-            B::float_cast(rows.clone(), w_dtype),
+            cast_to::<B>(rows.clone(), w_dtype),
             weight.clone(),
         ));
         let lse_c = B::float_slice(lse.clone(), &range());
         let g = f32_of::<B>(B::float_slice(grad.clone(), &range()));
         let d_logits = B::logit_grads(logits, t, lse_c, g);
         // In the head's dtype, as the forward (autocast's rule for a half-precision head).
-        let d_rows = (products.gw)(B::float_cast(d_logits.clone(), w_dtype), weight.clone());
-        dh.push(B::float_cast(d_rows, h_dtype));
+        let d_rows = (products.gw)(cast_to::<B>(d_logits.clone(), w_dtype), weight.clone());
+        dh.push(cast_to::<B>(d_rows, h_dtype));
         if weight_grad {
             let part = (products.gtx)(d_logits, f32_of::<B>(rows));
             dw = Some(match dw {
@@ -667,7 +673,7 @@ fn logprob_grads<B: LogprobOps>(
             let [v, _] = weight.shape().dims::<2>();
             B::float_zeros([v, h].into(), &device, FloatDType::F32)
         });
-        B::float_cast(dw, w_dtype)
+        cast_to::<B>(dw, w_dtype)
     });
     (dh, dw)
 }
@@ -757,14 +763,14 @@ fn linear_logprob_chunks<B: LogprobOps>(
         let rows = B::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
         // In the head's dtype, a chunk of rows cast at a time: a half-precision head is
         // never widened whole.
-        let rows = B::float_cast(rows, w_dtype);
+        let rows = cast_to::<B>(rows, w_dtype);
         let t = B::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
         let logits = f32_of::<B>((products.xwt)(rows, weight.clone()));
         let (lp, lse, hit) = if slopes {
             let (lp, lse, hit, d) = B::logit_rows_slopes(logits, t);
             // In the head's dtype, as the backward's `dh` (autocast's rule).
-            let s = (products.gw)(B::float_cast(d, w_dtype), weight.clone());
-            slope.push(B::float_cast(s, h_dtype));
+            let s = (products.gw)(cast_to::<B>(d, w_dtype), weight.clone());
+            slope.push(cast_to::<B>(s, h_dtype));
             (lp, lse, hit)
         } else {
             B::logit_rows(logits, t)

@@ -7,6 +7,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{FloatDType, Tensor};
 
+use super::cast_to;
 use super::node::{Backprop, on_inner, record};
 use crate::cpu;
 use crate::launches::Op;
@@ -175,7 +176,7 @@ fn lora_up_twin<B: Backend>(
     let dtype: FloatDType = base.dtype().into();
     let delta = B::float_matmul(down, B::float_transpose(b));
     let delta = B::float_mul_scalar(delta, scale.into());
-    B::float_add(base, B::float_cast(delta, dtype))
+    B::float_add(base, cast_to::<B>(delta, dtype))
 }
 
 /// The portable [`LoraOps::lora_up_backward`], on the backend's ops.
@@ -186,7 +187,7 @@ fn lora_up_backward_twin<B: Backend>(
     scale: f32,
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let dtype: FloatDType = down.dtype().into();
-    let g = B::float_mul_scalar(B::float_cast(grad, dtype), scale.into());
+    let g = B::float_mul_scalar(cast_to::<B>(grad, dtype), scale.into());
     let d_down = B::float_matmul(g.clone(), b);
     let d_b = B::float_matmul(B::float_transpose(g), down);
     (d_down, d_b)

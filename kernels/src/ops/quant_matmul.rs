@@ -19,6 +19,7 @@ use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{DType, FloatDType, Int, Shape, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::cast_to;
 use super::node::{Backprop, on_inner, record};
 
 /// Weight rows dequantized per forward tile on flex.
@@ -266,9 +267,9 @@ pub trait QuantMatmulOps: Backend {
     ) -> FloatTensor<Self> {
         let dtype: FloatDType = x.dtype().into();
         let w = dequantize_twin::<Self>(packed, scales, code, bits, block);
-        let x = Self::float_cast(x, FloatDType::F32);
+        let x = cast_to::<Self>(x, FloatDType::F32);
         let y = Self::float_matmul(x, Self::float_transpose(w));
-        Self::float_cast(y, dtype)
+        cast_to::<Self>(y, dtype)
     }
 
     /// The input's gradient `g·W`: `g` `[M, N]` → `[M, K]` in `g`'s dtype.
@@ -283,8 +284,8 @@ pub trait QuantMatmulOps: Backend {
     ) -> FloatTensor<Self> {
         let dtype: FloatDType = grad.dtype().into();
         let w = dequantize_twin::<Self>(packed, scales, code, bits, block);
-        let g = Self::float_cast(grad, FloatDType::F32);
-        Self::float_cast(Self::float_matmul(g, w), dtype)
+        let g = cast_to::<Self>(grad, FloatDType::F32);
+        cast_to::<Self>(Self::float_matmul(g, w), dtype)
     }
 }
 
@@ -311,10 +312,10 @@ pub fn dequantize_twin<B: Backend>(
         .collect();
     let idx = B::int_reshape(B::int_cat(parts, 2), Shape::new([n * k]));
     let idx = B::int_cast(idx, burn::tensor::IntDType::I32);
-    let values = B::float_select(B::float_cast(code, FloatDType::F32), 0, idx);
+    let values = B::float_select(cast_to::<B>(code, FloatDType::F32), 0, idx);
     let blocks = n * k / block as usize;
     let scales = B::float_reshape(
-        B::float_cast(scales, FloatDType::F32),
+        cast_to::<B>(scales, FloatDType::F32),
         Shape::new([blocks, 1]),
     );
     let scales = B::float_expand(scales, Shape::new([blocks, block as usize]));

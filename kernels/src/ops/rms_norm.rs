@@ -7,7 +7,7 @@ use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::tensor::{DType, FloatDType, Tensor};
 
 use super::node::{Backprop, all_kept, on_inner, record};
-use super::{f32_of, row_vector};
+use super::{cast_to, f32_of, row_vector};
 use crate::cpu;
 use crate::launches::Op;
 use crate::mode::takes_fused;
@@ -142,7 +142,7 @@ fn rms_norm_twin<B: Backend>(
     eps: f32,
 ) -> FloatTensor<B> {
     let (inv, dtype) = inv_rms::<B>(x.clone(), eps);
-    let normed = B::float_cast(B::float_mul(f32_of::<B>(x), inv), dtype);
+    let normed = cast_to::<B>(B::float_mul(f32_of::<B>(x), inv), dtype);
     B::float_mul(normed, row_vector::<B>(weight))
 }
 
@@ -168,5 +168,5 @@ fn rms_norm_backward_twin<B: Backend>(
         B::float_mul(x32.clone(), coef),
     );
     let dw_rows = B::float_mul(B::float_mul(g32, x32), inv);
-    (B::float_cast(dx, dtype), B::float_cast(dw_rows, dtype))
+    (cast_to::<B>(dx, dtype), cast_to::<B>(dw_rows, dtype))
 }
