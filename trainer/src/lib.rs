@@ -11,6 +11,7 @@ mod error;
 pub mod evaluate;
 pub mod examples;
 pub mod generate;
+pub mod heap;
 pub mod inspect;
 pub mod jsonl_process;
 pub mod logits;
