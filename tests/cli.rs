@@ -1932,6 +1932,16 @@ fn damaged_checkpoints_are_refused_naming_the_next_good_one() {
     );
     std::fs::write(&weights, &good[..good.len() - 100]).unwrap();
     fails(&resume, &["checkpoint-6", "truncated", "checkpoint-4"]);
+    // A file gone altogether: refused the same way, never passed over for checkpoint-4.
+    std::fs::write(&weights, &good).unwrap();
+    let optimizer = run.join("checkpoint-6/optimizer.bin");
+    let optimizer_bytes = std::fs::read(&optimizer).unwrap();
+    std::fs::remove_file(&optimizer).unwrap();
+    fails(
+        &resume,
+        &["checkpoint-6", "no optimizer.bin", "checkpoint-4"],
+    );
+    std::fs::write(&optimizer, optimizer_bytes).unwrap();
 
     // Moved aside as the message says, the run resumes from checkpoint-4 and finishes.
     std::fs::rename(run.join("checkpoint-6"), tmp.path().join("damaged")).unwrap();
@@ -2400,7 +2410,7 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
             "--out",
             s(&other_weights),
         ],
-        &["a file of the checkpoint"],
+        &["already exists"],
         &[&other_weights],
     );
     let merge = |out: &Path| {
@@ -2482,8 +2492,98 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
             "--out",
             s(&config),
         ],
-        &["refusing to write here", "a file of the checkpoint"],
+        &["refusing to write here", "already exists"],
         &[&config],
+    );
+    // Any file already there, a checkpoint's or not: a run's metrics stay metrics.
+    let metrics = run.join("metrics.jsonl");
+    fails_keeping(
+        &["export", "gguf", "--model", s(&base), "--out", s(&metrics)],
+        &["metrics.jsonl", "already exists"],
+        &[&metrics],
+    );
+    // A folder with a tokenizer of its own and no weights is not a new model's folder.
+    let tokenizer_only = tmp.path().join("tk");
+    std::fs::create_dir(&tokenizer_only).unwrap();
+    let mine = tokenizer_only.join("tokenizer.json");
+    std::fs::write(&mine, "{\"mine\": 1}").unwrap();
+    fails_keeping(
+        &["init-model", "--out", s(&tokenizer_only)],
+        &["tk", "not empty"],
+        &[&mine],
+    );
+    fails_keeping(
+        &["convert", "--model", s(&base), "--out", s(&tokenizer_only)],
+        &["tk", "not empty"],
+        &[&mine],
+    );
+}
+
+/// `train` starts only in a new or empty directory (or one a failed start left), and a
+/// finished run stays finished: nothing a user or an earlier run wrote is pruned, replaced
+/// or trained over.
+#[test]
+fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    ok(&["init-model", "--out", s(&base)]);
+    let extra = ["train.max_steps=2", "train.save_steps=1"];
+
+    // Another tool's output (a checkpoint a run would prune) and a folder whose only file
+    // is the user's own recipe, trained in place.
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir_all(foreign.join("checkpoint-1")).unwrap();
+    let notes = foreign.join("checkpoint-1/notes.txt");
+    std::fs::write(&notes, "keep").unwrap();
+    fails_keeping(
+        &TinyRun::sft(&base).sets(&extra).out(&foreign),
+        &["foreign", "checkpoint-1", "choose another --out"],
+        &[&notes],
+    );
+    let project = tmp.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    let own = project.join("recipe.toml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml"),
+        &own,
+    )
+    .unwrap();
+    let mut in_place = TinyRun::sft(&base).sets(&extra);
+    in_place.recipe = own.clone();
+    fails_keeping(
+        &in_place.out(&project),
+        &["recipe.toml", "no hearth run wrote"],
+        &[&own],
+    );
+
+    // A start that failed on its data leaves its recipe.toml alone; the same command
+    // starts there once the data is mended.
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"messages\": 3}\n").unwrap();
+    let run = tmp.path().join("run");
+    let start = TinyRun::of("tiny-sft.toml", s(&data), &base)
+        .sets(&extra)
+        .out(&run);
+    fails(&start, &["d.jsonl", "line 1"]);
+    assert!(
+        run.join("recipe.toml").is_file(),
+        "the failed start wrote no recipe"
+    );
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl"),
+        &data,
+    )
+    .unwrap();
+    ok(&start);
+
+    // Finished: a resume would train its last steps again over final/.
+    let adapter = run.join("final/adapter_model.safetensors");
+    fails_keeping(
+        &TinyRun::of("tiny-sft.toml", s(&data), &base)
+            .sets(&extra)
+            .resume(&run),
+        &["run is finished", "nothing to resume"],
+        &[&adapter],
     );
 }
 

@@ -56,7 +56,9 @@ fn refuse(out: &Path, reason: String) -> CheckpointError {
 
 /// For a command that writes the file `out` from `inputs` (files or checkpoint
 /// directories): refuses `out` when it is one of the inputs, lies inside an input
-/// directory, or is a file of an existing checkpoint.
+/// directory, already exists (whatever it holds: nothing already written is overwritten),
+/// or has no directory to go in. Checked before the work, so a mistyped `--out` costs
+/// nothing.
 pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
     let at = resolve(out);
     for input in inputs {
@@ -64,30 +66,36 @@ pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
         if at == input_at {
             return Err(refuse(out, format!("it is the input {}", input.display())));
         }
-        // Inside an input directory, a new file of another kind is harmless; one that is
-        // there already, or that a checkpoint reader would pick up, is not.
-        if input.is_dir() && at.starts_with(&input_at) && (at.exists() || checkpoint_like(&at)) {
+        // Inside an input directory, a new file of another kind is harmless; one that a
+        // checkpoint reader would pick up is not.
+        if input.is_dir() && at.starts_with(&input_at) && checkpoint_like(&at) {
             return Err(refuse(
                 out,
                 format!("it lies inside the input {}", input.display()),
             ));
         }
     }
-    if let Some(parent) = at.parent()
-        && holds_checkpoint(parent)
-        && at.is_file()
-    {
+    if at.is_dir() {
+        return Err(refuse(out, "it is a directory".into()));
+    }
+    if out.symlink_metadata().is_ok() {
         return Err(refuse(
             out,
-            format!("it is a file of the checkpoint in {}", parent.display()),
+            "it already exists; remove it first to write it again".into(),
         ));
     }
-    Ok(())
+    match at.parent() {
+        Some(parent) if !parent.is_dir() => Err(refuse(
+            out,
+            format!("its directory {} does not exist", parent.display()),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// For a command that writes a checkpoint into the directory `out` from `inputs`: refuses
-/// `out` when it is, contains or lies inside one of the inputs, or already holds a
-/// checkpoint.
+/// `out` when it is, contains or lies inside one of the inputs, or already holds anything
+/// (a model, or files of its own that the checkpoint's would replace or sit beside).
 pub fn check_output_dir(out: &Path, inputs: &[&Path]) -> Result<()> {
     let at = resolve(out);
     for input in inputs {
@@ -102,7 +110,21 @@ pub fn check_output_dir(out: &Path, inputs: &[&Path]) -> Result<()> {
     if holds_checkpoint(&at) {
         return Err(refuse(out, "it already holds a model".into()));
     }
+    if at.is_file() {
+        return Err(refuse(out, "it is a file".into()));
+    }
+    if !is_empty_dir(&at) {
+        return Err(refuse(out, "it is a directory that is not empty".into()));
+    }
     Ok(())
+}
+
+/// Whether `dir` is missing or an empty directory.
+pub fn is_empty_dir(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(_) => !dir.exists(),
+    }
 }
 
 #[cfg(test)]
@@ -140,7 +162,16 @@ mod tests {
         refused(check_output_file(&dotted, &[&data]), "it is the input");
         refused(
             check_output_file(&other.join("config.json"), &[&m]),
-            "a file of the checkpoint",
+            "already exists",
+        );
+        // Any existing file, a checkpoint's or not (a run's metrics, a user's notes).
+        let notes = tmp.path().join("notes.txt");
+        std::fs::write(&notes, "mine").unwrap();
+        refused(check_output_file(&notes, &[&m]), "already exists");
+        refused(check_output_file(&m, &[&data]), "a directory");
+        refused(
+            check_output_file(&tmp.path().join("nowhere/x.json"), &[&m]),
+            "does not exist",
         );
         check_output_file(&tmp.path().join("logits.safetensors"), &[&m]).unwrap();
         // A new file beside a model's own is fine unless a reader would take it for one.
@@ -162,5 +193,13 @@ mod tests {
         let empty = tmp.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
         check_output_dir(&empty, &[&m]).unwrap();
+        // A directory with files of its own, none of them weights: a tokenizer the new
+        // checkpoint's would replace, or anything else it would land beside.
+        let tokenizer_only = tmp.path().join("tk");
+        std::fs::create_dir(&tokenizer_only).unwrap();
+        std::fs::write(tokenizer_only.join("tokenizer.json"), "{}").unwrap();
+        refused(check_output_dir(&tokenizer_only, &[&m]), "not empty");
+        refused(check_output_dir(&notes, &[&m]), "a file");
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine");
     }
 }

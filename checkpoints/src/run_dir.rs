@@ -69,6 +69,24 @@ pub fn default_root(recipe: &Path, fallback: &str) -> PathBuf {
     PathBuf::from("runs").join(name)
 }
 
+/// The first entry of `root` that a hearth run did not write, if any: everything but a
+/// `recipe.toml` that `own_recipe` recognises.
+fn foreign_entry(root: &Path, own_recipe: impl Fn(&str) -> bool) -> Result<Option<String>> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(None);
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| io(root, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name == RECIPE_FILE
+            && std::fs::read_to_string(entry.path()).is_ok_and(|text| own_recipe(&text));
+        if !ours {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
 /// Every scalar of a run's TensorBoard events: `(step, tag, value)`, in order.
 pub fn read_scalars_of(root: &Path) -> Result<Vec<(i64, String, f32)>> {
     crate::tensorboard::read_scalars(&crate::tensorboard::events_path(root))
@@ -85,13 +103,31 @@ pub fn read_metrics(root: &Path) -> Result<Vec<serde_json::Value>> {
 }
 
 impl RunDir {
-    /// Creates `root` for a new run; a directory that already holds a run is refused, so
-    /// nothing written by an earlier run is overwritten.
-    pub fn create(root: &Path) -> Result<Self> {
+    /// Creates `root` for a new run. Only a new or empty directory is taken, or one that a
+    /// run which failed before its first step left (its `recipe.toml` alone, which
+    /// `own_recipe` recognises as one hearth wrote): anything else may be a user's, and a
+    /// run would write over or prune it. A directory that holds a run is refused, so
+    /// nothing an earlier run wrote is overwritten.
+    pub fn create(root: &Path, own_recipe: impl Fn(&str) -> bool) -> Result<Self> {
         if root.join(METRICS_FILE).exists() || root.join(FINAL_DIR).exists() {
             return Err(refuse(
                 root,
                 "already holds a run; choose another --out, or continue it with --resume".into(),
+            ));
+        }
+        if root.exists() && !root.is_dir() {
+            return Err(refuse(
+                root,
+                "is not a directory; choose another --out".into(),
+            ));
+        }
+        if let Some(name) = foreign_entry(root, own_recipe)? {
+            return Err(refuse(
+                root,
+                format!(
+                    "holds `{name}`, which no hearth run wrote; a run needs a new or empty \
+                     directory: choose another --out"
+                ),
             ));
         }
         std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
@@ -101,12 +137,22 @@ impl RunDir {
         })
     }
 
-    /// Opens an existing run to resume it.
+    /// Opens an existing run to resume it. A finished run (its `final/` written) has
+    /// nothing left to do, and resuming it would train its last steps again over `final/`.
     pub fn open(root: &Path) -> Result<Self> {
         if !root.join(RECIPE_FILE).is_file() {
             return Err(refuse(
                 root,
                 format!("not a run directory (no {RECIPE_FILE})"),
+            ));
+        }
+        if root.join(FINAL_DIR).exists() {
+            return Err(refuse(
+                root,
+                format!(
+                    "the run is finished ({FINAL_DIR}/ holds its weights); there is nothing to \
+                     resume"
+                ),
             ));
         }
         Ok(Self {
@@ -129,28 +175,32 @@ impl RunDir {
         self.checkpoints(required).pop()
     }
 
-    /// The checkpoint to resume from: the newest, verified against its manifest. A newest
-    /// one that fails verification is refused (never silently skipped), naming what is wrong
-    /// and the next older checkpoint that verifies.
+    /// The checkpoint to resume from: the newest, with every file in `required` and
+    /// verified against its manifest. A newest one that fails either is refused (never
+    /// silently skipped: an older one would train steps again over the newer), naming what
+    /// is wrong and the next older checkpoint that is good.
     pub fn resumable_checkpoint(&self, required: &[&str]) -> Result<(usize, PathBuf)> {
-        let mut all = self.checkpoints(required);
+        let good = |dir: &Path| -> std::result::Result<(), String> {
+            match required.iter().find(|f| !dir.join(f).is_file()) {
+                Some(missing) => Err(format!("no {missing}")),
+                None => crate::verify_manifest(dir),
+            }
+        };
+        let mut all = self.checkpoints(&[]);
         let (step, dir) = all
             .pop()
             .ok_or_else(|| refuse(&self.root, "no complete checkpoint to resume from".into()))?;
-        match crate::verify_manifest(&dir) {
+        match good(&dir) {
             Ok(()) => Ok((step, dir)),
             Err(what) => {
-                let older = all
-                    .iter()
-                    .rev()
-                    .find(|(_, d)| crate::verify_manifest(d).is_ok());
+                let older = all.iter().rev().find(|(_, d)| good(d).is_ok());
                 let advice = match older {
                     Some((_, d)) => format!(
                         "the next older good checkpoint is {}; move {} aside to resume from it",
                         d.display(),
                         dir.display()
                     ),
-                    None => "no older checkpoint verifies either".to_string(),
+                    None => "no older checkpoint is good either".to_string(),
                 };
                 Err(refuse(
                     &dir,

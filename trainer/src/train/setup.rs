@@ -169,7 +169,7 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
         }
         run
     } else {
-        let run = RunDir::create(out)?;
+        let run = RunDir::create(out, is_resolved_recipe)?;
         run.write_recipe(&recipe.to_toml())?;
         run
     };
@@ -187,6 +187,12 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
         )?;
     }
     Ok(run)
+}
+
+/// Whether `text` is a recipe as hearth writes it into a run (resolved, every key, no
+/// comments): a `recipe.toml` left by a run that failed before its first step, not a user's.
+fn is_resolved_recipe(text: &str) -> bool {
+    crate::recipe::parse(text, "recipe.toml", &[]).is_ok_and(|r| r.to_toml() == text)
 }
 
 /// Whether `recipe` continues the run whose resolved recipe is `saved`: the same but for
