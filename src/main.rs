@@ -298,6 +298,8 @@ fn one_line(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     // Before the first allocation of any size: a step's freed buffers stay for the next.
     trainer::heap::keep_freed_buffers();
+    // SAFETY: nothing but this thread runs yet.
+    unsafe { trainer::device::pin_default_device_to_cpu() };
     // A panic is a bug in hearth, never the way bad input is reported: say so in one line.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error in hearth (please report): {info}");

@@ -5,6 +5,24 @@ use burn::tensor::Device;
 
 use crate::{Result, TrainerError};
 
+/// Makes the CPU burn's default device, unless the user chose one with `BURN_DEVICE`.
+///
+/// hearth names its devices everywhere, but burn materializes a resumed optimizer state on
+/// its default device before moving it to each parameter's on the next step. That default
+/// is the first GPU backend built in: a CPU run would start Vulkan or CUDA (and fail where
+/// neither is installed), and every rank of a data-parallel resume would put its whole Adam
+/// state on GPU 0. On the CPU, the state is only bytes on their way to the right device.
+///
+/// # Safety
+/// Sets an environment variable: call it before any other thread exists (first thing in
+/// `main`), when nothing can read the environment at the same time.
+pub unsafe fn pin_default_device_to_cpu() {
+    if std::env::var_os("BURN_DEVICE").is_none() {
+        // SAFETY: the caller guarantees that no other thread is running.
+        unsafe { std::env::set_var("BURN_DEVICE", "flex") };
+    }
+}
+
 /// Parses `cpu`/`flex`, `cuda[:N]` or `wgpu[:N]` into a device. Plain `wgpu` takes the
 /// adapter wgpu prefers; `wgpu:N` the Nth discrete GPU.
 pub fn parse(name: &str) -> Result<Device> {
