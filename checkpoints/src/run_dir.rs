@@ -377,10 +377,26 @@ impl RunDir {
             std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-        write(&tmp)?;
+        // A write that fails (a full disk, weights refused as non-finite) leaves nothing
+        // half-written behind: the temporary directory goes with it.
+        let written = self.complete(&tmp, name, write);
+        if written.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written
+    }
+
+    /// Writes `tmp` through `write`, seals it with its manifest and renames it to `name`.
+    fn complete<E: From<CheckpointError>>(
+        &self,
+        tmp: &Path,
+        name: &str,
+        write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+    ) -> std::result::Result<PathBuf, E> {
+        write(tmp)?;
         // The manifest comes last, so a directory with one is complete; every file it lists
         // is synced before the rename makes the directory visible under its name.
-        let manifest = crate::write_manifest(&tmp)?;
+        let manifest = crate::write_manifest(tmp)?;
         for name in manifest
             .files
             .keys()
@@ -392,14 +408,14 @@ impl RunDir {
             f.sync_all().map_err(|e| io(&path, e))?;
         }
         // The directory's own entries (the file names) are durable before it is renamed.
-        std::fs::File::open(&tmp)
+        std::fs::File::open(tmp)
             .and_then(|d| d.sync_all())
-            .map_err(|e| io(&tmp, e))?;
+            .map_err(|e| io(tmp, e))?;
         let dest = self.root.join(name);
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| io(&dest, e))?;
         }
-        std::fs::rename(&tmp, &dest).map_err(|e| io(&dest, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| io(&dest, e))?;
         if let Ok(dir) = std::fs::File::open(&self.root) {
             let _ = dir.sync_all();
         }
@@ -461,4 +477,38 @@ fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
         ytop = pad + 4.0,
         xl = h - pad + 20.0,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A final write that fails half-way leaves neither `final/` nor its temporary
+    /// directory: nothing half-written stays in the run.
+    #[test]
+    fn a_failed_final_write_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&tmp.path().join("run"), |_| false).unwrap();
+        let failed = run.finish(|dir| {
+            std::fs::write(dir.join("adapter_model.safetensors"), "half")
+                .map_err(|e| CheckpointError::io(dir, e))?;
+            Err(CheckpointError::Invalid {
+                reason: "refused".into(),
+            })
+        });
+        assert!(failed.is_err());
+        let left: Vec<_> = std::fs::read_dir(run.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let written = run
+            .finish(|dir| {
+                std::fs::write(dir.join("adapter_model.safetensors"), "whole")
+                    .map_err(|e| CheckpointError::io(dir, e))
+            })
+            .unwrap();
+        assert_eq!(written, run.final_dir());
+        assert!(written.join("manifest.json").is_file());
+    }
 }

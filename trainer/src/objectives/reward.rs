@@ -27,7 +27,14 @@ pub struct Reward(RewardSection);
 
 /// The registry's constructor: the `[reward]` section (or its defaults).
 pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
-    Ok(Box::new(Reward(recipe.reward.clone().unwrap_or_default())))
+    let section = recipe.reward.clone().unwrap_or_default();
+    let c = section.center_rewards_coefficient;
+    if !(c >= 0.0 && c.is_finite()) {
+        return Err(format!(
+            "reward.center_rewards_coefficient {c} must be ≥ 0 (0 turns centring off)"
+        ));
+    }
+    Ok(Box::new(Reward(section)))
 }
 
 impl Objective for Reward {

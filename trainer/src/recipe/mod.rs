@@ -282,6 +282,27 @@ impl Recipe {
                 t.max_grad_norm
             ));
         }
+        // AdamW's own domain: β = 1 divides by zero in the bias correction, ε ≤ 0 by zero
+        // (or a negative root) on a flat gradient; a negative decay grows every weight.
+        for (key, beta) in [("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(format!("train.{key} {beta} must be in [0, 1)"));
+            }
+        }
+        if !(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite()) {
+            return bad(format!(
+                "train.adam_epsilon {} must be positive",
+                t.adam_epsilon
+            ));
+        }
+        if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
+            return bad(format!("train.weight_decay {} must be ≥ 0", t.weight_decay));
+        }
+        if let Some(lora) = &self.lora
+            && !lora.alpha.is_finite()
+        {
+            return bad(format!("lora.alpha {} must be a finite number", lora.alpha));
+        }
         if !(t.progress_seconds >= 0.0 && t.progress_seconds.is_finite()) {
             return bad(format!(
                 "train.progress_seconds {} must be ≥ 0 (0 prints a line every step)",
@@ -444,6 +465,21 @@ mod tests {
                 "train.progress_seconds=-2",
                 "train.progress_seconds -2 must be ≥ 0",
             ),
+            ("train.adam_beta1=1", "train.adam_beta1 1 must be in [0, 1)"),
+            (
+                "train.adam_beta2=nan",
+                "train.adam_beta2 NaN must be in [0, 1)",
+            ),
+            (
+                "train.adam_epsilon=0",
+                "train.adam_epsilon 0 must be positive",
+            ),
+            (
+                "train.weight_decay=nan",
+                "train.weight_decay NaN must be ≥ 0",
+            ),
+            ("train.weight_decay=-1", "train.weight_decay -1 must be ≥ 0"),
+            ("lora.alpha=inf", "lora.alpha inf must be a finite number"),
         ] {
             let err = parse(MINIMAL, "r.toml", &[set.into()])
                 .unwrap_err()
@@ -540,6 +576,11 @@ mod tests {
             ("simpo", "beta = 0.0", "simpo.beta"),
             ("simpo", "label_smoothing = 0.5", "simpo.label_smoothing"),
             ("cpo", "cpo_alpha = -1.0", "cpo.cpo_alpha"),
+            (
+                "reward",
+                "center_rewards_coefficient = nan",
+                "reward.center_rewards_coefficient",
+            ),
         ] {
             let text = format!("{MINIMAL}[train]\nmethod = \"{section}\"\n[{section}]\n{set}\n");
             let err = parse(&text, "r.toml", &[]).unwrap_err().to_string();
