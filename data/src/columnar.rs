@@ -1,9 +1,12 @@
 //! Parquet and Arrow IPC files, read record batch by record batch (never whole) and turned
 //! into rows of JSON values, so every format rule downstream is shared with JSON input.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::BufReader;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -34,32 +37,84 @@ fn open(path: &Path) -> Result<File, DataError> {
     })
 }
 
+thread_local! {
+    /// Set while [`decoding`] runs a decoder step on this thread: its panics are caught and
+    /// reported as errors, so the panic hook stays quiet for them.
+    static DECODING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs one step of the Arrow or Parquet decoders over `path`. They trust offsets and
+/// lengths read from the file and assert on them (`Buffer::slice`, alignment, unwraps on
+/// footer fields), so a damaged file panics inside them rather than returning an error:
+/// such a panic becomes an error naming the file, and nothing is printed for it.
+fn decoding<T>(path: &Path, step: impl FnOnce() -> Result<T, DataError>) -> Result<T, DataError> {
+    static QUIET_HOOK: Once = Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !DECODING.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let outer = DECODING.with(|d| d.replace(true));
+    let result = catch_unwind(AssertUnwindSafe(step));
+    DECODING.with(|d| d.set(outer));
+    result.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the decoder failed");
+        // The decoders' messages hold offsets and lengths, never cell values; keep the
+        // first line, and not all of a long one.
+        let why: String = why
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(160)
+            .collect();
+        Err(unreadable(path, format!("the file is damaged ({why})")))
+    })
+}
+
 /// Rows of a Parquet file (any of its compressions: snappy, zstd, none).
 pub fn parquet_rows(
     path: &Path,
     on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
     on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(open(path)?)
-        .map_err(|e| unreadable(path, e))?
-        .with_batch_size(BATCH_ROWS)
-        .build()
-        .map_err(|e| unreadable(path, e))?;
+    let file = open(path)?;
+    let reader = decoding(path, || {
+        ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| unreadable(path, e))?
+            .with_batch_size(BATCH_ROWS)
+            .build()
+            .map_err(|e| unreadable(path, e))
+    })?;
     batches_to_rows(path, reader, on_row, on_bad)
 }
 
 /// Rows of an Arrow IPC file, in the file format or the stream format (`datasets` caches).
+/// Arrays are validated as they are decoded (arrow's default, kept on): offsets, lengths
+/// and UTF-8 are checked before any value is read.
 pub fn arrow_rows(
     path: &Path,
     on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
     on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    match arrow_ipc::reader::FileReader::try_new(open(path)?, None) {
+    let file = open(path)?;
+    match decoding(path, || {
+        Ok(arrow_ipc::reader::FileReader::try_new(file, None))
+    })? {
         Ok(reader) => batches_to_rows(path, reader, on_row, on_bad),
         Err(_) => {
-            let reader =
-                arrow_ipc::reader::StreamReader::try_new(BufReader::new(open(path)?), None)
-                    .map_err(|e| unreadable(path, e))?;
+            let stream = BufReader::new(open(path)?);
+            let reader = decoding(path, || {
+                arrow_ipc::reader::StreamReader::try_new(stream, None)
+                    .map_err(|e| unreadable(path, e))
+            })?;
             batches_to_rows(path, reader, on_row, on_bad)
         }
     }
@@ -67,41 +122,60 @@ pub fn arrow_rows(
 
 fn batches_to_rows(
     path: &Path,
-    batches: impl Iterator<Item = Result<RecordBatch, ArrowError>>,
+    mut batches: impl Iterator<Item = Result<RecordBatch, ArrowError>>,
     on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
     on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
     let mut index = 0;
-    for batch in batches {
+    // Each batch is decoded and turned into rows under `decoding`; the rows are handed on
+    // outside it, so a panic in the caller's code is never mistaken for a damaged file.
+    while let Some(rows) = decoding(path, || {
+        let Some(batch) = batches.next() else {
+            return Ok(None);
+        };
         let batch = batch.map_err(|e| unreadable(path, e))?;
-        let schema = batch.schema();
-        for i in 0..batch.num_rows() {
-            let location = Location::Row(index);
-            index += 1;
-            let mut fields = Map::new();
-            let mut failed = None;
-            for (field, column) in schema.fields().iter().zip(batch.columns()) {
-                match value_at(column.as_ref(), i) {
-                    Ok(v) => {
-                        fields.insert(field.name().clone(), v);
-                    }
-                    Err(reason) => {
-                        failed = Some(BadRow {
-                            location,
-                            column: Some(field.name().clone()),
-                            reason,
-                        });
-                        break;
-                    }
-                }
-            }
-            match failed {
-                Some(bad) => on_bad(bad)?,
-                None => on_row(Row { location, fields })?,
+        Ok(Some(batch_rows(&batch, &mut index)))
+    })? {
+        for row in rows {
+            match row {
+                Ok(row) => on_row(row)?,
+                Err(bad) => on_bad(bad)?,
             }
         }
     }
     Ok(())
+}
+
+/// The rows of one batch, numbered on from `*index`.
+fn batch_rows(batch: &RecordBatch, index: &mut usize) -> Vec<Result<Row, BadRow>> {
+    let schema = batch.schema();
+    let mut rows = Vec::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        let location = Location::Row(*index);
+        *index += 1;
+        let mut fields = Map::new();
+        let mut failed = None;
+        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+            match value_at(column.as_ref(), i) {
+                Ok(v) => {
+                    fields.insert(field.name().clone(), v);
+                }
+                Err(reason) => {
+                    failed = Some(BadRow {
+                        location,
+                        column: Some(field.name().clone()),
+                        reason,
+                    });
+                    break;
+                }
+            }
+        }
+        rows.push(match failed {
+            Some(bad) => Err(bad),
+            None => Ok(Row { location, fields }),
+        });
+    }
+    rows
 }
 
 fn float(v: f64) -> Value {
