@@ -126,8 +126,9 @@ fn item_of(fields: &Map<String, Value>, location: Location) -> Result<ChoiceItem
         (
             akey.to_string(),
             format!(
-                "{answer} names none of the {} options (give a 0-based index, a letter, or an \
+                "{} names none of the {} options (give a 0-based index, a letter, or an \
                  option's text)",
+                shown_answer(answer),
                 options.len()
             ),
         )
@@ -151,6 +152,21 @@ fn letter(i: usize) -> String {
 
 /// The right option's index: a 0-based number, an option's key (a letter, matched without
 /// case, brackets or a trailing dot), or an option's exact text.
+/// The answer as an error shows it: a number or a short key (`C`, `b)`) as it is; any
+/// other text, which may be an option's wording, only by its length.
+fn shown_answer(answer: &Value) -> String {
+    match answer {
+        Value::Number(n) => n.to_string(),
+        Value::String(s)
+            if s.trim().chars().count() <= 3 && !s.trim().contains(char::is_whitespace) =>
+        {
+            format!("{s:?}")
+        }
+        Value::String(s) => format!("an answer of {} characters", s.chars().count()),
+        other => format!("{} answer", crate::read::kind(other)),
+    }
+}
+
 fn answer_index(answer: &Value, options: &[String], keys: &[String]) -> Option<usize> {
     match answer {
         Value::Number(n) => n
@@ -246,6 +262,30 @@ mod tests {
             let (got, _) = item(row.clone()).unwrap_err();
             assert_eq!(got, column, "{row}");
         }
+    }
+
+    #[test]
+    fn an_unmatched_answer_is_named_by_its_key_or_length_never_its_text() {
+        let opts = serde_json::json!(["I can't sleep", "I keep crying"]);
+        let reason = |answer: Value| {
+            item(serde_json::json!({"question": "q", "options": opts, "answer": answer}))
+                .unwrap_err()
+                .1
+        };
+        assert!(reason(serde_json::json!(5)).starts_with("5 names none of the 2"));
+        assert!(reason(serde_json::json!("C")).starts_with("\"C\" names none"));
+        let said = "I want to hurt myself tonight";
+        let got = reason(serde_json::json!(said));
+        assert!(!got.contains("hurt"), "{got}");
+        assert!(
+            got.starts_with("an answer of 29 characters names none"),
+            "{got}"
+        );
+        let got = reason(serde_json::json!({"text": said}));
+        assert!(
+            !got.contains("hurt") && got.starts_with("an object answer"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 
 use crate::Message;
+use crate::read::{kind, showable, shown_name};
 
 /// The shapes rows come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,10 +84,11 @@ impl Format {
         } else if has("prompt") {
             Self::PromptOnly
         } else {
-            let mut cols: Vec<&str> = fields.keys().map(String::as_str).collect();
+            let mut cols: Vec<String> = fields.keys().map(|c| shown_name(c)).collect();
             cols.sort_unstable();
             return Err(format!(
-                "cannot tell the format from the columns {cols:?}; set `format` (and `columns` to rename)"
+                "cannot tell the format from the columns [{}]; set `format` (and `columns` to rename)",
+                cols.join(", ")
             ));
         })
     }
@@ -230,7 +232,10 @@ fn take(row: &mut Map<String, Value>, column: &str) -> Parsed<Value> {
 fn string(v: Value, column: &str) -> Parsed<String> {
     match v {
         Value::String(s) => Ok(s),
-        other => Err(err(column, format!("expected a string, got {other}"))),
+        other => Err(err(
+            column,
+            format!("expected a string, got {}", kind(&other)),
+        )),
     }
 }
 
@@ -252,7 +257,7 @@ fn content(v: &Value, column: &str) -> Parsed<String> {
             .map(|t| t.concat()),
         other => Err(err(
             column,
-            format!("message content must be a string, got {other}"),
+            format!("message content must be a string, got {}", kind(other)),
         )),
     }
 }
@@ -292,8 +297,14 @@ fn messages(
                 .get(role_key)
                 .and_then(Value::as_str)
                 .ok_or_else(|| err(column, format!("message {}: missing `{role_key}`", i + 1)))?;
-            let mapped = role_of(role)
-                .ok_or_else(|| err(column, format!("message {}: unknown role `{role}`", i + 1)))?;
+            let mapped = role_of(role).ok_or_else(|| {
+                let role = if showable(role) {
+                    format!("unknown role `{role}`")
+                } else {
+                    format!("an unknown role ({} characters)", role.chars().count())
+                };
+                err(column, format!("message {}: {role}", i + 1))
+            })?;
             let text = item
                 .get(content_key)
                 .ok_or_else(|| {
@@ -316,7 +327,10 @@ fn side(v: Value, column: &str, role: &str) -> Parsed<Vec<Message>> {
         list @ Value::Array(_) => messages(list, column, "role", "content", role_as_is),
         other => Err(err(
             column,
-            format!("expected a string or a list of messages, got {other}"),
+            format!(
+                "expected a string or a list of messages, got {}",
+                kind(&other)
+            ),
         )),
     }
 }
@@ -342,7 +356,7 @@ fn alpaca(mut row: Map<String, Value>, require_history: bool) -> Parsed<Example>
         Some(other) => {
             return Err(err(
                 "history",
-                format!("expected [[question, answer], ...], got {other}"),
+                format!("expected [[question, answer], ...], got {}", kind(&other)),
             ));
         }
     };

@@ -196,7 +196,9 @@ fn skip_bom(reader: &mut impl BufRead) -> std::io::Result<()> {
     Ok(())
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for errors: they name the kind, never the value, which
+/// may be what a client said.
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -204,6 +206,27 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// Whether a name taken from the data (a role, a column) may be shown in an error as it is:
+/// a short identifier such as `robot` or `text_only`. Anything else in a name's place may
+/// be free text (an utterance where a key was expected), so errors give its length instead.
+pub(crate) fn showable(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 20
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A name from the data as an error shows it: `` `name` `` when [`showable`], else only
+/// how long it is.
+pub(crate) fn shown_name(name: &str) -> String {
+    if showable(name) {
+        format!("`{name}`")
+    } else {
+        format!("a name of {} characters", name.chars().count())
     }
 }
 

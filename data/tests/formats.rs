@@ -568,9 +568,7 @@ fn unknown_file_types_and_undetectable_columns_are_explained() {
     let path = jsonl(dir.path(), "odd.jsonl", &[json!({"text": "x"})]);
     let message = err(&path, &LoadOptions::default());
     assert!(
-        message.contains("odd.jsonl")
-            && message.contains("line 1")
-            && message.contains("[\"text\"]"),
+        message.contains("odd.jsonl") && message.contains("line 1") && message.contains("[`text`]"),
         "{message}"
     );
     let path = dir.path().join("corrupt.parquet");
@@ -623,4 +621,57 @@ fn a_byte_order_mark_is_not_data() {
     let loaded = load(&p);
     assert_eq!(loaded.examples.len(), 2);
     assert_eq!(loaded.locations[1], data::read::Location::Row(1));
+}
+
+/// Counseling data is sensitive: an error names the kind of a bad value, the row and the
+/// column, and never echoes what was said, wherever it turns up in the wrong place.
+#[test]
+fn errors_never_echo_what_a_row_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let said = "I want to die and nobody would notice";
+    let user = |content: Value| json!([{"role": "user", "content": content}]);
+    let cases: Vec<(Value, &[&str])> = vec![
+        (
+            json!({"prompt": {"text": said}, "completion": "c"}),
+            &["column `prompt`", "got an object"],
+        ),
+        (
+            json!({"messages": user(json!({"text": said}))}),
+            &["column `messages`", "must be a string, got an object"],
+        ),
+        (
+            json!({"instruction": [said], "output": "o"}),
+            &["column `instruction`", "expected a string, got an array"],
+        ),
+        (
+            json!({"instruction": "i", "output": "o", "history": said}),
+            &["column `history`", "got a string"],
+        ),
+        (
+            json!({"messages": [{"role": said, "content": "hi"}]}),
+            &["message 1: an unknown role (37 characters)"],
+        ),
+        (
+            json!({"text": "x", said: 1}),
+            &["columns [`text`, a name of 37 characters]"],
+        ),
+    ];
+    for (i, (row, needles)) in cases.iter().enumerate() {
+        let path = jsonl(
+            dir.path(),
+            &format!("case{i}.jsonl"),
+            std::slice::from_ref(row),
+        );
+        let message = err(&path, &LoadOptions::default());
+        assert!(!message.contains("want to die"), "{message}");
+        for needle in needles
+            .iter()
+            .chain(&[&format!("case{i}.jsonl: line 1")[..]])
+        {
+            assert!(
+                message.contains(needle),
+                "`{needle}` missing from: {message}"
+            );
+        }
+    }
 }
