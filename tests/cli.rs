@@ -1691,6 +1691,27 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
         report,
         "the rerun's report differs"
     );
+    // A finished stage whose weights were damaged since is named as such (not as a stage
+    // of another recipe), and kept for the user to look at.
+    let weights = out.join("sft/final/adapter_model.safetensors");
+    let whole = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &whole[..whole.len() / 2]).unwrap();
+    let damaged = hearth(&[
+        "pipeline",
+        s(&root.join("recipes/tiny-pipeline.toml")),
+        "--out",
+        s(&out),
+    ]);
+    let stderr = String::from_utf8_lossy(&damaged.stderr);
+    assert_eq!(damaged.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ")
+            && last.contains("sft/final")
+            && last.contains("damaged final weights"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&weights).unwrap().len(), whole.len() / 2);
 
     // A stage naming a stage that has not run is a one-line error.
     let bad = tmp.path().join("bad.toml");
@@ -2657,7 +2678,7 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
             s(&recipes.join(recipe))
         )
     };
-    for bad in ["..", ".", "", "a/b"] {
+    for bad in ["..", ".", "", "a/b", "report.md", "report.html"] {
         let p = write("p.toml", stage(bad, "tiny-sft.toml"));
         let out = tmp.path().join("out");
         fails(
@@ -2692,6 +2713,28 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
         &["[report]", "prompts"],
     );
     assert!(!out.join("sft").exists());
+    // A directory whose report.md or report.html is a user's file: the end of the run
+    // would write over it, so the run does not start.
+    let p = write(
+        "one.toml",
+        format!(
+            "set = [\"model.path=\\\"{}\\\"\"]\n{}",
+            s(&tmp.path().join("base")),
+            stage("sft", "tiny-sft.toml")
+        ),
+    );
+    for name in ["report.md", "report.html"] {
+        let out = tmp.path().join(format!("mine-{name}"));
+        std::fs::create_dir(&out).unwrap();
+        let mine = out.join(name);
+        std::fs::write(&mine, "my notes").unwrap();
+        fails_keeping(
+            &["pipeline", s(&p), "--out", s(&out)],
+            &[name, "refusing to write over it"],
+            &[&mine],
+        );
+        assert!(!out.join("sft").exists());
+    }
 }
 
 /// A run killed before its first checkpoint left a recipe and some metric lines and no

@@ -99,16 +99,20 @@ pub fn load(path: &Path) -> Result<Pipeline> {
         // The name is a directory under the pipeline's: `.` and `..` would put a stage's
         // run in the pipeline's own directory or its parent.
         let path_like = s.name == "." || s.name == "..";
+        // The pipeline's own files sit beside the stages' directories.
+        let reserved = s.name == REPORT_FILE || s.name == crate::report::REPORT_PAGE;
         if s.name.is_empty()
             || path_like
+            || reserved
             || s.name.contains(['/', '\\', '{', '}', '\0'])
             || seen.contains(&s.name)
         {
             return Err(TrainerError::Input(format!(
-                "{}: stage name `{}` must be unique, non-empty, not `.` or `..`, and without \
-                 / \\ {{ }}",
+                "{}: stage name `{}` must be unique, non-empty, not `.`, `..`, `{REPORT_FILE}` \
+                 or `{}`, and without / \\ {{ }}",
                 path.display(),
-                s.name
+                s.name,
+                crate::report::REPORT_PAGE
             )));
         }
         seen.push(s.name.clone());
@@ -212,7 +216,8 @@ fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<
     let run = RunDir::follower(dir);
     let saved = run.saved_recipe();
     let same_recipe = saved.as_deref() == Some(recipe.to_toml().as_str());
-    if same_recipe && checkpoints::verify_manifest(&run.final_dir()).is_ok() {
+    let final_check = checkpoints::verify_manifest(&run.final_dir());
+    if same_recipe && final_check.is_ok() {
         if progress {
             eprintln!("  reusing the finished run in {}", dir.display());
         }
@@ -238,6 +243,13 @@ fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<
         };
         dp.agree(removed.is_ok(), "clearing a pipeline stage")?;
         removed?;
+    } else if let (true, Err(what)) = (same_recipe, &final_check) {
+        // This very stage, finished, but its weights are no longer what it wrote.
+        return Err(TrainerError::Input(format!(
+            "{}: damaged final weights: {what}; move the stage's directory aside to train it \
+             again",
+            run.final_dir().display()
+        )));
     } else if saved.is_some() {
         // Another recipe's run: never written over.
         return Err(TrainerError::Input(format!(
@@ -281,6 +293,7 @@ fn outcome_of(dir: &Path) -> Result<Outcome> {
 pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<PipelineReport> {
     let p = load(path)?;
     let planned = plan(&p, path, out, sets)?;
+    check_root(out)?;
     let mut dp: Option<Group> = None;
     let mut stages = Vec::new();
     let mut done: Vec<(String, Recipe, PathBuf)> = Vec::new();
@@ -321,7 +334,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         }
         _ => None,
     };
-    let mut text = String::from("# hearth pipeline report\n\n");
+    let mut text = format!("{REPORT_HEADING}\n");
     for (s, (_, recipe, dir)) in stages.iter().zip(&done) {
         text.push_str(&format!(
             "## {} ({}, {} steps)\n",
@@ -372,6 +385,31 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         crate::report::write_pipeline_page(out, &stages, &text)?;
     }
     Ok(PipelineReport { stages, text })
+}
+
+/// The heading every pipeline report starts with, by which a rerun knows its own.
+const REPORT_HEADING: &str = "# hearth pipeline report\n";
+
+/// Refuses, before any stage trains, a pipeline directory whose report files (rewritten at
+/// the end of every run) are a user's files of the same names rather than hearth's.
+fn check_root(out: &Path) -> Result<()> {
+    let report = out.join(REPORT_FILE);
+    let ours = !report.exists()
+        || std::fs::read_to_string(&report).is_ok_and(|t| t.starts_with(REPORT_HEADING));
+    let page = out.join(crate::report::REPORT_PAGE);
+    for (path, ok) in [
+        (report, ours),
+        (page.clone(), crate::report::page_replaceable(&page)),
+    ] {
+        if !ok {
+            return Err(TrainerError::Input(format!(
+                "{}: not a report of hearth's; refusing to write over it (move it aside or \
+                 choose another --out)",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a stage's method learns a score head (a reward model), not replies.

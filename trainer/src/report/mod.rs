@@ -293,6 +293,23 @@ fn counseling_evals(dir: &Path, level: usize) -> String {
     out
 }
 
+/// Whether `path` is free for a report page: missing, or a page hearth wrote (its title
+/// starts with `hearth `). Pages are rewritten on every run, never over a user's file.
+pub fn page_replaceable(path: &Path) -> bool {
+    !path.exists() || std::fs::read_to_string(path).is_ok_and(|t| t.contains("<title>hearth "))
+}
+
+/// Writes a report page, refusing to replace a file of the same name that is not one.
+fn write_own_page(path: &Path, html: &str) -> Result<()> {
+    if !page_replaceable(path) {
+        return Err(crate::TrainerError::Input(format!(
+            "{}: not a report page of hearth's; refusing to write over it (move it aside)",
+            path.display()
+        )));
+    }
+    Ok(checkpoints::write_text(path, html)?)
+}
+
 /// Writes `run/report.html` for one run.
 pub fn write_run_page(run: &Path) -> Result<PathBuf> {
     let name = run.file_name().map_or_else(
@@ -305,7 +322,7 @@ pub fn write_run_page(run: &Path) -> Result<PathBuf> {
         run_section(run, 2)?
     );
     let path = run.join(REPORT_PAGE);
-    checkpoints::write_text(&path, &page(&format!("hearth run {name}"), &body))?;
+    write_own_page(&path, &page(&format!("hearth run {name}"), &body))?;
     Ok(path)
 }
 
@@ -328,7 +345,7 @@ pub fn write_pipeline_page(
         body.push_str(&run_section(dir, 3)?);
     }
     let path = out.join(REPORT_PAGE);
-    checkpoints::write_text(&path, &page("hearth pipeline", &body))?;
+    write_own_page(&path, &page("hearth pipeline", &body))?;
     Ok(path)
 }
 
