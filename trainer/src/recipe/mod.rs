@@ -553,6 +553,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("section.key=value"), "{err}");
+        for (set, want) in [
+            ("train..seed=1", "a part of the key is empty"),
+            (".seed=1", "a part of the key is empty"),
+            ("train.seed=1\nmax_steps=5", "give each its own --set"),
+        ] {
+            let err = parse(MINIMAL, "r.toml", &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--set") && err.contains(want), "{set}: {err}");
+        }
+        // A value may still span lines where TOML allows it.
+        let r = parse(
+            MINIMAL,
+            "r.toml",
+            &["lora.targets=[\"q_proj\",\n\"v_proj\"]".into()],
+        )
+        .unwrap();
+        assert_eq!(r.lora.unwrap().targets, ["q_proj", "v_proj"]);
         let err = parse(
             &format!("{MINIMAL}[train]\nmethod = \"ppo\"\n"),
             "r.toml",

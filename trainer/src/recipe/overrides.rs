@@ -10,11 +10,25 @@ pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> 
     let (key, raw) = text.split_once('=').ok_or_else(|| {
         TrainerError::Input(format!("--set `{text}`: expected section.key=value"))
     })?;
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        // A value that goes on past its line into more keys (`1\nmax_steps=5`) would set
+        // them unseen, or drop them: one --set sets one key.
+        Ok(t) if t.len() > 1 => {
+            return Err(TrainerError::Input(format!(
+                "--set `{}`: the value runs on into other keys; give each its own --set",
+                text.escape_debug()
+            )));
+        }
+        Ok(mut t) => t.remove("v"),
+        Err(_) => None,
+    }
+    .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.trim().is_empty()) {
+        return Err(TrainerError::Input(format!(
+            "--set `{text}`: a part of the key is empty (expected section.key=value)"
+        )));
+    }
     let (last, sections) = parts
         .split_last()
         .ok_or_else(|| TrainerError::Input(format!("--set `{text}`: empty key")))?;
