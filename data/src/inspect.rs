@@ -51,25 +51,52 @@ pub fn inspect(
     };
     let mut counts = TruncationCounts::default();
     let mut lengths = Vec::with_capacity(loaded.examples.len());
-    for example in &loaded.examples {
+    let mut skipped = loaded.skipped.len();
+    let mut first_good = None;
+    for (i, example) in loaded.examples.iter().enumerate() {
+        // An example that cannot be tokenised (no assistant turn, a template that raises)
+        // is a bad row, named by its file and line as training names it, or skipped.
+        let bad = |e: DataError| -> Result<(), DataError> {
+            match loaded.locations.get(i) {
+                _ if load.skip_bad_rows => Ok(()),
+                Some(&location) => Err(DataError::Row {
+                    path: path.to_path_buf(),
+                    location,
+                    column: None,
+                    reason: e.to_string(),
+                }),
+                None => Err(e),
+            }
+        };
         let mut ignore = TruncationCounts::default();
-        let length = match measure.example(example, &mut ignore)? {
-            Some(Tokenized::Sequence(s)) => s.len(),
-            Some(Tokenized::Pair(p)) => p.prompt.len() + p.chosen.len().max(p.rejected.len()),
-            Some(Tokenized::Prompt(p)) => p.len(),
-            None => 0,
+        let mut fitted = TruncationCounts::default();
+        let length = match measure
+            .example(example, &mut ignore)
+            .and_then(|t| fit.example(example, &mut fitted).map(|_| t))
+        {
+            Ok(Some(Tokenized::Sequence(s))) => s.len(),
+            Ok(Some(Tokenized::Pair(p))) => p.prompt.len() + p.chosen.len().max(p.rejected.len()),
+            Ok(Some(Tokenized::Prompt(p))) => p.len(),
+            Ok(None) => 0,
+            Err(e) => {
+                bad(e)?;
+                skipped += 1;
+                continue;
+            }
         };
         lengths.push(length);
-        fit.example(example, &mut counts)?;
+        counts.truncated += fitted.truncated;
+        counts.dropped += fitted.dropped;
+        first_good.get_or_insert(example);
     }
-    let example = match (show_example, loaded.examples.first()) {
+    let example = match (show_example, first_good) {
         (true, Some(e)) => Some(marked(e, template, tokenizer)?),
         _ => None,
     };
     Ok(Report {
         format: loaded.format,
-        examples: loaded.examples.len(),
-        skipped: loaded.skipped.len(),
+        examples: lengths.len(),
+        skipped,
         max_length,
         truncation,
         counts,
@@ -189,5 +216,75 @@ impl fmt::Display for Report {
                 "(pass --show-example to print the first example with its loss spans marked)"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SpecialTokens;
+    use crate::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
+
+    #[test]
+    fn a_row_that_cannot_be_tokenised_is_named_or_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("talks.jsonl");
+        let talk = |user: &str, reply: Option<&str>| {
+            let mut messages = vec![serde_json::json!({"role": "user", "content": user})];
+            if let Some(r) = reply {
+                messages.push(serde_json::json!({"role": "assistant", "content": r}));
+            }
+            format!("{}\n", serde_json::json!({ "messages": messages }))
+        };
+        let write = |rows: &[String]| std::fs::write(&path, rows.concat()).unwrap();
+        let (no_reply, good, raises) = (
+            talk("nobody answers", None),
+            talk("How do I start?", Some("What feels hardest?")),
+            talk("boom", Some("ok")),
+        );
+        let source = "{% for m in messages %}{% if m.content == 'boom' %}\
+            {{ raise_exception('a template refusal') }}{% endif %}\
+            <|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}<|eot_id|>{% endfor %}\
+            {% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}";
+        let template = ChatTemplate::new(source, SpecialTokens::default(), "test").unwrap();
+        let tokenizer = train_bpe(&[BUNDLED_CORPUS], 400, &LLAMA3_SPECIAL_TOKENS).unwrap();
+        let run = |skip_bad_rows: bool| {
+            let load = LoadOptions {
+                skip_bad_rows,
+                ..Default::default()
+            };
+            inspect(
+                &path,
+                &load,
+                &template,
+                &tokenizer,
+                1000,
+                Truncation::KeepStart,
+                true,
+            )
+        };
+        write(&[no_reply.clone(), good.clone()]);
+        let e = run(false).unwrap_err().to_string();
+        assert!(
+            e.contains("talks.jsonl: line 1: ") && e.contains("no assistant tokens"),
+            "{e}"
+        );
+        write(&[good.clone(), raises.clone()]);
+        let e = run(false).unwrap_err().to_string();
+        assert!(
+            e.contains("talks.jsonl: line 2: ") && e.contains("a template refusal"),
+            "{e}"
+        );
+        // Skipped instead, and counted with the rows that could not be read at all.
+        write(&[no_reply, good, raises, "not json\n".into()]);
+        let report = run(true).unwrap();
+        assert_eq!((report.examples, report.skipped), (1, 3));
+        assert_eq!(report.lengths.len(), 1);
+        // The example shown is the first that tokenised, not the bad first row.
+        let shown = report.example.unwrap();
+        assert!(
+            shown.contains("How do I start?") && !shown.contains("nobody"),
+            "{shown}"
+        );
     }
 }
