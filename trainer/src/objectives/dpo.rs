@@ -5,7 +5,7 @@
 //! - `hinge`: `relu(1 − Δ)`;
 //! - `robust`: `[−(1−ε)·log σ(Δ) + ε·log σ(−Δ)] / (1 − 2ε)`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use burn::tensor::{Tensor, TensorData};
@@ -128,6 +128,7 @@ impl Objective for Dpo {
             .ref_cache_dir
             .clone()
             .unwrap_or_else(default_cache_dir);
+        check_cache_dir(&dir)?;
         let key = RefCacheKey::new(cx.base, cx.lora_init, cx.precision)?;
         for set in [cx.train, cx.eval] {
             if let Examples::Pairs(pairs) = set {
@@ -228,10 +229,46 @@ pub fn dpo_loss(
     (loss, m)
 }
 
+/// The reference cache's directory takes files named by hash: refused, before the
+/// reference runs, where that is a file or a model's or adapter's own directory.
+fn check_cache_dir(dir: &Path) -> Result<()> {
+    let bad = |why: &str| {
+        Err(TrainerError::Input(format!(
+            "{}: dpo.ref_cache_dir {why}; choose a directory of its own",
+            dir.display()
+        )))
+    };
+    if dir.exists() && !dir.is_dir() {
+        return bad("is not a directory");
+    }
+    if checkpoints::guard::holds_checkpoint(dir) {
+        return bad("holds a model or an adapter");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{close, ls, t};
     use super::*;
+
+    /// The cache never lands in a model's directory or on a file, and takes a new or
+    /// existing directory of its own.
+    #[test]
+    fn the_reference_cache_needs_a_directory_of_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(model.join("config.json"), "{}").unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, "").unwrap();
+        for (dir, want) in [(&model, "holds a model"), (&file, "not a directory")] {
+            let e = check_cache_dir(dir).unwrap_err().to_string();
+            assert!(e.contains("dpo.ref_cache_dir") && e.contains(want), "{e}");
+        }
+        check_cache_dir(&tmp.path().join("new")).unwrap();
+        check_cache_dir(tmp.path()).unwrap();
+    }
 
     fn logps(c: &[f64], r: &[f64], cl: &[f64], rl: &[f64]) -> PairLogps {
         PairLogps {
