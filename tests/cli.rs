@@ -2607,6 +2607,19 @@ fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
     .unwrap();
     ok(&start);
 
+    // A base to be made (model.create_if_missing) in a folder that holds other files.
+    let tokenizer_only = tmp.path().join("tk");
+    std::fs::create_dir(&tokenizer_only).unwrap();
+    let mine = tokenizer_only.join("tokenizer.json");
+    std::fs::write(&mine, "{}").unwrap();
+    fails_keeping(
+        &TinyRun::sft(&tokenizer_only)
+            .sets(&extra)
+            .out(&tmp.path().join("made")),
+        &["model.path", "create_if_missing", "not empty"],
+        &[&mine],
+    );
+
     // Finished: a resume would train its last steps again over final/.
     let adapter = run.join("final/adapter_model.safetensors");
     fails_keeping(

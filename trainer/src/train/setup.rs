@@ -184,7 +184,12 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
                 ..Default::default()
             },
             Default::default(),
-        )?;
+        )
+        .map_err(|e| {
+            TrainerError::Input(format!(
+                "model.path (a new model, as model.create_if_missing = true): {e}"
+            ))
+        })?;
     }
     Ok(run)
 }
