@@ -2,7 +2,7 @@
 //! each — the tokenisation a training run would use, in a form other tools can diff.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::format::{Example, FieldError, Format, parse_row};
 use crate::read::{BadRow, for_each_row};
@@ -50,7 +50,9 @@ pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTempla
 }
 
 /// Renders every `{"messages": [...]}` line of `input` into `out`. Returns the number of
-/// conversations written. `out` appears only once complete.
+/// conversations written. `out` appears only once complete, and only if `input` had a row
+/// to render: an empty input is an error, as it is to `inspect` and `train`. An `out` that
+/// exists already is refused.
 pub fn render_jsonl(
     dir: &Path,
     choice: TemplateChoice<'_>,
@@ -67,49 +69,78 @@ pub fn render_jsonl(
     }
     let template = template_for(dir, choice)?;
     let tok = tokenizer::load(dir)?;
-    let tmp = PathBuf::from(format!("{}.tmp", out.display()));
-    let io = |path: &Path, source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    let mut writer = std::io::BufWriter::new(file);
-    let mut count = 0;
-    let result = for_each_row(
-        input,
-        &mut |row| {
-            let location = row.location;
-            let row_error = |column: Option<String>, reason: String| DataError::Row {
+    crate::output::write_new(out, |writer, tmp| {
+        let mut count = 0;
+        for_each_row(
+            input,
+            &mut |row| {
+                let location = row.location;
+                let row_error = |column: Option<String>, reason: String| DataError::Row {
+                    path: input.to_path_buf(),
+                    location,
+                    column,
+                    reason,
+                };
+                let example = parse_row(Format::Messages, row.fields)
+                    .map_err(|FieldError { column, reason }| row_error(column, reason))?;
+                let Example::Conversation { messages, .. } = example else {
+                    return Err(row_error(None, "expected a conversation".into()));
+                };
+                let rendered = render_with_mask(&template, &tok, &messages)
+                    .map_err(|e| row_error(Some("messages".into()), e.to_string()))?;
+                let line = serde_json::json!({
+                    "input_ids": rendered.input_ids,
+                    "assistant_mask": rendered.assistant_mask,
+                });
+                writeln!(writer, "{line}").map_err(|source| DataError::Io {
+                    path: tmp.to_path_buf(),
+                    source,
+                })?;
+                count += 1;
+                Ok(())
+            },
+            &mut |bad: BadRow| Err(bad.into_error(input)),
+        )?;
+        if count == 0 {
+            return Err(DataError::Unsupported {
                 path: input.to_path_buf(),
-                location,
-                column,
-                reason,
-            };
-            let example = parse_row(Format::Messages, row.fields)
-                .map_err(|FieldError { column, reason }| row_error(column, reason))?;
-            let Example::Conversation { messages, .. } = example else {
-                return Err(row_error(None, "expected a conversation".into()));
-            };
-            let rendered = render_with_mask(&template, &tok, &messages)
-                .map_err(|e| row_error(Some("messages".into()), e.to_string()))?;
-            let line = serde_json::json!({
-                "input_ids": rendered.input_ids,
-                "assistant_mask": rendered.assistant_mask,
+                reason: "no rows to read".into(),
             });
-            writeln!(writer, "{line}").map_err(|e| io(&tmp, e))?;
-            count += 1;
-            Ok(())
-        },
-        &mut |bad: BadRow| Err(bad.into_error(input)),
-    );
-    let finished = result.and_then(|()| {
-        let file = writer.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| io(&tmp, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| io(out, e))
-    });
-    if let Err(e) = finished {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        }
+        Ok(count)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
+
+    #[test]
+    fn an_input_without_rows_is_an_error_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        train_bpe(&[BUNDLED_CORPUS], 300, &LLAMA3_SPECIAL_TOKENS)
+            .unwrap()
+            .save(dir.path().join("tokenizer.json"), false)
+            .unwrap();
+        let input = dir.path().join("in.jsonl");
+        let out = dir.path().join("out.jsonl");
+        let render = || render_jsonl(dir.path(), TemplateChoice::Builtin("llama3"), &input, &out);
+        for empty in ["", "\n  \n"] {
+            std::fs::write(&input, empty).unwrap();
+            let e = render().unwrap_err().to_string();
+            assert!(e.contains("in.jsonl: no rows to read"), "{e}");
+            let mut names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["in.jsonl", "tokenizer.json"]);
+        }
+        let talk = serde_json::json!({"messages": [
+            {"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]});
+        std::fs::write(&input, format!("{talk}\n")).unwrap();
+        assert_eq!(render().unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 1);
     }
-    Ok(count)
 }

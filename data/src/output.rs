@@ -1,0 +1,129 @@
+//! Writing an output file so that it appears only once complete, and never over a file
+//! that is already there.
+
+use std::fs::{File, OpenOptions};
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use crate::DataError;
+
+fn io(path: &Path, source: std::io::Error) -> DataError {
+    DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn refused(out: &Path, reason: &str) -> DataError {
+    DataError::Unsupported {
+        path: out.to_path_buf(),
+        reason: format!("refusing to write here: {reason}; choose another --out"),
+    }
+}
+
+/// Refuses `out` if anything is there already (a file, a directory, a link).
+fn refuse_existing(out: &Path) -> Result<(), DataError> {
+    match out.symlink_metadata() {
+        Ok(meta) if meta.is_dir() => Err(refused(out, "it is a directory")),
+        Ok(_) => Err(refused(out, "it already exists")),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Writes the new file `out`: `fill` writes into a temporary file beside it (same
+/// directory, so the final rename is atomic; named with the process id and created new,
+/// so no other file is written over), which becomes `out` only once `fill` succeeded and
+/// the data is on disk. On any failure the temporary file is removed and `out` is never
+/// touched. An `out` that already exists is refused, before and again after the work.
+pub(crate) fn write_new<T>(
+    out: &Path,
+    fill: impl FnOnce(&mut BufWriter<File>, &Path) -> Result<T, DataError>,
+) -> Result<T, DataError> {
+    refuse_existing(out)?;
+    let tmp = temp_beside(out)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io(&tmp, e))?;
+    let result = (|| {
+        let mut writer = BufWriter::new(file);
+        let value = fill(&mut writer, &tmp)?;
+        let file = writer.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| io(&tmp, e))?;
+        drop(file);
+        refuse_existing(out)?;
+        std::fs::rename(&tmp, out).map_err(|e| io(out, e))?;
+        Ok(value)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `OUT.<pid>.tmp` in `out`'s directory.
+fn temp_beside(out: &Path) -> Result<PathBuf, DataError> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| refused(out, "it does not name a file"))?;
+    let mut tmp = name.to_os_string();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    Ok(out.with_file_name(tmp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn the_file_appears_only_when_complete_and_never_over_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        let leftovers = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.ends_with(".tmp"))
+                .collect::<Vec<_>>()
+        };
+        // A failing fill leaves nothing, not even its temporary file.
+        let e = write_new(&out, |w, _| {
+            w.write_all(b"half").unwrap();
+            Err::<(), _>(DataError::Conversation("stopped".into()))
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "stopped");
+        assert!(!out.exists() && leftovers().is_empty(), "{:?}", leftovers());
+
+        write_new(&out, |w, tmp| w.write_all(b"one\n").map_err(|e| io(tmp, e))).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\n");
+        assert!(leftovers().is_empty());
+
+        // An existing file or a directory is refused, and left as it was.
+        let e = write_new(&out, |w, tmp| w.write_all(b"two\n").map_err(|e| io(tmp, e)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("out.jsonl") && e.contains("already exists"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\n");
+        let e = write_new(dir.path(), |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        // A file that appears while the work runs is not written over either.
+        let late = dir.path().join("late.jsonl");
+        let e = write_new(&late, |_, _| {
+            std::fs::write(&late, "theirs").unwrap();
+            Ok(())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("already exists"), "{e}");
+        assert_eq!(std::fs::read_to_string(&late).unwrap(), "theirs");
+        assert!(leftovers().is_empty(), "{:?}", leftovers());
+    }
+}
