@@ -342,20 +342,41 @@ impl std::str::FromStr for Kind {
     }
 }
 
-/// Writes [`generate`]'s rows to `out`, which appears only once complete.
+/// Writes [`generate`]'s rows to `out` as JSON Lines: a new file (one already there is
+/// refused) named `.jsonl`, `.ndjson` or `.json`, which hearth reads back as JSON Lines, and
+/// which appears only once complete. At least one row is asked for.
 pub fn write(
     kind: Kind,
     n: usize,
     seed: u64,
     out: &std::path::Path,
 ) -> Result<(), crate::DataError> {
-    let io = |path: &std::path::Path, source| crate::DataError::Io {
-        path: path.to_path_buf(),
-        source,
+    let refuse = |reason: &str| crate::DataError::Unsupported {
+        path: out.to_path_buf(),
+        reason: reason.to_string(),
     };
-    let tmp = std::path::PathBuf::from(format!("{}.tmp", out.display()));
-    std::fs::write(&tmp, generate(kind, n, seed)).map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| io(out, e))
+    if n == 0 {
+        return Err(refuse("nothing to write: --rows must be at least 1"));
+    }
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if !matches!(ext.as_str(), "jsonl" | "ndjson" | "json") {
+        return Err(refuse(
+            "generated rows are written as JSON Lines only: name the file .jsonl (or .json)",
+        ));
+    }
+    crate::output::write_new(out, |writer, tmp| {
+        use std::io::Write;
+        writer
+            .write_all(generate(kind, n, seed).as_bytes())
+            .map_err(|source| crate::DataError::Io {
+                path: tmp.to_path_buf(),
+                source,
+            })
+    })
 }
 
 /// `n` rows of `kind` as JSON Lines text, the same for the same seed.
@@ -448,5 +469,59 @@ mod tests {
                 .iter()
                 .all(|e| matches!(e, Example::Conversation { .. }))
         );
+    }
+
+    #[test]
+    fn write_makes_a_new_jsonl_file_or_refuses_leaving_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        let out = dir.path().join("sft.jsonl");
+        write(Kind::Sft, 5, 1, &out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            generate(Kind::Sft, 5, 1)
+        );
+        let refused = |rows: usize, path: &std::path::Path, needle: &str| {
+            let e = write(Kind::Prompts, rows, 2, path).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+            assert!(e.contains(&path.display().to_string()), "{e}");
+        };
+        // An existing file keeps what it held; a directory gets no temporary file inside
+        // or beside it.
+        refused(5, &out, "already exists");
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            generate(Kind::Sft, 5, 1)
+        );
+        std::fs::create_dir(dir.path().join("sub.jsonl")).unwrap();
+        refused(5, &dir.path().join("sub.jsonl"), "is a directory");
+        // Rows written as JSON Lines under a name that promises another format, or no
+        // rows at all, are refused before anything is written.
+        for name in ["p.parquet", "a.arrow", "noext"] {
+            refused(5, &dir.path().join(name), "JSON Lines only");
+        }
+        refused(
+            0,
+            &dir.path().join("none.jsonl"),
+            "--rows must be at least 1",
+        );
+        assert_eq!(files(), ["sft.jsonl", "sub.jsonl"]);
+        assert!(
+            std::fs::read_dir(dir.path().join("sub.jsonl"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        write(Kind::Preference, 3, 1, &dir.path().join("pairs.json")).unwrap();
+        let loaded =
+            load_examples(&dir.path().join("pairs.json"), &LoadOptions::default()).unwrap();
+        assert_eq!(loaded.examples.len(), 3);
     }
 }
