@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Part 3 of the GPU check: a few steps of SFT (f32 and bf16), DPO and GRPO on a random
-# model on DEVICE, each beside one step of the same recipe on the CPU; OUT/runs.md gets one
-# row per run (benches/gpu/compare_runs.py). Run from the repository root.
+# model on DEVICE, each beside one step of the same recipe on the CPU, and an SFT run
+# resumed on DEVICE beside the same run uninterrupted; OUT/runs.md gets one row per run
+# (benches/gpu/compare_runs.py). Run from the repository root.
 #
 #   benches/gpu/runs.sh HEARTH DEVICE OUT [--small]
 set -u
@@ -42,5 +43,20 @@ for spec in sft:f32 sft:bf16 sft:f32:blocked dpo:f32 grpo:f32; do
     python3 "$here/compare_runs.py" "$label" "$device" "$dtype" \
         "$work/$name-dev/metrics.jsonl" "$work/$name-cpu/metrics.jsonl" >>"$report" || rc=1
 done
+# A resume on the device: burn reads the optimizer state on the CPU (hearth makes the CPU its
+# default device) and moves it to the device at the next step. The resumed steps must give
+# the uninterrupted run's losses; an optimizer state left behind or reset would not.
+resume=(--set "model.path=\"$model\"" --set model.create_if_missing=false
+    --set train.save_steps=2 --set train.eval_steps=0 --set data.eval_fraction=0.0
+    --set "train.device=\"$device\"" --set train.max_steps=6)
+"$hearth" train recipes/tiny-sft.toml --out "$work/whole" "${resume[@]}" \
+    >"$out/run-sft-resume.log" 2>&1 || rc=1
+mkdir -p "$work/resumed"
+cp "$work/whole/recipe.toml" "$work/whole/metrics.jsonl" "$work/resumed/" 2>/dev/null &&
+    cp -r "$work/whole/checkpoint-2" "$work/resumed/" 2>/dev/null || rc=1
+"$hearth" train recipes/tiny-sft.toml --resume "$work/resumed" "${resume[@]}" \
+    >>"$out/run-sft-resume.log" 2>&1 || rc=1
+python3 "$here/compare_runs.py" "sft (resumed at step 2)" "$device" f32 \
+    "$work/resumed/metrics.jsonl" "$work/whole/metrics.jsonl" --every-step >>"$report" || rc=1
 cat "$report"
 exit $rc
