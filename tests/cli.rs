@@ -2772,6 +2772,14 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_the_start() {
     std::fs::write(killed.join("metrics.jsonl"), format!("{first_line}\n")).unwrap();
     let fresh = TinyRun::sft(&base).sets(&extra).out(&killed);
     fails(&fresh, &["already holds a run", "--resume"]);
+    // A run whose recipe.toml no longer parses is named as unreadable, not as changed.
+    let garbled = tmp.path().join("garbled");
+    std::fs::create_dir(&garbled).unwrap();
+    std::fs::write(garbled.join("recipe.toml"), "[train\n").unwrap();
+    fails(
+        &TinyRun::sft(&base).sets(&extra).resume(&garbled),
+        &["recipe.toml", "unreadable"],
+    );
     ok(&TinyRun::sft(&base)
         .sets(&extra)
         .resume(&killed)

@@ -160,7 +160,13 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
     let run = if resume {
         let run = RunDir::open(out)?;
         let path = out.join(crate::run_dir::RECIPE_FILE);
-        let saved = std::fs::read_to_string(&path).unwrap_or_default();
+        let saved = std::fs::read_to_string(&path)
+            .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
+        if let Err(e) = crate::recipe::parse(&saved, &path.display().to_string(), &[]) {
+            return Err(TrainerError::Input(format!(
+                "the run's recipe is unreadable, so it cannot be resumed: {e}"
+            )));
+        }
         if !same_run(&saved, recipe, &path.display().to_string()) {
             return Err(TrainerError::Input(format!(
                 "{}: this recipe (with its --set overrides) differs from the one the run started with; resume needs the same (only train.gradient_accumulation_steps and [dist] may change, to keep the global batch on another number of processes)",
