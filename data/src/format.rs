@@ -120,23 +120,56 @@ pub enum Example {
 impl Example {
     /// What the train/eval split groups by: the prompt (everything before the first
     /// assistant turn), so pairs and dialogues that share a question stay together.
+    ///
+    /// A prompt in which no user speaks asks nothing of its own: a session the counselor
+    /// opens, or a system prompt that every row shares. Keyed by it, every such row would be
+    /// one group on one side of the split. So a dialogue keys by its messages through the
+    /// client's first turn (the whole dialogue if the client never speaks), a pair by all
+    /// it holds, and a prompt by its messages and its other columns (a simulated client's
+    /// intake, say).
     pub fn group_key(&self) -> String {
-        let prompt: &[Message] = match self {
+        let asks = |ms: &[Message]| ms.iter().any(|m| m.role == "user");
+        match self {
             Example::Conversation { messages, .. } => {
                 let end = messages
                     .iter()
                     .position(Message::is_assistant)
                     .unwrap_or(messages.len());
-                &messages[..end]
+                if asks(&messages[..end]) {
+                    return key(&messages[..end]);
+                }
+                match messages.iter().position(|m| m.role == "user") {
+                    Some(first) => key(&messages[..=first]),
+                    None => key(messages),
+                }
             }
-            Example::Pair { prompt, .. } | Example::Prompt { prompt, .. } => prompt,
-        };
-        prompt
-            .iter()
-            .map(|m| format!("{}\u{1f}{}", m.role, m.content))
-            .collect::<Vec<_>>()
-            .join("\u{1e}")
+            Example::Pair { prompt, .. } | Example::Prompt { prompt, .. } if asks(prompt) => {
+                key(prompt)
+            }
+            Example::Pair {
+                prompt,
+                chosen,
+                rejected,
+                ..
+            } => [prompt, chosen, rejected].map(|ms| key(ms)).join("\u{1d}"),
+            Example::Prompt { prompt, extra } => {
+                // In column order by name, so rows that list their columns differently
+                // but agree on them share a key.
+                let columns: std::collections::BTreeMap<&String, &Value> = extra.iter().collect();
+                let columns = serde_json::to_string(&columns).unwrap_or_default();
+                format!("{}\u{1d}{columns}", key(prompt))
+            }
+        }
     }
+}
+
+/// Messages as one string: roles and contents, with separators no text uses.
+fn key(messages: &[Message]) -> String {
+    messages
+        .iter()
+        .map(|m| format!("{}\u{1f}{}", m.role, m.content))
+        .collect::<Vec<_>>()
+        .join("\u{1e}")
 }
 
 /// A problem with one row: the column at fault (if one is) and why.

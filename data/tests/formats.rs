@@ -675,3 +675,55 @@ fn errors_never_echo_what_a_row_says() {
         }
     }
 }
+
+/// Sessions the counselor opens have no client words before the first assistant turn, and
+/// GRPO prompts may hold only the shared system prompt: each row is still its own group, so
+/// a split of distinct rows has both sides, while rows sharing a question stay together.
+#[test]
+fn rows_without_a_client_turn_before_the_reply_still_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let sessions: Vec<Value> = (0..50)
+        .map(|i| {
+            json!({"dialogue": format!(
+                "Counselor: Hi, what brings you here today?\nClient: Worry number {i}.\nCounselor: Tell me more."
+            )})
+        })
+        .collect();
+    let system = json!({"role": "system", "content": "You are a counselor."});
+    let prompts: Vec<Value> = (0..50)
+        .map(|i| json!({"prompt": [system], "intake_form": format!("Client {i}")}))
+        .collect();
+    // The same client opening answered twice, and a greeting-only dialogue twice.
+    let repeated = |name: &str, rows: &[Value]| {
+        let loaded = load(&jsonl(dir.path(), name, rows));
+        let keys: Vec<String> = loaded.examples.iter().map(Example::group_key).collect();
+        assert_eq!(keys[0], keys[1], "{name}");
+    };
+    repeated(
+        "twice.jsonl",
+        &[
+            json!({"dialogue": "Counselor: Hi.\nClient: I cannot sleep.\nCounselor: Since when?"}),
+            json!({"dialogue": "Counselor: Hi.\nClient: I cannot sleep.\nCounselor: What keeps you up?"}),
+        ],
+    );
+    repeated(
+        "same-prompt.jsonl",
+        &[
+            json!({"prompt": [system], "intake_form": "A", "risk": "low"}),
+            json!({"risk": "low", "intake_form": "A", "prompt": [system]}),
+        ],
+    );
+    for (name, rows) in [("sessions.jsonl", sessions), ("prompts.jsonl", prompts)] {
+        let loaded = load(&jsonl(dir.path(), name, &rows));
+        let keys: Vec<String> = loaded.examples.iter().map(Example::group_key).collect();
+        let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), 50, "{name}");
+        let (train, eval) = data::batch::split_by_group(&keys, 0.2, 0);
+        assert!(
+            (25..50).contains(&train.len()) && !eval.is_empty(),
+            "{name}: {} train, {} eval",
+            train.len(),
+            eval.len()
+        );
+    }
+}
