@@ -1,0 +1,180 @@
+//! `hearth data` commands on bad input, end to end: each fails with exit 1 and one `error:`
+//! line naming the file (and line), leaves nothing behind, and never prints a panic.
+
+use std::path::Path;
+
+mod common;
+use common::hearth;
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The command fails with exit 1 and one `error:` line holding every needle; returns it.
+fn fails(args: &[&str], needles: &[&str]) -> String {
+    let out = hearth(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "hearth {args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
+    assert!(
+        stderr.starts_with("error: ") && !stderr.contains("internal error"),
+        "{stderr}"
+    );
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
+    }
+    stderr
+}
+
+fn succeeds(args: &[&str]) -> String {
+    let out = hearth(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "hearth {args:?}: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn tiny_model(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("model");
+    succeeds(&["init-model", "--out", s(&model)]);
+    model
+}
+
+/// A `datasets`-style Arrow stream cache (three `messages` rows) with one byte of a buffer
+/// offset in the record batch damaged: arrow slices past the body and panics on it.
+#[test]
+fn a_damaged_arrow_file_is_one_error_line_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let damaged =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tests/fixtures/damaged-stream.arrow");
+    let err = fails(
+        &["data", "inspect", s(&damaged), "--tokenizer", s(&model)],
+        &["damaged-stream.arrow", "the file is damaged"],
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn data_inspect_names_the_line_of_a_row_it_cannot_tokenise_or_skips_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = tmp.path().join("talks.jsonl");
+    let talk = serde_json::json!({"messages": [
+        {"role": "user", "content": "How do I start?"},
+        {"role": "assistant", "content": "What feels hardest?"}]});
+    let no_reply = serde_json::json!({"messages": [{"role": "user", "content": "anyone?"}]});
+    std::fs::write(&data, format!("{talk}\n{no_reply}\n")).unwrap();
+    let inspect = ["data", "inspect", s(&data), "--tokenizer", s(&model)];
+    fails(&inspect, &["talks.jsonl: line 2", "no assistant tokens"]);
+    let report = succeeds(&[&inspect[..], &["--skip-bad-rows"]].concat());
+    assert!(
+        report.contains("examples: 1 (1 bad rows skipped)"),
+        "{report}"
+    );
+}
+
+#[test]
+fn errors_name_the_kind_of_a_value_never_its_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let said = "I want to die and nobody would notice";
+    for (name, row) in [
+        (
+            "object.jsonl",
+            serde_json::json!({"prompt": {"text": said}, "completion": "c"}),
+        ),
+        (
+            "role.jsonl",
+            serde_json::json!({"messages": [{"role": said, "content": "hi"}]}),
+        ),
+        ("columns.jsonl", serde_json::json!({ said: "x" })),
+    ] {
+        let data = tmp.path().join(name);
+        std::fs::write(&data, format!("{row}\n")).unwrap();
+        let err = fails(
+            &["data", "inspect", s(&data), "--tokenizer", s(&model)],
+            &[name, "line 1"],
+        );
+        assert!(!err.contains("want to die"), "{err}");
+    }
+}
+
+#[test]
+fn data_render_of_an_empty_input_fails_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let input = work.join("empty.jsonl");
+    std::fs::write(&input, "\n").unwrap();
+    let out = work.join("rendered.jsonl");
+    let render = [
+        "data",
+        "render",
+        "--tokenizer",
+        s(&model),
+        "--input",
+        s(&input),
+        "--out",
+        s(&out),
+    ];
+    fails(&render, &["empty.jsonl", "no rows to read"]);
+    assert_eq!(names(&work), ["empty.jsonl"]);
+}
+
+#[test]
+fn data_generate_refuses_what_it_cannot_write_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let generate = |rows: &str, out: &Path| {
+        let args = [
+            "data",
+            "generate",
+            "--kind",
+            "sft",
+            "--rows",
+            rows,
+            "--out",
+            s(out),
+        ];
+        args.map(str::to_string)
+    };
+    let run = |rows: &str, out: &Path, needles: &[&str]| {
+        let args = generate(rows, out);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails(&args, needles);
+    };
+    let dir = tmp.path().join("a-directory.jsonl");
+    std::fs::create_dir(&dir).unwrap();
+    run("4", &dir, &["a-directory.jsonl", "directory"]);
+    run(
+        "4",
+        &tmp.path().join("rows.parquet"),
+        &["rows.parquet", "JSON Lines"],
+    );
+    run(
+        "4",
+        &tmp.path().join("rows.arrow"),
+        &["rows.arrow", "JSON Lines"],
+    );
+    run(
+        "0",
+        &tmp.path().join("none.jsonl"),
+        &["none.jsonl", "--rows"],
+    );
+    let kept = tmp.path().join("kept.jsonl");
+    std::fs::write(&kept, "mine\n").unwrap();
+    run("4", &kept, &["kept.jsonl", "exists"]);
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "mine\n");
+    assert_eq!(names(tmp.path()), ["a-directory.jsonl", "kept.jsonl"]);
+    assert!(names(&dir).is_empty());
+}
