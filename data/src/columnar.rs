@@ -19,7 +19,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Number, Value};
 
 use crate::DataError;
-use crate::read::{BadRow, Location, Row};
+use crate::read::{BadRow, Location, Row, showable};
 
 const BATCH_ROWS: usize = 1024;
 
@@ -146,16 +146,30 @@ fn batches_to_rows(
     Ok(())
 }
 
-/// The rows of one batch, numbered on from `*index`.
+/// The rows of one batch, numbered on from `*index`. Columns of a type with no JSON value
+/// are left out of every row and listed in its `unreadable`: a file is not refused for a
+/// column (an image, say) that its format never reads.
 fn batch_rows(batch: &RecordBatch, index: &mut usize) -> Vec<Result<Row, BadRow>> {
     let schema = batch.schema();
+    let readable: Vec<Result<(), String>> = schema
+        .fields()
+        .iter()
+        .map(|f| readable(f.data_type()))
+        .collect();
+    let unreadable: Vec<(String, String)> = schema
+        .fields()
+        .iter()
+        .zip(&readable)
+        .filter_map(|(f, r)| r.clone().err().map(|why| (f.name().clone(), why)))
+        .collect();
     let mut rows = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
         let location = Location::Row(*index);
         *index += 1;
         let mut fields = Map::new();
         let mut failed = None;
-        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        let columns = schema.fields().iter().zip(batch.columns()).zip(&readable);
+        for ((field, column), _) in columns.filter(|(_, r)| r.is_ok()) {
             match value_at(column.as_ref(), i) {
                 Ok(v) => {
                     fields.insert(field.name().clone(), v);
@@ -163,7 +177,7 @@ fn batch_rows(batch: &RecordBatch, index: &mut usize) -> Vec<Result<Row, BadRow>
                 Err(reason) => {
                     failed = Some(BadRow {
                         location,
-                        column: Some(field.name().clone()),
+                        column: showable(field.name()).then(|| field.name().clone()),
                         reason,
                     });
                     break;
@@ -172,10 +186,41 @@ fn batch_rows(batch: &RecordBatch, index: &mut usize) -> Vec<Result<Row, BadRow>
         }
         rows.push(match failed {
             Some(bad) => Err(bad),
-            None => Ok(Row { location, fields }),
+            None => Ok(Row {
+                location,
+                fields,
+                unreadable: unreadable.clone(),
+            }),
         });
     }
     rows
+}
+
+/// Whether [`value_at`] can turn values of `data_type` into JSON; why not, if it cannot.
+fn readable(data_type: &DataType) -> Result<(), String> {
+    match data_type {
+        DataType::Null
+        | DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::Utf8View
+        | DataType::Boolean
+        | DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32
+        | DataType::UInt64
+        | DataType::Float32
+        | DataType::Float64 => Ok(()),
+        DataType::List(item) | DataType::LargeList(item) | DataType::FixedSizeList(item, _) => {
+            readable(item.data_type())
+        }
+        DataType::Struct(fields) => fields.iter().try_for_each(|f| readable(f.data_type())),
+        DataType::Dictionary(_, values) => readable(values),
+        other => Err(format!("column type {other} is not supported")),
+    }
 }
 
 fn float(v: f64) -> Value {
@@ -188,6 +233,7 @@ fn value_at(array: &dyn Array, i: usize) -> Result<Value, String> {
         return Ok(Value::Null);
     }
     Ok(match array.data_type() {
+        DataType::Null => Value::Null,
         DataType::Utf8 => Value::from(array.as_string::<i32>().value(i)),
         DataType::LargeUtf8 => Value::from(array.as_string::<i64>().value(i)),
         DataType::Utf8View => Value::from(array.as_string_view().value(i)),

@@ -74,6 +74,7 @@ fn load_rows(
     {
         let mut on_row = |mut row: crate::read::Row| -> Result<(), DataError> {
             rename_columns(&mut row.fields, &options.columns);
+            rename_unreadable(&mut row.unreadable, &options.columns);
             let f = match format {
                 Some(f) => f,
                 None => {
@@ -81,7 +82,7 @@ fn load_rows(
                         path: path.to_path_buf(),
                         location: row.location,
                         column: None,
-                        reason,
+                        reason: with_unreadable(reason, &row.unreadable),
                     })?;
                     format = Some(f);
                     f
@@ -93,7 +94,8 @@ fn load_rows(
                     examples.push(example);
                     locations.push(location);
                 }
-                Err(FieldError { column, reason }) => {
+                Err(e) => {
+                    let FieldError { column, reason } = explain(e, &row.unreadable);
                     let bad = BadRow {
                         location: row.location,
                         column,
@@ -124,4 +126,41 @@ fn load_rows(
         locations,
         skipped,
     })
+}
+
+/// An error about a column the reader left out as unreadable (its type has no JSON value)
+/// says why, instead of calling the column missing.
+pub(crate) fn explain(error: FieldError, unreadable: &[(String, String)]) -> FieldError {
+    match unreadable
+        .iter()
+        .find(|(name, _)| error.column.as_deref() == Some(name.as_str()))
+    {
+        Some((_, why)) => FieldError {
+            reason: why.clone(),
+            ..error
+        },
+        None => error,
+    }
+}
+
+/// Applies the column renames to the names of unreadable columns too.
+fn rename_unreadable(unreadable: &mut [(String, String)], mapping: &[(String, String)]) {
+    for (name, _) in unreadable {
+        if let Some((_, to)) = mapping.iter().find(|(from, _)| from == name) {
+            *name = to.clone();
+        }
+    }
+}
+
+/// A format detection error, with the columns that were left out as unreadable: the one
+/// that would have told the format may be among them.
+fn with_unreadable(reason: String, unreadable: &[(String, String)]) -> String {
+    if unreadable.is_empty() {
+        return reason;
+    }
+    let left_out: Vec<String> = unreadable
+        .iter()
+        .map(|(name, why)| format!("{} ({why})", crate::read::shown_name(name)))
+        .collect();
+    format!("{reason}; left out as unreadable: {}", left_out.join(", "))
 }

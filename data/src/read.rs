@@ -33,6 +33,21 @@ impl fmt::Display for Location {
 pub struct Row {
     pub location: Location,
     pub fields: Map<String, Value>,
+    /// Columns of a Parquet or Arrow file left out of `fields` because their type has no
+    /// JSON value (binary image bytes, say): (name, why). They matter only to a format
+    /// that reads them, which then says why instead of calling them missing.
+    pub unreadable: Vec<(String, String)>,
+}
+
+impl Row {
+    /// A row of `fields`, every column read.
+    pub fn new(location: Location, fields: Map<String, Value>) -> Self {
+        Self {
+            location,
+            fields,
+            unreadable: Vec::new(),
+        }
+    }
 }
 
 /// A row that could not be read, for `skip_bad_rows` to count instead of failing.
@@ -59,13 +74,17 @@ impl BadRow {
 pub enum FileKind {
     JsonLines,
     JsonArray,
+    /// JSON objects one after another, any of them over several lines: a pretty-printed
+    /// `.json` file holding one row (or a few).
+    JsonObjects,
     Parquet,
     Arrow,
 }
 
 impl FileKind {
     /// From the extension; `.json` is a JSON array if its first non-blank byte is `[`,
-    /// else JSON Lines (as the `datasets` library treats it).
+    /// pretty-printed objects if its first object runs past its first line, else JSON
+    /// Lines (as the `datasets` library treats it).
     pub fn detect(path: &Path) -> Result<Self, DataError> {
         let ext = path
             .extension()
@@ -86,10 +105,10 @@ impl FileKind {
                         break;
                     }
                 }
-                Ok(if byte[0] == b'[' {
-                    Self::JsonArray
-                } else {
-                    Self::JsonLines
+                Ok(match byte[0] {
+                    b'[' => Self::JsonArray,
+                    b'{' if first_object_spans_lines(path)? => Self::JsonObjects,
+                    _ => Self::JsonLines,
                 })
             }
             _ => Err(DataError::Unsupported {
@@ -98,6 +117,25 @@ impl FileKind {
             }),
         }
     }
+}
+
+/// Whether the first JSON value of `path` is whole and ends on a later line than it
+/// starts: a pretty-printed object. A first line that is broken JSON but not the start of
+/// such an object stays a bad line of JSON Lines, which `skip_bad_rows` can pass over.
+fn first_object_spans_lines(path: &Path) -> Result<bool, DataError> {
+    let mut reader = BufReader::new(open(path)?);
+    skip_bom(&mut reader).map_err(|e| io(path, e))?;
+    let mut first_line = Vec::new();
+    reader
+        .read_until(b'\n', &mut first_line)
+        .map_err(|e| io(path, e))?;
+    if serde_json::from_slice::<Value>(&first_line).is_ok() {
+        return Ok(false);
+    }
+    let mut reader = BufReader::new(open(path)?);
+    skip_bom(&mut reader).map_err(|e| io(path, e))?;
+    let mut values = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
+    Ok(matches!(values.next(), Some(Ok(Value::Object(_)))))
 }
 
 fn open(path: &Path) -> Result<File, DataError> {
@@ -121,6 +159,7 @@ pub fn for_each_row(
     match FileKind::detect(path)? {
         FileKind::JsonLines => json_lines(path, on_row, on_bad),
         FileKind::JsonArray => json_array(path, on_row, on_bad),
+        FileKind::JsonObjects => json_objects(path, on_row, on_bad),
         FileKind::Parquet => crate::columnar::parquet_rows(path, on_row, on_bad),
         FileKind::Arrow => crate::columnar::arrow_rows(path, on_row, on_bad),
     }
@@ -181,7 +220,7 @@ fn json_lines_from(
             continue;
         }
         match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(fields)) => on_row(Row { location, fields })?,
+            Ok(Value::Object(fields)) => on_row(Row::new(location, fields))?,
             Ok(other) => on_bad(bad(format!("expected a JSON object, got {}", kind(&other))))?,
             Err(e) => on_bad(bad(format!("invalid JSON: {e}")))?,
         }
@@ -230,6 +269,37 @@ pub(crate) fn shown_name(name: &str) -> String {
     }
 }
 
+/// JSON objects one after another, each a row numbered from 0 as array elements are.
+fn json_objects(
+    path: &Path,
+    on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
+    on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let mut reader = BufReader::new(open(path)?);
+    skip_bom(&mut reader).map_err(|e| io(path, e))?;
+    let values = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
+    for (index, value) in values.enumerate() {
+        let location = Location::Row(index);
+        match value {
+            Ok(Value::Object(fields)) => on_row(Row::new(location, fields))?,
+            Ok(other) => on_bad(BadRow {
+                location,
+                column: None,
+                reason: format!("expected a JSON object, got {}", kind(&other)),
+            })?,
+            // The rest cannot be told apart once one value is broken.
+            Err(e) => {
+                return Err(DataError::Json {
+                    path: path.to_path_buf(),
+                    line: e.line(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A JSON array, read element by element so a large file is never held whole.
 fn json_array(
     path: &Path,
@@ -252,7 +322,7 @@ fn json_array(
                 let location = Location::Row(index);
                 index += 1;
                 let result = match value {
-                    Value::Object(fields) => (self.on_row)(Row { location, fields }),
+                    Value::Object(fields) => (self.on_row)(Row::new(location, fields)),
                     other => (self.on_bad)(BadRow {
                         location,
                         column: None,

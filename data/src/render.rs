@@ -81,8 +81,10 @@ pub fn render_jsonl(
                     column,
                     reason,
                 };
-                let example = parse_row(Format::Messages, row.fields)
-                    .map_err(|FieldError { column, reason }| row_error(column, reason))?;
+                let example = parse_row(Format::Messages, row.fields).map_err(|e| {
+                    let FieldError { column, reason } = crate::dataset::explain(e, &row.unreadable);
+                    row_error(column, reason)
+                })?;
                 let Example::Conversation { messages, .. } = example else {
                     return Err(row_error(None, "expected a conversation".into()));
                 };

@@ -727,3 +727,102 @@ fn rows_without_a_client_turn_before_the_reply_still_split() {
         );
     }
 }
+
+/// A column whose type has no JSON value (image bytes) does not make the file unreadable
+/// unless the format reads it; then the error says why, not that it is missing.
+#[test]
+fn unreadable_columns_matter_only_when_read() {
+    use arrow_array::BinaryArray;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, columns: Vec<(&str, ArrayRef)>| {
+        let path = dir.path().join(name);
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None)
+                .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        path
+    };
+    let messages = messages_batch().column(0).clone();
+    let image = || Arc::new(BinaryArray::from(vec![&b"\x89PNG"[..]])) as ArrayRef;
+    let path = write(
+        "with-image.parquet",
+        vec![("messages", messages), ("image", image())],
+    );
+    let loaded = load(&path);
+    assert_eq!(loaded.format, Format::Messages);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[m("user", "I feel tired."), m("assistant", "Since when?")]
+    );
+    // Read as the conversation itself: named, with its type.
+    let path = write("image-only.parquet", vec![("messages", image())]);
+    let options = LoadOptions {
+        format: Some(Format::Messages),
+        ..Default::default()
+    };
+    let message = err(&path, &options);
+    assert!(
+        message.contains("row 0, column `messages`: column type Binary is not supported"),
+        "{message}"
+    );
+    let message = err(&path, &LoadOptions::default());
+    assert!(
+        message.contains("cannot tell the format")
+            && message.contains("left out as unreadable: `messages` (column type Binary"),
+        "{message}"
+    );
+}
+
+/// A `.json` file holding one pretty-printed object (or several) is read as rows, not as
+/// JSON Lines broken at every line; a JSON Lines `.json` whose first line is broken is
+/// still JSON Lines, so that line can be skipped.
+#[test]
+fn pretty_printed_json_objects_are_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let talk = json!({"messages": [
+        {"role": "user", "content": "I feel tired."},
+        {"role": "assistant", "content": "Since when?"}]});
+    let pretty = serde_json::to_string_pretty(&talk).unwrap();
+    let path = dir.path().join("one.json");
+    std::fs::write(&path, format!("\u{feff}{pretty}\n")).unwrap();
+    let loaded = load(&path);
+    assert_eq!(loaded.examples.len(), 1);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[m("user", "I feel tired."), m("assistant", "Since when?")]
+    );
+    std::fs::write(&path, format!("{pretty}\n{pretty}\n7\n")).unwrap();
+    let loaded = load_examples(
+        &path,
+        &LoadOptions {
+            skip_bad_rows: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(loaded.examples.len(), 2);
+    assert_eq!(loaded.skipped[0].location.to_string(), "row 2");
+    // Broken inside the second object: the error names its line.
+    std::fs::write(&path, format!("{pretty}\n{{\n  \"messages\": [\n}}\n")).unwrap();
+    let message = err(&path, &LoadOptions::default());
+    let second = pretty.lines().count() + 1;
+    assert!(
+        (second..second + 3).any(|l| message.contains(&format!("one.json: line {l}:"))),
+        "{message}"
+    );
+
+    let path = dir.path().join("lines.json");
+    std::fs::write(&path, format!("{{\"messages\": [\n{talk}\n")).unwrap();
+    let loaded = load_examples(
+        &path,
+        &LoadOptions {
+            skip_bad_rows: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(loaded.examples.len(), 1);
+    assert_eq!(loaded.skipped[0].location.to_string(), "line 1");
+}
