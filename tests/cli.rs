@@ -576,7 +576,14 @@ fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
         ],
         &["bad.jsonl", "line 2", "no assistant tokens"],
     );
-    assert!(!out2.exists() && !tmp.path().join("out2.jsonl.tmp").exists());
+    assert!(!out2.exists());
+    let temporary: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(temporary.is_empty(), "left behind: {temporary:?}");
 
     // A tokenizer directory with no template says how to pick a built-in one.
     let model = tmp.path().join("m");
@@ -2867,6 +2874,27 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
         .sets(&["train.max_steps=1", "data.eval_fraction=0"])
         .out(&tmp.path().join("dpo"));
     warned(dpo, "3 preference pairs have a chosen completion equal");
+    // Two conversations and a 5 % hold-out: nothing held out, said before the run.
+    let two = tmp.path().join("two.jsonl");
+    let text = std::fs::read_to_string(root.join("data/examples/counseling-sft.jsonl")).unwrap();
+    std::fs::write(
+        &two,
+        text.lines().take(2).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+    warned(
+        TinyRun::of("tiny-sft.toml", s(&two), &base)
+            .sets(&["train.max_steps=1", "data.eval_fraction=0.05"])
+            .out(&tmp.path().join("no-eval")),
+        "held out no rows",
+    );
+    // Everything held out: an error naming the key, not a tokenisation failure.
+    fails(
+        &TinyRun::of("tiny-sft.toml", s(&two), &base)
+            .sets(&["train.max_steps=1", "data.eval_fraction=0.9999999"])
+            .out(&tmp.path().join("all-eval")),
+        &["two.jsonl", "data.eval_fraction", "none to train on"],
+    );
     let grpo = TinyRun::of("tiny-grpo.toml", "counseling-prompts.jsonl", &base)
         .sets(&[
             "train.max_steps=1",

@@ -99,6 +99,15 @@ pub(super) fn prepare_data(
             let all = &loaded.examples;
             let keys: Vec<String> = all.iter().map(data::Example::group_key).collect();
             let (ti, ei) = split_by_group(&keys, d.eval_fraction, d.seed);
+            if ti.is_empty() && !all.is_empty() {
+                return Err(TrainerError::Input(format!(
+                    "{}: data.eval_fraction {} held out all {} rows for evaluation, leaving \
+                     none to train on; lower it or give an evaluation file in data.eval",
+                    d.train.display(),
+                    d.eval_fraction,
+                    all.len()
+                )));
+            }
             let pick = |idx: &[usize]| idx.iter().map(|&i| all[i].clone()).collect::<Vec<_>>();
             let locations = |idx: &[usize]| {
                 idx.iter()
@@ -148,6 +157,14 @@ pub(super) fn warnings(recipe: &Recipe, objective: &dyn Objective, sets: &Sets) 
         );
     }
     out.extend(objective.warnings());
+    let d = &recipe.data;
+    if d.eval.is_none() && d.eval_fraction > 0.0 && sets.eval.is_empty() {
+        out.push(format!(
+            "data.eval_fraction {} held out no rows (too few distinct prompts): the run will \
+             not be evaluated",
+            d.eval_fraction
+        ));
+    }
     if sets.identical_pairs > 0 {
         out.push(format!(
             "{} preference pairs have a chosen completion equal to the rejected one; they \

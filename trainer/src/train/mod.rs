@@ -72,11 +72,9 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let resume_dir = resume_from.as_ref().map(|(_, d)| d.as_path());
     let setup = setup(recipe, objective.as_ref(), &device, resume_dir, pad)?;
     let mut sets = data::prepare_data(recipe, objective.as_ref(), base_config.vocab_size)?;
-    if dp.is_main() {
-        for warning in data::warnings(recipe, objective.as_ref(), &sets) {
-            eprintln!("warning: {warning}");
-        }
-    }
+    // Said once everything that can refuse the run has had its say (the objective's own
+    // checks come in `prepare` and `Loop::new`), so a refused run prints only its error.
+    let warnings = data::warnings(recipe, objective.as_ref(), &sets);
     let inner = device.clone().inner();
     objective.prepare(Prepare {
         base,
@@ -108,7 +106,13 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         sets: &sets,
         pad,
     };
-    let outcome = looping::Loop::new(parts, state, optim, progress)?.run()?;
+    let training = looping::Loop::new(parts, state, optim, progress)?;
+    if dp.is_main() {
+        for warning in warnings {
+            eprintln!("warning: {warning}");
+        }
+    }
+    let outcome = training.run()?;
     if dp.is_main() {
         crate::report::write_run_page(out)?;
     }
