@@ -191,6 +191,22 @@ impl ModelConfig {
     }
 }
 
+/// The most decoder layers a config may declare. The deepest Llama-family checkpoints have
+/// about 126; a count far past that is a damaged file, and is refused before anything is
+/// allocated per layer (a count of 10¹⁰ would otherwise ask for hundreds of GB at once).
+pub const MAX_LAYERS: usize = 4096;
+
+/// Why `layers` cannot be a layer count, if it cannot.
+pub(crate) fn bad_layer_count(layers: u64) -> Option<String> {
+    match layers {
+        0 => Some("must be positive".into()),
+        n if n > MAX_LAYERS as u64 => Some(format!(
+            "{n} layers is past the {MAX_LAYERS} a config may declare; the file is damaged"
+        )),
+        _ => None,
+    }
+}
+
 fn field_err(path: &Path, field: &str, reason: impl Into<String>) -> CheckpointError {
     CheckpointError::Config {
         path: path.to_path_buf(),
@@ -279,16 +295,30 @@ impl Parser<'_> {
         }
     }
 
-    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+    /// The ids of `key`: one id or a list, each inside the vocabulary.
+    fn token_ids(&self, key: &str, vocab_size: usize) -> Result<Vec<u32>> {
         let bad = || self.err(key, "expected a token id or a list of token ids");
-        match self.get(key) {
-            None => Ok(Vec::new()),
+        let ids: Vec<u64> = match self.get(key) {
+            None => Vec::new(),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
-                .collect(),
-            Some(v) => v.as_u64().map(|n| vec![n as u32]).ok_or_else(bad),
-        }
+                .map(|v| v.as_u64().ok_or_else(bad))
+                .collect::<Result<_>>()?,
+            Some(v) => vec![v.as_u64().ok_or_else(bad)?],
+        };
+        ids.into_iter()
+            .map(|id| {
+                u32::try_from(id)
+                    .ok()
+                    .filter(|&id| (id as usize) < vocab_size)
+                    .ok_or_else(|| {
+                        self.err(
+                            key,
+                            format!("token id {id} is outside vocab_size {vocab_size}"),
+                        )
+                    })
+            })
+            .collect()
     }
 
     fn parse(&self) -> Result<ModelConfig> {
@@ -333,7 +363,11 @@ impl Parser<'_> {
         if head_dim % 2 != 0 {
             return Err(self.err("head_dim", format!("{head_dim} is odd; RoPE needs pairs")));
         }
+        // Checked before anything is made per layer.
         let num_hidden_layers = self.usize_req("num_hidden_layers")?;
+        if let Some(reason) = bad_layer_count(num_hidden_layers as u64) {
+            return Err(self.err("num_hidden_layers", reason));
+        }
         let (rope_theta, rope_scaling) = self.rope()?;
         let attention_bias = self.bool_opt("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match model_type {
@@ -359,31 +393,18 @@ impl Parser<'_> {
                 .ok_or_else(|| self.err(dtype_key, format!("unsupported dtype {v}")))?,
         };
         let vocab_size = self.usize_req("vocab_size")?;
-        let check_id = |key: &str, id: u32| -> Result<u32> {
-            if (id as usize) < vocab_size {
-                Ok(id)
-            } else {
-                Err(self.err(
-                    key,
-                    format!("token id {id} is outside vocab_size {vocab_size}"),
-                ))
+        let bos_token_id = self.token_ids("bos_token_id", vocab_size)?.first().copied();
+        let pad_token_id = self.token_ids("pad_token_id", vocab_size)?.first().copied();
+        let eos_token_ids = self.token_ids("eos_token_id", vocab_size)?;
+        let max_position_embeddings = match self.usize_opt("max_position_embeddings")? {
+            Some(0) => {
+                return Err(self.err(
+                    "max_position_embeddings",
+                    "must be positive: a model of context 0 reads no token",
+                ));
             }
+            n => n.unwrap_or(2048),
         };
-        let bos_token_id = self
-            .token_ids("bos_token_id")?
-            .first()
-            .map(|&id| check_id("bos_token_id", id))
-            .transpose()?;
-        let pad_token_id = self
-            .token_ids("pad_token_id")?
-            .first()
-            .map(|&id| check_id("pad_token_id", id))
-            .transpose()?;
-        let eos_token_ids = self
-            .token_ids("eos_token_id")?
-            .into_iter()
-            .map(|id| check_id("eos_token_id", id))
-            .collect::<Result<_>>()?;
 
         Ok(ModelConfig {
             model_type,
@@ -400,7 +421,7 @@ impl Parser<'_> {
             )?,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: self.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            max_position_embeddings,
             tie_word_embeddings: self.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
             o_bias,
@@ -486,11 +507,25 @@ impl Parser<'_> {
         let Some(p) = params else {
             return Ok((theta, RopeScaling::Default));
         };
-        let kind = p
-            .get("rope_type")
-            .or_else(|| p.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let kind = match p.get("rope_type").or_else(|| p.get("type")) {
+            Some(Value::String(kind)) => kind.as_str(),
+            Some(v) => {
+                return Err(self.err(
+                    &format!("{key}.rope_type"),
+                    format!("expected a name, got {v}"),
+                ));
+            }
+            // Only `rope_theta` (transformers ≥ 5 keeps it here) means plain RoPE; any other
+            // setting without a type is refused, as transformers refuses it, rather than
+            // dropped.
+            None if p.keys().all(|k| k == "rope_theta") => "default",
+            None => {
+                return Err(self.err(
+                    &format!("{key}.rope_type"),
+                    "missing: scaling settings without a type (default, linear or llama3)",
+                ));
+            }
+        };
         // Every scaling number divides or scales frequencies: zero, negative or non-finite
         // values give NaN logits, so they are refused here.
         let num = |name: &str| -> Result<f64> {
@@ -761,6 +796,62 @@ mod tests {
             m.contains("dir/config.json") && m.contains("`hidden_size`: missing"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn a_layer_count_past_the_bound_is_refused_before_any_per_layer_allocation() {
+        // u64::MAX used to overflow `vec![None; layers]`; 10¹⁰ asked for 160 GB at once.
+        for layers in [
+            serde_json::json!(u64::MAX),
+            serde_json::json!(10_000_000_000u64),
+        ] {
+            let mut c = base("mistral");
+            c["num_hidden_layers"] = layers.clone();
+            let m = message(c);
+            assert!(
+                m.contains("`num_hidden_layers`") && m.contains(&layers.to_string()),
+                "{m}"
+            );
+        }
+        let mut c = base("llama");
+        c["num_hidden_layers"] = (MAX_LAYERS + 1).into();
+        assert!(message(c).contains("`num_hidden_layers`"));
+        let mut c = base("llama");
+        c["num_hidden_layers"] = MAX_LAYERS.into();
+        assert_eq!(parse(c).unwrap().sliding_windows.len(), MAX_LAYERS);
+    }
+
+    #[test]
+    fn values_that_would_be_altered_silently_are_refused() {
+        // An id past 2^32 was truncated to a small one that fits the vocabulary.
+        for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+            let mut c = base("llama");
+            c[key] = serde_json::json!(4_294_967_300u64);
+            let m = message(c);
+            assert!(
+                m.contains(&format!("`{key}`")) && m.contains("4294967300"),
+                "{m}"
+            );
+        }
+        let mut c = base("llama");
+        c["eos_token_id"] = serde_json::json!([3, 4_294_967_300u64]);
+        assert!(message(c).contains("4294967300"));
+        // Scaling without a type: transformers refuses it, hearth did plain RoPE.
+        let mut c = base("llama");
+        c["rope_scaling"] = serde_json::json!({"factor": 8.0});
+        let m = message(c);
+        assert!(m.contains("`rope_scaling.rope_type`: missing"), "{m}");
+        let mut c = base("llama");
+        c["rope_parameters"] = serde_json::json!({"factor": 8.0, "rope_theta": 1e4});
+        assert!(message(c).contains("`rope_parameters.rope_type`"));
+        // transformers ≥ 5 may hold only the base there: plain RoPE.
+        let mut c = base("llama");
+        c["rope_parameters"] = serde_json::json!({"rope_theta": 5e5});
+        let c = parse(c).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (5e5, RopeScaling::Default));
+        let mut c = base("llama");
+        c["max_position_embeddings"] = 0.into();
+        assert!(message(c).contains("`max_position_embeddings`"));
     }
 
     #[test]

@@ -381,6 +381,13 @@ fn parse(bytes: &[u8]) -> ParseResult<Parsed> {
     let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
     let file_len = bytes.len() as u64;
     for t in &tensors {
+        // ggml refuses these too: the tensor would be read shifted.
+        if !t.offset.is_multiple_of(alignment) {
+            return Err(format!(
+                "tensor `{}`: its data offset {} is not a multiple of the alignment {alignment}",
+                t.name, t.offset
+            ));
+        }
         let end = data_start
             .checked_add(t.offset)
             .and_then(|s| s.checked_add(t.size));

@@ -214,21 +214,36 @@ impl GgufModel {
         }
     }
 
+    /// `block_count`, checked as a config's `num_hidden_layers` is.
+    fn layer_count(&self) -> Result<usize> {
+        let layers = self.required("block_count")?;
+        match crate::config::bad_layer_count(layers as u64) {
+            None => Ok(layers),
+            Some(reason) => Err(self.err(format!("`{}`: {reason}", self.arch_key("block_count")))),
+        }
+    }
+
     fn required(&self, key: &str) -> Result<usize> {
         self.count(key)?
             .ok_or_else(|| self.err(format!("no `{}` in its metadata", self.arch_key(key))))
     }
 
     /// A float as written (an f32 is given its shortest decimal form, so `1e-5` stays 1e-5).
+    /// NaN and ±∞ are refused: JSON has no form for them, so they would turn into the
+    /// default silently.
     fn float(&self, key: &str) -> Result<Option<f64>> {
         let full = self.arch_key(key);
-        match self.file.get(&full) {
-            None => Ok(None),
-            Some(MetaValue::F32(v)) => Ok(format!("{v}").parse().ok()),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("`{full}` = {v:?} is not a number"))),
+        let Some(raw) = self.file.get(&full) else {
+            return Ok(None);
+        };
+        let value = match raw {
+            MetaValue::F32(v) => format!("{v}").parse().ok(),
+            v => v.as_f64(),
+        };
+        match value {
+            Some(x) if x.is_finite() => Ok(Some(x)),
+            Some(x) => Err(self.err(format!("`{full}` = {x} is not a finite number"))),
+            None => Err(self.err(format!("`{full}` = {raw:?} is not a number"))),
         }
     }
 
@@ -284,7 +299,7 @@ impl GgufModel {
             "vocab_size": vocab,
             "hidden_size": hidden,
             "intermediate_size": self.required("feed_forward_length")?,
-            "num_hidden_layers": self.required("block_count")?,
+            "num_hidden_layers": self.layer_count()?,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
             "head_dim": head_dim,

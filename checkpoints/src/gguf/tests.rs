@@ -341,25 +341,33 @@ fn an_unsupported_type_is_named_when_read() {
     );
 }
 
-/// A two-layer Llama's metadata (no tensors but the embedding), with `extra` entries.
+/// A two-layer Llama's metadata (no tensors but the embedding), with `extra` entries
+/// (replacing those of the same key).
 fn tiny_llama(extra: &[(&str, MetaValue)]) -> GgufWriter {
     let mut w = GgufWriter::new();
     let u = MetaValue::U32;
-    w.meta("general.architecture", MetaValue::Str("llama".into()))
-        .meta("llama.block_count", u(2))
-        .meta("llama.context_length", u(256))
-        .meta("llama.embedding_length", u(16))
-        .meta("llama.feed_forward_length", u(40))
-        .meta("llama.attention.head_count", u(4))
-        .meta("llama.attention.head_count_kv", u(2))
-        .meta("llama.rope.freq_base", MetaValue::F32(500000.0))
-        .meta(
+    let defaults = [
+        ("general.architecture", MetaValue::Str("llama".into())),
+        ("llama.block_count", u(2)),
+        ("llama.context_length", u(256)),
+        ("llama.embedding_length", u(16)),
+        ("llama.feed_forward_length", u(40)),
+        ("llama.attention.head_count", u(4)),
+        ("llama.attention.head_count_kv", u(2)),
+        ("llama.rope.freq_base", MetaValue::F32(500000.0)),
+        (
             "llama.attention.layer_norm_rms_epsilon",
             MetaValue::F32(1e-5),
-        )
-        .meta("general.file_type", u(1))
-        .meta("tokenizer.ggml.bos_token_id", u(1))
-        .meta("tokenizer.ggml.eos_token_id", u(2));
+        ),
+        ("general.file_type", u(1)),
+        ("tokenizer.ggml.bos_token_id", u(1)),
+        ("tokenizer.ggml.eos_token_id", u(2)),
+    ];
+    for (k, v) in defaults {
+        if !extra.iter().any(|(e, _)| *e == k) {
+            w.meta(k, v);
+        }
+    }
     for (k, v) in extra {
         w.meta(k, v.clone());
     }
@@ -532,6 +540,65 @@ fn damaged_files_are_one_line_errors_naming_the_file() {
     v[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
     std::fs::write(&path, &v).unwrap();
     assert!(one_line_error(&path).contains("unknown tensor type 99"));
+}
+
+#[test]
+fn metadata_that_would_be_replaced_or_allocate_without_bound_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    // NaN has no JSON form: it became `null`, which reads as the default.
+    for key in [
+        "llama.attention.layer_norm_rms_epsilon",
+        "llama.rope.freq_base",
+    ] {
+        for bad in [f32::NAN, f32::INFINITY] {
+            tiny_llama(&[(key, MetaValue::F32(bad))])
+                .write(&path)
+                .unwrap();
+            let m = ModelConfig::from_path(&path).unwrap_err().to_string();
+            assert!(m.contains(&format!("`{key}` = {bad}")), "{m}");
+        }
+    }
+    // A block count that would size per-layer vectors past memory.
+    tiny_llama(&[("llama.block_count", MetaValue::U32(u32::MAX))])
+        .write(&path)
+        .unwrap();
+    let m = ModelConfig::from_path(&path).unwrap_err().to_string();
+    assert!(
+        m.contains("`llama.block_count`") && m.contains("4294967295"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_tensor_off_the_alignment_is_refused_not_read_shifted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::Str("llama".into()));
+    for name in ["a", "b"] {
+        w.tensor(TensorOut {
+            name: name.into(),
+            dims: vec![8],
+            ty: GgmlType::F32,
+            bytes: vec![0; 32],
+        });
+    }
+    // Header, one string entry, then two descriptors (name, dims count, dim, type,
+    // offset); `b`'s offset, 32, moved on by one byte still ends inside the file.
+    let descriptor = |name_len: usize| 8 + name_len + 4 + 8 + 4 + 8;
+    let second_end = 24 + (8 + 20 + 4 + 8 + 5) + descriptor(1) * 2;
+    let mut v = w.to_bytes();
+    let at = second_end - 8;
+    assert_eq!(v[at..at + 8], 32u64.to_le_bytes());
+    v[at..at + 8].copy_from_slice(&33u64.to_le_bytes());
+    v.extend([0; 32]);
+    std::fs::write(&path, &v).unwrap();
+    let m = one_line_error(&path);
+    assert!(
+        m.contains("tensor `b`") && m.contains("offset 33") && m.contains("alignment 32"),
+        "{m}"
+    );
 }
 
 #[test]
