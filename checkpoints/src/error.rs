@@ -77,6 +77,10 @@ pub enum CheckpointError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// Weights about to be written hold NaN or ±∞: no loader refuses them, and everything
+    /// computed from them is NaN, so nothing is written.
+    #[error("{path}: refusing to write weights holding NaN or infinite values (tensor `{tensor}`)")]
+    NonFinite { path: PathBuf, tensor: String },
     #[error("{path}: tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
     UnsupportedDtype {
         path: PathBuf,

@@ -56,6 +56,40 @@ impl OwnedTensor {
     }
 }
 
+/// Whether little-endian `bytes` of `dtype` hold only finite numbers (integer dtypes
+/// hold nothing else).
+pub(crate) fn all_finite(dtype: Dtype, bytes: &[u8]) -> bool {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .all(|b| half::f16::from_le_bytes([b[0], b[1]]).is_finite()),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .all(|b| half::bf16::from_le_bytes([b[0], b[1]]).is_finite()),
+        _ => true,
+    }
+}
+
+/// Refuses weights that hold NaN or ±∞ (also those that overflowed when narrowed to a
+/// half-precision dtype) before anything is written to `path`.
+pub(crate) fn check_finite<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a String, &'a OwnedTensor)>,
+) -> Result<()> {
+    for (name, t) in tensors {
+        if !all_finite(t.dtype, &t.data) {
+            return Err(CheckpointError::NonFinite {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl View for &OwnedTensor {
     fn dtype(&self) -> Dtype {
         self.dtype
@@ -89,12 +123,14 @@ impl Default for SaveOptions {
 /// Writes `tensors` into `dir` (created if needed) as `model.safetensors`, or as
 /// `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`. Weight files of
 /// the other layout left in `dir` by an earlier save are removed afterwards, so the directory
-/// always holds exactly one consistent set.
+/// always holds exactly one consistent set. Weights holding NaN or ±∞ are refused before
+/// anything is written (`dir` is not even created).
 pub fn save_weights(
     dir: &Path,
     tensors: &BTreeMap<String, OwnedTensor>,
     options: SaveOptions,
 ) -> Result<Vec<PathBuf>> {
+    check_finite(dir, tensors)?;
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::io(dir, e))?;
     let metadata = pt_metadata();
 

@@ -130,3 +130,45 @@ fn absurd_headers_are_refused_before_allocating() {
     let err = WeightFiles::open_file(&path).err().unwrap().to_string();
     assert!(err.contains("truncated"), "{err}");
 }
+
+#[test]
+fn weights_holding_nan_or_infinity_are_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (bad, dtype) in [
+        (f32::NAN, WeightDtype::F32),
+        (f32::NEG_INFINITY, WeightDtype::BF16),
+        // Finite in f32, past f16's range: ∞ once narrowed.
+        (1e6, WeightDtype::F16),
+    ] {
+        let mut w = weights();
+        let mut values = vec![0.5f32; 100];
+        values[37] = bad;
+        w.insert(
+            "w3".into(),
+            OwnedTensor::from_f32(&values, vec![10, 10], dtype),
+        );
+        let err = save_weights(&out, &w, SaveOptions::default()).unwrap_err();
+        assert!(matches!(err, CheckpointError::NonFinite { .. }), "{err}");
+        let m = err.to_string();
+        assert!(
+            m.contains(&out.display().to_string()) && m.contains("tensor `w3`"),
+            "{m}"
+        );
+        assert!(!out.exists(), "{bad} in {dtype:?}: the directory was made");
+    }
+    // Into a directory that already holds weights: they stay as they were.
+    save_weights(&out, &weights(), SaveOptions::default()).unwrap();
+    let before = std::fs::read(out.join("model.safetensors")).unwrap();
+    let mut w = weights();
+    w.insert(
+        "w0".into(),
+        OwnedTensor::from_f32(&[f32::NAN; 100], vec![10, 10], WeightDtype::F32),
+    );
+    save_weights(&out, &w, SaveOptions::default()).unwrap_err();
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}

@@ -259,6 +259,21 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
                 format!("tensor `{hf}` cannot be written as {}", t.name()),
             )
         })?;
+        // NaN or ±∞ in the weights, or values past f16's range written as f16: refused, as
+        // a safetensors save refuses them, before the file is written.
+        let narrowed = match t {
+            GgmlType::F16 => Some(safetensors::Dtype::F16),
+            GgmlType::BF16 => Some(safetensors::Dtype::BF16),
+            _ => None,
+        };
+        if !values.iter().all(|v| v.is_finite())
+            || narrowed.is_some_and(|d| !crate::write::all_finite(d, &bytes))
+        {
+            return Err(CheckpointError::NonFinite {
+                path: out.to_path_buf(),
+                tensor: hf.clone(),
+            });
+        }
         w.tensor(TensorOut {
             name,
             dims: shape.iter().rev().map(|&d| d as u64).collect(),

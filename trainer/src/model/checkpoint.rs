@@ -97,7 +97,8 @@ pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Token
     Ok(tokenizer)
 }
 
-/// Writes `config.json` and the weights of `model` into `dir`, in `dtype`.
+/// Writes `config.json` and the weights of `model` into `dir` (created), in `dtype`.
+/// Weights holding NaN or ±∞ in `dtype` are refused before anything is written.
 pub fn save_model(
     dir: &Path,
     config: &ModelConfig,
@@ -105,10 +106,6 @@ pub fn save_model(
     dtype: WeightDtype,
     options: SaveOptions,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| checkpoints::CheckpointError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
     checkpoints::save_weights(dir, &export_weights(model, dtype), options)?;
     checkpoints::write_text(
         &dir.join(checkpoints::names::CONFIG),
