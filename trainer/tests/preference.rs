@@ -374,15 +374,18 @@ fn full_reward_model_trains_with_a_margin_column() {
     assert!(model.score.is_some() && model.lm_head.is_none());
     assert!(!out.join("final/adapter").exists());
 
-    // A margin column that is not a number is an error naming the file, line and column.
-    std::fs::write(
-        &data,
-        text.lines()
-            .next()
-            .unwrap()
-            .replace('}', ",\"margin\":\"big\"}"),
-    )
-    .unwrap();
+    // A margin column that is not a number is an error naming the file, line and column
+    // (the other rows stay, so the split has rows to train on).
+    let bad: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| match i {
+            0 => l.replace("\"margin\":0.5", "\"margin\":\"big\""),
+            _ => l.clone(),
+        })
+        .collect();
+    assert!(bad[0].contains("\"big\""));
+    std::fs::write(&data, bad.join("\n")).unwrap();
     let err = train(&r, &tmp.path().join("bad"), false, false)
         .unwrap_err()
         .to_string();
