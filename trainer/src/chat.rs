@@ -50,6 +50,7 @@ impl Chat {
             TrainerError::Input(msg) => TrainerError::Input(format!("generate: {msg}")),
             other => other,
         })?;
+        crate::model::refuse_reward_model(o.model, o.adapter)?;
         let (config, model) = load_tuned(o.model, o.adapter, o.device)?;
         let template = template_for(o.model, TemplateChoice::new(o.template, None))?;
         let tokenizer = crate::model::load_tokenizer(o.model, config.vocab_size)?;

@@ -85,14 +85,8 @@ impl RewardScorer {
     /// The reward model in `dir` (a classifier checkpoint, or a base with a SEQ_CLS
     /// adapter); refused when it has no score head.
     pub fn load(dir: &Path, adapter: Option<&Path>) -> Result<Self> {
+        Self::check(dir, adapter)?;
         let (model, pad, tokenizer) = load_on(dir, adapter, &Device::flex())?;
-        if model.score.is_none() {
-            return Err(TrainerError::Input(format!(
-                "{}: the model has no score head: pass a reward model (a \
-                 *ForSequenceClassification checkpoint) or a SEQ_CLS adapter",
-                dir.display()
-            )));
-        }
         let template = template_for(dir, TemplateChoice::Shipped(None))?;
         Ok(Self {
             model,
@@ -100,6 +94,19 @@ impl RewardScorer {
             tokenizer,
             template,
         })
+    }
+
+    /// Refuses, from the config and the adapter's header alone, a model without a reward
+    /// model's one-label score head.
+    pub fn check(dir: &Path, adapter: Option<&Path>) -> Result<()> {
+        if crate::model::reward_head(dir, adapter)? {
+            return Ok(());
+        }
+        Err(TrainerError::Input(format!(
+            "{}: the model has no score head: pass a reward model (a \
+             *ForSequenceClassification checkpoint) or a SEQ_CLS adapter",
+            dir.display()
+        )))
     }
 
     /// One score per conversation, in order.
@@ -137,7 +144,9 @@ pub fn score_file(
         };
         conversations.push(messages.clone());
     }
-    let scores = scorer.score(&conversations)?;
+    let scores = finite_scores(scorer.score(&conversations)?, |i| {
+        format!("{}: {}: the score", input.display(), location(&loaded, i))
+    })?;
     let mut text = String::new();
     for s in &scores {
         text.push_str(&serde_json::json!({ "score": s }).to_string());
@@ -145,6 +154,28 @@ pub fn score_file(
     }
     checkpoints::write_text(out, &text)?;
     Ok(scores.len())
+}
+
+/// Where example `i` of `loaded` came from: its line or row.
+fn location(loaded: &data::Loaded, i: usize) -> String {
+    loaded
+        .locations
+        .get(i)
+        .map_or_else(|| format!("example {}", i + 1), ToString::to_string)
+}
+
+/// `scores`, refused at the first NaN or infinite one: a head that computes those has
+/// broken weights, and no accuracy, ordering or reward read from them means anything.
+/// `row(i)` names the `i`-th score (its file and line).
+pub(crate) fn finite_scores(scores: Vec<f64>, row: impl Fn(usize) -> String) -> Result<Vec<f64>> {
+    match scores.iter().position(|s| !s.is_finite()) {
+        None => Ok(scores),
+        Some(i) => Err(TrainerError::Input(format!(
+            "{} is {}: the model gives NaN or infinite scores, so its weights are broken",
+            row(i),
+            scores[i]
+        ))),
+    }
 }
 
 /// Accuracy over a subset of pairs.
@@ -207,6 +238,8 @@ pub fn preference_accuracy(
     data_path: &Path,
     max_length: usize,
 ) -> Result<PreferenceReport> {
+    // A wrong score head is refused before anything is loaded.
+    let reward = crate::model::reward_head(model_dir, adapter)?;
     let (model, pad, tokenizer) = load_on(model_dir, adapter, &Device::flex())?;
     let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
     let t = Tokenizing {
@@ -217,6 +250,7 @@ pub fn preference_accuracy(
     };
     let loaded = data::load_examples(data_path, &Default::default())?;
     let mut pairs = Vec::new();
+    let mut rows = Vec::new();
     let mut extras = Vec::new();
     let mut counts = TruncationCounts::default();
     for (i, e) in loaded.examples.iter().enumerate() {
@@ -229,6 +263,7 @@ pub fn preference_accuracy(
         };
         if let Some(Tokenized::Pair(p)) = t.example(e, &mut counts)? {
             pairs.push(p);
+            rows.push(i);
             extras.push(extra.clone());
         }
     }
@@ -238,7 +273,7 @@ pub fn preference_accuracy(
             data_path.display()
         )));
     }
-    let (source, reference) = if model.score.is_some() {
+    let (source, reference) = if reward {
         ("reward_model", None)
     } else if adapter.is_some() {
         (
@@ -252,7 +287,13 @@ pub fn preference_accuracy(
             model_dir.display()
         )));
     };
-    let m = margins(&model, reference.as_ref(), &pairs, pad)?;
+    let m = finite_scores(margins(&model, reference.as_ref(), &pairs, pad)?, |j| {
+        format!(
+            "{}: {}: the margin of chosen over rejected",
+            data_path.display(),
+            location(&loaded, rows[j])
+        )
+    })?;
     let wins = m.iter().filter(|&&d| d > 0.0).count();
     let mut by_dimension = BTreeMap::new();
     let dims: Vec<String> = extras

@@ -21,7 +21,7 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::chat::{Chat, ChatOptions, prompts_to_answer};
-use crate::evaluate::{PreferenceReport, RewardScorer, preference_accuracy};
+use crate::evaluate::{PreferenceReport, RewardScorer, finite_scores, preference_accuracy};
 use crate::generate::Sampling;
 use crate::{Result, TrainerError};
 use multiple_choice::ChoiceReport;
@@ -201,6 +201,15 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
         (String::new(), Vec::new())
     };
 
+    // A reward model that cannot score is refused before any reply is generated.
+    if let Some(rm) = o.reward_model {
+        if win {
+            RewardScorer::check(rm, o.reward_adapter)?;
+        } else {
+            crate::model::reward_head(rm, o.reward_adapter)?;
+        }
+    }
+
     let answer = |who: &str, model: &Path, adapter: Option<&Path>| -> Result<Answers> {
         let chat = Chat::open(ChatOptions {
             model,
@@ -264,8 +273,17 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
                     })
                     .collect()
             };
-            let a = scorer.score(&dialogue(&mine.replies))?;
-            let b = scorer.score(&dialogue(&theirs.replies))?;
+            let scored = |who: &str, replies: &[String]| {
+                finite_scores(scorer.score(&dialogue(replies))?, |i| {
+                    format!(
+                        "{}: the score of {who}'s reply to prompt {} of {prompt_data}",
+                        rm.display(),
+                        i + 1
+                    )
+                })
+            };
+            let a = scored("model", &mine.replies)?;
+            let b = scored("against", &theirs.replies)?;
             Some(WinRateSection {
                 data: prompt_data,
                 result: win_rate::win_rate(&a, &b, o.bootstrap, o.seed),

@@ -234,11 +234,16 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
     if files.contains(SCORE_KEY) {
         // A SEQ_CLS adapter carries its own head; a causal base gains it here.
         let hidden = model.embed_tokens.dims()[1];
-        let labels = files.get(SCORE_KEY)?.shape.first().copied().unwrap_or(1);
-        let w = files.take(SCORE_KEY, &[labels, hidden])?.to_f32()?;
+        if let [labels, _] = files.get(SCORE_KEY)?.shape[..] {
+            super::one_label(
+                &format!("{}: `{SCORE_KEY}`", weights_path.display()),
+                labels,
+            )?;
+        }
+        let w = files.take(SCORE_KEY, &[1, hidden])?.to_f32()?;
         model.score = Some(Linear {
             weight: Weight::Dense(Param::from_tensor(Tensor::from_data(
-                TensorData::new(w, [labels, hidden]),
+                TensorData::new(w, [1, hidden]),
                 device,
             ))),
             bias: None,

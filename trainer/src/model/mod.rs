@@ -31,5 +31,5 @@ pub use init::{NewModel, init_model};
 pub use llama::{KvCache, Llama, with_precision};
 pub use mask::attention_mask;
 pub use rope::inverse_frequencies;
-pub use score::with_score_head;
+pub use score::{one_label, refuse_reward_model, reward_head, with_score_head};
 pub use specs::{TensorSpec, tensor_specs};

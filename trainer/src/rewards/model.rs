@@ -10,7 +10,7 @@ use data::{ChatTemplate, Message};
 
 use super::{Reward, Sample};
 use crate::Result;
-use crate::evaluate::{load_on, score_sequences};
+use crate::evaluate::{finite_scores, load_on, score_sequences};
 use crate::model::Llama;
 
 pub struct RewardModel {
@@ -27,13 +27,14 @@ impl RewardModel {
     /// plain (non-autodiff) version of `device`.
     pub fn load(name: String, dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
         let device = device.clone().inner();
-        let (model, pad, tokenizer) = load_on(dir, adapter, &device)?;
-        if model.score.is_none() {
+        // The head is checked before the weights are loaded.
+        if !crate::model::reward_head(dir, adapter)? {
             return Err(crate::TrainerError::Input(format!(
                 "{}: not a reward model (no score head); train one with method = \"reward\"",
                 dir.display()
             )));
         }
+        let (model, pad, tokenizer) = load_on(dir, adapter, &device)?;
         Ok(Self {
             name,
             model,
@@ -58,9 +59,12 @@ impl Reward for RewardModel {
             let text = self.template.render(&messages, false)?;
             seqs.push(data::chat::encode(&self.tokenizer, &text)?);
         }
-        Ok(score_sequences(&self.model, &seqs, self.pad, &self.device)?
-            .into_iter()
-            .map(Some)
-            .collect())
+        let scores = score_sequences(&self.model, &seqs, self.pad, &self.device)?;
+        Ok(finite_scores(scores, |i| {
+            format!("reward `{}`: completion {}: the score", self.name, i + 1)
+        })?
+        .into_iter()
+        .map(Some)
+        .collect())
     }
 }

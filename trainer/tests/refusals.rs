@@ -1,0 +1,334 @@
+//! Checkpoints hearth must refuse, each with one error naming the culprit, before any work
+//! is done or anything is written: reward heads that cannot score, reward models run as
+//! language models, weights holding NaN, tokenizers and side files a reader would refuse.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use checkpoints::{OwnedTensor, WeightDtype, WeightFiles};
+use trainer::chat::{Chat, ChatOptions};
+use trainer::generate::Sampling;
+use trainer::logits::{LogitsInput, write_logits};
+use trainer::model::{NewModel, init_model};
+
+mod common;
+use common::root;
+
+const HIDDEN: usize = 64;
+const LAYERS: usize = 2;
+
+/// The error of a call that must fail.
+fn message<T>(r: trainer::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("accepted"),
+        Err(e) => {
+            let m = e.to_string();
+            assert!(!m.contains('\n'), "{m}");
+            m
+        }
+    }
+}
+
+fn example(name: &str) -> PathBuf {
+    root().join("data/examples").join(name)
+}
+
+/// A tiny causal model in `dir`.
+fn tiny(dir: &Path) {
+    init_model(dir, &NewModel::default(), Default::default()).unwrap();
+}
+
+/// Every tensor of the model in `dir`, widened to f32.
+fn tensors(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let files = WeightFiles::open_dir(dir).unwrap();
+    let names: Vec<String> = files.names().map(String::from).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = files.get(&n).unwrap();
+            let v = (t.shape.to_vec(), t.to_f32().unwrap());
+            (n, v)
+        })
+        .collect()
+}
+
+fn save(dir: &Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+    let owned = tensors
+        .iter()
+        .map(|(n, (s, v))| {
+            (
+                n.clone(),
+                OwnedTensor::from_f32(v, s.clone(), WeightDtype::F32),
+            )
+        })
+        .collect();
+    // Written as they are: the checkpoint writer refuses NaN.
+    checkpoints::write_safetensors(&dir.join("model.safetensors"), &owned).unwrap();
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// A tiny `LlamaForSequenceClassification` in `dir`: `labels` labels, every score weight
+/// `value`.
+fn classifier(dir: &Path, labels: usize, value: f32) {
+    tiny(dir);
+    edit_json(&dir.join("config.json"), |c| {
+        c["architectures"] = serde_json::json!(["LlamaForSequenceClassification"]);
+        c["num_labels"] = labels.into();
+    });
+    let mut t = tensors(dir);
+    t.remove("lm_head.weight");
+    t.insert(
+        "score.weight".into(),
+        (vec![labels, HIDDEN], vec![value; labels * HIDDEN]),
+    );
+    save(dir, &t);
+}
+
+/// A PEFT adapter in `dir` for the tiny model: rank 1 on q_proj with `lora_B` all `b`,
+/// and, as a SEQ_CLS adapter, a score head of `labels` labels, every weight `value`.
+fn adapter(dir: &Path, b: f32, score: Option<(usize, f32)>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": if score.is_some() { "SEQ_CLS" } else { "CAUSAL_LM" },
+        "r": 1, "lora_alpha": 1.0, "target_modules": ["q_proj"],
+        "modules_to_save": score.map(|_| ["score"]),
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let mut t = BTreeMap::new();
+    let f32s = |v: Vec<f32>, shape: Vec<usize>| OwnedTensor::from_f32(&v, shape, WeightDtype::F32);
+    for i in 0..LAYERS {
+        let p = format!("base_model.model.model.layers.{i}.self_attn.q_proj");
+        t.insert(
+            format!("{p}.lora_A.weight"),
+            f32s(vec![0.01; HIDDEN], vec![1, HIDDEN]),
+        );
+        t.insert(
+            format!("{p}.lora_B.weight"),
+            f32s(vec![b; HIDDEN], vec![HIDDEN, 1]),
+        );
+    }
+    if let Some((labels, value)) = score {
+        t.insert(
+            "base_model.model.score.weight".into(),
+            f32s(vec![value; labels * HIDDEN], vec![labels, HIDDEN]),
+        );
+    }
+    checkpoints::write_safetensors(&dir.join("adapter_model.safetensors"), &t).unwrap();
+}
+
+fn counseling<'a>(
+    model: &'a Path,
+    reward_model: &'a Path,
+    out: &'a Path,
+    device: &'a Device,
+) -> trainer::counseling_eval::Options<'a> {
+    trainer::counseling_eval::Options {
+        model,
+        adapter: None,
+        against: Some(model),
+        against_adapter: None,
+        reward_model: Some(reward_model),
+        reward_adapter: None,
+        prompts: None,
+        probes: None,
+        choices: None,
+        pairs: None,
+        out,
+        max_new_tokens: 2,
+        batch_size: 8,
+        bootstrap: 10,
+        seed: 0,
+        worst: 1,
+        show_text: false,
+        max_length: 512,
+        device,
+    }
+}
+
+#[test]
+fn a_reward_head_of_two_labels_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (two, out) = (tmp.path().join("two"), tmp.path().join("scores.jsonl"));
+    classifier(&two, 2, 0.01);
+    let sft = example("counseling-sft.jsonl");
+    let pairs = example("counseling-preference.jsonl");
+    let m = message(trainer::evaluate::score_file(&two, None, &sft, &out));
+    assert!(
+        m.contains("a reward model needs one label; this classifier has 2"),
+        "{m}"
+    );
+    assert!(!out.exists());
+    let m = message(trainer::evaluate::preference_accuracy(
+        &two, None, &pairs, 512,
+    ));
+    assert!(m.contains("needs one label"), "{m}");
+    // Refused before the models that answer are even opened (this one does not exist).
+    let device = Device::flex();
+    let missing = tmp.path().join("no-such-model");
+    let m = message(trainer::counseling_eval::run(&counseling(
+        &missing,
+        &two,
+        &tmp.path().join("c.json"),
+        &device,
+    )));
+    assert!(m.contains("needs one label"), "{m}");
+
+    // A SEQ_CLS adapter whose head has two rows: refused by name, also where it is loaded.
+    let (base, two_rows) = (tmp.path().join("base"), tmp.path().join("two-rows"));
+    tiny(&base);
+    adapter(&two_rows, 0.0, Some((2, 0.01)));
+    let m = message(trainer::evaluate::score_file(
+        &base,
+        Some(&two_rows),
+        &sft,
+        &out,
+    ));
+    assert!(
+        m.contains("two-rows/adapter_model.safetensors")
+            && m.contains("score.weight")
+            && m.contains("needs one label"),
+        "{m}"
+    );
+    let (_, model) = trainer::model::load_model(&base, &device).unwrap();
+    let m = message(trainer::model::adapter::load_adapter(
+        &two_rows, model, &device,
+    ));
+    assert!(m.contains("needs one label"), "{m}");
+}
+
+#[test]
+fn nan_scores_are_errors_naming_the_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (nan, out) = (tmp.path().join("nan"), tmp.path().join("scores.jsonl"));
+    classifier(&nan, 1, f32::NAN);
+    let m = message(trainer::evaluate::score_file(
+        &nan,
+        None,
+        &example("counseling-sft.jsonl"),
+        &out,
+    ));
+    assert!(
+        m.contains("counseling-sft.jsonl: line 1") && m.contains("NaN"),
+        "{m}"
+    );
+    assert!(!out.exists(), "scores of null were written");
+    let m = message(trainer::evaluate::preference_accuracy(
+        &nan,
+        None,
+        &example("counseling-preference.jsonl"),
+        512,
+    ));
+    assert!(
+        m.contains("counseling-preference.jsonl: line 1") && m.contains("NaN"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_reward_model_is_not_run_as_a_language_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let reward = tmp.path().join("reward");
+    classifier(&reward, 1, 0.01);
+    let (base, seq_cls) = (tmp.path().join("base"), tmp.path().join("seq-cls"));
+    tiny(&base);
+    adapter(&seq_cls, 0.0, Some((1, 0.01)));
+    for (model, adapter, named) in [(&reward, None, &reward), (&base, Some(&seq_cls), &seq_cls)] {
+        let out = tmp.path().join("logits.safetensors");
+        let texts = ["hi".to_string()];
+        let adapter = adapter.map(PathBuf::as_path);
+        let m = message(write_logits(
+            model,
+            adapter,
+            LogitsInput::Texts(&texts),
+            &out,
+            &device,
+        ));
+        let want = format!("{}: is a reward model", named.display());
+        assert!(m.contains(&want), "{m}");
+        assert!(!out.exists());
+        let m = message(Chat::open(ChatOptions {
+            model,
+            adapter,
+            template: None,
+            system: None,
+            sampling: Sampling::default(),
+            device: &device,
+        }));
+        assert!(
+            m.contains(&want) && m.contains("hearth reward score"),
+            "{m}"
+        );
+    }
+}
+
+/// `dir`'s tiny model with a NaN in `model.norm.weight`.
+fn nan_model(dir: &Path) {
+    tiny(dir);
+    let mut t = tensors(dir);
+    t.get_mut("model.norm.weight").unwrap().1[3] = f32::NAN;
+    save(dir, &t);
+}
+
+#[test]
+fn weights_holding_nan_are_never_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (nan, base, nan_adapter) = (
+        tmp.path().join("nan"),
+        tmp.path().join("base"),
+        tmp.path().join("nan-adapter"),
+    );
+    nan_model(&nan);
+    tiny(&base);
+    adapter(&nan_adapter, f32::NAN, None);
+    let refused = |m: String, out: &Path, tensor: &str| {
+        assert!(
+            m.contains(&out.display().to_string())
+                && m.contains("refusing to write weights holding NaN")
+                && m.contains(tensor),
+            "{m}"
+        );
+        assert!(!out.exists(), "{} was written", out.display());
+    };
+    let out = tmp.path().join("converted");
+    let m = message(trainer::model::convert(
+        &nan,
+        &out,
+        None,
+        Default::default(),
+    ));
+    refused(m, &out, "model.norm.weight");
+    let out = tmp.path().join("x.gguf");
+    let ty = checkpoints::gguf::ExportType::F16;
+    refused(
+        message(trainer::model::export_to_gguf(&nan, None, &out, ty)),
+        &out,
+        "model.norm.weight",
+    );
+    refused(
+        message(trainer::model::export_to_gguf(
+            &base,
+            Some(&nan_adapter),
+            &out,
+            ty,
+        )),
+        &out,
+        "q_proj.weight",
+    );
+    let out = tmp.path().join("merged");
+    let m = message(trainer::model::adapter::merge_to_dir(
+        &base,
+        &nan_adapter,
+        &out,
+        &Default::default(),
+    ));
+    refused(m, &out, "model.layers.0.self_attn.q_proj.weight");
+}
