@@ -172,6 +172,50 @@ pub fn read_config(dir: &Path) -> Result<LoraSettings> {
     Ok(settings)
 }
 
+/// Checks `layers_to_transform` of `dir/adapter_config.json` against a model of `layers`
+/// decoder layers. Absent, `null` or naming every layer, the adapter applies everywhere, as
+/// hearth applies it; a layer the model lacks is an error, and so is a subset of the layers
+/// (PEFT would leave the others, and the head, without adapters; hearth does not).
+pub fn check_layers_to_transform(dir: &Path, layers: usize) -> Result<()> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
+            path: path.clone(),
+            source: e,
+        })?;
+    let bad = |reason: String| adapter_error(&path, format!("`layers_to_transform`: {reason}"));
+    let listed: Vec<u64> = match raw.get("layers_to_transform") {
+        None | Some(serde_json::Value::Null) => return Ok(()),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .ok_or_else(|| bad(format!("{v} is not a layer index")))
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => vec![
+            v.as_u64()
+                .ok_or_else(|| bad(format!("{v} is not a layer index or a list of them")))?,
+        ],
+    };
+    if let Some(&layer) = listed.iter().find(|&&l| l >= layers as u64) {
+        return Err(bad(format!(
+            "names layer {layer}, but the model has {layers} layers (0 to {})",
+            layers.saturating_sub(1)
+        )));
+    }
+    let named: std::collections::BTreeSet<u64> = listed.into_iter().collect();
+    if named.len() != layers {
+        return Err(bad(format!(
+            "adapters on {} of the model's {layers} layers are not supported; hearth applies \
+             an adapter to every layer",
+            named.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Writes `dir/adapter_config.json` as PEFT writes it for `settings`.
 pub fn write_config(
     dir: &Path,
@@ -247,6 +291,38 @@ mod tests {
             embedding_key("B"),
             "base_model.model.model.embed_tokens.lora_embedding_B"
         );
+    }
+
+    #[test]
+    fn layers_to_transform_must_name_every_layer_of_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |json: &str| {
+            std::fs::write(dir.path().join(CONFIG_FILE), json).unwrap();
+            check_layers_to_transform(dir.path(), 4).map_err(|e| e.to_string())
+        };
+        for ok in [
+            r#"{}"#,
+            r#"{"layers_to_transform":null}"#,
+            r#"{"layers_to_transform":[3,2,1,0]}"#,
+        ] {
+            check(ok).unwrap();
+        }
+        for (json, want) in [
+            (r#"{"layers_to_transform":[0,1,2,3,7]}"#, "names layer 7"),
+            (r#"{"layers_to_transform":9}"#, "names layer 9"),
+            (
+                r#"{"layers_to_transform":[0,2]}"#,
+                "on 2 of the model's 4 layers",
+            ),
+            (r#"{"layers_to_transform":"0"}"#, "not a layer index"),
+            (r#"{"layers_to_transform":[-1]}"#, "-1 is not a layer index"),
+        ] {
+            let m = check(json).unwrap_err();
+            assert!(
+                m.contains(CONFIG_FILE) && m.contains("`layers_to_transform`") && m.contains(want),
+                "{json}: {m}"
+            );
+        }
     }
 
     #[test]

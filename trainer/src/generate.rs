@@ -347,33 +347,104 @@ pub fn generate(
     Ok(out.pop().map(|c| c.tokens).unwrap_or_default())
 }
 
-/// The ids generation stops on: the config's `eos_token_id`s, the tokenizer config's
-/// `eos_token`, and `generation_config.json`'s `eos_token_id`.
+/// The ids generation stops on: the config's `eos_token_id`s and those the side files add
+/// ([`side_file_stops`]). Every caller loads the tokenizer with
+/// [`crate::model::load_tokenizer`] first, which refuses bad side files; so here they read
+/// cleanly.
 pub fn stop_tokens(
     dir: &Path,
     config: &checkpoints::ModelConfig,
     tokenizer: &tokenizers::Tokenizer,
 ) -> Vec<u32> {
     let mut stop = config.eos_token_ids.clone();
-    let read = |name: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
-    };
-    if let Some(tc) = read("tokenizer_config.json") {
-        let eos = data::SpecialTokens::from_tokenizer_config(&tc).eos_token;
-        stop.extend(eos.and_then(|t| tokenizer.token_to_id(&t)));
-    }
-    if let Some(gc) = read("generation_config.json") {
-        match gc.get("eos_token_id") {
-            Some(serde_json::Value::Array(ids)) => {
-                stop.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
-            }
-            Some(v) => stop.extend(v.as_u64().map(|v| v as u32)),
-            None => {}
-        }
-    }
+    stop.extend(side_file_stops(dir, tokenizer, config.vocab_size).unwrap_or_default());
     stop.sort_unstable();
     stop.dedup();
     stop
+}
+
+/// Checks the side files of the checkpoint in `dir` that name tokens, and returns the stop
+/// ids they add: `tokenizer_config.json`'s `eos_token`, and `generation_config.json`'s
+/// `eos_token_id`s. A `bos_token`, `eos_token` or `pad_token` the tokenizer does not hold,
+/// a `generation_config.json` that cannot be read or is not a JSON object, and an
+/// `eos_token_id` that is not a token id of the model are errors naming the file and key.
+/// A file that is not there adds nothing.
+pub(crate) fn side_file_stops(
+    dir: &Path,
+    tokenizer: &tokenizers::Tokenizer,
+    vocab_size: usize,
+) -> Result<Vec<u32>> {
+    use serde_json::Value;
+    let mut stop = Vec::new();
+    let (tc, tc_path) = data::template::tokenizer_config(dir)?;
+    let bad =
+        |path: &Path, reason: String| TrainerError::Input(format!("{}: {reason}", path.display()));
+    if !matches!(tc, Value::Null | Value::Object(_)) {
+        return Err(bad(&tc_path, "expected a JSON object".into()));
+    }
+    for key in ["bos_token", "eos_token", "pad_token"] {
+        let token = match tc.get(key) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(t)) => t,
+            Some(Value::Object(o)) if o.get("content").is_some_and(Value::is_string) => {
+                o["content"].as_str().unwrap_or_default()
+            }
+            Some(v) => {
+                return Err(bad(
+                    &tc_path,
+                    format!(
+                        "`{key}`: expected a token (text, or an object with `content`), got {v}"
+                    ),
+                ));
+            }
+        };
+        let id = tokenizer.token_to_id(token).ok_or_else(|| {
+            bad(
+                &tc_path,
+                format!("`{key}` names `{token}`, which is not a token of the tokenizer"),
+            )
+        })?;
+        if key == "eos_token" {
+            stop.push(id);
+        }
+    }
+    // A GGUF model carries no generation config.
+    let gc_path = dir.join("generation_config.json");
+    if !dir.is_dir() {
+        return Ok(stop);
+    }
+    let text = match std::fs::read_to_string(&gc_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(stop),
+        Err(e) => return Err(bad(&gc_path, e.to_string())),
+    };
+    let gc: Value =
+        serde_json::from_str(&text).map_err(|e| bad(&gc_path, format!("invalid JSON: {e}")))?;
+    let Value::Object(gc) = gc else {
+        return Err(bad(&gc_path, "expected a JSON object".into()));
+    };
+    let ids = match gc.get("eos_token_id") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(ids)) => ids.iter().collect(),
+        Some(v) => vec![v],
+    };
+    for v in ids {
+        let id = v
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .filter(|&id| (id as usize) < vocab_size)
+            .ok_or_else(|| {
+                bad(
+                    &gc_path,
+                    format!(
+                        "`eos_token_id`: {v} is not a token id of the model (0 to {})",
+                        vocab_size.saturating_sub(1)
+                    ),
+                )
+            })?;
+        stop.push(id);
+    }
+    Ok(stop)
 }
 
 #[cfg(test)]

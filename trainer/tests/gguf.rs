@@ -349,7 +349,15 @@ fn a_sentencepiece_tokenizer_exports_as_llamas_vocabulary() {
     let base = tmp.path().join("base");
     init_model(&base, &NewModel::default(), Default::default()).unwrap();
     std::fs::write(base.join("tokenizer.json"), &json).unwrap();
-    // Its config names that vocabulary's BOS and EOS.
+    // Its configs name that vocabulary's BOS and EOS (tokens a config names must be the
+    // tokenizer's).
+    let tc_path = base.join("tokenizer_config.json");
+    let mut tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc_path).unwrap()).unwrap();
+    tc["bos_token"] = "<s>".into();
+    tc["eos_token"] = "</s>".into();
+    tc["pad_token"] = "</s>".into();
+    std::fs::write(&tc_path, tc.to_string()).unwrap();
     let config_path = base.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use checkpoints::gguf::{GgufFile, GgufWriter, MetaValue, TensorOut};
 use checkpoints::{OwnedTensor, WeightDtype, WeightFiles};
 use trainer::chat::{Chat, ChatOptions};
 use trainer::generate::Sampling;
@@ -331,4 +332,129 @@ fn weights_holding_nan_are_never_written() {
         &Default::default(),
     ));
     refused(m, &out, "model.layers.0.self_attn.q_proj.weight");
+}
+
+/// Rewrites the GGUF file `from` to `to` with `tokenizer.ggml.tokens` cut to `keep`.
+fn cut_tokens(from: &Path, to: &Path, keep: usize) {
+    let file = GgufFile::open(from).unwrap();
+    let mut w = GgufWriter::new();
+    for (key, value) in &file.metadata {
+        let value = match (key.as_str(), value) {
+            ("tokenizer.ggml.tokens", MetaValue::Array(tokens)) => {
+                MetaValue::Array(tokens[..keep].to_vec())
+            }
+            _ => value.clone(),
+        };
+        w.meta(key, value);
+    }
+    for t in &file.tensors {
+        w.tensor(TensorOut {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+            bytes: file.bytes(t).to_vec(),
+        });
+    }
+    w.write(to).unwrap();
+}
+
+#[test]
+fn a_tokenizer_its_readers_refuse_is_not_copied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, whole, cut) = (
+        tmp.path().join("base"),
+        tmp.path().join("whole.gguf"),
+        tmp.path().join("cut.gguf"),
+    );
+    tiny(&base);
+    let ty = checkpoints::gguf::ExportType::F32;
+    trainer::model::export_to_gguf(&base, None, &whole, ty).unwrap();
+    cut_tokens(&whole, &cut, 100);
+    let device = Device::flex();
+    // What `generate` and `logits` say of it...
+    let (config, _) = trainer::model::load_model(&cut, &device).unwrap();
+    let refusal = message(trainer::model::load_tokenizer(&cut, config.vocab_size));
+    assert!(refusal.contains("cut.gguf"), "{refusal}");
+    // ...`convert` and `export gguf` say before writing anything.
+    let out = tmp.path().join("converted");
+    let m = message(trainer::model::convert(
+        &cut,
+        &out,
+        None,
+        Default::default(),
+    ));
+    assert!(m.contains(&refusal), "{m}");
+    assert!(!out.exists());
+    let out = tmp.path().join("again.gguf");
+    let m = message(trainer::model::export_to_gguf(&cut, None, &out, ty));
+    assert!(m.contains(&refusal), "{m}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn side_files_naming_tokens_are_checked_and_a_missing_one_is_fine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    tiny(&m);
+    let load = || trainer::model::load_tokenizer(&m, 512);
+    let (config, _) = trainer::model::load_model(&m, &Device::flex()).unwrap();
+    let stops = || trainer::generate::stop_tokens(&m, &config, &load().unwrap());
+    // No generation_config.json: the config's and the tokenizer config's eos.
+    let eot = load().unwrap().token_to_id("<|eot_id|>").unwrap();
+    assert_eq!(stops(), {
+        let mut s = vec![4, eot];
+        s.sort_unstable();
+        s.dedup();
+        s
+    });
+    let gc = m.join("generation_config.json");
+    std::fs::write(&gc, r#"{"eos_token_id": [7, 9]}"#).unwrap();
+    assert!(stops().contains(&7) && stops().contains(&9));
+    for (text, want) in [
+        ("[4]", "expected a JSON object"),
+        ("{\"eos_token_id\": ", "invalid JSON"),
+        (r#"{"eos_token_id": "<|eot_id|>"}"#, "`eos_token_id`"),
+        (r#"{"eos_token_id": [4, -1]}"#, "`eos_token_id`: -1"),
+        // 2^32 + 4 is not 4.
+        (
+            r#"{"eos_token_id": 4294967300}"#,
+            "`eos_token_id`: 4294967300",
+        ),
+        (r#"{"eos_token_id": 512}"#, "`eos_token_id`: 512"),
+    ] {
+        std::fs::write(&gc, text).unwrap();
+        let e = message(load());
+        assert!(
+            e.contains("generation_config.json") && e.contains(want),
+            "{text}: {e}"
+        );
+        // Nothing is converted from it either.
+        let out = tmp.path().join("converted");
+        message(trainer::model::convert(&m, &out, None, Default::default()));
+        assert!(!out.exists());
+    }
+    std::fs::remove_file(&gc).unwrap();
+    std::fs::create_dir(&gc).unwrap();
+    assert!(message(load()).contains("generation_config.json"));
+    std::fs::remove_dir(&gc).unwrap();
+
+    let tc = m.join("tokenizer_config.json");
+    let original = std::fs::read_to_string(&tc).unwrap();
+    for key in ["bos_token", "eos_token", "pad_token"] {
+        edit_json(&tc, |c| c[key] = "<|not-a-token|>".into());
+        let e = message(load());
+        assert!(
+            e.contains("tokenizer_config.json")
+                && e.contains(&format!("`{key}`"))
+                && e.contains("<|not-a-token|>"),
+            "{e}"
+        );
+        std::fs::write(&tc, &original).unwrap();
+    }
+    // The AddedToken form, and null, are fine.
+    edit_json(&tc, |c| {
+        c["eos_token"] = serde_json::json!({"content": "<|eot_id|>", "special": true});
+        c["pad_token"] = serde_json::Value::Null;
+    });
+    load().unwrap();
 }

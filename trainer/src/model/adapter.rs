@@ -181,6 +181,7 @@ pub fn save_adapter(
 /// trainable). Every adapter tensor must match a target projection, with the right shape.
 pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama, LoraSettings)> {
     let settings = peft::read_config(dir)?;
+    peft::check_layers_to_transform(dir, model.layers.len())?;
     let weights_path = dir.join(peft::WEIGHTS_FILE);
     let files = WeightFiles::open_file(&weights_path)?;
     let mut model = model.no_grad();
@@ -312,6 +313,7 @@ pub fn merge_to_dir(
     let device = Device::flex();
     let (config, model) = super::load_model_with(base, &device, quant)?;
     let (model, _) = load_adapter(adapter, model, &device)?;
+    super::checkpoint::check_tokenizer(base, config.vocab_size)?;
     let merged = merge_lora(model);
     super::save_model(out, &config, &merged, config.dtype, Default::default())?;
     super::copy_companions(base, out)

@@ -85,7 +85,9 @@ fn load_gguf(path: &Path, device: &Device, quant: &Quantization) -> Result<(Mode
 }
 
 /// The tokenizer of the checkpoint in `dir`, refused when it can produce an id outside
-/// the model's vocabulary (an embedding gather would fail on it mid-run).
+/// the model's vocabulary (an embedding gather would fail on it mid-run), or when the side
+/// files name tokens it or the model does not have
+/// ([`crate::generate::side_file_stops`]).
 pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Tokenizer> {
     let tokenizer = data::tokenizer::load(dir)?;
     let file = match checkpoints::gguf::locate(dir)? {
@@ -94,7 +96,20 @@ pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Token
         None => dir.to_path_buf(),
     };
     data::tokenizer::check_fits(&tokenizer, &file, dir, vocab_size)?;
+    crate::generate::side_file_stops(dir, &tokenizer, vocab_size)?;
     Ok(tokenizer)
+}
+
+/// Refuses the tokenizer of `src` where a command reading its copy would refuse it
+/// ([`load_tokenizer`]), so no copy is written that cannot be run; a checkpoint that ships
+/// no tokenizer passes.
+pub(crate) fn check_tokenizer(src: &Path, vocab_size: usize) -> Result<()> {
+    let ships = checkpoints::gguf::locate(src)?.is_some()
+        || src.join(checkpoints::names::TOKENIZER).is_file();
+    if ships {
+        load_tokenizer(src, vocab_size)?;
+    }
+    Ok(())
 }
 
 /// Writes `config.json` and the weights of `model` into `dir` (created), in `dtype`.
@@ -238,6 +253,7 @@ pub fn convert(
 ) -> Result<()> {
     checkpoints::guard::check_output_dir(dst, &[src])?;
     let (config, model) = load_model(src, &Device::flex())?;
+    check_tokenizer(src, config.vocab_size)?;
     save_model(dst, &config, &model, dtype.unwrap_or(config.dtype), options)?;
     copy_companions(src, dst)
 }

@@ -56,6 +56,7 @@ pub fn export_to_gguf(
     let (tokenizer_config, _) = data::template::tokenizer_config(base)?;
     let chat_template = shipped_template(base, &tokenizer_config);
     let (config, model) = load_tuned(base, adapter, &Device::flex())?;
+    super::checkpoint::check_tokenizer(base, config.vocab_size)?;
     let merged = merge_lora(model);
     let tensors = weights_f32(&merged);
     let name = base
