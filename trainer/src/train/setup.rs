@@ -54,12 +54,8 @@ pub fn setup(
     let (config, mut base) = load_model_with(&recipe.model.path, device, &quant)?;
     let reward = objective.needs_score_head();
     if reward {
-        if config.score_labels.is_some_and(|n| n != 1) {
-            return Err(TrainerError::Input(format!(
-                "{}: a reward model needs one label; this classifier has {}",
-                recipe.model.path.display(),
-                config.score_labels.unwrap_or(0)
-            )));
+        if let Some(labels) = config.score_labels {
+            crate::model::one_label(&recipe.model.path.display().to_string(), labels)?;
         }
         base = with_score_head(base, device);
     }
