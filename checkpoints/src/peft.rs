@@ -122,16 +122,21 @@ fn adapter_error(path: &Path, reason: String) -> CheckpointError {
     }
 }
 
+/// `dir/adapter_config.json`'s path and its JSON, unchecked.
+fn raw_config(dir: &Path) -> Result<(std::path::PathBuf, serde_json::Value)> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let raw = serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
+        path: path.clone(),
+        source: e,
+    })?;
+    Ok((path, raw))
+}
+
 /// Reads and checks `dir/adapter_config.json`. Adapters whose math hearth does not apply
 /// (another PEFT type, DoRA, transposed weights, per-module ranks or alphas) are refused.
 pub fn read_config(dir: &Path) -> Result<LoraSettings> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
-    let raw: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
-            path: path.clone(),
-            source: e,
-        })?;
+    let (path, raw) = raw_config(dir)?;
     let field = |key: &str| raw.get(key).filter(|v| !v.is_null());
     if let Some(kind) = field("peft_type")
         .and_then(|v| v.as_str())
@@ -177,13 +182,7 @@ pub fn read_config(dir: &Path) -> Result<LoraSettings> {
 /// hearth applies it; a layer the model lacks is an error, and so is a subset of the layers
 /// (PEFT would leave the others, and the head, without adapters; hearth does not).
 pub fn check_layers_to_transform(dir: &Path, layers: usize) -> Result<()> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
-    let raw: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| CheckpointError::Json {
-            path: path.clone(),
-            source: e,
-        })?;
+    let (path, raw) = raw_config(dir)?;
     let bad = |reason: String| adapter_error(&path, format!("`layers_to_transform`: {reason}"));
     let listed: Vec<u64> = match raw.get("layers_to_transform") {
         None | Some(serde_json::Value::Null) => return Ok(()),
