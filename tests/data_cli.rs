@@ -4,27 +4,7 @@
 use std::path::Path;
 
 mod common;
-use common::hearth;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// The command fails with exit 1 and one `error:` line holding every needle; returns it.
-fn fails(args: &[&str], needles: &[&str]) -> String {
-    let out = hearth(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "hearth {args:?}: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one line expected: {stderr}");
-    assert!(
-        stderr.starts_with("error: ") && !stderr.contains("internal error"),
-        "{stderr}"
-    );
-    for needle in needles {
-        assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
-    }
-    stderr
-}
+use common::{fails, hearth, s};
 
 fn succeeds(args: &[&str]) -> String {
     let out = hearth(args);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use checkpoints::WeightFiles;
 
 mod common;
-use common::{copy_dir, metric_lines};
+use common::{copy_dir, metric_lines, s};
 
 /// Summation order is all that may differ between the runs. With one micro-batch per rank
 /// both compute `g₀ + g₁` and the weights come out bit-identical (measured here: 0). With
@@ -21,10 +21,6 @@ const WEIGHT_TOLERANCE: f32 = 1e-4;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// `hearth train` arguments for a tiny recipe with `sets`.

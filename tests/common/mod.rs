@@ -13,6 +13,30 @@ pub fn hearth<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .expect("run hearth")
 }
 
+/// A path as the `&str` the commands take.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The command fails with exit code 1 and a single `error:` line containing every needle,
+/// and no panic; returns that line.
+pub fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], needles: &[&str]) -> String {
+    let out = hearth(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "hearth {args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal error"),
+        "{stderr}"
+    );
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
+    }
+    stderr
+}
+
 /// Every line of a JSON-lines file, parsed; a line that is not JSON fails the test.
 pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
