@@ -126,9 +126,7 @@ fn first_object_spans_lines(path: &Path) -> Result<bool, DataError> {
     let mut reader = BufReader::new(open(path)?);
     skip_bom(&mut reader).map_err(|e| io(path, e))?;
     let mut first_line = Vec::new();
-    reader
-        .read_until(b'\n', &mut first_line)
-        .map_err(|e| io(path, e))?;
+    read_line(&mut reader, &mut first_line, path, 1)?;
     if serde_json::from_slice::<Value>(&first_line).is_ok() {
         return Ok(false);
     }
@@ -136,6 +134,42 @@ fn first_object_spans_lines(path: &Path) -> Result<bool, DataError> {
     skip_bom(&mut reader).map_err(|e| io(path, e))?;
     let mut values = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
     Ok(matches!(values.next(), Some(Ok(Value::Object(_)))))
+}
+
+/// The longest line a JSON Lines file may have: far past any conversation, and short of
+/// what would exhaust memory on a file that has no line breaks (a binary file, a device).
+const MAX_LINE_BYTES: u64 = 1 << 30;
+
+/// Reads one line of `path` into `buf` (cleared first), up to [`MAX_LINE_BYTES`]; the byte
+/// count, 0 at the end. A longer line is an error naming it.
+fn read_line(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    path: &Path,
+    line: usize,
+) -> Result<usize, DataError> {
+    read_line_within(reader, buf, path, line, MAX_LINE_BYTES)
+}
+
+fn read_line_within(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    path: &Path,
+    line: usize,
+    max: u64,
+) -> Result<usize, DataError> {
+    buf.clear();
+    let n = reader
+        .take(max + 1)
+        .read_until(b'\n', buf)
+        .map_err(|e| io(path, e))?;
+    if n as u64 > max {
+        return Err(DataError::Unsupported {
+            path: path.to_path_buf(),
+            reason: format!("line {line} is longer than {max} bytes; is this a JSON Lines file?"),
+        });
+    }
+    Ok(n)
 }
 
 fn open(path: &Path) -> Result<File, DataError> {
@@ -193,10 +227,7 @@ fn json_lines_from(
     let mut buf = Vec::new();
     let mut line = 0;
     loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| io(path, e))?;
+        let n = read_line(&mut reader, &mut buf, path, line + 1)?;
         if n == 0 {
             return Ok(());
         }
@@ -360,4 +391,31 @@ fn json_array(
         line: e.line(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::*;
+
+    /// A stream with no line break (a binary file, `/dev/zero`) stops at the bound with an
+    /// error naming the line, instead of growing one buffer until memory runs out; lines
+    /// up to the bound read whole.
+    #[test]
+    fn a_line_past_the_bound_is_an_error_not_an_allocation() {
+        let path = Path::new("zero.jsonl");
+        let mut buf = Vec::new();
+        let mut endless = BufReader::new(std::io::repeat(0));
+        let e = read_line_within(&mut endless, &mut buf, path, 1, 1 << 16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("zero.jsonl") && e.contains("line 1 is longer"),
+            "{e}"
+        );
+        assert!(buf.len() <= (1 << 16) + 1);
+        let mut two = "{}\n{\"a\": 1}".as_bytes();
+        assert_eq!(read_line_within(&mut two, &mut buf, path, 1, 3).unwrap(), 3);
+        assert_eq!(read_line_within(&mut two, &mut buf, path, 2, 8).unwrap(), 8);
+        assert_eq!(read_line_within(&mut two, &mut buf, path, 3, 8).unwrap(), 0);
+    }
 }
