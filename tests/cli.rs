@@ -1374,6 +1374,25 @@ fn reward_model_scores_conversations_and_reports_preference_accuracy() {
     for (m, u) in merged.iter().zip(&unmerged) {
         assert!((m - u).abs() < 1e-3, "merged {m} vs adapter {u}");
     }
+    // `hearth merge` of the SEQ_CLS adapter makes the same classifier the run wrote.
+    let remerged = tmp.path().join("remerged");
+    ok(&[
+        "merge",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&remerged),
+    ]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(remerged.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    let again = scores(&["--model", s(&remerged)], &tmp.path().join("d.jsonl"));
+    for (m, r) in merged.iter().zip(&again) {
+        assert!((m - r).abs() < 1e-3, "run's classifier {m} vs merged {r}");
+    }
     fails(
         &[
             "reward",

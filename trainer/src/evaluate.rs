@@ -30,10 +30,7 @@ pub(crate) fn load_on(
 ) -> Result<(Llama, u32, tokenizers::Tokenizer)> {
     let (config, model) = crate::model::load_tuned(dir, adapter, device)?;
     let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size)?;
-    let pad = config
-        .pad_token_id
-        .or(config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad = config.padding_id();
     Ok((model, pad, tokenizer))
 }
 

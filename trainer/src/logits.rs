@@ -127,10 +127,7 @@ pub fn write_logits(
         LogitsInput::File(path) => (path.display().to_string(), TokenBatch::read(path)?),
         LogitsInput::Texts(texts) => {
             let config = ModelConfig::from_path(model_dir)?;
-            let pad = config
-                .pad_token_id
-                .or(config.eos_token_ids.first().copied())
-                .unwrap_or(0);
+            let pad = config.padding_id();
             let batch = TokenBatch::tokenize(model_dir, texts, pad)?;
             (
                 model_dir

@@ -314,6 +314,13 @@ pub fn merge_to_dir(
     let (config, model) = super::load_model_with(base, &device, quant)?;
     let (model, _) = load_adapter(adapter, model, &device)?;
     super::checkpoint::check_tokenizer(base, config.vocab_size)?;
+    // A reward model's adapter brings its score head (SEQ_CLS): the merged model is a
+    // `*ForSequenceClassification` checkpoint, as a reward run's own final/ is.
+    let config = if model.score.is_some() && config.score_labels.is_none() {
+        config.as_reward_model(config.padding_id())
+    } else {
+        config
+    };
     let merged = merge_lora(model);
     super::save_model(out, &config, &merged, config.dtype, Default::default())?;
     super::copy_companions(base, out)

@@ -68,7 +68,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let device = setup::device(recipe, &dp)?;
     let base = &recipe.model.path;
     let base_config = ModelConfig::from_path(base)?;
-    let pad = setup::pad_token(&base_config);
+    let pad = base_config.padding_id();
     let resume_dir = resume_from.as_ref().map(|(_, d)| d.as_path());
     let setup = setup(recipe, objective.as_ref(), &device, resume_dir, pad)?;
     let mut sets = data::prepare_data(recipe, objective.as_ref(), base_config.vocab_size)?;

@@ -253,14 +253,6 @@ pub(super) fn device(recipe: &Recipe, dp: &crate::dist::Group) -> Result<Device>
     Ok(device)
 }
 
-/// The padding token: the config's, else its first end-of-sequence token.
-pub(super) fn pad_token(config: &ModelConfig) -> u32 {
-    config
-        .pad_token_id
-        .or(config.eos_token_ids.first().copied())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod resume_tests {
     use super::same_run;
