@@ -8,6 +8,8 @@
 //!   unsafe). The difference is systematic, so a reward model can learn it.
 //! - Prompts: client openings for GRPO, with `concern` and `risk` columns for rewards.
 
+use std::io::Write;
+
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -369,20 +371,25 @@ pub fn write(
         ));
     }
     crate::output::write_new(out, |writer, tmp| {
-        use std::io::Write;
-        writer
-            .write_all(generate(kind, n, seed).as_bytes())
-            .map_err(|source| crate::DataError::Io {
-                path: tmp.to_path_buf(),
-                source,
-            })
+        generate_into(kind, n, seed, writer).map_err(|source| crate::DataError::Io {
+            path: tmp.to_path_buf(),
+            source,
+        })
     })
 }
 
 /// `n` rows of `kind` as JSON Lines text, the same for the same seed.
 pub fn generate(kind: Kind, n: usize, seed: u64) -> String {
+    let mut out = Vec::new();
+    // Writing into memory cannot fail, and every row is JSON text.
+    let _ = generate_into(kind, n, seed, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// [`generate`]'s rows written to `out` one at a time, so that any number of them takes
+/// the memory of one.
+fn generate_into(kind: Kind, n: usize, seed: u64, out: &mut impl Write) -> std::io::Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = String::new();
     for _ in 0..n {
         let row = match kind {
             Kind::Sft => dialogue(&mut rng),
@@ -390,10 +397,9 @@ pub fn generate(kind: Kind, n: usize, seed: u64) -> String {
             Kind::Prompts => prompt(&mut rng),
             Kind::Sessions => session(&mut rng),
         };
-        out.push_str(&row.to_string());
-        out.push('\n');
+        writeln!(out, "{row}")?;
     }
-    out
+    Ok(())
 }
 
 /// The bundled demo files under `data/examples/`: (file name, kind, rows), generated with
