@@ -332,6 +332,28 @@ fn weights_holding_nan_are_never_written() {
         &Default::default(),
     ));
     refused(m, &out, "model.layers.0.self_attn.q_proj.weight");
+
+    // A finite weight whose quantized block needs a scale past f16's range: the block
+    // would read back as ∞, so the export is refused; kept in f32, it is written.
+    let big = tmp.path().join("big");
+    tiny(&big);
+    let mut t = tensors(&big);
+    t.get_mut("model.layers.0.self_attn.q_proj.weight")
+        .unwrap()
+        .1[0] = 1e7;
+    save(&big, &t);
+    for ty in ["q8_0", "q4_0"] {
+        let out = tmp.path().join(format!("big-{ty}.gguf"));
+        let ty = checkpoints::gguf::ExportType::parse(ty).unwrap();
+        refused(
+            message(trainer::model::export_to_gguf(&big, None, &out, ty)),
+            &out,
+            "q_proj.weight",
+        );
+    }
+    let out = tmp.path().join("big-f32.gguf");
+    let ty = checkpoints::gguf::ExportType::F32;
+    trainer::model::export_to_gguf(&big, None, &out, ty).unwrap();
 }
 
 /// Rewrites the GGUF file `from` to `to` with `tokenizer.ggml.tokens` cut to `keep`.

@@ -259,16 +259,17 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
                 format!("tensor `{hf}` cannot be written as {}", t.name()),
             )
         })?;
-        // NaN or ±∞ in the weights, or values past f16's range written as f16: refused, as
-        // a safetensors save refuses them, before the file is written.
-        let narrowed = match t {
-            GgmlType::F16 => Some(safetensors::Dtype::F16),
-            GgmlType::BF16 => Some(safetensors::Dtype::BF16),
-            _ => None,
+        // NaN or ±∞ in the weights, or values past f16's range once written (as f16, or
+        // in a quantized block's f16 scales): refused, as a safetensors save refuses them,
+        // before the file is written. What the file holds is read back to see.
+        let written_finite = match t {
+            GgmlType::F16 => crate::write::all_finite(safetensors::Dtype::F16, &bytes),
+            GgmlType::BF16 => crate::write::all_finite(safetensors::Dtype::BF16, &bytes),
+            GgmlType::F32 => true,
+            _ => super::quant::dequantize(t, &bytes)
+                .is_none_or(|back| back.iter().all(|v| v.is_finite())),
         };
-        if !values.iter().all(|v| v.is_finite())
-            || narrowed.is_some_and(|d| !crate::write::all_finite(d, &bytes))
-        {
+        if !values.iter().all(|v| v.is_finite()) || !written_finite {
             return Err(CheckpointError::NonFinite {
                 path: out.to_path_buf(),
                 tensor: hf.clone(),
