@@ -298,10 +298,13 @@ impl Recipe {
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
             return bad(format!("train.weight_decay {} must be ≥ 0", t.weight_decay));
         }
-        if let Some(lora) = &self.lora
-            && !lora.alpha.is_finite()
-        {
-            return bad(format!("lora.alpha {} must be a finite number", lora.alpha));
+        if let Some(lora) = &self.lora {
+            if !lora.alpha.is_finite() {
+                return bad(format!("lora.alpha {} must be a finite number", lora.alpha));
+            }
+            if !(0.0..1.0).contains(&lora.dropout) {
+                return bad(format!("lora.dropout {} must be in [0, 1)", lora.dropout));
+            }
         }
         if !(t.progress_seconds >= 0.0 && t.progress_seconds.is_finite()) {
             return bad(format!(
@@ -480,6 +483,7 @@ mod tests {
             ),
             ("train.weight_decay=-1", "train.weight_decay -1 must be ≥ 0"),
             ("lora.alpha=inf", "lora.alpha inf must be a finite number"),
+            ("lora.dropout=nan", "lora.dropout NaN must be in [0, 1)"),
         ] {
             let err = parse(MINIMAL, "r.toml", &[set.into()])
                 .unwrap_err()
@@ -557,6 +561,7 @@ mod tests {
             ("train..seed=1", "a part of the key is empty"),
             (".seed=1", "a part of the key is empty"),
             ("train.seed=1\nmax_steps=5", "give each its own --set"),
+            ("train={max_steps=1}", "set its keys one at a time"),
         ] {
             let err = parse(MINIMAL, "r.toml", &[set.into()])
                 .unwrap_err()

@@ -23,6 +23,16 @@ pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> 
         Err(_) => None,
     }
     .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    // `train={max_steps=1}` would replace the whole section, every other key of it going
+    // back to its default unseen.
+    if value.is_table() {
+        return Err(TrainerError::Input(format!(
+            "--set `{text}`: a table would replace every key of `{}`; set its keys one at a \
+             time ({}.key=value)",
+            key.trim(),
+            key.trim()
+        )));
+    }
     let parts: Vec<&str> = key.trim().split('.').collect();
     if parts.iter().any(|p| p.trim().is_empty()) {
         return Err(TrainerError::Input(format!(
