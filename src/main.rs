@@ -106,6 +106,15 @@ fn run(cli: Cli) -> Result<()> {
                 .resume
                 .or(a.out)
                 .unwrap_or_else(|| trainer::run_dir::default_root(&a.recipe, "run"));
+            // A new run writes its resolved recipe over `OUT/recipe.toml`: never the file it
+            // was started from (a resume reads it and writes nothing there).
+            let own = out.join(trainer::run_dir::RECIPE_FILE);
+            anyhow::ensure!(
+                resume || !same_file(&a.recipe, &own),
+                "{}: this recipe is the run directory's own recipe.toml, which a new run \
+                 writes; copy it elsewhere or choose another --out",
+                a.recipe.display()
+            );
             let outcome = trainer::train::train(&recipe, &out, resume, true)?;
             eprintln!(
                 "trained {} steps: loss {:.4} -> {:.4}{}; final weights in {}",
@@ -127,6 +136,11 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `a` and `b` name one existing file, however spelled (links, `..`).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
 /// `hearth init-model`: a new random model in Hugging Face layout.

@@ -2568,7 +2568,7 @@ fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
     let extra = ["train.max_steps=2", "train.save_steps=1"];
 
     // Another tool's output (a checkpoint a run would prune) and a folder whose only file
-    // is the user's own recipe, trained in place.
+    // is a recipe of the user's.
     let foreign = tmp.path().join("foreign");
     std::fs::create_dir_all(foreign.join("checkpoint-1")).unwrap();
     let notes = foreign.join("checkpoint-1/notes.txt");
@@ -2586,10 +2586,8 @@ fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
         &own,
     )
     .unwrap();
-    let mut in_place = TinyRun::sft(&base).sets(&extra);
-    in_place.recipe = own.clone();
     fails_keeping(
-        &in_place.out(&project),
+        &TinyRun::sft(&base).sets(&extra).out(&project),
         &["recipe.toml", "no hearth run wrote"],
         &[&own],
     );
@@ -2613,6 +2611,20 @@ fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
     )
     .unwrap();
     ok(&start);
+
+    // A run's resolved recipe copied out and edited by hand reads as hearth's own, but it
+    // is the input: a new run there must not write over it (a resume may read it).
+    let edited = tmp.path().join("edited");
+    std::fs::create_dir(&edited).unwrap();
+    let recipe = edited.join("recipe.toml");
+    std::fs::copy(run.join("recipe.toml"), &recipe).unwrap();
+    let mut from_copy = TinyRun::of("tiny-sft.toml", s(&data), &base).sets(&extra);
+    from_copy.recipe = recipe.clone();
+    fails_keeping(
+        &from_copy.out(&edited),
+        &["recipe.toml", "run directory's own"],
+        &[&recipe],
+    );
 
     // A base to be made (model.create_if_missing) in a folder that holds other files.
     let tokenizer_only = tmp.path().join("tk");
