@@ -244,7 +244,33 @@ fn check_cache_dir(dir: &Path) -> Result<()> {
     if checkpoints::guard::holds_checkpoint(dir) {
         return bad("holds a model or an adapter");
     }
+    // Anything but cache files (`<model hash>-<pairs hash>.json`, or one being written)
+    // means the directory is another's: a run's, a pipeline's, the data's.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_cache_file(&name) {
+                return bad(&format!(
+                    "holds `{name}`, which is not a reference cache file"
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// Whether `name` is a reference cache file's (or its temporary file's while written).
+fn is_cache_file(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    bytes.len() >= 38
+        && bytes[..33].iter().enumerate().all(|(i, b)| {
+            if i == 16 {
+                *b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        })
+        && name[33..].starts_with(".json")
 }
 
 #[cfg(test)]
@@ -267,7 +293,14 @@ mod tests {
             assert!(e.contains("dpo.ref_cache_dir") && e.contains(want), "{e}");
         }
         check_cache_dir(&tmp.path().join("new")).unwrap();
-        check_cache_dir(tmp.path()).unwrap();
+        // A directory of its own, cache files in it, takes more; one holding anything else
+        // (a run's recipe, data) is another's.
+        let cache = tmp.path().join("cache");
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::write(cache.join("0123456789abcdef-fedcba9876543210.json"), "{}").unwrap();
+        check_cache_dir(&cache).unwrap();
+        let e = check_cache_dir(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("is not a reference cache file"), "{e}");
     }
 
     fn logps(c: &[f64], r: &[f64], cl: &[f64], rl: &[f64]) -> PairLogps {
