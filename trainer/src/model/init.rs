@@ -50,6 +50,62 @@ impl Default for NewModel {
     }
 }
 
+/// The bytes making `spec`'s weights holds at once: every tensor in its dtype (they are
+/// written together) and the largest in f32 while it is drawn. `None` past `u64`.
+fn making_bytes(spec: &NewModel) -> Option<u64> {
+    let n = |x: usize| u64::try_from(x).ok();
+    let (v, h, i, l) = (
+        n(spec.vocab_size)?,
+        n(spec.hidden_size)?,
+        n(spec.intermediate_size)?,
+        n(spec.num_hidden_layers)?,
+    );
+    let kv = n(spec.num_key_value_heads)?.checked_mul(h / n(spec.num_attention_heads.max(1))?)?;
+    let embed = v.checked_mul(h)?;
+    let head = if spec.tie_word_embeddings { 0 } else { embed };
+    let attention = h
+        .checked_mul(h)?
+        .checked_mul(2)?
+        .checked_add(h.checked_mul(kv)?.checked_mul(2)?)?;
+    let mlp = h.checked_mul(i)?.checked_mul(3)?;
+    let layer = attention.checked_add(mlp)?.checked_add(h.checked_mul(2)?)?;
+    let params = embed
+        .checked_add(head)?
+        .checked_add(l.checked_mul(layer)?)?
+        .checked_add(h)?;
+    let largest = embed.max(h.checked_mul(i)?);
+    params
+        .checked_mul(n(spec.dtype.size())?)?
+        .checked_add(largest.checked_mul(4)?)
+}
+
+/// The memory this machine has available now, from `/proc/meminfo`; `None` where that
+/// cannot be read (then nothing is refused for size).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses, before any work, sizes whose weights would not fit in `available` bytes: they
+/// are made whole in memory, and an allocation that fails aborts the process.
+fn check_fits(spec: &NewModel, available: Option<u64>) -> Result<()> {
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    match (making_bytes(spec), available) {
+        (None, _) => Err(TrainerError::Input(
+            "these sizes make a model too large to count its weights in 64 bits".into(),
+        )),
+        (Some(need), Some(have)) if need > have => Err(TrainerError::Input(format!(
+            "a model of these sizes takes {:.1} GiB of memory to make; this machine has {:.1} \
+             GiB available",
+            gib(need),
+            gib(have)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `config.json`, the weights and `tokenizer.json` of a new model into `dir`.
 pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<ModelConfig> {
     checkpoints::guard::check_output_dir(dir, &[])?;
@@ -59,6 +115,7 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
             spec.hidden_size, spec.num_attention_heads
         )));
     }
+    check_fits(spec, available_memory())?;
     let mut tokenizer = train_bpe(&[BUNDLED_CORPUS], spec.vocab_size, &LLAMA3_SPECIAL_TOKENS)?;
     pad_vocab(&mut tokenizer, spec.vocab_size)?;
     let id = |t: &str| tokenizer.token_to_id(t).unwrap_or(0);
@@ -115,4 +172,32 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
     let text = serde_json::to_string_pretty(&tokenizer_config).unwrap_or_default();
     checkpoints::write_text(&dir.join("tokenizer_config.json"), &text)?;
     Ok(config)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// The default model's count by hand, and sizes past the memory there is, or past
+    /// 64 bits, refused before anything is made.
+    #[test]
+    fn sizes_that_cannot_be_made_are_refused_up_front() {
+        let tiny = NewModel::default();
+        // vocab 512 × hidden 64, twice (untied); per layer q,o 64², k,v 64·32, MLP 3·64·176,
+        // two norms; the final norm. f32, plus the largest tensor drawn in f32.
+        let params = 2 * 512 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176 + 2 * 64) + 64;
+        assert_eq!(making_bytes(&tiny), Some(4 * params + 4 * 512 * 64));
+        check_fits(&tiny, Some(1 << 30)).unwrap();
+        check_fits(&tiny, None).unwrap();
+        let e = check_fits(&tiny, Some(1000)).unwrap_err().to_string();
+        assert!(e.contains("GiB of memory to make"), "{e}");
+        let huge = NewModel {
+            hidden_size: 1 << 40,
+            num_attention_heads: 1,
+            num_key_value_heads: 1,
+            ..NewModel::default()
+        };
+        let e = check_fits(&huge, Some(u64::MAX)).unwrap_err().to_string();
+        assert!(e.contains("64 bits"), "{e}");
+    }
 }
