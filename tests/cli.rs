@@ -2541,10 +2541,7 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
         &[&metrics],
     );
     // A folder with a tokenizer of its own and no weights is not a new model's folder.
-    let tokenizer_only = tmp.path().join("tk");
-    std::fs::create_dir(&tokenizer_only).unwrap();
-    let mine = tokenizer_only.join("tokenizer.json");
-    std::fs::write(&mine, "{\"mine\": 1}").unwrap();
+    let (tokenizer_only, mine) = tokenizer_only_dir(tmp.path());
     fails_keeping(
         &["init-model", "--out", s(&tokenizer_only)],
         &["tk", "not empty"],
@@ -2555,6 +2552,16 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
         &["tk", "not empty"],
         &[&mine],
     );
+}
+
+/// `DIR/tk`, a folder holding only a user's `tokenizer.json` (no weights): what no new
+/// checkpoint may be written into. Returns the folder and the file.
+fn tokenizer_only_dir(dir: &Path) -> (PathBuf, PathBuf) {
+    let folder = dir.join("tk");
+    std::fs::create_dir(&folder).unwrap();
+    let mine = folder.join("tokenizer.json");
+    std::fs::write(&mine, "{\"mine\": 1}").unwrap();
+    (folder, mine)
 }
 
 /// `train` starts only in a new or empty directory (or one a failed start left), and a
@@ -2627,10 +2634,7 @@ fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
     );
 
     // A base to be made (model.create_if_missing) in a folder that holds other files.
-    let tokenizer_only = tmp.path().join("tk");
-    std::fs::create_dir(&tokenizer_only).unwrap();
-    let mine = tokenizer_only.join("tokenizer.json");
-    std::fs::write(&mine, "{}").unwrap();
+    let (tokenizer_only, mine) = tokenizer_only_dir(tmp.path());
     fails_keeping(
         &TinyRun::sft(&tokenizer_only)
             .sets(&extra)
