@@ -96,6 +96,18 @@ impl FileKind {
             "parquet" => Ok(Self::Parquet),
             "arrow" | "feather" | "ipc" => Ok(Self::Arrow),
             "json" => {
+                // Telling the layouts apart reads the start of the file, then the file again
+                // from its start: a pipe or a device cannot be read twice, and opening a pipe
+                // with no writer waits for one.
+                let meta = std::fs::metadata(path).map_err(|e| io(path, e))?;
+                if !meta.is_file() {
+                    return Err(DataError::Unsupported {
+                        path: path.to_path_buf(),
+                        reason: "a .json file must be a regular file, which is read twice to \
+                                 tell its layout; stream rows through a .jsonl name instead"
+                            .into(),
+                    });
+                }
                 let mut reader = BufReader::new(open(path)?);
                 skip_bom(&mut reader).map_err(|e| io(path, e))?;
                 let mut byte = [0u8; 1];
@@ -417,5 +429,31 @@ mod line_tests {
         assert_eq!(read_line_within(&mut two, &mut buf, path, 1, 3).unwrap(), 3);
         assert_eq!(read_line_within(&mut two, &mut buf, path, 2, 8).unwrap(), 8);
         assert_eq!(read_line_within(&mut two, &mut buf, path, 3, 8).unwrap(), 0);
+    }
+
+    /// A named pipe called `.json` is refused before it is opened: opening it with no
+    /// writer would wait for ever, and with one the layout check would eat its first rows.
+    /// The detection runs on a thread so that a regression fails the test instead of
+    /// hanging CI.
+    #[test]
+    fn a_json_pipe_is_refused_without_opening_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("rows.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(FileKind::detect(&path).map_err(|e| e.to_string())));
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("detecting a pipe's layout hung");
+        let e = got.unwrap_err();
+        assert!(e.contains("rows.json") && e.contains("regular file"), "{e}");
+        // A pipe named .jsonl is read once, as a stream, and stays allowed.
+        let lines = dir.path().join("rows.jsonl");
+        assert_eq!(FileKind::detect(&lines).unwrap(), FileKind::JsonLines);
     }
 }
