@@ -495,6 +495,29 @@ mod tests {
         assert_eq!(r.data.eval_fraction, 0.05, "the documented default");
     }
 
+    /// A value of the wrong type is named by its key, a table given for a path included (it
+    /// is written out as a section of its own, whose header is the key).
+    #[test]
+    fn values_of_the_wrong_type_name_their_key() {
+        for (text, want) in [
+            (
+                "[model]\npath = { a = 1 }\n[data]\ntrain = \"d.jsonl\"\n",
+                "`model.path`: invalid type: map",
+            ),
+            (
+                "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[train]\nmax_steps = \"x\"\n",
+                "`train.max_steps`: invalid type: string",
+            ),
+            (
+                "[model]\npath = [1]\n[data]\ntrain = \"d.jsonl\"\n",
+                "`model.path`: invalid type: sequence",
+            ),
+        ] {
+            let err = parse(text, "r.toml", &[]).unwrap_err().to_string();
+            assert!(err.starts_with("r.toml: ") && err.contains(want), "{err}");
+        }
+    }
+
     /// `--set` reaches into arrays of tables by number, and the next number appends one.
     #[test]
     fn overrides_index_and_extend_arrays_of_tables() {

@@ -85,6 +85,11 @@ pub(super) fn key_of_error(table: &toml::Table) -> Option<String> {
     let span = toml::from_str::<Recipe>(&text).err()?.span()?;
     let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next()?;
+    // A table where a value belongs is written out as a section of its own: the error is
+    // about that section's header.
+    if let Some(header) = line.trim().strip_prefix('[') {
+        return Some(header.trim_matches(['[', ']']).to_string());
+    }
     let (key, _) = line.split_once('=')?;
     let section = text[..line_start]
         .lines()
