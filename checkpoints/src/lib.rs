@@ -18,7 +18,7 @@ pub mod run_state;
 pub mod tensorboard;
 mod write;
 
-pub use config::{ModelConfig, ModelType, RopeScaling, WeightDtype};
+pub use config::{MAX_LAYERS, ModelConfig, ModelType, RopeScaling, WeightDtype};
 pub use error::CheckpointError;
 pub use manifest::{MANIFEST, verify_manifest, write_manifest};
 pub use read::{TensorRef, WeightFiles};

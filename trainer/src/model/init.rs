@@ -106,15 +106,63 @@ fn check_fits(spec: &NewModel, available: Option<u64>) -> Result<()> {
     }
 }
 
+/// Refuses sizes no model can have, naming each by its `config.json` key and the CLI flag
+/// that sets it: the config the sizes make is checked again when it is parsed, but that
+/// check speaks of a file, which here the user never wrote.
+fn check_shape(spec: &NewModel) -> Result<()> {
+    let bad = |msg: String| Err(TrainerError::Input(msg));
+    for (key, flag, value) in [
+        ("hidden_size", "--hidden-size", spec.hidden_size),
+        (
+            "intermediate_size",
+            "--intermediate-size",
+            spec.intermediate_size,
+        ),
+        ("num_attention_heads", "--heads", spec.num_attention_heads),
+        (
+            "num_key_value_heads",
+            "--kv-heads",
+            spec.num_key_value_heads,
+        ),
+    ] {
+        if value == 0 {
+            return bad(format!("{key} ({flag}) must be positive"));
+        }
+    }
+    let layers = spec.num_hidden_layers;
+    if layers == 0 || layers > checkpoints::MAX_LAYERS {
+        return bad(format!(
+            "num_hidden_layers (--layers) {layers} must be between 1 and {}",
+            checkpoints::MAX_LAYERS
+        ));
+    }
+    let (heads, kv) = (spec.num_attention_heads, spec.num_key_value_heads);
+    if !heads.is_multiple_of(kv) {
+        return bad(format!(
+            "num_key_value_heads (--kv-heads) {kv} must divide num_attention_heads (--heads) \
+             {heads}"
+        ));
+    }
+    if !spec.hidden_size.is_multiple_of(heads) {
+        return bad(format!(
+            "hidden_size (--hidden-size) {} must be a multiple of num_attention_heads (--heads) \
+             {heads}",
+            spec.hidden_size
+        ));
+    }
+    if !(spec.init_std.is_finite() && spec.init_std >= 0.0) {
+        return bad(format!(
+            "initializer_range (--init-std) {} must be a finite number ≥ 0",
+            spec.init_std
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `config.json`, the weights and `tokenizer.json` of a new model into `dir`.
 pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<ModelConfig> {
     checkpoints::guard::check_output_dir(dir, &[])?;
-    if spec.num_attention_heads == 0 || !spec.hidden_size.is_multiple_of(spec.num_attention_heads) {
-        return Err(TrainerError::Input(format!(
-            "hidden size {} must be a multiple of the head count {}",
-            spec.hidden_size, spec.num_attention_heads
-        )));
-    }
+    check_shape(spec)?;
     check_fits(spec, available_memory())?;
     let mut tokenizer = train_bpe(&[BUNDLED_CORPUS], spec.vocab_size, &LLAMA3_SPECIAL_TOKENS)?;
     pad_vocab(&mut tokenizer, spec.vocab_size)?;
@@ -177,6 +225,52 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
 #[cfg(test)]
 mod size_tests {
     use super::*;
+
+    /// Each impossible size is named by its key and flag, before anything is made; the
+    /// largest layer count a config may declare is still accepted by the check.
+    #[test]
+    fn impossible_shapes_name_their_flag() {
+        let with = |f: fn(&mut NewModel)| {
+            let mut spec = NewModel::default();
+            f(&mut spec);
+            check_shape(&spec).map_err(|e| e.to_string())
+        };
+        for (change, want) in [
+            (
+                (|s: &mut NewModel| s.num_hidden_layers = 5000) as fn(&mut NewModel),
+                "num_hidden_layers (--layers) 5000 must be between 1 and 4096",
+            ),
+            (|s| s.num_hidden_layers = 0, "(--layers) 0"),
+            (
+                |s| s.hidden_size = 0,
+                "hidden_size (--hidden-size) must be positive",
+            ),
+            (
+                |s| s.intermediate_size = 0,
+                "(--intermediate-size) must be positive",
+            ),
+            (|s| s.num_attention_heads = 0, "(--heads) must be positive"),
+            (
+                |s| s.num_key_value_heads = 0,
+                "(--kv-heads) must be positive",
+            ),
+            (|s| s.num_key_value_heads = 3, "(--kv-heads) 3 must divide"),
+            (
+                |s| {
+                    s.num_attention_heads = 3;
+                    s.num_key_value_heads = 1;
+                },
+                "multiple of num_attention_heads (--heads) 3",
+            ),
+            (|s| s.init_std = f32::NAN, "(--init-std) NaN"),
+            (|s| s.init_std = -1.0, "(--init-std) -1"),
+        ] {
+            let e = with(change).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        with(|_| {}).unwrap();
+        with(|s| s.num_hidden_layers = checkpoints::MAX_LAYERS).unwrap();
+    }
 
     /// The default model's count by hand, and sizes past the memory there is, or past
     /// 64 bits, refused before anything is made.
