@@ -152,9 +152,6 @@ impl ModelConfig {
         self.num_attention_heads / self.num_key_value_heads
     }
 
-    /// This config as a one-label `*ForSequenceClassification` reward model, the way
-    /// transformers' `AutoModelForSequenceClassification` expects it: `num_labels` 1 and a
-    /// `pad_token_id` so the score can be read at the last non-pad token.
     /// The token batches are padded with: the config's pad token, else its first
     /// end-of-sequence token (as transformers' reward trainers set it), else 0.
     pub fn padding_id(&self) -> u32 {
@@ -163,6 +160,9 @@ impl ModelConfig {
             .unwrap_or(0)
     }
 
+    /// This config as a one-label `*ForSequenceClassification` reward model, the way
+    /// transformers' `AutoModelForSequenceClassification` expects it: `num_labels` 1 and a
+    /// `pad_token_id` so the score can be read at the last non-pad token.
     pub fn as_reward_model(&self, pad_token_id: u32) -> Self {
         let mut out = self.clone();
         let arch = match self.model_type {
