@@ -12,6 +12,7 @@ pub mod guard;
 pub mod manifest;
 pub mod nf4;
 pub mod peft;
+pub mod pending;
 mod read;
 pub mod run_dir;
 pub mod run_state;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, View};
 
+use crate::pending::PendingFile;
 use crate::{CheckpointError, Result, WeightDtype, names};
 
 /// A tensor ready to be written.
@@ -199,41 +200,29 @@ fn write_file(
     group: &[(&String, &OwnedTensor)],
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
-    let tmp = tmp_path(path);
-    safetensors::serialize_to_file(group.iter().copied(), Some(metadata.clone()), &tmp).map_err(
+    let pending = PendingFile::create(path)?;
+    // Errors name the file being written, not its temporary name.
+    let tmp = pending.path();
+    safetensors::serialize_to_file(group.iter().copied(), Some(metadata.clone()), tmp).map_err(
         |e| match e {
-            safetensors::SafeTensorError::IoError(source) => CheckpointError::io(&tmp, source),
+            safetensors::SafeTensorError::IoError(source) => CheckpointError::io(path, source),
             other => CheckpointError::Safetensors {
-                path: tmp.clone(),
+                path: path.to_path_buf(),
                 reason: other.to_string(),
             },
         },
     )?;
-    sync_and_rename(&tmp, path)
+    pending.commit()
 }
 
 /// Writes `bytes` to `path` through a temporary sibling and a rename.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
-    f.write_all(bytes)
-        .map_err(|e| CheckpointError::io(&tmp, e))?;
-    drop(f);
-    sync_and_rename(&tmp, path)
-}
-
-fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
-    let f = std::fs::File::open(tmp).map_err(|e| CheckpointError::io(tmp, e))?;
-    f.sync_all().map_err(|e| CheckpointError::io(tmp, e))?;
-    std::fs::rename(tmp, path).map_err(|e| CheckpointError::io(path, e))
-}
-
-/// The temporary name carries the process id: ranks of a data-parallel job that write the
-/// same shared file (a reference-log-prob cache) must not write into each other's.
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.tmp", std::process::id()));
-    path.with_file_name(name)
+    let mut pending = PendingFile::create(path)?;
+    pending
+        .file()
+        .write_all(bytes)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    pending.commit()
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {

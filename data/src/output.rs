@@ -1,9 +1,11 @@
 //! Writing an output file so that it appears only once complete, and never over a file
 //! that is already there.
 
-use std::fs::{File, OpenOptions};
-use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use checkpoints::pending::PendingFile;
 
 use crate::DataError;
 
@@ -30,46 +32,27 @@ fn refuse_existing(out: &Path) -> Result<(), DataError> {
     }
 }
 
-/// Writes the new file `out`: `fill` writes into a temporary file beside it (same
-/// directory, so the final rename is atomic; named with the process id and created new,
-/// so no other file is written over), which becomes `out` only once `fill` succeeded and
-/// the data is on disk. On any failure the temporary file is removed and `out` is never
-/// touched. An `out` that already exists is refused, before and again after the work.
+/// Writes the new file `out`: `fill` writes into a temporary file beside it (see
+/// [`checkpoints::pending`]), which becomes `out` only once `fill` succeeded and the data
+/// is on disk. On any failure, or a signal, the temporary file is removed and `out` is
+/// never touched. An `out` that already exists is refused, before and again after the work.
 pub(crate) fn write_new<T>(
     out: &Path,
-    fill: impl FnOnce(&mut BufWriter<File>, &Path) -> Result<T, DataError>,
+    fill: impl FnOnce(&mut BufWriter<&mut File>, &Path) -> Result<T, DataError>,
 ) -> Result<T, DataError> {
     refuse_existing(out)?;
-    let tmp = temp_beside(out)?;
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| io(&tmp, e))?;
-    let result = (|| {
-        let mut writer = BufWriter::new(file);
-        let value = fill(&mut writer, &tmp)?;
-        let file = writer.into_inner().map_err(|e| io(&tmp, e.into_error()))?;
-        file.sync_all().map_err(|e| io(&tmp, e))?;
-        drop(file);
-        refuse_existing(out)?;
-        std::fs::rename(&tmp, out).map_err(|e| io(out, e))?;
-        Ok(value)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if out.file_name().is_none() {
+        return Err(refused(out, "it does not name a file"));
     }
-    result
-}
-
-/// `OUT.<pid>.tmp` in `out`'s directory.
-fn temp_beside(out: &Path) -> Result<PathBuf, DataError> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| refused(out, "it does not name a file"))?;
-    let mut tmp = name.to_os_string();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    Ok(out.with_file_name(tmp))
+    let mut pending = PendingFile::create(out)?;
+    let mut writer = BufWriter::new(pending.file());
+    // `fill` names `out` in its errors: the temporary name means nothing to a user.
+    let value = fill(&mut writer, out)?;
+    writer.flush().map_err(|e| io(out, e))?;
+    drop(writer);
+    refuse_existing(out)?;
+    pending.commit()?;
+    Ok(value)
 }
 
 #[cfg(test)]

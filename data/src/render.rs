@@ -69,7 +69,7 @@ pub fn render_jsonl(
     }
     let template = template_for(dir, choice)?;
     let tok = tokenizer::load(dir)?;
-    crate::output::write_new(out, |writer, tmp| {
+    crate::output::write_new(out, |writer, out| {
         let mut count = 0;
         for_each_row(
             input,
@@ -95,7 +95,7 @@ pub fn render_jsonl(
                     "assistant_mask": rendered.assistant_mask,
                 });
                 writeln!(writer, "{line}").map_err(|source| DataError::Io {
-                    path: tmp.to_path_buf(),
+                    path: out.to_path_buf(),
                     source,
                 })?;
                 count += 1;

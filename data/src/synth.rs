@@ -370,9 +370,9 @@ pub fn write(
             "generated rows are written as JSON Lines only: name the file .jsonl (or .json)",
         ));
     }
-    crate::output::write_new(out, |writer, tmp| {
+    crate::output::write_new(out, |writer, out| {
         generate_into(kind, n, seed, writer).map_err(|source| crate::DataError::Io {
-            path: tmp.to_path_buf(),
+            path: out.to_path_buf(),
             source,
         })
     })

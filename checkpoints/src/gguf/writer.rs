@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::container::{DEFAULT_ALIGNMENT, MAGIC, MetaValue};
 use super::quant::GgmlType;
+use crate::pending::PendingFile;
 use crate::{CheckpointError, Result};
 
 /// A tensor to write: ggml dims (innermost first) and its encoded bytes.
@@ -104,22 +105,13 @@ impl GgufWriter {
 
     /// Writes the file to `path`, atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let io = |e| CheckpointError::io(path, e);
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model.gguf".into());
-        let tmp = path.with_file_name(format!(".{name}.tmp"));
-        let result = (|| {
-            let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            self.write_to(&mut file)?;
-            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(io)
+        let mut pending = PendingFile::create(path)?;
+        let mut file = std::io::BufWriter::new(pending.file());
+        self.write_to(&mut file)
+            .and_then(|()| file.flush())
+            .map_err(|e| CheckpointError::io(path, e))?;
+        drop(file);
+        pending.commit()
     }
 }
 
