@@ -336,6 +336,9 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // Ctrl-C or a TERM outside training removes the files being written before it ends
+    // the process (training stops after its step instead): see trainer::signals.
+    trainer::signals::install();
     // The whole command, its MPI finish included (MPI's state belongs to the thread that
     // started it), on a worker of the CPU's thread pool: see kernels::cpu::on_workers.
     kernels::cpu::on_workers(|| outcome(cli))

@@ -158,3 +158,42 @@ fn data_generate_refuses_what_it_cannot_write_and_leaves_nothing() {
     assert_eq!(names(tmp.path()), ["a-directory.jsonl", "kept.jsonl"]);
     assert!(names(&dir).is_empty());
 }
+
+/// Ctrl-C (or a TERM) while `data generate` writes ends the process with the shell's
+/// 128 + signal code and removes the half-written temporary file: nothing is left.
+#[test]
+fn a_signal_while_writing_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let out = tmp.path().join(format!("rows-{signal}.jsonl"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["data", "generate", "--kind", "sft", "--rows", "1000000000"])
+            .arg("--out")
+            .arg(&out)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until rows are on their way to disk.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let writing = || {
+            names(tmp.path()).iter().any(|n| {
+                n.ends_with(".tmp")
+                    && std::fs::metadata(tmp.path().join(n)).is_ok_and(|m| m.len() > 0)
+            })
+        };
+        while !writing() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(writing(), "SIG{signal}: no temporary file appeared");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let done = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert_eq!(done.status.code(), Some(code), "SIG{signal}: {stderr}");
+        assert_eq!(stderr.trim(), format!("stopped by SIG{signal}"));
+        assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
+    }
+}

@@ -255,3 +255,46 @@ pub fn write_text(path: &Path, text: &str) -> Result<()> {
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that fails at its last step (the rename) leaves the directory as it was:
+    /// no temporary file beside the weights, the config or the index.
+    #[test]
+    fn a_failed_save_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: BTreeMap<String, OwnedTensor> = (0..3)
+            .map(|i| {
+                let t = OwnedTensor::from_f32(&[i as f32; 4], vec![4], WeightDtype::F32);
+                (format!("w{i}"), t)
+            })
+            .collect();
+        // Non-empty directories where the files should go cannot be replaced.
+        for name in [
+            names::SINGLE,
+            "model-00002-of-00003.safetensors",
+            "config.json",
+        ] {
+            std::fs::create_dir_all(dir.path().join(name).join("x")).unwrap();
+        }
+        let leftovers = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".tmp"))
+                .collect::<Vec<_>>()
+        };
+        let e = save_weights(dir.path(), &tensors, SaveOptions::default()).unwrap_err();
+        assert!(e.to_string().contains(names::SINGLE), "{e}");
+        let sharded = SaveOptions {
+            max_shard_bytes: 16,
+        };
+        let e = save_weights(dir.path(), &tensors, sharded).unwrap_err();
+        assert!(e.to_string().contains("model-00002-of-00003"), "{e}");
+        let e = write_text(&dir.path().join("config.json"), "{}").unwrap_err();
+        assert!(e.to_string().contains("config.json"), "{e}");
+        assert!(leftovers().is_empty(), "{:?}", leftovers());
+    }
+}

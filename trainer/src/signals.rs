@@ -1,26 +1,101 @@
-//! SIGINT and SIGTERM during training: the handler only records the signal; the loop
-//! notices it after the current step, writes a checkpoint and returns
-//! [`crate::TrainerError::Interrupted`], so the process exits with 128 + the signal.
+//! SIGINT and SIGTERM. The handler only records the signal and wakes a watcher thread;
+//! what happens next depends on what the process is doing:
+//! - while training ([`hand_to_training`]'s guard lives), the loop notices the signal after the current
+//!   step, writes a checkpoint and returns [`crate::TrainerError::Interrupted`], so the
+//!   process exits with 128 + the signal;
+//! - otherwise the watcher removes the files being written
+//!   ([`checkpoints::pending::abandon_all`]) and exits with 128 + the signal at once, as
+//!   the default action would have, but without leaving a temporary file behind.
 
+use std::io::Read;
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Once;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
 static PENDING: AtomicI32 = AtomicI32::new(0);
+/// How many training loops have taken signals over (several run at once only in tests).
+static TRAINING: AtomicUsize = AtomicUsize::new(0);
+/// The write end of the watcher's socket, or -1.
+static WAKE: AtomicI32 = AtomicI32::new(-1);
 static INSTALL: Once = Once::new();
 
-/// Installs the handlers once per process. Only an atomic store runs in the handler, which
-/// is async-signal-safe.
+/// Installs the handlers and the watcher once per process; the CLI calls it before any
+/// command runs. Only an atomic store and a `write` run in the handler, both
+/// async-signal-safe.
 pub fn install() {
     INSTALL.call_once(|| {
+        let Ok((mut watcher, waker)) = UnixStream::pair() else {
+            // Without the socket the signals keep their default action.
+            return;
+        };
+        WAKE.store(waker.into_raw_fd(), Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut byte = [0u8];
+                while watcher.read_exact(&mut byte).is_ok() {
+                    if TRAINING.load(Ordering::SeqCst) == 0 {
+                        exit_on(i32::from(byte[0]));
+                    }
+                }
+            });
+        if spawned.is_err() {
+            return;
+        }
         for signal in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: the action only stores into an atomic; it allocates and locks nothing.
+            // SAFETY: the action stores into an atomic and writes one byte to a socket; it
+            // allocates and locks nothing.
             let _ = unsafe {
                 signal_hook_registry::register(signal, move || {
                     PENDING.store(signal, Ordering::SeqCst);
+                    wake(signal);
                 })
             };
         }
     });
+}
+
+/// Tells the watcher about `signal`; async-signal-safe.
+fn wake(signal: i32) {
+    let fd = WAKE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let byte = signal as u8;
+        // SAFETY: writes one byte from a live local to a socket this module owns.
+        unsafe { libc::write(fd, (&raw const byte).cast(), 1) };
+    }
+}
+
+/// While the returned guard lives, a signal stops training after the current step (see
+/// [`take`]) instead of ending the process. A signal that arrived before has already
+/// ended it; one that the loop did not take (it came during the final save) is handled
+/// as outside training once the guard is dropped.
+#[must_use = "signals go back to ending the process when the guard is dropped"]
+pub fn hand_to_training() -> TrainingSignals {
+    install();
+    TRAINING.fetch_add(1, Ordering::SeqCst);
+    TrainingSignals(())
+}
+
+/// See [`hand_to_training`].
+pub struct TrainingSignals(());
+
+impl Drop for TrainingSignals {
+    fn drop(&mut self) {
+        if TRAINING.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let pending = PENDING.load(Ordering::SeqCst);
+            if pending != 0 {
+                wake(pending);
+            }
+        }
+    }
+}
+
+/// Leaves nothing half-written and exits the way a shell reports a signal.
+fn exit_on(signal: i32) -> ! {
+    checkpoints::pending::abandon_all();
+    eprintln!("stopped by {}", name(signal));
+    std::process::exit(128 + signal)
 }
 
 /// The signal received since the last [`take`], if any, clearing it.

@@ -59,7 +59,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let dp = Group::from_env(&dist_options(recipe))?;
     let run = setup::open_run(&dp, recipe, out, resume)?;
     let required = state::required_files(recipe.lora.is_some());
-    crate::signals::install();
+    let _signals = crate::signals::hand_to_training();
     let resume_from = if resume {
         run.resume_point(&required)?
     } else {
