@@ -55,5 +55,6 @@ pub fn lora_on_all_projections() -> LoraSettings {
         lora_dropout: 0.0,
         target_modules: LAYER_PROJECTIONS.map(String::from).to_vec(),
         use_rslora: false,
+        layers_to_transform: None,
     }
 }

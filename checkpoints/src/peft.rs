@@ -66,6 +66,12 @@ pub struct LoraSettings {
     pub target_modules: Vec<String>,
     #[serde(default)]
     pub use_rslora: bool,
+    /// PEFT's `layers_to_transform`: the decoder layers that carry adapters, ascending;
+    /// `None` for all of them. With a list, modules outside the layers (the head, the
+    /// embeddings) carry none, as in PEFT. PEFT writes an index or a list, so
+    /// [`read_config`] reads it by hand.
+    #[serde(skip)]
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 impl LoraSettings {
@@ -75,6 +81,35 @@ impl LoraSettings {
             self.lora_alpha / (self.r as f64).sqrt()
         } else {
             self.lora_alpha / self.r as f64
+        }
+    }
+
+    /// Whether the module `name` (a projection, `lm_head` or `embed_tokens`) of decoder
+    /// layer `layer` (`None` outside the layers) carries an adapter.
+    pub fn targets(&self, name: &str, layer: Option<usize>) -> bool {
+        let in_layers = match (&self.layers_to_transform, layer) {
+            (None, _) => true,
+            (Some(listed), Some(layer)) => listed.contains(&layer),
+            (Some(_), None) => false,
+        };
+        in_layers && self.target_modules.iter().any(|t| t == name)
+    }
+
+    /// Refuses a `layers_to_transform` that names a layer a model of `layers` decoder
+    /// layers lacks; `origin` starts the message.
+    pub fn check_layers(&self, origin: &str, layers: usize) -> std::result::Result<(), String> {
+        match self
+            .layers_to_transform
+            .iter()
+            .flatten()
+            .find(|&&l| l >= layers)
+        {
+            Some(layer) => Err(format!(
+                "{origin}: `layers_to_transform` names layer {layer}, but the model has {layers} \
+                 layers (0 to {})",
+                layers.saturating_sub(1)
+            )),
+            None => Ok(()),
         }
     }
 
@@ -101,6 +136,10 @@ impl LoraSettings {
                     TARGETS.join(", ")
                 ));
             }
+        }
+        if self.layers_to_transform.as_ref().is_some_and(Vec::is_empty) {
+            // PEFT finds no module to adapt and refuses the config.
+            return bad("`layers_to_transform` is empty: name at least one layer".into());
         }
         Ok(())
     }
@@ -169,50 +208,47 @@ pub fn read_config(dir: &Path) -> Result<LoraSettings> {
             ));
         }
     }
-    let settings: LoraSettings =
+    let mut settings: LoraSettings =
         serde_json::from_value(raw.clone()).map_err(|e| adapter_error(&path, e.to_string()))?;
+    settings.layers_to_transform = layers_to_transform(&raw)
+        .map_err(|reason| adapter_error(&path, format!("`layers_to_transform`: {reason}")))?;
+    if settings.layers_to_transform.is_some() {
+        // PEFT finds a module's layer by `layers_pattern` (`layers` in a Llama); another
+        // pattern matches no module of this model.
+        let pattern = field("layers_pattern");
+        let llama = |v: &serde_json::Value| v == "layers" || *v == serde_json::json!(["layers"]);
+        if let Some(p) = pattern.filter(|p| !llama(p)) {
+            return Err(adapter_error(
+                &path,
+                format!("`layers_pattern` {p} matches no layer of a Llama model (`layers`)"),
+            ));
+        }
+    }
     settings
         .validate(&path.display().to_string())
         .map_err(|reason| CheckpointError::Invalid { reason })?;
     Ok(settings)
 }
 
-/// Checks `layers_to_transform` of `dir/adapter_config.json` against a model of `layers`
-/// decoder layers. Absent, `null` or naming every layer, the adapter applies everywhere, as
-/// hearth applies it; a layer the model lacks is an error, and so is a subset of the layers
-/// (PEFT would leave the others, and the head, without adapters; hearth does not).
-pub fn check_layers_to_transform(dir: &Path, layers: usize) -> Result<()> {
-    let (path, raw) = raw_config(dir)?;
-    let bad = |reason: String| adapter_error(&path, format!("`layers_to_transform`: {reason}"));
-    let listed: Vec<u64> = match raw.get("layers_to_transform") {
-        None | Some(serde_json::Value::Null) => return Ok(()),
+/// PEFT's `layers_to_transform` (absent or `null`, an index, or a list of them) as
+/// sorted distinct layers.
+fn layers_to_transform(raw: &serde_json::Value) -> std::result::Result<Option<Vec<usize>>, String> {
+    let index = |v: &serde_json::Value| {
+        v.as_u64()
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| format!("{v} is not a layer index"))
+    };
+    let mut listed = match raw.get("layers_to_transform") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
         Some(serde_json::Value::Array(items)) => items
             .iter()
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| bad(format!("{v} is not a layer index")))
-            })
-            .collect::<Result<_>>()?,
-        Some(v) => vec![
-            v.as_u64()
-                .ok_or_else(|| bad(format!("{v} is not a layer index or a list of them")))?,
-        ],
+            .map(index)
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+        Some(v) => vec![index(v).map_err(|e| format!("{e} or a list of them"))?],
     };
-    if let Some(&layer) = listed.iter().find(|&&l| l >= layers as u64) {
-        return Err(bad(format!(
-            "names layer {layer}, but the model has {layers} layers (0 to {})",
-            layers.saturating_sub(1)
-        )));
-    }
-    let named: std::collections::BTreeSet<u64> = listed.into_iter().collect();
-    if named.len() != layers {
-        return Err(bad(format!(
-            "adapters on {} of the model's {layers} layers are not supported; hearth applies \
-             an adapter to every layer",
-            named.len()
-        )));
-    }
-    Ok(())
+    listed.sort_unstable();
+    listed.dedup();
+    Ok(Some(listed))
 }
 
 /// Writes `dir/adapter_config.json` as PEFT writes it for `settings`.
@@ -241,7 +277,7 @@ pub fn write_config(
         "init_lora_weights": true,
         "inference_mode": true,
         "modules_to_save": modules_to_save,
-        "layers_to_transform": null,
+        "layers_to_transform": settings.layers_to_transform,
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -262,6 +298,7 @@ mod tests {
             lora_dropout: 0.05,
             target_modules: vec!["q_proj".into(), "embed_tokens".into()],
             use_rslora: false,
+            layers_to_transform: None,
         }
     }
 
@@ -293,35 +330,71 @@ mod tests {
     }
 
     #[test]
-    fn layers_to_transform_must_name_every_layer_of_the_model() {
+    fn layers_to_transform_reads_as_peft_writes_it_and_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let check = |json: &str| {
+        let read = |extra: &str| {
+            let json =
+                format!(r#"{{"r":2,"lora_alpha":4,"target_modules":["q_proj","lm_head"]{extra}}}"#);
             std::fs::write(dir.path().join(CONFIG_FILE), json).unwrap();
-            check_layers_to_transform(dir.path(), 4).map_err(|e| e.to_string())
+            read_config(dir.path()).map_err(|e| e.to_string())
         };
-        for ok in [
-            r#"{}"#,
-            r#"{"layers_to_transform":null}"#,
-            r#"{"layers_to_transform":[3,2,1,0]}"#,
-        ] {
-            check(ok).unwrap();
-        }
-        for (json, want) in [
-            (r#"{"layers_to_transform":[0,1,2,3,7]}"#, "names layer 7"),
-            (r#"{"layers_to_transform":9}"#, "names layer 9"),
+        let layers = |extra: &str| read(extra).unwrap().layers_to_transform;
+        assert_eq!(layers(""), None);
+        assert_eq!(layers(r#","layers_to_transform":null"#), None);
+        assert_eq!(layers(r#","layers_to_transform":2"#), Some(vec![2]));
+        assert_eq!(
+            layers(r#","layers_to_transform":[3,1,3],"layers_pattern":"layers""#),
+            Some(vec![1, 3])
+        );
+        assert_eq!(
+            layers(r#","layers_to_transform":[0],"layers_pattern":["layers"]"#),
+            Some(vec![0])
+        );
+        for (extra, want) in [
             (
-                r#"{"layers_to_transform":[0,2]}"#,
-                "on 2 of the model's 4 layers",
+                r#","layers_to_transform":"0""#,
+                "\"0\" is not a layer index or a list",
             ),
-            (r#"{"layers_to_transform":"0"}"#, "not a layer index"),
-            (r#"{"layers_to_transform":[-1]}"#, "-1 is not a layer index"),
+            (r#","layers_to_transform":[-1]"#, "-1 is not a layer index"),
+            (
+                r#","layers_to_transform":[]"#,
+                "`layers_to_transform` is empty",
+            ),
+            (
+                r#","layers_to_transform":[0],"layers_pattern":"h""#,
+                "`layers_pattern` \"h\" matches no layer",
+            ),
         ] {
-            let m = check(json).unwrap_err();
-            assert!(
-                m.contains(CONFIG_FILE) && m.contains("`layers_to_transform`") && m.contains(want),
-                "{json}: {m}"
-            );
+            let m = read(extra).unwrap_err();
+            assert!(m.contains(CONFIG_FILE) && m.contains(want), "{extra}: {m}");
         }
+
+        // Only the listed layers' projections carry adapters; the head, in no layer, none.
+        let s = read(r#","layers_to_transform":[1,3]"#).unwrap();
+        assert!(s.targets("q_proj", Some(1)) && s.targets("q_proj", Some(3)));
+        assert!(!s.targets("q_proj", Some(0)) && !s.targets("k_proj", Some(1)));
+        assert!(!s.targets("lm_head", None));
+        let every = LoraSettings {
+            layers_to_transform: None,
+            ..s.clone()
+        };
+        assert!(every.targets("q_proj", Some(0)) && every.targets("lm_head", None));
+        assert!(s.check_layers("adapter", 4).is_ok());
+        let m = s.check_layers("adapter", 3).unwrap_err();
+        assert!(
+            m.contains("names layer 3, but the model has 3 layers (0 to 2)"),
+            "{m}"
+        );
+
+        // Written as PEFT writes it, and read back the same.
+        write_config(dir.path(), &s, TaskType::CausalLm, "base").unwrap();
+        let raw: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(raw["layers_to_transform"], serde_json::json!([1, 3]));
+        assert_eq!(read_config(dir.path()).unwrap(), s);
+        write_config(dir.path(), &every, TaskType::CausalLm, "base").unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), every);
     }
 
     #[test]

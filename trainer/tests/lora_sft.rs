@@ -85,6 +85,7 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         lora_dropout: 0.0,
         target_modules: TARGETS.map(String::from).to_vec(),
         use_rslora: false,
+        layers_to_transform: None,
     };
     let mut model = attach_lora(model, &settings, &device).unwrap();
     let lm = LmBatch::new(&batch, &device);
@@ -246,4 +247,124 @@ fn lora_sft_learns_and_round_trips_through_peft_files() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(worst < 1e-4, "merged logits differ by {worst}");
+}
+
+/// PEFT's `layers_to_transform`: adapters only on the listed layers (none on the head),
+/// trained only there, saved under PEFT's names with the list in the config, reloaded and
+/// merged to the same logits; a layer the model lacks is refused by name.
+#[test]
+fn adapters_on_some_layers_train_there_only_and_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base_dir = tmp.path().join("base");
+    let shape = NewModel {
+        seed: 5,
+        num_hidden_layers: 3,
+        ..Default::default()
+    };
+    init_model(&base_dir, &shape, Default::default()).unwrap();
+    let batch = bundled_batch(&base_dir, 4, 64);
+    let device = Device::flex().autodiff();
+    device.seed(2);
+    let settings = LoraSettings {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: ["q_proj", "down_proj", "lm_head"]
+            .map(String::from)
+            .to_vec(),
+        use_rslora: false,
+        layers_to_transform: Some(vec![0, 2]),
+    };
+    let (_, base) = load_model(&base_dir, &device).unwrap();
+    let mut model = attach_lora(base, &settings, &device).unwrap();
+    let on = |m: &Llama, layer: usize| {
+        let l = &m.layers[layer];
+        (
+            l.self_attn.q_proj.lora.is_some(),
+            l.self_attn.k_proj.lora.is_some(),
+            l.mlp.down_proj.lora.is_some(),
+        )
+    };
+    assert_eq!(on(&model, 0), (true, false, true));
+    assert_eq!(on(&model, 1), (false, false, false));
+    assert_eq!(on(&model, 2), (true, false, true));
+    assert!(
+        model.lm_head.as_ref().unwrap().lora.is_none(),
+        "the head is in no layer"
+    );
+
+    let lm = LmBatch::new(&batch, &device);
+    let mut optim = AdamWConfig::new().init();
+    for _ in 0..3 {
+        let (loss, _) = sft_loss(&model, &lm);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    let b = host(model.layers[2].mlp.down_proj.lora.as_ref().unwrap().b.val());
+    assert!(
+        b.iter().any(|&x| x != 0.0),
+        "layer 2's adapter did not train"
+    );
+
+    let dir = tmp.path().join("adapter");
+    save_adapter(&dir, &model, &settings, "base").unwrap();
+    let files =
+        checkpoints::WeightFiles::open_file(&dir.join("adapter_model.safetensors")).unwrap();
+    let mut names: Vec<_> = files.names().map(String::from).collect();
+    names.sort();
+    let key = |layer: usize, module: &str, f: &str| {
+        format!("base_model.model.model.layers.{layer}.{module}.lora_{f}.weight")
+    };
+    let mut want = Vec::new();
+    for layer in [0, 2] {
+        for module in ["mlp.down_proj", "self_attn.q_proj"] {
+            want.extend(["A", "B"].map(|f| key(layer, module, f)));
+        }
+    }
+    want.sort();
+    assert_eq!(names, want);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["layers_to_transform"], serde_json::json!([0, 2]));
+
+    let trained = logits(&model, &lm);
+    let (_, fresh) = load_model(&base_dir, &device).unwrap();
+    let (reloaded, read) = load_adapter(&dir, fresh, &device).unwrap();
+    assert_eq!(read, settings);
+    assert_eq!(on(&reloaded, 1), (false, false, false));
+    assert_eq!(logits(&reloaded, &lm), trained);
+    let merged = logits(
+        &merge_lora(reloaded.valid()),
+        &LmBatch::new(&batch, &Device::flex()),
+    );
+    let worst = merged
+        .iter()
+        .zip(&trained)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "merged logits differ by {worst}");
+
+    // A model with fewer layers than the list names is refused, by file and layer.
+    let small_dir = tmp.path().join("small");
+    let two = NewModel {
+        num_hidden_layers: 2,
+        ..shape
+    };
+    init_model(&small_dir, &two, Default::default()).unwrap();
+    let (_, small) = load_model(&small_dir, &device).unwrap();
+    let e = load_adapter(&dir, small.clone(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adapter_config.json") && e.contains("names layer 2, but the model has 2"),
+        "{e}"
+    );
+    let e = attach_lora(small, &settings, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora: `layers_to_transform` names layer 2"),
+        "{e}"
+    );
 }

@@ -176,6 +176,7 @@ fn only_adapters_take_gradients_and_bf16_keeps_the_scales_in_f32() {
         lora_dropout: 0.0,
         target_modules: vec!["q_proj".into(), "down_proj".into()],
         use_rslora: false,
+        layers_to_transform: None,
     };
     use burn::module::Module;
     let model = attach_lora(q.no_grad(), &settings, &device).unwrap();

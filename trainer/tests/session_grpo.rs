@@ -377,6 +377,7 @@ fn a_scripted_session_gives_the_hand_computed_loss_and_client_tokens_no_gradient
         lora_dropout: 0.0,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "lm_head".into()],
         use_rslora: false,
+        layers_to_transform: None,
     };
     let model = attach_lora(model, &lora, &device).unwrap();
     let rewards = [1.0, 0.0, 0.5, 2.0];
@@ -761,6 +762,7 @@ fn a_shared_base_client_plays_as_the_loaded_base() {
             "lm_head".into(),
         ],
         use_rslora: false,
+        layers_to_transform: None,
     };
     let mut policy = attach_lora(base.clone(), &lora, &device).unwrap();
     for layer in &mut policy.layers {

@@ -19,10 +19,11 @@ use super::llama::Llama;
 use super::lora::Lora;
 use crate::{Result, TrainerError};
 
-/// Visits every projection of the model with its PEFT module path and short name.
+/// Visits every projection of the model with its PEFT module path, short name and decoder
+/// layer (`None` for the head).
 fn for_each_projection(
     model: &mut Llama,
-    mut f: impl FnMut(&str, &str, &mut Linear) -> Result<()>,
+    mut f: impl FnMut(&str, &str, Option<usize>, &mut Linear) -> Result<()>,
 ) -> Result<()> {
     for (i, layer) in model.layers.iter_mut().enumerate() {
         let a = &mut layer.self_attn;
@@ -32,7 +33,12 @@ fn for_each_projection(
             ("v_proj", &mut a.v_proj),
             ("o_proj", &mut a.o_proj),
         ] {
-            f(&format!("model.layers.{i}.self_attn.{name}"), name, proj)?;
+            f(
+                &format!("model.layers.{i}.self_attn.{name}"),
+                name,
+                Some(i),
+                proj,
+            )?;
         }
         let m = &mut layer.mlp;
         for (name, proj) in [
@@ -40,11 +46,11 @@ fn for_each_projection(
             ("up_proj", &mut m.up_proj),
             ("down_proj", &mut m.down_proj),
         ] {
-            f(&format!("model.layers.{i}.mlp.{name}"), name, proj)?;
+            f(&format!("model.layers.{i}.mlp.{name}"), name, Some(i), proj)?;
         }
     }
     if let Some(head) = &mut model.lm_head {
-        f("lm_head", "lm_head", head)?;
+        f("lm_head", "lm_head", None, head)?;
     }
     Ok(())
 }
@@ -81,15 +87,18 @@ fn projections(model: &Llama) -> Vec<(String, &Linear)> {
 /// Random draws come from the device's seeded generator.
 pub fn attach_lora(model: Llama, settings: &LoraSettings, device: &Device) -> Result<Llama> {
     settings.validate("lora").map_err(TrainerError::Input)?;
-    if settings.target_modules.iter().any(|t| t == "lm_head") && model.lm_head.is_none() {
+    settings
+        .check_layers("lora", model.layers.len())
+        .map_err(TrainerError::Input)?;
+    if settings.targets("lm_head", None) && model.lm_head.is_none() {
         return Err(TrainerError::Input(
             "lora: `lm_head` is tied to the embeddings in this model and cannot take its own adapter".into(),
         ));
     }
     let mut model = model.no_grad();
     let scale = settings.scale();
-    for_each_projection(&mut model, |_, name, proj| {
-        if settings.target_modules.iter().any(|t| t == name) {
+    for_each_projection(&mut model, |_, name, layer, proj| {
+        if settings.targets(name, layer) {
             let [out, inp] = proj.out_in();
             let bound = 1.0 / (inp as f64).sqrt();
             let a = Tensor::<2>::random(
@@ -107,7 +116,7 @@ pub fn attach_lora(model: Llama, settings: &LoraSettings, device: &Device) -> Re
         }
         Ok(())
     })?;
-    if settings.target_modules.iter().any(|t| t == EMBEDDINGS) {
+    if settings.targets(EMBEDDINGS, None) {
         // PEFT's embedding adapter starts the other way round: A zero, B standard normal.
         let [vocab, hidden] = model.embed_tokens.dims();
         model.embed_lora = Some(Lora {
@@ -181,13 +190,16 @@ pub fn save_adapter(
 /// trainable). Every adapter tensor must match a target projection, with the right shape.
 pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama, LoraSettings)> {
     let settings = peft::read_config(dir)?;
-    peft::check_layers_to_transform(dir, model.layers.len())?;
+    let config_path = dir.join(peft::CONFIG_FILE).display().to_string();
+    settings
+        .check_layers(&config_path, model.layers.len())
+        .map_err(TrainerError::Input)?;
     let weights_path = dir.join(peft::WEIGHTS_FILE);
     let files = WeightFiles::open_file(&weights_path)?;
     let mut model = model.no_grad();
     let scale = settings.scale();
-    for_each_projection(&mut model, |module, name, proj| {
-        if !settings.target_modules.iter().any(|t| t == name) {
+    for_each_projection(&mut model, |module, name, layer, proj| {
+        if !settings.targets(name, layer) {
             return Ok(());
         }
         let [out, inp] = proj.out_in();
@@ -211,7 +223,7 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
         });
         Ok(())
     })?;
-    if settings.target_modules.iter().any(|t| t == EMBEDDINGS) {
+    if settings.targets(EMBEDDINGS, None) {
         let [vocab, hidden] = model.embed_tokens.dims();
         let a = files
             .take(&embedding_key("A"), &[settings.r, vocab])?
@@ -274,7 +286,7 @@ pub fn load_tuned(
 /// Folds every adapter into its base weight (`W + s·B·A`, in f32 whatever the base was
 /// stored in) and removes the adapters.
 pub fn merge_lora(mut model: Llama) -> Llama {
-    let _ = for_each_projection(&mut model, |_, _, proj| {
+    let _ = for_each_projection(&mut model, |_, _, _, proj| {
         if let Some(lora) = proj.lora.take() {
             let merged = super::precision::f32(proj.dense_weight()) + lora.merged_delta();
             proj.weight = Weight::Dense(Param::from_tensor(merged));
@@ -292,7 +304,7 @@ pub fn merge_lora(mut model: Llama) -> Llama {
 /// The model without its adapters: the frozen base a LoRA run trains on, sharing its
 /// weights (burn tensors are reference-counted, so nothing is copied).
 pub fn strip_lora(mut model: Llama) -> Llama {
-    let _ = for_each_projection(&mut model, |_, _, proj| {
+    let _ = for_each_projection(&mut model, |_, _, _, proj| {
         proj.lora = None;
         Ok(())
     });

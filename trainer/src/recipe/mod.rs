@@ -109,6 +109,10 @@ pub struct LoraSection {
     pub rslora: bool,
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
+    /// PEFT's `layers_to_transform`: adapters only on these decoder layers (all when
+    /// absent). The head and the embeddings sit in no layer, so they cannot be targets too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<Vec<usize>>,
     /// Start from an existing PEFT adapter instead of a fresh one.
     pub init_from: Option<PathBuf>,
 }
@@ -305,6 +309,25 @@ impl Recipe {
             if !(0.0..1.0).contains(&lora.dropout) {
                 return bad(format!("lora.dropout {} must be in [0, 1)", lora.dropout));
             }
+            if let Some(layers) = &lora.layers_to_transform {
+                if layers.is_empty() {
+                    return bad(
+                        "lora.layers_to_transform is empty: name at least one layer, or leave \
+                         it out for all of them"
+                            .into(),
+                    );
+                }
+                if let Some(t) = lora
+                    .targets
+                    .iter()
+                    .find(|t| *t == "lm_head" || *t == checkpoints::peft::EMBEDDINGS)
+                {
+                    return bad(format!(
+                        "lora.targets names `{t}`, which sits in no layer: with \
+                         lora.layers_to_transform PEFT gives it no adapter; drop one of the two"
+                    ));
+                }
+            }
         }
         if !(t.progress_seconds >= 0.0 && t.progress_seconds.is_finite()) {
             return bad(format!(
@@ -484,12 +507,33 @@ mod tests {
             ("train.weight_decay=-1", "train.weight_decay -1 must be ≥ 0"),
             ("lora.alpha=inf", "lora.alpha inf must be a finite number"),
             ("lora.dropout=nan", "lora.dropout NaN must be in [0, 1)"),
+            (
+                "lora.layers_to_transform=[]",
+                "lora.layers_to_transform is empty",
+            ),
+            (
+                "lora.layers_to_transform=[-1]",
+                "`lora.layers_to_transform`",
+            ),
         ] {
             let err = parse(MINIMAL, "r.toml", &[set.into()])
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("r.toml") && err.contains(want), "{set}: {err}");
         }
+        let head_in_layers = [
+            "lora.layers_to_transform=[1, 0]".into(),
+            "lora.targets=[\"q_proj\", \"lm_head\"]".into(),
+        ];
+        let err = parse(MINIMAL, "r.toml", &head_in_layers)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("r.toml") && err.contains("`lm_head`, which sits in no layer"),
+            "{err}"
+        );
+        let r = parse(MINIMAL, "r.toml", &head_in_layers[..1]).unwrap();
+        assert_eq!(r.lora.unwrap().layers_to_transform, Some(vec![1, 0]));
         let r = parse(MINIMAL, "r.toml", &["train.max_grad_norm=0".into()]).unwrap();
         assert_eq!(r.train.max_grad_norm, 0.0);
         assert_eq!(r.data.eval_fraction, 0.05, "the documented default");

@@ -72,6 +72,11 @@ pub fn setup(
                 lora_dropout: lora.dropout,
                 target_modules: lora.targets.clone(),
                 use_rslora: lora.rslora,
+                layers_to_transform: lora.layers_to_transform.clone().map(|mut layers| {
+                    layers.sort_unstable();
+                    layers.dedup();
+                    layers
+                }),
             };
             let initial = match &lora.init_from {
                 Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
