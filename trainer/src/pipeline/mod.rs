@@ -181,25 +181,43 @@ fn plan(p: &Pipeline, path: &Path, out: &Path, sets: &[String]) -> Result<Vec<Pl
     Ok(planned)
 }
 
-/// `{out}` and `{NAME}` of earlier stages, replaced in an override; an unknown `{…}` is an
-/// error naming it.
+/// `{out}` and `{NAME}` of earlier stages, replaced in an override. An unknown `{word}`
+/// (letters, digits, `_`, `-`) is an error naming it, most likely a misspelt stage; other
+/// braces are the value's own (an inline table `{ question = "prompt" }`, a program's
+/// argument `{"reward": 1}`) and stay as they are.
 fn substitute(text: &str, vars: &BTreeMap<String, PathBuf>) -> Result<String> {
+    let word = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
     let mut out = String::new();
     let mut rest = text;
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
         let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| TrainerError::Input(format!("override `{text}`: unclosed `{{`")))?;
+        let Some(close) = after.find('}') else {
+            if after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(TrainerError::Input(format!(
+                    "override `{text}`: unclosed `{{`"
+                )));
+            }
+            out.push('{');
+            rest = after;
+            continue;
+        };
         let name = &after[..close];
-        let value = vars.get(name).ok_or_else(|| {
-            TrainerError::Input(format!(
+        if let Some(value) = vars.get(name) {
+            out.push_str(&value.display().to_string());
+            rest = &after[close + 1..];
+        } else if word(name) {
+            return Err(TrainerError::Input(format!(
                 "override `{text}`: `{{{name}}}` is neither {{out}} nor an earlier stage"
-            ))
-        })?;
-        out.push_str(&value.display().to_string());
-        rest = &after[close + 1..];
+            )));
+        } else {
+            out.push('{');
+            rest = after;
+        }
     }
     out.push_str(rest);
     Ok(out)
@@ -439,5 +457,28 @@ mod tests {
         let e = substitute("x={dpo}/final", &vars).unwrap_err().to_string();
         assert!(e.contains("`{dpo}`"), "{e}");
         assert!(substitute("x={out", &vars).is_err());
+        // The value's own braces stay: inline tables, a program's JSON, an empty table.
+        for own in [
+            r#"data.columns={ question = "prompt", answer = "response" }"#,
+            r#"grpo.rewards.0.command=["python3", "-c", "print({'reward': 1})"]"#,
+            r#"x={ a = { b = 1 } }"#,
+            "x={}",
+            "x=\"{\"",
+        ] {
+            assert_eq!(substitute(own, &vars).unwrap(), own);
+        }
+        assert_eq!(
+            substitute(r#"x={ path = "{sft}/final" }"#, &vars).unwrap(),
+            r#"x={ path = "/runs/p/sft/final" }"#
+        );
+        // A stage name is matched whole, whatever it holds.
+        vars.insert(
+            "first stage".to_string(),
+            PathBuf::from("/runs/p/first stage"),
+        );
+        assert_eq!(
+            substitute("x={first stage}", &vars).unwrap(),
+            "x=/runs/p/first stage"
+        );
     }
 }
