@@ -3202,3 +3202,48 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
     );
     assert!(!o.exists());
 }
+
+/// A model directory appears whole or not at all: a convert that fails after writing the
+/// weights (a companion file it cannot read) leaves no directory, no temporary one, and an
+/// empty `--out` directory empty; a good one fills it.
+#[test]
+fn a_failed_convert_leaves_no_partial_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    ok(&["init-model", "--out", s(&base)]);
+    let template = base.join("chat_template.jinja");
+    std::fs::write(&template, b"{{ \xff }}").unwrap();
+    let out = tmp.path().join("converted");
+    fails(
+        &["convert", "--model", s(&base), "--out", s(&out)],
+        &["chat_template.jinja"],
+    );
+    let mut left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["base"]);
+    std::fs::create_dir(&out).unwrap();
+    fails(
+        &["convert", "--model", s(&base), "--out", s(&out)],
+        &["chat_template.jinja"],
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    std::fs::remove_file(&template).unwrap();
+    ok(&["convert", "--model", s(&base), "--out", s(&out)]);
+    let mut names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
+}

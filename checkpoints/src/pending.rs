@@ -1,14 +1,15 @@
 //! A file written beside its final name and renamed into place once complete, so that a
 //! loader never picks up half a file under the real name. Every writer in hearth (weights,
-//! configs, caches, GGUF files, data outputs) goes through [`PendingFile`], so that the
-//! temporary files are removed on every way out: an error, an early return, a panic that
-//! unwinds, and (through [`abandon_all`]) a signal.
+//! configs, caches, GGUF files, data outputs) goes through [`PendingFile`], and every
+//! command that makes a model directory (merge, convert, init-model) through
+//! [`write_dir`], so that the temporary files are removed on every way out: an error, an
+//! early return, a panic that unwinds, and (through [`abandon_all`]) a signal.
 //!
 //! The temporary name is `NAME.<pid>.<n>.tmp`, created new: ranks of a data-parallel job
 //! on nodes that share a file system, which may have equal process ids, still never write
 //! into each other's file.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,11 +17,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::{CheckpointError, Result};
 
-/// The temporary files of this process that are being written, for [`abandon_all`].
-static UNFINISHED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+/// The temporary files (`false`) and directories (`true`) of this process that are being
+/// written, for [`abandon_all`].
+static UNFINISHED: Mutex<BTreeMap<PathBuf, bool>> = Mutex::new(BTreeMap::new());
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn unfinished() -> MutexGuard<'static, BTreeSet<PathBuf>> {
+fn unfinished() -> MutexGuard<'static, BTreeMap<PathBuf, bool>> {
     // A panic while the set was locked left it consistent (inserts and removes are single
     // calls), so a poisoned lock is still usable.
     UNFINISHED.lock().unwrap_or_else(|e| e.into_inner())
@@ -50,7 +52,7 @@ impl PendingFile {
             let tmp = target.with_file_name(tmp);
             match OpenOptions::new().write(true).create_new(true).open(&tmp) {
                 Ok(file) => {
-                    set.insert(tmp.clone());
+                    set.insert(tmp.clone(), false);
                     return Ok(Self {
                         tmp,
                         target: target.to_path_buf(),
@@ -103,14 +105,121 @@ impl Drop for PendingFile {
     }
 }
 
-/// Removes every temporary file this process is writing and keeps the list locked, so
-/// that no new one starts: for a process about to exit on a signal. Returns how many
-/// files it removed.
+/// Makes the directory `target` whole or not at all: `fill` writes into a new temporary
+/// directory, which becomes `target` once `fill` succeeded (each file in it written
+/// through [`PendingFile`], so on disk). On failure the temporary directory is removed.
+/// `target` must be missing or an empty directory (`guard::check_output_dir` says so
+/// first, by name). A missing `target` is made by one rename; into an existing one (`.`,
+/// a link to a directory) the files move one by one, `config.json` last, since a rename
+/// over a directory would leave a shell inside it in a deleted one.
+pub fn write_dir<T, E: From<CheckpointError>>(
+    target: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    let pending = PendingDir::create(target)?;
+    let value = fill(&pending.tmp)?;
+    pending.commit()?;
+    Ok(value)
+}
+
+/// A temporary directory beside `target`, or inside it when it exists; removed with its
+/// contents unless committed.
+struct PendingDir {
+    tmp: PathBuf,
+    target: PathBuf,
+    /// `target` existed: the files move into it.
+    into: bool,
+}
+
+impl PendingDir {
+    fn create(target: &Path) -> Result<Self> {
+        let into = target.is_dir();
+        let (dir, name) = if into {
+            (target.to_path_buf(), std::ffi::OsString::from(".hearth"))
+        } else {
+            let name = target.file_name().ok_or_else(|| {
+                CheckpointError::io(target, std::io::ErrorKind::InvalidInput.into())
+            })?;
+            let parent = target.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent = parent.unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).map_err(|e| CheckpointError::io(parent, e))?;
+            (parent.to_path_buf(), name.to_os_string())
+        };
+        let mut set = unfinished();
+        loop {
+            let mut tmp = name.clone();
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            tmp.push(format!(".{}.{n}.tmp", std::process::id()));
+            let tmp = dir.join(tmp);
+            match std::fs::create_dir(&tmp) {
+                Ok(()) => {
+                    set.insert(tmp.clone(), true);
+                    return Ok(Self {
+                        tmp,
+                        target: target.to_path_buf(),
+                        into,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(CheckpointError::io(&tmp, e)),
+            }
+        }
+    }
+
+    fn commit(mut self) -> Result<()> {
+        let mut set = unfinished();
+        if self.into {
+            let io = |path: &Path, e| CheckpointError::io(path, e);
+            let mut names: Vec<_> = std::fs::read_dir(&self.tmp)
+                .map_err(|e| io(&self.tmp, e))?
+                .map(|entry| entry.map(|e| e.file_name()))
+                .collect::<std::io::Result<_>>()
+                .map_err(|e| io(&self.tmp, e))?;
+            // A loader looks for the config first: it arrives once everything else is there.
+            names.sort_by_key(|n| n == "config.json");
+            for name in names {
+                let to = self.target.join(&name);
+                if to.symlink_metadata().is_ok() {
+                    return Err(io(&to, std::io::ErrorKind::AlreadyExists.into()));
+                }
+                std::fs::rename(self.tmp.join(&name), &to).map_err(|e| io(&to, e))?;
+            }
+            std::fs::remove_dir(&self.tmp).map_err(|e| io(&self.tmp, e))?;
+        } else {
+            std::fs::rename(&self.tmp, &self.target)
+                .map_err(|e| CheckpointError::io(&self.target, e))?;
+        }
+        set.remove(&self.tmp);
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for PendingDir {
+    fn drop(&mut self) {
+        if self.tmp.as_os_str().is_empty() {
+            return;
+        }
+        let mut set = unfinished();
+        let _ = std::fs::remove_dir_all(&self.tmp);
+        set.remove(&self.tmp);
+    }
+}
+
+/// Removes every temporary file and directory this process is writing and keeps the list
+/// locked, so that no new one starts: for a process about to exit on a signal. Returns how
+/// many it removed.
 pub fn abandon_all() -> usize {
     let set = unfinished();
     let removed = set
         .iter()
-        .filter(|tmp| std::fs::remove_file(tmp).is_ok())
+        .filter(|&(tmp, &dir)| {
+            if dir {
+                std::fs::remove_dir_all(tmp).is_ok()
+            } else {
+                std::fs::remove_file(tmp).is_ok()
+            }
+        })
         .count();
     // The lock is never released: a writer that tries to start or finish a file waits
     // until the process has exited.
@@ -132,7 +241,7 @@ mod tests {
     }
 
     fn registered(dir: &Path) -> usize {
-        unfinished().iter().filter(|p| p.starts_with(dir)).count()
+        unfinished().keys().filter(|p| p.starts_with(dir)).count()
     }
 
     #[test]
@@ -185,6 +294,75 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no/such"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_appears_whole_or_not_at_all() {
+        let root = tempfile::tempdir().unwrap();
+        let names = |dir: &Path| {
+            let mut n: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            n.sort();
+            n
+        };
+        // A failure halfway leaves nothing, not even the temporary directory.
+        let out = root.path().join("deep/merged");
+        let e = write_dir(&out, |tmp| {
+            crate::write_text(&tmp.join("config.json"), "{}")?;
+            assert_eq!(registered(root.path()), 1);
+            Err::<(), _>(CheckpointError::Invalid {
+                reason: "stopped".into(),
+            })
+        })
+        .unwrap_err();
+        assert_eq!(e.to_string(), "stopped");
+        assert!(names(&root.path().join("deep")).is_empty());
+        assert_eq!(registered(root.path()), 0);
+
+        // Success: every file under the real name, in a new directory or an empty one.
+        let n = write_dir(&out, |tmp| {
+            crate::write_text(&tmp.join("config.json"), "{}")?;
+            crate::write_text(&tmp.join("tokenizer.json"), "[]")?;
+            Ok::<_, CheckpointError>(2)
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(names(&out), ["config.json", "tokenizer.json"]);
+        assert_eq!(names(&root.path().join("deep")), ["merged"]);
+        let empty = root.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&empty, &link).unwrap();
+        write_dir(&link, |tmp| {
+            crate::write_text(&tmp.join("config.json"), "{}")
+        })
+        .unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(names(&empty), ["config.json"]);
+
+        // Into an existing directory nothing already there is written over, and a failure
+        // leaves what was there.
+        std::fs::write(out.join("model.safetensors"), "theirs").unwrap();
+        std::fs::remove_file(out.join("config.json")).unwrap();
+        let e = write_dir(&out, |tmp| {
+            crate::write_text(&tmp.join("config.json"), "{}")?;
+            crate::write_text(&tmp.join("model.safetensors"), "ours")
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("model.safetensors"), "{e}");
+        assert_eq!(names(&out), ["model.safetensors", "tokenizer.json"]);
+        assert_eq!(
+            std::fs::read_to_string(out.join("model.safetensors")).unwrap(),
+            "theirs"
+        );
+        assert_eq!(registered(root.path()), 0);
     }
 
     #[test]

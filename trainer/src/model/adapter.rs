@@ -334,6 +334,8 @@ pub fn merge_to_dir(
         config
     };
     let merged = merge_lora(model);
-    super::save_model(out, &config, &merged, config.dtype, Default::default())?;
-    super::copy_companions(base, out)
+    checkpoints::pending::write_dir(out, |out| {
+        super::save_model(out, &config, &merged, config.dtype, Default::default())?;
+        super::copy_companions(base, out)
+    })
 }

@@ -244,7 +244,7 @@ const COMPANION_FILES: [&str; 5] = [
 ];
 
 /// Re-saves the checkpoint in `src` into `dst`, in `dtype` (default: the source's) and the
-/// sharding `options` ask for, with its tokenizer and template files.
+/// sharding `options` ask for, with its tokenizer and template files: all or nothing.
 pub fn convert(
     src: &Path,
     dst: &Path,
@@ -254,8 +254,10 @@ pub fn convert(
     checkpoints::guard::check_output_dir(dst, &[src])?;
     let (config, model) = load_model(src, &Device::flex())?;
     check_tokenizer(src, config.vocab_size)?;
-    save_model(dst, &config, &model, dtype.unwrap_or(config.dtype), options)?;
-    copy_companions(src, dst)
+    checkpoints::pending::write_dir(dst, |dst| {
+        save_model(dst, &config, &model, dtype.unwrap_or(config.dtype), options)?;
+        copy_companions(src, dst)
+    })
 }
 
 /// Copies the tokenizer, template and generation-config files that travel with weights;

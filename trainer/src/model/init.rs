@@ -159,7 +159,8 @@ fn check_shape(spec: &NewModel) -> Result<()> {
     Ok(())
 }
 
-/// Writes `config.json`, the weights and `tokenizer.json` of a new model into `dir`.
+/// Writes `config.json`, the weights and `tokenizer.json` of a new model into `dir`, all
+/// of them or none.
 pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<ModelConfig> {
     checkpoints::guard::check_output_dir(dir, &[])?;
     check_shape(spec)?;
@@ -200,15 +201,9 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
         &dir.join(checkpoints::names::CONFIG),
     )?;
     let weights = init_random_weights(&config, spec.init_std, spec.seed);
-    checkpoints::save_weights(dir, &weights, save)?;
-    checkpoints::write_text(
-        &dir.join(checkpoints::names::CONFIG),
-        &config.to_json(spec.dtype),
-    )?;
     let tokenizer_json = tokenizer
         .to_string(true)
         .map_err(|e| TrainerError::Input(format!("serialising the tokenizer: {e}")))?;
-    checkpoints::write_text(&dir.join(checkpoints::names::TOKENIZER), &tokenizer_json)?;
     let tokenizer_config = serde_json::json!({
         "bos_token": "<|begin_of_text|>",
         "eos_token": "<|eot_id|>",
@@ -217,8 +212,16 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": data::template::LLAMA3,
     });
-    let text = serde_json::to_string_pretty(&tokenizer_config).unwrap_or_default();
-    checkpoints::write_text(&dir.join("tokenizer_config.json"), &text)?;
+    let tokenizer_config = serde_json::to_string_pretty(&tokenizer_config).unwrap_or_default();
+    checkpoints::pending::write_dir(dir, |dir| {
+        checkpoints::save_weights(dir, &weights, save)?;
+        checkpoints::write_text(
+            &dir.join(checkpoints::names::CONFIG),
+            &config.to_json(spec.dtype),
+        )?;
+        checkpoints::write_text(&dir.join(checkpoints::names::TOKENIZER), &tokenizer_json)?;
+        checkpoints::write_text(&dir.join("tokenizer_config.json"), &tokenizer_config)
+    })?;
     Ok(config)
 }
 
