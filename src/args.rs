@@ -541,5 +541,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if n == 0 {
         return Err("the shard size must be positive".into());
     }
-    Ok(n * scale)
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{s}` is more bytes than a size can hold"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_read_their_unit_and_refuse_an_overflow() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("200mb"), Ok(200_000_000));
+        assert_eq!(parse_size("7"), Ok(7));
+        let e = parse_size("18446744073709551615GB").unwrap_err();
+        assert!(e.contains("more bytes than a size can hold"), "{e}");
+        assert!(parse_size("0MB").is_err() && parse_size("5TB").is_err());
+    }
 }

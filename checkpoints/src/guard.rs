@@ -45,6 +45,8 @@ fn checkpoint_like(path: &Path) -> bool {
         || name.ends_with(".json")
         || name.ends_with(".jinja")
         || name.ends_with(".model")
+        // A second GGUF file makes a directory of one ambiguous to every reader.
+        || name.to_ascii_lowercase().ends_with(".gguf")
 }
 
 fn refuse(out: &Path, reason: String) -> CheckpointError {
@@ -91,6 +93,22 @@ pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// For a command that writes a run into the directory `out`: refuses `out` when it is
+/// `input` or lies inside it (a run inside its base model's directory, say).
+pub fn check_not_within(out: &Path, input: &Path) -> Result<()> {
+    let (at, input_at) = (resolve(out), resolve(input));
+    if at == input_at {
+        return Err(refuse(out, format!("it is the input {}", input.display())));
+    }
+    if at.starts_with(&input_at) {
+        return Err(refuse(
+            out,
+            format!("it lies inside the input {}", input.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// For a command that writes a checkpoint into the directory `out` from `inputs`: refuses
@@ -181,6 +199,10 @@ mod tests {
             "inside the input",
         );
         check_output_file(&other.join("new.safetensors"), &[&m]).unwrap();
+        refused(
+            check_output_file(&m.join("second.gguf"), &[&m]),
+            "inside the input",
+        );
 
         refused(check_output_dir(&m, &[&m]), "overlaps the input");
         refused(
@@ -200,6 +222,15 @@ mod tests {
         std::fs::write(tokenizer_only.join("tokenizer.json"), "{}").unwrap();
         refused(check_output_dir(&tokenizer_only, &[&m]), "not empty");
         refused(check_output_dir(&notes, &[&m]), "a file");
+        refused(check_not_within(&m.join("run"), &m), "inside the input");
+        refused(
+            check_not_within(&tmp.path().join("m/."), &m),
+            "it is the input",
+        );
+        check_not_within(&tmp.path().join("run"), &m).unwrap();
+        // A run may hold the model it makes (`model.path = "{out}/base"` in a pipeline
+        // stage's own directory is another matter: that is the stage's run).
+        check_not_within(tmp.path(), &m).unwrap();
         assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine");
     }
 }

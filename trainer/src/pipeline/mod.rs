@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::dist::Group;
 use crate::recipe::Recipe;
-use crate::run_dir::{FINAL_DIR, RunDir, read_metrics};
+use crate::run_dir::{FINAL_DIR, METRICS_FILE, RECIPE_FILE, RunDir, read_metrics};
 use crate::train::{Outcome, train};
 use crate::{Result, TrainerError};
 
@@ -408,9 +408,26 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
 /// The heading every pipeline report starts with, by which a rerun knows its own.
 const REPORT_HEADING: &str = "# hearth pipeline report\n";
 
-/// Refuses, before any stage trains, a pipeline directory whose report files (rewritten at
-/// the end of every run) are a user's files of the same names rather than hearth's.
+/// Refuses, before any stage trains, a pipeline directory that is a run's or a model's
+/// (the stages and reports would be written in among their files, the run's page
+/// replaced), or whose report files (rewritten at the end of every run) are a user's
+/// files of the same names rather than hearth's.
 fn check_root(out: &Path) -> Result<()> {
+    let run_file = [RECIPE_FILE, METRICS_FILE, FINAL_DIR]
+        .into_iter()
+        .find(|name| out.join(name).exists());
+    let what = match run_file {
+        Some(name) => Some(format!("a run (`{name}`)")),
+        None if checkpoints::guard::holds_checkpoint(out) => Some("a model".to_string()),
+        None => None,
+    };
+    if let Some(what) = what {
+        return Err(TrainerError::Input(format!(
+            "{}: holds {what}; a pipeline writes its stages and report into a directory of \
+             its own: choose another --out",
+            out.display()
+        )));
+    }
     let report = out.join(REPORT_FILE);
     let ours = !report.exists()
         || std::fs::read_to_string(&report).is_ok_and(|t| t.starts_with(REPORT_HEADING));
@@ -443,6 +460,24 @@ fn has_rollouts(recipe: &Recipe) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_or_a_model_is_no_pipeline_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        check_root(&tmp.path().join("new")).unwrap();
+        check_root(tmp.path()).unwrap();
+        for (file, want) in [
+            (RECIPE_FILE, "holds a run (`recipe.toml`)"),
+            (METRICS_FILE, "holds a run (`metrics.jsonl`)"),
+            ("model.safetensors", "holds a model"),
+        ] {
+            let dir = tmp.path().join(file.replace('.', "-"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join(file), "x").unwrap();
+            let e = check_root(&dir).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("--out"), "{e}");
+        }
+    }
 
     #[test]
     fn overrides_name_earlier_stages() {

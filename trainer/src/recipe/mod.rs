@@ -244,6 +244,25 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     Ok(recipe)
 }
 
+/// A number as a message shows it: in full, or in exponent form when it is huge.
+pub(crate) fn shown(x: f64) -> String {
+    if x.abs() < 1e15 || !x.is_finite() {
+        x.to_string()
+    } else {
+        format!("{x:e}")
+    }
+}
+
+/// The longest wait a recipe may set, in seconds (about 31 years): beyond it a duration
+/// no longer fits the clock's arithmetic.
+pub const MAX_SECONDS: f64 = 1e9;
+/// Sequences one optimizer step may take on one process: far beyond any data set, and
+/// small enough that step counts never overflow.
+const MAX_SEQUENCES_PER_STEP: usize = 1 << 24;
+const MAX_EPOCHS: usize = 1 << 20;
+/// Wider than any model's projections.
+const MAX_LORA_RANK: usize = 1 << 16;
+
 impl Recipe {
     fn validate(&self, origin: &str) -> Result<()> {
         let t = &self.train;
@@ -259,20 +278,41 @@ impl Recipe {
             ));
         }
         let d = &self.dist;
-        if !(d.timeout_s > 0.0 && d.timeout_s.is_finite()) {
-            return bad(format!("dist.timeout_s {} must be positive", d.timeout_s));
+        if !(d.timeout_s > 0.0 && d.timeout_s <= MAX_SECONDS) {
+            return bad(format!(
+                "dist.timeout_s {} must be positive (at most {MAX_SECONDS:e} seconds)",
+                shown(d.timeout_s)
+            ));
         }
         if !(d.bucket_mb > 0.0 && d.bucket_mb.is_finite()) {
             return bad(format!("dist.bucket_mb {} must be positive", d.bucket_mb));
         }
-        if let Err(e) = crate::objectives::registry::objective(self) {
-            return bad(e);
-        }
         if t.per_device_train_batch_size == 0 || t.gradient_accumulation_steps == 0 {
             return bad("train.per_device_train_batch_size and gradient_accumulation_steps must be positive".into());
         }
+        let per_step = t
+            .per_device_train_batch_size
+            .checked_mul(t.gradient_accumulation_steps)
+            .filter(|&n| n <= MAX_SEQUENCES_PER_STEP);
+        if per_step.is_none() {
+            return bad(format!(
+                "train.per_device_train_batch_size ({}) × train.gradient_accumulation_steps \
+                 ({}) must be at most {MAX_SEQUENCES_PER_STEP} sequences per step",
+                t.per_device_train_batch_size, t.gradient_accumulation_steps
+            ));
+        }
         if t.max_steps == 0 && t.num_train_epochs == 0 {
             return bad("set train.max_steps or train.num_train_epochs".into());
+        }
+        if t.num_train_epochs > MAX_EPOCHS {
+            return bad(format!(
+                "train.num_train_epochs {} must be at most {MAX_EPOCHS}",
+                t.num_train_epochs
+            ));
+        }
+        // The objective's own checks use the batch sizes, checked above.
+        if let Err(e) = crate::objectives::registry::objective(self) {
+            return bad(e);
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             return bad(format!(
@@ -309,6 +349,20 @@ impl Recipe {
             if !(0.0..1.0).contains(&lora.dropout) {
                 return bad(format!("lora.dropout {} must be in [0, 1)", lora.dropout));
             }
+            if lora.r > MAX_LORA_RANK {
+                return bad(format!(
+                    "lora.r {} must be at most {MAX_LORA_RANK} (a rank above a projection's \
+                     width adds nothing)",
+                    lora.r
+                ));
+            }
+            if lora.alpha < 0.0 {
+                return bad(format!(
+                    "lora.alpha {} must be ≥ 0: a negative one turns every adapter's update \
+                     around",
+                    lora.alpha
+                ));
+            }
             if let Some(layers) = &lora.layers_to_transform {
                 if layers.is_empty() {
                     return bad(
@@ -329,10 +383,11 @@ impl Recipe {
                 }
             }
         }
-        if !(t.progress_seconds >= 0.0 && t.progress_seconds.is_finite()) {
+        if !(t.progress_seconds >= 0.0 && t.progress_seconds <= MAX_SECONDS) {
             return bad(format!(
-                "train.progress_seconds {} must be ≥ 0 (0 prints a line every step)",
-                t.progress_seconds
+                "train.progress_seconds {} must be ≥ 0 (0 prints a line every step) and at most \
+                 {MAX_SECONDS:e}",
+                shown(t.progress_seconds)
             ));
         }
         let f = self.data.eval_fraction;
@@ -450,6 +505,16 @@ mod tests {
         );
         let tiny = load(&dir.join("tiny-grpo.toml"), &[]).unwrap();
         assert_eq!(tiny.train.device, "cpu");
+        // GRPO multiplies the batch sizes for its groups: a product past the bound is an
+        // error, not an overflow.
+        let huge = [
+            "train.per_device_train_batch_size=4294967296".to_string(),
+            "train.gradient_accumulation_steps=4294967296".to_string(),
+        ];
+        let e = load(&dir.join("tiny-grpo.toml"), &huge)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sequences per step"), "{e}");
         for name in ["tiny-session-grpo.toml", "cactus-session-grpo.toml"] {
             let r = load(&dir.join(name), &[]).unwrap();
             let g = r.grpo.unwrap();
@@ -506,6 +571,27 @@ mod tests {
             ),
             ("train.weight_decay=-1", "train.weight_decay -1 must be ≥ 0"),
             ("lora.alpha=inf", "lora.alpha inf must be a finite number"),
+            ("lora.alpha=-5", "lora.alpha -5 must be ≥ 0"),
+            (
+                "lora.r=9223372036854775807",
+                "lora.r 9223372036854775807 must be at most",
+            ),
+            (
+                "dist.timeout_s=1e300",
+                "dist.timeout_s 1e300 must be positive",
+            ),
+            (
+                "train.progress_seconds=1e300",
+                "train.progress_seconds 1e300 must be",
+            ),
+            (
+                "train.per_device_train_batch_size=9223372036854775807",
+                "must be at most 16777216 sequences per step",
+            ),
+            (
+                "train.num_train_epochs=9223372036854775807",
+                "train.num_train_epochs 9223372036854775807 must be at most",
+            ),
             ("lora.dropout=nan", "lora.dropout NaN must be in [0, 1)"),
             (
                 "lora.layers_to_transform=[]",

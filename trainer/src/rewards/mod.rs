@@ -133,8 +133,16 @@ impl Rewards {
                         .ok_or_else(|| {
                             bad("needs `command`, e.g. [\"python3\", \"score.py\"]".into())
                         })?;
+                    let timeout_s = spec.timeout_s.unwrap_or(120.0);
+                    if !(timeout_s > 0.0 && timeout_s <= crate::recipe::MAX_SECONDS) {
+                        return Err(bad(format!(
+                            "timeout_s {} must be a positive number of seconds (at most {:e})",
+                            crate::recipe::shown(timeout_s),
+                            crate::recipe::MAX_SECONDS
+                        )));
+                    }
                     Box::new(
-                        command::CommandReward::spawn(name, argv, spec.timeout_s.unwrap_or(120.0))
+                        command::CommandReward::spawn(name, argv, timeout_s)
                             .map_err(|e| bad(e.to_string()))?,
                     )
                 }
@@ -228,6 +236,37 @@ mod tests {
         }
         fn score(&mut self, _: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
             Ok(self.1.clone())
+        }
+    }
+
+    /// A command reward's wait is checked before the program starts: NaN, zero or a
+    /// negative one failed mid-run as "no answer within 0 s", a huge one panicked.
+    #[test]
+    fn a_command_timeout_must_be_a_usable_number_of_seconds() {
+        let tokenizer = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default());
+        let device = Device::flex();
+        let cx = RewardContext {
+            tokenizer: &tokenizer,
+            device: &device,
+        };
+        for timeout in [f64::NAN, -5.0, 0.0, 1e300] {
+            let spec = RewardSpec {
+                kind: "command".into(),
+                name: None,
+                weight: 1.0,
+                min_words: None,
+                max_words: None,
+                model: None,
+                adapter: None,
+                command: Some(vec!["/no/such/program".into()]),
+                timeout_s: Some(timeout),
+            };
+            let e = Rewards::from_specs(&[spec], &cx).err().unwrap().to_string();
+            assert!(
+                e.starts_with("grpo.rewards[0] (command): timeout_s")
+                    && e.contains("positive number of seconds"),
+                "{timeout}: {e}"
+            );
         }
     }
 

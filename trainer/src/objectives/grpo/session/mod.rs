@@ -139,10 +139,12 @@ impl SessionSettings {
                             .into(),
                     );
                 }
-                if !(client.timeout_s > 0.0 && client.timeout_s.is_finite()) {
+                if !(client.timeout_s > 0.0 && client.timeout_s <= crate::recipe::MAX_SECONDS) {
                     return Err(format!(
-                        "grpo.client.timeout_s {} must be a positive number of seconds",
-                        client.timeout_s
+                        "grpo.client.timeout_s {} must be a positive number of seconds (at most \
+                         {:e})",
+                        crate::recipe::shown(client.timeout_s),
+                        crate::recipe::MAX_SECONDS
                     ));
                 }
             }
