@@ -2423,6 +2423,14 @@ fn no_command_writes_over_its_inputs_or_a_checkpoint() {
     let weights = base.join("model.safetensors");
     let other_weights = other.join("model.safetensors");
 
+    // A run inside its base model is refused before anything is written there.
+    let inside = base.join("run");
+    fails(
+        &TinyRun::sft(&base).out(&inside),
+        &["run", "inside the input", "refusing to write here"],
+    );
+    assert!(!inside.exists());
+
     fails_keeping(
         &[
             "logits",
