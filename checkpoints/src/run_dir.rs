@@ -27,6 +27,9 @@ pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.bin";
 /// GRPO samples still to be reused by the steps after a checkpoint.
 pub const ROLLOUTS_FILE: &str = "rollouts.json";
+/// Locked (`flock`) while a process writes the run. The kernel drops the lock when the
+/// process ends, however it ends, so a killed run leaves none behind to clear.
+pub const LOCK_FILE: &str = ".hearth.lock";
 
 /// The files every complete checkpoint of a run has: its state and optimizer, and the
 /// adapter (`lora`) or the model's configuration.
@@ -46,6 +49,50 @@ pub struct RunDir {
     /// Whether this process writes. In a data-parallel run only rank 0 does; the others
     /// read checkpoints to resume and skip every write.
     writer: bool,
+    /// The writer's hold on [`LOCK_FILE`]: a second `hearth train` into the same
+    /// directory, or a resume of a run still training, is refused instead of interleaving
+    /// its steps with this one's.
+    _lock: Option<std::fs::File>,
+}
+
+/// Takes the run's lock, or says which process holds it. Where the file system has no
+/// locks (or the directory cannot be written, which the run's first write reports), the
+/// run goes on without one.
+fn lock(root: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let path = root.join(LOCK_FILE);
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+    else {
+        return Ok(None);
+    };
+    // SAFETY: flock on a descriptor this function owns; it touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        let mut holder = String::new();
+        let _ = std::io::Read::read_to_string(&mut file, &mut holder);
+        let holder = holder.trim();
+        let who = if holder.is_empty() {
+            "another hearth process".to_string()
+        } else {
+            format!("hearth process {holder}")
+        };
+        return Err(refuse(
+            root,
+            format!("{who} is writing this run; wait for it to end, or choose another --out"),
+        ));
+    }
+    // Who holds it, for the message above; a failure here loses only that.
+    let _ = file.set_len(0);
+    let _ = write!(file, "{}", std::process::id());
+    Ok(Some(file))
 }
 
 fn io(path: &Path, e: std::io::Error) -> CheckpointError {
@@ -78,8 +125,9 @@ fn foreign_entry(root: &Path, own_recipe: impl Fn(&str) -> bool) -> Result<Optio
     for entry in entries {
         let entry = entry.map_err(|e| io(root, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name == RECIPE_FILE
-            && std::fs::read_to_string(entry.path()).is_ok_and(|text| own_recipe(&text));
+        let ours = name == LOCK_FILE
+            || (name == RECIPE_FILE
+                && std::fs::read_to_string(entry.path()).is_ok_and(|text| own_recipe(&text)));
         if !ours {
             return Ok(Some(name));
         }
@@ -131,9 +179,11 @@ impl RunDir {
             ));
         }
         std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+        let lock = lock(root)?;
         Ok(Self {
             root: root.to_path_buf(),
             writer: true,
+            _lock: lock,
         })
     }
 
@@ -146,6 +196,7 @@ impl RunDir {
                 format!("not a run directory (no {RECIPE_FILE})"),
             ));
         }
+        let lock = lock(root)?;
         if root.join(FINAL_DIR).exists() {
             return Err(refuse(
                 root,
@@ -158,6 +209,7 @@ impl RunDir {
         Ok(Self {
             root: root.to_path_buf(),
             writer: true,
+            _lock: lock,
         })
     }
 
@@ -166,6 +218,7 @@ impl RunDir {
         Self {
             root: root.to_path_buf(),
             writer: false,
+            _lock: None,
         }
     }
 
@@ -483,6 +536,28 @@ fn loss_svg(train: &[(usize, f64)], eval: &[(usize, f64)]) -> String {
 mod tests {
     use super::*;
 
+    /// While one process writes a run, another cannot start or resume one in the same
+    /// directory; once the first lets go (or dies), it can.
+    #[test]
+    fn one_writer_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("run");
+        let first = RunDir::create(&root, |_| false).unwrap();
+        first.write_recipe("x = 1\n").unwrap();
+        let busy = format!("hearth process {} is writing this run", std::process::id());
+        let e = RunDir::create(&root, |_| true).err().unwrap().to_string();
+        assert!(e.contains(&busy) && e.contains("--out"), "{e}");
+        let e = RunDir::open(&root).err().unwrap().to_string();
+        assert!(e.contains(&busy), "{e}");
+        // Readers of another rank take no lock.
+        let _reader = RunDir::follower(&root);
+        drop(first);
+        let resumed = RunDir::open(&root).unwrap();
+        drop(resumed);
+        // The lock file is the run's own: a restart into the directory is not refused.
+        RunDir::create(&root, |_| true).unwrap();
+    }
+
     /// A final write that fails half-way leaves neither `final/` nor its temporary
     /// directory: nothing half-written stays in the run.
     #[test]
@@ -500,6 +575,7 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(run.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
+            .filter(|n| n != LOCK_FILE)
             .collect();
         assert!(left.is_empty(), "{left:?}");
         let written = run
