@@ -94,6 +94,38 @@ impl PendingFile {
     }
 }
 
+impl PendingFile {
+    /// Like [`PendingFile::commit`], for an output that must be new: the file is linked
+    /// in under its name, which fails if anything appeared there meanwhile (another
+    /// command writing the same `--out`), and only then loses its temporary name. Where
+    /// the file system has no links, a check and a rename do, leaving a moment's race.
+    pub fn commit_new(mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| CheckpointError::io(&self.tmp, e))?;
+        let mut set = unfinished();
+        match std::fs::hard_link(&self.tmp, &self.target) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&self.tmp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CheckpointError::io(&self.target, e));
+            }
+            Err(_) => {
+                if self.target.symlink_metadata().is_ok() {
+                    let e = std::io::ErrorKind::AlreadyExists.into();
+                    return Err(CheckpointError::io(&self.target, e));
+                }
+                std::fs::rename(&self.tmp, &self.target)
+                    .map_err(|e| CheckpointError::io(&self.target, e))?;
+            }
+        }
+        set.remove(&self.tmp);
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
 impl Drop for PendingFile {
     fn drop(&mut self) {
         if self.tmp.as_os_str().is_empty() {
@@ -273,6 +305,26 @@ mod tests {
         std::fs::write(c.path(), "by path").unwrap();
         c.commit().unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "by path");
+    }
+
+    #[test]
+    fn a_new_file_never_replaces_one_that_appeared_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("rows.jsonl");
+        let mut p = PendingFile::create(&target).unwrap();
+        p.file().write_all(b"ours").unwrap();
+        std::fs::write(&target, "theirs").unwrap();
+        let e = p.commit_new().unwrap_err().to_string();
+        assert!(e.contains("rows.jsonl") && e.contains("exists"), "{e}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "theirs");
+        assert!(temporaries(dir.path()).is_empty());
+        std::fs::remove_file(&target).unwrap();
+        let mut p = PendingFile::create(&target).unwrap();
+        p.file().write_all(b"ours").unwrap();
+        p.commit_new().unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "ours");
+        assert!(temporaries(dir.path()).is_empty());
+        assert_eq!(registered(dir.path()), 0);
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub(crate) fn write_new<T>(
     writer.flush().map_err(|e| io(out, e))?;
     drop(writer);
     refuse_existing(out)?;
-    pending.commit()?;
+    // Linked in, not renamed: a file that appears at `out` this very moment stays.
+    pending.commit_new()?;
     Ok(value)
 }
 

@@ -285,7 +285,7 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
     for t in extra_tensors {
         w.tensor(t);
     }
-    w.write(out)
+    w.write_new(out)
 }
 
 /// The pre-tokenizer's llama.cpp name (`tokenizer.ggml.pre`), recognised from its JSON.

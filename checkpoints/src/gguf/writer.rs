@@ -103,15 +103,25 @@ impl GgufWriter {
         Ok(())
     }
 
-    /// Writes the file to `path`, atomically.
+    /// Writes the file to `path`, atomically, replacing what is there.
     pub fn write(&self, path: &Path) -> Result<()> {
+        self.pending(path)?.commit()
+    }
+
+    /// Writes the new file `path`, atomically; a file that appeared there meanwhile (a
+    /// second export to the same name) stays, and this write fails.
+    pub fn write_new(&self, path: &Path) -> Result<()> {
+        self.pending(path)?.commit_new()
+    }
+
+    fn pending(&self, path: &Path) -> Result<PendingFile> {
         let mut pending = PendingFile::create(path)?;
         let mut file = std::io::BufWriter::new(pending.file());
         self.write_to(&mut file)
             .and_then(|()| file.flush())
             .map_err(|e| CheckpointError::io(path, e))?;
         drop(file);
-        pending.commit()
+        Ok(pending)
     }
 }
 
