@@ -228,11 +228,16 @@ pub struct GenerateTextArgs {
     #[arg(long, requires = "input")]
     pub out: Option<PathBuf>,
     /// Prompts decoded together with --input.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Replies per prompt with --input (sampled: set --temperature): each prompt runs once
     /// and its replies decode together from its cache, as GRPO's rollouts do.
-    #[arg(long, default_value_t = 1, requires = "input")]
+    #[arg(
+        long,
+        default_value_t = 1,
+        requires = "input",
+        allow_negative_numbers = true
+    )]
     pub samples: usize,
     /// Optional system message.
     #[arg(long)]
@@ -240,16 +245,16 @@ pub struct GenerateTextArgs {
     /// Use a built-in template (llama3, chatml) instead of the model's own.
     #[arg(long)]
     pub template: Option<String>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     #[arg(long, default_value = "cpu")]
     pub device: String,

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use checkpoints::{ModelType, SaveOptions};
 use clap::Parser;
 use data::render::TemplateChoice;
@@ -201,6 +201,13 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn generate(a: GenerateTextArgs) -> Result<()> {
+    if a.samples > 1 && a.temperature == 0.0 {
+        bail!(
+            "generate: --samples {} with greedy decoding gives {0} identical replies; set \
+             --temperature above 0 to sample them",
+            a.samples
+        );
+    }
     let device = trainer::device::parse(&a.device)?;
     let mut chat = trainer::chat::Chat::open(trainer::chat::ChatOptions {
         model: &a.model,

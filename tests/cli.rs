@@ -3255,3 +3255,39 @@ fn a_failed_convert_leaves_no_partial_model() {
         ]
     );
 }
+
+/// `generate` settings that could only give nothing, or the same reply again and again,
+/// or run past the model's context, are refused up front, naming the flag.
+#[test]
+fn generate_refuses_settings_that_give_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&m)]);
+    let prompts =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-prompts.jsonl");
+    let out = tmp.path().join("replies.jsonl");
+    let base = ["generate", "--model", s(&m)];
+    for (extra, want) in [
+        (
+            vec!["--prompt", "hi", "--max-new-tokens", "0"],
+            "max_new_tokens 0",
+        ),
+        (
+            vec!["--prompt", "hi", "--max-new-tokens", "100000000000"],
+            "more than the model's context (max_position_embeddings 512",
+        ),
+        (vec!["--prompt", "hi", "--top-p", "-1"], "top_p -1"),
+        (
+            vec!["--prompt", "hi", "--temperature", "-1"],
+            "temperature -1",
+        ),
+        (
+            vec!["--input", s(&prompts), "--out", s(&out), "--samples", "3"],
+            "--samples 3 with greedy decoding",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra).collect();
+        fails(&args, &[want]);
+    }
+    assert!(!out.exists());
+}

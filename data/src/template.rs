@@ -116,7 +116,7 @@ impl ChatTemplate {
             "chatml" => CHATML,
             other => {
                 return Err(DataError::Template {
-                    origin: "recipe".into(),
+                    origin: "template".into(),
                     reason: format!("unknown built-in template `{other}` (llama3, chatml)"),
                 });
             }

@@ -52,6 +52,15 @@ impl Chat {
         })?;
         crate::model::refuse_reward_model(o.model, o.adapter)?;
         let (config, model) = load_tuned(o.model, o.adapter, o.device)?;
+        if o.sampling.max_new_tokens > config.max_position_embeddings {
+            return Err(TrainerError::Input(format!(
+                "generate: --max-new-tokens {} is more than the model's context \
+                 (max_position_embeddings {} in {})",
+                o.sampling.max_new_tokens,
+                config.max_position_embeddings,
+                o.model.display()
+            )));
+        }
         let template = template_for(o.model, TemplateChoice::new(o.template, None))?;
         let tokenizer = crate::model::load_tokenizer(o.model, config.vocab_size)?;
         let stop = stop_tokens(o.model, &config, &tokenizer);

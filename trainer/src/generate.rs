@@ -27,8 +27,13 @@ pub struct Sampling {
 
 impl Sampling {
     /// Refuses settings that would sample from NaN or from nothing: a negative or
-    /// non-finite temperature, and a top-p outside (0, 1].
+    /// non-finite temperature, a top-p outside (0, 1], and no tokens to generate.
     pub fn validate(&self) -> Result<()> {
+        if self.max_new_tokens == 0 {
+            return Err(TrainerError::Input(
+                "max_new_tokens 0 leaves nothing to generate; it must be at least 1".into(),
+            ));
+        }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(TrainerError::Input(format!(
                 "temperature {} must be a finite number ≥ 0 (0 is greedy)",
@@ -455,6 +460,12 @@ mod tests {
     fn sampling_settings_that_sample_from_nothing_are_refused() {
         let ok = Sampling::default();
         ok.validate().unwrap();
+        let none = Sampling {
+            max_new_tokens: 0,
+            ..Sampling::default()
+        };
+        let err = none.validate().unwrap_err().to_string();
+        assert!(err.contains("max_new_tokens 0"), "{err}");
         for (t, p, want) in [
             (-1.0, 1.0, "temperature -1"),
             (f64::NAN, 1.0, "temperature NaN"),

@@ -128,6 +128,13 @@ impl ReportSection {
         if self.samples == 0 {
             return Ok(());
         }
+        if self.max_new_tokens == 0 {
+            return Err(TrainerError::Input(format!(
+                "{}: [report] max_new_tokens = 0 leaves every sample reply empty; it must be \
+                 at least 1",
+                pipeline.display()
+            )));
+        }
         let Some(prompts) = &self.prompts else {
             return Err(TrainerError::Input(format!(
                 "{}: [report] samples = {} needs `prompts`, a file of prompts to reply to",
@@ -460,6 +467,20 @@ fn has_rollouts(recipe: &Recipe) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_samples_need_tokens_to_generate() {
+        let section = ReportSection {
+            prompts: Some(PathBuf::from("prompts.jsonl")),
+            samples: 3,
+            max_new_tokens: 0,
+        };
+        let e = section
+            .validate(Path::new("p.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.toml: [report] max_new_tokens = 0"), "{e}");
+    }
 
     #[test]
     fn a_run_or_a_model_is_no_pipeline_directory() {
