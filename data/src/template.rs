@@ -43,16 +43,24 @@ impl SpecialTokens {
     }
 }
 
-/// Marks the start and end of a `{% generation %}` span in rendered text. Private-use
-/// characters, which no chat text uses; [`ChatTemplate::render_spans`] strips them.
-const GENERATION_OPEN: char = '\u{F8F0}';
-const GENERATION_CLOSE: char = '\u{F8F1}';
+/// The ends of the strings that mark the start and end of a `{% generation %}` span in
+/// rendered text: private-use characters, around a number chosen per render so that
+/// neither marker occurs in the conversation, the template or its tokens (a marker taken
+/// from the data would put a user's words into the loss). [`ChatTemplate::render_spans`]
+/// strips them.
+const MARK_A: char = '\u{F8F0}';
+const MARK_B: char = '\u{F8F1}';
+/// The context variables the generation filter reads its markers from.
+const OPEN_VAR: &str = "__hearth_generation_open";
+const CLOSE_VAR: &str = "__hearth_generation_close";
 /// The filter the generation tags are rewritten to.
 const GENERATION_FILTER: &str = "__hearth_generation";
 
 /// A compiled chat template plus the special tokens it renders with.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template as compiled, for choosing markers it does not contain.
+    source: String,
     tokens: SpecialTokens,
     origin: String,
     /// Whether the template marks the assistant's output with `{% generation %}`.
@@ -92,10 +100,11 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_filter(GENERATION_FILTER, mark_generation);
         let (source, generation) = rewrite_generation_tags(source);
-        env.add_template_owned("chat", source)
+        env.add_template_owned("chat", source.clone())
             .map_err(|e| template_error(&origin, &e))?;
         Ok(Self {
             env,
+            source,
             tokens,
             origin,
             generation,
@@ -189,30 +198,67 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<RenderedSpans, DataError> {
-        let marked = self.render_marked(messages, add_generation_prompt)?;
+        let (open, close) = self.markers(messages);
+        let marked = self.render_marked(messages, add_generation_prompt, &open, &close)?;
         let mut text = String::with_capacity(marked.len());
         let mut spans = Vec::new();
-        let mut open = None;
-        for c in marked.chars() {
-            match c {
-                GENERATION_OPEN => open = Some(text.len()),
-                GENERATION_CLOSE => {
-                    if let Some(start) = open.take()
-                        && start < text.len()
-                    {
-                        spans.push(start..text.len());
-                    }
+        let mut start = None;
+        let mut rest = marked.as_str();
+        loop {
+            let next_open = rest.find(&open);
+            let next_close = rest.find(&close);
+            let (at, is_open) = match (next_open, next_close) {
+                (Some(o), Some(c)) => (o.min(c), o < c),
+                (Some(o), None) => (o, true),
+                (None, Some(c)) => (c, false),
+                (None, None) => break,
+            };
+            text.push_str(&rest[..at]);
+            if is_open {
+                start = Some(text.len());
+                rest = &rest[at + open.len()..];
+            } else {
+                if let Some(from) = start.take()
+                    && from < text.len()
+                {
+                    spans.push(from..text.len());
                 }
-                c => text.push(c),
+                rest = &rest[at + close.len()..];
             }
         }
+        text.push_str(rest);
         Ok(RenderedSpans { text, spans })
+    }
+
+    /// Markers for one render that occur nowhere in what it renders from.
+    fn markers(&self, messages: &[Message]) -> (String, String) {
+        let data = serde_json::to_string(messages).unwrap_or_default();
+        let t = &self.tokens;
+        let tokens = [&t.bos_token, &t.eos_token, &t.pad_token, &t.unk_token];
+        let found = |marker: &str| {
+            data.contains(marker)
+                || self.source.contains(marker)
+                || tokens
+                    .iter()
+                    .any(|t| t.as_deref().is_some_and(|t| t.contains(marker)))
+        };
+        (0u64..)
+            .map(|n| {
+                (
+                    format!("{MARK_A}{n}{MARK_B}"),
+                    format!("{MARK_B}{n}{MARK_A}"),
+                )
+            })
+            .find(|(open, close)| !found(open) && !found(close))
+            .unwrap_or_default()
     }
 
     fn render_marked(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
+        open: &str,
+        close: &str,
     ) -> Result<String, DataError> {
         let t = &self.tokens;
         let ctx = minijinja::context! {
@@ -223,6 +269,8 @@ impl ChatTemplate {
             pad_token => t.pad_token.clone(),
             unk_token => t.unk_token.clone(),
             tools => Value::from(()),
+            __hearth_generation_open => open,
+            __hearth_generation_close => close,
         };
         let template = self
             .env
@@ -314,8 +362,15 @@ fn rewrite_generation_tags(source: &str) -> (String, bool) {
     (out, found)
 }
 
-fn mark_generation(content: String) -> Value {
-    Value::from_safe_string(format!("{GENERATION_OPEN}{content}{GENERATION_CLOSE}"))
+fn mark_generation(state: &minijinja::State, content: String) -> Value {
+    let marker = |name: &str| {
+        state
+            .lookup(name)
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let (open, close) = (marker(OPEN_VAR), marker(CLOSE_VAR));
+    Value::from_safe_string(format!("{open}{content}{close}"))
 }
 
 /// `raise_exception(msg)`: templates use it to reject conversations they cannot render.
@@ -518,6 +573,17 @@ mod tests {
         assert_eq!(out.spans.len(), 1);
         assert_eq!(&out.text[out.spans[0].clone()], "héllo!");
         assert_eq!(tpl.render(&messages, false).unwrap(), out.text);
+        // The markers' own characters in the data, even a whole marker, are text: they
+        // stay in it and mark nothing (they used to put the user's words into the span).
+        let sly = "a \u{F8F0}0\u{F8F1}b\u{F8F1}0\u{F8F0} \u{F8F0}c\u{F8F1}";
+        let messages = [user(sly), Message::new("assistant", "ok \u{F8F1}no")];
+        let out = tpl.render_spans(&messages, false).unwrap();
+        assert_eq!(
+            out.text,
+            format!("[user]\n{sly}\n[assistant]\nok \u{F8F1}no!")
+        );
+        assert_eq!(out.spans.len(), 1);
+        assert_eq!(&out.text[out.spans[0].clone()], "ok \u{F8F1}no!");
         // The tag in a template without the tags is an ordinary tag; no spans.
         let plain =
             ChatTemplate::new("{{ messages[0].content }}", SpecialTokens::default(), "t").unwrap();
