@@ -40,6 +40,17 @@ pub fn render_with_mask_from(
     if template.has_generation_tags() {
         return render_generation_spans(template, tokenizer, messages, train_from);
     }
+    // Only blank replies: the mask would hold just the end-of-turn token, teaching the
+    // model to say nothing.
+    let trained = messages
+        .iter()
+        .skip(train_from)
+        .filter(|m| m.is_assistant());
+    if trained.clone().all(|m| m.content.trim().is_empty()) && trained.count() > 0 {
+        return Err(DataError::Conversation(
+            "no assistant tokens to learn from: every assistant turn is empty".into(),
+        ));
+    }
     let text = template.render(messages, false)?;
     let input_ids = encode(tokenizer, &text)?;
     let mut assistant_mask = vec![0u8; input_ids.len()];
@@ -253,6 +264,23 @@ mod tests {
         assert!(err.to_string().contains("no assistant tokens"), "{err}");
         let err = render_with_mask(&llama3(), &tok, &[]).unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
+        // Blank replies would teach the model to end its turn at once.
+        for reply in ["", "  \n"] {
+            let talk = [Message::new("user", "hi"), Message::new("assistant", reply)];
+            let err = render_with_mask(&llama3(), &tok, &talk).unwrap_err();
+            assert!(
+                err.to_string().contains("every assistant turn is empty"),
+                "{err}"
+            );
+        }
+        // One blank reply among others is the data's own business.
+        let talk = [
+            Message::new("user", "hi"),
+            Message::new("assistant", ""),
+            Message::new("user", "and?"),
+            Message::new("assistant", "Tell me more."),
+        ];
+        render_with_mask(&llama3(), &tok, &talk).unwrap();
     }
 
     #[test]

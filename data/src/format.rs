@@ -330,6 +330,20 @@ fn messages(
                 .get(role_key)
                 .and_then(Value::as_str)
                 .ok_or_else(|| err(column, format!("message {}: missing `{role_key}`", i + 1)))?;
+            // A tool call would be dropped, leaving an empty reply to learn from.
+            if item
+                .get("tool_calls")
+                .is_some_and(|c| !c.is_null() && c.as_array().is_none_or(|a| !a.is_empty()))
+            {
+                return Err(err(
+                    column,
+                    format!(
+                        "message {}: `tool_calls` is not supported (hearth renders text turns \
+                         only)",
+                        i + 1
+                    ),
+                ));
+            }
             let mapped = role_of(role).ok_or_else(|| {
                 let role = if showable(role) {
                     format!("unknown role `{role}`")

@@ -481,6 +481,23 @@ fn bad_rows_name_file_line_and_column() {
             &["empty.jsonl", "line 1", "column `messages`", "empty"],
         ),
         (
+            "tools.jsonl",
+            format!(
+                "{good}\n{}\n",
+                json!({"messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]},
+                ]})
+            )
+            .into_bytes(),
+            &[
+                "tools.jsonl",
+                "line 2",
+                "column `messages`",
+                "message 2: `tool_calls` is not supported",
+            ],
+        ),
+        (
             "utf8.jsonl",
             [
                 format!("{good}\n").into_bytes(),
