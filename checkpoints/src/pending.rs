@@ -28,6 +28,52 @@ fn unfinished() -> MutexGuard<'static, BTreeMap<PathBuf, bool>> {
     UNFINISHED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn file_name(target: &Path) -> Result<&std::ffi::OsStr> {
+    target
+        .file_name()
+        .ok_or_else(|| CheckpointError::io(target, std::io::ErrorKind::InvalidInput.into()))
+}
+
+/// Makes (with `make`) the first free `NAME.<pid>.<n>.tmp` in `dir` and records it as
+/// unfinished. A name that exists already belongs to another process with our id on a
+/// shared file system: the next one is taken.
+fn claim<T>(
+    dir: &Path,
+    name: &std::ffi::OsStr,
+    is_dir: bool,
+    make: impl Fn(&Path) -> std::io::Result<T>,
+) -> Result<(PathBuf, T)> {
+    let mut set = unfinished();
+    loop {
+        let mut tmp = name.to_os_string();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        tmp.push(format!(".{}.{n}.tmp", std::process::id()));
+        let tmp = dir.join(tmp);
+        match make(&tmp) {
+            Ok(made) => {
+                set.insert(tmp.clone(), is_dir);
+                return Ok((tmp, made));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(CheckpointError::io(&tmp, e)),
+        }
+    }
+}
+
+/// Removes an uncommitted temporary file or directory (an empty path: committed).
+fn release(tmp: &Path, is_dir: bool) {
+    if tmp.as_os_str().is_empty() {
+        return;
+    }
+    let mut set = unfinished();
+    let _ = if is_dir {
+        std::fs::remove_dir_all(tmp)
+    } else {
+        std::fs::remove_file(tmp)
+    };
+    set.remove(tmp);
+}
+
 /// A temporary file beside `target` that becomes `target` on [`PendingFile::commit`] and
 /// is removed if dropped before.
 #[derive(Debug)]
@@ -41,29 +87,16 @@ impl PendingFile {
     /// Creates the temporary file in `target`'s directory (the same file system, so the
     /// final rename is atomic). The directory must exist.
     pub fn create(target: &Path) -> Result<Self> {
-        let name = target
-            .file_name()
-            .ok_or_else(|| CheckpointError::io(target, std::io::ErrorKind::InvalidInput.into()))?;
-        let mut set = unfinished();
-        loop {
-            let mut tmp = name.to_os_string();
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            tmp.push(format!(".{}.{n}.tmp", std::process::id()));
-            let tmp = target.with_file_name(tmp);
-            match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-                Ok(file) => {
-                    set.insert(tmp.clone(), false);
-                    return Ok(Self {
-                        tmp,
-                        target: target.to_path_buf(),
-                        file,
-                    });
-                }
-                // Another process with our id on a shared file system: take the next name.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(CheckpointError::io(&tmp, e)),
-            }
-        }
+        let name = file_name(target)?;
+        let dir = target.parent().unwrap_or(Path::new(""));
+        let (tmp, file) = claim(dir, name, false, |tmp| {
+            OpenOptions::new().write(true).create_new(true).open(tmp)
+        })?;
+        Ok(Self {
+            tmp,
+            target: target.to_path_buf(),
+            file,
+        })
     }
 
     /// The temporary file's path, for libraries that write by path and for error messages.
@@ -128,12 +161,7 @@ impl PendingFile {
 
 impl Drop for PendingFile {
     fn drop(&mut self) {
-        if self.tmp.as_os_str().is_empty() {
-            return;
-        }
-        let mut set = unfinished();
-        let _ = std::fs::remove_file(&self.tmp);
-        set.remove(&self.tmp);
+        release(&self.tmp, false);
     }
 }
 
@@ -167,35 +195,20 @@ impl PendingDir {
     fn create(target: &Path) -> Result<Self> {
         let into = target.is_dir();
         let (dir, name) = if into {
-            (target.to_path_buf(), std::ffi::OsString::from(".hearth"))
+            (target.to_path_buf(), std::ffi::OsStr::new(".hearth"))
         } else {
-            let name = target.file_name().ok_or_else(|| {
-                CheckpointError::io(target, std::io::ErrorKind::InvalidInput.into())
-            })?;
+            let name = file_name(target)?;
             let parent = target.parent().filter(|p| !p.as_os_str().is_empty());
             let parent = parent.unwrap_or(Path::new("."));
             std::fs::create_dir_all(parent).map_err(|e| CheckpointError::io(parent, e))?;
-            (parent.to_path_buf(), name.to_os_string())
+            (parent.to_path_buf(), name)
         };
-        let mut set = unfinished();
-        loop {
-            let mut tmp = name.clone();
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            tmp.push(format!(".{}.{n}.tmp", std::process::id()));
-            let tmp = dir.join(tmp);
-            match std::fs::create_dir(&tmp) {
-                Ok(()) => {
-                    set.insert(tmp.clone(), true);
-                    return Ok(Self {
-                        tmp,
-                        target: target.to_path_buf(),
-                        into,
-                    });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(CheckpointError::io(&tmp, e)),
-            }
-        }
+        let (tmp, ()) = claim(&dir, name, true, |tmp| std::fs::create_dir(tmp))?;
+        Ok(Self {
+            tmp,
+            target: target.to_path_buf(),
+            into,
+        })
     }
 
     fn commit(mut self) -> Result<()> {
@@ -229,12 +242,7 @@ impl PendingDir {
 
 impl Drop for PendingDir {
     fn drop(&mut self) {
-        if self.tmp.as_os_str().is_empty() {
-            return;
-        }
-        let mut set = unfinished();
-        let _ = std::fs::remove_dir_all(&self.tmp);
-        set.remove(&self.tmp);
+        release(&self.tmp, true);
     }
 }
 
@@ -245,8 +253,8 @@ pub fn abandon_all() -> usize {
     let set = unfinished();
     let removed = set
         .iter()
-        .filter(|&(tmp, &dir)| {
-            if dir {
+        .filter(|&(tmp, &is_dir)| {
+            if is_dir {
                 std::fs::remove_dir_all(tmp).is_ok()
             } else {
                 std::fs::remove_file(tmp).is_ok()
