@@ -24,9 +24,19 @@ use crate::read::{BadRow, Location, Row, showable};
 const BATCH_ROWS: usize = 1024;
 
 fn unreadable(path: &Path, reason: impl std::fmt::Display) -> DataError {
+    let reason = reason.to_string();
+    // arrow's words for a codec this build leaves out name a Cargo feature; say what to do.
+    let reason = if reason.contains("lz4") && reason.contains("feature") {
+        "it is compressed with lz4, which hearth does not read; write it uncompressed or with \
+         zstd (pyarrow: `feather.write_feather(table, path, compression=\"zstd\")`), or as \
+         Parquet"
+            .to_string()
+    } else {
+        format!("cannot read: {reason}")
+    };
     DataError::Unsupported {
         path: PathBuf::from(path),
-        reason: format!("cannot read: {reason}"),
+        reason,
     }
 }
 
@@ -104,11 +114,19 @@ pub fn arrow_rows(
     on_row: &mut dyn FnMut(Row) -> Result<(), DataError>,
     on_bad: &mut dyn FnMut(BadRow) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    let file = open(path)?;
+    let mut file = open(path)?;
+    // The file format starts with its magic; its own error then says what is wrong, where
+    // the stream reader's fallback would only find garbage.
+    let mut magic = [0u8; 6];
+    let is_file_format = std::io::Read::read_exact(&mut file, &mut magic).is_ok()
+        && &magic == b"ARROW1"
+        && std::io::Seek::rewind(&mut file).is_ok();
+    let file = if is_file_format { file } else { open(path)? };
     match decoding(path, || {
         Ok(arrow_ipc::reader::FileReader::try_new(file, None))
     })? {
         Ok(reader) => batches_to_rows(path, reader, on_row, on_bad),
+        Err(e) if is_file_format => Err(unreadable(path, e)),
         Err(_) => {
             let stream = BufReader::new(open(path)?);
             let reader = decoding(path, || {
@@ -275,4 +293,26 @@ fn list(values: &dyn Array) -> Result<Value, String> {
         .map(|j| value_at(values, j))
         .collect::<Result<Vec<_>, _>>()
         .map(Value::Array)
+}
+
+#[cfg(test)]
+mod tests {
+    /// arrow's error for a codec left out of the build says what the user can do.
+    #[test]
+    fn an_lz4_file_is_named_with_a_way_out() {
+        let path = std::path::Path::new("feather.arrow");
+        let e = super::unreadable(
+            path,
+            "Invalid argument error: lz4 IPC decompression requires the lz4 feature",
+        )
+        .to_string();
+        assert!(
+            e.starts_with("feather.arrow: it is compressed with lz4")
+                && e.contains("compression=\"zstd\"")
+                && !e.contains("feature"),
+            "{e}"
+        );
+        let e = super::unreadable(path, "Parser error: bad offset").to_string();
+        assert_eq!(e, "feather.arrow: cannot read: Parser error: bad offset");
+    }
 }

@@ -437,7 +437,20 @@ fn arrow_ipc_file_and_stream() {
     .unwrap();
     w.write(&batch).unwrap();
     w.finish().unwrap();
-    for path in [file_path, stream_path] {
+    // zstd-compressed, as `datasets` and pyarrow write on request.
+    let zstd_path = dir.path().join("zstd.arrow");
+    let options = arrow_ipc::writer::IpcWriteOptions::default()
+        .try_with_compression(Some(arrow_ipc::CompressionType::ZSTD))
+        .unwrap();
+    let mut w = arrow_ipc::writer::FileWriter::try_new_with_options(
+        std::fs::File::create(&zstd_path).unwrap(),
+        &batch.schema(),
+        options,
+    )
+    .unwrap();
+    w.write(&batch).unwrap();
+    w.finish().unwrap();
+    for path in [file_path, stream_path, zstd_path] {
         let loaded = load(&path);
         assert_eq!(
             conversation(&loaded.examples[0]).0,
