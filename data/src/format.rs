@@ -191,12 +191,15 @@ type Parsed<T> = Result<T, FieldError>;
 /// Roles a chat template may receive.
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-/// Renames columns (`from` → `to`) before anything reads them.
+/// Renames columns (`from` → `to`) before anything reads them, all at once: swapping two
+/// columns (`a → b`, `b → a`) swaps them rather than losing one.
 pub fn rename_columns(fields: &mut Map<String, Value>, mapping: &[(String, String)]) {
-    for (from, to) in mapping {
-        if let Some(v) = fields.remove(from) {
-            fields.insert(to.clone(), v);
-        }
+    let moved: Vec<(&String, Value)> = mapping
+        .iter()
+        .filter_map(|(from, to)| fields.remove(from).map(|v| (to, v)))
+        .collect();
+    for (to, v) in moved {
+        fields.insert(to.clone(), v);
     }
 }
 

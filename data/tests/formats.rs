@@ -239,6 +239,31 @@ fn preference_explicit_implicit_and_psychocounsel() {
         load_examples(&p, &options).unwrap().format,
         Format::Preference
     );
+
+    // Renames apply all at once: two columns swap, neither is lost.
+    let pair = jsonl(
+        dir.path(),
+        "swapped.jsonl",
+        &[json!({"prompt": "p", "chosen": "worse", "rejected": "better"})],
+    );
+    let options = LoadOptions {
+        columns: vec![
+            ("chosen".into(), "rejected".into()),
+            ("rejected".into(), "chosen".into()),
+        ],
+        ..Default::default()
+    };
+    let loaded = load_examples(&pair, &options).unwrap();
+    let Example::Pair {
+        chosen, rejected, ..
+    } = &loaded.examples[0]
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (chosen[0].content.as_str(), rejected[0].content.as_str()),
+        ("better", "worse")
+    );
 }
 
 #[test]
