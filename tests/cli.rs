@@ -2898,6 +2898,13 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
         .sets(&["train.max_steps=1", "data.eval_fraction=0"])
         .out(&tmp.path().join("dpo"));
     warned(dpo, "3 preference pairs have a chosen completion equal");
+    // Evaluations asked for, with nothing to evaluate on.
+    warned(
+        TinyRun::sft(&base)
+            .sets(&["train.max_steps=1", "data.eval_fraction=0"])
+            .out(&tmp.path().join("no-eval-set")),
+        "train.eval_steps = 10 asks for evaluations, but there is no eval set",
+    );
     // Two conversations and a 5 % hold-out: nothing held out, said before the run.
     let two = tmp.path().join("two.jsonl");
     let text = std::fs::read_to_string(root.join("data/examples/counseling-sft.jsonl")).unwrap();

@@ -177,19 +177,33 @@ impl Tokenizing<'_> {
     ) -> Result<Option<Tokenized>, DataError> {
         let prompt_text = self.template.render(prompt, true)?;
         let prompt_ids = encode(self.tokenizer, &prompt_text)?;
-        let continuation = |side: &[Message]| -> Result<Vec<u32>, DataError> {
+        let continuation = |side: &[Message], name: &str| -> Result<Vec<u32>, DataError> {
             let mut all = prompt.to_vec();
             all.extend_from_slice(side);
             let full = encode(self.tokenizer, &self.template.render(&all, false)?)?;
             if full.len() < prompt_ids.len() || full[..prompt_ids.len()] != prompt_ids[..] {
-                return Err(DataError::Conversation(format!(
-                    "{}: the rendered prompt is not a prefix of the rendered pair",
-                    self.template.origin()
-                )));
+                // Most often the side repeats the prompt: a whole conversation where only
+                // the reply belongs.
+                let reason = match side.first() {
+                    Some(first) if !first.is_assistant() => format!(
+                        "column `{name}` starts with a {} message; beside a prompt it holds \
+                         only the assistant's reply, not the conversation again",
+                        first.role
+                    ),
+                    _ => format!(
+                        "{}: the prompt followed by `{name}` does not render as the prompt \
+                         alone plus more (the template changes earlier text as turns are added)",
+                        self.template.origin()
+                    ),
+                };
+                return Err(DataError::Conversation(reason));
             }
             Ok(full[prompt_ids.len()..].to_vec())
         };
-        let (mut c, mut r) = (continuation(chosen)?, continuation(rejected)?);
+        let (mut c, mut r) = (
+            continuation(chosen, "chosen")?,
+            continuation(rejected, "rejected")?,
+        );
         if c.is_empty() || r.is_empty() {
             return Err(DataError::Conversation(
                 "a preference pair has an empty continuation".into(),
@@ -364,6 +378,36 @@ mod tests {
         assert_eq!(cut.chosen, full.chosen[..cut.chosen.len()]);
         assert_eq!(cut.rejected, full.rejected);
         assert!(run(Truncation::Drop, max, &pair).0.is_none());
+    }
+
+    /// A `chosen` that repeats the prompt (a whole conversation beside a `prompt` column)
+    /// is named by its column and first role, not blamed on the template.
+    #[test]
+    fn a_side_that_repeats_the_prompt_is_named() {
+        let (template, tokenizer) = setup();
+        let t = Tokenizing {
+            template: &template,
+            tokenizer: &tokenizer,
+            max_length: 10_000,
+            truncation: Truncation::KeepEnd,
+        };
+        let prompt = vec![Message::new("user", "I can't sleep.")];
+        let mut whole = prompt.clone();
+        whole.push(Message::new("assistant", "What keeps you up?"));
+        let pair = Example::Pair {
+            prompt,
+            chosen: whole,
+            rejected: vec![Message::new("assistant", "Try harder.")],
+            extra: Map::new(),
+        };
+        let e = t
+            .example(&pair, &mut TruncationCounts::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("column `chosen` starts with a user message"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -165,6 +165,13 @@ pub(super) fn warnings(recipe: &Recipe, objective: &dyn Objective, sets: &Sets) 
             d.eval_fraction
         ));
     }
+    if recipe.train.eval_steps > 0 && d.eval.is_none() && d.eval_fraction == 0.0 {
+        out.push(format!(
+            "train.eval_steps = {} asks for evaluations, but there is no eval set (set \
+             data.eval or data.eval_fraction): the run will not be evaluated",
+            recipe.train.eval_steps
+        ));
+    }
     if sets.identical_pairs > 0 {
         out.push(format!(
             "{} preference pairs have a chosen completion equal to the rejected one; they \
