@@ -329,10 +329,25 @@ fn messages(
         .iter()
         .enumerate()
         .map(|(i, item)| {
-            let role = item
-                .get(role_key)
-                .and_then(Value::as_str)
-                .ok_or_else(|| err(column, format!("message {}: missing `{role_key}`", i + 1)))?;
+            let role = match item.get(role_key) {
+                Some(Value::String(role)) => role.as_str(),
+                None | Some(Value::Null) => {
+                    return Err(err(
+                        column,
+                        format!("message {}: missing `{role_key}`", i + 1),
+                    ));
+                }
+                Some(other) => {
+                    return Err(err(
+                        column,
+                        format!(
+                            "message {}: `{role_key}` must be a string, got {}",
+                            i + 1,
+                            kind(other)
+                        ),
+                    ));
+                }
+            };
             // A tool call would be dropped, leaving an empty reply to learn from.
             if item
                 .get("tool_calls")
@@ -363,7 +378,12 @@ fn messages(
                         format!("message {}: missing `{content_key}`", i + 1),
                     )
                 })
-                .and_then(|c| content(c, column))?;
+                .and_then(|c| {
+                    content(c, column).map_err(|e| FieldError {
+                        reason: format!("message {}: {}", i + 1, e.reason),
+                        ..e
+                    })
+                })?;
             Ok(Message::new(mapped, text))
         })
         .collect()

@@ -519,6 +519,34 @@ fn bad_rows_name_file_line_and_column() {
             &["empty.jsonl", "line 1", "column `messages`", "empty"],
         ),
         (
+            "types.jsonl",
+            format!(
+                "{}\n{}\n",
+                json!({"messages": [{"role": 1, "content": "a"}]}),
+                json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null}]}),
+            )
+            .into_bytes(),
+            &[
+                "types.jsonl",
+                "line 1",
+                "column `messages`",
+                "message 1: `role` must be a string, got a number",
+            ],
+        ),
+        (
+            "null.jsonl",
+            format!(
+                "{}\n",
+                json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null}]}),
+            )
+            .into_bytes(),
+            &[
+                "null.jsonl",
+                "line 1",
+                "message 2: message content must be a string, got null",
+            ],
+        ),
+        (
             "tools.jsonl",
             format!(
                 "{good}\n{}\n",
