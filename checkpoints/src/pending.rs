@@ -66,12 +66,16 @@ fn release(tmp: &Path, is_dir: bool) {
         return;
     }
     let mut set = unfinished();
-    let _ = if is_dir {
+    let _ = remove(tmp, is_dir);
+    set.remove(tmp);
+}
+
+fn remove(tmp: &Path, is_dir: bool) -> std::io::Result<()> {
+    if is_dir {
         std::fs::remove_dir_all(tmp)
     } else {
         std::fs::remove_file(tmp)
-    };
-    set.remove(tmp);
+    }
 }
 
 /// A temporary file beside `target` that becomes `target` on [`PendingFile::commit`] and
@@ -253,13 +257,7 @@ pub fn abandon_all() -> usize {
     let set = unfinished();
     let removed = set
         .iter()
-        .filter(|&(tmp, &is_dir)| {
-            if is_dir {
-                std::fs::remove_dir_all(tmp).is_ok()
-            } else {
-                std::fs::remove_file(tmp).is_ok()
-            }
-        })
+        .filter(|&(tmp, &is_dir)| remove(tmp, is_dir).is_ok())
         .count();
     // The lock is never released: a writer that tries to start or finish a file waits
     // until the process has exited.

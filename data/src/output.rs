@@ -35,7 +35,8 @@ fn refuse_existing(out: &Path) -> Result<(), DataError> {
 /// Writes the new file `out`: `fill` writes into a temporary file beside it (see
 /// [`checkpoints::pending`]), which becomes `out` only once `fill` succeeded and the data
 /// is on disk. On any failure, or a signal, the temporary file is removed and `out` is
-/// never touched. An `out` that already exists is refused, before and again after the work.
+/// never touched. An `out` that already exists is refused, before the work and (linked in,
+/// never renamed over) after it.
 pub(crate) fn write_new<T>(
     out: &Path,
     fill: impl FnOnce(&mut BufWriter<&mut File>, &Path) -> Result<T, DataError>,
@@ -50,9 +51,16 @@ pub(crate) fn write_new<T>(
     let value = fill(&mut writer, out)?;
     writer.flush().map_err(|e| io(out, e))?;
     drop(writer);
-    refuse_existing(out)?;
-    // Linked in, not renamed: a file that appears at `out` this very moment stays.
-    pending.commit_new()?;
+    // Linked in, not renamed: a file that appeared at `out` while the work ran stays, and
+    // is named as existing.
+    pending.commit_new().map_err(|e| match e {
+        checkpoints::CheckpointError::Io { ref source, .. }
+            if source.kind() == std::io::ErrorKind::AlreadyExists =>
+        {
+            refused(out, "it already exists")
+        }
+        other => other.into(),
+    })?;
     Ok(value)
 }
 

@@ -198,7 +198,20 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<RenderedSpans, DataError> {
-        let (open, close) = self.markers(messages);
+        // Only a template with the tags marks anything: the others need no markers, and
+        // choosing them (which reads the whole conversation) would cost every render.
+        let (open, close) = if self.generation {
+            self.markers(messages)
+        } else {
+            (String::new(), String::new())
+        };
+        if open.is_empty() {
+            let text = self.render_marked(messages, add_generation_prompt, "", "")?;
+            return Ok(RenderedSpans {
+                text,
+                spans: Vec::new(),
+            });
+        }
         let marked = self.render_marked(messages, add_generation_prompt, &open, &close)?;
         let mut text = String::with_capacity(marked.len());
         let mut spans = Vec::new();
