@@ -52,33 +52,29 @@ pub fn render_with_mask_from(
         ));
     }
     let text = template.render(messages, false)?;
-    let input_ids = encode(tokenizer, &text)?;
-    let mut assistant_mask = vec![0u8; input_ids.len()];
+    let whole = Whole::encode(tokenizer, &text)?;
+    let mut assistant_mask = vec![0u8; whole.ids.len()];
     for (i, message) in messages.iter().enumerate() {
         if !message.is_assistant() || i < train_from {
             continue;
         }
-        let prompt = encode(tokenizer, &template.render(&messages[..i], true)?)?;
-        let through = if i + 1 == messages.len() {
-            input_ids.clone()
+        let start = whole.prefix_len(tokenizer, &template.render(&messages[..i], true)?)?;
+        let end = if i + 1 == messages.len() {
+            Some(whole.ids.len())
         } else {
-            encode(tokenizer, &template.render(&messages[..=i], false)?)?
+            whole.prefix_len(tokenizer, &template.render(&messages[..=i], false)?)?
         };
-        let is_prefix = |short: &[u32], long: &[u32]| {
-            long.len() >= short.len() && long[..short.len()] == *short
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(not_a_prefix(template, i));
         };
-        if !is_prefix(&prompt, &through) || !is_prefix(&through, &input_ids) {
-            return Err(DataError::Conversation(format!(
-                "{}: rendering message {} (assistant) does not extend the prompt before it, so its \
-                 tokens cannot be masked; the template changes earlier text as turns are added",
-                template.origin(),
-                i + 1
-            )));
+        if start > end {
+            return Err(not_a_prefix(template, i));
         }
-        for m in &mut assistant_mask[prompt.len()..through.len()] {
+        for m in &mut assistant_mask[start..end] {
             *m = 1;
         }
     }
+    let input_ids = whole.ids;
     if !assistant_mask.contains(&1) {
         return Err(DataError::Conversation(
             "no assistant tokens to learn from: the conversation has no non-empty assistant turn"
@@ -90,6 +86,73 @@ pub fn render_with_mask_from(
         input_ids,
         assistant_mask,
     })
+}
+
+fn not_a_prefix(template: &ChatTemplate, message: usize) -> DataError {
+    DataError::Conversation(format!(
+        "{}: rendering message {} (assistant) does not extend the prompt before it, so its \
+         tokens cannot be masked; the template changes earlier text as turns are added",
+        template.origin(),
+        message + 1
+    ))
+}
+
+/// A conversation's whole render, tokenised once. Each turn's prompt is then located in it
+/// instead of tokenised on its own, which made masking quadratic in the conversation's length
+/// (a 40-message session took 0.14 s, nearly all of it re-tokenising the same prefixes).
+struct Whole<'a> {
+    text: &'a str,
+    ids: Vec<u32>,
+    offsets: Vec<(usize, usize)>,
+}
+
+impl<'a> Whole<'a> {
+    fn encode(tokenizer: &Tokenizer, text: &'a str) -> Result<Self, DataError> {
+        let encoding = tokenizer
+            .encode(text, false)
+            .map_err(|e| DataError::Conversation(format!("tokenising: {e}")))?;
+        Ok(Self {
+            text,
+            ids: encoding.get_ids().to_vec(),
+            offsets: encoding.get_offsets().to_vec(),
+        })
+    }
+
+    /// `Some(k)` when `prefix` tokenised on its own is exactly the first `k` tokens of the
+    /// whole, `None` when its tokens are not a prefix of the whole's.
+    ///
+    /// A tokenizer cuts its input at added tokens first and encodes the text between them
+    /// independently, so the tokens before the last added token inside `prefix` are already
+    /// known to agree; only the stretch from that token on is tokenised again. Where that
+    /// shortcut does not confirm a match (a tokenizer without added tokens, or offsets that
+    /// do not line up), the whole prefix is tokenised, so the answer is always the exact one.
+    fn prefix_len(&self, tokenizer: &Tokenizer, prefix: &str) -> Result<Option<usize>, DataError> {
+        if let Some(k) = self.located(tokenizer, prefix)? {
+            return Ok(Some(k));
+        }
+        let tokens = encode(tokenizer, prefix)?;
+        let matches = tokens.len() <= self.ids.len() && self.ids[..tokens.len()] == tokens[..];
+        Ok(matches.then_some(tokens.len()))
+    }
+
+    /// The shortcut alone: `Some(k)` only where it confirms the match.
+    fn located(&self, tokenizer: &Tokenizer, prefix: &str) -> Result<Option<usize>, DataError> {
+        if !self.text.starts_with(prefix) {
+            return Ok(None);
+        }
+        let cut = prefix.len();
+        let k = self.offsets.partition_point(|&(_, end)| end <= cut);
+        if self.offsets.get(k).is_some_and(|&(start, _)| start < cut) {
+            return Ok(None);
+        }
+        let added = tokenizer.get_added_vocabulary().get_added_tokens_decoder();
+        let Some(from) = self.ids[..k].iter().rposition(|id| added.contains_key(id)) else {
+            return Ok(None);
+        };
+        let at = self.offsets[from].0;
+        let confirmed = at <= cut && encode(tokenizer, &self.text[at..cut])? == self.ids[from..k];
+        Ok(confirmed.then_some(k))
+    }
 }
 
 /// The mask of a template with `{% generation %}` tags: exactly the tokens that the tagged
@@ -159,6 +222,14 @@ mod tests {
     use super::*;
     use crate::SpecialTokens;
     use crate::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    use tokenizers::{
+        AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+        PreTokenizerWrapper, TokenizerBuilder,
+    };
 
     fn tokenizer() -> Tokenizer {
         train_bpe(&[BUNDLED_CORPUS], 400, &LLAMA3_SPECIAL_TOKENS).unwrap()
@@ -281,6 +352,225 @@ mod tests {
             Message::new("assistant", "Tell me more."),
         ];
         render_with_mask(&llama3(), &tok, &talk).unwrap();
+    }
+
+    /// The masking before [`Whole`]: every turn's prompt and reply tokenised on their own.
+    /// Quadratic, but obviously the definition, so the fast path is checked against it.
+    fn incremental_reference(
+        template: &ChatTemplate,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        train_from: usize,
+    ) -> Result<Rendered, DataError> {
+        let mut trained = messages
+            .iter()
+            .skip(train_from)
+            .filter(|m| m.is_assistant());
+        if trained.all(|m| m.content.trim().is_empty()) {
+            return Err(DataError::Conversation(
+                "every assistant turn is empty".into(),
+            ));
+        }
+        let text = template.render(messages, false)?;
+        let input_ids = encode(tokenizer, &text)?;
+        let mut assistant_mask = vec![0u8; input_ids.len()];
+        let is_prefix = |short: &[u32], long: &[u32]| {
+            long.len() >= short.len() && long[..short.len()] == *short
+        };
+        for (i, message) in messages.iter().enumerate().skip(train_from) {
+            if !message.is_assistant() {
+                continue;
+            }
+            let prompt = encode(tokenizer, &template.render(&messages[..i], true)?)?;
+            let through = encode(tokenizer, &template.render(&messages[..=i], false)?)?;
+            if !is_prefix(&prompt, &through) || !is_prefix(&through, &input_ids) {
+                return Err(not_a_prefix(template, i));
+            }
+            assistant_mask[prompt.len()..through.len()].fill(1);
+        }
+        if !assistant_mask.contains(&1) {
+            return Err(DataError::Conversation("no assistant tokens".into()));
+        }
+        Ok(Rendered {
+            text,
+            input_ids,
+            assistant_mask,
+        })
+    }
+
+    /// A BPE trained on the bundled corpus plus `extra`, with the given pipeline pieces.
+    fn variant(
+        pre: PreTokenizerWrapper,
+        post: Option<PostProcessorWrapper>,
+        specials: &[&str],
+        extra: &str,
+    ) -> Tokenizer {
+        let mut alphabet: std::collections::HashSet<char> =
+            ByteLevel::alphabet().into_iter().collect();
+        alphabet.extend(extra.chars().chain(BUNDLED_CORPUS.chars()).chain(['▁']));
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(500)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(
+                specials
+                    .iter()
+                    .map(|t| AddedToken::from(*t, true))
+                    .collect(),
+            )
+            .initial_alphabet(alphabet)
+            .build()
+            .into();
+        let mut tokenizer = TokenizerBuilder::<
+            ModelWrapper,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        >::new()
+        .with_model(BPE::default().into())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(pre))
+        .with_post_processor(post)
+        .with_decoder(None)
+        .build()
+        .unwrap();
+        let lines = [BUNDLED_CORPUS, extra].into_iter().flat_map(|t| t.lines());
+        tokenizer.train(&mut trainer, lines).unwrap();
+        Tokenizer::from(tokenizer)
+    }
+
+    /// Replies and questions with the edges that move token boundaries: leading and
+    /// trailing spaces, blank lines, multi-byte text, a special token typed as text.
+    const SNIPPETS: [&str; 10] = [
+        "I feel tired.",
+        " leading space",
+        "trailing space ",
+        "two\n\nlines\n",
+        "café 😊 naïve",
+        "",
+        "a <|eot_id|> inside",
+        "\nstarts on a new line",
+        "spaced   out   words",
+        "What feels hardest about work?",
+    ];
+
+    /// Deterministic conversations, 1 to 5 exchanges, some with a system message.
+    fn conversations() -> Vec<Vec<Message>> {
+        let mut state = 7u64;
+        let mut next = |n: usize| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as usize % n
+        };
+        (0..40)
+            .map(|_| {
+                let mut talk = Vec::new();
+                if next(2) == 0 {
+                    talk.push(Message::new("system", "You are a counselor."));
+                }
+                for _ in 0..1 + next(5) {
+                    talk.push(Message::new("user", SNIPPETS[next(SNIPPETS.len())]));
+                    talk.push(Message::new("assistant", SNIPPETS[next(SNIPPETS.len())]));
+                }
+                talk
+            })
+            .collect()
+    }
+
+    #[test]
+    fn masks_match_per_turn_tokenisation_on_every_tokenizer_and_template() {
+        let extra = SNIPPETS.join("\n");
+        let chatml = ["<|im_start|>", "<|im_end|>"];
+        let byte_level = || ByteLevel::default().add_prefix_space(false);
+        let tokenizers = [
+            ("byte-level", tokenizer()),
+            (
+                "byte-level, trimmed offsets",
+                variant(
+                    byte_level().into(),
+                    Some(byte_level().trim_offsets(true).into()),
+                    &chatml,
+                    &extra,
+                ),
+            ),
+            (
+                "metaspace",
+                variant(
+                    Metaspace::new('▁', PrependScheme::First, false).into(),
+                    None,
+                    &LLAMA3_SPECIAL_TOKENS,
+                    &extra,
+                ),
+            ),
+            (
+                "no added tokens",
+                variant(byte_level().into(), None, &[], &extra),
+            ),
+        ];
+        let plain = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}",
+            SpecialTokens::default(),
+            "plain.jinja",
+        )
+        .unwrap();
+        let chatml_template = ChatTemplate::builtin("chatml", SpecialTokens::default()).unwrap();
+        let templates = [
+            ("llama3", llama3()),
+            ("chatml", chatml_template),
+            ("plain", plain),
+        ];
+        let (mut compared, mut refused) = (0, 0);
+        for (tname, tok) in &tokenizers {
+            for (name, template) in &templates {
+                for (c, talk) in conversations().iter().enumerate() {
+                    for from in [0, 2] {
+                        let fast = render_with_mask_from(template, tok, talk, from);
+                        let slow = incremental_reference(template, tok, talk, from);
+                        match (fast, slow) {
+                            (Ok(fast), Ok(slow)) => {
+                                assert_eq!(fast, slow, "{tname}, {name}, conversation {c}");
+                                compared += 1;
+                            }
+                            (Err(_), Err(_)) => refused += 1,
+                            (fast, slow) => panic!(
+                                "{tname}, {name}, conversation {c} from {from}: \
+                                 {fast:?} against {slow:?}"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+        // Most conversations have something to learn from; the blank and shifted ones don't.
+        assert!(
+            compared > 700 && refused > 0,
+            "{compared} compared, {refused} refused"
+        );
+    }
+
+    #[test]
+    fn prompts_are_found_without_retokenising_the_conversation() {
+        let tok = tokenizer();
+        let template = llama3();
+        let talk: Vec<Message> = (0..20)
+            .flat_map(|i| {
+                [
+                    Message::new("user", format!("Question {i}: how do I sleep?")),
+                    Message::new("assistant", format!("Answer {i}: try a routine.")),
+                ]
+            })
+            .collect();
+        let text = template.render(&talk, false).unwrap();
+        let whole = Whole::encode(&tok, &text).unwrap();
+        for i in (1..talk.len()).step_by(2) {
+            let prompt = template.render(&talk[..i], true).unwrap();
+            let k = whole.located(&tok, &prompt).unwrap();
+            assert_eq!(k, Some(encode(&tok, &prompt).unwrap().len()), "turn {i}");
+        }
+        // Text that is not the conversation's beginning is never located.
+        assert_eq!(whole.located(&tok, "<|start_header_id|>").unwrap(), None);
     }
 
     #[test]
