@@ -2825,6 +2825,35 @@ fn a_run_killed_before_its_first_checkpoint_resumes_from_the_start() {
     assert_eq!(loss_lines(&whole), loss_lines(&killed));
 }
 
+/// A resume on the same number of processes with another accumulation would change the
+/// global batch (and so the schedule and the data position): refused before any step,
+/// with the accumulation that keeps it; with that one the run finishes.
+#[test]
+fn a_resume_that_changes_the_global_batch_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("run");
+    let extra = ["train.max_steps=4", "train.save_steps=2"];
+    ok(&TinyRun::sft(&base).sets(&extra).out(&run));
+    // As if killed after its checkpoint at step 2.
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let mut changed = extra.to_vec();
+    changed.push("train.gradient_accumulation_steps=2");
+    fails_keeping(
+        &TinyRun::sft(&base).sets(&changed).resume(&run),
+        &[
+            "took 1 micro-batch per optimizer step",
+            "would take 2 micro-batches",
+            "train.gradient_accumulation_steps = 1",
+        ],
+        &[&metrics],
+    );
+    assert!(!run.join("final").exists());
+    ok(&TinyRun::sft(&base).sets(&extra).resume(&run));
+    assert!(run.join("final").is_dir());
+}
+
 #[test]
 fn a_row_that_cannot_be_rendered_is_named_or_skipped() {
     let tmp = tempfile::tempdir().unwrap();

@@ -173,6 +173,16 @@ impl<'a> Loop<'a> {
         // A step consumes `per_step` micro-batches on each rank: the global batch.
         let world = p.dp.world_size();
         let steps_per_epoch = batches_per_epoch.div_ceil(per_step * world).max(1) * iterations;
+        super::state::check_global_batch(
+            s.micros_per_step,
+            per_step * world,
+            t.gradient_accumulation_steps,
+            world,
+        )?;
+        let s = TrainerState {
+            micros_per_step: per_step * world,
+            ..s
+        };
         let (total, warmup) = total_and_warmup(t, steps_per_epoch);
         let bar = if progress && p.dp.is_main() {
             ProgressBar::new(total as u64)

@@ -90,9 +90,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     })?;
     let mut state = state::TrainerState::fresh();
     let mut optim = setup::optimizer(t, &setup.model);
-    if let Some((step, dir)) = &resume_from {
+    if let Some((_, dir)) = &resume_from {
         (state, optim) = state::resume(dir, optim, objective.as_mut(), dp.world_size())?;
-        run.truncate_metrics(*step)?;
     }
     let parts = looping::Parts {
         recipe,
@@ -107,6 +106,10 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         pad,
     };
     let training = looping::Loop::new(parts, state, optim, progress)?;
+    // Only once the resume is known to go ahead: the lines past its checkpoint are redone.
+    if let Some((step, _)) = &resume_from {
+        run.truncate_metrics(*step)?;
+    }
     if dp.is_main() {
         for warning in warnings {
             eprintln!("warning: {warning}");

@@ -42,6 +42,40 @@ pub(super) fn resume(
     Ok((state, optim))
 }
 
+/// A resume must keep the global batch: the micro-batches per optimizer step over all
+/// processes (`saved`, 0 when the checkpoint predates the record) against this start's.
+/// Another accumulation on another number of processes keeps it; on the same number it
+/// does not, and the learning-rate schedule and the data position would both be off.
+pub(super) fn check_global_batch(
+    saved: usize,
+    now: usize,
+    accumulation: usize,
+    world: usize,
+) -> Result<()> {
+    if saved == 0 || saved == now {
+        return Ok(());
+    }
+    let fits = saved * accumulation;
+    let hint = if fits.is_multiple_of(now) {
+        format!(
+            "; on {world} process{} that is train.gradient_accumulation_steps = {}",
+            if world == 1 { "" } else { "es" },
+            fits / now
+        )
+    } else {
+        String::new()
+    };
+    let batches = |n: usize| format!("{n} micro-batch{}", if n == 1 { "" } else { "es" });
+    Err(TrainerError::Input(format!(
+        "--resume: the run took {} per optimizer step over all its processes, and this \
+         start would take {} (train.gradient_accumulation_steps = {accumulation} on {world} \
+         process{}); resume with the same global batch{hint}",
+        batches(saved),
+        batches(now),
+        if world == 1 { "" } else { "es" },
+    )))
+}
+
 /// Writes a checkpoint's contents into `dir`: weights, the objective's pending state,
 /// optimizer and trainer state. Weights holding NaN or ∞ are never written.
 pub(super) fn save(
@@ -114,4 +148,30 @@ pub(super) fn save_optimizer(optim: &ModuleOptimizer, path: &Path) -> Result<()>
     // The OS's own words ("No space left on device"), not the Debug form of the error.
     std::fs::write(path, &bytes[..])
         .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_global_batch;
+
+    #[test]
+    fn a_resume_keeps_the_global_batch() {
+        // Two processes with 2 each, resumed on one with 4: the same 4 micro-batches.
+        check_global_batch(4, 4, 4, 1).unwrap();
+        // A checkpoint from before the record cannot be checked.
+        check_global_batch(0, 8, 8, 1).unwrap();
+        let err = check_global_batch(4, 8, 8, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("took 4 micro-batches per optimizer step")
+                && err.contains("would take 8 micro-batches")
+                && err.contains("on 1 process that is train.gradient_accumulation_steps = 4"),
+            "{err}"
+        );
+        // No whole accumulation gets back to 3 micro-batches on two processes.
+        let err = check_global_batch(3, 4, 2, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("2 processes") && !err.contains("that is"),
+            "{err}"
+        );
+    }
 }
