@@ -2854,6 +2854,55 @@ fn a_resume_that_changes_the_global_batch_is_refused() {
     assert!(run.join("final").is_dir());
 }
 
+/// DPO continuing an SFT adapter whose targets include `lm_head` (the tiny DPO recipe's do
+/// not): the adapter is trained as it is, the difference is warned about, and a resumed run
+/// still saves the adapter's own config. A resume used to write the recipe's targets beside
+/// weights that carry `lm_head`, which PEFT would then drop.
+#[test]
+fn an_init_from_adapter_keeps_its_own_shape_through_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let sft = tmp.path().join("sft");
+    ok(&TinyRun::sft(&base).sets(&["train.max_steps=1"]).out(&sft));
+    let init = format!("lora.init_from={:?}", s(&sft.join("final")));
+    let dpo = TinyRun::of("tiny-dpo.toml", "counseling-preference.jsonl", &base).sets(&[
+        "train.max_steps=4",
+        "train.save_steps=2",
+        &init,
+    ]);
+    let run = tmp.path().join("dpo");
+    let targets = |dir: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+        let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut t: Vec<String> = config["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        t.sort();
+        t
+    };
+    let first = hearth(&dpo.out(&run));
+    assert!(first.status.success());
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        stderr.contains("lora.init_from") && stderr.contains("\"lm_head\""),
+        "{stderr}"
+    );
+    let whole = targets(&run.join("final"));
+    assert!(whole.contains(&"lm_head".to_string()), "{whole:?}");
+    assert_eq!(targets(&run.join("checkpoint-2")), whole);
+    let finished = std::fs::read(run.join("final/adapter_model.safetensors")).unwrap();
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    ok(&dpo.resume(&run));
+    assert_eq!(targets(&run.join("final")), whole);
+    assert!(
+        std::fs::read(run.join("final/adapter_model.safetensors")).unwrap() == finished,
+        "the resumed run ended elsewhere"
+    );
+}
+
 #[test]
 fn a_row_that_cannot_be_rendered_is_named_or_skipped() {
     let tmp = tempfile::tempdir().unwrap();

@@ -74,7 +74,8 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let mut sets = data::prepare_data(recipe, objective.as_ref(), base_config.vocab_size)?;
     // Said once everything that can refuse the run has had its say (the objective's own
     // checks come in `prepare` and `Loop::new`), so a refused run prints only its error.
-    let warnings = data::warnings(recipe, objective.as_ref(), &sets);
+    let mut warnings = data::warnings(recipe, objective.as_ref(), &sets);
+    warnings.extend(setup::adapter_warnings(recipe, &setup));
     let inner = device.clone().inner();
     objective.prepare(Prepare {
         base,

@@ -87,8 +87,10 @@ pub fn setup(
                 (true, None) => Some(base.clone().no_grad()),
                 (false, _) => None,
             };
+            // A checkpoint's adapter is the initial adapter's shape, not necessarily the
+            // recipe's (see `adapter_warnings`): its own config says what it is.
             let (model, settings) = match (resume_from, initial) {
-                (Some(dir), _) => (load_adapter(dir, base, device)?.0, settings),
+                (Some(dir), _) => load_adapter(dir, base, device)?,
                 (None, Some(loaded)) => loaded,
                 (None, None) => (attach_lora(base, &settings, device)?, settings),
             };
@@ -114,6 +116,69 @@ pub fn setup(
         tuning,
         base: recipe.model.path.clone(),
     })
+}
+
+/// Where a `lora.init_from` adapter differs from the recipe's `[lora]` shape. The adapter is
+/// trained as it is (its weights fix its rank and targets; a DPO recipe continuing an SFT
+/// adapter that also adapts `lm_head` is the usual case), so each difference is said before
+/// the run rather than left for the user to find in the saved `adapter_config.json`.
+pub(super) fn adapter_warnings(recipe: &Recipe, setup: &Setup) -> Vec<String> {
+    let (Some(lora), Tuning::Lora(used)) = (&recipe.lora, &setup.tuning) else {
+        return Vec::new();
+    };
+    let Some(dir) = &lora.init_from else {
+        return Vec::new();
+    };
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    let layers = |l: &Option<Vec<usize>>| match l {
+        Some(layers) => {
+            let mut layers = layers.clone();
+            layers.sort_unstable();
+            layers.dedup();
+            format!("{layers:?}")
+        }
+        None => "all".to_string(),
+    };
+    let mut differ = Vec::new();
+    let mut key = |name: &str, adapter: String, recipe: String| {
+        if adapter != recipe {
+            differ.push(format!("{name} {adapter} (recipe: {recipe})"));
+        }
+    };
+    key("r", used.r.to_string(), lora.r.to_string());
+    key("alpha", used.lora_alpha.to_string(), lora.alpha.to_string());
+    key(
+        "dropout",
+        used.lora_dropout.to_string(),
+        lora.dropout.to_string(),
+    );
+    key(
+        "rslora",
+        used.use_rslora.to_string(),
+        lora.rslora.to_string(),
+    );
+    key(
+        "targets",
+        format!("{:?}", sorted(&used.target_modules)),
+        format!("{:?}", sorted(&lora.targets)),
+    );
+    key(
+        "layers_to_transform",
+        layers(&used.layers_to_transform),
+        layers(&lora.layers_to_transform),
+    );
+    if differ.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "lora.init_from {} is trained with its own settings, which differ from [lora]: {}",
+        dir.display(),
+        differ.join("; ")
+    )]
 }
 
 /// AdamW with the recipe's settings; norms and biases (every rank-1 parameter) in a group
