@@ -2983,6 +2983,30 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
             .out(&tmp.path().join("no-eval-set")),
         "train.eval_steps = 10 asks for evaluations, but there is no eval set",
     );
+    // A warmup as long as the run.
+    warned(
+        TinyRun::sft(&base)
+            .sets(&["train.max_steps=3", "train.warmup_steps=3"])
+            .out(&tmp.path().join("warmup")),
+        "train.warmup_steps = 3 is not below the run's 3 optimizer steps",
+    );
+    // Conversations longer than the model's context: a copy of the base that says 64.
+    let short = tmp.path().join("short-context");
+    std::fs::create_dir(&short).unwrap();
+    for entry in std::fs::read_dir(&base).unwrap().flatten() {
+        std::fs::copy(entry.path(), short.join(entry.file_name())).unwrap();
+    }
+    let config = short.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["max_position_embeddings"] = 64.into();
+    std::fs::write(&config, c.to_string()).unwrap();
+    warned(
+        TinyRun::sft(&short)
+            .sets(&["train.max_steps=1"])
+            .out(&tmp.path().join("long")),
+        "longer than the model's context of 64 tokens",
+    );
     // Two conversations and a 5 % hold-out: nothing held out, said before the run.
     let two = tmp.path().join("two.jsonl");
     let text = std::fs::read_to_string(root.join("data/examples/counseling-sft.jsonl")).unwrap();

@@ -51,6 +51,16 @@ pub enum Examples {
 }
 
 impl Examples {
+    /// Each example's length in tokens as the model reads it: a sequence, or a pair's
+    /// prompt with its longer side; a prompt alone for prompts (completions come later).
+    pub fn lengths(&self) -> Vec<usize> {
+        match self {
+            Examples::Sequences(s) => s.iter().map(Sequence::len).collect(),
+            Examples::Pairs(p) => p.iter().map(pair_len).collect(),
+            Examples::Prompts(p) => p.iter().map(|p| p.ids.len()).collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Examples::Sequences(s) => s.len(),

@@ -148,8 +148,30 @@ pub(super) fn prepare_data(
 
 /// Settings and data that are valid but would make the run learn nothing, said once
 /// before it starts.
-pub(super) fn warnings(recipe: &Recipe, objective: &dyn Objective, sets: &Sets) -> Vec<String> {
+///
+/// `context` is the base model's `max_position_embeddings`.
+pub(super) fn warnings(
+    recipe: &Recipe,
+    objective: &dyn Objective,
+    sets: &Sets,
+    context: usize,
+) -> Vec<String> {
     let mut out = Vec::new();
+    // Rotary positions go on past the context (as in transformers), but nothing was
+    // trained there: said, not refused, since a smaller `max_length` is the user's call.
+    let beyond = [&sets.train, &sets.eval]
+        .iter()
+        .flat_map(|set| set.lengths())
+        .filter(|&len| len > context)
+        .count();
+    if beyond > 0 {
+        out.push(format!(
+            "{beyond} examples are longer than the model's context of {context} tokens \
+             (max_position_embeddings in {}); their positions past it are ones the model \
+             never saw. Lower data.max_length to {context} to truncate them",
+            recipe.model.path.display()
+        ));
+    }
     if recipe.lora.as_ref().is_some_and(|l| l.alpha == 0.0) {
         out.push(
             "lora.alpha = 0 scales every adapter's output by 0: nothing will ever be updated"

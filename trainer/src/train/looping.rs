@@ -221,6 +221,22 @@ impl<'a> Loop<'a> {
         })
     }
 
+    /// Settings that are valid but cannot do what they say, given the run's length.
+    pub fn warnings(&self) -> Vec<String> {
+        let t = &self.p.recipe.train;
+        let mut out = Vec::new();
+        // Only an explicit count: a ratio below 1 reaches the whole run only in runs of a
+        // step or so, which smoke tests make on purpose.
+        if t.warmup_steps > 0 && t.warmup_steps >= self.total {
+            out.push(format!(
+                "train.warmup_steps = {} is not below the run's {} optimizer steps: the \
+                 learning rate never reaches train.learning_rate = {}",
+                t.warmup_steps, self.total, t.learning_rate
+            ));
+        }
+        out
+    }
+
     /// Every epoch's groups of micro-batches, each spanning every rank (`per_step` each in
     /// rank order) and used once per iteration; a resumed epoch starts where its
     /// checkpoint left it, whatever world size wrote it.

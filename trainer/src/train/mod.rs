@@ -74,7 +74,12 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let mut sets = data::prepare_data(recipe, objective.as_ref(), base_config.vocab_size)?;
     // Said once everything that can refuse the run has had its say (the objective's own
     // checks come in `prepare` and `Loop::new`), so a refused run prints only its error.
-    let mut warnings = data::warnings(recipe, objective.as_ref(), &sets);
+    let mut warnings = data::warnings(
+        recipe,
+        objective.as_ref(),
+        &sets,
+        base_config.max_position_embeddings,
+    );
     warnings.extend(setup::adapter_warnings(recipe, &setup));
     let inner = device.clone().inner();
     objective.prepare(Prepare {
@@ -107,6 +112,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         pad,
     };
     let training = looping::Loop::new(parts, state, optim, progress)?;
+    warnings.extend(training.warnings());
     // Only once the resume is known to go ahead: the lines past its checkpoint are redone.
     if let Some((step, _)) = &resume_from {
         run.truncate_metrics(*step)?;
