@@ -1852,6 +1852,31 @@ fn sigterm_and_sigint_checkpoint_then_exit_with_the_shell_codes() {
     }
 }
 
+/// Weights an update already overflowed (here a learning rate at f32's limit) cannot be
+/// waited out by skipping: the first bad step says so, naming the update.
+#[test]
+fn weights_broken_by_an_update_stop_the_run_at_the_next_bad_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let args = TinyRun::sft(&tmp.path().join("base"))
+        .sets(&[
+            "train.learning_rate=1e38",
+            "train.warmup_ratio=0",
+            "train.max_steps=20",
+            "train.max_bad_steps=10",
+        ])
+        .out(&run);
+    let out = hearth(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("step 2: the weights are NaN or infinite since step 1's update")
+            && stderr.contains("learning rate 1e38")
+            && stderr.lines().filter(|l| l.starts_with("error:")).count() == 1,
+        "{stderr}"
+    );
+}
+
 #[test]
 fn diverging_runs_skip_bad_steps_then_stop_naming_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();

@@ -320,6 +320,13 @@ impl Recipe {
                 t.learning_rate
             ));
         }
+        // The optimizer steps in f32: beyond its range every update is infinite.
+        if t.learning_rate > f64::from(f32::MAX) {
+            return bad(format!(
+                "train.learning_rate {:e} is beyond f32's range (the optimizer's)",
+                t.learning_rate
+            ));
+        }
         if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
             return bad(format!(
                 "train.max_grad_norm {} must be ≥ 0 (0 turns clipping off)",
@@ -564,6 +571,10 @@ mod tests {
             (
                 "train.adam_epsilon=0",
                 "train.adam_epsilon 0 must be positive",
+            ),
+            (
+                "train.learning_rate=1e300",
+                "train.learning_rate 1e300 is beyond f32's range",
             ),
             (
                 "train.weight_decay=nan",

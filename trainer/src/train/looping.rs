@@ -142,6 +142,8 @@ pub(super) struct Loop<'a> {
     /// The bar's message after the last step, which progress inside a step extends.
     message: RefCell<String>,
     bad_streak: usize,
+    /// The step and learning rate of the last update applied, named if it broke the weights.
+    last_update: Option<(usize, f64)>,
     /// A stop signal seen by any rank, acted on at the next checkpoint opportunity.
     pending_signal: Option<i32>,
     /// Epoch 0's micro-batches, cut once to size the run and reused when it starts there.
@@ -215,6 +217,7 @@ impl<'a> Loop<'a> {
             lines,
             message: RefCell::new(String::new()),
             bad_streak: 0,
+            last_update: None,
             pending_signal: None,
             first_epoch: Some(first_epoch),
             started: Instant::now(),
@@ -417,6 +420,20 @@ impl<'a> Loop<'a> {
                 "step": step, "epoch": self.epoch_f(), "skipped_step": true,
                 "skipped_steps": self.s.skipped_steps,
             }))?;
+            // Skipping waits out a bad batch; it cannot mend weights that an update already
+            // broke (a learning rate far too high), so that is said at once. Checked only
+            // on a bad step: a pass over every weight costs too much for every step.
+            if !super::step::all_finite(&self.model) {
+                let since = match self.last_update {
+                    Some((at, lr)) => format!(" since step {at}'s update (learning rate {lr:e})"),
+                    None => String::new(),
+                };
+                return Err(TrainerError::Diverged(format!(
+                    "step {step}: the weights are NaN or infinite{since}, so training stopped; \
+                     lower train.learning_rate; last good checkpoint: {}",
+                    self.last_checkpoint()
+                )));
+            }
             if self.bad_streak >= t.max_bad_steps.max(1) {
                 return Err(TrainerError::Diverged(format!(
                     "step {step}: the {what} was NaN or infinite for {} consecutive steps, so training stopped (those updates were skipped); last good checkpoint: {}",
@@ -426,6 +443,9 @@ impl<'a> Loop<'a> {
             }
         } else if step == 1 || self.s.first_loss.is_nan() {
             self.s.first_loss = st.loss;
+        }
+        if st.bad.is_none() {
+            self.last_update = Some((step, st.lr));
         }
         let finite = st.bad.is_none();
         if finite {
