@@ -238,7 +238,7 @@ fn layers_to_transform(raw: &serde_json::Value) -> std::result::Result<Option<Ve
             .and_then(|l| usize::try_from(l).ok())
             .ok_or_else(|| format!("{v} is not a layer index"))
     };
-    let mut listed = match raw.get("layers_to_transform") {
+    let listed = match raw.get("layers_to_transform") {
         None | Some(serde_json::Value::Null) => return Ok(None),
         Some(serde_json::Value::Array(items)) => items
             .iter()
@@ -246,9 +246,15 @@ fn layers_to_transform(raw: &serde_json::Value) -> std::result::Result<Option<Ve
             .collect::<std::result::Result<Vec<_>, _>>()?,
         Some(v) => vec![index(v).map_err(|e| format!("{e} or a list of them"))?],
     };
-    listed.sort_unstable();
-    listed.dedup();
-    Ok(Some(listed))
+    Ok(Some(distinct_layers(listed)))
+}
+
+/// Layers as [`LoraSettings::layers_to_transform`] holds them: ascending, each once, however
+/// a recipe or a PEFT config listed them.
+pub fn distinct_layers(mut layers: Vec<usize>) -> Vec<usize> {
+    layers.sort_unstable();
+    layers.dedup();
+    layers
 }
 
 /// Writes `dir/adapter_config.json` as PEFT writes it for `settings`.

@@ -72,11 +72,10 @@ pub fn setup(
                 lora_dropout: lora.dropout,
                 target_modules: lora.targets.clone(),
                 use_rslora: lora.rslora,
-                layers_to_transform: lora.layers_to_transform.clone().map(|mut layers| {
-                    layers.sort_unstable();
-                    layers.dedup();
-                    layers
-                }),
+                layers_to_transform: lora
+                    .layers_to_transform
+                    .clone()
+                    .map(checkpoints::peft::distinct_layers),
             };
             let initial = match &lora.init_from {
                 Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
@@ -135,12 +134,7 @@ pub(super) fn adapter_warnings(recipe: &Recipe, setup: &Setup) -> Vec<String> {
         v
     };
     let layers = |l: &Option<Vec<usize>>| match l {
-        Some(layers) => {
-            let mut layers = layers.clone();
-            layers.sort_unstable();
-            layers.dedup();
-            format!("{layers:?}")
-        }
+        Some(layers) => format!("{:?}", checkpoints::peft::distinct_layers(layers.clone())),
         None => "all".to_string(),
     };
     let mut differ = Vec::new();
