@@ -1324,6 +1324,37 @@ fn training_on_packed_rows_runs_and_learns_from_every_row() {
     );
 }
 
+/// Packed rows are the same every epoch, only shuffled, so epochs are equally long: four
+/// epochs of one row per step take four times the rows, and the epoch counter climbs to
+/// exactly 4. Rows repacked per epoch used to differ in number, and a shorter epoch made
+/// the counter underflow.
+#[test]
+fn packed_epochs_have_the_same_rows_and_count_epochs_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let args = TinyRun::sft(&tmp.path().join("base"))
+        .sets(&[
+            "data.packing=true",
+            "train.per_device_train_batch_size=1",
+            "train.max_steps=0",
+            "train.num_train_epochs=4",
+            "train.eval_steps=0",
+        ])
+        .out(&run);
+    ok(&args);
+    let lines: Vec<serde_json::Value> = loss_lines(&run)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() % 4, 0, "{} steps", lines.len());
+    let per_epoch = lines.len() / 4;
+    for (i, line) in lines.iter().enumerate() {
+        let epoch = line["epoch"].as_f64().unwrap();
+        let expected = (i + 1) as f64 / per_epoch as f64;
+        assert!((epoch - expected).abs() < 1e-9, "step {}: {epoch}", i + 1);
+    }
+}
+
 #[test]
 fn reward_model_scores_conversations_and_reports_preference_accuracy() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,6 +1,8 @@
 //! From tokenised sequences to rows the model reads: padding, packing, length-grouped
 //! batching, seeded shuffling and a prompt-grouped train/eval split.
 
+use std::collections::{BTreeMap, VecDeque};
+
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -82,27 +84,48 @@ impl Batch {
         batch
     }
 
-    /// Packs sequences into rows of exactly `width` tokens, first fit in the given order.
+    /// Packs sequences into rows of exactly `width` tokens, best fit decreasing as TRL's
+    /// `bfd` strategy packs: longest first, each into the row with the least room that still
+    /// holds it (the earliest such row on a tie), else a new row. The rows depend only on
+    /// the sequences' lengths, not their order, so every epoch has the same rows to shuffle.
     pub fn packed(seqs: &[&Sequence], width: usize, pad_id: u32) -> Result<Self, DataError> {
-        let mut rows: Vec<(usize, Vec<&Sequence>)> = Vec::new();
-        for (i, seq) in seqs.iter().enumerate() {
-            if seq.len() > width {
-                return Err(DataError::Conversation(format!(
-                    "sequence {i} has {} tokens, more than the packed row width {width}; truncate first",
-                    seq.len()
-                )));
-            }
-            match rows.iter_mut().find(|(used, _)| used + seq.len() <= width) {
-                Some((used, members)) => {
-                    *used += seq.len();
-                    members.push(seq);
+        if let Some((i, seq)) = seqs.iter().enumerate().find(|(_, s)| s.len() > width) {
+            return Err(DataError::Conversation(format!(
+                "sequence {i} has {} tokens, more than the packed row width {width}; truncate first",
+                seq.len()
+            )));
+        }
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+        let mut rows: Vec<Vec<usize>> = Vec::new();
+        // Rows by their room left, each room's rows in the order they came to have it.
+        let mut by_room: BTreeMap<usize, VecDeque<usize>> = BTreeMap::new();
+        for i in order {
+            let len = seqs[i].len();
+            let fit = by_room
+                .range_mut(len..)
+                .next()
+                .map(|(&room, rows)| (room, rows));
+            let (row, room) = match fit {
+                Some((room, waiting)) => {
+                    let row = waiting.pop_front().unwrap_or_default();
+                    if waiting.is_empty() {
+                        by_room.remove(&room);
+                    }
+                    (row, room)
                 }
-                None => rows.push((seq.len(), vec![seq])),
-            }
+                None => {
+                    rows.push(Vec::new());
+                    (rows.len() - 1, width)
+                }
+            };
+            rows[row].push(i);
+            by_room.entry(room - len).or_default().push_back(row);
         }
         let mut batch = Self::with_width(width);
-        for (_, members) in &rows {
-            batch.push_row(members, pad_id);
+        for members in &rows {
+            let members: Vec<&Sequence> = members.iter().map(|&i| seqs[i]).collect();
+            batch.push_row(&members, pad_id);
         }
         Ok(batch)
     }
@@ -184,27 +207,67 @@ mod tests {
     }
 
     #[test]
-    fn packing_fills_rows_first_fit_and_restarts_positions() {
+    fn packing_fills_rows_best_fit_decreasing_and_restarts_positions() {
         let seqs = [seq(3, 10), seq(4, 20), seq(2, 30), seq(1, 40)];
         let refs: Vec<&Sequence> = seqs.iter().collect();
         let batch = Batch::packed(&refs, 6, 0).unwrap();
         assert_eq!(batch.rows, 2);
-        // Row 0: 3 + 2 + 1 tokens; row 1: 4 tokens and padding.
-        assert_eq!(batch.ids[..6], [10, 11, 12, 30, 31, 40]);
-        assert_eq!(batch.segments[..6], [1, 1, 1, 2, 2, 3]);
-        assert_eq!(batch.positions[..6], [0, 1, 2, 0, 1, 0]);
-        assert_eq!(batch.positions[6..], [0, 1, 2, 3, 4, 5]);
-        assert_eq!(batch.ids[6..], [20, 21, 22, 23, 0, 0]);
-        assert_eq!(batch.segments[6..], [1, 1, 1, 1, 0, 0]);
+        // 4 opens row 0 (room 2); 3 does not fit there and opens row 1 (room 3); 2 goes
+        // where it fits tightest, row 0; 1 into row 1.
+        assert_eq!(batch.ids[..6], [20, 21, 22, 23, 30, 31]);
+        assert_eq!(batch.segments[..6], [1, 1, 1, 1, 2, 2]);
+        assert_eq!(batch.positions[..6], [0, 1, 2, 3, 0, 1]);
+        assert_eq!(batch.ids[6..], [10, 11, 12, 40, 0, 0]);
+        assert_eq!(batch.segments[6..], [1, 1, 1, 2, 0, 0]);
+        assert_eq!(batch.positions[6..], [0, 1, 2, 0, 4, 5]);
         let second = batch.select_rows(&[1]);
         assert_eq!(
             (second.rows, second.ids.clone()),
             (1, batch.ids[6..].to_vec())
         );
         assert_eq!(second.segments, batch.segments[6..]);
+        // The same rows whatever order the sequences come in.
+        let reversed: Vec<&Sequence> = seqs.iter().rev().collect();
+        let again = Batch::packed(&reversed, 6, 0).unwrap();
+        assert_eq!(again.rows, 2);
+        assert_eq!(again.ids, batch.ids);
         let long = seq(7, 0);
         let err = Batch::packed(&[&long], 6, 0).unwrap_err().to_string();
         assert!(err.contains("7 tokens") && err.contains("width 6"), "{err}");
+    }
+
+    /// Ties in room go to the row that had it first, as TRL's packer takes them.
+    #[test]
+    fn packing_breaks_ties_by_the_earliest_row_and_never_overfills() {
+        let lengths = [5, 5, 3, 3, 2, 2, 1, 9, 7, 4, 4, 6];
+        let seqs: Vec<Sequence> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| seq(n, 100 * i as u32))
+            .collect();
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let batch = Batch::packed(&refs, 10, 0).unwrap();
+        // 51 tokens in rows of 10: six rows at the least.
+        assert_eq!(batch.rows, 6);
+        let mut seen = Vec::new();
+        for r in 0..batch.rows {
+            let row = &batch.segments[r * 10..(r + 1) * 10];
+            let used = row.iter().filter(|&&s| s > 0).count();
+            assert!(used <= 10);
+            for (k, &id) in batch.ids[r * 10..r * 10 + used].iter().enumerate() {
+                if batch.positions[r * 10 + k] == 0 {
+                    seen.push(id / 100);
+                }
+            }
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..lengths.len() as u32).collect::<Vec<_>>());
+        // Longest first: 9, 7, 6 and 5 open rows 0-3, the second 5 fills row 3, a 4 fills
+        // row 2, the next 4 opens row 4, the 3s go to rows 1 and 4, a 2 to row 4, the last 2
+        // opens row 5, and the 1 takes row 0, which had room 1 before row 4 did.
+        let first: Vec<u32> = (0..batch.rows).map(|r| batch.ids[r * 10] / 100).collect();
+        assert_eq!(first, vec![7, 8, 11, 0, 10, 5]);
+        assert_eq!(batch.ids[9] / 100, 6, "row 0 ends with the 1");
     }
 
     #[test]

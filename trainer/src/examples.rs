@@ -102,11 +102,12 @@ pub fn epoch_batches(examples: &Examples, b: &Batching, epoch: usize) -> Result<
     let bs = b.batch_size;
     let seed = b.seed.wrapping_add(epoch as u64);
     match examples {
+        // The rows are packed the same way every epoch (as TRL packs the data set once) and
+        // shuffled per epoch, so every epoch has as many steps as the first.
         Examples::Sequences(seqs) if b.packing => {
-            let order = shuffled(seqs.len(), seed);
-            let refs: Vec<&Sequence> = order.iter().map(|&i| &seqs[i]).collect();
+            let refs: Vec<&Sequence> = seqs.iter().collect();
             let packed = Batch::packed(&refs, b.max_length, b.pad)?;
-            let rows: Vec<usize> = (0..packed.rows).collect();
+            let rows = shuffled(packed.rows, seed);
             Ok(rows
                 .chunks(bs)
                 .map(|r| Micro::Lm(packed.select_rows(r)))

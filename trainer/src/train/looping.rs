@@ -499,7 +499,9 @@ impl<'a> Loop<'a> {
     /// The fractional epoch of the current step, as TRL logs it.
     fn epoch_f(&self) -> f64 {
         let (step, epoch, per) = (self.s.global_step, self.s.epoch, self.steps_per_epoch);
-        epoch as f64 + (step - epoch * per) as f64 / per as f64
+        // Every epoch has `per` steps, but a run resumed from an older hearth's state may
+        // count otherwise: never below the epoch's own start.
+        epoch as f64 + step.saturating_sub(epoch * per) as f64 / per as f64
     }
 
     fn last_checkpoint(&self) -> String {
