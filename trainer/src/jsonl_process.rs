@@ -82,7 +82,25 @@ impl JsonLinesProcess {
 
     /// Writes `questions`, one line each, and reads one answer line per question; the
     /// timeout applies to each answer.
+    ///
+    /// A line waiting before the questions are written answers nothing asked: the program
+    /// wrote more than one line for some question (or a line unasked). Every answer since
+    /// then belongs to another question than the one it was read for, so that is an error,
+    /// found at the next question after the extra line arrives.
     pub fn ask(&mut self, questions: &[Value]) -> Result<Vec<String>> {
+        if let Ok(extra) = self.lines.try_recv() {
+            let what = match extra {
+                Ok(_) => "a line no question asked for",
+                Err(_) => "unreadable output no question asked for",
+            };
+            return Err(self.fail_at(
+                self.line + 1,
+                format!(
+                    "it wrote {what}, so its answers no longer line up with the questions; \
+                     write exactly one line per question to stdout (logs go to stderr)"
+                ),
+            ));
+        }
         let mut request = String::new();
         for q in questions {
             request.push_str(&q.to_string());

@@ -121,6 +121,22 @@ mod tests {
         let e = bad.score(&[s("x")]).unwrap_err().to_string();
         assert!(e.contains("answer line 1") && e.contains("not JSON"), "{e}");
 
+        // Two lines per question, or a line before the first: the answers read were
+        // shifted, and the next batch says so instead of scoring with them.
+        for script in [
+            "while read l; do echo 1; echo 2; done",
+            "echo 5; while read l; do echo 1; done",
+        ] {
+            let mut chatty = CommandReward::spawn("cmd".into(), sh(script), 10.0).unwrap();
+            chatty.score(&[s("x"), s("y")]).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let e = chatty.score(&[s("z")]).unwrap_err().to_string();
+            assert!(
+                e.contains("answer line 3") && e.contains("no question asked for"),
+                "{script}: {e}"
+            );
+        }
+
         let mut quits = CommandReward::spawn("cmd".into(), sh("read l; echo 1"), 10.0).unwrap();
         let e = quits.score(&[s("x"), s("y")]).unwrap_err().to_string();
         assert!(e.contains("exited before answering every question"), "{e}");
