@@ -1883,6 +1883,50 @@ fn sigterm_and_sigint_checkpoint_then_exit_with_the_shell_codes() {
     }
 }
 
+/// A run whose last steps were skipped, and whose final weights cannot even be evaluated,
+/// diverged: it fails without writing final/. A run in which no step updated anything
+/// (GRPO whose every reward overflows) fails too, instead of reporting "trained".
+#[test]
+fn runs_that_end_diverged_or_never_updated_write_no_final_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("late");
+    let args = TinyRun::sft(&base)
+        .sets(&[
+            "train.learning_rate=1e30",
+            "train.warmup_ratio=0",
+            "train.max_steps=3",
+        ])
+        .out(&run);
+    let out = hearth(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("last 2 steps were skipped") && stderr.contains("eval_loss is NaN"),
+        "{stderr}"
+    );
+    assert!(!run.join("final").exists());
+
+    let run = tmp.path().join("never");
+    let overflow = r#"grpo.rewards.1.command=["sh", "-c", "while read l; do echo 1e308; done"]"#;
+    let args = TinyRun::of("tiny-grpo.toml", "counseling-prompts.jsonl", &base)
+        .sets(&[
+            "train.max_steps=2",
+            "grpo.max_completion_length=4",
+            "grpo.rewards.1.kind=\"command\"",
+            overflow,
+        ])
+        .out(&run);
+    let out = hearth(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("none of the run's 2 steps updated the weights"),
+        "{stderr}"
+    );
+    assert!(!run.join("final").exists());
+}
+
 /// Weights an update already overflowed (here a learning rate at f32's limit) cannot be
 /// waited out by skipping: the first bad step says so, naming the update.
 #[test]

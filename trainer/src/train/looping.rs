@@ -604,9 +604,37 @@ impl<'a> Loop<'a> {
     fn finish(mut self) -> Result<Outcome> {
         self.bar.finish_and_clear();
         let step = self.s.global_step;
+        // Every step skipped: the weights are the initial ones, and a "trained" run with
+        // its final/ would say otherwise.
+        if self.s.history.is_empty() {
+            return Err(TrainerError::Diverged(format!(
+                "none of the run's {step} steps updated the weights: each had a NaN or \
+                 infinite loss or gradient (the skipped_step lines in metrics.jsonl), so no \
+                 final weights were written"
+            )));
+        }
         let last_eval = self.eval()?;
         if let Some((loss, _)) = &last_eval {
+            // Skipped last steps and an evaluation that cannot be computed: the weights
+            // themselves are broken (finite but huge after too large an update), not a batch.
+            if self.bad_streak > 0 && !loss.is_finite() {
+                return Err(TrainerError::Diverged(format!(
+                    "the run's last {} steps were skipped for a NaN or infinite loss, and the \
+                     final weights' eval_loss is {loss} too: they diverged, so they were not \
+                     written; lower train.learning_rate; last good checkpoint: {}",
+                    self.bad_streak,
+                    self.last_checkpoint()
+                )));
+            }
             self.s.eval_history.push((step, *loss));
+        }
+        if self.bad_streak > 0 && self.p.dp.is_main() {
+            eprintln!(
+                "warning: the last {} of the run's steps were skipped for a NaN or infinite \
+                 loss or gradient; the final weights are those after step {}",
+                self.bad_streak,
+                step - self.bad_streak
+            );
         }
         let done = TrainerState {
             next_micro: 0,
