@@ -257,6 +257,19 @@ pub fn distinct_layers(mut layers: Vec<usize>) -> Vec<usize> {
     layers
 }
 
+/// What `dir`'s adapter says it is for: PEFT's `task_type`, `SEQ_CLS` for a reward model's
+/// adapter and a language model's for anything else (or none).
+pub fn read_task(dir: &Path) -> Result<TaskType> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| adapter_error(&path, e.to_string()))?;
+    Ok(match raw.get("task_type").and_then(|t| t.as_str()) {
+        Some("SEQ_CLS") => TaskType::SeqCls,
+        _ => TaskType::CausalLm,
+    })
+}
+
 /// Writes `dir/adapter_config.json` as PEFT writes it for `settings`.
 pub fn write_config(
     dir: &Path,

@@ -264,6 +264,16 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
         });
         model.lm_head = None;
     }
+    // A reward model's adapter without its head would load as a language model, silently
+    // the wrong kind (PEFT refuses it too).
+    if model.score.is_none() && peft::read_task(dir)? == TaskType::SeqCls {
+        return Err(TrainerError::Input(format!(
+            "{}: task_type SEQ_CLS (a reward model's adapter), but {} holds no `{SCORE_KEY}`: \
+             the score head is missing",
+            dir.join(peft::CONFIG_FILE).display(),
+            weights_path.display()
+        )));
+    }
     files.ensure_all_taken(|_| false)?;
     Ok((unfreeze_score(with_path_ids(model)), settings))
 }

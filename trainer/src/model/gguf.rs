@@ -56,6 +56,14 @@ pub fn export_to_gguf(
     let (tokenizer_config, _) = data::template::tokenizer_config(base)?;
     let chat_template = shipped_template(base, &tokenizer_config);
     let (config, model) = load_tuned(base, adapter, &Device::flex())?;
+    // A reward adapter turns a causal base into a classifier, which the config alone hides.
+    if let (Some(adapter), Some(_)) = (adapter, &model.score) {
+        return Err(crate::TrainerError::Input(format!(
+            "{}: a reward model's adapter (a score head): a sequence-classification (reward) \
+             model has no GGUF form llama.cpp runs",
+            adapter.display()
+        )));
+    }
     super::checkpoint::check_tokenizer(base, config.vocab_size)?;
     let merged = merge_lora(model);
     let tensors = weights_f32(&merged);

@@ -81,6 +81,20 @@ pub fn setup(
                 Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
                 None => None,
             };
+            // A reward model's adapter brings its score head and drops the LM head: nothing
+            // a language-model method could train or save as one.
+            if let (Some(dir), Some((loaded, _))) = (&lora.init_from, &initial)
+                && !reward
+                && loaded.score.is_some()
+            {
+                return Err(TrainerError::Input(format!(
+                    "lora.init_from {}: a reward model's adapter (task_type SEQ_CLS, with a \
+                     score head), but train.method = \"{}\" trains a language model; start \
+                     from a language model's adapter",
+                    dir.display(),
+                    recipe.train.method
+                )));
+            }
             let reference = match (objective.needs_reference(), &initial) {
                 (true, Some((m, _))) => Some(m.clone().no_grad()),
                 (true, None) => Some(base.clone().no_grad()),
