@@ -331,11 +331,13 @@ pub struct InspectArgs {
     /// Rename a column before reading, FROM=TO (repeatable), e.g. question=prompt.
     #[arg(long = "column", value_name = "FROM=TO", value_parser = parse_rename)]
     pub columns: Vec<(String, String)>,
-    #[arg(long, default_value_t = 1024)]
-    pub max_length: usize,
-    /// keep_start, keep_end or drop.
-    #[arg(long, default_value = "keep_start")]
-    pub truncation: String,
+    /// Tokens per example [default: 1024, or a recipe's data.max_length]. With a recipe,
+    /// this and every flag above and below win over its [data].
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// keep_start, keep_end or drop [default: keep_start, or a recipe's data.truncation].
+    #[arg(long)]
+    pub truncation: Option<String>,
     /// Count bad rows instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_rows: bool,

@@ -179,22 +179,33 @@ fn init_model(a: InitModelArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
+    data::format::check_renames(&a.columns, "--column").map_err(anyhow::Error::msg)?;
+    let flags = trainer::inspect::Overrides {
+        format: a.format,
+        columns: a.columns,
+        max_length: a.max_length,
+        truncation: a.truncation,
+        skip_bad_rows: a.skip_bad_rows,
+        template: a.template,
+    };
     let source = if a.file.extension().is_some_and(|e| e == "toml") {
-        trainer::inspect::Source::Recipe(&a.file)
+        trainer::inspect::Source::Recipe(&a.file, flags)
     } else {
-        trainer::inspect::Source::Data(data::config::DataConfig {
+        let mut config = data::config::DataConfig {
             train: a.file.clone(),
             eval: None,
-            format: a.format,
-            columns: a.columns.into_iter().collect(),
-            skip_bad_rows: a.skip_bad_rows,
-            max_length: a.max_length,
-            truncation: a.truncation,
-            template: a.template,
+            format: None,
+            columns: Default::default(),
+            skip_bad_rows: false,
+            max_length: 1024,
+            truncation: "keep_start".into(),
+            template: None,
             eval_fraction: 0.0,
             seed: 0,
             packing: false,
-        })
+        };
+        flags.apply(&mut config);
+        trainer::inspect::Source::Data(config)
     };
     let report = trainer::inspect::inspect(source, a.tokenizer.as_deref(), a.show_example)?;
     emit(&report.to_string())

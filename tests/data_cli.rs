@@ -63,6 +63,40 @@ fn data_inspect_names_the_line_of_a_row_it_cannot_tokenise_or_skips_it() {
     );
 }
 
+/// With a recipe, `data inspect`'s flags win over its `[data]` (they were ignored, so the
+/// report described settings other than those asked for).
+#[test]
+fn data_inspect_flags_win_over_a_recipes_data_section() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[model]\npath = {:?}\n[data]\ntrain = {:?}\nmax_length = 4096\n",
+            s(&model),
+            s(&root.join("data/examples/counseling-sft.jsonl"))
+        ),
+    )
+    .unwrap();
+    let inspect = ["data", "inspect", s(&recipe)];
+    let report = succeeds(&inspect);
+    assert!(report.contains("max_length 4096 (KeepStart)"), "{report}");
+    let report = succeeds(
+        &[
+            &inspect[..],
+            &["--max-length", "16", "--truncation", "drop"],
+        ]
+        .concat(),
+    );
+    assert!(report.contains("max_length 16 (Drop)"), "{report}");
+    fails(
+        &[&inspect[..], &["--format", "alpaca"]].concat(),
+        &["counseling-sft.jsonl", "line 1"],
+    );
+}
+
 #[test]
 fn errors_name_the_kind_of_a_value_never_its_text() {
     let tmp = tempfile::tempdir().unwrap();

@@ -55,17 +55,19 @@ fn default_eval_fraction() -> f64 {
 impl DataConfig {
     /// The reader options this section asks for.
     pub fn load_options(&self) -> Result<LoadOptions, String> {
+        let columns: Vec<(String, String)> = self
+            .columns
+            .iter()
+            .map(|(f, t)| (f.clone(), t.clone()))
+            .collect();
+        crate::format::check_renames(&columns, "data.columns")?;
         Ok(LoadOptions {
             format: self
                 .format
                 .as_deref()
                 .map(str::parse::<Format>)
                 .transpose()?,
-            columns: self
-                .columns
-                .iter()
-                .map(|(f, t)| (f.clone(), t.clone()))
-                .collect(),
+            columns,
             skip_bad_rows: self.skip_bad_rows,
         })
     }

@@ -57,6 +57,12 @@ fn load_rows(
     options: &LoadOptions,
     rows: &mut dyn FnMut(OnRow<'_>, OnBad<'_>) -> Result<(), DataError>,
 ) -> Result<Loaded, DataError> {
+    crate::format::check_renames(&options.columns, "the column renames").map_err(|reason| {
+        DataError::Unsupported {
+            path: path.to_path_buf(),
+            reason,
+        }
+    })?;
     let mut format = options.format;
     let mut examples = Vec::new();
     let mut locations = Vec::new();
@@ -73,7 +79,20 @@ fn load_rows(
     let mut bad_rows: Vec<BadRow> = Vec::new();
     {
         let mut on_row = |mut row: crate::read::Row| -> Result<(), DataError> {
-            rename_columns(&mut row.fields, &options.columns);
+            if let Err(FieldError { column, reason }) =
+                rename_columns(&mut row.fields, &options.columns)
+            {
+                let bad = BadRow {
+                    location: row.location,
+                    column,
+                    reason,
+                };
+                if skip {
+                    bad_rows.push(bad);
+                    return Ok(());
+                }
+                return Err(bad.into_error(path));
+            }
             rename_unreadable(&mut row.unreadable, &options.columns);
             let f = match format {
                 Some(f) => f,

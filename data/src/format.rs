@@ -191,9 +191,49 @@ type Parsed<T> = Result<T, FieldError>;
 /// Roles a chat template may receive.
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
+/// Refuses a set of renames that cannot be applied as written: an empty name, a column
+/// renamed twice, or two columns renamed to one. `key` names where they came from.
+pub fn check_renames(mapping: &[(String, String)], key: &str) -> Result<(), String> {
+    for (i, (from, to)) in mapping.iter().enumerate() {
+        if from.is_empty() || to.is_empty() {
+            return Err(format!("{key} `{from}={to}`: both names must be non-empty"));
+        }
+        for (other_from, other_to) in &mapping[..i] {
+            if other_from == from {
+                return Err(format!(
+                    "{key} renames `{from}` twice (to `{other_to}` and to `{to}`)"
+                ));
+            }
+            if other_to == to {
+                return Err(format!(
+                    "{key} renames both `{other_from}` and `{from}` to `{to}`; only one can \
+                     take the name"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Renames columns (`from` → `to`) before anything reads them, all at once: swapping two
-/// columns (`a → b`, `b → a`) swaps them rather than losing one.
-pub fn rename_columns(fields: &mut Map<String, Value>, mapping: &[(String, String)]) {
+/// columns (`a → b`, `b → a`) swaps them rather than losing one. A rename onto a column the
+/// row has, and keeps, is an error naming that column: the row's own value would be lost.
+pub fn rename_columns(
+    fields: &mut Map<String, Value>,
+    mapping: &[(String, String)],
+) -> Result<(), FieldError> {
+    for (from, to) in mapping {
+        let kept = fields.contains_key(to) && !mapping.iter().any(|(f, _)| f == to);
+        if kept && from != to && fields.contains_key(from) {
+            return Err(FieldError {
+                column: Some(to.clone()),
+                reason: format!(
+                    "renaming `{from}` to `{to}` would replace the row's own `{to}`; rename \
+                     that column too (e.g. {to}=original_{to}) or drop it from the data"
+                ),
+            });
+        }
+    }
     let moved: Vec<(&String, Value)> = mapping
         .iter()
         .filter_map(|(from, to)| fields.remove(from).map(|v| (to, v)))
@@ -201,6 +241,7 @@ pub fn rename_columns(fields: &mut Map<String, Value>, mapping: &[(String, Strin
     for (to, v) in moved {
         fields.insert(to.clone(), v);
     }
+    Ok(())
 }
 
 /// Normalises one row of `format` into an example.

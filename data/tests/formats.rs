@@ -264,6 +264,55 @@ fn preference_explicit_implicit_and_psychocounsel() {
         (chosen[0].content.as_str(), rejected[0].content.as_str()),
         ("better", "worse")
     );
+
+    // A rename onto a column the row keeps would lose the row's own value: an error naming
+    // the line and that column. Moving the old column aside first makes it a plain rename.
+    let both = jsonl(
+        dir.path(),
+        "both.jsonl",
+        &[json!({"question": "q", "prompt": "p", "chosen": "a", "rejected": "b"})],
+    );
+    let renames = |list: &[(&str, &str)]| LoadOptions {
+        columns: list
+            .iter()
+            .map(|(f, t)| (f.to_string(), t.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let err = load_examples(&both, &renames(&[("question", "prompt")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("both.jsonl: line 1, column `prompt`")
+            && err.contains("would replace the row's own `prompt`"),
+        "{err}"
+    );
+    let moved = renames(&[("prompt", "original"), ("question", "prompt")]);
+    let loaded = load_examples(&both, &moved).unwrap();
+    let Example::Pair { prompt, extra, .. } = &loaded.examples[0] else {
+        panic!()
+    };
+    assert_eq!(
+        (prompt[0].content.as_str(), &extra["original"]),
+        ("q", &json!("p"))
+    );
+    // Renames that cannot all apply are refused before any row is read.
+    for (list, needle) in [
+        (
+            &[("question", "prompt"), ("chosen", "prompt")][..],
+            "renames both",
+        ),
+        (
+            &[("question", "a"), ("question", "b")][..],
+            "renames `question` twice",
+        ),
+        (&[("", "prompt")][..], "must be non-empty"),
+    ] {
+        let err = load_examples(&both, &renames(list))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{list:?}: {err}");
+    }
 }
 
 #[test]

@@ -10,10 +10,46 @@ use crate::{Result, TrainerError};
 
 /// What to inspect.
 pub enum Source<'a> {
-    /// A recipe: its `[data]`, tokenized with its `[model] path` unless a tokenizer is given.
-    Recipe(&'a Path),
+    /// A recipe: its `[data]` with the command line's flags over it, tokenized with its
+    /// `[model] path` unless a tokenizer is given.
+    Recipe(&'a Path, Overrides),
     /// A data file described on the command line.
     Data(DataConfig),
+}
+
+/// `data inspect`'s flags. Each one given wins over the recipe's `[data]`: a report for
+/// settings other than those asked for would be worse than none.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub format: Option<String>,
+    /// Replace the recipe's `data.columns` when any are given.
+    pub columns: Vec<(String, String)>,
+    pub max_length: Option<usize>,
+    pub truncation: Option<String>,
+    /// Only ever turns skipping on.
+    pub skip_bad_rows: bool,
+    pub template: Option<String>,
+}
+
+impl Overrides {
+    pub fn apply(self, d: &mut DataConfig) {
+        if self.format.is_some() {
+            d.format = self.format;
+        }
+        if !self.columns.is_empty() {
+            d.columns = self.columns.into_iter().collect();
+        }
+        if let Some(n) = self.max_length {
+            d.max_length = n;
+        }
+        if let Some(t) = self.truncation {
+            d.truncation = t;
+        }
+        d.skip_bad_rows |= self.skip_bad_rows;
+        if self.template.is_some() {
+            d.template = self.template;
+        }
+    }
 }
 
 /// The parts of a recipe `data inspect` reads: `[model] path` and `[data]`. Other sections
@@ -37,7 +73,7 @@ pub fn inspect(
     show_example: bool,
 ) -> Result<data::inspect::Report> {
     let (config, tokenizer_dir) = match source {
-        Source::Recipe(file) => {
+        Source::Recipe(file, flags) => {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| TrainerError::Input(format!("{}: {e}", file.display())))?;
             let recipe: InspectRecipe = toml::from_str(&text).map_err(|e| {
@@ -56,7 +92,9 @@ pub fn inspect(
                     )));
                 }
             };
-            (recipe.data, dir)
+            let mut data = recipe.data;
+            flags.apply(&mut data);
+            (data, dir)
         }
         Source::Data(config) => {
             let dir = tokenizer.ok_or_else(|| {
