@@ -212,6 +212,14 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn generate(a: GenerateTextArgs) -> Result<()> {
+    // clap's `requires = "input"` on --out does not hold beside --prompt or --chat.
+    if let (None, Some(out)) = (&a.input, &a.out) {
+        bail!(
+            "generate: --out {} is where --input's replies go; with --prompt or --chat the \
+             reply goes to standard output (redirect it)",
+            out.display()
+        );
+    }
     if a.samples > 1 && a.temperature == 0.0 {
         bail!(
             "generate: --samples {} with greedy decoding gives {0} identical replies; set \

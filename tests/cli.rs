@@ -3494,6 +3494,15 @@ fn generate_refuses_settings_that_give_nothing() {
             vec!["--input", s(&prompts), "--out", s(&out), "--samples", "3"],
             "--samples 3 with greedy decoding",
         ),
+        // --out only takes --input's replies: with a prompt it was silently not written.
+        (
+            vec!["--prompt", "hi", "--out", s(&out)],
+            "is where --input's replies go",
+        ),
+        (
+            vec!["--chat", "--out", s(&out)],
+            "is where --input's replies go",
+        ),
     ] {
         let args: Vec<&str> = base.iter().copied().chain(extra).collect();
         fails(&args, &[want]);

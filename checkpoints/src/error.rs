@@ -58,11 +58,12 @@ pub enum CheckpointError {
         tensor: String,
         shard: String,
     },
-    #[error("{path}: missing tensor `{tensor}` (expected shape {expected:?})")]
+    #[error("{path}: missing tensor `{tensor}`{}", expected.as_ref().map(|e| format!(" (expected shape {e:?})")).unwrap_or_default())]
     MissingTensor {
         path: PathBuf,
         tensor: String,
-        expected: Vec<usize>,
+        /// The shape the reader wanted, where it asked for one.
+        expected: Option<Vec<usize>>,
     },
     #[error("{path}: unexpected tensor `{tensor}` (shape {shape:?}) not used by this model")]
     UnexpectedTensor {

@@ -285,7 +285,7 @@ impl WeightFiles {
             return Err(CheckpointError::MissingTensor {
                 path: self.listing.clone(),
                 tensor: name.to_string(),
-                expected: Vec::new(),
+                expected: None,
             });
         };
         let shard = &self.shards[i];
@@ -295,7 +295,7 @@ impl WeightFiles {
             .ok_or_else(|| CheckpointError::MissingTensor {
                 path: shard.path.clone(),
                 tensor: name.to_string(),
-                expected: Vec::new(),
+                expected: None,
             })?;
         let (start, end) = info.data_offsets;
         self.taken.borrow_mut().insert(name.to_string());
@@ -315,7 +315,7 @@ impl WeightFiles {
             CheckpointError::MissingTensor { path, tensor, .. } => CheckpointError::MissingTensor {
                 path,
                 tensor,
-                expected: expected.to_vec(),
+                expected: Some(expected.to_vec()),
             },
             e => e,
         })?;
