@@ -175,7 +175,7 @@ pub struct EvalCounselingArgs {
     /// Prompts decoded together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Bootstrap resamplings for the win rate's interval.
+    /// Bootstrap resamplings for the win rate's interval (at least 100).
     #[arg(long, default_value_t = 2000)]
     pub bootstrap: usize,
     #[arg(long, default_value_t = 0)]

@@ -264,7 +264,18 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
     }
 }
 
+/// Fewer resamplings than this leave the interval's 2.5th and 97.5th percentiles to one or
+/// two draws, an interval in name only (one draw gave one that missed the estimate).
+const MIN_BOOTSTRAP: usize = 100;
+
 fn eval_counseling(a: Box<EvalCounselingArgs>) -> Result<()> {
+    if a.bootstrap < MIN_BOOTSTRAP {
+        bail!(
+            "eval counseling: --bootstrap {} is too few resamplings for a 95% interval; use at \
+             least {MIN_BOOTSTRAP} (the default is 2000)",
+            a.bootstrap
+        );
+    }
     let device = trainer::device::parse(&a.device)?;
     let report = trainer::counseling_eval::run(&trainer::counseling_eval::Options {
         model: &a.model,

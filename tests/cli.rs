@@ -3083,6 +3083,24 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
             .out(&tmp.path().join("no-eval-set")),
         "train.eval_steps = 10 asks for evaluations, but there is no eval set",
     );
+    // GRPO computes no eval loss: held-out prompts are simply lost to training.
+    warned(
+        TinyRun::of("tiny-grpo.toml", "counseling-prompts.jsonl", &base)
+            .sets(&[
+                "train.max_steps=1",
+                "grpo.max_completion_length=4",
+                "data.eval_fraction=0.5",
+            ])
+            .out(&tmp.path().join("grpo-eval")),
+        "evaluation prompts (data.eval, data.eval_fraction) are never used",
+    );
+    // Packing is for sequences; pairs are read whole.
+    warned(
+        TinyRun::of("tiny-dpo.toml", "counseling-preference.jsonl", &base)
+            .sets(&["train.max_steps=1", "data.packing=true"])
+            .out(&tmp.path().join("dpo-packed")),
+        "data.packing packs SFT sequences only",
+    );
     // A warmup as long as the run.
     warned(
         TinyRun::sft(&base)

@@ -180,14 +180,36 @@ pub(super) fn warnings(
     }
     out.extend(objective.warnings());
     let d = &recipe.data;
-    if d.eval.is_none() && d.eval_fraction > 0.0 && sets.eval.is_empty() {
+    let prompts = matches!(sets.train, Examples::Prompts(_));
+    if prompts && (d.eval.is_some() || !sets.eval.is_empty()) {
+        out.push(format!(
+            "train.method = \"{}\" learns from rewards and computes no eval loss: the {} \
+             evaluation prompts (data.eval, data.eval_fraction) are never used; set \
+             data.eval_fraction = 0 to train on them",
+            recipe.train.method,
+            sets.eval.len()
+        ));
+    }
+    if d.packing && !matches!(sets.train, Examples::Sequences(_)) {
+        out.push(format!(
+            "data.packing packs SFT sequences only; train.method = \"{}\" reads {} whole, \
+             unpacked",
+            recipe.train.method,
+            if prompts {
+                "prompts"
+            } else {
+                "preference pairs"
+            }
+        ));
+    }
+    if !prompts && d.eval.is_none() && d.eval_fraction > 0.0 && sets.eval.is_empty() {
         out.push(format!(
             "data.eval_fraction {} held out no rows (too few distinct prompts): the run will \
              not be evaluated",
             d.eval_fraction
         ));
     }
-    if recipe.train.eval_steps > 0 && d.eval.is_none() && d.eval_fraction == 0.0 {
+    if !prompts && recipe.train.eval_steps > 0 && d.eval.is_none() && d.eval_fraction == 0.0 {
         out.push(format!(
             "train.eval_steps = {} asks for evaluations, but there is no eval set (set \
              data.eval or data.eval_fraction): the run will not be evaluated",
