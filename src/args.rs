@@ -272,6 +272,13 @@ pub struct MergeArgs {
     /// `q8_0`) and dequantized again, rather than the base's own weights.
     #[arg(long, default_value = "none", value_parser = parse_quantize)]
     pub quantize: trainer::choices::Quantize,
+    /// A projection (`down_proj`) or weight prefix the run kept dense: its
+    /// `model.quantize_skip` (repeatable).
+    #[arg(long = "quantize-skip", value_name = "NAME")]
+    pub quantize_skip: Vec<String>,
+    /// The run quantized the embeddings and head too (`model.quantize_embeddings`).
+    #[arg(long)]
+    pub quantize_embeddings: bool,
 }
 
 fn parse_quantize(s: &str) -> Result<trainer::choices::Quantize, String> {

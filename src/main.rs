@@ -63,7 +63,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Inspect(a)) => inspect(a)?,
         Command::Generate(a) => generate(a)?,
         Command::Merge(a) => {
-            let quant = trainer::model::quantized::Quantization::new(a.quantize, &[]);
+            let plain = a.quantize == trainer::choices::Quantize::None;
+            if plain && (!a.quantize_skip.is_empty() || a.quantize_embeddings) {
+                bail!("merge: --quantize-skip and --quantize-embeddings describe --quantize");
+            }
+            let quant = trainer::model::quantized::Quantization::new(a.quantize, &a.quantize_skip)
+                .with_embeddings(a.quantize_embeddings);
             trainer::model::adapter::merge_to_dir(&a.base, &a.adapter, &a.out, &quant)?;
             eprintln!("wrote merged model to {}", a.out.display());
         }

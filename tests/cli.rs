@@ -1355,6 +1355,60 @@ fn packed_epochs_have_the_same_rows_and_count_epochs_exactly() {
     }
 }
 
+/// `merge --quantize` rebuilds the base as the QLoRA run held it, `quantize_skip` and all:
+/// the shipped tiny QLoRA recipe keeps `down_proj` dense (its rows are no whole NF4
+/// blocks), which merge could not be told, so it failed (or, with whole blocks, quantized
+/// weights the run had trained against dense).
+#[test]
+fn merge_quantizes_the_base_as_the_qlora_run_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("qlora");
+    ok(
+        &TinyRun::of("tiny-qlora.toml", "counseling-sft.jsonl", &base)
+            .sets(&["train.max_steps=1"])
+            .out(&run),
+    );
+    let adapter = run.join("final");
+    let merge = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["merge", "--base", s(&base), "--adapter", s(&adapter)]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        args.extend(["--out".to_string(), s(out).to_string()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    fails(
+        &merge(&tmp.path().join("whole"), &["--quantize", "nf4"]),
+        &["down_proj", "quantize_skip"],
+    );
+    let dense = tmp.path().join("dense");
+    ok(&merge(&dense, &[]));
+    let seen = tmp.path().join("seen");
+    ok(&merge(
+        &seen,
+        &["--quantize", "nf4", "--quantize-skip", "down_proj"],
+    ));
+    let weight = |dir: &Path, name: &str| read_f32(&dir.join("model.safetensors"), name).1;
+    let down = "model.layers.0.mlp.down_proj.weight";
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_eq!(
+        weight(&seen, down),
+        weight(&dense, down),
+        "down_proj stayed dense"
+    );
+    assert_ne!(
+        weight(&seen, q),
+        weight(&dense, q),
+        "q_proj went through NF4"
+    );
+    fails(
+        &merge(&tmp.path().join("bare"), &["--quantize-skip", "down_proj"]),
+        &["--quantize-skip", "describe --quantize"],
+    );
+}
+
 #[test]
 fn reward_model_scores_conversations_and_reports_preference_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
