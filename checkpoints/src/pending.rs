@@ -176,12 +176,26 @@ impl Drop for PendingFile {
 /// first, by name). A missing `target` is made by one rename; into an existing one (`.`,
 /// a link to a directory) the files move one by one, `config.json` last, since a rename
 /// over a directory would leave a shell inside it in a deleted one.
-pub fn write_dir<T, E: From<CheckpointError>>(
+///
+/// An error that names a file in the temporary directory names it under `target` instead:
+/// the temporary name means nothing to the user, and is gone by the time they read it.
+pub fn write_dir<T, E: From<CheckpointError> + std::fmt::Display>(
     target: &Path,
     fill: impl FnOnce(&Path) -> std::result::Result<T, E>,
 ) -> std::result::Result<T, E> {
     let pending = PendingDir::create(target)?;
-    let value = fill(&pending.tmp)?;
+    let value = match fill(&pending.tmp) {
+        Ok(value) => value,
+        Err(e) => {
+            let tmp = pending.tmp.display().to_string();
+            let said = e.to_string();
+            if !said.contains(&tmp) {
+                return Err(e);
+            }
+            let reason = said.replace(&tmp, &target.display().to_string());
+            return Err(CheckpointError::Invalid { reason }.into());
+        }
+    };
     pending.commit()?;
     Ok(value)
 }
@@ -378,6 +392,19 @@ mod tests {
         assert_eq!(e.to_string(), "stopped");
         assert!(names(&root.path().join("deep")).is_empty());
         assert_eq!(registered(root.path()), 0);
+        // A failure naming a file being written names it as the target's.
+        let e = write_dir(&out, |tmp| {
+            Err::<(), _>(CheckpointError::NonFinite {
+                path: tmp.join("model.safetensors"),
+                tensor: "w".into(),
+            })
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!("{}: refusing", out.join("model.safetensors").display())),
+            "{e}"
+        );
 
         // Success: every file under the real name, in a new directory or an empty one.
         let n = write_dir(&out, |tmp| {
