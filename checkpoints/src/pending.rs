@@ -402,7 +402,10 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            e.starts_with(&format!("{}: refusing", out.join("model.safetensors").display())),
+            e.starts_with(&format!(
+                "{}: refusing",
+                out.join("model.safetensors").display()
+            )),
             "{e}"
         );
 

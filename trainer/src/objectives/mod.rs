@@ -167,9 +167,31 @@ pub(crate) fn target_logprobs(
     rows: Tensor<1, Int>,
     targets: Tensor<1, Int>,
 ) -> TargetLogprobs {
+    tempered_target_logprobs(model, ids, positions, segments, rows, targets, 1.0)
+}
+
+/// [`target_logprobs`] of the distribution sampled at `temperature`: `log_softmax(z / T)`,
+/// as TRL's GRPO scores its completions (policy, old and reference alike). The head is
+/// linear in the hidden state (no bias; LoRA's path too), so dividing the rows the head
+/// reads divides every logit, and `rows` and `head` describe the tempered distribution
+/// for entropy as well. `temperature` 0 (greedy sampling) or 1 leaves the logits as they are.
+pub(crate) fn tempered_target_logprobs(
+    model: &crate::model::Llama,
+    ids: Tensor<2, Int>,
+    positions: Tensor<2, Int>,
+    segments: Tensor<2, Int>,
+    rows: Tensor<1, Int>,
+    targets: Tensor<1, Int>,
+    temperature: f64,
+) -> TargetLogprobs {
     let hidden = model.hidden_packed(ids, positions, segments);
     let [b, t, h] = hidden.dims();
     let rows = hidden.reshape([b * t, h]).select(0, rows);
+    let rows = if temperature > 0.0 && temperature != 1.0 {
+        rows.div_scalar(temperature)
+    } else {
+        rows
+    };
     let head = model.head(&rows);
     let (logprobs, hits) =
         kernels::token_logprobs(rows.clone(), &head, targets, sft::LOGPROB_CHUNK);
@@ -186,13 +208,23 @@ pub(crate) fn lm_logprobs(
     model: &crate::model::Llama,
     batch: &crate::batch::LmBatch,
 ) -> TargetLogprobs {
-    target_logprobs(
+    lm_logprobs_tempered(model, batch, 1.0)
+}
+
+/// [`tempered_target_logprobs`] at an [`LmBatch`](crate::batch::LmBatch)'s loss positions.
+pub(crate) fn lm_logprobs_tempered(
+    model: &crate::model::Llama,
+    batch: &crate::batch::LmBatch,
+    temperature: f64,
+) -> TargetLogprobs {
+    tempered_target_logprobs(
         model,
         batch.ids.clone(),
         batch.positions.clone(),
         batch.segments.clone(),
         batch.loss_rows.clone(),
         batch.targets.clone(),
+        temperature,
     )
 }
 
@@ -240,6 +272,48 @@ pub(crate) mod test_util {
 mod tests {
     use super::test_util::*;
     use super::*;
+
+    /// `log_softmax(z / T)[target]` from the model's full logits, for every loss position.
+    #[test]
+    fn tempered_logprobs_are_the_log_softmax_of_logits_over_the_temperature() {
+        use crate::model::{NewModel, init_model, load_model};
+        use burn::tensor::Device;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        init_model(&dir, &NewModel::default(), Default::default()).unwrap();
+        let device = Device::flex();
+        let (config, model) = load_model(&dir, &device).unwrap();
+        let seq = data::tokenize::Sequence {
+            ids: vec![5, 9, 17, 3, 44, 8, 120],
+            loss_mask: vec![0, 0, 1, 1, 1, 1, 1],
+        };
+        let batch = crate::batch::LmBatch::new(&data::batch::Batch::padded(&[&seq], 0), &device);
+        let logits: Vec<f32> = model
+            .logits(model.hidden_packed(
+                batch.ids.clone(),
+                batch.positions.clone(),
+                batch.segments.clone(),
+            ))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
+        let ints = |t: Tensor<1, Int>| t.into_data().try_into_vec_as::<i64>().unwrap();
+        let (rows, targets) = (ints(batch.loss_rows.clone()), ints(batch.targets.clone()));
+        let v = config.vocab_size;
+        for temperature in [1.0, 0.7, 2.5, 0.0] {
+            let got = values(lm_logprobs_tempered(&model, &batch, temperature).logprobs);
+            let scale = if temperature > 0.0 { temperature } else { 1.0 };
+            for ((&row, &target), got) in rows.iter().zip(&targets).zip(&got) {
+                let z: Vec<f64> = logits[row as usize * v..(row as usize + 1) * v]
+                    .iter()
+                    .map(|&x| x as f64 / scale)
+                    .collect();
+                let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+                close(*got, z[target as usize] - lse, 1e-5);
+            }
+        }
+    }
 
     #[test]
     fn log_sigmoid_is_finite_at_the_extremes() {

@@ -28,7 +28,7 @@ use crate::model::Llama;
 use crate::objectives::objective::MicroOutput;
 use crate::objectives::reference::Reference;
 use crate::objectives::sft::LOGPROB_CHUNK;
-use crate::objectives::{Metrics, TargetLogprobs, lm_logprobs, values};
+use crate::objectives::{Metrics, TargetLogprobs, lm_logprobs_tempered, values};
 use crate::rewards::{Rewards, Sample};
 
 /// One step's samples: G completions of each prompt, in prompt order, with everything
@@ -153,11 +153,12 @@ fn logps_of(
     chunk: usize,
     pad: u32,
     device: &Device,
+    temperature: f64,
 ) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(seqs.len());
     for c in seqs.chunks(chunk.max(1)) {
         let (batch, lens) = sequence_batch(c, pad, device);
-        let lp = lm_logprobs(model, &batch).logprobs;
+        let lp = lm_logprobs_tempered(model, &batch, temperature).logprobs;
         out.extend(split(&values(lp), &lens));
     }
     out
@@ -278,10 +279,19 @@ impl Sampler {
         r.advantages = all_adv[first..first + r.rewards.len()].to_vec();
 
         let seqs: Vec<Sequence> = (0..r.len()).map(|i| r.sequence(i, prompts)).collect();
+        // Scored as sampled: at the sampling temperature, as TRL does.
+        let temperature = self.settings.sampling.temperature;
         r.old_logps = (self.settings.num_iterations > 1)
-            .then(|| logps_of(policy, &seqs, micro_batch, pad, device));
+            .then(|| logps_of(policy, &seqs, micro_batch, pad, device, temperature));
         r.ref_logps = match (reference, self.settings.surrogate.beta > 0.0) {
-            (Some(rf), true) => Some(logps_of(&rf.model, &seqs, micro_batch, pad, &rf.device)),
+            (Some(rf), true) => Some(logps_of(
+                &rf.model,
+                &seqs,
+                micro_batch,
+                pad,
+                &rf.device,
+                temperature,
+            )),
             _ => None,
         };
 
@@ -353,7 +363,7 @@ impl Sampler {
                 rows,
                 head,
                 ..
-            } = lm_logprobs(model, &batch);
+            } = lm_logprobs_tempered(model, &batch, s.sampling.temperature);
             let old = match &r.old_logps {
                 Some(o) => flat(&|k, t| o[chunk[k]][t]),
                 None => logp.clone().detach(),
