@@ -9,6 +9,8 @@ pub mod command;
 pub mod model;
 pub mod rules;
 
+use std::path::Path;
+
 use burn::tensor::Device;
 use data::Message;
 use serde::{Deserialize, Serialize};
@@ -71,6 +73,96 @@ fn one() -> f64 {
     1.0
 }
 
+/// Seconds a command reward may take over each batch's answers, unless `timeout_s` says.
+const DEFAULT_TIMEOUT_S: f64 = 120.0;
+
+/// Refuses `[[grpo.rewards]]` tables that cannot mean what they say, before anything is
+/// loaded or started (so at the recipe's check, with its file named): an unknown kind, a
+/// key the kind does not read, a bad window or timeout, a weight that is not a number, or
+/// two rewards logging under one `rewards/NAME/…` name.
+pub fn check_specs(specs: &[RewardSpec]) -> std::result::Result<(), String> {
+    if specs.is_empty() {
+        return Err("grpo.rewards: GRPO needs at least one [[grpo.rewards]] entry".into());
+    }
+    let mut names: Vec<String> = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let bad = |msg: String| format!("grpo.rewards[{i}] ({}): {msg}", spec.kind);
+        // The keys each kind reads beside kind, name and weight.
+        let reads: &[&str] = match spec.kind.as_str() {
+            "length" => &["min_words", "max_words"],
+            "format" | "reflection" | "repetition" | "crisis_safety" => &[],
+            "reward_model" => &["model", "adapter"],
+            "command" => &["command", "timeout_s"],
+            other => {
+                return Err(bad(format!(
+                    "unknown kind `{other}`; one of length, format, reflection, repetition, \
+                     crisis_safety, reward_model, command"
+                )));
+            }
+        };
+        let given = [
+            ("min_words", spec.min_words.is_some()),
+            ("max_words", spec.max_words.is_some()),
+            ("model", spec.model.is_some()),
+            ("adapter", spec.adapter.is_some()),
+            ("command", spec.command.is_some()),
+            ("timeout_s", spec.timeout_s.is_some()),
+        ];
+        if let Some((key, _)) = given.iter().find(|(k, set)| *set && !reads.contains(k)) {
+            return Err(bad(format!(
+                "`{key}` does not apply to kind {}; it reads {}",
+                spec.kind,
+                if reads.is_empty() {
+                    "no other key".to_string()
+                } else {
+                    reads.join(" and ")
+                }
+            )));
+        }
+        if !spec.weight.is_finite() {
+            return Err(bad("weight must be a finite number".into()));
+        }
+        match spec.kind.as_str() {
+            "length" => {
+                let (lo, hi) = (spec.min_words.unwrap_or(0), spec.max_words.unwrap_or(0));
+                if hi == 0 || lo > hi {
+                    return Err(bad(format!(
+                        "needs 0 ≤ min_words ≤ max_words with max_words > 0 (got {lo}..{hi})"
+                    )));
+                }
+            }
+            "reward_model" if spec.model.is_none() => {
+                return Err(bad("needs `model`, a reward model directory".into()));
+            }
+            "command" => {
+                if spec.command.as_ref().is_none_or(Vec::is_empty) {
+                    return Err(bad(
+                        "needs `command`, e.g. [\"python3\", \"score.py\"]".into()
+                    ));
+                }
+                let timeout_s = spec.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
+                if !(timeout_s > 0.0 && timeout_s <= crate::recipe::MAX_SECONDS) {
+                    return Err(bad(format!(
+                        "timeout_s {} must be a positive number of seconds (at most {:e})",
+                        crate::recipe::shown(timeout_s),
+                        crate::recipe::MAX_SECONDS
+                    )));
+                }
+            }
+            _ => {}
+        }
+        let name = spec.name.clone().unwrap_or_else(|| spec.kind.clone());
+        if let Some(j) = names.iter().position(|n| *n == name) {
+            return Err(bad(format!(
+                "logs as `rewards/{name}/…`, as grpo.rewards[{j}] does, so one would hide the \
+                 other; give one a `name`"
+            )));
+        }
+        names.push(name);
+    }
+    Ok(())
+}
+
 /// A reward with its weight.
 pub struct Weighted {
     pub reward: Box<dyn Reward>,
@@ -90,11 +182,7 @@ pub struct Rewards(pub Vec<Weighted>);
 
 impl Rewards {
     pub fn from_specs(specs: &[RewardSpec], cx: &RewardContext<'_>) -> Result<Self> {
-        if specs.is_empty() {
-            return Err(TrainerError::Input(
-                "grpo.rewards: GRPO needs at least one [[grpo.rewards]] entry".into(),
-            ));
-        }
+        check_specs(specs).map_err(TrainerError::Input)?;
         let mut out = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
             let bad = |msg: String| {
@@ -102,59 +190,31 @@ impl Rewards {
             };
             let name = spec.name.clone().unwrap_or_else(|| spec.kind.clone());
             let reward: Box<dyn Reward> = match spec.kind.as_str() {
-                "length" => {
-                    let (lo, hi) = (spec.min_words.unwrap_or(0), spec.max_words.unwrap_or(0));
-                    if hi == 0 || lo > hi {
-                        return Err(bad(format!(
-                            "needs 0 ≤ min_words ≤ max_words with max_words > 0 (got {lo}..{hi})"
-                        )));
-                    }
-                    Box::new(rules::LengthWindow::new(name, lo, hi))
-                }
+                "length" => Box::new(rules::LengthWindow::new(
+                    name,
+                    spec.min_words.unwrap_or(0),
+                    spec.max_words.unwrap_or(0),
+                )),
                 "format" => Box::new(rules::Format::new(name, cx.tokenizer)),
                 "reflection" => Box::new(rules::Reflection::new(name)),
                 "repetition" => Box::new(rules::Repetition::new(name)),
                 "crisis_safety" => Box::new(rules::CrisisSafety::new(name)),
                 "reward_model" => {
-                    let dir = spec
-                        .model
-                        .as_deref()
-                        .ok_or_else(|| bad("needs `model`, a reward model directory".into()))?;
+                    let dir = spec.model.as_deref().unwrap_or(Path::new(""));
                     Box::new(
                         model::RewardModel::load(name, dir, spec.adapter.as_deref(), cx.device)
                             .map_err(|e| bad(e.to_string()))?,
                     )
                 }
-                "command" => {
-                    let argv = spec
-                        .command
-                        .clone()
-                        .filter(|c| !c.is_empty())
-                        .ok_or_else(|| {
-                            bad("needs `command`, e.g. [\"python3\", \"score.py\"]".into())
-                        })?;
-                    let timeout_s = spec.timeout_s.unwrap_or(120.0);
-                    if !(timeout_s > 0.0 && timeout_s <= crate::recipe::MAX_SECONDS) {
-                        return Err(bad(format!(
-                            "timeout_s {} must be a positive number of seconds (at most {:e})",
-                            crate::recipe::shown(timeout_s),
-                            crate::recipe::MAX_SECONDS
-                        )));
-                    }
+                _ => {
+                    let argv = spec.command.clone().unwrap_or_default();
+                    let timeout_s = spec.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
                     Box::new(
                         command::CommandReward::spawn(name, argv, timeout_s)
                             .map_err(|e| bad(e.to_string()))?,
                     )
                 }
-                other => {
-                    return Err(bad(format!(
-                        "unknown kind `{other}`; one of length, format, reflection, repetition, crisis_safety, reward_model, command"
-                    )));
-                }
             };
-            if !spec.weight.is_finite() {
-                return Err(bad("weight must be a finite number".into()));
-            }
             out.push(Weighted {
                 reward,
                 weight: spec.weight,

@@ -153,9 +153,7 @@ impl GrpoSettings {
                 g.temperature, g.top_p
             ));
         }
-        if g.rewards.is_empty() {
-            return Err("grpo needs at least one [[grpo.rewards]] table".into());
-        }
+        crate::rewards::check_specs(&g.rewards)?;
         let session = match g.rollout.as_str() {
             "single" => {
                 if g.client.is_some() {
