@@ -155,9 +155,8 @@ impl<'a> Whole<'a> {
     }
 }
 
-/// The mask of a template with `{% generation %}` tags: exactly the tokens that the tagged
-/// spans touch, from the token holding a span's first byte through the one holding its last,
-/// as transformers' `return_assistant_tokens_mask` takes it. With `train_from`, spans that
+/// The mask of a template with `{% generation %}` tags: exactly the tokens whose byte ranges
+/// overlap a tagged span, as transformers' `return_assistant_tokens_mask` takes it. With `train_from`, spans that
 /// begin inside the render of the messages before it are context, not targets.
 fn render_generation_spans(
     template: &ChatTemplate,
@@ -184,14 +183,24 @@ fn render_generation_spans(
         .map_err(|e| DataError::Conversation(format!("tokenising: {e}")))?;
     let input_ids = encoding.get_ids().to_vec();
     let offsets = encoding.get_offsets();
-    // The token whose byte range holds `at`: the first that ends past it.
-    let token_at = |at: usize| offsets.iter().position(|&(s, e)| s <= at && at < e);
+    // transformers' sweep: a token is masked when its byte range reaches into the span it
+    // has not yet passed (`end > span.start`), so every token of a character split across
+    // tokens counts, and so does one whose offsets a tokenizer trimmed of a leading space.
+    let spans: Vec<_> = rendered
+        .spans
+        .iter()
+        .filter(|s| s.start >= context)
+        .collect();
     let mut assistant_mask = vec![0u8; input_ids.len()];
-    for span in rendered.spans.iter().filter(|s| s.start >= context) {
-        let (Some(first), Some(last)) = (token_at(span.start), token_at(span.end - 1)) else {
-            continue;
+    let mut next = 0;
+    for (m, &(start, end)) in assistant_mask.iter_mut().zip(offsets) {
+        while next < spans.len() && start >= spans[next].end {
+            next += 1;
+        }
+        let Some(span) = spans.get(next) else {
+            break;
         };
-        for m in &mut assistant_mask[first..=last] {
+        if end > span.start {
             *m = 1;
         }
     }
@@ -328,6 +337,36 @@ mod tests {
         assert!(err.to_string().contains("no assistant tokens"), "{err}");
     }
 
+    /// A character split over several tokens (an emoji in a byte-level vocabulary) and a
+    /// token whose offsets the tokenizer trimmed of its leading space both stay inside the
+    /// span they overlap, as transformers masks them. The first token of a split character
+    /// alone used to be masked, and a reply starting with a space was dropped whole.
+    #[test]
+    fn generation_spans_mask_every_token_they_overlap() {
+        let source = "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}";
+        let tpl = ChatTemplate::new(source, SpecialTokens::default(), "tagged").unwrap();
+        let messages = vec![
+            Message::new("user", "a"),
+            Message::new("assistant", " Tell me more"),
+            Message::new("user", "b"),
+            Message::new("assistant", "I hear you 😊"),
+        ];
+        let byte_level = || ByteLevel::default().add_prefix_space(false);
+        let trimmed = variant(
+            byte_level().into(),
+            Some(byte_level().trim_offsets(true).into()),
+            &LLAMA3_SPECIAL_TOKENS,
+            "",
+        );
+        for tok in [tokenizer(), trimmed] {
+            let r = render_with_mask(&tpl, &tok, &messages).unwrap();
+            assert_eq!(
+                masked_runs(&tok, &r),
+                vec![" Tell me more", "I hear you 😊"]
+            );
+        }
+    }
+
     #[test]
     fn conversations_without_assistant_tokens_are_refused() {
         let tok = tokenizer();
@@ -398,13 +437,18 @@ mod tests {
         })
     }
 
-    /// A BPE trained on the bundled corpus plus `extra`, with the given pipeline pieces.
+    /// A BPE trained on the bundled corpus plus `extra`, with the given pipeline pieces and,
+    /// for a byte-level one, its decoder.
     fn variant(
         pre: PreTokenizerWrapper,
         post: Option<PostProcessorWrapper>,
         specials: &[&str],
         extra: &str,
     ) -> Tokenizer {
+        let decoder: Option<DecoderWrapper> = match &pre {
+            PreTokenizerWrapper::ByteLevel(b) => Some((*b).into()),
+            _ => None,
+        };
         let mut alphabet: std::collections::HashSet<char> =
             ByteLevel::alphabet().into_iter().collect();
         alphabet.extend(extra.chars().chain(BUNDLED_CORPUS.chars()).chain(['▁']));
@@ -432,7 +476,7 @@ mod tests {
         .with_normalizer(None)
         .with_pre_tokenizer(Some(pre))
         .with_post_processor(post)
-        .with_decoder(None)
+        .with_decoder(decoder)
         .build()
         .unwrap();
         let lines = [BUNDLED_CORPUS, extra].into_iter().flat_map(|t| t.lines());
