@@ -2876,7 +2876,7 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
             s(&recipes.join(recipe))
         )
     };
-    for bad in ["..", ".", "", "a/b", "report.md", "report.html"] {
+    for bad in ["..", ".", "", "a/b", "report.md", "report.html", "out"] {
         let p = write("p.toml", stage(bad, "tiny-sft.toml"));
         let out = tmp.path().join("out");
         fails(

@@ -100,7 +100,10 @@ pub fn load(path: &Path) -> Result<Pipeline> {
         // run in the pipeline's own directory or its parent.
         let path_like = s.name == "." || s.name == "..";
         // The pipeline's own files sit beside the stages' directories.
-        let reserved = s.name == REPORT_FILE || s.name == crate::report::REPORT_PAGE;
+        // `{out}` is the pipeline's directory: a stage named `out` would take the name over
+        // for every later stage.
+        let reserved =
+            s.name == REPORT_FILE || s.name == crate::report::REPORT_PAGE || s.name == "out";
         if s.name.is_empty()
             || path_like
             || reserved
@@ -108,8 +111,8 @@ pub fn load(path: &Path) -> Result<Pipeline> {
             || seen.contains(&s.name)
         {
             return Err(TrainerError::Input(format!(
-                "{}: stage name `{}` must be unique, non-empty, not `.`, `..`, `{REPORT_FILE}` \
-                 or `{}`, and without / \\ {{ }}",
+                "{}: stage name `{}` must be unique, non-empty, not `.`, `..`, `out` (the \
+                 pipeline's `{{out}}`), `{REPORT_FILE}` or `{}`, and without / \\ {{ }}",
                 path.display(),
                 s.name,
                 crate::report::REPORT_PAGE

@@ -273,6 +273,16 @@ impl Objective for Grpo {
     }
 
     fn prepare(&mut self, cx: Prepare) -> Result<()> {
+        // As `hearth generate` refuses more new tokens than the model has positions.
+        let context = cx.config.max_position_embeddings;
+        if self.settings.sampling.max_new_tokens > context {
+            return Err(TrainerError::Input(format!(
+                "grpo.max_completion_length {} is more than the model's context \
+                 (max_position_embeddings {context} in {})",
+                self.settings.sampling.max_new_tokens,
+                cx.base.display()
+            )));
+        }
         let tokenizer = crate::model::load_tokenizer(cx.base, cx.config.vocab_size)?;
         let stop = crate::generate::stop_tokens(cx.base, cx.config, &tokenizer);
         let rewards = Rewards::from_specs(

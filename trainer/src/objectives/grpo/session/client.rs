@@ -90,6 +90,8 @@ impl Client {
             }
             None => (base, template),
         };
+        // The client speaks: a reward model (a score head, no language-model head) cannot.
+        crate::model::refuse_reward_model(dir, section.adapter.as_deref()).map_err(bad)?;
         let shared = shares_base && section.path.is_none() && section.adapter.is_none();
         let (config, weights) = if shared {
             (base_config.clone(), ClientWeights::PolicyBase)

@@ -133,6 +133,19 @@ impl SessionSettings {
                 }
             }
             "command" => {
+                // What only a model client reads would be ignored without a word.
+                let model_only = [
+                    ("path", client.path.is_some()),
+                    ("adapter", client.adapter.is_some()),
+                    ("persona_template", client.persona_template.is_some()),
+                    ("end_text", client.end_text.is_some()),
+                ];
+                if let Some((key, _)) = model_only.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "grpo.client.{key} is for kind = \"model\"; a command client is the \
+                         program itself, and ends a session by answering {{\"end\": true}}"
+                    ));
+                }
                 if client.command.as_ref().is_none_or(Vec::is_empty) {
                     return Err(
                         "grpo.client kind = \"command\" needs `command`, e.g. [\"python3\", \"client.py\"]"

@@ -113,6 +113,21 @@ pub fn play(
     let mut streams = Streams::new(policy, n, device);
     let budget = settings.max_session_tokens;
     let max_new = counselor.sampling.max_new_tokens;
+    // Later turns are held to the budget before they start; the first must fit too, or the
+    // session would run past it (or, ended at once, hold nothing to learn from).
+    for (r, o) in open.iter().enumerate() {
+        if o.ids.len() + max_new > budget {
+            return Err(TrainerError::Input(format!(
+                "training prompt {}: its opening takes {} tokens, and with \
+                 grpo.max_completion_length = {max_new} the first counselor turn could reach {}, \
+                 past grpo.max_session_tokens = {budget}; raise max_session_tokens or shorten the \
+                 opening",
+                opening_of[r] + 1,
+                o.ids.len(),
+                o.ids.len() + max_new
+            )));
+        }
+    }
     for turn in 0..settings.max_turns {
         progress(open.iter().filter(|o| o.end.is_some()).count(), n);
         streams.feed(&chunks)?;
