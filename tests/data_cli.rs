@@ -97,6 +97,29 @@ fn data_inspect_flags_win_over_a_recipes_data_section() {
     );
 }
 
+/// A pair whose chosen reply is empty is read by training (it learns the end of turn), so
+/// `--show-example` shows it too instead of refusing it as a blank conversation.
+#[test]
+fn show_example_reads_a_pair_as_training_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"Where do I start?\", \"chosen\": \"\", \"rejected\": \"Anywhere.\"}\n",
+    )
+    .unwrap();
+    let inspect = ["data", "inspect", s(&data), "--tokenizer", s(&model)];
+    assert!(succeeds(&inspect).contains("examples: 1"));
+    let shown = succeeds(&[&inspect[..], &["--show-example"]].concat());
+    assert!(
+        shown.contains("chosen:\n")
+            && shown.contains("⟦<|eot_id|>⟧")
+            && shown.contains("⟦Anywhere."),
+        "{shown}"
+    );
+}
+
 #[test]
 fn errors_name_the_kind_of_a_value_never_its_text() {
     let tmp = tempfile::tempdir().unwrap();

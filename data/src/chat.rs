@@ -51,6 +51,34 @@ pub fn render_with_mask_from(
             "no assistant tokens to learn from: every assistant turn is empty".into(),
         ));
     }
+    render_incrementally(template, tokenizer, messages, train_from)
+}
+
+/// One side of a preference pair, masked as [`render_with_mask_from`] masks a completion,
+/// but a blank side is allowed: a pair learns from the difference of its two sides, and
+/// preferring an empty reply is the data's own statement.
+pub fn render_pair_side(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    train_from: usize,
+) -> Result<Rendered, DataError> {
+    if messages.is_empty() {
+        return Err(DataError::Conversation("the conversation is empty".into()));
+    }
+    if template.has_generation_tags() {
+        return render_generation_spans(template, tokenizer, messages, train_from);
+    }
+    render_incrementally(template, tokenizer, messages, train_from)
+}
+
+/// The mask of a template without generation tags, by incremental rendering.
+fn render_incrementally(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    train_from: usize,
+) -> Result<Rendered, DataError> {
     let text = template.render(messages, false)?;
     let whole = Whole::encode(tokenizer, &text)?;
     let mut assistant_mask = vec![0u8; whole.ids.len()];

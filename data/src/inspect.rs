@@ -87,10 +87,22 @@ pub fn inspect(
         lengths.push(length);
         counts.truncated += fitted.truncated;
         counts.dropped += fitted.dropped;
-        first_good.get_or_insert(example);
+        first_good.get_or_insert((i, example));
     }
     let example = match (show_example, first_good) {
-        (true, Some(e)) => Some(marked(e, template, tokenizer)?),
+        (true, Some((i, e))) => {
+            Some(
+                marked(e, template, tokenizer).map_err(|e| match loaded.locations.get(i) {
+                    Some(&location) => DataError::Row {
+                        path: path.to_path_buf(),
+                        location,
+                        column: None,
+                        reason: e.to_string(),
+                    },
+                    None => e,
+                })?,
+            )
+        }
         _ => None,
     };
     Ok(Report {
@@ -116,7 +128,10 @@ fn marked(
             messages,
             train_from,
             ..
-        } => marked_messages(messages, *train_from, template, tokenizer),
+        } => marked_messages(
+            render_with_mask_from(template, tokenizer, messages, *train_from)?,
+            tokenizer,
+        ),
         // Both sides of a pair: what it teaches is their difference.
         Example::Pair {
             prompt,
@@ -127,7 +142,10 @@ fn marked(
             let side = |completion: &[crate::Message]| {
                 let mut all = prompt.clone();
                 all.extend(completion.iter().cloned());
-                marked_messages(&all, prompt.len(), template, tokenizer)
+                marked_messages(
+                    crate::chat::render_pair_side(template, tokenizer, &all, prompt.len())?,
+                    tokenizer,
+                )
             };
             Ok(format!(
                 "chosen:\n{}\nrejected:\n{}",
@@ -139,13 +157,7 @@ fn marked(
     }
 }
 
-fn marked_messages(
-    messages: &[crate::Message],
-    train_from: usize,
-    template: &ChatTemplate,
-    tokenizer: &Tokenizer,
-) -> Result<String, DataError> {
-    let r = render_with_mask_from(template, tokenizer, messages, train_from)?;
+fn marked_messages(r: crate::chat::Rendered, tokenizer: &Tokenizer) -> Result<String, DataError> {
     let mut out = String::new();
     let mut start = 0;
     while start < r.input_ids.len() {
