@@ -14,6 +14,7 @@ mod message;
 mod output;
 pub mod read;
 pub mod render;
+pub mod strict_json;
 pub mod synth;
 pub mod template;
 pub mod tokenize;

@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+
+use crate::strict_json::Strict;
 use serde_json::{Map, Value};
 
 use crate::DataError;
@@ -262,7 +264,7 @@ fn json_lines_from(
         if text.is_empty() {
             continue;
         }
-        match serde_json::from_str::<Value>(text) {
+        match serde_json::from_str::<Strict>(text).map(|s| s.0) {
             Ok(Value::Object(fields)) => on_row(Row::new(location, fields))?,
             Ok(other) => on_bad(bad(format!("expected a JSON object, got {}", kind(&other))))?,
             Err(e) => on_bad(bad(format!("invalid JSON: {e}")))?,
@@ -320,8 +322,8 @@ fn json_objects(
 ) -> Result<(), DataError> {
     let mut reader = BufReader::new(open(path)?);
     skip_bom(&mut reader).map_err(|e| io(path, e))?;
-    let values = serde_json::Deserializer::from_reader(reader).into_iter::<Value>();
-    for (index, value) in values.enumerate() {
+    let values = serde_json::Deserializer::from_reader(reader).into_iter::<Strict>();
+    for (index, value) in values.map(|v| v.map(|s| s.0)).enumerate() {
         let location = Location::Row(index);
         match value {
             Ok(Value::Object(fields)) => on_row(Row::new(location, fields))?,
@@ -361,7 +363,7 @@ fn json_array(
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
             let mut index = 0;
-            while let Some(value) = seq.next_element::<Value>()? {
+            while let Some(Strict(value)) = seq.next_element::<Strict>()? {
                 let location = Location::Row(index);
                 index += 1;
                 let result = match value {
