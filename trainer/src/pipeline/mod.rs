@@ -384,7 +384,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             ));
         }
         if has_rollouts(recipe)
-            && let Some(w) = length_gaming(&read_metrics(dir)?)
+            && let Some(w) = length_gaming(&read_metrics(dir)?, recipe.grpo.as_ref())
         {
             text.push_str(&format!("- {w}\n"));
         }

@@ -198,8 +198,12 @@ pub(super) fn replies(
 }
 
 /// The report's warning for a GRPO stage whose reward rose while most completions ran
-/// into `max_completion_length`: a reward gained by length, not by better replies.
-pub(super) fn length_gaming(lines: &[serde_json::Value]) -> Option<String> {
+/// into `max_completion_length`: a reward gained by length, not by better replies. The
+/// remedies offered are those the stage's `[grpo]` does not already apply.
+pub(super) fn length_gaming(
+    lines: &[serde_json::Value],
+    grpo: Option<&crate::objectives::grpo::GrpoSection>,
+) -> Option<String> {
     let series = |key: &str| -> Vec<f64> {
         lines
             .iter()
@@ -215,12 +219,21 @@ pub(super) fn length_gaming(lines: &[serde_json::Value]) -> Option<String> {
     let gain = mean(&reward[reward.len() - n..]) - mean(&reward[..n]);
     let m = 3.min(clipped.len());
     let late_clipped = mean(&clipped[clipped.len() - m..]);
+    let mut remedies = Vec::new();
+    if !grpo.is_some_and(|g| g.mask_truncated_completions) {
+        remedies.push("mask truncated completions");
+    }
+    if !grpo.is_some_and(|g| g.beta > 0.0) {
+        remedies.push("add a KL term (beta)");
+    }
+    remedies.push("cap the length reward");
     (gain > 0.0 && late_clipped > 0.5).then(|| {
         format!(
             "warning: the reward rose by {gain:.3} while {:.0}% of the last steps' completions \
              were cut at max_completion_length: the gain may come from length, not from better \
-             replies (mask truncated completions, add a KL term, or cap the length reward)",
-            late_clipped * 100.0
+             replies ({})",
+            late_clipped * 100.0,
+            remedies.join(", ")
         )
     })
 }
@@ -255,13 +268,25 @@ mod tests {
         let gamed: Vec<_> = (0..10)
             .map(|i| line(i as f64 / 10.0, 0.06 + i as f64 / 10.0))
             .collect();
-        let w = length_gaming(&gamed).expect("flagged");
+        let w = length_gaming(&gamed, None).expect("flagged");
         assert!(w.contains("max_completion_length"), "{w}");
+        assert!(w.contains("mask truncated") && w.contains("KL term"), "{w}");
+        // Remedies the stage already applies are not offered again.
+        let applied = crate::objectives::grpo::GrpoSection {
+            mask_truncated_completions: true,
+            beta: 0.2,
+            ..Default::default()
+        };
+        let w = length_gaming(&gamed, Some(&applied)).expect("flagged");
+        assert!(
+            !w.contains("mask truncated") && !w.contains("KL term") && w.contains("cap the length"),
+            "{w}"
+        );
         // The same gain with completions that end by themselves: no warning.
         let honest: Vec<_> = (0..10).map(|i| line(i as f64 / 10.0, 0.1)).collect();
-        assert!(length_gaming(&honest).is_none());
+        assert!(length_gaming(&honest, None).is_none());
         // Clipped but no gain: no warning either.
         let flat: Vec<_> = (0..10).map(|_| line(0.5, 0.9)).collect();
-        assert!(length_gaming(&flat).is_none());
+        assert!(length_gaming(&flat, None).is_none());
     }
 }
