@@ -93,8 +93,11 @@ pub(super) fn all_finite(model: &Llama) -> bool {
     impl ModuleVisitor for Check {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             // Any NaN or ±∞ makes the sum of |x| non-finite (overflow to ∞ only for values
-            // near f32's limit, which are as good as diverged).
-            let s = crate::model::precision::f32(param.val().detach().abs().sum());
+            // near f32's limit, which are as good as diverged). Summed in f32 whatever the
+            // weights are stored in: an f16 sum passes 65504 for any realistic matrix.
+            let s = crate::model::precision::f32(param.val().detach())
+                .abs()
+                .sum();
             self.0 = Some(match self.0.take() {
                 Some(t) => t + s,
                 None => s,
@@ -198,6 +201,36 @@ mod optimizer_tests {
             .try_into_vec_as::<f32>()
             .unwrap()[0];
         assert!(worst < 1e-7, "decayed matrices off by {worst}");
+    }
+
+    /// Weights stored in f16 whose magnitudes add up past f16's 65504 are finite: the check
+    /// sums in f32 (an f16 sum called every realistic fp16 model diverged, failing healthy
+    /// runs at their first skipped step and refusing their checkpoints).
+    #[test]
+    fn f16_weights_are_summed_in_f32() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = NewModel {
+            init_std: 25.0,
+            ..Default::default()
+        };
+        init_model(tmp.path(), &spec, Default::default()).unwrap();
+        let (_, model) = load_model(tmp.path(), &Device::flex()).unwrap();
+        let half = crate::model::with_precision(
+            model,
+            crate::model::precision::Precision::from_flags(false, true),
+        );
+        let q = half.layers[0].self_attn.q_proj.dense_weight();
+        let total: f32 = crate::model::precision::f32(q.clone())
+            .abs()
+            .sum()
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()[0];
+        assert!(
+            total > 65504.0,
+            "the test needs a sum past f16's range: {total}"
+        );
+        assert!(super::all_finite(&half));
     }
 
     /// A single NaN in one gradient, with a finite loss, makes the global norm NaN, and the
