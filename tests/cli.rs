@@ -2997,8 +2997,8 @@ fn a_resume_that_changes_the_global_batch_is_refused() {
     fails_keeping(
         &TinyRun::sft(&base).sets(&changed).resume(&run),
         &[
-            "took 1 micro-batch per optimizer step",
-            "would take 2 micro-batches",
+            "sequences per optimizer step",
+            "gradient_accumulation_steps 2",
             "train.gradient_accumulation_steps = 1",
         ],
         &[&metrics],
@@ -3006,6 +3006,29 @@ fn a_resume_that_changes_the_global_batch_is_refused() {
     assert!(!run.join("final").exists());
     ok(&TinyRun::sft(&base).sets(&extra).resume(&run));
     assert!(run.join("final").is_dir());
+
+    // GRPO takes batch × accumulation completions a step, in one micro-batch of prompts:
+    // the same check holds it.
+    let grpo = tmp.path().join("grpo");
+    let extra = [
+        "train.max_steps=4",
+        "train.save_steps=2",
+        "grpo.max_completion_length=4",
+    ];
+    let tiny =
+        |sets: &[&str]| TinyRun::of("tiny-grpo.toml", "counseling-prompts.jsonl", &base).sets(sets);
+    ok(&tiny(&extra).out(&grpo));
+    std::fs::remove_dir_all(grpo.join("final")).unwrap();
+    let mut changed = extra.to_vec();
+    changed.push("train.gradient_accumulation_steps=4");
+    fails(
+        &tiny(&changed).resume(&grpo),
+        &[
+            "took 32 sequences per optimizer step",
+            "gradient_accumulation_steps = 2",
+        ],
+    );
+    ok(&tiny(&extra).resume(&grpo));
 }
 
 /// DPO continuing an SFT adapter whose targets include `lm_head` (the tiny DPO recipe's do

@@ -27,11 +27,11 @@ pub struct TrainerState {
     /// Steps whose update was skipped for a non-finite loss or gradient.
     #[serde(default)]
     pub skipped_steps: usize,
-    /// Micro-batches one optimizer step takes over all processes (the global batch in
-    /// micro-batches), so a resume on another number of processes can be held to it. 0 in
-    /// a state saved before it was recorded.
+    /// Sequences (or GRPO completions) one optimizer step takes over all processes, the
+    /// global batch, so a resume on another number of processes can be held to it. 0 in a
+    /// state saved before it was recorded.
     #[serde(default)]
-    pub micros_per_step: usize,
+    pub global_batch: usize,
 }
 
 impl TrainerState {
@@ -47,7 +47,7 @@ impl TrainerState {
             history: Vec::new(),
             eval_history: Vec::new(),
             skipped_steps: 0,
-            micros_per_step: 0,
+            global_batch: 0,
         }
     }
 

@@ -217,13 +217,17 @@ pub fn check_renames(mapping: &[(String, String)], key: &str) -> Result<(), Stri
 
 /// Renames columns (`from` → `to`) before anything reads them, all at once: swapping two
 /// columns (`a → b`, `b → a`) swaps them rather than losing one. A rename onto a column the
-/// row has, and keeps, is an error naming that column: the row's own value would be lost.
+/// row has, and keeps, is an error naming that column: the row's own value would be lost
+/// (unless it is null).
 pub fn rename_columns(
     fields: &mut Map<String, Value>,
     mapping: &[(String, String)],
 ) -> Result<(), FieldError> {
     for (from, to) in mapping {
-        let kept = fields.contains_key(to) && !mapping.iter().any(|(f, _)| f == to);
+        // A null target holds nothing to lose (frames exported from pandas, or Parquet
+        // schemas, list every column on every row).
+        let kept =
+            fields.get(to).is_some_and(|v| !v.is_null()) && !mapping.iter().any(|(f, _)| f == to);
         if kept && from != to && fields.contains_key(from) {
             return Err(FieldError {
                 column: Some(to.clone()),

@@ -287,6 +287,13 @@ fn preference_explicit_implicit_and_psychocounsel() {
             && err.contains("would replace the row's own `prompt`"),
         "{err}"
     );
+    // A null column of that name holds nothing to lose.
+    let nulls = jsonl(
+        dir.path(),
+        "nulls.jsonl",
+        &[json!({"question": "q", "prompt": null, "chosen": "a", "rejected": "b"})],
+    );
+    load_examples(&nulls, &renames(&[("question", "prompt")])).unwrap();
     let moved = renames(&[("prompt", "original"), ("question", "prompt")]);
     let loaded = load_examples(&both, &moved).unwrap();
     let Example::Pair { prompt, extra, .. } = &loaded.examples[0] else {

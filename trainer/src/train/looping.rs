@@ -175,16 +175,11 @@ impl<'a> Loop<'a> {
         // A step consumes `per_step` micro-batches on each rank: the global batch.
         let world = p.dp.world_size();
         let steps_per_epoch = batches_per_epoch.div_ceil(per_step * world).max(1) * iterations;
-        super::state::check_global_batch(
-            s.micros_per_step,
-            per_step * world,
-            t.gradient_accumulation_steps,
-            world,
-        )?;
-        let s = TrainerState {
-            micros_per_step: per_step * world,
-            ..s
-        };
+        // Sequences per step over every process: what GRPO's prompts per step and the other
+        // methods' micro-batches both come from.
+        let global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world;
+        super::state::check_global_batch(s.global_batch, global_batch, t, world)?;
+        let s = TrainerState { global_batch, ..s };
         let (total, warmup) = total_and_warmup(t, steps_per_epoch);
         let bar = if progress && p.dp.is_main() {
             ProgressBar::new(total as u64)

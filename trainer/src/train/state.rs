@@ -42,37 +42,37 @@ pub(super) fn resume(
     Ok((state, optim))
 }
 
-/// A resume must keep the global batch: the micro-batches per optimizer step over all
+/// A resume must keep the global batch: the sequences per optimizer step over all
 /// processes (`saved`, 0 when the checkpoint predates the record) against this start's.
 /// Another accumulation on another number of processes keeps it; on the same number it
 /// does not, and the learning-rate schedule and the data position would both be off.
 pub(super) fn check_global_batch(
     saved: usize,
     now: usize,
-    accumulation: usize,
+    t: &crate::recipe::TrainSection,
     world: usize,
 ) -> Result<()> {
     if saved == 0 || saved == now {
         return Ok(());
     }
-    let fits = saved * accumulation;
-    let hint = if fits.is_multiple_of(now) {
+    let processes = |n: usize| format!("{n} process{}", if n == 1 { "" } else { "es" });
+    let per_accumulation = t.per_device_train_batch_size * world;
+    let hint = if saved.is_multiple_of(per_accumulation) {
         format!(
-            "; on {world} process{} that is train.gradient_accumulation_steps = {}",
-            if world == 1 { "" } else { "es" },
-            fits / now
+            "; on {} that is train.gradient_accumulation_steps = {}",
+            processes(world),
+            saved / per_accumulation
         )
     } else {
         String::new()
     };
-    let batches = |n: usize| format!("{n} micro-batch{}", if n == 1 { "" } else { "es" });
     Err(TrainerError::Input(format!(
-        "--resume: the run took {} per optimizer step over all its processes, and this \
-         start would take {} (train.gradient_accumulation_steps = {accumulation} on {world} \
-         process{}); resume with the same global batch{hint}",
-        batches(saved),
-        batches(now),
-        if world == 1 { "" } else { "es" },
+        "--resume: the run took {saved} sequences per optimizer step over all its processes, \
+         and this start would take {now} (per_device_train_batch_size {} × \
+         gradient_accumulation_steps {} × {}); resume with the same global batch{hint}",
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        processes(world),
     )))
 }
 
@@ -156,19 +156,28 @@ mod tests {
 
     #[test]
     fn a_resume_keeps_the_global_batch() {
-        // Two processes with 2 each, resumed on one with 4: the same 4 micro-batches.
-        check_global_batch(4, 4, 4, 1).unwrap();
+        let t = |batch: usize, accumulation: usize| crate::recipe::TrainSection {
+            per_device_train_batch_size: batch,
+            gradient_accumulation_steps: accumulation,
+            ..Default::default()
+        };
+        // Two processes of 4 × 2, resumed on one with 4 × 4: the same 16 sequences.
+        check_global_batch(16, 16, &t(4, 4), 1).unwrap();
         // A checkpoint from before the record cannot be checked.
-        check_global_batch(0, 8, 8, 1).unwrap();
-        let err = check_global_batch(4, 8, 8, 1).unwrap_err().to_string();
+        check_global_batch(0, 32, &t(4, 8), 1).unwrap();
+        let err = check_global_batch(16, 32, &t(4, 8), 1)
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("took 4 micro-batches per optimizer step")
-                && err.contains("would take 8 micro-batches")
+            err.contains("took 16 sequences per optimizer step")
+                && err.contains("would take 32 (per_device_train_batch_size 4 × gradient_accumulation_steps 8 × 1 process)")
                 && err.contains("on 1 process that is train.gradient_accumulation_steps = 4"),
             "{err}"
         );
-        // No whole accumulation gets back to 3 micro-batches on two processes.
-        let err = check_global_batch(3, 4, 2, 2).unwrap_err().to_string();
+        // No whole accumulation gets back to 12 sequences on two processes of 4.
+        let err = check_global_batch(12, 16, &t(4, 2), 2)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("2 processes") && !err.contains("that is"),
             "{err}"
