@@ -34,24 +34,19 @@ pub fn render_with_mask_from(
     messages: &[Message],
     train_from: usize,
 ) -> Result<Rendered, DataError> {
-    if messages.is_empty() {
-        return Err(DataError::Conversation("the conversation is empty".into()));
-    }
-    if template.has_generation_tags() {
-        return render_generation_spans(template, tokenizer, messages, train_from);
-    }
     // Only blank replies: the mask would hold just the end-of-turn token, teaching the
-    // model to say nothing.
+    // model to say nothing. (Tagged spans of blank replies are empty and caught there.)
     let trained = messages
         .iter()
         .skip(train_from)
         .filter(|m| m.is_assistant());
-    if trained.clone().all(|m| m.content.trim().is_empty()) && trained.count() > 0 {
+    let blank = trained.clone().all(|m| m.content.trim().is_empty()) && trained.count() > 0;
+    if blank && !template.has_generation_tags() {
         return Err(DataError::Conversation(
             "no assistant tokens to learn from: every assistant turn is empty".into(),
         ));
     }
-    render_incrementally(template, tokenizer, messages, train_from)
+    render_pair_side(template, tokenizer, messages, train_from)
 }
 
 /// One side of a preference pair, masked as [`render_with_mask_from`] masks a completion,

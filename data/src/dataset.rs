@@ -79,9 +79,8 @@ fn load_rows(
     let mut bad_rows: Vec<BadRow> = Vec::new();
     {
         let mut on_row = |mut row: crate::read::Row| -> Result<(), DataError> {
-            if let Err(FieldError { column, reason }) =
-                rename_columns(&mut row.fields, &options.columns)
-            {
+            // A row whose fields cannot be read: counted under `skip_bad_rows`, else the error.
+            let mut reject = |FieldError { column, reason }| {
                 let bad = BadRow {
                     location: row.location,
                     column,
@@ -89,9 +88,13 @@ fn load_rows(
                 };
                 if skip {
                     bad_rows.push(bad);
-                    return Ok(());
+                    Ok(())
+                } else {
+                    Err(bad.into_error(path))
                 }
-                return Err(bad.into_error(path));
+            };
+            if let Err(e) = rename_columns(&mut row.fields, &options.columns) {
+                return reject(e);
             }
             rename_unreadable(&mut row.unreadable, &options.columns);
             let f = match format {
@@ -112,22 +115,10 @@ fn load_rows(
                 Ok(example) => {
                     examples.push(example);
                     locations.push(location);
+                    Ok(())
                 }
-                Err(e) => {
-                    let FieldError { column, reason } = explain(e, &row.unreadable);
-                    let bad = BadRow {
-                        location: row.location,
-                        column,
-                        reason,
-                    };
-                    if skip {
-                        bad_rows.push(bad);
-                    } else {
-                        return Err(bad.into_error(path));
-                    }
-                }
+                Err(e) => reject(explain(e, &row.unreadable)),
             }
-            Ok(())
         };
         rows(&mut on_row, &mut on_bad)?;
     }
