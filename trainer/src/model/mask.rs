@@ -10,12 +10,18 @@ use burn::tensor::{Bool, Int, Tensor};
 pub fn attention_mask(segments: Tensor<2, Int>, window: Option<usize>) -> Tensor<4, Bool> {
     let [b, t] = segments.dims();
     let device = segments.device();
+    // Compared index against index straight into bools: a `[T, T]` i64 distance first
+    // took 8 bytes an entry (512 MB at T 8192) before any of it was masked.
     let query = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([t, 1]);
     let key = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
-    let distance = query.expand([t, t]) - key.expand([t, t]);
-    let mut masked = distance.clone().lower_elem(0);
+    let mut masked = key
+        .clone()
+        .expand([t, t])
+        .greater(query.clone().expand([t, t]));
     if let Some(w) = window {
-        masked = masked.bool_or(distance.greater_equal_elem(w as i64));
+        // i − j ≥ w  ⇔  j ≤ i − w
+        let reach = query.sub_scalar(w as i64).expand([t, t]);
+        masked = masked.bool_or(key.expand([t, t]).lower_equal(reach));
     }
     let seg_query = segments.clone().reshape([b, 1, t, 1]).expand([b, 1, t, t]);
     let seg_key = segments.reshape([b, 1, 1, t]).expand([b, 1, t, t]);
