@@ -253,15 +253,12 @@ pub fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, DataError> 
 mod tests {
     use super::*;
     use crate::SpecialTokens;
-    use crate::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
-    use tokenizers::models::TrainerWrapper;
-    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use crate::tokenizer::{
+        BUNDLED_CORPUS, BpePipeline, LLAMA3_SPECIAL_TOKENS, train_bpe, train_bpe_with,
+    };
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-    use tokenizers::{
-        AddedToken, DecoderWrapper, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
-        PreTokenizerWrapper, TokenizerBuilder,
-    };
+    use tokenizers::{DecoderWrapper, PostProcessorWrapper, PreTokenizerWrapper};
 
     fn tokenizer() -> Tokenizer {
         train_bpe(&[BUNDLED_CORPUS], 400, &LLAMA3_SPECIAL_TOKENS).unwrap()
@@ -475,36 +472,8 @@ mod tests {
         let mut alphabet: std::collections::HashSet<char> =
             ByteLevel::alphabet().into_iter().collect();
         alphabet.extend(extra.chars().chain(BUNDLED_CORPUS.chars()).chain(['▁']));
-        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
-            .vocab_size(500)
-            .min_frequency(2)
-            .show_progress(false)
-            .special_tokens(
-                specials
-                    .iter()
-                    .map(|t| AddedToken::from(*t, true))
-                    .collect(),
-            )
-            .initial_alphabet(alphabet)
-            .build()
-            .into();
-        let mut tokenizer = TokenizerBuilder::<
-            ModelWrapper,
-            NormalizerWrapper,
-            PreTokenizerWrapper,
-            PostProcessorWrapper,
-            DecoderWrapper,
-        >::new()
-        .with_model(BPE::default().into())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(pre))
-        .with_post_processor(post)
-        .with_decoder(decoder)
-        .build()
-        .unwrap();
-        let lines = [BUNDLED_CORPUS, extra].into_iter().flat_map(|t| t.lines());
-        tokenizer.train(&mut trainer, lines).unwrap();
-        Tokenizer::from(tokenizer)
+        let pipeline = BpePipeline { pre, post, decoder };
+        train_bpe_with(&[BUNDLED_CORPUS, extra], 500, specials, alphabet, pipeline).unwrap()
     }
 
     /// Replies and questions with the edges that move token boundaries: leading and

@@ -105,6 +105,37 @@ pub fn train_bpe(
     vocab_size: usize,
     special_tokens: &[&str],
 ) -> Result<Tokenizer, DataError> {
+    let byte_level = ByteLevel::default().add_prefix_space(false);
+    train_bpe_with(
+        texts,
+        vocab_size,
+        special_tokens,
+        ByteLevel::alphabet().into_iter().collect(),
+        BpePipeline {
+            pre: byte_level.into(),
+            post: Some(byte_level.trim_offsets(false).into()),
+            decoder: Some(byte_level.into()),
+        },
+    )
+}
+
+/// The pieces around a BPE model: how text is split before it, how offsets are reported
+/// after it, and how ids decode back.
+pub struct BpePipeline {
+    pub pre: PreTokenizerWrapper,
+    pub post: Option<PostProcessorWrapper>,
+    pub decoder: Option<DecoderWrapper>,
+}
+
+/// [`train_bpe`] with another pipeline and starting alphabet, for tests that need the
+/// tokenizer shapes real checkpoints have (Metaspace, trimmed offsets, no added tokens).
+pub fn train_bpe_with(
+    texts: &[&str],
+    vocab_size: usize,
+    special_tokens: &[&str],
+    alphabet: std::collections::HashSet<char>,
+    pipeline: BpePipeline,
+) -> Result<Tokenizer, DataError> {
     let specials: Vec<AddedToken> = special_tokens
         .iter()
         .map(|t| AddedToken::from(t.to_string(), true))
@@ -114,10 +145,9 @@ pub fn train_bpe(
         .min_frequency(2)
         .show_progress(false)
         .special_tokens(specials)
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .initial_alphabet(alphabet)
         .build()
         .into();
-    let byte_level = ByteLevel::default().add_prefix_space(false);
     let mut tokenizer = TokenizerBuilder::<
         ModelWrapper,
         NormalizerWrapper,
@@ -127,9 +157,9 @@ pub fn train_bpe(
     >::new()
     .with_model(BPE::default().into())
     .with_normalizer(None)
-    .with_pre_tokenizer(Some(byte_level.into()))
-    .with_post_processor(Some(byte_level.trim_offsets(false).into()))
-    .with_decoder(Some(byte_level.into()))
+    .with_pre_tokenizer(Some(pipeline.pre))
+    .with_post_processor(pipeline.post)
+    .with_decoder(pipeline.decoder)
     .build()
     .map_err(|e| DataError::Training(e.to_string()))?;
     let lines = texts.iter().flat_map(|t| t.lines());

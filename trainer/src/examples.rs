@@ -113,25 +113,19 @@ pub fn epoch_batches(examples: &Examples, b: &Batching, epoch: usize) -> Result<
                 .map(|r| Micro::Lm(packed.select_rows(r)))
                 .collect())
         }
-        Examples::Sequences(seqs) => {
-            let lengths: Vec<usize> = seqs.iter().map(Sequence::len).collect();
-            Ok(length_grouped_batches(&lengths, bs, seed)
-                .into_iter()
-                .map(|idx| {
-                    Micro::Lm(Batch::padded(
-                        &idx.iter().map(|&i| &seqs[i]).collect::<Vec<_>>(),
-                        b.pad,
-                    ))
-                })
-                .collect())
-        }
-        Examples::Pairs(pairs) => {
-            let lengths: Vec<usize> = pairs.iter().map(pair_len).collect();
-            Ok(length_grouped_batches(&lengths, bs, seed)
-                .into_iter()
-                .map(Micro::Pairs)
-                .collect())
-        }
+        Examples::Sequences(seqs) => Ok(length_grouped_batches(&examples.lengths(), bs, seed)
+            .into_iter()
+            .map(|idx| {
+                Micro::Lm(Batch::padded(
+                    &idx.iter().map(|&i| &seqs[i]).collect::<Vec<_>>(),
+                    b.pad,
+                ))
+            })
+            .collect()),
+        Examples::Pairs(_) => Ok(length_grouped_batches(&examples.lengths(), bs, seed)
+            .into_iter()
+            .map(Micro::Pairs)
+            .collect()),
         Examples::Prompts(prompts) => Ok(shuffled(prompts.len(), seed)
             .into_iter()
             .map(|i| Micro::Prompts(vec![i]))
