@@ -159,23 +159,12 @@ pub(crate) struct TargetLogprobs {
 /// The log-prob of each target at the flat positions `rows` (into `[B·T]`) of a batch,
 /// through the chunked head. Every objective reads the model this way, so none holds
 /// `[tokens × vocab]` logits.
+///
+/// At a `temperature` other than 0 (greedy sampling) and 1, of `log_softmax(z / T)`, as TRL's
+/// GRPO scores its completions (policy, old and reference alike). The head is linear in the
+/// hidden state (no bias; LoRA's path too), so dividing the rows the head reads divides every
+/// logit, and `rows` and `head` describe the tempered distribution for entropy as well.
 pub(crate) fn target_logprobs(
-    model: &crate::model::Llama,
-    ids: Tensor<2, Int>,
-    positions: Tensor<2, Int>,
-    segments: Tensor<2, Int>,
-    rows: Tensor<1, Int>,
-    targets: Tensor<1, Int>,
-) -> TargetLogprobs {
-    tempered_target_logprobs(model, ids, positions, segments, rows, targets, 1.0)
-}
-
-/// [`target_logprobs`] of the distribution sampled at `temperature`: `log_softmax(z / T)`,
-/// as TRL's GRPO scores its completions (policy, old and reference alike). The head is
-/// linear in the hidden state (no bias; LoRA's path too), so dividing the rows the head
-/// reads divides every logit, and `rows` and `head` describe the tempered distribution
-/// for entropy as well. `temperature` 0 (greedy sampling) or 1 leaves the logits as they are.
-pub(crate) fn tempered_target_logprobs(
     model: &crate::model::Llama,
     ids: Tensor<2, Int>,
     positions: Tensor<2, Int>,
@@ -211,13 +200,14 @@ pub(crate) fn lm_logprobs(
     lm_logprobs_tempered(model, batch, 1.0)
 }
 
-/// [`tempered_target_logprobs`] at an [`LmBatch`](crate::batch::LmBatch)'s loss positions.
+/// [`target_logprobs`] at an [`LmBatch`](crate::batch::LmBatch)'s loss positions, at
+/// `temperature`.
 pub(crate) fn lm_logprobs_tempered(
     model: &crate::model::Llama,
     batch: &crate::batch::LmBatch,
     temperature: f64,
 ) -> TargetLogprobs {
-    tempered_target_logprobs(
+    target_logprobs(
         model,
         batch.ids.clone(),
         batch.positions.clone(),

@@ -21,6 +21,7 @@ pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
         batch.segments.clone(),
         batch.rows.clone(),
         batch.targets.clone(),
+        1.0,
     )
     .logprobs;
     let b = batch.ids.dims()[0];
