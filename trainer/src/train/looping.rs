@@ -142,8 +142,6 @@ pub(super) struct Loop<'a> {
     /// The bar's message after the last step, which progress inside a step extends.
     message: RefCell<String>,
     bad_streak: usize,
-    /// The step and learning rate of the last update applied, named if it broke the weights.
-    last_update: Option<(usize, f64)>,
     /// A stop signal seen by any rank, acted on at the next checkpoint opportunity.
     pending_signal: Option<i32>,
     /// Epoch 0's micro-batches, cut once to size the run and reused when it starts there.
@@ -212,11 +210,16 @@ impl<'a> Loop<'a> {
             lines,
             message: RefCell::new(String::new()),
             bad_streak: 0,
-            last_update: None,
             pending_signal: None,
             first_epoch: Some(first_epoch),
             started: Instant::now(),
         })
+    }
+
+    /// The learning rate of the update made at 0-based step `step`, as the schedule sets it.
+    fn learning_rate(&self, step: usize) -> f64 {
+        let t = &self.p.recipe.train;
+        t.learning_rate * lr_factor(t.lr_scheduler_type, step, self.warmup, self.total)
     }
 
     /// Settings that are valid but cannot do what they say, given the run's length.
@@ -382,7 +385,7 @@ impl<'a> Loop<'a> {
         let mut grads = accumulator.grads();
         crate::dist::grads::all_reduce(dp, &self.model, &mut grads, &self.p.inner)?;
         let grad_norm = clip_global_norm(&self.model, &mut grads, t.max_grad_norm);
-        let lr = t.learning_rate * lr_factor(t.lr_scheduler_type, step, self.warmup, self.total);
+        let lr = self.learning_rate(step);
         // A non-finite loss or gradient skips the update, so bad values never reach the
         // weights.
         let bad = non_finite(loss, grad_norm);
@@ -419,8 +422,12 @@ impl<'a> Loop<'a> {
             // broke (a learning rate far too high), so that is said at once. Checked only
             // on a bad step: a pass over every weight costs too much for every step.
             if !super::step::all_finite(&self.model) {
-                let since = match self.last_update {
-                    Some((at, lr)) => format!(" since step {at}'s update (learning rate {lr:e})"),
+                // The last good step's update broke them: bad steps apply none.
+                let since = match self.s.history.last() {
+                    Some(&(at, _)) => format!(
+                        " since step {at}'s update (learning rate {:e})",
+                        self.learning_rate(at - 1)
+                    ),
                     None => String::new(),
                 };
                 return Err(TrainerError::Diverged(format!(
@@ -438,9 +445,6 @@ impl<'a> Loop<'a> {
             }
         } else if step == 1 || self.s.first_loss.is_nan() {
             self.s.first_loss = st.loss;
-        }
-        if st.bad.is_none() {
-            self.last_update = Some((step, st.lr));
         }
         let finite = st.bad.is_none();
         if finite {
