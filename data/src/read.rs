@@ -267,7 +267,11 @@ fn json_lines_from(
         match serde_json::from_str::<Strict>(text).map(|s| s.0) {
             Ok(Value::Object(fields)) => on_row(Row::new(location, fields))?,
             Ok(other) => on_bad(bad(format!("expected a JSON object, got {}", kind(&other))))?,
-            Err(e) => on_bad(bad(format!("invalid JSON: {e}")))?,
+            Err(e) => on_bad(bad(format!(
+                "invalid JSON at column {}: {}",
+                e.column(),
+                crate::error::json_message(&e)
+            )))?,
         }
     }
 }
@@ -334,11 +338,7 @@ fn json_objects(
             })?,
             // The rest cannot be told apart once one value is broken.
             Err(e) => {
-                return Err(DataError::Json {
-                    path: path.to_path_buf(),
-                    line: e.line(),
-                    reason: e.to_string(),
-                });
+                return Err(DataError::json(path, &e));
             }
         }
     }
@@ -400,11 +400,7 @@ fn json_array(
     if let Some(e) = elements.stop {
         return Err(e);
     }
-    result.map_err(|e| DataError::Json {
-        path: path.to_path_buf(),
-        line: e.line(),
-        reason: e.to_string(),
-    })
+    result.map_err(|e| DataError::json(path, &e))
 }
 
 #[cfg(test)]

@@ -306,11 +306,7 @@ pub fn tokenizer_config(dir: &Path) -> Result<(Json, PathBuf), DataError> {
     let config_path = dir.join("tokenizer_config.json");
     let config: Json = if config_path.is_file() {
         let text = read(&config_path)?;
-        serde_json::from_str(&text).map_err(|e| DataError::Json {
-            path: config_path.clone(),
-            line: e.line(),
-            reason: e.to_string(),
-        })?
+        serde_json::from_str(&text).map_err(|e| DataError::json(&config_path, &e))?
     } else {
         Json::Null
     };

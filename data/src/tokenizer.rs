@@ -49,11 +49,7 @@ pub fn load(path: &Path) -> Result<Tokenizer, DataError> {
     // tokenizer this library cannot read; the tokenizer's own parser says only where its
     // schema broke ("expected `,` or `}`").
     let json: serde_json::Value =
-        serde_json::from_slice(strip_bom(&bytes)).map_err(|e| DataError::Json {
-            path: path.clone(),
-            line: e.line(),
-            reason: e.to_string(),
-        })?;
+        serde_json::from_slice(strip_bom(&bytes)).map_err(|e| DataError::json(&path, &e))?;
     if json.get("model").is_none_or(|m| !m.is_object()) {
         return Err(DataError::Tokenizer {
             path,

@@ -548,7 +548,11 @@ fn bad_rows_name_file_line_and_column() {
         (
             "invalid.jsonl",
             format!("{good}\n{{\"messages\": [\n").into_bytes(),
-            &["invalid.jsonl", "line 2", "invalid JSON"],
+            &[
+                "invalid.jsonl",
+                "line 2",
+                "invalid JSON at column 14: EOF while parsing a list",
+            ],
         ),
         (
             "missing.jsonl",
@@ -644,6 +648,8 @@ fn bad_rows_name_file_line_and_column() {
                 "`{needle}` missing from: {message}"
             );
         }
+        // The row's line is the file's; serde_json's "line 1" inside the row would contradict it.
+        assert!(!message.contains("line 1 column"), "{message}");
     }
     // A missing column under an explicit format names the column.
     let path = jsonl(
@@ -948,8 +954,12 @@ fn pretty_printed_json_objects_are_rows() {
     let message = err(&path, &LoadOptions::default());
     let second = pretty.lines().count() + 1;
     assert!(
-        (second..second + 3).any(|l| message.contains(&format!("one.json: line {l}:"))),
+        (second..second + 3).any(|l| message.contains(&format!("one.json: line {l}, column "))),
         "{message}"
+    );
+    assert!(
+        !message.contains(" at line "),
+        "positioned twice: {message}"
     );
 
     let path = dir.path().join("lines.json");
