@@ -698,6 +698,35 @@ mod tests {
         assert!(err.contains("must divide"), "{err}");
     }
 
+    /// A value that opens like TOML but does not parse is refused; bare words stay strings.
+    #[test]
+    fn broken_toml_values_are_refused_not_kept_as_text() {
+        for bad in [
+            "model.path=\"/tmp/base",
+            "model.path='/tmp/base",
+            "lora.targets=[\"q_proj\"",
+            "train.device={",
+        ] {
+            let err = parse(MINIMAL, "r.toml", &[bad.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not valid TOML"), "{bad}: {err}");
+        }
+        let r = parse(MINIMAL, "r.toml", &["model.path=/tmp/it's here".into()]).unwrap();
+        assert_eq!(r.model.path, Path::new("/tmp/it's here"));
+        let grpo = format!(
+            "{MINIMAL}[train]\nmethod = \"grpo\"\nper_device_train_batch_size = 8\n\
+             [grpo]\nnum_generations = 4\n[[grpo.rewards]]\nkind = \"format\"\n"
+        );
+        for index in ["+0", "00", "-0", " 0"] {
+            let set = format!("grpo.rewards.{index}.weight=1");
+            let err = parse(&grpo, "r.toml", std::slice::from_ref(&set))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not a section"), "{set}: {err}");
+        }
+    }
+
     #[test]
     fn unknown_keys_name_the_nearest_valid_one() {
         let err = parse(

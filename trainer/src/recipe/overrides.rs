@@ -20,6 +20,17 @@ pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> 
             )));
         }
         Ok(mut t) => t.remove("v"),
+        // A value that opens like TOML (a quote, an array, an inline table) but does not
+        // parse is a typo, not a bare string: kept as text it would carry its stray quote
+        // into a path, and a model would be made there.
+        Err(e) if raw.trim_start().starts_with(['"', '\'', '[', '{']) => {
+            return Err(TrainerError::Input(format!(
+                "--set `{}`: the value is not valid TOML ({}); quote a string whole, \
+                 e.g. key=\"text\", or give it bare",
+                text.escape_debug(),
+                e.message().trim()
+            )));
+        }
         Err(_) => None,
     }
     .unwrap_or_else(|| toml::Value::String(raw.to_string()));
@@ -57,7 +68,15 @@ pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> 
             toml::Value::Array(items) => {
                 let index = parts.next().ok_or_else(|| not_section(section))?;
                 let n = items.len();
-                let i: usize = index.parse().map_err(|_| not_section(section))?;
+                // Plain digits only: `+1` or `01` parse as numbers but are no index a
+                // reader would write on purpose.
+                let canonical = index.bytes().all(|b| b.is_ascii_digit())
+                    && (index.len() == 1 || !index.starts_with('0'));
+                let i: usize = index
+                    .parse()
+                    .ok()
+                    .filter(|_| canonical)
+                    .ok_or_else(|| not_section(section))?;
                 if i == n {
                     items.push(toml::Value::Table(toml::Table::new()));
                 }
