@@ -1,6 +1,7 @@
 //! The counseling evaluation as rows of (measure, model, against): printed as a text table
 //! by the CLI and drawn as an HTML table on a run's report page. Ids only; the text of a
-//! case appears (below the table) only when the report carries it.
+//! case is printed (below the table) only when the report carries it and the caller asks
+//! for it — never on a report page, which is shared more widely than the JSON.
 
 use serde_json::Value;
 
@@ -112,8 +113,8 @@ pub fn rows(report: &Value) -> (Vec<[String; 3]>, bool) {
 }
 
 /// The worst crisis cases of `who` (`model` or `against`) as lines: id, what went wrong,
-/// and the text when the report carries it.
-pub fn worst_cases(report: &Value, who: &str) -> Vec<String> {
+/// and, with `with_text`, the prompt and reply when the report carries them.
+pub fn worst_cases(report: &Value, who: &str, with_text: bool) -> Vec<String> {
     let cases = report
         .get("crisis")
         .and_then(|c| c.get(who))
@@ -132,6 +133,9 @@ pub fn worst_cases(report: &Value, who: &str) -> Vec<String> {
             };
             let id = c.get("id").and_then(Value::as_str).unwrap_or("?");
             let mut line = format!("{id} ({what})");
+            if !with_text {
+                return line;
+            }
             if let (Some(p), Some(r)) = (
                 c.get("prompt").and_then(Value::as_str),
                 c.get("reply").and_then(Value::as_str),
@@ -165,7 +169,7 @@ pub fn text(report: &Value) -> String {
         out.push('\n');
     }
     for who in ["model", "against"] {
-        let lines = worst_cases(report, who);
+        let lines = worst_cases(report, who, true);
         if !lines.is_empty() {
             out.push_str(&format!("worst crisis cases ({who}):\n"));
             for l in lines {
@@ -174,4 +178,21 @@ pub fn text(report: &Value) -> String {
         }
     }
     out
+}
+
+/// Whether any worst case in the report carries its prompt or reply text (written with
+/// `--show-text`).
+pub fn carries_text(report: &Value) -> bool {
+    ["model", "against"].iter().any(|who| {
+        report
+            .get("crisis")
+            .and_then(|c| c.get(who))
+            .and_then(|c| c.get("worst"))
+            .and_then(Value::as_array)
+            .is_some_and(|cases| {
+                cases
+                    .iter()
+                    .any(|c| c.get("prompt").is_some() || c.get("reply").is_some())
+            })
+    })
 }

@@ -4,7 +4,8 @@
 //! every stage's section and the pipeline's summary with its samples.
 //!
 //! It shows no sample text of its own: the only replies on a page are a pipeline's samples,
-//! which its `[report] samples` asked for.
+//! which its `[report] samples` asked for. Counseling evaluations appear by numbers and case
+//! ids, even when their JSON carries prompt and reply text (`--show-text`).
 
 mod chart;
 mod html;
@@ -52,12 +53,41 @@ fn series(lines: &[&Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A number for the page, with its significant digits whatever its size: whole numbers as
+/// they are, ordinary magnitudes to six decimals, and very small or large ones (a learning
+/// rate of 2.5e-7, which six decimals show as 0.000000) in scientific notation with up to
+/// five significant digits.
 fn fmt(v: f64) -> String {
-    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e12 {
+    let a = v.abs();
+    if !v.is_finite() {
+        v.to_string()
+    } else if v.fract() == 0.0 && a < 1e12 {
         format!("{v:.0}")
-    } else {
+    } else if (1e-2..1e6).contains(&a) {
         format!("{v:.6}")
+    } else {
+        // `2.5000e-7` → `2.5e-7`: the mantissa's trailing zeros say nothing.
+        let s = format!("{v:.4e}");
+        match s.split_once('e') {
+            Some((m, e)) if m.contains('.') => {
+                format!("{}e{e}", m.trim_end_matches('0').trim_end_matches('.'))
+            }
+            _ => s,
+        }
     }
+}
+
+/// The bytes under `path`, its subdirectories included (a checkpoint's `adapter/`).
+fn dir_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
 }
 
 /// The run in `run` as HTML, its headings at `level` (2 on a run's page, 3 in a pipeline's).
@@ -213,18 +243,23 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
         let rows: Vec<Vec<String>> = dirs
             .iter()
             .map(|(_, name, path)| {
-                let files: Vec<(String, u64)> = std::fs::read_dir(path)
+                // Top-level names (a folder marked with `/`); the size counts everything
+                // under the folder, the adapter of `final/adapter/` included.
+                let mut names: Vec<String> = std::fs::read_dir(path)
                     .into_iter()
                     .flatten()
                     .flatten()
                     .map(|e| {
-                        let len = e.metadata().map_or(0, |m| m.len());
-                        (e.file_name().to_string_lossy().into_owned(), len)
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            format!("{name}/")
+                        } else {
+                            name
+                        }
                     })
                     .collect();
-                let bytes: u64 = files.iter().map(|f| f.1).sum();
-                let mut names: Vec<String> = files.into_iter().map(|f| f.0).collect();
                 names.sort();
+                let bytes = dir_bytes(path);
                 vec![
                     name.clone(),
                     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
@@ -280,14 +315,23 @@ fn counseling_evals(dir: &Path, level: usize) -> String {
             &["measure", "model"]
         };
         out.push_str(&table(head, &rows));
+        // Ids and what went wrong only: a page is shared more widely than the JSON, so the
+        // crisis prompts and replies a `--show-text` run wrote stay in the JSON file.
         for who in ["model", "against"] {
-            let cases = crate::counseling_eval::table::worst_cases(&report, who);
+            let cases = crate::counseling_eval::table::worst_cases(&report, who, false);
             if !cases.is_empty() {
                 out.push_str(&format!(
-                    "<p class=\"note\">Worst crisis cases ({who}):</p>\n<pre>{}</pre>\n",
+                    "<p class=\"note\">Worst crisis cases ({who}), by id:</p>\n<pre>{}</pre>\n",
                     escape(&cases.join("\n"))
                 ));
             }
+        }
+        if crate::counseling_eval::table::carries_text(&report) {
+            out.push_str(&format!(
+                "<p class=\"note\">Their prompt and reply text is in {} only; it is never put \
+                 on this page.</p>\n",
+                escape(&name)
+            ));
         }
     }
     out
@@ -381,4 +425,121 @@ pub fn write_page(dir: &Path) -> Result<PathBuf> {
         std::fs::read_to_string(dir.join(crate::pipeline::REPORT_FILE)).unwrap_or_default();
     let stages: Vec<(String, PathBuf)> = stages.into_iter().map(|(_, n, p)| (n, p)).collect();
     write_pipeline_page(dir, &stages, &summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_keep_their_significant_digits_at_any_size() {
+        for (v, want) in [
+            (3.0, "3"),
+            (-40.0, "-40"),
+            (0.0, "0"),
+            (0.5, "0.500000"),
+            (1.234_567_89, "1.234568"),
+            (0.012_345_6, "0.012346"),
+            (2.5e-7, "2.5e-7"),
+            (1e-5, "1e-5"),
+            (-3.125e-9, "-3.125e-9"),
+            (0.001_234_567, "1.2346e-3"),
+            (1_234_567.8, "1.2346e6"),
+            (1.5e13, "1.5e13"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "inf"),
+        ] {
+            assert_eq!(fmt(v), want, "{v:e}");
+        }
+    }
+
+    fn write(path: &Path, bytes: usize) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, vec![0u8; bytes]).unwrap();
+    }
+
+    /// A run's page lists each checkpoint with everything under it, subfolders included.
+    #[test]
+    fn checkpoint_sizes_count_their_subfolders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        write(&run.join("final/config.json"), 1024 * 1024);
+        write(
+            &run.join("final/adapter/adapter_model.safetensors"),
+            2 * 1024 * 1024,
+        );
+        write(&run.join("final/adapter/deeper/x"), 1024 * 1024 / 2);
+        write(
+            &run.join("checkpoint-6/model.safetensors"),
+            1024 * 1024 / 10,
+        );
+        let html = run_section(run, 2).unwrap();
+        // 1 + 2 + 0.5 MiB.
+        assert!(
+            html.contains("<td>final</td><td>3.5 MiB</td><td>adapter/, config.json</td>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<td>checkpoint-6</td><td>0.1 MiB</td><td>model.safetensors</td>"),
+            "{html}"
+        );
+    }
+
+    /// Crisis prompts and replies written to an evaluation's JSON with `--show-text` never
+    /// reach the page: it names the cases by id and says where the text is.
+    #[test]
+    fn counseling_text_in_an_evaluation_never_reaches_the_page() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let evals = run.join(crate::counseling_eval::EVALS_DIR);
+        std::fs::create_dir(&evals).unwrap();
+        let case = |id: &str, prompt: &str, reply: &str| {
+            serde_json::json!({
+                "id": id, "risk": true, "group": "self_harm", "help": false,
+                "minimises": true, "prompt": prompt, "reply": reply,
+            })
+        };
+        let section = |worst: Vec<Value>| {
+            serde_json::json!({
+                "risk": {"probes": 2, "points_to_help": 0.5, "minimises": 0.5},
+                "risk_by_group": {},
+                "ordinary": {"probes": 1, "points_to_help": 0.0, "minimises": 0.0},
+                "mean_crisis_safety": 0.0,
+                "worst": worst,
+            })
+        };
+        let report = serde_json::json!({
+            "kind": "counseling",
+            "model": {"path": "m"},
+            "against": {"path": "b"},
+            "max_new_tokens": 16,
+            "crisis": {
+                "data": "bundled",
+                "model": section(vec![case("sh/1", "SECRET PROMPT ONE", "SECRET REPLY ONE")]),
+                "against": section(vec![case("sh/2", "SECRET PROMPT TWO", "SECRET REPLY TWO")]),
+            },
+            "multiple_choice": {"data": "bundled", "model": {"items": 4, "accuracy": 0.5}},
+        });
+        std::fs::write(evals.join("c2.json"), report.to_string()).unwrap();
+        let html = run_section(run, 2).unwrap();
+        assert!(!html.contains("SECRET"), "{html}");
+        assert!(html.contains("sh/1 (risk: no help, minimises)"), "{html}");
+        assert!(html.contains("sh/2 (risk: no help, minimises)"), "{html}");
+        assert!(html.contains("text is in c2.json only"), "{html}");
+
+        // Without text in the JSON, no note about it.
+        let bare = serde_json::json!({
+            "kind": "counseling",
+            "model": {"path": "m"},
+            "max_new_tokens": 16,
+            "crisis": {"data": "bundled", "model": section(vec![serde_json::json!({
+                "id": "sh/1", "risk": true, "group": "g", "help": false, "minimises": false,
+            })])},
+            "multiple_choice": {"data": "bundled", "model": {"items": 4, "accuracy": 0.5}},
+        });
+        std::fs::write(evals.join("c2.json"), bare.to_string()).unwrap();
+        let html = run_section(run, 2).unwrap();
+        assert!(html.contains("sh/1 (risk: no help)"), "{html}");
+        assert!(!html.contains("text is in"), "{html}");
+    }
 }
