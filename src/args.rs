@@ -307,7 +307,8 @@ pub struct PipelineArgs {
     /// Directory for the stages' runs and report.md (default: runs/<pipeline name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Override a key in every stage's recipe (repeatable).
+    /// Override a key in every stage's recipe (repeatable); applied last, so it wins over the
+    /// pipeline's and each stage's own `set`.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
 }

@@ -2876,7 +2876,19 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
             s(&recipes.join(recipe))
         )
     };
-    for bad in ["..", ".", "", "a/b", "report.md", "report.html", "out"] {
+    for bad in [
+        "..",
+        ".",
+        "",
+        "a/b",
+        "report.md",
+        "report.html",
+        "out",
+        "final",
+        "recipe.toml",
+        "metrics.jsonl",
+        "a\"b",
+    ] {
         let p = write("p.toml", stage(bad, "tiny-sft.toml"));
         let out = tmp.path().join("out");
         fails(
@@ -2901,6 +2913,22 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
         &["stage 2", "no-such-recipe.toml"],
     );
     assert!(!out.join("sft").exists());
+    // So does a setting that only training used to refuse, after writing the stage's recipe.
+    let p = write(
+        "late-lora.toml",
+        format!(
+            "set = [\"model.path=\\\"{}\\\"\"]\n{}{}set = [\"lora.r=0\"]\n",
+            s(&tmp.path().join("base")),
+            stage("sft", "tiny-sft.toml"),
+            stage("dpo", "tiny-dpo.toml")
+        ),
+    );
+    let out = tmp.path().join("late-lora");
+    fails(
+        &["pipeline", s(&p), "--out", s(&out)],
+        &["stage 2 (`dpo`)", "lora.r must be positive"],
+    );
+    assert!(!out.exists());
     let p = write(
         "report.toml",
         format!("[report]\nsamples = 3\n{}", stage("sft", "tiny-sft.toml")),
@@ -2933,6 +2961,87 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
         );
         assert!(!out.join("sft").exists());
     }
+}
+
+/// A rerun reuses a finished stage however `--out` is spelt, trains a stage that failed
+/// before its first step again (its recipe.toml alone, of another recipe), and the command
+/// line's `--set` wins over a stage's own.
+#[test]
+fn pipeline_reruns_take_up_what_an_earlier_run_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
+    let stage = |name: &str| {
+        format!(
+            "[[stage]]\nname = {name:?}\nrecipe = {:?}\nset = [\"train.max_steps=3\"]\n",
+            s(&recipe)
+        )
+    };
+    let p = tmp.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "set = [\"model.path=\\\"{}\\\"\", \"train.eval_steps=0\", \"train.save_steps=0\"]\n{}{}",
+            s(&tmp.path().join("base")),
+            stage("a"),
+            stage("b")
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("p");
+    let run = |out: &str| {
+        hearth(&[
+            "pipeline",
+            s(&p),
+            "--out",
+            out,
+            "--set",
+            "train.max_steps=1",
+        ])
+    };
+    let first = run(s(&out));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for name in ["a", "b"] {
+        let steps: Vec<u64> = metric_lines(&out.join(name))
+            .iter()
+            .filter_map(|l| l["step"].as_u64())
+            .collect();
+        assert_eq!(
+            steps.iter().max(),
+            Some(&1),
+            "{name}: --set lost to the stage's own"
+        );
+    }
+    // Stage b stopped before its first step under another recipe: only its recipe.toml.
+    let recipe_b = std::fs::read_to_string(out.join("b/recipe.toml")).unwrap();
+    let other = recipe_b.replace("max_steps = 1", "max_steps = 2");
+    assert_ne!(other, recipe_b);
+    std::fs::remove_dir_all(out.join("b")).unwrap();
+    std::fs::create_dir(out.join("b")).unwrap();
+    std::fs::write(out.join("b/recipe.toml"), other).unwrap();
+    let spelt = format!("{}/./p/", s(tmp.path()));
+    let again = run(&spelt);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.matches("reusing the finished run").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("b/recipe.toml")).unwrap(),
+        recipe_b
+    );
+    assert!(out.join("b/final").is_dir());
+    let quoted = tmp.path().join("p\"q");
+    fails(
+        &["pipeline", s(&p), "--out", s(&quoted)],
+        &["p\"q", "may not hold quotes"],
+    );
+    assert!(!quoted.exists());
 }
 
 /// A run killed before its first checkpoint left a recipe and some metric lines and no

@@ -102,17 +102,26 @@ pub fn load(path: &Path) -> Result<Pipeline> {
         // The pipeline's own files sit beside the stages' directories.
         // `{out}` is the pipeline's directory: a stage named `out` would take the name over
         // for every later stage.
-        let reserved =
-            s.name == REPORT_FILE || s.name == crate::report::REPORT_PAGE || s.name == "out";
+        // A run's own files would make the pipeline's directory look like a run to a rerun.
+        let reserved = [
+            REPORT_FILE,
+            crate::report::REPORT_PAGE,
+            "out",
+            RECIPE_FILE,
+            METRICS_FILE,
+            FINAL_DIR,
+        ]
+        .contains(&s.name.as_str());
         if s.name.is_empty()
             || path_like
             || reserved
-            || s.name.contains(['/', '\\', '{', '}', '\0'])
+            || s.name.contains(['/', '\\', '{', '}', '"', '\'', '\0'])
             || seen.contains(&s.name)
         {
             return Err(TrainerError::Input(format!(
                 "{}: stage name `{}` must be unique, non-empty, not `.`, `..`, `out` (the \
-                 pipeline's `{{out}}`), `{REPORT_FILE}` or `{}`, and without / \\ {{ }}",
+                 pipeline's `{{out}}`), `{REPORT_FILE}`, `{}`, `{RECIPE_FILE}`, \
+                 `{METRICS_FILE}` or `{FINAL_DIR}`, and without / \\ {{ }} \" '",
                 path.display(),
                 s.name,
                 crate::report::REPORT_PAGE
@@ -163,6 +172,17 @@ struct PlannedStage {
 /// stage stops the pipeline before the first one trains.
 fn plan(p: &Pipeline, path: &Path, out: &Path, sets: &[String]) -> Result<Vec<PlannedStage>> {
     let dir = path.parent().unwrap_or(Path::new("."));
+    // `{out}` is pasted into the overrides' TOML, where a quote or backslash would end or
+    // escape the string it stands in.
+    if out.to_string_lossy().contains(['"', '\\', '\''])
+        || out.to_string_lossy().chars().any(char::is_control)
+    {
+        return Err(TrainerError::Input(format!(
+            "--out {}: a pipeline's directory may not hold quotes, backslashes or control \
+             characters: its path is written into the stages' recipes",
+            out.display()
+        )));
+    }
     let mut vars: BTreeMap<String, PathBuf> = BTreeMap::new();
     vars.insert("out".into(), out.to_path_buf());
     let mut planned = Vec::with_capacity(p.stage.len());
@@ -175,8 +195,9 @@ fn plan(p: &Pipeline, path: &Path, out: &Path, sets: &[String]) -> Result<Vec<Pl
                 s.name
             ))
         };
+        // The command line's come last, so they win, as `train --set` wins over a recipe.
         let mut overrides = Vec::new();
-        for o in p.set.iter().chain(sets).chain(&s.set) {
+        for o in p.set.iter().chain(&s.set).chain(sets) {
             overrides.push(substitute(o, &vars).map_err(in_stage)?);
         }
         let recipe = crate::recipe::load(&dir.join(&s.recipe), &overrides).map_err(in_stage)?;
@@ -278,8 +299,9 @@ fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<
              again",
             run.final_dir().display()
         )));
-    } else if saved.is_some() {
-        // Another recipe's run: never written over.
+    } else if saved.is_some() && (has_checkpoint || has_final || dir.join(METRICS_FILE).exists()) {
+        // Another recipe's run: never written over. One that stopped before its first step
+        // (its recipe alone) holds nothing to lose, and training takes its directory.
         return Err(TrainerError::Input(format!(
             "{}: holds a run of a different recipe (the pipeline or its --set changed); move \
              it aside or choose another --out",
@@ -317,9 +339,21 @@ fn outcome_of(dir: &Path) -> Result<Outcome> {
 }
 
 /// Runs every stage into `out/{name}` and writes `out/report.md`. `sets` (from the command
-/// line) apply to every stage, after the pipeline's own and before the stage's.
+/// line) apply to every stage, after the pipeline's own and the stage's, so they win.
 pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<PipelineReport> {
     let p = load(path)?;
+    // `runs/p`, `./runs/p` and `runs/p/` are one directory, and the stages' recipes (which
+    // a rerun compares) must say it the same way.
+    let out: PathBuf = out
+        .components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect();
+    let out = if out.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        out
+    };
+    let out = out.as_path();
     let planned = plan(&p, path, out, sets)?;
     check_root(out)?;
     let mut dp: Option<Group> = None;
