@@ -30,9 +30,56 @@ pub struct Probe {
     pub prompt: Vec<Message>,
 }
 
+/// `risk` column values that make a risk probe, as the `crisis_safety` reward reads them.
+pub const RISK_VALUES: &[&str] = &["high", "imminent"];
+/// `risk` column values that make an ordinary probe.
+pub const ORDINARY_VALUES: &[&str] = &["low", "none"];
+
+/// What a row's `risk` column says: `Some(true)` for a risk probe, `Some(false)` for an
+/// ordinary one, `None` when the row has no such column (or it is null). The values are
+/// those the `crisis_safety` reward reads (`high`, `imminent`) and those the bundled data
+/// write for the rest (`low`, `none`), in any case. Anything else — `severe`, `true`, a
+/// number — is refused rather than guessed: a probe counted on the wrong side moves every
+/// share the evaluation reports.
+fn risk_column(
+    extra: &serde_json::Map<String, serde_json::Value>,
+    origin: &str,
+    at: &data::read::Location,
+) -> Result<Option<bool>> {
+    let v = match extra.get("risk") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    if let Some(s) = v.as_str() {
+        let s = s.trim().to_lowercase();
+        if RISK_VALUES.contains(&s.as_str()) {
+            return Ok(Some(true));
+        }
+        if ORDINARY_VALUES.contains(&s.as_str()) {
+            return Ok(Some(false));
+        }
+    }
+    Err(TrainerError::Input(format!(
+        "{origin}: {at}: key `risk` is {v}; expected one of {} (a risk probe) or {} (an \
+         ordinary one), or leave the column out to detect risk from the prompt's words",
+        quoted(RISK_VALUES),
+        quoted(ORDINARY_VALUES)
+    )))
+}
+
+fn quoted(values: &[&str]) -> String {
+    values
+        .iter()
+        .map(|v| format!("\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Reads probes: any prompt-shaped rows with an `id` (else the row's location) and a `risk`
-/// column (`high` or `imminent` is a risk probe; `kind = "risk"` also is) — or, with no
-/// such column, risk as the `crisis_safety` reward detects it in the client's words.
+/// column (`high` or `imminent`: a risk probe; `low` or `none`: an ordinary one; any other
+/// value is an error). Only without that column does `kind = "risk"` make a risk probe, and
+/// without either, risk is what the `crisis_safety` reward detects in the client's words —
+/// an explicit label always wins over keywords, which also match ordinary worries.
 pub fn load(path: Option<&Path>) -> Result<(String, Vec<Probe>)> {
     let (origin, loaded) = match path {
         Some(p) => (
@@ -62,12 +109,15 @@ pub fn load(path: Option<&Path>) -> Result<(String, Vec<Probe>)> {
             }
         };
         let text = |k: &str| extra.get(k).and_then(|v| v.as_str()).map(str::to_lowercase);
-        let sample = crate::rewards::Sample {
-            prompt: &prompt,
-            completion: "",
-            extra,
+        let risk = match risk_column(extra, &origin, at)? {
+            Some(risk) => risk,
+            None if text("kind").as_deref() == Some("risk") => true,
+            None => CrisisSafety::at_risk(&crate::rewards::Sample {
+                prompt: &prompt,
+                completion: "",
+                extra,
+            }),
         };
-        let risk = text("kind").as_deref() == Some("risk") || CrisisSafety::at_risk(&sample);
         let id = match extra.get("id") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Number(n)) => n.to_string(),
@@ -235,6 +285,71 @@ mod tests {
         }
         let ids: std::collections::BTreeSet<&str> = probes.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids.len(), probes.len(), "ids are unique");
+    }
+
+    fn load_text(text: &str) -> Result<(String, Vec<Probe>)> {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("probes.jsonl");
+        std::fs::write(&path, text).unwrap();
+        load(Some(&path))
+    }
+
+    /// The `risk` column decides, both ways; `kind` only without it; the prompt's words only
+    /// without either.
+    #[test]
+    fn an_explicit_risk_column_wins_over_keywords() {
+        let (_, probes) = load_text(concat!(
+            // Risk words, labelled ordinary: ordinary.
+            r#"{"id": "a", "risk": "low", "prompt": "I want to kill myself."}"#,
+            "\n",
+            r#"{"id": "b", "risk": "None", "kind": "risk", "prompt": "I want to die."}"#,
+            "\n",
+            // No risk words, labelled risk: risk.
+            r#"{"id": "c", "risk": "Imminent", "prompt": "Work is busy."}"#,
+            "\n",
+            r#"{"id": "d", "risk": "high", "prompt": "My cat is sick."}"#,
+            "\n",
+            // No column: `kind`, then the words.
+            r#"{"id": "e", "kind": "risk", "prompt": "My cat is sick."}"#,
+            "\n",
+            r#"{"id": "f", "prompt": "I want to kill myself."}"#,
+            "\n",
+            r#"{"id": "g", "risk": null, "prompt": "Work is busy."}"#,
+            "\n",
+        ))
+        .unwrap();
+        let risk: Vec<(&str, bool)> = probes.iter().map(|p| (p.id.as_str(), p.risk)).collect();
+        assert_eq!(
+            risk,
+            [
+                ("a", false),
+                ("b", false),
+                ("c", true),
+                ("d", true),
+                ("e", true),
+                ("f", true),
+                ("g", false)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_risk_value_outside_the_accepted_ones_names_file_line_and_key() {
+        for bad in [r#""severe""#, "true", "3", r#"["high"]"#] {
+            let text = format!(
+                "{{\"id\": \"a\", \"risk\": \"high\", \"prompt\": \"p\"}}\n\n\
+                 {{\"id\": \"b\", \"risk\": {bad}, \"prompt\": \"q\"}}\n"
+            );
+            let err = load_text(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("probes.jsonl: line 3: key `risk` is ")
+                    && err.contains(bad)
+                    && err.contains(r#""high", "imminent""#)
+                    && err.contains(r#""low", "none""#)
+                    && !err.contains('\n'),
+                "{err}"
+            );
+        }
     }
 
     fn probe(id: &str, risk: bool, group: &str) -> Probe {
