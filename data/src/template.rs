@@ -10,6 +10,9 @@ use serde_json::Value as Json;
 
 use crate::{DataError, Message};
 
+/// The names [`ChatTemplate::builtin`] knows, for recipes and flags to check up front.
+pub const BUILTIN: [&str; 2] = ["llama3", "chatml"];
+
 /// Built-in Llama 3 template, for tokenizers that ship none.
 pub const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}";
 
@@ -118,7 +121,7 @@ impl ChatTemplate {
         self.generation
     }
 
-    /// One of the built-in templates: `llama3` or `chatml`.
+    /// One of the [`BUILTIN`] templates.
     pub fn builtin(name: &str, tokens: SpecialTokens) -> Result<Self, DataError> {
         let source = match name {
             "llama3" => LLAMA3,
@@ -126,7 +129,10 @@ impl ChatTemplate {
             other => {
                 return Err(DataError::Template {
                     origin: "template".into(),
-                    reason: format!("unknown built-in template `{other}` (llama3, chatml)"),
+                    reason: format!(
+                        "unknown built-in template `{other}` ({})",
+                        BUILTIN.join(", ")
+                    ),
                 });
             }
         };

@@ -262,6 +262,13 @@ const MAX_SEQUENCES_PER_STEP: usize = 1 << 24;
 const MAX_EPOCHS: usize = 1 << 20;
 /// Wider than any model's projections.
 const MAX_LORA_RANK: usize = 1 << 16;
+/// A row holds at least a prompt token and a token to learn.
+const MIN_MAX_LENGTH: usize = 2;
+/// Beyond any model's context (2^20 tokens), and small enough that row sizes never overflow.
+const MAX_MAX_LENGTH: usize = 1 << 20;
+/// 16 GiB of packed rows' attention masks in one batch: past any device's room beside the
+/// model.
+const MAX_PACKED_MASK_BYTES: u128 = 1 << 34;
 
 impl Recipe {
     fn validate(&self, origin: &str) -> Result<()> {
@@ -350,6 +357,23 @@ impl Recipe {
             return bad(format!("train.weight_decay {} must be ≥ 0", t.weight_decay));
         }
         if let Some(lora) = &self.lora {
+            if lora.r == 0 {
+                return bad("lora.r must be positive: it is the adapters' rank".into());
+            }
+            if lora.targets.is_empty() {
+                return bad("lora.targets is empty: name the projections to adapt".into());
+            }
+            if let Some(t) = lora
+                .targets
+                .iter()
+                .find(|t| !checkpoints::peft::TARGETS.contains(&t.as_str()))
+            {
+                return bad(format!(
+                    "lora.targets names `{t}`, which is no projection of a Llama-family model \
+                     (one of {})",
+                    checkpoints::peft::TARGETS.join(", ")
+                ));
+            }
             if !lora.alpha.is_finite() {
                 return bad(format!("lora.alpha {} must be a finite number", lora.alpha));
             }
@@ -408,6 +432,36 @@ impl Recipe {
             return bad(format!(
                 "train.warmup_ratio {} must be in [0, 1)",
                 t.warmup_ratio
+            ));
+        }
+        let d = &self.data;
+        if !(MIN_MAX_LENGTH..=MAX_MAX_LENGTH).contains(&d.max_length) {
+            return bad(format!(
+                "data.max_length {} must be from {MIN_MAX_LENGTH} (a prompt token and a \
+                 target) to {MAX_MAX_LENGTH} tokens",
+                d.max_length
+            ));
+        }
+        // Every packed row is `max_length` long, and attention holds a `[T, T]` mask of
+        // bools per row: refused here, not as an allocation that aborts mid-run.
+        let mask_bytes = (d.max_length as u128).pow(2) * t.per_device_train_batch_size as u128;
+        if d.packing && mask_bytes > MAX_PACKED_MASK_BYTES {
+            return bad(format!(
+                "data.packing with data.max_length {} and train.per_device_train_batch_size {} \
+                 needs a {:.0} GiB attention mask per batch (each packed row is max_length \
+                 long); lower either, or turn packing off",
+                d.max_length,
+                t.per_device_train_batch_size,
+                mask_bytes as f64 / f64::from(1u32 << 30)
+            ));
+        }
+        if let Some(name) = &d.template
+            && !data::template::BUILTIN.contains(&name.as_str())
+        {
+            return bad(format!(
+                "data.template `{name}` is no built-in template (one of {}); leave it out to \
+                 use the tokenizer's own",
+                data::template::BUILTIN.join(", ")
             ));
         }
         self.data
@@ -604,6 +658,18 @@ mod tests {
                 "train.num_train_epochs 9223372036854775807 must be at most",
             ),
             ("lora.dropout=nan", "lora.dropout NaN must be in [0, 1)"),
+            ("lora.r=0", "lora.r must be positive"),
+            ("lora.targets=[]", "lora.targets is empty"),
+            ("lora.targets=[\"qproj\"]", "lora.targets names `qproj`"),
+            ("data.max_length=1", "data.max_length 1 must be from 2"),
+            (
+                "data.max_length=9223372036854775807",
+                "to 1048576 tokens",
+            ),
+            (
+                "data.template=bogus",
+                "data.template `bogus` is no built-in",
+            ),
             (
                 "lora.layers_to_transform=[]",
                 "lora.layers_to_transform is empty",
@@ -634,6 +700,22 @@ mod tests {
         let r = parse(MINIMAL, "r.toml", &["train.max_grad_norm=0".into()]).unwrap();
         assert_eq!(r.train.max_grad_norm, 0.0);
         assert_eq!(r.data.eval_fraction, 0.05, "the documented default");
+        // Packed rows are max_length long, each with a [T, T] mask: 8 × 65536² bools is
+        // 32 GiB, refused; the same length unpacked, or packed one row at a time, is not.
+        let packed = [
+            "data.packing=true".to_string(),
+            "data.max_length=65536".into(),
+            "train.per_device_train_batch_size=8".into(),
+        ];
+        let err = parse(MINIMAL, "r.toml", &packed).unwrap_err().to_string();
+        assert!(err.contains("needs a 32 GiB attention mask"), "{err}");
+        parse(MINIMAL, "r.toml", &packed[1..]).unwrap();
+        let one_row = [
+            packed[0].clone(),
+            packed[1].clone(),
+            "train.per_device_train_batch_size=1".into(),
+        ];
+        parse(MINIMAL, "r.toml", &one_row).unwrap();
     }
 
     /// A value of the wrong type is named by its key, a table given for a path included (it
