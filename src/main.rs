@@ -225,6 +225,9 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
             out.display()
         );
     }
+    if a.batch_size == 0 {
+        bail!("generate: --batch-size must be at least 1");
+    }
     if a.samples > 1 && a.temperature == 0.0 {
         bail!(
             "generate: --samples {} with greedy decoding gives {0} identical replies; set \

@@ -1062,6 +1062,68 @@ fn sigkilled_runs_resume_to_identical_weights_and_metrics() {
     assert_eq!(loss_lines(&run_b).len(), 24);
 }
 
+/// Prompts that, with the new tokens, run past the model's context are answered with a
+/// warning that counts and places them without quoting them.
+#[test]
+fn generate_warns_of_prompts_past_the_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model)]);
+    let config = model.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["max_position_embeddings"] = 48.into();
+    std::fs::write(&config, c.to_string()).unwrap();
+    let long = "my partner and I keep arguing about money ".repeat(8);
+    let prompts = tmp.path().join("prompts.jsonl");
+    let rows: String = ["Hi.", long.as_str(), "Hello."]
+        .iter()
+        .map(|a| format!("{}\n", serde_json::json!({ "prompt": a })))
+        .collect();
+    std::fs::write(&prompts, rows).unwrap();
+    let out = tmp.path().join("replies.jsonl");
+    let gen_args = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", s(&model), "--max-new-tokens", "4"];
+        args.extend_from_slice(extra);
+        hearth(&args)
+    };
+    let file = gen_args(&["--input", s(&prompts), "--out", s(&out)]);
+    let stderr = String::from_utf8_lossy(&file.stderr);
+    assert!(file.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: 1 of 3 prompts (the first is prompt 2, ")
+            && stderr.contains("--max-new-tokens 4 runs past the model's context")
+            && stderr.contains("max_position_embeddings 48"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("arguing"), "prompt text in: {stderr}");
+    assert_eq!(jsonl(&out).len(), 3);
+    let one = gen_args(&["--prompt", &long]);
+    let stderr = String::from_utf8_lossy(&one.stderr);
+    assert!(
+        one.status.success() && stderr.contains("warning: the conversation ("),
+        "{stderr}"
+    );
+    let short = gen_args(&["--prompt", "Hi."]);
+    assert!(
+        short.status.success() && !String::from_utf8_lossy(&short.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&short.stderr)
+    );
+    fails(
+        &[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "Hi.",
+            "--batch-size",
+            "0",
+        ],
+        &["--batch-size must be at least 1"],
+    );
+}
+
 #[test]
 fn generate_answers_a_prompt_file_in_batches() {
     let tmp = tempfile::tempdir().unwrap();

@@ -40,6 +40,9 @@ pub struct Chat {
     messages: Vec<Message>,
     /// The model's and adapter's directories, which no output may overwrite.
     inputs: Vec<std::path::PathBuf>,
+    /// The model's `max_position_embeddings`: prompts that run past it are answered, as
+    /// transformers answers them, but with a warning.
+    context: usize,
 }
 
 impl Chat {
@@ -70,6 +73,7 @@ impl Chat {
             template,
             stop,
             sampling: o.sampling,
+            context: config.max_position_embeddings,
             device: o.device.clone(),
             inputs: [Some(o.model), o.adapter]
                 .into_iter()
@@ -89,6 +93,9 @@ impl Chat {
         self.messages.push(Message::new("user", text));
         let rendered = self.template.render(&self.messages, true)?;
         let prompt = data::chat::encode(&self.tokenizer, &rendered)?;
+        if let Some(w) = self.past_context(&[prompt.len()], "the conversation") {
+            eprintln!("warning: {w}");
+        }
         let ids = generate(
             &self.model,
             &prompt,
@@ -173,6 +180,10 @@ impl Chat {
             let rendered = self.template.render(&messages, true)?;
             ids.push(data::chat::encode(&self.tokenizer, &rendered)?);
         }
+        let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
+        if let Some(w) = self.past_context(&lengths, "prompt") {
+            eprintln!("warning: {w}");
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(self.sampling.seed);
         let mut out = Vec::with_capacity(prompts.len() * samples);
         for batch in ids.chunks(batch_size.max(1)) {
@@ -198,6 +209,32 @@ impl Chat {
             }
         }
         Ok(out)
+    }
+
+    /// A warning when any prompt of these token lengths, with `max_new_tokens` after it,
+    /// runs past the model's context: positions beyond it were never trained, so replies
+    /// there are unreliable. It counts and places them (prompts numbered from 1) and
+    /// quotes none.
+    fn past_context(&self, lengths: &[usize], what: &str) -> Option<String> {
+        let new = self.sampling.max_new_tokens;
+        let past: Vec<usize> = (0..lengths.len())
+            .filter(|&i| lengths[i].saturating_add(new) > self.context)
+            .collect();
+        let &first = past.first()?;
+        let which = match lengths.len() {
+            1 => format!("{what} ({} tokens)", lengths[first]),
+            n => format!(
+                "{} of {n} {what}s (the first is {what} {}, {} tokens)",
+                past.len(),
+                first + 1,
+                lengths[first]
+            ),
+        };
+        Some(format!(
+            "{which} with --max-new-tokens {new} runs past the model's context \
+             (max_position_embeddings {}); replies beyond it are unreliable",
+            self.context
+        ))
     }
 
     /// The loaded model, its tokenizer and template, and the device it runs on.
