@@ -145,8 +145,9 @@ pub struct EvalCounselingArgs {
     pub against: Option<PathBuf>,
     #[arg(long, requires = "against")]
     pub against_adapter: Option<PathBuf>,
-    /// A reward model (a *ForSequenceClassification checkpoint, or a base with
-    /// --reward-adapter) that judges the win rate and is measured on --pairs.
+    /// A reward model (a *ForSequenceClassification checkpoint, or a base with a SEQ_CLS
+    /// --reward-adapter) that judges the win rate over --against and is measured on
+    /// --pairs: it needs one of them. Checked before any reply is generated.
     #[arg(long)]
     pub reward_model: Option<PathBuf>,
     #[arg(long, requires = "reward_model")]

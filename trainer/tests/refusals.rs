@@ -480,3 +480,43 @@ fn side_files_naming_tokens_are_checked_and_a_missing_one_is_fine() {
     });
     load().unwrap();
 }
+
+/// A reward model `eval counseling` cannot use is refused before any model that answers
+/// is opened (here one that does not exist): a causal model, a base with a causal-LM (DPO)
+/// adapter — whose implicit reward would otherwise be reported as the reward model's
+/// accuracy — and a reward model with nothing to judge.
+#[test]
+fn counseling_eval_refuses_a_reward_model_it_cannot_use_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let (base, dpo, rm) = (
+        tmp.path().join("base"),
+        tmp.path().join("dpo"),
+        tmp.path().join("rm"),
+    );
+    tiny(&base);
+    adapter(&dpo, 0.01, None);
+    classifier(&rm, 1, 0.01);
+    let missing = tmp.path().join("no-such-model");
+    let out = tmp.path().join("c.json");
+    let pairs = example("counseling-preference.jsonl");
+    for reward_adapter in [None, Some(dpo.as_path())] {
+        let mut o = counseling(&missing, &base, &out, &device);
+        o.against = None;
+        o.pairs = Some(&pairs);
+        o.reward_adapter = reward_adapter;
+        let m = message(trainer::counseling_eval::run(&o));
+        assert!(
+            m.contains("base: the model has no score head") && !m.contains("no-such-model"),
+            "{m}"
+        );
+    }
+    let mut o = counseling(&missing, &rm, &out, &device);
+    o.against = None;
+    let m = message(trainer::counseling_eval::run(&o));
+    assert!(
+        m.contains("--reward-model") && m.contains("--against") && m.contains("--pairs"),
+        "{m}"
+    );
+    assert!(!out.exists());
+}

@@ -169,6 +169,13 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
                 .into(),
         ));
     }
+    if o.reward_model.is_some() && o.against.is_none() && o.pairs.is_none() {
+        return Err(TrainerError::Input(
+            "eval counseling: --reward-model judges the win rate over --against and is \
+             measured on --pairs; pass one of them, or leave it out"
+                .into(),
+        ));
+    }
     if o.pairs.is_some() && o.reward_model.is_none() {
         return Err(TrainerError::Input(
             "eval counseling: --pairs measure a reward model: pass --reward-model".into(),
@@ -201,13 +208,11 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
         (String::new(), Vec::new())
     };
 
-    // A reward model that cannot score is refused before any reply is generated.
+    // A reward model that cannot score is refused before any reply is generated: the win
+    // rate and the pairwise accuracy both read a score head. (A causal LM's adapter would
+    // otherwise be measured by its implicit DPO reward and reported as the reward model's.)
     if let Some(rm) = o.reward_model {
-        if win {
-            RewardScorer::check(rm, o.reward_adapter)?;
-        } else {
-            crate::model::reward_head(rm, o.reward_adapter)?;
-        }
+        RewardScorer::check(rm, o.reward_adapter)?;
     }
 
     let answer = |who: &str, model: &Path, adapter: Option<&Path>| -> Result<Answers> {
