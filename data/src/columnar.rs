@@ -152,6 +152,7 @@ fn batches_to_rows(
             return Ok(None);
         };
         let batch = batch.map_err(|e| unreadable(path, e))?;
+        distinct_names(batch.schema().fields()).map_err(|e| unreadable(path, e))?;
         Ok(Some(batch_rows(&batch, &mut index)))
     })? {
         for row in rows {
@@ -212,6 +213,39 @@ fn batch_rows(batch: &RecordBatch, index: &mut usize) -> Vec<Result<Row, BadRow>
         });
     }
     rows
+}
+
+/// Refuses a schema in which a name repeats, at the top or inside a struct (as the JSON
+/// readers refuse a repeated key): one of the values would silently win, and a client's
+/// `role` could become an assistant's.
+fn distinct_names(fields: &arrow_schema::Fields) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for f in fields {
+        if !seen.insert(f.name().as_str()) {
+            let name = if showable(f.name()) {
+                format!("`{}`", f.name())
+            } else {
+                format!("of {} characters", f.name().chars().count())
+            };
+            return Err(format!(
+                "the column or field name {name} appears twice; rename one of them"
+            ));
+        }
+        let mut inner = f.data_type();
+        loop {
+            match inner {
+                DataType::List(item)
+                | DataType::LargeList(item)
+                | DataType::FixedSizeList(item, _) => inner = item.data_type(),
+                DataType::Dictionary(_, values) => inner = values,
+                _ => break,
+            }
+        }
+        if let DataType::Struct(children) = inner {
+            distinct_names(children)?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether [`value_at`] can turn values of `data_type` into JSON; why not, if it cannot.
@@ -281,7 +315,13 @@ fn value_at(array: &dyn Array, i: usize) -> Result<Value, String> {
             let dict = array
                 .as_any_dictionary_opt()
                 .ok_or_else(|| "unreadable dictionary column".to_string())?;
-            let key = dict.normalized_keys()[i];
+            // The one key, read as the integer it is: `normalized_keys` would convert every
+            // key of the column for each cell.
+            let key = value_at(dict.keys(), i)?
+                .as_u64()
+                .and_then(|k| usize::try_from(k).ok())
+                .filter(|&k| k < dict.values().len())
+                .ok_or_else(|| format!("dictionary key of row {i} is out of range"))?;
             value_at(dict.values().as_ref(), key)?
         }
         other => return Err(format!("column type {other} is not supported")),

@@ -975,3 +975,79 @@ fn pretty_printed_json_objects_are_rows() {
     assert_eq!(loaded.examples.len(), 1);
     assert_eq!(loaded.skipped[0].location.to_string(), "line 1");
 }
+
+/// A name that repeats in a columnar schema is refused, as a repeated JSON key is: one of
+/// the values would win unseen. Dictionary-encoded columns read as their values.
+#[test]
+fn columnar_names_must_be_distinct_and_dictionaries_read_as_values() {
+    use arrow_array::{DictionaryArray, StringArray, types::Int32Type};
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, batch: RecordBatch| {
+        let path = dir.path().join(name);
+        let mut w = arrow_ipc::writer::FileWriter::try_new(
+            std::fs::File::create(&path).unwrap(),
+            &batch.schema(),
+        )
+        .unwrap();
+        w.write(&batch).unwrap();
+        w.finish().unwrap();
+        path
+    };
+    let text = |v: &[&str]| Arc::new(StringArray::from(v.to_vec())) as ArrayRef;
+    let top = Schema::new(vec![
+        Field::new("prompt", DataType::Utf8, true),
+        Field::new("prompt", DataType::Utf8, true),
+        Field::new("completion", DataType::Utf8, true),
+    ]);
+    let batch = RecordBatch::try_new(
+        Arc::new(top),
+        vec![text(&["a"]), text(&["b"]), text(&["c"])],
+    )
+    .unwrap();
+    let message = err(&write("top.arrow", batch), &LoadOptions::default());
+    assert!(
+        message.contains("top.arrow") && message.contains("name `prompt` appears twice"),
+        "{message}"
+    );
+    // Inside the messages' structs: a second `role` would make the client's turn the
+    // assistant's.
+    let item = Fields::from(vec![
+        Field::new("role", DataType::Utf8, true),
+        Field::new("content", DataType::Utf8, true),
+        Field::new("role", DataType::Utf8, true),
+    ]);
+    let mut list = ListBuilder::new(StructBuilder::from_fields(item.clone(), 1));
+    let s = list.values();
+    for (k, v) in ["user", "I feel sad", "assistant"].into_iter().enumerate() {
+        s.field_builder::<StringBuilder>(k).unwrap().append_value(v);
+    }
+    s.append(true);
+    list.append(true);
+    let schema = Schema::new(vec![Field::new(
+        "messages",
+        DataType::List(Arc::new(Field::new("item", DataType::Struct(item), true))),
+        true,
+    )]);
+    let batch =
+        RecordBatch::try_new(Arc::new(schema), vec![Arc::new(list.finish()) as ArrayRef]).unwrap();
+    let message = err(&write("nested.arrow", batch), &LoadOptions::default());
+    assert!(message.contains("name `role` appears twice"), "{message}");
+
+    let prompts: DictionaryArray<Int32Type> = vec!["b", "a", "b", "c"].into_iter().collect();
+    let schema = Schema::new(vec![
+        Field::new("prompt", prompts.data_type().clone(), true),
+        Field::new("completion", DataType::Utf8, true),
+    ]);
+    let batch = RecordBatch::try_new(
+        Arc::new(schema),
+        vec![Arc::new(prompts) as ArrayRef, text(&["1", "2", "3", "4"])],
+    )
+    .unwrap();
+    let loaded = load(&write("dict.arrow", batch));
+    let asked: Vec<&str> = loaded
+        .examples
+        .iter()
+        .map(|e| conversation(e).0[0].content.as_str())
+        .collect();
+    assert_eq!(asked, ["b", "a", "b", "c"]);
+}
