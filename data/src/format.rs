@@ -269,6 +269,7 @@ pub fn parse_row(format: Format, mut row: Map<String, Value>) -> Parsed<Example>
                 "value",
                 sharegpt_role,
             )?;
+            let messages = with_system_column(&mut row, messages)?;
             conversation(messages, 0, row)
         }
         Format::Alpaca => alpaca(row, false)?,
@@ -450,6 +451,32 @@ fn side(v: Value, column: &str, role: &str) -> Parsed<Vec<Message>> {
     }
 }
 
+/// `messages` opened by the row's `system` column, where it has a non-empty one (Alpaca's
+/// and LLaMA-Factory's ShareGPT convention). A conversation that opens with a system turn
+/// of its own as well has two, and which one counts would be a guess.
+fn with_system_column(
+    row: &mut Map<String, Value>,
+    messages: Vec<Message>,
+) -> Parsed<Vec<Message>> {
+    let Some(system) = row.remove("system").filter(|v| !v.is_null()) else {
+        return Ok(messages);
+    };
+    let system = string(system, "system")?;
+    if system.is_empty() {
+        return Ok(messages);
+    }
+    if messages.first().is_some_and(|m| m.role == "system") {
+        return Err(err(
+            "system",
+            "the conversation opens with a system turn of its own as well; keep one of the two",
+        ));
+    }
+    let mut all = Vec::with_capacity(messages.len() + 1);
+    all.push(Message::new("system", system));
+    all.extend(messages);
+    Ok(all)
+}
+
 fn alpaca(mut row: Map<String, Value>, require_history: bool) -> Parsed<Example> {
     let instruction = string(take(&mut row, "instruction")?, "instruction")?;
     let input = match row.remove("input") {
@@ -457,13 +484,7 @@ fn alpaca(mut row: Map<String, Value>, require_history: bool) -> Parsed<Example>
         Some(v) => string(v, "input")?,
     };
     let output = string(take(&mut row, "output")?, "output")?;
-    let mut messages = Vec::new();
-    if let Some(system) = row.remove("system").filter(|v| !v.is_null()) {
-        let system = string(system, "system")?;
-        if !system.is_empty() {
-            messages.push(Message::new("system", system));
-        }
-    }
+    let mut messages = with_system_column(&mut row, Vec::new())?;
     let history = match row.remove("history") {
         None | Some(Value::Null) if require_history => return Err(err("history", "missing")),
         None | Some(Value::Null) => Vec::new(),
@@ -578,6 +599,16 @@ pub fn cactus_dialogue(text: &str) -> Result<Vec<Message>, String> {
                     _ => turns.push(Message::new(role, said)),
                 }
             }
+            None if looks_like_a_speaker(line) => {
+                // Glued onto the turn before, a client's words could land in the
+                // counselor's reply, where the model learns them.
+                return Err(format!(
+                    "line {} starts like a speaker's tag but names none of Counselor, \
+                     Counsellor, Therapist, Client or Patient (optionally with a stage \
+                     direction in parentheses); write it as one of them",
+                    n + 1
+                ));
+            }
             None => match turns.last_mut() {
                 Some(last) => {
                     last.content.push('\n');
@@ -598,19 +629,62 @@ pub fn cactus_dialogue(text: &str) -> Result<Vec<Message>, String> {
     Ok(turns)
 }
 
-/// `("assistant" | "user", stage direction, text)` if `line` starts with a speaker tag.
+/// `("assistant" | "user", stage direction, text)` if `line` starts with a speaker tag:
+/// `Client:`, `Client (sighing):`, a colon inside the direction included, and markdown's
+/// emphasis around the tag (`**Client:**`, `**Client**:`).
 fn speaker(line: &str) -> Option<(&'static str, Option<&str>, &str)> {
-    let (tag, said) = line.split_once(':')?;
-    let tag = tag.trim();
+    let (tag, said) = split_tag(line)?;
+    let emphasis: &[char] = &['*', '_'];
+    let tag = tag.trim().trim_matches(emphasis).trim();
+    let said = said.trim_start_matches(emphasis);
     let (name, direction) = match tag.find('(') {
         Some(i) if tag.ends_with(')') => (tag[..i].trim(), Some(tag[i..].trim())),
         Some(_) => return None,
         None => (tag, None),
     };
-    let role = match name.to_ascii_lowercase().as_str() {
+    let role = match name
+        .trim_end_matches(emphasis)
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "counselor" | "counsellor" | "therapist" => "assistant",
         "client" | "patient" => "user",
         _ => return None,
     };
     Some((role, direction, said.trim()))
+}
+
+/// `line` split at its first colon outside parentheses.
+fn split_tag(line: &str) -> Option<(&str, &str)> {
+    let mut depth = 0usize;
+    for (i, c) in line.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ':' if depth == 0 => return Some((&line[..i], &line[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether `line` opens with something like a speaker's tag that [`speaker`] does not
+/// take: at most three words before a colon, the first or last of them a role (`Client 2:`,
+/// `> Counselor:`, `Therapist's note:`). A sentence that mentions one (`The client said:`)
+/// is not a tag.
+fn looks_like_a_speaker(line: &str) -> bool {
+    let Some((tag, _)) = split_tag(line) else {
+        return false;
+    };
+    let words: Vec<String> = tag
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let role = |w: Option<&String>| {
+        w.is_some_and(|w| {
+            ["counselor", "counsellor", "therapist", "client", "patient"].contains(&w.as_str())
+        })
+    };
+    words.len() <= 3 && (role(words.first()) || role(words.last()))
 }

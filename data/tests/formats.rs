@@ -76,6 +76,41 @@ fn messages_and_sharegpt() {
         conversation(&loaded.examples[0]).0,
         &[m("system", "S"), m("user", "hi"), m("assistant", "hello")]
     );
+    // LLaMA-Factory's ShareGPT keeps the system prompt in a column of its own.
+    let turns = json!([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]);
+    let p = jsonl(
+        dir.path(),
+        "lf.jsonl",
+        &[
+            json!({"system": "You are a CBT counselor.", "conversations": turns}),
+            json!({"system": "", "conversations": turns}),
+        ],
+    );
+    let loaded = load(&p);
+    assert_eq!(
+        conversation(&loaded.examples[0]).0,
+        &[
+            m("system", "You are a CBT counselor."),
+            m("user", "hi"),
+            m("assistant", "hello")
+        ]
+    );
+    assert_eq!(
+        conversation(&loaded.examples[1]).0,
+        &[m("user", "hi"), m("assistant", "hello")]
+    );
+    let p = jsonl(
+        dir.path(),
+        "two.jsonl",
+        &[json!({"system": "A", "conversations": [
+            {"from": "system", "value": "B"}, {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "hello"}]})],
+    );
+    let message = err(&p, &LoadOptions::default());
+    assert!(
+        message.contains("line 1") && message.contains("column `system`"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -369,6 +404,46 @@ fn cactus_dialogues_from_a_json_array() {
         ]
     );
     assert_eq!(extra["cbt_plan"], "1. Identify thoughts");
+}
+
+/// Tags in markdown emphasis and directions holding a colon are speakers; a tag-like
+/// line naming no known speaker is refused, never glued into the turn before (where a
+/// client's words would become the counselor's).
+#[test]
+fn cactus_speaker_tags_in_their_real_spellings() {
+    use data::format::cactus_dialogue;
+    let turns = cactus_dialogue(
+        "Counselor: Hi.\n**Client:** My husband left.\n**Counselor**: That sounds hard.\n\
+         Client (long pause: thinking): I don't know.\nThe client said: nothing.",
+    )
+    .unwrap();
+    assert_eq!(
+        turns,
+        [
+            m("assistant", "Hi."),
+            m("user", "My husband left."),
+            m("assistant", "That sounds hard."),
+            m(
+                "user",
+                "(long pause: thinking) I don't know.\nThe client said: nothing."
+            ),
+        ]
+    );
+    for (text, line) in [
+        (
+            "Counselor: Tell me more.\nClient 2: My husband left.",
+            "line 2",
+        ),
+        ("Counselor: Hi.\n> Client: no.", "line 2"),
+        ("Counselor: Hi.\nTherapist's note: calm", "line 2"),
+    ] {
+        let e = cactus_dialogue(text).unwrap_err();
+        assert!(
+            e.contains(line) && e.contains("names none of"),
+            "{text}: {e}"
+        );
+        assert!(!e.contains("husband"), "{e}");
+    }
 }
 
 fn message_list_field() -> Field {
