@@ -74,7 +74,9 @@ impl Format {
         } else if has("dialogue") {
             Self::Cactus
         } else if has("instruction") && has("output") {
-            if has("history") {
+            // Alpaca exports write `"history": null` in rows without one; only a real
+            // history marks CPsyCoun, which requires it.
+            if fields.get("history").is_some_and(|h| !h.is_null()) {
                 Self::CpsyCoun
             } else {
                 Self::Alpaca

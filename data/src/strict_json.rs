@@ -73,8 +73,11 @@ impl<'de> Visitor<'de> for StrictVisitor {
         let mut fields = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if fields.contains_key(&key) {
+                // A key may be a client's words (a dict keyed by utterance): named only
+                // when it reads as a name.
                 return Err(A::Error::custom(format!(
-                    "key `{key}` appears twice in one object"
+                    "key {} appears twice in one object",
+                    crate::read::shown_name(&key)
                 )));
             }
             let Strict(value) = map.next_value()?;
@@ -111,6 +114,12 @@ mod tests {
         );
         let e = read(r#"{"messages": [], "messages": []}"#).unwrap_err();
         assert!(e.contains("key `messages` appears twice"), "{e}");
+        let e = read(r#"{"meta": {"My husband hits me": 1, "My husband hits me": 2}}"#)
+            .unwrap_err();
+        assert!(
+            e.contains("key a name of 18 characters appears twice") && !e.contains("husband"),
+            "{e}"
+        );
         // Equal keys in different objects are no repeat.
         read(r#"[{"role": "a"}, {"role": "b"}]"#).unwrap();
     }

@@ -127,6 +127,18 @@ fn alpaca_psych8k_and_cpsycoun() {
     );
     let loaded = load(&p);
     assert_eq!(loaded.format, Format::Alpaca);
+    // An Alpaca export's `"history": null` is no CPsyCoun history.
+    let nulls = jsonl(
+        dir.path(),
+        "null-history.jsonl",
+        &[json!({"instruction": "hi", "input": "", "output": "yo", "history": null})],
+    );
+    let null_loaded = load(&nulls);
+    assert_eq!(null_loaded.format, Format::Alpaca);
+    assert_eq!(
+        conversation(&null_loaded.examples[0]).0,
+        &[m("user", "hi"), m("assistant", "yo")]
+    );
     assert_eq!(
         conversation(&loaded.examples[0]).0,
         &[
