@@ -117,16 +117,16 @@ impl Tokenizing<'_> {
                     return Ok(Some(Tokenized::Prompt(ids)));
                 }
                 let n = ids.len();
+                // A prompt is cut at its start whichever end `keep_*` names, as TRL cuts
+                // prompts on the left (and as pairs' prompts are cut): its end is the
+                // assistant's header, without which the model would write on inside the
+                // client's turn.
                 Ok(match self.truncation {
                     Truncation::Drop => {
                         counts.dropped += 1;
                         None
                     }
-                    Truncation::KeepStart => {
-                        counts.truncated += 1;
-                        Some(Tokenized::Prompt(ids[..self.max_length].to_vec()))
-                    }
-                    Truncation::KeepEnd => {
+                    Truncation::KeepStart | Truncation::KeepEnd => {
                         counts.truncated += 1;
                         Some(Tokenized::Prompt(ids[n - self.max_length..].to_vec()))
                     }
@@ -411,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn prompts_render_with_the_generation_prompt_and_truncate_by_policy() {
+    fn prompts_render_with_the_generation_prompt_and_lose_their_start() {
         let example = Example::Prompt {
             prompt: vec![Message::new("user", "I feel tired.")],
             extra: Map::new(),
@@ -429,10 +429,11 @@ mod tests {
             panic!()
         };
         assert_eq!(end, ids[ids.len() - 4..]);
+        // keep_start too keeps the end: it holds the assistant's header.
         let Some(Tokenized::Prompt(start)) = run(Truncation::KeepStart, 4, &example).0 else {
             panic!()
         };
-        assert_eq!(start, ids[..4]);
+        assert_eq!(start, ids[ids.len() - 4..]);
         assert!(run(Truncation::Drop, 4, &example).0.is_none());
     }
 }
