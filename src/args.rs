@@ -102,7 +102,8 @@ impl TestDtype {
 
 #[derive(Subcommand)]
 pub enum RewardCommand {
-    /// Score conversations: reads `{"messages": [...]}` lines, writes `{"score": x}` lines.
+    /// Score conversations: reads `{"messages": [...]}` rows, writes one `{"score": x}` line
+    /// per row, in order.
     Score(RewardScoreArgs),
 }
 
@@ -114,10 +115,15 @@ pub struct RewardScoreArgs {
     /// A PEFT SEQ_CLS adapter carrying the score head.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Conversations (`messages`), each ending with the assistant reply to score.
     #[arg(long)]
     pub input: PathBuf,
+    /// One `{"score": x}` line per input row, in order (blank lines are not rows).
     #[arg(long)]
     pub out: PathBuf,
+    /// `cpu`, `wgpu`, `cuda` (with an index: `cuda:1`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Subcommand)]
@@ -187,7 +193,8 @@ pub struct EvalCounselingArgs {
     /// Put the worst cases' prompt and reply text in the output and the table.
     #[arg(long)]
     pub show_text: bool,
-    /// Longest preference pair kept, in tokens.
+    /// Longest preference pair for --pairs, in tokens. Longer pairs are still evaluated,
+    /// cut to fit (the prompt's start first), and counted in the output's `truncated`.
     #[arg(long, default_value_t = 2048)]
     pub max_length: usize,
     /// `cpu`, `wgpu`, `cuda` (with an index: `cuda:1`).
@@ -204,9 +211,13 @@ pub struct EvalPreferenceArgs {
     /// Preference pairs (JSONL, JSON, Parquet or Arrow).
     #[arg(long)]
     pub data: PathBuf,
-    /// Longest pair kept, in tokens (prompt start cut first).
+    /// Longest pair, in tokens. Longer pairs are still evaluated, cut to fit (the prompt's
+    /// start first, then the replies' ends), and counted in the output's `truncated`.
     #[arg(long, default_value_t = 2048)]
     pub max_length: usize,
+    /// `cpu`, `wgpu`, `cuda` (with an index: `cuda:1`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Args)]

@@ -77,16 +77,24 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", a.out.display());
         }
         Command::Reward(RewardCommand::Score(a)) => {
-            let n =
-                trainer::evaluate::score_file(&a.model, a.adapter.as_deref(), &a.input, &a.out)?;
+            let device = trainer::device::parse(&a.device)?;
+            let n = trainer::evaluate::score_file(
+                &a.model,
+                a.adapter.as_deref(),
+                &a.input,
+                &a.out,
+                &device,
+            )?;
             eprintln!("scored {n} conversations into {}", a.out.display());
         }
         Command::Eval(EvalCommand::Preference(a)) => {
+            let device = trainer::device::parse(&a.device)?;
             let report = trainer::evaluate::preference_accuracy(
                 &a.model,
                 a.adapter.as_deref(),
                 &a.data,
                 a.max_length,
+                &device,
             )?;
             emit(&serde_json::to_string(&report)?)?;
         }

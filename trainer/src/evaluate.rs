@@ -76,20 +76,23 @@ pub struct RewardScorer {
     pad: u32,
     tokenizer: tokenizers::Tokenizer,
     template: data::ChatTemplate,
+    /// Where the model's weights live, so every batch is scored there too.
+    device: Device,
 }
 
 impl RewardScorer {
     /// The reward model in `dir` (a classifier checkpoint, or a base with a SEQ_CLS
-    /// adapter); refused when it has no score head.
-    pub fn load(dir: &Path, adapter: Option<&Path>) -> Result<Self> {
+    /// adapter) on `device`; refused when it has no score head.
+    pub fn load(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
         Self::check(dir, adapter)?;
-        let (model, pad, tokenizer) = load_on(dir, adapter, &Device::flex())?;
+        let (model, pad, tokenizer) = load_on(dir, adapter, device)?;
         let template = template_for(dir, TemplateChoice::Shipped(None))?;
         Ok(Self {
             model,
             pad,
             tokenizer,
             template,
+            device: device.clone(),
         })
     }
 
@@ -113,34 +116,48 @@ impl RewardScorer {
             let text = self.template.render(messages, false)?;
             seqs.push(data::chat::encode(&self.tokenizer, &text)?);
         }
-        score_sequences(&self.model, &seqs, self.pad, &Device::flex())
+        score_sequences(&self.model, &seqs, self.pad, &self.device)
     }
 }
 
-/// `hearth reward score`: reads `{"messages": [...]}` lines, writes one `{"score": x}` line
-/// per input line, in order. Returns how many were scored.
+/// `hearth reward score`: reads `{"messages": [...]}` rows, writes one `{"score": x}` line
+/// per row, in order (blank lines are not rows, so they get no score line). Each
+/// conversation must end with the assistant's reply: that is what a reward model scores.
+/// Returns how many were scored.
 pub fn score_file(
     model_dir: &Path,
     adapter: Option<&Path>,
     input: &Path,
     out: &Path,
+    device: &Device,
 ) -> Result<usize> {
     let mut inputs = vec![model_dir, input];
     inputs.extend(adapter);
     checkpoints::guard::check_output_file(out, &inputs)?;
-    let scorer = RewardScorer::load(model_dir, adapter)?;
+    // The model's header and the input are read before any weights are loaded, so a
+    // wrong model or a bad row fails at once.
+    RewardScorer::check(model_dir, adapter)?;
     let loaded = data::load_examples(input, &Default::default())?;
     let mut conversations = Vec::with_capacity(loaded.examples.len());
     for (i, e) in loaded.examples.iter().enumerate() {
         let Example::Conversation { messages, .. } = e else {
             return Err(TrainerError::Input(format!(
-                "{}: line {}: expected a conversation (`messages`)",
+                "{}: {}: expected a conversation (`messages`)",
                 input.display(),
-                i + 1
+                location(&loaded, i)
             )));
         };
+        if !messages.last().is_some_and(data::Message::is_assistant) {
+            return Err(TrainerError::Input(format!(
+                "{}: {}: key `messages` does not end with an assistant reply; a reward model \
+                 scores the assistant's last reply",
+                input.display(),
+                location(&loaded, i)
+            )));
+        }
         conversations.push(messages.clone());
     }
+    let scorer = RewardScorer::load(model_dir, adapter, device)?;
     let scores = finite_scores(scorer.score(&conversations)?, |i| {
         format!("{}: {}: the score", input.display(), location(&loaded, i))
     })?;
@@ -183,15 +200,117 @@ pub struct Accuracy {
 }
 
 /// What `hearth eval preference` reports.
+///
+/// A pair the model scores equally (a zero margin) counts half, in `accuracy` and in every
+/// dimension alike — as the win rate counts ties: a model that cannot tell the replies apart
+/// is at chance, 0.5, not wrong and not right.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PreferenceReport {
     /// `reward_model` or `implicit_dpo`.
     pub source: &'static str,
     pub accuracy: f64,
+    /// Pairs evaluated.
     pub pairs: usize,
-    /// PsychoCounsel's rating dimensions: over the pairs whose two ratings differ on a
-    /// dimension, how often the model orders them as that rating does.
+    /// Pairs with a zero margin (each counted as half right).
+    pub ties: usize,
+    /// Pairs longer than `max_length`, evaluated cut to fit (the prompt's start first,
+    /// then the replies' ends).
+    pub truncated: usize,
+    /// Pairs left out because a reply had no token left after cutting.
+    pub dropped: usize,
+    /// PsychoCounsel's rating dimensions (`chosen_<dim>_rating` / `rejected_<dim>_rating`,
+    /// from every row): over the pairs whose two ratings differ on a dimension, how often
+    /// the model orders them as that rating does.
     pub by_dimension: BTreeMap<String, Accuracy>,
+}
+
+/// Credit for one pair: 1 when the margin has the wanted sign, ½ when it is zero.
+fn credit(margin: f64, chosen_better: bool) -> f64 {
+    if margin == 0.0 {
+        0.5
+    } else if (margin > 0.0) == chosen_better {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// A rating column of a pair's row: `None` when absent or null; a number, or a string that
+/// holds one (as some exports write them); anything else names the row and the key.
+fn rating(
+    extra: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    at: impl Fn() -> String,
+) -> Result<Option<f64>> {
+    let v = match extra.get(key) {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(v) => v,
+    };
+    let n = match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n.is_finite() => Ok(Some(n)),
+        _ => Err(TrainerError::Input(format!(
+            "{}: key `{key}` is {v}; a rating is a number (or a string holding one)",
+            at()
+        ))),
+    }
+}
+
+/// The rating dimensions named by any row's `chosen_<dim>_rating` or
+/// `rejected_<dim>_rating` column.
+fn dimensions(extras: &[&serde_json::Map<String, serde_json::Value>]) -> Vec<String> {
+    let mut dims: Vec<String> = extras
+        .iter()
+        .flat_map(|x| x.keys())
+        .filter_map(|k| {
+            k.strip_prefix("chosen_")
+                .or_else(|| k.strip_prefix("rejected_"))?
+                .strip_suffix("_rating")
+        })
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect();
+    dims.sort();
+    dims.dedup();
+    dims
+}
+
+/// Accuracy per rating dimension of the `margins` of pairs whose rows are `extras`
+/// (`at(j)` names pair `j`'s row): over the pairs whose ratings differ, with ties counted
+/// half. Dimensions where no pair's ratings differ are left out.
+fn by_dimension(
+    extras: &[&serde_json::Map<String, serde_json::Value>],
+    margins: &[f64],
+    at: impl Fn(usize) -> String,
+) -> Result<BTreeMap<String, Accuracy>> {
+    let mut out = BTreeMap::new();
+    for dim in dimensions(extras) {
+        let (mut agree, mut n) = (0.0, 0);
+        for (j, (x, &d)) in extras.iter().zip(margins).enumerate() {
+            let c = rating(x, &format!("chosen_{dim}_rating"), || at(j))?;
+            let r = rating(x, &format!("rejected_{dim}_rating"), || at(j))?;
+            if let (Some(c), Some(r)) = (c, r)
+                && c != r
+            {
+                n += 1;
+                agree += credit(d, c > r);
+            }
+        }
+        if n > 0 {
+            out.insert(
+                dim,
+                Accuracy {
+                    accuracy: agree / n as f64,
+                    pairs: n,
+                },
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// The per-pair margin the model assigns to chosen over rejected.
@@ -200,12 +319,12 @@ fn margins(
     reference: Option<&Llama>,
     pairs: &[PairTokens],
     pad: u32,
+    device: &Device,
 ) -> Result<Vec<f64>> {
-    let device = Device::flex();
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(BATCH) {
         let refs: Vec<&PairTokens> = chunk.iter().collect();
-        let batch = PairBatch::new(&refs, &[], pad, &device);
+        let batch = PairBatch::new(&refs, &[], pad, device);
         let n = batch.pairs;
         let diff = match reference {
             None => {
@@ -228,16 +347,24 @@ fn margins(
 }
 
 /// `hearth eval preference`: pairwise accuracy of a reward model (when the model has a
-/// score head) or of an adapter's implicit DPO reward over its base.
+/// score head) or of an adapter's implicit DPO reward over its base, on `device`.
 pub fn preference_accuracy(
     model_dir: &Path,
     adapter: Option<&Path>,
     data_path: &Path,
     max_length: usize,
+    device: &Device,
 ) -> Result<PreferenceReport> {
     // A wrong score head is refused before anything is loaded.
     let reward = crate::model::reward_head(model_dir, adapter)?;
-    let (model, pad, tokenizer) = load_on(model_dir, adapter, &Device::flex())?;
+    if !reward && adapter.is_none() {
+        return Err(TrainerError::Input(format!(
+            "{}: not a reward model; for the implicit DPO reward pass the policy's --adapter \
+             (its base is the reference)",
+            model_dir.display()
+        )));
+    }
+    let (model, pad, tokenizer) = load_on(model_dir, adapter, device)?;
     let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
     let t = Tokenizing {
         template: &template,
@@ -250,18 +377,21 @@ pub fn preference_accuracy(
     let mut rows = Vec::new();
     let mut extras = Vec::new();
     let mut counts = TruncationCounts::default();
+    let at = |i: usize| format!("{}: {}", data_path.display(), location(&loaded, i));
     for (i, e) in loaded.examples.iter().enumerate() {
         let Example::Pair { extra, .. } = e else {
             return Err(TrainerError::Input(format!(
-                "{}: example {}: expected a preference pair",
-                data_path.display(),
-                i + 1
+                "{}: expected a preference pair (`prompt`, `chosen`, `rejected`)",
+                at(i)
             )));
         };
-        if let Some(Tokenized::Pair(p)) = t.example(e, &mut counts)? {
+        let tokenized = t
+            .example(e, &mut counts)
+            .map_err(|err| TrainerError::Input(format!("{}: {err}", at(i))))?;
+        if let Some(Tokenized::Pair(p)) = tokenized {
             pairs.push(p);
             rows.push(i);
-            extras.push(extra.clone());
+            extras.push(extra);
         }
     }
     if pairs.is_empty() {
@@ -270,68 +400,110 @@ pub fn preference_accuracy(
             data_path.display()
         )));
     }
+    // Ratings are read before the model runs, so a bad one fails at once.
+    by_dimension(&extras, &vec![0.0; extras.len()], |j| at(rows[j]))?;
     let (source, reference) = if reward {
         ("reward_model", None)
-    } else if adapter.is_some() {
-        (
-            "implicit_dpo",
-            Some(load_on(model_dir, None, &Device::flex())?.0),
-        )
     } else {
-        return Err(TrainerError::Input(format!(
-            "{}: not a reward model; for the implicit DPO reward pass the policy's --adapter \
-             (its base is the reference)",
-            model_dir.display()
-        )));
+        ("implicit_dpo", Some(load_on(model_dir, None, device)?.0))
     };
-    let m = finite_scores(margins(&model, reference.as_ref(), &pairs, pad)?, |j| {
-        format!(
-            "{}: {}: the margin of chosen over rejected",
-            data_path.display(),
-            location(&loaded, rows[j])
-        )
-    })?;
-    let wins = m.iter().filter(|&&d| d > 0.0).count();
-    let mut by_dimension = BTreeMap::new();
-    let dims: Vec<String> = extras
-        .first()
-        .map(|x| {
-            x.keys()
-                .filter_map(|k| k.strip_prefix("chosen_")?.strip_suffix("_rating"))
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    for dim in dims {
-        let (mut agree, mut n) = (0, 0);
-        for (x, d) in extras.iter().zip(&m) {
-            let rating = |side: &str| {
-                x.get(&format!("{side}_{dim}_rating"))
-                    .and_then(|v| v.as_f64())
-            };
-            if let (Some(c), Some(r)) = (rating("chosen"), rating("rejected"))
-                && c != r
-            {
-                n += 1;
-                if (c > r) == (*d > 0.0) {
-                    agree += 1;
-                }
+    let m = finite_scores(
+        margins(&model, reference.as_ref(), &pairs, pad, device)?,
+        |j| format!("{}: the margin of chosen over rejected", at(rows[j])),
+    )?;
+    Ok(PreferenceReport {
+        source,
+        accuracy: m.iter().map(|&d| credit(d, true)).sum::<f64>() / pairs.len() as f64,
+        pairs: pairs.len(),
+        ties: m.iter().filter(|&&d| d == 0.0).count(),
+        truncated: counts.truncated,
+        dropped: counts.dropped,
+        by_dimension: by_dimension(&extras, &m, |j| at(rows[j]))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, Value, json};
+
+    fn row(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_zero_margin_counts_half_whichever_way_the_ratings_go() {
+        assert_eq!(credit(0.0, true), 0.5);
+        assert_eq!(credit(0.0, false), 0.5);
+        assert_eq!(credit(-0.0, false), 0.5);
+        assert_eq!(credit(0.3, true), 1.0);
+        assert_eq!(credit(0.3, false), 0.0);
+        assert_eq!(credit(-0.3, false), 1.0);
+        assert_eq!(credit(-0.3, true), 0.0);
+    }
+
+    /// Dimensions come from every row, numeric strings count, ties count half, and pairs
+    /// whose ratings are equal or missing on a dimension are not counted for it.
+    #[test]
+    fn dimensions_come_from_every_row_and_ties_count_half() {
+        let rows = [
+            // No rating at all on the first row: its dimensions must not decide.
+            row(json!({})),
+            row(json!({"chosen_empathy_rating": 5, "rejected_empathy_rating": 1})),
+            row(
+                json!({"chosen_empathy_rating": "4", "rejected_empathy_rating": " 2 ",
+                       "chosen_safety_rating": 1, "rejected_safety_rating": 5}),
+            ),
+            row(
+                json!({"chosen_empathy_rating": 2, "rejected_empathy_rating": 3,
+                       "chosen_safety_rating": 3, "rejected_safety_rating": 3}),
+            ),
+            row(
+                json!({"chosen_empathy_rating": 1, "rejected_empathy_rating": 4,
+                       "rejected_safety_rating": 2, "chosen_safety_rating": null}),
+            ),
+            row(json!({"rejected_clarity_rating": 1})),
+        ];
+        let extras: Vec<&Map<String, Value>> = rows.iter().collect();
+        let margins = [1.0, 0.5, 0.0, -2.0, 0.0, 3.0];
+        let got = by_dimension(&extras, &margins, |j| format!("row {j}")).unwrap();
+        // empathy: rows 1..4 differ; credit 1 (5>1, +), ½ (4>2, 0), 1 (2<3, −), ½ (1<4, 0).
+        assert_eq!(
+            got["empathy"],
+            Accuracy {
+                accuracy: 3.0 / 4.0,
+                pairs: 4
             }
-        }
-        if n > 0 {
-            by_dimension.insert(
-                dim,
-                Accuracy {
-                    accuracy: agree as f64 / n as f64,
-                    pairs: n,
-                },
+        );
+        // safety: only row 2 differs (1<5) and its margin is 0: ½.
+        assert_eq!(
+            got["safety"],
+            Accuracy {
+                accuracy: 0.5,
+                pairs: 1
+            }
+        );
+        // clarity: never rated on both sides.
+        assert!(!got.contains_key("clarity"));
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn a_rating_that_is_not_a_number_names_the_row_and_key() {
+        for bad in [json!("five"), json!(true), json!([5]), json!("NaN")] {
+            let rows = [
+                row(json!({"chosen_empathy_rating": 5, "rejected_empathy_rating": 1})),
+                row(json!({"chosen_empathy_rating": 5, "rejected_empathy_rating": bad})),
+            ];
+            let extras: Vec<&Map<String, Value>> = rows.iter().collect();
+            let err = by_dimension(&extras, &[1.0, 1.0], |j| format!("p.jsonl: line {}", j + 3))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("p.jsonl: line 4: key `rejected_empathy_rating` is ")
+                    && err.contains(&bad.to_string()),
+                "{err}"
             );
         }
     }
-    Ok(PreferenceReport {
-        source,
-        accuracy: wins as f64 / pairs.len() as f64,
-        pairs: pairs.len(),
-        by_dimension,
-    })
 }

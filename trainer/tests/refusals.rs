@@ -161,14 +161,15 @@ fn a_reward_head_of_two_labels_is_refused_before_any_work() {
     classifier(&two, 2, 0.01);
     let sft = example("counseling-sft.jsonl");
     let pairs = example("counseling-preference.jsonl");
-    let m = message(trainer::evaluate::score_file(&two, None, &sft, &out));
+    let cpu = Device::flex();
+    let m = message(trainer::evaluate::score_file(&two, None, &sft, &out, &cpu));
     assert!(
         m.contains("a reward model needs one label; this classifier has 2"),
         "{m}"
     );
     assert!(!out.exists());
     let m = message(trainer::evaluate::preference_accuracy(
-        &two, None, &pairs, 512,
+        &two, None, &pairs, 512, &cpu,
     ));
     assert!(m.contains("needs one label"), "{m}");
     // Refused before the models that answer are even opened (this one does not exist).
@@ -191,6 +192,7 @@ fn a_reward_head_of_two_labels_is_refused_before_any_work() {
         Some(&two_rows),
         &sft,
         &out,
+        &device,
     ));
     assert!(
         m.contains("two-rows/adapter_model.safetensors")
@@ -215,6 +217,7 @@ fn nan_scores_are_errors_naming_the_row() {
         None,
         &example("counseling-sft.jsonl"),
         &out,
+        &Device::flex(),
     ));
     assert!(
         m.contains("counseling-sft.jsonl: line 1") && m.contains("NaN"),
@@ -226,6 +229,7 @@ fn nan_scores_are_errors_naming_the_row() {
         None,
         &example("counseling-preference.jsonl"),
         512,
+        &Device::flex(),
     ));
     assert!(
         m.contains("counseling-preference.jsonl: line 1") && m.contains("NaN"),
@@ -519,4 +523,126 @@ fn counseling_eval_refuses_a_reward_model_it_cannot_use_before_any_work() {
         "{m}"
     );
     assert!(!out.exists());
+}
+
+/// Writes `lines` joined by newlines to `dir/name`.
+fn lines_file(dir: &Path, name: &str, lines: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+/// Errors in `eval preference` and `reward score` input name the file and the row's own
+/// line, counted past blank lines, and the key.
+#[test]
+fn preference_and_score_errors_name_the_line_past_blank_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cpu = Device::flex();
+    let rm = tmp.path().join("rm");
+    classifier(&rm, 1, 0.01);
+    let good =
+        r#"{"prompt": "I feel low.", "chosen": "That sounds hard.", "rejected": "Get over it."}"#;
+    let pref = |name: &str, third: &str| {
+        let path = lines_file(tmp.path(), name, &[good, "", third]);
+        message(trainer::evaluate::preference_accuracy(
+            &rm, None, &path, 512, &cpu,
+        ))
+    };
+    let m = pref(
+        "tokens.jsonl",
+        r#"{"prompt": "p", "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}], "rejected": "b"}"#,
+    );
+    assert!(
+        m.contains("tokens.jsonl: line 3: ") && m.contains("column `chosen`"),
+        "{m}"
+    );
+    // A file of conversations: the first row, on line 3, is not a pair.
+    let shape = lines_file(
+        tmp.path(),
+        "shape.jsonl",
+        &[
+            "",
+            "",
+            r#"{"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}]}"#,
+        ],
+    );
+    let m = message(trainer::evaluate::preference_accuracy(
+        &rm, None, &shape, 512, &cpu,
+    ));
+    assert!(
+        m.contains("shape.jsonl: line 3: expected a preference pair"),
+        "{m}"
+    );
+    let m = pref(
+        "rating.jsonl",
+        r#"{"prompt": "p", "chosen": "a", "rejected": "b", "chosen_empathy_rating": "five", "rejected_empathy_rating": 1}"#,
+    );
+    assert!(
+        m.contains("rating.jsonl: line 3: key `chosen_empathy_rating` is \"five\""),
+        "{m}"
+    );
+
+    let conv = r#"{"messages": [{"role": "user", "content": "I feel low."}, {"role": "assistant", "content": "That sounds hard."}]}"#;
+    let out = tmp.path().join("scores.jsonl");
+    let score = |name: &str, third: &str| {
+        let path = lines_file(tmp.path(), name, &[conv, "", third]);
+        message(trainer::evaluate::score_file(&rm, None, &path, &out, &cpu))
+    };
+    // A file of pairs: the first row, on line 3, is not a conversation.
+    let pairs = lines_file(tmp.path(), "pair.jsonl", &["", "", good]);
+    let m = message(trainer::evaluate::score_file(&rm, None, &pairs, &out, &cpu));
+    assert!(
+        m.contains("pair.jsonl: line 3: expected a conversation"),
+        "{m}"
+    );
+    let m = score(
+        "open.jsonl",
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]}"#,
+    );
+    assert!(
+        m.contains("open.jsonl: line 3: key `messages` does not end with an assistant reply"),
+        "{m}"
+    );
+    assert!(!out.exists());
+    // Blank lines are not rows: one score line per row.
+    let ok = lines_file(tmp.path(), "ok.jsonl", &["", conv, "", "", conv, ""]);
+    let n = trainer::evaluate::score_file(&rm, None, &ok, &out, &cpu).unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
+}
+
+/// A reward model that scores everything alike is at chance, 0.5, overall and on every
+/// dimension (a zero margin counts half); pairs cut to `max_length` are counted.
+#[test]
+fn preference_accuracy_counts_ties_half_and_reports_truncated_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cpu = Device::flex();
+    let flat = tmp.path().join("flat");
+    classifier(&flat, 1, 0.0);
+    let rows: Vec<String> = (0..5)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("I have felt low for {i} weeks and I cannot sleep at night."),
+                "chosen": "That sounds exhausting. What has helped before, even a little?",
+                "rejected": "Just sleep more.",
+                // Ratings agree with the preference on even rows, disagree on odd ones.
+                "chosen_empathy_rating": if i % 2 == 0 { 5 } else { 1 },
+                "rejected_empathy_rating": 3,
+            })
+            .to_string()
+        })
+        .collect();
+    let path = tmp.path().join("pairs.jsonl");
+    std::fs::write(&path, rows.join("\n")).unwrap();
+    let full = trainer::evaluate::preference_accuracy(&flat, None, &path, 512, &cpu).unwrap();
+    assert_eq!(
+        (full.pairs, full.ties, full.truncated, full.dropped),
+        (5, 5, 0, 0)
+    );
+    assert_eq!(full.accuracy, 0.5);
+    assert_eq!(full.by_dimension["empathy"].accuracy, 0.5);
+    assert_eq!(full.by_dimension["empathy"].pairs, 5);
+    // Every pair is longer than 16 tokens: all evaluated, all counted as cut.
+    let cut = trainer::evaluate::preference_accuracy(&flat, None, &path, 16, &cpu).unwrap();
+    assert_eq!((cut.pairs, cut.truncated, cut.dropped), (5, 5, 0));
 }

@@ -60,7 +60,7 @@ pub struct Options<'a> {
     /// Worst crisis cases listed per model.
     pub worst: usize,
     pub show_text: bool,
-    /// Longest preference pair kept, in tokens.
+    /// Longest preference pair, in tokens: longer ones are cut to fit and counted.
     pub max_length: usize,
     pub device: &'a Device,
 }
@@ -266,7 +266,7 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
     let win_rate = match (o.reward_model, &theirs) {
         (Some(rm), Some(theirs)) => {
             eprintln!("reward model: scoring {} reply pairs", prompts.len());
-            let scorer = RewardScorer::load(rm, o.reward_adapter)?;
+            let scorer = RewardScorer::load(rm, o.reward_adapter, o.device)?;
             let dialogue = |replies: &[String]| -> Vec<Vec<data::Message>> {
                 prompts
                     .iter()
@@ -299,7 +299,7 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
     let reward_model_pairs = match (o.reward_model, o.pairs) {
         (Some(rm), Some(pairs)) => {
             eprintln!("reward model: pairwise accuracy on {}", pairs.display());
-            let result = preference_accuracy(rm, o.reward_adapter, pairs, o.max_length)?;
+            let result = preference_accuracy(rm, o.reward_adapter, pairs, o.max_length, o.device)?;
             Some(PairsSection {
                 data: pairs.display().to_string(),
                 result,
