@@ -3609,8 +3609,9 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         );
     }
     assert!(printed.contains("win rate over against") && printed.contains("multiple-choice"));
+    // Filed under the run's evals/ too: the text stays in the JSON, off the report page.
     let (shown, shown_json, shown_printed) = eval(
-        &tmp.path().join("shown.json"),
+        &sft.join("evals/shown.json"),
         &["--show-text", "--worst", "3"],
     );
     let worst = shown["crisis"]["model"]["worst"].as_array().unwrap();
@@ -3630,7 +3631,25 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         "{page}"
     );
     assert!(page.contains("multiple-choice accuracy (16 items)"));
-    assert!(!page.contains(texts[0].as_str()));
+    assert!(page.contains("Counseling evaluation: shown.json"), "{page}");
+    assert!(page.contains("text is in shown.json only"), "{page}");
+    for case in worst {
+        let id = case["id"].as_str().unwrap();
+        assert!(page.contains(id), "{id} missing from the page");
+        for key in ["prompt", "reply"] {
+            let text = case[key].as_str().unwrap();
+            assert!(
+                text.len() < 12 || !page.contains(html_escaped(text).as_str()),
+                "`{text}` on the page"
+            );
+        }
+    }
+    for t in &texts {
+        assert!(
+            !page.contains(html_escaped(t).as_str()),
+            "`{t}` on the page"
+        );
+    }
 
     // Bad input: one line, nothing overwritten.
     let before = std::fs::read(&rated).unwrap();
@@ -3684,6 +3703,15 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         &["items.jsonl: line 1, column `answer`"],
     );
     assert!(!o.exists());
+}
+
+/// `text` as the report page escapes it.
+fn html_escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 /// A model directory appears whole or not at all: a convert that fails after writing the
