@@ -114,8 +114,8 @@ mod tests {
         );
         let e = read(r#"{"messages": [], "messages": []}"#).unwrap_err();
         assert!(e.contains("key `messages` appears twice"), "{e}");
-        let e = read(r#"{"meta": {"My husband hits me": 1, "My husband hits me": 2}}"#)
-            .unwrap_err();
+        let e =
+            read(r#"{"meta": {"My husband hits me": 1, "My husband hits me": 2}}"#).unwrap_err();
         assert!(
             e.contains("key a name of 18 characters appears twice") && !e.contains("husband"),
             "{e}"

@@ -662,10 +662,7 @@ mod tests {
             ("lora.targets=[]", "lora.targets is empty"),
             ("lora.targets=[\"qproj\"]", "lora.targets names `qproj`"),
             ("data.max_length=1", "data.max_length 1 must be from 2"),
-            (
-                "data.max_length=9223372036854775807",
-                "to 1048576 tokens",
-            ),
+            ("data.max_length=9223372036854775807", "to 1048576 tokens"),
             (
                 "data.template=bogus",
                 "data.template `bogus` is no built-in",
