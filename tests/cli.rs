@@ -996,6 +996,91 @@ fn train_tiny_sft_recipe_end_to_end() {
     );
 }
 
+/// An adapter on a tied model's embeddings leaves its head alone (the adapter acts on
+/// lookups): merged, and exported to GGUF, the model gets a head of its own and gives the
+/// adapter model's logits, not a head moved by the embeddings' update.
+#[test]
+fn merging_adapted_tied_embeddings_keeps_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    ok(&["init-model", "--out", s(&base), "--tie-embeddings"]);
+    let run = tmp.path().join("run");
+    ok(&TinyRun::sft(&base)
+        .sets(&[
+            "train.max_steps=4",
+            "train.eval_steps=0",
+            "train.save_steps=0",
+            "lora.targets=[\"q_proj\", \"embed_tokens\"]",
+        ])
+        .out(&run));
+    let adapter = run.join("final");
+    let text = "Client: I keep worrying about work.";
+    let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "logits",
+            "--model",
+            s(model),
+            "--text",
+            text,
+            "--out",
+            s(&out),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        ok(&args);
+        read_f32(&out, "logits").1
+    };
+    let with_adapter = logits(&base, Some(&adapter), "a.safetensors");
+    let plain = logits(&base, None, "p.safetensors");
+    let merged = tmp.path().join("merged");
+    ok(&[
+        "merge",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
+    let config = std::fs::read_to_string(merged.join("config.json")).unwrap();
+    assert!(
+        config.contains("\"tie_word_embeddings\": false"),
+        "{config}"
+    );
+    let from_merged = logits(&merged, None, "m.safetensors");
+    let gguf_dir = tmp.path().join("gguf");
+    std::fs::create_dir(&gguf_dir).unwrap();
+    ok(&[
+        "export",
+        "gguf",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--type",
+        "f32",
+        "--out",
+        s(&gguf_dir.join("m.gguf")),
+    ]);
+    let from_gguf = logits(&gguf_dir, None, "g.safetensors");
+    let max_diff = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        max_diff(&with_adapter, &plain) > 1e-3,
+        "training changed nothing"
+    );
+    for (name, got) in [("merged", &from_merged), ("gguf", &from_gguf)] {
+        let d = max_diff(&with_adapter, got);
+        assert!(d < 1e-4, "{name} differs from base + adapter by {d}");
+    }
+}
+
 /// Training lines of metrics.jsonl (eval and summary lines aside), as text, without their
 /// wall-clock timings.
 fn loss_lines(run: &Path) -> Vec<String> {

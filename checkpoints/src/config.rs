@@ -184,6 +184,15 @@ impl ModelConfig {
         out
     }
 
+    /// This config with a head of its own beside the embeddings.
+    pub fn untied(&self) -> Self {
+        let mut out = self.clone();
+        out.raw
+            .insert("tie_word_embeddings".into(), Value::from(false));
+        out.tie_word_embeddings = false;
+        out
+    }
+
     /// Writes `config.json` into `dir`: the original keys with `dtype` set to `dtype`, and
     /// `torch_dtype` too when the original used the Hub's style.
     pub fn to_json(&self, dtype: WeightDtype) -> String {

@@ -311,6 +311,27 @@ pub fn merge_lora(mut model: Llama) -> Llama {
     model
 }
 
+/// A tied model whose embeddings carry an adapter computes its head from the base
+/// embeddings (the adapter acts on lookups only, in hearth as in PEFT). Merged, the
+/// embeddings change and the head must not: it becomes a head of its own, the base
+/// embeddings, and the config says the two are no longer tied. A reward model has no head
+/// to keep.
+pub fn untie_adapted_embeddings(
+    config: checkpoints::ModelConfig,
+    mut model: Llama,
+) -> (checkpoints::ModelConfig, Llama) {
+    if config.tie_word_embeddings
+        && model.embed_lora.is_some()
+        && model.lm_head.is_none()
+        && model.score.is_none()
+    {
+        let head = super::precision::f32(model.embed_tokens.dense());
+        model.lm_head = Some(Linear::dense(head, None));
+        return (config.untied(), model);
+    }
+    (config, model)
+}
+
 /// The model without its adapters: the frozen base a LoRA run trains on, sharing its
 /// weights (burn tensors are reference-counted, so nothing is copied).
 pub fn strip_lora(mut model: Llama) -> Llama {
@@ -343,6 +364,7 @@ pub fn merge_to_dir(
     } else {
         config
     };
+    let (config, model) = untie_adapted_embeddings(config, model);
     let merged = merge_lora(model);
     checkpoints::pending::write_dir(out, |out| {
         super::save_model(out, &config, &merged, config.dtype, Default::default())?;

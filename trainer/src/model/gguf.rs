@@ -65,6 +65,7 @@ pub fn export_to_gguf(
         )));
     }
     super::checkpoint::check_tokenizer(base, config.vocab_size)?;
+    let (config, model) = super::adapter::untie_adapted_embeddings(config, model);
     let merged = merge_lora(model);
     let tensors = weights_f32(&merged);
     let name = base
