@@ -302,6 +302,28 @@ fn export_round_trips_a_tiny_model_in_every_type() {
     assert!(m.contains("refusing to write here"), "{m}");
 }
 
+/// A Llama 3 Instruct config lists several end tokens, end-of-text first; the file's EOS is
+/// the one the tokenizer config names (`<|eot_id|>`), as llama.cpp's converter picks it.
+#[test]
+fn export_takes_special_tokens_from_the_tokenizer_config_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    init_model(&base, &NewModel::default(), Default::default()).unwrap();
+    let config_path = base.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    // <|end_of_text|>, then <|eot_id|>.
+    config["eos_token_id"] = serde_json::json!([1, 4]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = tmp.path().join("m.gguf");
+    export_to_gguf(&base, None, &out, ExportType::F32).unwrap();
+    let file = GgufFile::open(&out).unwrap();
+    let id = |k: &str| file.get(k).and_then(|v| v.as_f64());
+    assert_eq!(id("tokenizer.ggml.eos_token_id"), Some(4.0));
+    assert_eq!(id("tokenizer.ggml.bos_token_id"), Some(0.0));
+    assert_eq!(id("tokenizer.ggml.padding_token_id"), Some(5.0));
+}
+
 /// A model whose tokenizer is SentencePiece BPE (Llama 2, Mistral: `▁` for spaces, byte
 /// fallback) exports as llama.cpp's `llama` vocabulary: tokens, scores that order merges as
 /// the BPE model does, byte and unknown token types, the space prefix. Read back, it encodes

@@ -78,7 +78,19 @@ pub struct ExportInput<'a> {
     pub name: &'a str,
     /// For [`ExportType::Keep`]: each tensor's type in the source GGUF, by GGUF name.
     pub source_types: Option<&'a BTreeMap<String, GgmlType>>,
+    /// A GGUF source's metadata: its `general.*` description is kept (its name over
+    /// `name`), and under `Keep` its `general.file_type`.
+    pub source_metadata: Option<&'a BTreeMap<String, MetaValue>>,
 }
+
+/// `general.*` keys an export writes from what it writes, never copied from a source.
+const GENERAL_OWN: [&str; 5] = [
+    "general.architecture",
+    "general.type",
+    "general.file_type",
+    "general.quantization_version",
+    "general.alignment",
+];
 
 fn invalid(path: &Path, reason: impl Into<String>) -> CheckpointError {
     CheckpointError::Gguf {
@@ -173,10 +185,30 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
     let mut w = GgufWriter::new();
     let u32v = |v: usize| MetaValue::U32(v as u32);
     let key = |k: &str| format!("{arch}.{k}");
+    let source_general: Vec<(&String, &MetaValue)> = input
+        .source_metadata
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with("general.") && !GENERAL_OWN.contains(&k.as_str()))
+        .collect();
+    // Kept tensors are the source's types, so its file type stands; llama.cpp reads the
+    // types per tensor either way.
+    let file_type = match (ty, input.source_metadata) {
+        (ExportType::Keep, Some(m)) => match m.get("general.file_type") {
+            Some(v) => v.as_f64().map_or(ty.file_type(), |f| f as u32),
+            None => ty.file_type(),
+        },
+        _ => ty.file_type(),
+    };
     w.meta("general.architecture", MetaValue::Str(arch.into()))
-        .meta("general.type", MetaValue::Str("model".into()))
-        .meta("general.name", MetaValue::Str(input.name.into()))
-        .meta("general.file_type", MetaValue::U32(ty.file_type()))
+        .meta("general.type", MetaValue::Str("model".into()));
+    if !source_general.iter().any(|(k, _)| *k == "general.name") {
+        w.meta("general.name", MetaValue::Str(input.name.into()));
+    }
+    for (k, v) in source_general {
+        w.meta(k, v.clone());
+    }
+    w.meta("general.file_type", MetaValue::U32(file_type))
         .meta("general.quantization_version", MetaValue::U32(2))
         .meta(&key("block_count"), u32v(c.num_hidden_layers))
         .meta(&key("context_length"), u32v(c.max_position_embeddings))
@@ -450,17 +482,14 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
                     .or_else(|| added_id(&tok, t))
             })
     };
-    let bos = c
-        .bos_token_id
-        .map(u64::from)
-        .or(first_special)
-        .or_else(|| id_of("bos_token"));
-    let eos = c
-        .eos_token_ids
-        .first()
-        .map(|&e| u64::from(e))
-        .or_else(|| id_of("eos_token"));
-    let pad = c.pad_token_id.map(u64::from).or_else(|| id_of("pad_token"));
+    // The tokenizer config first, then config.json, as llama.cpp's converter (gguf-py's
+    // `SpecialVocab`) takes them: a Llama 3 Instruct config lists `[<|end_of_text|>,
+    // <|eom_id|>, <|eot_id|>]`, and its first is not the turn's end the tokenizer names.
+    let bos = id_of("bos_token")
+        .or(c.bos_token_id.map(u64::from))
+        .or(first_special);
+    let eos = id_of("eos_token").or(c.eos_token_ids.first().map(|&e| u64::from(e)));
+    let pad = id_of("pad_token").or(c.pad_token_id.map(u64::from));
     for (which, id) in [
         ("bos", bos),
         ("eos", eos),

@@ -23,6 +23,11 @@ pub fn export_to_gguf(
     // The model's own errors (no such directory, a bad config) first, before its tokenizer's.
     checkpoints::ModelConfig::from_path(base)?;
     let source = checkpoints::gguf::locate(base)?;
+    // A GGUF source's `general.*` description (license, base name, languages…) travels on.
+    let source_metadata = match &source {
+        Some(gguf) => Some(GgufModel::open(gguf)?.file().metadata.clone()),
+        None => None,
+    };
     let source_types = match (&source, ty) {
         (Some(gguf), ExportType::Keep) => Some(
             GgufModel::open(gguf)?
@@ -81,6 +86,7 @@ pub fn export_to_gguf(
         chat_template: chat_template.as_deref(),
         name: &name,
         source_types: source_types.as_ref(),
+        source_metadata: source_metadata.as_ref(),
     };
     Ok(export_gguf(&input, ty, out)?)
 }
