@@ -506,7 +506,8 @@ pub struct ExportGgufArgs {
     /// The GGUF file to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// f32, f16, bf16, q8_0, q4_0, or q4_k_m (llama.cpp's mix of Q4_K and Q6_K).
+    /// f32, f16, bf16, q8_0, q4_0, q4_k_m (llama.cpp's mix of Q4_K and Q6_K), or keep (a GGUF
+    /// model's tensors in the types it holds them in).
     #[arg(long = "type", default_value = "f16", value_parser = parse_export_type)]
     pub ty: checkpoints::gguf::ExportType,
 }

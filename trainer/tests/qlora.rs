@@ -402,16 +402,43 @@ fn keep_holds_a_gguf_models_own_blocks() {
 }
 
 /// `export gguf --type keep` writes every tensor in the type the source GGUF holds it in:
-/// from an unchanged model, the very same bytes.
+/// from an unchanged model, the very same bytes, under the source's file type and with its
+/// `general.*` description.
 #[test]
 fn export_keep_writes_each_tensor_in_its_source_type() {
-    use checkpoints::gguf::{ExportType, GgufFile};
+    use checkpoints::gguf::{ExportType, GgufFile, GgufWriter, MetaValue, TensorOut};
     use trainer::model::export_to_gguf;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m");
     base(&path);
+    let plain = dir.path().join("plain.gguf");
+    export_to_gguf(&path, None, &plain, ExportType::Q4_0).unwrap();
+    // The same file as a publisher describes it.
     let source = dir.path().join("q4.gguf");
-    export_to_gguf(&path, None, &source, ExportType::Q4_0).unwrap();
+    let p = GgufFile::open(&plain).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &p.metadata {
+        if k != "general.name" {
+            w.meta(k, v.clone());
+        }
+    }
+    let described = [
+        ("general.name", "Tiny Counselor"),
+        ("general.license", "apache-2.0"),
+        ("general.basename", "tiny"),
+    ];
+    for (k, v) in described {
+        w.meta(k, MetaValue::Str(v.into()));
+    }
+    for t in &p.tensors {
+        w.tensor(TensorOut {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ty: t.ty,
+            bytes: p.bytes(t).to_vec(),
+        });
+    }
+    w.write(&source).unwrap();
     let kept = dir.path().join("kept.gguf");
     export_to_gguf(&source, None, &kept, ExportType::Keep).unwrap();
     let (a, b) = (
@@ -423,6 +450,15 @@ fn export_keep_writes_each_tensor_in_its_source_type() {
         let u = b.tensor(&t.name).unwrap();
         assert_eq!((u.ty, &u.dims), (t.ty, &t.dims), "{}", t.name);
         assert_eq!(a.bytes(t), b.bytes(u), "{}: bytes differ", t.name);
+    }
+    let meta = |f: &GgufFile, k: &str| f.get(k).cloned();
+    // Q4_0's llama_ftype, not the F32 of a type-less `keep`.
+    assert_eq!(
+        meta(&b, "general.file_type").and_then(|v| v.as_f64()),
+        Some(2.0)
+    );
+    for (k, v) in described {
+        assert_eq!(meta(&b, k), Some(MetaValue::Str(v.into())), "{k}");
     }
     let e = export_to_gguf(&path, None, &dir.path().join("x.gguf"), ExportType::Keep)
         .unwrap_err()
