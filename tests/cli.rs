@@ -1554,6 +1554,31 @@ fn merge_quantizes_the_base_as_the_qlora_run_did() {
         &merge(&tmp.path().join("bare"), &["--quantize-skip", "down_proj"]),
         &["--quantize-skip", "describe --quantize"],
     );
+    // A misspelt or out-of-range name would quantize what the run kept dense.
+    for (skip, why) in [
+        ("down-proj", "`down-proj` names no weight"),
+        ("model.layers.7.mlp.down_proj", "the model has 2 layers"),
+        ("model.layers.0.mlp.q_proj", "names no weight"),
+    ] {
+        let out = tmp.path().join("typo");
+        fails(
+            &merge(&out, &["--quantize", "nf4", "--quantize-skip", skip]),
+            &["quantize_skip", why],
+        );
+        assert!(!out.exists());
+    }
+    fails(
+        &TinyRun::of("tiny-qlora.toml", "counseling-sft.jsonl", &base)
+            .sets(&["model.quantize_skip=[\"down-proj\"]"])
+            .out(&tmp.path().join("typo-run")),
+        &["model.quantize_skip", "`down-proj` names no weight"],
+    );
+    fails(
+        &TinyRun::sft(&base)
+            .sets(&["model.quantize_embeddings=true"])
+            .out(&tmp.path().join("plain-run")),
+        &["model.quantize_embeddings describe model.quantize"],
+    );
 }
 
 #[test]

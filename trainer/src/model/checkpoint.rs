@@ -11,7 +11,7 @@ use super::linear::Linear;
 use super::llama::Llama;
 use super::quantized::Quantization;
 use super::specs::{Init, tensor_specs};
-use crate::Result;
+use crate::{Result, TrainerError};
 
 /// Loads `config.json` and the weights of `dir` onto `device`. Each tensor is read from the
 /// memory map, widened to f32 and moved into the model, one at a time.
@@ -29,10 +29,12 @@ pub fn load_model_with(
     device: &Device,
     quant: &Quantization,
 ) -> Result<(ModelConfig, Llama)> {
+    let config = ModelConfig::from_path(dir)?;
+    super::quantized::check_skip(&quant.skip, Some(config.num_hidden_layers))
+        .map_err(|e| TrainerError::Input(format!("{}: quantize_skip {e}", dir.display())))?;
     if let Some(gguf) = checkpoints::gguf::locate(dir)? {
         return load_gguf(&gguf, device, quant);
     }
-    let config = ModelConfig::from_path(dir)?;
     let files = WeightFiles::open_dir(dir)?;
     let mut tensors = HashMap::new();
     for spec in tensor_specs(&config) {

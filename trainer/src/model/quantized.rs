@@ -61,6 +61,48 @@ pub enum Layout {
     Kept,
 }
 
+/// Refuses a `quantize_skip` entry that names no weight a load would quantize: a typo
+/// (`down-proj`) would quantize a projection the user meant to keep dense. An entry is a
+/// projection name, `embed_tokens` or `lm_head`, or a weight's whole prefix
+/// (`model.layers.0.mlp.down_proj`); `layers`, when known, bounds the layer number.
+pub fn check_skip(skip: &[String], layers: Option<usize>) -> std::result::Result<(), String> {
+    let projections = checkpoints::peft::LAYER_PROJECTIONS;
+    for entry in skip {
+        let named = projections.contains(&entry.as_str())
+            || ["embed_tokens", "lm_head", "model.embed_tokens"].contains(&entry.as_str());
+        let prefix = entry
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(layer, rest)| {
+                let canonical = layer.bytes().all(|b| b.is_ascii_digit())
+                    && (layer.len() == 1 || !layer.starts_with('0'));
+                let (block, proj) = rest.split_once('.')?;
+                let in_block = match block {
+                    "self_attn" => ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&proj),
+                    "mlp" => ["gate_proj", "up_proj", "down_proj"].contains(&proj),
+                    _ => false,
+                };
+                (canonical && in_block).then(|| layer.parse::<usize>().ok())?
+            });
+        if !named && prefix.is_none() {
+            return Err(format!(
+                "`{entry}` names no weight: give a projection ({}), embed_tokens, lm_head, or \
+                 a weight's prefix such as model.layers.0.mlp.down_proj",
+                projections.join(", ")
+            ));
+        }
+        if let (Some(layer), Some(layers)) = (prefix, layers)
+            && layer >= layers
+        {
+            return Err(format!(
+                "`{entry}`: the model has {layers} layers (0 to {})",
+                layers.saturating_sub(1)
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Quantization {
     /// From the recipe's `model.quantize` and `model.quantize_skip`.
     pub fn new(scheme: Quantize, skip: &[String]) -> Self {

@@ -284,6 +284,16 @@ impl Recipe {
                 self.model.quantize.as_str()
             ));
         }
+        let m = &self.model;
+        if m.quantize == Quantize::None && (!m.quantize_skip.is_empty() || m.quantize_embeddings) {
+            return bad(
+                "model.quantize_skip and model.quantize_embeddings describe model.quantize, \
+                 which is \"none\"; set it (nf4, q8_0, keep) or drop them"
+                    .into(),
+            );
+        }
+        crate::model::quantized::check_skip(&m.quantize_skip, None)
+            .map_err(|e| TrainerError::Input(format!("{origin}: model.quantize_skip {e}")))?;
         let d = &self.dist;
         if !(d.timeout_s > 0.0 && d.timeout_s <= MAX_SECONDS) {
             return bad(format!(
