@@ -529,7 +529,26 @@ fn pair(format: Format, mut row: Map<String, Value>) -> Parsed<Example> {
     } else {
         "prompt"
     };
-    let explicit = row.get(prompt_column).is_some_and(|v| !v.is_null());
+    let mut explicit = row.get(prompt_column).is_some_and(|v| !v.is_null());
+    // A text prompt beside conversations that open with it again (HuggingFaceH4's
+    // ultrafeedback_binarized): the conversations' shared start is the prompt, as TRL's
+    // `maybe_extract_prompt` takes it, and the text column is left aside.
+    let opens_with_prompt = |v: Option<&Value>| {
+        v.and_then(Value::as_array)
+            .and_then(|m| m.first())
+            .and_then(|m| m.get("role"))
+            .and_then(Value::as_str)
+            .is_some_and(|r| r != "assistant")
+    };
+    if explicit
+        && format == Format::Preference
+        && row.get(prompt_column).is_some_and(Value::is_string)
+        && opens_with_prompt(row.get("chosen"))
+        && opens_with_prompt(row.get("rejected"))
+    {
+        explicit = false;
+        row.remove(prompt_column);
+    }
     let (prompt, chosen, rejected) = if explicit {
         let prompt = side(take(&mut row, prompt_column)?, prompt_column, "user")?;
         let chosen = side(take(&mut row, "chosen")?, "chosen", "assistant")?;

@@ -261,6 +261,35 @@ fn preference_explicit_implicit_and_psychocounsel() {
             &[m("assistant", "bad")][..]
         )
     );
+    // ultrafeedback_binarized: the prompt as text, and again at the start of each side.
+    let p = jsonl(
+        dir.path(),
+        "h4.jsonl",
+        &[json!({
+        "prompt": "q", "prompt_id": "abc", "score_chosen": 8.0,
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]})],
+    );
+    let loaded = load(&p);
+    assert_eq!(loaded.format, Format::Preference);
+    let Example::Pair {
+        prompt,
+        chosen,
+        rejected,
+        extra,
+    } = &loaded.examples[0]
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (prompt.as_slice(), chosen.as_slice(), rejected.as_slice()),
+        (
+            &[m("user", "q")][..],
+            &[m("assistant", "good")][..],
+            &[m("assistant", "bad")][..]
+        )
+    );
+    assert_eq!(extra["prompt_id"], "abc");
 
     let p = jsonl(
         dir.path(),
