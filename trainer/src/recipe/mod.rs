@@ -773,6 +773,11 @@ mod tests {
             rewards[1].model.as_deref(),
             Some(Path::new("runs/rm/final"))
         );
+        // A wrong type in the second entry names that entry.
+        let err = parse(&grpo, "r.toml", &["grpo.rewards.1.weight=\"x\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`grpo.rewards.1.weight`"), "{err}");
         let err = parse(&grpo, "r.toml", &["grpo.rewards.5.weight=1".into()])
             .unwrap_err()
             .to_string();

@@ -110,11 +110,22 @@ pub(super) fn key_of_error(table: &toml::Table) -> Option<String> {
         return Some(header.trim_matches(['[', ']']).to_string());
     }
     let (key, _) = line.split_once('=')?;
-    let section = text[..line_start]
+    let before = &text[..line_start];
+    let section = before
         .lines()
         .rev()
-        .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
-        .map(|s| s.trim_matches(['[', ']']).to_string());
+        .find(|l| l.trim().starts_with('['))
+        .map(|header| {
+            let header = header.trim();
+            let name = header.trim_matches(['[', ']']).to_string();
+            // `[[grpo.rewards]]`: the entry is numbered as --set numbers it, from 0.
+            if header.starts_with("[[") {
+                let n = before.lines().filter(|l| l.trim() == header).count();
+                format!("{name}.{}", n.saturating_sub(1))
+            } else {
+                name
+            }
+        });
     let key = key.trim();
     Some(match section {
         Some(s) => format!("{s}.{key}"),
