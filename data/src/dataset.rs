@@ -99,16 +99,20 @@ fn load_rows(
             rename_unreadable(&mut row.unreadable, &options.columns);
             let f = match format {
                 Some(f) => f,
-                None => {
-                    let f = Format::detect(&row.fields).map_err(|reason| DataError::Row {
-                        path: path.to_path_buf(),
-                        location: row.location,
-                        column: None,
-                        reason: with_unreadable(reason, &row.unreadable),
-                    })?;
-                    format = Some(f);
-                    f
-                }
+                None => match Format::detect(&row.fields) {
+                    Ok(f) => {
+                        format = Some(f);
+                        f
+                    }
+                    // Under `skip_bad_rows` a row that shows no format (a comment row, say)
+                    // is one more bad row; the next row is asked instead.
+                    Err(reason) => {
+                        return reject(FieldError {
+                            column: None,
+                            reason: with_unreadable(reason, &row.unreadable),
+                        });
+                    }
+                },
             };
             let location = row.location;
             match parse_row(f, row.fields) {

@@ -818,6 +818,22 @@ fn skip_bad_rows_counts_and_keeps_going() {
         .collect();
     assert_eq!(lines, vec!["line 2", "line 3", "line 4"]);
     assert_eq!(loaded.skipped[1].column.as_deref(), Some("messages"));
+    // A first row that shows no format is one more bad row; the next one decides.
+    let comment = dir.path().join("comment.jsonl");
+    std::fs::write(&comment, format!("{}\n{good}\n", json!({"_comment": "x"}))).unwrap();
+    let skipping = LoadOptions {
+        skip_bad_rows: true,
+        ..Default::default()
+    };
+    let loaded = load_examples(&comment, &skipping).unwrap();
+    assert_eq!(loaded.format, Format::Messages);
+    assert_eq!(loaded.examples.len(), 1);
+    assert_eq!(loaded.skipped[0].location.to_string(), "line 1");
+    let message = err(&comment, &LoadOptions::default());
+    assert!(
+        message.contains("line 1") && message.contains("cannot tell the format"),
+        "{message}"
+    );
 }
 
 #[test]
