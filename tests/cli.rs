@@ -3069,38 +3069,33 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
         );
         assert!(!out.exists(), "stage `{bad}`");
     }
-    // A mistake in the last stage, or in [report], stops the pipeline before the first.
-    let p = write(
-        "late.toml",
-        format!(
-            "set = [\"model.path=\\\"{}\\\"\"]\n{}{}",
-            s(&tmp.path().join("base")),
-            stage("sft", "tiny-sft.toml"),
-            stage("dpo", "no-such-recipe.toml")
+    // A mistake in the last stage (a missing recipe, or a setting only training used to
+    // refuse, after writing the stage's recipe), or in [report], stops the pipeline before
+    // the first.
+    for (name, last, needles) in [
+        (
+            "late",
+            stage("dpo", "no-such-recipe.toml"),
+            ["stage 2", "no-such-recipe.toml"],
         ),
-    );
-    let out = tmp.path().join("late");
-    fails(
-        &["pipeline", s(&p), "--out", s(&out)],
-        &["stage 2", "no-such-recipe.toml"],
-    );
-    assert!(!out.join("sft").exists());
-    // So does a setting that only training used to refuse, after writing the stage's recipe.
-    let p = write(
-        "late-lora.toml",
-        format!(
-            "set = [\"model.path=\\\"{}\\\"\"]\n{}{}set = [\"lora.r=0\"]\n",
-            s(&tmp.path().join("base")),
-            stage("sft", "tiny-sft.toml"),
-            stage("dpo", "tiny-dpo.toml")
+        (
+            "late-lora",
+            format!("{}set = [\"lora.r=0\"]\n", stage("dpo", "tiny-dpo.toml")),
+            ["stage 2 (`dpo`)", "lora.r must be positive"],
         ),
-    );
-    let out = tmp.path().join("late-lora");
-    fails(
-        &["pipeline", s(&p), "--out", s(&out)],
-        &["stage 2 (`dpo`)", "lora.r must be positive"],
-    );
-    assert!(!out.exists());
+    ] {
+        let p = write(
+            &format!("{name}.toml"),
+            format!(
+                "set = [\"model.path=\\\"{}\\\"\"]\n{}{last}",
+                s(&tmp.path().join("base")),
+                stage("sft", "tiny-sft.toml"),
+            ),
+        );
+        let out = tmp.path().join(name);
+        fails(&["pipeline", s(&p), "--out", s(&out)], &needles);
+        assert!(!out.exists(), "{name}");
+    }
     let p = write(
         "report.toml",
         format!("[report]\nsamples = 3\n{}", stage("sft", "tiny-sft.toml")),
