@@ -237,59 +237,42 @@ fn preference_explicit_implicit_and_psychocounsel() {
     );
     assert_eq!(extra["margin"], 2.0);
 
-    let p = jsonl(
-        dir.path(),
-        "implicit.jsonl",
-        &[json!({
-        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
-        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]})],
-    );
-    let Example::Pair {
-        prompt,
-        chosen,
-        rejected,
-        ..
-    } = &load(&p).examples[0]
-    else {
-        panic!()
-    };
-    assert_eq!(
-        (prompt.as_slice(), chosen.as_slice(), rejected.as_slice()),
+    // Conversations that share their start, alone (the prompt is that start) or beside
+    // the prompt as text (ultrafeedback_binarized: the conversations' start wins, as TRL's
+    // maybe_extract_prompt has it).
+    let side = |reply: &str| json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]);
+    for (name, row) in [
         (
-            &[m("user", "q")][..],
-            &[m("assistant", "good")][..],
-            &[m("assistant", "bad")][..]
-        )
-    );
-    // ultrafeedback_binarized: the prompt as text, and again at the start of each side.
-    let p = jsonl(
-        dir.path(),
-        "h4.jsonl",
-        &[json!({
-        "prompt": "q", "prompt_id": "abc", "score_chosen": 8.0,
-        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
-        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]})],
-    );
-    let loaded = load(&p);
-    assert_eq!(loaded.format, Format::Preference);
-    let Example::Pair {
-        prompt,
-        chosen,
-        rejected,
-        extra,
-    } = &loaded.examples[0]
-    else {
-        panic!()
-    };
-    assert_eq!(
-        (prompt.as_slice(), chosen.as_slice(), rejected.as_slice()),
+            "implicit.jsonl",
+            json!({"chosen": side("good"), "rejected": side("bad")}),
+        ),
         (
-            &[m("user", "q")][..],
-            &[m("assistant", "good")][..],
-            &[m("assistant", "bad")][..]
-        )
-    );
-    assert_eq!(extra["prompt_id"], "abc");
+            "h4.jsonl",
+            json!({"prompt": "q", "prompt_id": "abc", "chosen": side("good"), "rejected": side("bad")}),
+        ),
+    ] {
+        let loaded = load(&jsonl(dir.path(), name, &[row]));
+        assert_eq!(loaded.format, Format::Preference);
+        let Example::Pair {
+            prompt,
+            chosen,
+            rejected,
+            extra,
+        } = &loaded.examples[0]
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (prompt.as_slice(), chosen.as_slice(), rejected.as_slice()),
+            (
+                &[m("user", "q")][..],
+                &[m("assistant", "good")][..],
+                &[m("assistant", "bad")][..]
+            ),
+            "{name}"
+        );
+        assert!(!extra.contains_key("prompt"), "{name}");
+    }
 
     let p = jsonl(
         dir.path(),
