@@ -60,6 +60,31 @@ fn logits(model: &Path, cases: &Path, out: &Path) -> Vec<f32> {
     read_f32(out, "logits").1
 }
 
+/// `hearth logits` of `model` (with `adapter`) on `text`, written to `out` and read back.
+fn logits_of_text(model: &Path, adapter: Option<&Path>, text: &str, out: &Path) -> Vec<f32> {
+    let mut args = vec![
+        "logits",
+        "--model",
+        s(model),
+        "--text",
+        text,
+        "--out",
+        s(out),
+    ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    ok(&args);
+    read_f32(out, "logits").1
+}
+
+fn max_abs_diff(x: &[f32], y: &[f32]) -> f32 {
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn logits_command_matches_transformers_on_both_fixtures() {
     let tmp = tempfile::tempdir().unwrap();
@@ -916,18 +941,8 @@ fn train_tiny_sft_recipe_end_to_end() {
 
     // base + adapter and the merged checkpoint give the same logits; both differ from base.
     let text = "Client: I keep worrying about work.";
-    let with_adapter = tmp.path().join("a.safetensors");
-    ok(&[
-        "logits",
-        "--model",
-        s(&base),
-        "--adapter",
-        s(&adapter),
-        "--text",
-        text,
-        "--out",
-        s(&with_adapter),
-    ]);
+    let at = |name: &str| tmp.path().join(name);
+    let a = logits_of_text(&base, Some(&adapter), text, &at("a.safetensors"));
     let merged = tmp.path().join("merged");
     ok(&[
         "merge",
@@ -939,43 +954,14 @@ fn train_tiny_sft_recipe_end_to_end() {
         s(&merged),
     ]);
     assert!(merged.join("tokenizer.json").is_file());
-    let from_merged = tmp.path().join("m.safetensors");
-    ok(&[
-        "logits",
-        "--model",
-        s(&merged),
-        "--text",
-        text,
-        "--out",
-        s(&from_merged),
-    ]);
-    let plain = tmp.path().join("p.safetensors");
-    ok(&[
-        "logits",
-        "--model",
-        s(&base),
-        "--text",
-        text,
-        "--out",
-        s(&plain),
-    ]);
-    let (a, m, p) = (
-        read_f32(&with_adapter, "logits").1,
-        read_f32(&from_merged, "logits").1,
-        read_f32(&plain, "logits").1,
-    );
-    let max_diff = |x: &[f32], y: &[f32]| {
-        x.iter()
-            .zip(y)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max)
-    };
+    let m = logits_of_text(&merged, None, text, &at("m.safetensors"));
+    let p = logits_of_text(&base, None, text, &at("p.safetensors"));
     assert!(
-        max_diff(&a, &m) < 1e-4,
+        max_abs_diff(&a, &m) < 1e-4,
         "merged differs from base + adapter by {}",
-        max_diff(&a, &m)
+        max_abs_diff(&a, &m)
     );
-    assert!(max_diff(&a, &p) > 1e-2, "training changed nothing");
+    assert!(max_abs_diff(&a, &p) > 1e-2, "training changed nothing");
 
     // A second run into the same directory is refused; unknown keys name the nearest one.
     fails(&sft.out(&run), &["already holds a run"]);
@@ -1016,21 +1002,7 @@ fn merging_adapted_tied_embeddings_keeps_the_head() {
     let adapter = run.join("final");
     let text = "Client: I keep worrying about work.";
     let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
-        let out = tmp.path().join(name);
-        let mut args = vec![
-            "logits",
-            "--model",
-            s(model),
-            "--text",
-            text,
-            "--out",
-            s(&out),
-        ];
-        if let Some(a) = adapter {
-            args.extend(["--adapter", s(a)]);
-        }
-        ok(&args);
-        read_f32(&out, "logits").1
+        logits_of_text(model, adapter, text, &tmp.path().join(name))
     };
     let with_adapter = logits(&base, Some(&adapter), "a.safetensors");
     let plain = logits(&base, None, "p.safetensors");
@@ -1065,18 +1037,12 @@ fn merging_adapted_tied_embeddings_keeps_the_head() {
         s(&gguf_dir.join("m.gguf")),
     ]);
     let from_gguf = logits(&gguf_dir, None, "g.safetensors");
-    let max_diff = |x: &[f32], y: &[f32]| {
-        x.iter()
-            .zip(y)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max)
-    };
     assert!(
-        max_diff(&with_adapter, &plain) > 1e-3,
+        max_abs_diff(&with_adapter, &plain) > 1e-3,
         "training changed nothing"
     );
     for (name, got) in [("merged", &from_merged), ("gguf", &from_gguf)] {
-        let d = max_diff(&with_adapter, got);
+        let d = max_abs_diff(&with_adapter, got);
         assert!(d < 1e-4, "{name} differs from base + adapter by {d}");
     }
 }
