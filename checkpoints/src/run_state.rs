@@ -32,6 +32,19 @@ pub struct TrainerState {
     /// state saved before it was recorded.
     #[serde(default)]
     pub global_batch: usize,
+    /// The steps since the last logged line, kept in checkpoints so that a run resumed
+    /// inside a `logging_steps` window logs the same average.
+    #[serde(default)]
+    pub log_window: LogWindow,
+}
+
+/// The finite steps since the last logged line: their count, their losses summed, and each
+/// metric folded as it combines (summed, or its min or max) with the steps it came in.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LogWindow {
+    pub steps: usize,
+    pub loss: f64,
+    pub metrics: Vec<(String, f64, usize)>,
 }
 
 impl TrainerState {
@@ -48,6 +61,7 @@ impl TrainerState {
             eval_history: Vec::new(),
             skipped_steps: 0,
             global_batch: 0,
+            log_window: LogWindow::default(),
         }
     }
 

@@ -449,18 +449,20 @@ impl<'a> Loop<'a> {
         let finite = st.bad.is_none();
         if finite {
             self.s.history.push((step, st.loss));
+            super::log_window::add(&mut self.s.log_window, st.loss, &st.metrics);
         }
         let step_tps = st.tokens as f64 / st.seconds.max(1e-9);
         if finite && (step.is_multiple_of(t.logging_steps.max(1)) || step == self.total) {
+            let (loss, metrics) = super::log_window::take(&mut self.s.log_window, &st.metrics);
             let mut line = json!({
-                "loss": st.loss, "learning_rate": st.lr, "grad_norm": st.grad_norm,
+                "loss": loss, "learning_rate": st.lr, "grad_norm": st.grad_norm,
                 "num_tokens": self.s.seen_tokens, "epoch": self.epoch_f(), "step": step,
                 "step_time": st.seconds, "train_tokens_per_second": step_tps,
             });
             if let Some(mb) = peak_memory_mb() {
                 line["peak_memory_mb"] = json!(mb);
             }
-            for (name, value, _) in &st.metrics.0 {
+            for (name, value, _) in &metrics.0 {
                 line[name.as_ref()] = json!(value);
             }
             run.log(&line)?;

@@ -10,6 +10,7 @@
 
 pub mod data;
 mod eval;
+mod log_window;
 mod looping;
 pub mod schedule;
 pub mod setup;
