@@ -6,6 +6,7 @@
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
 use super::{Metrics, scaled_preference_metrics, smoothed_sigmoid_loss, values};
@@ -39,10 +40,13 @@ pub struct Cpo(CpoSection);
 /// The registry's constructor: the `[cpo]` section (or its defaults), checked.
 pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
     let s = recipe.cpo.clone().unwrap_or_default();
-    if !(s.beta > 0.0 && s.beta.is_finite()) {
-        return Err(format!("cpo.beta {} must be positive", s.beta));
+    if !(s.beta > 0.0 && fits_f32(s.beta)) {
+        return Err(format!(
+            "cpo.beta {} must be positive (and within f32)",
+            crate::recipe::shown(s.beta)
+        ));
     }
-    if !(s.cpo_alpha >= 0.0 && s.cpo_alpha.is_finite()) {
+    if !(s.cpo_alpha >= 0.0 && fits_f32(s.cpo_alpha)) {
         return Err(format!(
             "cpo.cpo_alpha {} must be non-negative",
             s.cpo_alpha

@@ -11,6 +11,7 @@ use std::str::FromStr;
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective, Prepare};
 pub use super::pairs::PairLogps;
 use super::pairs::Pairs;
@@ -85,8 +86,25 @@ pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String>
         .loss_type
         .parse::<DpoLossType>()
         .map_err(|e| format!("dpo.loss_type: {e}"))?;
-    if !(d.beta > 0.0 && d.beta.is_finite()) {
-        return Err(format!("dpo.beta {} must be positive", d.beta));
+    if !(d.beta > 0.0 && fits_f32(d.beta)) {
+        return Err(format!(
+            "dpo.beta {} must be positive (and within f32)",
+            crate::recipe::shown(d.beta)
+        ));
+    }
+    // TRL's ipo and hinge losses take no label smoothing; set, it would change nothing.
+    if d.label_smoothing != 0.0 && matches!(loss_type, DpoLossType::Ipo | DpoLossType::Hinge) {
+        return Err(format!(
+            "dpo.label_smoothing {} is read by loss_type sigmoid and robust only, not {}",
+            d.label_smoothing, d.loss_type
+        ));
+    }
+    if d.ref_cache_dir.is_some() && !d.precompute_ref_log_probs {
+        return Err(
+            "dpo.ref_cache_dir keeps precomputed reference log-probs; it needs \
+             dpo.precompute_ref_log_probs = true"
+                .into(),
+        );
     }
     if !(0.0..0.5).contains(&d.label_smoothing) {
         return Err(format!(

@@ -34,6 +34,12 @@ pub enum Combine {
     Max,
 }
 
+/// Whether a recipe's coefficient survives the trip into f32 tensors: a finite f64 beyond
+/// f32's range (`beta = 1e39`) becomes infinite there, and every step's loss with it.
+pub fn fits_f32(x: f64) -> bool {
+    x.is_finite() && x.abs() <= f64::from(f32::MAX)
+}
+
 /// Named metrics of one batch, under TRL's names.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metrics(pub Vec<(Cow<'static, str>, f64, Combine)>);

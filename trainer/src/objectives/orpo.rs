@@ -6,6 +6,7 @@
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
 use super::{Metrics, log_sigmoid, log1m_exp, mean, scaled_preference_metrics, values};
@@ -39,8 +40,11 @@ pub struct Orpo(OrpoSection);
 /// The registry's constructor: the `[orpo]` section (or its defaults), checked.
 pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
     let o = recipe.orpo.clone().unwrap_or_default();
-    if !(o.lambda >= 0.0 && o.lambda.is_finite()) {
-        return Err(format!("orpo.lambda {} must be non-negative", o.lambda));
+    if !(o.lambda >= 0.0 && fits_f32(o.lambda)) {
+        return Err(format!(
+            "orpo.lambda {} must be non-negative (and within f32)",
+            crate::recipe::shown(o.lambda)
+        ));
     }
     Ok(Box::new(Orpo(o)))
 }

@@ -4,6 +4,7 @@
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
 use super::sequences::{halves, reward_scores};
@@ -29,7 +30,7 @@ pub struct Reward(RewardSection);
 pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
     let section = recipe.reward.clone().unwrap_or_default();
     let c = section.center_rewards_coefficient;
-    if !(c >= 0.0 && c.is_finite()) {
+    if !(c >= 0.0 && fits_f32(c)) {
         return Err(format!(
             "reward.center_rewards_coefficient {c} must be ≥ 0 (0 turns centring off)"
         ));

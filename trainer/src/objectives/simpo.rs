@@ -6,6 +6,7 @@
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
 use super::{Metrics, scaled_preference_metrics, smoothed_sigmoid_loss};
@@ -40,11 +41,17 @@ pub struct Simpo(SimpoSection);
 /// The registry's constructor: the `[simpo]` section (or its defaults), checked.
 pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
     let s = recipe.simpo.clone().unwrap_or_default();
-    if !(s.beta > 0.0 && s.beta.is_finite()) {
-        return Err(format!("simpo.beta {} must be positive", s.beta));
+    if !(s.beta > 0.0 && fits_f32(s.beta)) {
+        return Err(format!(
+            "simpo.beta {} must be positive (and within f32)",
+            crate::recipe::shown(s.beta)
+        ));
     }
-    if !s.gamma.is_finite() {
-        return Err(format!("simpo.gamma {} must be finite", s.gamma));
+    if !fits_f32(s.gamma) {
+        return Err(format!(
+            "simpo.gamma {} must be finite (and within f32)",
+            crate::recipe::shown(s.gamma)
+        ));
     }
     if !(0.0..0.5).contains(&s.label_smoothing) {
         return Err(format!(

@@ -792,6 +792,79 @@ mod tests {
         assert!(err.contains("must divide"), "{err}");
     }
 
+    /// Settings a method would ignore, or that overflow the f32 tensors they go into, are
+    /// refused when the recipe is read, naming the key.
+    #[test]
+    fn settings_a_method_would_ignore_or_overflow_are_refused() {
+        let method = |m: &str, extra: &[&str]| {
+            let mut sets = vec![format!("train.method={m}")];
+            sets.extend(extra.iter().map(|e| e.to_string()));
+            parse(MINIMAL, "r.toml", &sets).map(|_| ())
+        };
+        for (m, extra, want) in [
+            (
+                "dpo",
+                &["dpo.loss_type=ipo", "dpo.label_smoothing=0.2"][..],
+                "dpo.label_smoothing 0.2 is read by loss_type sigmoid and robust only",
+            ),
+            (
+                "dpo",
+                &["dpo.ref_cache_dir=/tmp/refs"],
+                "needs dpo.precompute_ref_log_probs",
+            ),
+            (
+                "dpo",
+                &["dpo.beta=1e39"],
+                "dpo.beta 1e39 must be positive (and within f32)",
+            ),
+            ("simpo", &["simpo.gamma=-1e39"], "simpo.gamma"),
+            (
+                "grpo",
+                &["grpo.max_turns=9"],
+                "grpo.max_turns shapes session rollouts",
+            ),
+            (
+                "grpo",
+                &["grpo.aggregate=\"min\""],
+                "grpo.aggregate shapes session rollouts",
+            ),
+            (
+                "grpo",
+                &[
+                    "grpo.rollout=session",
+                    "grpo.client.kind=command",
+                    "grpo.client.command=[\"python3\", \"c.py\"]",
+                    "grpo.client.temperature=0.2",
+                ],
+                "grpo.client.temperature is for kind = \"model\"",
+            ),
+            (
+                "grpo",
+                &["grpo.rollout=session", "grpo.client.timeout_s=5"],
+                "grpo.client.timeout_s is for kind = \"command\"",
+            ),
+        ] {
+            let mut all = vec!["train.per_device_train_batch_size=8"];
+            if m == "grpo" {
+                all.push("grpo.rewards=[{kind = \"format\"}]");
+            }
+            all.extend_from_slice(extra);
+            let err = method(m, &all).unwrap_err().to_string();
+            assert!(err.contains(want), "{m} {extra:?}: {err}");
+        }
+        method("dpo", &["dpo.label_smoothing=0.2"]).unwrap();
+        method(
+            "grpo",
+            &[
+                "train.per_device_train_batch_size=8",
+                "grpo.rewards=[{kind = \"format\"}]",
+                "grpo.rollout=session",
+                "grpo.max_turns=9",
+            ],
+        )
+        .unwrap();
+    }
+
     /// A value that opens like TOML but does not parse is refused; bare words stay strings.
     #[test]
     fn broken_toml_values_are_refused_not_kept_as_text() {

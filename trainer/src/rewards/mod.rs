@@ -119,8 +119,10 @@ pub fn check_specs(specs: &[RewardSpec]) -> std::result::Result<(), String> {
                 }
             )));
         }
-        if !spec.weight.is_finite() {
-            return Err(bad("weight must be a finite number".into()));
+        if !crate::objectives::fits_f32(spec.weight) {
+            return Err(bad(
+                "weight must be a finite number within f32's range".into()
+            ));
         }
         match spec.kind.as_str() {
             "length" => {

@@ -19,6 +19,7 @@ pub use session::{ClientSection, SessionSettings};
 use super::objective::{LossInput, MicroOutput, Objective, Prepare, StepInput, StepLosses};
 use crate::examples::{Batching, Examples, Micro, Shape};
 use crate::generate::Sampling;
+use crate::objectives::fits_f32;
 use crate::recipe::Recipe;
 use crate::rewards::{RewardContext, RewardSpec, Rewards};
 use crate::{Result, TrainerError};
@@ -136,17 +137,20 @@ impl GrpoSettings {
             );
         }
         let eps_high = g.epsilon_high.unwrap_or(g.epsilon);
-        if !(g.epsilon >= 0.0 && g.epsilon < 1.0 && eps_high >= 0.0 && eps_high.is_finite()) {
+        if !(g.epsilon >= 0.0 && g.epsilon < 1.0 && eps_high >= 0.0 && fits_f32(eps_high)) {
             return Err(format!(
                 "grpo.epsilon {} must be in [0, 1) and epsilon_high {eps_high} non-negative",
                 g.epsilon
             ));
         }
-        if !(g.beta >= 0.0 && g.beta.is_finite()) {
-            return Err(format!("grpo.beta {} must be non-negative", g.beta));
+        if !(g.beta >= 0.0 && fits_f32(g.beta)) {
+            return Err(format!(
+                "grpo.beta {} must be non-negative (and within f32)",
+                crate::recipe::shown(g.beta)
+            ));
         }
         let sampling_ok =
-            g.temperature >= 0.0 && g.temperature.is_finite() && g.top_p > 0.0 && g.top_p <= 1.0;
+            g.temperature >= 0.0 && fits_f32(g.temperature) && g.top_p > 0.0 && g.top_p <= 1.0;
         if !sampling_ok {
             return Err(format!(
                 "grpo.temperature {} must be ≥ 0 and top_p {} in (0, 1]",
@@ -161,6 +165,21 @@ impl GrpoSettings {
                         "[grpo.client] plays the client of session rollouts; set grpo.rollout = \"session\""
                             .into(),
                     );
+                }
+                let unset = GrpoSection::default();
+                let session_only = [
+                    ("max_turns", g.max_turns != unset.max_turns),
+                    (
+                        "max_session_tokens",
+                        g.max_session_tokens != unset.max_session_tokens,
+                    ),
+                    ("aggregate", g.aggregate != unset.aggregate),
+                ];
+                if let Some((key, _)) = session_only.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "grpo.{key} shapes session rollouts, which a single-turn run does not \
+                         make; set grpo.rollout = \"session\" or drop it"
+                    ));
                 }
                 None
             }

@@ -126,10 +126,20 @@ impl SessionSettings {
             return Err("grpo.max_turns and grpo.max_session_tokens must be positive".into());
         }
         let client = client.cloned().unwrap_or_default();
+        // Keys one kind reads and the other would ignore without a word; a key left at its
+        // default cannot be told from one not written, and changes nothing either way.
+        let unset = ClientSection::default();
         match client.kind.as_str() {
             "model" => {
                 if client.command.is_some() {
                     return Err("grpo.client.command is for kind = \"command\"".into());
+                }
+                if client.timeout_s != unset.timeout_s {
+                    return Err(
+                        "grpo.client.timeout_s is for kind = \"command\": a model client \
+                         answers within max_new_tokens"
+                            .into(),
+                    );
                 }
             }
             "command" => {
@@ -139,6 +149,13 @@ impl SessionSettings {
                     ("adapter", client.adapter.is_some()),
                     ("persona_template", client.persona_template.is_some()),
                     ("end_text", client.end_text.is_some()),
+                    ("temperature", client.temperature != unset.temperature),
+                    ("top_p", client.top_p != unset.top_p),
+                    ("top_k", client.top_k != unset.top_k),
+                    (
+                        "max_new_tokens",
+                        client.max_new_tokens != unset.max_new_tokens,
+                    ),
                 ];
                 if let Some((key, _)) = model_only.iter().find(|(_, set)| *set) {
                     return Err(format!(
