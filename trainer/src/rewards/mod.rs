@@ -240,6 +240,10 @@ impl Rewards {
     }
 }
 
+/// Far beyond any reward's scale, and small enough that weighted sums of scores and the
+/// squares of their spreads stay finite in f64.
+const MAX_SCORE: f64 = 1e100;
+
 impl Weighted {
     /// The reward's scores, checked: one per sample, each finite.
     pub fn scores(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
@@ -255,6 +259,15 @@ impl Weighted {
         if let Some(bad) = scores.iter().flatten().find(|x| !x.is_finite()) {
             return Err(TrainerError::Input(format!(
                 "reward `{}` gave a non-finite score ({bad})",
+                self.reward.name()
+            )));
+        }
+        // Finite but vast scores overflow the group's sums and spreads, and every
+        // advantage silently becomes 0 or NaN.
+        if let Some(bad) = scores.iter().flatten().find(|x| x.abs() > MAX_SCORE) {
+            return Err(TrainerError::Input(format!(
+                "reward `{}` gave the score {bad:e}, beyond ±{MAX_SCORE:e}: rewards that large \
+                 overflow the group's mean and spread; scale them down",
                 self.reward.name()
             )));
         }
@@ -355,5 +368,30 @@ mod tests {
         assert_eq!(m.get("rewards/a/mean"), Some(0.5));
         assert_eq!(m.get("rewards/b/mean"), Some(0.0));
         assert!((m.get("rewards/b/std").unwrap() - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// Scores past what sums and spreads hold are refused, not turned into zero
+    /// advantages; ±1e100 itself passes.
+    #[test]
+    fn vast_scores_are_refused() {
+        let extra = Map::new();
+        let s = Sample {
+            prompt: &[],
+            completion: "",
+            extra: &extra,
+        };
+        let set = |v: f64| {
+            Rewards(vec![Weighted {
+                reward: Box::new(Fixed("big", vec![Some(v), Some(-v)])),
+                weight: 1.0,
+            }])
+        };
+        let e = set(1.7e308).score(&[s, s]).unwrap_err().to_string();
+        assert!(
+            e.contains("`big`") && e.contains("1.7e308") && e.contains("scale"),
+            "{e}"
+        );
+        let (total, _) = set(1e100).score(&[s, s]).unwrap();
+        assert_eq!(total, vec![1e100, -1e100]);
     }
 }

@@ -87,7 +87,13 @@ pub fn advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> (Vec<f6
         let mean = g.iter().sum::<f64>() / g.len() as f64;
         let s = std(g);
         stds.push(s);
-        if s.abs() < 1e-8 {
+        // TRL counts the spread the advantages divide by: the batch's under batch scaling.
+        let spread = if scale == ScaleRewards::Batch {
+            batch_std
+        } else {
+            s
+        };
+        if spread.abs() < 1e-8 {
             zero_std += 1;
         }
         let denominator = match scale {
@@ -275,8 +281,13 @@ mod tests {
         let (a, m) = advantages(&r, 3, ScaleRewards::Batch);
         close(a[0], -1.0 / (batch_std + 1e-4), 1e-12);
         close(m.get("reward_std").unwrap(), batch_std, 1e-12);
-        let (a, _) = advantages(&r, 3, ScaleRewards::None);
+        // The batch has spread, so no completion's advantage divides by a zero std.
+        close(m.get("frac_reward_zero_std").unwrap(), 0.0, 1e-12);
+        let (_, m) = advantages(&[2.0; 6], 3, ScaleRewards::Batch);
+        close(m.get("frac_reward_zero_std").unwrap(), 1.0, 1e-12);
+        let (a, m) = advantages(&r, 3, ScaleRewards::None);
         assert_eq!(a, vec![-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
+        close(m.get("frac_reward_zero_std").unwrap(), 0.5, 1e-12);
     }
 
     /// Four tokens, hand-computed: ρ = e^{θ−old}; the clip only binds where it lowers the
