@@ -3172,6 +3172,23 @@ fn pipeline_reruns_take_up_what_an_earlier_run_left() {
         recipe_b
     );
     assert!(out.join("b/final").is_dir());
+    // While another process holds the pipeline's directory, a second run is refused, and
+    // the stages it holds are left as they are.
+    {
+        let _first = checkpoints::run_dir::hold(&out).unwrap();
+        fails(
+            &[
+                "pipeline",
+                s(&p),
+                "--out",
+                s(&out),
+                "--set",
+                "train.max_steps=1",
+            ],
+            &["is writing this run"],
+        );
+        assert!(out.join("b/final").is_dir());
+    }
     let quoted = tmp.path().join("p\"q");
     fails(
         &["pipeline", s(&p), "--out", s(&quoted)],

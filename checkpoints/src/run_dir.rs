@@ -58,6 +58,14 @@ pub struct RunDir {
 /// Takes the run's lock, or says which process holds it. Where the file system has no
 /// locks (or the directory cannot be written, which the run's first write reports), the
 /// run goes on without one.
+/// Holds `root`'s lock while the returned file lives ([`lock`]'s rules): a pipeline holds
+/// its directory's for its whole run, and a stage's before clearing it, so two processes
+/// never write, or delete, each other's runs.
+pub fn hold(root: &Path) -> Result<Option<std::fs::File>> {
+    std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+    lock(root)
+}
+
 fn lock(root: &Path) -> Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
     let path = root.join(LOCK_FILE);

@@ -283,10 +283,15 @@ fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<
             }
             return train(recipe, dir, true, progress);
         }
-        // Stopped before its first checkpoint: nothing in it can be used; start it again.
+        // Stopped before its first checkpoint: nothing in it can be used; start it again,
+        // unless a process still writes it (its lock, which clearing would delete).
         let removed = if dp.is_main() {
-            std::fs::remove_dir_all(dir)
-                .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))
+            checkpoints::run_dir::hold(dir)
+                .map_err(TrainerError::from)
+                .and_then(|_held| {
+                    std::fs::remove_dir_all(dir)
+                        .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))
+                })
         } else {
             Ok(())
         };
@@ -357,6 +362,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
     let planned = plan(&p, path, out, sets)?;
     check_root(out)?;
     let mut dp: Option<Group> = None;
+    let mut _held = None;
     let mut stages = Vec::new();
     let mut done: Vec<(String, Recipe, PathBuf)> = Vec::new();
     let count = planned.len();
@@ -367,7 +373,13 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             run_dir,
         } = stage;
         if dp.is_none() {
-            dp = Some(Group::from_env(&crate::train::dist_options(&recipe))?);
+            let group = Group::from_env(&crate::train::dist_options(&recipe))?;
+            // A second pipeline into the same directory would clear and write this one's
+            // stages under it: refused while this one runs.
+            if group.is_main() {
+                _held = checkpoints::run_dir::hold(out)?;
+            }
+            dp = Some(group);
         }
         let dp = dp
             .as_ref()
