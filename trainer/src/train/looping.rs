@@ -279,9 +279,11 @@ impl<'a> Loop<'a> {
                 if self.p.recipe.train.eval_steps > 0
                     && step.is_multiple_of(self.p.recipe.train.eval_steps)
                     && step < self.total
-                    && let Some((loss, _)) = self.eval()?
                 {
-                    self.s.eval_history.push((step, loss));
+                    if let Some((loss, _)) = self.eval()? {
+                        self.s.eval_history.push((step, loss));
+                    }
+                    self.take_late_signal()?;
                 }
                 // The position after this group; the end of an epoch is the next one's start.
                 let reuse_next = iteration + 1 < iterations;
@@ -510,6 +512,24 @@ impl<'a> Loop<'a> {
             .run
             .latest_checkpoint(self.p.required)
             .map_or("none".to_string(), |(_, d)| d.display().to_string())
+    }
+
+    /// A stop signal that came during an evaluation stops the run at this step's
+    /// checkpoint, not after one more step (which may outlast a scheduler's grace period);
+    /// every rank learns of it, so all stop together.
+    fn take_late_signal(&mut self) -> Result<()> {
+        let local = crate::signals::take().map_or(-1.0, f64::from);
+        let all = self
+            .p
+            .dp
+            .gather(&[local], "a stop signal during evaluation")?;
+        let late = all
+            .iter()
+            .filter_map(|v| v.first())
+            .find(|&&v| v >= 0.0)
+            .map(|&v| v as i32);
+        self.pending_signal = self.pending_signal.or(late);
+        Ok(())
     }
 
     /// Writes a checkpoint when one is due or a stop signal came; after a signal the run
