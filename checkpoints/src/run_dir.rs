@@ -395,6 +395,7 @@ impl RunDir {
         keep: usize,
         write: impl FnOnce(&Path) -> std::result::Result<(), E>,
     ) -> std::result::Result<PathBuf, E> {
+        self.sync_logs()?;
         let path = self.atomic_dir(&format!("{CHECKPOINT_PREFIX}{step}"), write)?;
         if keep > 0 && self.writer {
             let mut steps: Vec<usize> = std::fs::read_dir(&self.root)
@@ -417,11 +418,28 @@ impl RunDir {
         Ok(path)
     }
 
+    /// The logs on disk before a checkpoint or final/ that follows them: appends are only
+    /// flushed, and after a power loss a synced checkpoint beside a log missing its last
+    /// lines would resume with those steps gone from the record.
+    fn sync_logs(&self) -> Result<()> {
+        if !self.writer {
+            return Ok(());
+        }
+        for name in [METRICS_FILE, COMPLETIONS_FILE] {
+            let path = self.root.join(name);
+            if let Ok(f) = std::fs::File::open(&path) {
+                f.sync_all().map_err(|e| io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `final/` through `write`.
     pub fn finish<E: From<CheckpointError>>(
         &self,
         write: impl FnOnce(&Path) -> std::result::Result<(), E>,
     ) -> std::result::Result<PathBuf, E> {
+        self.sync_logs()?;
         self.atomic_dir(FINAL_DIR, write)
     }
 

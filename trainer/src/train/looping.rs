@@ -664,14 +664,18 @@ impl<'a> Loop<'a> {
         };
         let (setup, model, optim) = (self.p.setup, &self.model, &self.optim);
         let run = self.p.run;
-        run.finish(|dir| state::save(dir, setup, (model, optim), &done, None, true))?;
-        run.plot(&self.s.history, &self.s.eval_history)?;
+        // The closing line and the plot come before final/: a run is finished once final/
+        // exists, and a kill between the two would leave its record short for good. A
+        // resume that finds no final/ drops this line again with the steps past its
+        // checkpoint.
         let sets = self.p.sets;
         run.log(&json!({
             "truncated": sets.counts.truncated, "dropped": sets.counts.dropped,
             "skipped_rows": sets.skipped_rows, "skipped_steps": self.s.skipped_steps,
             "train_runtime": self.started.elapsed().as_secs_f64(), "step": step,
         }))?;
+        run.plot(&self.s.history, &self.s.eval_history)?;
+        run.finish(|dir| state::save(dir, setup, (model, optim), &done, None, true))?;
         self.p.dp.agree(true, "writing the final weights")?;
         if sets.skipped_rows > 0 {
             eprintln!("skipped {} bad rows (skip_bad_rows)", sets.skipped_rows);
