@@ -2901,6 +2901,16 @@ fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
         &["recipe.toml", "no hearth run wrote"],
         &[&own],
     );
+    // The refused run leaves nothing of its own there, not even its lock file.
+    let left: Vec<_> = std::fs::read_dir(&project).unwrap().collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    // An --out that links to nothing is named as such.
+    let dangling = tmp.path().join("dangling");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+    fails(
+        &TinyRun::sft(&base).sets(&extra).out(&dangling),
+        &["dangling", "a link to nothing"],
+    );
 
     // A start that failed on its data leaves its recipe.toml alone; the same command
     // starts there once the data is mended.

@@ -177,7 +177,22 @@ impl RunDir {
                 "is not a directory; choose another --out".into(),
             ));
         }
+        if !root.exists() && root.symlink_metadata().is_ok() {
+            return Err(refuse(
+                root,
+                "is a link to nothing; choose another --out".into(),
+            ));
+        }
+        // Locked before its entries are judged: a run starting there at the same moment
+        // is named as such, not by the temporary file it is writing.
+        std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+        let had_lock_file = root.join(LOCK_FILE).exists();
+        let lock = lock(root)?;
         if let Some(name) = foreign_entry(root, own_recipe)? {
+            // A user's directory keeps nothing of the refused run.
+            if !had_lock_file {
+                let _ = std::fs::remove_file(root.join(LOCK_FILE));
+            }
             return Err(refuse(
                 root,
                 format!(
@@ -186,8 +201,6 @@ impl RunDir {
                 ),
             ));
         }
-        std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
-        let lock = lock(root)?;
         Ok(Self {
             root: root.to_path_buf(),
             writer: true,
