@@ -2904,6 +2904,18 @@ fn runs_start_only_in_their_own_directories_and_finished_runs_stay_finished() {
     // The refused run leaves nothing of its own there, not even its lock file.
     let left: Vec<_> = std::fs::read_dir(&project).unwrap().collect();
     assert_eq!(left.len(), 1, "{left:?}");
+    // A link in the lock file's place is refused, and what it points to kept.
+    let linked = tmp.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    let precious = tmp.path().join("precious.txt");
+    std::fs::write(&precious, "PRECIOUS").unwrap();
+    std::os::unix::fs::symlink(&precious, linked.join(".hearth.lock")).unwrap();
+    fails_keeping(
+        &TinyRun::sft(&base).sets(&extra).out(&linked),
+        &[".hearth.lock is not a plain file"],
+        &[&precious],
+    );
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "PRECIOUS");
     // An --out that links to nothing is named as such.
     let dangling = tmp.path().join("dangling");
     std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();

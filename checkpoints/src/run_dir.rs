@@ -68,12 +68,22 @@ pub fn hold(root: &Path) -> Result<Option<std::fs::File>> {
 
 fn lock(root: &Path) -> Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = root.join(LOCK_FILE);
+    // A link in the lock's place would have the holder's pid written through it, over a
+    // file outside the run.
+    if path.symlink_metadata().is_ok_and(|m| !m.is_file()) {
+        return Err(refuse(
+            root,
+            format!("{LOCK_FILE} is not a plain file (a link?); remove it or choose another --out"),
+        ));
+    }
     let Ok(mut file) = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
     else {
         return Ok(None);
