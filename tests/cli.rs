@@ -473,6 +473,33 @@ fn usage_errors_are_one_line() {
     assert!(stderr.contains("--input"), "{stderr}");
 }
 
+/// A row too long for its attention mask to fit is refused before the model loads, not
+/// as an allocation that aborts the process.
+#[test]
+fn logits_refuses_rows_whose_attention_mask_cannot_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model)]);
+    let cases = tmp.path().join("huge.safetensors");
+    let t = 200_000;
+    write_cases(&cases, &vec![0; t], &vec![1; t], [1, t]);
+    fails(
+        &[
+            "logits",
+            "--model",
+            s(&model),
+            "--input",
+            s(&cases),
+            "--out",
+            s(&tmp.path().join("o.safetensors")),
+        ],
+        &[
+            "huge.safetensors",
+            "200000 tokens need a 200000×200000 attention mask",
+        ],
+    );
+}
+
 #[test]
 fn text_input_pads_without_changing_any_row() {
     let tmp = tempfile::tempdir().unwrap();

@@ -96,6 +96,11 @@ impl Chat {
         if let Some(w) = self.past_context(&[prompt.len()], "the conversation") {
             eprintln!("warning: {w}");
         }
+        crate::model::mask::check_attention_size(
+            1,
+            prompt.len() + self.sampling.max_new_tokens,
+            "the conversation",
+        )?;
         let ids = generate(
             &self.model,
             &prompt,
@@ -186,7 +191,15 @@ impl Chat {
         }
         let mut rng = ChaCha8Rng::seed_from_u64(self.sampling.seed);
         let mut out = Vec::with_capacity(prompts.len() * samples);
-        for batch in ids.chunks(batch_size.max(1)) {
+        for (c, batch) in ids.chunks(batch_size.max(1)).enumerate() {
+            let longest = batch.iter().map(Vec::len).max().unwrap_or(0);
+            if let Some(j) = batch.iter().position(|p| p.len() == longest) {
+                crate::model::mask::check_attention_size(
+                    batch.len() * samples,
+                    longest + self.sampling.max_new_tokens,
+                    &format!("prompt {}", c * batch_size.max(1) + j + 1),
+                )?;
+            }
             let done = generate_groups(
                 &self.model,
                 batch,

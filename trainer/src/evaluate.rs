@@ -49,7 +49,12 @@ pub fn score_sequences(
         )
     })?;
     let mut out = Vec::with_capacity(seqs.len());
-    for chunk in seqs.chunks(BATCH) {
+    for (c, chunk) in seqs.chunks(BATCH).enumerate() {
+        let longest = chunk.iter().map(Vec::len).max().unwrap_or(0);
+        if let Some(j) = chunk.iter().position(|s| s.len() == longest) {
+            let which = format!("conversation {}", c * BATCH + j + 1);
+            crate::model::mask::check_attention_size(chunk.len(), longest, &which)?;
+        }
         let owned: Vec<data::tokenize::Sequence> = chunk
             .iter()
             .map(|ids| data::tokenize::Sequence {
@@ -322,7 +327,13 @@ fn margins(
     device: &Device,
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(BATCH) {
+    for (c, chunk) in pairs.chunks(BATCH).enumerate() {
+        let side = |p: &PairTokens| p.prompt.len() + p.chosen.len().max(p.rejected.len());
+        let longest = chunk.iter().map(side).max().unwrap_or(0);
+        if let Some(j) = chunk.iter().position(|p| side(p) == longest) {
+            let which = format!("pair {}", c * BATCH + j + 1);
+            crate::model::mask::check_attention_size(2 * chunk.len(), longest, &which)?;
+        }
         let refs: Vec<&PairTokens> = chunk.iter().collect();
         let batch = PairBatch::new(&refs, &[], pad, device);
         let n = batch.pairs;

@@ -138,6 +138,7 @@ pub fn write_logits(
             )
         }
     };
+    crate::model::mask::check_attention_size(batch.batch, batch.tokens, &source)?;
     let (config, model) = crate::model::load_tuned(model_dir, adapter, device)?;
     let TokenBatch {
         ids,

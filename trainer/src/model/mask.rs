@@ -1,5 +1,24 @@
 use burn::tensor::{Bool, Int, Tensor};
 
+/// The most a batch's `[B, 1, T, T]` attention mask may take (16 GiB of bools): past any
+/// device's room beside a model, and refused up front instead of as an allocation that
+/// aborts the process.
+const MAX_MASK_BYTES: u128 = 1 << 34;
+
+/// Refuses a batch of `batch` sequences padded to `tokens` whose attention mask would not
+/// fit; `what` names the input (a file and row) in the message.
+pub fn check_attention_size(batch: usize, tokens: usize, what: &str) -> crate::Result<()> {
+    let bytes = (tokens as u128).pow(2) * batch.max(1) as u128;
+    if bytes <= MAX_MASK_BYTES {
+        return Ok(());
+    }
+    Err(crate::TrainerError::Input(format!(
+        "{what}: {tokens} tokens need a {tokens}×{tokens} attention mask ({:.0} GiB for a \
+         batch of {batch}); cut the input to the model's context",
+        bytes as f64 / f64::from(1u32 << 30)
+    )))
+}
+
 /// Which keys each query must not see: later tokens (causal), keys of another example
 /// packed into the same row, padding, and keys further back than a sliding `window`
 /// (`i - j >= window`, as transformers counts it).
@@ -38,6 +57,22 @@ pub fn attention_mask(segments: Tensor<2, Int>, window: Option<usize>) -> Tensor
 mod tests {
     use super::*;
     use burn::tensor::{Device, TensorData};
+
+    /// 2^17 tokens alone take exactly 16 GiB of mask and pass; one more token, or a
+    /// second row, does not.
+    #[test]
+    fn attention_masks_past_16_gib_are_refused() {
+        check_attention_size(1, 1 << 17, "x").unwrap();
+        check_attention_size(8, 1 << 15, "x").unwrap();
+        let e = check_attention_size(2, 1 << 17, "pair 3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("pair 3: 131072 tokens") && e.contains("(32 GiB for a batch of 2)"),
+            "{e}"
+        );
+        check_attention_size(1, (1 << 17) + 1, "x").unwrap_err();
+    }
 
     fn flags(segments: Vec<i64>, b: usize, t: usize, window: Option<usize>) -> Vec<bool> {
         let pad = Tensor::<2, Int>::from_data(TensorData::new(segments, [b, t]), &Device::flex());

@@ -10,7 +10,7 @@ mod init;
 pub mod linear;
 mod llama;
 mod lora;
-mod mask;
+pub(crate) mod mask;
 mod mlp;
 mod norm;
 pub mod precision;
