@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use checkpoints::{OwnedTensor, WeightFiles};
+use checkpoints::{OwnedTensor, WeightDtype, WeightFiles};
 
 mod common;
 use common::{copy_dir, fails, hearth, jsonl, metric_lines, s};
@@ -497,6 +497,48 @@ fn logits_refuses_rows_whose_attention_mask_cannot_fit() {
             "huge.safetensors",
             "200000 tokens need a 200000×200000 attention mask",
         ],
+    );
+}
+
+/// A checkpoint holding a NaN weight is refused when loaded, naming the file and tensor,
+/// instead of answering NaN logits and empty replies.
+#[test]
+fn a_checkpoint_with_nan_weights_is_refused_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model), "--dtype", "f32"]);
+    let weights = model.join("model.safetensors");
+    let files = WeightFiles::open_file(&weights).unwrap();
+    let names: Vec<String> = files.names().map(str::to_string).collect();
+    let mut tensors = BTreeMap::new();
+    for name in names {
+        let (shape, mut values) = read_f32(&weights, &name);
+        if name == "model.norm.weight" {
+            values[3] = f32::NAN;
+        }
+        tensors.insert(
+            name,
+            OwnedTensor::from_f32(&values, shape, WeightDtype::F32),
+        );
+    }
+    drop(files);
+    checkpoints::write_safetensors(&weights, &tensors).unwrap();
+    let needles = ["model.norm.weight", "holds NaN at index 3", "broken"];
+    fails(
+        &[
+            "logits",
+            "--model",
+            s(&model),
+            "--text",
+            "hi",
+            "--out",
+            s(&tmp.path().join("o.safetensors")),
+        ],
+        &needles,
+    );
+    fails(
+        &["generate", "--model", s(&model), "--prompt", "hi"],
+        &needles,
     );
 }
 

@@ -206,9 +206,11 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
         let a = files
             .take(&lora_key(module, "A"), &[settings.r, inp])?
             .to_f32()?;
+        let a = super::checkpoint::finite(a, &weights_path, &lora_key(module, "A"))?;
         let b = files
             .take(&lora_key(module, "B"), &[out, settings.r])?
             .to_f32()?;
+        let b = super::checkpoint::finite(b, &weights_path, &lora_key(module, "B"))?;
         proj.lora = Some(Lora {
             a: Param::from_tensor(Tensor::from_data(
                 TensorData::new(a, [settings.r, inp]),
@@ -228,9 +230,11 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
         let a = files
             .take(&embedding_key("A"), &[settings.r, vocab])?
             .to_f32()?;
+        let a = super::checkpoint::finite(a, &weights_path, &embedding_key("A"))?;
         let b = files
             .take(&embedding_key("B"), &[hidden, settings.r])?
             .to_f32()?;
+        let b = super::checkpoint::finite(b, &weights_path, &embedding_key("B"))?;
         model.embed_lora = Some(Lora {
             a: Param::from_tensor(Tensor::from_data(
                 TensorData::new(a, [settings.r, vocab]),
@@ -254,6 +258,7 @@ pub fn load_adapter(dir: &Path, model: Llama, device: &Device) -> Result<(Llama,
             )?;
         }
         let w = files.take(SCORE_KEY, &[1, hidden])?.to_f32()?;
+        let w = super::checkpoint::finite(w, &weights_path, SCORE_KEY)?;
         model.score = Some(Linear {
             weight: Weight::Dense(Param::from_tensor(Tensor::from_data(
                 TensorData::new(w, [1, hidden]),

@@ -38,7 +38,11 @@ pub fn load_model_with(
     let files = WeightFiles::open_dir(dir)?;
     let mut tensors = HashMap::new();
     for spec in tensor_specs(&config) {
-        let values = files.take(&spec.name, &spec.shape)?.to_f32()?;
+        let values = finite(
+            files.take(&spec.name, &spec.shape)?.to_f32()?,
+            dir,
+            &spec.name,
+        )?;
         tensors.insert(spec.name, TensorData::new(values, spec.shape));
     }
     let tied = config.tie_word_embeddings;
@@ -48,6 +52,20 @@ pub fn load_model_with(
     })?;
     let model = super::with_path_ids(Llama::from_tensors(&config, tensors, device, quant)?);
     Ok((config, model))
+}
+
+/// `values` of the tensor `name` in `file`, refused when any is NaN or infinite: such a
+/// model answers nothing but NaN (or empty replies), and training from it fails with advice
+/// about the learning rate that does not apply.
+pub(crate) fn finite(values: Vec<f32>, file: &Path, name: &str) -> Result<Vec<f32>> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(values),
+        Some(i) => Err(TrainerError::Input(format!(
+            "{}: tensor `{name}` holds {} at index {i}: the checkpoint's weights are broken",
+            file.display(),
+            values[i]
+        ))),
+    }
 }
 
 fn load_gguf(path: &Path, device: &Device, quant: &Quantization) -> Result<(ModelConfig, Llama)> {
@@ -77,7 +95,7 @@ fn load_gguf(path: &Path, device: &Device, quant: &Quantization) -> Result<(Mode
                 .insert(spec.name.clone(), (std::sync::Arc::new(blocks), shape));
             continue;
         }
-        let values = file.tensor_f32(&spec.name, &spec.shape)?;
+        let values = finite(file.tensor_f32(&spec.name, &spec.shape)?, path, &spec.name)?;
         tensors.insert(spec.name, TensorData::new(values, spec.shape));
     }
     let quant = &quant;
