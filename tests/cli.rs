@@ -542,6 +542,36 @@ fn a_checkpoint_with_nan_weights_is_refused_at_load() {
     );
 }
 
+/// A pipe or a device where a config, tokenizer or recipe belongs is refused at once,
+/// never waited on or read until memory runs out.
+#[test]
+fn pipes_and_devices_are_no_configs_tokenizers_or_recipes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = |name: &str| {
+        let path = tmp.path().join(name);
+        let c = std::ffi::CString::new(s(&path)).unwrap();
+        // SAFETY: a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        path
+    };
+    let recipe = fifo("r.toml");
+    fails(&["train", s(&recipe)], &["r.toml", "not a regular file"]);
+    fails(
+        &["train", "/dev/zero"],
+        &["/dev/zero", "not a regular file"],
+    );
+    let model = tmp.path().join("m");
+    ok(&["init-model", "--out", s(&model)]);
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let c = std::ffi::CString::new(s(&model.join("tokenizer.json"))).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    fails(
+        &["generate", "--model", s(&model), "--prompt", "hi"],
+        &["tokenizer.json", "not a regular file"],
+    );
+}
+
 #[test]
 fn text_input_pads_without_changing_any_row() {
     let tmp = tempfile::tempdir().unwrap();

@@ -126,7 +126,8 @@ impl ModelConfig {
         } else {
             path.to_path_buf()
         };
-        let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        let bytes = crate::small_file::read(&path, crate::small_file::TEXT_LIMIT)
+            .map_err(|e| CheckpointError::io(&path, e))?;
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
         let text = std::str::from_utf8(bytes).map_err(|e| CheckpointError::NotACheckpoint {
             path: path.clone(),

@@ -16,6 +16,7 @@ pub mod pending;
 mod read;
 pub mod run_dir;
 pub mod run_state;
+pub mod small_file;
 pub mod tensorboard;
 mod write;
 

@@ -41,10 +41,11 @@ pub fn load(path: &Path) -> Result<Tokenizer, DataError> {
     } else {
         path.to_path_buf()
     };
-    let bytes = std::fs::read(&path).map_err(|source| DataError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let bytes = checkpoints::small_file::read(&path, checkpoints::small_file::TOKENIZER_LIMIT)
+        .map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?;
     // Told apart first: a file that is not JSON, JSON that is not a tokenizer, and a
     // tokenizer this library cannot read; the tokenizer's own parser says only where its
     // schema broke ("expected `,` or `}`").

@@ -84,7 +84,7 @@ pub struct PipelineReport {
 
 /// Reads a pipeline file.
 pub fn load(path: &Path) -> Result<Pipeline> {
-    let text = std::fs::read_to_string(path)
+    let text = checkpoints::small_file::read_text(path, checkpoints::small_file::TEXT_LIMIT)
         .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
     let p: Pipeline = toml::from_str(&text)
         .map_err(|e| TrainerError::Input(format!("{}: {}", path.display(), e.message())))?;

@@ -340,7 +340,10 @@ fn counseling_evals(dir: &Path, level: usize) -> String {
 /// Whether `path` is free for a report page: missing, or a page hearth wrote (its title
 /// starts with `hearth `). Pages are rewritten on every run, never over a user's file.
 pub fn page_replaceable(path: &Path) -> bool {
-    !path.exists() || std::fs::read_to_string(path).is_ok_and(|t| t.contains("<title>hearth "))
+    // A pipe or a device in the page's place is no page of hearth's, and is never read.
+    !path.exists()
+        || checkpoints::small_file::read_text(path, checkpoints::small_file::TOKENIZER_LIMIT)
+            .is_ok_and(|t| t.contains("<title>hearth "))
 }
 
 /// Writes a report page, refusing to replace a file of the same name that is not one.

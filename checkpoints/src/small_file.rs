@@ -1,0 +1,78 @@
+//! Reading the small text files a model or run is described by (configs, tokenizers,
+//! recipes, report pages) only when they are plain files of a sane size: a pipe named
+//! `config.json` would wait forever for a writer, and `/dev/zero` would be read until memory
+//! runs out.
+
+use std::io::Read;
+use std::path::Path;
+
+/// Configs, recipes and pipeline files: far past any real one.
+pub const TEXT_LIMIT: u64 = 64 << 20;
+/// Tokenizers of the largest vocabularies take some tens of MiB.
+pub const TOKENIZER_LIMIT: u64 = 1 << 30;
+
+/// `path`'s bytes, when it is a regular file (a link to one counts) of at most `limit`
+/// bytes; otherwise an error of kind `InvalidInput` saying which.
+pub fn read(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a pipe or a device?)"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is {what}"),
+        ));
+    }
+    let too_big = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is larger than the {} MiB such a file may be", limit >> 20),
+        )
+    };
+    if meta.len() > limit {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
+/// As [`read`], as UTF-8 text.
+pub fn read_text(path: &Path, limit: u64) -> std::io::Result<String> {
+    String::from_utf8(read(path, limit)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_files_within_the_limit_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.json");
+        std::fs::write(&file, "{}").unwrap();
+        assert_eq!(read_text(&file, 2).unwrap(), "{}");
+        let e = read(&file, 1).unwrap_err().to_string();
+        assert!(e.contains("larger than"), "{e}");
+        let e = read(dir.path(), 10).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        // A device: read whole it never ends.
+        let e = read(Path::new("/dev/zero"), 10).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode; mkfifo touches no memory of ours.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read(&fifo, 10).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+}
