@@ -830,16 +830,6 @@ mod tests {
             ),
             (
                 "grpo",
-                &[
-                    "grpo.rollout=session",
-                    "grpo.client.kind=command",
-                    "grpo.client.command=[\"python3\", \"c.py\"]",
-                    "grpo.client.temperature=0.2",
-                ],
-                "grpo.client.temperature is for kind = \"model\"",
-            ),
-            (
-                "grpo",
                 &["grpo.rollout=session", "grpo.client.timeout_s=5"],
                 "grpo.client.timeout_s is for kind = \"command\"",
             ),

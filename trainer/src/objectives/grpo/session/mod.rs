@@ -149,13 +149,9 @@ impl SessionSettings {
                     ("adapter", client.adapter.is_some()),
                     ("persona_template", client.persona_template.is_some()),
                     ("end_text", client.end_text.is_some()),
-                    ("temperature", client.temperature != unset.temperature),
-                    ("top_p", client.top_p != unset.top_p),
-                    ("top_k", client.top_k != unset.top_k),
-                    (
-                        "max_new_tokens",
-                        client.max_new_tokens != unset.max_new_tokens,
-                    ),
+                    // The sampling keys are left alone: a recipe written for a model client
+                    // and switched to a command one with --set keeps them, and --set cannot
+                    // unset a key.
                 ];
                 if let Some((key, _)) = model_only.iter().find(|(_, set)| *set) {
                     return Err(format!(
