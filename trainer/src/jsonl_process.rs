@@ -83,6 +83,7 @@ impl JsonLinesProcess {
                 )));
             }
         };
+        live_groups(|g| g.push(pid_of(&child)));
         Ok(Self {
             role,
             argv,
@@ -328,6 +329,8 @@ impl JsonLinesProcess {
             }
         }
         self.kill();
+        let pid = pid_of(&self.child);
+        live_groups(|g| g.retain(|&p| p != pid));
         let _ = self.child.wait();
         self.closed = true;
         // What its group wrote before it was killed is in the pipe (a bounded read: an
@@ -370,6 +373,33 @@ impl JsonLinesProcess {
             );
             r != 0 || info.si_pid() != 0
         }
+    }
+}
+
+/// The process groups of programs still running: a stop signal outside training ends
+/// hearth with `process::exit`, which runs no `Drop`, and a program in a group of its own
+/// gets no Ctrl-C from the terminal.
+static LIVE_GROUPS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+fn live_groups(f: impl FnOnce(&mut Vec<i32>)) {
+    if let Ok(mut g) = LIVE_GROUPS.lock() {
+        f(&mut g);
+    }
+}
+
+/// Kills every program still running, and what each started. For the signal watcher on
+/// its way out: it waits for no lock another thread may hold.
+pub fn kill_all() {
+    if let Ok(groups) = LIVE_GROUPS.try_lock() {
+        kill_groups(&groups);
+    }
+}
+
+fn kill_groups(groups: &[i32]) {
+    for &pid in groups {
+        // SAFETY: signals groups whose leaders this process started and has not reaped
+        // (reaping removes them from the list first).
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
     }
 }
 
@@ -654,5 +684,29 @@ mod tests {
             });
             assert!(gone(child), "{script}: its child {child} outlived it");
         }
+    }
+
+    /// What the signal watcher kills on its way out (where no `Drop` runs): every live
+    /// program's group, children included, as registered; closing afterwards still works
+    /// and unregisters it. (Only this test's group is killed: other tests run beside it.)
+    #[test]
+    fn live_programs_are_registered_and_killed_with_their_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 1000 & echo $! > '{}'; wait", pidfile.display());
+        let mut p = JsonLinesProcess::spawn("reward command", sh(&script), 5.0).unwrap();
+        let child = pid_in(&pidfile);
+        let leader = p.child.id();
+        assert!(live_groups_hold(leader));
+        kill_groups(&[leader as i32]);
+        assert!(gone(child) && gone(leader), "the group outlived kill_all");
+        bounded(move || {
+            let _ = p.close();
+            assert!(!live_groups_hold(leader));
+        });
+    }
+
+    fn live_groups_hold(pid: u32) -> bool {
+        LIVE_GROUPS.lock().unwrap().contains(&(pid as i32))
     }
 }

@@ -94,6 +94,7 @@ impl Drop for TrainingSignals {
 /// Leaves nothing half-written and exits the way a shell reports a signal.
 fn exit_on(signal: i32) -> ! {
     checkpoints::pending::abandon_all();
+    crate::jsonl_process::kill_all();
     eprintln!("stopped by {}", name(signal));
     std::process::exit(128 + signal)
 }
