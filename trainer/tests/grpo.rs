@@ -258,4 +258,23 @@ fn an_external_command_reward_drives_a_run() {
             "{l}"
         );
     }
+    // A program that answers one line too many only once its input ends: the run's end
+    // finds it, and the run fails before its final weights are written.
+    let late = tmp.path().join("late.sh");
+    std::fs::write(&late, "while IFS= read -r line; do echo 0; done; echo 1\n").unwrap();
+    let out = tmp.path().join("late-run");
+    let r = recipe(
+        &tmp.path().join("base"),
+        &[
+            "train.max_steps=1",
+            "grpo.rewards.1.kind=\"command\"",
+            &format!(
+                "grpo.rewards.1.command=[\"sh\", {:?}]",
+                late.display().to_string()
+            ),
+        ],
+    );
+    let e = train(&r, &out, false, false).unwrap_err().to_string();
+    assert!(e.contains("a line no question asked for"), "{e}");
+    assert!(!out.join("final").exists());
 }

@@ -172,4 +172,11 @@ pub trait Objective {
     fn restore_state(&mut self, _json: &str) -> Result<()> {
         Ok(())
     }
+
+    /// Ends what the objective runs beside the model (GRPO's reward and client programs)
+    /// after the last step, before the final weights are written: an error only the end
+    /// can show fails the run.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -52,6 +52,10 @@ impl Reward for CommandReward {
         &self.name
     }
 
+    fn finish(&mut self) -> Result<()> {
+        self.process.close()
+    }
+
     fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>> {
         let questions: Vec<Value> = samples
             .iter()

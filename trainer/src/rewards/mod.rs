@@ -45,6 +45,11 @@ pub trait Reward {
     fn name(&self) -> &str;
     /// One score per sample, `None` where the reward does not apply.
     fn score(&mut self, samples: &[Sample<'_>]) -> Result<Vec<Option<f64>>>;
+    /// Ends what the reward runs once training is done, reporting what only the end can
+    /// show (a program's answers that ran past its last question).
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `[[grpo.rewards]]`: one reward and its weight. Which keys apply depends on `kind`.
@@ -183,6 +188,18 @@ pub struct RewardContext<'a> {
 pub struct Rewards(pub Vec<Weighted>);
 
 impl Rewards {
+    /// [`Reward::finish`] of each, the first error kept.
+    pub fn finish(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        for w in &mut self.0 {
+            let r = w.reward.finish();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
     pub fn from_specs(specs: &[RewardSpec], cx: &RewardContext<'_>) -> Result<Self> {
         check_specs(specs).map_err(TrainerError::Input)?;
         let mut out = Vec::new();

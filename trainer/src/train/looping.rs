@@ -634,6 +634,7 @@ impl<'a> Loop<'a> {
                  final weights were written"
             )));
         }
+        self.p.objective.finish()?;
         let last_eval = self.eval()?;
         if let Some((loss, _)) = &last_eval {
             // Skipped last steps and an evaluation that cannot be computed: the weights

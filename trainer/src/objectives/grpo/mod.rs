@@ -248,6 +248,18 @@ pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String>
 }
 
 impl Objective for Grpo {
+    fn finish(&mut self) -> Result<()> {
+        let Some(sampler) = &mut self.sampler else {
+            return Ok(());
+        };
+        let rewards = sampler.rewards.finish();
+        let client = match &mut sampler.sessions {
+            Some(s) => s.client.finish(),
+            None => Ok(()),
+        };
+        rewards.and(client)
+    }
+
     fn name(&self) -> &'static str {
         "grpo"
     }

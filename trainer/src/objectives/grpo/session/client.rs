@@ -61,6 +61,15 @@ pub struct CommandClient {
 }
 
 impl Client {
+    /// Ends a command client's program once training is done: answers past its last
+    /// question fail the run (see [`JsonLinesProcess::close`]).
+    pub fn finish(&mut self) -> Result<()> {
+        match self {
+            Self::Command(c) => c.process.close(),
+            Self::Model(_) => Ok(()),
+        }
+    }
+
     /// Loads or starts the client. A model client without a `path` is the frozen base in
     /// `base` (configured by `base_config`), with the policy's template (`template`): taken from the policy itself when
     /// it trains adapters (`shares_base`), else loaded; one with a `path` uses that
