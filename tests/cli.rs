@@ -703,7 +703,21 @@ fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
             "--out",
             s(&out2),
         ],
-        &["no chat template", "--template llama3"],
+        &["no chat template", "(llama3 or chatml) with --template"],
+    );
+    // A tokenizer directory that is not there is named as missing, not as templateless.
+    fails(
+        &[
+            "data",
+            "render",
+            "--tokenizer",
+            s(&tmp.path().join("nope")),
+            "--input",
+            s(&input),
+            "--out",
+            s(&out2),
+        ],
+        &["nope", "No such file or directory"],
     );
     ok(&[
         "data",

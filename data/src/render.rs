@@ -32,11 +32,18 @@ impl<'a> TemplateChoice<'a> {
 
 /// Loads the template `choice` names from `dir`.
 pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTemplate, DataError> {
+    // A directory that is not there has no template for a different reason.
+    if let Err(source) = std::fs::metadata(dir) {
+        return Err(DataError::Io {
+            path: dir.to_path_buf(),
+            source,
+        });
+    }
     match choice {
         TemplateChoice::Shipped(name) => ChatTemplate::from_dir(dir, name)?.ok_or_else(|| DataError::Template {
             origin: dir.display().to_string(),
             reason: "no chat template (no chat_template.jinja, and no chat_template in tokenizer_config.json); \
-                     choose a built-in one with --template llama3|chatml"
+                     choose a built-in one (llama3 or chatml) with --template, or a recipe's data.template"
                 .into(),
         }),
         TemplateChoice::Builtin(name) => {

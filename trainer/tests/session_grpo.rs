@@ -743,6 +743,44 @@ fn cactus_dialogues_open_sessions() {
     }
 }
 
+/// A client checkpoint that ships no chat template is named as such (the policy's
+/// data.template does not apply to it), and a missing one as missing.
+#[test]
+fn a_client_checkpoint_without_a_template_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tiny(&tmp.path().join("base"));
+    let other = tmp.path().join("plain");
+    init_model(&other, &NewModel::default(), Default::default()).unwrap();
+    std::fs::remove_file(other.join("tokenizer_config.json")).unwrap();
+    let start = |path: &Path| {
+        let section = ClientSection {
+            path: Some(path.to_path_buf()),
+            ..Default::default()
+        };
+        let template = template_for(&t.dir, TemplateChoice::Shipped(None)).unwrap();
+        match Client::start(
+            &section,
+            &t.dir,
+            template,
+            &t.config,
+            false,
+            Default::default(),
+            &Device::flex(),
+        ) {
+            Ok(_) => panic!("{} was taken as a client", path.display()),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = start(&other);
+    assert!(
+        e.contains("grpo.client.path") && e.contains("ships no chat template"),
+        "{e}"
+    );
+    assert!(!e.contains("--template"), "{e}");
+    let e = start(&tmp.path().join("nowhere"));
+    assert!(e.contains("nowhere") && e.contains("No such file"), "{e}");
+}
+
 /// A LoRA run's client is the policy with its adapters left out: it plays exactly as the
 /// base loaded on its own, however far the adapters have moved the policy.
 #[test]

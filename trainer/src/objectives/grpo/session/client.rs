@@ -94,7 +94,17 @@ impl Client {
         let (dir, template) = match &section.path {
             Some(p) => {
                 let t = data::render::template_for(p, data::render::TemplateChoice::Shipped(None))
-                    .map_err(|e| bad(e.into()))?;
+                    .map_err(|e| match e {
+                        // The client speaks through the template its checkpoint ships;
+                        // data.template is the policy's.
+                        data::DataError::Template { .. } => TrainerError::Input(format!(
+                            "grpo.client.path {}: ships no chat template (chat_template.jinja, \
+                             or chat_template in tokenizer_config.json), which a client model \
+                             speaks through; add one to it",
+                            p.display()
+                        )),
+                        other => bad(other.into()),
+                    })?;
                 (p.as_path(), t)
             }
             None => (base, template),
