@@ -88,6 +88,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("scored {n} conversations into {}", a.out.display());
         }
         Command::Eval(EvalCommand::Preference(a)) => {
+            trainer::recipe::check_max_length("--max-length", a.max_length)
+                .map_err(anyhow::Error::msg)?;
             let device = trainer::device::parse(&a.device)?;
             let report = trainer::evaluate::preference_accuracy(
                 &a.model,
@@ -193,6 +195,9 @@ fn init_model(a: InitModelArgs) -> Result<()> {
 
 fn inspect(a: InspectArgs) -> Result<()> {
     data::format::check_renames(&a.columns, "--column").map_err(anyhow::Error::msg)?;
+    if let Some(n) = a.max_length {
+        trainer::recipe::check_max_length("--max-length", n).map_err(anyhow::Error::msg)?;
+    }
     let flags = trainer::inspect::Overrides {
         format: a.format,
         columns: a.columns,
@@ -285,6 +290,7 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
 const MIN_BOOTSTRAP: usize = 100;
 
 fn eval_counseling(a: Box<EvalCounselingArgs>) -> Result<()> {
+    trainer::recipe::check_max_length("--max-length", a.max_length).map_err(anyhow::Error::msg)?;
     if a.bootstrap < MIN_BOOTSTRAP {
         bail!(
             "eval counseling: --bootstrap {} is too few resamplings for a 95% interval; use at \

@@ -91,6 +91,11 @@ fn data_inspect_flags_win_over_a_recipes_data_section() {
         .concat(),
     );
     assert!(report.contains("max_length 16 (Drop)"), "{report}");
+    // The flag is held to what a recipe may say.
+    fails(
+        &[&inspect[..], &["--max-length", "0"]].concat(),
+        &["--max-length 0 must be from 2"],
+    );
     fails(
         &[&inspect[..], &["--format", "alpaca"]].concat(),
         &["counseling-sft.jsonl", "line 1"],

@@ -253,6 +253,18 @@ pub(crate) fn shown(x: f64) -> String {
     }
 }
 
+/// A maximum sequence length that can hold an example and that row sizes never overflow;
+/// `KEY` names the setting in the message.
+pub fn check_max_length(key: &str, n: usize) -> std::result::Result<(), String> {
+    if (MIN_MAX_LENGTH..=MAX_MAX_LENGTH).contains(&n) {
+        return Ok(());
+    }
+    Err(format!(
+        "{key} {n} must be from {MIN_MAX_LENGTH} (a prompt token and a target) to \
+         {MAX_MAX_LENGTH} tokens"
+    ))
+}
+
 /// The longest wait a recipe may set, in seconds (about 31 years): beyond it a duration
 /// no longer fits the clock's arithmetic.
 pub const MAX_SECONDS: f64 = 1e9;
@@ -445,12 +457,8 @@ impl Recipe {
             ));
         }
         let d = &self.data;
-        if !(MIN_MAX_LENGTH..=MAX_MAX_LENGTH).contains(&d.max_length) {
-            return bad(format!(
-                "data.max_length {} must be from {MIN_MAX_LENGTH} (a prompt token and a \
-                 target) to {MAX_MAX_LENGTH} tokens",
-                d.max_length
-            ));
+        if let Err(e) = check_max_length("data.max_length", d.max_length) {
+            return bad(e);
         }
         // Every packed row is `max_length` long, and attention holds a `[T, T]` mask of
         // bools per row: refused here, not as an allocation that aborts mid-run.
