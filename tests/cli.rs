@@ -3575,6 +3575,18 @@ fn runs_that_would_learn_nothing_are_warned_about_once() {
             .out(&tmp.path().join("dpo-packed")),
         "data.packing packs SFT sequences only",
     );
+    // Sessions longer than the model's context (the tiny base has 512 positions).
+    warned(
+        TinyRun::of("tiny-session-grpo.toml", "counseling-sessions.jsonl", &base)
+            .sets(&[
+                "train.max_steps=1",
+                "grpo.max_completion_length=4",
+                "grpo.max_turns=1",
+                "grpo.max_session_tokens=4000",
+            ])
+            .out(&tmp.path().join("long-sessions")),
+        "grpo.max_session_tokens = 4000 is more than the model's context (512",
+    );
     // A warmup as long as the run.
     warned(
         TinyRun::sft(&base)

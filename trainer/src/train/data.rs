@@ -179,6 +179,17 @@ pub(super) fn warnings(
         );
     }
     out.extend(objective.warnings());
+    if let Some(g) = recipe.grpo.as_ref().filter(|g| g.rollout == "session")
+        && g.max_session_tokens > context
+    {
+        out.push(format!(
+            "grpo.max_session_tokens = {} is more than the model's context ({context}, \
+             max_position_embeddings in {}): sessions may run on into positions the model \
+             never saw; lower it to {context}",
+            g.max_session_tokens,
+            recipe.model.path.display()
+        ));
+    }
     let d = &recipe.data;
     let prompts = matches!(sets.train, Examples::Prompts(_));
     if prompts && (d.eval.is_some() || !sets.eval.is_empty()) {
