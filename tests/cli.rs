@@ -3227,7 +3227,7 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
         std::fs::write(&mine, "my notes").unwrap();
         fails_keeping(
             &["pipeline", s(&p), "--out", s(&out)],
-            &[name, "refusing to write over it"],
+            &[name, "choose another --out"],
             &[&mine],
         );
         assert!(!out.join("sft").exists());

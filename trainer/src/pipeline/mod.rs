@@ -360,7 +360,8 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
     };
     let out = out.as_path();
     let planned = plan(&p, path, out, sets)?;
-    check_root(out)?;
+    let names: Vec<&str> = p.stage.iter().map(|s| s.name.as_str()).collect();
+    check_root(out, &names)?;
     let mut dp: Option<Group> = None;
     let mut _held = None;
     let mut stages = Vec::new();
@@ -468,7 +469,7 @@ const REPORT_HEADING: &str = "# hearth pipeline report\n";
 /// (the stages and reports would be written in among their files, the run's page
 /// replaced), or whose report files (rewritten at the end of every run) are a user's
 /// files of the same names rather than hearth's.
-fn check_root(out: &Path) -> Result<()> {
+fn check_root(out: &Path, stages: &[&str]) -> Result<()> {
     let run_file = [RECIPE_FILE, METRICS_FILE, FINAL_DIR]
         .into_iter()
         .find(|name| out.join(name).exists());
@@ -483,6 +484,23 @@ fn check_root(out: &Path) -> Result<()> {
              its own: choose another --out",
             out.display()
         )));
+    }
+    // A folder of the user's (the one holding the pipeline file, say) would get the stages'
+    // directories and the reports in among its files: only a new or empty directory is
+    // taken, or one an earlier run of a pipeline wrote (a stage's directory or the report).
+    let earlier = stages.iter().any(|s| out.join(s).is_dir()) || out.join(REPORT_FILE).is_file();
+    if !earlier && let Ok(entries) = std::fs::read_dir(out) {
+        let foreign = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n != checkpoints::run_dir::LOCK_FILE);
+        if let Some(name) = foreign {
+            return Err(TrainerError::Input(format!(
+                "{}: holds `{name}`, which no run of a pipeline wrote; a pipeline needs a new or \
+                 empty directory, or its own from an earlier run: choose another --out",
+                out.display()
+            )));
+        }
     }
     let report = out.join(REPORT_FILE);
     let ours = !report.exists()
@@ -534,8 +552,19 @@ mod tests {
     #[test]
     fn a_run_or_a_model_is_no_pipeline_directory() {
         let tmp = tempfile::tempdir().unwrap();
-        check_root(&tmp.path().join("new")).unwrap();
-        check_root(tmp.path()).unwrap();
+        check_root(&tmp.path().join("new"), &["sft"]).unwrap();
+        check_root(tmp.path(), &["sft"]).unwrap();
+        // A folder of the user's is not taken; an earlier run's (its stage there) is.
+        let mine = tmp.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::write(mine.join("notes.txt"), "x").unwrap();
+        let e = check_root(&mine, &["sft"]).unwrap_err().to_string();
+        assert!(
+            e.contains("holds `notes.txt`") && e.contains("--out"),
+            "{e}"
+        );
+        std::fs::create_dir(mine.join("sft")).unwrap();
+        check_root(&mine, &["sft"]).unwrap();
         for (file, want) in [
             (RECIPE_FILE, "holds a run (`recipe.toml`)"),
             (METRICS_FILE, "holds a run (`metrics.jsonl`)"),
@@ -544,7 +573,7 @@ mod tests {
             let dir = tmp.path().join(file.replace('.', "-"));
             std::fs::create_dir(&dir).unwrap();
             std::fs::write(dir.join(file), "x").unwrap();
-            let e = check_root(&dir).unwrap_err().to_string();
+            let e = check_root(&dir, &["sft"]).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("--out"), "{e}");
         }
     }
