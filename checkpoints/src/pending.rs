@@ -34,6 +34,9 @@ fn file_name(target: &Path) -> Result<&std::ffi::OsStr> {
         .ok_or_else(|| CheckpointError::io(target, std::io::ErrorKind::InvalidInput.into()))
 }
 
+/// The longest file name the common Unix file systems take, in bytes.
+const MAX_NAME_BYTES: usize = 255;
+
 /// Makes (with `make`) the first free `NAME.<pid>.<n>.tmp` in `dir` and records it as
 /// unfinished. A name that exists already belongs to another process with our id on a
 /// shared file system: the next one is taken.
@@ -43,19 +46,25 @@ fn claim<T>(
     is_dir: bool,
     make: impl Fn(&Path) -> std::io::Result<T>,
 ) -> Result<(PathBuf, T)> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let mut set = unfinished();
     loop {
-        let mut tmp = name.to_os_string();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        tmp.push(format!(".{}.{n}.tmp", std::process::id()));
-        let tmp = dir.join(tmp);
+        let suffix = format!(".{}.{n}.tmp", std::process::id());
+        // A name near the file system's 255-byte limit still gets a temporary beside it:
+        // its start, cut to leave room for the suffix.
+        let room = MAX_NAME_BYTES.saturating_sub(suffix.len());
+        let mut tmp = name.as_bytes()[..name.len().min(room)].to_vec();
+        tmp.extend_from_slice(suffix.as_bytes());
+        let tmp = dir.join(std::ffi::OsString::from_vec(tmp));
         match make(&tmp) {
             Ok(made) => {
                 set.insert(tmp.clone(), is_dir);
                 return Ok((tmp, made));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(CheckpointError::io(&tmp, e)),
+            // Named by what was asked for: the temporary's name is hearth's business.
+            Err(e) => return Err(CheckpointError::io(dir.join(name), e)),
         }
     }
 }
@@ -325,6 +334,21 @@ mod tests {
         std::fs::write(c.path(), "by path").unwrap();
         c.commit().unwrap();
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "by path");
+    }
+
+    /// A name at the file system's limit still writes (its temporary's name is cut to
+    /// fit), and a failure names the file asked for, not the temporary.
+    #[test]
+    fn long_names_fit_and_errors_name_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = dir.path().join(format!("{}.gguf", "x".repeat(250)));
+        let f = PendingFile::create(&long).unwrap();
+        std::fs::write(f.path(), "ok").unwrap();
+        f.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(&long).unwrap(), "ok");
+        let missing = dir.path().join("no-such-dir/out.json");
+        let e = PendingFile::create(&missing).unwrap_err().to_string();
+        assert!(e.contains("no-such-dir/out.json:"), "{e}");
     }
 
     #[test]
