@@ -153,6 +153,35 @@ fn foreign_entry(root: &Path, own_recipe: impl Fn(&str) -> bool) -> Result<Optio
     Ok(None)
 }
 
+/// Removes the temporary files (`NAME.<pid>.<n>.tmp`) that a killed process left in the
+/// run's directory: the lock held, no live writer can own one unless its pid is alive.
+fn remove_stale_temporaries(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".tmp") else {
+            continue;
+        };
+        let mut parts = stem.rsplitn(3, '.');
+        let (Some(n), Some(pid), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(_), Ok(pid)) = (n.parse::<u64>(), pid.parse::<i32>()) else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists (EPERM: it does, as
+        // another user's).
+        let alive = pid > 0
+            && (unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+        if !alive && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Every scalar of a run's TensorBoard events: `(step, tag, value)`, in order.
 pub fn read_scalars_of(root: &Path) -> Result<Vec<(i64, String, f32)>> {
     crate::tensorboard::read_scalars(&crate::tensorboard::events_path(root))
@@ -237,6 +266,7 @@ impl RunDir {
                 ),
             ));
         }
+        remove_stale_temporaries(root);
         Ok(Self {
             root: root.to_path_buf(),
             writer: true,
@@ -605,6 +635,25 @@ mod tests {
         drop(resumed);
         // The lock file is the run's own: a restart into the directory is not refused.
         RunDir::create(&root, |_| true).unwrap();
+    }
+
+    /// Resuming removes what killed processes left half-written (their pid is gone), and
+    /// keeps a live process's temporary and anything else.
+    #[test]
+    fn resuming_clears_temporaries_of_dead_processes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("run");
+        drop(RunDir::create(&root, |_| false).unwrap());
+        std::fs::write(root.join(RECIPE_FILE), "x = 1\n").unwrap();
+        // pid_max is at most 2^22 on Linux: this one cannot be running.
+        let dead = root.join("loss.svg.99999999.0.tmp");
+        let live = root.join(format!("loss.svg.{}.3.tmp", std::process::id()));
+        let other = root.join("notes.tmp");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, "x").unwrap();
+        }
+        drop(RunDir::open(&root).unwrap());
+        assert!(!dead.exists() && live.exists() && other.exists());
     }
 
     /// A final write that fails half-way leaves neither `final/` nor its temporary
