@@ -631,6 +631,65 @@ fn a_failing_client_ends_the_run_with_one_line_after_a_safe_checkpoint() {
     }
 }
 
+/// A client that ends a session where it should open it is asked again: an unlucky draw
+/// does not stop the run, but one that never opens is named.
+#[test]
+fn a_client_that_ends_instead_of_opening_is_asked_again() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    // The bundled sessions that the client opens (their prompt ends with no client turn).
+    let rows: Vec<String> = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/examples/counseling-sessions.jsonl"),
+    )
+    .unwrap()
+    .lines()
+    .filter(|l| {
+        let v: Value = serde_json::from_str(l).unwrap();
+        v["prompt"].as_array().unwrap().last().unwrap()["role"] != "user"
+    })
+    .map(|l| format!("{l}\n"))
+    .collect();
+    assert!(!rows.is_empty());
+    let data = tmp.path().join("client-opens.jsonl");
+    std::fs::write(&data, rows.concat()).unwrap();
+    for (name, ends, ok) in [("twice", 2, true), ("always", 1000, false)] {
+        let script = tmp.path().join(format!("{name}.sh"));
+        std::fs::write(
+            &script,
+            format!(
+                "n=0\nwhile IFS= read -r line; do\n  case \"$line\" in\n    *'\"turn\":0'*) \
+                 n=$((n+1)); if [ $n -le {ends} ]; then echo '{{\"end\": true}}'; continue; fi ;;\n  \
+                 esac\n  echo '\"I feel stuck.\"'\ndone\n"
+            ),
+        )
+        .unwrap();
+        let r = recipe(
+            &tmp.path().join("base"),
+            &[
+                "train.max_steps=1",
+                "grpo.max_turns=1",
+                &format!("data.train={:?}", data.display().to_string()),
+                "grpo.client.kind=\"command\"",
+                &format!(
+                    "grpo.client.command=[\"sh\", {:?}]",
+                    script.display().to_string()
+                ),
+            ],
+        );
+        let out = tmp.path().join(format!("run-{name}"));
+        match train(&r, &out, false, false) {
+            Ok(_) => assert!(ok, "{name}: a client that never opens was taken"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    !ok && e.contains("before its opening turn, 3 times in a row"),
+                    "{name}: {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn session_grpo_resumes_exactly() {
     let _serial = serial();

@@ -276,8 +276,13 @@ impl ClientSessions<'_> {
                 let first = client.process.answered() + 1 - answers.len();
                 let mut out = vec![None; speaks.len()];
                 for (i, (&r, a)) in rows.iter().zip(&answers).enumerate() {
-                    out[r] = Some(client.parse(first + i, a)?);
-                    turns[r] += 1;
+                    let reply = client.parse(first + i, a)?;
+                    // `turn` counts the turns the client took: an end is none, and an
+                    // opening asked again is still turn 0.
+                    if matches!(reply, Reply::Says(_)) {
+                        turns[r] += 1;
+                    }
+                    out[r] = Some(reply);
                 }
                 Ok((out, vec![0; speaks.len()]))
             }

@@ -37,6 +37,9 @@ struct Open {
     end: Option<End>,
 }
 
+/// How often a client that ends where it should open a session is asked again.
+const OPENING_ATTEMPTS: usize = 3;
+
 /// Plays `group` sessions from each opening in `idx`, in that order.
 #[allow(clippy::too_many_arguments)]
 pub fn play(
@@ -81,20 +84,31 @@ pub fn play(
         .iter()
         .map(|o| o.messages.last().is_none_or(|m| m.role != "user"))
         .collect();
-    if opens.iter().any(|&o| o) {
+    // A sampled client may end (or say nothing) where it should open: it is asked again,
+    // a few times, before the run is stopped over one unlucky draw.
+    let mut waiting = opens.clone();
+    for attempt in 1..=OPENING_ATTEMPTS {
+        if !waiting.iter().any(|&w| w) {
+            break;
+        }
         let dialogues: Vec<&[Message]> = open.iter().map(|o| o.messages.as_slice()).collect();
-        let (replies, tokens) = clients.turn(&dialogues, &opens, rng)?;
+        let (replies, tokens) = clients.turn(&dialogues, &waiting, rng)?;
         for (r, reply) in replies.into_iter().enumerate() {
             open[r].client_tokens += tokens[r];
             match reply {
-                Some(Reply::Says(text)) => open[r].messages.push(Message::new("user", text)),
-                Some(Reply::Ends) => {
+                Some(Reply::Says(text)) => {
+                    open[r].messages.push(Message::new("user", text));
+                    waiting[r] = false;
+                }
+                Some(Reply::Ends) if attempt == OPENING_ATTEMPTS => {
                     return Err(TrainerError::Input(format!(
-                        "grpo.client ended the session of {} before its opening turn",
+                        "grpo.client ended the session of {} before its opening turn, \
+                         {OPENING_ATTEMPTS} times in a row (an empty turn, or its end_text); \
+                         check grpo.client.end_text and the persona it plays",
                         names[r]
                     )));
                 }
-                None => {}
+                Some(Reply::Ends) | None => {}
             }
         }
     }
@@ -117,11 +131,16 @@ pub fn play(
     // session would run past it (or, ended at once, hold nothing to learn from).
     for (r, o) in open.iter().enumerate() {
         if o.ids.len() + max_new > budget {
+            // Who wrote the opening says what can be shortened.
+            let fix = if opens[r] {
+                "lower grpo.client.max_new_tokens (the client wrote its opening turn)"
+            } else {
+                "shorten the opening"
+            };
             return Err(TrainerError::Input(format!(
                 "training prompt {}: its opening takes {} tokens, and with \
                  grpo.max_completion_length = {max_new} the first counselor turn could reach {}, \
-                 past grpo.max_session_tokens = {budget}; raise max_session_tokens or shorten the \
-                 opening",
+                 past grpo.max_session_tokens = {budget}; raise max_session_tokens or {fix}",
                 opening_of[r] + 1,
                 o.ids.len(),
                 o.ids.len() + max_new
