@@ -39,7 +39,7 @@ pub struct TrainerState {
 }
 
 /// The finite steps since the last logged line: their count, their losses summed, and each
-/// metric folded as it combines (summed, or its min or max) with the steps it came in.
+/// metric summed with the number of steps it came in.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LogWindow {
     pub steps: usize,
