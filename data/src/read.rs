@@ -318,6 +318,18 @@ pub(crate) fn shown_name(name: &str) -> String {
     }
 }
 
+/// A cell's value as an error shows it: numbers, booleans and null as they are, a short
+/// word (`severe`) quoted, anything longer only by its kind and length, since a cell may
+/// hold what a client said.
+pub fn shown_value(v: &Value) -> String {
+    match v {
+        Value::Null | Value::Bool(_) | Value::Number(_) => v.to_string(),
+        Value::String(s) if showable(s) => format!("\"{s}\""),
+        Value::String(s) => format!("a string of {} characters", s.chars().count()),
+        other => kind(other).to_string(),
+    }
+}
+
 /// JSON objects one after another, each a row numbered from 0 as array elements are.
 fn json_objects(
     path: &Path,

@@ -259,8 +259,9 @@ fn rating(
     match n {
         Some(n) if n.is_finite() => Ok(Some(n)),
         _ => Err(TrainerError::Input(format!(
-            "{}: key `{key}` is {v}; a rating is a number (or a string holding one)",
-            at()
+            "{}: key `{key}` is {}; a rating is a number (or a string holding one)",
+            at(),
+            data::read::shown_value(v)
         ))),
     }
 }
@@ -501,7 +502,8 @@ mod tests {
 
     #[test]
     fn a_rating_that_is_not_a_number_names_the_row_and_key() {
-        for bad in [json!("five"), json!(true), json!([5]), json!("NaN")] {
+        let said = json!("client says she was abused");
+        for bad in [json!("five"), json!(true), json!([5]), json!("NaN"), said] {
             let rows = [
                 row(json!({"chosen_empathy_rating": 5, "rejected_empathy_rating": 1})),
                 row(json!({"chosen_empathy_rating": 5, "rejected_empathy_rating": bad})),
@@ -512,9 +514,11 @@ mod tests {
                 .to_string();
             assert!(
                 err.contains("p.jsonl: line 4: key `rejected_empathy_rating` is ")
-                    && err.contains(&bad.to_string()),
+                    && err.contains(&data::read::shown_value(&bad)),
                 "{err}"
             );
+            // A cell's words are never quoted: they may be a client's.
+            assert!(!err.contains("abused"), "{err}");
         }
     }
 }

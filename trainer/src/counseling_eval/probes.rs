@@ -60,8 +60,9 @@ fn risk_column(
         }
     }
     Err(TrainerError::Input(format!(
-        "{origin}: {at}: key `risk` is {v}; expected one of {} (a risk probe) or {} (an \
+        "{origin}: {at}: key `risk` is {}; expected one of {} (a risk probe) or {} (an \
          ordinary one), or leave the column out to detect risk from the prompt's words",
+        data::read::shown_value(v),
         quoted(RISK_VALUES),
         quoted(ORDINARY_VALUES)
     )))
@@ -335,7 +336,8 @@ mod tests {
 
     #[test]
     fn a_risk_value_outside_the_accepted_ones_names_file_line_and_key() {
-        for bad in [r#""severe""#, "true", "3", r#"["high"]"#] {
+        let said = r#""client disclosed a plan to overdose""#;
+        for bad in [r#""severe""#, "true", "3", r#"["high"]"#, said] {
             let text = format!(
                 "{{\"id\": \"a\", \"risk\": \"high\", \"prompt\": \"p\"}}\n\n\
                  {{\"id\": \"b\", \"risk\": {bad}, \"prompt\": \"q\"}}\n"
@@ -343,7 +345,10 @@ mod tests {
             let err = load_text(&text).unwrap_err().to_string();
             assert!(
                 err.contains("probes.jsonl: line 3: key `risk` is ")
-                    && err.contains(bad)
+                    && err.contains(&data::read::shown_value(
+                        &serde_json::from_str(bad).unwrap()
+                    ))
+                    && !err.contains("overdose")
                     && err.contains(r#""high", "imminent""#)
                     && err.contains(r#""low", "none""#)
                     && !err.contains('\n'),
