@@ -467,10 +467,14 @@ fn with_system_column(
     if system.is_empty() {
         return Ok(messages);
     }
-    if messages.first().is_some_and(|m| m.role == "system") {
+    if let Some(first) = messages.first().filter(|m| m.role == "system") {
+        // The same prompt twice is one; two different ones leave which counts a guess.
+        if first.content == system {
+            return Ok(messages);
+        }
         return Err(err(
             "system",
-            "the conversation opens with a system turn of its own as well; keep one of the two",
+            "the conversation opens with a different system turn of its own; keep one of the two",
         ));
     }
     let mut all = Vec::with_capacity(messages.len() + 1);

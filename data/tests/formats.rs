@@ -111,6 +111,18 @@ fn messages_and_sharegpt() {
         message.contains("line 1") && message.contains("column `system`"),
         "{message}"
     );
+    // The same prompt in both places is one system turn.
+    let p = jsonl(
+        dir.path(),
+        "same.jsonl",
+        &[json!({"system": "B", "conversations": [
+            {"from": "system", "value": "B"}, {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "hello"}]})],
+    );
+    assert_eq!(
+        conversation(&load(&p).examples[0]).0,
+        &[m("system", "B"), m("user", "hi"), m("assistant", "hello")]
+    );
 }
 
 #[test]
