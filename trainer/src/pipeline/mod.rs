@@ -172,14 +172,14 @@ struct PlannedStage {
 /// stage stops the pipeline before the first one trains.
 fn plan(p: &Pipeline, path: &Path, out: &Path, sets: &[String]) -> Result<Vec<PlannedStage>> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    // `{out}` is pasted into the overrides' TOML, where a quote or backslash would end or
-    // escape the string it stands in.
-    if out.to_string_lossy().contains(['"', '\\', '\''])
+    // `{out}` is pasted into the overrides' TOML, where a double quote or backslash would
+    // end or escape the (double-quoted) string it stands in.
+    if out.to_string_lossy().contains(['"', '\\'])
         || out.to_string_lossy().chars().any(char::is_control)
     {
         return Err(TrainerError::Input(format!(
-            "--out {}: a pipeline's directory may not hold quotes, backslashes or control \
-             characters: its path is written into the stages' recipes",
+            "--out {}: a pipeline's directory may not hold double quotes, backslashes or \
+             control characters: its path is written into the stages' recipes",
             out.display()
         )));
     }
@@ -347,18 +347,22 @@ fn outcome_of(dir: &Path) -> Result<Outcome> {
 /// line) apply to every stage, after the pipeline's own and the stage's, so they win.
 pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<PipelineReport> {
     let p = load(path)?;
-    // `runs/p`, `./runs/p` and `runs/p/` are one directory, and the stages' recipes (which
-    // a rerun compares) must say it the same way.
-    let out: PathBuf = out
-        .components()
-        .filter(|c| *c != std::path::Component::CurDir)
-        .collect();
-    let out = if out.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        out
-    };
-    let out = out.as_path();
+    // `runs/p`, `./runs/p/` and `../here/runs/p` are one directory, and the stages'
+    // recipes (which a rerun compares) must say it the same way: absolute, with `.` and `..`
+    // resolved by name.
+    let absolute = std::path::absolute(out)
+        .map_err(|e| TrainerError::Input(format!("--out {}: {e}", out.display())))?;
+    let mut resolved = PathBuf::new();
+    for c in absolute.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                resolved.pop();
+            }
+            other => resolved.push(other),
+        }
+    }
+    let out = resolved.as_path();
     let planned = plan(&p, path, out, sets)?;
     let names: Vec<&str> = p.stage.iter().map(|s| s.name.as_str()).collect();
     check_root(out, &names)?;
