@@ -47,7 +47,37 @@ pub fn read(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
 
 /// As [`read`], as UTF-8 text.
 pub fn read_text(path: &Path, limit: u64) -> std::io::Result<String> {
-    String::from_utf8(read(path, limit)?)
+    utf8(read(path, limit)?)
+}
+
+/// As [`read_text`], but a pipe or device is read too (a recipe from `<(sed …)` or
+/// standard input), still only up to `limit`: what a user hands over on purpose. Only a
+/// directory is refused.
+pub fn read_text_or_stream(path: &Path, limit: u64) -> std::io::Result<String> {
+    if std::fs::metadata(path)?.is_file() {
+        return read_text(path, limit);
+    }
+    if path.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is a directory",
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is larger than the {} MiB such a file may be", limit >> 20),
+        ));
+    }
+    utf8(bytes)
+}
+
+fn utf8(bytes: Vec<u8>) -> std::io::Result<String> {
+    String::from_utf8(bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
 }
 
@@ -74,5 +104,17 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let e = read(&fifo, 10).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+        // Streams handed over on purpose are read, within the limit.
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, "a = 1\n").unwrap())
+        };
+        assert_eq!(read_text_or_stream(&fifo, 100).unwrap(), "a = 1\n");
+        writer.join().unwrap();
+        let e = read_text_or_stream(Path::new("/dev/zero"), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than"), "{e}");
+        assert!(read_text_or_stream(dir.path(), 10).is_err());
     }
 }

@@ -84,8 +84,9 @@ pub struct PipelineReport {
 
 /// Reads a pipeline file.
 pub fn load(path: &Path) -> Result<Pipeline> {
-    let text = checkpoints::small_file::read_text(path, checkpoints::small_file::TEXT_LIMIT)
-        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
+    let text =
+        checkpoints::small_file::read_text_or_stream(path, checkpoints::small_file::TEXT_LIMIT)
+            .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
     let p: Pipeline = toml::from_str(&text)
         .map_err(|e| TrainerError::Input(format!("{}: {}", path.display(), e.message())))?;
     if p.stage.is_empty() {

@@ -216,8 +216,9 @@ impl Default for TrainSection {
 
 /// Reads `path`, applies `overrides` (`section.key=value`), and checks every key.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
-    let text = checkpoints::small_file::read_text(path, checkpoints::small_file::TEXT_LIMIT)
-        .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
+    let text =
+        checkpoints::small_file::read_text_or_stream(path, checkpoints::small_file::TEXT_LIMIT)
+            .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
     parse(&text, &path.display().to_string(), overrides)
 }
 
