@@ -50,13 +50,15 @@ pub struct Summary {
     pub value: Vec<SummaryValue>,
 }
 
-/// `tensorflow.Summary.Value` with a scalar.
+/// `tensorflow.Summary.Value` with a scalar. TensorFlow declares `simple_value` inside a
+/// `oneof`, whose field is written even when it is 0; as a plain proto3 float a 0 would be
+/// left out, and TensorBoard would drop the point.
 #[derive(Clone, PartialEq, Message)]
 pub struct SummaryValue {
     #[prost(string, tag = "1")]
     pub tag: String,
-    #[prost(float, tag = "2")]
-    pub simple_value: f32,
+    #[prost(float, optional, tag = "2")]
+    pub simple_value: Option<f32>,
 }
 
 /// TFRecord's checksum: CRC-32C, rotated and offset so a CRC of data holding CRCs stays
@@ -123,7 +125,7 @@ pub fn read_scalars(path: &Path) -> Result<Vec<(i64, String, f32)>> {
                 out.extend(
                     s.value
                         .into_iter()
-                        .map(|v| (event.step, v.tag, v.simple_value)),
+                        .filter_map(|v| Some((event.step, v.tag, v.simple_value?))),
                 );
             }
             _ => {}
@@ -149,7 +151,7 @@ pub fn event_of(line: &Value, wall_time: f64) -> Option<Event> {
         .filter_map(|(k, v)| {
             Some(SummaryValue {
                 tag: k.clone(),
-                simple_value: v.as_f64()? as f32,
+                simple_value: Some(v.as_f64()? as f32),
             })
         })
         .collect();
@@ -256,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_metrics_line_becomes_one_event_of_its_numbers() {
-        let line = serde_json::json!({"step": 7, "loss": 1.5, "learning_rate": 1e-4, "note": "x"});
+        let line = serde_json::json!({"step": 7, "loss": 1.5, "learning_rate": 0.0, "note": "x"});
         let e = event_of(&line, 12.0).unwrap();
         assert_eq!((e.step, e.wall_time), (7, 12.0));
         let Some(What::Summary(s)) = e.what else {
@@ -265,9 +267,12 @@ mod tests {
         let tags: Vec<(&str, f32)> = s
             .value
             .iter()
-            .map(|v| (v.tag.as_str(), v.simple_value))
+            .map(|v| (v.tag.as_str(), v.simple_value.unwrap()))
             .collect();
-        assert_eq!(tags, [("loss", 1.5), ("learning_rate", 1e-4)]);
+        assert_eq!(tags, [("loss", 1.5), ("learning_rate", 0.0)]);
+        // A zero is on the wire: its field is written, as TensorFlow's oneof writes it.
+        let bytes = prost::Message::encode_to_vec(&s.value[1]);
+        assert_eq!(&bytes[bytes.len() - 5..], &[0x15, 0, 0, 0, 0]);
         assert!(event_of(&serde_json::json!({"loss": 1.0}), 0.0).is_none());
     }
 }
