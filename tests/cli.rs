@@ -204,8 +204,16 @@ fn bf16_fixture_round_trips_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixture("tiny-llama-bf16");
     let cases = dir.join("cases.safetensors");
+    // A slow tokenizer's own files travel too (a SentencePiece model is binary).
+    let with_slow = tmp.path().join("with-slow");
+    copy_dir(&dir, &with_slow);
+    let spm = [0x0a_u8, 0x00, 0xff, 0x80];
+    std::fs::write(with_slow.join("tokenizer.model"), spm).unwrap();
+    std::fs::write(with_slow.join("merges.txt"), "#version: 0.2\n").unwrap();
     let out = tmp.path().join("copy");
-    ok(&["convert", "--model", s(&dir), "--out", s(&out)]);
+    ok(&["convert", "--model", s(&with_slow), "--out", s(&out)]);
+    assert_eq!(std::fs::read(out.join("tokenizer.model")).unwrap(), spm);
+    assert!(out.join("merges.txt").is_file());
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");

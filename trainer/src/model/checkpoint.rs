@@ -255,12 +255,17 @@ fn standard_normal(rng: &mut StdRng) -> f32 {
 }
 
 /// Files besides weights and config that travel with a checkpoint.
-const COMPANION_FILES: [&str; 5] = [
+const COMPANION_FILES: [&str; 9] = [
     checkpoints::names::TOKENIZER,
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
     "generation_config.json",
+    // The slow tokenizers' own files, which transformers loads when a config names one.
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
 ];
 
 /// Re-saves the checkpoint in `src` into `dst`, in `dtype` (default: the source's) and the
@@ -299,12 +304,12 @@ pub fn copy_companions(src: &Path, dst: &Path) -> Result<()> {
     for name in COMPANION_FILES {
         let from = src.join(name);
         if from.is_file() {
-            let text =
-                std::fs::read_to_string(&from).map_err(|e| checkpoints::CheckpointError::Io {
-                    path: from.clone(),
-                    source: e,
-                })?;
-            checkpoints::write_text(&dst.join(name), &text)?;
+            // Bytes, not text: `tokenizer.model` is a SentencePiece protobuf.
+            let bytes = std::fs::read(&from).map_err(|e| checkpoints::CheckpointError::Io {
+                path: from.clone(),
+                source: e,
+            })?;
+            checkpoints::write_bytes(&dst.join(name), &bytes)?;
         }
     }
     Ok(())
