@@ -123,14 +123,18 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
                 .map_or("none yet".into(), |s| s.to_string()),
         ],
     ];
-    for (name, key) in [
-        ("final loss", "loss"),
-        ("tokens seen", "num_tokens"),
-        ("peak memory (MiB)", "peak_memory_mb"),
-    ] {
+    for (name, key) in [("final loss", "loss"), ("tokens seen", "num_tokens")] {
         if let Some(v) = last(key) {
             summary.push(vec![name.into(), fmt(v)]);
         }
+    }
+    // The run's peak, over every line: a resumed process starts its own count again.
+    let peak = train
+        .iter()
+        .filter_map(|l| l.get("peak_memory_mb")?.as_f64())
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    if let Some(v) = peak {
+        summary.push(vec!["peak memory (MiB)".into(), fmt(v)]);
     }
     if let Some(v) = evals.last().and_then(|l| l.get("eval_loss")?.as_f64()) {
         summary.push(vec!["final eval_loss".into(), fmt(v)]);
@@ -484,6 +488,28 @@ mod tests {
         );
         assert!(
             html.contains("<td>checkpoint-6</td><td>0.1 MiB</td><td>model.safetensors</td>"),
+            "{html}"
+        );
+    }
+
+    /// The summary's peak memory is the largest any line logged, not the last: a resumed
+    /// process counts its own peak from the start.
+    #[test]
+    fn peak_memory_is_the_runs_largest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let lines = [(1, 69.68), (2, 69.5), (3, 68.83)]
+            .map(|(step, mb)| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"step": step, "loss": 1.0, "peak_memory_mb": mb})
+                )
+            })
+            .concat();
+        std::fs::write(run.join("metrics.jsonl"), lines).unwrap();
+        let html = run_section(run, 2).unwrap();
+        assert!(
+            html.contains("<td>peak memory (MiB)</td><td>69.680000</td>"),
             "{html}"
         );
     }
