@@ -259,7 +259,7 @@ fn an_external_command_reward_drives_a_run() {
         );
     }
     // A program that answers one line too many only once its input ends: the run's end
-    // finds it, and the run fails before its final weights are written.
+    // finds it and warns, and the run, every step trained, still writes its weights.
     let late = tmp.path().join("late.sh");
     std::fs::write(&late, "while IFS= read -r line; do echo 0; done; echo 1\n").unwrap();
     let out = tmp.path().join("late-run");
@@ -274,7 +274,6 @@ fn an_external_command_reward_drives_a_run() {
             ),
         ],
     );
-    let e = train(&r, &out, false, false).unwrap_err().to_string();
-    assert!(e.contains("a line no question asked for"), "{e}");
-    assert!(!out.join("final").exists());
+    train(&r, &out, false, false).unwrap();
+    assert!(out.join("final").is_dir());
 }

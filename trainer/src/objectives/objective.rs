@@ -174,8 +174,8 @@ pub trait Objective {
     }
 
     /// Ends what the objective runs beside the model (GRPO's reward and client programs)
-    /// after the last step, before the final weights are written: an error only the end
-    /// can show fails the run.
+    /// after the last step, before the final weights are written; what only the end can
+    /// show comes back as an error, which the loop reports as a warning.
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }

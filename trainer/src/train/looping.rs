@@ -634,7 +634,14 @@ impl<'a> Loop<'a> {
                  final weights were written"
             )));
         }
-        self.p.objective.finish()?;
+        // What only the end shows (a program's line past its last answer) is said, not made
+        // a failure: every step has trained, and with no checkpoint at this step a failed
+        // run could only be trained again to the same end.
+        if let Err(e) = self.p.objective.finish()
+            && self.p.dp.is_main()
+        {
+            eprintln!("warning: {e}");
+        }
         let last_eval = self.eval()?;
         if let Some((loss, _)) = &last_eval {
             // Skipped last steps and an evaluation that cannot be computed: the weights
