@@ -730,6 +730,26 @@ fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
         ],
         &["nope", "No such file or directory"],
     );
+    // With a built-in template, a tokenizer_config.json that does not parse is named, not
+    // read as none (the render lost its BOS).
+    let broken = tmp.path().join("broken");
+    copy_dir(&model, &broken);
+    std::fs::write(broken.join("tokenizer_config.json"), "{\"bos_token\": ").unwrap();
+    fails(
+        &[
+            "data",
+            "render",
+            "--tokenizer",
+            s(&broken),
+            "--template",
+            "llama3",
+            "--input",
+            s(&input),
+            "--out",
+            s(&out2),
+        ],
+        &["tokenizer_config.json", "invalid JSON"],
+    );
     ok(&[
         "data",
         "render",

@@ -47,11 +47,10 @@ pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTempla
                 .into(),
         }),
         TemplateChoice::Builtin(name) => {
-            let tokens = match crate::template::tokenizer_config(dir) {
-                Ok((config, _)) => SpecialTokens::from_tokenizer_config(&config),
-                Err(_) => SpecialTokens::default(),
-            };
-            ChatTemplate::builtin(name, tokens)
+            // A tokenizer_config.json that does not parse is an error here as everywhere:
+            // read as none, the template would drop its BOS and special tokens unseen.
+            let (config, _) = crate::template::tokenizer_config(dir)?;
+            ChatTemplate::builtin(name, SpecialTokens::from_tokenizer_config(&config))
         }
     }
 }
