@@ -69,6 +69,7 @@ impl DataConfig {
                 .transpose()?,
             columns,
             skip_bad_rows: self.skip_bad_rows,
+            pairs_first: false,
         })
     }
 

@@ -17,6 +17,9 @@ pub struct LoadOptions {
     pub columns: Vec<(String, String)>,
     /// Count bad rows and go on, instead of failing on the first.
     pub skip_bad_rows: bool,
+    /// Detection takes a row's `chosen` and `rejected` first, over a `messages` column it
+    /// also has (ultrafeedback_binarized has both): set by methods that train on pairs.
+    pub pairs_first: bool,
 }
 
 /// What a load produced.
@@ -99,7 +102,7 @@ fn load_rows(
             rename_unreadable(&mut row.unreadable, &options.columns);
             let f = match format {
                 Some(f) => f,
-                None => match Format::detect(&row.fields) {
+                None => match Format::detect_preferring(&row.fields, options.pairs_first) {
                     Ok(f) => {
                         format = Some(f);
                         f

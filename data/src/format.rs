@@ -59,7 +59,23 @@ impl FromStr for Format {
 impl Format {
     /// Guesses the format from a row's columns.
     pub fn detect(fields: &Map<String, Value>) -> Result<Self, String> {
+        Self::detect_preferring(fields, false)
+    }
+
+    /// As [`Format::detect`]; with `pairs_first`, a row with both `chosen` and `rejected`
+    /// is a pair even when it has a `messages` or `conversations` column too.
+    pub fn detect_preferring(
+        fields: &Map<String, Value>,
+        pairs_first: bool,
+    ) -> Result<Self, String> {
         let has = |k: &str| fields.contains_key(k);
+        if pairs_first && has("chosen") && has("rejected") {
+            return Ok(if has("question") && !has("prompt") {
+                Self::PsychoCounsel
+            } else {
+                Self::Preference
+            });
+        }
         Ok(if has("messages") {
             Self::Messages
         } else if has("conversations") {

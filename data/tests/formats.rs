@@ -125,6 +125,45 @@ fn messages_and_sharegpt() {
     );
 }
 
+/// ultrafeedback_binarized's rows carry `messages` beside `prompt`, `chosen` and
+/// `rejected`: read as conversations by default, as pairs for a method that trains on pairs.
+#[test]
+fn rows_with_messages_and_pairs_read_as_pairs_for_pair_methods() {
+    let dir = tempfile::tempdir().unwrap();
+    let side = |reply: &str| json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]);
+    let p = jsonl(
+        dir.path(),
+        "uf.jsonl",
+        &[
+            json!({"prompt": "q", "chosen": side("good"), "rejected": side("bad"), "messages": side("good")}),
+        ],
+    );
+    assert_eq!(load(&p).format, Format::Messages);
+    let pairs = LoadOptions {
+        pairs_first: true,
+        ..Default::default()
+    };
+    let loaded = load_examples(&p, &pairs).unwrap();
+    assert_eq!(loaded.format, Format::Preference);
+    let Example::Pair {
+        prompt,
+        chosen,
+        rejected,
+        ..
+    } = &loaded.examples[0]
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (prompt.as_slice(), chosen.as_slice(), rejected.as_slice()),
+        (
+            &[m("user", "q")][..],
+            &[m("assistant", "good")][..],
+            &[m("assistant", "bad")][..]
+        )
+    );
+}
+
 #[test]
 fn alpaca_psych8k_and_cpsycoun() {
     let dir = tempfile::tempdir().unwrap();

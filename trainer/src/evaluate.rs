@@ -384,7 +384,11 @@ pub fn preference_accuracy(
         max_length,
         truncation: Truncation::KeepEnd,
     };
-    let loaded = data::load_examples(data_path, &Default::default())?;
+    let pairs_first = data::LoadOptions {
+        pairs_first: true,
+        ..Default::default()
+    };
+    let loaded = data::load_examples(data_path, &pairs_first)?;
     let mut pairs = Vec::new();
     let mut rows = Vec::new();
     let mut extras = Vec::new();

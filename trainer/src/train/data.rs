@@ -49,7 +49,8 @@ pub(super) fn prepare_data(
     let dir = &recipe.model.path;
     let template = template_for(dir, TemplateChoice::new(d.template.as_deref(), None))?;
     let tokenizer = crate::model::load_tokenizer(dir, vocab_size)?;
-    let options = d.load_options().map_err(TrainerError::Input)?;
+    let mut options = d.load_options().map_err(TrainerError::Input)?;
+    options.pairs_first = objective.shape() == Shape::Pairs;
     let truncation = d.truncation().map_err(TrainerError::Input)?;
     let t = Tokenizing {
         template: &template,
