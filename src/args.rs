@@ -483,7 +483,7 @@ pub struct InitModelArgs {
     /// Standard deviation of the random weights (transformers' `initializer_range`).
     #[arg(long, default_value_t = 0.02)]
     pub init_std: f32,
-    /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
+    /// Shard the weights above this size (e.g. 2GB, 1.5GB, 500MB, 2GiB).
     #[arg(long, value_parser = parse_size, default_value = "5GB")]
     pub max_shard_size: u64,
 }
@@ -533,12 +533,11 @@ pub struct ConvertArgs {
     /// Storage dtype of the output (default: the source's).
     #[arg(long, value_enum)]
     pub dtype: Option<Dtype>,
-    /// Shard the weights above this size (e.g. 2GB, 500MB, 100KB).
+    /// Shard the weights above this size (e.g. 2GB, 1.5GB, 500MB, 2GiB).
     #[arg(long, value_parser = parse_size, default_value = "5GB")]
     pub max_shard_size: u64,
 }
 
-/// Sizes as transformers writes them: decimal units, `5GB` = 5·10⁹ bytes.
 /// `--column FROM=TO`.
 pub fn parse_rename(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
@@ -546,31 +545,49 @@ pub fn parse_rename(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}`: expected FROM=TO"))
 }
 
+/// Sizes as transformers writes them: decimal units (`5GB` = 5·10⁹ bytes, `1.5GB` too) and
+/// binary ones (`2GiB` = 2·2³⁰).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let upper = s.trim().to_ascii_uppercase();
     let split = upper
-        .find(|c: char| !c.is_ascii_digit())
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(upper.len());
-    let (digits, unit) = upper.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size such as 5GB or 200MB"))?;
-    let scale = match unit {
+    let (number, unit) = upper.split_at(split);
+    let not_a_size = || format!("`{s}` is not a size such as 5GB, 1.5GB or 200MB");
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || number.ends_with('.') || fraction.contains('.') || fraction.len() > 9 {
+        return Err(not_a_size());
+    }
+    let whole: u64 = whole.parse().map_err(|_| not_a_size())?;
+    let scale: u64 = match unit {
         "" | "B" => 1,
         "KB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
+        "KIB" => 1 << 10,
+        "MIB" => 1 << 20,
+        "GIB" => 1 << 30,
         _ => {
             return Err(format!(
-                "`{s}`: unknown unit `{unit}` (use B, KB, MB or GB)"
+                "`{s}`: unknown unit `{unit}` (use B, KB, MB, GB, KiB, MiB or GiB)"
             ));
         }
     };
-    if n == 0 {
+    // The fraction in exact integers: `1.5GB` is 1·10⁹ + 5·10⁹/10, rounded down to a byte.
+    let part = if fraction.is_empty() {
+        0
+    } else {
+        let digits: u64 = fraction.parse().map_err(|_| not_a_size())?;
+        (u128::from(digits) * u128::from(scale) / 10u128.pow(fraction.len() as u32)) as u64
+    };
+    let bytes = whole
+        .checked_mul(scale)
+        .and_then(|b| b.checked_add(part))
+        .ok_or_else(|| format!("`{s}` is more bytes than a size can hold"))?;
+    if bytes == 0 {
         return Err("the shard size must be positive".into());
     }
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("`{s}` is more bytes than a size can hold"))
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -585,5 +602,11 @@ mod tests {
         let e = parse_size("18446744073709551615GB").unwrap_err();
         assert!(e.contains("more bytes than a size can hold"), "{e}");
         assert!(parse_size("0MB").is_err() && parse_size("5TB").is_err());
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("0.25KB"), Ok(250));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        for bad in ["1.2.3GB", ".5GB", "1.GB", "1.0000000001GB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -304,12 +304,19 @@ pub fn copy_companions(src: &Path, dst: &Path) -> Result<()> {
     for name in COMPANION_FILES {
         let from = src.join(name);
         if from.is_file() {
-            // Bytes, not text: `tokenizer.model` is a SentencePiece protobuf.
-            let bytes = std::fs::read(&from).map_err(|e| checkpoints::CheckpointError::Io {
+            let io = |e| checkpoints::CheckpointError::Io {
                 path: from.clone(),
                 source: e,
-            })?;
-            checkpoints::write_bytes(&dst.join(name), &bytes)?;
+            };
+            // `tokenizer.model` is a SentencePiece protobuf, copied as bytes; the rest are
+            // text, and one that is not UTF-8 is broken, which is said before anything of
+            // the output stands.
+            if name.ends_with(".model") {
+                checkpoints::write_bytes(&dst.join(name), &std::fs::read(&from).map_err(io)?)?;
+            } else {
+                let text = std::fs::read_to_string(&from).map_err(io)?;
+                checkpoints::write_text(&dst.join(name), &text)?;
+            }
         }
     }
     Ok(())
