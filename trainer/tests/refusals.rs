@@ -211,7 +211,19 @@ fn a_reward_head_of_two_labels_is_refused_before_any_work() {
 fn nan_scores_are_errors_naming_the_row() {
     let tmp = tempfile::tempdir().unwrap();
     let (nan, out) = (tmp.path().join("nan"), tmp.path().join("scores.jsonl"));
+    // A NaN weight is refused at load, naming the tensor; a finite head as large as f32
+    // allows still scores past its range, which names the row.
     classifier(&nan, 1, f32::NAN);
+    let m = message(trainer::evaluate::score_file(
+        &nan,
+        None,
+        &example("counseling-sft.jsonl"),
+        &out,
+        &Device::flex(),
+    ));
+    assert!(m.contains("`score.weight` holds NaN"), "{m}");
+    std::fs::remove_dir_all(&nan).unwrap();
+    classifier(&nan, 1, f32::MAX);
     let m = message(trainer::evaluate::score_file(
         &nan,
         None,
@@ -294,13 +306,9 @@ fn weights_holding_nan_are_never_written() {
     nan_model(&nan);
     tiny(&base);
     adapter(&nan_adapter, f32::NAN, None);
+    // Refused when the weights are read, naming the tensor, so nothing is written.
     let refused = |m: String, out: &Path, tensor: &str| {
-        assert!(
-            m.contains(&out.display().to_string())
-                && m.contains("refusing to write weights holding NaN")
-                && m.contains(tensor),
-            "{m}"
-        );
+        assert!(m.contains("holds NaN") && m.contains(tensor), "{m}");
         assert!(!out.exists(), "{} was written", out.display());
     };
     let out = tmp.path().join("converted");
@@ -326,7 +334,7 @@ fn weights_holding_nan_are_never_written() {
             ty,
         )),
         &out,
-        "q_proj.weight",
+        "q_proj.lora_",
     );
     let out = tmp.path().join("merged");
     let m = message(trainer::model::adapter::merge_to_dir(
@@ -335,7 +343,7 @@ fn weights_holding_nan_are_never_written() {
         &out,
         &Default::default(),
     ));
-    refused(m, &out, "model.layers.0.self_attn.q_proj.weight");
+    refused(m, &out, "model.layers.0.self_attn.q_proj.lora_");
 
     // A finite weight whose quantized block needs a scale past f16's range: the block
     // would read back as ∞, so the export is refused; kept in f32, it is written.
@@ -349,11 +357,14 @@ fn weights_holding_nan_are_never_written() {
     for ty in ["q8_0", "q4_0"] {
         let out = tmp.path().join(format!("big-{ty}.gguf"));
         let ty = checkpoints::gguf::ExportType::parse(ty).unwrap();
-        refused(
-            message(trainer::model::export_to_gguf(&big, None, &out, ty)),
-            &out,
-            "q_proj.weight",
+        let m = message(trainer::model::export_to_gguf(&big, None, &out, ty));
+        assert!(
+            m.contains(&out.display().to_string())
+                && m.contains("refusing to write weights holding NaN")
+                && m.contains("q_proj.weight"),
+            "{m}"
         );
+        assert!(!out.exists(), "{} was written", out.display());
     }
     let out = tmp.path().join("big-f32.gguf");
     let ty = checkpoints::gguf::ExportType::F32;
