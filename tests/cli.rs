@@ -3232,7 +3232,7 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
         (
             "late-lora",
             format!("{}set = [\"lora.r=0\"]\n", stage("dpo", "tiny-dpo.toml")),
-            ["stage 2 (`dpo`)", "lora.r must be positive"],
+            ["stage 2 (`dpo`)", "LoRA rank `r` must be positive"],
         ),
     ] {
         let p = write(

@@ -117,6 +117,23 @@ pub struct LoraSection {
     pub init_from: Option<PathBuf>,
 }
 
+impl LoraSection {
+    /// The adapters' settings as PEFT writes them.
+    pub fn settings(&self) -> checkpoints::peft::LoraSettings {
+        checkpoints::peft::LoraSettings {
+            r: self.r,
+            lora_alpha: self.alpha,
+            lora_dropout: self.dropout,
+            target_modules: self.targets.clone(),
+            use_rslora: self.rslora,
+            layers_to_transform: self
+                .layers_to_transform
+                .clone()
+                .map(checkpoints::peft::distinct_layers),
+        }
+    }
+}
+
 fn default_r() -> usize {
     16
 }
@@ -380,23 +397,6 @@ impl Recipe {
             return bad(format!("train.weight_decay {} must be ≥ 0", t.weight_decay));
         }
         if let Some(lora) = &self.lora {
-            if lora.r == 0 {
-                return bad("lora.r must be positive: it is the adapters' rank".into());
-            }
-            if lora.targets.is_empty() {
-                return bad("lora.targets is empty: name the projections to adapt".into());
-            }
-            if let Some(t) = lora
-                .targets
-                .iter()
-                .find(|t| !checkpoints::peft::TARGETS.contains(&t.as_str()))
-            {
-                return bad(format!(
-                    "lora.targets names `{t}`, which is no projection of a Llama-family model \
-                     (one of {})",
-                    checkpoints::peft::TARGETS.join(", ")
-                ));
-            }
             if !lora.alpha.is_finite() {
                 return bad(format!("lora.alpha {} must be a finite number", lora.alpha));
             }
@@ -436,6 +436,10 @@ impl Recipe {
                     ));
                 }
             }
+            // The checks an adapter's own config gets when loaded, here before a run starts.
+            lora.settings()
+                .validate("lora")
+                .map_err(|e| TrainerError::Input(format!("{origin}: {e}")))?;
         }
         if !(t.progress_seconds >= 0.0 && t.progress_seconds <= MAX_SECONDS) {
             return bad(format!(
@@ -677,9 +681,12 @@ mod tests {
                 "train.num_train_epochs 9223372036854775807 must be at most",
             ),
             ("lora.dropout=nan", "lora.dropout NaN must be in [0, 1)"),
-            ("lora.r=0", "lora.r must be positive"),
-            ("lora.targets=[]", "lora.targets is empty"),
-            ("lora.targets=[\"qproj\"]", "lora.targets names `qproj`"),
+            ("lora.r=0", "lora: LoRA rank `r` must be positive"),
+            ("lora.targets=[]", "lora: target_modules is empty"),
+            (
+                "lora.targets=[\"qproj\"]",
+                "lora: unknown target module `qproj`",
+            ),
             ("data.max_length=1", "data.max_length 1 must be from 2"),
             ("data.max_length=9223372036854775807", "to 1048576 tokens"),
             (

@@ -66,17 +66,7 @@ pub fn setup(
     };
     let (model, reference, tuning) = match &recipe.lora {
         Some(lora) => {
-            let settings = LoraSettings {
-                r: lora.r,
-                lora_alpha: lora.alpha,
-                lora_dropout: lora.dropout,
-                target_modules: lora.targets.clone(),
-                use_rslora: lora.rslora,
-                layers_to_transform: lora
-                    .layers_to_transform
-                    .clone()
-                    .map(checkpoints::peft::distinct_layers),
-            };
+            let settings = lora.settings();
             let initial = match &lora.init_from {
                 Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
                 None => None,
