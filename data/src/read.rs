@@ -134,8 +134,10 @@ impl FileKind {
 }
 
 /// Whether the first JSON value of `path` is whole and ends on a later line than it
-/// starts: a pretty-printed object. A first line that is broken JSON but not the start of
-/// such an object stays a bad line of JSON Lines, which `skip_bad_rows` can pass over.
+/// starts, or opens with a line that is a lone `{`: a pretty-printed object. Such a file
+/// broken inside its first object is still read as one, so the error names the line where
+/// it breaks, not line 1. A first line that is broken JSON but not the start of such an
+/// object stays a bad line of JSON Lines, which `skip_bad_rows` can pass over.
 fn first_object_spans_lines(path: &Path) -> Result<bool, DataError> {
     let mut reader = BufReader::new(open(path)?);
     skip_bom(&mut reader).map_err(|e| io(path, e))?;
@@ -143,6 +145,10 @@ fn first_object_spans_lines(path: &Path) -> Result<bool, DataError> {
     read_line(&mut reader, &mut first_line, path, 1)?;
     if serde_json::from_slice::<Value>(&first_line).is_ok() {
         return Ok(false);
+    }
+    // No row of JSON Lines is a lone brace; every pretty-printer opens an object so.
+    if first_line.trim_ascii() == b"{" {
+        return Ok(true);
     }
     let mut reader = BufReader::new(open(path)?);
     skip_bom(&mut reader).map_err(|e| io(path, e))?;
@@ -445,6 +451,27 @@ mod line_tests {
     /// writer would wait for ever, and with one the layout check would eat its first rows.
     /// The detection runs on a thread so that a regression fails the test instead of
     /// hanging CI.
+    #[test]
+    fn a_pretty_object_broken_inside_names_the_line_it_breaks_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("one.json");
+        let text = "{\n  \"prompt\": \"hi\",\n  \"completion\": \"hello\"\n  \"extra\": 1\n}\n";
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(FileKind::detect(&path).unwrap(), FileKind::JsonObjects);
+        let e = for_each_row(&path, &mut |_| Ok(()), &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("one.json: line 4, column 3: invalid JSON"),
+            "{e}"
+        );
+        // JSON Lines whose first row is cut short is still JSON Lines, its bad line 1
+        // skippable.
+        let lines = dir.path().join("lines.json");
+        std::fs::write(&lines, "{\"prompt\": \"hi\",\n{\"prompt\": \"b\"}\n").unwrap();
+        assert_eq!(FileKind::detect(&lines).unwrap(), FileKind::JsonLines);
+    }
+
     #[test]
     fn a_json_pipe_is_refused_without_opening_it() {
         let dir = tempfile::tempdir().unwrap();
