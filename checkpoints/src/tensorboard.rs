@@ -10,6 +10,7 @@
 //! `tensorboard-rs` crate does the same with protobuf 2 and the `image` crate, and is no
 //! longer maintained.)
 
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -109,6 +110,22 @@ pub fn read_records(bytes: &[u8]) -> std::result::Result<Vec<Vec<u8>>, String> {
 /// Every scalar in the event file at `path`, in order: `(step, tag, value)`. Records are
 /// CRC-checked; the file must open with the version header.
 pub fn read_scalars(path: &Path) -> Result<Vec<(i64, String, f32)>> {
+    let mut out = Vec::new();
+    for event in read_events(path)? {
+        if let Some(What::Summary(s)) = event.what {
+            out.extend(
+                s.value
+                    .into_iter()
+                    .filter_map(|v| Some((event.step, v.tag, v.simple_value?))),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Every event in the file at `path`, the version header first. Records are CRC-checked;
+/// the file must open with the version header.
+pub fn read_events(path: &Path) -> Result<Vec<Event>> {
     let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
     let bad = |reason: String| CheckpointError::Run {
         path: path.to_path_buf(),
@@ -118,18 +135,12 @@ pub fn read_scalars(path: &Path) -> Result<Vec<(i64, String, f32)>> {
     for (i, payload) in read_records(&bytes).map_err(bad)?.iter().enumerate() {
         let event = Event::decode(payload.as_slice())
             .map_err(|e| bad(format!("record {}: not an Event ({e})", i + 1)))?;
-        match (i, event.what) {
+        match (i, &event.what) {
             (0, Some(What::FileVersion(v))) if v.starts_with("brain.Event:") => {}
             (0, _) => return Err(bad("it does not start with a file version record".into())),
-            (_, Some(What::Summary(s))) => {
-                out.extend(
-                    s.value
-                        .into_iter()
-                        .filter_map(|v| Some((event.step, v.tag, v.simple_value?))),
-                );
-            }
             _ => {}
         }
+        out.push(event);
     }
     Ok(out)
 }
@@ -207,14 +218,29 @@ pub fn append(root: &Path, line: &Value) -> Result<()> {
 
 /// Rewrites the run's event file from `lines` (a resumed run's `metrics.jsonl`, cut back to
 /// its checkpoint), so the events never hold steps the metrics no longer do. The new file
-/// replaces the old one whole.
+/// replaces the old one whole. Each event kept keeps the wall time it was logged at (the
+/// old file's events of its step, taken in order), so TensorBoard's relative-time axis
+/// still shows when each step ran; only a line the old file lacks (or an unreadable old
+/// file) is stamped now.
 pub fn rewrite(root: &Path, lines: &[Value]) -> Result<()> {
-    let wall_time = now();
-    let mut bytes = header(wall_time);
-    for line in lines {
-        if let Some(event) = event_of(line, wall_time) {
-            bytes.extend(record(&event.encode_to_vec()));
+    let now = now();
+    let old = read_events(&events_path(root)).unwrap_or_default();
+    let started = old.first().map_or(now, |e| e.wall_time);
+    let mut logged: HashMap<i64, VecDeque<f64>> = HashMap::new();
+    for e in old.iter().skip(1) {
+        if matches!(e.what, Some(What::Summary(_))) {
+            logged.entry(e.step).or_default().push_back(e.wall_time);
         }
+    }
+    let mut bytes = header(started);
+    for line in lines {
+        let Some(mut event) = event_of(line, now) else {
+            continue;
+        };
+        if let Some(t) = logged.get_mut(&event.step).and_then(VecDeque::pop_front) {
+            event.wall_time = t;
+        }
+        bytes.extend(record(&event.encode_to_vec()));
     }
     let dir = root.join(TB_DIR);
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
@@ -254,6 +280,60 @@ mod tests {
                 .unwrap_err()
                 .contains("record 2")
         );
+    }
+
+    /// A resumed run's rewrite drops the steps past its checkpoint and keeps the wall time
+    /// of every event it keeps, the header's too; a line the old file lacks is stamped now.
+    #[test]
+    fn a_rewrite_keeps_each_kept_events_wall_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let line = |step: i64, key: &str| serde_json::json!({"step": step, key: 1.0});
+        let logged = [
+            line(1, "loss"),
+            line(2, "loss"),
+            line(2, "eval_loss"),
+            line(3, "loss"),
+        ];
+        for l in &logged {
+            append(root, l).unwrap();
+        }
+        let path = events_path(root);
+        let before = read_events(&path).unwrap();
+        // Stamps a second apart, as a run writes them over time.
+        let bytes: Vec<u8> = before
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| {
+                let mut e = e.clone();
+                e.wall_time = 1000.0 + i as f64;
+                record(&e.encode_to_vec())
+            })
+            .collect();
+        std::fs::write(&path, bytes).unwrap();
+        let started = now();
+        rewrite(
+            root,
+            &[
+                logged[0].clone(),
+                logged[1].clone(),
+                logged[2].clone(),
+                line(5, "loss"),
+            ],
+        )
+        .unwrap();
+        let after: Vec<(i64, f64)> = read_events(&path)
+            .unwrap()
+            .iter()
+            .map(|e| (e.step, e.wall_time))
+            .collect();
+        assert_eq!(
+            after[..4],
+            [(0, 1000.0), (1, 1001.0), (2, 1002.0), (2, 1003.0)]
+        );
+        assert_eq!(after.len(), 5, "{after:?}");
+        assert_eq!(after[4].0, 5);
+        assert!(after[4].1 >= started, "{after:?}");
     }
 
     #[test]
