@@ -69,6 +69,38 @@ fn claim<T>(
     }
 }
 
+/// Removes the temporary files (`NAME.<pid>.<n>.tmp`, as [`claim`] names them) that a
+/// killed process left in `dir`. For a directory whose lock the caller holds: no live
+/// writer can own one then unless its pid is alive, and those are left alone.
+pub fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = owner(&name) else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists (EPERM: it does, as
+        // another user's).
+        let alive = pid > 0
+            && (unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
+        if !alive && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The pid in a temporary name [`claim`] made; `None` for any other name.
+fn owner(name: &str) -> Option<i32> {
+    let stem = name.strip_suffix(".tmp")?;
+    let mut parts = stem.rsplitn(3, '.');
+    let (n, pid, _) = (parts.next()?, parts.next()?, parts.next()?);
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
 /// Removes an uncommitted temporary file or directory (an empty path: committed).
 fn release(tmp: &Path, is_dir: bool) {
     if tmp.as_os_str().is_empty() {
@@ -292,6 +324,35 @@ pub fn abandon_all() -> usize {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Only names `claim` makes are read as owned, and a dead owner's file goes while a
+    /// live one's stays.
+    #[test]
+    fn stale_temporaries_are_those_of_dead_owners() {
+        assert_eq!(owner("metrics.jsonl.123.0.tmp"), Some(123));
+        for other in [
+            "x.tmp",
+            "a.1.tmp",
+            "m.12.x.tmp",
+            "m.x.0.tmp",
+            "m.12.0",
+            "notes.txt",
+        ] {
+            assert_eq!(owner(other), None, "{other}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // Pid 0 names no process; this test's own pid is alive.
+        let dead = dir.path().join("metrics.jsonl.0.3.tmp");
+        let live = dir
+            .path()
+            .join(format!("metrics.jsonl.{}.3.tmp", std::process::id()));
+        let mine = dir.path().join("notes.0.tmp");
+        for f in [&dead, &live, &mine] {
+            std::fs::write(f, "x").unwrap();
+        }
+        remove_stale(dir.path());
+        assert!(!dead.exists() && live.exists() && mine.exists());
+    }
 
     fn temporaries(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir)

@@ -153,35 +153,6 @@ fn foreign_entry(root: &Path, own_recipe: impl Fn(&str) -> bool) -> Result<Optio
     Ok(None)
 }
 
-/// Removes the temporary files (`NAME.<pid>.<n>.tmp`) that a killed process left in the
-/// run's directory: the lock held, no live writer can own one unless its pid is alive.
-fn remove_stale_temporaries(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(".tmp") else {
-            continue;
-        };
-        let mut parts = stem.rsplitn(3, '.');
-        let (Some(n), Some(pid), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let (Ok(_), Ok(pid)) = (n.parse::<u64>(), pid.parse::<i32>()) else {
-            continue;
-        };
-        // SAFETY: signal 0 only asks whether the process exists (EPERM: it does, as
-        // another user's).
-        let alive = pid > 0
-            && (unsafe { libc::kill(pid, 0) } == 0
-                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM));
-        if !alive && entry.file_type().is_ok_and(|t| t.is_file()) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-}
-
 /// Every scalar of a run's TensorBoard events: `(step, tag, value)`, in order.
 pub fn read_scalars_of(root: &Path) -> Result<Vec<(i64, String, f32)>> {
     crate::tensorboard::read_scalars(&crate::tensorboard::events_path(root))
@@ -266,7 +237,7 @@ impl RunDir {
                 ),
             ));
         }
-        remove_stale_temporaries(root);
+        crate::pending::remove_stale(root);
         Ok(Self {
             root: root.to_path_buf(),
             writer: true,
