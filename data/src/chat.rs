@@ -81,11 +81,11 @@ fn render_incrementally(
         if !message.is_assistant() || i < train_from {
             continue;
         }
-        let start = whole.prefix_len(tokenizer, &template.render(&messages[..i], true)?)?;
+        let start = whole.boundary(tokenizer, &template.render(&messages[..i], true)?, true)?;
         let end = if i + 1 == messages.len() {
             Some(whole.ids.len())
         } else {
-            whole.prefix_len(tokenizer, &template.render(&messages[..=i], false)?)?
+            whole.boundary(tokenizer, &template.render(&messages[..=i], false)?, false)?
         };
         let (Some(start), Some(end)) = (start, end) else {
             return Err(not_a_prefix(template, i));
@@ -156,6 +156,33 @@ impl<'a> Whole<'a> {
         let tokens = encode(tokenizer, prefix)?;
         let matches = tokens.len() <= self.ids.len() && self.ids[..tokens.len()] == tokens[..];
         Ok(matches.then_some(tokens.len()))
+    }
+
+    /// Where `prefix` ends in the whole's tokens: [`prefix_len`](Self::prefix_len) where
+    /// its tokens are a prefix of the whole's. Where the text is a prefix but a token
+    /// straddles its end (a reply opening with whitespace that the tokenizer joins with
+    /// the prompt's closing newline into one token), the straddling token counts as the
+    /// reply's: for a turn's `start` (it overlaps the reply) and for its `end` alike, as
+    /// transformers' `return_assistant_tokens_mask` takes every token overlapping a span.
+    /// `None` only when the text itself is not a prefix: the template rewrote it.
+    fn boundary(
+        &self,
+        tokenizer: &Tokenizer,
+        prefix: &str,
+        start: bool,
+    ) -> Result<Option<usize>, DataError> {
+        if let Some(k) = self.prefix_len(tokenizer, prefix)? {
+            return Ok(Some(k));
+        }
+        if !self.text.starts_with(prefix) {
+            return Ok(None);
+        }
+        let cut = prefix.len();
+        Ok(Some(if start {
+            self.offsets.partition_point(|&(_, end)| end <= cut)
+        } else {
+            self.offsets.partition_point(|&(begin, _)| begin < cut)
+        }))
     }
 
     /// The shortcut alone: `Some(k)` only where it confirms the match.
@@ -270,6 +297,51 @@ mod tests {
             ..Default::default()
         };
         ChatTemplate::builtin("llama3", tokens).unwrap()
+    }
+
+    /// A reply the tokenizer joins with the prompt's end into one token (the generation
+    /// prompt ends in a space, which byte-level BPE attaches to the reply's first word; a
+    /// reply opening with a newline after a prompt's newline is the same): the straddling
+    /// token is the reply's, as a `{% generation %}` mask takes every token overlapping the
+    /// reply, not an error blaming the template.
+    #[test]
+    fn a_reply_merging_into_the_prompt_is_masked_from_the_straddling_token() {
+        let tok = tokenizer();
+        let chatml = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+            SpecialTokens::default(),
+            "spaced.jinja",
+        )
+        .unwrap();
+        let messages = vec![
+            Message::new("user", "I feel tired."),
+            Message::new("assistant", "Tell me more."),
+            Message::new("user", "Work is hard."),
+            Message::new("assistant", "What feels hardest?"),
+        ];
+        let prompt = encode(&tok, &chatml.render(&messages[..1], true).unwrap()).unwrap();
+        let r = render_with_mask(&chatml, &tok, &messages).unwrap();
+        assert_ne!(
+            r.input_ids[..prompt.len()],
+            prompt[..],
+            "the join must merge"
+        );
+        let first = r.assistant_mask.iter().position(|&m| m == 1).unwrap();
+        // The straddling token is the prompt's last one re-cut: it starts one token early.
+        assert_eq!(first, prompt.len() - 1);
+        let decoded = tok.decode(&r.input_ids[first..], false).unwrap();
+        assert!(decoded.starts_with(" Tell me more."), "{decoded:?}");
+        // Both turns are learnt; the user's turn between them is not.
+        let runs = r
+            .assistant_mask
+            .windows(2)
+            .filter(|w| w[0] == 0 && w[1] == 1)
+            .count();
+        assert_eq!(runs, 2);
+        let user = chatml.render(&messages[..3], true).unwrap();
+        let user_end = encode(&tok, &user).unwrap().len();
+        // The second reply straddles its prompt's space too; the `:` before it is context.
+        assert_eq!(r.assistant_mask[user_end - 2..user_end], [0, 1]);
     }
 
     #[test]
@@ -436,16 +508,34 @@ mod tests {
         let is_prefix = |short: &[u32], long: &[u32]| {
             long.len() >= short.len() && long[..short.len()] == *short
         };
+        let offsets = tokenizer
+            .encode(text.as_str(), false)
+            .unwrap()
+            .get_offsets()
+            .to_vec();
         for (i, message) in messages.iter().enumerate().skip(train_from) {
             if !message.is_assistant() {
                 continue;
             }
-            let prompt = encode(tokenizer, &template.render(&messages[..i], true)?)?;
-            let through = encode(tokenizer, &template.render(&messages[..=i], false)?)?;
-            if !is_prefix(&prompt, &through) || !is_prefix(&through, &input_ids) {
+            let prompt_text = template.render(&messages[..i], true)?;
+            let through_text = template.render(&messages[..=i], false)?;
+            let prompt = encode(tokenizer, &prompt_text)?;
+            let through = encode(tokenizer, &through_text)?;
+            if is_prefix(&prompt, &through) && is_prefix(&through, &input_ids) {
+                assistant_mask[prompt.len()..through.len()].fill(1);
+                continue;
+            }
+            // Tokens straddle a boundary the text keeps: every token overlapping the turn.
+            if !text.starts_with(&through_text) || !through_text.starts_with(&prompt_text) {
                 return Err(not_a_prefix(template, i));
             }
-            assistant_mask[prompt.len()..through.len()].fill(1);
+            let (from, to) = (prompt_text.len(), through_text.len());
+            let last = i + 1 == messages.len();
+            for (m, &(start, end)) in assistant_mask.iter_mut().zip(&offsets) {
+                if end > from && (start < to || last) {
+                    *m = 1;
+                }
+            }
         }
         if !assistant_mask.contains(&1) {
             return Err(DataError::Conversation("no assistant tokens".into()));

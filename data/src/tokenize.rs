@@ -180,8 +180,16 @@ impl Tokenizing<'_> {
         let continuation = |side: &[Message], name: &str| -> Result<Vec<u32>, DataError> {
             let mut all = prompt.to_vec();
             all.extend_from_slice(side);
-            let full = encode(self.tokenizer, &self.template.render(&all, false)?)?;
+            let text = self.template.render(&all, false)?;
+            let full = encode(self.tokenizer, &text)?;
             if full.len() < prompt_ids.len() || full[..prompt_ids.len()] != prompt_ids[..] {
+                // The text extends the prompt, but a token straddles the join (a reply
+                // opening with whitespace the tokenizer merges with the prompt's last
+                // newline): the continuation is its own text tokenised alone, which is
+                // what TRL does for every pair.
+                if let Some(rest) = text.strip_prefix(prompt_text.as_str()) {
+                    return encode(self.tokenizer, rest);
+                }
                 // Most often the side repeats the prompt: a whole conversation where only
                 // the reply belongs.
                 let reason = match side.first() {
@@ -378,6 +386,54 @@ mod tests {
         assert_eq!(cut.chosen, full.chosen[..cut.chosen.len()]);
         assert_eq!(cut.rejected, full.rejected);
         assert!(run(Truncation::Drop, max, &pair).0.is_none());
+    }
+
+    /// A side the tokenizer joins with the prompt's end into one token (the generation
+    /// prompt ends in a space, which byte-level BPE attaches to the reply's first word): the
+    /// prompt's tokens stay as they are and the side's text is tokenised alone, as TRL
+    /// tokenises every pair.
+    #[test]
+    fn a_side_that_merges_into_the_prompt_is_tokenised_alone() {
+        let (_, tokenizer) = setup();
+        let template = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+            SpecialTokens::default(),
+            "spaced.jinja",
+        )
+        .unwrap();
+        let prompt = vec![Message::new("user", "I feel tired.")];
+        let chosen = vec![Message::new("assistant", "Tell me more.")];
+        let prompt_text = template.render(&prompt, true).unwrap();
+        let chosen_text = template
+            .render(&[prompt.clone(), chosen.clone()].concat(), false)
+            .unwrap();
+        let prompt_ids = encode(&tokenizer, &prompt_text).unwrap();
+        let joint = encode(&tokenizer, &chosen_text).unwrap();
+        assert_ne!(
+            joint[..prompt_ids.len()],
+            prompt_ids[..],
+            "the join must merge"
+        );
+        let t = Tokenizing {
+            template: &template,
+            tokenizer: &tokenizer,
+            max_length: 10_000,
+            truncation: Truncation::KeepEnd,
+        };
+        let pair = Example::Pair {
+            prompt,
+            chosen,
+            rejected: vec![Message::new("assistant", "No.")],
+            extra: Map::new(),
+        };
+        let got = t.example(&pair, &mut TruncationCounts::default()).unwrap();
+        let Some(Tokenized::Pair(p)) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(p.prompt, prompt_ids);
+        let rest = &chosen_text[prompt_text.len()..];
+        assert_eq!(p.chosen, encode(&tokenizer, rest).unwrap());
+        assert_eq!(tokenizer.decode(&p.chosen, false).unwrap(), rest);
     }
 
     /// A `chosen` that repeats the prompt (a whole conversation beside a `prompt` column)
