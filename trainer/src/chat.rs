@@ -6,15 +6,13 @@ use std::io::BufRead;
 use std::path::Path;
 use std::time::Instant;
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use burn::tensor::Device;
 use data::render::{TemplateChoice, template_for};
 use data::{ChatTemplate, Example, Message};
 
-use crate::generate::{Sampling, generate, generate_groups, stop_tokens};
+use crate::generate::{Sampling, generate, generate_groups_streams, row_streams, stop_tokens};
 use crate::model::{Llama, load_tuned};
 use crate::{Result, TrainerError};
 
@@ -189,9 +187,15 @@ impl Chat {
         if let Some(w) = self.past_context(&lengths, "prompt") {
             eprintln!("warning: {w}");
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(self.sampling.seed);
         let mut out = Vec::with_capacity(prompts.len() * samples);
         for (c, batch) in ids.chunks(batch_size.max(1)).enumerate() {
+            // Each reply draws from its own stream, numbered by its place in the input:
+            // `--batch-size` changes the speed, never the replies.
+            let mut streams = row_streams(
+                self.sampling.seed,
+                c * batch_size.max(1) * samples,
+                batch.len() * samples,
+            );
             let longest = batch.iter().map(Vec::len).max().unwrap_or(0);
             if let Some(j) = batch.iter().position(|p| p.len() == longest) {
                 crate::model::mask::check_attention_size(
@@ -200,13 +204,13 @@ impl Chat {
                     &format!("prompt {}", c * batch_size.max(1) + j + 1),
                 )?;
             }
-            let done = generate_groups(
+            let done = generate_groups_streams(
                 &self.model,
                 batch,
                 samples,
                 &self.stop,
                 &self.sampling,
-                &mut rng,
+                &mut streams,
                 &self.device,
             )?;
             for c in done {

@@ -196,6 +196,82 @@ pub fn generate_groups_reporting(
     device: &Device,
     progress: &dyn Fn(usize, usize),
 ) -> Result<Vec<Completion>> {
+    let mut draws = Draws::Shared(rng);
+    run_groups(model, prompts, group, stop, s, &mut draws, device, progress)
+}
+
+/// [`generate_groups`] where row `r` draws from `streams[r]` alone, so what a row samples
+/// does not depend on which other rows share its batch, nor on how many there are.
+pub fn generate_groups_streams(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    group: usize,
+    stop: &[u32],
+    s: &Sampling,
+    streams: &mut [ChaCha8Rng],
+    device: &Device,
+) -> Result<Vec<Completion>> {
+    if streams.len() != prompts.len() * group {
+        return Err(TrainerError::Input(format!(
+            "{} random streams for {} rows",
+            streams.len(),
+            prompts.len() * group
+        )));
+    }
+    let mut draws = Draws::PerRow(streams);
+    run_groups(
+        model,
+        prompts,
+        group,
+        stop,
+        s,
+        &mut draws,
+        device,
+        &|_, _| {},
+    )
+}
+
+/// Row streams `first..first + n` of `seed`: ChaCha's stream number is the row's place in
+/// the whole input, so a row draws the same tokens whatever batch it lands in. Stream 0 is
+/// the plain `seed_from_u64(seed)` generator that [`generate`] uses for a single prompt.
+pub fn row_streams(seed: u64, first: usize, n: usize) -> Vec<ChaCha8Rng> {
+    (first..first + n)
+        .map(|r| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(r as u64);
+            rng
+        })
+        .collect()
+}
+
+/// Where each row's random draws come from.
+enum Draws<'a> {
+    /// One generator for the batch, drawn row by row: a seed fixes the whole batch.
+    Shared(&'a mut ChaCha8Rng),
+    /// Row `r` draws from its own generator.
+    PerRow(&'a mut [ChaCha8Rng]),
+}
+
+impl Draws<'_> {
+    fn row(&mut self, r: usize) -> &mut ChaCha8Rng {
+        match self {
+            Draws::Shared(rng) => rng,
+            Draws::PerRow(rngs) => &mut rngs[r],
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_groups(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    group: usize,
+    stop: &[u32],
+    s: &Sampling,
+    draws: &mut Draws,
+    device: &Device,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<Completion>> {
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         return Err(TrainerError::Input(format!("prompt {} is empty", i + 1)));
     }
@@ -216,7 +292,7 @@ pub fn generate_groups_reporting(
         .flat_map(|p| std::iter::repeat_n(p.len(), group))
         .collect();
     decode(
-        model, logits, cache, &lengths, &mut out, stop, s, rng, device, progress,
+        model, logits, cache, &lengths, &mut out, stop, s, draws, device, progress,
     );
     Ok(out)
 }
@@ -293,7 +369,7 @@ fn decode(
     out: &mut [Completion],
     stop: &[u32],
     s: &Sampling,
-    rng: &mut ChaCha8Rng,
+    draws: &mut Draws,
     device: &Device,
     progress: &dyn Fn(usize, usize),
 ) {
@@ -308,7 +384,7 @@ fn decode(
             if done[r] {
                 continue;
             }
-            let token = sample(&logits[r * vocab..(r + 1) * vocab], s, rng);
+            let token = sample(&logits[r * vocab..(r + 1) * vocab], s, draws.row(r));
             if stop.contains(&token) {
                 out[r].stop = Some(token);
                 done[r] = true;
