@@ -901,6 +901,43 @@ mod tests {
     }
 
     #[test]
+    fn quoted_key_parts_keep_their_dots() {
+        let r = parse(
+            MINIMAL,
+            "r.toml",
+            &[
+                "data.columns.\"meta.question\"=prompt".into(),
+                "data.columns.'a=b'=\"completion\"".into(),
+                "data.columns.\"x\\u002ey\"=chosen".into(),
+            ],
+        )
+        .unwrap();
+        let columns: Vec<(&str, &str)> = r
+            .data
+            .columns
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                ("a=b", "completion"),
+                ("meta.question", "prompt"),
+                ("x.y", "chosen")
+            ]
+        );
+        for (set, want) in [
+            ("data.columns.\"meta.question=prompt", "never closed"),
+            ("data.columns.\"a\"b=prompt", "not one quoted string"),
+        ] {
+            let err = parse(MINIMAL, "r.toml", &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--set") && err.contains(want), "{set}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_name_the_nearest_valid_one() {
         let err = parse(
             &format!("{MINIMAL}[train]\nlearning_rat = 1.0\n"),

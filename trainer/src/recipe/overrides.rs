@@ -7,9 +7,8 @@ use crate::{Result, TrainerError};
 /// `a.b.c=value`: the value is read as TOML (numbers, booleans, arrays, quoted strings),
 /// falling back to a bare string.
 pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> {
-    let (key, raw) = text.split_once('=').ok_or_else(|| {
-        TrainerError::Input(format!("--set `{text}`: expected section.key=value"))
-    })?;
+    let (key, raw) = split_assignment(text)
+        .map_err(|why| TrainerError::Input(format!("--set `{text}`: {why}")))?;
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         // A value that goes on past its line into more keys (`1\nmax_steps=5`) would set
         // them unseen, or drop them: one --set sets one key.
@@ -44,7 +43,8 @@ pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> 
             key.trim()
         )));
     }
-    let parts: Vec<&str> = key.trim().split('.').collect();
+    let parts = key_parts(key.trim())
+        .map_err(|why| TrainerError::Input(format!("--set `{}`: {why}", text.escape_debug())))?;
     if parts.iter().any(|p| p.trim().is_empty()) {
         return Err(TrainerError::Input(format!(
             "--set `{text}`: a part of the key is empty (expected section.key=value)"
@@ -94,6 +94,61 @@ pub(super) fn apply_override(table: &mut toml::Table, text: &str) -> Result<()> 
     }
     current.insert(last.to_string(), value);
     Ok(())
+}
+
+/// `key=value` split at the first `=` outside quotes, so a quoted key part may hold one.
+fn split_assignment(text: &str) -> std::result::Result<(&str, &str), &'static str> {
+    let mut quote = None;
+    for (i, c) in text.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), _) if c == q => quote = None,
+            (None, '=') => return Ok((&text[..i], &text[i + 1..])),
+            _ => {}
+        }
+    }
+    Err(match quote {
+        Some(_) => "a quote in the key is never closed",
+        None => "expected section.key=value",
+    })
+}
+
+/// The parts of a dotted key. A part in TOML quotes (`data.columns."meta.question"`) is
+/// one part, dots and all, as in a recipe file: column names and module paths hold dots.
+fn key_parts(key: &str) -> std::result::Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let (mut start, mut quote) = (0, None);
+    for (i, c) in key.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), _) if c == q => quote = None,
+            (None, '.') => {
+                parts.push(&key[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if quote.is_some() {
+        return Err("a quote in the key is never closed".into());
+    }
+    parts.push(&key[start..]);
+    parts
+        .into_iter()
+        .map(|part| {
+            let quoted = part.trim();
+            if !quoted.starts_with(['"', '\'']) {
+                return Ok(part.to_string());
+            }
+            toml::from_str::<toml::Table>(&format!("v = {quoted}"))
+                .ok()
+                .and_then(|mut t| match t.remove("v") {
+                    Some(toml::Value::String(s)) => Some(s),
+                    _ => None,
+                })
+                .ok_or_else(|| format!("the key part {quoted} is not one quoted string"))
+        })
+        .collect()
 }
 
 /// The dotted key a deserialisation error is about. Errors from a `toml::Value` carry no
