@@ -142,20 +142,50 @@ impl ChatTemplate {
     /// The template a checkpoint or tokenizer directory ships: `chat_template.jinja` if
     /// present (it overrides the config, as in transformers), else `chat_template` in
     /// `tokenizer_config.json` — a string, or a list of `{name, template}` from which `name`
-    /// (default `"default"`) is taken. `Ok(None)` when the directory has none.
-    /// A GGUF model (a `.gguf` file, or a directory holding one) ships its template as
-    /// `tokenizer.chat_template`.
+    /// (default `"default"`) is taken. A name other than `default` is also looked up as
+    /// `additional_chat_templates/NAME.jinja`, where transformers saves the named ones
+    /// beside `chat_template.jinja`. A name the directory does not ship is an error, also
+    /// where it ships a single template: that one is `default`. `Ok(None)` when the
+    /// directory has none. A GGUF model (a `.gguf` file, or a directory holding one) ships
+    /// its template as `tokenizer.chat_template`.
     pub fn from_dir(dir: &Path, name: Option<&str>) -> Result<Option<Self>, DataError> {
         let (config, config_path) = tokenizer_config(dir)?;
         let tokens = SpecialTokens::from_tokenizer_config(&config);
+        let named = name.filter(|n| *n != "default");
+        if let Some(n) = named {
+            let file = dir.join(ADDITIONAL_TEMPLATES).join(format!("{n}.jinja"));
+            if is_plain_name(n) && file.is_file() {
+                let source = read(&file)?;
+                return Self::new(&source, tokens, file.display().to_string()).map(Some);
+            }
+        }
+        let unnamed = |origin: String| {
+            let n = named.unwrap_or_default();
+            let mut shipped = vec!["default".to_string()];
+            shipped.extend(additional_names(dir));
+            DataError::Template {
+                origin,
+                reason: format!(
+                    "no template named `{n}` (this directory ships {})",
+                    shipped.join(", ")
+                ),
+            }
+        };
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
+            if named.is_some() {
+                return Err(unnamed(dir.display().to_string()));
+            }
             let source = read(&jinja)?;
             return Self::new(&source, tokens, jinja.display().to_string()).map(Some);
         }
         let origin = format!("{} (chat_template)", config_path.display());
         match config.get("chat_template") {
+            None | Some(Json::Null) if named.is_some() && !additional_names(dir).is_empty() => {
+                Err(unnamed(dir.display().to_string()))
+            }
             None | Some(Json::Null) => Ok(None),
+            Some(Json::String(_)) if named.is_some() => Err(unnamed(origin)),
             Some(Json::String(source)) => Self::new(source, tokens, origin).map(Some),
             Some(Json::Array(items)) => {
                 let wanted = name.unwrap_or("default");
@@ -299,6 +329,32 @@ impl ChatTemplate {
             .render(ctx)
             .map_err(|e| template_error(&self.origin, &e))
     }
+}
+
+/// The folder beside `chat_template.jinja` where transformers saves a tokenizer's named
+/// templates, one `NAME.jinja` each.
+pub const ADDITIONAL_TEMPLATES: &str = "additional_chat_templates";
+
+/// Whether `name` is one file name (no separators, not `.` or `..`), so a template name
+/// never reaches outside its folder.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+/// The names under `dir/additional_chat_templates/`, sorted; none when there is no folder.
+fn additional_names(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir.join(ADDITIONAL_TEMPLATES)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let stem = path.file_name()?.to_str()?.strip_suffix(".jinja")?;
+            path.is_file().then(|| stem.to_string())
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// The parsed `tokenizer_config.json` of `dir` (`Null` when it has none), or a GGUF model's
@@ -563,6 +619,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pick(None), "Jx");
+        // The jinja file is the default; the config's list no longer counts, as in
+        // transformers, and a name it does not ship is refused, not given the default.
+        assert_eq!(pick(Some("default")), "Jx");
+        let err = ChatTemplate::from_dir(dir.path(), Some("tool_use"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no template named `tool_use`") && err.contains("ships default)"),
+            "{err}"
+        );
+        // transformers' folder of named templates.
+        let named = dir.path().join(ADDITIONAL_TEMPLATES);
+        std::fs::create_dir(&named).unwrap();
+        std::fs::write(named.join("tool_use.jinja"), "U{{ messages[0].content }}").unwrap();
+        std::fs::write(named.join("rag.jinja"), "R{{ messages[0].content }}").unwrap();
+        assert_eq!(pick(Some("tool_use")), "Ux");
+        assert_eq!(pick(Some("rag")), "Rx");
+        assert_eq!(pick(None), "Jx");
+        for bad in ["summary", "../chat_template", "rag/x"] {
+            let err = ChatTemplate::from_dir(dir.path(), Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ships default, rag, tool_use"), "{bad}: {err}");
+        }
+    }
+
+    /// A single template in the config is the default one: another name is refused.
+    #[test]
+    fn a_single_template_is_only_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": "S{{ messages[0].content }}"}"#,
+        )
+        .unwrap();
+        let one = ChatTemplate::from_dir(dir.path(), Some("default"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.render(&[user("x")], false).unwrap(), "Sx");
+        let err = ChatTemplate::from_dir(dir.path(), Some("tool_use"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("no template named `tool_use`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -319,5 +319,39 @@ pub fn copy_companions(src: &Path, dst: &Path) -> Result<()> {
             }
         }
     }
+    copy_named_templates(src, dst)
+}
+
+/// Copies the named templates transformers keeps in `additional_chat_templates/` (each
+/// `NAME.jinja`), so `--template-name` finds them in what hearth writes as in its source.
+fn copy_named_templates(src: &Path, dst: &Path) -> Result<()> {
+    let folder = src.join(data::template::ADDITIONAL_TEMPLATES);
+    let Ok(entries) = std::fs::read_dir(&folder) else {
+        return Ok(());
+    };
+    let io = |path: &Path, e| checkpoints::CheckpointError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| io(&folder, e))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string);
+        if let Some(name) = name.filter(|n| n.ends_with(".jinja") && path.is_file()) {
+            files.push((name, path));
+        }
+    }
+    if files.is_empty() {
+        return Ok(());
+    }
+    let out = dst.join(data::template::ADDITIONAL_TEMPLATES);
+    std::fs::create_dir_all(&out).map_err(|e| io(&out, e))?;
+    for (name, path) in files {
+        let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        checkpoints::write_text(&out.join(name), &text)?;
+    }
     Ok(())
 }
