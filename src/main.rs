@@ -21,7 +21,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Selftest(a) => {
             kernels::set_attention_path(a.attention.into());
             let device = trainer::device::parse(&a.device)?.autodiff();
-            let dtypes: Vec<_> = a.dtypes.iter().map(|d| d.dtype()).collect();
+            let dtypes: Vec<_> = match a.dtypes.is_empty() {
+                true => trainer::selftest::default_dtypes(&a.device),
+                false => a.dtypes.iter().map(|d| d.dtype()).collect(),
+            };
             trainer::selftest::run(&device, &a.device, &dtypes, a.small, a.out.as_deref(), emit)?;
         }
         Command::Logits(a) => {

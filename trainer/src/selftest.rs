@@ -9,6 +9,16 @@ use kernels::selftest::{Report, model_cases};
 
 use crate::TrainerError;
 
+/// The dtypes checked when none are named: f32 and bf16, or f32 alone on `wgpu`, whose
+/// shaders (WGSL, and Vulkan's SPIR-V as burn emits it) have no bf16, so every bf16 case
+/// there would fail for want of the type rather than for a kernel's fault.
+pub fn default_dtypes(device_name: &str) -> Vec<DType> {
+    match device_name.split(':').next() {
+        Some("wgpu") => vec![DType::F32],
+        _ => vec![DType::F32, DType::BF16],
+    }
+}
+
 /// Runs every case in every dtype on `device` (named `device_name` in messages), sending
 /// one line per case to `emit` and, with `out`, one JSON object per case to that file as
 /// soon as the case is done. A case that panics (a kernel that fails to compile for a
@@ -120,4 +130,21 @@ fn case_json(label: String, op: &str, dtype: DType, report: &Report) -> serde_js
             "tol_rel": c.tolerance.rel,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// wgpu, with or without an adapter index, checks f32 alone by default; every other
+    /// device checks f32 and bf16.
+    #[test]
+    fn default_dtypes_leave_bf16_out_on_wgpu_only() {
+        for wgpu in ["wgpu", "wgpu:1"] {
+            assert_eq!(default_dtypes(wgpu), [DType::F32], "{wgpu}");
+        }
+        for other in ["cpu", "flex", "cuda", "cuda:0"] {
+            assert_eq!(default_dtypes(other), [DType::F32, DType::BF16], "{other}");
+        }
+    }
 }
