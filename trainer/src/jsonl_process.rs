@@ -388,10 +388,32 @@ fn live_groups(f: impl FnOnce(&mut Vec<i32>)) {
 }
 
 /// Kills every program still running, and what each started. For the signal watcher on
-/// its way out: it waits for no lock another thread may hold.
+/// its way out.
 pub fn kill_all() {
-    if let Ok(groups) = LIVE_GROUPS.try_lock() {
-        kill_groups(&groups);
+    kill_listed(&LIVE_GROUPS, std::time::Duration::from_secs(1));
+}
+
+/// Kills the groups in `list`; whether it could. A thread that holds the list for a moment
+/// (registering or reaping a program) is waited for, up to `patience`: giving up at once
+/// would leave every program alive. A lock held longer (by a thread stopped inside it) is
+/// given up on rather than hanging a process on its way out; a poisoned list is still read.
+fn kill_listed(list: &std::sync::Mutex<Vec<i32>>, patience: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match list.try_lock() {
+            Ok(groups) => {
+                kill_groups(&groups);
+                return true;
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                kill_groups(&p.into_inner());
+                return true;
+            }
+            Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        }
     }
 }
 
@@ -703,6 +725,49 @@ mod tests {
         bounded(move || {
             let _ = p.close();
             assert!(!live_groups_hold(leader));
+        });
+    }
+
+    /// A list held for a moment by another thread is waited for, not skipped; one held on
+    /// and on is given up on within the patience, killing nothing.
+    #[test]
+    fn kill_listed_waits_out_a_brief_hold_and_gives_up_on_a_long_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 1000 & echo $! > '{}'; wait", pidfile.display());
+        let mut p = JsonLinesProcess::spawn("reward command", sh(&script), 5.0).unwrap();
+        let child = pid_in(&pidfile);
+        let leader = p.child.id();
+        let list = std::sync::Arc::new(std::sync::Mutex::new(vec![leader as i32]));
+        let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let holder = {
+            let list = list.clone();
+            std::thread::spawn(move || {
+                let _guard = list.lock().unwrap();
+                held.0.send(()).unwrap();
+                let _ = release.1.recv();
+            })
+        };
+        held.1.recv().unwrap();
+        let started = std::time::Instant::now();
+        assert!(!kill_listed(&list, std::time::Duration::from_millis(50)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let alive = std::fs::read_to_string(format!("/proc/{child}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')));
+        assert!(alive, "killed without the list");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            release.0.send(()).unwrap();
+        });
+        assert!(kill_listed(&list, std::time::Duration::from_secs(10)));
+        assert!(
+            gone(child) && gone(leader),
+            "the group outlived kill_listed"
+        );
+        holder.join().unwrap();
+        releaser.join().unwrap();
+        bounded(move || {
+            let _ = p.close();
         });
     }
 
