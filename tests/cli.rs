@@ -1420,8 +1420,8 @@ fn generate_answers_a_prompt_file_in_batches() {
     assert!(!out.exists());
 
     // Several sampled replies per row: each row's lines in order, numbered; a seed repeats
-    // them, and the replies to one row are not all the same.
-    let sampled = |out: &Path| {
+    // them, whatever the batch size, and the replies to one row are not all the same.
+    let sampled = |out: &Path, batch: &str| {
         let got = hearth(&[
             "generate",
             "--model",
@@ -1431,7 +1431,7 @@ fn generate_answers_a_prompt_file_in_batches() {
             "--out",
             s(out),
             "--batch-size",
-            "2",
+            batch,
             "--samples",
             "3",
             "--temperature",
@@ -1449,7 +1449,7 @@ fn generate_answers_a_prompt_file_in_batches() {
         );
         jsonl(out)
     };
-    let lines = sampled(&tmp.path().join("s3.jsonl"));
+    let lines = sampled(&tmp.path().join("s3.jsonl"), "2");
     assert_eq!(lines.len(), 15);
     for (n, l) in lines.iter().enumerate() {
         assert_eq!(
@@ -1457,7 +1457,29 @@ fn generate_answers_a_prompt_file_in_batches() {
             (Some(n as u64 / 3), Some(n as u64 % 3))
         );
     }
-    assert_eq!(sampled(&tmp.path().join("s3-again.jsonl")), lines);
+    assert_eq!(sampled(&tmp.path().join("s3-again.jsonl"), "2"), lines);
+    assert_eq!(sampled(&tmp.path().join("s3-b1.jsonl"), "1"), lines);
+    assert_eq!(sampled(&tmp.path().join("s3-b5.jsonl"), "5"), lines);
+    // The first row's first sample draws from the seed's own stream, as `--prompt` does.
+    let first = hearth(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        asks[0],
+        "--temperature",
+        "1.0",
+        "--seed",
+        "4",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert_eq!(
+        String::from_utf8(first.stdout)
+            .unwrap()
+            .trim_end_matches('\n'),
+        lines[0]["reply"].as_str().unwrap()
+    );
     let replies: std::collections::HashSet<_> =
         lines.iter().map(|l| l["reply"].to_string()).collect();
     assert!(
@@ -4042,6 +4064,70 @@ fn a_failed_convert_leaves_no_partial_model() {
             "tokenizer_config.json"
         ]
     );
+}
+
+/// Named templates in transformers' `additional_chat_templates/` travel with a conversion
+/// and are what `--template-name` picks; a name the tokenizer does not ship is refused,
+/// listing those it does.
+#[test]
+fn named_templates_are_carried_and_picked_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    ok(&["init-model", "--out", s(&base)]);
+    let named = base.join("additional_chat_templates");
+    std::fs::create_dir(&named).unwrap();
+    let brief = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}";
+    std::fs::write(named.join("brief.jinja"), brief).unwrap();
+    let out = tmp.path().join("converted");
+    ok(&["convert", "--model", s(&base), "--out", s(&out)]);
+    assert_eq!(
+        std::fs::read_to_string(out.join("additional_chat_templates/brief.jinja")).unwrap(),
+        brief
+    );
+    let input = tmp.path().join("talk.jsonl");
+    std::fs::write(
+        &input,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+    )
+    .unwrap();
+    let render = |name: Option<&str>, to: &str| {
+        let target = tmp.path().join(to);
+        let mut args = vec![
+            "data",
+            "render",
+            "--tokenizer",
+            s(&out),
+            "--input",
+            s(&input),
+        ];
+        args.extend(["--out", s(&target)]);
+        if let Some(n) = name {
+            args.extend(["--template-name", n]);
+        }
+        ok(&args);
+        jsonl(&target)[0]["input_ids"].clone()
+    };
+    let default = render(None, "default.jsonl");
+    let picked = render(Some("brief"), "brief.jsonl");
+    assert_ne!(default, picked);
+    assert_eq!(render(Some("default"), "named-default.jsonl"), default);
+    let never = tmp.path().join("never.jsonl");
+    fails(
+        &[
+            "data",
+            "render",
+            "--tokenizer",
+            s(&out),
+            "--input",
+            s(&input),
+            "--out",
+            s(&never),
+            "--template-name",
+            "tool_use",
+        ],
+        &["no template named `tool_use`", "ships default, brief"],
+    );
+    assert!(!never.exists());
 }
 
 /// `generate` settings that could only give nothing, or the same reply again and again,
