@@ -19,6 +19,15 @@ pub const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}<|start_he
 /// Built-in ChatML template (Qwen and many others), for tokenizers that ship none.
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// The source of the built-in template `name` (one of [`BUILTIN`]).
+pub fn builtin_source(name: &str) -> Option<&'static str> {
+    match name {
+        "llama3" => Some(LLAMA3),
+        "chatml" => Some(CHATML),
+        _ => None,
+    }
+}
+
 /// The tokens templates refer to by name; each may be absent.
 #[derive(Debug, Clone, Default)]
 pub struct SpecialTokens {
@@ -123,10 +132,10 @@ impl ChatTemplate {
 
     /// One of the [`BUILTIN`] templates.
     pub fn builtin(name: &str, tokens: SpecialTokens) -> Result<Self, DataError> {
-        let source = match name {
-            "llama3" => LLAMA3,
-            "chatml" => CHATML,
-            other => {
+        let source = match builtin_source(name) {
+            Some(source) => source,
+            None => {
+                let other = name;
                 return Err(DataError::Template {
                     origin: "template".into(),
                     reason: format!(

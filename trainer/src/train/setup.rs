@@ -36,6 +36,9 @@ pub struct Setup {
     pub tuning: Tuning,
     /// The base checkpoint, named in adapters and copied from (tokenizer, template).
     pub base: PathBuf,
+    /// The built-in template the recipe trained with (`data.template`), which a checkpoint
+    /// that carries the tokenizer carries too, in place of the base's.
+    pub template: Option<String>,
 }
 
 /// Builds the trained model: base (+ score head for reward) with fresh adapters, the
@@ -118,6 +121,7 @@ pub fn setup(
         }),
         tuning,
         base: recipe.model.path.clone(),
+        template: recipe.data.template.clone(),
     })
 }
 

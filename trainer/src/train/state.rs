@@ -111,7 +111,8 @@ pub(super) fn save_weights(dir: &Path, s: &Setup, model: &Llama, last: bool) -> 
             save_adapter(&dir.join("adapter"), model, settings, &base_name)?;
             let merged = merge_lora(model.valid());
             save_model(dir, &s.config, &merged, s.config.dtype, Default::default())?;
-            copy_companions(base, dir)
+            copy_companions(base, dir)?;
+            carry_template(dir, s)
         }
         Tuning::Lora(settings) => save_adapter(dir, model, settings, &base_name),
         Tuning::Full => {
@@ -121,9 +122,24 @@ pub(super) fn save_weights(dir: &Path, s: &Setup, model: &Llama, last: bool) -> 
                 WeightDtype::F32
             };
             save_model(dir, &s.config, model, dtype, Default::default())?;
-            copy_companions(base, dir)
+            copy_companions(base, dir)?;
+            carry_template(dir, s)
         }
     }
+}
+
+/// Writes the recipe's built-in template as `dir`'s `chat_template.jinja`, which overrides
+/// the one copied from the base (as in transformers): what the weights were trained on is
+/// what `generate`, `reward score` and the evals then render with, not the base's template.
+fn carry_template(dir: &Path, s: &Setup) -> Result<()> {
+    let Some(name) = &s.template else {
+        return Ok(());
+    };
+    let source = data::template::builtin_source(name).ok_or_else(|| {
+        crate::TrainerError::Input(format!("data.template: unknown built-in template `{name}`"))
+    })?;
+    checkpoints::write_text(&dir.join("chat_template.jinja"), source)?;
+    Ok(())
 }
 
 /// Writes the optimizer state with its tensors sorted by name. burn lists them in hash-map
