@@ -34,12 +34,14 @@ pub(crate) fn load_on(
     Ok((model, pad, tokenizer))
 }
 
-/// Scores at each sequence's last non-pad token, `batch` sequences at a time.
+/// Scores at each sequence's last non-pad token, `batch` sequences at a time. `name(i)`
+/// says where sequence `i` came from (a file and line), for the one that is too long.
 pub fn score_sequences(
     model: &Llama,
     seqs: &[Vec<u32>],
     pad: u32,
     device: &Device,
+    name: &dyn Fn(usize) -> String,
 ) -> Result<Vec<f64>> {
     let score = model.score.as_ref().ok_or_else(|| {
         TrainerError::Input(
@@ -52,7 +54,7 @@ pub fn score_sequences(
     for (c, chunk) in seqs.chunks(BATCH).enumerate() {
         let longest = chunk.iter().map(Vec::len).max().unwrap_or(0);
         if let Some(j) = chunk.iter().position(|s| s.len() == longest) {
-            let which = format!("conversation {}", c * BATCH + j + 1);
+            let which = name(c * BATCH + j);
             crate::model::mask::check_attention_size(chunk.len(), longest, &which)?;
         }
         let owned: Vec<data::tokenize::Sequence> = chunk
@@ -114,14 +116,19 @@ impl RewardScorer {
         )))
     }
 
-    /// One score per conversation, in order.
-    pub fn score(&self, conversations: &[Vec<data::Message>]) -> Result<Vec<f64>> {
+    /// One score per conversation, in order; `name(i)` says where conversation `i` came
+    /// from, for errors.
+    pub fn score(
+        &self,
+        conversations: &[Vec<data::Message>],
+        name: &dyn Fn(usize) -> String,
+    ) -> Result<Vec<f64>> {
         let mut seqs = Vec::with_capacity(conversations.len());
         for messages in conversations {
             let text = self.template.render(messages, false)?;
             seqs.push(data::chat::encode(&self.tokenizer, &text)?);
         }
-        score_sequences(&self.model, &seqs, self.pad, &self.device)
+        score_sequences(&self.model, &seqs, self.pad, &self.device, name)
     }
 }
 
@@ -163,8 +170,9 @@ pub fn score_file(
         conversations.push(messages.clone());
     }
     let scorer = RewardScorer::load(model_dir, adapter, device)?;
-    let scores = finite_scores(scorer.score(&conversations)?, |i| {
-        format!("{}: {}: the score", input.display(), location(&loaded, i))
+    let at = |i: usize| format!("{}: {}", input.display(), location(&loaded, i));
+    let scores = finite_scores(scorer.score(&conversations, &at)?, |i| {
+        format!("{}: the score", at(i))
     })?;
     let mut text = String::new();
     for s in &scores {
@@ -326,13 +334,14 @@ fn margins(
     pairs: &[PairTokens],
     pad: u32,
     device: &Device,
+    name: &dyn Fn(usize) -> String,
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(pairs.len());
     for (c, chunk) in pairs.chunks(BATCH).enumerate() {
         let side = |p: &PairTokens| p.prompt.len() + p.chosen.len().max(p.rejected.len());
         let longest = chunk.iter().map(side).max().unwrap_or(0);
         if let Some(j) = chunk.iter().position(|p| side(p) == longest) {
-            let which = format!("pair {}", c * BATCH + j + 1);
+            let which = name(c * BATCH + j);
             crate::model::mask::check_attention_size(2 * chunk.len(), longest, &which)?;
         }
         let refs: Vec<&PairTokens> = chunk.iter().collect();
@@ -356,6 +365,50 @@ fn margins(
         out.extend(values(diff));
     }
     Ok(out)
+}
+
+/// Every example of `loaded` with its extra columns, refused at the first that is not a
+/// preference pair.
+fn pair_rows<'a>(
+    loaded: &'a data::Loaded,
+    data_path: &Path,
+) -> Result<Vec<(&'a Example, &'a serde_json::Map<String, serde_json::Value>)>> {
+    loaded
+        .examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match e {
+            Example::Pair { extra, .. } => Ok((e, extra)),
+            _ => Err(TrainerError::Input(format!(
+                "{}: {}: expected a preference pair (`prompt`, `chosen`, `rejected`)",
+                data_path.display(),
+                location(loaded, i)
+            ))),
+        })
+        .collect()
+}
+
+/// Reads the pairs [`preference_accuracy`] would measure and their rating columns, refusing
+/// a missing file, a row that is not a pair or a rating that is not a number: for a caller
+/// that runs models first, so bad pairs fail before the hours of generating.
+pub(crate) fn check_pairs(data_path: &Path) -> Result<()> {
+    let pairs_first = data::LoadOptions {
+        pairs_first: true,
+        ..Default::default()
+    };
+    let loaded = data::load_examples(data_path, &pairs_first)?;
+    let extras: Vec<_> = pair_rows(&loaded, data_path)?
+        .into_iter()
+        .map(|(_, x)| x)
+        .collect();
+    if extras.is_empty() {
+        return Err(TrainerError::Input(format!(
+            "{}: no pairs to evaluate",
+            data_path.display()
+        )));
+    }
+    let at = |j: usize| format!("{}: {}", data_path.display(), location(&loaded, j));
+    by_dimension(&extras, &vec![0.0; extras.len()], at).map(|_| ())
 }
 
 /// `hearth eval preference`: pairwise accuracy of a reward model (when the model has a
@@ -394,13 +447,7 @@ pub fn preference_accuracy(
     let mut extras = Vec::new();
     let mut counts = TruncationCounts::default();
     let at = |i: usize| format!("{}: {}", data_path.display(), location(&loaded, i));
-    for (i, e) in loaded.examples.iter().enumerate() {
-        let Example::Pair { extra, .. } = e else {
-            return Err(TrainerError::Input(format!(
-                "{}: expected a preference pair (`prompt`, `chosen`, `rejected`)",
-                at(i)
-            )));
-        };
+    for (i, (e, extra)) in pair_rows(&loaded, data_path)?.into_iter().enumerate() {
         let tokenized = t
             .example(e, &mut counts)
             .map_err(|err| TrainerError::Input(format!("{}: {err}", at(i))))?;
@@ -424,7 +471,9 @@ pub fn preference_accuracy(
         ("implicit_dpo", Some(load_on(model_dir, None, device)?.0))
     };
     let m = finite_scores(
-        margins(&model, reference.as_ref(), &pairs, pad, device)?,
+        margins(&model, reference.as_ref(), &pairs, pad, device, &|j| {
+            at(rows[j])
+        })?,
         |j| format!("{}: the margin of chosen over rejected", at(rows[j])),
     )?;
     Ok(PreferenceReport {

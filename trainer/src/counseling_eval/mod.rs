@@ -207,6 +207,9 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
     } else {
         (String::new(), Vec::new())
     };
+    if let Some(pairs) = o.pairs {
+        crate::evaluate::check_pairs(pairs)?;
+    }
 
     // A reward model that cannot score is refused before any reply is generated: the win
     // rate and the pairwise accuracy both read a score head. (A causal LM's adapter would
@@ -279,12 +282,10 @@ pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
                     .collect()
             };
             let scored = |who: &str, replies: &[String]| {
-                finite_scores(scorer.score(&dialogue(replies))?, |i| {
-                    format!(
-                        "{}: the score of {who}'s reply to prompt {} of {prompt_data}",
-                        rm.display(),
-                        i + 1
-                    )
+                let reply =
+                    |i: usize| format!("{who}'s reply to prompt {} of {prompt_data}", i + 1);
+                finite_scores(scorer.score(&dialogue(replies), &reply)?, |i| {
+                    format!("{}: the score of {}", rm.display(), reply(i))
                 })
             };
             let a = scored("model", &mine.replies)?;

@@ -59,12 +59,11 @@ impl Reward for RewardModel {
             let text = self.template.render(&messages, false)?;
             seqs.push(data::chat::encode(&self.tokenizer, &text)?);
         }
-        let scores = score_sequences(&self.model, &seqs, self.pad, &self.device)?;
-        Ok(finite_scores(scores, |i| {
-            format!("reward `{}`: completion {}: the score", self.name, i + 1)
-        })?
-        .into_iter()
-        .map(Some)
-        .collect())
+        let at = |i: usize| format!("reward `{}`: completion {}", self.name, i + 1);
+        let scores = score_sequences(&self.model, &seqs, self.pad, &self.device, &at)?;
+        Ok(finite_scores(scores, |i| format!("{}: the score", at(i)))?
+            .into_iter()
+            .map(Some)
+            .collect())
     }
 }
