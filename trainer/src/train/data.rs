@@ -314,6 +314,15 @@ pub fn tokenize(
                 let margin = match (margin_column, e) {
                     (Some(col), Example::Pair { extra, .. }) => {
                         match extra.get(col).and_then(|v| v.as_f64()) {
+                            // The loss takes it in f32: past f32's range it is infinite,
+                            // and every step over its batch would be skipped unseen.
+                            Some(m) if !crate::objectives::fits_f32(m) => {
+                                let msg = format!(
+                                    "margin column `{col}` is {m}, beyond f32's range (±3.4e38)"
+                                );
+                                rows.bad::<()>(i, msg, &mut skipped)?;
+                                continue;
+                            }
                             Some(m) => m,
                             None => {
                                 let msg =
