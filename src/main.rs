@@ -134,6 +134,10 @@ fn run(cli: Cli) -> Result<()> {
                 a.recipe.display()
             );
             let outcome = trainer::train::train(&recipe, &out, resume, true)?;
+            // Once per job: every rank of a data-parallel run returns here.
+            if !outcome.reports {
+                return Ok(());
+            }
             eprintln!(
                 "trained {} steps: loss {:.4} -> {:.4}{}; final weights in {}",
                 outcome.steps,

@@ -32,6 +32,12 @@ pub struct TrainerState {
     /// state saved before it was recorded.
     #[serde(default)]
     pub global_batch: usize,
+    /// Rows (sequences, pairs or GRPO prompts) in each of the run's micro-batches, the
+    /// unit `next_micro` counts in. GRPO's micro-batch is a rank's prompts of one step, so
+    /// it changes with the number of processes; a resume converts the position by it. 0
+    /// in a state saved before it was recorded.
+    #[serde(default)]
+    pub micro_rows: usize,
     /// The steps since the last logged line, kept in checkpoints so that a run resumed
     /// inside a `logging_steps` window logs the same average.
     #[serde(default)]
@@ -61,6 +67,7 @@ impl TrainerState {
             eval_history: Vec::new(),
             skipped_steps: 0,
             global_batch: 0,
+            micro_rows: 0,
             log_window: LogWindow::default(),
         }
     }

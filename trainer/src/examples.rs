@@ -83,6 +83,16 @@ pub enum Micro {
     Prompts(Vec<usize>),
 }
 
+impl Micro {
+    /// The rows it holds: sequences (packed rows when packing), pairs or prompts.
+    pub fn rows(&self) -> usize {
+        match self {
+            Micro::Lm(b) => b.rows,
+            Micro::Pairs(p) | Micro::Prompts(p) => p.len(),
+        }
+    }
+}
+
 /// How micro-batches are cut: `batch_size` rows, rows of `max_length` when packing.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {

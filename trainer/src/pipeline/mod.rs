@@ -341,6 +341,8 @@ fn outcome_of(dir: &Path) -> Result<Outcome> {
         last_loss: losses.last().map_or(f64::NAN, |l| l.1),
         eval_loss: eval.and_then(|l| l.get("eval_loss")?.as_f64()),
         eval_metrics,
+        // Read back from the stage's own files, which every rank sees alike.
+        reports: true,
     })
 }
 

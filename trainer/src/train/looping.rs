@@ -238,6 +238,26 @@ impl<'a> Loop<'a> {
         out
     }
 
+    /// Restates the saved position in this run's micro-batches where they hold another
+    /// number of rows than the checkpoint's (GRPO resumed on another number of processes:
+    /// its micro-batch is a rank's prompts of one step), so the same rows are done.
+    fn rescale_position(&mut self, batches: &[Micro]) -> Result<()> {
+        let rows = batches.first().map_or(0, Micro::rows);
+        let saved = std::mem::replace(&mut self.s.micro_rows, rows);
+        if saved == 0 || rows == 0 || saved == rows || self.s.next_micro == 0 {
+            return Ok(());
+        }
+        let done = self.s.next_micro * saved;
+        if !done.is_multiple_of(rows) {
+            return Err(TrainerError::Input(format!(
+                "--resume: the checkpoint stands {done} rows into epoch {}, which this start's                  micro-batches of {rows} rows do not divide; resume with the checkpoint's                  number of processes",
+                self.s.epoch
+            )));
+        }
+        self.s.next_micro = done / rows;
+        Ok(())
+    }
+
     /// Every epoch's groups of micro-batches, each spanning every rank (`per_step` each in
     /// rank order) and used once per iteration; a resumed epoch starts where its
     /// checkpoint left it, whatever world size wrote it.
@@ -253,6 +273,7 @@ impl<'a> Loop<'a> {
                     self.s.epoch,
                 )?,
             };
+            self.rescale_position(&batches)?;
             let start = self.s.next_micro.min(batches.len());
             let iterations = self.iterations;
             let groups: Vec<(usize, &[Micro], usize)> = batches[start..]
@@ -694,6 +715,7 @@ impl<'a> Loop<'a> {
             last_loss: self.s.history.last().map_or(f64::NAN, |h| h.1),
             eval_loss: last_eval.as_ref().map(|e| e.0),
             eval_metrics: last_eval.map(|e| e.1).unwrap_or_default(),
+            reports: self.p.dp.is_main(),
         })
     }
 }

@@ -50,6 +50,9 @@ pub struct Outcome {
     pub eval_loss: Option<f64>,
     /// The final evaluation's metrics (TRL names, without the `eval_` prefix).
     pub eval_metrics: Metrics,
+    /// Whether this process is the data-parallel group's first (or the only one): the
+    /// one that reports, as it is the one that writes.
+    pub reports: bool,
 }
 
 /// Runs the recipe, writing everything into `out`; with `resume`, continues the run in
