@@ -101,6 +101,7 @@ impl Rollouts {
 }
 
 const GATHER_REWARDS: &str = "gathering GRPO rewards";
+const GATHER_LENGTHS: &str = "gathering GRPO completion lengths";
 
 /// The generator and scorer of a GRPO run.
 pub struct Sampler {
@@ -190,6 +191,7 @@ impl Sampler {
         let g = self.settings.num_generations;
         if idx.is_empty() {
             dp.gather(&[], GATHER_REWARDS)?;
+            dp.gather(&[], GATHER_LENGTHS)?;
             return Ok(Rollouts::default());
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -295,13 +297,23 @@ impl Sampler {
             _ => None,
         };
 
-        let lengths: Vec<f64> = seqs
+        // Each sample's trained length and whether it ended on its own, from every rank:
+        // the step's length metrics are of the whole batch, so every rank reports the same
+        // value and the ranks' mean is exact (a min of per-rank mins averaged was not).
+        let local: Vec<f64> = seqs
             .iter()
-            .map(|s| s.loss_mask.iter().filter(|&&m| m == 1).count() as f64)
+            .enumerate()
+            .flat_map(|(i, s)| {
+                let trained = s.loss_mask.iter().filter(|&&m| m == 1).count() as f64;
+                [trained, f64::from(u8::from(!r.truncated(i)))]
+            })
             .collect();
-        let terminated: Vec<f64> = (0..r.len())
-            .filter(|&i| !r.truncated(i))
-            .map(|i| lengths[i])
+        let samples = dp.gather(&local, GATHER_LENGTHS)?.concat();
+        let lengths: Vec<f64> = samples.chunks_exact(2).map(|s| s[0]).collect();
+        let terminated: Vec<f64> = samples
+            .chunks_exact(2)
+            .filter(|s| s[1] == 1.0)
+            .map(|s| s[0])
             .collect();
         let mut metrics = named(&adv_metrics);
         metrics.append(&mut r.metrics);
