@@ -1716,6 +1716,49 @@ fn merge_quantizes_the_base_as_the_qlora_run_did() {
     );
 }
 
+/// A reward model trained with a recipe's built-in template carries it in `final/`, so
+/// scoring renders as training did: `eval preference` on the run's own eval pairs gives
+/// the run's last eval_accuracy (the base's template gave another).
+#[test]
+fn a_reward_model_scores_with_the_template_it_trained_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = tmp.path().join("base");
+    let pairs = root.join("data/examples/counseling-preference.jsonl");
+    let eval = tmp.path().join("eval.jsonl");
+    let text = std::fs::read_to_string(&pairs).unwrap();
+    std::fs::write(&eval, text.lines().take(24).collect::<Vec<_>>().join("\n")).unwrap();
+    let run = tmp.path().join("rm");
+    ok(&TinyRun::of("tiny-reward.toml", s(&pairs), &base)
+        .sets(&[
+            "train.max_steps=3",
+            "data.template=\"chatml\"",
+            &format!("data.eval={:?}", s(&eval)),
+        ])
+        .out(&run));
+    let fin = run.join("final");
+    assert_eq!(
+        std::fs::read_to_string(fin.join("chat_template.jinja")).unwrap(),
+        data::template::CHATML
+    );
+    let trained = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|l| l["eval_accuracy"].as_f64())
+        .unwrap();
+    let out = hearth(&["eval", "preference", "--model", s(&fin), "--data", s(&eval)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ties"], 0, "{report}");
+    assert_eq!(report["accuracy"].as_f64(), Some(trained), "{report}");
+}
+
 #[test]
 fn reward_model_scores_conversations_and_reports_preference_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1757,6 +1800,28 @@ fn reward_model_scores_conversations_and_reports_preference_accuracy() {
             .collect()
     };
     let merged = scores(&["--model", s(&fin)], &tmp.path().join("a.jsonl"));
+    // A conversation too long to score is named by its file and line (a blank line
+    // before it counts), not by its place among the rows.
+    let huge = tmp.path().join("huge.jsonl");
+    let long = serde_json::json!({"messages": [
+        {"role": "user", "content": "a b c d ".repeat(60_000)},
+        {"role": "assistant", "content": "ok"},
+    ]});
+    let first = dialogues.lines().next().unwrap();
+    std::fs::write(&huge, format!("{first}\n\n{long}\n")).unwrap();
+    fails(
+        &[
+            "reward",
+            "score",
+            "--model",
+            s(&fin),
+            "--input",
+            s(&huge),
+            "--out",
+            s(&tmp.path().join("never.jsonl")),
+        ],
+        &["huge.jsonl: line 3", "attention mask"],
+    );
     let adapter = fin.join("adapter");
     let unmerged = scores(
         &["--model", s(&base), "--adapter", s(&adapter)],
@@ -2300,6 +2365,27 @@ fn runs_that_end_diverged_or_never_updated_write_no_final_weights() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("beyond ±1e100"), "{stderr}");
     assert!(!run.join("final").exists());
+    // A program that answers one line too many only once its input ends: the run's end
+    // finds it and warns, naming it, and the run, every step trained, still writes its
+    // weights.
+    let run = tmp.path().join("late-line");
+    let late = r#"grpo.rewards.1.command=["sh", "-c", "while read l; do echo 0; done; echo 1"]"#;
+    let args = TinyRun::of("tiny-grpo.toml", "counseling-prompts.jsonl", &base)
+        .sets(&[
+            "train.max_steps=1",
+            "grpo.max_completion_length=4",
+            "grpo.rewards.1.kind=\"command\"",
+            late,
+        ])
+        .out(&run);
+    let out = hearth(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("a line no question asked for"),
+        "{stderr}"
+    );
+    assert!(run.join("final").is_dir());
 }
 
 /// Weights an update already overflowed (here a learning rate at f32's limit) cannot be
@@ -4009,6 +4095,35 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         ],
         &["items.jsonl: line 1, column `answer`"],
     );
+    assert!(!o.exists());
+    // Pairs are read before any reply is generated: a missing file or a rating that is no
+    // number is the only line said, not the end of an hour of answering.
+    let rating = tmp.path().join("rating.jsonl");
+    std::fs::write(
+        &rating,
+        "{\"prompt\":\"q\",\"chosen\":\"a\",\"rejected\":\"b\",\"chosen_empathy_rating\":\"five\",\"rejected_empathy_rating\":2}\n",
+    )
+    .unwrap();
+    for (pairs, want) in [
+        (tmp.path().join("missing.jsonl"), "missing.jsonl"),
+        (rating.clone(), "rating.jsonl: line 1"),
+    ] {
+        fails(
+            &[
+                "eval",
+                "counseling",
+                "--model",
+                s(&base),
+                "--reward-model",
+                s(&rm),
+                "--pairs",
+                s(&pairs),
+                "--out",
+                s(&o),
+            ],
+            &[want],
+        );
+    }
     assert!(!o.exists());
 }
 

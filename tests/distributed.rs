@@ -265,7 +265,11 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
             "grpo.num_iterations=2",
         ]),
     );
-    assert_ok("mpirun -np 2 GRPO", &mpirun(2, &args));
+    let out = mpirun(2, &args);
+    assert_ok("mpirun -np 2 GRPO", &out);
+    // The job says it trained once, not once per rank.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("trained 4 steps").count(), 1, "{stderr}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -276,8 +280,66 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
     for l in &lines {
         let reward = l["reward"].as_f64().expect("reward logged");
         assert!((0.0..=1.0).contains(&reward), "{l}");
+        // Length metrics are of the whole batch, not ranks' figures averaged: whole
+        // numbers, the stopped completions' mean within the lengths' range.
+        let m = |k: &str| l[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {l}"));
+        let (min, max) = (m("completions/min_length"), m("completions/max_length"));
+        assert!(
+            min.fract() == 0.0 && max.fract() == 0.0 && min <= max,
+            "{l}"
+        );
+        if m("completions/clipped_ratio") < 1.0 {
+            let stopped = m("completions/mean_terminated_length");
+            assert!((min..=max).contains(&stopped), "{l}");
+        }
     }
     assert!(run.join("final/adapter_model.safetensors").is_file());
+}
+
+/// GRPO's micro-batch is a rank's prompts of one step, so it changes with the number of
+/// processes: a run resumed on one process from a two-process checkpoint (same global
+/// batch) goes on at the same prompt, its epoch counter where the unbroken run's is.
+#[test]
+fn grpo_resumes_on_one_process_where_two_left_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    // 32 prompts, 4 a step: 8 steps an epoch. The checkpoint at step 6 stands 24 prompts
+    // in, 12 two-prompt micro-batches; counted as one process's four-prompt ones, the epoch
+    // would be over and step 7 would start the next.
+    let common = [
+        "train.max_steps=8",
+        "train.save_steps=6",
+        "train.per_device_train_batch_size=4",
+        "grpo.num_generations=4",
+        "grpo.max_completion_length=4",
+    ];
+    let two = tmp.path().join("two");
+    let mut s2 = sets(&common);
+    s2.push("train.gradient_accumulation_steps=2".into());
+    assert_ok(
+        "mpirun -np 2 GRPO",
+        &mpirun(2, &train_args("tiny-grpo.toml", "--out", &two, &base, &s2)),
+    );
+    let resumed = tmp.path().join("resumed");
+    copy_dir(&two, &resumed);
+    std::fs::remove_dir_all(resumed.join("final")).unwrap();
+    let mut s1 = sets(&common);
+    s1.push("train.gradient_accumulation_steps=4".into());
+    let args = train_args("tiny-grpo.toml", "--resume", &resumed, &base, &s1);
+    assert_ok("resume on one process", &single(&args));
+    let epochs = |run: &Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| (v["step"].as_u64().unwrap(), v["epoch"].as_f64().unwrap()))
+            .collect()
+    };
+    let (a, b) = (epochs(&two), epochs(&resumed));
+    assert_eq!(a.len(), 8, "{a:?}");
+    assert_eq!(a[6], (7, 0.875), "{a:?}");
+    assert_eq!(a, b, "the resumed run's data position");
 }
 
 /// A pipeline under mpirun runs every stage data parallel (MPI initialised once for all
