@@ -3847,7 +3847,7 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
     }
     std::fs::write(&rated, lines.join("\n")).unwrap();
 
-    std::fs::create_dir(sft.join("evals")).unwrap();
+    // The run's evals/ is made for its first results.
     let results = sft.join("evals/counseling.json");
     let eval = |out: &Path, extra: &[&str]| {
         let mut args = vec![
@@ -4104,9 +4104,11 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         "{\"prompt\":\"q\",\"chosen\":\"a\",\"rejected\":\"b\",\"chosen_empathy_rating\":\"five\",\"rejected_empathy_rating\":2}\n",
     )
     .unwrap();
-    for (pairs, want) in [
-        (tmp.path().join("missing.jsonl"), "missing.jsonl"),
-        (rating.clone(), "rating.jsonl: line 1"),
+    // Filed under a run, a failure leaves no evals/ folder behind.
+    let filed = rm.parent().unwrap().join("evals/x.json");
+    for (pairs, want, o) in [
+        (tmp.path().join("missing.jsonl"), "missing.jsonl", &o),
+        (rating.clone(), "rating.jsonl: line 1", &filed),
     ] {
         fails(
             &[
@@ -4119,12 +4121,12 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
                 "--pairs",
                 s(&pairs),
                 "--out",
-                s(&o),
+                s(o),
             ],
             &[want],
         );
     }
-    assert!(!o.exists());
+    assert!(!o.exists() && !filed.parent().unwrap().exists());
 }
 
 /// `text` as the report page escapes it.

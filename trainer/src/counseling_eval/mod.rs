@@ -157,6 +157,26 @@ fn load_prompts(path: Option<&Path>) -> Result<(String, Vec<Vec<data::Message>>)
 /// Runs `hearth eval counseling`, writes its JSON to `o.out` (and refreshes the report
 /// page of the run the file lands in), and returns the report.
 pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
+    // `RUN/evals/NAME.json` files the results with a run: its folder is made for the first
+    // one, and taken away again if this evaluation fails before writing into it.
+    let made = match (run_of(o.out), o.out.parent()) {
+        (Some(_), Some(evals)) if !evals.exists() => {
+            std::fs::create_dir(evals).map_err(|source| checkpoints::CheckpointError::Io {
+                path: evals.to_path_buf(),
+                source,
+            })?;
+            Some(evals)
+        }
+        _ => None,
+    };
+    let result = evaluate(o);
+    if let (Err(_), Some(evals)) = (&result, made) {
+        let _ = std::fs::remove_dir(evals);
+    }
+    result
+}
+
+fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
     if o.batch_size == 0 {
         return Err(TrainerError::Input(
             "eval counseling: --batch-size must be at least 1".into(),
