@@ -263,6 +263,7 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
             "grpo.max_completion_length=8",
             "grpo.scale_rewards=\"batch\"",
             "grpo.num_iterations=2",
+            "grpo.log_completions=true",
         ]),
     );
     let out = mpirun(2, &args);
@@ -294,6 +295,10 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
         }
     }
     assert!(run.join("final/adapter_model.safetensors").is_file());
+    // Every rank's completions are logged: 2 ranks × 8 per sampling, which is every other
+    // step (num_iterations 2) of 4. Rank 0's alone were 16.
+    let logged = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
+    assert_eq!(logged.lines().count(), 32);
 }
 
 /// GRPO's micro-batch is a rank's prompts of one step, so it changes with the number of

@@ -217,6 +217,23 @@ impl Group {
         })
     }
 
+    /// Every rank's `local` text, in rank order: [`gather`](Self::gather) of its bytes, for
+    /// what only the first rank writes (GRPO's logged completions) but every rank made.
+    pub fn gather_text(&self, local: &str, what: &str) -> Result<Vec<String>, DistError> {
+        if self.world_size() == 1 {
+            return Ok(vec![local.to_string()]);
+        }
+        let bytes: Vec<f64> = local.bytes().map(f64::from).collect();
+        Ok(self
+            .gather(&bytes, what)?
+            .into_iter()
+            .map(|v| {
+                let bytes: Vec<u8> = v.into_iter().map(|b| b as u8).collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .collect())
+    }
+
     /// Whether every rank got through a phase: a rank whose phase failed passes `false`
     /// (and then returns its own error); the others learn which rank failed and stop too,
     /// instead of waiting for it at the next collective.

@@ -412,8 +412,18 @@ impl Objective for Grpo {
                 input.progress,
             )?;
             if self.settings.log_completions {
-                for line in sampler.completion_lines(input.step + 1, &r, prompts) {
-                    input.run.append(COMPLETIONS_FILE, &line)?;
+                // Every rank's samples, in rank order: the file holds the whole batch.
+                let mine: String = sampler
+                    .completion_lines(input.step + 1, &r, prompts)
+                    .iter()
+                    .map(|line| format!("{line}\n"))
+                    .collect();
+                for text in input.dp.gather_text(&mine, "gathering GRPO completions")? {
+                    for line in text.lines() {
+                        let line: serde_json::Value = serde_json::from_str(line)
+                            .map_err(|e| internal(&format!("a gathered completion: {e}")))?;
+                        input.run.append(COMPLETIONS_FILE, &line)?;
+                    }
                 }
             }
             self.rollouts = Some(r);
