@@ -299,6 +299,26 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
     // step (num_iterations 2) of 4. Rank 0's alone were 16.
     let logged = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
     assert_eq!(logged.lines().count(), 32);
+    // The one reward's mean and spread are the whole batch's, as those lines give them.
+    let logged: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for l in &lines {
+        let step = l["step"].as_u64().unwrap();
+        let sampled = if step % 2 == 1 { step } else { step - 1 };
+        let r: Vec<f64> = logged
+            .iter()
+            .filter(|c| c["step"].as_u64() == Some(sampled))
+            .map(|c| c["reward"].as_f64().unwrap())
+            .collect();
+        assert_eq!(r.len(), 16, "step {sampled}");
+        let mean = r.iter().sum::<f64>() / 16.0;
+        let std = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 15.0).sqrt();
+        let got = |k: &str| l[k].as_f64().unwrap();
+        assert!((got("rewards/length/mean") - mean).abs() < 1e-9, "{l}");
+        assert!((got("rewards/length/std") - std).abs() < 1e-9, "{l}");
+    }
 }
 
 /// GRPO's micro-batch is a rank's prompts of one step, so it changes with the number of

@@ -187,6 +187,9 @@ pub struct RewardContext<'a> {
 /// The weighted rewards of a run.
 pub struct Rewards(pub Vec<Weighted>);
 
+/// One reward's score per sample, `None` where it does not apply.
+pub type Column = Vec<Option<f64>>;
+
 impl Rewards {
     /// [`Reward::finish`] of each, the first error kept.
     pub fn finish(&mut self) -> Result<()> {
@@ -246,14 +249,31 @@ impl Rewards {
     /// does), and each reward's `rewards/NAME/mean` and `rewards/NAME/std` over the samples
     /// it applies to.
     pub fn score(&mut self, samples: &[Sample<'_>]) -> Result<(Vec<f64>, Metrics)> {
+        let (total, columns) = self.score_columns(samples)?;
+        Ok((total, self.metrics_of(&columns)))
+    }
+
+    /// The weighted total per sample and each reward's own scores (`None` where it does
+    /// not apply), in the rewards' order.
+    pub fn score_columns(&mut self, samples: &[Sample<'_>]) -> Result<(Vec<f64>, Vec<Column>)> {
         let mut total = vec![0.0; samples.len()];
-        let mut m = Metrics::default();
+        let mut columns = Vec::with_capacity(self.0.len());
         for w in &mut self.0 {
             let scores = w.scores(samples)?;
             w.add_to(&mut total, &scores);
-            record(&mut m, w.reward.name(), &scores);
+            columns.push(scores);
         }
-        Ok((total, m))
+        Ok((total, columns))
+    }
+
+    /// Each reward's `rewards/NAME/mean` and `rewards/NAME/std` over its column of scores
+    /// (from [`score_columns`](Self::score_columns), maybe gathered from every rank).
+    pub fn metrics_of(&self, columns: &[Column]) -> Metrics {
+        let mut m = Metrics::default();
+        for (w, scores) in self.0.iter().zip(columns) {
+            record(&mut m, w.reward.name(), scores);
+        }
+        m
     }
 }
 

@@ -102,6 +102,7 @@ impl Rollouts {
 
 const GATHER_REWARDS: &str = "gathering GRPO rewards";
 const GATHER_LENGTHS: &str = "gathering GRPO completion lengths";
+const GATHER_REWARD_COLUMNS: &str = "gathering GRPO reward scores";
 
 /// The generator and scorer of a GRPO run.
 pub struct Sampler {
@@ -191,9 +192,16 @@ impl Sampler {
         let g = self.settings.num_generations;
         if idx.is_empty() {
             dp.gather(&[], GATHER_REWARDS)?;
+            if self.sessions.is_none() {
+                for _ in &self.rewards.0 {
+                    dp.gather(&[], GATHER_REWARD_COLUMNS)?;
+                }
+            }
             dp.gather(&[], GATHER_LENGTHS)?;
             return Ok(Rollouts::default());
         }
+        // Single-turn rewards' own scores, gathered below so their metrics are the batch's.
+        let mut columns = None;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut r = match self.sessions.as_mut() {
             Some(sessions) => {
@@ -265,17 +273,32 @@ impl Sampler {
                         extra: &prompts[i].extra,
                     })
                     .collect();
-                let (rewards, reward_metrics) = self.rewards.score(&samples)?;
+                let (rewards, scores) = self.rewards.score_columns(&samples)?;
+                columns = Some(scores);
                 Rollouts {
                     prompt,
                     completions,
                     rewards,
-                    metrics: named(&reward_metrics),
                     ..Rollouts::default()
                 }
             }
         };
         let everyone = dp.gather(&r.rewards, GATHER_REWARDS)?;
+        if let Some(columns) = columns {
+            // Each reward's mean and spread over the whole batch: every rank reports the
+            // same, so the ranks' mean of them is exact (their spreads averaged were not).
+            let mut whole = Vec::with_capacity(columns.len());
+            for column in &columns {
+                let mine: Vec<f64> = column.iter().map(|s| s.unwrap_or(f64::NAN)).collect();
+                let all = dp.gather(&mine, GATHER_REWARD_COLUMNS)?.concat();
+                whole.push(
+                    all.into_iter()
+                        .map(|s| (!s.is_nan()).then_some(s))
+                        .collect(),
+                );
+            }
+            r.metrics = named(&self.rewards.metrics_of(&whole));
+        }
         let first = everyone[..dp.rank()].iter().map(Vec::len).sum::<usize>();
         let (all_adv, adv_metrics) = advantages(&everyone.concat(), g, self.settings.scale_rewards);
         r.advantages = all_adv[first..first + r.rewards.len()].to_vec();
