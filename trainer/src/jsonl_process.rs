@@ -713,12 +713,7 @@ mod tests {
     /// and unregisters it. (Only this test's group is killed: other tests run beside it.)
     #[test]
     fn live_programs_are_registered_and_killed_with_their_children() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("pid");
-        let script = format!("sleep 1000 & echo $! > '{}'; wait", pidfile.display());
-        let mut p = JsonLinesProcess::spawn("reward command", sh(&script), 5.0).unwrap();
-        let child = pid_in(&pidfile);
-        let leader = p.child.id();
+        let (mut p, child, leader) = waiting_on_a_child();
         assert!(live_groups_hold(leader));
         kill_groups(&[leader as i32]);
         assert!(gone(child) && gone(leader), "the group outlived kill_all");
@@ -732,12 +727,7 @@ mod tests {
     /// and on is given up on within the patience, killing nothing.
     #[test]
     fn kill_listed_waits_out_a_brief_hold_and_gives_up_on_a_long_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("pid");
-        let script = format!("sleep 1000 & echo $! > '{}'; wait", pidfile.display());
-        let mut p = JsonLinesProcess::spawn("reward command", sh(&script), 5.0).unwrap();
-        let child = pid_in(&pidfile);
-        let leader = p.child.id();
+        let (mut p, child, leader) = waiting_on_a_child();
         let list = std::sync::Arc::new(std::sync::Mutex::new(vec![leader as i32]));
         let (held, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
         let holder = {
@@ -769,6 +759,18 @@ mod tests {
         bounded(move || {
             let _ = p.close();
         });
+    }
+
+    /// A program waiting on a child of its own: the program, the child's pid and the
+    /// program's (its group's leader).
+    fn waiting_on_a_child() -> (JsonLinesProcess, u32, u32) {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!("sleep 1000 & echo $! > '{}'; wait", pidfile.display());
+        let p = JsonLinesProcess::spawn("reward command", sh(&script), 5.0).unwrap();
+        let child = pid_in(&pidfile);
+        let leader = p.child.id();
+        (p, child, leader)
     }
 
     fn live_groups_hold(pid: u32) -> bool {
