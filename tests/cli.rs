@@ -1741,6 +1741,30 @@ fn a_reward_model_scores_with_the_template_it_trained_with() {
         std::fs::read_to_string(fin.join("chat_template.jinja")).unwrap(),
         data::template::CHATML
     );
+    // A LoRA SFT run's adapter carries it too, and generate then renders with it: the same
+    // reply as with --template chatml.
+    let sft = tmp.path().join("sft");
+    ok(&TinyRun::sft(&base)
+        .sets(&["train.max_steps=1", "data.template=\"chatml\""])
+        .out(&sft));
+    let adapter = sft.join("final");
+    assert_eq!(
+        std::fs::read_to_string(adapter.join("chat_template.jinja")).unwrap(),
+        data::template::CHATML
+    );
+    let reply = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", s(&base), "--adapter", s(&adapter)];
+        args.extend(["--prompt", "I feel tired.", "--max-new-tokens", "6"]);
+        args.extend_from_slice(extra);
+        let out = hearth(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    assert_eq!(reply(&[]), reply(&["--template", "chatml"]));
     let trained = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()

@@ -55,6 +55,30 @@ pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTempla
     }
 }
 
+/// The template a model in `dir` with `adapter` renders with: with no template chosen, the
+/// adapter's own `chat_template.jinja` where it has one (a run trained with a recipe's
+/// built-in template writes it there, as TRL saves its tokenizer's beside an adapter), its
+/// special tokens still the model's; else [`template_for`] of `dir`.
+pub fn template_for_tuned(
+    dir: &Path,
+    adapter: Option<&Path>,
+    choice: TemplateChoice<'_>,
+) -> Result<ChatTemplate, DataError> {
+    if let (TemplateChoice::Shipped(None), Some(adapter)) = (choice, adapter) {
+        let jinja = adapter.join("chat_template.jinja");
+        if jinja.is_file() {
+            let (config, _) = crate::template::tokenizer_config(dir)?;
+            let source = std::fs::read_to_string(&jinja).map_err(|source| DataError::Io {
+                path: jinja.clone(),
+                source,
+            })?;
+            let tokens = SpecialTokens::from_tokenizer_config(&config);
+            return ChatTemplate::new(&source, tokens, jinja.display().to_string());
+        }
+    }
+    template_for(dir, choice)
+}
+
 /// Renders every `{"messages": [...]}` line of `input` into `out`. Returns the number of
 /// conversations written. `out` appears only once complete, and only if `input` had a row
 /// to render: an empty input is an error, as it is to `inspect` and `train`. An `out` that
@@ -123,6 +147,36 @@ pub fn render_jsonl(
 mod tests {
     use super::*;
     use crate::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
+
+    /// An adapter's own template wins over its model's when none is chosen, with the
+    /// model's special tokens; a chosen one, or an adapter without one, leaves the model's.
+    #[test]
+    fn an_adapters_own_template_is_the_one_it_renders_with() {
+        let model = tempfile::tempdir().unwrap();
+        let adapter = tempfile::tempdir().unwrap();
+        std::fs::write(
+            model.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<s>", "chat_template": "M{{ messages[0].content }}"}"#,
+        )
+        .unwrap();
+        let render = |adapter: Option<&Path>, choice| {
+            template_for_tuned(model.path(), adapter, choice)
+                .unwrap()
+                .render(&[crate::Message::new("user", "x")], false)
+                .unwrap()
+        };
+        let shipped = TemplateChoice::Shipped(None);
+        assert_eq!(render(Some(adapter.path()), shipped), "Mx");
+        std::fs::write(
+            adapter.path().join("chat_template.jinja"),
+            "{{ bos_token }}A{{ messages[0].content }}",
+        )
+        .unwrap();
+        assert_eq!(render(Some(adapter.path()), shipped), "<s>Ax");
+        assert_eq!(render(None, shipped), "Mx");
+        let chatml = TemplateChoice::Builtin("chatml");
+        assert!(render(Some(adapter.path()), chatml).starts_with("<|im_start|>user"));
+    }
 
     #[test]
     fn an_input_without_rows_is_an_error_and_writes_nothing() {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use burn::tensor::Device;
-use data::render::{TemplateChoice, template_for};
+use data::render::{TemplateChoice, template_for_tuned};
 use data::{ChatTemplate, Example, Message};
 
 use crate::generate::{Sampling, generate, generate_groups_streams, row_streams, stop_tokens};
@@ -62,7 +62,8 @@ impl Chat {
                 o.model.display()
             )));
         }
-        let template = template_for(o.model, TemplateChoice::new(o.template, None))?;
+        let template =
+            template_for_tuned(o.model, o.adapter, TemplateChoice::new(o.template, None))?;
         let tokenizer = crate::model::load_tokenizer(o.model, config.vocab_size)?;
         let stop = stop_tokens(o.model, &config, &tokenizer);
         Ok(Self {

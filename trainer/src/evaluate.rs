@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use data::Example;
-use data::render::{TemplateChoice, template_for};
+use data::render::{TemplateChoice, template_for_tuned};
 use data::tokenize::{PairTokens, Tokenized, Tokenizing, Truncation, TruncationCounts};
 use serde::Serialize;
 
@@ -93,7 +93,7 @@ impl RewardScorer {
     pub fn load(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
         Self::check(dir, adapter)?;
         let (model, pad, tokenizer) = load_on(dir, adapter, device)?;
-        let template = template_for(dir, TemplateChoice::Shipped(None))?;
+        let template = template_for_tuned(dir, adapter, TemplateChoice::Shipped(None))?;
         Ok(Self {
             model,
             pad,
@@ -430,7 +430,7 @@ pub fn preference_accuracy(
         )));
     }
     let (model, pad, tokenizer) = load_on(model_dir, adapter, device)?;
-    let template = template_for(model_dir, TemplateChoice::Shipped(None))?;
+    let template = template_for_tuned(model_dir, adapter, TemplateChoice::Shipped(None))?;
     let t = Tokenizing {
         template: &template,
         tokenizer: &tokenizer,

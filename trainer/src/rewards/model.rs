@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::tensor::Device;
-use data::render::{TemplateChoice, template_for};
+use data::render::{TemplateChoice, template_for_tuned};
 use data::{ChatTemplate, Message};
 
 use super::{Reward, Sample};
@@ -39,7 +39,7 @@ impl RewardModel {
             name,
             model,
             pad,
-            template: template_for(dir, TemplateChoice::Shipped(None))?,
+            template: template_for_tuned(dir, adapter, TemplateChoice::Shipped(None))?,
             tokenizer,
             device,
         })

@@ -114,7 +114,10 @@ pub(super) fn save_weights(dir: &Path, s: &Setup, model: &Llama, last: bool) -> 
             copy_companions(base, dir)?;
             carry_template(dir, s)
         }
-        Tuning::Lora(settings) => save_adapter(dir, model, settings, &base_name),
+        Tuning::Lora(settings) => {
+            save_adapter(dir, model, settings, &base_name)?;
+            carry_template(dir, s)
+        }
         Tuning::Full => {
             let dtype = if last {
                 s.config.dtype
@@ -128,9 +131,10 @@ pub(super) fn save_weights(dir: &Path, s: &Setup, model: &Llama, last: bool) -> 
     }
 }
 
-/// Writes the recipe's built-in template as `dir`'s `chat_template.jinja`, which overrides
-/// the one copied from the base (as in transformers): what the weights were trained on is
-/// what `generate`, `reward score` and the evals then render with, not the base's template.
+/// Writes the recipe's built-in template as `dir`'s `chat_template.jinja`: in a checkpoint
+/// it overrides the one copied from the base (as in transformers), beside an adapter it is
+/// the adapter's own (`template_for_tuned`). What the weights were trained on is what
+/// `generate`, `reward score` and the evals then render with, not the base's template.
 fn carry_template(dir: &Path, s: &Setup) -> Result<()> {
     let Some(name) = &s.template else {
         return Ok(());
