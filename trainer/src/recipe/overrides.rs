@@ -129,9 +129,7 @@ fn key_parts(key: &str) -> std::result::Result<Vec<String>, String> {
             _ => {}
         }
     }
-    if quote.is_some() {
-        return Err("a quote in the key is never closed".into());
-    }
+    // `split_assignment` found the `=` outside quotes, so every quote in the key is closed.
     parts.push(&key[start..]);
     parts
         .into_iter()
