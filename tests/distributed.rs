@@ -299,26 +299,72 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
     // step (num_iterations 2) of 4. Rank 0's alone were 16.
     let logged = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
     assert_eq!(logged.lines().count(), 32);
-    // The one reward's mean and spread are the whole batch's, as those lines give them.
-    let logged: Vec<serde_json::Value> = logged
+    assert_reward_stats_are_the_batch(&run, &lines, 16, 2);
+}
+
+/// The one reward's mean and spread on each logged line are the whole batch's (`per_step`
+/// samples from every rank, drawn every `iterations` steps), as `completions.jsonl`'s own
+/// rewards give them; the ranks' spreads averaged differ.
+fn assert_reward_stats_are_the_batch(
+    run: &Path,
+    lines: &[serde_json::Value],
+    per_step: usize,
+    iterations: u64,
+) {
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(run.join("completions.jsonl"))
+        .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    for l in &lines {
+    for l in lines {
         let step = l["step"].as_u64().unwrap();
-        let sampled = if step % 2 == 1 { step } else { step - 1 };
+        let sampled = step - (step - 1) % iterations;
         let r: Vec<f64> = logged
             .iter()
             .filter(|c| c["step"].as_u64() == Some(sampled))
             .map(|c| c["reward"].as_f64().unwrap())
             .collect();
-        assert_eq!(r.len(), 16, "step {sampled}");
-        let mean = r.iter().sum::<f64>() / 16.0;
-        let std = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 15.0).sqrt();
+        assert_eq!(r.len(), per_step, "step {sampled}");
+        let n = per_step as f64;
+        let mean = r.iter().sum::<f64>() / n;
+        let std = (r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
         let got = |k: &str| l[k].as_f64().unwrap();
         assert!((got("rewards/length/mean") - mean).abs() < 1e-9, "{l}");
         assert!((got("rewards/length/std") - std).abs() < 1e-9, "{l}");
     }
+}
+
+/// Session GRPO's reward metrics are the whole batch's too: each session's scores come
+/// back from every rank before their mean and spread are taken.
+#[test]
+fn session_grpo_on_two_ranks_reports_the_batch_rewards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let run = tmp.path().join("run");
+    let args = train_args(
+        "tiny-session-grpo.toml",
+        "--out",
+        &run,
+        &base,
+        &sets(&[
+            "train.max_steps=2",
+            "train.per_device_train_batch_size=4",
+            "grpo.num_generations=2",
+            "grpo.max_turns=2",
+            "grpo.client.max_new_tokens=6",
+            "grpo.log_completions=true",
+        ]),
+    );
+    let out = mpirun(2, &args);
+    assert_ok("mpirun -np 2 session GRPO", &out);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_reward_stats_are_the_batch(&run, &lines, 8, 1);
 }
 
 /// GRPO's micro-batch is a rank's prompts of one step, so it changes with the number of

@@ -246,15 +246,8 @@ impl Rewards {
     }
 
     /// The weighted total per sample, skipping rewards that do not apply (0 when none
-    /// does), and each reward's `rewards/NAME/mean` and `rewards/NAME/std` over the samples
-    /// it applies to.
-    pub fn score(&mut self, samples: &[Sample<'_>]) -> Result<(Vec<f64>, Metrics)> {
-        let (total, columns) = self.score_columns(samples)?;
-        Ok((total, self.metrics_of(&columns)))
-    }
-
-    /// The weighted total per sample and each reward's own scores (`None` where it does
-    /// not apply), in the rewards' order.
+    /// does), and each reward's own scores (`None` where it does not apply), in the
+    /// rewards' order: their metrics are taken once every rank's columns are in.
     pub fn score_columns(&mut self, samples: &[Sample<'_>]) -> Result<(Vec<f64>, Vec<Column>)> {
         let mut total = vec![0.0; samples.len()];
         let mut columns = Vec::with_capacity(self.0.len());
@@ -320,7 +313,7 @@ impl Weighted {
 }
 
 /// `rewards/NAME/mean` and `rewards/NAME/std` (sample std) over the scores that apply.
-pub fn record(m: &mut Metrics, name: &str, scores: &[Option<f64>]) {
+fn record(m: &mut Metrics, name: &str, scores: &[Option<f64>]) {
     let applied: Vec<f64> = scores.iter().flatten().copied().collect();
     let n = applied.len();
     let mean = if n == 0 {
@@ -400,7 +393,8 @@ mod tests {
             completion: "",
             extra: &extra,
         };
-        let (total, m) = set.score(&[s, s, s]).unwrap();
+        let (total, columns) = set.score_columns(&[s, s, s]).unwrap();
+        let m = set.metrics_of(&columns);
         assert_eq!(total, vec![2.0, -0.5, 1.5]);
         assert_eq!(m.get("rewards/a/mean"), Some(0.5));
         assert_eq!(m.get("rewards/b/mean"), Some(0.0));
@@ -423,12 +417,12 @@ mod tests {
                 weight: 1.0,
             }])
         };
-        let e = set(1.7e308).score(&[s, s]).unwrap_err().to_string();
+        let e = set(1.7e308).score_columns(&[s, s]).unwrap_err().to_string();
         assert!(
             e.contains("`big`") && e.contains("1.7e308") && e.contains("scale"),
             "{e}"
         );
-        let (total, _) = set(1e100).score(&[s, s]).unwrap();
+        let (total, _) = set(1e100).score_columns(&[s, s]).unwrap();
         assert_eq!(total, vec![1e100, -1e100]);
     }
 }

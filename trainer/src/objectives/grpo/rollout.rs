@@ -29,7 +29,7 @@ use crate::objectives::objective::MicroOutput;
 use crate::objectives::reference::Reference;
 use crate::objectives::sft::LOGPROB_CHUNK;
 use crate::objectives::{Metrics, TargetLogprobs, lm_logprobs_tempered, values};
-use crate::rewards::{Rewards, Sample};
+use crate::rewards::{Column, Rewards, Sample};
 
 /// One step's samples: G completions of each prompt, in prompt order, with everything
 /// the loss needs. Saved in checkpoints taken between the iterations of `num_iterations`,
@@ -192,18 +192,14 @@ impl Sampler {
         let g = self.settings.num_generations;
         if idx.is_empty() {
             dp.gather(&[], GATHER_REWARDS)?;
-            if self.sessions.is_none() {
-                for _ in &self.rewards.0 {
-                    dp.gather(&[], GATHER_REWARD_COLUMNS)?;
-                }
-            }
+            dp.gather(&[], GATHER_REWARD_COLUMNS)?;
             dp.gather(&[], GATHER_LENGTHS)?;
             return Ok(Rollouts::default());
         }
-        // Single-turn rewards' own scores, gathered below so their metrics are the batch's.
-        let mut columns = None;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut r = match self.sessions.as_mut() {
+        // Each reward's own scores come back beside the rollouts, to be gathered below so
+        // their metrics are the batch's.
+        let (mut r, columns) = match self.sessions.as_mut() {
             Some(sessions) => {
                 let started = Instant::now();
                 let counselor = Counselor {
@@ -226,22 +222,22 @@ impl Sampler {
                 )?;
                 let seconds = started.elapsed().as_secs_f64();
                 let extras: Vec<_> = records.iter().map(|s| &prompts[s.opening].extra).collect();
-                let (rewards, reward_metrics) = score_sessions(
+                let (rewards, columns) = score_sessions(
                     &mut self.rewards,
                     &sessions.kinds,
                     &records,
                     &extras,
                     sessions.settings.aggregate,
                 )?;
-                let mut metrics = named(&reward_metrics);
-                metrics.extend(session_metrics(&records, &rewards, seconds));
-                Rollouts {
+                let metrics = session_metrics(&records, &rewards, seconds);
+                let r = Rollouts {
                     prompt: records.iter().map(|s| s.opening).collect(),
                     rewards,
                     metrics,
                     sessions: records,
                     ..Rollouts::default()
-                }
+                };
+                (r, columns)
             }
             None => {
                 let prompt: Vec<usize> = idx
@@ -273,32 +269,23 @@ impl Sampler {
                         extra: &prompts[i].extra,
                     })
                     .collect();
-                let (rewards, scores) = self.rewards.score_columns(&samples)?;
-                columns = Some(scores);
-                Rollouts {
+                let (rewards, columns) = self.rewards.score_columns(&samples)?;
+                let r = Rollouts {
                     prompt,
                     completions,
                     rewards,
                     ..Rollouts::default()
-                }
+                };
+                (r, columns)
             }
         };
         let everyone = dp.gather(&r.rewards, GATHER_REWARDS)?;
-        if let Some(columns) = columns {
-            // Each reward's mean and spread over the whole batch: every rank reports the
-            // same, so the ranks' mean of them is exact (their spreads averaged were not).
-            let mut whole = Vec::with_capacity(columns.len());
-            for column in &columns {
-                let mine: Vec<f64> = column.iter().map(|s| s.unwrap_or(f64::NAN)).collect();
-                let all = dp.gather(&mine, GATHER_REWARD_COLUMNS)?.concat();
-                whole.push(
-                    all.into_iter()
-                        .map(|s| (!s.is_nan()).then_some(s))
-                        .collect(),
-                );
-            }
-            r.metrics = named(&self.rewards.metrics_of(&whole));
-        }
+        // Each reward's mean and spread over the whole batch: every rank reports the same,
+        // so the ranks' mean of them is exact (their spreads averaged were not).
+        let whole = gather_columns(dp, &columns)?;
+        let mut metrics = named(&self.rewards.metrics_of(&whole));
+        metrics.append(&mut r.metrics);
+        r.metrics = metrics;
         let first = everyone[..dp.rank()].iter().map(Vec::len).sum::<usize>();
         let (all_adv, adv_metrics) = advantages(&everyone.concat(), g, self.settings.scale_rewards);
         r.advantages = all_adv[first..first + r.rewards.len()].to_vec();
@@ -492,6 +479,29 @@ impl Sampler {
 }
 
 /// Metrics as (name, value) pairs.
+/// Every rank's columns of scores, each rank's after the one before, in one collective:
+/// a rank sends its columns end to end (`None` as NaN, which no checked score is), so its
+/// part splits back into as many equal pieces as there are rewards.
+fn gather_columns(dp: &Group, columns: &[Column]) -> Result<Vec<Column>> {
+    let mine: Vec<f64> = columns
+        .iter()
+        .flatten()
+        .map(|s| s.unwrap_or(f64::NAN))
+        .collect();
+    let mut whole: Vec<Column> = vec![Vec::new(); columns.len()];
+    if columns.is_empty() {
+        dp.gather(&mine, GATHER_REWARD_COLUMNS)?;
+        return Ok(whole);
+    }
+    for part in dp.gather(&mine, GATHER_REWARD_COLUMNS)? {
+        let n = part.len() / columns.len();
+        for (column, piece) in whole.iter_mut().zip(part.chunks(n.max(1))) {
+            column.extend(piece.iter().map(|&s| (!s.is_nan()).then_some(s)));
+        }
+    }
+    Ok(whole)
+}
+
 fn named(m: &Metrics) -> Vec<(String, f64)> {
     m.0.iter().map(|(n, v, _)| (n.to_string(), *v)).collect()
 }

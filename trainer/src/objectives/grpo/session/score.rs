@@ -8,24 +8,25 @@ use serde_json::{Map, Value};
 
 use super::{Aggregate, SessionRecord};
 use crate::Result;
-use crate::objectives::Metrics;
-use crate::rewards::{Rewards, Sample, record};
+use crate::rewards::{Column, Rewards, Sample};
 
 /// Kinds that judge the whole session at once.
 fn whole_session(kind: &str) -> bool {
     matches!(kind, "reward_model" | "command")
 }
 
-/// Each session's weighted reward, and the reward metrics over sessions. `kinds[k]` is reward `k`'s kind; `extras[s]` session `s`'s row columns.
+/// Each session's weighted reward, and each reward's score per session (its column, as
+/// [`Rewards::score_columns`] gives for single turns). `kinds[k]` is reward `k`'s kind;
+/// `extras[s]` session `s`'s row columns.
 pub fn score_sessions(
     rewards: &mut Rewards,
     kinds: &[String],
     sessions: &[SessionRecord],
     extras: &[&Map<String, Value>],
     aggregate: Aggregate,
-) -> Result<(Vec<f64>, Metrics)> {
+) -> Result<(Vec<f64>, Vec<Column>)> {
     let mut total = vec![0.0; sessions.len()];
-    let mut m = Metrics::default();
+    let mut columns = Vec::with_capacity(kinds.len());
     // Every counselor turn as a sample, and the session it belongs to.
     let mut turns: Vec<Sample<'_>> = Vec::new();
     let mut owner: Vec<usize> = Vec::new();
@@ -66,9 +67,9 @@ pub fn score_sessions(
             by_session.iter().map(|v| fold.fold(v)).collect()
         };
         w.add_to(&mut total, &scores);
-        record(&mut m, w.reward.name(), &scores);
+        columns.push(scores);
     }
-    Ok((total, m))
+    Ok((total, columns))
 }
 
 #[cfg(test)]
@@ -135,7 +136,8 @@ mod tests {
                         weight: 10.0,
                     },
                 ]);
-                let (total, m) = score_sessions(&mut r, &kinds, &s, &extras, agg).unwrap();
+                let (total, columns) = score_sessions(&mut r, &kinds, &s, &extras, agg).unwrap();
+                let m = r.metrics_of(&columns);
                 // The whole-session reward scored the last counselor turn, with everything
                 // before it as the prompt: 1 word and 3 words.
                 assert_eq!(total, vec![want[0] + 10.0, want[1] + 30.0], "{agg:?}");
