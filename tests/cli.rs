@@ -1752,8 +1752,9 @@ fn a_reward_model_scores_with_the_template_it_trained_with() {
         std::fs::read_to_string(adapter.join("chat_template.jinja")).unwrap(),
         data::template::CHATML
     );
-    let reply = |extra: &[&str]| {
-        let mut args = vec!["generate", "--model", s(&base), "--adapter", s(&adapter)];
+    let reply = |model: &[&str], extra: &[&str]| {
+        let mut args = vec!["generate", "--model"];
+        args.extend_from_slice(model);
         args.extend(["--prompt", "I feel tired.", "--max-new-tokens", "6"]);
         args.extend_from_slice(extra);
         let out = hearth(&args);
@@ -1764,7 +1765,41 @@ fn a_reward_model_scores_with_the_template_it_trained_with() {
         );
         out.stdout
     };
-    assert_eq!(reply(&[]), reply(&["--template", "chatml"]));
+    let tuned = [s(&base), "--adapter", s(&adapter)];
+    let chatml = reply(&tuned, &["--template", "chatml"]);
+    assert_ne!(
+        chatml,
+        reply(&[s(&base)], &[]),
+        "the templates should differ"
+    );
+    assert_eq!(reply(&tuned, &[]), chatml);
+    // Merged into the base or exported to GGUF (f32, so the weights are the merge's), the
+    // adapter keeps its template: the base's would render another prompt.
+    let merged = tmp.path().join("merged");
+    ok(&[
+        "merge",
+        "--base",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
+    assert_eq!(reply(&[s(&merged)], &[]), chatml);
+    let gguf = tmp.path().join("tuned.gguf");
+    ok(&[
+        "export",
+        "gguf",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&gguf),
+        "--type",
+        "f32",
+    ]);
+    assert_eq!(reply(&[s(&gguf)], &[]), chatml);
     let trained = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -1781,6 +1816,33 @@ fn a_reward_model_scores_with_the_template_it_trained_with() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ties"], 0, "{report}");
     assert_eq!(report["accuracy"].as_f64(), Some(trained), "{report}");
+    // Its adapter under final/adapter carries the template too: the base with it scores
+    // the pairs as final/ does.
+    assert_eq!(
+        std::fs::read_to_string(fin.join("adapter/chat_template.jinja")).unwrap(),
+        data::template::CHATML
+    );
+    let adapter = fin.join("adapter");
+    let out = hearth(&[
+        "eval",
+        "preference",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&adapter),
+        "--data",
+        s(&eval),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let with_adapter: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        with_adapter["accuracy"], report["accuracy"],
+        "{with_adapter}"
+    );
 }
 
 #[test]

@@ -349,7 +349,8 @@ pub fn strip_lora(mut model: Llama) -> Llama {
 }
 
 /// `hearth merge`: base checkpoint + PEFT adapter → a merged checkpoint in the base's dtype,
-/// with the base's tokenizer and template files. With `quant`, the base's projections are
+/// with the base's tokenizer and template files, and the adapter's own template over the
+/// base's where it has one. With `quant`, the base's projections are
 /// quantized as a QLoRA run had them and the adapter merged into their dequantized values.
 pub fn merge_to_dir(
     base: &Path,
@@ -369,10 +370,15 @@ pub fn merge_to_dir(
     } else {
         config
     };
+    let template = super::checkpoint::adapter_template(adapter)?;
     let (config, model) = untie_adapted_embeddings(config, model);
     let merged = merge_lora(model);
     checkpoints::pending::write_dir(out, |out| {
         super::save_model(out, &config, &merged, config.dtype, Default::default())?;
-        super::copy_companions(base, out)
+        super::copy_companions(base, out)?;
+        if let Some(text) = &template {
+            checkpoints::write_text(&out.join("chat_template.jinja"), text)?;
+        }
+        Ok(())
     })
 }

@@ -322,6 +322,20 @@ pub fn copy_companions(src: &Path, dst: &Path) -> Result<()> {
     copy_named_templates(src, dst)
 }
 
+/// The template an adapter was trained with: `chat_template.jinja` beside it, which a run
+/// with a built-in `data.template` writes. A merge or export of that adapter carries it
+/// over the base's own, or the merged model would render with a template it never saw.
+pub fn adapter_template(adapter: &Path) -> Result<Option<String>> {
+    let path = adapter.join("chat_template.jinja");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(source) => Err(checkpoints::CheckpointError::Io { path, source }.into()),
+    }
+}
+
 /// Copies the named templates transformers keeps in `additional_chat_templates/` (each
 /// `NAME.jinja`), so `--template-name` finds them in what hearth writes as in its source.
 fn copy_named_templates(src: &Path, dst: &Path) -> Result<()> {

@@ -59,7 +59,12 @@ pub fn export_to_gguf(
         }
     };
     let (tokenizer_config, _) = data::template::tokenizer_config(base)?;
-    let chat_template = shipped_template(base, &tokenizer_config);
+    // An adapter trained with its own template runs with it, not the base's.
+    let chat_template = match adapter.map(super::checkpoint::adapter_template) {
+        Some(Ok(Some(text))) => Some(text),
+        Some(Err(e)) => return Err(e),
+        _ => shipped_template(base, &tokenizer_config),
+    };
     let (config, model) = load_tuned(base, adapter, &Device::flex())?;
     // A reward adapter turns a causal base into a classifier, which the config alone hides.
     if let (Some(adapter), Some(_)) = (adapter, &model.score) {

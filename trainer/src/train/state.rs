@@ -109,6 +109,7 @@ pub(super) fn save_weights(dir: &Path, s: &Setup, model: &Llama, last: bool) -> 
     match &s.tuning {
         Tuning::Lora(settings) if last && model.score.is_some() => {
             save_adapter(&dir.join("adapter"), model, settings, &base_name)?;
+            carry_template(&dir.join("adapter"), s)?;
             let merged = merge_lora(model.valid());
             save_model(dir, &s.config, &merged, s.config.dtype, Default::default())?;
             copy_companions(base, dir)?;
