@@ -4190,11 +4190,22 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         "{\"prompt\":\"q\",\"chosen\":\"a\",\"rejected\":\"b\",\"chosen_empathy_rating\":\"five\",\"rejected_empathy_rating\":2}\n",
     )
     .unwrap();
+    // A pair the reward model's template cannot render (a side opening with the user's
+    // turn) fails there too: the pairs are tokenised as it reads them.
+    let turns = tmp.path().join("turns.jsonl");
+    std::fs::write(
+        &turns,
+        "{\"prompt\":\"q\",\"chosen\":\"a\",\"rejected\":\"b\"}\n\
+         {\"prompt\":\"q\",\"chosen\":[{\"role\":\"user\",\"content\":\"q\"},\
+         {\"role\":\"assistant\",\"content\":\"a\"}],\"rejected\":\"b\"}\n",
+    )
+    .unwrap();
     // Filed under a run, a failure leaves no evals/ folder behind.
     let filed = rm.parent().unwrap().join("evals/x.json");
     for (pairs, want, o) in [
         (tmp.path().join("missing.jsonl"), "missing.jsonl", &o),
         (rating.clone(), "rating.jsonl: line 1", &filed),
+        (turns.clone(), "turns.jsonl: line 2", &filed),
     ] {
         fails(
             &[
@@ -4213,6 +4224,36 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         );
     }
     assert!(!o.exists() && !filed.parent().unwrap().exists());
+    // A reward model with no chat template is refused before the replies it would judge.
+    let bare = tmp.path().join("bare-rm");
+    std::fs::create_dir(&bare).unwrap();
+    for f in std::fs::read_dir(&rm).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() && !f.ends_with("chat_template.jinja") {
+            std::fs::copy(&f, bare.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let config = bare.join("tokenizer_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&config, c.to_string()).unwrap();
+    fails(
+        &[
+            "eval",
+            "counseling",
+            "--model",
+            s(&base),
+            "--against",
+            s(&base),
+            "--reward-model",
+            s(&bare),
+            "--out",
+            s(&o),
+        ],
+        &["bare-rm", "no chat template", "chat_template.jinja"],
+    );
+    assert!(!o.exists());
 }
 
 /// `text` as the report page escapes it.

@@ -42,8 +42,9 @@ pub fn template_for(dir: &Path, choice: TemplateChoice<'_>) -> Result<ChatTempla
     match choice {
         TemplateChoice::Shipped(name) => ChatTemplate::from_dir(dir, name)?.ok_or_else(|| DataError::Template {
             origin: dir.display().to_string(),
-            reason: "no chat template (no chat_template.jinja, and no chat_template in tokenizer_config.json); \
-                     choose a built-in one (llama3 or chatml) with --template, or a recipe's data.template"
+            reason: "no chat template (no chat_template.jinja, and no chat_template in tokenizer_config.json): \
+                     add one as chat_template.jinja, or choose a built-in one (llama3 or chatml) \
+                     with --template where the command has it, or a recipe's data.template"
                 .into(),
         }),
         TemplateChoice::Builtin(name) => {

@@ -91,29 +91,36 @@ impl RewardScorer {
     /// The reward model in `dir` (a classifier checkpoint, or a base with a SEQ_CLS
     /// adapter) on `device`; refused when it has no score head.
     pub fn load(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
-        Self::check(dir, adapter)?;
-        let (model, pad, tokenizer) = load_on(dir, adapter, device)?;
-        let template = template_for_tuned(dir, adapter, TemplateChoice::Shipped(None))?;
+        let (template, tokenizer) = Self::prepare(dir, adapter)?;
+        let (config, model) = crate::model::load_tuned(dir, adapter, device)?;
         Ok(Self {
             model,
-            pad,
+            pad: config.padding_id(),
             tokenizer,
             template,
             device: device.clone(),
         })
     }
 
-    /// Refuses, from the config and the adapter's header alone, a model without a reward
-    /// model's one-label score head.
+    /// Refuses, without loading any weights, a model that cannot score: one without a
+    /// reward model's one-label score head (read from the config and the adapter's
+    /// header), or without a tokenizer and chat template to read conversations with.
     pub fn check(dir: &Path, adapter: Option<&Path>) -> Result<()> {
-        if crate::model::reward_head(dir, adapter)? {
-            return Ok(());
+        Self::prepare(dir, adapter).map(|_| ())
+    }
+
+    fn prepare(
+        dir: &Path,
+        adapter: Option<&Path>,
+    ) -> Result<(data::template::ChatTemplate, tokenizers::Tokenizer)> {
+        if !crate::model::reward_head(dir, adapter)? {
+            return Err(TrainerError::Input(format!(
+                "{}: the model has no score head: pass a reward model (a \
+                 *ForSequenceClassification checkpoint) or a SEQ_CLS adapter",
+                dir.display()
+            )));
         }
-        Err(TrainerError::Input(format!(
-            "{}: the model has no score head: pass a reward model (a \
-             *ForSequenceClassification checkpoint) or a SEQ_CLS adapter",
-            dir.display()
-        )))
+        text_side(dir, adapter)
     }
 
     /// One score per conversation, in order; `name(i)` says where conversation `i` came
@@ -388,49 +395,37 @@ fn pair_rows<'a>(
         .collect()
 }
 
-/// Reads the pairs [`preference_accuracy`] would measure and their rating columns, refusing
-/// a missing file, a row that is not a pair or a rating that is not a number: for a caller
-/// that runs models first, so bad pairs fail before the hours of generating.
-pub(crate) fn check_pairs(data_path: &Path) -> Result<()> {
-    let pairs_first = data::LoadOptions {
-        pairs_first: true,
-        ..Default::default()
-    };
-    let loaded = data::load_examples(data_path, &pairs_first)?;
-    let extras: Vec<_> = pair_rows(&loaded, data_path)?
-        .into_iter()
-        .map(|(_, x)| x)
-        .collect();
-    if extras.is_empty() {
-        return Err(TrainerError::Input(format!(
-            "{}: no pairs to evaluate",
-            data_path.display()
-        )));
-    }
-    let at = |j: usize| format!("{}: {}", data_path.display(), location(&loaded, j));
-    by_dimension(&extras, &vec![0.0; extras.len()], at).map(|_| ())
+/// The chat template and tokenizer `dir` (with `adapter`) reads conversations with, found
+/// without loading any weights.
+fn text_side(
+    dir: &Path,
+    adapter: Option<&Path>,
+) -> Result<(data::template::ChatTemplate, tokenizers::Tokenizer)> {
+    let config = checkpoints::ModelConfig::from_path(dir)?;
+    let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size)?;
+    let template = template_for_tuned(dir, adapter, TemplateChoice::Shipped(None))?;
+    Ok((template, tokenizer))
 }
 
-/// `hearth eval preference`: pairwise accuracy of a reward model (when the model has a
-/// score head) or of an adapter's implicit DPO reward over its base, on `device`.
-pub fn preference_accuracy(
-    model_dir: &Path,
+/// Pairs tokenised for [`preference_accuracy`], with the rows they came from and their
+/// rating columns.
+struct PairInputs {
+    pairs: Vec<PairTokens>,
+    rows: Vec<usize>,
+    extras: Vec<serde_json::Map<String, serde_json::Value>>,
+    counts: TruncationCounts,
+    loaded: data::Loaded,
+}
+
+/// Reads, renders and tokenises the pairs in `data_path` as the model in `dir` (with
+/// `adapter`) reads them, and checks their rating columns, without loading any weights.
+fn pair_inputs(
+    dir: &Path,
     adapter: Option<&Path>,
     data_path: &Path,
     max_length: usize,
-    device: &Device,
-) -> Result<PreferenceReport> {
-    // A wrong score head is refused before anything is loaded.
-    let reward = crate::model::reward_head(model_dir, adapter)?;
-    if !reward && adapter.is_none() {
-        return Err(TrainerError::Input(format!(
-            "{}: not a reward model; for the implicit DPO reward pass the policy's --adapter \
-             (its base is the reference)",
-            model_dir.display()
-        )));
-    }
-    let (model, pad, tokenizer) = load_on(model_dir, adapter, device)?;
-    let template = template_for_tuned(model_dir, adapter, TemplateChoice::Shipped(None))?;
+) -> Result<PairInputs> {
+    let (template, tokenizer) = text_side(dir, adapter)?;
     let t = Tokenizing {
         template: &template,
         tokenizer: &tokenizer,
@@ -442,9 +437,7 @@ pub fn preference_accuracy(
         ..Default::default()
     };
     let loaded = data::load_examples(data_path, &pairs_first)?;
-    let mut pairs = Vec::new();
-    let mut rows = Vec::new();
-    let mut extras = Vec::new();
+    let (mut pairs, mut rows, mut extras) = (Vec::new(), Vec::new(), Vec::new());
     let mut counts = TruncationCounts::default();
     let at = |i: usize| format!("{}: {}", data_path.display(), location(&loaded, i));
     for (i, (e, extra)) in pair_rows(&loaded, data_path)?.into_iter().enumerate() {
@@ -465,6 +458,59 @@ pub fn preference_accuracy(
     }
     // Ratings are read before the model runs, so a bad one fails at once.
     by_dimension(&extras, &vec![0.0; extras.len()], |j| at(rows[j]))?;
+    let extras = extras.into_iter().cloned().collect();
+    Ok(PairInputs {
+        pairs,
+        rows,
+        extras,
+        counts,
+        loaded,
+    })
+}
+
+/// Reads the pairs [`preference_accuracy`] would measure as the reward model in `dir`
+/// (with `adapter`) reads them, refusing a missing file, a row that is not a pair, one
+/// the model's template or tokenizer cannot take, or a rating that is not a number: for a
+/// caller that runs models first, so bad pairs fail before the hours of generating.
+pub(crate) fn check_pairs(
+    dir: &Path,
+    adapter: Option<&Path>,
+    data_path: &Path,
+    max_length: usize,
+) -> Result<()> {
+    pair_inputs(dir, adapter, data_path, max_length).map(|_| ())
+}
+
+/// `hearth eval preference`: pairwise accuracy of a reward model (when the model has a
+/// score head) or of an adapter's implicit DPO reward over its base, on `device`.
+pub fn preference_accuracy(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    data_path: &Path,
+    max_length: usize,
+    device: &Device,
+) -> Result<PreferenceReport> {
+    // A wrong score head is refused before anything is loaded.
+    let reward = crate::model::reward_head(model_dir, adapter)?;
+    if !reward && adapter.is_none() {
+        return Err(TrainerError::Input(format!(
+            "{}: not a reward model; for the implicit DPO reward pass the policy's --adapter \
+             (its base is the reference)",
+            model_dir.display()
+        )));
+    }
+    // The pairs are read and tokenised before any weights are loaded.
+    let PairInputs {
+        pairs,
+        rows,
+        extras,
+        counts,
+        loaded,
+    } = pair_inputs(model_dir, adapter, data_path, max_length)?;
+    let extras: Vec<_> = extras.iter().collect();
+    let at = |i: usize| format!("{}: {}", data_path.display(), location(&loaded, i));
+    let (config, model) = crate::model::load_tuned(model_dir, adapter, device)?;
+    let pad = config.padding_id();
     let (source, reference) = if reward {
         ("reward_model", None)
     } else {

@@ -227,15 +227,16 @@ fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
     } else {
         (String::new(), Vec::new())
     };
-    if let Some(pairs) = o.pairs {
-        crate::evaluate::check_pairs(pairs)?;
-    }
-
     // A reward model that cannot score is refused before any reply is generated: the win
-    // rate and the pairwise accuracy both read a score head. (A causal LM's adapter would
-    // otherwise be measured by its implicit DPO reward and reported as the reward model's.)
+    // rate and the pairwise accuracy both read a score head, and its tokenizer and template
+    // render what it scores. (A causal LM's adapter would otherwise be measured by its
+    // implicit DPO reward and reported as the reward model's.) The pairs are tokenised as
+    // it reads them, so one it cannot take fails now too.
     if let Some(rm) = o.reward_model {
         RewardScorer::check(rm, o.reward_adapter)?;
+        if let Some(pairs) = o.pairs {
+            crate::evaluate::check_pairs(rm, o.reward_adapter, pairs, o.max_length)?;
+        }
     }
 
     let answer = |who: &str, model: &Path, adapter: Option<&Path>| -> Result<Answers> {
