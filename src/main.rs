@@ -248,6 +248,13 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("generate: --batch-size must be at least 1");
     }
+    if a.samples > MAX_SAMPLES {
+        bail!(
+            "generate: --samples {} is more replies per prompt than hearth draws (at most \
+             {MAX_SAMPLES}); run it again with another --seed for more",
+            a.samples
+        );
+    }
     if a.samples > 1 && a.temperature == 0.0 {
         bail!(
             "generate: --samples {} with greedy decoding gives {0} identical replies; set \
@@ -292,6 +299,14 @@ fn generate(a: GenerateTextArgs) -> Result<()> {
     }
 }
 
+/// Replies drawn per prompt at most: their streams are numbered by place, which must not
+/// overflow, and far fewer fill a disk.
+const MAX_SAMPLES: usize = 10_000;
+
+/// More resamplings than this add nothing a 95% interval can show and hold their rates
+/// in memory.
+const MAX_BOOTSTRAP: usize = 1_000_000;
+
 /// Fewer resamplings than this leave the interval's 2.5th and 97.5th percentiles to one or
 /// two draws, an interval in name only (one draw gave one that missed the estimate).
 const MIN_BOOTSTRAP: usize = 100;
@@ -302,6 +317,13 @@ fn eval_counseling(a: Box<EvalCounselingArgs>) -> Result<()> {
         bail!(
             "eval counseling: --bootstrap {} is too few resamplings for a 95% interval; use at \
              least {MIN_BOOTSTRAP} (the default is 2000)",
+            a.bootstrap
+        );
+    }
+    if a.bootstrap > MAX_BOOTSTRAP {
+        bail!(
+            "eval counseling: --bootstrap {} is more resamplings than a 95% interval needs; use \
+             at most {MAX_BOOTSTRAP} (the default is 2000)",
             a.bootstrap
         );
     }

@@ -204,9 +204,22 @@ impl ChatTemplate {
                 let source = found
                     .and_then(|item| item.get("template"))
                     .and_then(Json::as_str)
-                    .ok_or_else(|| DataError::Template {
-                        origin: origin.clone(),
-                        reason: format!("no template named `{wanted}`"),
+                    .ok_or_else(|| {
+                        let shipped: Vec<&str> = items
+                            .iter()
+                            .filter_map(|item| item.get("name").and_then(Json::as_str))
+                            .collect();
+                        DataError::Template {
+                            origin: origin.clone(),
+                            reason: format!(
+                                "no template named `{wanted}` (it ships {})",
+                                if shipped.is_empty() {
+                                    "none with a name".to_string()
+                                } else {
+                                    shipped.join(", ")
+                                }
+                            ),
+                        }
                     })?;
                 Self::new(source, tokens, format!("{origin}[{wanted}]")).map(Some)
             }
@@ -619,7 +632,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("tokenizer_config.json") && err.contains("`rag`"),
+            err.contains("tokenizer_config.json")
+                && err.contains("`rag`")
+                && err.contains("ships default, tool_use"),
             "{err}"
         );
         std::fs::write(
