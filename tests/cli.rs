@@ -2335,7 +2335,7 @@ impl TinyRun {
 }
 
 #[test]
-fn sigterm_and_sigint_checkpoint_then_exit_with_the_shell_codes() {
+fn sigterm_sigint_and_sighup_checkpoint_then_exit_with_the_shell_codes() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     let extra = [
@@ -2349,7 +2349,7 @@ fn sigterm_and_sigint_checkpoint_then_exit_with_the_shell_codes() {
     let final_bytes =
         |run: &Path| std::fs::read(run.join("final/adapter_model.safetensors")).unwrap();
 
-    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+    for (signal, code) in [("TERM", 143), ("INT", 130), ("HUP", 129)] {
         let b = tmp.path().join(format!("b-{signal}"));
         let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
             .args(TinyRun::sft(&base).sets(&extra).out(&b))
@@ -4254,6 +4254,62 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         &["bare-rm", "no chat template", "chat_template.jinja"],
     );
     assert!(!o.exists());
+}
+
+/// An evaluation filed under a run and stopped by a signal takes away the `evals/` folder
+/// it made, as a failed one does.
+#[test]
+fn a_stopped_evaluation_leaves_no_evals_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Big enough that answering the probes takes seconds.
+    let model = tmp.path().join("model");
+    ok(&[
+        "init-model",
+        "--out",
+        s(&model),
+        "--hidden-size",
+        "512",
+        "--intermediate-size",
+        "1024",
+        "--layers",
+        "4",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "4",
+    ]);
+    let run = tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("recipe.toml"), "").unwrap();
+    let evals = run.join("evals");
+    let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args([
+            "eval",
+            "counseling",
+            "--model",
+            s(&model),
+            "--max-new-tokens",
+            "400",
+        ])
+        .arg("--out")
+        .arg(evals.join("x.json"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !evals.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(!evals.exists(), "{stderr}");
 }
 
 /// `text` as the report page escapes it.

@@ -226,7 +226,7 @@ fn data_generate_refuses_what_it_cannot_write_and_leaves_nothing() {
 #[test]
 fn a_signal_while_writing_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
-    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+    for (signal, code) in [("INT", 130), ("TERM", 143), ("HUP", 129)] {
         let out = tmp.path().join(format!("rows-{signal}.jsonl"));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
             .args(["data", "generate", "--kind", "sft", "--rows", "1000000000"])

@@ -21,6 +21,12 @@ use crate::{CheckpointError, Result};
 /// written, for [`abandon_all`].
 static UNFINISHED: Mutex<BTreeMap<PathBuf, bool>> = Mutex::new(BTreeMap::new());
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Folders made to hold an output still to come ([`MadeDir`]), for [`abandon_all`].
+static MADE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn made() -> MutexGuard<'static, Vec<PathBuf>> {
+    MADE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn unfinished() -> MutexGuard<'static, BTreeMap<PathBuf, bool>> {
     // A panic while the set was locked left it consistent (inserts and removes are single
@@ -314,10 +320,49 @@ pub fn abandon_all() -> usize {
         .iter()
         .filter(|&(tmp, &is_dir)| remove(tmp, is_dir).is_ok())
         .count();
-    // The lock is never released: a writer that tries to start or finish a file waits
+    // Then the folders made for them, now empty (one holding anything else stays).
+    let folders = made();
+    for dir in folders.iter().rev() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    // The locks are never released: a writer that tries to start or finish a file waits
     // until the process has exited.
     std::mem::forget(set);
+    std::mem::forget(folders);
     removed
+}
+
+/// A folder made for an output that is still to be written (`RUN/evals/` for an
+/// evaluation's first result): taken away again, if nothing else went into it, when the
+/// work fails, unwinds or is stopped by a signal, unless [`keep`](Self::keep) was called.
+#[must_use = "the folder is removed again when this is dropped"]
+pub struct MadeDir(PathBuf);
+
+impl MadeDir {
+    /// Makes `dir` (its parent must exist).
+    pub fn create(dir: &Path) -> Result<Self> {
+        let mut list = made();
+        std::fs::create_dir(dir).map_err(|e| CheckpointError::io(dir, e))?;
+        list.push(dir.to_path_buf());
+        Ok(Self(dir.to_path_buf()))
+    }
+
+    /// The output went in: the folder stays.
+    pub fn keep(mut self) {
+        made().retain(|d| *d != self.0);
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for MadeDir {
+    fn drop(&mut self) {
+        if self.0.as_os_str().is_empty() {
+            return;
+        }
+        let mut list = made();
+        let _ = std::fs::remove_dir(&self.0);
+        list.retain(|d| *d != self.0);
+    }
 }
 
 #[cfg(test)]

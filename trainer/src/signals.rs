@@ -1,4 +1,4 @@
-//! SIGINT and SIGTERM. The handler only records the signal and wakes a watcher thread;
+//! SIGINT, SIGTERM and SIGHUP (what a closed terminal or SSH session sends). The handler only records the signal and wakes a watcher thread;
 //! what happens next depends on what the process is doing:
 //! - while training ([`hand_to_training`]'s guard lives), the loop notices the signal after the current
 //!   step, writes a checkpoint and returns [`crate::TrainerError::Interrupted`], so the
@@ -43,7 +43,7 @@ pub fn install() {
         if spawned.is_err() {
             return;
         }
-        for signal in [libc::SIGINT, libc::SIGTERM] {
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             // SAFETY: the action stores into an atomic and writes one byte to a socket; it
             // allocates and locks nothing.
             let _ = unsafe {
@@ -112,6 +112,7 @@ pub fn name(signal: i32) -> &'static str {
     match signal {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
         _ => "a signal",
     }
 }

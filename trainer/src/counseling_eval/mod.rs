@@ -159,21 +159,18 @@ fn load_prompts(path: Option<&Path>) -> Result<(String, Vec<Vec<data::Message>>)
 pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
     // `RUN/evals/NAME.json` files the results with a run: its folder is made for the first
     // one, and taken away again if this evaluation fails before writing into it.
+    // (Also when a signal stops it.)
     let made = match (run_of(o.out), o.out.parent()) {
         (Some(_), Some(evals)) if !evals.exists() => {
-            std::fs::create_dir(evals).map_err(|source| checkpoints::CheckpointError::Io {
-                path: evals.to_path_buf(),
-                source,
-            })?;
-            Some(evals)
+            Some(checkpoints::pending::MadeDir::create(evals)?)
         }
         _ => None,
     };
-    let result = evaluate(o);
-    if let (Err(_), Some(evals)) = (&result, made) {
-        let _ = std::fs::remove_dir(evals);
+    let report = evaluate(o)?;
+    if let Some(made) = made {
+        made.keep();
     }
-    result
+    Ok(report)
 }
 
 fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
