@@ -464,4 +464,31 @@ fn export_keep_writes_each_tensor_in_its_source_type() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a GGUF"), "{e}");
+
+    // K-quants too, though quantizing their dequantized values again is not the identity
+    // (Q4_K's scales are searched for): an untouched tensor keeps its blocks.
+    let wide = dir.path().join("wide");
+    let spec = NewModel {
+        hidden_size: 256,
+        intermediate_size: 512,
+        init_std: 0.05,
+        seed: 5,
+        ..Default::default()
+    };
+    init_model(&wide, &spec, Default::default()).unwrap();
+    let km = dir.path().join("km.gguf");
+    export_to_gguf(&wide, None, &km, ExportType::Q4KM).unwrap();
+    let kept = dir.path().join("km-kept.gguf");
+    export_to_gguf(&km, None, &kept, ExportType::Keep).unwrap();
+    let (a, b) = (GgufFile::open(&km).unwrap(), GgufFile::open(&kept).unwrap());
+    let types: std::collections::BTreeSet<_> = a.tensors.iter().map(|t| t.ty.name()).collect();
+    assert!(
+        types.contains("Q4_K") && types.contains("Q6_K"),
+        "{types:?}"
+    );
+    for t in &a.tensors {
+        let u = b.tensor(&t.name).unwrap();
+        assert_eq!(u.ty, t.ty, "{}", t.name);
+        assert!(a.bytes(t) == b.bytes(u), "{}: bytes differ", t.name);
+    }
 }

@@ -78,6 +78,11 @@ pub struct ExportInput<'a> {
     pub name: &'a str,
     /// For [`ExportType::Keep`]: each tensor's type in the source GGUF, by GGUF name.
     pub source_types: Option<&'a BTreeMap<String, GgmlType>>,
+    /// For [`ExportType::Keep`]: the source GGUF, whose blocks a tensor takes as they are
+    /// when its values are still theirs. Quantizing is not idempotent for every type (a
+    /// K-quant's scales are searched for, and the search over dequantized values can end
+    /// elsewhere), so writing an untouched tensor again could change it.
+    pub source_file: Option<&'a super::GgufFile>,
     /// A GGUF source's metadata: its `general.*` description is kept (its name over
     /// `name`), and under `Keep` its `general.file_type`.
     pub source_metadata: Option<&'a BTreeMap<String, MetaValue>>,
@@ -142,11 +147,11 @@ fn tensor_type(
         ExportType::Q8_0 => or_else(GgmlType::Q8_0, GgmlType::F16),
         ExportType::Q4_0 if head => or_else(GgmlType::Q6K, GgmlType::Q8_0),
         ExportType::Q4_0 => or_else(GgmlType::Q4_0, GgmlType::F16),
-        // The source's own type where hearth writes it; a K-quant it does not write (Q2_K,
-        // Q3_K, Q5_K) becomes Q6_K, any other Q8_0, each falling back as above.
+        // The source's own type where hearth writes it; a K-quant it reads but does not
+        // write (Q5_K) becomes Q6_K, any other Q8_0, each falling back as above.
         ExportType::Keep => match source.and_then(|s| s.get(name)) {
             Some(&t) if super::quantize::WRITABLE.contains(&t) => or_else(t, GgmlType::Q8_0),
-            Some(GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q5K) => {
+            Some(GgmlType::Q5K) => {
                 or_else(GgmlType::Q6K, GgmlType::Q8_0)
             }
             _ => or_else(GgmlType::Q8_0, GgmlType::F16),
@@ -285,12 +290,15 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
             tied,
             input.source_types,
         );
-        let bytes = quantize(t, &values).ok_or_else(|| {
-            invalid(
-                out,
-                format!("tensor `{hf}` cannot be written as {}", t.name()),
-            )
-        })?;
+        let bytes = match unchanged(input.source_file, &name, t, &values) {
+            Some(kept) => kept.to_vec(),
+            None => quantize(t, &values).ok_or_else(|| {
+                invalid(
+                    out,
+                    format!("tensor `{hf}` cannot be written as {}", t.name()),
+                )
+            })?,
+        };
         // NaN or ±∞ in the weights, or values past f16's range once written (as f16, or
         // in a quantized block's f16 scales): refused, as a safetensors save refuses them,
         // before the file is written. What the file holds is read back to see.
@@ -318,6 +326,27 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
         w.tensor(t);
     }
     w.write_new(out)
+}
+
+/// The source's blocks of tensor `name` when they are of type `ty` and still hold exactly
+/// `values` (no adapter changed them).
+fn unchanged<'f>(
+    source: Option<&'f super::GgufFile>,
+    name: &str,
+    ty: GgmlType,
+    values: &[f32],
+) -> Option<&'f [u8]> {
+    let file = source?;
+    let info = file.tensor(name).filter(|t| t.ty == ty)?;
+    let bytes = file.bytes(info);
+    let back = super::quant::dequantize(ty, bytes)?;
+    // Bit for bit, so that -0.0 against 0.0 or a NaN never passes.
+    let same = back.len() == values.len()
+        && back
+            .iter()
+            .zip(values)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+    same.then_some(bytes)
 }
 
 /// The pre-tokenizer's llama.cpp name (`tokenizer.ggml.pre`), recognised from its JSON.

@@ -28,15 +28,18 @@ pub fn export_to_gguf(
         Some(gguf) => Some(GgufModel::open(gguf)?.file().metadata.clone()),
         None => None,
     };
+    let kept = match (&source, ty) {
+        (Some(gguf), ExportType::Keep) => Some(GgufModel::open(gguf)?),
+        _ => None,
+    };
     let source_types = match (&source, ty) {
-        (Some(gguf), ExportType::Keep) => Some(
-            GgufModel::open(gguf)?
-                .file()
+        (Some(_), ExportType::Keep) => kept.as_ref().map(|m| {
+            m.file()
                 .tensors
                 .iter()
                 .map(|t| (t.name.clone(), t.ty))
-                .collect::<std::collections::BTreeMap<_, _>>(),
-        ),
+                .collect::<std::collections::BTreeMap<_, _>>()
+        }),
         (None, ExportType::Keep) => {
             return Err(crate::TrainerError::Input(format!(
                 "{}: --type keep writes each tensor in the type a GGUF model holds it in; \
@@ -91,6 +94,7 @@ pub fn export_to_gguf(
         chat_template: chat_template.as_deref(),
         name: &name,
         source_types: source_types.as_ref(),
+        source_file: kept.as_ref().map(GgufModel::file),
         source_metadata: source_metadata.as_ref(),
     };
     Ok(export_gguf(&input, ty, out)?)
