@@ -302,6 +302,96 @@ fn export_round_trips_a_tiny_model_in_every_type() {
     assert!(m.contains("refusing to write here"), "{m}");
 }
 
+/// A Llama with biases on its attention and MLP projections (`attention_bias`,
+/// `mlp_bias`) exports its biases and reads back as the same model: the reader tells both
+/// from the file's tensors (it took every MLP as bias-free, and refused its own export).
+#[test]
+fn a_llama_with_mlp_and_attention_biases_round_trips() {
+    use safetensors::tensor::TensorView;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    init_model(&base, &NewModel::default(), Default::default()).unwrap();
+    let config_path = base.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["attention_bias"] = serde_json::json!(true);
+    config["mlp_bias"] = serde_json::json!(true);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (hidden, inter) = (
+        config["hidden_size"].as_u64().unwrap() as usize,
+        config["intermediate_size"].as_u64().unwrap() as usize,
+    );
+    let kv = config["num_key_value_heads"].as_u64().unwrap() as usize
+        * (hidden / config["num_attention_heads"].as_u64().unwrap() as usize);
+    let weights = base.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut biases: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for layer in 0..config["num_hidden_layers"].as_u64().unwrap() {
+        for (name, len) in [
+            ("self_attn.q_proj", hidden),
+            ("self_attn.k_proj", kv),
+            ("self_attn.v_proj", kv),
+            ("self_attn.o_proj", hidden),
+            ("mlp.gate_proj", inter),
+            ("mlp.up_proj", inter),
+            ("mlp.down_proj", hidden),
+        ] {
+            let values: Vec<u8> = (0..len)
+                .flat_map(|i| ((i % 7) as f32 * 0.01 - 0.03).to_le_bytes())
+                .collect();
+            biases.push((format!("model.layers.{layer}.{name}.bias"), values, len));
+        }
+    }
+    let mut all: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+    for (name, values, len) in &biases {
+        all.push((
+            name.clone(),
+            TensorView::new(safetensors::Dtype::F32, vec![*len], values).unwrap(),
+        ));
+    }
+    let out = safetensors::serialize(all, None).unwrap();
+    std::fs::write(&weights, out).unwrap();
+
+    let batch = bundled_batch(&base, 2, 64);
+    let (_, logits) = perplexity(&base, &batch);
+    let gguf = tmp.path().join("biased.gguf");
+    export_to_gguf(&base, None, &gguf, ExportType::F32).unwrap();
+    let t = types(&gguf);
+    assert!(t.contains_key("blk.0.ffn_down.bias") && t.contains_key("blk.1.attn_q.bias"));
+    let (_, back) = perplexity(&gguf, &batch);
+    assert_eq!(back, logits);
+}
+
+/// A byte-level tokenizer that adds a space before the text has no llama.cpp vocabulary
+/// that does the same: exporting it is refused, naming the setting, and writes nothing
+/// (it was written as `gpt-2`, which split the first word differently).
+#[test]
+fn a_prefix_space_tokenizer_is_refused_for_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    init_model(&base, &NewModel::default(), Default::default()).unwrap();
+    let path = base.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(tok["pre_tokenizer"]["type"], "ByteLevel");
+    tok["pre_tokenizer"]["add_prefix_space"] = serde_json::json!(true);
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let out = tmp.path().join("m.gguf");
+    let e = export_to_gguf(&base, None, &out, ExportType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("add_prefix_space"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
 /// A Llama 3 Instruct config lists several end tokens, end-of-text first; the file's EOS is
 /// the one the tokenizer config names (`<|eot_id|>`), as llama.cpp's converter picks it.
 #[test]

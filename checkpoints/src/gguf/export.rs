@@ -151,9 +151,7 @@ fn tensor_type(
         // write (Q5_K) becomes Q6_K, any other Q8_0, each falling back as above.
         ExportType::Keep => match source.and_then(|s| s.get(name)) {
             Some(&t) if super::quantize::WRITABLE.contains(&t) => or_else(t, GgmlType::Q8_0),
-            Some(GgmlType::Q5K) => {
-                or_else(GgmlType::Q6K, GgmlType::Q8_0)
-            }
+            Some(GgmlType::Q5K) => or_else(GgmlType::Q6K, GgmlType::Q8_0),
             _ => or_else(GgmlType::Q8_0, GgmlType::F16),
         },
         ExportType::Q4KM => {
@@ -378,6 +376,20 @@ fn pre_name(pre: &Value) -> Option<&'static str> {
     }
 }
 
+/// Whether a `ByteLevel` pre-tokenizer (alone or in a sequence) puts a space before the
+/// text, which llama.cpp's `gpt2`-family vocabularies have no setting for.
+fn adds_prefix_space(pre: &Value) -> bool {
+    let byte_level = |v: &Value| {
+        v.get("type").and_then(Value::as_str) == Some("ByteLevel")
+            && v.get("add_prefix_space").and_then(Value::as_bool) == Some(true)
+    };
+    byte_level(pre)
+        || pre
+            .get("pretokenizers")
+            .and_then(Value::as_array)
+            .is_some_and(|parts| parts.iter().any(byte_level))
+}
+
 fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Result<()> {
     let path = input.tokenizer_path;
     let tok: Value = serde_json::from_str(input.tokenizer_json)
@@ -395,6 +407,13 @@ fn tokenizer_metadata(w: &mut GgufWriter, input: &ExportInput<'_>) -> crate::Res
     let sentencepiece = model["byte_fallback"] == Value::Bool(true);
     let pre = if sentencepiece {
         "default"
+    } else if adds_prefix_space(&tok["pre_tokenizer"]) {
+        return Err(invalid(
+            path,
+            "its byte-level pre-tokenizer adds a space before the text (add_prefix_space), \
+             which none of llama.cpp's byte-level vocabularies does: the GGUF would split \
+             the first word differently",
+        ));
     } else {
         pre_name(&tok["pre_tokenizer"]).ok_or_else(|| {
             invalid(

@@ -312,7 +312,7 @@ impl GgufModel {
         });
         if self.arch == "llama" {
             config["attention_bias"] = json!(self.file.tensor("blk.0.attn_q.bias").is_some());
-            config["mlp_bias"] = json!(false);
+            config["mlp_bias"] = json!(self.file.tensor("blk.0.ffn_gate.bias").is_some());
         }
         if let Some(bos) = self.token_id("bos") {
             config["bos_token_id"] = json!(bos);
