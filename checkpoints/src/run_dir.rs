@@ -153,6 +153,21 @@ fn foreign_entry(root: &Path, own_recipe: impl Fn(&str) -> bool) -> Result<Optio
     Ok(None)
 }
 
+/// Whether `root` holds a `checkpoint-STEP/` with its trainer state: a run stopped before
+/// its first metrics line (a long `logging_steps`) is a run all the same, to resume.
+fn holds_a_checkpoint(root: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.strip_prefix(CHECKPOINT_PREFIX)
+            .is_some_and(|step| !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()))
+            && e.path().join(STATE_FILE).is_file()
+    })
+}
+
 /// Every scalar of a run's TensorBoard events: `(step, tag, value)`, in order.
 pub fn read_scalars_of(root: &Path) -> Result<Vec<(i64, String, f32)>> {
     crate::tensorboard::read_scalars(&crate::tensorboard::events_path(root))
@@ -175,7 +190,10 @@ impl RunDir {
     /// run would write over or prune it. A directory that holds a run is refused, so
     /// nothing an earlier run wrote is overwritten.
     pub fn create(root: &Path, own_recipe: impl Fn(&str) -> bool) -> Result<Self> {
-        if root.join(METRICS_FILE).exists() || root.join(FINAL_DIR).exists() {
+        if root.join(METRICS_FILE).exists()
+            || root.join(FINAL_DIR).exists()
+            || holds_a_checkpoint(root)
+        {
             return Err(refuse(
                 root,
                 "already holds a run; choose another --out, or continue it with --resume".into(),
@@ -606,6 +624,27 @@ mod tests {
         drop(resumed);
         // The lock file is the run's own: a restart into the directory is not refused.
         RunDir::create(&root, |_| true).unwrap();
+    }
+
+    /// A run stopped before its first metrics line left a checkpoint and its recipe: a
+    /// new run there is refused as one into a run, pointing at --resume, not as one into
+    /// a user's folder; a folder merely named like a checkpoint is still a user's.
+    #[test]
+    fn a_checkpoint_alone_marks_a_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("run");
+        std::fs::create_dir_all(root.join("checkpoint-2")).unwrap();
+        let e = RunDir::create(&root, |_| true).err().unwrap().to_string();
+        assert!(
+            e.contains("`checkpoint-2`, which no hearth run wrote"),
+            "{e}"
+        );
+        std::fs::write(root.join("checkpoint-2").join(STATE_FILE), "{}").unwrap();
+        let e = RunDir::create(&root, |_| true).err().unwrap().to_string();
+        assert!(
+            e.contains("already holds a run") && e.contains("--resume"),
+            "{e}"
+        );
     }
 
     /// Resuming removes what killed processes left half-written (their pid is gone), and
