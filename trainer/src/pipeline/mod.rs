@@ -82,13 +82,32 @@ pub struct PipelineReport {
     pub text: String,
 }
 
+/// `e`'s message with the line it points at and, where that line sets a key, the key: a
+/// pipeline is deserialised straight from its text, so the error's span is all it has.
+fn located(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let start = span.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or_default();
+    let key = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match key {
+        Some(k) => format!("line {line}: `{k}`: {}", e.message()),
+        None => format!("line {line}: {}", e.message()),
+    }
+}
+
 /// Reads a pipeline file.
 pub fn load(path: &Path) -> Result<Pipeline> {
     let text =
         checkpoints::small_file::read_text_or_stream(path, checkpoints::small_file::TEXT_LIMIT)
             .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
     let p: Pipeline = toml::from_str(&text)
-        .map_err(|e| TrainerError::Input(format!("{}: {}", path.display(), e.message())))?;
+        .map_err(|e| TrainerError::Input(format!("{}: {}", path.display(), located(&text, &e))))?;
     if p.stage.is_empty() {
         return Err(TrainerError::Input(format!(
             "{}: no [[stage]] to run",

@@ -250,6 +250,11 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     for o in overrides {
         apply_override(&mut table, o)?;
     }
+    if let Some(key) = empty_path(&table, "") {
+        return Err(TrainerError::Input(format!(
+            "{origin}: `{key}` is an empty path; name a file or directory"
+        )));
+    }
     let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
         let message = with_suggestion(e.message());
         // A named choice's message already starts with its key.
@@ -260,6 +265,29 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     })?;
     recipe.validate(origin)?;
     Ok(recipe)
+}
+
+/// Keys whose string values are paths, in any section.
+const PATH_KEYS: [&str; 6] = ["path", "train", "eval", "init_from", "model", "adapter"];
+
+/// The first path-valued key (dotted, `[i]` for an array's entry) whose value is an empty
+/// string: read as a path it named nothing, and the error came from far away, naming
+/// neither the recipe nor the key.
+fn empty_path(table: &toml::Table, prefix: &str) -> Option<String> {
+    table.iter().find_map(|(k, v)| {
+        let key = format!("{prefix}{k}");
+        match v {
+            toml::Value::String(s) if s.trim().is_empty() && PATH_KEYS.contains(&k.as_str()) => {
+                Some(key)
+            }
+            toml::Value::Table(t) => empty_path(t, &format!("{key}.")),
+            toml::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                item.as_table()
+                    .and_then(|t| empty_path(t, &format!("{key}[{i}].")))
+            }),
+            _ => None,
+        }
+    })
 }
 
 /// A number as a message shows it: in full, or in exponent form when it is huge.
