@@ -3479,6 +3479,38 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
 /// before its first step again (its recipe.toml alone, of another recipe), and the command
 /// line's `--set` wins over a stage's own.
 #[test]
+fn pipeline_reports_the_same_whether_a_stage_trained_now_or_was_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
+    let p = tmp.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "set = [\"model.path=\\\"{}\\\"\", \"train.max_steps=4\", \"train.logging_steps=2\"]\n\
+             [[stage]]\nname = \"sft\"\nrecipe = {:?}\n",
+            s(&tmp.path().join("base")),
+            s(&recipe)
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("p");
+    ok(&["pipeline", s(&p), "--out", s(&out)]);
+    let trained = std::fs::read_to_string(out.join("report.md")).unwrap();
+    ok(&["pipeline", s(&p), "--out", s(&out)]);
+    let reused = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert_eq!(trained, reused);
+    // Its losses are the logged windows' (means of two steps).
+    let first = metric_lines(&out.join("sft"))
+        .iter()
+        .find_map(|l| l["loss"].as_f64())
+        .unwrap();
+    assert!(
+        trained.contains(&format!("loss: {first:.4} →")),
+        "{trained}"
+    );
+}
+
+#[test]
 fn pipeline_reruns_take_up_what_an_earlier_run_left() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");

@@ -415,6 +415,19 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             eprintln!("stage {}/{count}: {name} ({})", i + 1, recipe.train.method);
         }
         let outcome = run_stage(dp, &recipe, &run_dir, progress)?;
+        // The report reads every stage from its metrics.jsonl, as it does one a rerun
+        // reuses: a stage's first and last losses as trained are single steps, as logged
+        // they are windows of logging_steps, and the same pipeline must report the same
+        // whether its stages were trained now, resumed or reused. (The first rank writes
+        // the report, and the metrics.)
+        let outcome = if dp.is_main() {
+            Outcome {
+                reports: outcome.reports,
+                ..outcome_of(&run_dir)?
+            }
+        } else {
+            outcome
+        };
         stages.push(StageReport {
             name: name.clone(),
             method: recipe.train.method.clone(),
