@@ -40,6 +40,46 @@ pub fn load_examples(path: &Path, options: &LoadOptions) -> Result<Loaded, DataE
     })
 }
 
+/// [`load_examples`], for a caller that goes on to check every example (tokenise it):
+/// when a row fails to load, the rows before it are checked with `check` (given each one's
+/// location) first, so the error is the file's first bad row whichever stage finds it.
+/// Reading stops a load at its first unreadable row, before any example is tokenised, and
+/// the user who fixed it would meet an earlier one next. Only the failing path pays for
+/// the second, lenient read.
+pub fn load_examples_in_order<E: From<DataError>>(
+    path: &Path,
+    options: &LoadOptions,
+    check: &mut dyn FnMut(&Example, crate::read::Location) -> Result<(), E>,
+) -> Result<Loaded, E> {
+    let err = match load_examples(path, options) {
+        Ok(loaded) => return Ok(loaded),
+        Err(e) => e,
+    };
+    let at = match &err {
+        DataError::Row { location, .. } if !options.skip_bad_rows => line_of(*location),
+        _ => return Err(err.into()),
+    };
+    let lenient = LoadOptions {
+        skip_bad_rows: true,
+        ..options.clone()
+    };
+    if let Ok(loaded) = load_examples(path, &lenient) {
+        for (example, &location) in loaded.examples.iter().zip(&loaded.locations) {
+            if line_of(location) >= at {
+                break;
+            }
+            check(example, location)?;
+        }
+    }
+    Err(err.into())
+}
+
+fn line_of(location: crate::read::Location) -> usize {
+    match location {
+        crate::read::Location::Line(n) | crate::read::Location::Row(n) => n,
+    }
+}
+
 /// [`load_examples`] over JSON Lines `text` shipped inside the binary; `origin` names it
 /// in errors.
 pub fn load_bundled_examples(
@@ -130,9 +170,7 @@ fn load_rows(
         rows(&mut on_row, &mut on_bad)?;
     }
     skipped.extend(bad_rows);
-    skipped.sort_by_key(|b| match b.location {
-        crate::read::Location::Line(n) | crate::read::Location::Row(n) => n,
-    });
+    skipped.sort_by_key(|b| line_of(b.location));
     let format = format.ok_or_else(|| DataError::Unsupported {
         path: path.to_path_buf(),
         reason: "no rows to read".into(),

@@ -9,7 +9,9 @@ use tokenizers::Tokenizer;
 
 use crate::format::Example;
 use crate::tokenize::{Tokenized, Tokenizing, Truncation, TruncationCounts};
-use crate::{ChatTemplate, DataError, Format, LoadOptions, load_examples, render_with_mask_from};
+use crate::{
+    ChatTemplate, DataError, Format, LoadOptions, load_examples_in_order, render_with_mask_from,
+};
 
 /// What `inspect` found.
 #[derive(Debug, Clone)]
@@ -36,13 +38,24 @@ pub fn inspect(
     truncation: Truncation,
     show_example: bool,
 ) -> Result<Report, DataError> {
-    let loaded = load_examples(path, load)?;
     let measure = Tokenizing {
         template,
         tokenizer,
         max_length: usize::MAX,
         truncation,
     };
+    // The first bad row stops it, whether it cannot be read or cannot be tokenised.
+    let loaded = load_examples_in_order(path, load, &mut |example, location| match measure
+        .example(example, &mut TruncationCounts::default())
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(DataError::Row {
+            path: path.to_path_buf(),
+            location,
+            column: None,
+            reason: e.to_string(),
+        }),
+    })?;
     let fit = Tokenizing {
         template,
         tokenizer,

@@ -21,7 +21,9 @@ pub mod tokenize;
 pub mod tokenizer;
 
 pub use chat::{Rendered, render_with_mask, render_with_mask_from};
-pub use dataset::{LoadOptions, Loaded, load_bundled_examples, load_examples};
+pub use dataset::{
+    LoadOptions, Loaded, load_bundled_examples, load_examples, load_examples_in_order,
+};
 pub use error::DataError;
 pub use format::{Example, Format};
 pub use message::Message;

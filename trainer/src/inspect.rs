@@ -92,8 +92,15 @@ pub fn inspect(
                     )));
                 }
             };
+            let from_flag = flags.max_length.is_some();
             let mut data = recipe.data;
             flags.apply(&mut data);
+            // The recipe's own value is held to what `hearth train` accepts (a flag's was
+            // checked where it was read).
+            if !from_flag {
+                crate::recipe::check_max_length("data.max_length", data.max_length)
+                    .map_err(|e| TrainerError::Input(format!("{}: {e}", file.display())))?;
+            }
             (data, dir)
         }
         Source::Data(config) => {

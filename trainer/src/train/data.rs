@@ -61,9 +61,30 @@ pub(super) fn prepare_data(
     let margin = objective.margin_column();
     let method = Method::of(objective);
     let mut counts = TruncationCounts::default();
-    let loaded = data::load_examples(&d.train, &options)?;
+    // A row that cannot be read stops the load at once; rows before it that cannot be
+    // tokenised are named first, as they come first in the file.
+    let load = |path: &Path| {
+        data::load_examples_in_order(path, &options, &mut |example, location| {
+            let rows = Rows {
+                path,
+                locations: &[location],
+                skip: false,
+            };
+            let mut ignore = TruncationCounts::default();
+            tokenize(
+                &method,
+                &t,
+                std::slice::from_ref(example),
+                &rows,
+                margin,
+                &mut ignore,
+            )
+            .map(|_| ())
+        })
+    };
+    let loaded = load(&d.train)?;
     let eval_loaded = match &d.eval {
-        Some(path) => Some((path, data::load_examples(path, &options)?)),
+        Some(path) => Some((path, load(path)?)),
         None => None,
     };
     let mut skipped_rows =
