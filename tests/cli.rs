@@ -796,7 +796,7 @@ fn data_generate_and_inspect() {
         String::from_utf8(out.stdout).unwrap()
     };
     let report = inspect(&["--max-length", "40"]);
-    assert!(report.contains("format: Preference"), "{report}");
+    assert!(report.contains("format: preference"), "{report}");
     assert!(report.contains("examples: 30"), "{report}");
     assert!(report.contains("histogram:"), "{report}");
     assert!(report.contains("truncated"), "{report}");
@@ -890,7 +890,7 @@ fn data_inspect_reads_a_recipe_and_rejects_unknown_keys() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("format: Cactus") && stdout.contains("examples: 2"),
+        stdout.contains("format: cactus") && stdout.contains("examples: 2"),
         "{stdout}"
     );
 

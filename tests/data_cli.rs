@@ -61,6 +61,13 @@ fn data_inspect_names_the_line_of_a_row_it_cannot_tokenise_or_skips_it() {
         report.contains("examples: 1 (1 bad rows skipped)"),
         "{report}"
     );
+    // Asked for an example when every row was skipped, it says so, not to ask for one.
+    std::fs::write(&data, format!("{no_reply}\n")).unwrap();
+    let report = succeeds(&[&inspect[..], &["--skip-bad-rows", "--show-example"]].concat());
+    assert!(
+        report.contains("no example to show") && !report.contains("pass --show-example"),
+        "{report}"
+    );
 }
 
 /// With a recipe, `data inspect`'s flags win over its `[data]` (they were ignored, so the
@@ -82,7 +89,7 @@ fn data_inspect_flags_win_over_a_recipes_data_section() {
     .unwrap();
     let inspect = ["data", "inspect", s(&recipe)];
     let report = succeeds(&inspect);
-    assert!(report.contains("max_length 4096 (KeepStart)"), "{report}");
+    assert!(report.contains("max_length 4096 (keep_start)"), "{report}");
     let report = succeeds(
         &[
             &inspect[..],
@@ -90,7 +97,7 @@ fn data_inspect_flags_win_over_a_recipes_data_section() {
         ]
         .concat(),
     );
-    assert!(report.contains("max_length 16 (Drop)"), "{report}");
+    assert!(report.contains("max_length 16 (drop)"), "{report}");
     // The flag is held to what a recipe may say.
     fails(
         &[&inspect[..], &["--max-length", "0"]].concat(),

@@ -57,6 +57,21 @@ impl FromStr for Format {
 }
 
 impl Format {
+    /// The name recipes and `--format` spell it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Messages => "messages",
+            Self::ShareGpt => "sharegpt",
+            Self::Alpaca => "alpaca",
+            Self::PromptCompletion => "prompt_completion",
+            Self::Preference => "preference",
+            Self::PromptOnly => "prompt_only",
+            Self::PsychoCounsel => "psychocounsel",
+            Self::Cactus => "cactus",
+            Self::CpsyCoun => "cpsycoun",
+        }
+    }
+
     /// Guesses the format from a row's columns.
     pub fn detect(fields: &Map<String, Value>) -> Result<Self, String> {
         Self::detect_preferring(fields, false)

@@ -26,6 +26,8 @@ pub struct Report {
     pub lengths: Vec<usize>,
     /// The first example rendered with `⟦…⟧` around the tokens that carry loss.
     pub example: Option<String>,
+    /// Whether the example was asked for (`--show-example`).
+    pub asked: bool,
 }
 
 /// Loads `path` and tokenises every example as training would.
@@ -127,6 +129,7 @@ pub fn inspect(
         counts,
         lengths,
         example,
+        asked: show_example,
     })
 }
 
@@ -195,7 +198,7 @@ fn marked_messages(r: crate::chat::Rendered, tokenizer: &Tokenizer) -> Result<St
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "format: {:?}", self.format)?;
+        writeln!(f, "format: {}", self.format.name())?;
         writeln!(
             f,
             "examples: {} ({} bad rows skipped)",
@@ -231,11 +234,15 @@ impl fmt::Display for Report {
         }
         writeln!(
             f,
-            "max_length {} ({:?}): {} truncated, {} dropped",
-            self.max_length, self.truncation, self.counts.truncated, self.counts.dropped
+            "max_length {} ({}): {} truncated, {} dropped",
+            self.max_length,
+            self.truncation.name(),
+            self.counts.truncated,
+            self.counts.dropped
         )?;
         match &self.example {
             Some(text) => write!(f, "first example (⟦…⟧ carries loss):\n{text}"),
+            None if self.asked => write!(f, "(no example to show: every row was skipped)"),
             None => write!(
                 f,
                 "(pass --show-example to print the first example with its loss spans marked)"

@@ -18,6 +18,17 @@ pub enum Truncation {
     Drop,
 }
 
+impl Truncation {
+    /// The name recipes and `--truncation` spell it with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::KeepStart => "keep_start",
+            Self::KeepEnd => "keep_end",
+            Self::Drop => "drop",
+        }
+    }
+}
+
 impl FromStr for Truncation {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
