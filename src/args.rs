@@ -482,7 +482,7 @@ pub struct InitModelArgs {
     pub seed: u64,
     /// Standard deviation of the random weights (transformers' `initializer_range`).
     #[arg(long, default_value_t = 0.02)]
-    pub init_std: f32,
+    pub init_std: f64,
     /// Shard the weights above this size (e.g. 2GB, 1.5GB, 500MB, 2GiB).
     #[arg(long, value_parser = parse_size, default_value = "5GB")]
     pub max_shard_size: u64,

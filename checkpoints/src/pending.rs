@@ -254,6 +254,9 @@ struct PendingDir {
     target: PathBuf,
     /// `target` existed: the files move into it.
     into: bool,
+    /// The folders above `target` this made, outermost first: a failure takes them away
+    /// again, innermost first.
+    parents: Vec<MadeDir>,
 }
 
 impl PendingDir {
@@ -265,14 +268,15 @@ impl PendingDir {
             let name = file_name(target)?;
             let parent = target.parent().filter(|p| !p.as_os_str().is_empty());
             let parent = parent.unwrap_or(Path::new("."));
-            std::fs::create_dir_all(parent).map_err(|e| CheckpointError::io(parent, e))?;
             (parent.to_path_buf(), name)
         };
+        let parents = make_missing(&dir)?;
         let (tmp, ()) = claim(&dir, name, true, |tmp| std::fs::create_dir(tmp))?;
         Ok(Self {
             tmp,
             target: target.to_path_buf(),
             into,
+            parents,
         })
     }
 
@@ -301,6 +305,10 @@ impl PendingDir {
         }
         set.remove(&self.tmp);
         self.tmp = PathBuf::new();
+        drop(set);
+        for made in self.parents.drain(..) {
+            made.keep();
+        }
         Ok(())
     }
 }
@@ -308,7 +316,36 @@ impl PendingDir {
 impl Drop for PendingDir {
     fn drop(&mut self) {
         release(&self.tmp, true);
+        while let Some(made) = self.parents.pop() {
+            drop(made);
+        }
     }
+}
+
+/// Makes `dir` and whichever of its ancestors are missing, each as a [`MadeDir`],
+/// outermost first.
+fn make_missing(dir: &Path) -> Result<Vec<MadeDir>> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d.to_path_buf());
+        at = d.parent();
+    }
+    let mut made = Vec::with_capacity(missing.len());
+    while let Some(d) = missing.pop() {
+        match MadeDir::create(&d) {
+            Ok(m) => made.push(m),
+            // Another process made it meanwhile: it is not ours to take away.
+            Err(_) if d.is_dir() => {}
+            Err(e) => {
+                while let Some(m) = made.pop() {
+                    drop(m);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(made)
 }
 
 /// Removes every temporary file and directory this process is writing and keeps the list
@@ -509,7 +546,8 @@ mod tests {
             n.sort();
             n
         };
-        // A failure halfway leaves nothing, not even the temporary directory.
+        // A failure halfway leaves nothing, not even the temporary directory or the
+        // folders made to hold it.
         let out = root.path().join("deep/merged");
         let e = write_dir(&out, |tmp| {
             crate::write_text(&tmp.join("config.json"), "{}")?;
@@ -520,7 +558,7 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.to_string(), "stopped");
-        assert!(names(&root.path().join("deep")).is_empty());
+        assert!(names(root.path()).is_empty());
         assert_eq!(registered(root.path()), 0);
         // A failure naming a file being written names it as the target's.
         let e = write_dir(&out, |tmp| {

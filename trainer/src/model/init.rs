@@ -26,7 +26,7 @@ pub struct NewModel {
     pub dtype: WeightDtype,
     pub rope_theta: f64,
     pub max_position_embeddings: usize,
-    pub init_std: f32,
+    pub init_std: f64,
     pub seed: u64,
 }
 
@@ -150,6 +150,14 @@ fn check_shape(spec: &NewModel) -> Result<()> {
             spec.hidden_size
         ));
     }
+    let head_dim = spec.hidden_size / heads;
+    if !head_dim.is_multiple_of(2) {
+        return bad(format!(
+            "hidden_size (--hidden-size) {} over num_attention_heads (--heads) {heads} is a \
+             head size of {head_dim}, which is odd; RoPE rotates pairs of values",
+            spec.hidden_size
+        ));
+    }
     if !(spec.init_std.is_finite() && spec.init_std >= 0.0) {
         return bad(format!(
             "initializer_range (--init-std) {} must be a finite number ≥ 0",
@@ -200,7 +208,7 @@ pub fn init_model(dir: &Path, spec: &NewModel, save: SaveOptions) -> Result<Mode
         &config_json.to_string(),
         &dir.join(checkpoints::names::CONFIG),
     )?;
-    let weights = init_random_weights(&config, spec.init_std, spec.seed);
+    let weights = init_random_weights(&config, spec.init_std as f32, spec.seed);
     let tokenizer_json = tokenizer
         .to_string(true)
         .map_err(|e| TrainerError::Input(format!("serialising the tokenizer: {e}")))?;
@@ -265,7 +273,15 @@ mod size_tests {
                 },
                 "multiple of num_attention_heads (--heads) 3",
             ),
-            (|s| s.init_std = f32::NAN, "(--init-std) NaN"),
+            (|s| s.init_std = f64::NAN, "(--init-std) NaN"),
+            (
+                |s| {
+                    s.hidden_size = 12;
+                    s.num_attention_heads = 4;
+                    s.num_key_value_heads = 2;
+                },
+                "(--heads) 4 is a head size of 3, which is odd",
+            ),
             (|s| s.init_std = -1.0, "(--init-std) -1"),
         ] {
             let e = with(change).unwrap_err();
@@ -277,6 +293,19 @@ mod size_tests {
 
     /// The default model's count by hand, and sizes past the memory there is, or past
     /// 64 bits, refused before anything is made.
+    /// `initializer_range` is written as it was given (0.02, as transformers writes it),
+    /// not as an f32 widened to 0.019999999552965164.
+    #[test]
+    fn the_config_holds_the_initializer_range_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m");
+        init_model(&out, &NewModel::default(), Default::default()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["initializer_range"].as_f64(), Some(0.02));
+    }
+
     #[test]
     fn sizes_that_cannot_be_made_are_refused_up_front() {
         let tiny = NewModel::default();
