@@ -11,7 +11,7 @@ mod error;
 pub mod format;
 pub mod inspect;
 mod message;
-mod output;
+pub mod output;
 pub mod read;
 pub mod render;
 pub mod strict_json;

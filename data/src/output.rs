@@ -23,6 +23,24 @@ fn refused(out: &Path, reason: &str) -> DataError {
     }
 }
 
+/// Refuses an `out` whose name says another format than the JSON Lines written into it
+/// (`o.parquet` would hold JSON text that every Parquet reader, hearth's included, then
+/// calls damaged). `what` says what is written.
+pub fn check_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if matches!(ext.as_str(), "jsonl" | "ndjson" | "json") {
+        return Ok(());
+    }
+    Err(DataError::Unsupported {
+        path: out.to_path_buf(),
+        reason: format!("{what} are written as JSON Lines only: name the file .jsonl (or .json)"),
+    })
+}
+
 /// Refuses `out` if anything is there already (a file, a directory, a link).
 fn refuse_existing(out: &Path) -> Result<(), DataError> {
     match out.symlink_metadata() {

@@ -98,6 +98,7 @@ pub fn render_jsonl(
             reason: "refusing to write here: it is the input; choose another --out".into(),
         });
     }
+    crate::output::check_jsonl_name(out, "rendered conversations")?;
     let template = template_for(dir, choice)?;
     let tok = tokenizer::load(dir)?;
     crate::output::write_new(out, |writer, out| {

@@ -141,6 +141,7 @@ impl Chat {
         let mut inputs: Vec<&Path> = self.inputs.iter().map(|p| p.as_path()).collect();
         inputs.push(input);
         checkpoints::guard::check_output_file(out, &inputs)?;
+        data::output::check_jsonl_name(out, "replies")?;
         let loaded = data::load_examples(input, &Default::default())?;
         let prompts = prompts_to_answer(&loaded, &input.display().to_string())?;
         let started = Instant::now();

@@ -153,6 +153,7 @@ pub fn score_file(
     let mut inputs = vec![model_dir, input];
     inputs.extend(adapter);
     checkpoints::guard::check_output_file(out, &inputs)?;
+    data::output::check_jsonl_name(out, "scores")?;
     // The model's header and the input are read before any weights are loaded, so a
     // wrong model or a bad row fails at once.
     RewardScorer::check(model_dir, adapter)?;
