@@ -58,6 +58,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", a.out.display());
         }
         Command::Data(DataCommand::Render(a)) => {
+            tokenizer_dir(&a.tokenizer)?;
             let choice = TemplateChoice::new(a.template.as_deref(), a.template_name.as_deref());
             checkpoints::guard::check_output_file(&a.out, &[&a.input, &a.tokenizer])?;
             let n = data::render::render_jsonl(&a.tokenizer, choice, &a.input, &a.out)?;
@@ -232,6 +233,9 @@ fn inspect(a: InspectArgs) -> Result<()> {
         flags.apply(&mut config);
         trainer::inspect::Source::Data(config)
     };
+    if let Some(dir) = &a.tokenizer {
+        tokenizer_dir(dir)?;
+    }
     let report = trainer::inspect::inspect(source, a.tokenizer.as_deref(), a.show_example)?;
     emit(&report.to_string())
 }
@@ -306,6 +310,29 @@ const MAX_SAMPLES: usize = 10_000;
 /// More resamplings than this add nothing a 95% interval can show and hold their rates
 /// in memory.
 const MAX_BOOTSTRAP: usize = 1_000_000;
+
+/// Refuses a `--tokenizer` that is a `tokenizer.json` (or other) file instead of the
+/// directory holding it: read alone, its `tokenizer_config.json` (the BOS and the template's
+/// special tokens) was silently missed. A GGUF model file holds both, so it is taken.
+fn tokenizer_dir(path: &std::path::Path) -> Result<()> {
+    let gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if path.is_file() && !gguf {
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        bail!(
+            "--tokenizer {}: give the directory holding tokenizer.json and its \
+             tokenizer_config.json ({}), not the file: alone it loses the BOS and the \
+             template's special tokens",
+            path.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
 
 /// Fewer resamplings than this leave the interval's 2.5th and 97.5th percentiles to one or
 /// two draws, an interval in name only (one draw gave one that missed the estimate).
