@@ -26,7 +26,14 @@ const BATCH_ROWS: usize = 1024;
 fn unreadable(path: &Path, reason: impl std::fmt::Display) -> DataError {
     let reason = reason.to_string();
     // arrow's words for a codec this build leaves out name a Cargo feature; say what to do.
-    let reason = if reason.contains("lz4") && reason.contains("feature") {
+    let parquet = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    let reason = if reason.contains("lz4") && reason.contains("feature") && parquet {
+        "it is compressed with lz4, which hearth does not read; write it with snappy (the \
+         default) or zstd (pyarrow: `pq.write_table(table, path, compression=\"zstd\")`)"
+            .to_string()
+    } else if reason.contains("lz4") && reason.contains("feature") {
         "it is compressed with lz4, which hearth does not read; write it uncompressed or with \
          zstd (pyarrow: `feather.write_feather(table, path, compression=\"zstd\")`), or as \
          Parquet"

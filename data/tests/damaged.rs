@@ -93,3 +93,22 @@ fn every_one_byte_corruption_is_read_or_refused_never_a_panic() {
         assert!(inside_decoder > 0, "{name}: no damage reached the decoder");
     }
 }
+
+/// A file compressed with lz4 (a codec this build leaves out) says so and what to write
+/// instead, each in its own format's words: Parquet's advice is not Feather's.
+#[test]
+fn lz4_files_are_refused_with_advice_for_their_format() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (name, advice, not) in [
+        ("lz4.parquet", "pq.write_table", "feather"),
+        ("lz4.arrow", "feather.write_feather", "pq.write_table"),
+    ] {
+        let e = data::load_examples(&fixtures.join(name), &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(name) && e.contains("lz4") && e.contains(advice) && !e.contains(not),
+            "{e}"
+        );
+    }
+}
