@@ -161,6 +161,40 @@ fn adapter_error(path: &Path, reason: String) -> CheckpointError {
     }
 }
 
+/// Each setting hearth reads, checked for its type on its own so that an error names the
+/// key (serde's message for the whole struct says only "invalid type: string, expected
+/// f64"), and the file checked to be an object at all.
+fn check_field_types(raw: &serde_json::Value) -> std::result::Result<(), String> {
+    use serde::de::DeserializeOwned;
+    fn check<T: DeserializeOwned>(
+        obj: &serde_json::Map<String, serde_json::Value>,
+        key: &str,
+    ) -> std::result::Result<(), String> {
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(()),
+            Some(v) => serde_json::from_value::<T>(v.clone())
+                .map(|_| ())
+                .map_err(|e| format!("`{key}`: {e}")),
+        }
+    }
+    let obj = raw
+        .as_object()
+        .ok_or("expected a JSON object (PEFT's LoraConfig), not this value")?;
+    if obj.get("target_modules").is_some_and(|v| v.is_string()) {
+        return Err(
+            "`target_modules` is a string (a pattern PEFT matches against module \
+                    paths), which hearth does not read: list the modules, e.g. \
+                    [\"q_proj\", \"v_proj\"]"
+                .into(),
+        );
+    }
+    check::<usize>(obj, "r")?;
+    check::<f64>(obj, "lora_alpha")?;
+    check::<f64>(obj, "lora_dropout")?;
+    check::<Vec<String>>(obj, "target_modules")?;
+    check::<bool>(obj, "use_rslora")
+}
+
 /// `dir/adapter_config.json`'s path and its JSON, unchecked.
 fn raw_config(dir: &Path) -> Result<(std::path::PathBuf, serde_json::Value)> {
     let path = dir.join(CONFIG_FILE);
@@ -208,6 +242,7 @@ pub fn read_config(dir: &Path) -> Result<LoraSettings> {
             ));
         }
     }
+    check_field_types(&raw).map_err(|reason| adapter_error(&path, reason))?;
     let mut settings: LoraSettings =
         serde_json::from_value(raw.clone()).map_err(|e| adapter_error(&path, e.to_string()))?;
     settings.layers_to_transform = layers_to_transform(&raw)
@@ -434,6 +469,16 @@ mod tests {
                 r#"{"r":2,"lora_alpha":1,"target_modules":["qq"]}"#,
                 "unknown target module `qq`",
             ),
+            // A value of the wrong type names its key; the file must be an object.
+            (
+                r#"{"r":2,"lora_alpha":"32","target_modules":["q_proj"]}"#,
+                "`lora_alpha`: invalid type: string \"32\"",
+            ),
+            (
+                r#"{"r":2,"lora_alpha":1,"target_modules":"q_proj"}"#,
+                "`target_modules` is a string",
+            ),
+            ("[]", "expected a JSON object"),
         ] {
             std::fs::write(dir.path().join(CONFIG_FILE), json).unwrap();
             let err = read_config(dir.path()).unwrap_err().to_string();

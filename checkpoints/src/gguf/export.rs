@@ -182,7 +182,8 @@ pub fn export_gguf(input: &ExportInput<'_>, ty: ExportType, out: &Path) -> crate
     if c.sliding_windows.iter().any(Option::is_some) {
         return Err(invalid(
             out,
-            "sliding-window attention has no key in llama.cpp's llama architecture",
+            "the model's config.json sets `sliding_window`, which has no key in llama.cpp's \
+             llama architecture",
         ));
     }
     let mut w = GgufWriter::new();

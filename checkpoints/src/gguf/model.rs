@@ -267,8 +267,13 @@ impl GgufModel {
         let heads = self.required("attention.head_count")?;
         let hidden = self.required("embedding_length")?;
         let kv_heads = self.count("attention.head_count_kv")?.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 {
-            return Err(self.err("a head count of 0"));
+        for (key, n) in [
+            ("attention.head_count", heads),
+            ("attention.head_count_kv", kv_heads),
+        ] {
+            if n == 0 {
+                return Err(self.err(format!("`{}` is 0", self.arch_key(key))));
+            }
         }
         let head_dim = self
             .count("attention.key_length")?

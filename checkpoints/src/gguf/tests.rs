@@ -617,6 +617,17 @@ fn models_outside_the_family_and_short_vocabularies_are_refused() {
         .unwrap();
     let m = one_line_error(&path);
     assert!(m.contains("9 tokens") && m.contains("8 rows"), "{m}");
+    // A head count of 0 is named by its key.
+    for key in [
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+    ] {
+        tiny_llama(&[(key, MetaValue::U32(0))])
+            .write(&path)
+            .unwrap();
+        let m = one_line_error(&path);
+        assert!(m.contains(&format!("`{key}` is 0")), "{m}");
+    }
 }
 
 #[test]
