@@ -3510,6 +3510,56 @@ fn pipeline_reports_the_same_whether_a_stage_trained_now_or_was_reused() {
     );
 }
 
+/// A pipeline stopped by a signal says to run it again (`hearth pipeline` has no
+/// `--resume`), and running it again finishes the stage from its checkpoint.
+#[test]
+fn a_stopped_pipeline_says_to_run_it_again_and_that_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
+    let p = tmp.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "set = [\"model.path=\\\"{}\\\"\", \"train.max_steps=100\", \"train.eval_steps=0\"]\n\
+             [[stage]]\nname = \"sft\"\nrecipe = {:?}\n",
+            s(&tmp.path().join("base")),
+            s(&recipe)
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("p");
+    let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["pipeline", s(&p), "--out", s(&out)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("sft/metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline
+        && std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert_eq!(stopped.status.code(), Some(130), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("run the pipeline again with --out") && !last.contains("--resume"),
+        "{stderr}"
+    );
+    let again = hearth(&["pipeline", s(&p), "--out", s(&out)]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(stderr.contains("resuming"), "{stderr}");
+    assert!(out.join("sft/final").is_dir());
+}
+
 #[test]
 fn pipeline_reruns_take_up_what_an_earlier_run_left() {
     let tmp = tempfile::tempdir().unwrap();

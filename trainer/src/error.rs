@@ -11,7 +11,7 @@ pub enum TrainerError {
     Input(String),
     /// Training stopped on a signal after writing a checkpoint; exit with 128 + `signal`.
     #[error(
-        "stopped by {} after step {step}; checkpoint written to {}; continue with --resume",
+        "stopped by {} after step {step}; checkpoint written to {}; {then}",
         crate::signals::name(*signal),
         checkpoint.display()
     )]
@@ -19,6 +19,8 @@ pub enum TrainerError {
         signal: i32,
         step: usize,
         checkpoint: std::path::PathBuf,
+        /// How to go on: `--resume` for a run, the same command for a pipeline's stage.
+        then: String,
     },
     /// The data-parallel process group could not be set up or failed.
     #[error("data parallel: {0}")]

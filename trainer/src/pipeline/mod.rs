@@ -414,7 +414,25 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         if progress && dp.is_main() {
             eprintln!("stage {}/{count}: {name} ({})", i + 1, recipe.train.method);
         }
-        let outcome = run_stage(dp, &recipe, &run_dir, progress)?;
+        // A stage stopped by a signal goes on when the pipeline is run again, which
+        // resumes it from its checkpoint; `--resume` is no flag of `hearth pipeline`.
+        let outcome = run_stage(dp, &recipe, &run_dir, progress).map_err(|e| match e {
+            TrainerError::Interrupted {
+                signal,
+                step,
+                checkpoint,
+                ..
+            } => TrainerError::Interrupted {
+                signal,
+                step,
+                checkpoint,
+                then: format!(
+                    "run the pipeline again with --out {} to continue",
+                    out.display()
+                ),
+            },
+            other => other,
+        })?;
         // The report reads every stage from its metrics.jsonl, as it does one a rerun
         // reuses: a stage's first and last losses as trained are single steps, as logged
         // they are windows of logging_steps, and the same pipeline must report the same

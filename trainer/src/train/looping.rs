@@ -608,6 +608,7 @@ impl<'a> Loop<'a> {
                 signal,
                 step,
                 checkpoint: dir,
+                then: "continue with --resume".into(),
             });
         }
         Ok(())
