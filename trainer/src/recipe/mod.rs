@@ -164,7 +164,9 @@ pub struct TrainSection {
     pub gradient_accumulation_steps: usize,
     /// Stop after this many optimizer steps; 0 means run `num_train_epochs`.
     pub max_steps: usize,
-    pub num_train_epochs: usize,
+    /// Epochs to run when `max_steps` is 0; a fraction runs that share of the last one
+    /// (the steps rounded up, as transformers counts them).
+    pub num_train_epochs: f64,
     /// Global gradient-norm clip; 0 turns clipping off.
     pub max_grad_norm: f64,
     pub logging_steps: usize,
@@ -212,7 +214,7 @@ impl Default for TrainSection {
             per_device_train_batch_size: 8,
             gradient_accumulation_steps: 1,
             max_steps: 0,
-            num_train_epochs: 1,
+            num_train_epochs: 1.0,
             max_grad_norm: 1.0,
             logging_steps: 1,
             progress_seconds: 10.0,
@@ -376,13 +378,19 @@ impl Recipe {
                 t.per_device_train_batch_size, t.gradient_accumulation_steps
             ));
         }
-        if t.max_steps == 0 && t.num_train_epochs == 0 {
+        if !(t.num_train_epochs.is_finite() && t.num_train_epochs >= 0.0) {
+            return bad(format!(
+                "train.num_train_epochs {} must be a number ≥ 0",
+                shown(t.num_train_epochs)
+            ));
+        }
+        if t.max_steps == 0 && t.num_train_epochs == 0.0 {
             return bad("set train.max_steps or train.num_train_epochs".into());
         }
-        if t.num_train_epochs > MAX_EPOCHS {
+        if t.num_train_epochs > MAX_EPOCHS as f64 {
             return bad(format!(
                 "train.num_train_epochs {} must be at most {MAX_EPOCHS}",
-                t.num_train_epochs
+                shown(t.num_train_epochs)
             ));
         }
         // The objective's own checks use the batch sizes, checked above.
@@ -706,7 +714,15 @@ mod tests {
             ),
             (
                 "train.num_train_epochs=9223372036854775807",
-                "train.num_train_epochs 9223372036854775807 must be at most",
+                "train.num_train_epochs 9.223372036854776e18 must be at most",
+            ),
+            (
+                "train.num_train_epochs=nan",
+                "train.num_train_epochs NaN must be a number ≥ 0",
+            ),
+            (
+                "train.num_train_epochs=-0.5",
+                "train.num_train_epochs -0.5 must be a number ≥ 0",
             ),
             ("lora.dropout=nan", "lora.dropout NaN must be in [0, 1)"),
             ("lora.r=0", "lora: LoRA rank `r` must be positive"),

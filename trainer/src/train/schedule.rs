@@ -17,7 +17,8 @@ pub fn lr_factor(kind: LrScheduler, step: usize, warmup: usize, total: usize) ->
     }
 }
 
-/// Optimizer steps of the run and of its warmup: `max_steps`, or every epoch's steps;
+/// Optimizer steps of the run and of its warmup: `max_steps`, or every epoch's steps
+/// (`num_train_epochs` of them, a fraction rounded up);
 /// `warmup_steps`, or `warmup_ratio` of them rounded up.
 pub(super) fn total_and_warmup(
     t: &crate::recipe::TrainSection,
@@ -26,7 +27,8 @@ pub(super) fn total_and_warmup(
     let total = if t.max_steps > 0 {
         t.max_steps
     } else {
-        t.num_train_epochs * steps_per_epoch
+        // A fraction of an epoch is its share of the steps, rounded up (at least one).
+        ((t.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
     };
     let warmup = if t.warmup_steps > 0 {
         t.warmup_steps
@@ -38,8 +40,28 @@ pub(super) fn total_and_warmup(
 
 #[cfg(test)]
 mod tests {
-    use super::lr_factor;
+    use super::{lr_factor, total_and_warmup};
     use crate::choices::LrScheduler;
+
+    /// A fraction of an epoch runs its share of the steps rounded up, as transformers
+    /// counts `num_train_epochs = 0.5`; `max_steps` wins over epochs.
+    #[test]
+    fn fractional_epochs_round_their_steps_up() {
+        let mut t = crate::recipe::TrainSection {
+            max_steps: 0,
+            ..Default::default()
+        };
+        for (epochs, per_epoch, want) in [(0.5, 5, 3), (1.0, 5, 5), (2.5, 4, 10), (0.01, 5, 1)] {
+            t.num_train_epochs = epochs;
+            assert_eq!(
+                total_and_warmup(&t, per_epoch).0,
+                want,
+                "{epochs} × {per_epoch}"
+            );
+        }
+        t.max_steps = 7;
+        assert_eq!(total_and_warmup(&t, 5).0, 7);
+    }
 
     #[test]
     fn schedules_follow_transformers() {
