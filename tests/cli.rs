@@ -2351,7 +2351,7 @@ fn sigterm_sigint_and_sighup_checkpoint_then_exit_with_the_shell_codes() {
 
     for (signal, code) in [("TERM", 143), ("INT", 130), ("HUP", 129)] {
         let b = tmp.path().join(format!("b-{signal}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        let child = common::hup(&mut Command::new(env!("CARGO_BIN_EXE_hearth")), false)
             .args(TinyRun::sft(&base).sets(&extra).out(&b))
             .stderr(std::process::Stdio::piped())
             .spawn()

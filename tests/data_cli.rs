@@ -235,13 +235,16 @@ fn a_signal_while_writing_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
     for (signal, code) in [("INT", 130), ("TERM", 143), ("HUP", 129)] {
         let out = tmp.path().join(format!("rows-{signal}.jsonl"));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(["data", "generate", "--kind", "sft", "--rows", "1000000000"])
-            .arg("--out")
-            .arg(&out)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = common::hup(
+            &mut std::process::Command::new(env!("CARGO_BIN_EXE_hearth")),
+            false,
+        )
+        .args(["data", "generate", "--kind", "sft", "--rows", "1000000000"])
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
         // Wait until rows are on their way to disk.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let writing = || {
@@ -265,4 +268,38 @@ fn a_signal_while_writing_leaves_nothing_behind() {
         assert_eq!(stderr.trim(), format!("stopped by SIG{signal}"));
         assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
     }
+    // Under nohup (SIGHUP ignored) a hangup is ignored still: the writing goes on, and a
+    // TERM then stops it as before.
+    let out = tmp.path().join("rows-nohup.jsonl");
+    let mut child = common::hup(
+        &mut std::process::Command::new(env!("CARGO_BIN_EXE_hearth")),
+        true,
+    )
+    .args(["data", "generate", "--kind", "sft", "--rows", "1000000000"])
+    .arg("--out")
+    .arg(&out)
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while names(tmp.path()).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = |signal: &str, pid: u32| {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    kill("HUP", child.id());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a HUP under nohup stopped it"
+    );
+    kill("TERM", child.id());
+    let done = child.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(143));
+    assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
 }

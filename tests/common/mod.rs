@@ -65,3 +65,19 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
     jsonl(&run.join("metrics.jsonl"))
 }
+
+/// Starts the child with SIGHUP at its default action (`ignore: false`) or ignored, as
+/// `nohup` leaves it: the test's own disposition (a CI job may run under nohup) must not
+/// decide what hearth does.
+#[allow(dead_code)]
+pub fn hup(command: &mut Command, ignore: bool) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let action = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
+    // SAFETY: between fork and exec only `signal`, which is async-signal-safe, runs.
+    unsafe {
+        command.pre_exec(move || {
+            libc::signal(libc::SIGHUP, action);
+            Ok(())
+        })
+    }
+}

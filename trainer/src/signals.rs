@@ -1,4 +1,5 @@
-//! SIGINT, SIGTERM and SIGHUP (what a closed terminal or SSH session sends). The handler only records the signal and wakes a watcher thread;
+//! SIGINT, SIGTERM and SIGHUP (what a closed terminal or SSH session sends; left ignored
+//! under `nohup`). The handler only records the signal and wakes a watcher thread;
 //! what happens next depends on what the process is doing:
 //! - while training ([`hand_to_training`]'s guard lives), the loop notices the signal after the current
 //!   step, writes a checkpoint and returns [`crate::TrainerError::Interrupted`], so the
@@ -44,6 +45,10 @@ pub fn install() {
             return;
         }
         for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // `nohup` ignores SIGHUP so that a run outlives its terminal: kept so.
+            if signal == libc::SIGHUP && ignored(signal) {
+                continue;
+            }
             // SAFETY: the action stores into an atomic and writes one byte to a socket; it
             // allocates and locks nothing.
             let _ = unsafe {
@@ -54,6 +59,16 @@ pub fn install() {
             };
         }
     });
+}
+
+/// Whether `signal` is ignored (set so by whoever started the process).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: reads the current action into a zeroed local; changes nothing.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// Tells the watcher about `signal`; async-signal-safe.
