@@ -62,6 +62,17 @@ fn refuse(out: &Path, reason: String) -> CheckpointError {
 /// or has no directory to go in. Checked before the work, so a mistyped `--out` costs
 /// nothing.
 pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
+    check_output_file_with(out, inputs, true)
+}
+
+/// [`check_output_file`] for an output whose directory the caller makes (if missing) when
+/// it writes, and not before: a folder made at the start would have to be taken away
+/// again on failure, while another process may already be counting on it.
+pub fn check_output_file_to_make(out: &Path, inputs: &[&Path]) -> Result<()> {
+    check_output_file_with(out, inputs, false)
+}
+
+fn check_output_file_with(out: &Path, inputs: &[&Path], parent_must_exist: bool) -> Result<()> {
     let at = resolve(out);
     for input in inputs {
         let input_at = resolve(input);
@@ -87,7 +98,7 @@ pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
         ));
     }
     match at.parent() {
-        Some(parent) if !parent.is_dir() => Err(refuse(
+        Some(parent) if parent_must_exist && !parent.is_dir() => Err(refuse(
             out,
             format!("its directory {} does not exist", parent.display()),
         )),

@@ -157,20 +157,14 @@ fn load_prompts(path: Option<&Path>) -> Result<(String, Vec<Vec<data::Message>>)
 /// Runs `hearth eval counseling`, writes its JSON to `o.out` (and refreshes the report
 /// page of the run the file lands in), and returns the report.
 pub fn run(o: &Options<'_>) -> Result<CounselingReport> {
-    // `RUN/evals/NAME.json` files the results with a run: its folder is made for the first
-    // one, and taken away again if this evaluation fails before writing into it.
-    // (Also when a signal stops it.)
-    let made = match (run_of(o.out), o.out.parent()) {
-        (Some(_), Some(evals)) if !evals.exists() => {
-            Some(checkpoints::pending::MadeDir::create(evals)?)
-        }
-        _ => None,
-    };
-    let report = evaluate(o)?;
-    if let Some(made) = made {
-        made.keep();
-    }
-    Ok(report)
+    evaluate(o)
+}
+
+/// `RUN/evals/NAME.json` files the results with a run: the folder is made for the first
+/// one when it is written, never before, so a failed or stopped evaluation leaves none
+/// behind and never takes away one that another evaluation is about to write into.
+fn files_with_a_run(out: &Path) -> bool {
+    run_of(out).is_some() && out.parent().is_some_and(|evals| !evals.exists())
 }
 
 fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
@@ -213,7 +207,11 @@ fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
     .into_iter()
     .flatten()
     .collect();
-    checkpoints::guard::check_output_file(o.out, &inputs)?;
+    if files_with_a_run(o.out) {
+        checkpoints::guard::check_output_file_to_make(o.out, &inputs)?;
+    } else {
+        checkpoints::guard::check_output_file(o.out, &inputs)?;
+    }
 
     // Every data file is read before any model is loaded, so bad data fails at once.
     let (probe_data, probes) = probes::load(o.probes)?;
@@ -348,6 +346,18 @@ fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
     };
     let json = serde_json::to_string_pretty(&report)
         .map_err(|e| TrainerError::Input(format!("writing the report: {e}")))?;
+    if let Some(evals) = o.out.parent().filter(|_| run_of(o.out).is_some()) {
+        match std::fs::create_dir(evals) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(checkpoints::CheckpointError::Io {
+                    path: evals.to_path_buf(),
+                    source: e,
+                }
+                .into());
+            }
+            _ => {}
+        }
+    }
     checkpoints::write_text(o.out, &format!("{json}\n"))?;
     if let Some(run) = run_of(o.out) {
         crate::report::write_page(&run)?;
