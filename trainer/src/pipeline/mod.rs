@@ -91,10 +91,16 @@ fn located(text: &str, e: &toml::de::Error) -> String {
     let start = span.start.min(text.len());
     let line = text[..start].matches('\n').count() + 1;
     let line_text = text.lines().nth(line - 1).unwrap_or_default();
+    // Only a line that sets a bare key names one: an array's continuation line holds `=`
+    // inside its strings.
     let key = line_text
         .split_once('=')
         .map(|(k, _)| k.trim())
-        .filter(|k| !k.is_empty() && !k.starts_with('['));
+        .filter(|k| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        });
     match key {
         Some(k) => format!("line {line}: `{k}`: {}", e.message()),
         None => format!("line {line}: {}", e.message()),
@@ -108,6 +114,26 @@ pub fn load(path: &Path) -> Result<Pipeline> {
             .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
     let p: Pipeline = toml::from_str(&text)
         .map_err(|e| TrainerError::Input(format!("{}: {}", path.display(), located(&text, &e))))?;
+    for (i, s) in p.stage.iter().enumerate() {
+        if s.recipe.as_os_str().is_empty() {
+            return Err(TrainerError::Input(format!(
+                "{}: stage {} (`{}`): `recipe` is an empty path; name a recipe file",
+                path.display(),
+                i + 1,
+                s.name
+            )));
+        }
+    }
+    if p.report
+        .prompts
+        .as_ref()
+        .is_some_and(|f| f.as_os_str().is_empty())
+    {
+        return Err(TrainerError::Input(format!(
+            "{}: `report.prompts` is an empty path; name a file or leave it out",
+            path.display()
+        )));
+    }
     if p.stage.is_empty() {
         return Err(TrainerError::Input(format!(
             "{}: no [[stage]] to run",
@@ -671,5 +697,21 @@ mod tests {
             substitute("x={first stage}", &vars).unwrap(),
             "x=/runs/p/first stage"
         );
+    }
+
+    /// An error names its line, and the key only where that line sets one: an array's
+    /// continuation line holds `=` inside a string, which is no key.
+    #[test]
+    fn errors_name_the_line_and_a_key_only_where_one_is_set() {
+        let err = |text: &str| {
+            let e = toml::from_str::<Pipeline>(text).unwrap_err();
+            located(text, &e)
+        };
+        let e = err("[report]\nsamples = \"two\"\n[[stage]]\nname = \"a\"\nrecipe = \"r.toml\"\n");
+        assert!(e.starts_with("line 2: `samples`: "), "{e}");
+        let e = err(
+            "[[stage]]\nname = \"a\"\nrecipe = \"r.toml\"\nset = [\n  \"train.max_steps=2\", 5,\n]\n",
+        );
+        assert!(e.starts_with("line 5: invalid type"), "{e}");
     }
 }

@@ -270,7 +270,15 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
 }
 
 /// Keys whose string values are paths, in any section.
-const PATH_KEYS: [&str; 6] = ["path", "train", "eval", "init_from", "model", "adapter"];
+const PATH_KEYS: [&str; 7] = [
+    "path",
+    "train",
+    "eval",
+    "init_from",
+    "model",
+    "adapter",
+    "ref_cache_dir",
+];
 
 /// The first path-valued key (dotted, `[i]` for an array's entry) whose value is an empty
 /// string: read as a path it named nothing, and the error came from far away, naming
@@ -282,6 +290,8 @@ fn empty_path(table: &toml::Table, prefix: &str) -> Option<String> {
             toml::Value::String(s) if s.trim().is_empty() && PATH_KEYS.contains(&k.as_str()) => {
                 Some(key)
             }
+            // `data.columns` maps the user's column names, which may be any word.
+            toml::Value::Table(_) if k == "columns" => None,
             toml::Value::Table(t) => empty_path(t, &format!("{key}.")),
             toml::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
                 item.as_table()
