@@ -4336,6 +4336,40 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         &["bare-rm", "no chat template", "chat_template.jinja"],
     );
     assert!(!o.exists());
+    // One whose template refuses what the win-rate prompts hold (a system turn) is refused
+    // before the replies too, naming the prompt.
+    let strict = tmp.path().join("strict-rm");
+    copy_dir(&bare, &strict);
+    std::fs::write(
+        strict.join("chat_template.jinja"),
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system \
+         role') }}{% endif %}{{ m['content'] }}{% endfor %}",
+    )
+    .unwrap();
+    let with_system = tmp.path().join("with-system.jsonl");
+    std::fs::write(
+        &with_system,
+        "{\"prompt\":[{\"role\":\"system\",\"content\":\"Be kind.\"},{\"role\":\"user\",\"content\":\"hi\"}]}\n",
+    )
+    .unwrap();
+    fails(
+        &[
+            "eval",
+            "counseling",
+            "--model",
+            s(&base),
+            "--against",
+            s(&base),
+            "--reward-model",
+            s(&strict),
+            "--prompts",
+            s(&with_system),
+            "--out",
+            s(&o),
+        ],
+        &["prompt 1 of", "with-system.jsonl", "no system role"],
+    );
+    assert!(!o.exists());
 }
 
 /// An evaluation filed under a run and stopped by a signal leaves no `evals/` folder, as a

@@ -109,6 +109,27 @@ impl RewardScorer {
         Self::prepare(dir, adapter).map(|_| ())
     }
 
+    /// [`check`](Self::check), and each of `prompts` rendered with the model's template as
+    /// it will be scored (followed by a reply), so that a prompt its template refuses fails
+    /// before the replies it would judge are generated. `name(i)` says where prompt `i` came
+    /// from.
+    pub fn check_renders(
+        dir: &Path,
+        adapter: Option<&Path>,
+        prompts: &[Vec<data::Message>],
+        name: &dyn Fn(usize) -> String,
+    ) -> Result<()> {
+        let (template, _) = Self::prepare(dir, adapter)?;
+        for (i, prompt) in prompts.iter().enumerate() {
+            let mut dialogue = prompt.clone();
+            dialogue.push(data::Message::new("assistant", "reply"));
+            template
+                .render(&dialogue, false)
+                .map_err(|e| TrainerError::Input(format!("{}: {e}", name(i))))?;
+        }
+        Ok(())
+    }
+
     fn prepare(
         dir: &Path,
         adapter: Option<&Path>,
