@@ -303,3 +303,32 @@ fn a_signal_while_writing_leaves_nothing_behind() {
     assert_eq!(done.status.code(), Some(143));
     assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
 }
+
+/// `data render` writes JSON Lines under any name but one that promises another format:
+/// `rendered` is fine, `rendered.parquet` is refused before anything is written.
+#[test]
+fn render_takes_any_name_but_another_formats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let input = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/examples/counseling-sft.jsonl");
+    let plain = tmp.path().join("rendered");
+    let parquet = tmp.path().join("rendered.parquet");
+    fn render<'a>(model: &'a Path, input: &'a Path, out: &'a Path) -> [&'a str; 8] {
+        let s = |p: &'a Path| p.to_str().unwrap();
+        [
+            "data",
+            "render",
+            "--tokenizer",
+            s(model),
+            "--input",
+            s(input),
+            "--out",
+            s(out),
+        ]
+    }
+    let render = |out| render(&model, &input, out);
+    succeeds(&render(&plain));
+    assert!(std::fs::read_to_string(&plain).unwrap().lines().count() > 0);
+    fails(&render(&parquet), &["rendered.parquet", "not .parquet"]);
+    assert!(!parquet.exists());
+}

@@ -166,12 +166,17 @@ fn adapter_error(path: &Path, reason: String) -> CheckpointError {
 /// f64"), and the file checked to be an object at all.
 fn check_field_types(raw: &serde_json::Value) -> std::result::Result<(), String> {
     use serde::de::DeserializeOwned;
+    const REQUIRED: [&str; 3] = ["r", "lora_alpha", "target_modules"];
     fn check<T: DeserializeOwned>(
         obj: &serde_json::Map<String, serde_json::Value>,
         key: &str,
     ) -> std::result::Result<(), String> {
         match obj.get(key) {
-            None | Some(serde_json::Value::Null) => Ok(()),
+            None => Ok(()),
+            Some(serde_json::Value::Null) if REQUIRED.contains(&key) => {
+                Err(format!("`{key}` is null; it must be set"))
+            }
+            Some(serde_json::Value::Null) => Ok(()),
             Some(v) => serde_json::from_value::<T>(v.clone())
                 .map(|_| ())
                 .map_err(|e| format!("`{key}`: {e}")),
@@ -243,8 +248,14 @@ pub fn read_config(dir: &Path) -> Result<LoraSettings> {
         }
     }
     check_field_types(&raw).map_err(|reason| adapter_error(&path, reason))?;
+    // An optional setting written as null (PEFT writes null for what it leaves unset)
+    // takes its default.
+    let mut present = raw.clone();
+    if let Some(obj) = present.as_object_mut() {
+        obj.retain(|_, v| !v.is_null());
+    }
     let mut settings: LoraSettings =
-        serde_json::from_value(raw.clone()).map_err(|e| adapter_error(&path, e.to_string()))?;
+        serde_json::from_value(present).map_err(|e| adapter_error(&path, e.to_string()))?;
     settings.layers_to_transform = layers_to_transform(&raw)
         .map_err(|reason| adapter_error(&path, format!("`layers_to_transform`: {reason}")))?;
     if settings.layers_to_transform.is_some() {
@@ -451,6 +462,19 @@ mod tests {
         assert_eq!(read_config(dir.path()).unwrap(), every);
     }
 
+    /// Optional settings written as null take their defaults.
+    #[test]
+    fn null_optional_settings_take_their_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(CONFIG_FILE),
+            r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj"],"lora_dropout":null,"use_rslora":null}"#,
+        )
+        .unwrap();
+        let s = read_config(dir.path()).unwrap();
+        assert_eq!((s.lora_dropout, s.use_rslora, s.scale()), (0.0, false, 2.0));
+    }
+
     #[test]
     fn unsupported_adapters_name_the_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -479,6 +503,10 @@ mod tests {
                 "`target_modules` is a string",
             ),
             ("[]", "expected a JSON object"),
+            (
+                r#"{"r":null,"lora_alpha":1,"target_modules":["q_proj"]}"#,
+                "`r` is null",
+            ),
         ] {
             std::fs::write(dir.path().join(CONFIG_FILE), json).unwrap();
             let err = read_config(dir.path()).unwrap_err().to_string();

@@ -25,19 +25,32 @@ fn refused(out: &Path, reason: &str) -> DataError {
 
 /// Refuses an `out` whose name says another format than the JSON Lines written into it
 /// (`o.parquet` would hold JSON text that every Parquet reader, hearth's included, then
-/// calls damaged). `what` says what is written.
+/// calls damaged). A name without an extension, or with any other, is the user's choice.
+/// `what` says what is written.
 pub fn check_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
+    const OTHER_FORMATS: [&str; 8] = [
+        "parquet",
+        "arrow",
+        "feather",
+        "ipc",
+        "csv",
+        "tsv",
+        "safetensors",
+        "gguf",
+    ];
     let ext = out
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    if matches!(ext.as_str(), "jsonl" | "ndjson" | "json") {
+    if !OTHER_FORMATS.contains(&ext.as_str()) {
         return Ok(());
     }
     Err(DataError::Unsupported {
         path: out.to_path_buf(),
-        reason: format!("{what} are written as JSON Lines only: name the file .jsonl (or .json)"),
+        reason: format!(
+            "{what} are written as JSON Lines, not .{ext}: name the file .jsonl (or .json)"
+        ),
     })
 }
 
