@@ -2554,6 +2554,14 @@ fn diverging_runs_skip_bad_steps_then_stop_naming_the_last_checkpoint() {
         }
     }
     assert!(!run.join("final").exists());
+    // The run that stopped still has its page, showing the step it reached and its
+    // skipped steps, not the last step that logged a loss.
+    let page = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(
+        page.contains(&format!("<td>steps</td><td>{stop}</td>"))
+            && page.contains("<td>skipped steps (non-finite loss or gradient)</td><td>3</td>"),
+        "{page}"
+    );
 }
 
 #[test]

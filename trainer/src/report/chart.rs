@@ -63,8 +63,10 @@ pub fn line_chart(title: &str, series: &[Series]) -> Option<String> {
         y0 = y0.min(y);
         y1 = y1.max(y);
     }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
+    // One step alone sits in the middle, and only its own step is labelled.
+    let single = x1 <= x0;
+    if single {
+        (x0, x1) = (x0 - 0.5, x1 + 0.5);
     }
     if y1 <= y0 {
         let pad = y0.abs().max(1.0) * 0.05;
@@ -92,7 +94,12 @@ pub fn line_chart(title: &str, series: &[Series]) -> Option<String> {
             l = label(y)
         );
     }
-    for (x, anchor) in [(x0, "start"), (x1, "end")] {
+    let ticks = if single {
+        vec![((x0 + x1) / 2.0, "middle")]
+    } else {
+        vec![(x0, "start"), (x1, "end")]
+    };
+    for (x, anchor) in ticks {
         let _ = write!(
             svg,
             r##"<text x="{px}" y="{py}" text-anchor="{anchor}" class="tick">step {l}</text>"##,
@@ -155,5 +162,21 @@ mod tests {
             points: vec![(1.0, f64::INFINITY)],
         };
         assert!(line_chart("Nothing", &[empty]).is_none());
+    }
+
+    /// A single step is labelled once, as itself, in the middle: no step after it that
+    /// never ran.
+    #[test]
+    fn a_single_step_labels_only_itself() {
+        let s = Series {
+            name: "loss".into(),
+            points: vec![(1.0, 2.0)],
+        };
+        let svg = line_chart("Loss", &[s]).unwrap();
+        assert_eq!(svg.matches("class=\"tick\">step ").count(), 1, "{svg}");
+        assert!(
+            svg.contains("text-anchor=\"middle\" class=\"tick\">step 1<"),
+            "{svg}"
+        );
     }
 }

@@ -28,11 +28,24 @@ overflow:auto;font-size:12px;max-height:420px}.note{color:#555;font-size:13px}";
 /// A whole page around `body`.
 pub fn page(title: &str, body: &str) -> String {
     format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{t}</title><style>{STYLE}</style></head><body>\n{body}\n</body></html>\n",
+        "{HEAD_START}{GENERATOR}<title>{t}</title><style>{STYLE}</style></head><body>\n{body}\n\
+         </body></html>\n",
         t = escape(title)
     )
+}
+
+/// How every page hearth writes begins, up to its generator mark and title.
+pub const HEAD_START: &str = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+     <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">";
+
+/// The mark by which a page is known as hearth's, to be rewritten on the next run.
+pub const GENERATOR: &str = "<meta name=\"generator\" content=\"hearth report\">";
+
+/// Whether `text` is a page hearth wrote: it begins as hearth's pages do and carries the
+/// generator mark, or (pages from before the mark) the head straight into a `hearth` title.
+pub fn is_own_page(text: &str) -> bool {
+    text.strip_prefix(HEAD_START)
+        .is_some_and(|rest| rest.starts_with(GENERATOR) || rest.starts_with("<title>hearth "))
 }
 
 /// A table of `rows` under `head` (no header row when `head` is empty).
@@ -54,4 +67,24 @@ pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
     }
     out.push_str("</table>");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// hearth's pages, with the mark or from before it, are its own; a user's page whose
+    /// title merely starts with "hearth" is not.
+    #[test]
+    fn own_pages_are_known_by_their_head() {
+        assert!(is_own_page(&page("hearth run r", "<p>x</p>")));
+        let before_the_mark = format!("{HEAD_START}<title>hearth run r</title><style>");
+        assert!(is_own_page(&before_the_mark));
+        let notes = "<html><head><title>hearth tuning notes</title></head><body>My notes\
+                     </body></html>";
+        assert!(!is_own_page(notes));
+        assert!(!is_own_page(&format!(
+            "{HEAD_START}<title>my notes</title>"
+        )));
+    }
 }

@@ -113,16 +113,30 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
 
     // Summary.
     let last = |key: &str| train.iter().rev().find_map(|l| l.get(key)?.as_f64());
+    // A step whose update was skipped (a NaN or infinite loss or gradient) logs no loss,
+    // but the run reached it.
+    let skipped: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("skipped_step").and_then(Value::as_bool) == Some(true))
+        .collect();
+    let reached = train
+        .iter()
+        .chain(&skipped)
+        .filter_map(|l| l.get("step")?.as_u64())
+        .max();
     let mut summary = vec![
         vec!["method".to_string(), method],
         vec![
             "steps".into(),
-            train
-                .last()
-                .and_then(|l| l.get("step")?.as_u64())
-                .map_or("none yet".into(), |s| s.to_string()),
+            reached.map_or("none yet".into(), |s| s.to_string()),
         ],
     ];
+    if !skipped.is_empty() {
+        summary.push(vec![
+            "skipped steps (non-finite loss or gradient)".into(),
+            skipped.len().to_string(),
+        ]);
+    }
     for (name, key) in [("final loss", "loss"), ("tokens seen", "num_tokens")] {
         if let Some(v) = last(key) {
             summary.push(vec![name.into(), fmt(v)]);
@@ -136,8 +150,9 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
     if let Some(v) = peak {
         summary.push(vec!["peak memory (MiB)".into(), fmt(v)]);
     }
-    if let Some(v) = evals.last().and_then(|l| l.get("eval_loss")?.as_f64()) {
-        summary.push(vec!["final eval_loss".into(), fmt(v)]);
+    // A non-finite value is logged as null: shown as NaN, not left out.
+    if let Some(v) = evals.last().and_then(|l| l.get("eval_loss")) {
+        summary.push(vec!["final eval_loss".into(), shown(v)]);
     }
     if let Some(v) = lines
         .iter()
@@ -205,7 +220,7 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
         let mut cols: Vec<String> = vec!["step".into()];
         for l in &evals {
             for (k, v) in l.as_object().into_iter().flatten() {
-                if k.starts_with("eval_") && v.is_number() && !cols.contains(k) {
+                if k.starts_with("eval_") && (v.is_number() || v.is_null()) && !cols.contains(k) {
                     cols.push(k.clone());
                 }
             }
@@ -214,7 +229,7 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
             .iter()
             .map(|l| {
                 cols.iter()
-                    .map(|c| l.get(c).and_then(Value::as_f64).map_or("–".into(), fmt))
+                    .map(|c| l.get(c).map_or("–".into(), shown))
                     .collect()
             })
             .collect();
@@ -341,13 +356,23 @@ fn counseling_evals(dir: &Path, level: usize) -> String {
     out
 }
 
-/// Whether `path` is free for a report page: missing, or a page hearth wrote (its title
-/// starts with `hearth `). Pages are rewritten on every run, never over a user's file.
+/// A logged value: a number as [`fmt`] shows it, null (how a non-finite value is
+/// logged) as NaN.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::Null => "NaN".into(),
+        v => v.as_f64().map_or("–".into(), fmt),
+    }
+}
+
+/// Whether `path` is free for a report page: missing, or a page hearth wrote (it begins
+/// as hearth's pages do, see [`html::is_own_page`]; a title alone, which a user's notes
+/// may share, is not enough). Pages are rewritten on every run, never over a user's file.
 pub fn page_replaceable(path: &Path) -> bool {
     // A pipe or a device in the page's place is no page of hearth's, and is never read.
     !path.exists()
         || checkpoints::small_file::read_text(path, checkpoints::small_file::TOKENIZER_LIMIT)
-            .is_ok_and(|t| t.contains("<title>hearth "))
+            .is_ok_and(|t| html::is_own_page(&t))
 }
 
 /// Writes a report page, refusing to replace a file of the same name that is not one.
@@ -437,6 +462,32 @@ pub fn write_page(dir: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Skipped steps count as reached and are counted; an evaluation whose loss was not
+    /// finite (logged as null) shows NaN in its column instead of losing the column.
+    #[test]
+    fn skipped_steps_and_non_finite_evaluations_are_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(METRICS_FILE),
+            "{\"loss\":6.25,\"step\":1}\n\
+             {\"step\":2,\"skipped_step\":true}\n\
+             {\"eval_loss\":null,\"eval_mean_token_accuracy\":0.1,\"step\":2}\n\
+             {\"step\":3,\"skipped_step\":true}\n",
+        )
+        .unwrap();
+        let html = run_section(dir.path(), 2).unwrap();
+        assert!(html.contains("<td>steps</td><td>3</td>"), "{html}");
+        assert!(
+            html.contains("<td>skipped steps (non-finite loss or gradient)</td><td>2</td>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<th>eval_loss</th>")
+                && html.contains("<td>final eval_loss</td><td>NaN</td>"),
+            "{html}"
+        );
+    }
 
     #[test]
     fn numbers_keep_their_significant_digits_at_any_size() {

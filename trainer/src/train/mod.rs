@@ -126,9 +126,19 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
             eprintln!("warning: {warning}");
         }
     }
-    let outcome = training.run()?;
+    let outcome = training.run();
+    // The page is written for a run that stopped too (diverged, interrupted, failed): what
+    // it logged is what someone will want to look at. A page that cannot be written then
+    // does not hide why the run stopped.
     if dp.is_main() {
-        crate::report::write_run_page(out)?;
+        match &outcome {
+            Ok(_) => {
+                crate::report::write_run_page(out)?;
+            }
+            Err(_) => {
+                let _ = crate::report::write_run_page(out);
+            }
+        }
     }
-    Ok(outcome)
+    outcome
 }
