@@ -30,7 +30,10 @@ impl CommandReward {
         let v: Value = serde_json::from_str(text.trim())
             .map_err(|e| self.process.fail_at(line, format!("not JSON ({e})")))?;
         let reward = match &v {
-            Value::Object(o) => o.get("reward").cloned().unwrap_or(Value::Null),
+            // A misspelt or missing key is no "does not apply": that is `null`, said so.
+            Value::Object(o) => o.get("reward").cloned().ok_or_else(|| {
+                fail("an object without a `reward` field (write {\"reward\": x}, or null where the reward does not apply)")
+            })?,
             other => other.clone(),
         };
         match reward {
@@ -124,6 +127,15 @@ mod tests {
         let mut bad = CommandReward::spawn("cmd".into(), sh("read l; echo oops"), 10.0).unwrap();
         let e = bad.score(&[s("x")]).unwrap_err().to_string();
         assert!(e.contains("answer line 1") && e.contains("not JSON"), "{e}");
+        // An object whose key is not `reward` is an error, not a reward that does not
+        // apply (every reward was silently 0, and nothing was learned).
+        let mut misnamed =
+            CommandReward::spawn("cmd".into(), sh(r#"read l; echo '{"score": 1}'"#), 10.0).unwrap();
+        let e = misnamed.score(&[s("x")]).unwrap_err().to_string();
+        assert!(
+            e.contains("answer line 1") && e.contains("without a `reward` field"),
+            "{e}"
+        );
 
         // Two lines per question, or a line before the first: the answers read were
         // shifted. The batch fails if the extra line is there by the time its answers
