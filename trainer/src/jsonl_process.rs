@@ -40,6 +40,9 @@ pub struct JsonLinesProcess {
     stdout: ChildStdout,
     /// Output read but not yet taken as answers.
     pending: Vec<u8>,
+    /// How much of `pending` is known to hold no newline: a long answer arrives in many
+    /// reads, and each is searched once, not the whole line again every time.
+    scanned: usize,
     /// Whether stdout has reached its end.
     eof: bool,
     timeout: Duration,
@@ -91,6 +94,7 @@ impl JsonLinesProcess {
             stdin: Some(stdin),
             stdout,
             pending: Vec::new(),
+            scanned: 0,
             eof: false,
             timeout: Duration::from_secs_f64(timeout_s.max(0.001)),
             line: 0,
@@ -240,10 +244,14 @@ impl JsonLinesProcess {
     fn take_lines(&mut self, want: usize, out: &mut Vec<String>) -> Result<()> {
         let mut start = 0;
         while out.len() < want && start < self.pending.len() {
-            let end = match self.pending[start..].iter().position(|&b| b == b'\n') {
-                Some(i) => start + i,
+            let from = start.max(self.scanned);
+            let end = match self.pending[from..].iter().position(|&b| b == b'\n') {
+                Some(i) => from + i,
                 None if self.eof => self.pending.len(),
-                None => break,
+                None => {
+                    self.scanned = self.pending.len();
+                    break;
+                }
             };
             let mut line = &self.pending[start..end];
             if let Some(stripped) = line.strip_suffix(b"\r") {
@@ -257,6 +265,7 @@ impl JsonLinesProcess {
             start = (end + 1).min(self.pending.len());
         }
         self.pending.drain(..start);
+        self.scanned = self.scanned.saturating_sub(start);
         Ok(())
     }
 

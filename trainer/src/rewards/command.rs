@@ -127,6 +127,23 @@ mod tests {
         let mut bad = CommandReward::spawn("cmd".into(), sh("read l; echo oops"), 10.0).unwrap();
         let e = bad.score(&[s("x")]).unwrap_err().to_string();
         assert!(e.contains("answer line 1") && e.contains("not JSON"), "{e}");
+        // An answer that arrives over several reads is one line: the part searched for its
+        // end already is not searched again (long answers took quadratic time).
+        let mut slow = CommandReward::spawn(
+            "cmd".into(),
+            sh("read l; printf '1'; sleep 0.1; printf '    '; sleep 0.1; printf '2\\n'"),
+            10.0,
+        )
+        .unwrap();
+        let e = slow.score(&[s("x")]).unwrap_err().to_string();
+        assert!(e.contains("answer line 1") && e.contains("not JSON"), "{e}");
+        let mut split = CommandReward::spawn(
+            "cmd".into(),
+            sh("read l; printf '1'; sleep 0.1; printf '2'; sleep 0.1; printf '\\n'"),
+            10.0,
+        )
+        .unwrap();
+        assert_eq!(split.score(&[s("x")]).unwrap(), vec![Some(12.0)]);
         // An object whose key is not `reward` is an error, not a reward that does not
         // apply (every reward was silently 0, and nothing was learned).
         let mut misnamed =
