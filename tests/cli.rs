@@ -2334,6 +2334,73 @@ impl TinyRun {
     }
 }
 
+/// A reward program outlives no hearth: killed outright (SIGKILL, which hearth cannot
+/// catch to end it), hearth takes the program with it instead of leaving it to init.
+#[test]
+fn a_reward_program_does_not_outlive_a_killed_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tiny = std::fs::read_to_string(root.join("recipes/tiny-grpo.toml")).unwrap();
+    let head = &tiny[..tiny.find("[[grpo.rewards]]").unwrap()];
+    let pid_file = tmp.path().join("scorer.pid");
+    let recipe = tmp.path().join("hang.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "{head}[[grpo.rewards]]\nkind = \"command\"\ntimeout_s = 100\ncommand = [\"sh\", \"-c\", \
+             \"echo $$ > {}; exec sleep 300\"]\n",
+            s(&pid_file)
+        ),
+    )
+    .unwrap();
+    let base = tmp.path().join("base");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args([
+            "train",
+            s(&recipe),
+            "--out",
+            s(&tmp.path().join("run")),
+            "--set",
+            &format!("model.path={:?}", s(&base)),
+            "--set",
+            &format!(
+                "data.train={:?}",
+                s(&root.join("data/examples/counseling-prompts.jsonl"))
+            ),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let scorer = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scorer never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let live = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !(state.starts_with('Z') || state.starts_with('X'))
+        })
+    };
+    assert!(live(scorer));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while live(scorer) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!live(scorer), "the reward program {scorer} outlived hearth");
+}
+
 #[test]
 fn sigterm_sigint_and_sighup_checkpoint_then_exit_with_the_shell_codes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -60,12 +60,36 @@ impl JsonLinesProcess {
         let program = argv
             .first()
             .ok_or_else(|| TrainerError::Input(format!("{role}: the command is empty")))?;
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(&argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .process_group(0)
+            .process_group(0);
+        // A hearth killed outright (SIGKILL, the OOM killer) cannot kill the program's
+        // group as it does on every other way out: the kernel ends the program then, so
+        // it is not left running, adopted by init. (Programs it started itself are its
+        // own to end when their input closes.)
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: between fork and exec only `prctl` and `getppid`, both
+            // async-signal-safe, run; nothing is allocated.
+            let parent = std::process::id() as libc::pid_t;
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // hearth died before the request took: nothing would kill this one.
+                    if libc::getppid() != parent {
+                        return Err(std::io::ErrorKind::BrokenPipe.into());
+                    }
+                    Ok(())
+                })
+            };
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| TrainerError::Input(format!("cannot start `{program}`: {e}")))?;
         let pipes = match (child.stdin.take(), child.stdout.take()) {
