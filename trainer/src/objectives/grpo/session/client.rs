@@ -120,6 +120,16 @@ impl Client {
             let model = crate::model::with_precision(model, precision);
             (config, ClientWeights::Own(Box::new(model)))
         };
+        // As the counselor's grpo.max_completion_length is held to the policy's context.
+        if section.max_new_tokens > config.max_position_embeddings {
+            return Err(TrainerError::Input(format!(
+                "grpo.client.max_new_tokens {} is more than the client model's context \
+                 (max_position_embeddings {} in {})",
+                section.max_new_tokens,
+                config.max_position_embeddings,
+                dir.display()
+            )));
+        }
         let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size).map_err(bad)?;
         let stop = stop_tokens(dir, &config, &tokenizer);
         Ok(Self::Model(Box::new(ModelClient {
