@@ -294,6 +294,16 @@ fn grpo_on_two_ranks_trains_with_gathered_rewards() {
             assert!((min..=max).contains(&stopped), "{l}");
         }
     }
+    // Input tokens are counted when sampled, as TRL counts them: a step that reuses the
+    // samples (num_iterations 2) adds none.
+    let seen: Vec<u64> = lines
+        .iter()
+        .map(|l| l["num_tokens"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seen[1] == seen[0] && seen[2] > seen[1] && seen[3] == seen[2],
+        "{seen:?}"
+    );
     assert!(run.join("final/adapter_model.safetensors").is_file());
     // Every rank's completions are logged: 2 ranks × 8 per sampling, which is every other
     // step (num_iterations 2) of 4. Rank 0's alone were 16.

@@ -81,6 +81,10 @@ pub struct StepInput<'a> {
 pub struct StepLosses {
     pub outs: Vec<MicroOutput>,
     pub metrics: Metrics,
+    /// The step trains on samples an earlier step drew (GRPO's later `num_iterations`):
+    /// its tokens count toward throughput, not toward `num_tokens`, the input seen, as TRL
+    /// counts them only when it generates.
+    pub reused: bool,
 }
 
 /// A training method. [`super::registry`] maps `train.method` to one.

@@ -395,7 +395,9 @@ impl<'a> Loop<'a> {
             metrics.accumulate(&o.metrics, *share);
             tokens += o.tokens;
         }
-        self.s.seen_tokens += tokens;
+        if !losses.reused {
+            self.s.seen_tokens += tokens;
+        }
         let mut accumulator = GradientsAccumulator::new();
         for (o, share) in losses.outs.into_iter().zip(&shares[all.first_local..]) {
             let grads =

@@ -398,7 +398,8 @@ impl Objective for Grpo {
         let Examples::Prompts(prompts) = cx.examples else {
             return Err(internal("step without prompts"));
         };
-        if input.iteration == 0 || self.rollouts.is_none() {
+        let reused = !(input.iteration == 0 || self.rollouts.is_none());
+        if !reused {
             let r = sampler.rollout(
                 input.dp,
                 &cx.model.valid(),
@@ -433,6 +434,7 @@ impl Objective for Grpo {
             .as_ref()
             .ok_or_else(|| internal("step without samples"))?;
         Ok(StepLosses {
+            reused,
             metrics: r.metrics(),
             outs: sampler.micro_losses(
                 cx.model,
