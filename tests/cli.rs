@@ -2401,6 +2401,57 @@ fn a_reward_program_does_not_outlive_a_killed_run() {
     assert!(!live(scorer), "the reward program {scorer} outlived hearth");
 }
 
+/// A run whose reward program failed before any checkpoint was due resumes by starting
+/// over, and says so (it did so silently, which looked like lost steps).
+#[test]
+fn resuming_a_run_without_a_checkpoint_says_it_starts_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tiny = std::fs::read_to_string(root.join("recipes/tiny-grpo.toml")).unwrap();
+    let head = &tiny[..tiny.find("[[grpo.rewards]]").unwrap()];
+    let broken = tmp.path().join("broken");
+    std::fs::write(&broken, "").unwrap();
+    let recipe = tmp.path().join("flaky.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "{head}[[grpo.rewards]]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \
+             \"test -e {} && exit 3; while read l; do echo 1; done\"]\n",
+            s(&broken)
+        ),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let args = |verb: &str| {
+        vec![
+            "train".to_string(),
+            s(&recipe).into(),
+            verb.into(),
+            s(&run).into(),
+            "--set".into(),
+            format!("model.path={:?}", s(&tmp.path().join("base"))),
+            "--set".into(),
+            format!(
+                "data.train={:?}",
+                s(&root.join("data/examples/counseling-prompts.jsonl"))
+            ),
+            "--set".into(),
+            "train.max_steps=2".into(),
+        ]
+    };
+    let failed = hearth(&args("--out"));
+    assert_eq!(failed.status.code(), Some(1));
+    std::fs::remove_file(&broken).unwrap();
+    let resumed = hearth(&args("--resume"));
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no checkpoint to resume from") && stderr.contains("starting the run over"),
+        "{stderr}"
+    );
+    assert!(run.join("final").is_dir());
+}
+
 #[test]
 fn sigterm_sigint_and_sighup_checkpoint_then_exit_with_the_shell_codes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -65,7 +65,15 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
     let required = state::required_files(recipe.lora.is_some());
     let _signals = crate::signals::hand_to_training();
     let resume_from = if resume {
-        run.resume_point(&required)?
+        let point = run.resume_point(&required)?;
+        if point.is_none() && dp.is_main() {
+            eprintln!(
+                "warning: {}: no checkpoint to resume from (none was due yet: \
+                 train.save_steps); starting the run over",
+                out.display()
+            );
+        }
+        point
     } else {
         None
     };
