@@ -169,8 +169,9 @@ fn replay(name: &str, recipe_text: &str, keys: &[&str], beta: f64) {
     );
 }
 
-const DPO_KEYS: [&str; 8] = [
+const DPO_KEYS: [&str; 9] = [
     "loss",
+    "num_tokens",
     "grad_norm",
     "rewards/chosen",
     "rewards/rejected",
@@ -185,7 +186,7 @@ fn sft_matches_trl_at_every_step() {
     replay(
         "sft",
         &recipe("sft", "sft.jsonl", "init_adapter", ""),
-        &["loss", "grad_norm"],
+        &["loss", "grad_norm", "mean_token_accuracy", "num_tokens"],
         0.0,
     );
 }
