@@ -38,7 +38,7 @@ pub use mode::{
 };
 pub use ops::FusedOps;
 pub use ops::attention::{AttentionOps, attention};
-pub use ops::logprobs::{Head, HeadWeight, LogprobOps, token_entropy, token_logprobs};
+pub use ops::logprobs::{Head, HeadWeight, LogprobOps, mean_logits, token_entropy, token_logprobs};
 pub use ops::lora::{LoraOps, lora_up};
 pub use ops::projection::{FEW_ROWS, ProjectionOps, project};
 pub use ops::quant_matmul::{

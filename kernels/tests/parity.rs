@@ -380,3 +380,20 @@ mod wgpu {
         );
     }
 }
+
+/// The mean logit of each row, as the head's mean row applied to it, against the mean of
+/// the logits themselves: a dense head with a low-rank term.
+#[test]
+fn mean_logits_are_the_mean_of_the_logits() {
+    let device = Device::flex();
+    let (n, h, v, r) = (7, 8, 30, 2);
+    let hidden = tensor(&values(n * h, 21), [n, h], &device, DType::F32);
+    let mut head = Head::new(tensor(&values(v * h, 22), [v, h], &device, DType::F32));
+    head.low_rank = Some((
+        tensor(&values(n * r, 23), [n, r], &device, DType::F32),
+        tensor(&values(v * r, 24), [v, r], &device, DType::F32),
+    ));
+    let got = host(kernels::mean_logits(hidden.clone(), &head, 3));
+    let want = host(head.logits(&hidden, 0, n).mean_dim(1).reshape([n]));
+    assert_close("mean logits", &got, &want, DType::F32);
+}

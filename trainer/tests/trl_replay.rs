@@ -169,9 +169,11 @@ fn replay(name: &str, recipe_text: &str, keys: &[&str], beta: f64) {
     );
 }
 
-const DPO_KEYS: [&str; 9] = [
+const DPO_KEYS: [&str; 11] = [
     "loss",
     "num_tokens",
+    "logits/chosen",
+    "logits/rejected",
     "grad_norm",
     "rewards/chosen",
     "rewards/rejected",

@@ -143,6 +143,56 @@ pub fn token_entropy(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> 
     Tensor::cat(out, 0)
 }
 
+/// The mean over the vocabulary of each row's logits (TRL's `logits/chosen` and
+/// `logits/rejected` average them): a metric, no gradient. The head is linear, so the mean
+/// of `h·w_v` over `v` is `h·w̄` with `w̄` the mean row, and a dense head needs no logits at
+/// all; a quantized one is read `chunk` rows at a time.
+///
+/// `hidden`: `[N, H]`; `head`: `[V, H]`. Returns `[N]`.
+pub fn mean_logits(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> {
+    let [n, _] = hidden.dims();
+    let hidden = hidden.detach().cast(DType::F32);
+    let mut means = match &head.weight {
+        HeadWeight::Dense(w) => {
+            let mean_row = w.clone().detach().cast(DType::F32).mean_dim(0);
+            hidden.clone().matmul(mean_row.transpose()).reshape([n])
+        }
+        HeadWeight::Quantized(q) => {
+            // The low-rank term is added below, for dense and quantized heads alike.
+            let plain = Head::quantized(q.clone());
+            let chunk = chunk.max(1);
+            let mut out = Vec::new();
+            let mut start = 0;
+            while start < n {
+                let len = chunk.min(n - start);
+                out.push(
+                    plain
+                        .logits(&hidden, start, len)
+                        .detach()
+                        .mean_dim(1)
+                        .reshape([len]),
+                );
+                start += len;
+            }
+            if out.is_empty() {
+                return Tensor::zeros([0], &hidden.device());
+            }
+            Tensor::cat(out, 0)
+        }
+    };
+    if let Some((down, up)) = &head.low_rank {
+        let mean_up = up.clone().detach().cast(DType::F32).mean_dim(0);
+        means = means
+            + down
+                .clone()
+                .detach()
+                .cast(DType::F32)
+                .matmul(mean_up.transpose())
+                .reshape([n]);
+    }
+    means
+}
+
 /// Fused [`reference`]: the log-prob of each row's target and whether it is the head's
 /// top token, with a backward that rebuilds each chunk's logits instead of keeping them,
 /// so training holds `[chunk, V]` logits at most, never `[N, V]`. Under a frozen head the

@@ -179,6 +179,7 @@ impl Objective for Dpo {
             rejected: host(|x| x.1),
             chosen_len: policy.chosen_len.clone(),
             rejected_len: policy.rejected_len.clone(),
+            mean_logits: None,
         };
         let s = &self.section;
         Ok(Some(pairs.output(dpo_loss(
@@ -238,12 +239,19 @@ pub fn dpo_loss(
     };
     let chosen_rewards = summed(&policy.chosen, &reference.chosen);
     let rejected_rewards = summed(&policy.rejected, &reference.rejected);
-    let m = preference_metrics(
+    let mut m = preference_metrics(
         &chosen_rewards,
         &rejected_rewards,
         policy.chosen.clone(),
         policy.rejected.clone(),
     );
+    // TRL's DPO averages the logits over the completion tokens, which are the positions
+    // read here. (Its ORPO and CPO average over every position, padding included, which
+    // hearth does not compute, so they log no logits.)
+    if let Some([chosen, rejected]) = policy.mean_logits {
+        m.mean("logits/chosen", chosen);
+        m.mean("logits/rejected", rejected);
+    }
     (loss, m)
 }
 
@@ -327,6 +335,7 @@ mod tests {
             rejected: t(r),
             chosen_len: t(cl),
             rejected_len: t(rl),
+            mean_logits: None,
         }
     }
 

@@ -4,9 +4,9 @@
 use burn::tensor::Tensor;
 use data::tokenize::PairTokens;
 
-use super::Metrics;
 use super::objective::{LossInput, MicroOutput};
 use super::sequences::{halves, sequence_logps};
+use super::{Metrics, values};
 use crate::batch::PairBatch;
 use crate::examples::{Examples, Micro, PairItem};
 use crate::{Result, TrainerError};
@@ -19,6 +19,9 @@ pub struct PairLogps {
     pub rejected: Tensor<1>,
     pub chosen_len: Tensor<1>,
     pub rejected_len: Tensor<1>,
+    /// The policy's mean logit over the vocabulary at its chosen and at its rejected
+    /// completion tokens (a metric; `None` for a reference's).
+    pub mean_logits: Option<[f64; 2]>,
 }
 
 impl PairLogps {
@@ -29,6 +32,7 @@ impl PairLogps {
             rejected: self.rejected.clone().detach(),
             chosen_len: self.chosen_len.clone(),
             rejected_len: self.rejected_len.clone(),
+            mean_logits: self.mean_logits,
         }
     }
 
@@ -77,11 +81,19 @@ impl<'a> Pairs<'a> {
         let lp = sequence_logps(input.model, &self.batch);
         let (c, r) = halves(lp.completion, n);
         let (cl, rl) = halves(self.batch.completion_len.clone(), n);
+        // The mean logit over every chosen (rejected) completion token.
+        let (cs, rs) = halves(lp.completion_logits, n);
+        let mean = |sum: Tensor<1>, len: &Tensor<1>| {
+            let tokens = values(len.clone().sum())[0];
+            values(sum.sum())[0] / tokens.max(1.0)
+        };
+        let mean_logits = Some([mean(cs, &cl), mean(rs, &rl)]);
         let logps = PairLogps {
             chosen: c,
             rejected: r,
             chosen_len: cl,
             rejected_len: rl,
+            mean_logits,
         };
         (logps, lp.all)
     }

@@ -7,14 +7,19 @@ use burn::tensor::{IndexingUpdateOp, Tensor};
 use crate::batch::PairBatch;
 use crate::model::Llama;
 
-/// `[2N]` sums of log-probs per sequence: chosen rows first, then rejected.
+/// `[2N]` sums per sequence: chosen rows first, then rejected.
 pub struct SequenceLogps {
+    /// Log-probs of the completion tokens.
     pub completion: Tensor<1>,
+    /// Log-probs of every predicted token.
     pub all: Tensor<1>,
+    /// Each completion token's mean logit over the vocabulary (no gradient): TRL's
+    /// `logits/chosen` and `logits/rejected` are their means.
+    pub completion_logits: Tensor<1>,
 }
 
 pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
-    let logprobs = super::target_logprobs(
+    let target = super::target_logprobs(
         model,
         batch.ids.clone(),
         batch.positions.clone(),
@@ -22,18 +27,21 @@ pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
         batch.rows.clone(),
         batch.targets.clone(),
         1.0,
-    )
-    .logprobs;
+    );
+    let logprobs = target.logprobs;
+    let mean_logits = kernels::mean_logits(target.rows, &target.head, super::sft::LOGPROB_CHUNK);
     let b = batch.ids.dims()[0];
     let zeros = Tensor::<1>::zeros([b], &logprobs.device());
-    let completion = zeros.clone().select_assign(
-        0,
-        batch.row_seq.clone(),
-        logprobs.clone() * batch.completion.clone(),
-        IndexingUpdateOp::Add,
-    );
-    let all = zeros.select_assign(0, batch.row_seq.clone(), logprobs, IndexingUpdateOp::Add);
-    SequenceLogps { completion, all }
+    let per_sequence = |per_row: Tensor<1>| {
+        zeros
+            .clone()
+            .select_assign(0, batch.row_seq.clone(), per_row, IndexingUpdateOp::Add)
+    };
+    SequenceLogps {
+        completion: per_sequence(logprobs.clone() * batch.completion.clone()),
+        completion_logits: per_sequence(mean_logits * batch.completion.clone()),
+        all: per_sequence(logprobs),
+    }
 }
 
 /// `[2N]` scalar scores from the model's `score` head, read at each sequence's last real
