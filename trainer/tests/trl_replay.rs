@@ -169,9 +169,10 @@ fn replay(name: &str, recipe_text: &str, keys: &[&str], beta: f64) {
     );
 }
 
-const DPO_KEYS: [&str; 11] = [
+const DPO_KEYS: [&str; 12] = [
     "loss",
     "num_tokens",
+    "mean_token_accuracy",
     "logits/chosen",
     "logits/rejected",
     "grad_norm",

@@ -179,7 +179,7 @@ impl Objective for Dpo {
             rejected: host(|x| x.1),
             chosen_len: policy.chosen_len.clone(),
             rejected_len: policy.rejected_len.clone(),
-            mean_logits: None,
+            tokens: None,
         };
         let s = &self.section;
         Ok(Some(pairs.output(dpo_loss(
@@ -246,11 +246,13 @@ pub fn dpo_loss(
         policy.rejected.clone(),
     );
     // TRL's DPO averages the logits over the completion tokens, which are the positions
-    // read here. (Its ORPO and CPO average over every position, padding included, which
-    // hearth does not compute, so they log no logits.)
-    if let Some([chosen, rejected]) = policy.mean_logits {
-        m.mean("logits/chosen", chosen);
-        m.mean("logits/rejected", rejected);
+    // read here, and its token accuracy over the chosen ones. (Its ORPO and CPO average
+    // logits over every position, padding included, which hearth does not compute, so
+    // they log none.)
+    if let Some(t) = policy.tokens {
+        m.mean("logits/chosen", t.chosen_logits);
+        m.mean("logits/rejected", t.rejected_logits);
+        m.mean("mean_token_accuracy", t.chosen_accuracy);
     }
     (loss, m)
 }
@@ -335,7 +337,7 @@ mod tests {
             rejected: t(r),
             chosen_len: t(cl),
             rejected_len: t(rl),
-            mean_logits: None,
+            tokens: None,
         }
     }
 

@@ -61,7 +61,7 @@ fn pairs(chosen: Tensor<1>, rejected: Tensor<1>, len: f64) -> PairLogps {
         rejected,
         chosen_len: constant(&[len]),
         rejected_len: constant(&[len]),
-        mean_logits: None,
+        tokens: None,
     }
 }
 

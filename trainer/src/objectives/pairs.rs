@@ -19,9 +19,20 @@ pub struct PairLogps {
     pub rejected: Tensor<1>,
     pub chosen_len: Tensor<1>,
     pub rejected_len: Tensor<1>,
-    /// The policy's mean logit over the vocabulary at its chosen and at its rejected
-    /// completion tokens (a metric; `None` for a reference's).
-    pub mean_logits: Option<[f64; 2]>,
+    /// The policy's token statistics (metrics; `None` for a reference's).
+    pub tokens: Option<TokenStats>,
+}
+
+/// What TRL's DPO logs of the policy's tokens besides their log-probs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenStats {
+    /// The mean logit over the vocabulary at the chosen completion tokens
+    /// (`logits/chosen`), and at the rejected ones (`logits/rejected`).
+    pub chosen_logits: f64,
+    pub rejected_logits: f64,
+    /// The share of chosen completion tokens that are the head's top token
+    /// (`mean_token_accuracy`).
+    pub chosen_accuracy: f64,
 }
 
 impl PairLogps {
@@ -32,7 +43,7 @@ impl PairLogps {
             rejected: self.rejected.clone().detach(),
             chosen_len: self.chosen_len.clone(),
             rejected_len: self.rejected_len.clone(),
-            mean_logits: self.mean_logits,
+            tokens: self.tokens,
         }
     }
 
@@ -81,19 +92,25 @@ impl<'a> Pairs<'a> {
         let lp = sequence_logps(input.model, &self.batch);
         let (c, r) = halves(lp.completion, n);
         let (cl, rl) = halves(self.batch.completion_len.clone(), n);
-        // The mean logit over every chosen (rejected) completion token.
+        // The mean logit over every chosen (rejected) completion token, and how many chosen
+        // ones were the head's top token.
         let (cs, rs) = halves(lp.completion_logits, n);
         let mean = |sum: Tensor<1>, len: &Tensor<1>| {
             let tokens = values(len.clone().sum())[0];
             values(sum.sum())[0] / tokens.max(1.0)
         };
-        let mean_logits = Some([mean(cs, &cl), mean(rs, &rl)]);
+        let (chosen_hits, _) = halves(lp.completion_hits, n);
+        let tokens = Some(TokenStats {
+            chosen_logits: mean(cs, &cl),
+            rejected_logits: mean(rs, &rl),
+            chosen_accuracy: mean(chosen_hits, &cl),
+        });
         let logps = PairLogps {
             chosen: c,
             rejected: r,
             chosen_len: cl,
             rejected_len: rl,
-            mean_logits,
+            tokens,
         };
         (logps, lp.all)
     }

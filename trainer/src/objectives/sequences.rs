@@ -16,6 +16,8 @@ pub struct SequenceLogps {
     /// Each completion token's mean logit over the vocabulary (no gradient): TRL's
     /// `logits/chosen` and `logits/rejected` are their means.
     pub completion_logits: Tensor<1>,
+    /// How many completion tokens were the head's top token (no gradient).
+    pub completion_hits: Tensor<1>,
 }
 
 pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
@@ -29,6 +31,7 @@ pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
         1.0,
     );
     let logprobs = target.logprobs;
+    let hits = target.hits.float();
     let mean_logits = kernels::mean_logits(target.rows, &target.head, super::sft::LOGPROB_CHUNK);
     let b = batch.ids.dims()[0];
     let zeros = Tensor::<1>::zeros([b], &logprobs.device());
@@ -40,6 +43,7 @@ pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
     SequenceLogps {
         completion: per_sequence(logprobs.clone() * batch.completion.clone()),
         completion_logits: per_sequence(mean_logits * batch.completion.clone()),
+        completion_hits: per_sequence(hits * batch.completion.clone()),
         all: per_sequence(logprobs),
     }
 }
