@@ -100,11 +100,23 @@ pub(super) struct Replies {
 }
 
 impl Replies {
+    /// A reply as the report shows it: control characters a model can emit (NUL, escape
+    /// sequences) are shown as U+FFFD, so the page stays valid HTML and `report.md` does
+    /// not drive the terminal it is printed to.
     pub(super) fn text(&self, c: &Completion) -> String {
         self.tokenizer
             .as_ref()
             .and_then(|t| t.decode(&c.tokens, true).ok())
             .unwrap_or_default()
+            .chars()
+            .map(|ch| {
+                if ch.is_control() && ch != '\n' && ch != '\t' {
+                    '\u{FFFD}'
+                } else {
+                    ch
+                }
+            })
+            .collect()
     }
 }
 
@@ -247,6 +259,26 @@ mod tests {
             tokens: tokens.to_vec(),
             stop: stopped.then_some(0),
         }
+    }
+
+    /// A reply's control characters (a NUL, an escape) reach neither page nor terminal.
+    #[test]
+    fn control_characters_in_replies_are_shown_as_replacements() {
+        use data::tokenizer::{BUNDLED_CORPUS, LLAMA3_SPECIAL_TOKENS, train_bpe};
+        let tokenizer = train_bpe(&[BUNDLED_CORPUS], 400, &LLAMA3_SPECIAL_TOKENS).unwrap();
+        // Byte-level BPE spells the bytes 0x00 and 0x1b as these characters.
+        let id = |t: &str| tokenizer.token_to_id(t).unwrap();
+        let hi = tokenizer.encode("hi", false).unwrap().get_ids().to_vec();
+        let mut tokens = hi.clone();
+        tokens.extend([id("\u{100}"), id("\u{11b}")]);
+        tokens.extend(hi);
+        let replies = Replies {
+            prompts: Vec::new(),
+            base: Vec::new(),
+            stages: Vec::new(),
+            tokenizer: Some(tokenizer),
+        };
+        assert_eq!(replies.text(&reply(&tokens, true)), "hi\u{FFFD}\u{FFFD}hi");
     }
 
     #[test]
