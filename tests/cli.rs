@@ -3601,24 +3601,29 @@ fn pipelines_are_checked_whole_before_any_stage_trains() {
     }
 }
 
-/// A rerun reuses a finished stage however `--out` is spelt, trains a stage that failed
-/// before its first step again (its recipe.toml alone, of another recipe), and the command
-/// line's `--set` wins over a stage's own.
-#[test]
-fn pipeline_reports_the_same_whether_a_stage_trained_now_or_was_reused() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A pipeline file in `tmp` of one stage, `sft` (tiny-sft.toml), with `sets` for all.
+fn sft_pipeline(tmp: &Path, sets: &[&str]) -> PathBuf {
     let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
-    let p = tmp.path().join("p.toml");
+    let mut all = vec![format!("model.path={:?}", s(&tmp.join("base")))];
+    all.extend(sets.iter().map(|x| x.to_string()));
+    let p = tmp.join("p.toml");
     std::fs::write(
         &p,
         format!(
-            "set = [\"model.path=\\\"{}\\\"\", \"train.max_steps=4\", \"train.logging_steps=2\"]\n\
-             [[stage]]\nname = \"sft\"\nrecipe = {:?}\n",
-            s(&tmp.path().join("base")),
+            "set = {}\n[[stage]]\nname = \"sft\"\nrecipe = {:?}\n",
+            toml::Value::from(all),
             s(&recipe)
         ),
     )
     .unwrap();
+    p
+}
+
+/// The report is the same whether a stage was trained now or reused by a rerun.
+#[test]
+fn pipeline_reports_the_same_whether_a_stage_trained_now_or_was_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = sft_pipeline(tmp.path(), &["train.max_steps=4", "train.logging_steps=2"]);
     let out = tmp.path().join("p");
     ok(&["pipeline", s(&p), "--out", s(&out)]);
     let trained = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -3641,18 +3646,7 @@ fn pipeline_reports_the_same_whether_a_stage_trained_now_or_was_reused() {
 #[test]
 fn a_stopped_pipeline_says_to_run_it_again_and_that_finishes_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tiny-sft.toml");
-    let p = tmp.path().join("p.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "set = [\"model.path=\\\"{}\\\"\", \"train.max_steps=100\", \"train.eval_steps=0\"]\n\
-             [[stage]]\nname = \"sft\"\nrecipe = {:?}\n",
-            s(&tmp.path().join("base")),
-            s(&recipe)
-        ),
-    )
-    .unwrap();
+    let p = sft_pipeline(tmp.path(), &["train.max_steps=100", "train.eval_steps=0"]);
     let out = tmp.path().join("p");
     let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(["pipeline", s(&p), "--out", s(&out)])
@@ -3686,6 +3680,9 @@ fn a_stopped_pipeline_says_to_run_it_again_and_that_finishes_it() {
     assert!(out.join("sft/final").is_dir());
 }
 
+/// A rerun reuses a finished stage however `--out` is spelt, trains a stage that failed
+/// before its first step again (its recipe.toml alone, of another recipe), and the command
+/// line's `--set` wins over a stage's own.
 #[test]
 fn pipeline_reruns_take_up_what_an_earlier_run_left() {
     let tmp = tempfile::tempdir().unwrap();
