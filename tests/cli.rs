@@ -2334,71 +2334,128 @@ impl TinyRun {
     }
 }
 
-/// A reward program outlives no hearth: killed outright (SIGKILL, which hearth cannot
-/// catch to end it), hearth takes the program with it instead of leaving it to init.
-#[test]
-fn a_reward_program_does_not_outlive_a_killed_run() {
-    let tmp = tempfile::tempdir().unwrap();
+/// `tiny-grpo.toml` in `tmp` with one command reward, `sh -c SCRIPT` (after it writes its
+/// pid to the returned file), and the arguments to train it on the bundled prompts.
+fn command_reward_run(tmp: &Path, script: &str) -> (Vec<String>, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tiny = std::fs::read_to_string(root.join("recipes/tiny-grpo.toml")).unwrap();
     let head = &tiny[..tiny.find("[[grpo.rewards]]").unwrap()];
-    let pid_file = tmp.path().join("scorer.pid");
-    let recipe = tmp.path().join("hang.toml");
+    let pid_file = tmp.join("scorer.pid");
+    let recipe = tmp.join("command.toml");
+    let command = toml::Value::from(vec![
+        "sh".to_string(),
+        "-c".into(),
+        format!("echo $$ > {}; {script}", s(&pid_file)),
+    ]);
     std::fs::write(
         &recipe,
         format!(
-            "{head}[[grpo.rewards]]\nkind = \"command\"\ntimeout_s = 100\ncommand = [\"sh\", \"-c\", \
-             \"echo $$ > {}; exec sleep 300\"]\n",
-            s(&pid_file)
+            "{head}[[grpo.rewards]]\nkind = \"command\"\ntimeout_s = 100\ncommand = {command}\n"
         ),
     )
     .unwrap();
-    let base = tmp.path().join("base");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args([
-            "train",
-            s(&recipe),
-            "--out",
-            s(&tmp.path().join("run")),
-            "--set",
-            &format!("model.path={:?}", s(&base)),
-            "--set",
-            &format!(
-                "data.train={:?}",
-                s(&root.join("data/examples/counseling-prompts.jsonl"))
-            ),
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let args = vec![
+        "train".to_string(),
+        s(&recipe).into(),
+        "--out".into(),
+        s(&tmp.join("run")).into(),
+        "--set".into(),
+        format!("model.path={:?}", s(&tmp.join("base"))),
+        "--set".into(),
+        format!(
+            "data.train={:?}",
+            s(&root.join("data/examples/counseling-prompts.jsonl"))
+        ),
+    ];
+    (args, pid_file)
+}
+
+/// The pid a program wrote to `file`, once it has.
+fn wait_for_pid(file: &Path) -> u32 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let scorer = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
+    loop {
+        if let Some(pid) = std::fs::read_to_string(file)
             .ok()
             .and_then(|t| t.trim().parse::<u32>().ok())
         {
-            break pid;
+            return pid;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the scorer never started"
+            "the program never started"
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let live = |pid: u32| {
+    }
+}
+
+/// Whether process `pid` is running (not gone, not a zombie), checked for up to `wait`.
+fn still_running(pid: u32, wait: std::time::Duration) -> bool {
+    let live = || {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
             let state = stat.rsplit(')').next().unwrap_or("").trim_start();
             !(state.starts_with('Z') || state.starts_with('X'))
         })
     };
-    assert!(live(scorer));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while live(scorer) && std::time::Instant::now() < deadline {
+    let deadline = std::time::Instant::now() + wait;
+    while live() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert!(!live(scorer), "the reward program {scorer} outlived hearth");
+    live()
+}
+
+/// A reward program outlives no hearth: killed outright (SIGKILL, which hearth cannot
+/// catch to end it), hearth takes the program with it instead of leaving it to init.
+#[test]
+fn a_reward_program_does_not_outlive_a_killed_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (args, pid_file) = command_reward_run(tmp.path(), "exec sleep 300");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let scorer = wait_for_pid(&pid_file);
+    assert!(still_running(scorer, std::time::Duration::ZERO));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !still_running(scorer, std::time::Duration::from_secs(5)),
+        "the reward program {scorer} outlived hearth"
+    );
+}
+
+/// A stop signal while hearth waits on a reward program that takes its time stops the
+/// run at once (it waited up to the program's timeout_s), the program with it.
+#[test]
+fn a_signal_while_waiting_on_a_reward_program_stops_the_run_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (args, pid_file) = command_reward_run(tmp.path(), "while read l; do sleep 60; done");
+    let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scorer = wait_for_pid(&pid_file);
+    // Past the sampling, into the wait for the scores.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("stopped by SIGINT while waiting for a reward or client program"),
+        "{stderr}"
+    );
+    assert!(!still_running(scorer, std::time::Duration::from_secs(5)));
 }
 
 /// A run whose reward program failed before any checkpoint was due resumes by starting
@@ -2406,38 +2463,21 @@ fn a_reward_program_does_not_outlive_a_killed_run() {
 #[test]
 fn resuming_a_run_without_a_checkpoint_says_it_starts_over() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tiny = std::fs::read_to_string(root.join("recipes/tiny-grpo.toml")).unwrap();
-    let head = &tiny[..tiny.find("[[grpo.rewards]]").unwrap()];
     let broken = tmp.path().join("broken");
     std::fs::write(&broken, "").unwrap();
-    let recipe = tmp.path().join("flaky.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "{head}[[grpo.rewards]]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \
-             \"test -e {} && exit 3; while read l; do echo 1; done\"]\n",
+    let (mut started, _) = command_reward_run(
+        tmp.path(),
+        &format!(
+            "test -e {} && exit 3; while read l; do echo 1; done",
             s(&broken)
         ),
-    )
-    .unwrap();
+    );
+    started.extend(["--set".into(), "train.max_steps=2".into()]);
     let run = tmp.path().join("run");
     let args = |verb: &str| {
-        vec![
-            "train".to_string(),
-            s(&recipe).into(),
-            verb.into(),
-            s(&run).into(),
-            "--set".into(),
-            format!("model.path={:?}", s(&tmp.path().join("base"))),
-            "--set".into(),
-            format!(
-                "data.train={:?}",
-                s(&root.join("data/examples/counseling-prompts.jsonl"))
-            ),
-            "--set".into(),
-            "train.max_steps=2".into(),
-        ]
+        let mut a = started.clone();
+        a[2] = verb.into();
+        a
     };
     let failed = hearth(&args("--out"));
     assert_eq!(failed.status.code(), Some(1));

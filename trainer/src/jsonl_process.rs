@@ -186,6 +186,8 @@ impl JsonLinesProcess {
         let mut written = 0;
         let mut out = Vec::with_capacity(questions.len());
         let mut deadline = Instant::now() + self.timeout;
+        // A stop signal during the wait stops the run now, not up to `timeout_s` later.
+        let _waiting = crate::signals::waiting_on_program();
         loop {
             let before = out.len();
             self.take_lines(questions.len(), &mut out)?;

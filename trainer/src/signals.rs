@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 static PENDING: AtomicI32 = AtomicI32::new(0);
 /// How many training loops have taken signals over (several run at once only in tests).
 static TRAINING: AtomicUsize = AtomicUsize::new(0);
+/// How many waits on a reward or client program are under way ([`waiting_on_program`]).
+static WAITING: AtomicUsize = AtomicUsize::new(0);
 /// The write end of the watcher's socket, or -1.
 static WAKE: AtomicI32 = AtomicI32::new(-1);
 static INSTALL: Once = Once::new();
@@ -38,6 +40,9 @@ pub fn install() {
                 while watcher.read_exact(&mut byte).is_ok() {
                     if TRAINING.load(Ordering::SeqCst) == 0 {
                         exit_on(i32::from(byte[0]));
+                    }
+                    if WAITING.load(Ordering::SeqCst) > 0 {
+                        exit_waiting(i32::from(byte[0]));
                     }
                 }
             });
@@ -104,6 +109,40 @@ impl Drop for TrainingSignals {
             }
         }
     }
+}
+
+/// While the returned guard lives (hearth waits on a reward or client program, up to its
+/// `timeout_s`), a stop signal ends the process at once, the program with it, instead of
+/// after the step, which may be minutes away: the run resumes from its last checkpoint.
+/// A signal that came earlier in the step is acted on now.
+pub fn waiting_on_program() -> WaitingOnProgram {
+    WAITING.fetch_add(1, Ordering::SeqCst);
+    let pending = PENDING.load(Ordering::SeqCst);
+    if pending != 0 && TRAINING.load(Ordering::SeqCst) > 0 {
+        wake(pending);
+    }
+    WaitingOnProgram(())
+}
+
+/// See [`waiting_on_program`].
+pub struct WaitingOnProgram(());
+
+impl Drop for WaitingOnProgram {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// [`exit_on`] for a training run stopped while it waited on a program.
+fn exit_waiting(signal: i32) -> ! {
+    checkpoints::pending::abandon_all();
+    crate::jsonl_process::kill_all();
+    eprintln!(
+        "stopped by {} while waiting for a reward or client program; continue from the last \
+         checkpoint with --resume",
+        name(signal)
+    );
+    std::process::exit(128 + signal)
 }
 
 /// Leaves nothing half-written and exits the way a shell reports a signal.
