@@ -328,7 +328,7 @@ pub struct PipelineArgs {
 #[derive(Subcommand)]
 pub enum DataCommand {
     /// Tokenise `{"messages": [...]}` lines with a tokenizer's chat template and write
-    /// `{"input_ids": [...], "assistant_mask": [...]}` lines.
+    /// `{"input_ids": [...], "assistant_masks": [...]}` lines (the keys transformers and TRL use).
     Render(RenderArgs),
     /// Show a data file's format, counts, token lengths and truncation under a tokenizer.
     Inspect(InspectArgs),

@@ -663,7 +663,8 @@ fn data_render_matches_the_template_fixture_and_refuses_bad_lines() {
     assert_eq!(rendered.len(), cases.len());
     for (got, want) in rendered.iter().zip(&cases) {
         assert_eq!(got["input_ids"], want["input_ids"]);
-        assert_eq!(got["assistant_mask"], want["assistant_mask"]);
+        // Under transformers' and TRL's key; the fixture calls it `assistant_mask`.
+        assert_eq!(got["assistant_masks"], want["assistant_mask"]);
     }
 
     // A bad line fails the whole render, names the line, and leaves no output behind.

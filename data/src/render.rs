@@ -124,7 +124,7 @@ pub fn render_jsonl(
                     .map_err(|e| row_error(Some("messages".into()), e.to_string()))?;
                 let line = serde_json::json!({
                     "input_ids": rendered.input_ids,
-                    "assistant_mask": rendered.assistant_mask,
+                    "assistant_masks": rendered.assistant_mask,
                 });
                 writeln!(writer, "{line}").map_err(|source| DataError::Io {
                     path: out.to_path_buf(),
