@@ -255,7 +255,7 @@ pub struct GenerateTextArgs {
     #[arg(long)]
     pub system: Option<String>,
     /// Use a built-in template (llama3, chatml) instead of the model's own.
-    #[arg(long)]
+    #[arg(long, value_parser = TEMPLATES)]
     pub template: Option<String>,
     #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     pub max_new_tokens: usize,
@@ -325,6 +325,9 @@ pub struct PipelineArgs {
     pub set: Vec<String>,
 }
 
+/// The built-in chat templates, as `--template` takes them (a usage error otherwise).
+const TEMPLATES: [&str; 2] = data::template::BUILTIN;
+
 #[derive(Subcommand)]
 pub enum DataCommand {
     /// Tokenise `{"messages": [...]}` lines with a tokenizer's chat template and write
@@ -346,7 +349,7 @@ pub struct InspectArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Format, when detection from the columns is not what you want.
-    #[arg(long)]
+    #[arg(long, value_parser = data::Format::NAMES)]
     pub format: Option<String>,
     /// Rename a column before reading, FROM=TO (repeatable), e.g. question=prompt.
     #[arg(long = "column", value_name = "FROM=TO", value_parser = parse_rename)]
@@ -356,13 +359,13 @@ pub struct InspectArgs {
     #[arg(long)]
     pub max_length: Option<usize>,
     /// keep_start, keep_end or drop [default: keep_start, or a recipe's data.truncation].
-    #[arg(long)]
+    #[arg(long, value_parser = ["keep_start", "keep_end", "drop"])]
     pub truncation: Option<String>,
     /// Count bad rows instead of stopping at the first.
     #[arg(long)]
     pub skip_bad_rows: bool,
     /// Use a built-in template (llama3, chatml) instead of the tokenizer's own.
-    #[arg(long)]
+    #[arg(long, value_parser = TEMPLATES)]
     pub template: Option<String>,
     /// Print the first example, rendered, with its loss-carrying spans marked. Off by
     /// default: counseling data is sensitive.
@@ -374,7 +377,7 @@ pub struct InspectArgs {
 pub struct GenerateArgs {
     /// sft (dialogues), preference (pairs), prompts, or sessions (Cactus-shaped rows with
     /// intake form, attitude and automatic thought, for session-level GRPO).
-    #[arg(long)]
+    #[arg(long, value_parser = ["sft", "preference", "prompts", "sessions"])]
     pub kind: String,
     #[arg(long, default_value_t = 1000)]
     pub rows: usize,
@@ -398,7 +401,7 @@ pub struct RenderArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Use a built-in template (llama3, chatml) instead of the tokenizer's own.
-    #[arg(long)]
+    #[arg(long, value_parser = TEMPLATES)]
     pub template: Option<String>,
     /// Which of several named templates the tokenizer ships (default: "default").
     #[arg(long, conflicts_with = "template")]

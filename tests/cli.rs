@@ -836,17 +836,23 @@ fn data_generate_and_inspect() {
     // The made model ships its template: the bos token is rendered.
     assert!(shown.contains("<|begin_of_text|>"), "{shown}");
 
-    fails(
-        &[
-            "data",
-            "inspect",
-            s(&pairs),
-            "--tokenizer",
-            s(&model),
-            "--truncation",
-            "middle",
-        ],
-        &["unknown truncation `middle`"],
+    // A value outside a flag's choices is a usage error (exit 2), listing them.
+    let out = hearth(&[
+        "data",
+        "inspect",
+        s(&pairs),
+        "--tokenizer",
+        s(&model),
+        "--truncation",
+        "middle",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'middle' for '--truncation")
+            && stderr.contains("keep_start, keep_end, drop"),
+        "{stderr}"
     );
     fails(
         &[

@@ -57,6 +57,20 @@ impl FromStr for Format {
 }
 
 impl Format {
+    /// Every name a format is read by (`conversational` is `messages` too).
+    pub const NAMES: [&'static str; 10] = [
+        "messages",
+        "conversational",
+        "sharegpt",
+        "alpaca",
+        "prompt_completion",
+        "preference",
+        "prompt_only",
+        "psychocounsel",
+        "cactus",
+        "cpsycoun",
+    ];
+
     /// The name recipes and `--format` spell it with.
     pub fn name(self) -> &'static str {
         match self {
