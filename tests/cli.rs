@@ -2436,15 +2436,23 @@ fn a_reward_program_does_not_outlive_a_killed_run() {
 #[test]
 fn a_signal_while_waiting_on_a_reward_program_stops_the_run_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let (args, pid_file) = command_reward_run(tmp.path(), "while read l; do sleep 60; done");
+    let asked = tmp.path().join("asked");
+    let (args, pid_file) = command_reward_run(
+        tmp.path(),
+        &format!("while read l; do touch {}; sleep 60; done", s(&asked)),
+    );
     let child = Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args(&args)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let scorer = wait_for_pid(&pid_file);
-    // Past the sampling, into the wait for the scores.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Once it has been asked, hearth waits for its scores.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !asked.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -2488,6 +2496,8 @@ fn resuming_a_run_without_a_checkpoint_says_it_starts_over() {
     };
     let failed = hearth(&args("--out"));
     assert_eq!(failed.status.code(), Some(1));
+    // Nothing logged, no page: a page would keep a rerun out of the directory.
+    assert!(!run.join("report.html").exists());
     std::fs::remove_file(&broken).unwrap();
     let resumed = hearth(&args("--resume"));
     let stderr = String::from_utf8_lossy(&resumed.stderr);

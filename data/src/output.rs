@@ -28,7 +28,7 @@ fn refused(out: &Path, reason: &str) -> DataError {
 /// calls damaged). A name without an extension, or with any other, is the user's choice.
 /// `what` says what is written.
 pub fn check_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
-    const OTHER_FORMATS: [&str; 8] = [
+    const OTHER_FORMATS: [&str; 14] = [
         "parquet",
         "arrow",
         "feather",
@@ -37,6 +37,13 @@ pub fn check_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
         "tsv",
         "safetensors",
         "gguf",
+        // Compressed: the text is written as it is.
+        "gz",
+        "zst",
+        "bz2",
+        "xz",
+        "zip",
+        "lz4",
     ];
     let ext = out
         .extension()

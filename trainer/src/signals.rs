@@ -112,15 +112,13 @@ impl Drop for TrainingSignals {
 }
 
 /// While the returned guard lives (hearth waits on a reward or client program, up to its
-/// `timeout_s`), a stop signal ends the process at once, the program with it, instead of
-/// after the step, which may be minutes away: the run resumes from its last checkpoint.
-/// A signal that came earlier in the step is acted on now.
+/// `timeout_s`), a stop signal that arrives ends the process at once, the program with it,
+/// instead of after the step, which may be minutes away: the run resumes from its last
+/// checkpoint. A signal that came earlier in the step is left to the step's end, as always
+/// (a prompt program answers in milliseconds, and the step then writes its checkpoint); a
+/// second one while a slow program keeps hearth waiting ends it.
 pub fn waiting_on_program() -> WaitingOnProgram {
     WAITING.fetch_add(1, Ordering::SeqCst);
-    let pending = PENDING.load(Ordering::SeqCst);
-    if pending != 0 && TRAINING.load(Ordering::SeqCst) > 0 {
-        wake(pending);
-    }
     WaitingOnProgram(())
 }
 
@@ -138,8 +136,8 @@ fn exit_waiting(signal: i32) -> ! {
     checkpoints::pending::abandon_all();
     crate::jsonl_process::kill_all();
     eprintln!(
-        "stopped by {} while waiting for a reward or client program; continue from the last \
-         checkpoint with --resume",
+        "stopped by {} while waiting for a reward or client program; --resume continues from \
+         the last checkpoint (or starts over if none was written)",
         name(signal)
     );
     std::process::exit(128 + signal)

@@ -135,17 +135,19 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         }
     }
     let outcome = training.run();
-    // The page is written for a run that stopped too (diverged, interrupted, failed): what
-    // it logged is what someone will want to look at. A page that cannot be written then
-    // does not hide why the run stopped.
+    // The page is written for a run that stopped too (diverged, interrupted, failed), once
+    // it logged a step: what it logged is what someone will want to look at. (One that
+    // logged nothing is a directory a rerun may take, which a page would block.) A page
+    // that cannot be written then does not hide why the run stopped.
     if dp.is_main() {
         match &outcome {
             Ok(_) => {
                 crate::report::write_run_page(out)?;
             }
-            Err(_) => {
+            Err(_) if out.join(checkpoints::run_dir::METRICS_FILE).is_file() => {
                 let _ = crate::report::write_run_page(out);
             }
+            Err(_) => {}
         }
     }
     outcome
