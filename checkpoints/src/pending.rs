@@ -369,15 +369,15 @@ pub fn abandon_all() -> usize {
     removed
 }
 
-/// A folder made for an output that is still to be written (`RUN/evals/` for an
-/// evaluation's first result): taken away again, if nothing else went into it, when the
-/// work fails, unwinds or is stopped by a signal, unless [`keep`](Self::keep) was called.
+/// A folder made to hold an output still to be written (a missing parent of a model
+/// directory's `--out`): taken away again, if nothing else went into it, when the work
+/// fails, unwinds or is stopped by a signal, unless [`keep`](Self::keep) was called.
 #[must_use = "the folder is removed again when this is dropped"]
-pub struct MadeDir(PathBuf);
+struct MadeDir(PathBuf);
 
 impl MadeDir {
     /// Makes `dir` (its parent must exist).
-    pub fn create(dir: &Path) -> Result<Self> {
+    fn create(dir: &Path) -> Result<Self> {
         let mut list = made();
         std::fs::create_dir(dir).map_err(|e| CheckpointError::io(dir, e))?;
         list.push(dir.to_path_buf());
@@ -385,7 +385,7 @@ impl MadeDir {
     }
 
     /// The output went in: the folder stays.
-    pub fn keep(mut self) {
+    fn keep(mut self) {
         made().retain(|d| *d != self.0);
         self.0 = PathBuf::new();
     }
