@@ -10,7 +10,7 @@ use trainer::examples::Examples;
 use trainer::model::{load_model, tensor_specs};
 use trainer::objectives::Objective;
 use trainer::objectives::registry::for_recipe;
-use trainer::objectives::sequences::sequence_logps;
+use trainer::objectives::sequences::{sequence_logps, sequence_logps_and_stats};
 use trainer::recipe::{Recipe, load};
 use trainer::train::data::{Method, Rows, tokenize};
 use trainer::train::{Outcome, setup, train};
@@ -191,8 +191,28 @@ fn the_reference_is_exactly_the_initial_policy() {
         let reference = s.reference.as_ref().unwrap().logps(&refs, pad);
         // The policy as training computes it: on the autodiff device, bit for bit.
         let batch = PairBatch::new(&refs, &[], pad, &device);
-        let policy = sequence_logps(&s.model, &batch).completion;
-        let policy: Vec<f64> = policy.into_data().try_into_vec_as::<f64>().unwrap();
+        let plain = sequence_logps(&s.model, &batch);
+        assert!(
+            plain.stats.is_none(),
+            "a reference's pass reads no statistics"
+        );
+        let with_stats = sequence_logps_and_stats(&s.model, &batch);
+        let hits = with_stats.stats.expect("asked for").hits;
+        let hits: Vec<f64> = hits.into_data().try_into_vec_as::<f64>().unwrap();
+        let lens: Vec<f64> = batch
+            .completion_len
+            .clone()
+            .into_data()
+            .try_into_vec_as()
+            .unwrap();
+        assert!(hits.iter().zip(&lens).all(|(h, l)| *h >= 0.0 && h <= l));
+        let policy: Vec<f64> = plain
+            .completion
+            .into_data()
+            .try_into_vec_as::<f64>()
+            .unwrap();
+        let same: Vec<f64> = with_stats.completion.into_data().try_into_vec_as().unwrap();
+        assert_eq!(policy, same, "statistics leave the log-probs bit for bit");
         let n = refs.len();
         for i in 0..n {
             assert_eq!(reference[i], (policy[i], policy[n + i]), "pair {i}");

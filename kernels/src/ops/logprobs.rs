@@ -125,16 +125,27 @@ pub fn reference(
 ///
 /// `hidden`: `[N, H]`; `head`: `[V, H]`. Returns `[N]`.
 pub fn token_entropy(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> {
+    per_row_of_logits(&hidden, head, chunk, |logits| {
+        let logp = burn::tensor::activation::log_softmax(logits, 1);
+        (logp.clone().exp() * logp).sum_dim(1).neg()
+    })
+}
+
+/// `f` of the head's detached logits, `chunk` rows at a time, `f` reducing each
+/// `[len, V]` chunk to `[len, 1]`: the shape of every per-row metric of the head.
+fn per_row_of_logits(
+    hidden: &Tensor<2>,
+    head: &Head,
+    chunk: usize,
+    f: impl Fn(Tensor<2>) -> Tensor<2>,
+) -> Tensor<1> {
     let [n, _] = hidden.dims();
     let chunk = chunk.max(1);
     let mut out = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = head.logits(&hidden, start, len).detach();
-        let logp = burn::tensor::activation::log_softmax(logits, 1);
-        let entropy = (logp.clone().exp() * logp).sum_dim(1).neg();
-        out.push(entropy.reshape([len]));
+        out.push(f(head.logits(hidden, start, len).detach()).reshape([len]));
         start += len;
     }
     if out.is_empty() {
@@ -160,24 +171,7 @@ pub fn mean_logits(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> {
         HeadWeight::Quantized(q) => {
             // The low-rank term is added below, for dense and quantized heads alike.
             let plain = Head::quantized(q.clone());
-            let chunk = chunk.max(1);
-            let mut out = Vec::new();
-            let mut start = 0;
-            while start < n {
-                let len = chunk.min(n - start);
-                out.push(
-                    plain
-                        .logits(&hidden, start, len)
-                        .detach()
-                        .mean_dim(1)
-                        .reshape([len]),
-                );
-                start += len;
-            }
-            if out.is_empty() {
-                return Tensor::zeros([0], &hidden.device());
-            }
-            Tensor::cat(out, 0)
+            per_row_of_logits(&hidden, &plain, chunk, |logits| logits.mean_dim(1))
         }
     };
     if let Some((down, up)) = &head.low_rank {

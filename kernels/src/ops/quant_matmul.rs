@@ -816,4 +816,36 @@ mod tests {
                 .assert_approx_eq::<f32>(&want_lp, Tolerance::rel_abs(1e-4, 1e-5));
         }
     }
+
+    /// The head's per-row metrics on a quantized head, chunk by chunk, against its
+    /// dequantized twin read whole: the mean logit (with a low-rank term, added outside the
+    /// chunks) and the entropy.
+    #[test]
+    fn a_quantized_heads_mean_logits_and_entropy_match_the_dequantized_head() {
+        use crate::ops::logprobs::{Head, mean_logits, token_entropy};
+        let device = Device::flex();
+        let (n, v, h, r) = (7, 40, 128, 2);
+        let w = weight(v, h, NF4, &device);
+        let low_rank = (input(n, r, &device), input(v, r, &device));
+        let mut dense = Head::new(Tensor::from_data(
+            TensorData::new(w.dense.clone(), [v, h]),
+            &device,
+        ));
+        let mut quantized = Head::quantized(matrix(&w, NF4));
+        dense.low_rank = Some(low_rank.clone());
+        quantized.low_rank = Some(low_rank);
+        let x = input(n, h, &device).mul_scalar(3.0);
+        let tol = Tolerance::rel_abs(1e-4, 1e-5);
+        let want = dense.logits(&x, 0, n).mean_dim(1).reshape([n]).into_data();
+        for chunk in [1, 3, n, 100] {
+            mean_logits(x.clone(), &quantized, chunk)
+                .into_data()
+                .assert_approx_eq::<f32>(&want, tol);
+        }
+        let logp = burn::tensor::activation::log_softmax(dense.logits(&x, 0, n), 1);
+        let want = (logp.clone().exp() * logp).sum_dim(1).neg().reshape([n]);
+        token_entropy(x, &quantized, 3)
+            .into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), tol);
+    }
 }

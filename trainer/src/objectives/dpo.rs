@@ -169,7 +169,7 @@ impl Objective for Dpo {
                 .ok_or_else(|| TrainerError::Input("internal: DPO without a reference".into()))?
                 .logps(&pairs.tokens, input.pad),
         };
-        let (policy, _) = pairs.policy(input);
+        let (policy, _) = pairs.policy_with_stats(input);
         let host = |f: fn(&(f64, f64)) -> f64| {
             let v: Vec<f32> = reference_logps.iter().map(|x| f(x) as f32).collect();
             Tensor::<1>::from_data(TensorData::new(v, [n]), input.device)

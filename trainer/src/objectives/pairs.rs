@@ -5,7 +5,7 @@ use burn::tensor::Tensor;
 use data::tokenize::PairTokens;
 
 use super::objective::{LossInput, MicroOutput};
-use super::sequences::{halves, sequence_logps};
+use super::sequences::{SequenceLogps, halves, sequence_logps, sequence_logps_and_stats};
 use super::{Metrics, values};
 use crate::batch::PairBatch;
 use crate::examples::{Examples, Micro, PairItem};
@@ -88,22 +88,32 @@ impl<'a> Pairs<'a> {
     /// The policy's summed completion log-probs, and every predicted token's summed over
     /// each sequence (`all`, for an NLL over whole sequences).
     pub fn policy(&self, input: &LossInput) -> (PairLogps, Tensor<1>) {
+        self.logps(sequence_logps(input.model, &self.batch))
+    }
+
+    /// [`Self::policy`], with the token statistics TRL's DPO logs.
+    pub fn policy_with_stats(&self, input: &LossInput) -> (PairLogps, Tensor<1>) {
+        self.logps(sequence_logps_and_stats(input.model, &self.batch))
+    }
+
+    fn logps(&self, lp: SequenceLogps) -> (PairLogps, Tensor<1>) {
         let n = self.batch.pairs;
-        let lp = sequence_logps(input.model, &self.batch);
         let (c, r) = halves(lp.completion, n);
         let (cl, rl) = halves(self.batch.completion_len.clone(), n);
         // The mean logit over every chosen (rejected) completion token, and how many chosen
         // ones were the head's top token.
-        let (cs, rs) = halves(lp.completion_logits, n);
-        let mean = |sum: Tensor<1>, len: &Tensor<1>| {
-            let tokens = values(len.clone().sum())[0];
-            values(sum.sum())[0] / tokens.max(1.0)
-        };
-        let (chosen_hits, _) = halves(lp.completion_hits, n);
-        let tokens = Some(TokenStats {
-            chosen_logits: mean(cs, &cl),
-            rejected_logits: mean(rs, &rl),
-            chosen_accuracy: mean(chosen_hits, &cl),
+        let tokens = lp.stats.map(|stats| {
+            let (cs, rs) = halves(stats.logits, n);
+            let mean = |sum: Tensor<1>, len: &Tensor<1>| {
+                let tokens = values(len.clone().sum())[0];
+                values(sum.sum())[0] / tokens.max(1.0)
+            };
+            let (chosen_hits, _) = halves(stats.hits, n);
+            TokenStats {
+                chosen_logits: mean(cs, &cl),
+                rejected_logits: mean(rs, &rl),
+                chosen_accuracy: mean(chosen_hits, &cl),
+            }
         });
         let logps = PairLogps {
             chosen: c,

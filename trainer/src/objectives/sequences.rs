@@ -13,14 +13,31 @@ pub struct SequenceLogps {
     pub completion: Tensor<1>,
     /// Log-probs of every predicted token.
     pub all: Tensor<1>,
-    /// Each completion token's mean logit over the vocabulary (no gradient): TRL's
-    /// `logits/chosen` and `logits/rejected` are their means.
-    pub completion_logits: Tensor<1>,
-    /// How many completion tokens were the head's top token (no gradient).
-    pub completion_hits: Tensor<1>,
+    /// Only when asked for ([`sequence_logps_and_stats`]): a reference's or a metric-less
+    /// objective's pass skips the head's extra product.
+    pub stats: Option<CompletionStats>,
 }
 
+/// `[2N]` sums of metrics over each sequence's completion tokens (no gradient).
+pub struct CompletionStats {
+    /// Each token's mean logit over the vocabulary: TRL's `logits/chosen` and
+    /// `logits/rejected` are their means.
+    pub logits: Tensor<1>,
+    /// How many tokens were the head's top token.
+    pub hits: Tensor<1>,
+}
+
+/// The log-probs alone (a reference, or an objective that logs no token statistics).
 pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
+    read(model, batch, false)
+}
+
+/// The log-probs and the completion tokens' statistics (the policy under DPO).
+pub fn sequence_logps_and_stats(model: &Llama, batch: &PairBatch) -> SequenceLogps {
+    read(model, batch, true)
+}
+
+fn read(model: &Llama, batch: &PairBatch, with_stats: bool) -> SequenceLogps {
     let target = super::target_logprobs(
         model,
         batch.ids.clone(),
@@ -31,8 +48,6 @@ pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
         1.0,
     );
     let logprobs = target.logprobs;
-    let hits = target.hits.float();
-    let mean_logits = kernels::mean_logits(target.rows, &target.head, super::sft::LOGPROB_CHUNK);
     let b = batch.ids.dims()[0];
     let zeros = Tensor::<1>::zeros([b], &logprobs.device());
     let per_sequence = |per_row: Tensor<1>| {
@@ -40,11 +55,18 @@ pub fn sequence_logps(model: &Llama, batch: &PairBatch) -> SequenceLogps {
             .clone()
             .select_assign(0, batch.row_seq.clone(), per_row, IndexingUpdateOp::Add)
     };
+    let stats = with_stats.then(|| {
+        let mean_logits =
+            kernels::mean_logits(target.rows, &target.head, super::sft::LOGPROB_CHUNK);
+        CompletionStats {
+            logits: per_sequence(mean_logits * batch.completion.clone()),
+            hits: per_sequence(target.hits.float() * batch.completion.clone()),
+        }
+    });
     SequenceLogps {
         completion: per_sequence(logprobs.clone() * batch.completion.clone()),
-        completion_logits: per_sequence(mean_logits * batch.completion.clone()),
-        completion_hits: per_sequence(hits * batch.completion.clone()),
         all: per_sequence(logprobs),
+        stats,
     }
 }
 
