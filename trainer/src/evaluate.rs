@@ -91,7 +91,10 @@ impl RewardScorer {
     /// The reward model in `dir` (a classifier checkpoint, or a base with a SEQ_CLS
     /// adapter) on `device`; refused when it has no score head.
     pub fn load(dir: &Path, adapter: Option<&Path>, device: &Device) -> Result<Self> {
-        let (template, tokenizer) = Self::prepare(dir, adapter)?;
+        let TextSide {
+            template,
+            tokenizer,
+        } = Self::prepare(dir, adapter)?;
         let (config, model) = crate::model::load_tuned(dir, adapter, device)?;
         Ok(Self {
             model,
@@ -109,31 +112,9 @@ impl RewardScorer {
         Self::prepare(dir, adapter).map(|_| ())
     }
 
-    /// [`check`](Self::check), and each of `prompts` rendered with the model's template as
-    /// it will be scored (followed by a reply), so that a prompt its template refuses fails
-    /// before the replies it would judge are generated. `name(i)` says where prompt `i` came
-    /// from.
-    pub fn check_renders(
-        dir: &Path,
-        adapter: Option<&Path>,
-        prompts: &[Vec<data::Message>],
-        name: &dyn Fn(usize) -> String,
-    ) -> Result<()> {
-        let (template, _) = Self::prepare(dir, adapter)?;
-        for (i, prompt) in prompts.iter().enumerate() {
-            let mut dialogue = prompt.clone();
-            dialogue.push(data::Message::new("assistant", "reply"));
-            template
-                .render(&dialogue, false)
-                .map_err(|e| TrainerError::Input(format!("{}: {e}", name(i))))?;
-        }
-        Ok(())
-    }
-
-    fn prepare(
-        dir: &Path,
-        adapter: Option<&Path>,
-    ) -> Result<(data::template::ChatTemplate, tokenizers::Tokenizer)> {
+    /// What [`check`](Self::check) reads, kept for the checks that render or tokenise as
+    /// the model will: the tokenizer and template, read once.
+    pub fn prepare(dir: &Path, adapter: Option<&Path>) -> Result<TextSide> {
         if !crate::model::reward_head(dir, adapter)? {
             return Err(TrainerError::Input(format!(
                 "{}: the model has no score head: pass a reward model (a \
@@ -417,16 +398,41 @@ fn pair_rows<'a>(
         .collect()
 }
 
-/// The chat template and tokenizer `dir` (with `adapter`) reads conversations with, found
-/// without loading any weights.
-fn text_side(
-    dir: &Path,
-    adapter: Option<&Path>,
-) -> Result<(data::template::ChatTemplate, tokenizers::Tokenizer)> {
+/// The chat template and tokenizer a model reads conversations with.
+pub struct TextSide {
+    pub template: data::template::ChatTemplate,
+    pub tokenizer: tokenizers::Tokenizer,
+}
+
+impl TextSide {
+    /// Each of `prompts` rendered with the template as a reward model scores it (followed
+    /// by a reply), so that a prompt the template refuses fails before the replies it would
+    /// judge are generated. `name(i)` says where prompt `i` came from.
+    pub fn check_renders(
+        &self,
+        prompts: &[Vec<data::Message>],
+        name: &dyn Fn(usize) -> String,
+    ) -> Result<()> {
+        for (i, prompt) in prompts.iter().enumerate() {
+            let mut dialogue = prompt.clone();
+            dialogue.push(data::Message::new("assistant", "reply"));
+            self.template
+                .render(&dialogue, false)
+                .map_err(|e| TrainerError::Input(format!("{}: {e}", name(i))))?;
+        }
+        Ok(())
+    }
+}
+
+/// The text side of `dir` (with `adapter`), found without loading any weights.
+fn text_side(dir: &Path, adapter: Option<&Path>) -> Result<TextSide> {
     let config = checkpoints::ModelConfig::from_path(dir)?;
     let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size)?;
     let template = template_for_tuned(dir, adapter, TemplateChoice::Shipped(None))?;
-    Ok((template, tokenizer))
+    Ok(TextSide {
+        template,
+        tokenizer,
+    })
 }
 
 /// Pairs tokenised for [`preference_accuracy`], with the rows they came from and their
@@ -439,18 +445,12 @@ struct PairInputs {
     loaded: data::Loaded,
 }
 
-/// Reads, renders and tokenises the pairs in `data_path` as the model in `dir` (with
-/// `adapter`) reads them, and checks their rating columns, without loading any weights.
-fn pair_inputs(
-    dir: &Path,
-    adapter: Option<&Path>,
-    data_path: &Path,
-    max_length: usize,
-) -> Result<PairInputs> {
-    let (template, tokenizer) = text_side(dir, adapter)?;
+/// Reads, renders and tokenises the pairs in `data_path` as a model with `text` reads
+/// them, and checks their rating columns, without loading any weights.
+fn pair_inputs(text: &TextSide, data_path: &Path, max_length: usize) -> Result<PairInputs> {
     let t = Tokenizing {
-        template: &template,
-        tokenizer: &tokenizer,
+        template: &text.template,
+        tokenizer: &text.tokenizer,
         max_length,
         truncation: Truncation::KeepEnd,
     };
@@ -490,17 +490,12 @@ fn pair_inputs(
     })
 }
 
-/// Reads the pairs [`preference_accuracy`] would measure as the reward model in `dir`
-/// (with `adapter`) reads them, refusing a missing file, a row that is not a pair, one
+/// Reads the pairs [`preference_accuracy`] would measure as a reward model with `text`
+/// reads them, refusing a missing file, a row that is not a pair, one
 /// the model's template or tokenizer cannot take, or a rating that is not a number: for a
 /// caller that runs models first, so bad pairs fail before the hours of generating.
-pub(crate) fn check_pairs(
-    dir: &Path,
-    adapter: Option<&Path>,
-    data_path: &Path,
-    max_length: usize,
-) -> Result<()> {
-    pair_inputs(dir, adapter, data_path, max_length).map(|_| ())
+pub(crate) fn check_pairs(text: &TextSide, data_path: &Path, max_length: usize) -> Result<()> {
+    pair_inputs(text, data_path, max_length).map(|_| ())
 }
 
 /// `hearth eval preference`: pairwise accuracy of a reward model (when the model has a
@@ -528,7 +523,7 @@ pub fn preference_accuracy(
         extras,
         counts,
         loaded,
-    } = pair_inputs(model_dir, adapter, data_path, max_length)?;
+    } = pair_inputs(&text_side(model_dir, adapter)?, data_path, max_length)?;
     let extras: Vec<_> = extras.iter().collect();
     let at = |i: usize| format!("{}: {}", data_path.display(), location(&loaded, i));
     let (config, model) = crate::model::load_tuned(model_dir, adapter, device)?;

@@ -228,14 +228,12 @@ fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
     // implicit DPO reward and reported as the reward model's.) The pairs are tokenised as
     // it reads them, so one it cannot take fails now too.
     if let Some(rm) = o.reward_model {
-        RewardScorer::check(rm, o.reward_adapter)?;
+        let text = RewardScorer::prepare(rm, o.reward_adapter)?;
         if win {
-            RewardScorer::check_renders(rm, o.reward_adapter, &prompts, &|i| {
-                format!("prompt {} of {prompt_data}", i + 1)
-            })?;
+            text.check_renders(&prompts, &|i| format!("prompt {} of {prompt_data}", i + 1))?;
         }
         if let Some(pairs) = o.pairs {
-            crate::evaluate::check_pairs(rm, o.reward_adapter, pairs, o.max_length)?;
+            crate::evaluate::check_pairs(&text, pairs, o.max_length)?;
         }
     }
 
