@@ -45,20 +45,36 @@ pub fn check_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
         "zip",
         "lz4",
     ];
-    let ext = out
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let ext = extension(out);
     if !OTHER_FORMATS.contains(&ext.as_str()) {
         return Ok(());
     }
-    Err(DataError::Unsupported {
+    Err(not_jsonl(out, what, &format!("not .{ext}")))
+}
+
+/// [`check_jsonl_name`] for rows written for hearth to read back: its readers tell JSON
+/// Lines by the name, so only `.jsonl`, `.ndjson` or `.json` will do.
+pub fn check_readable_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
+    if matches!(extension(out).as_str(), "jsonl" | "ndjson" | "json") {
+        return Ok(());
+    }
+    Err(not_jsonl(out, what, "only"))
+}
+
+fn extension(out: &Path) -> String {
+    out.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+fn not_jsonl(out: &Path, what: &str, qualifier: &str) -> DataError {
+    DataError::Unsupported {
         path: out.to_path_buf(),
         reason: format!(
-            "{what} are written as JSON Lines, not .{ext}: name the file .jsonl (or .json)"
+            "{what} are written as JSON Lines {qualifier}: name the file .jsonl (or .json)"
         ),
-    })
+    }
 }
 
 /// Refuses `out` if anything is there already (a file, a directory, a link).
@@ -106,6 +122,34 @@ pub(crate) fn write_new<T>(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// Another format's or a compressed name is refused by both rules; a name with no
+    /// extension, or another one, only by the rule for files hearth reads back.
+    #[test]
+    fn json_lines_names_are_checked_loosely_or_for_reading_back() {
+        let err = |r: Result<(), DataError>| r.map_err(|e| e.to_string()).err();
+        for (name, loose, readable) in [
+            ("o.jsonl", None, None),
+            ("O.NDJSON", None, None),
+            ("o.json", None, None),
+            ("o", None, Some("JSON Lines only")),
+            ("o.txt", None, Some("JSON Lines only")),
+            ("o.parquet", Some("not .parquet"), Some("JSON Lines only")),
+            ("o.jsonl.GZ", Some("not .gz"), Some("JSON Lines only")),
+        ] {
+            let out = Path::new(name);
+            let got = err(check_jsonl_name(out, "rows"));
+            assert_eq!(got.is_some(), loose.is_some(), "{name}: {got:?}");
+            let got_readable = err(check_readable_jsonl_name(out, "rows"));
+            assert_eq!(got_readable.is_some(), readable.is_some(), "{name}");
+            for (m, want) in [(got, loose), (got_readable, readable)] {
+                if let (Some(m), Some(want)) = (m, want) {
+                    assert!(m.contains(want) && m.contains(name), "{m}");
+                    assert!(m.contains("rows are written as JSON Lines"), "{m}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_file_appears_only_when_complete_and_never_over_another() {

@@ -360,17 +360,8 @@ pub fn write(
     if n == 0 {
         return Err(refuse("nothing to write: --rows must be at least 1"));
     }
-    // Generated rows are for hearth to read, which tells JSON Lines by the name.
-    let ext = out
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if !matches!(ext.as_str(), "jsonl" | "ndjson" | "json") {
-        return Err(refuse(
-            "generated rows are written as JSON Lines only: name the file .jsonl (or .json)",
-        ));
-    }
+    // Generated rows are for hearth to read.
+    crate::output::check_readable_jsonl_name(out, "generated rows")?;
     crate::output::write_new(out, |writer, out| {
         generate_into(kind, n, seed, writer).map_err(|source| crate::DataError::Io {
             path: out.to_path_buf(),
