@@ -82,38 +82,18 @@ pub struct PipelineReport {
     pub text: String,
 }
 
-/// `e`'s message with the line it points at and, where that line sets a key, the key: a
-/// pipeline is deserialised straight from its text, so the error's span is all it has.
-fn located(text: &str, e: &toml::de::Error) -> String {
-    let Some(span) = e.span() else {
-        return e.message().to_string();
-    };
-    let start = span.start.min(text.len());
-    let line = text[..start].matches('\n').count() + 1;
-    let line_text = text.lines().nth(line - 1).unwrap_or_default();
-    // Only a line that sets a bare key names one: an array's continuation line holds `=`
-    // inside its strings.
-    let key = line_text
-        .split_once('=')
-        .map(|(k, _)| k.trim())
-        .filter(|k| {
-            !k.is_empty()
-                && k.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        });
-    match key {
-        Some(k) => format!("line {line}: `{k}`: {}", e.message()),
-        None => format!("line {line}: {}", e.message()),
-    }
-}
-
 /// Reads a pipeline file.
 pub fn load(path: &Path) -> Result<Pipeline> {
     let text =
         checkpoints::small_file::read_text_or_stream(path, checkpoints::small_file::TEXT_LIMIT)
             .map_err(|e| TrainerError::Input(format!("{}: {e}", path.display())))?;
-    let p: Pipeline = toml::from_str(&text)
-        .map_err(|e| TrainerError::Input(format!("{}: {}", path.display(), located(&text, &e))))?;
+    let p: Pipeline = toml::from_str(&text).map_err(|e| {
+        TrainerError::Input(format!(
+            "{}: {}",
+            path.display(),
+            crate::recipe::located(&text, &e)
+        ))
+    })?;
     for (i, s) in p.stage.iter().enumerate() {
         if s.recipe.as_os_str().is_empty() {
             return Err(TrainerError::Input(format!(
@@ -697,21 +677,5 @@ mod tests {
             substitute("x={first stage}", &vars).unwrap(),
             "x=/runs/p/first stage"
         );
-    }
-
-    /// An error names its line, and the key only where that line sets one: an array's
-    /// continuation line holds `=` inside a string, which is no key.
-    #[test]
-    fn errors_name_the_line_and_a_key_only_where_one_is_set() {
-        let err = |text: &str| {
-            let e = toml::from_str::<Pipeline>(text).unwrap_err();
-            located(text, &e)
-        };
-        let e = err("[report]\nsamples = \"two\"\n[[stage]]\nname = \"a\"\nrecipe = \"r.toml\"\n");
-        assert!(e.starts_with("line 2: `samples`: "), "{e}");
-        let e = err(
-            "[[stage]]\nname = \"a\"\nrecipe = \"r.toml\"\nset = [\n  \"train.max_steps=2\", 5,\n]\n",
-        );
-        assert!(e.starts_with("line 5: invalid type"), "{e}");
     }
 }

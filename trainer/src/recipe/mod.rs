@@ -15,6 +15,8 @@ use crate::objectives::reward::RewardSection;
 use crate::objectives::simpo::SimpoSection;
 use crate::{Result, TrainerError};
 
+mod located;
+pub(crate) use located::located;
 mod overrides;
 use overrides::{apply_override, key_of_error, with_suggestion};
 
@@ -243,12 +245,8 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
 
 /// As [`load`], from text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
-    let mut table: toml::Table = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map_or(0, |s| text[..s.start].matches('\n').count() + 1);
-        TrainerError::Input(format!("{origin}: line {line}: {}", e.message()))
-    })?;
+    let mut table: toml::Table = toml::from_str(text)
+        .map_err(|e| TrainerError::Input(format!("{origin}: {}", located(text, &e))))?;
     for o in overrides {
         apply_override(&mut table, o)?;
     }
