@@ -3,18 +3,40 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::tokenize::Truncation;
 use crate::{Format, LoadOptions};
+
+/// A path a recipe names: every path-valued key reads through this (or
+/// [`optional_named_path`]) with `deserialize_with`. An empty string names nothing, and
+/// read as a path it failed far from the recipe, naming neither it nor the key; refused
+/// here, the recipe's error names the key.
+pub fn named_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let path = PathBuf::deserialize(d)?;
+    if path.to_str().is_some_and(|s| s.trim().is_empty()) {
+        return Err(serde::de::Error::custom(
+            "an empty path names nothing; name a file or directory",
+        ));
+    }
+    Ok(path)
+}
+
+/// [`named_path`] for an optional key.
+pub fn optional_named_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    // A present key is read as a path; TOML has no null, so a value is always given.
+    named_path(d).map(Some)
+}
 
 /// `[data]` in a recipe. Unknown keys are errors, so a typo is never silently ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training data: JSON Lines, JSON, Parquet or Arrow. Paths are used as given.
+    #[serde(deserialize_with = "named_path")]
     pub train: PathBuf,
     /// Evaluation data; without it, `eval_fraction` of the prompts are held out.
+    #[serde(default, deserialize_with = "optional_named_path")]
     pub eval: Option<PathBuf>,
     /// The format (messages, sharegpt, alpaca, prompt_completion, preference, prompt_only,
     /// psychocounsel, cactus, cpsycoun); detected from the columns when absent.

@@ -34,6 +34,7 @@ pub struct DpoSection {
     pub precompute_ref_log_probs: bool,
     /// Where that cache lives (default: `$XDG_CACHE_HOME/hearth/ref-logps`, else
     /// `~/.cache/hearth/ref-logps`).
+    #[serde(deserialize_with = "data::config::optional_named_path")]
     pub ref_cache_dir: Option<PathBuf>,
 }
 

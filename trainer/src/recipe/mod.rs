@@ -74,6 +74,7 @@ impl Default for DistSection {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// A Hugging Face checkpoint directory.
+    #[serde(deserialize_with = "data::config::named_path")]
     pub path: PathBuf,
     /// Make a tiny random model at `path` first if none is there (CPU smoke runs).
     #[serde(default)]
@@ -116,6 +117,7 @@ pub struct LoraSection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers_to_transform: Option<Vec<usize>>,
     /// Start from an existing PEFT adapter instead of a fresh one.
+    #[serde(default, deserialize_with = "data::config::optional_named_path")]
     pub init_from: Option<PathBuf>,
 }
 
@@ -250,11 +252,6 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     for o in overrides {
         apply_override(&mut table, o)?;
     }
-    if let Some(key) = empty_path(&table, "") {
-        return Err(TrainerError::Input(format!(
-            "{origin}: `{key}` is an empty path; name a file or directory"
-        )));
-    }
     let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
         let message = with_suggestion(e.message());
         // A named choice's message already starts with its key.
@@ -265,39 +262,6 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     })?;
     recipe.validate(origin)?;
     Ok(recipe)
-}
-
-/// Keys whose string values are paths, in any section.
-const PATH_KEYS: [&str; 7] = [
-    "path",
-    "train",
-    "eval",
-    "init_from",
-    "model",
-    "adapter",
-    "ref_cache_dir",
-];
-
-/// The first path-valued key (dotted, `[i]` for an array's entry) whose value is an empty
-/// string: read as a path it named nothing, and the error came from far away, naming
-/// neither the recipe nor the key.
-fn empty_path(table: &toml::Table, prefix: &str) -> Option<String> {
-    table.iter().find_map(|(k, v)| {
-        let key = format!("{prefix}{k}");
-        match v {
-            toml::Value::String(s) if s.trim().is_empty() && PATH_KEYS.contains(&k.as_str()) => {
-                Some(key)
-            }
-            // `data.columns` maps the user's column names, which may be any word.
-            toml::Value::Table(_) if k == "columns" => None,
-            toml::Value::Table(t) => empty_path(t, &format!("{key}.")),
-            toml::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
-                item.as_table()
-                    .and_then(|t| empty_path(t, &format!("{key}[{i}].")))
-            }),
-            _ => None,
-        }
-    })
 }
 
 /// A number as a message shows it: in full, or in exponent form when it is huge.
@@ -551,6 +515,52 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[lora]\n";
+
+    /// Every path-valued key, set to an empty (or blank) string in the file or with
+    /// `--set`, is refused naming itself; an empty string elsewhere (a column's new name) is
+    /// not a path and is left to its own checks.
+    #[test]
+    fn an_empty_path_is_refused_naming_its_key() {
+        let grpo = "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[lora]\n[train]\n\
+                    method = \"grpo\"\n[grpo]\nnum_generations = 2\n[[grpo.rewards]]\n\
+                    kind = \"reward_model\"\nmodel = \"rm\"\n";
+        for (text, set, key) in [
+            (MINIMAL, "model.path=\"\"", "`model.path`"),
+            (MINIMAL, "data.train=\" \"", "`data.train`"),
+            (MINIMAL, "data.eval=\"\"", "`data.eval`"),
+            (MINIMAL, "lora.init_from=\"\"", "`lora.init_from`"),
+            (MINIMAL, "dpo.ref_cache_dir=\"\"", "`dpo.ref_cache_dir`"),
+            (grpo, "grpo.rewards.0.model=\"\"", "`grpo.rewards.0.model`"),
+            (
+                grpo,
+                "grpo.rewards.0.adapter=\"\"",
+                "`grpo.rewards.0.adapter`",
+            ),
+            (grpo, "grpo.client.path=\"\"", "`grpo.client.path`"),
+            (grpo, "grpo.client.adapter=\"\"", "`grpo.client.adapter`"),
+        ] {
+            let e = parse(text, "r.toml", &[set.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("r.toml: {key}: an empty path names nothing")),
+                "{set}: {e}"
+            );
+        }
+        let e = parse(
+            "[model]\npath = \"\"\n[data]\ntrain = \"d\"\n",
+            "r.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`model.path`: an empty path"), "{e}");
+        let e = parse(MINIMAL, "r.toml", &["data.columns.q=\"\"".to_string()])
+            .map_err(|e| e.to_string())
+            .err()
+            .unwrap_or_default();
+        assert!(!e.contains("empty path"), "{e}");
+    }
 
     #[test]
     fn defaults_overrides_and_round_trip() {

@@ -66,7 +66,9 @@ pub struct RewardSpec {
     pub min_words: Option<usize>,
     pub max_words: Option<usize>,
     /// `reward_model`: a `*ForSequenceClassification` checkpoint, or a base with `adapter`.
+    #[serde(default, deserialize_with = "data::config::optional_named_path")]
     pub model: Option<std::path::PathBuf>,
+    #[serde(default, deserialize_with = "data::config::optional_named_path")]
     pub adapter: Option<std::path::PathBuf>,
     /// `command`: the program and its arguments, run without a shell.
     pub command: Option<Vec<String>>,

@@ -27,8 +27,10 @@ pub struct ClientSection {
     /// `model` (a checkpoint, by default the frozen base) or `command`.
     pub kind: String,
     /// `model`: the client's checkpoint (HF directory or GGUF); the frozen base when unset.
+    #[serde(deserialize_with = "data::config::optional_named_path")]
     pub path: Option<PathBuf>,
     /// `model`: a PEFT adapter on `path`.
+    #[serde(deserialize_with = "data::config::optional_named_path")]
     pub adapter: Option<PathBuf>,
     /// `model`: the client's system prompt, with `{column}` placeholders filled from the
     /// row (`{{` and `}}` are literal braces). Unset: a bundled default built from the
