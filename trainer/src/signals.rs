@@ -19,6 +19,8 @@ static PENDING: AtomicI32 = AtomicI32::new(0);
 static TRAINING: AtomicUsize = AtomicUsize::new(0);
 /// How many waits on a reward or client program are under way ([`waiting_on_program`]).
 static WAITING: AtomicUsize = AtomicUsize::new(0);
+/// How many signals the watcher has acted on (or let be): so a test knows when it has.
+static SEEN: AtomicUsize = AtomicUsize::new(0);
 /// The write end of the watcher's socket, or -1.
 static WAKE: AtomicI32 = AtomicI32::new(-1);
 static INSTALL: Once = Once::new();
@@ -44,6 +46,7 @@ pub fn install() {
                     if WAITING.load(Ordering::SeqCst) > 0 {
                         exit_waiting(i32::from(byte[0]));
                     }
+                    SEEN.fetch_add(1, Ordering::SeqCst);
                 }
             });
         if spawned.is_err() {
@@ -166,5 +169,76 @@ pub fn name(signal: i32) -> &'static str {
         libc::SIGTERM => "SIGTERM",
         libc::SIGHUP => "SIGHUP",
         _ => "a signal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Which scene [`child`] plays, in a process of its own: signals reach the whole
+    /// process, and this test binary's other tests train.
+    const SCENE: &str = "HEARTH_SIGNALS_SCENE";
+
+    /// In training, a stop signal that came before hearth began waiting on a program is
+    /// left to the step's end (the loop takes it); one that comes during the wait ends the
+    /// process at once with 128 + the signal.
+    #[test]
+    fn a_signal_ends_a_wait_on_a_program_only_if_it_comes_during_the_wait() {
+        if let Some(scene) = std::env::var_os(SCENE) {
+            child(scene.to_str().unwrap_or_default());
+            return;
+        }
+        let run = |scene: &str| {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "signals::tests::a_signal_ends_a_wait_on_a_program_only_if_it_comes_during_the_wait",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(SCENE, scene)
+                .output()
+                .unwrap()
+        };
+        let before = run("before");
+        let out = String::from_utf8_lossy(&before.stdout);
+        assert!(before.status.success(), "{before:?}");
+        assert!(out.contains("left to the step: SIGTERM"), "{out}");
+        let during = run("during");
+        let err = String::from_utf8_lossy(&during.stderr);
+        assert_eq!(
+            during.status.code(),
+            Some(128 + libc::SIGTERM),
+            "{during:?}"
+        );
+        assert!(err.contains("stopped by SIGTERM while waiting"), "{err}");
+        assert!(!String::from_utf8_lossy(&during.stdout).contains("still running"));
+    }
+
+    fn child(scene: &str) {
+        let _training = hand_to_training();
+        // Until the watcher has acted on the signal.
+        let raise_and_settle = || {
+            let seen = SEEN.load(Ordering::SeqCst);
+            // SAFETY: sends this process a signal whose handler is installed above.
+            unsafe { libc::raise(libc::SIGTERM) };
+            let start = Instant::now();
+            while SEEN.load(Ordering::SeqCst) == seen && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        if scene == "before" {
+            raise_and_settle();
+            let waiting = waiting_on_program();
+            std::thread::sleep(Duration::from_millis(200));
+            drop(waiting);
+            println!("left to the step: {}", take().map_or("none", name));
+        } else {
+            let _waiting = waiting_on_program();
+            raise_and_settle();
+            println!("still running");
+        }
     }
 }
