@@ -124,10 +124,10 @@ fn linear_ce(fused_path: bool, small: bool) -> serde_json::Value {
         let hidden = filled([n, h], 13, &ad).require_grad();
         let head = Head::new(weight.clone());
         let lp = if fused_path {
-            fused::token_logprobs(hidden.clone(), &head, targets.clone(), 1024).0
+            fused::token_logprobs(hidden.clone(), &head, targets.clone(), 1024).logprobs
         } else {
             // What an unfused stack does: the full [tokens, vocab] logits at once.
-            reference::token_logprobs(hidden.clone(), &head, targets.clone(), n).0
+            reference::token_logprobs(hidden.clone(), &head, targets.clone(), n).logprobs
         };
         let grads = lp.neg().mean().backward();
         settle(hidden.grad(&grads).expect("dh"));

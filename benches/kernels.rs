@@ -85,9 +85,9 @@ fn bench_ops(c: &mut Criterion) {
         };
         let logprobs = |h: Tensor<2>, head: &Head, t: Tensor<1, Int>| {
             if is_fused {
-                fused::token_logprobs(h, head, t, CHUNK).0
+                fused::token_logprobs(h, head, t, CHUNK).logprobs
             } else {
-                reference::token_logprobs(h, head, t, CHUNK).0
+                reference::token_logprobs(h, head, t, CHUNK).logprobs
             }
         };
 
@@ -238,9 +238,9 @@ fn logprob_peak_at_llama3_vocab(_c: &mut Criterion) {
         let start = NOW.load(Ordering::Relaxed);
         PEAK.store(start, Ordering::Relaxed);
         let lp = if is_fused {
-            fused::token_logprobs(h.clone(), &head, t.clone(), CHUNK).0
+            fused::token_logprobs(h.clone(), &head, t.clone(), CHUNK).logprobs
         } else {
-            reference::token_logprobs(h.clone(), &head, t.clone(), CHUNK).0
+            reference::token_logprobs(h.clone(), &head, t.clone(), CHUNK).logprobs
         };
         let grads = lp.sum().backward();
         settle(h.grad(&grads).expect("dh"));

@@ -113,6 +113,7 @@ mod tests {
         // Reference: full logits on the host.
         let mut want = Vec::new();
         let mut want_hits = Vec::new();
+        let mut want_entropy = Vec::new();
         for i in 0..n {
             let logits: Vec<f32> = (0..v)
                 .map(|k| (0..h).map(|c| hidden[i * h + c] * head[k * h + c]).sum())
@@ -123,19 +124,30 @@ mod tests {
             want.push(logits[t] - lse);
             let top = (0..v).fold(0, |best, k| if logits[k] > logits[best] { k } else { best });
             want_hits.push((top == t) as i64);
+            want_entropy.push(
+                logits
+                    .iter()
+                    .map(|l| -(l - lse).exp() * (l - lse))
+                    .sum::<f32>(),
+            );
         }
         for chunk in [1, 3, 7, 100] {
             let ids =
                 Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n]), &Device::flex());
-            let (lp, hits) = token_logprobs(
+            let rows = token_logprobs(
                 tensor(&hidden, [n, h]),
                 &Head::new(tensor(&head, [v, h])),
                 ids,
                 chunk,
             );
+            let (lp, hits) = (rows.logprobs, rows.hits);
             let lp = lp.into_data().try_into_vec_as::<f32>().unwrap();
             for (a, b) in lp.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "chunk {chunk}: {a} vs {b}");
+            }
+            let entropy = rows.entropy.into_data().try_into_vec_as::<f32>().unwrap();
+            for (a, b) in entropy.iter().zip(&want_entropy) {
+                assert!((a - b).abs() < 1e-5, "chunk {chunk}: entropy {a} vs {b}");
             }
             assert_eq!(
                 hits.into_data().try_into_vec_as::<i64>().unwrap(),
@@ -239,9 +251,9 @@ mod tests {
             &Device::flex(),
         );
         let host = |t: Tensor<1>| t.into_data().try_into_vec_as::<f32>().unwrap();
-        let want = host(token_logprobs(hidden.clone(), &merged, targets.clone(), 5).0);
+        let want = host(token_logprobs(hidden.clone(), &merged, targets.clone(), 5).logprobs);
         for chunk in [1, 2, 5] {
-            let got = host(token_logprobs(hidden.clone(), &split, targets.clone(), chunk).0);
+            let got = host(token_logprobs(hidden.clone(), &split, targets.clone(), chunk).logprobs);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "chunk {chunk}: {g} vs {w}");
             }

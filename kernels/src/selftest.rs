@@ -333,8 +333,8 @@ impl Case {
                     logprobs(device, dtype, dims, true, false),
                     logprobs(device, dtype, dims, false, false),
                 );
-                let names = ["log-probs", "hits", "dh", "dw", "d_down", "d_up"];
-                add(&names[..g.len()], g, w, &[dtype; 6]);
+                let names = ["log-probs", "hits", "entropy", "dh", "dw", "d_down", "d_up"];
+                add(&names[..g.len()], g, w, &[dtype; 7]);
             }
             Case::FrozenHead { n, h, v, chunk } => {
                 let dims = (n, h, v, 0, chunk);
@@ -342,7 +342,7 @@ impl Case {
                     logprobs(device, dtype, dims, true, true),
                     logprobs(device, dtype, dims, false, true),
                 );
-                add(&["log-probs", "hits", "dh"], g, w, &[dtype; 3]);
+                add(&["log-probs", "hits", "entropy", "dh"], g, w, &[dtype; 4]);
             }
             Case::Attention { .. } => {
                 let (g, w) = (
@@ -379,7 +379,7 @@ impl Case {
                     quant_head(device, dtype, dims, true),
                     quant_head(device, dtype, dims, false),
                 );
-                add(&["log-probs", "hits", "dh"], g, w, &[dtype; 3]);
+                add(&["log-probs", "hits", "entropy", "dh"], g, w, &[dtype; 4]);
             }
         }
         let counts = Counts::now().since(&before);
@@ -623,15 +623,16 @@ fn logprobs(
     };
     let tv: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 5) % v as i64).collect();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(tv, [n]), device);
-    let (lp, hits) = if fused_path {
+    let rows = if fused_path {
         fused::token_logprobs(hidden.clone(), &head, targets, chunk)
     } else {
         reference::token_logprobs(hidden.clone(), &head, targets, chunk)
     };
-    let grads = probe(lp.clone(), 15).backward();
+    let grads = probe(rows.logprobs.clone(), 15).backward();
     let mut out = vec![
-        host(lp),
-        host(hits.float()),
+        host(rows.logprobs),
+        host(rows.hits.float()),
+        host(rows.entropy),
         grad(&hidden, &grads, "hidden"),
     ];
     if frozen {
@@ -799,7 +800,7 @@ fn quant_head(
     let hidden = tensor(&values(n * h, 55), [n, h], device, dtype).require_grad();
     let tv: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 5) % v as i64).collect();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(tv, [n]), device);
-    let (lp, hits) = if fused_path {
+    let rows = if fused_path {
         let head = Head::quantized(crate::QuantMatrix {
             packed,
             scales,
@@ -812,10 +813,11 @@ fn quant_head(
         let head = Head::new(tensor(&dense, [v, h], device, DType::F32));
         reference::token_logprobs(hidden.clone().cast(DType::F32), &head, targets, chunk)
     };
-    let grads = probe(lp.clone(), 56).backward();
+    let grads = probe(rows.logprobs.clone(), 56).backward();
     vec![
-        host(lp),
-        host(hits.float()),
+        host(rows.logprobs),
+        host(rows.hits.float()),
+        host(rows.entropy),
         grad(&hidden, &grads, "hidden"),
     ]
 }
@@ -897,8 +899,8 @@ mod tests {
             let want = match case.op() {
                 "rms_norm" | "swiglu" => 3,
                 "rotary" | "quant_matmul" => 2,
-                "quant_head_logprobs" | "frozen_head_logprobs" => 3,
-                "token_logprobs" => 4 + 2 * usize::from(report.outputs.len() > 4),
+                "quant_head_logprobs" | "frozen_head_logprobs" => 4,
+                "token_logprobs" => 5 + 2 * usize::from(report.outputs.len() > 5),
                 _ => 4,
             };
             assert_eq!(report.outputs.len(), want, "{report}");

@@ -67,11 +67,12 @@ fn peak(v: usize, fused_path: bool) -> usize {
         &device,
     );
     peak_of(|| {
-        let (lp, _) = if fused_path {
+        let lp = if fused_path {
             fused::token_logprobs(hidden.clone(), &head, targets, CHUNK)
         } else {
             reference::token_logprobs(hidden.clone(), &head, targets, CHUNK)
-        };
+        }
+        .logprobs;
         let grads = lp.sum().backward();
         let dh = hidden.grad(&grads).expect("dh");
         assert_eq!(dh.dims(), [ROWS, HIDDEN]);

@@ -166,7 +166,7 @@ fn token_logprobs_match_reference_on_flex() {
 }
 
 /// A frozen head (no gradient wanted for it, as under LoRA) still passes the gradient to
-/// the hidden rows.
+/// the hidden rows, and its one pass (log-probs with slopes) reads the same entropy.
 #[test]
 fn token_logprobs_with_a_frozen_head_train_the_hidden_rows() {
     let device = Device::flex().autodiff();
@@ -178,15 +178,17 @@ fn token_logprobs_with_a_frozen_head_train_the_hidden_rows() {
         &device,
     );
     let grad = |fused_path: bool| {
-        let (lp, _) = if fused_path {
+        let rows = if fused_path {
             fused::token_logprobs(hidden.clone(), &head, targets.clone(), 4)
         } else {
             reference::token_logprobs(hidden.clone(), &head, targets.clone(), 4)
         };
-        let grads = lp.sum().backward();
-        host(hidden.grad(&grads).expect("dh"))
+        let grads = rows.logprobs.sum().backward();
+        (host(hidden.grad(&grads).expect("dh")), host(rows.entropy))
     };
-    assert_close("dh, frozen head", &grad(true), &grad(false), DType::F32);
+    let ((dh, entropy), (want_dh, want_entropy)) = (grad(true), grad(false));
+    assert_close("dh, frozen head", &dh, &want_dh, DType::F32);
+    assert_close("entropy, frozen head", &entropy, &want_entropy, DType::F32);
 }
 
 #[test]

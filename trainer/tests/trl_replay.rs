@@ -169,10 +169,11 @@ fn replay(name: &str, recipe_text: &str, keys: &[&str], beta: f64) {
     );
 }
 
-const DPO_KEYS: [&str; 12] = [
+const DPO_KEYS: [&str; 13] = [
     "loss",
     "num_tokens",
     "mean_token_accuracy",
+    "entropy",
     "logits/chosen",
     "logits/rejected",
     "grad_norm",
@@ -189,7 +190,13 @@ fn sft_matches_trl_at_every_step() {
     replay(
         "sft",
         &recipe("sft", "sft.jsonl", "init_adapter", ""),
-        &["loss", "grad_norm", "mean_token_accuracy", "num_tokens"],
+        &[
+            "loss",
+            "grad_norm",
+            "mean_token_accuracy",
+            "entropy",
+            "num_tokens",
+        ],
         0.0,
     );
 }

@@ -38,16 +38,16 @@ fn target_indices(targets: &FlexTensor) -> Option<Vec<usize>> {
 }
 
 /// Per row of `logits` `[len, V]`: `(log p(target), log Σ exp, 1.0 where the target is
-/// the first maximum)`, each `[len]`; `None` when the twin must run.
+/// the first maximum, entropy)`, each `[len]`; `None` when the twin must run.
 pub(crate) fn rows(
     logits: &FlexTensor,
     targets: &FlexTensor,
-) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+) -> Option<(FlexTensor, FlexTensor, FlexTensor, FlexTensor)> {
     let logits = f32_contiguous(logits)?;
     let targets = target_indices(targets)?;
     let [len, v] = logits.shape().dims::<2>();
     let x: &[f32] = logits.storage();
-    let mut out = vec![[0f32; 3]; len];
+    let mut out = vec![[0f32; 4]; len];
     let per = rows_per_task(v);
     out.par_chunks_mut(per).enumerate().for_each(|(task, dst)| {
         for (j, slot) in dst.iter_mut().enumerate() {
@@ -56,17 +56,22 @@ pub(crate) fn rows(
             let target = target_at(&targets, r, v);
             let (top, max) = first_max(row);
             // In f64, as the other row sums of `cpu/` (see `rows::inv_rms`).
-            let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
-            let lse = (sum.ln() + f64::from(max)) as f32;
+            let mut moments = Moments::default();
+            for &l in row {
+                let d = l - max;
+                moments.add(d.exp(), d);
+            }
+            let lse = (moments.sum.ln() + f64::from(max)) as f32;
             *slot = [
                 row[target] - lse,
                 lse,
                 if top == target { 1.0 } else { 0.0 },
+                moments.entropy(),
             ];
         }
     });
     let column = |c: usize| tensor(out.iter().map(|r| r[c]).collect(), [len]);
-    Some((column(0), column(1), column(2)))
+    Some((column(0), column(1), column(2), column(3)))
 }
 
 /// `g·(onehot(t) − exp(logits − lse))` per row, `[len, V]`; `None` when the twin must run.
@@ -99,10 +104,11 @@ pub(crate) fn grads(
 /// hidden rows' gradient in the forward. Each `exp(l − max)` of the row sum is kept and
 /// scaled by `1/Σ`, so a row takes one exponential per logit, not two, and the chunk
 /// needs no second `[len, V]` buffer. `Err` hands the logits back when the twin must run.
+#[allow(clippy::type_complexity)]
 pub(crate) fn rows_and_slopes(
     logits: FlexTensor,
     targets: &FlexTensor,
-) -> Result<(FlexTensor, FlexTensor, FlexTensor, FlexTensor), FlexTensor> {
+) -> Result<(FlexTensor, FlexTensor, FlexTensor, FlexTensor, FlexTensor), FlexTensor> {
     if logits.dtype() != DType::F32 {
         return Err(logits);
     }
@@ -115,7 +121,7 @@ pub(crate) fn rows_and_slopes(
         logits.to_contiguous()
     };
     let [len, v] = logits.shape().dims::<2>();
-    let mut out = vec![[0f32; 3]; len];
+    let mut out = vec![[0f32; 4]; len];
     // Copies only where the logits are shared; the chunk's own product never is.
     let x: &mut [f32] = logits.storage_mut();
     let per = rows_per_task(v);
@@ -128,27 +134,53 @@ pub(crate) fn rows_and_slopes(
             }
         });
     let column = |c: usize| tensor(out.iter().map(|r| r[c]).collect(), [len]);
-    Ok((column(0), column(1), column(2), logits))
+    Ok((column(0), column(1), column(2), column(3), logits))
 }
 
-/// One row of [`rows_and_slopes`]: `(log p(target), log Σ exp, hit)`, the row overwritten
-/// with `onehot(target) − p`.
-fn slope_row(row: &mut [f32], target: usize) -> [f32; 3] {
+/// One row of [`rows_and_slopes`]: `(log p(target), log Σ exp, hit, entropy)`, the row
+/// overwritten with `onehot(target) − p`.
+fn slope_row(row: &mut [f32], target: usize) -> [f32; 4] {
     let (top, max) = first_max(row);
     let picked = row[target];
-    // The sum in f64, as [`rows`]: the same log-sum-exp to the bit.
-    let mut sum = 0f64;
+    // The sums in f64, as [`rows`]: the same log-sum-exp and entropy to the bit.
+    let mut moments = Moments::default();
     for l in row.iter_mut() {
-        *l = (*l - max).exp();
-        sum += f64::from(*l);
+        let d = *l - max;
+        *l = d.exp();
+        moments.add(*l, d);
     }
-    let lse = (sum.ln() + f64::from(max)) as f32;
-    let inv = (1.0 / sum) as f32;
+    let lse = (moments.sum.ln() + f64::from(max)) as f32;
+    let inv = (1.0 / moments.sum) as f32;
     for e in row.iter_mut() {
         *e = -(*e * inv);
     }
     row[target] += 1.0;
-    [picked - lse, lse, if top == target { 1.0 } else { 0.0 }]
+    [
+        picked - lse,
+        lse,
+        if top == target { 1.0 } else { 0.0 },
+        moments.entropy(),
+    ]
+}
+
+/// A row's `Σ e^d` and `Σ e^d·d` over its shifted logits `d = l − max`: with them the
+/// entropy `−Σ p log p = log Σe^d − Σ e^d·d / Σ e^d` comes from the pass that finds the
+/// log-sum-exp, for one multiply-add per logit and no second exponential.
+#[derive(Default)]
+struct Moments {
+    sum: f64,
+    weighted: f64,
+}
+
+impl Moments {
+    fn add(&mut self, e: f32, d: f32) {
+        self.sum += f64::from(e);
+        self.weighted += f64::from(e) * f64::from(d);
+    }
+
+    fn entropy(&self) -> f32 {
+        (self.sum.ln() - self.weighted / self.sum) as f32
+    }
 }
 
 /// Row `r`'s target, checked against the vocabulary: an out-of-range target is the

@@ -15,7 +15,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use crate::launches::{Kernel, launched};
-use crate::ops::logprobs::{LogprobOps, logit_rows_slopes_twin};
+use crate::ops::logprobs::{LogprobOps, LogprobRows, LogprobSlopes, logit_rows_slopes_twin};
 
 use super::{cube_sum, grid, row_threads, rows_cols};
 
@@ -29,6 +29,7 @@ fn logit_rows_kernel<F: Float, I: Numeric>(
     logprob: &mut Tensor<F>,
     lse: &mut Tensor<F>,
     hit: &mut Tensor<F>,
+    entropy: &mut Tensor<F>,
     #[comptime] threads: usize,
     #[comptime] slopes: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
@@ -76,18 +77,27 @@ fn logit_rows_kernel<F: Float, I: Numeric>(
     let max = maxima[0];
     let top = places[0];
 
+    // `Σ e^d` and `Σ e^d·d` over the shifted logits `d = l − max`: the entropy is
+    // `log Σe^d − Σe^d·d / Σe^d`, from this one pass.
     let mut sums = Shared::<[f32]>::new_slice(threads);
+    let mut weighted = Shared::<[f32]>::new_slice(threads);
     let mut acc = 0.0f32;
+    let mut acc_d = 0.0f32;
     let mut c = tid;
     while c < cols {
-        acc += f32::exp(f32::cast_from(logits[row * s0 + c * s1]) - max);
+        let d = f32::cast_from(logits[row * s0 + c * s1]) - max;
+        let e = f32::exp(d);
+        acc += e;
+        acc_d += e * d;
         c += step;
     }
     sums[tid] = acc;
+    weighted[tid] = acc_d;
     sync_cube();
     cube_sum(&mut sums, tid);
+    cube_sum(&mut weighted, tid);
 
-    // `cube_sum` ends on a barrier, so every thread sees the sum.
+    // `cube_sum` ends on a barrier, so every thread sees the sums.
     let total = max + f32::ln(sums[0]);
     let t = u32::cast_from(targets[row * targets.stride(0)]);
     if tid == 0 {
@@ -96,14 +106,16 @@ fn logit_rows_kernel<F: Float, I: Numeric>(
         if top == t {
             is_top = f32::new(1.0);
         }
-        let (at_lp, at_lse, at_hit) = (
+        let (at_lp, at_lse, at_hit, at_h) = (
             row * logprob.stride(0),
             row * lse.stride(0),
             row * hit.stride(0),
+            row * entropy.stride(0),
         );
         logprob[at_lp] = F::cast_from(picked - total);
         lse[at_lse] = F::cast_from(total);
         hit[at_hit] = F::cast_from(is_top);
+        entropy[at_h] = F::cast_from(f32::ln(sums[0]) - weighted[0] / sums[0]);
     }
     if slopes {
         // The target's logit is read above before any thread overwrites it.
@@ -151,10 +163,7 @@ fn logit_grads_kernel<F: Float, I: Numeric>(
 /// The chunk loops stay the trait's bodies, around the backend's matmul; each chunk's
 /// logits go through these two kernels.
 impl LogprobOps for CubeBackend {
-    fn logit_rows(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    fn logit_rows(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> LogprobRows<Self> {
         launched(Kernel::LogitRows);
         rows(logits, targets)
     }
@@ -174,32 +183,23 @@ impl LogprobOps for CubeBackend {
     fn logit_rows_slopes(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
-    ) -> (
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-        FloatTensor<Self>,
-    ) {
+    ) -> LogprobSlopes<Self> {
         let logits = into_contiguous(logits);
         if !logits.can_mut() {
             return logit_rows_slopes_twin::<Self>(logits, targets);
         }
         launched(Kernel::LogitRowsSlopes);
-        let (lp, lse, hit) = launch_rows(logits.clone(), targets, true);
-        (lp, lse, hit, logits)
+        let (lp, lse, hit, entropy) = launch_rows(logits.clone(), targets, true);
+        (lp, lse, hit, entropy, logits)
     }
 }
 
-fn rows(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor, CubeTensor) {
+fn rows(logits: CubeTensor, targets: CubeTensor) -> LogprobRows<CubeBackend> {
     launch_rows(into_contiguous(logits), targets, false)
 }
 
 /// The row kernel over contiguous `logits`; with `slopes` it overwrites them.
-fn launch_rows(
-    logits: CubeTensor,
-    targets: CubeTensor,
-    slopes: bool,
-) -> (CubeTensor, CubeTensor, CubeTensor) {
+fn launch_rows(logits: CubeTensor, targets: CubeTensor, slopes: bool) -> LogprobRows<CubeBackend> {
     let targets = into_contiguous(targets);
     let (rows, cols) = rows_cols(&logits);
     let (dtype, int_dtype) = (logits.dtype, targets.dtype);
@@ -211,9 +211,9 @@ fn launch_rows(
             dtype,
         )
     };
-    let (logprob, lse, hit) = (new(), new(), new());
+    let (logprob, lse, hit, entropy) = (new(), new(), new(), new());
     if rows == 0 || cols == 0 {
-        return (logprob, lse, hit);
+        return (logprob, lse, hit, entropy);
     }
     let threads = row_threads(cols);
     logit_rows_kernel::launch(
@@ -225,6 +225,7 @@ fn launch_rows(
         logprob.clone().into_tensor_arg(),
         lse.clone().into_tensor_arg(),
         hit.clone().into_tensor_arg(),
+        entropy.clone().into_tensor_arg(),
         threads as usize,
         slopes,
         [
@@ -232,7 +233,7 @@ fn launch_rows(
             dtype_to_storage_type(int_dtype),
         ],
     );
-    (logprob, lse, hit)
+    (logprob, lse, hit, entropy)
 }
 
 fn grads(logits: CubeTensor, targets: CubeTensor, lse: CubeTensor, grad: CubeTensor) -> CubeTensor {

@@ -20,14 +20,26 @@ use crate::launches::Op;
 use crate::mode::takes_fused;
 use burn::backend::flex::FlexTensor;
 
-/// Per-token log-probabilities of `targets` under `head`, `chunk` rows at a time, and
-/// whether each target is the head's top token. `hidden`: `[N, H]`; `targets`: `[N]`.
+/// What the head's chunked pass reads of each row: `[N]` each.
+pub struct TokenLogprobs {
+    /// The target's log-probability (the only one with a gradient).
+    pub logprobs: Tensor<1>,
+    /// 1 where the target is the head's top token.
+    pub hits: Tensor<1, Int>,
+    /// The entropy `−Σ p log p` of the row's distribution (a metric: no gradient), from
+    /// the same pass over the logits as the log-sum-exp, so it costs no second product.
+    pub entropy: Tensor<1>,
+}
+
+/// Per-token log-probabilities of `targets` under `head`, `chunk` rows at a time, whether
+/// each target is the head's top token, and each row's entropy. `hidden`: `[N, H]`;
+/// `targets`: `[N]`.
 pub fn token_logprobs(
     hidden: Tensor<2>,
     head: &Head,
     targets: Tensor<1, Int>,
     chunk: usize,
-) -> (Tensor<1>, Tensor<1, Int>) {
+) -> TokenLogprobs {
     if takes_fused(Op::TokenLogprobs, &hidden.device()) {
         fused(hidden, head, targets, chunk)
     } else {
@@ -90,21 +102,22 @@ impl Head {
     }
 }
 
-/// Per-token log-probabilities of `targets` under the head `hidden·headᵀ`, and whether the
-/// target is the head's top token, computed `chunk` rows at a time so the forward never
-/// holds more than `[chunk, vocab]` logits.
+/// Per-token log-probabilities of `targets` under the head `hidden·headᵀ`, whether the
+/// target is the head's top token, and the entropy, computed `chunk` rows at a time so the
+/// forward never holds more than `[chunk, vocab]` logits.
 ///
-/// `hidden`: `[N, H]`; `head`: `[V, H]`; `targets`: `[N]`. Returns `([N], [N] 0/1)`.
+/// `hidden`: `[N, H]`; `head`: `[V, H]`; `targets`: `[N]`. Returns `[N]` each.
 pub fn reference(
     hidden: Tensor<2>,
     head: &Head,
     targets: Tensor<1, Int>,
     chunk: usize,
-) -> (Tensor<1>, Tensor<1, Int>) {
+) -> TokenLogprobs {
     let [n, _] = hidden.dims();
     let chunk = chunk.max(1);
     let mut logprobs = Vec::new();
     let mut hits = Vec::new();
+    let mut entropy = Vec::new();
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
@@ -113,11 +126,30 @@ pub fn reference(
         let max = logits.clone().max_dim(1).detach();
         let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
         let picked = logits.clone().gather(1, target.clone());
+        entropy.push(row_entropy(logits.clone().detach()).reshape([len]));
         logprobs.push((picked - lse).reshape([len]));
         hits.push(logits.argmax(1).equal(target).int().reshape([len]));
         start += len;
     }
-    (Tensor::cat(logprobs, 0), Tensor::cat(hits, 0))
+    if logprobs.is_empty() {
+        let device = hidden.device();
+        return TokenLogprobs {
+            logprobs: Tensor::zeros([0], &device),
+            hits: Tensor::zeros([0], &device),
+            entropy: Tensor::zeros([0], &device),
+        };
+    }
+    TokenLogprobs {
+        logprobs: Tensor::cat(logprobs, 0),
+        hits: Tensor::cat(hits, 0),
+        entropy: Tensor::cat(entropy, 0),
+    }
+}
+
+/// `−Σ p log p` of each row of `logits` `[len, V]`, `[len, 1]`.
+fn row_entropy(logits: Tensor<2>) -> Tensor<2> {
+    let logp = burn::tensor::activation::log_softmax(logits, 1);
+    (logp.clone().exp() * logp).sum_dim(1).neg()
 }
 
 /// Entropy `−Σ p log p` of the head's distribution at each row, `chunk` rows at a time so
@@ -125,10 +157,7 @@ pub fn reference(
 ///
 /// `hidden`: `[N, H]`; `head`: `[V, H]`. Returns `[N]`.
 pub fn token_entropy(hidden: Tensor<2>, head: &Head, chunk: usize) -> Tensor<1> {
-    per_row_of_logits(&hidden, head, chunk, |logits| {
-        let logp = burn::tensor::activation::log_softmax(logits, 1);
-        (logp.clone().exp() * logp).sum_dim(1).neg()
-    })
+    per_row_of_logits(&hidden, head, chunk, row_entropy)
 }
 
 /// `f` of the head's detached logits, `chunk` rows at a time, `f` reducing each
@@ -200,7 +229,7 @@ pub fn fused(
     head: &Head,
     targets: Tensor<1, Int>,
     chunk: usize,
-) -> (Tensor<1>, Tensor<1, Int>) {
+) -> TokenLogprobs {
     let weight = match &head.weight {
         HeadWeight::Dense(w) => w,
         HeadWeight::Quantized(w) => {
@@ -219,16 +248,17 @@ pub fn fused(
             Tensor::cat(vec![weight.clone(), up.clone().cast(weight.dtype())], 1),
         ),
     };
-    let (lp, _lse, hit) = Dispatch::linear_logprob(
+    let (lp, _lse, hit, entropy) = Dispatch::linear_logprob(
         x.into_dispatch(),
         w.into_dispatch(),
         targets.into_dispatch(),
         chunk,
     );
-    (
-        Tensor::<1>::from_dispatch(lp),
-        Tensor::<1>::from_dispatch(hit).int(),
-    )
+    TokenLogprobs {
+        logprobs: Tensor::<1>::from_dispatch(lp),
+        hits: Tensor::<1>::from_dispatch(hit).int(),
+        entropy: Tensor::<1>::from_dispatch(entropy).detach(),
+    }
 }
 
 /// [`fused`] for a quantized head. `∂ log p(t)/∂ h = (onehot(t) − p)·W` for a row whatever
@@ -241,7 +271,7 @@ fn quantized_logprobs(
     weight: &QuantMatrix,
     targets: Tensor<1, Int>,
     chunk: usize,
-) -> (Tensor<1>, Tensor<1, Int>) {
+) -> TokenLogprobs {
     let [n, _] = hidden.dims();
     let chunk = chunk.max(1);
     let tracked = hidden.is_tracked();
@@ -254,7 +284,8 @@ fn quantized_logprobs(
         }
     };
     let rows = hidden.clone().detach();
-    let (mut lps, mut hits, mut grads) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lps, mut hits, mut entropies, mut grads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         // Constants to the graph: the backend's row kernels (one pass on the CPU, one
@@ -268,29 +299,43 @@ fn quantized_logprobs(
             .narrow(0, start, len)
             .without_autodiff()
             .into_dispatch();
-        let (lp, hit) = if tracked {
-            let (lp, _lse, hit, slope) = Dispatch::logit_rows_slopes(logits, target);
+        let (lp, hit, entropy) = if tracked {
+            let (lp, _lse, hit, entropy, slope) = Dispatch::logit_rows_slopes(logits, target);
             grads.push(weight.input_grad(Tensor::<2>::from_dispatch(slope)));
-            (lp, hit)
+            (lp, hit, entropy)
         } else {
-            let (lp, _lse, hit) = Dispatch::logit_rows(logits, target);
-            (lp, hit)
+            let (lp, _lse, hit, entropy) = Dispatch::logit_rows(logits, target);
+            (lp, hit, entropy)
         };
         lps.push(graph(Tensor::<1>::from_dispatch(lp)));
         hits.push(graph(Tensor::<1>::from_dispatch(hit)).int());
+        entropies.push(graph(Tensor::<1>::from_dispatch(entropy)));
     }
     if lps.is_empty() {
         let device = hidden.device();
-        return (Tensor::zeros([0], &device), Tensor::zeros([0], &device));
+        return TokenLogprobs {
+            logprobs: Tensor::zeros([0], &device),
+            hits: Tensor::zeros([0], &device),
+            entropy: Tensor::zeros([0], &device),
+        };
     }
     let lp = Tensor::cat(lps, 0);
-    let hit = Tensor::cat(hits, 0);
+    let hits = Tensor::cat(hits, 0);
+    let entropy = Tensor::cat(entropies, 0);
     if !tracked {
-        return (lp, hit);
+        return TokenLogprobs {
+            logprobs: lp,
+            hits,
+            entropy,
+        };
     }
     let u = Tensor::cat(grads, 0).cast(hidden.dtype());
     let s = (hidden * u).sum_dim(1).reshape([n]).cast(DType::F32);
-    (lp + (s.clone() - s.detach()), hit)
+    TokenLogprobs {
+        logprobs: lp + (s.clone() - s.detach()),
+        hits,
+        entropy,
+    }
 }
 
 /// The backend extension; the default bodies are the twin flex runs. On the Cube
@@ -305,33 +350,10 @@ fn quantized_logprobs(
 pub trait LogprobOps: Backend {
     /// The log-probability of each row's target under the head `hidden·weightᵀ`, computed
     /// `chunk` rows at a time so no more than `[chunk, V]` logits exist at once. Returns
-    /// `(log p(target) [N], log-sum-exp [N], 1.0 where the target is the top token [N])`,
-    /// all f32. `hidden`: `[N, H]`, `weight`: `[V, H]`, `targets`: `[N]`.
+    /// `(log p(target) [N], log-sum-exp [N], 1.0 where the target is the top token [N],
+    /// entropy [N])`, all f32. `hidden`: `[N, H]`, `weight`: `[V, H]`, `targets`: `[N]`.
     #[fusion(default)]
     fn linear_logprob(
-        hidden: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        chunk: usize,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (lp, lse, hit, _) = linear_logprob_chunks::<Self>(
-            hidden,
-            weight,
-            targets,
-            chunk,
-            false,
-            &Products::plain(),
-        );
-        (lp, lse, hit)
-    }
-
-    /// [`LogprobOps::linear_logprob`], and each row's slope `∂ log p(t)/∂ hidden =
-    /// (onehot(t) − p)·W`, `[N, H]` in the hidden rows' dtype, from the forward's own
-    /// logits. Under a frozen head (LoRA's usual case) the hidden rows' gradient is then
-    /// `g·slope`, a row scaling, so the backward rebuilds no logits (Liger's approach):
-    /// one `[N, V, H]` product fewer per step.
-    #[fusion(default)]
-    fn linear_logprob_slopes(
         hidden: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         targets: IntTensor<Self>,
@@ -342,9 +364,39 @@ pub trait LogprobOps: Backend {
         FloatTensor<Self>,
         FloatTensor<Self>,
     ) {
-        let (lp, lse, hit, slope) =
+        let (rows, _) = linear_logprob_chunks::<Self>(
+            hidden,
+            weight,
+            targets,
+            chunk,
+            false,
+            &Products::plain(),
+        );
+        rows
+    }
+
+    /// [`LogprobOps::linear_logprob`], and each row's slope `∂ log p(t)/∂ hidden =
+    /// (onehot(t) − p)·W`, `[N, H]` in the hidden rows' dtype, from the forward's own
+    /// logits. Under a frozen head (LoRA's usual case) the hidden rows' gradient is then
+    /// `g·slope`, a row scaling, so the backward rebuilds no logits (Liger's approach):
+    /// one `[N, V, H]` product fewer per step.
+    #[fusion(default)]
+    #[allow(clippy::type_complexity)] // The extension macro reads tuples, not aliases.
+    fn linear_logprob_slopes(
+        hidden: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        chunk: usize,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let ((lp, lse, hit, entropy), slope) =
             linear_logprob_chunks::<Self>(hidden, weight, targets, chunk, true, &Products::plain());
-        (lp, lse, hit, slope.expect("asked for the slopes"))
+        (lp, lse, hit, entropy, slope.expect("asked for the slopes"))
     }
 
     /// [`LogprobOps::logit_rows`], and each row's `onehot(t) − exp(logits − lse)`, `[len,
@@ -356,12 +408,14 @@ pub trait LogprobOps: Backend {
             [logits.shape[0]].into(),
             logits.dtype,
         );
-        (row.clone(), row.clone(), row, logits.clone())
+        (row.clone(), row.clone(), row.clone(), row, logits.clone())
     })]
+    #[allow(clippy::type_complexity)] // The extension macro reads tuples, not aliases.
     fn logit_rows_slopes(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (
+        FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
         FloatTensor<Self>,
@@ -371,19 +425,24 @@ pub trait LogprobOps: Backend {
     }
 
     /// Per row of f32 `logits` `[len, V]` with `targets` `[len]`: the target's log-prob,
-    /// the log-sum-exp, and 1.0 where the target is the top token (the first maximum, as
-    /// `argmax`), each `[len]` f32.
+    /// the log-sum-exp, 1.0 where the target is the top token (the first maximum, as
+    /// `argmax`), and the entropy `−Σ p log p`, each `[len]` f32.
     #[fusion(meta = |logits, _targets| {
         let row = burn::backend::fusion::custom::TensorSpec::new(
             [logits.shape[0]].into(),
             logits.dtype,
         );
-        (row.clone(), row.clone(), row)
+        (row.clone(), row.clone(), row.clone(), row)
     })]
     fn logit_rows(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
         logit_rows_twin::<Self>(logits, targets)
     }
 
@@ -454,10 +513,8 @@ impl LogprobOps for Flex {
         weight: FlexTensor,
         targets: FlexTensor,
         chunk: usize,
-    ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let (lp, lse, hit, _) =
-            linear_logprob_chunks::<Self>(hidden, weight, targets, chunk, false, &Products::flex());
-        (lp, lse, hit)
+    ) -> LogprobRows<Self> {
+        linear_logprob_chunks::<Self>(hidden, weight, targets, chunk, false, &Products::flex()).0
     }
 
     fn linear_logprob_slopes(
@@ -465,16 +522,13 @@ impl LogprobOps for Flex {
         weight: FlexTensor,
         targets: FlexTensor,
         chunk: usize,
-    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
-        let (lp, lse, hit, slope) =
+    ) -> LogprobSlopes<Self> {
+        let ((lp, lse, hit, entropy), slope) =
             linear_logprob_chunks::<Self>(hidden, weight, targets, chunk, true, &Products::flex());
-        (lp, lse, hit, slope.expect("asked for the slopes"))
+        (lp, lse, hit, entropy, slope.expect("asked for the slopes"))
     }
 
-    fn logit_rows_slopes(
-        logits: FlexTensor,
-        targets: FlexTensor,
-    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+    fn logit_rows_slopes(logits: FlexTensor, targets: FlexTensor) -> LogprobSlopes<Self> {
         match cpu::logits::rows_and_slopes(logits, &targets) {
             Ok(done) => done,
             Err(logits) => logit_rows_slopes_twin::<Self>(logits, targets),
@@ -507,7 +561,7 @@ impl LogprobOps for Flex {
         (dh, dw.expect("asked for the weight gradient"))
     }
 
-    fn logit_rows(logits: FlexTensor, targets: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
+    fn logit_rows(logits: FlexTensor, targets: FlexTensor) -> LogprobRows<Self> {
         match cpu::logits::rows(&logits, &targets) {
             Some(done) => done,
             None => logit_rows_twin::<Self>(logits, targets),
@@ -533,21 +587,26 @@ impl<B: LogprobOps, C: CheckpointStrategy> LogprobOps for Autodiff<B, C> {
         weight: FloatTensor<Self>,
         targets: IntTensor<Self>,
         chunk: usize,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> LogprobRows<Self> {
         if hidden.is_tracked() && !weight.is_tracked() {
             return frozen_head::<B, C>(hidden, weight, targets, chunk);
         }
-        let (lp, (lse, hit)) = record::<B, C, _, _, _, _>(
+        let (lp, (lse, hit, entropy)) = record::<B, C, _, _, _, _>(
             Node,
             [hidden, weight],
             targets,
             |[hidden, weight], targets| {
-                let (lp, lse, hit) = B::linear_logprob(hidden, weight, targets, chunk);
-                (lp, (lse, hit))
+                let (lp, lse, hit, entropy) = B::linear_logprob(hidden, weight, targets, chunk);
+                (lp, (lse, hit, entropy))
             },
-            |targets, _, (lse, _)| (targets, lse.clone(), chunk),
+            |targets, _, (lse, _, _)| (targets, lse.clone(), chunk),
         );
-        (lp, Self::from_inner(lse), Self::from_inner(hit))
+        (
+            lp,
+            Self::from_inner(lse),
+            Self::from_inner(hit),
+            Self::from_inner(entropy),
+        )
     }
 
     on_inner! {
@@ -600,8 +659,24 @@ impl<B: LogprobOps> Backprop<B, 2> for Node {
     }
 }
 
-/// [`LogprobOps::linear_logprob`]'s outputs: log-probs, log-sum-exps and hits.
-type LogprobRows<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+/// [`LogprobOps::linear_logprob`]'s and [`LogprobOps::logit_rows`]' outputs: log-probs,
+/// log-sum-exps, hits and entropies.
+pub type LogprobRows<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+);
+
+/// [`LogprobRows`] and the slopes of [`LogprobOps::linear_logprob_slopes`] and
+/// [`LogprobOps::logit_rows_slopes`].
+pub type LogprobSlopes<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+);
 
 /// [`LogprobOps::linear_logprob`] under a frozen head: one node on the hidden rows alone,
 /// which keeps each row's slope from the forward instead of the rows and the head.
@@ -612,20 +687,22 @@ fn frozen_head<B: LogprobOps, C: CheckpointStrategy>(
     chunk: usize,
 ) -> LogprobRows<Autodiff<B, C>> {
     let weight = weight.into_primitive();
-    let (lp, (lse, hit, _slope)) = record::<B, C, _, _, _, _>(
+    let (lp, (lse, hit, entropy, _slope)) = record::<B, C, _, _, _, _>(
         FrozenHead,
         [hidden],
         targets,
         |[hidden], targets| {
-            let (lp, lse, hit, slope) = B::linear_logprob_slopes(hidden, weight, targets, chunk);
-            (lp, (lse, hit, slope))
+            let (lp, lse, hit, entropy, slope) =
+                B::linear_logprob_slopes(hidden, weight, targets, chunk);
+            (lp, (lse, hit, entropy, slope))
         },
-        |_, _, (_, _, slope)| slope.clone(),
+        |_, _, (_, _, _, slope)| slope.clone(),
     );
     (
         lp,
         Autodiff::<B, C>::from_inner(lse),
         Autodiff::<B, C>::from_inner(hit),
+        Autodiff::<B, C>::from_inner(entropy),
     )
 }
 
@@ -723,10 +800,7 @@ fn logprob_grads<B: LogprobOps>(
 }
 
 /// The portable [`LogprobOps::logit_rows`], on the backend's ops.
-fn logit_rows_twin<B: Backend>(
-    logits: FloatTensor<B>,
-    targets: IntTensor<B>,
-) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+fn logit_rows_twin<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> LogprobRows<B> {
     let len = logits.shape().dims::<2>()[0];
     let device = logits.device();
     let bool_dtype = get_or_init_device_settings::<B>(&device).bool_dtype;
@@ -734,12 +808,17 @@ fn logit_rows_twin<B: Backend>(
     let lse = log_sum_exp::<B>(logits.clone());
     let picked = B::float_gather(1, logits.clone(), t.clone());
     let lp = B::float_reshape(B::float_sub(picked, lse.clone()), [len].into());
+    // −Σ p·(logits − lse), p = exp(logits − lse).
+    let logp = B::float_sub(logits.clone(), lse.clone());
+    let plogp = B::float_mul(B::float_exp(logp.clone()), logp);
+    let entropy = B::float_neg(B::float_sum_dim(plogp, 1));
     let top = B::float_argmax(logits, 1, t.dtype().into());
     let hit = B::bool_into_float(B::int_equal(top, t, bool_dtype), FloatDType::F32);
     (
         lp,
         B::float_reshape(lse, [len].into()),
         B::float_reshape(hit, [len].into()),
+        B::float_reshape(entropy, [len].into()),
     )
 }
 
@@ -748,16 +827,11 @@ fn logit_rows_twin<B: Backend>(
 pub(crate) fn logit_rows_slopes_twin<B: LogprobOps>(
     logits: FloatTensor<B>,
     targets: IntTensor<B>,
-) -> (
-    FloatTensor<B>,
-    FloatTensor<B>,
-    FloatTensor<B>,
-    FloatTensor<B>,
-) {
-    let (lp, lse, hit) = B::logit_rows(logits.clone(), targets.clone());
+) -> LogprobSlopes<B> {
+    let (lp, lse, hit, entropy) = B::logit_rows(logits.clone(), targets.clone());
     let ones = B::float_ones(lse.shape(), &lse.device(), FloatDType::F32);
     let slope = B::logit_grads(logits, targets, lse.clone(), ones);
-    (lp, lse, hit, slope)
+    (lp, lse, hit, entropy, slope)
 }
 
 /// The portable [`LogprobOps::logit_grads`], on the backend's ops.
@@ -790,18 +864,14 @@ fn linear_logprob_chunks<B: LogprobOps>(
     chunk: usize,
     slopes: bool,
     products: &Products<B>,
-) -> (
-    FloatTensor<B>,
-    FloatTensor<B>,
-    FloatTensor<B>,
-    Option<FloatTensor<B>>,
-) {
+) -> (LogprobRows<B>, Option<FloatTensor<B>>) {
     let [n, h] = hidden.shape().dims::<2>();
     let chunk = chunk.max(1);
     let device = hidden.device();
     let h_dtype: FloatDType = hidden.dtype().into();
     let w_dtype: FloatDType = weight.dtype().into();
-    let (mut lps, mut lses, mut hits, mut slope) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut lps, mut lses, mut hits, mut entropies, mut slope) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
         let rows = B::float_slice(hidden.clone(), &[Slice::from(start..start + len)]);
@@ -810,18 +880,19 @@ fn linear_logprob_chunks<B: LogprobOps>(
         let rows = cast_to::<B>(rows, w_dtype);
         let t = B::int_slice(targets.clone(), &[Slice::from(start..start + len)]);
         let logits = f32_of::<B>((products.xwt)(rows, weight.clone()));
-        let (lp, lse, hit) = if slopes {
-            let (lp, lse, hit, d) = B::logit_rows_slopes(logits, t);
+        let (lp, lse, hit, entropy) = if slopes {
+            let (lp, lse, hit, entropy, d) = B::logit_rows_slopes(logits, t);
             // In the head's dtype, as the backward's `dh` (autocast's rule).
             let s = (products.gw)(cast_to::<B>(d, w_dtype), weight.clone());
             slope.push(cast_to::<B>(s, h_dtype));
-            (lp, lse, hit)
+            (lp, lse, hit, entropy)
         } else {
             B::logit_rows(logits, t)
         };
         lps.push(lp);
         lses.push(lse);
         hits.push(hit);
+        entropies.push(entropy);
     }
     let join = |parts: Vec<FloatTensor<B>>| {
         if parts.is_empty() {
@@ -837,5 +908,5 @@ fn linear_logprob_chunks<B: LogprobOps>(
             B::float_cat(slope, 0)
         }
     });
-    (join(lps), join(lses), join(hits), slope)
+    ((join(lps), join(lses), join(hits), join(entropies)), slope)
 }

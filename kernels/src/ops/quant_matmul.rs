@@ -789,11 +789,12 @@ mod tests {
             let weights: Tensor<1> = input(1, n, &device).reshape([n]);
             let run = |head: &Head, fused_path: bool| {
                 let x = input(n, h, &device).mul_scalar(3.0).require_grad();
-                let (lp, hit) = if fused_path {
+                let rows = if fused_path {
                     fused(x.clone(), head, targets.clone(), chunk)
                 } else {
                     reference(x.clone(), head, targets.clone(), chunk)
                 };
+                let (lp, hit) = (rows.logprobs, rows.hits);
                 let grads = (lp.clone() * weights.clone()).sum().backward();
                 let dx = x.grad(&grads).expect("rows take a gradient");
                 (
@@ -811,7 +812,7 @@ mod tests {
                 dx.assert_approx_eq::<f32>(&want_dx, tol);
             }
             let untracked = input(n, h, &device).mul_scalar(3.0);
-            let (lp, _) = fused(untracked, &quantized, targets.clone(), chunk);
+            let lp = fused(untracked, &quantized, targets.clone(), chunk).logprobs;
             lp.into_data()
                 .assert_approx_eq::<f32>(&want_lp, Tolerance::rel_abs(1e-4, 1e-5));
         }

@@ -254,6 +254,7 @@ pub fn dpo_loss(
         m.mean("logits/chosen", t.chosen_logits);
         m.mean("logits/rejected", t.rejected_logits);
         m.mean("mean_token_accuracy", t.chosen_accuracy);
+        m.mean("entropy", t.entropy);
     }
     (loss, m)
 }

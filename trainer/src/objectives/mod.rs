@@ -156,6 +156,8 @@ pub(crate) struct TargetLogprobs {
     pub logprobs: Tensor<1>,
     /// `[N]` 1 where the target was the head's top token.
     pub hits: Tensor<1, Int>,
+    /// `[N]` the entropy of each row's distribution (no gradient), from the same pass.
+    pub entropy: Tensor<1>,
     /// `[N, hidden]` the final hidden states read, and the head applied to them (for
     /// further per-token quantities such as entropy without rebuilding the head).
     pub rows: Tensor<2>,
@@ -188,11 +190,11 @@ pub(crate) fn target_logprobs(
         rows
     };
     let head = model.head(&rows);
-    let (logprobs, hits) =
-        kernels::token_logprobs(rows.clone(), &head, targets, sft::LOGPROB_CHUNK);
+    let read = kernels::token_logprobs(rows.clone(), &head, targets, sft::LOGPROB_CHUNK);
     TargetLogprobs {
-        logprobs,
-        hits,
+        logprobs: read.logprobs,
+        hits: read.hits,
+        entropy: read.entropy,
         rows,
         head,
     }

@@ -33,6 +33,9 @@ pub struct TokenStats {
     /// The share of chosen completion tokens that are the head's top token
     /// (`mean_token_accuracy`).
     pub chosen_accuracy: f64,
+    /// The head's entropy averaged over every completion token, chosen and rejected
+    /// (`entropy`).
+    pub entropy: f64,
 }
 
 impl PairLogps {
@@ -113,6 +116,7 @@ impl<'a> Pairs<'a> {
                 chosen_logits: mean(cs, &cl),
                 rejected_logits: mean(rs, &rl),
                 chosen_accuracy: mean(chosen_hits, &cl),
+                entropy: mean(stats.entropy, &self.batch.completion_len),
             }
         });
         let logps = PairLogps {

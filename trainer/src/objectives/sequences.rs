@@ -25,6 +25,8 @@ pub struct CompletionStats {
     pub logits: Tensor<1>,
     /// How many tokens were the head's top token.
     pub hits: Tensor<1>,
+    /// The tokens' entropies.
+    pub entropy: Tensor<1>,
 }
 
 /// The log-probs alone (a reference, or an objective that logs no token statistics).
@@ -61,6 +63,7 @@ fn read(model: &Llama, batch: &PairBatch, with_stats: bool) -> SequenceLogps {
         CompletionStats {
             logits: per_sequence(mean_logits * batch.completion.clone()),
             hits: per_sequence(target.hits.float() * batch.completion.clone()),
+            entropy: per_sequence(target.entropy * batch.completion.clone()),
         }
     });
     SequenceLogps {

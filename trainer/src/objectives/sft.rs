@@ -54,6 +54,7 @@ impl Objective for Sft {
         let (loss, m) = sft_loss(input.model, &lm);
         let mut metrics = Metrics::default();
         metrics.mean("mean_token_accuracy", m.mean_token_accuracy);
+        metrics.mean("entropy", m.entropy);
         Ok(Some(MicroOutput {
             loss,
             weight: lm.num_loss_tokens as f64,
@@ -71,12 +72,19 @@ pub const LOGPROB_CHUNK: usize = 1024;
 pub struct SftMetrics {
     pub loss: f64,
     pub mean_token_accuracy: f64,
+    /// The head's entropy averaged over the loss tokens (TRL's `entropy`).
+    pub entropy: f64,
     pub num_tokens: usize,
 }
 
 /// `loss = −(1/N) Σ log p(target)` over the N loss tokens.
 pub fn sft_loss(model: &Llama, batch: &LmBatch) -> (Tensor<1>, SftMetrics) {
-    let super::TargetLogprobs { logprobs, hits, .. } = super::lm_logprobs(model, batch);
+    let super::TargetLogprobs {
+        logprobs,
+        hits,
+        entropy,
+        ..
+    } = super::lm_logprobs(model, batch);
     let n = batch.num_loss_tokens.max(1) as f64;
     let loss = logprobs.sum().neg().div_scalar(n);
     let loss_value = loss.clone().into_scalar_f64();
@@ -88,6 +96,7 @@ pub fn sft_loss(model: &Llama, batch: &LmBatch) -> (Tensor<1>, SftMetrics) {
     let metrics = SftMetrics {
         loss: loss_value,
         mean_token_accuracy: correct.first().copied().unwrap_or(0) as f64 / n,
+        entropy: entropy.sum().into_scalar_f64() / n,
         num_tokens: batch.num_tokens,
     };
     (loss, metrics)

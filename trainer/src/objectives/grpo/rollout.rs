@@ -27,7 +27,6 @@ use crate::generate::{Completion, generate_groups_reporting};
 use crate::model::Llama;
 use crate::objectives::objective::MicroOutput;
 use crate::objectives::reference::Reference;
-use crate::objectives::sft::LOGPROB_CHUNK;
 use crate::objectives::{Metrics, TargetLogprobs, lm_logprobs_tempered, values};
 use crate::rewards::{Column, Rewards, Sample};
 
@@ -382,8 +381,7 @@ impl Sampler {
             };
             let TargetLogprobs {
                 logprobs: logp,
-                rows,
-                head,
+                entropy,
                 ..
             } = lm_logprobs_tempered(model, &batch, s.sampling.temperature);
             let old = match &r.old_logps {
@@ -413,7 +411,6 @@ impl Sampler {
             metrics.mean("clip_ratio/low_mean", token_mean(low, &layout));
             metrics.mean("clip_ratio/high_mean", token_mean(high, &layout));
             metrics.mean("clip_ratio/region_mean", token_mean(region, &layout));
-            let entropy = kernels::token_entropy(rows, &head, LOGPROB_CHUNK);
             metrics.mean("entropy", token_mean(entropy, &layout));
             outs.push(MicroOutput {
                 loss,
