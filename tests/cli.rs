@@ -2473,6 +2473,55 @@ fn a_signal_while_waiting_on_a_reward_program_stops_the_run_at_once() {
     assert!(!still_running(scorer, std::time::Duration::from_secs(5)));
 }
 
+/// A step whose reward program failed keeps the steps before it: they are written as a
+/// checkpoint though none was due, and `--resume` goes on from the failed step to the same
+/// final weights as a run that never failed.
+#[test]
+fn a_failed_step_keeps_the_steps_before_it_for_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = tmp.path().join("broken");
+    // 32 completions a step: the first of step 3 finds the program broken. Rewards vary
+    // with the completion, so the steps learn something to compare.
+    let (mut args, _) = command_reward_run(
+        tmp.path(),
+        &format!(
+            "n=0; while read l; do n=$((n+1)); \
+             if [ $n -gt 64 ] && [ -e {} ]; then exit 3; fi; echo ${{#l}}; done",
+            s(&broken)
+        ),
+    );
+    args.extend(["--set".into(), "train.max_steps=4".into()]);
+    let run = tmp.path().join("run");
+    let with = |verb: &str, out: &Path| {
+        let mut a = args.clone();
+        a[2] = verb.into();
+        a[3] = s(out).into();
+        a
+    };
+    let whole = tmp.path().join("whole");
+    ok(&with("--out", &whole));
+    std::fs::write(&broken, "").unwrap();
+    let failed = hearth(&with("--out", &run));
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("exited before answering")
+            && stderr.contains("the 2 steps before step 3 are kept in")
+            && stderr.contains("checkpoint-2"),
+        "{stderr}"
+    );
+    assert!(run.join("checkpoint-2").is_dir());
+    std::fs::remove_file(&broken).unwrap();
+    let resumed = hearth(&with("--resume", &run));
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let adapter = |dir: &Path| std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&run), adapter(&whole));
+}
+
 /// A run whose reward program failed before any checkpoint was due resumes by starting
 /// over, and says so (it did so silently, which looked like lost steps).
 #[test]

@@ -286,7 +286,13 @@ impl<'a> Loop<'a> {
             let resumed_mid_epoch = start > 0 || self.s.next_iteration > 0;
             for &(offset, whole, iteration) in &groups {
                 let began = Instant::now();
-                let Some(mut stepped) = self.step(whole, iteration)? else {
+                let stepped = match self.step(whole, iteration) {
+                    Ok(stepped) => stepped,
+                    Err(e) => {
+                        return Err(self.keep_progress(e, (self.s.epoch, offset, iteration)));
+                    }
+                };
+                let Some(mut stepped) = stepped else {
                     continue;
                 };
                 // Here, not in `step`, so the model moves into the optimizer and burn may
@@ -584,21 +590,7 @@ impl<'a> Loop<'a> {
         } else {
             None
         };
-        let (setup, model, optim) = (self.p.setup, &self.model, &self.optim);
-        let dir = self
-            .p
-            .run
-            .checkpoint(step, t.save_total_limit, |dir| {
-                state::save(dir, setup, (model, optim), &snapshot, pending, false)
-            })
-            .map_err(|e| {
-                // Disk full, read-only output…: stop, and say what is still usable.
-                TrainerError::Input(format!(
-                    "writing checkpoint-{step} failed, training stopped: {e}; the last complete checkpoint is {}",
-                    self.last_checkpoint()
-                ))
-            })?;
-        self.p.run.plot(&self.s.history, &self.s.eval_history)?;
+        let dir = self.write_checkpoint(&snapshot, pending)?;
         if let Some(signal) = signal {
             // No rank exits before rank 0 has written the checkpoint (a launcher tears the
             // job down when the first one does).
@@ -614,6 +606,71 @@ impl<'a> Loop<'a> {
             });
         }
         Ok(())
+    }
+
+    /// Writes `checkpoint-STEP` of the weights, the optimizer and `snapshot`.
+    fn write_checkpoint(
+        &self,
+        snapshot: &TrainerState,
+        pending: Option<String>,
+    ) -> Result<std::path::PathBuf> {
+        let step = self.s.global_step;
+        let limit = self.p.recipe.train.save_total_limit;
+        let (setup, model, optim) = (self.p.setup, &self.model, &self.optim);
+        let dir = self
+            .p
+            .run
+            .checkpoint(step, limit, |dir| {
+                state::save(dir, setup, (model, optim), snapshot, pending, false)
+            })
+            .map_err(|e| {
+                // Disk full, read-only output…: stop, and say what is still usable.
+                TrainerError::Input(format!(
+                    "writing checkpoint-{step} failed, training stopped: {e}; the last complete checkpoint is {}",
+                    self.last_checkpoint()
+                ))
+            })?;
+        self.p.run.plot(&self.s.history, &self.s.eval_history)?;
+        Ok(dir)
+    }
+
+    /// A step that failed (a reward or client program that crashed or timed out, say)
+    /// left the weights as the steps before it made them: those steps are kept in a
+    /// checkpoint, so `--resume` goes on from the failed step, not from the last
+    /// `save_steps`. `position` is the failed step's. Only a single process at the start
+    /// of a group of iterations: there a checkpoint is exactly the one a due save would
+    /// have written; other ranks of a failed data-parallel step are not there to agree.
+    fn keep_progress(&mut self, e: TrainerError, position: (usize, usize, usize)) -> TrainerError {
+        let step = self.s.global_step;
+        let worth_it = !matches!(e, TrainerError::Interrupted { .. } | TrainerError::Dist(_))
+            && self.p.dp.world_size() == 1
+            && position.2 == 0
+            && step > 0
+            && self
+                .p
+                .run
+                .latest_checkpoint(self.p.required)
+                .is_none_or(|(saved, _)| saved < step);
+        if !worth_it {
+            return e;
+        }
+        let (epoch, next_micro, next_iteration) = position;
+        let snapshot = TrainerState {
+            epoch,
+            next_micro,
+            next_iteration,
+            ..self.s.clone()
+        };
+        self.bar.finish_and_clear();
+        match self.write_checkpoint(&snapshot, None) {
+            Ok(dir) => TrainerError::Input(format!(
+                "{e}; the {step} steps before step {} are kept in {}: continue with --resume \
+                 once the cause is fixed",
+                step + 1,
+                dir.display()
+            )),
+            Err(saving) => TrainerError::Input(format!("{e}; {saving}")),
+        }
     }
 
     /// Evaluates the current weights on the plain device and logs the result.
