@@ -575,13 +575,6 @@ impl<'a> Loop<'a> {
         if !due && signal.is_none() {
             return Ok(());
         }
-        let (epoch, next_micro, next_iteration) = position;
-        let snapshot = TrainerState {
-            epoch,
-            next_micro,
-            next_iteration,
-            ..self.s.clone()
-        };
         // Samples for the iterations still to come are saved only in one process: they are
         // each rank's own, and rank 0 writes alone. A data-parallel run resumed between
         // iterations samples again.
@@ -590,7 +583,7 @@ impl<'a> Loop<'a> {
         } else {
             None
         };
-        let dir = self.write_checkpoint(&snapshot, pending)?;
+        let dir = self.write_checkpoint(position, pending)?;
         if let Some(signal) = signal {
             // No rank exits before rank 0 has written the checkpoint (a launcher tears the
             // job down when the first one does).
@@ -608,12 +601,19 @@ impl<'a> Loop<'a> {
         Ok(())
     }
 
-    /// Writes `checkpoint-STEP` of the weights, the optimizer and `snapshot`.
+    /// Writes `checkpoint-STEP` of the weights, the optimizer and the trainer state, whose
+    /// data position is `position` (epoch, micro-batch, iteration).
     fn write_checkpoint(
         &self,
-        snapshot: &TrainerState,
+        (epoch, next_micro, next_iteration): (usize, usize, usize),
         pending: Option<String>,
     ) -> Result<std::path::PathBuf> {
+        let snapshot = TrainerState {
+            epoch,
+            next_micro,
+            next_iteration,
+            ..self.s.clone()
+        };
         let step = self.s.global_step;
         let limit = self.p.recipe.train.save_total_limit;
         let (setup, model, optim) = (self.p.setup, &self.model, &self.optim);
@@ -621,7 +621,7 @@ impl<'a> Loop<'a> {
             .p
             .run
             .checkpoint(step, limit, |dir| {
-                state::save(dir, setup, (model, optim), snapshot, pending, false)
+                state::save(dir, setup, (model, optim), &snapshot, pending, false)
             })
             .map_err(|e| {
                 // Disk full, read-only output…: stop, and say what is still usable.
@@ -654,15 +654,8 @@ impl<'a> Loop<'a> {
         if !worth_it {
             return e;
         }
-        let (epoch, next_micro, next_iteration) = position;
-        let snapshot = TrainerState {
-            epoch,
-            next_micro,
-            next_iteration,
-            ..self.s.clone()
-        };
         self.bar.finish_and_clear();
-        match self.write_checkpoint(&snapshot, None) {
+        match self.write_checkpoint(position, None) {
             Ok(dir) => TrainerError::Input(format!(
                 "{e}; the {step} steps before step {} are kept in {}: continue with --resume \
                  once the cause is fixed",
