@@ -26,23 +26,30 @@ pub fn read(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
             format!("is {what}"),
         ));
     }
-    let too_big = || {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("is larger than the {} MiB such a file may be", limit >> 20),
-        )
-    };
     if meta.len() > limit {
-        return Err(too_big());
+        return Err(too_big(limit));
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    read_bounded(path, limit, meta.len() as usize)
+}
+
+/// At most `limit` bytes of `path`, refused when there are more (a file may have grown
+/// since its size was read, and a stream has none).
+fn read_bounded(path: &Path, limit: u64, expected: usize) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(expected);
     std::fs::File::open(path)?
         .take(limit + 1)
         .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
-        return Err(too_big());
+        return Err(too_big(limit));
     }
     Ok(bytes)
+}
+
+fn too_big(limit: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("is larger than the {} MiB such a file may be", limit >> 20),
+    )
 }
 
 /// As [`read`], as UTF-8 text.
@@ -63,17 +70,7 @@ pub fn read_text_or_stream(path: &Path, limit: u64) -> std::io::Result<String> {
             "is a directory",
         ));
     }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("is larger than the {} MiB such a file may be", limit >> 20),
-        ));
-    }
-    utf8(bytes)
+    utf8(read_bounded(path, limit, 0)?)
 }
 
 fn utf8(bytes: Vec<u8>) -> std::io::Result<String> {
