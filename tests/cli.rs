@@ -1040,6 +1040,7 @@ fn train_tiny_sft_recipe_end_to_end() {
         "learning_rate",
         "grad_norm",
         "mean_token_accuracy",
+        "entropy",
         "num_tokens",
         "epoch",
         "step",
