@@ -164,6 +164,27 @@ impl JsonLinesProcess {
         result
     }
 
+    /// [`Self::ask`], each answer read by `parse(self, line, text)`. An answer it refuses
+    /// fails the request as the program's own faults do: its later output is then not
+    /// reported a second time when it is closed, so the error is one line.
+    pub fn ask_parsed<T>(
+        &mut self,
+        questions: &[Value],
+        parse: impl Fn(&Self, usize, &str) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        let answers = self.ask(questions)?;
+        let first = self.line + 1 - answers.len();
+        let parsed: Result<Vec<T>> = answers
+            .iter()
+            .enumerate()
+            .map(|(i, a)| parse(self, first + i, a))
+            .collect();
+        if parsed.is_err() {
+            self.failed = true;
+        }
+        parsed
+    }
+
     fn exchange(&mut self, questions: &[Value]) -> Result<Vec<String>> {
         if self.stdin.is_none() {
             return Err(self.fail_at(

@@ -25,10 +25,10 @@ impl CommandReward {
     }
 
     /// Answer line `line`'s reward.
-    fn parse(&self, line: usize, text: &str) -> Result<Option<f64>> {
-        let fail = |msg: &str| self.process.fail_at(line, msg);
+    fn parse(process: &JsonLinesProcess, line: usize, text: &str) -> Result<Option<f64>> {
+        let fail = |msg: &str| process.fail_at(line, msg);
         let v: Value = serde_json::from_str(text.trim())
-            .map_err(|e| self.process.fail_at(line, format!("not JSON ({e})")))?;
+            .map_err(|e| process.fail_at(line, format!("not JSON ({e})")))?;
         let reward = match &v {
             // A misspelt or missing key is no "does not apply": that is `null`, said so.
             Value::Object(o) => o.get("reward").cloned().ok_or_else(|| {
@@ -79,13 +79,7 @@ impl Reward for CommandReward {
                 line
             })
             .collect();
-        let answers = self.process.ask(&questions)?;
-        let first = self.process.answered() + 1 - answers.len();
-        answers
-            .iter()
-            .enumerate()
-            .map(|(i, a)| self.parse(first + i, a))
-            .collect()
+        self.process.ask_parsed(&questions, Self::parse)
     }
 }
 
@@ -153,6 +147,17 @@ mod tests {
             e.contains("answer line 1") && e.contains("without a `reward` field"),
             "{e}"
         );
+        // After an answer it refused, the program's later lines are no second error
+        // (closing it printed one, so the run failed with two lines).
+        let mut chatty = CommandReward::spawn(
+            "cmd".into(),
+            sh(r#"read l; echo '{"score": 1}'; sleep 0.2; echo extra"#),
+            10.0,
+        )
+        .unwrap();
+        assert!(chatty.score(&[s("x")]).is_err());
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        assert!(chatty.finish().is_ok());
 
         // Two lines per question, or a line before the first: the answers read were
         // shifted. The batch fails if the extra line is there by the time its answers

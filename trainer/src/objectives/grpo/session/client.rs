@@ -282,11 +282,11 @@ impl ClientSessions<'_> {
                         q
                     })
                     .collect();
-                let answers = client.process.ask(&questions)?;
-                let first = client.process.answered() + 1 - answers.len();
+                let replies = client
+                    .process
+                    .ask_parsed(&questions, CommandClient::parse)?;
                 let mut out = vec![None; speaks.len()];
-                for (i, (&r, a)) in rows.iter().zip(&answers).enumerate() {
-                    let reply = client.parse(first + i, a)?;
+                for (&r, reply) in rows.iter().zip(replies) {
                     // `turn` counts the turns the client took: an end is none, and an
                     // opening asked again is still turn 0.
                     if matches!(reply, Reply::Says(_)) {
@@ -301,8 +301,8 @@ impl ClientSessions<'_> {
 }
 
 impl CommandClient {
-    fn parse(&self, line: usize, text: &str) -> Result<Reply> {
-        let fail = |msg: String| self.process.fail_at(line, msg);
+    fn parse(process: &JsonLinesProcess, line: usize, text: &str) -> Result<Reply> {
+        let fail = |msg: String| process.fail_at(line, msg);
         let v: Value =
             serde_json::from_str(text.trim()).map_err(|e| fail(format!("not JSON ({e})")))?;
         let says = |s: &str| {
