@@ -120,6 +120,19 @@ fn item_of(fields: &Map<String, Value>, location: Location) -> Result<ChoiceItem
     if options.len() < 2 || options.iter().any(|o| o.trim().is_empty()) {
         return Err(bad_options());
     }
+    // Two options of the same text tie, and a tie goes to the first: the item would be
+    // scored by where its answer sits, not by the model.
+    for (j, o) in options.iter().enumerate() {
+        if let Some(i) = options[..j].iter().position(|p| p.trim() == o.trim()) {
+            return Err((
+                okey.to_string(),
+                format!(
+                    "options {} and {} are the same text; each option must differ",
+                    keys[i], keys[j]
+                ),
+            ));
+        }
+    }
     let (akey, answer) =
         first(fields, ANSWER).ok_or_else(|| ("answer".into(), "missing".into()))?;
     let answer = answer_index(answer, &options, &keys).ok_or_else(|| {
@@ -257,10 +270,24 @@ mod tests {
                 serde_json::json!({"question": " ", "options": ["a", "b"], "answer": 0}),
                 "question",
             ),
+            (
+                serde_json::json!({"question": "q", "options": ["a", "b", " a"], "answer": 1}),
+                "options",
+            ),
+            (
+                serde_json::json!({"question": "q", "choices": {"A": "x", "B": "x"}, "answer": "B"}),
+                "choices",
+            ),
         ];
         for (row, column) in cases {
-            let (got, _) = item(row.clone()).unwrap_err();
+            let (got, why) = item(row.clone()).unwrap_err();
             assert_eq!(got, column, "{row}");
+            if row.to_string().contains("\"x\"") {
+                assert_eq!(
+                    why,
+                    "options A and B are the same text; each option must differ"
+                );
+            }
         }
     }
 
