@@ -23,42 +23,89 @@ fn refused(out: &Path, reason: &str) -> DataError {
     }
 }
 
-/// Refuses an `out` whose name says another format than the JSON Lines written into it
+/// What an output file holds, so that its name can be checked against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    JsonLines,
+    Json,
+    Gguf,
+    Safetensors,
+}
+
+impl OutputFormat {
+    fn name(self) -> &'static str {
+        match self {
+            Self::JsonLines => "JSON Lines",
+            Self::Json => "JSON",
+            Self::Gguf => "GGUF",
+            Self::Safetensors => "safetensors",
+        }
+    }
+
+    /// Its own extensions, the first the one to suggest.
+    fn extensions(self) -> &'static [&'static str] {
+        match self {
+            // hearth reads `.json` as JSON Lines too.
+            Self::JsonLines => &["jsonl", "ndjson", "json"],
+            Self::Json => &["json"],
+            Self::Gguf => &["gguf"],
+            Self::Safetensors => &["safetensors"],
+        }
+    }
+}
+
+/// Extensions that say a format: data files, model files, pages, and compressed files
+/// (the text is written as it is).
+const KNOWN_FORMATS: [&str; 22] = [
+    "jsonl",
+    "ndjson",
+    "json",
+    "parquet",
+    "arrow",
+    "feather",
+    "ipc",
+    "csv",
+    "tsv",
+    "safetensors",
+    "gguf",
+    "bin",
+    "pt",
+    "pth",
+    "html",
+    "toml",
+    "gz",
+    "zst",
+    "bz2",
+    "xz",
+    "zip",
+    "lz4",
+];
+
+/// Refuses an `out` whose name says another format than the `format` written into it
 /// (`o.parquet` would hold JSON text that every Parquet reader, hearth's included, then
-/// calls damaged). A name without an extension, or with any other, is the user's choice.
-/// `what` says what is written.
-pub fn check_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
-    const OTHER_FORMATS: [&str; 14] = [
-        "parquet",
-        "arrow",
-        "feather",
-        "ipc",
-        "csv",
-        "tsv",
-        "safetensors",
-        "gguf",
-        // Compressed: the text is written as it is.
-        "gz",
-        "zst",
-        "bz2",
-        "xz",
-        "zip",
-        "lz4",
-    ];
+/// calls damaged). A name without an extension, or with one no format goes by, is the
+/// user's choice. `what` says what is written.
+pub fn check_output_name(out: &Path, what: &str, format: OutputFormat) -> Result<(), DataError> {
     let ext = extension(out);
-    if !OTHER_FORMATS.contains(&ext.as_str()) {
+    if !KNOWN_FORMATS.contains(&ext.as_str()) || format.extensions().contains(&ext.as_str()) {
         return Ok(());
     }
-    Err(not_jsonl(out, what, &format!("not .{ext}")))
+    Err(wrong_name(out, what, format, &format!(", not .{ext}")))
+}
+
+/// [`check_output_name`] for JSON Lines.
+pub fn check_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
+    check_output_name(out, what, OutputFormat::JsonLines)
 }
 
 /// [`check_jsonl_name`] for rows written for hearth to read back: its readers tell JSON
 /// Lines by the name, so only `.jsonl`, `.ndjson` or `.json` will do.
 pub fn check_readable_jsonl_name(out: &Path, what: &str) -> Result<(), DataError> {
-    if matches!(extension(out).as_str(), "jsonl" | "ndjson" | "json") {
+    let format = OutputFormat::JsonLines;
+    if format.extensions().contains(&extension(out).as_str()) {
         return Ok(());
     }
-    Err(not_jsonl(out, what, "only"))
+    Err(wrong_name(out, what, format, " only"))
 }
 
 fn extension(out: &Path) -> String {
@@ -68,11 +115,18 @@ fn extension(out: &Path) -> String {
         .to_ascii_lowercase()
 }
 
-fn not_jsonl(out: &Path, what: &str, qualifier: &str) -> DataError {
+fn wrong_name(out: &Path, what: &str, format: OutputFormat, qualifier: &str) -> DataError {
+    let own = format.extensions();
+    let suggestion = match own {
+        [one] => format!(".{one}"),
+        [first, .., last] => format!(".{first} (or .{last})"),
+        [] => String::new(),
+    };
     DataError::Unsupported {
         path: out.to_path_buf(),
         reason: format!(
-            "{what} are written as JSON Lines {qualifier}: name the file .jsonl (or .json)"
+            "{what} are written as {}{qualifier}: name the file {suggestion}",
+            format.name()
         ),
     }
 }
@@ -122,6 +176,52 @@ pub(crate) fn write_new<T>(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A JSON, GGUF or safetensors output under another format's name is refused with the
+    /// name to use; its own name, or one no format goes by, is kept.
+    #[test]
+    fn each_format_refuses_the_names_of_the_others() {
+        use OutputFormat::*;
+        for (name, format, refused) in [
+            ("e.json", Json, None),
+            ("e.JSON", Json, None),
+            (
+                "e.parquet",
+                Json,
+                Some("written as JSON, not .parquet: name the file .json"),
+            ),
+            ("e.jsonl", Json, Some("not .jsonl: name the file .json")),
+            ("e", Json, None),
+            ("e.out", Json, None),
+            ("m.gguf", Gguf, None),
+            (
+                "m.safetensors",
+                Gguf,
+                Some("written as GGUF, not .safetensors: name the file .gguf"),
+            ),
+            ("m.bin", Gguf, Some("not .bin")),
+            ("l.safetensors", Safetensors, None),
+            (
+                "l.json",
+                Safetensors,
+                Some("not .json: name the file .safetensors"),
+            ),
+            (
+                "r.html",
+                JsonLines,
+                Some("not .html: name the file .jsonl (or .json)"),
+            ),
+        ] {
+            let got = check_output_name(Path::new(name), "things", format);
+            match refused {
+                None => assert!(got.is_ok(), "{name}: {got:?}"),
+                Some(want) => {
+                    let e = got.unwrap_err().to_string();
+                    assert!(e.contains(want) && e.contains(name), "{name}: {e}");
+                }
+            }
+        }
+    }
 
     /// Another format's or a compressed name is refused by both rules; a name with no
     /// extension, or another one, only by the rule for files hearth reads back.

@@ -122,6 +122,7 @@ pub fn write_logits(
         inputs.push(path);
     }
     checkpoints::guard::check_output_file(out, &inputs)?;
+    data::output::check_output_name(out, "logits", data::output::OutputFormat::Safetensors)?;
     crate::model::refuse_reward_model(model_dir, adapter)?;
     let (source, batch) = match input {
         LogitsInput::File(path) => (path.display().to_string(), TokenBatch::read(path)?),

@@ -212,6 +212,8 @@ fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
     } else {
         checkpoints::guard::check_output_file(o.out, &inputs)?;
     }
+    // A run's page reads its `evals/*.json`.
+    data::output::check_output_name(o.out, "evaluations", data::output::OutputFormat::Json)?;
 
     // Every data file is read before any model is loaded, so bad data fails at once.
     let (probe_data, probes) = probes::load(o.probes)?;

@@ -20,6 +20,7 @@ pub fn export_to_gguf(
     let mut inputs = vec![base];
     inputs.extend(adapter);
     checkpoints::guard::check_output_file(out, &inputs)?;
+    data::output::check_output_name(out, "exported models", data::output::OutputFormat::Gguf)?;
     // The model's own errors (no such directory, a bad config) first, before its tokenizer's.
     checkpoints::ModelConfig::from_path(base)?;
     let source = checkpoints::gguf::locate(base)?;
