@@ -16,6 +16,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Report(a) => {
             let page = trainer::report::write_page(&a.dir)?;
+            for what in trainer::report::left_out(&a.dir) {
+                eprintln!("warning: {what}");
+            }
             eprintln!("wrote {}", page.display());
         }
         Command::Selftest(a) => {

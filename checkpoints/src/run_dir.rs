@@ -183,6 +183,25 @@ pub fn read_metrics(root: &Path) -> Result<Vec<serde_json::Value>> {
         .collect())
 }
 
+/// The numbers of `metrics.jsonl`'s lines that [`read_metrics`] skips for being no JSON,
+/// but for a last line without its newline: hearth was stopped while writing it.
+pub fn damaged_metric_lines(root: &Path) -> Result<Vec<usize>> {
+    let path = root.join(METRICS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    let cut_short = !text.is_empty() && !text.ends_with('\n');
+    let count = text.lines().count();
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|&(i, l)| {
+            serde_json::from_str::<serde_json::Value>(l).is_err()
+                && !l.trim().is_empty()
+                && !(cut_short && i + 1 == count)
+        })
+        .map(|(i, _)| i + 1)
+        .collect())
+}
+
 impl RunDir {
     /// Creates `root` for a new run. Only a new or empty directory is taken, or one that a
     /// run which failed before its first step left (its `recipe.toml` alone, which

@@ -425,6 +425,60 @@ pub fn write_pipeline_page(
     Ok(path)
 }
 
+/// What a page of `dir` (a run, or a pipeline's runs) leaves out, one line each naming the
+/// file: metric lines that are no JSON (all but one cut short by a stop), and evaluation
+/// files that do not read as one, which the page skips so that one bad file does not cost
+/// the whole page.
+pub fn left_out(dir: &Path) -> Vec<String> {
+    let runs: Vec<PathBuf> = if dir.join(RECIPE_FILE).is_file() {
+        vec![dir.to_path_buf()]
+    } else {
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.join(RECIPE_FILE).is_file())
+            .collect();
+        runs.sort();
+        runs
+    };
+    let mut out = Vec::new();
+    for run in runs {
+        let metrics = run.join(METRICS_FILE);
+        if metrics.is_file() {
+            for line in crate::run_dir::damaged_metric_lines(&run).unwrap_or_default() {
+                out.push(format!(
+                    "{}: line {line} is no JSON; left out of the page",
+                    metrics.display()
+                ));
+            }
+        }
+        let evals = run.join(crate::counseling_eval::EVALS_DIR);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&evals)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        for file in files {
+            let kind = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_string));
+            if kind.as_deref() != Some("counseling") {
+                out.push(format!(
+                    "{}: not a counseling evaluation hearth wrote; left out of the page",
+                    file.display()
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// `hearth report DIR`: a run's page, or a pipeline's when `DIR` holds runs rather than
 /// being one (stages in the order they were started).
 pub fn write_page(dir: &Path) -> Result<PathBuf> {
@@ -462,6 +516,36 @@ pub fn write_page(dir: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A damaged metric line and an evaluation file that does not read are named; a last
+    /// line cut short by a stop, and a good evaluation, are not.
+    #[test]
+    fn what_the_page_leaves_out_is_named_by_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        std::fs::write(run.join(RECIPE_FILE), "").unwrap();
+        std::fs::write(
+            run.join(METRICS_FILE),
+            "{\"loss\":1,\"step\":1}\nGARBAGE\n\n{\"loss\":2,\"step\":2}\n{\"loss\":",
+        )
+        .unwrap();
+        let evals = run.join(crate::counseling_eval::EVALS_DIR);
+        std::fs::create_dir(&evals).unwrap();
+        std::fs::write(evals.join("bad.json"), "{bad").unwrap();
+        std::fs::write(evals.join("good.json"), "{\"kind\":\"counseling\"}").unwrap();
+        let left = left_out(run);
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left[0].ends_with("metrics.jsonl: line 2 is no JSON; left out of the page"));
+        assert!(left[1].contains("bad.json: not a counseling evaluation"));
+        // A pipeline's directory: its runs are checked.
+        let pipeline = tempfile::tempdir().unwrap();
+        let stage = pipeline.path().join("sft");
+        std::fs::create_dir(&stage).unwrap();
+        std::fs::write(stage.join(RECIPE_FILE), "").unwrap();
+        std::fs::write(stage.join(METRICS_FILE), "x\n").unwrap();
+        let left = left_out(pipeline.path());
+        assert!(left.len() == 1 && left[0].contains("line 1"), "{left:?}");
+    }
 
     /// Skipped steps count as reached and are counted; an evaluation whose loss was not
     /// finite (logged as null) shows NaN in its column instead of losing the column.
