@@ -26,23 +26,30 @@ pub unsafe fn pin_default_device_to_cpu() {
 /// Parses `cpu`/`flex`, `cuda[:N]` or `wgpu[:N]` into a device. Plain `wgpu` takes the
 /// adapter wgpu prefers; `wgpu:N` the Nth discrete GPU.
 pub fn parse(name: &str) -> Result<Device> {
+    let (kind, index) = split(name).map_err(|why| TrainerError::Device(name.into(), why))?;
+    match kind {
+        "cuda" => cuda(name, index),
+        "wgpu" => wgpu(name, index),
+        _ => Ok(Device::flex()),
+    }
+}
+
+/// A device name's kind (`cpu`, `cuda` or `wgpu`) and index, without opening it: what a
+/// recipe can be checked for before anything runs.
+pub fn split(name: &str) -> std::result::Result<(&str, Option<usize>), String> {
     let (kind, index) = match name.split_once(':') {
         Some((k, i)) => {
-            let i: usize = i.parse().map_err(|_| {
-                TrainerError::Device(name.into(), "the index after `:` must be a number".into())
-            })?;
+            let i: usize = i
+                .parse()
+                .map_err(|_| "the index after `:` must be a number".to_string())?;
             (k, Some(i))
         }
         None => (name, None),
     };
     match kind {
-        "cpu" | "flex" => Ok(Device::flex()),
-        "cuda" => cuda(name, index),
-        "wgpu" => wgpu(name, index),
-        _ => Err(TrainerError::Device(
-            name.into(),
-            "expected cpu, cuda[:N] or wgpu[:N]".into(),
-        )),
+        "cpu" | "flex" => Ok(("cpu", index)),
+        "cuda" | "wgpu" => Ok((kind, index)),
+        _ => Err("expected cpu, cuda[:N] or wgpu[:N]".into()),
     }
 }
 

@@ -306,6 +306,9 @@ impl Recipe {
     fn validate(&self, origin: &str) -> Result<()> {
         let t = &self.train;
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));
+        if let Err(why) = crate::device::split(&t.device) {
+            return bad(format!("train.device `{}`: {why}", t.device));
+        }
         if t.bf16 && t.fp16 {
             return bad("train.bf16 and train.fp16 are both on; choose one".into());
         }
@@ -762,6 +765,14 @@ mod tests {
             (
                 "lora.layers_to_transform=[-1]",
                 "`lora.layers_to_transform`",
+            ),
+            (
+                "train.device=\"gpu\"",
+                "train.device `gpu`: expected cpu, cuda[:N] or wgpu[:N]",
+            ),
+            (
+                "train.device=\"cuda:first\"",
+                "train.device `cuda:first`: the index after `:` must be a number",
             ),
         ] {
             let err = parse(MINIMAL, "r.toml", &[set.into()])
