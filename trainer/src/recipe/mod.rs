@@ -519,6 +519,46 @@ mod tests {
 
     const MINIMAL: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[lora]\n";
 
+    /// A command reward or client whose program is an empty name is refused with the
+    /// recipe (it failed at its start, as "cannot start ``", naming neither), and the
+    /// client's settings each name their own key.
+    #[test]
+    fn programs_and_client_settings_are_checked_with_the_recipe() {
+        let base = "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[lora]\n[train]\n\
+                    method = \"grpo\"\n[grpo]\nnum_generations = 2\n";
+        let reward = format!("{base}[[grpo.rewards]]\nkind = \"command\"\ncommand = [\" \"]\n");
+        let e = parse(&reward, "r.toml", &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("r.toml: grpo.rewards[0] (command): command's first element"),
+            "{e}"
+        );
+        let session = format!(
+            "{base}rollout = \"session\"\n[grpo.client]\nkind = \"command\"\n\
+             command = [\"\", \"x\"]\n[[grpo.rewards]]\nkind = \"format\"\n"
+        );
+        let e = parse(&session, "r.toml", &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("r.toml: grpo.client.command's first element"),
+            "{e}"
+        );
+        let model_client = session.replace(
+            "kind = \"command\"\ncommand = [\"\", \"x\"]",
+            "kind = \"model\"",
+        );
+        parse(&model_client, "r.toml", &[]).unwrap();
+        let e = parse(
+            &model_client,
+            "r.toml",
+            &["grpo.client.max_new_tokens=0".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("grpo.client.max_new_tokens must be positive"),
+            "{e}"
+        );
+    }
+
     /// Every path-valued key, set to an empty (or blank) string in the file or with
     /// `--set`, is refused naming itself; an empty string elsewhere (a column's new name) is
     /// not a path and is left to its own checks.

@@ -149,6 +149,13 @@ pub fn check_specs(specs: &[RewardSpec]) -> std::result::Result<(), String> {
                         "needs `command`, e.g. [\"python3\", \"score.py\"]".into()
                     ));
                 }
+                if spec
+                    .command
+                    .as_ref()
+                    .is_some_and(|c| c[0].trim().is_empty())
+                {
+                    return Err(bad("command's first element, the program, is empty".into()));
+                }
                 let timeout_s = spec.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
                 if !(timeout_s > 0.0 && timeout_s <= crate::recipe::MAX_SECONDS) {
                     return Err(bad(format!(

@@ -167,6 +167,13 @@ impl SessionSettings {
                             .into(),
                     );
                 }
+                if client
+                    .command
+                    .as_ref()
+                    .is_some_and(|c| c[0].trim().is_empty())
+                {
+                    return Err("grpo.client.command's first element, the program, is empty".into());
+                }
                 if !(client.timeout_s > 0.0 && client.timeout_s <= crate::recipe::MAX_SECONDS) {
                     return Err(format!(
                         "grpo.client.timeout_s {} must be a positive number of seconds (at most \
@@ -186,11 +193,14 @@ impl SessionSettings {
             && client.temperature.is_finite()
             && client.top_p > 0.0
             && client.top_p <= 1.0;
-        if !sampling_ok || client.max_new_tokens == 0 {
+        if !sampling_ok {
             return Err(format!(
-                "grpo.client: temperature {} must be ≥ 0, top_p {} in (0, 1] and max_new_tokens positive",
+                "grpo.client: temperature {} must be ≥ 0 and top_p {} in (0, 1]",
                 client.temperature, client.top_p
             ));
+        }
+        if client.max_new_tokens == 0 {
+            return Err("grpo.client.max_new_tokens must be positive".into());
         }
         if let Some(t) = &client.persona_template {
             persona::check_template(t).map_err(|e| format!("grpo.client.persona_template: {e}"))?;
