@@ -44,6 +44,8 @@ pub struct Prepare<'a> {
     pub reference: Option<&'a Reference>,
     pub train: &'a mut Examples,
     pub eval: &'a mut Examples,
+    /// The training data's file, which errors about its rows name.
+    pub train_file: &'a Path,
     /// The adapter training continues from, which the reference is a copy of.
     pub lora_init: Option<&'a Path>,
     pub precision: Precision,

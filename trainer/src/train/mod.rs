@@ -100,6 +100,7 @@ pub fn train(recipe: &Recipe, out: &Path, resume: bool, progress: bool) -> Resul
         reference: setup.reference.as_ref(),
         train: &mut sets.train,
         eval: &mut sets.eval,
+        train_file: &recipe.data.train,
         lora_init: recipe.lora.as_ref().and_then(|l| l.init_from.as_deref()),
         precision: Precision::from_flags(t.bf16, t.fp16),
         batch_size: t.per_device_train_batch_size,

@@ -338,7 +338,7 @@ impl Objective for Grpo {
                 )?;
                 if let Examples::Prompts(prompts) = &*cx.train {
                     let extras: Vec<_> = prompts.iter().map(|p| &p.extra).collect();
-                    client.check_rows(&extras)?;
+                    client.check_rows(&extras, cx.train_file)?;
                 }
                 Some(rollout::Sessions {
                     settings: s.clone(),

@@ -151,8 +151,9 @@ impl Client {
         })))
     }
 
-    /// Checks that every row has what the persona template asks for, before any step.
-    pub fn check_rows(&self, extras: &[&Map<String, Value>]) -> Result<()> {
+    /// Checks that every row of `file` has what the persona template asks for, before
+    /// any step.
+    pub fn check_rows(&self, extras: &[&Map<String, Value>], file: &std::path::Path) -> Result<()> {
         if let Self::Model(m) = self {
             for (i, e) in extras.iter().enumerate() {
                 persona(
@@ -160,7 +161,7 @@ impl Client {
                     e,
                     &format!("training prompt {}", i + 1),
                 )
-                .map_err(TrainerError::Input)?;
+                .map_err(|e| TrainerError::Input(format!("{}: {e}", file.display())))?;
             }
         }
         Ok(())
