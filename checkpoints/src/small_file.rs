@@ -73,9 +73,16 @@ pub fn read_text_or_stream(path: &Path, limit: u64) -> std::io::Result<String> {
     utf8(read_bounded(path, limit, 0)?)
 }
 
+/// The text, or an error naming the line of the first byte that is not UTF-8.
 fn utf8(bytes: Vec<u8>) -> std::io::Result<String> {
-    String::from_utf8(bytes)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("line {line}: not UTF-8 text ({})", e.utf8_error()),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -113,5 +120,8 @@ mod tests {
             .to_string();
         assert!(e.contains("larger than"), "{e}");
         assert!(read_text_or_stream(dir.path(), 10).is_err());
+        std::fs::write(&file, b"a = 1\nb = \"\xff\"\n").unwrap();
+        let e = read_text(&file, 100).unwrap_err().to_string();
+        assert!(e.starts_with("line 2: not UTF-8 text"), "{e}");
     }
 }

@@ -10,6 +10,18 @@ pub fn located(text: &str, e: &toml::de::Error) -> String {
     let start = span.start.min(text.len());
     let line = text[..start].matches('\n').count() + 1;
     let line_text = text.lines().nth(line - 1).unwrap_or_default();
+    // A table's header names the table (written twice, say).
+    if let Some(header) = line_text.trim().strip_prefix('[') {
+        let name = header
+            .trim_start_matches('[')
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .trim();
+        if !name.is_empty() {
+            return format!("line {line}: `[{name}]`: {}", e.message());
+        }
+    }
     // Only a line that sets a bare key names one: an array's continuation line holds `=`
     // inside its strings.
     let key = line_text
@@ -66,6 +78,9 @@ mod tests {
             "[[stage]]\nname = \"a\"\nrecipe = \"r.toml\"\nset = [\n  \"train.max_steps=2\", 5,\n]\n",
         );
         assert!(e.starts_with("line 5: invalid type"), "{e}");
+        // A table written twice names the table.
+        let e = err("[report]\nsamples = 2\n\n[report]\n");
+        assert!(e.starts_with("line 4: `[report]`: "), "{e}");
         // A syntax error (an unclosed string) names the key it broke.
         let e = err("[report]\nsamples = 2\n[[stage]]\nname = \"a\n");
         assert!(e.starts_with("line 4: `name`: "), "{e}");
