@@ -42,6 +42,10 @@ pub struct TrainerState {
     /// inside a `logging_steps` window logs the same average.
     #[serde(default)]
     pub log_window: LogWindow,
+    /// A hash of the training examples as tokenised (`Examples::fingerprint`), which a
+    /// resume must find unchanged. 0 in a state saved before it was recorded.
+    #[serde(default)]
+    pub train_data: u64,
 }
 
 /// The finite steps since the last logged line: their count, their losses summed, and each
@@ -69,6 +73,7 @@ impl TrainerState {
             global_batch: 0,
             micro_rows: 0,
             log_window: LogWindow::default(),
+            train_data: 0,
         }
     }
 

@@ -51,6 +51,43 @@ pub enum Examples {
 }
 
 impl Examples {
+    /// A hash of every example as training reads it (tokens, masks, margins, the columns
+    /// rewards read), never 0: a resume checks it, so a data file, tokenizer, template or
+    /// data setting changed since the run started is refused rather than resumed inexactly.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = crate::fnv::Fnv::new();
+        let ids = |h: &mut crate::fnv::Fnv, ids: &[u32]| {
+            let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+            h.bytes(&bytes);
+        };
+        match self {
+            Examples::Sequences(all) => {
+                h.word(1);
+                for s in all {
+                    ids(&mut h, &s.ids);
+                    h.bytes(&s.loss_mask);
+                }
+            }
+            Examples::Pairs(all) => {
+                h.word(2);
+                for p in all {
+                    ids(&mut h, &p.tokens.prompt);
+                    ids(&mut h, &p.tokens.chosen);
+                    ids(&mut h, &p.tokens.rejected);
+                    h.word(p.margin.to_bits());
+                }
+            }
+            Examples::Prompts(all) => {
+                h.word(3);
+                for p in all {
+                    ids(&mut h, &p.ids);
+                    h.bytes(Value::Object(p.extra.clone()).to_string().as_bytes());
+                }
+            }
+        }
+        h.0.max(1)
+    }
+
     /// Each example's length in tokens as the model reads it: a sequence, or a pair's
     /// prompt with its longer side; a prompt alone for prompts (completions come later).
     pub fn lengths(&self) -> Vec<usize> {

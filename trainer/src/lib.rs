@@ -10,6 +10,7 @@ pub mod dist;
 mod error;
 pub mod evaluate;
 pub mod examples;
+mod fnv;
 pub mod generate;
 pub mod heap;
 pub mod inspect;

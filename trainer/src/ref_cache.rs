@@ -3,54 +3,14 @@
 //! adapter's) and the tokenised pairs — so a changed model or data set never reads stale
 //! values, and reruns of the same recipe skip the reference forward entirely.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::examples::PairItem;
+use crate::fnv::Fnv;
 use crate::objectives::Reference;
 use crate::{Result, TrainerError};
-
-/// FNV-1a over 64-bit words: stable across runs and platforms, fast enough for weights.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn word(&mut self, w: u64) {
-        self.0 ^= w;
-        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-
-    fn bytes(&mut self, b: &[u8]) {
-        let mut chunks = b.chunks_exact(8);
-        for c in &mut chunks {
-            self.word(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
-        }
-        for &x in chunks.remainder() {
-            self.word(x as u64);
-        }
-        self.word(b.len() as u64);
-    }
-
-    fn file(&mut self, path: &Path) -> Result<()> {
-        let io = |e| TrainerError::Input(format!("{}: {e}", path.display()));
-        let mut f = std::fs::File::open(path).map_err(io)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            self.bytes(&buf[..n]);
-        }
-        Ok(())
-    }
-}
 
 /// The model half of a cache key.
 #[derive(Debug, Clone, Copy)]

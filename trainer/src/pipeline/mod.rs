@@ -123,8 +123,9 @@ pub fn load(path: &Path) -> Result<Pipeline> {
     let mut seen = Vec::new();
     for s in &p.stage {
         // The name is a directory under the pipeline's: `.` and `..` would put a stage's
-        // run in the pipeline's own directory or its parent.
-        let path_like = s.name == "." || s.name == "..";
+        // run in the pipeline's own directory or its parent, and hearth's own hidden files
+        // (the lock, temporary files) sit there under dotted names.
+        let path_like = s.name.starts_with('.');
         // The pipeline's own files sit beside the stages' directories.
         // `{out}` is the pipeline's directory: a stage named `out` would take the name over
         // for every later stage.
@@ -145,9 +146,9 @@ pub fn load(path: &Path) -> Result<Pipeline> {
             || seen.contains(&s.name)
         {
             return Err(TrainerError::Input(format!(
-                "{}: stage name `{}` must be unique, non-empty, not `.`, `..`, `out` (the \
-                 pipeline's `{{out}}`), `{REPORT_FILE}`, `{}`, `{RECIPE_FILE}`, \
-                 `{METRICS_FILE}` or `{FINAL_DIR}`, and without / \\ {{ }} \" '",
+                "{}: stage name `{}` must be unique, non-empty, not start with `.`, not be \
+                 `out` (the pipeline's `{{out}}`), `{REPORT_FILE}`, `{}`, `{RECIPE_FILE}`, \
+                 `{METRICS_FILE}` or `{FINAL_DIR}`, and be without / \\ {{ }} \" '",
                 path.display(),
                 s.name,
                 crate::report::REPORT_PAGE

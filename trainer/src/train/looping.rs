@@ -177,7 +177,20 @@ impl<'a> Loop<'a> {
         // methods' micro-batches both come from.
         let global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world;
         super::state::check_global_batch(s.global_batch, global_batch, t, world)?;
-        let s = TrainerState { global_batch, ..s };
+        let train_data = p.sets.train.fingerprint();
+        if s.train_data != 0 && s.train_data != train_data {
+            return Err(TrainerError::Input(format!(
+                "--resume: {} does not read as the rows the run was trained on (the file, or \
+                 the tokenizer, template or data settings that make its tokens, changed since \
+                 it started); resume with the same data, or start a new run",
+                p.recipe.data.train.display()
+            )));
+        }
+        let s = TrainerState {
+            global_batch,
+            train_data,
+            ..s
+        };
         let (total, warmup) = total_and_warmup(t, steps_per_epoch);
         let bar = if progress && p.dp.is_main() {
             ProgressBar::new(total as u64)
@@ -250,7 +263,9 @@ impl<'a> Loop<'a> {
         let done = self.s.next_micro * saved;
         if !done.is_multiple_of(rows) {
             return Err(TrainerError::Input(format!(
-                "--resume: the checkpoint stands {done} rows into epoch {}, which this start's                  micro-batches of {rows} rows do not divide; resume with the checkpoint's                  number of processes",
+                "--resume: the checkpoint stands {done} rows into epoch {}, which this start's \
+                 micro-batches of {rows} rows do not divide; resume with the checkpoint's \
+                 number of processes",
                 self.s.epoch
             )));
         }

@@ -241,9 +241,9 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
                 "the run's recipe is unreadable, so it cannot be resumed: {e}"
             )));
         }
-        if !same_run(&saved, recipe, &path.display().to_string()) {
+        if let Err(difference) = same_run(&saved, recipe, &path.display().to_string()) {
             return Err(TrainerError::Input(format!(
-                "{}: this recipe (with its --set overrides) differs from the one the run started with; resume needs the same (only train.gradient_accumulation_steps and [dist] may change, to keep the global batch on another number of processes)",
+                "{}: this recipe (with its --set overrides) differs from the one the run started with ({difference}); resume needs the same (only train.gradient_accumulation_steps, train.progress_seconds and [dist] may change)",
                 path.display()
             )));
         }
@@ -283,16 +283,48 @@ fn is_resolved_recipe(text: &str) -> bool {
 /// Whether `recipe` continues the run whose resolved recipe is `saved`: the same but for
 /// what a resume on another number of processes changes — the accumulation steps (which
 /// keep the global batch) and the `[dist]` settings.
-pub(super) fn same_run(saved: &str, recipe: &Recipe, origin: &str) -> bool {
-    let Ok(before) = crate::recipe::parse(saved, origin, &[]) else {
-        return false;
-    };
+pub(super) fn same_run(
+    saved: &str,
+    recipe: &Recipe,
+    origin: &str,
+) -> std::result::Result<(), String> {
+    let before = crate::recipe::parse(saved, origin, &[]).map_err(|e| e.to_string())?;
     let mut now = recipe.clone();
     now.train.gradient_accumulation_steps = before.train.gradient_accumulation_steps;
+    // Another number of processes, and how often progress is printed, change no result.
     now.dist = before.dist.clone();
+    now.train.progress_seconds = before.train.progress_seconds;
     // Both through today's schema, so keys a run from an older hearth lacks read as their
     // defaults rather than as a difference.
-    now.to_toml() == before.to_toml()
+    let table = |r: &Recipe| toml::from_str::<toml::Table>(&r.to_toml()).unwrap_or_default();
+    match first_difference(&table(&before), &table(&now), "") {
+        None => Ok(()),
+        Some((key, was, is)) => Err(format!("`{key}` was {was}, now {is}")),
+    }
+}
+
+/// The first dotted key whose value differs between `a` and `b`, with both values
+/// (`unset` where a key is missing).
+fn first_difference(
+    a: &toml::Table,
+    b: &toml::Table,
+    prefix: &str,
+) -> Option<(String, String, String)> {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter().find_map(|k| {
+        let key = format!("{prefix}{k}");
+        match (a.get(k), b.get(k)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                first_difference(x, y, &format!("{key}."))
+            }
+            (x, y) if x == y => None,
+            (x, y) => {
+                let shown =
+                    |v: Option<&toml::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+                Some((key, shown(x), shown(y)))
+            }
+        }
+    })
 }
 
 /// The run directory: rank 0 opens or creates it (and the base model, when it is to be
@@ -348,18 +380,36 @@ mod resume_tests {
             let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
             parse(TEXT, "t", &sets).unwrap()
         };
-        assert!(same_run(&saved, &with(&[]), "t"));
-        assert!(same_run(
-            &saved,
-            &with(&["train.gradient_accumulation_steps=4", "dist.timeout_s=30"]),
-            "t"
-        ));
-        assert!(!same_run(&saved, &with(&["train.learning_rate=0.02"]), "t"));
-        assert!(!same_run(&saved, &with(&["train.bf16=true"]), "t"));
+        assert!(same_run(&saved, &with(&[]), "t").is_ok());
+        assert!(
+            same_run(
+                &saved,
+                &with(&[
+                    "train.gradient_accumulation_steps=4",
+                    "dist.timeout_s=30",
+                    "train.progress_seconds=3",
+                ]),
+                "t"
+            )
+            .is_ok()
+        );
+        // What differs is named, with both values.
+        assert_eq!(
+            same_run(&saved, &with(&["train.learning_rate=0.02"]), "t").unwrap_err(),
+            "`train.learning_rate` was 0.01, now 0.02"
+        );
+        assert_eq!(
+            same_run(&saved, &with(&["train.bf16=true"]), "t").unwrap_err(),
+            "`train.bf16` was false, now true"
+        );
+        assert_eq!(
+            same_run(&saved, &with(&["data.train=\"./d.jsonl\""]), "t").unwrap_err(),
+            "`data.train` was \"d.jsonl\", now \"./d.jsonl\""
+        );
         // An older run's recipe.toml, without the [dist] section.
         let old: String = saved.split("\n[dist]").next().unwrap().to_string();
         assert_ne!(old, saved);
-        assert!(same_run(&old, &with(&[]), "t"));
-        assert!(!same_run("not toml", &with(&[]), "t"));
+        assert!(same_run(&old, &with(&[]), "t").is_ok());
+        assert!(same_run("not toml", &with(&[]), "t").is_err());
     }
 }
