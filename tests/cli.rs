@@ -3758,6 +3758,64 @@ fn pipeline_reports_the_same_whether_a_stage_trained_now_or_was_reused() {
     );
 }
 
+/// A stage that starts from an earlier one is not reused once that one was trained again
+/// (it reused the DPO trained from the old SFT adapter): it is refused, kept, until moved
+/// aside, and then trained from the new adapter, as a fresh pipeline does.
+#[test]
+fn a_stage_is_not_reused_after_the_stage_it_starts_from_was_retrained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipes = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let pipeline = |sft_lr: &str| {
+        let p = tmp.path().join("p.toml");
+        let list = |items: &[String]| toml::Value::from(items.to_vec());
+        std::fs::write(
+            &p,
+            format!(
+                "set = {}\n[[stage]]\nname = \"sft\"\nrecipe = {:?}\nset = {}\n\
+                 [[stage]]\nname = \"dpo\"\nrecipe = {:?}\nset = {}\n",
+                list(&[
+                    format!("model.path={:?}", s(&tmp.path().join("base"))),
+                    "train.max_steps=2".into(),
+                ]),
+                s(&recipes.join("tiny-sft.toml")),
+                list(&[format!("train.learning_rate={sft_lr}")]),
+                s(&recipes.join("tiny-dpo.toml")),
+                list(&["lora.init_from=\"{sft}/final\"".into()]),
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let out = tmp.path().join("p");
+    let adapter = |dir: &Path| std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
+    ok(&["pipeline", s(&pipeline("0.01")), "--out", s(&out)]);
+    let old_dpo = adapter(&out.join("dpo"));
+    let p = pipeline("0.05");
+    // Progress lines come before the error: checked by hand, not with `fails`.
+    let refused = |needles: &[&str]| {
+        let o = hearth(&["pipeline", s(&p), "--out", s(&out)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(needles.iter().all(|n| last.contains(n)), "{err}");
+    };
+    refused(&["sft", "different recipe"]);
+    std::fs::rename(out.join("sft"), tmp.path().join("old-sft")).unwrap();
+    refused(&[
+        "dpo",
+        "started from",
+        "before that stage was trained again",
+        "move it aside",
+    ]);
+    assert_eq!(adapter(&out.join("dpo")), old_dpo);
+    std::fs::rename(out.join("dpo"), tmp.path().join("old-dpo")).unwrap();
+    ok(&["pipeline", s(&p), "--out", s(&out)]);
+    let fresh = tmp.path().join("fresh");
+    ok(&["pipeline", s(&p), "--out", s(&fresh)]);
+    assert_ne!(adapter(&out.join("dpo")), old_dpo);
+    assert_eq!(adapter(&out.join("dpo")), adapter(&fresh.join("dpo")));
+}
+
 /// A pipeline stopped by a signal says to run it again (`hearth pipeline` has no
 /// `--resume`), and running it again finishes the stage from its checkpoint.
 #[test]

@@ -283,21 +283,44 @@ fn substitute(text: &str, vars: &BTreeMap<String, PathBuf>) -> Result<String> {
 
 /// Runs one stage, picking up what an earlier run of the pipeline left: a finished stage
 /// (its `final/` verifies and it ran this very recipe) is reused, an interrupted one resumes
-/// from its newest checkpoint, anything else starts afresh.
+/// from its newest checkpoint, anything else starts afresh. `trained` are the directories of
+/// the stages this run of the pipeline trained rather than reused: a stage that starts from
+/// one of them is neither reused nor resumed, as what it was trained from has changed.
 ///
 /// In a data-parallel run every rank reads what is there between two agreements (so
 /// none reads after rank 0 started writing), and only rank 0 removes anything.
-fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<Outcome> {
+fn run_stage(
+    dp: &Group,
+    recipe: &Recipe,
+    dir: &Path,
+    trained: &[PathBuf],
+    progress: bool,
+) -> Result<(Outcome, bool)> {
     dp.agree(true, "starting a pipeline stage")?;
     let run = RunDir::follower(dir);
     let saved = run.saved_recipe();
-    let same_recipe = saved.as_deref() == Some(recipe.to_toml().as_str());
+    let text = recipe.to_toml();
+    let same_recipe = saved.as_deref() == Some(text.as_str());
     let final_check = checkpoints::verify_manifest(&run.final_dir());
+    let retrained_input = trained.iter().find(|d| {
+        let d = d.display().to_string();
+        text.contains(&format!("{d}/")) || text.contains(&format!("{d}\""))
+    });
+    if let (true, Some(input)) = (same_recipe, retrained_input)
+        && (run.has_checkpoint() || run.final_dir().exists())
+    {
+        return Err(TrainerError::Input(format!(
+            "{}: holds a run that started from {} before that stage was trained again; move \
+             it aside to train it from the new one",
+            dir.display(),
+            input.display()
+        )));
+    }
     if same_recipe && final_check.is_ok() {
         if progress {
             eprintln!("  reusing the finished run in {}", dir.display());
         }
-        return outcome_of(dir);
+        return Ok((outcome_of(dir)?, false));
     }
     let has_checkpoint = run.has_checkpoint();
     let has_final = run.final_dir().exists();
@@ -308,7 +331,7 @@ fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<
             if progress {
                 eprintln!("  resuming {}", dir.display());
             }
-            return train(recipe, dir, true, progress);
+            return Ok((train(recipe, dir, true, progress)?, true));
         }
         // Stopped before its first checkpoint: nothing in it can be used; start it again,
         // unless a process still writes it (its lock, which clearing would delete).
@@ -340,7 +363,7 @@ fn run_stage(dp: &Group, recipe: &Recipe, dir: &Path, progress: bool) -> Result<
             dir.display()
         )));
     }
-    train(recipe, dir, false, progress)
+    Ok((train(recipe, dir, false, progress)?, true))
 }
 
 /// A finished run's outcome, read back from its `metrics.jsonl`.
@@ -399,6 +422,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
     let mut _held = None;
     let mut stages = Vec::new();
     let mut done: Vec<(String, Recipe, PathBuf)> = Vec::new();
+    let mut trained: Vec<PathBuf> = Vec::new();
     let count = planned.len();
     for (i, stage) in planned.into_iter().enumerate() {
         let PlannedStage {
@@ -423,7 +447,7 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         }
         // A stage stopped by a signal goes on when the pipeline is run again, which
         // resumes it from its checkpoint; `--resume` is no flag of `hearth pipeline`.
-        let outcome = run_stage(dp, &recipe, &run_dir, progress).map_err(|e| match e {
+        let run = run_stage(dp, &recipe, &run_dir, &trained, progress).map_err(|e| match e {
             TrainerError::Interrupted {
                 signal,
                 step,
@@ -440,6 +464,10 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             },
             other => other,
         })?;
+        let (outcome, was_trained) = run;
+        if was_trained {
+            trained.push(run_dir.clone());
+        }
         // The report reads every stage from its metrics.jsonl, as it does one a rerun
         // reuses: a stage's first and last losses as trained are single steps, as logged
         // they are windows of logging_steps, and the same pipeline must report the same
