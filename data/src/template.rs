@@ -198,9 +198,20 @@ impl ChatTemplate {
             Some(Json::String(source)) => Self::new(source, tokens, origin).map(Some),
             Some(Json::Array(items)) => {
                 let wanted = name.unwrap_or("default");
+                // transformers keeps the list as a name → template map: a name given twice
+                // is its last entry's.
                 let found = items
                     .iter()
+                    .rev()
                     .find(|item| item.get("name").and_then(Json::as_str) == Some(wanted));
+                if let Some(item) = found
+                    && !item.get("template").is_some_and(Json::is_string)
+                {
+                    return Err(DataError::Template {
+                        origin,
+                        reason: format!("entry `{wanted}` has no text `template`"),
+                    });
+                }
                 let source = found
                     .and_then(|item| item.get("template"))
                     .and_then(Json::as_str)
@@ -637,6 +648,21 @@ mod tests {
                 && err.contains("ships default, tool_use"),
             "{err}"
         );
+        // A name given twice is its last entry's, as transformers' name → template map
+        // makes it; an entry without a text template says so.
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": [{"name": "default", "template": "D{{ messages[0].content }}"},
+                                  {"name": "tool_use", "template": "T{{ messages[0].content }}"},
+                                  {"name": "default", "template": "E{{ messages[0].content }}"},
+                                  {"name": "rag"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(pick(None), "Ex");
+        let err = ChatTemplate::from_dir(dir.path(), Some("rag"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entry `rag` has no text `template`"), "{err}");
         std::fs::write(
             dir.path().join("chat_template.jinja"),
             "J{{ messages[0].content }}",
