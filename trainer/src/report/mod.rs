@@ -297,8 +297,9 @@ pub fn run_section(run: &Path, level: usize) -> Result<String> {
     Ok(out)
 }
 
-/// The `hearth eval counseling` results filed under `dir/evals/`, one table each.
-fn counseling_evals(dir: &Path, level: usize) -> String {
+/// The `.json` files under `dir/evals/`, in name order, each with its content when it is
+/// a counseling evaluation.
+fn eval_files(dir: &Path) -> Vec<(PathBuf, Option<Value>)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join(crate::counseling_eval::EVALS_DIR))
         .into_iter()
         .flatten()
@@ -307,13 +308,23 @@ fn counseling_evals(dir: &Path, level: usize) -> String {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
+    files
+        .into_iter()
+        .map(|file| {
+            let report = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .filter(|v| v.get("kind").and_then(Value::as_str) == Some("counseling"));
+            (file, report)
+        })
+        .collect()
+}
+
+/// The `hearth eval counseling` results filed under `dir/evals/`, one table each.
+fn counseling_evals(dir: &Path, level: usize) -> String {
     let mut out = String::new();
-    for file in files {
-        let Some(report) = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .filter(|v| v.get("kind").and_then(Value::as_str) == Some("counseling"))
-        else {
+    for (file, report) in eval_files(dir) {
+        let Some(report) = report else {
             continue;
         };
         let name = file
@@ -454,21 +465,8 @@ pub fn left_out(dir: &Path) -> Vec<String> {
                 ));
             }
         }
-        let evals = run.join(crate::counseling_eval::EVALS_DIR);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&evals)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .collect();
-        files.sort();
-        for file in files {
-            let kind = std::fs::read_to_string(&file)
-                .ok()
-                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-                .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_string));
-            if kind.as_deref() != Some("counseling") {
+        for (file, report) in eval_files(&run) {
+            if report.is_none() {
                 out.push(format!(
                     "{}: not a counseling evaluation hearth wrote; left out of the page",
                     file.display()
