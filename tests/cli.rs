@@ -2521,6 +2521,19 @@ fn a_failed_step_keeps_the_steps_before_it_for_resume() {
     );
     let adapter = |dir: &Path| std::fs::read(dir.join("final/adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(&run), adapter(&whole));
+    // Where a due save wrote those steps already, the error names that checkpoint too.
+    std::fs::write(&broken, "").unwrap();
+    let saved = tmp.path().join("saved");
+    let mut due = with("--out", &saved);
+    due.extend(["--set".into(), "train.save_steps=2".into()]);
+    let failed = hearth(&due);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("the 2 steps before step 3 are kept in") && stderr.contains("checkpoint-2"),
+        "{stderr}"
+    );
 }
 
 /// A run whose reward program failed before any checkpoint was due resumes by starting
@@ -4029,7 +4042,7 @@ fn a_resume_on_changed_data_is_refused() {
         &tiny().resume(&run),
         &[
             "rows.jsonl",
-            "does not read as the rows the run was trained on",
+            "does not read as the rows the run was trained and evaluated on",
         ],
     );
     std::fs::write(&data, &original).unwrap();

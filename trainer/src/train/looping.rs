@@ -177,13 +177,23 @@ impl<'a> Loop<'a> {
         // methods' micro-batches both come from.
         let global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world;
         super::state::check_global_batch(s.global_batch, global_batch, t, world)?;
-        let train_data = p.sets.train.fingerprint();
+        // The evaluation rows too: held out of the same file, or a file of their own.
+        let train_data = {
+            let mut h = crate::fnv::Fnv::new();
+            h.word(p.sets.train.fingerprint());
+            h.word(p.sets.eval.fingerprint());
+            h.0.max(1)
+        };
         if s.train_data != 0 && s.train_data != train_data {
+            let files: Vec<String> = std::iter::once(&p.recipe.data.train)
+                .chain(p.recipe.data.eval.as_ref())
+                .map(|f| f.display().to_string())
+                .collect();
             return Err(TrainerError::Input(format!(
-                "--resume: {} does not read as the rows the run was trained on (the file, or \
-                 the tokenizer, template or data settings that make its tokens, changed since \
-                 it started); resume with the same data, or start a new run",
-                p.recipe.data.train.display()
+                "--resume: {} does not read as the rows the run was trained and evaluated on \
+                 (the file, or the tokenizer, template or data settings that make its tokens, \
+                 changed since it started); resume with the same data, or start a new run",
+                files.join(" and ")
             )));
         }
         let s = TrainerState {
@@ -660,23 +670,30 @@ impl<'a> Loop<'a> {
         let worth_it = !matches!(e, TrainerError::Interrupted { .. } | TrainerError::Dist(_))
             && self.p.dp.world_size() == 1
             && position.2 == 0
-            && step > 0
-            && self
-                .p
-                .run
-                .latest_checkpoint(self.p.required)
-                .is_none_or(|(saved, _)| saved < step);
+            && step > 0;
         if !worth_it {
             return e;
         }
-        self.bar.finish_and_clear();
-        match self.write_checkpoint(position, None) {
-            Ok(dir) => TrainerError::Input(format!(
+        let kept = |dir: &std::path::Path| {
+            TrainerError::Input(format!(
                 "{e}; the {step} steps before step {} are kept in {}: continue with --resume \
                  once the cause is fixed",
                 step + 1,
                 dir.display()
-            )),
+            ))
+        };
+        // A due save may have just written them.
+        if let Some((_, dir)) = self
+            .p
+            .run
+            .latest_checkpoint(self.p.required)
+            .filter(|(saved, _)| *saved == step)
+        {
+            return kept(&dir);
+        }
+        self.bar.finish_and_clear();
+        match self.write_checkpoint(position, None) {
+            Ok(dir) => kept(&dir),
             Err(saving) => TrainerError::Input(format!("{e}; {saving}")),
         }
     }
