@@ -3821,10 +3821,17 @@ fn a_stage_is_not_reused_after_the_stage_it_starts_from_was_retrained() {
         "move it aside",
     ]);
     assert_eq!(adapter(&out.join("dpo")), old_dpo);
+    // Run again, the SFT stage is reused now, and the stale DPO still refused.
+    refused(&["dpo", "started from", "before that stage was trained again"]);
     std::fs::rename(out.join("dpo"), tmp.path().join("old-dpo")).unwrap();
     ok(&["pipeline", s(&p), "--out", s(&out)]);
     let fresh = tmp.path().join("fresh");
     ok(&["pipeline", s(&p), "--out", s(&fresh)]);
+    // A rerun of an unchanged pipeline reuses every stage, the dependent one included.
+    let rerun = hearth(&["pipeline", s(&p), "--out", s(&fresh)]);
+    let err = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success(), "{err}");
+    assert_eq!(err.matches("reusing the finished run").count(), 2, "{err}");
     assert_ne!(adapter(&out.join("dpo")), old_dpo);
     assert_eq!(adapter(&out.join("dpo")), adapter(&fresh.join("dpo")));
 }

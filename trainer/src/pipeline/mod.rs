@@ -293,7 +293,7 @@ fn run_stage(
     dp: &Group,
     recipe: &Recipe,
     dir: &Path,
-    trained: &[PathBuf],
+    (earlier, trained): (&[PathBuf], &[PathBuf]),
     progress: bool,
 ) -> Result<(Outcome, bool)> {
     dp.agree(true, "starting a pipeline stage")?;
@@ -302,9 +302,19 @@ fn run_stage(
     let text = recipe.to_toml();
     let same_recipe = saved.as_deref() == Some(text.as_str());
     let final_check = checkpoints::verify_manifest(&run.final_dir());
-    let retrained_input = trained.iter().find(|d| {
-        let d = d.display().to_string();
-        text.contains(&format!("{d}/")) || text.contains(&format!("{d}\""))
+    // An input trained again since this stage started: in this run of the pipeline, or
+    // in an earlier one (its weights are newer than this stage's recipe, written at its
+    // start), which a refusal in that run left in place.
+    let started = std::fs::metadata(dir.join(RECIPE_FILE)).and_then(|m| m.modified());
+    let newer = |input: &Path| {
+        let finished = std::fs::metadata(input.join(FINAL_DIR).join(checkpoints::MANIFEST))
+            .and_then(|m| m.modified());
+        matches!((&started, finished), (Ok(s), Ok(f)) if f > *s)
+    };
+    let retrained_input = earlier.iter().find(|d| {
+        let name = d.display().to_string();
+        let named = text.contains(&format!("{name}/")) || text.contains(&format!("{name}\""));
+        named && (trained.contains(d) || newer(d))
     });
     if let (true, Some(input)) = (same_recipe, retrained_input)
         && (run.has_checkpoint() || run.final_dir().exists())
@@ -447,23 +457,26 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         }
         // A stage stopped by a signal goes on when the pipeline is run again, which
         // resumes it from its checkpoint; `--resume` is no flag of `hearth pipeline`.
-        let run = run_stage(dp, &recipe, &run_dir, &trained, progress).map_err(|e| match e {
-            TrainerError::Interrupted {
-                signal,
-                step,
-                checkpoint,
-                ..
-            } => TrainerError::Interrupted {
-                signal,
-                step,
-                checkpoint,
-                then: format!(
-                    "run the pipeline again with --out {} to continue",
-                    out.display()
-                ),
+        let earlier: Vec<PathBuf> = done.iter().map(|(_, _, d)| d.clone()).collect();
+        let run = run_stage(dp, &recipe, &run_dir, (&earlier, &trained), progress).map_err(
+            |e| match e {
+                TrainerError::Interrupted {
+                    signal,
+                    step,
+                    checkpoint,
+                    ..
+                } => TrainerError::Interrupted {
+                    signal,
+                    step,
+                    checkpoint,
+                    then: format!(
+                        "run the pipeline again with --out {} to continue",
+                        out.display()
+                    ),
+                },
+                other => other,
             },
-            other => other,
-        })?;
+        )?;
         let (outcome, was_trained) = run;
         if was_trained {
             trained.push(run_dir.clone());
