@@ -71,7 +71,15 @@ pub fn setup(
         Some(lora) => {
             let settings = lora.settings();
             let initial = match &lora.init_from {
-                Some(dir) => Some(load_adapter(dir, base.clone(), device)?),
+                Some(dir) => Some(load_adapter(dir, base.clone(), device).map_err(|e| {
+                    let e = e.to_string();
+                    // A missing or foreign directory's error names a file, not the key.
+                    if e.contains("lora.init_from") {
+                        TrainerError::Input(e)
+                    } else {
+                        TrainerError::Input(format!("lora.init_from: {e}"))
+                    }
+                })?),
                 None => None,
             };
             // A reward model's adapter brings its score head and drops the LM head: nothing
