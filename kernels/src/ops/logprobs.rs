@@ -31,6 +31,17 @@ pub struct TokenLogprobs {
     pub entropy: Tensor<1>,
 }
 
+impl TokenLogprobs {
+    /// No rows: what a pass over zero hidden rows reads.
+    fn empty(device: &burn::tensor::Device) -> Self {
+        Self {
+            logprobs: Tensor::zeros([0], device),
+            hits: Tensor::zeros([0], device),
+            entropy: Tensor::zeros([0], device),
+        }
+    }
+}
+
 /// Per-token log-probabilities of `targets` under `head`, `chunk` rows at a time, whether
 /// each target is the head's top token, and each row's entropy. `hidden`: `[N, H]`;
 /// `targets`: `[N]`.
@@ -132,12 +143,7 @@ pub fn reference(
         start += len;
     }
     if logprobs.is_empty() {
-        let device = hidden.device();
-        return TokenLogprobs {
-            logprobs: Tensor::zeros([0], &device),
-            hits: Tensor::zeros([0], &device),
-            entropy: Tensor::zeros([0], &device),
-        };
+        return TokenLogprobs::empty(&hidden.device());
     }
     TokenLogprobs {
         logprobs: Tensor::cat(logprobs, 0),
@@ -312,12 +318,7 @@ fn quantized_logprobs(
         entropies.push(graph(Tensor::<1>::from_dispatch(entropy)));
     }
     if lps.is_empty() {
-        let device = hidden.device();
-        return TokenLogprobs {
-            logprobs: Tensor::zeros([0], &device),
-            hits: Tensor::zeros([0], &device),
-            entropy: Tensor::zeros([0], &device),
-        };
+        return TokenLogprobs::empty(&hidden.device());
     }
     let lp = Tensor::cat(lps, 0);
     let hits = Tensor::cat(hits, 0);
