@@ -107,16 +107,28 @@ impl<'a> Pairs<'a> {
         // ones were the head's top token.
         let tokens = lp.stats.map(|stats| {
             let (cs, rs) = halves(stats.logits, n);
-            let mean = |sum: Tensor<1>, len: &Tensor<1>| {
-                let tokens = values(len.clone().sum())[0];
-                values(sum.sum())[0] / tokens.max(1.0)
-            };
             let (chosen_hits, _) = halves(stats.hits, n);
+            // Every sum in one read from the device, not two per metric.
+            let sums = values(Tensor::cat(
+                vec![
+                    cs.sum(),
+                    rs.sum(),
+                    chosen_hits.sum(),
+                    stats.entropy.sum(),
+                    cl.clone().sum(),
+                    rl.clone().sum(),
+                ],
+                0,
+            ));
+            let at = |i: usize| sums.get(i).copied().unwrap_or(f64::NAN);
+            let (logits_c, logits_r, hits_c, entropy) = (at(0), at(1), at(2), at(3));
+            let (len_c, len_r) = (at(4), at(5));
+            let mean = |sum: f64, tokens: f64| sum / tokens.max(1.0);
             TokenStats {
-                chosen_logits: mean(cs, &cl),
-                rejected_logits: mean(rs, &rl),
-                chosen_accuracy: mean(chosen_hits, &cl),
-                entropy: mean(stats.entropy, &self.batch.completion_len),
+                chosen_logits: mean(logits_c, len_c),
+                rejected_logits: mean(logits_r, len_r),
+                chosen_accuracy: mean(hits_c, len_c),
+                entropy: mean(entropy, len_c + len_r),
             }
         });
         let logps = PairLogps {

@@ -87,31 +87,17 @@ pub fn sft_loss(model: &Llama, batch: &LmBatch) -> (Tensor<1>, SftMetrics) {
     } = super::lm_logprobs(model, batch);
     let n = batch.num_loss_tokens.max(1) as f64;
     let loss = logprobs.sum().neg().div_scalar(n);
-    let loss_value = loss.clone().into_scalar_f64();
-    let correct = hits
-        .sum()
-        .into_data()
-        .try_into_vec_as::<i64>()
-        .unwrap_or_default();
+    // The loss, the hits and the entropy in one read from the device.
+    let sums = super::values(Tensor::cat(
+        vec![loss.clone().detach(), hits.sum().float(), entropy.sum()],
+        0,
+    ));
+    let at = |i: usize| sums.get(i).copied().unwrap_or(f64::NAN);
     let metrics = SftMetrics {
-        loss: loss_value,
-        mean_token_accuracy: correct.first().copied().unwrap_or(0) as f64 / n,
-        entropy: entropy.sum().into_scalar_f64() / n,
+        loss: at(0),
+        mean_token_accuracy: at(1) / n,
+        entropy: at(2) / n,
         num_tokens: batch.num_tokens,
     };
     (loss, metrics)
-}
-
-trait ScalarF64 {
-    fn into_scalar_f64(self) -> f64;
-}
-
-impl ScalarF64 for Tensor<1> {
-    fn into_scalar_f64(self) -> f64 {
-        self.into_data()
-            .try_into_vec_as::<f64>()
-            .ok()
-            .and_then(|v| v.first().copied())
-            .unwrap_or(f64::NAN)
-    }
 }
