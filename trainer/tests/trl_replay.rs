@@ -255,6 +255,8 @@ fn orpo_matches_trl_at_every_step() {
             "rewards/accuracies",
             "logps/chosen",
             "logps/rejected",
+            "logits/chosen",
+            "logits/rejected",
         ],
         0.1,
     );

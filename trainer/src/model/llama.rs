@@ -326,6 +326,16 @@ impl Llama {
     /// The output head for hidden rows `[N, hidden]`: `lm_head` (or the embeddings when
     /// tied), plus its adapter's low-rank term for those rows when `lm_head` has one.
     pub fn head(&self, rows: &Tensor<2>) -> kernels::Head {
+        self.head_with(rows, true)
+    }
+
+    /// [`Self::head`] without the adapter's dropout, for a metric: it draws nothing from
+    /// the random stream, so logging the metric leaves training's dropout masks as they are.
+    pub fn metric_head(&self, rows: &Tensor<2>) -> kernels::Head {
+        self.head_with(rows, false)
+    }
+
+    fn head_with(&self, rows: &Tensor<2>, dropout: bool) -> kernels::Head {
         let weight = |w: &Weight| match w {
             Weight::Dense(w) => kernels::HeadWeight::Dense(w.val()),
             Weight::Quantized(q) => kernels::HeadWeight::Quantized(q.matrix()),
@@ -336,8 +346,12 @@ impl Llama {
             Some(head) => kernels::Head {
                 weight: weight(&head.weight),
                 low_rank: head.lora.as_ref().map(|l| {
-                    let down = linear(l.dropout.forward(rows.clone()), l.a.val().transpose(), None)
-                        .mul_scalar(l.scale);
+                    let input = if dropout {
+                        l.dropout.forward(rows.clone())
+                    } else {
+                        rows.clone()
+                    };
+                    let down = linear(input, l.a.val().transpose(), None).mul_scalar(l.scale);
                     (down, l.b.val())
                 }),
             },

@@ -23,6 +23,10 @@ pub fn check_attention_size(batch: usize, tokens: usize, what: &str) -> crate::R
 /// packed into the same row, padding, and keys further back than a sliding `window`
 /// (`i - j >= window`, as transformers counts it).
 ///
+/// A padding query sees every real key before it, as under transformers' attention mask:
+/// no loss reads its output, but TRL's ORPO and CPO average the logits at every position,
+/// padding included (`logits/chosen`), so its hidden state must be transformers' too.
+///
 /// `segments`: `[B, T]`, the example each token belongs to (numbered from 1), 0 for
 /// padding; a plain right-padded batch passes its 0/1 attention mask. Returns
 /// `[B, 1, T, T]`, true where masked.
@@ -45,7 +49,8 @@ pub fn attention_mask(segments: Tensor<2, Int>, window: Option<usize>) -> Tensor
     let seg_query = segments.clone().reshape([b, 1, t, 1]).expand([b, 1, t, t]);
     let seg_key = segments.reshape([b, 1, 1, t]).expand([b, 1, t, t]);
     let pad_key = seg_key.clone().equal_elem(0);
-    let other_example = seg_query.not_equal(seg_key);
+    let pad_query = seg_query.clone().equal_elem(0);
+    let other_example = seg_query.not_equal(seg_key).bool_and(pad_query.bool_not());
     masked
         .reshape([1, 1, t, t])
         .expand([b, 1, t, t])
@@ -92,8 +97,9 @@ mod tests {
             for i in 0..t {
                 for j in 0..t {
                     let n = (bi * t + i) * t + j;
-                    // Padding queries see nothing; real queries never see padding keys.
-                    let pad = bi == 1 && (j >= 3 || i >= 3);
+                    // Nothing sees a padding key; a padding query sees the real keys
+                    // before it, as transformers' attention mask lets it.
+                    let pad = bi == 1 && j >= 3;
                     assert_eq!(plain[n], j > i || pad, "b{bi} q{i} k{j}");
                     assert_eq!(
                         windowed[n],
@@ -113,7 +119,8 @@ mod packed_tests {
 
     #[test]
     fn packed_examples_never_see_each_other() {
-        // One row: example 1 (3 tokens), example 2 (2 tokens), one padding token.
+        // One row: example 1 (3 tokens), example 2 (2 tokens), one padding token, which
+        // sees every real key (transformers' padding mask knows no examples).
         let segments = vec![1, 1, 1, 2, 2, 0];
         let seg =
             Tensor::<2, Int>::from_data(TensorData::new(segments.clone(), [1, 6]), &Device::flex());
@@ -123,7 +130,8 @@ mod packed_tests {
             .unwrap();
         for i in 0..6 {
             for j in 0..6 {
-                let visible = j <= i && segments[j] != 0 && segments[i] == segments[j];
+                let visible =
+                    j <= i && segments[j] != 0 && (segments[i] == segments[j] || segments[i] == 0);
                 assert_eq!(!flags[i * 6 + j], visible, "q{i} k{j}");
             }
         }

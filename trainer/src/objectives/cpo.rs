@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
+use super::sequences::LogitsOver;
 use super::{Metrics, scaled_preference_metrics, smoothed_sigmoid_loss, values};
 use crate::Result;
 use crate::examples::{Micro, Shape};
@@ -96,18 +97,23 @@ impl Objective for Cpo {
         let Some(pairs) = Pairs::gather(input, micro, self.name())? else {
             return Ok(None);
         };
-        let (policy, all) = pairs.policy(input);
+        // TRL's CPO averages the logits over every position.
+        let (policy, all) = pairs.policy_with_stats(input, LogitsOver::AllPositions);
         // TRL's CPO masks the prompt out of the NLL's labels.
         let nll = pairs.chosen_nll(&policy, all, true);
         let s = &self.0;
-        Ok(Some(pairs.output(cpo_loss(
+        let (loss, mut m) = cpo_loss(
             s.beta,
             s.cpo_alpha,
             s.label_smoothing,
             nll,
-            policy.chosen,
-            policy.rejected,
-        ))))
+            policy.chosen.clone(),
+            policy.rejected.clone(),
+        );
+        if let Some(t) = policy.tokens {
+            t.log(&mut m);
+        }
+        Ok(Some(pairs.output((loss, m))))
     }
 }
 

@@ -15,6 +15,7 @@ use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective, Prepare};
 pub use super::pairs::PairLogps;
 use super::pairs::Pairs;
+use super::sequences::LogitsOver;
 use super::{Metrics, log_sigmoid, preference_metrics, smoothed_sigmoid_loss, values};
 use crate::examples::{Examples, Micro, Shape};
 use crate::recipe::Recipe;
@@ -170,7 +171,7 @@ impl Objective for Dpo {
                 .ok_or_else(|| TrainerError::Input("internal: DPO without a reference".into()))?
                 .logps(&pairs.tokens, input.pad),
         };
-        let (policy, _) = pairs.policy_with_stats(input);
+        let (policy, _) = pairs.policy_with_stats(input, LogitsOver::CompletionTokens);
         let host = |f: fn(&(f64, f64)) -> f64| {
             let v: Vec<f32> = reference_logps.iter().map(|x| f(x) as f32).collect();
             Tensor::<1>::from_data(TensorData::new(v, [n]), input.device)
@@ -247,14 +248,9 @@ pub fn dpo_loss(
         policy.rejected.clone(),
     );
     // TRL's DPO averages the logits over the completion tokens, which are the positions
-    // read here, and its token accuracy over the chosen ones. (Its ORPO and CPO average
-    // logits over every position, padding included, which hearth does not compute, so
-    // they log none.)
+    // read here, and its token accuracy over the chosen ones.
     if let Some(t) = policy.tokens {
-        m.mean("logits/chosen", t.chosen_logits);
-        m.mean("logits/rejected", t.rejected_logits);
-        m.mean("mean_token_accuracy", t.chosen_accuracy);
-        m.mean("entropy", t.entropy);
+        t.log(&mut m);
     }
     (loss, m)
 }

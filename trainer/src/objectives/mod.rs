@@ -182,6 +182,18 @@ pub(crate) fn target_logprobs(
     temperature: f64,
 ) -> TargetLogprobs {
     let hidden = model.hidden_packed(ids, positions, segments);
+    logprobs_of_hidden(model, hidden, rows, targets, temperature)
+}
+
+/// [`target_logprobs`] from the final hidden states `[B, T, hidden]` already computed,
+/// for a caller that reads them for more than the targets.
+pub(crate) fn logprobs_of_hidden(
+    model: &crate::model::Llama,
+    hidden: Tensor<3>,
+    rows: Tensor<1, Int>,
+    targets: Tensor<1, Int>,
+    temperature: f64,
+) -> TargetLogprobs {
     let [b, t, h] = hidden.dims();
     let rows = hidden.reshape([b * t, h]).select(0, rows);
     let rows = if temperature > 0.0 && temperature != 1.0 {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
+use super::sequences::LogitsOver;
 use super::{Metrics, log_sigmoid, log1m_exp, mean, scaled_preference_metrics, values};
 use crate::Result;
 use crate::examples::{Micro, Shape};
@@ -66,15 +67,15 @@ impl Objective for Orpo {
         let Some(pairs) = Pairs::gather(input, micro, self.name())? else {
             return Ok(None);
         };
-        let (policy, all) = pairs.policy(input);
+        // TRL's ORPO averages the logits over every position but the last.
+        let (policy, all) = pairs.policy_with_stats(input, LogitsOver::AllButLastPosition);
         let nll = pairs.chosen_nll(&policy, all, self.0.nll_completion_only);
         let (avg_chosen, avg_rejected) = policy.length_averaged();
-        Ok(Some(pairs.output(orpo_loss(
-            self.0.lambda,
-            nll,
-            avg_chosen,
-            avg_rejected,
-        ))))
+        let (loss, mut m) = orpo_loss(self.0.lambda, nll, avg_chosen, avg_rejected);
+        if let Some(t) = policy.tokens {
+            t.log(&mut m);
+        }
+        Ok(Some(pairs.output((loss, m))))
     }
 }
 

@@ -5,7 +5,9 @@ use burn::tensor::Tensor;
 use data::tokenize::PairTokens;
 
 use super::objective::{LossInput, MicroOutput};
-use super::sequences::{SequenceLogps, halves, sequence_logps, sequence_logps_and_stats};
+use super::sequences::{
+    CompletionStats, LogitsOver, SequenceLogps, halves, sequence_logps, sequence_logps_and_stats,
+};
 use super::{Metrics, values};
 use crate::batch::PairBatch;
 use crate::examples::{Examples, Micro, PairItem};
@@ -23,19 +25,38 @@ pub struct PairLogps {
     pub tokens: Option<TokenStats>,
 }
 
-/// What TRL's DPO logs of the policy's tokens besides their log-probs.
+/// What TRL logs of the policy's tokens besides their log-probs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TokenStats {
-    /// The mean logit over the vocabulary at the chosen completion tokens
-    /// (`logits/chosen`), and at the rejected ones (`logits/rejected`).
+    /// The mean logit over the vocabulary at the positions the method's TRL trainer
+    /// averages ([`LogitsOver`]): `logits/chosen` and `logits/rejected`.
     pub chosen_logits: f64,
     pub rejected_logits: f64,
+    /// DPO's statistics of the completion tokens; its ORPO and CPO log none.
+    pub completion: Option<CompletionTokenStats>,
+}
+
+/// What TRL's DPO logs of the completion tokens beside their logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CompletionTokenStats {
     /// The share of chosen completion tokens that are the head's top token
     /// (`mean_token_accuracy`).
     pub chosen_accuracy: f64,
     /// The head's entropy averaged over every completion token, chosen and rejected
     /// (`entropy`).
     pub entropy: f64,
+}
+
+impl TokenStats {
+    /// Into `m` under TRL's names.
+    pub fn log(&self, m: &mut Metrics) {
+        m.mean("logits/chosen", self.chosen_logits);
+        m.mean("logits/rejected", self.rejected_logits);
+        if let Some(c) = self.completion {
+            m.mean("mean_token_accuracy", c.chosen_accuracy);
+            m.mean("entropy", c.entropy);
+        }
+    }
 }
 
 impl PairLogps {
@@ -94,43 +115,21 @@ impl<'a> Pairs<'a> {
         self.logps(sequence_logps(input.model, &self.batch))
     }
 
-    /// [`Self::policy`], with the token statistics TRL's DPO logs.
-    pub fn policy_with_stats(&self, input: &LossInput) -> (PairLogps, Tensor<1>) {
-        self.logps(sequence_logps_and_stats(input.model, &self.batch))
+    /// [`Self::policy`], with the token statistics TRL logs for a method whose
+    /// `logits/*` average the logits `over` those positions.
+    pub fn policy_with_stats(&self, input: &LossInput, over: LogitsOver) -> (PairLogps, Tensor<1>) {
+        self.logps(sequence_logps_and_stats(input.model, &self.batch, over))
     }
 
     fn logps(&self, lp: SequenceLogps) -> (PairLogps, Tensor<1>) {
         let n = self.batch.pairs;
         let (c, r) = halves(lp.completion, n);
         let (cl, rl) = halves(self.batch.completion_len.clone(), n);
-        // The mean logit over every chosen (rejected) completion token, and how many chosen
-        // ones were the head's top token.
-        let tokens = lp.stats.map(|stats| {
-            let (cs, rs) = halves(stats.logits, n);
-            let (chosen_hits, _) = halves(stats.hits, n);
-            // Every sum in one read from the device, not two per metric.
-            let sums = values(Tensor::cat(
-                vec![
-                    cs.sum(),
-                    rs.sum(),
-                    chosen_hits.sum(),
-                    stats.entropy.sum(),
-                    cl.clone().sum(),
-                    rl.clone().sum(),
-                ],
-                0,
-            ));
-            let at = |i: usize| sums.get(i).copied().unwrap_or(f64::NAN);
-            let (logits_c, logits_r, hits_c, entropy) = (at(0), at(1), at(2), at(3));
-            let (len_c, len_r) = (at(4), at(5));
-            let mean = |sum: f64, tokens: f64| sum / tokens.max(1.0);
-            TokenStats {
-                chosen_logits: mean(logits_c, len_c),
-                rejected_logits: mean(logits_r, len_r),
-                chosen_accuracy: mean(hits_c, len_c),
-                entropy: mean(entropy, len_c + len_r),
-            }
-        });
+        let tokens = match (lp.stats, lp.position_logits) {
+            (Some(stats), _) => Some(completion_stats(stats, n, &cl, &rl)),
+            (None, Some((sums, positions))) => Some(position_stats(sums, n, positions)),
+            (None, None) => None,
+        };
         let logps = PairLogps {
             chosen: c,
             rejected: r,
@@ -169,5 +168,55 @@ impl<'a> Pairs<'a> {
             metrics,
             tokens: self.batch.num_tokens,
         }
+    }
+}
+
+/// DPO's: the mean logit over every chosen (rejected) completion token, how many chosen
+/// ones were the head's top token, and the entropy over all of them.
+fn completion_stats(
+    stats: CompletionStats,
+    n: usize,
+    chosen_len: &Tensor<1>,
+    rejected_len: &Tensor<1>,
+) -> TokenStats {
+    let (cs, rs) = halves(stats.logits, n);
+    let (chosen_hits, _) = halves(stats.hits, n);
+    // Every sum in one read from the device, not two per metric.
+    let sums = values(Tensor::cat(
+        vec![
+            cs.sum(),
+            rs.sum(),
+            chosen_hits.sum(),
+            stats.entropy.sum(),
+            chosen_len.clone().sum(),
+            rejected_len.clone().sum(),
+        ],
+        0,
+    ));
+    let at = |i: usize| sums.get(i).copied().unwrap_or(f64::NAN);
+    let (logits_c, logits_r, hits_c, entropy) = (at(0), at(1), at(2), at(3));
+    let (len_c, len_r) = (at(4), at(5));
+    let mean = |sum: f64, tokens: f64| sum / tokens.max(1.0);
+    TokenStats {
+        chosen_logits: mean(logits_c, len_c),
+        rejected_logits: mean(logits_r, len_r),
+        completion: Some(CompletionTokenStats {
+            chosen_accuracy: mean(hits_c, len_c),
+            entropy: mean(entropy, len_c + len_r),
+        }),
+    }
+}
+
+/// ORPO's and CPO's: the mean logit over every position of the chosen (rejected) rows,
+/// from each row's sum over its `positions` positions.
+fn position_stats(sums: Tensor<1>, n: usize, positions: usize) -> TokenStats {
+    let (c, r) = halves(sums, n);
+    let sums = values(Tensor::cat(vec![c.sum(), r.sum()], 0));
+    let cells = (n * positions).max(1) as f64;
+    let at = |i: usize| sums.get(i).copied().unwrap_or(f64::NAN) / cells;
+    TokenStats {
+        chosen_logits: at(0),
+        rejected_logits: at(1),
+        completion: None,
     }
 }

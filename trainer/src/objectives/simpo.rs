@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective};
 use super::pairs::Pairs;
+use super::sequences::LogitsOver;
 use super::{Metrics, scaled_preference_metrics, smoothed_sigmoid_loss};
 use crate::Result;
 use crate::examples::{Micro, Shape};
@@ -99,16 +100,15 @@ impl Objective for Simpo {
         let Some(pairs) = Pairs::gather(input, micro, self.name())? else {
             return Ok(None);
         };
-        let (policy, _) = pairs.policy(input);
+        // SimPO is TRL's CPO trainer, which averages the logits over every position.
+        let (policy, _) = pairs.policy_with_stats(input, LogitsOver::AllPositions);
         let (c, r) = policy.length_averaged();
         let s = &self.0;
-        Ok(Some(pairs.output(simpo_loss(
-            s.beta,
-            s.gamma,
-            s.label_smoothing,
-            c,
-            r,
-        ))))
+        let (loss, mut m) = simpo_loss(s.beta, s.gamma, s.label_smoothing, c, r);
+        if let Some(t) = policy.tokens {
+            t.log(&mut m);
+        }
+        Ok(Some(pairs.output((loss, m))))
     }
 }
 
