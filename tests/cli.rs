@@ -4057,6 +4057,39 @@ fn a_resume_on_changed_data_is_refused() {
     assert!(run.join("final").is_dir());
 }
 
+/// A resume whose base model was swapped for other weights since the run started (same
+/// shapes and tokenizer, so it would load and train on without a word) is refused naming
+/// `model.path`, keeping the run; with the base as it was, the run finishes.
+#[test]
+fn a_resume_on_a_changed_base_model_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let other = tmp.path().join("other");
+    let run = tmp.path().join("run");
+    let extra = ["train.max_steps=4", "train.save_steps=2"];
+    ok(&TinyRun::sft(&base).sets(&extra).out(&run));
+    // As if killed after its checkpoint at step 2.
+    std::fs::remove_dir_all(run.join("final")).unwrap();
+    ok(&["init-model", "--out", s(&other), "--seed", "7"]);
+    let weights = base.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    std::fs::copy(other.join("model.safetensors"), &weights).unwrap();
+    assert_ne!(std::fs::read(&weights).unwrap(), original);
+    let metrics = run.join("metrics.jsonl");
+    fails_keeping(
+        &TinyRun::sft(&base).sets(&extra).resume(&run),
+        &[
+            "--resume: model.path",
+            "its files changed since the run started",
+        ],
+        &[&metrics],
+    );
+    assert!(!run.join("final").exists());
+    std::fs::write(&weights, &original).unwrap();
+    ok(&TinyRun::sft(&base).sets(&extra).resume(&run));
+    assert!(run.join("final").is_dir());
+}
+
 /// A resume on the same number of processes with another accumulation would change the
 /// global batch (and so the schedule and the data position): refused before any step,
 /// with the accumulation that keeps it; with that one the run finishes.

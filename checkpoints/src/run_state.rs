@@ -46,6 +46,11 @@ pub struct TrainerState {
     /// resume must find unchanged. 0 in a state saved before it was recorded.
     #[serde(default)]
     pub train_data: u64,
+    /// A hash of each checkpoint the run reads (the base, an initial adapter, reward and
+    /// client models), by the recipe key naming it, which a resume must find unchanged.
+    /// Empty in a state saved before it was recorded.
+    #[serde(default)]
+    pub models: std::collections::BTreeMap<String, u64>,
 }
 
 /// The finite steps since the last logged line: their count, their losses summed, and each
@@ -74,6 +79,7 @@ impl TrainerState {
             micro_rows: 0,
             log_window: LogWindow::default(),
             train_data: 0,
+            models: Default::default(),
         }
     }
 

@@ -19,8 +19,8 @@ pub struct RefCacheKey {
 }
 
 impl RefCacheKey {
-    /// Hashes `config.json`, every safetensors file and index in `base`, and the initial
-    /// adapter's files when there is one.
+    /// Hashes the base's files ([`Fnv::checkpoint`]: config and weights, or a GGUF), and
+    /// the initial adapter's when there is one.
     /// `precision` is part of the key: the reference computes in it.
     pub fn new(
         base: &Path,
@@ -30,22 +30,7 @@ impl RefCacheKey {
         let mut h = Fnv::new();
         h.bytes(format!("{precision:?}").as_bytes());
         for dir in std::iter::once(base).chain(adapter) {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| TrainerError::Input(format!("{}: {e}", dir.display())))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    name.ends_with(".safetensors")
-                        || name.ends_with(".safetensors.index.json")
-                        || name == checkpoints::names::CONFIG
-                        || name == checkpoints::peft::CONFIG_FILE
-                })
-                .collect();
-            files.sort();
-            for f in files {
-                h.bytes(f.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
-                h.file(&f)?;
-            }
+            h.checkpoint(dir)?;
         }
         Ok(Self { model: h.0 })
     }

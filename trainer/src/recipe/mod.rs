@@ -303,6 +303,36 @@ const MAX_MAX_LENGTH: usize = 1 << 20;
 const MAX_PACKED_MASK_BYTES: u128 = 1 << 34;
 
 impl Recipe {
+    /// Every checkpoint the run reads, by the key that names it: the base, the initial
+    /// adapter, GRPO's reward models and its client's model. A resumed run must find
+    /// their files as they were.
+    pub fn checkpoints(&self) -> Vec<(String, &std::path::Path)> {
+        let mut out = vec![("model.path".to_string(), self.model.path.as_path())];
+        if let Some(init) = self.lora.as_ref().and_then(|l| l.init_from.as_deref()) {
+            out.push(("lora.init_from".into(), init));
+        }
+        if let Some(g) = &self.grpo {
+            for (i, r) in g.rewards.iter().enumerate() {
+                let key = |k: &str| format!("grpo.rewards[{i}].{k}");
+                out.extend(r.model.as_deref().map(|p| (key("model"), p)));
+                out.extend(r.adapter.as_deref().map(|p| (key("adapter"), p)));
+            }
+            if let Some(c) = &g.client {
+                out.extend(
+                    c.path
+                        .as_deref()
+                        .map(|p| ("grpo.client.path".to_string(), p)),
+                );
+                out.extend(
+                    c.adapter
+                        .as_deref()
+                        .map(|p| ("grpo.client.adapter".to_string(), p)),
+                );
+            }
+        }
+        out
+    }
+
     fn validate(&self, origin: &str) -> Result<()> {
         let t = &self.train;
         let bad = |msg: String| Err(TrainerError::Input(format!("{origin}: {msg}")));

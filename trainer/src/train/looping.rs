@@ -196,9 +196,12 @@ impl<'a> Loop<'a> {
                 files.join(" and ")
             )));
         }
+        let models = super::state::model_hashes(p.recipe)?;
+        super::state::check_models(&s.models, &models, p.recipe)?;
         let s = TrainerState {
             global_batch,
             train_data,
+            models,
             ..s
         };
         let (total, warmup) = total_and_warmup(t, steps_per_epoch);

@@ -76,6 +76,45 @@ pub(super) fn check_global_batch(
     )))
 }
 
+/// The hash of each checkpoint `recipe` reads, by the key naming it
+/// ([`Recipe::checkpoints`](crate::recipe::Recipe::checkpoints)).
+pub(super) fn model_hashes(
+    recipe: &crate::recipe::Recipe,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    recipe
+        .checkpoints()
+        .into_iter()
+        .map(|(key, path)| {
+            let mut h = crate::fnv::Fnv::new();
+            h.checkpoint(path)
+                .map_err(|e| TrainerError::Input(format!("{key}: {e}")))?;
+            Ok((key, h.0))
+        })
+        .collect()
+}
+
+/// Refuses a resume whose checkpoints are not the files the run started from (`saved`,
+/// empty when the checkpoint predates the record): training on would fit the saved
+/// weights and optimizer to another model, without a word.
+pub(super) fn check_models(
+    saved: &std::collections::BTreeMap<String, u64>,
+    now: &std::collections::BTreeMap<String, u64>,
+    recipe: &crate::recipe::Recipe,
+) -> Result<()> {
+    let changed = recipe
+        .checkpoints()
+        .into_iter()
+        .find(|(key, _)| matches!((saved.get(key), now.get(key)), (Some(a), Some(b)) if a != b));
+    match changed {
+        None => Ok(()),
+        Some((key, path)) => Err(TrainerError::Input(format!(
+            "--resume: {key} {}: its files changed since the run started (other weights or \
+             config); resume with the checkpoint the run started from, or start a new run",
+            path.display()
+        ))),
+    }
+}
+
 /// Writes a checkpoint's contents into `dir`: weights, the objective's pending state,
 /// optimizer and trainer state. Weights holding NaN or ∞ are never written.
 pub(super) fn save(
