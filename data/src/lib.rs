@@ -17,6 +17,7 @@ pub mod render;
 pub mod strict_json;
 pub mod synth;
 pub mod template;
+mod template_guards;
 pub mod tokenize;
 pub mod tokenizer;
 

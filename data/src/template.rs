@@ -106,7 +106,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        crate::template_guards::install(&mut env);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -486,8 +486,26 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 }
 
 /// `strftime_now(format)`: today's date in a C strftime format (Llama 3.1's system header).
-fn strftime_now(format: String) -> String {
-    chrono::Local::now().format(&format).to_string()
+/// A format chrono cannot read is a template error naming it: chrono's formatter reports
+/// it only as a failed write, which `to_string` turns into a panic.
+fn strftime_now(format: String) -> Result<String, Error> {
+    use std::fmt::Write;
+    let bad = || {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: `{format}` is not a strftime format"),
+        )
+    };
+    let items = chrono::format::StrftimeItems::new(&format);
+    if items
+        .clone()
+        .any(|item| matches!(item, chrono::format::Item::Error))
+    {
+        return Err(bad());
+    }
+    let mut out = String::new();
+    write!(out, "{}", chrono::Local::now().format_with_items(items)).map_err(|_| bad())?;
+    Ok(out)
 }
 
 /// `tojson` with Python's `json.dumps` output (`", "` and `": "` separators, non-ASCII
@@ -495,6 +513,15 @@ fn strftime_now(format: String) -> String {
 /// tool schemas end up in the prompt verbatim.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    if let Some(n) = indent.filter(|&n| n > crate::template_guards::MAX_SIZE) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "tojson: indent {n} is more than {}",
+                crate::template_guards::MAX_SIZE
+            ),
+        ));
+    }
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
@@ -581,6 +608,21 @@ mod tests {
             err.starts_with("test:") && err.contains("system first"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn strftime_now_and_tojson_refuse_what_they_cannot_write() {
+        for (source, want) in [
+            ("{{ strftime_now('%Q') }}", "`%Q` is not a strftime format"),
+            ("{{ strftime_now('%') }}", "`%` is not a strftime format"),
+            (
+                "{{ messages | tojson(indent=1000000000000000000) }}",
+                "tojson: indent 1000000000000000000 is more than 65536",
+            ),
+        ] {
+            let e = render(source, &[user("x")]).unwrap_err().to_string();
+            assert!(e.contains(want), "{source}: {e}");
+        }
     }
 
     #[test]
