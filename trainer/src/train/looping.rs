@@ -172,7 +172,10 @@ impl<'a> Loop<'a> {
         let batches_per_epoch = first_epoch.len();
         // A step consumes `per_step` micro-batches on each rank: the global batch.
         let world = p.dp.world_size();
-        let steps_per_epoch = batches_per_epoch.div_ceil(per_step * world).max(1) * iterations;
+        let steps_per_epoch = batches_per_epoch
+            .div_ceil(per_step * world)
+            .max(1)
+            .saturating_mul(iterations);
         // Sequences per step over every process: what GRPO's prompts per step and the other
         // methods' micro-batches both come from.
         let global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world;

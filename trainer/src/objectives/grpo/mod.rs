@@ -27,6 +27,10 @@ use crate::{Result, TrainerError};
 /// GRPO's sampled completions, written only with `grpo.log_completions`.
 pub use checkpoints::run_dir::COMPLETIONS_FILE;
 
+/// The most optimizer steps one rollout may take (`grpo.num_iterations`; TRL's μ is 1
+/// to a few): a step count past it only overflows the schedule.
+pub const MAX_ITERATIONS: usize = 1024;
+
 /// `[grpo]`, with TRL's names. A step generates `per_device_train_batch_size ×
 /// gradient_accumulation_steps` completions: that many ÷ `num_generations` prompts, each
 /// sampled `num_generations` times; micro-batches hold `per_device_train_batch_size`
@@ -135,6 +139,12 @@ impl GrpoSettings {
             return Err(
                 "grpo.max_completion_length and grpo.num_iterations must be positive".into(),
             );
+        }
+        if g.num_iterations > MAX_ITERATIONS {
+            return Err(format!(
+                "grpo.num_iterations {} is more than {MAX_ITERATIONS} (steps per rollout)",
+                g.num_iterations
+            ));
         }
         let eps_high = g.epsilon_high.unwrap_or(g.epsilon);
         if !(g.epsilon >= 0.0 && g.epsilon < 1.0 && eps_high >= 0.0 && fits_f32(eps_high)) {

@@ -425,7 +425,7 @@ impl Sampler {
     /// Trained tokens a sample may hold at most: Dr. GRPO's constant normaliser.
     fn max_tokens(&self) -> usize {
         let turns = self.sessions.as_ref().map_or(1, |s| s.settings.max_turns);
-        self.settings.sampling.max_new_tokens * turns
+        self.settings.sampling.max_new_tokens.saturating_mul(turns)
     }
 
     /// The rollout as `completions.jsonl` lines (only written when asked for): each

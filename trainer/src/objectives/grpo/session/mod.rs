@@ -20,6 +20,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// The most counselor turns a session may take (`grpo.max_turns`).
+pub const MAX_TURNS: usize = 1024;
+
 /// `[grpo.client]`: who plays the client.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -126,6 +129,12 @@ impl SessionSettings {
     ) -> Result<Self, String> {
         if max_turns == 0 || max_session_tokens == 0 {
             return Err("grpo.max_turns and grpo.max_session_tokens must be positive".into());
+        }
+        // Each turn takes a token at least, and no context holds 2^20 turns.
+        if max_turns > MAX_TURNS {
+            return Err(format!(
+                "grpo.max_turns {max_turns} is more than {MAX_TURNS}"
+            ));
         }
         let client = client.cloned().unwrap_or_default();
         // Keys one kind reads and the other would ignore without a word; a key left at its
