@@ -4655,6 +4655,36 @@ fn counseling_eval_agrees_with_generate_and_reward_score_and_keeps_text_private(
         &["items.jsonl: line 1, column `answer`"],
     );
     assert!(!o.exists());
+    // An item past the model's context (512 tokens) is refused by its line before any
+    // probe is answered: scored, it read positions never trained, and a long one took
+    // memory by the square of its length until the process was killed.
+    let long = tmp.path().join("long.jsonl");
+    std::fs::write(
+        &long,
+        format!(
+            "{{\"question\":\"q\",\"options\":[\"a\",\"b\"],\"answer\":0}}\n\
+             {{\"question\":\"{}\",\"options\":[\"a\",\"b\"],\"answer\":1}}\n",
+            "why ".repeat(600)
+        ),
+    )
+    .unwrap();
+    fails(
+        &[
+            "eval",
+            "counseling",
+            "--model",
+            s(&base),
+            "--choices",
+            s(&long),
+            "--out",
+            s(&o),
+        ],
+        &[
+            "long.jsonl: line 2: `question` with option 1 takes",
+            "more than the model's context of 512",
+        ],
+    );
+    assert!(!o.exists());
     // Pairs are read before any reply is generated: a missing file or a rating that is no
     // number is the only line said, not the end of an hour of answering.
     let rating = tmp.path().join("rating.jsonl");

@@ -256,6 +256,11 @@ impl Chat {
         ))
     }
 
+    /// The model's context, `max_position_embeddings`.
+    pub(crate) fn context(&self) -> usize {
+        self.context
+    }
+
     /// The loaded model, its tokenizer and template, and the device it runs on.
     pub(crate) fn parts(&self) -> (&Llama, &tokenizers::Tokenizer, &ChatTemplate, &Device) {
         (&self.model, &self.tokenizer, &self.template, &self.device)

@@ -251,6 +251,8 @@ fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
             },
             device: o.device,
         })?;
+        // Tokenised (and held to the context) before an hour of answering.
+        let options = multiple_choice::option_sequences(&chat, &items, &choice_data)?;
         eprintln!("{who}: answering {} crisis probes", probes.len());
         let probe_prompts: Vec<Vec<data::Message>> =
             probes.iter().map(|p| p.prompt.clone()).collect();
@@ -261,7 +263,7 @@ fn evaluate(o: &Options<'_>) -> Result<CounselingReport> {
             .collect();
         let crisis = probes::judge(&probes, &replies, o.worst, o.show_text);
         eprintln!("{who}: scoring {} multiple-choice items", items.len());
-        let logps = multiple_choice::option_logps(&chat, &items)?;
+        let logps = multiple_choice::option_logps(&chat, &items, &options);
         let choices = multiple_choice::score(&items, &logps);
         let replies = if win {
             eprintln!(

@@ -44,14 +44,19 @@ pub struct ChoiceReport {
     pub wrong: Vec<String>,
 }
 
-/// Each option's summed log-probability as the reply to its item's question, item by item.
-pub fn option_logps(chat: &Chat, items: &[ChoiceItem]) -> Result<Vec<Vec<f64>>> {
-    let (model, tokenizer, template, device) = chat.parts();
+/// Each option as the reply to its item's question, tokenised: one sequence per option,
+/// item by item. An item whose question and option run past the model's context is
+/// refused, naming it in `origin`, before anything is answered or scored: a score there
+/// reads positions the model never saw, and an item far past it took memory by the square
+/// of its length.
+pub fn option_sequences(chat: &Chat, items: &[ChoiceItem], origin: &str) -> Result<Vec<Sequence>> {
+    let (_, tokenizer, template, _) = chat.parts();
+    let context = chat.context();
     let mut seqs = Vec::new();
     for item in items {
         let rendered = template.render(&[Message::new("user", item.question.clone())], true)?;
         let prompt = data::chat::encode(tokenizer, &rendered)?;
-        for option in &item.options {
+        for (k, option) in item.options.iter().enumerate() {
             // Tokenised together with the prompt, so the option's first token is the one
             // the model would write there; apart only if the join would change the prompt.
             let whole = data::chat::encode(tokenizer, &format!("{rendered}{option}"))?;
@@ -59,6 +64,15 @@ pub fn option_logps(chat: &Chat, items: &[ChoiceItem]) -> Result<Vec<Vec<f64>>> 
                 Some(c) if !c.is_empty() => c.to_vec(),
                 _ => data::chat::encode(tokenizer, option)?,
             };
+            let tokens = prompt.len() + cont.len();
+            if tokens > context {
+                return Err(crate::TrainerError::Input(format!(
+                    "{origin}: {}: `question` with option {} takes {tokens} tokens, more than \
+                     the model's context of {context} (max_position_embeddings); shorten it",
+                    item.id,
+                    k + 1
+                )));
+            }
             seqs.push(Sequence {
                 loss_mask: std::iter::repeat_n(0, prompt.len())
                     .chain(std::iter::repeat_n(1, cont.len()))
@@ -67,16 +81,23 @@ pub fn option_logps(chat: &Chat, items: &[ChoiceItem]) -> Result<Vec<Vec<f64>>> 
             });
         }
     }
+    Ok(seqs)
+}
+
+/// Each option's summed log-probability as the reply to its item's question, item by item,
+/// from [`option_sequences`].
+pub fn option_logps(chat: &Chat, items: &[ChoiceItem], seqs: &[Sequence]) -> Vec<Vec<f64>> {
+    let (model, _, _, device) = chat.parts();
     let mut flat = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(BATCH) {
         let batch = PairBatch::of_sequences(chunk, 0, device);
         flat.extend(values(sequence_logps(model, &batch).completion));
     }
     let mut flat = flat.into_iter();
-    Ok(items
+    items
         .iter()
         .map(|i| flat.by_ref().take(i.options.len()).collect())
-        .collect())
+        .collect()
 }
 
 /// The index of the largest value (the first, on a tie).
