@@ -254,6 +254,14 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     }
     let recipe: Recipe = Recipe::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
         let message = with_suggestion(e.message());
+        // Every field of the recipe itself is a section.
+        let message = match (
+            key_of_error(&table),
+            message.strip_prefix("missing field `"),
+        ) {
+            (None, Some(rest)) => format!("missing section `[{}]`", rest.trim_end_matches('`')),
+            _ => message,
+        };
         // A named choice's message already starts with its key.
         let at = key_of_error(&table)
             .filter(|k| !message.starts_with(k.as_str()))
@@ -548,6 +556,31 @@ mod tests {
     use super::*;
 
     const MINIMAL: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n[lora]\n";
+
+    /// A missing section is named as one; it was blamed on the section that was there
+    /// (`` `data`: missing field `model` ``). A key missing inside a section still names
+    /// the section.
+    #[test]
+    fn a_missing_section_is_named_not_its_neighbour() {
+        for (text, want) in [
+            (
+                "[data]\ntrain = \"d.jsonl\"\n",
+                "r.toml: missing section `[model]`",
+            ),
+            (
+                "[model]\npath = \"m\"\n",
+                "r.toml: missing section `[data]`",
+            ),
+            ("", "r.toml: missing section `[model]`"),
+            (
+                "[model]\n[data]\ntrain = \"d.jsonl\"\n",
+                "r.toml: `model`: missing field `path`",
+            ),
+        ] {
+            let e = parse(text, "r.toml", &[]).unwrap_err().to_string();
+            assert_eq!(e, want, "{text:?}");
+        }
+    }
 
     /// A command reward or client whose program is an empty name is refused with the
     /// recipe (it failed at its start, as "cannot start ``", naming neither), and the

@@ -155,6 +155,11 @@ fn key_parts(key: &str) -> std::result::Result<Vec<String>, String> {
 pub(super) fn key_of_error(table: &toml::Table) -> Option<String> {
     let text = toml::to_string(table).ok()?;
     let span = toml::from_str::<Recipe>(&text).err()?.span()?;
+    // No span, or the whole document: the recipe itself lacks a section, which the
+    // message names.
+    if span.start == 0 && (span.end == 0 || span.end >= text.trim_end().len()) {
+        return None;
+    }
     let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next()?;
     // A table where a value belongs is written out as a section of its own: the error is
