@@ -102,6 +102,14 @@ impl ChatTemplate {
         origin: impl Into<String>,
     ) -> Result<Self, DataError> {
         let origin = origin.into();
+        // It renders every conversation as nothing: a prompt with no tokens, or training
+        // data with nothing to learn, reported far from the template.
+        if source.trim().is_empty() {
+            return Err(DataError::Template {
+                origin,
+                reason: "the template is empty".into(),
+            });
+        }
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -608,6 +616,20 @@ mod tests {
             err.starts_with("test:") && err.contains("system first"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_empty_template_is_refused_where_it_is() {
+        for source in ["", " \n\t"] {
+            let e = ChatTemplate::new(source, SpecialTokens::default(), "t.json (chat_template)")
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("t.json (chat_template)") && e.contains("the template is empty"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
