@@ -5,7 +5,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use data::Message;
 use data::render::{TemplateChoice, template_for};
 use trainer::chat::{Chat, ChatOptions};
-use trainer::counseling_eval::multiple_choice::{load, option_logps, score};
+use trainer::counseling_eval::multiple_choice::{load, option_logps, option_sequences, score};
 use trainer::model::{NewModel, init_model, load_model};
 
 #[test]
@@ -30,7 +30,8 @@ fn option_log_likelihoods_match_a_full_forward_per_option() {
     .unwrap();
     let (_, items) = load(None).unwrap();
     let items = &items[..3];
-    let got = option_logps(&chat, items).unwrap();
+    let seqs = option_sequences(&chat, items, "bundled").unwrap();
+    let got = option_logps(&chat, items, &seqs);
 
     let (config, model) = load_model(&path, &device).unwrap();
     let tokenizer = trainer::model::load_tokenizer(&path, config.vocab_size).unwrap();

@@ -10,7 +10,7 @@ use trainer::examples::Examples;
 use trainer::model::{load_model, tensor_specs};
 use trainer::objectives::Objective;
 use trainer::objectives::registry::for_recipe;
-use trainer::objectives::sequences::{sequence_logps, sequence_logps_and_stats};
+use trainer::objectives::sequences::{LogitsOver, sequence_logps, sequence_logps_and_stats};
 use trainer::recipe::{Recipe, load};
 use trainer::train::data::{Method, Rows, tokenize};
 use trainer::train::{Outcome, setup, train};
@@ -196,7 +196,7 @@ fn the_reference_is_exactly_the_initial_policy() {
             plain.stats.is_none(),
             "a reference's pass reads no statistics"
         );
-        let with_stats = sequence_logps_and_stats(&s.model, &batch);
+        let with_stats = sequence_logps_and_stats(&s.model, &batch, LogitsOver::CompletionTokens);
         let hits = with_stats.stats.expect("asked for").hits;
         let hits: Vec<f64> = hits.into_data().try_into_vec_as::<f64>().unwrap();
         let lens: Vec<f64> = batch
