@@ -1,22 +1,19 @@
-//! Direct Preference Optimization against a reference policy. With
-//! `Δ = β[(log πθ(y_c) − log πref(y_c)) − (log πθ(y_r) − log πref(y_r))]`:
-//! - `sigmoid`: `−(1−ε)·log σ(Δ) − ε·log σ(−Δ)` (ε = label smoothing);
-//! - `ipo`: `(h − 1/(2β))²`, `h` the same difference of log-ratios on length-averaged log-probs;
-//! - `hinge`: `relu(1 − Δ)`;
-//! - `robust`: `[−(1−ε)·log σ(Δ) + ε·log σ(−Δ)] / (1 − 2ε)`.
+//! Direct Preference Optimization against a reference policy: the objective, its
+//! settings and the reference cache. The loss types' formulas are in
+//! [`super::dpo_losses`].
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+pub use super::dpo_losses::{DpoLoss, DpoLossType};
 use super::fits_f32;
 use super::objective::{LossInput, MicroOutput, Objective, Prepare};
 pub use super::pairs::PairLogps;
 use super::pairs::Pairs;
 use super::sequences::LogitsOver;
-use super::{Metrics, log_sigmoid, preference_metrics, smoothed_sigmoid_loss, values};
+use super::{Metrics, preference_metrics, values};
 use crate::examples::{Examples, Micro, Shape};
 use crate::recipe::Recipe;
 use crate::ref_cache::{RefCacheKey, default_cache_dir, precompute};
@@ -27,9 +24,15 @@ use crate::{Result, TrainerError};
 #[serde(deny_unknown_fields, default)]
 pub struct DpoSection {
     pub beta: f64,
-    /// sigmoid, ipo, hinge or robust.
-    pub loss_type: String,
+    /// One of TRL's loss types (`sigmoid`, `ipo`, `hinge`, `robust`, `exo_pair`,
+    /// `nca_pair`, `bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`,
+    /// `discopop`, `sft`, `sigmoid_norm`), or a list of them added up with `loss_weights`.
+    pub loss_type: LossTypes,
+    /// One weight per loss type (default 1 each).
+    pub loss_weights: Option<Vec<f64>>,
     pub label_smoothing: f64,
+    /// DiscoPOP's τ.
+    pub discopop_tau: f64,
     /// Compute the reference log-probs once before training and cache them on disk, keyed
     /// by a hash of the tokenised data and the model files.
     pub precompute_ref_log_probs: bool,
@@ -43,62 +46,91 @@ impl Default for DpoSection {
     fn default() -> Self {
         Self {
             beta: 0.1,
-            loss_type: "sigmoid".into(),
+            loss_type: LossTypes::One("sigmoid".into()),
+            loss_weights: None,
             label_smoothing: 0.0,
+            discopop_tau: 0.05,
             precompute_ref_log_probs: false,
             ref_cache_dir: None,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DpoLossType {
-    Sigmoid,
-    Ipo,
-    Hinge,
-    Robust,
+/// `dpo.loss_type`: one name, or a list of them (TRL's multi-loss form).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LossTypes {
+    One(String),
+    Many(Vec<String>),
 }
 
-impl FromStr for DpoLossType {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "sigmoid" => Ok(Self::Sigmoid),
-            "ipo" => Ok(Self::Ipo),
-            "hinge" => Ok(Self::Hinge),
-            "robust" => Ok(Self::Robust),
-            other => Err(format!(
-                "unknown DPO loss_type `{other}` (sigmoid, ipo, hinge, robust)"
-            )),
+impl LossTypes {
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Self::One(n) => vec![n.as_str()],
+            Self::Many(v) => v.iter().map(String::as_str).collect(),
         }
     }
 }
 
 /// DPO with its parsed settings.
 pub struct Dpo {
-    loss_type: DpoLossType,
+    loss: DpoLoss,
     section: DpoSection,
 }
 
 /// The registry's constructor: the `[dpo]` section (or its defaults), checked.
 pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String> {
     let d = recipe.dpo.clone().unwrap_or_default();
-    let loss_type = d
-        .loss_type
-        .parse::<DpoLossType>()
+    let names = d.loss_type.names();
+    if names.is_empty() {
+        return Err("dpo.loss_type is an empty list; name at least one loss type".into());
+    }
+    let kinds = names
+        .iter()
+        .map(|n| n.parse::<DpoLossType>())
+        .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| format!("dpo.loss_type: {e}"))?;
+    let weights = match &d.loss_weights {
+        None => vec![1.0; kinds.len()],
+        Some(w) if w.len() != kinds.len() => {
+            return Err(format!(
+                "dpo.loss_weights has {} weights for {} loss types; give one per type",
+                w.len(),
+                kinds.len()
+            ));
+        }
+        Some(w) => w.clone(),
+    };
+    if let Some(w) = weights.iter().find(|w| !(w.is_finite() && fits_f32(**w))) {
+        return Err(format!("dpo.loss_weights: {w} is not a finite weight"));
+    }
     if !(d.beta > 0.0 && fits_f32(d.beta)) {
         return Err(format!(
             "dpo.beta {} must be positive (and within f32)",
             crate::recipe::shown(d.beta)
         ));
     }
-    // TRL's ipo and hinge losses take no label smoothing; set, it would change nothing.
-    if d.label_smoothing != 0.0 && matches!(loss_type, DpoLossType::Ipo | DpoLossType::Hinge) {
+    // A smoothing no loss reads would change nothing.
+    if d.label_smoothing != 0.0 && !kinds.iter().any(|k| k.reads_label_smoothing()) {
         return Err(format!(
-            "dpo.label_smoothing {} is read by loss_type sigmoid and robust only, not {}",
-            d.label_smoothing, d.loss_type
+            "dpo.label_smoothing {} is read by loss_type sigmoid, robust, exo_pair, aot and \
+             aot_unpaired only, not {}",
+            d.label_smoothing,
+            names.join(", ")
+        ));
+    }
+    if kinds.contains(&DpoLossType::ExoPair) && d.label_smoothing <= 0.0 {
+        return Err(
+            "dpo.loss_type exo_pair takes its ε from dpo.label_smoothing, which must be \
+             positive (the EXO paper uses 1e-3): at 0 its loss is infinite"
+                .into(),
+        );
+    }
+    if !(d.discopop_tau > 0.0 && fits_f32(d.discopop_tau)) {
+        return Err(format!(
+            "dpo.discopop_tau {} must be positive",
+            crate::recipe::shown(d.discopop_tau)
         ));
     }
     if d.ref_cache_dir.is_some() && !d.precompute_ref_log_probs {
@@ -114,10 +146,13 @@ pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String>
             d.label_smoothing
         ));
     }
-    Ok(Box::new(Dpo {
-        loss_type,
-        section: d,
-    }))
+    let loss = DpoLoss {
+        terms: kinds.into_iter().zip(weights).collect(),
+        beta: d.beta,
+        label_smoothing: d.label_smoothing,
+        discopop_tau: d.discopop_tau,
+    };
+    Ok(Box::new(Dpo { loss, section: d }))
 }
 
 impl Objective for Dpo {
@@ -183,56 +218,16 @@ impl Objective for Dpo {
             rejected_len: policy.rejected_len.clone(),
             tokens: None,
         };
-        let s = &self.section;
-        Ok(Some(pairs.output(dpo_loss(
-            self.loss_type,
-            s.beta,
-            s.label_smoothing,
-            &policy,
-            &reference,
-        ))))
+        Ok(Some(
+            pairs.output(dpo_loss(&self.loss, &policy, &reference)),
+        ))
     }
 }
 
-/// `DPO loss`: the mean over pairs of the chosen loss type, and TRL's metrics.
-pub fn dpo_loss(
-    loss_type: DpoLossType,
-    beta: f64,
-    label_smoothing: f64,
-    policy: &PairLogps,
-    reference: &PairLogps,
-) -> (Tensor<1>, Metrics) {
-    let eps = label_smoothing;
-    let (pc, pr, rc, rr) = if loss_type == DpoLossType::Ipo {
-        (
-            policy.chosen.clone() / policy.chosen_len.clone(),
-            policy.rejected.clone() / policy.rejected_len.clone(),
-            reference.chosen.clone() / reference.chosen_len.clone(),
-            reference.rejected.clone() / reference.rejected_len.clone(),
-        )
-    } else {
-        (
-            policy.chosen.clone(),
-            policy.rejected.clone(),
-            reference.chosen.clone(),
-            reference.rejected.clone(),
-        )
-    };
-    let chosen_ratio = pc.clone() - rc.detach();
-    let rejected_ratio = pr.clone() - rr.detach();
-    let h = chosen_ratio.clone() - rejected_ratio.clone();
-    let delta = h.clone().mul_scalar(beta);
-    let losses = match loss_type {
-        DpoLossType::Sigmoid => smoothed_sigmoid_loss(delta, eps),
-        DpoLossType::Ipo => h.sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2),
-        // `relu`, not `clamp_min(0)`: at `Δ = 1` PyTorch's relu (which TRL uses) passes
-        // no gradient, where a clamp passes all of it.
-        DpoLossType::Hinge => burn::tensor::activation::relu(delta.neg().add_scalar(1.0)),
-        DpoLossType::Robust => (log_sigmoid(delta.clone()).mul_scalar(-(1.0 - eps))
-            + log_sigmoid(delta.neg()).mul_scalar(eps))
-        .div_scalar(1.0 - 2.0 * eps),
-    };
-    let loss = losses.mean();
+/// The DPO loss of `loss`'s types over the micro-batch's pairs, and TRL's metrics.
+pub fn dpo_loss(loss: &DpoLoss, policy: &PairLogps, reference: &PairLogps) -> (Tensor<1>, Metrics) {
+    let beta = loss.beta;
+    let loss = loss.loss(policy, reference);
 
     // The metrics read the summed log-probs whatever the loss averages, as TRL's do: IPO
     // length-averages only inside its loss.
@@ -355,7 +350,7 @@ mod tests {
     fn sigmoid_with_label_smoothing_matches_the_formula() {
         let (p, r) = case();
         let (beta, eps) = (0.1, 0.2);
-        let (loss, m) = dpo_loss(DpoLossType::Sigmoid, beta, eps, &p, &r);
+        let (loss, m) = dpo_loss(&DpoLoss::single(DpoLossType::Sigmoid, beta, eps), &p, &r);
         // Δ = β(h): h1 = 1 − (−1) = 2, h2 = −0.5 − 0.25 = −0.75.
         let d = [beta * 2.0, beta * -0.75];
         let want = d
@@ -384,7 +379,7 @@ mod tests {
     fn ipo_uses_length_averaged_log_ratios() {
         let (p, r) = case();
         let beta = 0.5;
-        let (loss, m) = dpo_loss(DpoLossType::Ipo, beta, 0.0, &p, &r);
+        let (loss, m) = dpo_loss(&DpoLoss::single(DpoLossType::Ipo, beta, 0.0), &p, &r);
         let h1 = 1.0 / 4.0 - (-1.0) / 2.0;
         let h2 = -0.5 / 5.0 - 0.25 / 3.0;
         let want = ((h1 - 1.0) * (h1 - 1.0) + (h2 - 1.0) * (h2 - 1.0)) / 2.0;
@@ -407,11 +402,11 @@ mod tests {
     fn hinge_and_robust_match_the_formulas() {
         let (p, r) = case();
         let beta = 2.0;
-        let (loss, _) = dpo_loss(DpoLossType::Hinge, beta, 0.0, &p, &r);
+        let (loss, _) = dpo_loss(&DpoLoss::single(DpoLossType::Hinge, beta, 0.0), &p, &r);
         let want = ((1.0f64 - 4.0).max(0.0) + (1.0f64 + 1.5).max(0.0)) / 2.0;
         close(scalar(loss), want, 1e-6);
         let eps = 0.1;
-        let (loss, _) = dpo_loss(DpoLossType::Robust, beta, eps, &p, &r);
+        let (loss, _) = dpo_loss(&DpoLoss::single(DpoLossType::Robust, beta, eps), &p, &r);
         let want = [4.0, -1.5]
             .iter()
             .map(|&d: &f64| (-(1.0 - eps) * ls(d) + eps * ls(-d)) / (1.0 - 2.0 * eps))
@@ -430,14 +425,14 @@ mod tests {
             DpoLossType::Hinge,
             DpoLossType::Robust,
         ] {
-            let (loss, m) = dpo_loss(kind, 0.1, 0.1, &p, &r);
+            let (loss, m) = dpo_loss(&DpoLoss::single(kind, 0.1, 0.1), &p, &r);
             let v = scalar(loss);
             assert!(v.is_finite(), "{kind:?}: {v}");
             assert!(m.0.iter().all(|x| x.1.is_finite()), "{kind:?}: {m:?}");
         }
         // Δ = 0.1·(3e4 + 5e4 ...) is huge: the sigmoid loss is ≈ 0 on the first pair and
         // ≈ |Δ| on the second, not inf.
-        let (loss, _) = dpo_loss(DpoLossType::Sigmoid, 0.1, 0.0, &p, &r);
+        let (loss, _) = dpo_loss(&DpoLoss::single(DpoLossType::Sigmoid, 0.1, 0.0), &p, &r);
         let d = 0.1 * ((-1e-3 + 3e4) - (-5e4 + 1.0));
         close(scalar(loss), (ls(d) + ls(-d)) / -2.0, 1e-5);
     }

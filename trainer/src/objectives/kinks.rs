@@ -5,7 +5,7 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::dpo::{DpoLossType, PairLogps, dpo_loss};
+use super::dpo::{DpoLoss, DpoLossType, PairLogps, dpo_loss};
 use super::grpo::loss::{Surrogate, TokenTerms, per_token_loss};
 use super::test_util::close;
 use super::{log_sigmoid, log1m_exp, orpo::orpo_loss, reward::reward_loss, values};
@@ -78,7 +78,7 @@ fn dpo_grads(
     let (pc, pr) = (leaf(&[c]), leaf(&[r]));
     let policy = pairs(pc.clone(), pr.clone(), len);
     let reference = pairs(constant(&[reference.0]), constant(&[reference.1]), len);
-    let (loss, _) = dpo_loss(kind, beta, eps, &policy, &reference);
+    let (loss, _) = dpo_loss(&DpoLoss::single(kind, beta, eps), &policy, &reference);
     let grads = loss.backward();
     (
         values(pc.grad(&grads).expect("chosen"))[0],

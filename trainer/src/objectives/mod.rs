@@ -5,6 +5,7 @@
 
 pub mod cpo;
 pub mod dpo;
+pub mod dpo_losses;
 pub mod grpo;
 #[cfg(test)]
 mod kinks;

@@ -997,7 +997,36 @@ mod tests {
             (
                 "dpo",
                 &["dpo.loss_type=ipo", "dpo.label_smoothing=0.2"][..],
-                "dpo.label_smoothing 0.2 is read by loss_type sigmoid and robust only",
+                "dpo.label_smoothing 0.2 is read by loss_type sigmoid, robust, exo_pair, aot \
+                 and aot_unpaired only, not ipo",
+            ),
+            (
+                "dpo",
+                &["dpo.loss_type=exo_pair"][..],
+                "which must be positive (the EXO paper uses 1e-3)",
+            ),
+            (
+                "dpo",
+                &[
+                    "dpo.loss_type=[\"sigmoid\", \"sft\"]",
+                    "dpo.loss_weights=[1.0]",
+                ][..],
+                "dpo.loss_weights has 1 weights for 2 loss types",
+            ),
+            (
+                "dpo",
+                &["dpo.loss_type=[]"][..],
+                "dpo.loss_type is an empty list",
+            ),
+            (
+                "dpo",
+                &["dpo.loss_type=[\"sigmoid\", \"kto\"]"][..],
+                "unknown DPO loss_type `kto`",
+            ),
+            (
+                "dpo",
+                &["dpo.loss_type=discopop", "dpo.discopop_tau=0"][..],
+                "dpo.discopop_tau 0 must be positive",
             ),
             (
                 "dpo",
@@ -1210,6 +1239,22 @@ mod tests {
         assert!(
             err.contains("dpo.loss_type") && err.contains("`kto`"),
             "{err}"
+        );
+        // MPO: several types with their weights, from the file; a single name still reads.
+        let mpo = format!(
+            "{MINIMAL}[train]\nmethod = \"dpo\"\n[dpo]\nloss_type = [\"sigmoid\", \"bco_pair\", \
+             \"sft\"]\nloss_weights = [0.8, 0.2, 1.0]\n"
+        );
+        let recipe = parse(&mpo, "r.toml", &[]).unwrap();
+        assert_eq!(
+            recipe.dpo.as_ref().map(|d| d.loss_weights.clone()),
+            Some(Some(vec![0.8, 0.2, 1.0]))
+        );
+        // The resolved recipe a run saves reads back the same.
+        let again = parse(&recipe.to_toml(), "saved", &[]).unwrap();
+        assert_eq!(
+            again.dpo.map(|d| d.loss_type),
+            recipe.dpo.map(|d| d.loss_type)
         );
     }
 }
