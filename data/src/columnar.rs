@@ -29,17 +29,21 @@ fn unreadable(path: &Path, reason: impl std::fmt::Display) -> DataError {
     let parquet = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-    let reason = if reason.contains("lz4") && reason.contains("feature") && parquet {
-        "it is compressed with lz4, which hearth does not read; write it with snappy (the \
-         default) or zstd (pyarrow: `pq.write_table(table, path, compression=\"zstd\")`)"
-            .to_string()
-    } else if reason.contains("lz4") && reason.contains("feature") {
-        "it is compressed with lz4, which hearth does not read; write it uncompressed or with \
-         zstd (pyarrow: `feather.write_feather(table, path, compression=\"zstd\")`), or as \
-         Parquet"
-            .to_string()
-    } else {
-        format!("cannot read: {reason}")
+    let left_out = ["lz4", "brotli", "lzo"]
+        .into_iter()
+        .find(|codec| reason.contains("feature") && reason.to_lowercase().contains(codec));
+    let reason = match left_out {
+        Some(codec) if parquet => format!(
+            "it is compressed with {codec}, which hearth does not read; write it with snappy \
+             (the default), zstd or gzip (pyarrow: `pq.write_table(table, path, \
+             compression=\"zstd\")`)"
+        ),
+        Some(codec) => format!(
+            "it is compressed with {codec}, which hearth does not read; write it uncompressed \
+             or with zstd (pyarrow: `feather.write_feather(table, path, compression=\"zstd\")`), \
+             or as Parquet"
+        ),
+        None => format!("cannot read: {reason}"),
     };
     DataError::Unsupported {
         path: PathBuf::from(path),
@@ -356,6 +360,17 @@ mod tests {
         assert!(
             e.starts_with("feather.arrow: it is compressed with lz4")
                 && e.contains("compression=\"zstd\"")
+                && !e.contains("feature"),
+            "{e}"
+        );
+        let e = super::unreadable(
+            std::path::Path::new("b.parquet"),
+            "Parquet argument error: Parquet error: Disabled feature at compile time: brotli",
+        )
+        .to_string();
+        assert!(
+            e.starts_with("b.parquet: it is compressed with brotli")
+                && e.contains("zstd or gzip")
                 && !e.contains("feature"),
             "{e}"
         );

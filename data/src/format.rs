@@ -724,24 +724,62 @@ fn speaker(line: &str) -> Option<(&'static str, Option<&str>, &str)> {
     Some((role, direction, said.trim()))
 }
 
-/// `line` split at its first colon outside parentheses.
+/// `line` split at its first colon outside parentheses: an ASCII one, or the full-width
+/// `：` of text typed with a CJK input method.
 fn split_tag(line: &str) -> Option<(&str, &str)> {
     let mut depth = 0usize;
     for (i, c) in line.char_indices() {
         match c {
             '(' => depth += 1,
             ')' => depth = depth.saturating_sub(1),
-            ':' if depth == 0 => return Some((&line[..i], &line[i + 1..])),
+            ':' | '：' if depth == 0 => return Some((&line[..i], &line[i + c.len_utf8()..])),
             _ => {}
         }
     }
     None
 }
 
+/// Speakers a counseling transcript may hold besides counselor and client: a third party
+/// in a family session, another professional, or another data set's role names. A line
+/// opening with one of them is another voice, never the turn before it going on.
+const OTHER_SPEAKERS: [&str; 30] = [
+    "mother",
+    "father",
+    "mom",
+    "dad",
+    "parent",
+    "son",
+    "daughter",
+    "husband",
+    "wife",
+    "partner",
+    "spouse",
+    "sister",
+    "brother",
+    "friend",
+    "teacher",
+    "caregiver",
+    "psychologist",
+    "psychiatrist",
+    "doctor",
+    "dr",
+    "nurse",
+    "coach",
+    "supervisor",
+    "interviewer",
+    "user",
+    "assistant",
+    "human",
+    "ai",
+    "bot",
+    "system",
+];
+
 /// Whether `line` opens with something like a speaker's tag that [`speaker`] does not
 /// take: at most three words before a colon, the first or last of them a role (`Client 2:`,
-/// `> Counselor:`, `Therapist's note:`). A sentence that mentions one (`The client said:`)
-/// is not a tag.
+/// `> Counselor:`, `Therapist's note:`), or one or two capitalised words naming another
+/// speaker (`Mother:`, `Psychologist:`, `Dr Lee:`). A sentence that mentions one (`The
+/// client said:`, `my mother said:`) is not a tag, nor a label like `Step 1:`.
 fn looks_like_a_speaker(line: &str) -> bool {
     let Some((tag, _)) = split_tag(line) else {
         return false;
@@ -756,5 +794,10 @@ fn looks_like_a_speaker(line: &str) -> bool {
             ["counselor", "counsellor", "therapist", "client", "patient"].contains(&w.as_str())
         })
     };
-    words.len() <= 3 && (role(words.first()) || role(words.last()))
+    let other = |w: Option<&String>| w.is_some_and(|w| OTHER_SPEAKERS.contains(&w.as_str()));
+    let capitalised = tag
+        .trim_start_matches(|c: char| !c.is_alphabetic())
+        .starts_with(char::is_uppercase);
+    (words.len() <= 3 && (role(words.first()) || role(words.last())))
+        || (words.len() <= 2 && capitalised && (other(words.first()) || other(words.last())))
 }

@@ -492,6 +492,24 @@ fn cactus_speaker_tags_in_their_real_spellings() {
          Client (long pause: thinking): I don't know.\nThe client said: nothing.",
     )
     .unwrap();
+    // A full-width colon (typed with a CJK input method) tags like an ASCII one; a label
+    // that is no speaker's (`Step 1:`) or a sentence naming one goes on the turn before.
+    let wide = cactus_dialogue(
+        "Counselor：How are you?\nClient： Anxious.\nCounselor: Try this.\nStep 1: breathe.\n\
+         my mother said: rest.",
+    )
+    .unwrap();
+    assert_eq!(
+        wide,
+        [
+            m("assistant", "How are you?"),
+            m("user", "Anxious."),
+            m(
+                "assistant",
+                "Try this.\nStep 1: breathe.\nmy mother said: rest."
+            ),
+        ]
+    );
     assert_eq!(
         turns,
         [
@@ -511,6 +529,18 @@ fn cactus_speaker_tags_in_their_real_spellings() {
         ),
         ("Counselor: Hi.\n> Client: no.", "line 2"),
         ("Counselor: Hi.\nTherapist's note: calm", "line 2"),
+        // Another voice (a family session, another data set's roles) is never glued
+        // into the counselor's reply.
+        (
+            "Counselor: How does that feel?\nMother: My husband left her.",
+            "line 2",
+        ),
+        (
+            "Client: hi\nCounselor: Hello.\nPsychologist: I agree.",
+            "line 3",
+        ),
+        ("Counselor: Hi.\n**Dr Lee**: My husband left.", "line 2"),
+        ("Counselor: Hi.\nUser: My husband left.", "line 2"),
     ] {
         let e = cactus_dialogue(text).unwrap_err();
         assert!(
@@ -565,11 +595,13 @@ fn messages_batch() -> RecordBatch {
 }
 
 #[test]
-fn parquet_with_message_structs_under_snappy_and_zstd() {
+fn parquet_with_message_structs_under_snappy_zstd_and_gzip() {
     let dir = tempfile::tempdir().unwrap();
     for (name, compression) in [
         ("snappy", Compression::SNAPPY),
         ("zstd", Compression::ZSTD(ZstdLevel::default())),
+        // pandas' and pyarrow's `compression="gzip"`.
+        ("gzip", Compression::GZIP(Default::default())),
     ] {
         let path = dir.path().join(format!("{name}.parquet"));
         let batch = messages_batch();
