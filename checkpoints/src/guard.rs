@@ -122,6 +122,23 @@ pub fn check_not_within(out: &Path, input: &Path) -> Result<()> {
     Ok(())
 }
 
+/// For a run that writes into the directory `out`: refuses it when it holds `input`, which
+/// the run's checkpoints and final save would overwrite (a base at `RUN/final`, say) or its
+/// fresh start would clear. `key` names the input in the message.
+pub fn check_not_holding(out: &Path, input: &Path, key: &str) -> Result<()> {
+    let (at, input_at) = (resolve(out), resolve(input));
+    if input_at != at && input_at.starts_with(&at) {
+        return Err(refuse(
+            out,
+            format!(
+                "it holds {key} {}, which the run's checkpoints would overwrite",
+                input.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// For a command that writes a checkpoint into the directory `out` from `inputs`: refuses
 /// `out` when it is, contains or lies inside one of the inputs, or already holds anything
 /// (a model, or files of its own that the checkpoint's would replace or sit beside).
@@ -164,6 +181,23 @@ mod tests {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         std::fs::write(dir.join("model.safetensors"), "x").unwrap();
+    }
+
+    #[test]
+    fn a_run_directory_holding_an_input_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        for inside in ["final", "checkpoint-2", "base/model"] {
+            let e = check_not_holding(&run, &run.join(inside), "model.path")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("it holds model.path") && e.contains(inside),
+                "{e}"
+            );
+        }
+        check_not_holding(&run, &tmp.path().join("base"), "model.path").unwrap();
+        check_not_holding(&run, &tmp.path().join("run-other/final"), "model.path").unwrap();
     }
 
     #[test]

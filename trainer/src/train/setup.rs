@@ -239,6 +239,10 @@ pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<Run
     for input in std::iter::once(recipe.model.path.as_path()).chain(init_from) {
         checkpoints::guard::check_not_within(out, input)?;
     }
+    // Nor may the run hold what it reads: its saves would overwrite it.
+    for (key, input) in recipe.checkpoints() {
+        checkpoints::guard::check_not_holding(out, input, &key)?;
+    }
     let run = if resume {
         let run = RunDir::open(out)?;
         let path = out.join(crate::run_dir::RECIPE_FILE);
