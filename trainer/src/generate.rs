@@ -25,6 +25,17 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+/// The smallest temperature above 0 (greedy): the logits are divided by it, and far below
+/// it they overflow f32 (from about 1e-37 every step was NaN), while anything this small
+/// already samples the top token. A setting under it is refused.
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+
+/// Whether `t` is a temperature sampling can use: 0 (greedy), or from
+/// [`MIN_TEMPERATURE`] up, finite.
+pub fn usable_temperature(t: f64) -> bool {
+    t == 0.0 || (t >= MIN_TEMPERATURE && t.is_finite() && t <= f64::from(f32::MAX))
+}
+
 impl Sampling {
     /// Refuses settings that would sample from NaN or from nothing: a negative or
     /// non-finite temperature, a top-p outside (0, 1], and no tokens to generate.
@@ -34,10 +45,10 @@ impl Sampling {
                 "max_new_tokens 0 leaves nothing to generate; it must be at least 1".into(),
             ));
         }
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+        if !usable_temperature(self.temperature) {
             return Err(TrainerError::Input(format!(
-                "temperature {} must be a finite number ≥ 0 (0 is greedy)",
-                self.temperature
+                "temperature {} must be 0 (greedy) or a finite number from {MIN_TEMPERATURE}",
+                crate::recipe::shown(self.temperature)
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {

@@ -272,9 +272,9 @@ pub fn parse(text: &str, origin: &str, overrides: &[String]) -> Result<Recipe> {
     Ok(recipe)
 }
 
-/// A number as a message shows it: in full, or in exponent form when it is huge.
+/// A number as a message shows it: in full, or in exponent form when it is huge or tiny.
 pub(crate) fn shown(x: f64) -> String {
-    if x.abs() < 1e15 || !x.is_finite() {
+    if (x.abs() < 1e15 && (x == 0.0 || x.abs() >= 1e-4)) || !x.is_finite() {
         x.to_string()
     } else {
         format!("{x:e}")

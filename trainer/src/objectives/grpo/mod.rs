@@ -160,11 +160,14 @@ impl GrpoSettings {
             ));
         }
         let sampling_ok =
-            g.temperature >= 0.0 && fits_f32(g.temperature) && g.top_p > 0.0 && g.top_p <= 1.0;
+            crate::generate::usable_temperature(g.temperature) && g.top_p > 0.0 && g.top_p <= 1.0;
         if !sampling_ok {
             return Err(format!(
-                "grpo.temperature {} must be ≥ 0 and top_p {} in (0, 1]",
-                g.temperature, g.top_p
+                "grpo.temperature {} must be 0 (greedy) or from {} (and within f32), and \
+                 top_p {} in (0, 1]",
+                crate::recipe::shown(g.temperature),
+                crate::generate::MIN_TEMPERATURE,
+                g.top_p
             ));
         }
         crate::rewards::check_specs(&g.rewards)?;

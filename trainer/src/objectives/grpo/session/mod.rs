@@ -198,14 +198,16 @@ impl SessionSettings {
                 ));
             }
         }
-        let sampling_ok = client.temperature >= 0.0
-            && client.temperature.is_finite()
+        let sampling_ok = crate::generate::usable_temperature(client.temperature)
             && client.top_p > 0.0
             && client.top_p <= 1.0;
         if !sampling_ok {
             return Err(format!(
-                "grpo.client: temperature {} must be ≥ 0 and top_p {} in (0, 1]",
-                client.temperature, client.top_p
+                "grpo.client: temperature {} must be 0 (greedy) or from {}, and top_p {} in \
+                 (0, 1]",
+                crate::recipe::shown(client.temperature),
+                crate::generate::MIN_TEMPERATURE,
+                client.top_p
             ));
         }
         if client.max_new_tokens == 0 {
