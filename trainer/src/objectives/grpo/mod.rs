@@ -352,6 +352,12 @@ impl Objective for Grpo {
                 if let Examples::Prompts(prompts) = &*cx.train {
                     let extras: Vec<_> = prompts.iter().map(|p| &p.extra).collect();
                     client.check_rows(&extras, cx.train_file)?;
+                    session::rollout::check_openings(
+                        prompts,
+                        s,
+                        self.settings.sampling.max_new_tokens,
+                        cx.train_file,
+                    )?;
                 }
                 Some(rollout::Sessions {
                     settings: s.clone(),

@@ -54,6 +54,9 @@ pub struct ModelClient {
     pub persona_template: Option<String>,
     pub end_text: Option<String>,
     pub device: Device,
+    /// The client model's `max_position_embeddings`, and where it was read.
+    context: usize,
+    dir: std::path::PathBuf,
 }
 
 pub struct CommandClient {
@@ -148,20 +151,40 @@ impl Client {
             persona_template: section.persona_template.clone(),
             end_text: section.end_text.clone().filter(|t| !t.is_empty()),
             device: device.clone(),
+            context: config.max_position_embeddings,
+            dir: dir.to_path_buf(),
         })))
     }
 
-    /// Checks that every row of `file` has what the persona template asks for, before
-    /// any step.
+    /// Checks that every row of `file` has what the persona template asks for, and that
+    /// its persona leaves the client model room to speak, before any step: the client
+    /// reads the whole persona at once, and one far past its context took memory by the
+    /// square of its length until the process was killed.
     pub fn check_rows(&self, extras: &[&Map<String, Value>], file: &std::path::Path) -> Result<()> {
         if let Self::Model(m) = self {
             for (i, e) in extras.iter().enumerate() {
-                persona(
-                    m.persona_template.as_deref(),
-                    e,
-                    &format!("training prompt {}", i + 1),
-                )
-                .map_err(|e| TrainerError::Input(format!("{}: {e}", file.display())))?;
+                let row = format!("training prompt {}", i + 1);
+                let at = |e: String| TrainerError::Input(format!("{}: {e}", file.display()));
+                let system = persona(m.persona_template.as_deref(), e, &row).map_err(at)?;
+                let rendered = m
+                    .template
+                    .render(&[Message::new("system", system)], true)
+                    .map_err(|e| at(format!("{row}: the client's persona: {e}")))?;
+                let tokens = data::chat::encode(&m.tokenizer, &rendered)
+                    .map_err(|e| at(format!("{row}: the client's persona: {e}")))?
+                    .len();
+                let reach = tokens + m.sampling.max_new_tokens;
+                if reach > m.context {
+                    return Err(at(format!(
+                        "{row}: the client's persona takes {tokens} tokens, and with \
+                         grpo.client.max_new_tokens = {} its first turn could reach {reach}, \
+                         past the client model's context ({} in {}); shorten the row's persona \
+                         (or grpo.client.persona_template)",
+                        m.sampling.max_new_tokens,
+                        m.context,
+                        m.dir.display()
+                    )));
+                }
             }
         }
         Ok(())

@@ -223,3 +223,33 @@ pub fn play(
         })
         .collect())
 }
+
+/// Refuses, before any step, a row of `file` whose written opening (one ending with the
+/// client's turn, which the counselor answers first) leaves its first counselor turn no
+/// room under `grpo.max_session_tokens`; found in a rollout, it stopped the run mid-way
+/// without naming the file. An opening the client writes is only known when it speaks.
+pub fn check_openings(
+    prompts: &[crate::examples::PromptItem],
+    settings: &super::SessionSettings,
+    max_new: usize,
+    file: &std::path::Path,
+) -> Result<()> {
+    let budget = settings.max_session_tokens;
+    for (i, p) in prompts.iter().enumerate() {
+        let counselor_answers = p.messages.last().is_some_and(|m| m.role == "user");
+        if counselor_answers && p.ids.len() + max_new > budget {
+            return Err(TrainerError::Input(format!(
+                "{}: training prompt {}: its opening takes {} tokens, and with \
+                 grpo.max_completion_length = {max_new} the first counselor turn could reach {}, \
+                 past grpo.max_session_tokens = {budget}; raise max_session_tokens or shorten \
+                 the opening",
+                file.display(),
+                i + 1,
+                p.ids.len(),
+                p.ids.len() + max_new
+            )));
+        }
+    }
+    Ok(())
+}
+
