@@ -2285,6 +2285,64 @@ fn pipeline_runs_sft_reward_dpo_grpo_and_reports() {
     );
 }
 
+/// A pipeline whose stages start from different base models (another width) measures
+/// each stage's replies on its own base: the report read every adapter onto the last
+/// stage's base, and failed on the shapes (or, with equal shapes, measured the wrong
+/// model without a word).
+#[test]
+fn pipeline_stages_on_different_bases_are_each_measured_on_their_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let wide = tmp.path().join("wide");
+    ok(&[
+        "init-model",
+        "--out",
+        s(&wide),
+        "--hidden-size",
+        "128",
+        "--intermediate-size",
+        "256",
+    ]);
+    let pipeline = tmp.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "[report]\nprompts = {prompts:?}\nsamples = 1\nmax_new_tokens = 4\n\
+             [[stage]]\nname = \"a\"\nrecipe = {sft:?}\n\
+             set = ['model.path=\"{{out}}/base\"', 'data.train={data:?}']\n\
+             [[stage]]\nname = \"b\"\nrecipe = {sft:?}\n\
+             set = ['model.path={wide:?}', 'data.train={data:?}']\n",
+            prompts = s(&root.join("data/examples/counseling-prompts.jsonl")),
+            sft = s(&root.join("recipes/tiny-sft.toml")),
+            data = s(&root.join("data/examples/counseling-sft.jsonl")),
+            wide = s(&wide),
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let run = hearth(&[
+        "pipeline",
+        s(&pipeline),
+        "--out",
+        s(&out),
+        "--set",
+        "train.max_steps=1",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert_eq!(
+        report
+            .matches("replies to the report's prompts: clipped_ratio")
+            .count(),
+        2,
+        "{report}"
+    );
+}
+
 /// A tiny run of a shipped recipe on bundled data, the base at `base` and `--set`
 /// overrides on top: how the training tests here start their runs.
 struct TinyRun {

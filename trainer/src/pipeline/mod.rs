@@ -503,16 +503,16 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         done.push((name, recipe, run_dir));
     }
     // Replies of every generating stage (LoRA, not a reward model), when the report asks.
-    let generating: Vec<(String, PathBuf)> = done
+    // Each on its own base: stages may start from different models.
+    let generating: Vec<(String, PathBuf, PathBuf)> = done
         .iter()
         .filter(|(_, recipe, _)| recipe.lora.is_some() && !scores(recipe))
-        .map(|(name, _, dir)| (name.clone(), dir.join(FINAL_DIR)))
+        .map(|(name, recipe, dir)| (name.clone(), recipe.model.path.clone(), dir.join(FINAL_DIR)))
         .collect();
-    let replies = match done.last() {
-        Some((_, recipe, _)) if p.report.samples > 0 && !generating.is_empty() => {
-            Some(replies(&recipe.model.path, &generating, &p.report)?)
-        }
-        _ => None,
+    let replies = if p.report.samples > 0 && !generating.is_empty() {
+        Some(replies(&generating, &p.report)?)
+    } else {
+        None
     };
     let mut text = format!("{REPORT_HEADING}\n");
     for (s, (_, recipe, dir)) in stages.iter().zip(&done) {
@@ -524,15 +524,16 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
             text.push_str(&format!("- {k}: {v}\n"));
         }
         if let Some(r) = &replies
-            && let Some((_, own)) = r.stages.iter().find(|(n, _)| *n == s.name)
+            && let Some((_, at, own)) = r.stages.iter().find(|(n, _, _)| *n == s.name)
+            && let Some(base) = r.bases.get(*at)
         {
             text.push_str(&format!(
                 "- replies to the report's prompts: clipped_ratio {:.2}, distinct-2 {:.2} \
                  (base model: {:.2}, {:.2})\n",
                 clipped_ratio(own),
                 distinct_2(own),
-                clipped_ratio(&r.base),
-                distinct_2(&r.base)
+                clipped_ratio(&base.replies),
+                distinct_2(&base.replies)
             ));
         }
         if has_rollouts(recipe)
@@ -543,16 +544,17 @@ pub fn run(path: &Path, out: &Path, sets: &[String], progress: bool) -> Result<P
         text.push('\n');
     }
     if let Some(r) = &replies
-        && let Some((name, after)) = r.stages.last()
+        && let Some((name, at, after)) = r.stages.last()
+        && let (Some(first), Some(own)) = (r.bases.first(), r.bases.get(*at))
     {
         text.push_str(&format!(
             "## Samples (greedy): base model → after the pipeline (`{name}`)\n\n"
         ));
-        for ((prompt, before), after) in r.prompts.iter().zip(&r.base).zip(after) {
+        for ((prompt, before), after) in r.prompts.iter().zip(&first.replies).zip(after) {
             text.push_str(&format!(
                 "- client: {prompt}\n  - before: {}\n  - after: {}\n",
-                r.text(before).trim(),
-                r.text(after).trim()
+                first.text(before).trim(),
+                own.text(after).trim()
             ));
         }
     }

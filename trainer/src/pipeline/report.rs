@@ -88,18 +88,27 @@ fn series_keys(lines: &[serde_json::Value], prefix: &str, suffix: &str) -> Vec<S
     keys
 }
 
-/// Greedy replies to the report's prompts: the base model's and each generating stage's.
+/// Greedy replies to the report's prompts: each base model's and each generating stage's,
+/// every stage on its own `model.path` (a pipeline's stages may start from different ones).
 pub(super) struct Replies {
     /// The client's last message of each prompt (shown only because `[report] samples`
     /// asks for it).
     pub(super) prompts: Vec<String>,
-    pub(super) base: Vec<Completion>,
-    /// `(stage name, its replies)`, for every stage whose final adapter generates.
-    pub(super) stages: Vec<(String, Vec<Completion>)>,
+    /// Each distinct base, in the order the stages first name it: the first is where the
+    /// pipeline starts.
+    pub(super) bases: Vec<BaseReplies>,
+    /// `(stage name, its base in bases, its replies)`, for every stage whose final adapter
+    /// generates.
+    pub(super) stages: Vec<(String, usize, Vec<Completion>)>,
+}
+
+/// A base model's replies, and the tokenizer that reads them and its stages' replies.
+pub(super) struct BaseReplies {
+    pub(super) replies: Vec<Completion>,
     pub(super) tokenizer: Option<tokenizers::Tokenizer>,
 }
 
-impl Replies {
+impl BaseReplies {
     /// A reply as the report shows it: control characters a model can emit (NUL, escape
     /// sequences) are shown as U+FFFD, so the page stays valid HTML and `report.md` does
     /// not drive the terminal it is printed to.
@@ -145,28 +154,18 @@ pub(super) fn distinct_2(replies: &[Completion]) -> f64 {
     all.len() as f64 / total as f64
 }
 
-/// Greedy replies of the base model and of each stage's final adapter (`(name, base,
-/// adapter)`), for the report.
-pub(super) fn replies(
-    base: &Path,
-    stages: &[(String, PathBuf)],
-    r: &ReportSection,
-) -> Result<Replies> {
+/// Greedy replies of each stage's base model and of each stage's final adapter on it
+/// (`(name, base, adapter)`), for the report.
+pub(super) fn replies(stages: &[(String, PathBuf, PathBuf)], r: &ReportSection) -> Result<Replies> {
     let Some(path) = &r.prompts else {
         return Ok(Replies {
             prompts: Vec::new(),
-            base: Vec::new(),
+            bases: Vec::new(),
             stages: Vec::new(),
-            tokenizer: None,
         });
     };
-    let device = Device::flex();
-    let (config, model) = load_model(base, &device)?;
-    let tokenizer = crate::model::load_tokenizer(base, config.vocab_size)?;
-    let template = template_for(base, TemplateChoice::Shipped(None))?;
-    let stop = stop_tokens(base, &config, &tokenizer);
     let loaded = data::load_examples(path, &Default::default())?;
-    let mut prompts = Vec::new();
+    let mut conversations = Vec::new();
     let mut shown = Vec::new();
     for e in &loaded.examples {
         let messages = match e {
@@ -178,12 +177,9 @@ pub(super) fn replies(
         if shown.contains(&text) {
             continue;
         }
-        prompts.push(data::chat::encode(
-            &tokenizer,
-            &template.render(messages, true)?,
-        )?);
+        conversations.push(messages.clone());
         shown.push(text);
-        if prompts.len() == r.samples {
+        if conversations.len() == r.samples {
             break;
         }
     }
@@ -191,22 +187,78 @@ pub(super) fn replies(
         max_new_tokens: r.max_new_tokens,
         ..Default::default()
     };
-    let reply = |m: &crate::model::Llama| -> Result<Vec<Completion>> {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        generate_batch(m, &prompts, &stop, &greedy, &mut rng, &device)
-    };
-    let base_replies = reply(&model)?;
+    let device = Device::flex();
+    let mut bases: Vec<BaseReplies> = Vec::new();
+    let mut loaded_bases: Vec<(PathBuf, Base)> = Vec::new();
     let mut done = Vec::with_capacity(stages.len());
-    for (name, adapter) in stages {
-        let tuned = load_adapter(adapter, model.clone(), &device)?.0;
-        done.push((name.clone(), reply(&tuned)?));
+    for (name, base, adapter) in stages {
+        let at = match loaded_bases.iter().position(|(p, _)| same_path(p, base)) {
+            Some(i) => i,
+            None => {
+                let b = Base::load(base, &conversations, &device)?;
+                bases.push(BaseReplies {
+                    replies: b.reply(&b.model, &greedy, &device)?,
+                    tokenizer: Some(b.tokenizer.clone()),
+                });
+                loaded_bases.push((base.clone(), b));
+                loaded_bases.len() - 1
+            }
+        };
+        let b = &loaded_bases[at].1;
+        let tuned = load_adapter(adapter, b.model.clone(), &device)?.0;
+        done.push((name.clone(), at, b.reply(&tuned, &greedy, &device)?));
     }
     Ok(Replies {
         prompts: shown,
-        base: base_replies,
+        bases,
         stages: done,
-        tokenizer: Some(tokenizer),
     })
+}
+
+/// Whether two paths name the same directory.
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// A base model loaded for the report, with the report's prompts in its own template and
+/// tokens.
+struct Base {
+    model: crate::model::Llama,
+    tokenizer: tokenizers::Tokenizer,
+    stop: Vec<u32>,
+    prompts: Vec<Vec<u32>>,
+}
+
+impl Base {
+    fn load(dir: &Path, conversations: &[Vec<data::Message>], device: &Device) -> Result<Self> {
+        let (config, model) = load_model(dir, device)?;
+        let tokenizer = crate::model::load_tokenizer(dir, config.vocab_size)?;
+        let template = template_for(dir, TemplateChoice::Shipped(None))?;
+        let stop = stop_tokens(dir, &config, &tokenizer);
+        let prompts = conversations
+            .iter()
+            .map(|m| Ok(data::chat::encode(&tokenizer, &template.render(m, true)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            model,
+            tokenizer,
+            stop,
+            prompts,
+        })
+    }
+
+    fn reply(
+        &self,
+        m: &crate::model::Llama,
+        greedy: &Sampling,
+        device: &Device,
+    ) -> Result<Vec<Completion>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        generate_batch(m, &self.prompts, &self.stop, greedy, &mut rng, device)
+    }
 }
 
 /// The report's warning for a GRPO stage whose reward rose while most completions ran
@@ -272,10 +324,8 @@ mod tests {
         let mut tokens = hi.clone();
         tokens.extend([id("\u{100}"), id("\u{11b}")]);
         tokens.extend(hi);
-        let replies = Replies {
-            prompts: Vec::new(),
-            base: Vec::new(),
-            stages: Vec::new(),
+        let replies = BaseReplies {
+            replies: Vec::new(),
             tokenizer: Some(tokenizer),
         };
         assert_eq!(replies.text(&reply(&tokens, true)), "hi\u{FFFD}\u{FFFD}hi");

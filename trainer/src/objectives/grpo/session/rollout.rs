@@ -252,4 +252,3 @@ pub fn check_openings(
     }
     Ok(())
 }
-
