@@ -25,17 +25,32 @@ fn resolve(path: &Path) -> PathBuf {
     if let Ok(p) = path.canonicalize() {
         return p;
     }
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            resolve(parent).join(name)
+    // Part of it is still to be made: the existing part canonical, the rest walked a
+    // component at a time, so a `..` past a missing folder (`runs/nope/../w`) lands where
+    // the filesystem would put it.
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => {
+                out.push(other);
+                if let Ok(p) = out.canonicalize() {
+                    out = p;
+                }
+            }
         }
-        _ => path.to_path_buf(),
     }
+    out
 }
 
 /// Whether a file of this name would be read as part of a checkpoint.
@@ -197,6 +212,13 @@ mod tests {
             );
         }
         check_not_holding(&run, &tmp.path().join("base"), "model.path").unwrap();
+        // A `..` past a folder that does not exist yet is where the filesystem puts it.
+        let around = tmp.path().join("nope/../run");
+        let e = check_not_holding(&around, &run.join("final"), "model.path").unwrap_err();
+        assert!(e.to_string().contains("it holds model.path"), "{e}");
+        let base = tmp.path().join("base3");
+        std::fs::create_dir(&base).unwrap();
+        check_not_within(&tmp.path().join("nope/../base3/run"), &base).unwrap_err();
         check_not_holding(&run, &tmp.path().join("run-other/final"), "model.path").unwrap();
     }
 

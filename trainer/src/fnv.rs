@@ -56,7 +56,7 @@ impl Fnv {
 
 impl Fnv {
     /// A checkpoint as it is on disk. A directory: its `config.json`, safetensors weights
-    /// (and their index) and `adapter_config.json`, each by name and content, in name
+    /// (and their index), GGUF files and `adapter_config.json`, each by name and content, in name
     /// order; the tokenizer is left out (a run's data fingerprint covers the tokens it
     /// makes). A file (a GGUF): its name and content.
     pub fn checkpoint(&mut self, path: &Path) -> Result<()> {
@@ -68,6 +68,7 @@ impl Fnv {
                     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
                     name.ends_with(".safetensors")
                         || name.ends_with(".safetensors.index.json")
+                        || name.ends_with(".gguf")
                         || name == checkpoints::names::CONFIG
                         || name == checkpoints::peft::CONFIG_FILE
                 })
@@ -110,6 +111,12 @@ mod tests {
         assert_ne!(weights, first);
         std::fs::write(dir.join("config.json"), "{ }").unwrap();
         assert_ne!(hash(dir), weights);
+        // A GGUF in the directory is its weights too.
+        std::fs::write(dir.join("m.gguf"), [7u8; 9]).unwrap();
+        let with_gguf = hash(dir);
+        std::fs::write(dir.join("m.gguf"), [8u8; 9]).unwrap();
+        assert_ne!(hash(dir), with_gguf);
+        std::fs::remove_file(dir.join("m.gguf")).unwrap();
         // A single file (a GGUF) is hashed whole; a missing one is an error naming it.
         let gguf = dir.join("m.gguf");
         std::fs::write(&gguf, [7u8; 9]).unwrap();
