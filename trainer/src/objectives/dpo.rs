@@ -56,13 +56,40 @@ impl Default for DpoSection {
     }
 }
 
-/// `dpo.loss_type`: one name, or a list of them (TRL's multi-loss form).
+/// `dpo.loss_type`: one name, or a list of them (TRL's multi-loss form). A list of one is
+/// read as that one name, so a resume sees `["sigmoid"]` and `"sigmoid"` as the same loss.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, from = "WrittenLossTypes")]
 pub enum LossTypes {
     One(String),
     Many(Vec<String>),
 }
+
+/// `dpo.loss_type` as written.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "expected a loss type name, or a list of names")]
+enum WrittenLossTypes {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<WrittenLossTypes> for LossTypes {
+    fn from(w: WrittenLossTypes) -> Self {
+        match w {
+            WrittenLossTypes::One(n) => Self::One(n),
+            WrittenLossTypes::Many(mut v) if v.len() == 1 => Self::One(v.remove(0)),
+            WrittenLossTypes::Many(v) => Self::Many(v),
+        }
+    }
+}
+
+/// The largest weight a loss type may take in a list: far past any mixture's (MPO's are
+/// 0.2 to 1), and far below the 1e19 at which a weighted loss stops fitting f32.
+const MAX_LOSS_WEIGHT: f64 = 1e3;
+
+/// The smallest DiscoPOP τ: the margin is divided by it, and below about 1e-18 that
+/// overflowed f32 and every step was NaN (the paper's τ is 0.05).
+const MIN_DISCOPOP_TAU: f64 = 1e-3;
 
 impl LossTypes {
     fn names(&self) -> Vec<&str> {
@@ -102,8 +129,14 @@ pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String>
         }
         Some(w) => w.clone(),
     };
-    if let Some(w) = weights.iter().find(|w| !(w.is_finite() && fits_f32(**w))) {
-        return Err(format!("dpo.loss_weights: {w} is not a finite weight"));
+    if let Some(w) = weights
+        .iter()
+        .find(|w| w.is_nan() || w.abs() > MAX_LOSS_WEIGHT)
+    {
+        return Err(format!(
+            "dpo.loss_weights: {} is not a weight from -{MAX_LOSS_WEIGHT} to {MAX_LOSS_WEIGHT}",
+            crate::recipe::shown(*w)
+        ));
     }
     if !(d.beta > 0.0 && fits_f32(d.beta)) {
         return Err(format!(
@@ -127,9 +160,9 @@ pub fn build(recipe: &Recipe) -> std::result::Result<Box<dyn Objective>, String>
                 .into(),
         );
     }
-    if !(d.discopop_tau > 0.0 && fits_f32(d.discopop_tau)) {
+    if !(d.discopop_tau >= MIN_DISCOPOP_TAU && fits_f32(d.discopop_tau)) {
         return Err(format!(
-            "dpo.discopop_tau {} must be positive",
+            "dpo.discopop_tau {} must be from {MIN_DISCOPOP_TAU} (and within f32)",
             crate::recipe::shown(d.discopop_tau)
         ));
     }

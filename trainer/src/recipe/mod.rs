@@ -1025,8 +1025,21 @@ mod tests {
             ),
             (
                 "dpo",
-                &["dpo.loss_type=discopop", "dpo.discopop_tau=0"][..],
-                "dpo.discopop_tau 0 must be positive",
+                &["dpo.loss_type=discopop", "dpo.discopop_tau=1e-20"][..],
+                "dpo.discopop_tau 1e-20 must be from 0.001 (and within f32)",
+            ),
+            (
+                "dpo",
+                &[
+                    "dpo.loss_type=[\"sigmoid\", \"sft\"]",
+                    "dpo.loss_weights=[1e20, 1.0]",
+                ][..],
+                "dpo.loss_weights: 1e20 is not a weight from -1000 to 1000",
+            ),
+            (
+                "dpo",
+                &["dpo.loss_type=[1, 2]"][..],
+                "expected a loss type name, or a list of names",
             ),
             (
                 "dpo",
@@ -1256,5 +1269,12 @@ mod tests {
             again.dpo.map(|d| d.loss_type),
             recipe.dpo.map(|d| d.loss_type)
         );
+        // A list of one is that one name (a resume compares them as the same loss).
+        let one = |written: &str| {
+            let text =
+                format!("{MINIMAL}[train]\nmethod = \"dpo\"\n[dpo]\nloss_type = {written}\n");
+            parse(&text, "r.toml", &[]).unwrap().to_toml()
+        };
+        assert_eq!(one("[\"ipo\"]"), one("\"ipo\""));
     }
 }
