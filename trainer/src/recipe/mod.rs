@@ -192,7 +192,7 @@ pub struct TrainSection {
     pub fp16: bool,
     /// Which implementation of the fused ops runs: `fused` (CubeCL kernels on GPU backends,
     /// hand-written backward passes everywhere), `reference` (plain tensor ops), or `auto`:
-    /// fused on GPU backends, reference on the CPU.
+    /// the fused ops on every backend, the CPU included.
     pub kernels: KernelsChoice,
     /// How the GPU backends run fused attention: `flash` (the CubeCL flash kernel),
     /// `blocked` (a block of queries at a time through the backend's matmuls), or `auto`:
