@@ -121,13 +121,53 @@ fn cuda(name: &str, _index: Option<usize>) -> Result<Device> {
     Err(missing_feature(name, "cuda"))
 }
 
+/// Checks that wgpu has the adapter asked for before handing burn the device: burn would
+/// otherwise panic in its device thread (`wgpu:1` on a machine with one GPU, or `wgpu` on
+/// one with no adapter at all).
 #[cfg(feature = "wgpu")]
-fn wgpu(_name: &str, index: Option<usize>) -> Result<Device> {
+fn wgpu(name: &str, index: Option<usize>) -> Result<Device> {
     use burn::tensor::DeviceKind;
-    Ok(Device::wgpu(match index {
-        None => DeviceKind::DefaultDevice,
-        Some(i) => DeviceKind::DiscreteGpu(i),
-    }))
+    let instance = ::wgpu::Instance::default();
+    let adapters =
+        futures_lite::future::block_on(instance.enumerate_adapters(::wgpu::Backends::all()));
+    let infos: Vec<::wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    let seen = || {
+        if infos.is_empty() {
+            "none".to_string()
+        } else {
+            infos
+                .iter()
+                .map(|i| format!("{} ({:?}, {:?})", i.name, i.device_type, i.backend))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    match index {
+        None if infos.is_empty() => Err(TrainerError::Device(
+            name.into(),
+            "wgpu finds no adapter (no Vulkan, Metal, DirectX or GL driver); install one, or \
+             use device = \"cpu\""
+                .into(),
+        )),
+        None => Ok(Device::wgpu(DeviceKind::DefaultDevice)),
+        Some(i) => {
+            let discrete = infos
+                .iter()
+                .filter(|a| a.device_type == ::wgpu::DeviceType::DiscreteGpu)
+                .count();
+            if i >= discrete {
+                return Err(TrainerError::Device(
+                    name.into(),
+                    format!(
+                        "`wgpu:{i}` is discrete GPU {i}, and wgpu sees {discrete} discrete GPUs \
+                         among its adapters: {}; plain `wgpu` takes the adapter wgpu prefers",
+                        seen()
+                    ),
+                ));
+            }
+            Ok(Device::wgpu(DeviceKind::DiscreteGpu(i)))
+        }
+    }
 }
 
 #[cfg(not(feature = "wgpu"))]
