@@ -329,7 +329,7 @@ fn is_cache_file(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{close, ls, t};
+    use super::super::test_util::{close, logps, ls};
     use super::*;
 
     /// The cache never lands in a model's directory or on a file, and takes a new or
@@ -355,16 +355,6 @@ mod tests {
         check_cache_dir(&cache).unwrap();
         let e = check_cache_dir(tmp.path()).unwrap_err().to_string();
         assert!(e.contains("is not a reference cache file"), "{e}");
-    }
-
-    fn logps(c: &[f64], r: &[f64], cl: &[f64], rl: &[f64]) -> PairLogps {
-        PairLogps {
-            chosen: t(c),
-            rejected: t(r),
-            chosen_len: t(cl),
-            rejected_len: t(rl),
-            tokens: None,
-        }
     }
 
     /// Two pairs; policy − reference log-ratios are (+1, −1) and (−0.5, +0.25).

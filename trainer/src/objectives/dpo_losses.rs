@@ -224,19 +224,9 @@ fn sorted(x: Tensor<1>) -> Tensor<1> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{close, ls, t};
+    use super::super::test_util::{close, logps, ls};
     use super::*;
     use burn::tensor::Device;
-
-    fn logps(c: &[f64], r: &[f64], cl: &[f64], rl: &[f64]) -> PairLogps {
-        PairLogps {
-            chosen: t(c),
-            rejected: t(r),
-            chosen_len: t(cl),
-            rejected_len: t(rl),
-            tokens: None,
-        }
-    }
 
     /// Three pairs; their log-ratios (policy − reference) are c = (1, −0.5, 2) and
     /// r = (−1, 0.25, 3), over completions of (4, 5, 2) and (2, 3, 6) tokens.

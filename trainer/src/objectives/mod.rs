@@ -256,6 +256,17 @@ pub(crate) fn mean(v: &[f64]) -> f64 {
 pub(crate) mod test_util {
     use burn::tensor::{Device, Tensor, TensorData};
 
+    /// Pairs' summed log-probs `c`, `r` over completions of `cl`, `rl` tokens.
+    pub fn logps(c: &[f64], r: &[f64], cl: &[f64], rl: &[f64]) -> super::pairs::PairLogps {
+        super::pairs::PairLogps {
+            chosen: t(c),
+            rejected: t(r),
+            chosen_len: t(cl),
+            rejected_len: t(rl),
+            tokens: None,
+        }
+    }
+
     pub fn t(v: &[f64]) -> Tensor<1> {
         let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         let n = v.len();
