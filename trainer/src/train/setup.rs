@@ -233,14 +233,11 @@ pub fn dist_options(recipe: &Recipe) -> crate::dist::Options {
 /// Opens (to resume) or creates the run directory, and makes the recipe's base model when
 /// it is to be created and missing. Rank 0's part of starting a run.
 pub(super) fn start_run(recipe: &Recipe, out: &Path, resume: bool) -> Result<RunDir> {
-    // Before anything is written: a run inside its base model (or the adapter it starts
-    // from) would land its files among the model's.
-    let init_from = recipe.lora.as_ref().and_then(|l| l.init_from.as_deref());
-    for input in std::iter::once(recipe.model.path.as_path()).chain(init_from) {
-        checkpoints::guard::check_not_within(out, input)?;
-    }
-    // Nor may the run hold what it reads: its saves would overwrite it.
+    // Before anything is written: a run inside a checkpoint it reads (its base, the adapter
+    // it starts from, a reward or client model) would land its files among the model's,
+    // and a run holding one would overwrite it with its saves.
     for (key, input) in recipe.checkpoints() {
+        checkpoints::guard::check_not_within(out, input)?;
         checkpoints::guard::check_not_holding(out, input, &key)?;
     }
     let run = if resume {
