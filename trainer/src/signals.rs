@@ -146,12 +146,18 @@ fn exit_waiting(signal: i32) -> ! {
     std::process::exit(128 + signal)
 }
 
-/// Leaves nothing half-written and exits the way a shell reports a signal.
+/// Leaves nothing half-written and exits the way a shell reports a signal. Exits without
+/// the process's exit handlers: other threads are still computing (a model answering, say),
+/// and a library's handler tearing down what they use killed the process by a signal
+/// instead of the 130 a shell expects (seen once in a clean-clone run of the eval test).
 fn exit_on(signal: i32) -> ! {
     checkpoints::pending::abandon_all();
     crate::jsonl_process::kill_all();
     eprintln!("stopped by {}", name(signal));
-    std::process::exit(128 + signal)
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: `_exit` ends the process at once; nothing after it runs.
+    unsafe { libc::_exit(128 + signal) }
 }
 
 /// The signal received since the last [`take`], if any, clearing it.
